@@ -666,7 +666,8 @@ class Reply:
         self.done = False
         self.stop_reason: Optional[str] = None
         self.usage: Dict[str, Any] = {}
-        self.streamed = False           # text came as deltas, so the final messages repeat it
+        self.streamed = False           # text came as deltas, so assistant lines repeat it
+        self.emitted = False            # some text went out, so the result's text repeats it
         self.error_kind: Optional[str] = None
         self.retry_since: Optional[float] = None
         self.retry_error: Optional[ProxyError] = None
@@ -694,7 +695,7 @@ class Reply:
         if event.get("type") == "content_block_delta":
             delta = event.get("delta") or {}
             if delta.get("type") == "text_delta" and delta.get("text"):
-                self.streamed = True
+                self.streamed = self.emitted = True
                 return [("content", delta["text"])]
         elif event.get("type") == "message_delta":
             self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
@@ -707,12 +708,12 @@ class Reply:
             self.error_kind = event["error"]
             return []
         if self.streamed:
-            return []
-        message = event.get("message") or {}
-        text = "".join(block.get("text", "") for block in message.get("content") or []
+            return []  # the deltas already carried this text
+        # Without partial messages the CLI prints one assistant line per content block.
+        text = "".join(block.get("text", "") for block in (event.get("message") or {}).get("content") or []
                        if isinstance(block, dict) and block.get("type") == "text")
         if text:
-            self.streamed = True  # later assistant events would repeat it
+            self.emitted = True
             return [("content", text)]
         return []
 
@@ -730,6 +731,11 @@ class Reply:
         self.retry_error = failure
 
     def _result(self, event: Dict[str, Any]) -> List[Tuple[str, str]]:
+        if self.error_kind == "max_output_tokens" and self.emitted:
+            # The CLI continued past the output limit three times and gave up; what
+            # was written stands, cut off, as OpenAI's finish_reason "length".
+            event = dict(event, is_error=False, stop_reason="max_tokens", result="")
+            self.error_kind = None
         if event.get("is_error") or self.error_kind or event.get("subtype") not in (None, "success"):
             message = event.get("result") or ", ".join(event.get("errors") or []) or \
                 "Claude Code reported %s" % event.get("subtype")
@@ -739,8 +745,8 @@ class Reply:
         self.done = True
         self.stop_reason = event.get("stop_reason") or self.stop_reason
         self.usage = event.get("usage") or {}
-        if not self.streamed and event.get("result"):
-            self.streamed = True
+        if not self.emitted and event.get("result"):
+            self.emitted = True
             return [("content", event["result"])]
         return []
 

@@ -618,6 +618,20 @@ class ResponseTranslationTest(unittest.TestCase):
             self.feed_all("upstream-401-retrying")
         self.assertEqual(caught.exception.status, 401)
 
+    def test_output_limit_after_text_is_finish_length_not_an_error(self) -> None:
+        # After three automatic continuations the CLI gives up with a synthetic
+        # assistant line (error max_output_tokens) and an is_error result.
+        events = recorded_events("not-logged-in")
+        events[1]["error"] = "max_output_tokens"
+        events[2]["result"] = "API Error: Claude's response exceeded the 64000 output token maximum."
+        delta = recorded_events("stream-partial-success")[4]
+        reply = proxy.Reply(retry_budget=20)
+        pieces = [reply.feed(e) for e in [events[0], delta, events[1], events[2]]]
+        self.assertEqual(pieces[1], [("content", "Hello ")])
+        self.assertEqual(pieces[3], [])
+        self.assertTrue(reply.done)
+        self.assertEqual(proxy.finish_reason(reply.stop_reason), "length")
+
     def test_usage_counts_cache_reads_and_writes_as_prompt(self) -> None:
         usage = proxy.usage_from_cli({"input_tokens": 3, "cache_read_input_tokens": 100,
                                       "cache_creation_input_tokens": 20, "output_tokens": 9})
@@ -1129,6 +1143,17 @@ class ConfigurationTest(unittest.TestCase):
             self.assertIn(flag, text)
             self.assertIn(env, text)
 
+    def test_readme_documents_every_flag_model_and_the_test_command(self) -> None:
+        with open(os.path.join(HERE, "README.md")) as f:
+            readme = f.read()
+        for flag, env, _kind, _default, _help in proxy.OPTIONS:
+            self.assertIn("`%s`" % flag, readme)
+            self.assertIn("`%s`" % env, readme)
+        for model_id, alias in proxy.MODELS:
+            self.assertIn("| `%s` | `%s` |" % (model_id, alias), readme)
+        self.assertIn("python3 test_proxy.py", readme)
+        self.assertIn("python3 claude_max_proxy.py --port 3456", readme)
+
     def test_public_bind_without_key_warns_loudly(self) -> None:
         self.assertTrue(any("!!!" in w for w in proxy.startup_warnings(config(host="0.0.0.0"))))
         self.assertFalse(any("!!!" in w for w in proxy.startup_warnings(
@@ -1151,6 +1176,279 @@ class ConfigurationTest(unittest.TestCase):
         for wanted in ("/.local/bin", "/opt/homebrew/bin", "/usr/local/bin", "/.claude/local"):
             self.assertTrue(any(p.endswith(wanted) for p in path), wanted)
         self.assertIn("Library/Logs", plist["StandardErrorPath"])
+
+
+# ---------------------------------------------------------------------------
+# The official openai SDK (installed by .ci/run; skipped elsewhere when absent)
+# ---------------------------------------------------------------------------
+
+try:
+    import openai
+except ImportError:
+    openai = None  # type: ignore[assignment]
+
+
+@unittest.skipIf(openai is None and not IN_CI, "the openai package is not installed")
+class OpenAISdkTest(ProxyTest):
+    def client(self) -> Any:
+        return openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.running.port,
+                             api_key="not-needed", max_retries=0)
+
+    def test_sdk_parses_a_completion_without_warnings(self) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            completion = self.client().chat.completions.create(
+                model="claude-opus-4", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(completion.choices[0].message.content,
+                         "Hello from fake (claude-opus-4-8, 1 msgs) ")
+        self.assertEqual(completion.choices[0].finish_reason, "stop")
+        self.assertEqual(completion.usage.total_tokens, 17)
+        self.assertEqual(completion.usage.prompt_tokens_details.cached_tokens, 0)
+        self.assertEqual([str(w.message) for w in caught], [])
+
+    def test_sdk_streams_with_usage(self) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stream = self.client().chat.completions.create(
+                model="claude-sonnet-4", messages=[{"role": "user", "content": "hi"}],
+                stream=True, stream_options={"include_usage": True})
+            chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        self.assertEqual(text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
+        self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
+        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "stop")
+        self.assertEqual(chunks[-1].usage.completion_tokens, 7)
+        self.assertEqual([str(w.message) for w in caught], [])
+
+    def test_sdk_raises_its_own_exception_for_each_error(self) -> None:
+        client = self.client()
+        with self.assertRaises(openai.AuthenticationError) as auth:
+            client.chat.completions.create(model="claude-opus-4", messages=[
+                {"role": "user", "content": "[[fake:not-logged-in]]"}])
+        self.assertIn("/login", auth.exception.message)
+        with self.assertRaises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(bad.exception.code, "model_not_found")
+        with self.assertRaises(openai.RateLimitError):
+            client.chat.completions.create(model="claude-opus-4", messages=[
+                {"role": "user", "content": "[[fake:rate-limited-429-retrying]]"}])
+        with self.assertRaises(openai.NotFoundError):
+            client.models.retrieve("gpt-5")
+
+    def test_sdk_sees_an_error_frame_mid_stream_as_an_api_error(self) -> None:
+        stream = self.client().chat.completions.create(
+            model="claude-opus-4", messages=[{"role": "user", "content": "[[fake:crash-midstream]]"}],
+            stream=True)
+        with self.assertRaises(openai.APIError) as caught:
+            for _ in stream:
+                pass
+        self.assertIn("midway", str(caught.exception))
+
+    def test_sdk_lists_models(self) -> None:
+        ids = [model.id for model in self.client().models.list()]
+        self.assertEqual(ids, [m for m, _ in proxy.MODELS])
+
+
+# ---------------------------------------------------------------------------
+# End to end: the real `claude` CLI against a local fake of the Anthropic API
+# ---------------------------------------------------------------------------
+
+UPSTREAM_REPLY = "Hello from the fake upstream."
+
+
+class FakeAnthropicHandler(BaseHTTPRequestHandler):
+    """POST /v1/messages as the Anthropic API streams it; every request is kept.
+
+    The last user text steers it: HTTPERRnnn answers with that status, THINK adds
+    a thinking block, MAXTOK stops with max_tokens. A request that offers the
+    CLI's StructuredOutput tool (--json-schema) gets a call to it.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server: Any
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        self.send_json(200, {})
+
+    def do_GET(self) -> None:
+        self.send_json(200, {})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if self.path.split("?")[0] != "/v1/messages":
+            return self.send_json(200, {"input_tokens": 10})
+        self.server.requests.append(body)
+        text = last_user_text(body)
+        failure = re.search(r"HTTPERR(\d{3})", text)
+        if failure:
+            status = int(failure.group(1))
+            return self.send_json(status, {"type": "error", "error": {
+                "type": "rate_limit_error" if status == 429 else "api_error",
+                "message": "fake error %d" % status}})
+        self.stream_reply(body, text)
+
+    def send_json(self, status: int, payload: Any) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def stream_reply(self, body: Dict[str, Any], text: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+        def event(payload: Dict[str, Any]) -> None:
+            self.wfile.write(("event: %s\ndata: %s\n\n" % (payload["type"], json.dumps(payload))).encode())
+            self.wfile.flush()
+
+        usage = {"input_tokens": 12, "output_tokens": 1, "cache_creation_input_tokens": 0,
+                 "cache_read_input_tokens": 0}
+        event({"type": "message_start", "message": {
+            "id": "msg_fake", "type": "message", "role": "assistant", "model": body.get("model"),
+            "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
+        blocks: List[Tuple[str, Any]] = []
+        if "THINK" in text:
+            blocks.append(("thinking", "Let me think about this."))
+        tools = [t.get("name") for t in body.get("tools") or []]
+        if "StructuredOutput" in tools:
+            blocks.append(("tool_use", {"a": 1}))
+        else:
+            blocks.append(("text", UPSTREAM_REPLY))
+        for index, (kind, value) in enumerate(blocks):
+            if kind == "thinking":
+                start: Dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
+                deltas = [{"type": "thinking_delta", "thinking": value},
+                          {"type": "signature_delta", "signature": "sig"}]
+            elif kind == "tool_use":
+                start = {"type": "tool_use", "id": "toolu_fake", "name": "StructuredOutput", "input": {}}
+                deltas = [{"type": "input_json_delta", "partial_json": json.dumps(value)}]
+            else:
+                start = {"type": "text", "text": ""}
+                deltas = [{"type": "text_delta", "text": value[i:i + 8]} for i in range(0, len(value), 8)]
+            event({"type": "content_block_start", "index": index, "content_block": start})
+            for delta in deltas:
+                event({"type": "content_block_delta", "index": index, "delta": delta})
+            event({"type": "content_block_stop", "index": index})
+        stop = "tool_use" if "StructuredOutput" in tools else "max_tokens" if "MAXTOK" in text else "end_turn"
+        event({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+               "usage": dict(usage, output_tokens=7)})
+        event({"type": "message_stop"})
+
+
+def last_user_text(body: Dict[str, Any]) -> str:
+    for message in reversed(body.get("messages") or []):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            return "\n".join(b.get("text", "") for b in content if b.get("type") == "text")
+    return ""
+
+
+def real_claude() -> Optional[str]:
+    return shutil.which("claude")
+
+
+@unittest.skipIf(real_claude() is None and not IN_CI, "the real claude CLI is not installed")
+class EndToEndTest(ProxyTest):
+    """The proxy driving the real CLI, which talks to FakeAnthropicHandler."""
+
+    settings = {"retry_budget": 1.5, "idle_timeout": 60.0, "timeout": 90.0}
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        claude = real_claude()
+        if claude is None:
+            raise AssertionError("CI must have the real claude CLI (npm install -g @anthropic-ai/claude-code)")
+        cls.upstream = ThreadingHTTPServer(("127.0.0.1", 0), FakeAnthropicHandler)
+        cls.upstream.daemon_threads = True
+        cls.upstream.requests = []
+        threading.Thread(target=cls.upstream.serve_forever, daemon=True).start()
+        cls.home = tempfile.mkdtemp(prefix="claude-home-")
+        cls.saved_env = dict(os.environ)
+        os.environ.update({"HOME": cls.home, "ANTHROPIC_API_KEY": "sk-ant-dummy",
+                           "ANTHROPIC_BASE_URL": "http://127.0.0.1:%d" % cls.upstream.server_port})
+        os.environ.pop("ANTHROPIC_AUTH_TOKEN", None)
+        cls.settings = dict(cls.settings, claude_bin=claude, allow_api_key=True)
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        super().tearDownClass()
+        os.environ.clear()
+        os.environ.update(cls.saved_env)
+        cls.upstream.shutdown()
+        cls.upstream.server_close()
+        shutil.rmtree(cls.home, ignore_errors=True)
+
+    def upstream_request_for(self, tag: str) -> Dict[str, Any]:
+        for body in self.upstream.requests:
+            if tag in json.dumps(body):
+                return body
+        raise AssertionError("no upstream request held %r" % tag)
+
+    def test_answer_and_what_reached_anthropic(self) -> None:
+        tag = marker()
+        response = self.chat({"role": "system", "content": "You are terse."},
+                             user("hello there " + tag), model="claude-sonnet-4")
+        self.assertEqual(response.status, 200, response.body)
+        body = response.json()
+        self.assertEqual(body["choices"][0]["message"]["content"], UPSTREAM_REPLY)
+        self.assertEqual(body["choices"][0]["finish_reason"], "stop")
+        self.assertEqual(body["usage"]["prompt_tokens"], 12)
+        self.assertEqual(body["usage"]["completion_tokens"], 7)
+        sent = self.upstream_request_for(tag)
+        self.assertEqual(sent["model"], "claude-sonnet-5", "the alias must resolve to the newest model")
+        self.assertEqual(sent["tools"], [], "Claude Code's own tools must be off")
+        self.assertIn("You are terse.", [block["text"] for block in sent["system"]])
+        self.assertIn("hello there " + tag, last_user_text(sent))
+
+    def test_streaming_through_the_real_cli(self) -> None:
+        response = self.say("stream please", stream=True, stream_options={"include_usage": True})
+        self.assertEqual(response.status, 200, response.body)
+        chunks = response.chunks()
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        self.assertEqual(text, UPSTREAM_REPLY)
+        self.assertGreater(len(chunks), 4, "text must arrive as several deltas")
+        self.assertEqual(chunks[-1]["usage"]["completion_tokens"], 7)
+        self.assertEqual(response.frames()[-1], "[DONE]")
+
+    def test_history_reaches_anthropic_as_one_transcript(self) -> None:
+        tag = marker()
+        response = self.chat(user("first " + tag), {"role": "assistant", "content": "reply one"},
+                             user("second " + tag))
+        self.assertEqual(response.status, 200, response.body)
+        sent_text = last_user_text(self.upstream_request_for(tag))
+        self.assertLess(sent_text.index("first " + tag), sent_text.index("reply one"))
+        self.assertLess(sent_text.index("reply one"), sent_text.index("second " + tag))
+
+    def test_upstream_400_becomes_400(self) -> None:
+        error = self.assertError(self.say("HTTPERR400"), 400, "invalid_request_error")
+        self.assertIn("400", error["message"])
+
+    def test_upstream_401_fails_fast_as_401(self) -> None:
+        started = time.monotonic()
+        self.assertError(self.say("HTTPERR401"), 401, "authentication_error")
+        self.assertLess(time.monotonic() - started, 20)
+
+    def test_upstream_429_becomes_429_after_the_retry_budget(self) -> None:
+        response = self.say("HTTPERR429")
+        self.assertError(response, 429, "rate_limit_error")
+        self.assertIsNotNone(response.headers["Retry-After"])
+
+    def test_without_a_login_the_client_is_told_to_log_in(self) -> None:
+        self.config.allow_api_key = False  # the key is stripped; the empty HOME holds no login
+        error = self.assertError(self.say("hi"), 401, "authentication_error")
+        self.assertIn("log in", error["message"])
 
 
 if __name__ == "__main__":
