@@ -24,7 +24,11 @@ response translation (CLI events -> OpenAI), the HTTP handler, and the server.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import http.client
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -33,11 +37,13 @@ import shutil
 import signal
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -79,6 +85,8 @@ OPTIONS: List[Tuple[str, str, Any, Any, str]] = [
      "largest request body in bytes (413 above it)"),
     ("--cors", "CLAUDE_PROXY_CORS", str, "",
      "allow browser calls from this origin ('*' for any); off when empty"),
+    ("--fetch-images", "CLAUDE_PROXY_FETCH_IMAGES", bool, False,
+     "fetch http(s) image URLs (public addresses only); off: images must be data: URLs"),
     ("--allow-api-key", "CLAUDE_PROXY_ALLOW_API_KEY", bool, False,
      "pass ANTHROPIC_API_KEY/ANTHROPIC_AUTH_TOKEN to the CLI (bills per token!)"),
     ("--log-level", "CLAUDE_PROXY_LOG_LEVEL", str, "info",
@@ -233,12 +241,19 @@ def find_model(model_id: str) -> Optional[Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------
-# Request translation: OpenAI chat request -> CLI argv and stdin message
+# Request translation: OpenAI chat request -> CLI argv, environment and stdin
 # ---------------------------------------------------------------------------
 
 DEFAULT_SYSTEM_PROMPT = ("You are Claude, a helpful AI assistant made by Anthropic. "
                          "Answer the user's messages directly.")
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+# OpenAI's reasoning_effort -> Claude Code's --effort. "none" turns thinking off instead.
+EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
+           "xhigh": "xhigh", "max": "max"}
+# --json-schema needs turns to spare: the CLI asks Claude again when its
+# structured output is missing or does not match the schema.
+STRUCTURED_MAX_TURNS = 3
 # OpenAI request fields that change nothing here, listed so the debug log can
 # name the ones that are truly unknown.
 IGNORED_FIELDS = frozenset((
@@ -246,24 +261,47 @@ IGNORED_FIELDS = frozenset((
     "logit_bias", "logprobs", "top_logprobs", "store", "service_tier", "prediction", "modalities",
     "audio", "web_search_options", "prompt_cache_key", "safety_identifier", "verbosity",
 ))
-HANDLED_FIELDS = frozenset(("model", "messages", "stream", "stream_options", "n"))
+HANDLED_FIELDS = frozenset((
+    "model", "messages", "stream", "stream_options", "n", "tools", "tool_choice",
+    "parallel_tool_calls", "functions", "function_call", "response_format", "max_tokens",
+    "max_completion_tokens", "stop", "reasoning_effort", "reasoning", "include_reasoning",
+))
 
 
 class ChatRequest:
     """A validated chat request, reduced to what the CLI needs."""
 
     def __init__(self, model: str, cli_model: str, system_prompt: str,
-                 content: List[Dict[str, Any]], stream: bool, include_usage: bool) -> None:
+                 content: List[Dict[str, Any]], stream: bool = False, include_usage: bool = False,
+                 tools: Optional[List[Dict[str, Any]]] = None, tool_choice: str = "auto",
+                 parallel_tool_calls: bool = True, legacy_functions: bool = False,
+                 json_schema: Optional[Dict[str, Any]] = None, max_tokens: Optional[int] = None,
+                 stops: Optional[List[str]] = None, effort: Optional[str] = None,
+                 thinking: bool = True, want_reasoning: bool = False) -> None:
         self.model = model              # as the client named it; echoed in responses
         self.cli_model = cli_model      # what --model gets
         self.system_prompt = system_prompt
         self.content = content          # the user message blocks sent on stdin
         self.stream = stream
         self.include_usage = include_usage
+        self.tools = tools or []        # offered to Claude (empty when tool_choice is "none")
+        self.tool_choice = tool_choice  # "auto", "required", or the one tool's name
+        self.parallel_tool_calls = parallel_tool_calls
+        self.legacy_functions = legacy_functions  # answer with function_call, not tool_calls
+        self.json_schema = json_schema
+        self.max_tokens = max_tokens
+        self.stops = stops or []
+        self.effort = effort
+        self.thinking = thinking
+        self.want_reasoning = want_reasoning
 
 
-def parse_chat_request(body: Any, config: Config) -> ChatRequest:
-    """Validate an OpenAI chat completion body; raise ProxyError(400) naming the bad param."""
+def parse_chat_request(body: Any, config: Config,
+                       fetch: Optional[Callable[[str], Tuple[str, bytes]]] = None) -> ChatRequest:
+    """Validate an OpenAI chat completion body; raise ProxyError(400) naming the bad param.
+
+    `fetch` loads remote images (only with --fetch-images); tests pass a fake.
+    """
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.", code="invalid_type")
     model = body.get("model") or ""
@@ -276,29 +314,47 @@ def parse_chat_request(body: Any, config: Config) -> ChatRequest:
                       "invalid_type" if not isinstance(messages, list) else "empty_array")
     for index, message in enumerate(messages):
         validate_message(message, index)
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise invalid("`stream` must be a boolean.", "stream", "invalid_type")
+    stream = optional_bool(body, "stream", False)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise invalid("`stream_options` must be an object.", "stream_options", "invalid_type")
-    n = body.get("n", 1)
-    if n not in (None, 1):
+    if body.get("n") not in (None, 1):
         raise invalid("Only n=1 is supported: the Claude Code CLI gives one answer per request.",
                       "n", "unsupported_value")
     unknown = sorted(set(body) - HANDLED_FIELDS - IGNORED_FIELDS)
     if unknown:
         log.debug("ignoring request fields: %s", ", ".join(unknown))
+    tools, tool_choice, parallel, legacy = parse_tools(body)
+    json_schema = parse_response_format(body.get("response_format"))
+    if json_schema is not None and tools:
+        raise invalid("`response_format` with a JSON schema cannot be combined with `tools` here; "
+                      "send one or the other.", "response_format", "unsupported_value")
+    effort, thinking, want_reasoning = parse_reasoning(body)
+    max_tokens = parse_max_tokens(body)
+    load_image = image_loader(config, fetch or fetch_image)
     return ChatRequest(
         model=model or config.default_model,
         cli_model=cli_model,
-        system_prompt=system_prompt_of(messages),
-        content=prompt_content(messages),
+        system_prompt=system_prompt_of(messages, tools, tool_choice, parallel),
+        content=prompt_content(messages, load_image),
         stream=stream,
         include_usage=bool(stream and options.get("include_usage")),
+        tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel,
+        legacy_functions=legacy, json_schema=json_schema, max_tokens=max_tokens,
+        stops=parse_stop(body.get("stop")), effort=effort,
+        # A small output cap must go to the visible answer, not to hidden thinking.
+        thinking=thinking and (max_tokens is None or want_reasoning),
+        want_reasoning=want_reasoning,
     )
+
+
+def optional_bool(body: Dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid("`%s` must be a boolean." % name, name, "invalid_type")
+    return value
 
 
 def validate_message(message: Any, index: int) -> None:
@@ -309,6 +365,11 @@ def validate_message(message: Any, index: int) -> None:
     if role not in ROLES:
         raise invalid("%s.role must be one of %s; got %r." % (param, ", ".join(ROLES), role),
                       param + ".role")
+    if role == "assistant":
+        validate_tool_calls(message.get("tool_calls"), param + ".tool_calls")
+    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+        raise invalid("%s.tool_call_id must name the call this result answers." % param,
+                      param + ".tool_call_id", "invalid_type")
     content = message.get("content")
     if content is None and role == "assistant":
         return
@@ -318,18 +379,144 @@ def validate_message(message: Any, index: int) -> None:
         raise invalid("%s.content must be a string or an array of content parts." % param,
                       param + ".content", "invalid_type")
     for part_index, part in enumerate(content):
-        part_param = "%s.content[%d]" % (param, part_index)
-        if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise invalid("%s has unsupported content part type %r; text parts are supported."
-                          % (part_param, kind), part_param + ".type")
+        validate_part(part, role, "%s.content[%d]" % (param, part_index))
+
+
+def validate_part(part: Any, role: str, param: str) -> None:
+    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    if kind in ("text", "input_text"):
         if not isinstance(part.get("text"), str):
-            raise invalid("%s.text must be a string." % part_param, part_param + ".text",
+            raise invalid("%s.text must be a string." % param, param + ".text", "invalid_type")
+    elif kind == "image_url" and role == "user":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str):
+            raise invalid("%s.image_url.url must be a string." % param, param + ".image_url",
+                          "invalid_type")
+    else:
+        raise invalid("%s has unsupported content part type %r; text parts (and image_url parts "
+                      "in user messages) are supported." % (param, kind), param + ".type")
+
+
+def validate_tool_calls(calls: Any, param: str) -> None:
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise invalid("%s must be an array." % param, param, "invalid_type")
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise invalid("%s[%d] must be {\"id\", \"type\": \"function\", \"function\": "
+                          "{\"name\", \"arguments\"}}." % (param, index), "%s[%d]" % (param, index),
                           "invalid_type")
 
 
+def parse_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, bool, bool]:
+    """(tools offered, tool choice, parallel calls allowed, legacy functions API)."""
+    legacy = body.get("tools") is None and body.get("functions") is not None
+    entries = body.get("functions") if legacy else body.get("tools")
+    param = "functions" if legacy else "tools"
+    if entries is None:
+        return [], "auto", True, False
+    if not isinstance(entries, list):
+        raise invalid("`%s` must be an array." % param, param, "invalid_type")
+    tools = []
+    for index, entry in enumerate(entries):
+        spec = entry if legacy else (entry.get("function") if isinstance(entry, dict)
+                                     and entry.get("type", "function") == "function" else None)
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise invalid("%s[%d] must be a function with a name." % (param, index),
+                          "%s[%d]" % (param, index), "invalid_type")
+        parameters = spec.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise invalid("%s[%d] parameters must be a JSON Schema object." % (param, index),
+                          "%s[%d].parameters" % (param, index), "invalid_type")
+        tools.append({"name": spec["name"], "description": spec.get("description") or "",
+                      "parameters": parameters})
+    choice = tool_choice_of(body.get("function_call" if legacy else "tool_choice"),
+                            [t["name"] for t in tools], "function_call" if legacy else "tool_choice")
+    if choice == "none":
+        tools = []  # not offered at all, so Claude cannot call them
+    parallel = not legacy and body.get("parallel_tool_calls") is not False
+    return tools, choice, parallel, legacy
+
+
+def tool_choice_of(choice: Any, names: List[str], param: str) -> str:
+    """"auto", "none", "required", or the name of the one tool that must be called."""
+    if choice is None:
+        return "auto"
+    if choice in ("auto", "none", "required"):
+        return choice
+    name = None
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else choice.get("name")
+    if not isinstance(name, str):
+        raise invalid("`%s` must be \"auto\", \"none\", \"required\" or name a function." % param,
+                      param)
+    if name not in names:
+        raise invalid("`%s` names %r, which is not among the tools offered." % (param, name), param)
+    return name
+
+
+def parse_response_format(response_format: Any) -> Optional[Dict[str, Any]]:
+    """The JSON schema the answer must match, or None for free text."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+            raise invalid("`response_format.json_schema.schema` must be a JSON Schema whose root is "
+                          "an object.", "response_format", "invalid_value")
+        return schema
+    raise invalid("`response_format.type` must be \"text\", \"json_object\" or \"json_schema\".",
+                  "response_format")
+
+
+def parse_reasoning(body: Dict[str, Any]) -> Tuple[Optional[str], bool, bool]:
+    """(--effort value, thinking on, reasoning wanted in the answer)."""
+    effort = body.get("reasoning_effort")
+    reasoning = body.get("reasoning")
+    if effort is None and isinstance(reasoning, dict):
+        effort = reasoning.get("effort")  # the OpenRouter / LiteLLM spelling
+    if effort is None:
+        return None, True, body.get("include_reasoning") is True or isinstance(reasoning, dict)
+    if effort == "none":
+        return None, False, False
+    if effort not in EFFORTS:
+        raise invalid("`reasoning_effort` must be one of none, %s." % ", ".join(EFFORTS),
+                      "reasoning_effort")
+    return EFFORTS[effort], True, True
+
+
+def parse_max_tokens(body: Dict[str, Any]) -> Optional[int]:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise invalid("`%s` must be a positive integer." % name, name, "invalid_type")
+        return value
+    return None
+
+
+def parse_stop(stop: Any) -> List[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
+        raise invalid("`stop` must be a string or an array of up to 4 strings.", "stop")
+    return [s for s in stops if s]
+
+
 def text_of(content: Any) -> str:
-    """The text of an OpenAI message content: a string, null, or an array of text parts."""
+    """The text of an OpenAI message content: a string, null, or an array of parts."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -337,43 +524,236 @@ def text_of(content: Any) -> str:
     return "".join(part.get("text", "") for part in content)
 
 
-def system_prompt_of(messages: List[Dict[str, Any]]) -> str:
+def system_prompt_of(messages: List[Dict[str, Any]], tools: List[Dict[str, Any]],
+                     tool_choice: str, parallel: bool) -> str:
     parts = [text_of(m.get("content")) for m in messages if m["role"] in ("system", "developer")]
-    joined = "\n\n".join(part for part in parts if part.strip())
-    return joined or DEFAULT_SYSTEM_PROMPT
+    joined = "\n\n".join(part for part in parts if part.strip()) or DEFAULT_SYSTEM_PROMPT
+    if tools:
+        joined += "\n\n" + tools_prompt(tools, tool_choice, parallel)
+    return joined
 
 
-def prompt_content(messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+TOOL_OPEN, TOOL_CLOSE = "<tool_calls>", "</tool_calls>"
+
+
+def tools_prompt(tools: List[Dict[str, Any]], tool_choice: str, parallel: bool) -> str:
+    """How Claude is told about the client's tools and how to call them.
+
+    Claude Code's own tool use is off, so calls travel as text in a block the
+    proxy parses out of the reply (see ToolCallParser).
+    """
+    if tool_choice == "required":
+        rule = "In this reply you must call at least one tool."
+    elif tool_choice != "auto":
+        rule = "In this reply you must call the tool `%s`." % tool_choice
+    else:
+        rule = "Call a tool when you need its result to answer well; otherwise answer directly."
+    if not parallel:
+        rule += " Call at most one tool per reply."
+    listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
+    return (
+        "# Tools\n\n"
+        "The user's application offers you these tools. It runs them itself, not you: when you call "
+        "one, your reply ends and the result comes back to you in the next message, inside "
+        "<tool_result> tags.\n\n"
+        "<tools>\n%s\n</tools>\n\n"
+        "To call tools, end your reply with exactly this block, and write nothing after it:\n\n"
+        "%s\n[{\"name\": \"tool_name\", \"arguments\": {\"parameter\": \"value\"}}]\n%s\n\n"
+        "The block holds a JSON array with one object per call. \"arguments\" is a JSON object that "
+        "matches the tool's parameters schema. Never write %s for any other purpose, and never make "
+        "up tool results. %s" % (listing, TOOL_OPEN, TOOL_CLOSE, TOOL_OPEN, rule))
+
+
+def prompt_content(messages: List[Dict[str, Any]],
+                   load_image: Callable[[Dict[str, Any], str], Dict[str, Any]]) -> List[Dict[str, Any]]:
     """The content blocks of the one user message the CLI receives on stdin.
 
     A single user turn is sent as it is. A longer conversation becomes one
     transcript of the earlier turns, each inside tags naming its role, followed
     by the newest user message; Claude then writes the next assistant turn.
+    Images stay where they were, as image blocks between the text.
     """
-    turns = [m for m in messages if m["role"] not in ("system", "developer")]
-    if not turns:
+    indexed = [(i, m) for i, m in enumerate(messages) if m["role"] not in ("system", "developer")]
+    if not indexed:
         raise invalid("`messages` holds only system messages; add a user message.", "messages")
-    last = turns[-1]
-    if last["role"] == "user":
-        history, final = turns[:-1], text_of(last.get("content"))
+    final = indexed.pop() if indexed[-1][1]["role"] == "user" else None
+    blocks: List[Dict[str, Any]] = []
+    if indexed:
+        add_text(blocks, "Below is our conversation so far, oldest turn first. Reply to the latest "
+                         "message as the assistant; write only your reply, without role tags.\n\n"
+                         "<conversation>\n")
+        tool_names = {call.get("id"): call["function"]["name"] for _, m in indexed
+                      for call in m.get("tool_calls") or []}
+        for index, message in indexed:
+            render_turn(blocks, message, "messages[%d]" % index, tool_names, load_image)
+        add_text(blocks, "</conversation>")
+        if final is not None:
+            add_text(blocks, "\n\n")
+    if final is not None:
+        index, message = final
+        add_content(blocks, message.get("content"), "messages[%d]" % index, load_image)
+    return blocks or [{"type": "text", "text": ""}]
+
+
+def render_turn(blocks: List[Dict[str, Any]], message: Dict[str, Any], param: str,
+                tool_names: Dict[Any, str], load_image: Callable[..., Dict[str, Any]]) -> None:
+    role = message["role"]
+    if role in ("tool", "function"):
+        name = message.get("name") or tool_names.get(message.get("tool_call_id"), "")
+        attributes = ' name="%s"' % name
+        if role == "tool":
+            attributes = ' tool_call_id="%s"%s' % (message["tool_call_id"], attributes)
+        add_text(blocks, "<tool_result%s>\n%s\n</tool_result>\n"
+                 % (attributes, text_of(message.get("content"))))
+        return
+    add_text(blocks, "<%s>\n" % role)
+    add_content(blocks, message.get("content"), param, load_image)
+    calls = [{"name": c["function"]["name"], "arguments": arguments_of(c["function"])}
+             for c in message.get("tool_calls") or []]
+    if isinstance(message.get("function_call"), dict):
+        calls.append({"name": message["function_call"].get("name"),
+                      "arguments": arguments_of(message["function_call"])})
+    if calls:
+        add_text(blocks, "\n%s\n%s\n%s" % (TOOL_OPEN, json.dumps(calls, ensure_ascii=False), TOOL_CLOSE))
+    add_text(blocks, "\n</%s>\n" % role)
+
+
+def arguments_of(function: Dict[str, Any]) -> Any:
+    """A call's arguments as JSON, however the client spelled them."""
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments if arguments is not None else {}
+
+
+def add_content(blocks: List[Dict[str, Any]], content: Any, param: str,
+                load_image: Callable[[Dict[str, Any], str], Dict[str, Any]]) -> None:
+    if not isinstance(content, list):
+        add_text(blocks, text_of(content))
+        return
+    for index, part in enumerate(content):
+        if part.get("type") == "image_url":
+            blocks.append(load_image(part, "%s.content[%d]" % (param, index)))
+        else:
+            add_text(blocks, part.get("text", ""))
+
+
+def add_text(blocks: List[Dict[str, Any]], text: str) -> None:
+    """Append text, joining it to a text block just before it."""
+    if not text:
+        return
+    if blocks and blocks[-1]["type"] == "text":
+        blocks[-1]["text"] += text
     else:
-        history, final = turns, ""
-    if not history:
-        return [{"type": "text", "text": final}]
-    lines = ["Below is our conversation so far, oldest turn first. Reply to the latest "
-             "message as the assistant; write only your reply, without role tags.", "",
-             "<conversation>"]
-    for turn in history:
-        lines.append("<%s>\n%s\n</%s>" % (turn["role"], text_of(turn.get("content")), turn["role"]))
-    lines.append("</conversation>")
-    if final:
-        lines += ["", final]
-    return [{"type": "text", "text": "\n".join(lines)}]
+        blocks.append({"type": "text", "text": text})
+
+
+def image_loader(config: Config, fetch: Callable[[str], Tuple[str, bytes]]
+                 ) -> Callable[[Dict[str, Any], str], Dict[str, Any]]:
+    def load(part: Dict[str, Any], param: str) -> Dict[str, Any]:
+        image = part["image_url"]
+        url = (image.get("url") if isinstance(image, dict) else image).strip()
+        if url.startswith("data:"):
+            media_type, data = decode_data_url(url, param)
+        elif url.lower().startswith(("http://", "https://")):
+            if not config.fetch_images:
+                raise invalid("%s is a remote image URL, and fetching images is off. Send the image "
+                              "inline as a data: URL (base64), or start the proxy with "
+                              "--fetch-images." % param, param + ".image_url", "image_url_not_allowed")
+            media_type, raw = fetch(url)
+            data = base64.b64encode(raw).decode("ascii")
+        else:
+            raise invalid("%s.image_url.url must be a data: URL or an http(s) URL." % param,
+                          param + ".image_url")
+        if media_type not in IMAGE_TYPES:
+            raise invalid("%s is %s; Claude reads %s." % (param, media_type or "of unknown type",
+                                                         ", ".join(IMAGE_TYPES)),
+                          param + ".image_url", "unsupported_image_type")
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    return load
+
+
+def decode_data_url(url: str, param: str) -> Tuple[str, str]:
+    """(media type, base64 data) of a data: URL, checked to be valid base64."""
+    header, _, data = url[len("data:"):].partition(",")
+    media_type, _, encoding = header.partition(";")
+    if encoding.lower() != "base64" or not data:
+        raise invalid("%s must be a base64 data: URL (data:image/png;base64,...)." % param,
+                      param + ".image_url", "invalid_image")
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid("%s holds invalid base64 data." % param, param + ".image_url", "invalid_image")
+    return media_type.lower(), data
+
+
+IMAGE_FETCH_LIMIT = 20 * MIB
+IMAGE_FETCH_TIMEOUT = 15.0
+
+
+def fetch_image(url: str, allow: Optional[Callable[[str], bool]] = None) -> Tuple[str, bytes]:
+    """(media type, bytes) of a remote image, for --fetch-images.
+
+    Only public addresses are fetched, and the connection goes to the very
+    address that was checked, so DNS cannot swap in a private one afterwards.
+    Redirects are not followed.
+    """
+    allow = allow or is_public_address
+    parts = urllib.parse.urlsplit(url)
+    host, secure = parts.hostname or "", parts.scheme.lower() == "https"
+    port = parts.port or (443 if secure else 80)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as error:
+        raise invalid("Cannot resolve the image host %s: %s" % (host, error), code="image_fetch_failed")
+    address = infos[0][4][0]
+    if not all(allow(info[4][0]) for info in infos):
+        raise invalid("Images are only fetched from public addresses; %s is not one." % host,
+                      code="image_url_not_allowed")
+    connection = pinned_connection(host, address, port, secure)
+    try:
+        path = parts.path or "/"
+        connection.request("GET", path + ("?" + parts.query if parts.query else ""),
+                           headers={"Host": parts.netloc, "User-Agent": "claude-max-proxy"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise invalid("Fetching %s gave HTTP %d." % (url, response.status), code="image_fetch_failed")
+        raw = response.read(IMAGE_FETCH_LIMIT + 1)
+        if len(raw) > IMAGE_FETCH_LIMIT:
+            raise invalid("The image at %s is larger than %d bytes." % (url, IMAGE_FETCH_LIMIT),
+                          code="image_too_large")
+        media_type = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+        return media_type, raw
+    except OSError as error:
+        raise invalid("Fetching %s failed: %s" % (url, error), code="image_fetch_failed")
+    finally:
+        connection.close()
+
+
+def pinned_connection(host: str, address: str, port: int, secure: bool) -> http.client.HTTPConnection:
+    """An HTTP(S) connection to `address` that still names and verifies `host`."""
+    base = http.client.HTTPSConnection if secure else http.client.HTTPConnection
+
+    class Pinned(base):  # type: ignore[misc, valid-type]
+        def connect(self) -> None:
+            self.sock = socket.create_connection((address, port), IMAGE_FETCH_TIMEOUT)
+            if secure:
+                self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=host)
+
+    return Pinned(host, port, timeout=IMAGE_FETCH_TIMEOUT)
+
+
+def is_public_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    return ip.is_global and not ip.is_multicast
 
 
 def cli_argv(claude: str, request: ChatRequest) -> List[str]:
     """The argv of the child. Nothing from the request reaches a shell: argv is a list."""
-    return [
+    argv = [
         claude, "-p",
         "--input-format", "stream-json",
         "--output-format", "stream-json", "--verbose", "--include-partial-messages",
@@ -381,19 +761,25 @@ def cli_argv(claude: str, request: ChatRequest) -> List[str]:
         "--system-prompt", request.system_prompt,
         # Claude Code's own tools (Bash, Read, Edit, web) must never run for a proxied prompt.
         "--tools", "",
-        "--max-turns", "1",
+        "--max-turns", str(STRUCTURED_MAX_TURNS if request.json_schema else 1),
         "--no-session-persistence",
         # Keep the user's hooks, settings and MCP servers out of proxied requests;
         # the login itself lives outside settings and still applies.
         "--setting-sources", "",
         "--strict-mcp-config",
     ]
+    if request.effort:
+        argv += ["--effort", request.effort]
+    if request.json_schema is not None:
+        argv += ["--json-schema", json.dumps(request.json_schema, separators=(",", ":"))]
+    return argv
 
 
 STRIPPED_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
 
 
-def cli_env(config: Config, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+def cli_env(config: Config, request: Optional[ChatRequest] = None,
+            base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """The child's environment: ours, minus API keys that would bill per token."""
     env = dict(os.environ if base is None else base)
     if not config.allow_api_key:
@@ -401,6 +787,10 @@ def cli_env(config: Config, base: Optional[Dict[str, str]] = None) -> Dict[str, 
             env.pop(name, None)
     env.pop("CLAUDECODE", None)  # set when we run inside Claude Code; the child is not nested
     env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
+    if request is not None and request.max_tokens is not None:
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(request.max_tokens)
+    if request is not None and not request.thinking:
+        env["MAX_THINKING_TOKENS"] = "0"
     return env
 
 
@@ -610,10 +1000,10 @@ FINISH_REASONS = {
     "end_turn": "stop",
     "stop_sequence": "stop",
     "pause_turn": "stop",
+    "tool_use": "stop",  # only the CLI's own StructuredOutput tool; client calls are parsed from text
     "max_tokens": "length",
     "model_context_window_exceeded": "length",
     "refusal": "content_filter",
-    "tool_use": "tool_calls",
 }
 AUTH_ERRORS = ("authentication_failed", "oauth_org_not_allowed")
 RATE_LIMIT_STATUS = 429
@@ -653,24 +1043,39 @@ def upstream_error(status: Optional[int], message: str, kind: Optional[str] = No
     return ProxyError(502, message, code="upstream_error")
 
 
+Piece = Tuple[str, Any]  # ("content" | "reasoning", text) or ("tool_calls", [call, ...])
+
+
 class Reply:
     """What one CLI run said, built up event by event. Pure: no I/O, no clock but `now`.
 
     feed() takes each CLI event and returns the pieces of output it adds, as
-    (kind, text) pairs; it raises ProxyError when the CLI reports a failure.
-    After the `result` event, `done` is set and `stop_reason` and `usage` hold.
+    ("content" | "reasoning", text) pairs; it raises ProxyError when the CLI
+    reports a failure. `done` is set by the `result` event, or earlier by the
+    first max_tokens stop when `stop_at_max_tokens` (the CLI would otherwise
+    continue past the limit on its own). With `structured`, the answer is the
+    result's structured_output as JSON text, and free text is dropped.
     """
 
-    def __init__(self, retry_budget: float) -> None:
+    def __init__(self, retry_budget: float, stop_at_max_tokens: bool = False,
+                 structured: bool = False) -> None:
         self.retry_budget = retry_budget
+        self.stop_at_max_tokens = stop_at_max_tokens
+        self.structured = structured
         self.done = False
+        self.completed = False          # the CLI printed its result and will exit by itself
         self.stop_reason: Optional[str] = None
-        self.usage: Dict[str, Any] = {}
+        self.result_usage: Optional[Dict[str, Any]] = None
+        self.stream_usage: Dict[str, Any] = {}
         self.streamed = False           # text came as deltas, so assistant lines repeat it
         self.emitted = False            # some text went out, so the result's text repeats it
         self.error_kind: Optional[str] = None
         self.retry_since: Optional[float] = None
         self.retry_error: Optional[ProxyError] = None
+
+    @property
+    def usage(self) -> Dict[str, Any]:
+        return self.result_usage if self.result_usage is not None else self.stream_usage
 
     def retry_deadline(self) -> Optional[Tuple[float, ProxyError]]:
         """When the CLI has retried too long, and the error to give then."""
@@ -678,7 +1083,7 @@ class Reply:
             return None
         return self.retry_since + self.retry_budget, self.retry_error
 
-    def feed(self, event: Dict[str, Any], now: Optional[float] = None) -> List[Tuple[str, str]]:
+    def feed(self, event: Dict[str, Any], now: Optional[float] = None) -> List[Piece]:
         kind = event.get("type")
         if kind == "stream_event":
             return self._stream_event(event.get("event") or {})
@@ -691,23 +1096,31 @@ class Reply:
             return self._result(event)
         return []
 
-    def _stream_event(self, event: Dict[str, Any]) -> List[Tuple[str, str]]:
-        if event.get("type") == "content_block_delta":
+    def _stream_event(self, event: Dict[str, Any]) -> List[Piece]:
+        kind = event.get("type")
+        if kind == "content_block_delta":
             delta = event.get("delta") or {}
-            if delta.get("type") == "text_delta" and delta.get("text"):
+            if delta.get("type") == "thinking_delta" and delta.get("thinking"):
+                return [("reasoning", delta["thinking"])]
+            if delta.get("type") == "text_delta" and delta.get("text") and not self.structured:
                 self.streamed = self.emitted = True
                 return [("content", delta["text"])]
-        elif event.get("type") == "message_delta":
+        elif kind == "message_start":
+            self.stream_usage = dict((event.get("message") or {}).get("usage") or {})
+        elif kind == "message_delta":
+            self.stream_usage.update(event.get("usage") or {})
             self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
+            if self.stop_reason == "max_tokens" and self.stop_at_max_tokens:
+                self.done = True
         return []
 
-    def _assistant(self, event: Dict[str, Any]) -> List[Tuple[str, str]]:
+    def _assistant(self, event: Dict[str, Any]) -> List[Piece]:
         # An assistant message carrying "error" is the CLI's synthetic failure
         # notice ("Not logged in", "API Error: ..."): remember it for the result.
         if event.get("error"):
             self.error_kind = event["error"]
             return []
-        if self.streamed:
+        if self.streamed or self.structured:
             return []  # the deltas already carried this text
         # Without partial messages the CLI prints one assistant line per content block.
         text = "".join(block.get("text", "") for block in (event.get("message") or {}).get("content") or []
@@ -730,25 +1143,272 @@ class Reply:
             self.retry_since = now
         self.retry_error = failure
 
-    def _result(self, event: Dict[str, Any]) -> List[Tuple[str, str]]:
+    def _result(self, event: Dict[str, Any]) -> List[Piece]:
         if self.error_kind == "max_output_tokens" and self.emitted:
             # The CLI continued past the output limit three times and gave up; what
             # was written stands, cut off, as OpenAI's finish_reason "length".
             event = dict(event, is_error=False, stop_reason="max_tokens", result="")
             self.error_kind = None
+        if self.structured and event.get("subtype") == "error_max_turns":
+            raise ProxyError(502, "Claude did not produce JSON matching the requested response_format "
+                             "schema, even after being asked again.", code="invalid_structured_output")
         if event.get("is_error") or self.error_kind or event.get("subtype") not in (None, "success"):
             message = event.get("result") or ", ".join(event.get("errors") or []) or \
                 "Claude Code reported %s" % event.get("subtype")
             if "not logged in" in str(message).lower():
                 raise ProxyError(401, LOGIN_HELP, code="not_logged_in")
             raise upstream_error(event.get("api_error_status"), str(message), self.error_kind)
-        self.done = True
+        self.done = self.completed = True
         self.stop_reason = event.get("stop_reason") or self.stop_reason
-        self.usage = event.get("usage") or {}
+        self.result_usage = event.get("usage") or {}
+        if self.structured:
+            return [("content", structured_text(event))]
         if not self.emitted and event.get("result"):
             self.emitted = True
             return [("content", event["result"])]
         return []
+
+
+def structured_text(result: Dict[str, Any]) -> str:
+    """The JSON answer of a --json-schema run, as compact text."""
+    if "structured_output" in result:
+        return json.dumps(result["structured_output"], ensure_ascii=False)
+    try:
+        return json.dumps(json.loads(result.get("result") or ""), ensure_ascii=False)
+    except ValueError:
+        raise ProxyError(502, "Claude's answer was not valid JSON although response_format asked "
+                         "for JSON.", code="invalid_structured_output")
+
+
+def held_back(text: str, markers: List[str]) -> int:
+    """Length of the longest end of `text` that could be the start of a marker.
+
+    Text that may turn into a stop sequence or a tool block is held until the
+    next delta tells; everything before it can go out at once.
+    """
+    longest = 0
+    for marker in markers:
+        for size in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:size]):
+                longest = size
+                break
+    return longest
+
+
+class StopFilter:
+    """Cuts the text at the first stop sequence, even one split across deltas."""
+
+    def __init__(self, stops: List[str]) -> None:
+        self.stops = stops
+        self.held = ""
+        self.hit = False
+
+    def feed(self, text: str) -> str:
+        text = self.held + text
+        found = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        if found:
+            self.hit, self.held = True, ""
+            return text[:min(found)]
+        keep = held_back(text, self.stops)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
+class ToolCallParser:
+    """Finds the <tool_calls> block in Claude's text and turns it into tool calls.
+
+    Text before the block passes through; from a possible start of the block
+    on, text is held until it is a block or is not. A block that does not hold
+    a JSON array of calls to offered tools, with object arguments, goes out as
+    the text it was (with a warning): a repair turn is not possible here.
+    """
+
+    def __init__(self, tool_names: List[str], single: bool) -> None:
+        self.tool_names = set(tool_names)
+        self.single = single
+        self.held = ""
+        self.block: Optional[str] = None  # text after the opening tag, while inside a block
+        self.closed = False               # the block was parsed; the reply is over
+
+    def feed(self, text: str) -> List[Piece]:
+        if self.closed:
+            return []
+        if self.block is None:
+            text = self.held + text
+            start = text.find(TOOL_OPEN)
+            if start < 0:
+                keep = held_back(text, [TOOL_OPEN])
+                self.held = text[len(text) - keep:]
+                return content_piece(text[:len(text) - keep])
+            self.held, self.block = "", ""
+            before, text = text[:start], text[start + len(TOOL_OPEN):]
+            return content_piece(before) + self.feed(text)
+        self.block += text
+        return self._settle(final=False)
+
+    def flush(self) -> List[Piece]:
+        if self.block is not None:
+            return self._settle(final=True)
+        held, self.held = self.held, ""
+        return content_piece(held)
+
+    def _settle(self, final: bool) -> List[Piece]:
+        body = self.block or ""
+        if body.strip() and body.lstrip()[0] not in "[{":
+            return self._release("no JSON after the opening tag")
+        end = body.find(TOOL_CLOSE)
+        if end < 0 and not final:
+            return []
+        calls = parse_tool_calls(body if end < 0 else body[:end], self.tool_names)
+        if calls is None:
+            return self._release("not a JSON array of calls to offered tools")
+        self.closed, self.block = True, None
+        return [("tool_calls", calls[:1] if self.single else calls)]
+
+    def _release(self, why: str) -> List[Piece]:
+        text, self.block = TOOL_OPEN + (self.block or ""), None
+        log.warning("tool call block passed on as text: %s", why)
+        return content_piece(text)
+
+
+def content_piece(text: str) -> List[Piece]:
+    return [("content", text)] if text else []
+
+
+def parse_tool_calls(body: str, tool_names: Any) -> Optional[List[Dict[str, Any]]]:
+    """OpenAI tool calls from the JSON in a block, or None when it is not valid."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        return None
+    calls = []
+    for item in data:
+        if not isinstance(item, dict) or item.get("name") not in tool_names:
+            return None
+        arguments = item.get("arguments", {})
+        if isinstance(arguments, str):  # a model may spell the object as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                return None
+        if not isinstance(arguments, dict):
+            return None
+        calls.append({"id": "call_" + uuid.uuid4().hex[:24], "name": item["name"],
+                      "arguments": json.dumps(arguments, ensure_ascii=False)})
+    return calls
+
+
+class Answer:
+    """What the client receives, shaped from the CLI's events.
+
+    The Reply's text goes through the stop sequences, then the tool-call parser;
+    reasoning is kept only when the client asked for it. Streaming and
+    non-streaming responses are built from the same pieces.
+    """
+
+    def __init__(self, request: ChatRequest, retry_budget: float) -> None:
+        self.reply = Reply(retry_budget, stop_at_max_tokens=request.max_tokens is not None,
+                           structured=request.json_schema is not None)
+        self.want_reasoning = request.want_reasoning
+        self.stop = StopFilter(request.stops) if request.stops else None
+        self.tools = (ToolCallParser([t["name"] for t in request.tools],
+                                     single=not request.parallel_tool_calls)
+                      if request.tools else None)
+        self.called_tools = False
+        self.done = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.hit
+
+    def feed(self, event: Dict[str, Any]) -> List[Piece]:
+        pieces: List[Piece] = []
+        for kind, text in self.reply.feed(event):
+            if kind == "reasoning":
+                if self.want_reasoning:
+                    pieces.append((kind, text))
+            elif not self.stopped:
+                pieces += self._content(self.stop.feed(text) if self.stop else text)
+        if (self.reply.done or self.stopped) and not self.done:
+            self.done = True
+            if self.stop and not self.stopped:
+                pieces += self._content(self.stop.flush())
+            if self.tools:
+                pieces += self._tool_pieces(self.tools.flush())
+        return pieces
+
+    def _content(self, text: str) -> List[Piece]:
+        if self.tools is None:
+            return content_piece(text)
+        return self._tool_pieces(self.tools.feed(text))
+
+    def _tool_pieces(self, pieces: List[Piece]) -> List[Piece]:
+        self.called_tools = self.called_tools or any(kind == "tool_calls" for kind, _ in pieces)
+        return pieces
+
+    def finish_reason(self, legacy_functions: bool) -> str:
+        if self.called_tools:
+            return "function_call" if legacy_functions else "tool_calls"
+        if self.stopped:
+            return "stop"
+        return finish_reason(self.reply.stop_reason)
+
+
+def stream_deltas(kind: str, value: Any, legacy_functions: bool) -> List[Dict[str, Any]]:
+    """The chunk deltas that carry one piece of the answer."""
+    if kind == "content":
+        return [{"content": value}]
+    if kind == "reasoning":
+        return [{"reasoning_content": value}]
+    if legacy_functions:
+        call = value[0]
+        return [{"function_call": {"name": call["name"], "arguments": ""}},
+                {"function_call": {"arguments": call["arguments"]}}]
+    deltas = []
+    for index, call in enumerate(value):
+        deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                       "function": {"name": call["name"], "arguments": ""}}]})
+        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call["arguments"]}}]})
+    return deltas
+
+
+class Collector:
+    """The non-streaming message, put together from the same pieces a stream sends."""
+
+    def __init__(self) -> None:
+        self.content: List[str] = []
+        self.reasoning: List[str] = []
+        self.tool_calls: List[Dict[str, Any]] = []
+
+    def add(self, kind: str, value: Any) -> None:
+        if kind == "tool_calls":
+            self.tool_calls += value
+        else:
+            (self.content if kind == "content" else self.reasoning).append(value)
+
+    def message(self, legacy_functions: bool) -> Dict[str, Any]:
+        content: Optional[str] = "".join(self.content)
+        if self.tool_calls:
+            content = content.strip() or None  # OpenAI sends null content beside tool calls
+        message: Dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls and legacy_functions:
+            call = self.tool_calls[0]
+            message["function_call"] = {"name": call["name"], "arguments": call["arguments"]}
+        elif self.tool_calls:
+            message["tool_calls"] = [{"id": call["id"], "type": "function",
+                                      "function": {"name": call["name"], "arguments": call["arguments"]}}
+                                     for call in self.tool_calls]
+        return message
 
 
 def completion_id() -> str:
@@ -763,12 +1423,11 @@ class Completion:
         self.created = int(time.time())
         self.model = model
 
-    def response(self, content: str, finish: str, usage: Dict[str, Any]) -> Dict[str, Any]:
+    def response(self, message: Dict[str, Any], finish: str, usage: Dict[str, Any]) -> Dict[str, Any]:
         return {
             "id": self.id, "object": "chat.completion", "created": self.created,
             "model": self.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "logprobs": None, "finish_reason": finish,
-                         "message": {"role": "assistant", "content": content, "refusal": None}}],
+            "choices": [{"index": 0, "logprobs": None, "finish_reason": finish, "message": message}],
             "usage": usage,
         }
 
@@ -785,7 +1444,6 @@ class Completion:
     def usage_chunk(self, usage: Dict[str, Any]) -> Dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model, "system_fingerprint": None, "choices": [], "usage": usage}
-
 
 # ---------------------------------------------------------------------------
 # HTTP handler
@@ -928,36 +1586,37 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _run(self, request: ChatRequest, claude: str) -> None:
         config = self.server.config
         completion = Completion(request.model)
-        reply = Reply(config.retry_budget)
-        process = self.server.spawn(cli_argv(claude, request), cli_env(config))
-        finished = False
+        answer = Answer(request, config.retry_budget)
+        collector = Collector()
+        process = self.server.spawn(cli_argv(claude, request), cli_env(config, request))
         try:
             process.send(stdin_message(request))
-            deadlines = self._deadlines(process, reply)
-            pieces: List[str] = []
-            for event in process.events(deadlines, self.connection):
-                for kind, text in reply.feed(event):
+            for event in process.events(self._deadlines(process, answer.reply), self.connection):
+                for kind, value in answer.feed(event):
                     if request.stream:
-                        self._stream_delta(completion, request, {"content": text})
+                        for delta in stream_deltas(kind, value, request.legacy_functions):
+                            self._stream_delta(completion, request, delta)
                     else:
-                        pieces.append(text)
-                if reply.done:
+                        collector.add(kind, value)
+                if answer.done:
                     break
-            if not reply.done:
+            if not answer.done:
                 raise self._no_result(process)
-            finished = True
-            self.usage = usage_from_cli(reply.usage)
-            finish = finish_reason(reply.stop_reason)
+            self.usage = usage_from_cli(answer.reply.usage)
+            finish = answer.finish_reason(request.legacy_functions)
             if request.stream:
                 self._stream_end(completion, request, finish)
             else:
-                self._send_json(200, completion.response("".join(pieces), finish, self.usage))
+                self._send_json(200, completion.response(
+                    collector.message(request.legacy_functions), finish, self.usage))
         except ProxyError as error:
             if not self.headers_sent:
                 raise
             self._stream_error(error)
         finally:
-            if finished:
+            # A child that printed its result exits by itself; one cut short
+            # (stop sequence, max_tokens, error, client gone) is killed now.
+            if answer.reply.completed:
                 process.close()
             else:
                 process.kill()
@@ -995,7 +1654,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                       delta: Dict[str, Any]) -> None:
         if not self.headers_sent:
             self._start_stream()
-            delta = dict({"role": "assistant"}, **delta)
+            delta = dict({"role": "assistant", "content": None}, **delta)
         self._send_event(completion.chunk(delta, usage_field=request.include_usage))
 
     def _stream_end(self, completion: Completion, request: ChatRequest, finish: str) -> None:

@@ -15,6 +15,7 @@ is skipped when `claude` is not installed, except in CI (CI=true).
 
 from __future__ import annotations
 
+import base64
 import copy
 import http.client
 import io
@@ -43,7 +44,9 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Real output of Claude Code 2.1.197 (one JSON event per line), recorded against a local
 # fake of the Anthropic API. The fake CLI below replays these shapes; the unit tests feed them
-# to the translator as they are.
+# to the translator as they are. The last four were recorded the same way with --json-schema
+# (the fake upstream calling the StructuredOutput tool, or not), with a thinking block, and with
+# an upstream reply cut at max_tokens (the CLI continues on its own).
 RECORDED = {
     'not-logged-in': r'''{"type":"system","subtype":"init","cwd":"/private/tmp/claude-proxy-x1y2","session_id":"eafa6b10-7849-442d-beb9-9b5e3342d723","tools":[],"mcp_servers":[],"model":"claude-opus-4-8[1m]","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"none","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"b9753bec-3e98-48a3-924b-5654a7130a3f","memory_paths":{"auto":"/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"},"fast_mode_state":"off"}
 {"type":"assistant","message":{"id":"c59470cf-2b45-4cd8-8652-e483d2c51a97","container":null,"model":"<synthetic>","role":"assistant","stop_details":null,"stop_reason":"stop_sequence","stop_sequence":"","type":"message","usage":{"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":null,"cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":null,"iterations":null,"speed":null},"content":[{"type":"text","text":"Not logged in · Please run /login"}],"context_management":null},"parent_tool_use_id":null,"session_id":"eafa6b10-7849-442d-beb9-9b5e3342d723","uuid":"a928a365-1e1b-4cea-bc3e-d9c1bb9c9350","error":"authentication_failed"}
@@ -79,6 +82,76 @@ RECORDED = {
     'upstream-401-retrying': r'''{"type":"system","subtype":"init","cwd":"/private/tmp/claude-proxy-x1y2","session_id":"2f3de8ce-8f58-46b4-a81c-43e1fd0926f1","tools":[],"mcp_servers":[],"model":"claude-sonnet-5","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"ANTHROPIC_API_KEY","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"96ab17c1-4dda-48fa-aa0c-4b91d1a9e73f","memory_paths":{"auto":"/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"},"fast_mode_state":"off"}
 {"type":"system","subtype":"api_retry","attempt":1,"max_retries":10,"retry_delay_ms":1000,"error_status":401,"error":"authentication_failed","session_id":"2f3de8ce-8f58-46b4-a81c-43e1fd0926f1","uuid":"7340d536-db4e-4a8a-b870-21a0c779d923"}
 {"type":"system","subtype":"api_retry","attempt":2,"max_retries":10,"retry_delay_ms":1017.5974494257207,"error_status":401,"error":"authentication_failed","session_id":"2f3de8ce-8f58-46b4-a81c-43e1fd0926f1","uuid":"d43d114b-2ba6-40d3-9cf2-6426a17b8ccd"}''',
+    'json-schema-success': r'''{"type":"system","subtype":"init","cwd":"/tmp/cli-research/runs/c_schema/cwd","session_id":"30020954-c6aa-4342-bb28-a4844105b07a","tools":["StructuredOutput"],"mcp_servers":[],"model":"claude-sonnet-5","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"ANTHROPIC_API_KEY","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"bb028112-62f9-4880-b486-ac5bc331800d","memory_paths":{"auto":"/tmp/cli-research/runs/c_schema/home/.claude/projects/-tmp-cli-research-runs-c-schema-cwd/memory/"},"fast_mode_state":"off"}
+{"type":"system","subtype":"status","status":"requesting","uuid":"86ffb286-e50b-4d8a-a217-23c1bc9c2985","session_id":"30020954-c6aa-4342-bb28-a4844105b07a"}
+{"type":"stream_event","event":{"type":"message_start","message":{"id":"msg_6d674ef3199e4d1ab7332936","type":"message","role":"assistant","model":"claude-sonnet-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}}},"session_id":"30020954-c6aa-4342-bb28-a4844105b07a","parent_tool_use_id":null,"uuid":"baa22530-7172-4206-a1c1-6919885c8833","ttft_ms":11}
+{"type":"stream_event","event":{"type":"content_block_start","index":0,"content_block":{"type":"tool_use","id":"toolu_3c5a16fdef984fba84ad","name":"StructuredOutput","input":{}}},"session_id":"30020954-c6aa-4342-bb28-a4844105b07a","parent_tool_use_id":null,"uuid":"91426ab2-fdf9-4182-9d05-45ba37bf9881"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"{\"a"}},"session_id":"30020954-c6aa-4342-bb28-a4844105b07a","parent_tool_use_id":null,"uuid":"ce452a38-9fdf-4f7f-a44b-9100f156fe1c"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"\": "}},"session_id":"30020954-c6aa-4342-bb28-a4844105b07a","parent_tool_use_id":null,"uuid":"3336695c-f018-41ee-8665-ef3900a35bef"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"input_json_delta","partial_json":"1}"}},"session_id":"30020954-c6aa-4342-bb28-a4844105b07a","parent_tool_use_id":null,"uuid":"d8e9faaa-74f0-4cb8-9e4c-5a7a8eba5271"}
+{"type":"assistant","message":{"id":"msg_6d674ef3199e4d1ab7332936","type":"message","role":"assistant","model":"claude-sonnet-5","content":[{"type":"tool_use","id":"toolu_3c5a16fdef984fba84ad","name":"StructuredOutput","input":{"a":1}}],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0},"context_management":null},"parent_tool_use_id":null,"session_id":"30020954-c6aa-4342-bb28-a4844105b07a","uuid":"bd8480f6-ebd9-4153-a266-646197a5cc8c","request_id":"req_fake"}
+{"type":"stream_event","event":{"type":"content_block_stop","index":0},"session_id":"30020954-c6aa-4342-bb28-a4844105b07a","parent_tool_use_id":null,"uuid":"c3c8f549-1a3b-4dcb-bdc4-4b73b4385a74"}
+{"type":"user","message":{"role":"user","content":[{"tool_use_id":"toolu_3c5a16fdef984fba84ad","type":"tool_result","content":"Structured output provided successfully"}]},"parent_tool_use_id":null,"session_id":"30020954-c6aa-4342-bb28-a4844105b07a","uuid":"4829d9fd-bcef-4dfe-bd35-2c37a739c667","timestamp":"2026-11-25T15:47:06.430Z","tool_use_result":"Structured output provided successfully"}
+{"type":"stream_event","event":{"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},"usage":{"input_tokens":12,"output_tokens":7,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}},"session_id":"30020954-c6aa-4342-bb28-a4844105b07a","parent_tool_use_id":null,"uuid":"f05b1ab9-5c13-4aaa-8cf3-ae0ce3b9848c"}
+{"type":"stream_event","event":{"type":"message_stop"},"session_id":"30020954-c6aa-4342-bb28-a4844105b07a","parent_tool_use_id":null,"uuid":"7031df57-4e07-46c6-822e-e12f890e0821"}
+{"type":"result","subtype":"success","is_error":false,"api_error_status":null,"duration_ms":79,"duration_api_ms":49,"ttft_ms":48,"ttft_stream_ms":46,"time_to_request_ms":36,"num_turns":2,"result":"{\"a\":1}","stop_reason":"tool_use","session_id":"30020954-c6aa-4342-bb28-a4844105b07a","total_cost_usd":0.000141,"usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":7,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard"},"modelUsage":{"claude-sonnet-5":{"inputTokens":12,"outputTokens":7,"cacheReadInputTokens":0,"cacheCreationInputTokens":0,"webSearchRequests":0,"costUSD":0.000141,"contextWindow":200000,"maxOutputTokens":64000}},"permission_denials":[],"structured_output":{"a":1},"terminal_reason":"completed","fast_mode_state":"off","uuid":"e95b3ab9-1352-4b72-beaf-1abcd8c032b5"}''',
+    'json-schema-error-max-turns': r'''{"type":"system","subtype":"init","cwd":"/tmp/cli-research/runs/c_notool/cwd","session_id":"8bebd2dc-902a-49f7-91ce-5a75d88e5583","tools":["StructuredOutput"],"mcp_servers":[],"model":"claude-sonnet-5","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"ANTHROPIC_API_KEY","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"417d2835-cc93-44a5-9721-524af9d56290","memory_paths":{"auto":"/tmp/cli-research/runs/c_notool/home/.claude/projects/-tmp-cli-research-runs-c-notool-cwd/memory/"},"fast_mode_state":"off"}
+{"type":"system","subtype":"status","status":"requesting","uuid":"22322a2a-a625-495f-8659-3252235a9a89","session_id":"8bebd2dc-902a-49f7-91ce-5a75d88e5583"}
+{"type":"stream_event","event":{"type":"message_start","message":{"id":"msg_156af85f4f214d9d93772076","type":"message","role":"assistant","model":"claude-sonnet-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}}},"session_id":"8bebd2dc-902a-49f7-91ce-5a75d88e5583","parent_tool_use_id":null,"uuid":"047c6d11-cc3f-4260-bfb9-eb455bb74121","ttft_ms":8}
+{"type":"stream_event","event":{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}},"session_id":"8bebd2dc-902a-49f7-91ce-5a75d88e5583","parent_tool_use_id":null,"uuid":"c5427161-66ef-4abd-8226-ed0266352f6e"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello fro"}},"session_id":"8bebd2dc-902a-49f7-91ce-5a75d88e5583","parent_tool_use_id":null,"uuid":"921a52a9-6c81-4d85-9da3-ee154dc0c6a1"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"m the fak"}},"session_id":"8bebd2dc-902a-49f7-91ce-5a75d88e5583","parent_tool_use_id":null,"uuid":"ce1a6d90-fe77-4d1b-9d2a-2f673a190e6f"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"e model."}},"session_id":"8bebd2dc-902a-49f7-91ce-5a75d88e5583","parent_tool_use_id":null,"uuid":"7ba7c90c-39ff-40e1-88fc-622213a25e9e"}
+{"type":"assistant","message":{"id":"msg_156af85f4f214d9d93772076","type":"message","role":"assistant","model":"claude-sonnet-5","content":[{"type":"text","text":"Hello from the fake model."}],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0},"context_management":null},"parent_tool_use_id":null,"session_id":"8bebd2dc-902a-49f7-91ce-5a75d88e5583","uuid":"8ad48f62-ff2c-4d21-841b-8ee85f2843c3","request_id":"req_fake"}
+{"type":"stream_event","event":{"type":"content_block_stop","index":0},"session_id":"8bebd2dc-902a-49f7-91ce-5a75d88e5583","parent_tool_use_id":null,"uuid":"1cd36d37-de86-450d-b8c1-628cc323c2dd"}
+{"type":"stream_event","event":{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"input_tokens":12,"output_tokens":7,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}},"session_id":"8bebd2dc-902a-49f7-91ce-5a75d88e5583","parent_tool_use_id":null,"uuid":"08014def-b604-47cb-9ce4-666dd7dcc10d"}
+{"type":"stream_event","event":{"type":"message_stop"},"session_id":"8bebd2dc-902a-49f7-91ce-5a75d88e5583","parent_tool_use_id":null,"uuid":"75297e3f-fccd-4a72-9395-369f92271a2d"}
+{"type":"user","message":{"role":"user","content":[{"type":"text","text":"[structured-output-enforce] You MUST call the StructuredOutput tool to complete this request. Call this tool now."}]},"parent_tool_use_id":null,"session_id":"8bebd2dc-902a-49f7-91ce-5a75d88e5583","uuid":"cbeadd58-cca7-45ef-a5fb-80bedae9bde0","timestamp":"2026-11-25T15:47:18.161Z","isSynthetic":true}
+{"type":"result","subtype":"error_max_turns","duration_ms":110,"duration_api_ms":78,"is_error":true,"num_turns":2,"stop_reason":"end_turn","session_id":"8bebd2dc-902a-49f7-91ce-5a75d88e5583","total_cost_usd":0.000141,"usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":7,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard"},"modelUsage":{"claude-sonnet-5":{"inputTokens":12,"outputTokens":7,"cacheReadInputTokens":0,"cacheCreationInputTokens":0,"webSearchRequests":0,"costUSD":0.000141,"contextWindow":200000,"maxOutputTokens":64000}},"permission_denials":[],"terminal_reason":"max_turns","fast_mode_state":"off","uuid":"d156eadf-5f73-4219-a0b0-25cd58575fbf","errors":["Reached maximum number of turns (1)"]}''',
+    'thinking': r'''{"type":"system","subtype":"init","cwd":"/tmp/cli-research/runs/d_think/cwd","session_id":"f3010a8e-148c-40df-8402-31b541e99576","tools":[],"mcp_servers":[],"model":"claude-sonnet-5","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"ANTHROPIC_API_KEY","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"55f27ab1-93fd-4d17-80b9-19543d8a7200","memory_paths":{"auto":"/tmp/cli-research/runs/d_think/home/.claude/projects/-tmp-cli-research-runs-d-think-cwd/memory/"},"fast_mode_state":"off"}
+{"type":"system","subtype":"status","status":"requesting","uuid":"ba56478d-37c2-4939-923d-6dee101b1e0c","session_id":"f3010a8e-148c-40df-8402-31b541e99576"}
+{"type":"stream_event","event":{"type":"message_start","message":{"id":"msg_c5b333ab04b541a3832d39a8","type":"message","role":"assistant","model":"claude-sonnet-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}}},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"2706d633-fc1b-4164-89e7-03631ba1fd8c","ttft_ms":9}
+{"type":"stream_event","event":{"type":"content_block_start","index":0,"content_block":{"type":"thinking","thinking":"","signature":""}},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"f2a78a4c-404d-4562-a03a-44f2be362cda"}
+{"type":"system","subtype":"thinking_tokens","estimated_tokens":4,"estimated_tokens_delta":4,"uuid":"1cdb9fee-8f62-4c2c-88cc-af18b2c430c2","session_id":"f3010a8e-148c-40df-8402-31b541e99576"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"Let me think abo"}},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"17115bda-687b-4d74-ac4b-d9b125566c62"}
+{"type":"system","subtype":"thinking_tokens","estimated_tokens":8,"estimated_tokens_delta":4,"uuid":"34ef4e00-6aef-4113-b849-fb0145e2e7ce","session_id":"f3010a8e-148c-40df-8402-31b541e99576"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"ut this. The use"}},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"f48435b9-4ccd-46c2-8e4b-23fcb4b0f84e"}
+{"type":"system","subtype":"thinking_tokens","estimated_tokens":12,"estimated_tokens_delta":4,"uuid":"fe302539-d37d-4965-9ed9-533e3b2c97da","session_id":"f3010a8e-148c-40df-8402-31b541e99576"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"r wants a reply."}},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"8b75a453-181f-4448-9d49-9638e524f6fc"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"signature_delta","signature":"fake-signature-abc123"}},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"2aee91ec-c8f2-4e02-bdb3-6091555a669a"}
+{"type":"assistant","message":{"id":"msg_c5b333ab04b541a3832d39a8","type":"message","role":"assistant","model":"claude-sonnet-5","content":[{"type":"thinking","thinking":"Let me think about this. The user wants a reply.","signature":"fake-signature-abc123"}],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0},"context_management":null},"parent_tool_use_id":null,"session_id":"f3010a8e-148c-40df-8402-31b541e99576","uuid":"9b8fe7a3-efc5-4f67-b769-2c65f3d524af","request_id":"req_fake"}
+{"type":"stream_event","event":{"type":"content_block_stop","index":0},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"3894c423-6fb4-41bc-9a1c-4aa6d9ac678c"}
+{"type":"stream_event","event":{"type":"content_block_start","index":1,"content_block":{"type":"text","text":""}},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"37129ad1-f169-4ce9-8eea-cc00b591c739"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"Hello fro"}},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"7f3cb4ce-d7ed-48ff-9186-11056f893ad6"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"m the fak"}},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"d8188b5a-2102-4e38-a648-e485fcc0fcec"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":1,"delta":{"type":"text_delta","text":"e model."}},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"e04e8d46-0323-4081-abdd-82346a8d98d8"}
+{"type":"assistant","message":{"id":"msg_c5b333ab04b541a3832d39a8","type":"message","role":"assistant","model":"claude-sonnet-5","content":[{"type":"text","text":"Hello from the fake model."}],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0},"context_management":null},"parent_tool_use_id":null,"session_id":"f3010a8e-148c-40df-8402-31b541e99576","uuid":"7824fbfe-e33d-4de1-90cf-a3c4e3e24918","request_id":"req_fake"}
+{"type":"stream_event","event":{"type":"content_block_stop","index":1},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"a24a1c9e-c725-4aa6-a3e5-4277aa6cb0eb"}
+{"type":"stream_event","event":{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"input_tokens":12,"output_tokens":7,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"42e61d10-60d6-4a4a-b5b3-9b69d35783c6"}
+{"type":"stream_event","event":{"type":"message_stop"},"session_id":"f3010a8e-148c-40df-8402-31b541e99576","parent_tool_use_id":null,"uuid":"2d085095-4c1d-4a31-b5ea-b977051991c3"}
+{"type":"result","subtype":"success","is_error":false,"api_error_status":null,"duration_ms":88,"duration_api_ms":65,"ttft_ms":34,"ttft_stream_ms":33,"time_to_request_ms":23,"num_turns":1,"result":"Hello from the fake model.","stop_reason":"end_turn","session_id":"f3010a8e-148c-40df-8402-31b541e99576","total_cost_usd":0.000141,"usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":7,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard"},"modelUsage":{"claude-sonnet-5":{"inputTokens":12,"outputTokens":7,"cacheReadInputTokens":0,"cacheCreationInputTokens":0,"webSearchRequests":0,"costUSD":0.000141,"contextWindow":200000,"maxOutputTokens":64000}},"permission_denials":[],"terminal_reason":"completed","fast_mode_state":"off","uuid":"f81118ac-b18a-4522-9a2f-8557e871034a"}''',
+    'max-tokens-continued': r'''{"type":"system","subtype":"init","cwd":"/tmp/cli-research/runs/e_maxtok/cwd","session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","tools":[],"mcp_servers":[],"model":"claude-sonnet-5","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"ANTHROPIC_API_KEY","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"129fe3eb-d5ff-4179-8a4e-c8a5ed2fdf3f","memory_paths":{"auto":"/tmp/cli-research/runs/e_maxtok/home/.claude/projects/-tmp-cli-research-runs-e-maxtok-cwd/memory/"},"fast_mode_state":"off"}
+{"type":"system","subtype":"status","status":"requesting","uuid":"fc3de0bb-b489-418a-864a-499b7f3a0cf0","session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba"}
+{"type":"stream_event","event":{"type":"message_start","message":{"id":"msg_2e1b9a76d40049a9af015b6b","type":"message","role":"assistant","model":"claude-sonnet-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}}},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"1c8a1a42-b41c-4041-a6e9-7fa1a6608a62","ttft_ms":9}
+{"type":"stream_event","event":{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"b770941e-f7fe-42d4-b07b-9e3b87e63238"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello fro"}},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"d387772e-7862-4d03-9735-2a70c68e0a1a"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"m the fak"}},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"1c247ebb-f574-45a8-a1d8-38b2a0004c15"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"e model."}},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"af8a4c9e-d706-4dd7-9d59-0775ac8fee97"}
+{"type":"assistant","message":{"id":"msg_2e1b9a76d40049a9af015b6b","type":"message","role":"assistant","model":"claude-sonnet-5","content":[{"type":"text","text":"Hello from the fake model."}],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0},"context_management":null},"parent_tool_use_id":null,"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","uuid":"f968e8ab-d3b5-4a54-9e5f-cd58bb7ecb14","request_id":"req_fake"}
+{"type":"stream_event","event":{"type":"content_block_stop","index":0},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"64d99e4d-369c-45cc-b472-0001809100ec"}
+{"type":"stream_event","event":{"type":"message_delta","delta":{"stop_reason":"max_tokens","stop_sequence":null},"usage":{"input_tokens":12,"output_tokens":7,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"695377b1-1fa0-46ad-9d0c-d21bc44ba82b"}
+{"type":"stream_event","event":{"type":"message_stop"},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"6c721d9b-9289-404c-a2e5-cd2ba6f05e4b"}
+{"type":"system","subtype":"status","status":"requesting","uuid":"50a7b897-6eac-43ca-86e5-beb895df4d55","session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba"}
+{"type":"stream_event","event":{"type":"message_start","message":{"id":"msg_79f621141f784822afc42319","type":"message","role":"assistant","model":"claude-sonnet-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}}},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"f0967180-67d8-4a6d-b1b3-ee173c1b070e","ttft_ms":7}
+{"type":"stream_event","event":{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"912f3c6a-ee94-4c56-a57b-d87614060b86"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello fro"}},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"8ee40784-784e-4590-9808-fb0b3cd88b73"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"m the fak"}},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"3c2c76db-a26c-437b-8d69-5d478f8d12c8"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"e model."}},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"55036cdc-f2f6-4d6b-ab51-e00a56b1aa4c"}
+{"type":"assistant","message":{"id":"msg_79f621141f784822afc42319","type":"message","role":"assistant","model":"claude-sonnet-5","content":[{"type":"text","text":"Hello from the fake model."}],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0},"context_management":null},"parent_tool_use_id":null,"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","uuid":"2f815965-21f1-4516-8b6a-64171c92e8d9","request_id":"req_fake"}
+{"type":"stream_event","event":{"type":"content_block_stop","index":0},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"d4cd344e-5a3d-455c-a27b-90726b38c09b"}
+{"type":"stream_event","event":{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"input_tokens":12,"output_tokens":7,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"a5fb78c7-66f8-4636-9689-c431faa79454"}
+{"type":"stream_event","event":{"type":"message_stop"},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"7b40674c-e88d-41ba-8010-ae9a60b15927"}
+{"type":"result","subtype":"success","is_error":false,"api_error_status":null,"duration_ms":57,"duration_api_ms":35,"ttft_ms":37,"ttft_stream_ms":31,"time_to_request_ms":22,"num_turns":1,"result":"Hello from the fake model.","stop_reason":"end_turn","session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","total_cost_usd":0.000282,"usage":{"input_tokens":24,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":14,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard"},"modelUsage":{"claude-sonnet-5":{"inputTokens":24,"outputTokens":14,"cacheReadInputTokens":0,"cacheCreationInputTokens":0,"webSearchRequests":0,"costUSD":0.000282,"contextWindow":200000,"maxOutputTokens":64000}},"permission_denials":[],"terminal_reason":"completed","fast_mode_state":"off","uuid":"c2de316e-72f4-4bed-ab6a-d82d49bad429"}''',
 }
 
 
@@ -211,36 +284,94 @@ if spec.get("garbage"):
     sys.stdout.write("not json at all\n[1, 2]\n\n")
 if spec.get("hang_before"):
     time.sleep(3600)
-emit(stamp(t["status"]))
-if partial:
-    start = stamp(t["message_start"])
-    start["event"]["message"]["model"] = model
-    emit(start)
-    emit(stamp(t["content_block_start"]))
-for piece in text:
-    if spec.get("delay"):
-        time.sleep(spec["delay"])
+
+
+def by_kind(name):
+    found = {}
+    for e in RECORDED[name]:
+        key = e["event"]["type"] if e["type"] == "stream_event" else e.get("subtype", e["type"])
+        if e["type"] == "stream_event" and key == "content_block_delta":
+            key = e["event"]["delta"]["type"]
+        found.setdefault(key, e)
+    return found
+
+
+def message(pieces, stop, usage, thinking=()):
+    """One upstream message as the CLI prints it: deltas, one assistant line per block."""
     if partial:
-        delta = stamp(t["content_block_delta"])
-        delta["event"]["delta"]["text"] = piece
-        emit(delta)
-    if spec.get("garbage"):
-        sys.stdout.write("  \n")
-if spec.get("crash") is not None:
-    sys.stderr.write(spec.get("stderr", ""))
-    sys.exit(spec["crash"])
-assistant = stamp(t["assistant"])
-assistant["message"]["model"] = model
-assistant["message"]["content"] = [{"type": "text", "text": "".join(text)}]
-emit(assistant)
+        start = stamp(t["message_start"])
+        start["event"]["message"]["model"] = model
+        emit(start)
+    index = 0
+    if thinking:
+        th = by_kind("thinking")
+        if partial:
+            emit(stamp(th["content_block_start"]))
+        for piece in thinking:
+            emit(stamp(th["thinking_tokens"]))
+            if partial:
+                delta = stamp(th["thinking_delta"])
+                delta["event"]["delta"]["thinking"] = piece
+                emit(delta)
+        if partial:
+            emit(stamp(th["signature_delta"]))
+        line = stamp(th["assistant"])
+        line["message"]["content"][0]["thinking"] = "".join(thinking)
+        emit(line)
+        if partial:
+            emit(stamp(th["content_block_stop"]))
+        index = 1
+    if partial:
+        block = stamp(t["content_block_start"])
+        block["event"]["index"] = index
+        emit(block)
+    for piece in pieces:
+        if spec.get("delay"):
+            time.sleep(spec["delay"])
+        if partial:
+            delta = stamp(t["content_block_delta"])
+            delta["event"]["index"] = index
+            delta["event"]["delta"]["text"] = piece
+            emit(delta)
+        if spec.get("garbage"):
+            sys.stdout.write("  \n")
+    if spec.get("crash") is not None:
+        sys.stderr.write(spec.get("stderr", ""))
+        sys.exit(spec["crash"])
+    line = stamp(t["assistant"])
+    line["message"]["model"] = model
+    line["message"]["content"] = [{"type": "text", "text": "".join(pieces)}]
+    emit(line)
+    if partial:
+        emit(stamp(t["content_block_stop"]))
+        message_delta = stamp(t["message_delta"])
+        message_delta["event"]["delta"]["stop_reason"] = stop
+        message_delta["event"]["usage"]["output_tokens"] = usage["output_tokens"]
+        emit(message_delta)
+        emit(stamp(t["message_stop"]))
+
+
+emit(stamp(t["status"]))
 usage = dict(t["result"]["usage"], **spec.get("usage", {}))
-if partial:
-    emit(stamp(t["content_block_stop"]))
-    message_delta = stamp(t["message_delta"])
-    message_delta["event"]["delta"]["stop_reason"] = stop_reason
-    message_delta["event"]["usage"]["output_tokens"] = usage["output_tokens"]
-    emit(message_delta)
-    emit(stamp(t["message_stop"]))
+if flag("--json-schema") is not None:
+    # Claude "calls" the CLI's StructuredOutput tool, or fails to (error_max_turns).
+    name = "json-schema-error-max-turns" if spec.get("structured_fail") else "json-schema-success"
+    for event in RECORDED[name][1:]:
+        event = stamp(event)
+        if event["type"] == "result" and "structured_output" in event:
+            answer = spec.get("structured", {"a": 1})
+            event.update(structured_output=answer, result=json.dumps(answer))
+        emit(event)
+    save(finished=time.time())
+    sys.exit(1 if spec.get("structured_fail") else 0)
+message(text, stop_reason, usage, spec.get("thinking", ()))
+if stop_reason == "max_tokens" and spec.get("continue"):
+    # Past an output limit the CLI asks Claude to go on, as a second message.
+    time.sleep(spec.get("continue_delay", 0))
+    emit(stamp(t["status"]))
+    message(spec["continue"], "end_turn", usage)
+    stop_reason = "end_turn"
+    text = spec["continue"]
 result = stamp(t["result"])
 result.update(result="".join(text), stop_reason=stop_reason, usage=usage)
 emit(result)
@@ -565,13 +696,13 @@ class RequestTranslationTest(unittest.TestCase):
 
     def test_env_strips_api_keys_unless_allowed(self) -> None:
         base = {"ANTHROPIC_API_KEY": "k", "ANTHROPIC_AUTH_TOKEN": "t", "HOME": "/h", "CLAUDECODE": "1"}
-        env = proxy.cli_env(config(), base)
+        env = proxy.cli_env(config(), base=base)
         self.assertNotIn("ANTHROPIC_API_KEY", env)
         self.assertNotIn("ANTHROPIC_AUTH_TOKEN", env)
         self.assertNotIn("CLAUDECODE", env)
         self.assertEqual(env["HOME"], "/h")
         self.assertEqual(env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1")
-        self.assertEqual(proxy.cli_env(config(allow_api_key=True), base)["ANTHROPIC_API_KEY"], "k")
+        self.assertEqual(proxy.cli_env(config(allow_api_key=True), base=base)["ANTHROPIC_API_KEY"], "k")
 
 
 class ResponseTranslationTest(unittest.TestCase):
@@ -1147,10 +1278,10 @@ class ConfigurationTest(unittest.TestCase):
         with open(os.path.join(HERE, "README.md")) as f:
             readme = f.read()
         for flag, env, _kind, _default, _help in proxy.OPTIONS:
-            self.assertIn("`%s`" % flag, readme)
-            self.assertIn("`%s`" % env, readme)
+            self.assertTrue("`%s`" % flag in readme, flag)
+            self.assertTrue("`%s`" % env in readme, env)
         for model_id, alias in proxy.MODELS:
-            self.assertIn("| `%s` | `%s` |" % (model_id, alias), readme)
+            self.assertTrue("| `%s` | `%s` |" % (model_id, alias) in readme, model_id)
         self.assertIn("python3 test_proxy.py", readme)
         self.assertIn("python3 claude_max_proxy.py --port 3456", readme)
 
@@ -1176,6 +1307,534 @@ class ConfigurationTest(unittest.TestCase):
         for wanted in ("/.local/bin", "/opt/homebrew/bin", "/usr/local/bin", "/.claude/local"):
             self.assertTrue(any(p.endswith(wanted) for p in path), wanted)
         self.assertIn("Library/Logs", plist["StandardErrorPath"])
+
+
+# ---------------------------------------------------------------------------
+# Agent-grade requests: tools, images, structured output, generation controls
+# ---------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "Local time in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+
+
+def run_parser(parser: "proxy.ToolCallParser", deltas: List[str]) -> Tuple[str, List[Dict[str, Any]]]:
+    pieces: List[Tuple[str, Any]] = []
+    for delta in deltas:
+        pieces += parser.feed(delta)
+    pieces += parser.flush()
+    text = "".join(value for kind, value in pieces if kind == "content")
+    calls = [call for kind, value in pieces if kind == "tool_calls" for call in value]
+    return text, calls
+
+
+def parse(text: str, names: Tuple[str, ...] = ("get_weather", "get_time"), single: bool = False,
+          split: Optional[int] = None) -> Tuple[str, List[Dict[str, Any]]]:
+    deltas = [text[i:i + split] for i in range(0, len(text), split)] if split else [text]
+    return run_parser(proxy.ToolCallParser(list(names), single), deltas)
+
+
+class ToolCallParserTest(unittest.TestCase):
+    def test_text_before_the_block_passes_and_the_call_is_parsed(self) -> None:
+        text, calls = parse('Let me look.\n<tool_calls>\n[{"name": "get_weather", '
+                            '"arguments": {"city": "Paris"}}]\n</tool_calls>')
+        self.assertEqual(text, "Let me look.\n")
+        self.assertEqual([(c["name"], json.loads(c["arguments"])) for c in calls],
+                         [("get_weather", {"city": "Paris"})])
+        self.assertRegex(calls[0]["id"], r"^call_[0-9a-f]{24}$")
+
+    def test_two_calls_nested_json_and_braces_in_strings(self) -> None:
+        text, calls = parse('<tool_calls>[{"name": "get_weather", "arguments": {"city": "a}b{c", '
+                            '"opts": {"units": ["C", {"x": "]"}]}}}, {"name": "get_time", '
+                            '"arguments": {"city": "</tool_calls"}}]</tool_calls>')
+        self.assertEqual(text, "")
+        self.assertEqual(json.loads(calls[0]["arguments"]),
+                         {"city": "a}b{c", "opts": {"units": ["C", {"x": "]"}]}})
+        self.assertEqual(json.loads(calls[1]["arguments"]), {"city": "</tool_calls"})
+        self.assertNotEqual(calls[0]["id"], calls[1]["id"])
+
+    def test_a_block_split_across_one_character_deltas(self) -> None:
+        source = 'Sure: <tool_calls>[{"name": "get_time", "arguments": {"city": "Oslo"}}]</tool_calls> bye'
+        text, calls = parse(source, split=1)
+        self.assertEqual(text, "Sure: ")
+        self.assertEqual(json.loads(calls[0]["arguments"]), {"city": "Oslo"})
+
+    def test_text_is_held_only_while_it_could_be_the_opening_tag(self) -> None:
+        parser = proxy.ToolCallParser(["get_time"], False)
+        self.assertEqual(parser.feed("a <tool"), [("content", "a ")])
+        self.assertEqual(parser.feed("box> b"), [("content", "<toolbox> b")])
+
+    def test_a_false_start_is_released_as_text(self) -> None:
+        self.assertEqual(parse("I write <tool_calls> tags sometimes.", split=3),
+                         ("I write <tool_calls> tags sometimes.", []))
+
+    def test_an_unterminated_block_is_parsed_if_complete_else_text(self) -> None:
+        text, calls = parse('<tool_calls>[{"name": "get_time", "arguments": {}}]')
+        self.assertEqual((text, len(calls)), ("", 1))
+        text, calls = parse('<tool_calls>[{"name": "get_time", "argu')
+        self.assertEqual((text, calls), ('<tool_calls>[{"name": "get_time", "argu', []))
+
+    def test_invalid_calls_go_out_as_text(self) -> None:
+        for block in ('[{"name": "launch_rocket", "arguments": {}}]',
+                      '[{"name": "get_time", "arguments": [1, 2]}]',
+                      '[{"name": "get_time", "arguments": "not json"}]',
+                      '[]', '[{"name": "get_time"'):
+            source = "<tool_calls>%s</tool_calls>" % block
+            self.assertEqual(parse(source), (source, []), block)
+
+    def test_arguments_spelled_as_a_json_string_are_accepted(self) -> None:
+        _, calls = parse('<tool_calls>[{"name": "get_time", "arguments": "{\\"city\\": \\"Rome\\"}"}]'
+                         '</tool_calls>')
+        self.assertEqual(json.loads(calls[0]["arguments"]), {"city": "Rome"})
+
+    def test_single_keeps_only_the_first_call(self) -> None:
+        _, calls = parse('<tool_calls>[{"name": "get_time", "arguments": {}}, '
+                         '{"name": "get_weather", "arguments": {}}]</tool_calls>', single=True)
+        self.assertEqual([c["name"] for c in calls], ["get_time"])
+
+
+class StopFilterTest(unittest.TestCase):
+    def run_filter(self, stops: List[str], deltas: List[str]) -> Tuple[str, bool]:
+        stop = proxy.StopFilter(stops)
+        out = "".join(stop.feed(d) for d in deltas)
+        if not stop.hit:
+            out += stop.flush()
+        return out, stop.hit
+
+    def test_a_stop_split_across_deltas_is_caught_and_never_emitted(self) -> None:
+        self.assertEqual(self.run_filter(["END"], ["one two E", "N", "D three"]), ("one two ", True))
+
+    def test_the_earliest_of_several_stops_wins(self) -> None:
+        self.assertEqual(self.run_filter(["zzz", "\n\n"], ["a\n", "\nb zzz"]), ("a", True))
+
+    def test_a_near_miss_is_released(self) -> None:
+        self.assertEqual(self.run_filter(["END"], ["the EN", "d"]), ("the ENd", False))
+        stop = proxy.StopFilter(["END"])
+        self.assertEqual(stop.feed("x EN"), "x ")
+        self.assertEqual(stop.flush(), "EN")
+
+
+class AgentRequestTranslationTest(unittest.TestCase):
+    def parse(self, **body: Any) -> "proxy.ChatRequest":
+        body.setdefault("messages", [user("hi")])
+        return proxy.parse_chat_request(body, config(), fetch=self.fake_fetch)
+
+    def fake_fetch(self, url: str) -> Tuple[str, bytes]:
+        return "image/png", b"\x89PNG fetched from " + url.encode()
+
+    def rejects(self, param: str, **body: Any) -> "proxy.ProxyError":
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.parse(**body)
+        self.assertEqual(caught.exception.status, 400)
+        self.assertEqual(caught.exception.param, param)
+        return caught.exception
+
+    def test_tools_are_described_in_the_system_prompt(self) -> None:
+        request = self.parse(messages=[{"role": "system", "content": "Be brief."}, user("hi")],
+                             tools=[WEATHER_TOOL])
+        prompt = request.system_prompt
+        self.assertTrue(prompt.startswith("Be brief.\n\n# Tools"))
+        self.assertIn('"name": "get_weather"', prompt)
+        self.assertIn('"required": ["city"]', prompt)
+        self.assertIn("<tool_calls>", prompt)
+        self.assertEqual([t["name"] for t in request.tools], ["get_weather"])
+
+    def test_tool_choice_none_offers_no_tools(self) -> None:
+        request = self.parse(tools=[WEATHER_TOOL], tool_choice="none")
+        self.assertEqual(request.tools, [])
+        self.assertNotIn("get_weather", request.system_prompt)
+
+    def test_tool_choice_rules(self) -> None:
+        self.assertIn("must call at least one tool",
+                      self.parse(tools=[WEATHER_TOOL], tool_choice="required").system_prompt)
+        forced = self.parse(tools=[WEATHER_TOOL, TIME_TOOL],
+                            tool_choice={"type": "function", "function": {"name": "get_time"}})
+        self.assertIn("must call the tool `get_time`", forced.system_prompt)
+        self.assertIn("at most one tool", self.parse(tools=[WEATHER_TOOL],
+                                                     parallel_tool_calls=False).system_prompt)
+        self.rejects("tool_choice", tools=[WEATHER_TOOL],
+                     tool_choice={"type": "function", "function": {"name": "nope"}})
+        self.rejects("tools[0]", tools=[{"type": "function", "function": {"description": "x"}}])
+
+    def test_legacy_functions_become_tools(self) -> None:
+        request = self.parse(functions=[WEATHER_TOOL["function"]], function_call={"name": "get_weather"})
+        self.assertTrue(request.legacy_functions)
+        self.assertFalse(request.parallel_tool_calls)
+        self.assertIn("must call the tool `get_weather`", request.system_prompt)
+
+    def test_tool_history_is_rendered_in_the_protocol(self) -> None:
+        request = self.parse(tools=[WEATHER_TOOL], messages=[
+            user("Weather in Paris?"),
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}])
+        text = request.content[0]["text"]
+        self.assertIn('<tool_calls>\n[{"name": "get_weather", "arguments": {"city": "Paris"}}]\n'
+                      '</tool_calls>', text)
+        self.assertIn('<tool_result tool_call_id="call_1" name="get_weather">\nsunny, 21 C\n'
+                      '</tool_result>', text)
+        self.assertTrue(text.rstrip().endswith("</conversation>"))
+        self.assertLess(text.index("Weather in Paris?"), text.index("<tool_calls>"))
+        self.rejects("messages[1].tool_call_id", messages=[user("x"), {"role": "tool", "content": "y"}])
+
+    def test_images_become_image_blocks_in_order(self) -> None:
+        data_url = "data:image/png;base64," + PNG_1PX
+        request = self.parse(messages=[
+            {"role": "user", "content": [{"type": "text", "text": "first"},
+                                         {"type": "image_url", "image_url": {"url": data_url}}]},
+            {"role": "assistant", "content": "seen"},
+            {"role": "user", "content": [{"type": "text", "text": "and this?"},
+                                         {"type": "image_url", "image_url": data_url}]}])
+        kinds = [block["type"] for block in request.content]
+        self.assertEqual(kinds, ["text", "image", "text", "image"])
+        self.assertEqual(request.content[1]["source"],
+                         {"type": "base64", "media_type": "image/png", "data": PNG_1PX})
+        self.assertTrue(request.content[2]["text"].endswith("and this?"))
+
+    def test_image_errors(self) -> None:
+        error = self.rejects("messages[0].content[0].image_url", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+        self.assertEqual(error.code, "image_url_not_allowed")
+        self.assertIn("--fetch-images", error.message)
+        error = self.rejects("messages[0].content[0].image_url", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/bmp;base64," + PNG_1PX}}]}])
+        self.assertEqual(error.code, "unsupported_image_type")
+        error = self.rejects("messages[0].content[0].image_url", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}])
+        self.assertEqual(error.code, "invalid_image")
+        self.rejects("messages[0].content[0].type", messages=[{"role": "assistant", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX}}]}])
+
+    def test_remote_images_are_fetched_only_when_enabled(self) -> None:
+        request = proxy.parse_chat_request(
+            {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]},
+            config(fetch_images=True), fetch=self.fake_fetch)
+        self.assertEqual(base64.b64decode(request.content[0]["source"]["data"]),
+                         b"\x89PNG fetched from https://example.com/cat.png")
+
+    def test_response_format_maps_to_the_cli_json_schema(self) -> None:
+        schema = {"type": "object", "properties": {"answer": {"type": "integer"}}}
+        request = self.parse(response_format={"type": "json_schema",
+                                              "json_schema": {"name": "a", "schema": schema}})
+        argv = proxy.cli_argv("claude", request)
+        self.assertEqual(json.loads(argv[argv.index("--json-schema") + 1]), schema)
+        self.assertEqual(argv[argv.index("--max-turns") + 1], "3")
+        self.assertEqual(self.parse(response_format={"type": "json_object"}).json_schema,
+                         {"type": "object"})
+        self.assertIsNone(self.parse(response_format={"type": "text"}).json_schema)
+        self.rejects("response_format", response_format={"type": "xml"})
+        self.rejects("response_format", response_format={"type": "json_schema",
+                                                          "json_schema": {"schema": {"type": "array"}}})
+        self.rejects("response_format", tools=[WEATHER_TOOL], response_format={"type": "json_object"})
+
+    def test_reasoning_effort_and_thinking(self) -> None:
+        for given, effort in [("minimal", "low"), ("low", "low"), ("medium", "medium"), ("high", "high")]:
+            request = self.parse(reasoning_effort=given)
+            argv = proxy.cli_argv("claude", request)
+            self.assertEqual(argv[argv.index("--effort") + 1], effort)
+            self.assertTrue(request.want_reasoning)
+        plain = self.parse()
+        self.assertNotIn("--effort", proxy.cli_argv("claude", plain))
+        self.assertFalse(plain.want_reasoning)
+        off = self.parse(reasoning_effort="none")
+        self.assertEqual(proxy.cli_env(config(), off, base={})["MAX_THINKING_TOKENS"], "0")
+        self.rejects("reasoning_effort", reasoning_effort="extreme")
+
+    def test_max_tokens_caps_output_and_turns_hidden_thinking_off(self) -> None:
+        request = self.parse(max_tokens=50)
+        env = proxy.cli_env(config(), request, base={})
+        self.assertEqual(env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "50")
+        self.assertEqual(env["MAX_THINKING_TOKENS"], "0")
+        self.assertEqual(self.parse(max_completion_tokens=7, max_tokens=50).max_tokens, 7)
+        with_reasoning = proxy.cli_env(config(), self.parse(max_tokens=5000, reasoning_effort="low"),
+                                       base={})
+        self.assertNotIn("MAX_THINKING_TOKENS", with_reasoning)
+        self.assertNotIn("CLAUDE_CODE_MAX_OUTPUT_TOKENS", proxy.cli_env(config(), self.parse(), base={}))
+        self.rejects("max_tokens", max_tokens=0)
+        self.rejects("max_tokens", max_tokens="10")
+
+    def test_stop_validation(self) -> None:
+        self.assertEqual(self.parse(stop="END").stops, ["END"])
+        self.assertEqual(self.parse(stop=["a", "b"]).stops, ["a", "b"])
+        self.rejects("stop", stop=["1", "2", "3", "4", "5"])
+        self.rejects("stop", stop=5)
+
+
+class ImageFetchTest(unittest.TestCase):
+    """fetch_image against a local server: refused as private, served when allowed."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        class Images(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                body = base64.b64decode(PNG_1PX)
+                self.send_response(200 if self.path == "/cat.png" else 404)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        cls.images = ThreadingHTTPServer(("127.0.0.1", 0), Images)
+        threading.Thread(target=cls.images.serve_forever, daemon=True).start()
+        cls.base = "http://127.0.0.1:%d" % cls.images.server_port
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.images.shutdown()
+        cls.images.server_close()
+
+    def test_loopback_and_private_addresses_are_refused(self) -> None:
+        with self.assertRaises(proxy.ProxyError) as caught:
+            proxy.fetch_image(self.base + "/cat.png")
+        self.assertEqual(caught.exception.code, "image_url_not_allowed")
+        for address in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "fd00::1"):
+            self.assertFalse(proxy.is_public_address(address), address)
+        self.assertTrue(proxy.is_public_address("8.8.8.8"))
+
+    def test_an_allowed_address_is_fetched_with_its_media_type(self) -> None:
+        media_type, raw = proxy.fetch_image(self.base + "/cat.png", allow=lambda address: True)
+        self.assertEqual((media_type, raw), ("image/png", base64.b64decode(PNG_1PX)))
+        with self.assertRaises(proxy.ProxyError) as caught:
+            proxy.fetch_image(self.base + "/missing.png", allow=lambda address: True)
+        self.assertIn("404", caught.exception.message)
+
+
+def tool_reply(*calls: Tuple[str, Dict[str, Any]], before: str = "") -> List[str]:
+    """Claude's text for a reply that calls tools, cut into small deltas."""
+    block = json.dumps([{"name": name, "arguments": args} for name, args in calls])
+    text = "%s<tool_calls>\n%s\n</tool_calls>" % (before, block)
+    return [text[i:i + 7] for i in range(0, len(text), 7)]
+
+
+def stream_text(response: Response, field: str = "content") -> str:
+    return "".join(c["choices"][0]["delta"].get(field) or "" for c in response.chunks() if c["choices"])
+
+
+class ToolCallingTest(ProxyTest):
+    def first_turn(self, stream: bool, **fields: Any) -> Response:
+        cue = FAKE.script("calls-weather", text=tool_reply(("get_weather", {"city": "Paris"}),
+                                                           before="Let me check. "))
+        return self.chat(user("Weather in Paris? " + cue), tools=[WEATHER_TOOL, TIME_TOOL],
+                         stream=stream, **fields)
+
+    def second_turn(self, stream: bool, calls: List[Dict[str, Any]], tag: str) -> Response:
+        cue = FAKE.script("answers-weather", text=["It is sunny ", "in Paris."])
+        messages = [user("Weather in Paris? " + tag),
+                    {"role": "assistant", "content": None, "tool_calls": calls},
+                    {"role": "tool", "tool_call_id": calls[0]["id"], "content": "sunny, 21 C " + cue}]
+        return self.chat(*messages, tools=[WEATHER_TOOL, TIME_TOOL], stream=stream)
+
+    def check_second_turn(self, calls: List[Dict[str, Any]], tag: str) -> None:
+        run = FAKE.run_for(tag)
+        sent = run["messages"][0]["message"]["content"][0]["text"]
+        self.assertIn('<tool_calls>\n[{"name": "get_weather", "arguments": {"city": "Paris"}}]', sent)
+        self.assertIn('<tool_result tool_call_id="%s" name="get_weather">\nsunny, 21 C' % calls[0]["id"],
+                      sent)
+        system = run["argv"][run["argv"].index("--system-prompt") + 1]
+        self.assertIn('"name": "get_time"', system)
+
+    def test_two_step_tool_loop(self) -> None:
+        response = self.first_turn(stream=False)
+        self.assertEqual(response.status, 200, response.body)
+        choice = response.json()["choices"][0]
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+        self.assertEqual(choice["message"]["content"], "Let me check.")
+        calls = choice["message"]["tool_calls"]
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(calls[0]["type"], "function")
+        self.assertEqual(calls[0]["function"]["name"], "get_weather")
+        self.assertEqual(json.loads(calls[0]["function"]["arguments"]), {"city": "Paris"})
+        tag = marker()
+        final = self.second_turn(False, calls, tag)
+        self.assertEqual(final.json()["choices"][0]["message"]["content"], "It is sunny in Paris.")
+        self.assertEqual(final.json()["choices"][0]["finish_reason"], "stop")
+        self.assertNotIn("tool_calls", final.json()["choices"][0]["message"])
+        self.check_second_turn(calls, tag)
+
+    def test_two_step_tool_loop_streaming(self) -> None:
+        response = self.first_turn(stream=True)
+        chunks = response.chunks()
+        self.assertEqual(stream_text(response), "Let me check. ")
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        call_deltas = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+        self.assertEqual(call_deltas[0]["index"], 0)
+        self.assertRegex(call_deltas[0]["id"], r"^call_")
+        self.assertEqual(call_deltas[0]["type"], "function")
+        self.assertEqual(call_deltas[0]["function"], {"name": "get_weather", "arguments": ""})
+        arguments = "".join(d["function"].get("arguments", "") for d in call_deltas)
+        self.assertEqual(json.loads(arguments), {"city": "Paris"})
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "tool_calls")
+        self.assertFalse(any("<tool" in (d.get("content") or "") for d in deltas))
+        calls = [{"id": call_deltas[0]["id"], "type": "function",
+                  "function": {"name": "get_weather", "arguments": arguments}}]
+        tag = marker()
+        final = self.second_turn(True, calls, tag)
+        self.assertEqual(stream_text(final), "It is sunny in Paris.")
+        self.check_second_turn(calls, tag)
+
+    def test_parallel_calls_and_parallel_off(self) -> None:
+        cue = FAKE.script("calls-two", text=tool_reply(("get_weather", {"city": "Rome"}),
+                                                       ("get_time", {"city": "Rome"})))
+        both = self.chat(user(cue), tools=[WEATHER_TOOL, TIME_TOOL]).json()
+        self.assertEqual([c["function"]["name"] for c in both["choices"][0]["message"]["tool_calls"]],
+                         ["get_weather", "get_time"])
+        self.assertIsNone(both["choices"][0]["message"]["content"])
+        one = self.chat(user(cue), tools=[WEATHER_TOOL, TIME_TOOL], parallel_tool_calls=False).json()
+        self.assertEqual(len(one["choices"][0]["message"]["tool_calls"]), 1)
+
+    def test_a_call_to_an_unknown_tool_comes_back_as_text(self) -> None:
+        cue = FAKE.script("calls-unknown", text=tool_reply(("rm_rf", {"path": "/"})))
+        body = self.chat(user(cue), tools=[WEATHER_TOOL]).json()
+        choice = body["choices"][0]
+        self.assertEqual(choice["finish_reason"], "stop")
+        self.assertNotIn("tool_calls", choice["message"])
+        self.assertIn('"rm_rf"', choice["message"]["content"])
+
+    def test_without_tools_the_block_is_plain_text(self) -> None:
+        cue = FAKE.script("calls-weather-untooled", text=tool_reply(("get_weather", {"city": "Oslo"})))
+        choice = self.say(cue).json()["choices"][0]
+        self.assertIn("<tool_calls>", choice["message"]["content"])
+        self.assertEqual(choice["finish_reason"], "stop")
+
+    def test_legacy_functions_answer_with_function_call(self) -> None:
+        cue = FAKE.script("calls-weather-legacy", text=tool_reply(("get_weather", {"city": "Lima"})))
+        body = self.chat(user(cue), functions=[WEATHER_TOOL["function"]]).json()
+        choice = body["choices"][0]
+        self.assertEqual(choice["finish_reason"], "function_call")
+        self.assertEqual(choice["message"]["function_call"]["name"], "get_weather")
+        self.assertEqual(json.loads(choice["message"]["function_call"]["arguments"]), {"city": "Lima"})
+        streamed = self.chat(user(cue), functions=[WEATHER_TOOL["function"]], stream=True).chunks()
+        names = [c["choices"][0]["delta"]["function_call"].get("name") for c in streamed
+                 if "function_call" in c["choices"][0]["delta"]]
+        self.assertEqual(names[0], "get_weather")
+        self.assertEqual(streamed[-1]["choices"][0]["finish_reason"], "function_call")
+
+
+class ImageRequestTest(ProxyTest):
+    def test_data_url_images_reach_the_cli_as_image_blocks(self) -> None:
+        tag = marker()
+        response = self.chat({"role": "user", "content": [
+            {"type": "text", "text": "What is this? " + tag},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX,
+                                                "detail": "high"}}]})
+        self.assertEqual(response.status, 200, response.body)
+        content = FAKE.run_for(tag)["messages"][0]["message"]["content"]
+        self.assertEqual(content, [
+            {"type": "text", "text": "What is this? " + tag},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}])
+
+    def test_remote_and_unsupported_images_are_400(self) -> None:
+        self.assertError(self.chat({"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}),
+            400, "invalid_request_error", "image_url_not_allowed")
+        self.assertError(self.chat({"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/tiff;base64," + PNG_1PX}}]}),
+            400, "invalid_request_error", "unsupported_image_type")
+
+
+class StructuredOutputTest(ProxyTest):
+    SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+
+    def test_json_schema_answer_is_the_structured_output(self) -> None:
+        tag = marker()
+        cue = FAKE.script("structured-42", structured={"answer": 42})
+        response = self.say(cue + " " + tag, response_format={
+            "type": "json_schema", "json_schema": {"name": "answer", "schema": self.SCHEMA}})
+        self.assertEqual(response.status, 200, response.body)
+        choice = response.json()["choices"][0]
+        self.assertEqual(json.loads(choice["message"]["content"]), {"answer": 42})
+        self.assertEqual(choice["finish_reason"], "stop")
+        argv = FAKE.run_for(tag)["argv"]
+        self.assertEqual(json.loads(argv[argv.index("--json-schema") + 1]), self.SCHEMA)
+
+    def test_json_object_streams_one_json_object(self) -> None:
+        cue = FAKE.script("structured-obj", structured={"ok": True, "items": [1, 2]})
+        response = self.say(cue, stream=True, response_format={"type": "json_object"})
+        self.assertEqual(json.loads(stream_text(response)), {"ok": True, "items": [1, 2]})
+        self.assertEqual(response.chunks()[-1]["choices"][0]["finish_reason"], "stop")
+
+    def test_no_valid_json_is_a_clear_error(self) -> None:
+        cue = FAKE.script("structured-fail", structured_fail=True)
+        error = self.assertError(self.say(cue, response_format={"type": "json_object"}), 502,
+                                 "server_error", "invalid_structured_output")
+        self.assertIn("JSON", error["message"])
+
+
+class GenerationControlTest(ProxyTest):
+    def test_max_tokens_stops_at_the_limit_and_kills_the_child(self) -> None:
+        tag = marker()
+        cue = FAKE.script("long", text=["The first ", "part"], stop_reason="max_tokens",
+                          usage={"output_tokens": 20}, **{"continue": ["MORE TEXT"], "continue_delay": 30})
+        response = self.say(cue + " " + tag, max_tokens=20)
+        self.assertEqual(response.status, 200, response.body)
+        body = response.json()
+        self.assertEqual(body["choices"][0]["message"]["content"], "The first part")
+        self.assertEqual(body["choices"][0]["finish_reason"], "length")
+        self.assertEqual(body["usage"]["completion_tokens"], 20)
+        run = FAKE.run_for(tag)
+        self.assertEqual(run["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "20")
+        self.assertEqual(run["env"]["MAX_THINKING_TOKENS"], "0")
+        self.assertTrue(pid_gone(run["pid"], timeout=2), "the CLI must not continue past the limit")
+
+    def test_without_max_tokens_the_cli_continuation_is_kept(self) -> None:
+        cue = FAKE.script("long-continued", text=["The first "], stop_reason="max_tokens",
+                          **{"continue": ["and the rest."]})
+        body = self.say(cue).json()
+        self.assertEqual(body["choices"][0]["message"]["content"], "The first and the rest.")
+        self.assertEqual(body["choices"][0]["finish_reason"], "stop")
+
+    def test_stop_sequence_split_across_deltas_ends_the_answer(self) -> None:
+        tag = marker()
+        cue = FAKE.script("stop-me", text=["one two E", "N", "D three ", "four"], delay=0.2)
+        for stream in (False, True):
+            response = self.say(cue + " " + tag, stop=["END", "never"], stream=stream)
+            text = stream_text(response) if stream else response.json()["choices"][0]["message"]["content"]
+            self.assertEqual(text, "one two ")
+            finish = (response.chunks()[-1] if stream else response.json())["choices"][0]["finish_reason"]
+            self.assertEqual(finish, "stop")
+        self.assertTrue(all(pid_gone(run["pid"]) and "finished" not in run
+                            for run in FAKE.runs() if tag in run.get("stdin", "")))
+
+    def test_reasoning_is_sent_only_when_asked(self) -> None:
+        tag = marker()
+        cue = FAKE.script("thinks", thinking=["Let me ", "think."], text=["Answer."])
+        asked = self.say(cue + " " + tag, reasoning_effort="high").json()["choices"][0]["message"]
+        self.assertEqual(asked["reasoning_content"], "Let me think.")
+        self.assertEqual(asked["content"], "Answer.")
+        argv = FAKE.run_for(tag)["argv"]
+        self.assertEqual(argv[argv.index("--effort") + 1], "high")
+        streamed = self.say(cue, reasoning_effort="low", stream=True)
+        self.assertEqual(stream_text(streamed, "reasoning_content"), "Let me think.")
+        self.assertEqual(stream_text(streamed), "Answer.")
+        first = streamed.chunks()[0]["choices"][0]["delta"]
+        self.assertEqual(first["reasoning_content"], "Let me ")
+        not_asked = self.say(cue)
+        self.assertNotIn("reasoning_content", not_asked.json()["choices"][0]["message"])
+        self.assertEqual(not_asked.json()["choices"][0]["message"]["content"], "Answer.")
+        self.assertNotIn("reasoning_content", self.say(cue, stream=True).body.decode())
+
+    def test_n_above_one_is_400_over_http(self) -> None:
+        self.assertError(self.say("hi", n=3), 400, "invalid_request_error", "unsupported_value", "n")
+
+    def test_user_and_metadata_never_reach_the_cli(self) -> None:
+        tag = marker()
+        response = self.say(tag, user="user-secret-id", metadata={"k": "metadata-secret"},
+                            temperature=0.1, top_p=0.5, seed=7, logprobs=False)
+        self.assertEqual(response.status, 200)
+        run = FAKE.run_for(tag)
+        recorded = json.dumps([run["argv"], run["stdin"]])
+        self.assertNotIn("user-secret-id", recorded)
+        self.assertNotIn("metadata-secret", recorded)
 
 
 # ---------------------------------------------------------------------------
