@@ -1903,6 +1903,53 @@ class OpenAISdkTest(ProxyTest):
                 pass
         self.assertIn("midway", str(caught.exception))
 
+    def test_sdk_tool_loop_streaming_and_not(self) -> None:
+        client = self.client()
+        cue = FAKE.script("sdk-calls", text=tool_reply(("get_weather", {"city": "Paris"})))
+        answer_cue = FAKE.script("sdk-answers", text=["Sunny."])
+        for stream in (False, True):
+            messages: List[Any] = [{"role": "user", "content": "Weather in Paris? " + cue}]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if stream:
+                    chunks = list(client.chat.completions.create(
+                        model="claude-opus-4", messages=messages, tools=[WEATHER_TOOL], stream=True))
+                    deltas = [c.choices[0].delta for c in chunks if c.choices]
+                    parts = [call for d in deltas for call in d.tool_calls or []]
+                    call_id, name = parts[0].id, parts[0].function.name
+                    arguments = "".join(p.function.arguments or "" for p in parts)
+                    self.assertEqual(chunks[-1].choices[0].finish_reason, "tool_calls")
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [
+                        {"id": call_id, "type": "function",
+                         "function": {"name": name, "arguments": arguments}}]})
+                else:
+                    first = client.chat.completions.create(
+                        model="claude-opus-4", messages=messages, tools=[WEATHER_TOOL])
+                    self.assertEqual(first.choices[0].finish_reason, "tool_calls")
+                    call = first.choices[0].message.tool_calls[0]
+                    call_id, name, arguments = call.id, call.function.name, call.function.arguments
+                    messages.append(first.choices[0].message.model_dump(exclude_none=True))
+                self.assertEqual((name, json.loads(arguments)), ("get_weather", {"city": "Paris"}))
+                messages.append({"role": "tool", "tool_call_id": call_id, "content": "21 C " + answer_cue})
+                final = client.chat.completions.create(model="claude-opus-4", messages=messages,
+                                                       tools=[WEATHER_TOOL])
+            self.assertEqual(final.choices[0].message.content, "Sunny.")
+            self.assertEqual(final.choices[0].finish_reason, "stop")
+            self.assertEqual([str(w.message) for w in caught], [])
+
+    def test_sdk_reads_structured_output_and_reasoning(self) -> None:
+        cue = FAKE.script("sdk-structured", structured={"answer": 42})
+        completion = self.client().chat.completions.create(
+            model="claude-sonnet-4", messages=[{"role": "user", "content": cue}],
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {
+                "type": "object", "properties": {"answer": {"type": "integer"}}}}})
+        self.assertEqual(json.loads(completion.choices[0].message.content), {"answer": 42})
+        cue = FAKE.script("sdk-thinks", thinking=["Hmm."], text=["Yes."])
+        completion = self.client().chat.completions.create(
+            model="claude-sonnet-4", messages=[{"role": "user", "content": cue}], reasoning_effort="low")
+        self.assertEqual(completion.choices[0].message.content, "Yes.")
+        self.assertEqual(completion.choices[0].message.model_extra.get("reasoning_content"), "Hmm.")
+
     def test_sdk_lists_models(self) -> None:
         ids = [model.id for model in self.client().models.list()]
         self.assertEqual(ids, [m for m, _ in proxy.MODELS])
@@ -1981,7 +2028,7 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         if "StructuredOutput" in tools:
             blocks.append(("tool_use", {"a": 1}))
         else:
-            blocks.append(("text", UPSTREAM_REPLY))
+            blocks.append(("text", os.environ.get("FAKE_UPSTREAM_REPLY", UPSTREAM_REPLY)))
         for index, (kind, value) in enumerate(blocks):
             if kind == "thinking":
                 start: Dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
@@ -2089,6 +2136,45 @@ class EndToEndTest(ProxyTest):
         sent_text = last_user_text(self.upstream_request_for(tag))
         self.assertLess(sent_text.index("first " + tag), sent_text.index("reply one"))
         self.assertLess(sent_text.index("reply one"), sent_text.index("second " + tag))
+
+    def test_structured_output_through_the_real_cli(self) -> None:
+        tag = marker()
+        response = self.say("give me a " + tag, response_format={
+            "type": "json_schema", "json_schema": {"name": "a", "schema": {
+                "type": "object", "properties": {"a": {"type": "number"}}, "required": ["a"]}}})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(json.loads(response.json()["choices"][0]["message"]["content"]), {"a": 1})
+        sent = self.upstream_request_for(tag)
+        self.assertEqual([t["name"] for t in sent["tools"]], ["StructuredOutput"])
+
+    def test_reasoning_from_a_real_thinking_block(self) -> None:
+        response = self.say("THINK about it", reasoning_effort="medium", stream=True)
+        self.assertEqual(stream_text(response, "reasoning_content"), "Let me think about this.")
+        self.assertEqual(stream_text(response), UPSTREAM_REPLY)
+
+    def test_max_tokens_is_sent_upstream_and_ends_with_length(self) -> None:
+        tag = marker()
+        response = self.say("MAXTOK " + tag, max_tokens=64)
+        self.assertEqual(response.status, 200, response.body)
+        choice = response.json()["choices"][0]
+        self.assertEqual(choice["finish_reason"], "length")
+        self.assertEqual(choice["message"]["content"], UPSTREAM_REPLY)
+        sent = [body for body in self.upstream.requests if tag in json.dumps(body)]
+        self.assertEqual(len(sent), 1, "the CLI must not get to continue past the limit")
+        self.assertEqual(sent[0]["max_tokens"], 64)
+        self.assertEqual(sent[0]["thinking"], {"type": "disabled"})
+
+    def test_tool_call_through_the_real_cli(self) -> None:
+        os.environ["FAKE_UPSTREAM_REPLY"] = ('<tool_calls>[{"name": "get_weather", '
+                                             '"arguments": {"city": "Oslo"}}]</tool_calls>')
+        try:
+            response = self.say("weather?", tools=[WEATHER_TOOL])
+        finally:
+            del os.environ["FAKE_UPSTREAM_REPLY"]
+        choice = response.json()["choices"][0]
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+        self.assertEqual(json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]),
+                         {"city": "Oslo"})
 
     def test_upstream_400_becomes_400(self) -> None:
         error = self.assertError(self.say("HTTPERR400"), 400, "invalid_request_error")
