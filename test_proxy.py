@@ -711,6 +711,8 @@ class ResponseTranslationTest(unittest.TestCase):
         text = ""
         for event in recorded_events(name):
             text += "".join(piece for kind, piece in reply.feed(event, now=100.0) if kind == "content")
+            if reply.done:
+                break  # as the handler does: nothing after `done` is read
         return reply, text
 
     def test_streamed_deltas_give_the_text_once(self) -> None:
@@ -762,6 +764,33 @@ class ResponseTranslationTest(unittest.TestCase):
         self.assertEqual(pieces[3], [])
         self.assertTrue(reply.done)
         self.assertEqual(proxy.finish_reason(reply.stop_reason), "length")
+
+    def test_recorded_continuation_past_max_tokens(self) -> None:
+        capped, text = self.feed_all("max-tokens-continued", proxy.Reply(20, stop_at_max_tokens=True))
+        self.assertEqual(text, "Hello from the fake model.")
+        self.assertTrue(capped.done)
+        self.assertFalse(capped.completed, "the run was cut short, not finished")
+        self.assertEqual(proxy.finish_reason(capped.stop_reason), "length")
+        self.assertEqual(proxy.usage_from_cli(capped.usage)["completion_tokens"], 7)
+        whole, text = self.feed_all("max-tokens-continued")
+        self.assertEqual(text, "Hello from the fake model." * 2)
+        self.assertEqual(proxy.finish_reason(whole.stop_reason), "stop")
+
+    def test_recorded_thinking_is_reasoning_never_content(self) -> None:
+        reply = proxy.Reply(20)
+        pieces = [p for e in recorded_events("thinking") for p in reply.feed(e)]
+        self.assertEqual("".join(v for k, v in pieces if k == "reasoning"),
+                         "Let me think about this. The user wants a reply.")
+        self.assertEqual("".join(v for k, v in pieces if k == "content"), "Hello from the fake model.")
+
+    def test_recorded_structured_output(self) -> None:
+        reply, text = self.feed_all("json-schema-success", proxy.Reply(20, structured=True))
+        self.assertEqual(json.loads(text), {"a": 1})
+        self.assertEqual(proxy.finish_reason(reply.stop_reason), "stop")
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.feed_all("json-schema-error-max-turns", proxy.Reply(20, structured=True))
+        self.assertEqual((caught.exception.status, caught.exception.code),
+                         (502, "invalid_structured_output"))
 
     def test_usage_counts_cache_reads_and_writes_as_prompt(self) -> None:
         usage = proxy.usage_from_cli({"input_tokens": 3, "cache_read_input_tokens": 100,
