@@ -2205,6 +2205,16 @@ class EndToEndTest(ProxyTest):
         self.assertEqual(json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]),
                          {"city": "Oslo"})
 
+    def test_an_image_reaches_anthropic_as_an_image_block(self) -> None:
+        tag = marker()
+        response = self.chat({"role": "user", "content": [
+            {"type": "text", "text": "describe " + tag},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX}}]})
+        self.assertEqual(response.status, 200, response.body)
+        blocks = self.upstream_request_for(tag)["messages"][-1]["content"]
+        images = [b for b in blocks if b.get("type") == "image"]
+        self.assertEqual(images[0]["source"], {"type": "base64", "media_type": "image/png", "data": PNG_1PX})
+
     def test_upstream_400_becomes_400(self) -> None:
         error = self.assertError(self.say("HTTPERR400"), 400, "invalid_request_error")
         self.assertIn("400", error["message"])
