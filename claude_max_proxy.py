@@ -898,7 +898,7 @@ class ClaudeProcess:
                     data = os.read(key.fd, 65536)
                     if key.fileobj is err:
                         if data:
-                            self.stderr_tail = (self.stderr_tail + data)[-self.STDERR_TAIL:]
+                            self._keep_stderr(data)
                         else:
                             selector.unregister(err)
                         continue
@@ -916,7 +916,21 @@ class ClaudeProcess:
                         if event is not None:
                             yield event
 
+    def _keep_stderr(self, data: bytes) -> None:
+        self.stderr_tail = (self.stderr_tail + data)[-self.STDERR_TAIL:]
+
     def stderr_text(self) -> str:
+        """The end of what the CLI wrote on stderr, including what is still in the pipe."""
+        fd = self.popen.stderr.fileno()
+        os.set_blocking(fd, False)  # a grandchild may hold the pipe open: never wait on it
+        try:
+            while True:
+                data = os.read(fd, 65536)
+                if not data:
+                    break
+                self._keep_stderr(data)
+        except (BlockingIOError, OSError):
+            pass
         return self.stderr_tail.decode("utf-8", "replace").strip()
 
     def exit_code(self, wait: float = 2.0) -> Optional[int]:
