@@ -1591,6 +1591,17 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(proxy.parse_command_line(["--port", "1"])[0], "serve")
         self.assertEqual(proxy.parse_command_line(["serve", "--port", "1"])[1].port, 1)
 
+    def test_readme_runs_at_login_on_both_systems_and_troubleshoots_with_doctor(self) -> None:
+        with open(os.path.join(HERE, "README.md")) as f:
+            sections = {part.split("\n", 1)[0]: part for part in f.read().split("\n## ")}
+        login = sections["Run at login"]
+        for text in ("python3 claude_max_proxy.py install", "--dry-run", "uninstall", "status",
+                     "~/Library/LaunchAgents/com.claude-max-api.plist", "launchctl bootstrap",
+                     "~/.config/systemd/user/claude-max-api.service", "systemctl --user"):
+            self.assertIn(text, login)
+        first_command = sections["Troubleshooting"].split("```sh\n", 1)[1].split("\n", 1)[0]
+        self.assertTrue(first_command.startswith("python3 claude_max_proxy.py doctor"), first_command)
+
     def test_log_file_rotates_by_size(self) -> None:
         folder = tempfile.mkdtemp(prefix="proxy-logs-")
         self.addCleanup(shutil.rmtree, folder, True)
