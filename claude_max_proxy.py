@@ -1610,6 +1610,9 @@ class LaunchAgent:
         return Run(["launchctl", "bootout", self.service],
                    only_if=["launchctl", "print", self.service])
 
+    def unreachable(self) -> Optional[str]:
+        return None  # every macOS login session has launchd; bootstrap says what goes wrong
+
     def loaded(self) -> Tuple[Optional[bool], str]:
         ran = self.system.run(["launchctl", "print", self.service])
         if ran.code == 127:
@@ -1678,6 +1681,11 @@ class SystemdUnit:
     @staticmethod
     def _systemctl(*args: str) -> Run:
         return Run(["systemctl", "--user"] + list(args))
+
+    def unreachable(self) -> Optional[str]:
+        """Why systemctl --user cannot work here (no user session bus), or None."""
+        loaded, detail = self.loaded()
+        return detail if loaded is None else None
 
     def loaded(self) -> Tuple[Optional[bool], str]:
         ran = self.system.run(["systemctl", "--user", "is-active", SYSTEMD_UNIT])
@@ -1772,6 +1780,9 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
     if claude is None:
         print("WARN  %s The service will still look in the usual install places."
               % claude_not_found(config.claude_bin).message)
+    problem = None if dry_run else manager.unreachable()
+    if problem:  # found before anything is written, so a failed install leaves nothing behind
+        raise ServiceError("cannot install the %s: %s. Nothing was written." % (manager.kind, problem))
     perform(system, manager.install_actions(config, claude), dry_run)
     url = health_url(config)
     if dry_run:

@@ -1340,6 +1340,7 @@ class ServiceTest(unittest.TestCase):
         self.assertIn("WantedBy=default.target", lines)
         self.assertNotIn("--log-file", exec_start[0], "the journal keeps and rotates stderr")
         self.assertEqual(system.commands, [
+            ["systemctl", "--user", "is-active", "claude-max-api.service"],
             ["systemctl", "--user", "daemon-reload"],
             ["systemctl", "--user", "try-restart", "claude-max-api.service"],
             ["systemctl", "--user", "enable", "--now", "claude-max-api.service"]])
@@ -1355,6 +1356,14 @@ class ServiceTest(unittest.TestCase):
             self.assertIn("nothing answered http://127.0.0.1:%d/health within 0.6 s" % port, out)
             self.assertIn(hint, out)
             self.assertIn("doctor", out)
+
+    def test_linux_without_a_user_session_writes_nothing(self) -> None:
+        system = self.fake("linux", bus=False)
+        code, out = run_main("install", "--port", str(free_port()), system=system)
+        self.assertEqual(code, 1)
+        self.assertIn("FAIL  cannot install the systemd user unit: Failed to connect to bus", out)
+        self.assertEqual(system.files() + system.dirs(), [])
+        self.assertEqual(system.commands, [["systemctl", "--user", "is-active", "claude-max-api.service"]])
 
     def test_a_failing_launchctl_stops_install_with_its_message(self) -> None:
         system = self.fake("darwin")
