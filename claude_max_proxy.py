@@ -54,7 +54,7 @@ import time
 import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -1522,7 +1522,7 @@ class Run:
                                % (shlex.join(self.argv), ran.code, (ran.err or ran.out).strip()))
 
 
-Action = Any  # WriteFile, MakeDir, RemoveFile or Run
+Action = Union[WriteFile, MakeDir, RemoveFile, Run]
 
 
 def perform(system: System, actions: List[Action], dry_run: bool) -> None:
@@ -1695,7 +1695,7 @@ class SystemdUnit:
         return state == "active", state
 
 
-ServiceManager = Any  # LaunchAgent or SystemdUnit
+ServiceManager = Union[LaunchAgent, SystemdUnit]
 
 
 def service_manager(system: System) -> Optional[ServiceManager]:
@@ -1797,7 +1797,7 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
     return 0
 
 
-def uninstall(system: System, config: Config, dry_run: bool) -> int:
+def uninstall(system: System, dry_run: bool) -> int:
     manager = required_manager(system)
     if not system.exists(manager.path):
         print("nothing to uninstall: %s does not exist" % manager.path)
@@ -1969,7 +1969,7 @@ def run_command(command: str, system: System, config: Config, dry_run: bool) -> 
     if command == "install":
         return install(system, config, dry_run)
     if command == "uninstall":
-        return uninstall(system, config, dry_run)
+        return uninstall(system, dry_run)
     if command == "status":
         return status(system, config)
     return doctor(system, config)

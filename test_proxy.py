@@ -1357,6 +1357,15 @@ class ServiceTest(unittest.TestCase):
             self.assertIn(hint, out)
             self.assertIn("doctor", out)
 
+    def test_install_without_claude_warns_and_still_searches_the_usual_places(self) -> None:
+        system = self.fake("darwin")
+        code, out = self.install(system, claude_bin="/nowhere/claude")
+        self.assertEqual(code, 0, out)
+        self.assertIn("WARN  The Claude Code CLI (`/nowhere/claude`) was not found", out)
+        with open(os.path.join(system.home, "Library/LaunchAgents/com.claude-max-api.plist"), "rb") as f:
+            plist = plistlib.load(f)
+        self.assertEqual(plist["EnvironmentVariables"]["PATH"].split(":")[0], system.home + "/.local/bin")
+
     def test_linux_without_a_user_session_writes_nothing(self) -> None:
         system = self.fake("linux", bus=False)
         code, out = run_main("install", "--port", str(free_port()), system=system)
