@@ -16,9 +16,17 @@ Run::
 Standard library only; runs on Python 3.9 through 3.13. ``--help`` lists every
 flag and the environment variable that sets its default.
 
+Other commands of the same file run it as a service and check on it::
+
+    python3 claude_max_proxy.py install     # at login: LaunchAgent (macOS), systemd unit (Linux)
+    python3 claude_max_proxy.py doctor      # what is wrong, and how to fix it
+    python3 claude_max_proxy.py status      # installed, loaded, answering; pid, uptime, counters
+    python3 claude_max_proxy.py uninstall
+
 The module reads top to bottom in the order a request flows: configuration,
 errors, models, request translation (OpenAI -> CLI), the ``claude`` process,
-response translation (CLI events -> OpenAI), the HTTP handler, and the server.
+response translation (CLI events -> OpenAI), the HTTP handler, the server,
+then running as a service (install, uninstall, status, doctor) and main().
 """
 
 from __future__ import annotations
@@ -31,8 +39,12 @@ import hmac
 import ipaddress
 import json
 import logging
+import logging.handlers
 import os
+import plistlib
+import re
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -44,9 +56,10 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -91,6 +104,8 @@ OPTIONS: List[Tuple[str, str, Any, Any, str]] = [
      "pass ANTHROPIC_API_KEY/ANTHROPIC_AUTH_TOKEN to the CLI (bills per token!)"),
     ("--log-level", "CLAUDE_PROXY_LOG_LEVEL", str, "info",
      "debug, info, warning or error"),
+    ("--log-file", "CLAUDE_PROXY_LOG_FILE", str, "",
+     "log to this file instead of stderr, rotated at 10 MiB with 3 old files kept"),
 ]
 
 
@@ -120,13 +135,32 @@ def env_value(env: str, kind: Any, default: Any) -> Any:
     return kind(raw)
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
+# The first argument may name a command; without one the proxy serves, so
+# `python3 claude_max_proxy.py --port 3456` keeps working as it always has.
+COMMANDS = ("serve", "doctor", "install", "uninstall", "status")
+COMMAND_HELP = {
+    "serve": "OpenAI-compatible HTTP API over the Claude Code CLI (your Claude subscription).",
+    "doctor": "Check everything the proxy needs and say how to fix what is wrong.",
+    "install": "Run the proxy at login: a LaunchAgent on macOS, a systemd user unit on Linux. "
+               "The serve flags given here go into it.",
+    "uninstall": "Stop the proxy's LaunchAgent or systemd unit and remove what install wrote.",
+    "status": "Is the proxy installed, loaded and answering; its pid, uptime and counters.",
+}
+
+
+def build_arg_parser(command: str = "serve") -> argparse.ArgumentParser:
+    """The parser of one command; every command takes the serve flags (port, claude-bin ...)."""
     parser = argparse.ArgumentParser(
-        prog="claude_max_proxy.py",
-        description="OpenAI-compatible HTTP API over the Claude Code CLI (your Claude subscription).",
-        epilog="Each flag's default can also be set by the environment variable shown.",
+        prog="claude_max_proxy.py" + ("" if command == "serve" else " " + command),
+        description=COMMAND_HELP[command],
+        epilog="Commands: serve (the default), doctor, install, uninstall, status; "
+               "`claude_max_proxy.py COMMAND --help` tells more. "
+               "Each flag's default can also be set by the environment variable shown.",
     )
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    if command in ("install", "uninstall"):
+        parser.add_argument("--dry-run", action="store_true",
+                            help="print what would be written and run, and change nothing")
     for flag, env, kind, default, help_text in OPTIONS:
         try:
             value = env_value(env, kind, default)
@@ -141,9 +175,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: Optional[List[str]] = None) -> Config:
-    args = build_arg_parser().parse_args(argv)
-    return Config(**vars(args))
+def parse_command_line(argv: List[str]) -> Tuple[str, Config, bool]:
+    """The command, the server's settings, and whether --dry-run was given."""
+    command = argv[0] if argv and argv[0] in COMMANDS else "serve"
+    rest = argv[1:] if argv[:1] == [command] else argv
+    values = vars(build_arg_parser(command).parse_args(rest))
+    dry_run = values.pop("dry_run", False)  # an option of the command, not a server setting
+    return command, Config(**values), dry_run
 
 
 # ---------------------------------------------------------------------------
@@ -1839,7 +1877,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------
-# Server and main()
+# Server
 # ---------------------------------------------------------------------------
 
 class ProxyServer(ThreadingHTTPServer):
@@ -1977,9 +2015,24 @@ def startup_warnings(config: Config) -> List[str]:
     return warnings
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+LOG_FILE_BYTES = 10 * MIB
+LOG_FILE_BACKUPS = 3
+
+
+def log_handler(log_file: str, max_bytes: int = LOG_FILE_BYTES) -> logging.Handler:
+    """stderr, or a file that rotates by size: launchd never rotates what it captures."""
+    if not log_file:
+        return logging.StreamHandler(sys.stderr)
+    path = os.path.expanduser(log_file)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes,
+                                                backupCount=LOG_FILE_BACKUPS, encoding="utf-8")
+
+
+def setup_logging(config: Config) -> None:
+    logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(message)s",
+                        handlers=[log_handler(config.log_file)])
 
 
 def serve(config: Config) -> int:
@@ -2003,9 +2056,606 @@ def serve(config: Config) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    config = parse_config(argv)
-    setup_logging(config.log_level)
+# ---------------------------------------------------------------------------
+# Running as a service: install, uninstall, status, doctor
+# ---------------------------------------------------------------------------
+
+SERVICE_LABEL = "com.claude-max-api"
+SYSTEMD_UNIT = "claude-max-api.service"
+# launchd and systemd start a service with about this PATH and nothing else.
+BASE_PATH = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
+HEALTH_WAIT = 15.0
+# Apple's /usr/bin/python3 is a stub that runs the Command Line Tools' (or Xcode's)
+# Python, and sys.executable names that inner binary, which moves with Xcode updates.
+APPLE_PYTHON_HOMES = ("/Library/Developer/CommandLineTools/", "/Applications/Xcode")
+
+
+class ServiceError(Exception):
+    """install or uninstall could not go on; the message says why."""
+
+
+class Ran(NamedTuple):
+    """What a command did: code 127 when it could not start, 124 when it timed out."""
+    code: int
+    out: str
+    err: str
+
+
+def current_python() -> str:
+    if not sys.executable or sys.executable.startswith(APPLE_PYTHON_HOMES):
+        return "/usr/bin/python3"
+    return sys.executable
+
+
+class System:
+    """Everything install, uninstall, status and doctor touch outside this process:
+    commands, the platform, the home directory, the uid, files under home.
+
+    Tests pass a subclass with a temporary home and a run() that answers for
+    launchctl, systemctl and `claude auth status`. The HTTP probes (/health, is
+    the port free) stay real: tests aim them at real servers on loopback.
+    """
+
+    def __init__(self, home: Optional[str] = None, platform: Optional[str] = None,
+                 uid: Optional[int] = None, environ: Optional[Dict[str, str]] = None,
+                 python: Optional[str] = None, script: Optional[str] = None) -> None:
+        self.home = home or os.path.expanduser("~")
+        self.platform = platform or sys.platform
+        self.uid = os.getuid() if uid is None else uid
+        self.environ = dict(os.environ if environ is None else environ)
+        self.python = python or current_python()
+        self.script = script or os.path.abspath(__file__)
+
+    def run(self, argv: List[str], env: Optional[Dict[str, str]] = None,
+            timeout: float = 30.0) -> Ran:
+        try:
+            done = subprocess.run(argv, capture_output=True, timeout=timeout, env=env,
+                                  stdin=subprocess.DEVNULL)
+        except OSError as error:
+            return Ran(127, "", "%s: %s" % (argv[0], error))
+        except subprocess.TimeoutExpired:
+            return Ran(124, "", "`%s` did not finish within %g s" % (shlex.join(argv), timeout))
+        return Ran(done.returncode, done.stdout.decode("utf-8", "replace"),
+                   done.stderr.decode("utf-8", "replace"))
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def write(self, path: str, data: bytes) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # Owner-only: the service's flags may hold its --api-key.
+        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def remove(self, path: str) -> None:
+        os.unlink(path)
+
+
+# -- what install and uninstall do, step by step, so --dry-run can show it ---
+
+class WriteFile:
+    def __init__(self, path: str, data: bytes) -> None:
+        self.path = path
+        self.data = data
+
+    def describe(self) -> str:
+        return "write %s" % self.path
+
+    def apply(self, system: System) -> None:
+        system.write(self.path, self.data)
+
+
+class MakeDir:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def describe(self) -> str:
+        return "create directory %s" % self.path
+
+    def apply(self, system: System) -> None:
+        system.makedirs(self.path)
+
+
+class RemoveFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def describe(self) -> str:
+        return "remove %s" % self.path
+
+    def apply(self, system: System) -> None:
+        system.remove(self.path)
+
+
+class Run:
+    """A command that must succeed; with `only_if`, run only when that query succeeds."""
+
+    def __init__(self, argv: List[str], only_if: Optional[List[str]] = None) -> None:
+        self.argv = argv
+        self.only_if = only_if
+
+    def describe(self) -> str:
+        text = "run %s" % shlex.join(self.argv)
+        if self.only_if:
+            text += "   (only if `%s` succeeds)" % shlex.join(self.only_if)
+        return text
+
+    def apply(self, system: System) -> None:
+        if self.only_if and system.run(self.only_if).code != 0:
+            return
+        ran = system.run(self.argv)
+        if ran.code != 0:
+            raise ServiceError("`%s` failed (exit %d): %s"
+                               % (shlex.join(self.argv), ran.code, (ran.err or ran.out).strip()))
+
+
+Action = Union[WriteFile, MakeDir, RemoveFile, Run]
+
+
+def perform(system: System, actions: List[Action], dry_run: bool) -> None:
+    for action in actions:
+        if dry_run:
+            print("would " + action.describe())
+            if isinstance(action, WriteFile):
+                print("    " + action.data.decode("utf-8").rstrip("\n").replace("\n", "\n    "))
+        else:
+            print(action.describe())
+            action.apply(system)
+
+
+# -- what the service runs -------------------------------------------------
+
+def in_home(home: str, path: str) -> str:
+    return home + path[1:] if path.startswith("~") else path
+
+
+def service_path(home: str, claude: Optional[str]) -> str:
+    """The service's PATH: where `claude` is now, then every usual install place."""
+    dirs = [os.path.dirname(claude)] if claude else []
+    dirs += [in_home(home, d) for d in CLAUDE_INSTALL_DIRS] + list(BASE_PATH)
+    return os.pathsep.join(dict.fromkeys(dirs))  # in order, each once
+
+
+def service_args(config: Config) -> List[str]:
+    """The serve flags that differ from their defaults, and always the port.
+
+    A service gets no shell environment, so a setting taken from CLAUDE_PROXY_*
+    now is written out as its flag.
+    """
+    args: List[str] = []
+    for flag, _env, kind, default, _help in OPTIONS:
+        value = getattr(config, flag_attr(flag))
+        if kind is bool:
+            args += [flag] if value else []
+        elif value != default or flag == "--port":
+            args += [flag, str(value)]
+    return args
+
+
+def with_setting(config: Config, **values: Any) -> Config:
+    return Config(**dict(vars(config), **values))
+
+
+class LaunchAgent:
+    """macOS: a LaunchAgent in ~/Library/LaunchAgents, loaded into the login session."""
+
+    kind = "LaunchAgent"
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.path = os.path.join(system.home, "Library", "LaunchAgents", SERVICE_LABEL + ".plist")
+        self.logs = os.path.join(system.home, "Library", "Logs", "claude-max-api")
+        self.domain = "gui/%d" % system.uid
+        self.service = "%s/%s" % (self.domain, SERVICE_LABEL)
+        self.logs_hint = "the logs in %s" % self.logs
+
+    def render(self, config: Config, claude: Optional[str]) -> bytes:
+        if not config.log_file:  # launchd never rotates StandardErrorPath; the proxy's own log does
+            config = with_setting(config, log_file=os.path.join(self.logs, "claude-max-proxy.log"))
+        return plistlib.dumps({
+            "Label": SERVICE_LABEL,
+            "ProgramArguments": [self.system.python, self.system.script] + service_args(config),
+            "EnvironmentVariables": {"PATH": service_path(self.system.home, claude),
+                                     "PYTHONUNBUFFERED": "1"},
+            "RunAtLoad": True,
+            "KeepAlive": True,
+            "ThrottleInterval": 10,
+            "ProcessType": "Interactive",
+            "StandardOutPath": os.path.join(self.logs, "stdout.log"),
+            "StandardErrorPath": os.path.join(self.logs, "stderr.log"),
+        })
+
+    def install_actions(self, config: Config, claude: Optional[str]) -> List[Action]:
+        # bootstrap refuses a label that is already loaded, so an update boots the old one out.
+        return [MakeDir(self.logs), WriteFile(self.path, self.render(config, claude)),
+                self._bootout(), Run(["launchctl", "bootstrap", self.domain, self.path])]
+
+    def uninstall_actions(self) -> List[Action]:
+        return [self._bootout(), RemoveFile(self.path)]
+
+    def _bootout(self) -> Run:
+        return Run(["launchctl", "bootout", self.service],
+                   only_if=["launchctl", "print", self.service])
+
+    def unreachable(self) -> Optional[str]:
+        return None  # every macOS login session has launchd; bootstrap says what goes wrong
+
+    def loaded(self) -> Tuple[Optional[bool], str]:
+        ran = self.system.run(["launchctl", "print", self.service])
+        if ran.code == 127:
+            return None, ran.err.strip()
+        return ran.code == 0, "loaded" if ran.code == 0 else "not loaded"
+
+
+SYSTEMD_TEMPLATE = """\
+[Unit]
+Description=claude-max-proxy: an OpenAI-compatible API over the Claude Code CLI
+After=network.target
+
+[Service]
+ExecStart={exec_start}
+Environment={path}
+Environment=PYTHONUNBUFFERED=1
+Restart=always
+RestartSec=10
+
+[Install]
+WantedBy=default.target
+"""
+
+
+def unit_quote(value: str) -> str:
+    """A word of a systemd unit line: % starts a specifier there, quotes group words."""
+    value = value.replace("%", "%%")
+    if value and not re.search(r"[\s\"'\\;]", value):
+        return value
+    return '"%s"' % value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def exec_start(argv: List[str]) -> str:
+    return " ".join(unit_quote(arg.replace("$", "$$")) for arg in argv)  # ExecStart expands $VAR
+
+
+class SystemdUnit:
+    """Linux: a systemd user unit, started at login with the user's session."""
+
+    kind = "systemd user unit"
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        config_home = system.environ.get("XDG_CONFIG_HOME") or os.path.join(system.home, ".config")
+        self.path = os.path.join(config_home, "systemd", "user", SYSTEMD_UNIT)
+        self.logs_hint = "`journalctl --user -u %s`" % SYSTEMD_UNIT
+
+    def render(self, config: Config, claude: Optional[str]) -> bytes:
+        # No --log-file by default: the journal keeps stderr and rotates it.
+        argv = [self.system.python, self.system.script] + service_args(config)
+        path = "PATH=" + service_path(self.system.home, claude)
+        return SYSTEMD_TEMPLATE.format(exec_start=exec_start(argv),
+                                       path=unit_quote(path)).encode("utf-8")
+
+    def install_actions(self, config: Config, claude: Optional[str]) -> List[Action]:
+        # try-restart before enable --now: a running old version restarts with the new
+        # unit, and a fresh install starts once.
+        return [WriteFile(self.path, self.render(config, claude)), self._systemctl("daemon-reload"),
+                self._systemctl("try-restart", SYSTEMD_UNIT),
+                self._systemctl("enable", "--now", SYSTEMD_UNIT)]
+
+    def uninstall_actions(self) -> List[Action]:
+        return [self._systemctl("disable", "--now", SYSTEMD_UNIT), RemoveFile(self.path),
+                self._systemctl("daemon-reload")]
+
+    @staticmethod
+    def _systemctl(*args: str) -> Run:
+        return Run(["systemctl", "--user"] + list(args))
+
+    def unreachable(self) -> Optional[str]:
+        """Why systemctl --user cannot work here (no user session bus), or None."""
+        loaded, detail = self.loaded()
+        return detail if loaded is None else None
+
+    def loaded(self) -> Tuple[Optional[bool], str]:
+        ran = self.system.run(["systemctl", "--user", "is-active", SYSTEMD_UNIT])
+        state = ran.out.strip()
+        if ran.code == 127 or not state:  # no systemctl, or no user session bus to ask
+            return None, (ran.err or ran.out).strip() or "systemctl said nothing"
+        return state == "active", state
+
+
+ServiceManager = Union[LaunchAgent, SystemdUnit]
+
+
+def service_manager(system: System) -> Optional[ServiceManager]:
+    if system.platform == "darwin":
+        return LaunchAgent(system)
+    if system.platform.startswith("linux"):
+        return SystemdUnit(system)
+    return None
+
+
+def required_manager(system: System) -> ServiceManager:
+    manager = service_manager(system)
+    if manager is None:
+        raise ServiceError("install and uninstall know macOS (launchd) and Linux (systemd), "
+                           "not %s; run the proxy by hand or under your own supervisor."
+                           % system.platform)
+    return manager
+
+
+# -- talking to the running proxy -------------------------------------------
+
+def health_url(config: Config) -> str:
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.host, config.host)
+    return "http://%s:%d/health" % ("[%s]" % host if ":" in host else host, config.port)
+
+
+def fetch_health(url: str, timeout: float = 2.0) -> Optional[Dict[str, Any]]:
+    """The proxy's /health answer, or None when no claude-max-proxy answers there."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via http_proxy
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            health = json.loads(response.read().decode("utf-8"))
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    return health if isinstance(health, dict) and "pid" in health else None
+
+
+def wait_for_health(url: str, wait: float) -> Optional[Dict[str, Any]]:
+    deadline = time.monotonic() + wait
+    while True:
+        health = fetch_health(url, timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+        if health is not None or time.monotonic() >= deadline:
+            return health
+        time.sleep(0.25)
+
+
+def port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
+    shown = [(n, unit) for n, unit in parts if n][:2] or [(0, "s")]
+    return " ".join("%d%s" % pair for pair in shown)
+
+
+def describe_health(health: Dict[str, Any]) -> str:
+    claude = health.get("claude") or {}
+    return ("pid %s, up %s, version %s, %s requests served, %s of %s children active; claude %s"
+            % (health.get("pid"), format_duration(health.get("uptime_s") or 0),
+               health.get("version"), health.get("requests_served"),
+               health.get("active_children"), health.get("max_concurrent"),
+               "%s at %s" % (claude.get("version"), claude.get("path")) if claude.get("found")
+               else "NOT FOUND"))
+
+
+# -- the commands --------------------------------------------------------------
+
+def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_WAIT) -> int:
+    manager = required_manager(system)
+    claude = find_claude(config.claude_bin)
+    if claude is None:
+        print("WARN  %s The service will still look in the usual install places."
+              % claude_not_found(config.claude_bin).message)
+    problem = None if dry_run else manager.unreachable()
+    if problem:  # found before anything is written, so a failed install leaves nothing behind
+        raise ServiceError("cannot install the %s: %s. Nothing was written." % (manager.kind, problem))
+    perform(system, manager.install_actions(config, claude), dry_run)
+    url = health_url(config)
+    if dry_run:
+        print("would wait up to %g s for %s" % (wait, url))
+        return 0
+    health = wait_for_health(url, wait)
+    if health is None:
+        print("FAIL  the %s is installed, but nothing answered %s within %g s. Look at %s, "
+              "and run `%s doctor`." % (manager.kind, url, wait, manager.logs_hint, self_command()))
+        return 1
+    print("OK    claude-max-proxy answers %s: %s" % (url, describe_health(health)))
+    return 0
+
+
+def uninstall(system: System, dry_run: bool) -> int:
+    manager = required_manager(system)
+    if not system.exists(manager.path):
+        print("nothing to uninstall: %s does not exist" % manager.path)
+        return 0
+    perform(system, manager.uninstall_actions(), dry_run)
+    if isinstance(manager, LaunchAgent):
+        print("the logs stay in %s" % manager.logs)
+    return 0
+
+
+def status(system: System, config: Config) -> int:
+    manager = service_manager(system)
+    if manager is None:
+        print("installed: no service support on %s" % system.platform)
+    else:
+        installed = system.exists(manager.path)
+        print("installed: %s" % ("yes, " + manager.path if installed else "no"))
+        loaded, detail = manager.loaded()
+        print("loaded:    %s" % ({True: "yes", False: "no"}.get(loaded, "unknown") + " (%s)" % detail))
+    url = health_url(config)
+    health = fetch_health(url)
+    print("answering: %s" % ("yes, " + url if health else "no, nothing at " + url))
+    if health is None:
+        return 1
+    print("           " + describe_health(health))
+    return 0 if health.get("status") == "ok" else 1
+
+
+def self_command() -> str:
+    return "python3 %s" % os.path.basename(__file__)
+
+
+class Check(NamedTuple):
+    level: str  # OK, WARN or FAIL
+    message: str
+    fix: str = ""
+
+
+def check_python(system: System, config: Config) -> Check:
+    version = "Python %d.%d.%d (%s)" % (sys.version_info[:3] + (system.python,))
+    if sys.version_info < (3, 9):
+        return Check("FAIL", version + " is too old", "run it with Python 3.9 or newer, "
+                     "such as macOS's /usr/bin/python3")
+    return Check("OK", version)
+
+
+def check_claude(system: System, config: Config) -> Check:
+    claude = find_claude(config.claude_bin)
+    if claude is None:
+        return Check("FAIL", "claude (`%s`) not found on PATH or in %s"
+                     % (config.claude_bin, ", ".join(CLAUDE_INSTALL_DIRS)),
+                     "npm install -g @anthropic-ai/claude-code, or pass --claude-bin /full/path")
+    return Check("OK", "claude %s at %s" % (claude_version(claude) or "(version unknown)", claude))
+
+
+def check_login(system: System, config: Config) -> Check:
+    claude = find_claude(config.claude_bin)
+    if claude is None:
+        return Check("FAIL", "login not checked: claude not found", "install claude first")
+    # Asked with the environment the proxy gives claude: a stray API key that the
+    # proxy strips must not make it look logged in.
+    ran = system.run([claude, "auth", "status", "--json"], env=cli_env(config, base=system.environ),
+                     timeout=15)
+    how = "judged by `claude auth status` with the environment the proxy gives claude"
+    try:
+        auth = json.loads(ran.out)
+    except ValueError:
+        auth = None
+    if not isinstance(auth, dict):
+        said = (ran.err or ran.out).strip()[-300:] or "nothing"
+        return Check("WARN", "could not tell whether Claude Code is logged in: `claude auth "
+                     "status` exited %d and said %s" % (ran.code, said),
+                     "run `claude` in a terminal and check that it answers")
+    if not auth.get("loggedIn"):
+        return Check("FAIL", "Claude Code is not logged in (%s)" % how,
+                     "run `claude` in a terminal as this user and /login with your Claude "
+                     "subscription")
+    method = auth.get("authMethod")
+    if method == "api_key":
+        return Check("WARN", "Claude Code is logged in with an API key (%s), which bills per "
+                     "token (%s)" % (auth.get("apiKeySource", "source unknown"), how),
+                     "run `claude`, /logout, then /login with your Claude subscription")
+    return Check("OK", "Claude Code is logged in (%s; %s)" % (method, how))
+
+
+def check_api_key_env(system: System, config: Config) -> Check:
+    present = [name for name in STRIPPED_ENV if system.environ.get(name)]
+    if not present:
+        return Check("OK", "neither %s is set" % " nor ".join(STRIPPED_ENV))
+    names = " and ".join(present)
+    if config.allow_api_key:
+        return Check("WARN", "%s is set and --allow-api-key passes it to claude: requests bill "
+                     "per token to it" % names, "drop --allow-api-key, or unset " + names)
+    return Check("WARN", "%s is set in this environment; the proxy strips it from claude, but "
+                 "anything else here would bill per token" % names,
+                 "unset %s (and remove it from your shell profile) unless you mean to use it"
+                 % names)
+
+
+def check_port(system: System, config: Config) -> Check:
+    where = "port %d on %s" % (config.port, config.host)
+    if port_free(config.host, config.port):
+        return Check("OK", where + " is free")
+    health = fetch_health(health_url(config))
+    if health is not None:
+        return Check("OK", "%s is taken by claude-max-proxy itself (pid %s)" % (where, health["pid"]))
+    return Check("FAIL", where + " is taken by another program",
+                 "find it with `lsof -nP -iTCP:%d -sTCP:LISTEN` and stop it, or choose another "
+                 "--port" % config.port)
+
+
+def check_service(system: System, config: Config) -> Check:
+    manager = service_manager(system)
+    if manager is None:
+        return Check("WARN", "no service support on %s" % system.platform,
+                     "run the proxy by hand or under your own supervisor")
+    loaded, detail = manager.loaded()
+    if loaded is None:
+        return Check("WARN", "cannot ask about the %s: %s" % (manager.kind, detail),
+                     "on Linux, install needs a systemd user session (log in normally, or "
+                     "`loginctl enable-linger $USER`); else run the proxy by hand")
+    if not system.exists(manager.path):
+        return Check("WARN", "no %s installed (%s)" % (manager.kind, manager.path),
+                     "`%s install` runs the proxy at login" % self_command())
+    if not loaded:
+        return Check("FAIL", "the %s at %s is installed but not running (%s)"
+                     % (manager.kind, manager.path, detail),
+                     "`%s install` loads it again; see %s" % (self_command(), manager.logs_hint))
+    return Check("OK", "the %s at %s is installed and %s" % (manager.kind, manager.path, detail))
+
+
+def check_health(system: System, config: Config) -> Check:
+    url = health_url(config)
+    health = fetch_health(url)
+    manager = service_manager(system)
+    if health is None:
+        installed = manager is not None and system.exists(manager.path)
+        return Check("FAIL" if installed else "WARN", "nothing answers %s" % url,
+                     ("see %s" % manager.logs_hint) if installed else
+                     "start it: `%s --port %d`, or install it" % (self_command(), config.port))
+    if health.get("status") != "ok":
+        return Check("FAIL", "the running proxy cannot find claude: %s" % describe_health(health),
+                     "re-run `%s install` from a shell where `claude` works, or pass "
+                     "--claude-bin /full/path/to/claude" % self_command())
+    return Check("OK", "the proxy answers %s: %s" % (url, describe_health(health)))
+
+
+DOCTOR_CHECKS: List[Callable[[System, Config], Check]] = [
+    check_python, check_claude, check_login, check_api_key_env, check_port, check_service,
+    check_health,
+]
+
+
+def doctor(system: System, config: Config) -> int:
+    failed = False
+    for check in DOCTOR_CHECKS:
+        try:
+            result = check(system, config)
+        except Exception as error:  # one broken probe must not hide the other answers
+            result = Check("WARN", "%s could not run: %s" % (check.__name__, error))
+        print("%-5s %s" % (result.level, result.message))
+        if result.fix and result.level != "OK":
+            print("      fix: " + result.fix)
+        failed = failed or result.level == "FAIL"
+    return 1 if failed else 0
+
+
+def run_command(command: str, system: System, config: Config, dry_run: bool) -> int:
+    if command == "install":
+        return install(system, config, dry_run)
+    if command == "uninstall":
+        return uninstall(system, dry_run)
+    if command == "status":
+        return status(system, config)
+    return doctor(system, config)
+
+
+def main(argv: Optional[List[str]] = None, system: Optional[System] = None) -> int:
+    command, config, dry_run = parse_command_line(sys.argv[1:] if argv is None else list(argv))
+    if command != "serve":
+        try:
+            return run_command(command, system or System(), config, dry_run)
+        except ServiceError as error:
+            print("FAIL  %s" % error)
+            return 1
+    setup_logging(config)
     try:
         return serve(config)
     except OSError as error:

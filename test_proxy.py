@@ -16,11 +16,13 @@ is skipped when `claude` is not installed, except in CI (CI=true).
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import http.client
 import io
 import json
 import logging
+import logging.handlers
 import os
 import plistlib
 import re
@@ -1290,9 +1292,10 @@ class ConfigurationTest(unittest.TestCase):
         try:
             os.environ.update({"CLAUDE_PROXY_PORT": "4567", "CLAUDE_BIN": "/x/claude",
                                "CLAUDE_PROXY_ALLOW_API_KEY": "1"})
-            cfg = proxy.parse_config([])
+            command, cfg, dry_run = proxy.parse_command_line([])
+            self.assertEqual((command, dry_run), ("serve", False))
             self.assertEqual((cfg.port, cfg.claude_bin, cfg.allow_api_key), (4567, "/x/claude", True))
-            self.assertEqual(proxy.parse_config(["--port", "9"]).port, 9)
+            self.assertEqual(proxy.parse_command_line(["--port", "9"])[1].port, 9)
         finally:
             os.environ.clear()
             os.environ.update(saved)
@@ -1864,6 +1867,493 @@ class GenerationControlTest(ProxyTest):
         recorded = json.dumps([run["argv"], run["stdin"]])
         self.assertNotIn("user-secret-id", recorded)
         self.assertNotIn("metadata-secret", recorded)
+
+
+# ---------------------------------------------------------------------------
+# Running as a service: install, uninstall, status, doctor, on a fake System
+# ---------------------------------------------------------------------------
+
+# The placeholders README documents for the repository's LaunchAgent.
+TEMPLATE_HOME = "/Users/YOUR_USER"
+TEMPLATE_SCRIPT = "/Users/YOUR_USER/claude-max-proxy/claude_max_proxy.py"
+LOGGED_IN = json.dumps({"loggedIn": True, "authMethod": "claude.ai", "apiProvider": "firstParty"},
+                       indent=2)
+NOT_LOGGED_IN = json.dumps({"loggedIn": False, "authMethod": "none", "apiProvider": "firstParty"},
+                           indent=2)
+
+
+class FakeSystem(proxy.System):
+    """A temporary home on a chosen platform; launchctl, systemctl and `claude auth
+    status` only answer as told and record what they were asked."""
+
+    SCRIPT = "/opt/claude max/claude_max_proxy.py"  # a space, as in real Mac folder names
+
+    def __init__(self, platform: str, loaded: bool = False, bus: bool = True,
+                 auth: Tuple[int, str] = (0, LOGGED_IN),
+                 environ: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(home=tempfile.mkdtemp(prefix="fake-home-"), platform=platform, uid=501,
+                         environ=environ if environ is not None else {"PATH": "/usr/bin:/bin"},
+                         python="/usr/bin/python3", script=self.SCRIPT)
+        self.loaded = loaded
+        self.bus = bus
+        self.auth = auth
+        self.auth_env: Optional[Dict[str, str]] = None
+        self.commands: List[List[str]] = []
+
+    def run(self, argv: List[str], env: Optional[Dict[str, str]] = None,
+            timeout: float = 30.0) -> proxy.Ran:
+        self.commands.append(list(argv))
+        if argv[1:3] == ["auth", "status"]:
+            self.auth_env = env
+            return proxy.Ran(self.auth[0], self.auth[1], "")
+        if argv[:2] == ["launchctl", "print"]:
+            return (proxy.Ran(0, "state = running\n", "") if self.loaded else
+                    proxy.Ran(113, "", "Could not find service \"com.claude-max-api\""))
+        if argv[:3] == ["systemctl", "--user", "is-active"]:
+            if not self.bus:
+                return proxy.Ran(1, "", "Failed to connect to bus: No medium found\n")
+            return proxy.Ran(0, "active\n", "") if self.loaded else proxy.Ran(3, "inactive\n", "")
+        return proxy.Ran(0, "", "")
+
+    def files(self) -> List[str]:
+        found = []
+        for top, _dirs, names in os.walk(self.home):
+            found += [os.path.relpath(os.path.join(top, name), self.home) for name in names]
+        return sorted(found)
+
+    def dirs(self) -> List[str]:
+        return sorted(os.path.relpath(top, self.home) for top, _d, _n in os.walk(self.home))[1:]
+
+
+def run_main(*argv: str, system: proxy.System) -> Tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = proxy.main(list(argv), system=system)
+    return code, out.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServiceTest(unittest.TestCase):
+    """Install, uninstall and status on both platforms, whatever this machine is."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.running = RunningServer()  # what the health wait finds after a successful install
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.running.stop()
+
+    def fake(self, platform: str, **kwargs: Any) -> FakeSystem:
+        system = FakeSystem(platform, **kwargs)
+        self.addCleanup(shutil.rmtree, system.home, True)
+        return system
+
+    def install(self, system: FakeSystem, wait: float = 10.0, **settings: Any) -> Tuple[int, str]:
+        settings.setdefault("port", self.running.port)
+        settings.setdefault("claude_bin", FAKE.path)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = proxy.install(system, config(**settings), dry_run=False, wait=wait)
+        return code, out.getvalue()
+
+    def test_repo_plist_is_what_the_generator_makes_for_the_placeholders(self) -> None:
+        system = proxy.System(home=TEMPLATE_HOME, platform="darwin", uid=501, environ={},
+                              python="/usr/bin/python3", script=TEMPLATE_SCRIPT)
+        made = proxy.LaunchAgent(system).render(proxy.Config(), claude=None)
+        with open(os.path.join(HERE, "com.claude-max-api.plist"), "rb") as f:
+            self.assertEqual(f.read().decode(), made.decode(),
+                             "regenerate com.claude-max-api.plist from LaunchAgent.render")
+
+    def test_macos_install_writes_the_plist_bootstraps_it_and_waits_for_health(self) -> None:
+        system = self.fake("darwin")
+        code, out = self.install(system)
+        self.assertEqual(code, 0, out)
+        self.assertIn("OK    claude-max-proxy answers http://127.0.0.1:%d/health" % self.running.port, out)
+        plist_path = os.path.join(system.home, "Library/LaunchAgents/com.claude-max-api.plist")
+        with open(plist_path, "rb") as f:
+            plist = plistlib.load(f)
+        logs = os.path.join(system.home, "Library/Logs/claude-max-api")
+        self.assertEqual(plist["Label"], "com.claude-max-api")
+        self.assertEqual(plist["ProgramArguments"], [
+            "/usr/bin/python3", FakeSystem.SCRIPT, "--port", str(self.running.port),
+            "--claude-bin", FAKE.path, "--log-file", logs + "/claude-max-proxy.log"])
+        path = plist["EnvironmentVariables"]["PATH"].split(":")
+        self.assertEqual(path[0], FAKE.dir, "the claude found now comes first")
+        for wanted in ("/.local/bin", "/.claude/local"):
+            self.assertIn(system.home + wanted, path)
+        self.assertIn("/opt/homebrew/bin", path)
+        self.assertIn("/usr/bin", path)
+        self.assertEqual(plist["StandardErrorPath"], logs + "/stderr.log")
+        self.assertTrue(plist["RunAtLoad"] and plist["KeepAlive"])
+        self.assertTrue(os.path.isdir(logs), "launchd does not create the log directory")
+        self.assertEqual(os.stat(plist_path).st_mode & 0o077, 0, "the plist may hold --api-key")
+        self.assertEqual(system.commands, [
+            ["launchctl", "print", "gui/501/com.claude-max-api"],
+            ["launchctl", "bootstrap", "gui/501", plist_path]])
+
+    def test_macos_reinstall_boots_the_loaded_agent_out_first(self) -> None:
+        system = self.fake("darwin", loaded=True)
+        code, out = self.install(system)
+        self.assertEqual(code, 0, out)
+        plist_path = os.path.join(system.home, "Library/LaunchAgents/com.claude-max-api.plist")
+        self.assertEqual(system.commands, [
+            ["launchctl", "print", "gui/501/com.claude-max-api"],
+            ["launchctl", "bootout", "gui/501/com.claude-max-api"],
+            ["launchctl", "bootstrap", "gui/501", plist_path]])
+
+    def test_linux_install_writes_the_unit_and_enables_it(self) -> None:
+        system = self.fake("linux")
+        code, out = self.install(system, api_key="k$y%1")
+        self.assertEqual(code, 0, out)
+        unit_path = os.path.join(system.home, ".config/systemd/user/claude-max-api.service")
+        with open(unit_path) as f:
+            lines = f.read().splitlines()
+        exec_start = [line for line in lines if line.startswith("ExecStart=")]
+        self.assertEqual(exec_start, ['ExecStart=/usr/bin/python3 "/opt/claude max/claude_max_proxy.py"'
+                                      ' --port %d --claude-bin %s' % (self.running.port, FAKE.path)
+                                      + " --api-key k$$y%%1"],  # systemd expands $ and % itself
+                         "the path with a space is quoted")
+        env_path = [line for line in lines if line.startswith("Environment=PATH=")]
+        self.assertEqual(len(env_path), 1)
+        path = env_path[0][len("Environment=PATH="):].split(":")
+        self.assertEqual(path[0], FAKE.dir)
+        self.assertIn(system.home + "/.local/bin", path)
+        self.assertIn("Restart=always", lines)
+        self.assertIn("WantedBy=default.target", lines)
+        self.assertNotIn("--log-file", exec_start[0], "the journal keeps and rotates stderr")
+        self.assertEqual(system.commands, [
+            ["systemctl", "--user", "is-active", "claude-max-api.service"],
+            ["systemctl", "--user", "daemon-reload"],
+            ["systemctl", "--user", "try-restart", "claude-max-api.service"],
+            ["systemctl", "--user", "enable", "--now", "claude-max-api.service"]])
+
+    def test_install_says_clearly_when_nothing_answers_in_time(self) -> None:
+        for platform, hint in (("darwin", "Library/Logs/claude-max-api"), ("linux", "journalctl")):
+            system = self.fake(platform)
+            port = free_port()
+            started = time.monotonic()
+            code, out = self.install(system, wait=0.6, port=port)
+            self.assertEqual(code, 1, out)
+            self.assertLess(time.monotonic() - started, 5)
+            self.assertIn("nothing answered http://127.0.0.1:%d/health within 0.6 s" % port, out)
+            self.assertIn(hint, out)
+            self.assertIn("doctor", out)
+
+    def test_install_without_claude_warns_and_still_searches_the_usual_places(self) -> None:
+        system = self.fake("darwin")
+        code, out = self.install(system, claude_bin="/nowhere/claude")
+        self.assertEqual(code, 0, out)
+        self.assertIn("WARN  The Claude Code CLI (`/nowhere/claude`) was not found", out)
+        with open(os.path.join(system.home, "Library/LaunchAgents/com.claude-max-api.plist"), "rb") as f:
+            plist = plistlib.load(f)
+        self.assertEqual(plist["EnvironmentVariables"]["PATH"].split(":")[0], system.home + "/.local/bin")
+
+    def test_linux_without_a_user_session_writes_nothing(self) -> None:
+        system = self.fake("linux", bus=False)
+        code, out = run_main("install", "--port", str(free_port()), system=system)
+        self.assertEqual(code, 1)
+        self.assertIn("FAIL  cannot install the systemd user unit: Failed to connect to bus", out)
+        self.assertEqual(system.files() + system.dirs(), [])
+        self.assertEqual(system.commands, [["systemctl", "--user", "is-active", "claude-max-api.service"]])
+
+    def test_a_failing_launchctl_stops_install_with_its_message(self) -> None:
+        system = self.fake("darwin")
+        system.run = lambda argv, env=None, timeout=30.0: (  # type: ignore[assignment]
+            proxy.Ran(5, "", "Bootstrap failed: 5: Input/output error")
+            if argv[1] == "bootstrap" else proxy.Ran(113, "", ""))
+        code, out = run_main("install", "--port", str(free_port()), system=system)
+        self.assertEqual(code, 1)
+        self.assertIn("FAIL  `launchctl bootstrap gui/501 ", out)
+        self.assertIn("Input/output error", out)
+
+    def test_dry_run_writes_nothing_and_runs_nothing(self) -> None:
+        for platform, shows in (("darwin", ["<key>ProgramArguments</key>", "<string>4567</string>",
+                                            "would run launchctl bootstrap gui/501 "]),
+                                ("linux", ["ExecStart=/usr/bin/python3 ", " --port 4567",
+                                           "would run systemctl --user enable --now "])):
+            system = self.fake(platform)
+            code, out = run_main("install", "--dry-run", "--port", "4567", system=system)
+            self.assertEqual(code, 0, out)
+            self.assertEqual(system.commands, [])
+            self.assertEqual(system.files() + system.dirs(), [])
+            for text in shows:
+                self.assertIn(text, out)
+            self.assertIn("would wait up to 15 s for http://127.0.0.1:4567/health", out)
+
+    def test_uninstall_dry_run_changes_nothing(self) -> None:
+        system = self.fake("linux")
+        self.install(system)
+        before, system.commands = system.files(), []
+        code, out = run_main("uninstall", "--dry-run", system=system)
+        self.assertEqual(code, 0, out)
+        self.assertEqual((system.files(), system.commands), (before, []))
+        self.assertIn("would run systemctl --user disable --now claude-max-api.service", out)
+
+    def test_macos_uninstall_removes_only_the_plist(self) -> None:
+        system = self.fake("darwin")
+        self.install(system)
+        agents = os.path.join(system.home, "Library/LaunchAgents")
+        logs = os.path.join(system.home, "Library/Logs/claude-max-api")
+        for path in (os.path.join(agents, "com.example.other.plist"), os.path.join(logs, "stderr.log")):
+            with open(path, "w") as f:
+                f.write("not ours to remove")
+        system.loaded, system.commands = True, []
+        code, out = run_main("uninstall", system=system)
+        self.assertEqual(code, 0, out)
+        self.assertEqual(system.files(), ["Library/LaunchAgents/com.example.other.plist",
+                                          "Library/Logs/claude-max-api/stderr.log"])
+        self.assertEqual(system.commands, [["launchctl", "print", "gui/501/com.claude-max-api"],
+                                           ["launchctl", "bootout", "gui/501/com.claude-max-api"]])
+
+    def test_linux_uninstall_disables_then_removes_the_unit(self) -> None:
+        system = self.fake("linux")
+        self.install(system)
+        other = os.path.join(system.home, ".config/systemd/user/other.service")
+        with open(other, "w") as f:
+            f.write("[Service]\n")
+        system.commands = []
+        code, out = run_main("uninstall", system=system)
+        self.assertEqual(code, 0, out)
+        self.assertEqual(system.files(), [".config/systemd/user/other.service"])
+        self.assertEqual(system.commands, [
+            ["systemctl", "--user", "disable", "--now", "claude-max-api.service"],
+            ["systemctl", "--user", "daemon-reload"]])
+
+    def test_uninstall_without_install_touches_nothing(self) -> None:
+        system = self.fake("darwin")
+        code, out = run_main("uninstall", system=system)
+        self.assertEqual((code, system.commands, system.files()), (0, [], []))
+        self.assertIn("nothing to uninstall", out)
+
+    def test_other_platforms_are_refused_with_a_reason(self) -> None:
+        code, out = run_main("install", system=self.fake("win32"))
+        self.assertEqual(code, 1)
+        self.assertIn("FAIL  install and uninstall know macOS (launchd) and Linux (systemd)", out)
+
+    def test_service_args_carry_settings_that_differ_and_always_the_port(self) -> None:
+        self.assertEqual(proxy.service_args(config()), ["--port", "3456"])
+        self.assertEqual(proxy.service_args(config(port=4000, timeout=60.0, cors="*",
+                                                   allow_api_key=True, log_level="debug")),
+                         ["--port", "4000", "--timeout", "60.0", "--cors", "*", "--allow-api-key",
+                          "--log-level", "debug"])
+        # Each written flag parses back to the same setting.
+        written = proxy.service_args(config(port=4000, timeout=60.0, cors="*", allow_api_key=True))
+        parsed = proxy.parse_command_line(written)[1]
+        self.assertEqual((parsed.port, parsed.timeout, parsed.cors, parsed.allow_api_key),
+                         (4000, 60.0, "*", True))
+
+    def test_status_of_an_installed_loaded_answering_proxy(self) -> None:
+        system = self.fake("darwin")
+        self.install(system)
+        system.loaded = True
+        self.running.server.count_request()
+        code, out = run_main("status", "--port", str(self.running.port), system=system)
+        self.assertEqual(code, 0, out)
+        self.assertIn("installed: yes, " + os.path.join(system.home, "Library/LaunchAgents"), out)
+        self.assertIn("loaded:    yes", out)
+        self.assertIn("answering: yes", out)
+        self.assertRegex(out, r"pid %d, up \d+s, version %s, [1-9]\d* requests served, 0 of 8 "
+                         r"children active; claude 2\.1\.197 \(Claude Code\) at %s"
+                         % (os.getpid(), re.escape(proxy.__version__), re.escape(FAKE.path)))
+
+    def test_status_when_nothing_is_there(self) -> None:
+        code, out = run_main("status", "--port", str(free_port()), system=self.fake("linux", bus=False))
+        self.assertEqual(code, 1)
+        self.assertIn("installed: no", out)
+        self.assertIn("loaded:    unknown (Failed to connect to bus", out)
+        self.assertIn("answering: no", out)
+
+
+class DoctorTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.running = RunningServer()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.running.stop()
+
+    def healthy_system(self, **kwargs: Any) -> FakeSystem:
+        """Linux with the unit installed and active, and the proxy answering."""
+        system = FakeSystem("linux", loaded=True, **kwargs)
+        self.addCleanup(shutil.rmtree, system.home, True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            proxy.install(system, config(port=self.running.port, claude_bin=FAKE.path), False)
+        return system
+
+    def doctor(self, system: FakeSystem, *argv: str, port: Optional[int] = None) -> Tuple[int, str]:
+        return run_main("doctor", "--port", str(port or self.running.port), "--claude-bin", FAKE.path,
+                        *argv, system=system)
+
+    def lines(self, out: str, level: str) -> List[str]:
+        return [line for line in out.splitlines() if line.startswith(level + " ")]
+
+    def test_all_is_well_is_exit_0_with_every_check_ok(self) -> None:
+        code, out = self.doctor(self.healthy_system())
+        self.assertEqual(code, 0, out)
+        self.assertEqual(len(self.lines(out, "OK")), len(proxy.DOCTOR_CHECKS), out)
+        self.assertIn("claude 2.1.197 (Claude Code) at " + FAKE.path, out)
+        self.assertIn("logged in (claude.ai; judged by `claude auth status`", out)
+        self.assertIn("taken by claude-max-proxy itself (pid %d)" % os.getpid(), out)
+
+    def test_api_key_in_the_environment_warns_and_login_is_judged_without_it(self) -> None:
+        system = self.healthy_system(environ={"PATH": "/usr/bin", "ANTHROPIC_API_KEY": "sk-ant-x"})
+        code, out = self.doctor(system)
+        self.assertEqual(code, 0, "a WARN alone keeps exit 0:\n" + out)
+        self.assertEqual(len(self.lines(out, "WARN")), 1, out)
+        self.assertIn("WARN  ANTHROPIC_API_KEY is set in this environment; the proxy strips it", out)
+        self.assertNotIn("ANTHROPIC_API_KEY", system.auth_env or {"ANTHROPIC_API_KEY": "?"})
+        code, out = self.doctor(system, "--allow-api-key")
+        self.assertIn("--allow-api-key passes it to claude: requests bill per token", out)
+        self.assertEqual((system.auth_env or {}).get("ANTHROPIC_API_KEY"), "sk-ant-x")
+
+    def test_missing_claude_fails(self) -> None:
+        code, out = run_main("doctor", "--port", str(self.running.port), "--claude-bin",
+                             "/nowhere/claude", system=self.healthy_system())
+        self.assertEqual(code, 1)
+        self.assertIn("FAIL  claude (`/nowhere/claude`) not found", out)
+        self.assertIn("fix: npm install -g @anthropic-ai/claude-code", out)
+
+    def test_not_logged_in_fails_and_says_how_it_was_judged(self) -> None:
+        code, out = self.doctor(self.healthy_system(auth=(1, NOT_LOGGED_IN)))
+        self.assertEqual(code, 1)
+        self.assertIn("FAIL  Claude Code is not logged in (judged by `claude auth status`", out)
+        self.assertIn("/login", out)
+
+    def test_login_by_api_key_warns_about_billing(self) -> None:
+        auth = json.dumps({"loggedIn": True, "authMethod": "api_key", "apiKeySource": "apiKeyHelper"})
+        code, out = self.doctor(self.healthy_system(auth=(0, auth)))
+        self.assertEqual(code, 0)
+        self.assertIn("WARN  Claude Code is logged in with an API key (apiKeyHelper), which bills per "
+                      "token", out)
+
+    def test_a_cli_without_auth_status_is_a_warn(self) -> None:
+        code, out = self.doctor(self.healthy_system(auth=(1, "error: unknown command 'auth'")))
+        self.assertEqual(code, 0, out)
+        self.assertIn("WARN  could not tell whether Claude Code is logged in", out)
+
+    def test_port_held_by_another_program_fails(self) -> None:
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen(1)
+            port = other.getsockname()[1]
+            code, out = self.doctor(self.healthy_system(), port=port)
+        self.assertEqual(code, 1)
+        self.assertIn("FAIL  port %d on 127.0.0.1 is taken by another program" % port, out)
+
+    def test_no_systemd_user_session_is_a_warn(self) -> None:
+        system = FakeSystem("linux", bus=False)
+        self.addCleanup(shutil.rmtree, system.home, True)
+        code, out = self.doctor(system, port=free_port())
+        self.assertEqual(code, 0, out)
+        self.assertIn("WARN  cannot ask about the systemd user unit: Failed to connect to bus", out)
+        self.assertIn("WARN  nothing answers", out)
+
+    def test_installed_but_stopped_service_fails(self) -> None:
+        system = self.healthy_system()
+        system.loaded = False
+        code, out = self.doctor(system, port=free_port())
+        self.assertEqual(code, 1)
+        self.assertIn("is installed but not running (inactive)", out)
+        self.assertIn("FAIL  nothing answers", out)
+        self.assertIn("journalctl --user -u claude-max-api.service", out)
+
+    def test_a_running_proxy_that_cannot_find_claude_fails(self) -> None:
+        degraded = RunningServer(claude_bin="/nowhere/claude")
+        self.addCleanup(degraded.stop)
+        code, out = self.doctor(self.healthy_system(), port=degraded.port)
+        self.assertEqual(code, 1)
+        self.assertIn("FAIL  the running proxy cannot find claude", out)
+
+    def test_a_check_that_breaks_is_reported_not_raised(self) -> None:
+        system = self.healthy_system()
+        system.run = lambda *args, **kwargs: 1 / 0  # type: ignore[assignment]
+        code, out = self.doctor(system)
+        self.assertIn("WARN  check_login could not run: division by zero", out)
+        self.assertGreaterEqual(len(out.strip().splitlines()), len(proxy.DOCTOR_CHECKS),
+                                "every check still prints a line")
+
+
+class CommandLineTest(unittest.TestCase):
+    def test_version_and_subcommand_help(self) -> None:
+        script = os.path.join(HERE, "claude_max_proxy.py")
+        done = subprocess.run([sys.executable, script, "--version"], capture_output=True, text=True)
+        self.assertEqual(done.stdout.strip(), "claude_max_proxy.py " + proxy.__version__)
+        help_text = proxy.build_arg_parser("install").format_help()
+        for flag in ("--dry-run", "--port", "--claude-bin", "--log-file"):
+            self.assertIn(flag, help_text)
+        self.assertNotIn("--dry-run", proxy.build_arg_parser().format_help())
+        self.assertIn("doctor", proxy.build_arg_parser().format_help())
+
+    def test_commands_are_picked_by_the_first_argument_only(self) -> None:
+        self.assertEqual(proxy.parse_command_line(["install", "--dry-run", "--port", "1"])[::2],
+                         ("install", True))
+        self.assertEqual(proxy.parse_command_line(["--port", "1"])[0], "serve")
+        self.assertEqual(proxy.parse_command_line(["serve", "--port", "1"])[1].port, 1)
+
+    def test_readme_runs_at_login_on_both_systems_and_troubleshoots_with_doctor(self) -> None:
+        with open(os.path.join(HERE, "README.md")) as f:
+            sections = {part.split("\n", 1)[0]: part for part in f.read().split("\n## ")}
+        login = sections["Run at login"]
+        for text in ("python3 claude_max_proxy.py install", "--dry-run", "uninstall", "status",
+                     "~/Library/LaunchAgents/com.claude-max-api.plist", "launchctl bootstrap",
+                     "~/.config/systemd/user/claude-max-api.service", "systemctl --user"):
+            self.assertIn(text, login)
+        first_command = sections["Troubleshooting"].split("```sh\n", 1)[1].split("\n", 1)[0]
+        self.assertTrue(first_command.startswith("python3 claude_max_proxy.py doctor"), first_command)
+
+    def test_log_file_rotates_by_size(self) -> None:
+        folder = tempfile.mkdtemp(prefix="proxy-logs-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "sub", "proxy.log")
+        handler = proxy.log_handler(path, max_bytes=2048)
+        self.assertIsInstance(handler, logging.handlers.RotatingFileHandler)
+        logger = logging.getLogger("rotation-test")
+        logger.propagate = False
+        logger.addHandler(handler)
+        try:
+            for number in range(200):
+                logger.warning("line %03d %s", number, "x" * 80)
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
+        names = sorted(os.listdir(os.path.dirname(path)))
+        self.assertEqual(names, ["proxy.log", "proxy.log.1", "proxy.log.2", "proxy.log.3"])
+        for name in names:
+            self.assertLessEqual(os.path.getsize(os.path.join(folder, "sub", name)), 2048)
+        with open(path) as f:
+            self.assertIn("line 199", f.read(), "the newest lines are in the live file")
+
+    def test_the_daemon_logs_to_its_log_file_instead_of_stderr(self) -> None:
+        folder = tempfile.mkdtemp(prefix="proxy-logs-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "proxy.log")
+        daemon = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_max_proxy.py"),
+                                   "--port", "0", "--claude-bin", FAKE.path, "--log-file", path],
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 10
+            text = ""
+            while "listening on" not in text and time.monotonic() < deadline:
+                time.sleep(0.05)
+                if os.path.exists(path):
+                    with open(path) as f:
+                        text = f.read()
+            self.assertIn("listening on http://127.0.0.1:", text)
+            daemon.send_signal(signal.SIGTERM)
+            self.assertEqual(daemon.wait(10), 0)
+            self.assertNotIn("listening", daemon.stderr.read())
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+            daemon.stderr.close()
 
 
 # ---------------------------------------------------------------------------
