@@ -2448,6 +2448,7 @@ def describe_health(health: Dict[str, Any]) -> str:
 
 def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_WAIT) -> int:
     manager = required_manager(system)
+    config = with_absolute_paths(config)
     claude = find_claude(config.claude_bin)
     if claude is None:
         print("WARN  %s The service will still look in the usual install places."
@@ -2467,6 +2468,14 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
         return 1
     print("OK    claude-max-proxy answers %s: %s" % (url, describe_health(health)))
     return 0
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """A service starts in /, so paths given relative to here must be made absolute."""
+    claude_bin, log_file = config.claude_bin, config.log_file
+    return with_setting(config,
+                        claude_bin=os.path.abspath(claude_bin) if os.sep in claude_bin else claude_bin,
+                        log_file=os.path.abspath(log_file) if log_file else log_file)
 
 
 def uninstall(system: System, dry_run: bool) -> int:

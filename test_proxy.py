@@ -2072,6 +2072,21 @@ class ServiceTest(unittest.TestCase):
         self.assertIn("FAIL  `launchctl bootstrap gui/501 ", out)
         self.assertIn("Input/output error", out)
 
+    def test_relative_paths_are_written_absolute(self) -> None:
+        # The service starts in /, where a path relative to the shell's directory means nothing.
+        system = self.fake("linux")
+        here = os.getcwd()
+        os.chdir(FAKE.dir)
+        try:
+            code, out = self.install(system, claude_bin="./claude", log_file="proxy.log")
+        finally:
+            os.chdir(here)
+        self.assertEqual(code, 0, out)
+        with open(os.path.join(system.home, ".config/systemd/user/claude-max-api.service")) as f:
+            unit = f.read()
+        self.assertIn("--claude-bin %s " % FAKE.path, unit)
+        self.assertIn("--log-file %s\n" % os.path.join(FAKE.dir, "proxy.log"), unit)
+
     def test_dry_run_writes_nothing_and_runs_nothing(self) -> None:
         for platform, shows in (("darwin", ["<key>ProgramArguments</key>", "<string>4567</string>",
                                             "would run launchctl bootstrap gui/501 "]),
