@@ -343,8 +343,8 @@ def parse_chat_request(body: Any, config: Config,
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.", code="invalid_type")
     model = body.get("model") or ""
-    if not isinstance(model, str):
-        raise invalid("`model` must be a string.", "model", "invalid_type")
+    if not isinstance(model, str) or not model.isprintable():
+        raise invalid("`model` must be a string of printable characters.", "model", "invalid_type")
     cli_model = resolve_model(model, config.default_model)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -405,9 +405,11 @@ def validate_message(message: Any, index: int) -> None:
                       param + ".role")
     if role == "assistant":
         validate_tool_calls(message.get("tool_calls"), param + ".tool_calls")
-    if role == "tool" and not isinstance(message.get("tool_call_id"), str):
-        raise invalid("%s.tool_call_id must name the call this result answers." % param,
-                      param + ".tool_call_id", "invalid_type")
+    if role == "tool" and not isinstance(message.get("tool_call_id"), str) or \
+            role == "function" and not isinstance(message.get("name"), str):
+        field = "tool_call_id" if role == "tool" else "name"
+        raise invalid("%s.%s must name the call this result answers." % (param, field),
+                      "%s.%s" % (param, field), "invalid_type")
     content = message.get("content")
     if content is None and role == "assistant":
         return
@@ -443,7 +445,8 @@ def validate_tool_calls(calls: Any, param: str) -> None:
         raise invalid("%s must be an array." % param, param, "invalid_type")
     for index, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not isinstance(call.get("id", ""), str):
             raise invalid("%s[%d] must be {\"id\", \"type\": \"function\", \"function\": "
                           "{\"name\", \"arguments\"}}." % (param, index), "%s[%d]" % (param, index),
                           "invalid_type")
@@ -527,7 +530,7 @@ def parse_reasoning(body: Dict[str, Any]) -> Tuple[Optional[str], bool, bool]:
         return None, True, body.get("include_reasoning") is True or isinstance(reasoning, dict)
     if effort == "none":
         return None, False, False
-    if effort not in EFFORTS:
+    if not isinstance(effort, str) or effort not in EFFORTS:
         raise invalid("`reasoning_effort` must be one of none, %s." % ", ".join(EFFORTS),
                       "reasoning_effort")
     return EFFORTS[effort], True, True
@@ -737,38 +740,49 @@ def fetch_image(url: str, allow: Optional[Callable[[str], bool]] = None) -> Tupl
 
     Only public addresses are fetched, and the connection goes to the very
     address that was checked, so DNS cannot swap in a private one afterwards.
-    Redirects are not followed.
+    Redirects are not followed. Size and total time are capped.
     """
     allow = allow or is_public_address
-    parts = urllib.parse.urlsplit(url)
-    host, secure = parts.hostname or "", parts.scheme.lower() == "https"
-    port = parts.port or (443 if secure else 80)
+    deadline = time.monotonic() + IMAGE_FETCH_TIMEOUT
     try:
+        parts = urllib.parse.urlsplit(url)
+        host, secure = parts.hostname or "", parts.scheme.lower() == "https"
+        port = parts.port or (443 if secure else 80)
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as error:
-        raise invalid("Cannot resolve the image host %s: %s" % (host, error), code="image_fetch_failed")
-    address = infos[0][4][0]
-    if not all(allow(info[4][0]) for info in infos):
-        raise invalid("Images are only fetched from public addresses; %s is not one." % host,
-                      code="image_url_not_allowed")
-    connection = pinned_connection(host, address, port, secure)
-    try:
-        path = parts.path or "/"
-        connection.request("GET", path + ("?" + parts.query if parts.query else ""),
-                           headers={"Host": parts.netloc, "User-Agent": "claude-max-proxy"})
-        response = connection.getresponse()
-        if response.status != 200:
-            raise invalid("Fetching %s gave HTTP %d." % (url, response.status), code="image_fetch_failed")
-        raw = response.read(IMAGE_FETCH_LIMIT + 1)
-        if len(raw) > IMAGE_FETCH_LIMIT:
-            raise invalid("The image at %s is larger than %d bytes." % (url, IMAGE_FETCH_LIMIT),
-                          code="image_too_large")
-        media_type = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
-        return media_type, raw
-    except OSError as error:
+        if not all(allow(info[4][0]) for info in infos):
+            raise invalid("Images are only fetched from public addresses; %s is not one." % host,
+                          code="image_url_not_allowed")
+        connection = pinned_connection(host, infos[0][4][0], port, secure)
+        try:
+            connection.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                               headers={"Host": host if parts.port is None else "%s:%d" % (host, port),
+                                        "User-Agent": "claude-max-proxy"})
+            response = connection.getresponse()
+            if response.status != 200:
+                raise invalid("Fetching %s gave HTTP %d." % (url, response.status),
+                              code="image_fetch_failed")
+            raw = read_before(response, deadline, IMAGE_FETCH_LIMIT)
+        finally:
+            connection.close()
+    except (OSError, ValueError, http.client.HTTPException) as error:  # UnicodeError is a ValueError
         raise invalid("Fetching %s failed: %s" % (url, error), code="image_fetch_failed")
-    finally:
-        connection.close()
+    media_type = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+    return media_type, raw
+
+
+def read_before(response: http.client.HTTPResponse, deadline: float, limit: int) -> bytes:
+    """The response body, refused when it is larger than `limit` or slower than `deadline`."""
+    body = b""
+    while True:
+        if time.monotonic() > deadline:
+            raise invalid("The image took longer than %g s to download." % IMAGE_FETCH_TIMEOUT,
+                          code="image_fetch_failed")
+        data = response.read1(65536)
+        if not data:
+            return body
+        body += data
+        if len(body) > limit:
+            raise invalid("The image is larger than %d bytes." % limit, code="image_too_large")
 
 
 def pinned_connection(host: str, address: str, port: int, secure: bool) -> http.client.HTTPConnection:
@@ -784,8 +798,18 @@ def pinned_connection(host: str, address: str, port: int, secure: bool) -> http.
     return Pinned(host, port, timeout=IMAGE_FETCH_TIMEOUT)
 
 
+# IPv6 ranges that carry an IPv4 address in their last 32 bits (NAT64, IPv4-compatible).
+IPV4_CARRIERS = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+
+
 def is_public_address(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and any(ip in network for network in IPV4_CARRIERS):
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None and not is_public_address(str(inner)):
+            return False
     return ip.is_global and not ip.is_multicast
 
 
@@ -1158,6 +1182,8 @@ class Reply:
                 self.streamed = self.emitted = True
                 return [("content", delta["text"])]
         elif kind == "message_start":
+            # Claude is answering, so any retrying before this has succeeded.
+            self.retry_since = self.retry_error = None
             self.stream_usage = dict((event.get("message") or {}).get("usage") or {})
         elif kind == "message_delta":
             self.stream_usage.update(event.get("usage") or {})
@@ -1303,28 +1329,64 @@ class ToolCallParser:
         return self._settle(final=False)
 
     def flush(self) -> List[Piece]:
-        if self.block is not None:
-            return self._settle(final=True)
-        held, self.held = self.held, ""
-        return content_piece(held)
+        pieces: List[Piece] = []
+        while self.block is not None:  # a release may reveal another opening tag
+            pieces += self._settle(final=True)
+        if not self.closed:
+            held, self.held = self.held, ""
+            pieces += content_piece(held)
+        return pieces
 
     def _settle(self, final: bool) -> List[Piece]:
-        body = self.block or ""
-        if body.strip() and body.lstrip()[0] not in "[{":
+        body = (self.block or "").lstrip()
+        if not body:
+            return self._release("nothing after the opening tag") if final else []
+        if body[0] not in "[{":
             return self._release("no JSON after the opening tag")
-        end = body.find(TOOL_CLOSE)
-        if end < 0 and not final:
-            return []
-        calls = parse_tool_calls(body if end < 0 else body[:end], self.tool_names)
+        end = json_value_end(body)
+        if end is None:
+            return self._release("the JSON never ends") if final else []
+        after = body[end:].lstrip()
+        if not after.startswith(TOOL_CLOSE) and not final:
+            if TOOL_CLOSE.startswith(after):
+                return []  # the closing tag may still be on its way
+            return self._release("text between the JSON and the closing tag")
+        calls = parse_tool_calls(body[:end], self.tool_names)
         if calls is None:
-            return self._release("not a JSON array of calls to offered tools")
+            return self._release("not a JSON array of calls to offered tools, with object arguments")
         self.closed, self.block = True, None
         return [("tool_calls", calls[:1] if self.single else calls)]
 
     def _release(self, why: str) -> List[Piece]:
-        text, self.block = TOOL_OPEN + (self.block or ""), None
+        """Send the opening tag on as text, and read what followed it afresh."""
+        rest, self.block = self.block or "", None
         log.warning("tool call block passed on as text: %s", why)
-        return content_piece(text)
+        return content_piece(TOOL_OPEN) + self.feed(rest)
+
+
+def json_value_end(text: str) -> Optional[int]:
+    """Where the JSON array or object that starts `text` ends, or None while it is open.
+
+    Brackets and tags inside JSON strings do not count.
+    """
+    depth, in_string, escaped = 0, False, False
+    for index, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return None
 
 
 def content_piece(text: str) -> List[Piece]:
@@ -1505,6 +1567,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     """Routes OpenAI requests; each chat completion runs one `claude` child."""
 
     protocol_version = "HTTP/1.1"
+    # Bounds every read from and write to the client: a client that stalls mid-body,
+    # or stops reading a stream, must not hold a thread (and a claude) for ever.
+    timeout = 120
     server_version = "claude-max-proxy/" + __version__
     sys_version = ""
     server: "ProxyServer"
@@ -1556,12 +1621,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._log_access(method)
 
     def _route(self, method: str) -> None:
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        path = "/" + self.path.split("?", 1)[0].strip("/")
         if path.startswith("/v1/") or path == "/v1":
             path = path[3:] or "/"
-            if not (method == "OPTIONS" and self.server.config.cors):
-                self._authorize()  # browsers send preflights without credentials
+        # Every route but /health needs the key, with or without /v1 before it;
+        # browsers send CORS preflights without credentials.
+        if path != "/health" and not (method == "OPTIONS" and self.server.config.cors):
+            self._authorize()
         handler = self._handler_for(path, method)
+        if handler != self._chat_completions:
+            self._discard_body()  # keeps a kept-alive connection in step
         handler()
 
     def _handler_for(self, path: str, method: str) -> Callable[[], None]:
@@ -1800,7 +1869,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         raw = self._read_body()
         try:
             return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as error:
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
             raise invalid("The request body is not valid JSON: %s" % error, code="invalid_json")
 
     def _read_body(self) -> bytes:
@@ -1829,12 +1898,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _read_chunked_body(self, limit: int) -> bytes:
         body = b""
         while True:
-            size_line = self.rfile.readline(1024)
-            try:
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
+            size_field = self.rfile.readline(1024).split(b";", 1)[0].strip()
+            if not size_field or len(size_field) > 16 or size_field.strip(b"0123456789abcdefABCDEF"):
                 self.close_connection = True
                 raise invalid("Malformed chunked request body.", code="invalid_body")
+            size = int(size_field, 16)
             if size == 0:
                 while self.rfile.readline(1024).strip():
                     pass  # trailers

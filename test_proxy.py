@@ -644,6 +644,16 @@ class RequestTranslationTest(unittest.TestCase):
         self.rejects({"messages": [user("x")], "stream": "yes"}, "stream")
         self.rejects({"messages": [{"role": "system", "content": "only rules"}]}, "messages")
 
+    def test_odd_types_are_400s_not_crashes(self) -> None:
+        self.rejects({"model": "claude\x00-opus", "messages": [user("x")]}, "model")
+        self.rejects({"messages": [user("x")], "reasoning_effort": ["high"]}, "reasoning_effort")
+        self.rejects({"messages": [user("x")], "reasoning": {"effort": {}}}, "reasoning_effort")
+        self.rejects({"messages": [user("x"), {"role": "assistant", "tool_calls": [
+            {"id": ["x"], "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
+            "messages[1].tool_calls[0]")
+        self.rejects({"messages": [user("x"), {"role": "function", "name": ["f"], "content": "r"}]},
+                     "messages[1].name")
+
     def test_n_above_one_is_refused_rather_than_answered_once(self) -> None:
         error = self.rejects({"messages": [user("x")], "n": 2}, "n")
         self.assertIn("n=1", error.message)
@@ -747,6 +757,14 @@ class ResponseTranslationTest(unittest.TestCase):
         self.assertEqual(when, 120.0)
         self.assertEqual(error.status, 429)
         self.assertIn("Retry-After", error.headers)
+
+    def test_a_retry_that_succeeded_does_not_count_against_the_budget(self) -> None:
+        reply = proxy.Reply(retry_budget=1)
+        reply.feed(recorded_events("rate-limited-429-retrying")[1], now=100.0)
+        self.assertIsNotNone(reply.retry_deadline())
+        for event in recorded_events("stream-partial-success")[:3]:  # ... message_start
+            reply.feed(event, now=500.0)
+        self.assertIsNone(reply.retry_deadline())
 
     def test_authentication_retries_fail_at_once(self) -> None:
         with self.assertRaises(proxy.ProxyError) as caught:
@@ -888,6 +906,34 @@ class RoutesTest(ProxyTest):
                          "model_not_found", "model")
         self.assertError(self.request("POST", "/v1/chat/completions", b"\xff\xfe"), 400,
                          "invalid_request_error", "invalid_json")
+
+    def test_api_key_also_guards_paths_without_v1(self) -> None:
+        self.config.api_key = "s3cret"
+        for path in ("/chat/completions", "//chat/completions", "/models"):
+            self.assertError(self.request("POST" if "chat" in path else "GET", path,
+                                          {"messages": [user("x")]}), 401, "authentication_error")
+
+    def test_hostile_bodies_are_400s(self) -> None:
+        deep = b"[" * 100000 + b"]" * 100000
+        self.assertError(self.request("POST", "/v1/chat/completions", deep), 400,
+                         "invalid_request_error", "invalid_json")
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        try:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n-1\r\nxx\r\n")
+            self.assertIn(b" 400 ", sock.recv(65536).split(b"\r\n")[0] + b" ")
+        finally:
+            sock.close()
+
+    def test_a_body_on_a_get_does_not_break_keep_alive(self) -> None:
+        conn = self.connect()
+        try:
+            self.assertEqual(self.request("GET", "/v1/models", b'{"x": 1}', conn=conn).status, 200)
+            self.assertEqual(self.request("GET", "/health", b'{"y": 2}', conn=conn).status, 200)
+            self.assertEqual(self.request("POST", "/v1/chat/completions",
+                                          {"messages": [user("hi")]}, conn=conn).status, 200)
+        finally:
+            conn.close()
 
     def test_body_over_the_limit_is_413(self) -> None:
         self.config.max_body = 1000
@@ -1419,6 +1465,21 @@ class ToolCallParserTest(unittest.TestCase):
             source = "<tool_calls>%s</tool_calls>" % block
             self.assertEqual(parse(source), (source, []), block)
 
+    def test_a_real_block_after_a_false_start_is_still_found(self) -> None:
+        text, calls = parse('<tool_calls>oops <tool_calls>[{"name": "get_time", "arguments": {}}]'
+                            '</tool_calls>', split=5)
+        self.assertEqual(text, "<tool_calls>oops ")
+        self.assertEqual([c["name"] for c in calls], ["get_time"])
+
+    def test_a_closing_tag_inside_a_json_string_does_not_end_the_block(self) -> None:
+        _, calls = parse('<tool_calls>[{"name": "get_time", "arguments": {"note": "</tool_calls>"}}]'
+                         '</tool_calls>', split=4)
+        self.assertEqual(json.loads(calls[0]["arguments"]), {"note": "</tool_calls>"})
+
+    def test_text_between_the_json_and_the_closing_tag_releases_the_block(self) -> None:
+        source = '<tool_calls>[{"name": "get_time", "arguments": {}}] and more</tool_calls>'
+        self.assertEqual(parse(source, split=6), (source, []))
+
     def test_arguments_spelled_as_a_json_string_are_accepted(self) -> None:
         _, calls = parse('<tool_calls>[{"name": "get_time", "arguments": "{\\"city\\": \\"Rome\\"}"}]'
                          '</tool_calls>')
@@ -1629,7 +1690,8 @@ class ImageFetchTest(unittest.TestCase):
         with self.assertRaises(proxy.ProxyError) as caught:
             proxy.fetch_image(self.base + "/cat.png")
         self.assertEqual(caught.exception.code, "image_url_not_allowed")
-        for address in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "fd00::1"):
+        for address in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "fd00::1",
+                        "64:ff9b::a00:1", "2002:a00:1::1", "::127.0.0.1", "::ffff:10.0.0.1"):
             self.assertFalse(proxy.is_public_address(address), address)
         self.assertTrue(proxy.is_public_address("8.8.8.8"))
 
@@ -1639,6 +1701,10 @@ class ImageFetchTest(unittest.TestCase):
         with self.assertRaises(proxy.ProxyError) as caught:
             proxy.fetch_image(self.base + "/missing.png", allow=lambda address: True)
         self.assertIn("404", caught.exception.message)
+        for bad in ("http://127.0.0.1:99999/x.png", "http://%s.example/x.png" % ("a" * 70)):
+            with self.assertRaises(proxy.ProxyError) as caught:
+                proxy.fetch_image(bad, allow=lambda address: True)
+            self.assertEqual(caught.exception.code, "image_fetch_failed")
 
 
 def tool_reply(*calls: Tuple[str, Dict[str, Any]], before: str = "") -> List[str]:
