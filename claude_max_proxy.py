@@ -1053,19 +1053,23 @@ def client_closed(client: socket.socket) -> bool:
         return True
 
 
-_versions: Dict[str, Optional[str]] = {}
+_versions: Dict[Tuple[str, float], Optional[str]] = {}
 
 
 def claude_version(path: str) -> Optional[str]:
-    """`claude --version`, asked once per path."""
-    if path not in _versions:
+    """`claude --version`, asked again only when the file at `path` changes (an upgrade)."""
+    try:
+        key = (path, os.stat(path).st_mtime)
+    except OSError:
+        return None
+    if key not in _versions:
         try:
             done = subprocess.run([path, "--version"], capture_output=True, timeout=15,
                                   env=cli_env(Config()), stdin=subprocess.DEVNULL)
-            _versions[path] = done.stdout.decode("utf-8", "replace").strip() or None
+            _versions[key] = done.stdout.decode("utf-8", "replace").strip() or None
         except (OSError, subprocess.SubprocessError):
-            _versions[path] = None
-    return _versions[path]
+            _versions[key] = None
+    return _versions[key]
 
 
 # ---------------------------------------------------------------------------
@@ -1086,7 +1090,7 @@ RATE_LIMIT_STATUS = 429
 OVERLOADED_STATUS = 529
 
 
-def finish_reason(stop_reason: Optional[str]) -> str:
+def openai_finish_reason(stop_reason: Optional[str]) -> str:
     return FINISH_REASONS.get(stop_reason or "end_turn", "stop")
 
 
@@ -1473,7 +1477,7 @@ class Answer:
             return "function_call" if legacy_functions else "tool_calls"
         if self.stopped:
             return "stop"
-        return finish_reason(self.reply.stop_reason)
+        return openai_finish_reason(self.reply.stop_reason)
 
 
 def stream_deltas(kind: str, value: Any, legacy_functions: bool) -> List[Dict[str, Any]]:
@@ -1538,26 +1542,24 @@ class Completion:
         self.model = model
 
     def response(self, message: Dict[str, Any], finish: str, usage: Dict[str, Any]) -> Dict[str, Any]:
-        return {
-            "id": self.id, "object": "chat.completion", "created": self.created,
-            "model": self.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "logprobs": None, "finish_reason": finish, "message": message}],
-            "usage": usage,
-        }
+        return self._envelope("chat.completion", usage=usage, choices=[
+            {"index": 0, "logprobs": None, "finish_reason": finish, "message": message}])
 
     def chunk(self, delta: Dict[str, Any], finish: Optional[str] = None,
               usage_field: bool = False) -> Dict[str, Any]:
-        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                 "model": self.model, "system_fingerprint": None,
-                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                              "finish_reason": finish}]}
+        chunk = self._envelope("chat.completion.chunk", choices=[
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
         if usage_field:
             chunk["usage"] = None  # OpenAI sends null usage in each chunk before the last
         return chunk
 
     def usage_chunk(self, usage: Dict[str, Any]) -> Dict[str, Any]:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "system_fingerprint": None, "choices": [], "usage": usage}
+        return self._envelope("chat.completion.chunk", choices=[], usage=usage)
+
+    def _envelope(self, kind: str, **fields: Any) -> Dict[str, Any]:
+        return dict({"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                     "system_fingerprint": None}, **fields)
+
 
 # ---------------------------------------------------------------------------
 # HTTP handler
@@ -1576,26 +1578,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- routing ------------------------------------------------------------
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
+    def _dispatch_command(self) -> None:
+        self._dispatch(self.command)
 
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_OPTIONS(self) -> None:
-        self._dispatch("OPTIONS")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def do_PATCH(self) -> None:
-        self._dispatch("PATCH")
-
-    def do_HEAD(self) -> None:
-        self._dispatch("HEAD")
+    # Every method goes through _dispatch, so an unknown path is a 404 and a
+    # known path asked with the wrong method a 405, both in the OpenAI shape.
+    do_GET = do_POST = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch_command
 
     def _dispatch(self, method: str) -> None:
         self.started = time.monotonic()
@@ -1688,7 +1676,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
                          self.headers.get("Access-Control-Request-Headers")
                          or "Authorization, Content-Type")
         self.send_header("Access-Control-Max-Age", "86400")
-        self.send_header("Content-Length", "0")
         self.end_headers()
         self.status_sent = 204
 
@@ -1795,7 +1782,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
+        self.chunked = self.request_version == "HTTP/1.1"
+        if self.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True  # HTTP/1.0 knows no chunks: the close ends the stream
         self.send_header("X-Accel-Buffering", "no")
         self._common_headers()
         self.end_headers()
@@ -1813,7 +1804,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _write_chunk(self, data: bytes) -> None:
         try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            if self.chunked:
+                data = b"%x\r\n%s\r\n" % (len(data), data)
+            if data:
+                self.wfile.write(data)
         except OSError:
             raise ClientGone()
 

@@ -783,18 +783,18 @@ class ResponseTranslationTest(unittest.TestCase):
         self.assertEqual(pieces[1], [("content", "Hello ")])
         self.assertEqual(pieces[3], [])
         self.assertTrue(reply.done)
-        self.assertEqual(proxy.finish_reason(reply.stop_reason), "length")
+        self.assertEqual(proxy.openai_finish_reason(reply.stop_reason), "length")
 
     def test_recorded_continuation_past_max_tokens(self) -> None:
         capped, text = self.feed_all("max-tokens-continued", proxy.Reply(20, stop_at_max_tokens=True))
         self.assertEqual(text, "Hello from the fake model.")
         self.assertTrue(capped.done)
         self.assertFalse(capped.completed, "the run was cut short, not finished")
-        self.assertEqual(proxy.finish_reason(capped.stop_reason), "length")
+        self.assertEqual(proxy.openai_finish_reason(capped.stop_reason), "length")
         self.assertEqual(proxy.usage_from_cli(capped.usage)["completion_tokens"], 7)
         whole, text = self.feed_all("max-tokens-continued")
         self.assertEqual(text, "Hello from the fake model." * 2)
-        self.assertEqual(proxy.finish_reason(whole.stop_reason), "stop")
+        self.assertEqual(proxy.openai_finish_reason(whole.stop_reason), "stop")
 
     def test_recorded_thinking_is_reasoning_never_content(self) -> None:
         reply = proxy.Reply(20)
@@ -806,7 +806,7 @@ class ResponseTranslationTest(unittest.TestCase):
     def test_recorded_structured_output(self) -> None:
         reply, text = self.feed_all("json-schema-success", proxy.Reply(20, structured=True))
         self.assertEqual(json.loads(text), {"a": 1})
-        self.assertEqual(proxy.finish_reason(reply.stop_reason), "stop")
+        self.assertEqual(proxy.openai_finish_reason(reply.stop_reason), "stop")
         with self.assertRaises(proxy.ProxyError) as caught:
             self.feed_all("json-schema-error-max-turns", proxy.Reply(20, structured=True))
         self.assertEqual((caught.exception.status, caught.exception.code),
@@ -819,10 +819,10 @@ class ResponseTranslationTest(unittest.TestCase):
                                  "prompt_tokens_details": {"cached_tokens": 100}})
 
     def test_finish_reasons(self) -> None:
-        self.assertEqual(proxy.finish_reason("end_turn"), "stop")
-        self.assertEqual(proxy.finish_reason("stop_sequence"), "stop")
-        self.assertEqual(proxy.finish_reason("max_tokens"), "length")
-        self.assertEqual(proxy.finish_reason(None), "stop")
+        self.assertEqual(proxy.openai_finish_reason("end_turn"), "stop")
+        self.assertEqual(proxy.openai_finish_reason("stop_sequence"), "stop")
+        self.assertEqual(proxy.openai_finish_reason("max_tokens"), "length")
+        self.assertEqual(proxy.openai_finish_reason(None), "stop")
 
     def test_upstream_statuses_map_to_openai_errors(self) -> None:
         self.assertEqual(proxy.upstream_error(529, "x").status, 503)
@@ -1089,6 +1089,25 @@ class StreamTest(ProxyTest):
         self.assertEqual(chunks[-1]["choices"][0], {"index": 0, "delta": {}, "logprobs": None,
                                                     "finish_reason": "stop"})
         self.assertTrue(all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1]))
+
+    def test_an_http_1_0_client_gets_a_plain_stream_ended_by_the_close(self) -> None:
+        body = json.dumps({"messages": [user("hi")], "stream": True}).encode()
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        try:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            received = b""
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += data
+        finally:
+            sock.close()
+        head, _, payload = received.partition(b"\r\n\r\n")
+        self.assertNotIn(b"Transfer-Encoding", head)
+        self.assertTrue(payload.startswith(b"data: {"), payload[:40])
+        self.assertTrue(payload.endswith(b"data: [DONE]\n\n"))
 
     def test_include_usage_adds_a_usage_chunk(self) -> None:
         chunks = self.stream("hi", stream_options={"include_usage": True}).chunks()
