@@ -344,6 +344,7 @@ class RunningServer:
         settings.setdefault("host", "127.0.0.1")
         settings.setdefault("port", 0)
         settings.setdefault("claude_bin", FAKE.path)
+        settings.setdefault("pool_size", 0)  # each request its own new process, unless a test asks
         self.server = proxy.ProxyServer(proxy.Config(**settings))
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)
@@ -1122,6 +1123,195 @@ class ShutdownTest(unittest.TestCase):
                 daemon.kill()
                 daemon.wait()
             daemon.stderr.close()
+
+
+def system(text: str) -> Dict[str, Any]:
+    return {"role": "system", "content": text}
+
+
+def argv_value(run: Dict[str, Any], flag: str) -> str:
+    return run["argv"][run["argv"].index(flag) + 1]
+
+
+def running(pid: int) -> bool:
+    """True while this pid is a fake claude that has not exited.
+
+    A zombie's command line reads empty, and so does a gone pid's; a reused
+    pid's names another program.
+    """
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return FAKE.path.encode() in f.read()
+    except OSError:
+        return False
+
+
+def waiting_runs(model: str) -> List[Dict[str, Any]]:
+    """Fake claude processes for this --model that are alive and still wait for their message."""
+    return [run for run in FAKE.runs()
+            if "stdin" not in run and argv_value(run, "--model") == model and running(run["pid"])]
+
+
+def warm_for(prompt: str, model: str = "sonnet", timeout: float = 10.0) -> Dict[str, Any]:
+    """The waiting fake process started with this --system-prompt and --model, once there is one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in waiting_runs(model):
+            if argv_value(run, "--system-prompt") == prompt:
+                return run
+        time.sleep(0.02)
+    raise AssertionError("no pre-started process for %r" % prompt)
+
+
+# A test's own server gets a default model the class server never uses, so the
+# processes it starts are told apart from the class server's by their --model.
+OWN_MODEL = "haiku"
+
+
+def own_server(**settings: Any) -> RunningServer:
+    return RunningServer(default_model="claude-haiku-4", **settings)
+
+
+class WarmPoolTest(ProxyTest):
+    """Processes started ahead of time; the fake records when each was started and when it was asked."""
+
+    settings = dict(ProxyTest.settings, pool_size=2, pool_ttl=300.0)
+
+    def pool(self, running_server: Optional[RunningServer] = None) -> Dict[str, int]:
+        return (running_server or self.running).server.health()["pool"]
+
+    def test_a_repeated_key_is_served_by_a_process_started_before_the_request(self) -> None:
+        prompt = "You are pool test " + marker()
+        self.assertEqual(self.chat(system(prompt), user("first")).status, 200)
+        warm = warm_for(prompt)
+        self.assertTrue(wait_until(lambda: self.running.server.active_children() == []),
+                        "a waiting process must not count as a running request")
+        before = self.pool()
+        asked_at = time.time()
+        tag = marker()
+        response = self.chat(system(prompt), user("second " + tag))
+        self.assertEqual(response.status, 200, response.body)
+        self.assertIn("Hello from fake", response.json()["choices"][0]["message"]["content"])
+        run = FAKE.run_for(tag, field="finished")
+        self.assertEqual(run["pid"], warm["pid"])
+        self.assertLess(run["spawned"], asked_at)
+        self.assertGreaterEqual(run["received"], asked_at)
+        self.assertEqual(self.pool()["hits"], before["hits"] + 1)
+        self.assertEqual(self.pool()["misses"], before["misses"])
+        self.assertTrue(run["cwd"].startswith(tempfile.gettempdir()))
+        self.assertTrue(wait_until(lambda: not os.path.exists(run["cwd"])),
+                        "a warm process's directory is thrown away like a cold one's")
+        self.assertTrue(pid_gone(run["pid"]))
+        self.assertNotEqual(warm_for(prompt)["pid"], run["pid"], "a replacement, never a reuse")
+
+    def test_different_keys_do_not_share_processes(self) -> None:
+        prompt = "You are pool test " + marker()
+        self.chat(system(prompt), user("first"))
+        warm = warm_for(prompt)
+        other_prompt, other_model = marker(), marker()
+        self.chat(system(other_prompt), user(other_prompt))
+        self.assertTrue(running(warm["pid"]))
+        self.assertNotIn("stdin", [run for run in FAKE.runs() if run["pid"] == warm["pid"]][0],
+                         "another system prompt must not take this process")
+        self.chat(system(prompt), user(other_model), model="claude-opus-4")
+        for tag, wanted_prompt, wanted_model in ((other_prompt, other_prompt, "sonnet"),
+                                                 (other_model, prompt, "opus")):
+            run = FAKE.run_for(tag)
+            self.assertNotEqual(run["pid"], warm["pid"])
+            self.assertEqual(argv_value(run, "--system-prompt"), wanted_prompt)
+            self.assertEqual(argv_value(run, "--model"), wanted_model)
+
+    def test_a_warm_process_that_died_is_skipped_and_the_request_starts_cold(self) -> None:
+        prompt = "You are pool test " + marker()
+        self.chat(system(prompt), user("first"))
+        warm = warm_for(prompt)
+        os.kill(warm["pid"], signal.SIGKILL)
+        self.assertTrue(wait_until(lambda: not running(warm["pid"])))
+        before = self.pool()
+        asked_at = time.time()
+        tag = marker()
+        response = self.chat(system(prompt), user(tag))
+        self.assertEqual(response.status, 200, response.body)
+        run = FAKE.run_for(tag)
+        self.assertNotEqual(run["pid"], warm["pid"])
+        self.assertGreaterEqual(run["spawned"], asked_at)
+        self.assertEqual(self.pool()["misses"], before["misses"] + 1)
+        self.assertTrue(pid_gone(warm["pid"]), "the dead process must be reaped, not left a zombie")
+
+    def test_health_reports_the_pool(self) -> None:
+        pool = self.request("GET", "/health").json()["pool"]
+        self.assertEqual(set(pool), {"size", "max", "hits", "misses"})
+        self.assertEqual(pool["max"], 2)
+        self.assertLessEqual(pool["size"], 2)
+
+    def test_the_default_model_and_prompt_are_warmed_at_start(self) -> None:
+        running_server = own_server(pool_size=1)
+        try:
+            warm = warm_for(proxy.DEFAULT_SYSTEM_PROMPT, OWN_MODEL)
+            tag = marker()
+            self.assertEqual(post_chat(running_server.port, {"messages": [user(tag)]}).status, 200)
+            self.assertEqual(FAKE.run_for(tag)["pid"], warm["pid"])
+            self.assertEqual(self.pool(running_server)["hits"], 1)
+        finally:
+            running_server.stop()
+
+    def test_the_pool_never_holds_more_than_its_size_and_evicts_the_least_recently_used(self) -> None:
+        running_server = own_server(pool_size=2)
+        try:
+            prompts = ["You are pool test %d %s" % (i, marker()) for i in range(5)]
+            for prompt in prompts:
+                post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
+                warm_for(prompt, OWN_MODEL)
+                self.assertLessEqual(len(waiting_runs(OWN_MODEL)), 2)
+                self.assertLessEqual(self.pool(running_server)["size"], 2)
+            self.assertTrue(wait_until(lambda: len(waiting_runs(OWN_MODEL)) == 2))
+            self.assertEqual(sorted(argv_value(run, "--system-prompt") for run in waiting_runs(OWN_MODEL)),
+                             sorted(prompts[-2:]))
+        finally:
+            running_server.stop()
+
+    def test_an_idle_warm_process_is_retired_after_the_ttl(self) -> None:
+        running_server = own_server(pool_size=2, pool_ttl=0.5)
+        try:
+            prompt = "You are pool test " + marker()
+            post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
+            warm = warm_for(prompt, OWN_MODEL)
+            self.assertTrue(pid_gone(warm["pid"]), "an idle process outlived --pool-ttl")
+            self.assertTrue(wait_until(lambda: self.pool(running_server)["size"] == 0))
+            time.sleep(1.0)  # two more TTLs: an unused key must not be warmed again
+            self.assertEqual(waiting_runs(OWN_MODEL), [])
+            self.assertEqual(len([run for run in FAKE.runs()
+                                  if argv_value(run, "--system-prompt") == prompt]), 2,
+                             "only the request's own process and the one replacement")
+        finally:
+            running_server.stop()
+
+    def test_the_idle_timeout_counts_from_the_request_not_from_the_spawn(self) -> None:
+        running_server = own_server(pool_size=1, idle_timeout=0.5)
+        try:
+            prompt = "You are pool test " + marker()
+            post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
+            warm = warm_for(prompt, OWN_MODEL)
+            time.sleep(1.0)  # twice the idle timeout, spent waiting on stdin
+            tag = marker()
+            response = post_chat(running_server.port, {"messages": [system(prompt), user(tag)]})
+            self.assertEqual(response.status, 200, response.body)
+            self.assertEqual(FAKE.run_for(tag)["pid"], warm["pid"])
+        finally:
+            running_server.stop()
+
+    def test_no_warm_process_outlives_the_server(self) -> None:
+        running_server = own_server(pool_size=2)
+        prompt = "You are pool test " + marker()
+        post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
+        warm_for(prompt, OWN_MODEL)
+        warm_for(proxy.DEFAULT_SYSTEM_PROMPT, OWN_MODEL)
+        pids = [run["pid"] for run in waiting_runs(OWN_MODEL)]
+        self.assertEqual(len(pids), 2)
+        running_server.stop()
+        for pid in pids:
+            self.assertTrue(pid_gone(pid))
+        self.assertEqual(running_server.server.health()["pool"]["size"], 0)
 
 
 class ConfigurationTest(unittest.TestCase):
