@@ -1635,6 +1635,24 @@ class EndToEndTest(ProxyTest):
         self.assertError(response, 429, "rate_limit_error")
         self.assertIsNotNone(response.headers["Retry-After"])
 
+    def test_pre_started_clis_answer_requests(self) -> None:
+        running_server = RunningServer(**dict(self.settings, pool_size=1))
+
+        def pool() -> Dict[str, int]:
+            return running_server.server.health()["pool"]
+
+        try:
+            for _ in range(2):
+                self.assertTrue(wait_until(lambda: pool()["size"] == 1, timeout=30))
+                tag = marker()
+                response = post_chat(running_server.port, {"messages": [user("warm " + tag)]})
+                self.assertEqual(response.status, 200, response.body)
+                self.assertEqual(response.json()["choices"][0]["message"]["content"], UPSTREAM_REPLY)
+                self.assertIn("warm " + tag, last_user_text(self.upstream_request_for(tag)))
+            self.assertEqual((pool()["hits"], pool()["misses"]), (2, 0))
+        finally:
+            running_server.stop()
+
     def test_without_a_login_the_client_is_told_to_log_in(self) -> None:
         self.config.allow_api_key = False  # the key is stripped; the empty HOME holds no login
         error = self.assertError(self.say("hi"), 401, "authentication_error")
