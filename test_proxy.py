@@ -1086,6 +1086,55 @@ class ProcessLifecycleTest(ProxyTest):
         self.assertFalse(any("private prompt" in line for line in logs.output))
 
 
+class Daemon:
+    """claude_max_proxy.py in a process of its own, as users run it; its log goes to a file."""
+
+    def __init__(self, *flags: str) -> None:
+        fd, self.log_path = tempfile.mkstemp(prefix="claude-proxy-log-")
+        with os.fdopen(fd, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "--port", "0"] + list(flags),
+                stdin=subprocess.DEVNULL, stderr=log)
+        self.port = self._wait_for_port()
+
+    def _wait_for_port(self, timeout: float = 15.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path) as f:
+                text = f.read()
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)/v1", text)
+            if found:
+                return int(found.group(1))
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.close()
+        raise AssertionError("the proxy did not start listening: %s" % text)
+
+    def health(self) -> Dict[str, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", "/health")
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+
+    def stop(self) -> int:
+        """SIGTERM, as launchd or Ctrl-C sends it; the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(10)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if os.path.exists(self.log_path):
+            os.unlink(self.log_path)
+
+
 class ShutdownTest(unittest.TestCase):
     def test_in_process_shutdown_kills_every_child(self) -> None:
         running = RunningServer()
@@ -1099,30 +1148,20 @@ class ShutdownTest(unittest.TestCase):
         sock.close()
 
     def test_sigterm_stops_the_daemon_with_exit_0_and_no_child_left(self) -> None:
-        daemon = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "--port", "0",
-             "--claude-bin", FAKE.path], stderr=subprocess.PIPE, text=True)
+        # fable: a model no other server here warms, so its pre-started processes are the daemon's
+        daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "2", "--default-model", "claude-fable")
         try:
-            port = None
-            for line in daemon.stderr:
-                found = re.search(r"listening on http://127\.0\.0\.1:(\d+)/v1", line)
-                if found:
-                    port = int(found.group(1))
-                    break
-            self.assertIsNotNone(port)
             tag = marker()
-            sock = open_stream(port, "[[fake:slow]] " + tag)
+            sock = open_stream(daemon.port, "[[fake:slow]] " + tag)
             run = FAKE.run_for(tag, field="grandchild")
-            daemon.send_signal(signal.SIGTERM)
-            self.assertEqual(daemon.wait(10), 0)
-            self.assertTrue(pid_gone(run["pid"]))
-            self.assertTrue(pid_gone(run["grandchild"]))
+            warm = warm_for(proxy.DEFAULT_SYSTEM_PROMPT, "fable")
+            self.assertEqual(daemon.stop(), 0)
+            for pid in (run["pid"], run["grandchild"], warm["pid"]):
+                self.assertTrue(pid_gone(pid))
+            self.assertEqual(waiting_runs("fable"), [])
             sock.close()
         finally:
-            if daemon.poll() is None:
-                daemon.kill()
-                daemon.wait()
-            daemon.stderr.close()
+            daemon.close()
 
 
 def system(text: str) -> Dict[str, Any]:
@@ -1548,6 +1587,32 @@ def real_claude() -> Optional[str]:
     return shutil.which("claude")
 
 
+class FakeUpstream:
+    """FakeAnthropicHandler on a free loopback port, and os.environ pointing the real CLI at it.
+
+    The CLI gets a dummy API key and an empty HOME: no login, no network.
+    """
+
+    def __init__(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), FakeAnthropicHandler)
+        self.server.daemon_threads = True
+        self.requests: List[Dict[str, Any]] = []
+        self.server.requests = self.requests
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.home = tempfile.mkdtemp(prefix="claude-home-")
+        self.saved_env = dict(os.environ)
+        os.environ.update({"HOME": self.home, "ANTHROPIC_API_KEY": "sk-ant-dummy",
+                           "ANTHROPIC_BASE_URL": "http://127.0.0.1:%d" % self.server.server_port})
+        os.environ.pop("ANTHROPIC_AUTH_TOKEN", None)
+
+    def stop(self) -> None:
+        os.environ.clear()
+        os.environ.update(self.saved_env)
+        self.server.shutdown()
+        self.server.server_close()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
 @unittest.skipIf(real_claude() is None and not IN_CI, "the real claude CLI is not installed")
 class EndToEndTest(ProxyTest):
     """The proxy driving the real CLI, which talks to FakeAnthropicHandler."""
@@ -1559,26 +1624,14 @@ class EndToEndTest(ProxyTest):
         claude = real_claude()
         if claude is None:
             raise AssertionError("CI must have the real claude CLI (npm install -g @anthropic-ai/claude-code)")
-        cls.upstream = ThreadingHTTPServer(("127.0.0.1", 0), FakeAnthropicHandler)
-        cls.upstream.daemon_threads = True
-        cls.upstream.requests = []
-        threading.Thread(target=cls.upstream.serve_forever, daemon=True).start()
-        cls.home = tempfile.mkdtemp(prefix="claude-home-")
-        cls.saved_env = dict(os.environ)
-        os.environ.update({"HOME": cls.home, "ANTHROPIC_API_KEY": "sk-ant-dummy",
-                           "ANTHROPIC_BASE_URL": "http://127.0.0.1:%d" % cls.upstream.server_port})
-        os.environ.pop("ANTHROPIC_AUTH_TOKEN", None)
+        cls.upstream = FakeUpstream()
         cls.settings = dict(cls.settings, claude_bin=claude, allow_api_key=True)
         super().setUpClass()
 
     @classmethod
     def tearDownClass(cls) -> None:
         super().tearDownClass()
-        os.environ.clear()
-        os.environ.update(cls.saved_env)
-        cls.upstream.shutdown()
-        cls.upstream.server_close()
-        shutil.rmtree(cls.home, ignore_errors=True)
+        cls.upstream.stop()
 
     def upstream_request_for(self, tag: str) -> Dict[str, Any]:
         for body in self.upstream.requests:
