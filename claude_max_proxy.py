@@ -681,6 +681,7 @@ class WarmPool:
     def _want(self, key: PoolKey) -> None:
         self._last_used[key] = time.monotonic()
         self._wanted.append(key)
+        del self._wanted[:-self.size]  # a burst of requests must not queue more than can wait
         self._changed.notify()
 
     # -- the background thread ---------------------------------------------------
@@ -1366,6 +1367,8 @@ class ProxyServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's listen backlog of 5 resets connections when dozens of clients connect at once.
+    request_queue_size = 128
 
     def __init__(self, config: Config) -> None:
         self.config = config

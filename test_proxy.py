@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import platform
 import plistlib
 import re
 import shutil
@@ -1712,5 +1713,231 @@ class EndToEndTest(ProxyTest):
         self.assertIn("log in", error["message"])
 
 
+# ---------------------------------------------------------------------------
+# Benchmark: `python3 test_proxy.py bench` (never part of the test run)
+# ---------------------------------------------------------------------------
+
+BENCH_BODY = {"model": "claude-sonnet-4", "stream": True,
+              "messages": [system("You are a benchmark."), user("Say hello.")]}
+
+
+def percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def ms(values: List[float]) -> str:
+    """p50 / p95 of durations in seconds, in milliseconds."""
+    return "%.1f / %.1f ms" % (percentile(values, 0.5) * 1000, percentile(values, 0.95) * 1000)
+
+
+def stream_once(port: int, body: Dict[str, Any]) -> Tuple[float, float, bool]:
+    """One streamed completion: (seconds to the first frame, seconds in all, answered in full)."""
+    started = time.perf_counter()
+    first = float("nan")
+    last = b""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        for line in iter(response.readline, b""):
+            if line.startswith(b"data: ") and first != first:
+                first = time.perf_counter() - started
+            last = line.strip() or last
+        return first, time.perf_counter() - started, response.status == 200 and last == b"data: [DONE]"
+    except (OSError, http.client.HTTPException):
+        return first, time.perf_counter() - started, False
+    finally:
+        conn.close()
+
+
+def direct_once(claude: str, body: Dict[str, Any]) -> Tuple[float, float, bool]:
+    """The same request run by hand, with the argv, env and stdin the proxy would give the CLI."""
+    config = proxy.Config()
+    request = proxy.parse_chat_request(body, config)
+    started = time.perf_counter()
+    first = total = float("nan")
+    child = subprocess.Popen(proxy.cli_argv(claude, request), env=proxy.cli_env(config),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    child.stdin.write(proxy.stdin_message(request))
+    child.stdin.close()
+    # The events the proxy's first frame and its [DONE] follow: the first text and the result.
+    for line in child.stdout:
+        if b'"content_block_delta"' in line and first != first:
+            first = time.perf_counter() - started
+        if line.startswith(b'{"type": "result"'):
+            total = time.perf_counter() - started
+    child.stdout.close()
+    return first, total, child.wait() == 0
+
+
+def wait_for_warm(daemon: Daemon, pause: float) -> None:
+    """Let the pool refill and its new process finish starting, as an agent's pause between calls would."""
+    def full() -> bool:
+        pool = daemon.health()["pool"]
+        return pool["size"] == pool["max"]
+
+    wait_until(full, timeout=30)
+    time.sleep(pause)
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def children_rss_mb(pid: int) -> float:
+    children = set()
+    for task in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                children.update(int(child) for child in f.read().split())
+        except OSError:
+            pass  # a thread that ended meanwhile
+    return sum(rss_mb(child) for child in children)
+
+
+def bench_overhead(rows: List[Tuple[str, str]], runs: int = 200) -> None:
+    """Section 1: the fake CLI by hand vs through the proxy, interleaved so load drifts hit both."""
+    cold = Daemon("--claude-bin", FAKE.path, "--pool-size", "0")
+    warm = Daemon("--claude-bin", FAKE.path, "--pool-size", "2")
+    results: Dict[str, List[Tuple[float, float, bool]]] = {"direct": [], "cold": [], "warm": []}
+    try:
+        for _ in range(runs):
+            results["direct"].append(direct_once(FAKE.path, BENCH_BODY))
+            results["cold"].append(stream_once(cold.port, BENCH_BODY))
+        for _ in range(runs):  # apart: a replacement starting would slow the others down
+            wait_for_warm(warm, 0.1)
+            results["warm"].append(stream_once(warm.port, BENCH_BODY))
+        hits = warm.health()["pool"]["hits"]
+    finally:
+        cold.stop()
+        warm.stop()
+    first = {name: [r[0] for r in rs] for name, rs in results.items()}
+    total = {name: [r[1] for r in rs] for name, rs in results.items()}
+    errors = sum(not r[2] for rs in results.values() for r in rs)
+    rows.append(("1. fake CLI run directly: first token p50 / p95", ms(first["direct"])))
+    rows.append(("1. fake CLI run directly: total p50 / p95", ms(total["direct"])))
+    rows.append(("1. through the proxy, pool off: first byte p50 / p95", ms(first["cold"])))
+    rows.append(("1. through the proxy, pool off: total p50 / p95", ms(total["cold"])))
+    for label, values in (("first byte", first), ("total", total)):
+        extra = [proxied - direct for proxied, direct in zip(values["cold"], values["direct"])]
+        rows.append(("1. **proxy overhead**, %s: p50 / p95 of (pool off minus direct), paired" % label,
+                     "%+.1f / %+.1f ms" % (percentile(extra, 0.5) * 1000, percentile(extra, 0.95) * 1000)))
+    rows.append(("1. through the proxy, pool on: first byte p50 / p95",
+                 "%s (%d of %d warm)" % (ms(first["warm"]), hits, runs)))
+    rows.append(("1. runs / errors", "%d x 3 / %d" % (runs, errors)))
+
+
+def bench_real_cli(rows: List[Tuple[str, str]], runs: int = 20) -> None:
+    """Section 2: the real CLI's first token, cold vs from the pool, on the fake upstream."""
+    claude = real_claude()
+    if claude is None:
+        rows.append(("2. real claude", "not installed; skipped"))
+        return
+    upstream = FakeUpstream()
+    try:
+        flags = ["--claude-bin", claude, "--allow-api-key"]
+        cold = Daemon(*(flags + ["--pool-size", "0"]))
+        try:
+            cold_first = [stream_once(cold.port, BENCH_BODY)[0] for _ in range(runs)]
+        finally:
+            cold.stop()
+        warm = Daemon(*(flags + ["--pool-size", "2"]))
+        try:
+            stream_once(warm.port, BENCH_BODY)  # the first request for a key always starts cold
+            warm_first = []
+            for _ in range(runs):
+                wait_for_warm(warm, 1.5)
+                warm_first.append(stream_once(warm.port, BENCH_BODY)[0])
+            pool = warm.health()["pool"]
+            wait_for_warm(warm, 1.5)
+            idle_pool_rss = children_rss_mb(warm.process.pid)
+        finally:
+            warm.stop()
+    finally:
+        upstream.stop()
+    rows.append(("2. real claude %s, cold (pool 0): first token p50 / p95" % claude_version_of(claude),
+                 ms(cold_first)))
+    rows.append(("2. real claude, warm (pool 2): first token p50 / p95",
+                 "%s (%d hits, %d misses)" % (ms(warm_first), pool["hits"], pool["misses"] - 1)))
+    rows.append(("2. **warm / cold** first token p50", "1 / %.1f" % (
+        percentile(cold_first, 0.5) / percentile(warm_first, 0.5))))
+    rows.append(("2. RSS of the 2 idle pre-started real CLIs", "%.0f MB" % idle_pool_rss))
+
+
+def claude_version_of(claude: str) -> str:
+    return (proxy.claude_version(claude) or "?").split()[0]
+
+
+def bench_load(rows: List[Tuple[str, str]], clients: int = 64, each: int = 5) -> None:
+    """Sections 3 and 4: many streaming clients at once, and the proxy's own memory."""
+    daemon = Daemon("--claude-bin", FAKE.path, "--max-concurrent", str(clients))
+    results: List[Tuple[float, float, bool]] = []
+    peak = [0.0]
+    done = threading.Event()
+
+    def client() -> None:
+        for _ in range(each):
+            results.append(stream_once(daemon.port, BENCH_BODY))
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], rss_mb(daemon.process.pid))
+
+    try:
+        wait_for_warm(daemon, 0.5)
+        idle = rss_mb(daemon.process.pid)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        elapsed = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        high_water = rss_mb(daemon.process.pid, "VmHWM")
+    finally:
+        daemon.stop()
+    errors = sum(not ok for _first, _total, ok in results) + clients * each - len(results)
+    rows.append(("3. %d concurrent streaming clients x %d requests (fake CLI): requests/s"
+                 % (clients, each), "%.0f" % (len(results) / elapsed)))
+    rows.append(("3. errors", "%d of %d" % (errors, clients * each)))
+    rows.append(("3. first byte p50 / p95", ms([first for first, _total, _ok in results])))
+    rows.append(("4. proxy RSS idle (pool processes excluded)", "%.1f MB" % idle))
+    rows.append(("4. proxy RSS under that load: sampled max / high-water mark",
+                 "%.1f MB / %.1f MB" % (peak[0], high_water)))
+
+
+def bench() -> int:
+    """Print the performance table README shows; about two minutes on 2 cores."""
+    setUpModule()
+    rows: List[Tuple[str, str]] = []
+    try:
+        bench_overhead(rows)
+        bench_real_cli(rows)
+        bench_load(rows)
+    finally:
+        tearDownModule()
+    print("Machine: %d CPUs, %s, Python %s, %s" % (
+        os.cpu_count() or 0, platform.platform(terse=True), platform.python_version(),
+        "claude " + claude_version_of(real_claude()) if real_claude() else "no real claude"))
+    print()
+    print("| measure | result |")
+    print("|---|---|")
+    for measure, result in rows:
+        print("| %s | %s |" % (measure, result))
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["bench"]:
+        sys.exit(bench())
     unittest.main()
