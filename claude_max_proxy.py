@@ -86,6 +86,10 @@ OPTIONS: List[Tuple[str, str, Any, Any, str]] = [
      "when set, every /v1 request needs 'Authorization: Bearer KEY'"),
     ("--max-concurrent", "CLAUDE_PROXY_MAX_CONCURRENT", int, 8,
      "most claude processes answering at once"),
+    ("--pool-size", "CLAUDE_PROXY_POOL_SIZE", int, 2,
+     "claude processes started ahead of time so answers skip the CLI's start-up; 0 turns it off"),
+    ("--pool-ttl", "CLAUDE_PROXY_POOL_TTL", float, 600.0,
+     "seconds a pre-started claude waits for a request before it is retired"),
     ("--queue-timeout", "CLAUDE_PROXY_QUEUE_TIMEOUT", float, 30.0,
      "seconds a request waits for a free slot before a 429"),
     ("--timeout", "CLAUDE_PROXY_TIMEOUT", float, 600.0,
@@ -920,6 +924,8 @@ class ClaudeProcess:
 
     def send(self, message: bytes) -> None:
         """Write the one message and close stdin, so the CLI answers and exits."""
+        # The request starts now; a pre-started process may have waited long.
+        self.last_output = time.monotonic()
         try:
             self.popen.stdin.write(message)
         except (BrokenPipeError, OSError):
@@ -1029,6 +1035,193 @@ class ClaudeProcess:
             except OSError:
                 pass
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_claude(argv: List[str], env: Dict[str, str]) -> ClaudeProcess:
+    """A new process for a request, or a 503 when the CLI cannot be started."""
+    try:
+        return ClaudeProcess(argv, env)
+    except OSError as error:
+        raise ProxyError(503, "Could not start %s: %s" % (argv[0], error), code="claude_not_found")
+
+
+PoolKey = Tuple[Tuple[str, ...], Tuple[Tuple[str, str], ...]]
+
+
+def pool_key(argv: List[str], env: Dict[str, str]) -> PoolKey:
+    """Everything a process is started with: only a request with the same key may use it."""
+    return tuple(argv), tuple(sorted(env.items()))
+
+
+class Warm:
+    """A pre-started process waiting on stdin, and the key it was started for."""
+
+    def __init__(self, key: PoolKey, process: ClaudeProcess) -> None:
+        self.key = key
+        self.process = process
+        self.born = time.monotonic()
+
+
+class WarmPool:
+    """`claude` processes started ahead of time, so a request skips the CLI's start-up.
+
+    The CLI spends ~0.7 s starting, then waits on stdin; one started early with
+    the exact argv and environment of a request (its key) answers that request
+    within tens of milliseconds. Each serves one request and is never reused:
+    it would carry the first conversation. Every request for a key queues a
+    replacement for it, so a client that repeats its system prompt finds one.
+
+    At most `size` processes wait at once; when full, the least recently used
+    key gives way. A process that waited `ttl` seconds is retired, and replaced
+    only if its key was used within the last `ttl` seconds. One background
+    thread starts and retires processes; a request's thread only takes one.
+    """
+
+    CHECK_INTERVAL = 5.0  # how long a warm process that died by itself may stay unreaped
+
+    def __init__(self, size: int, ttl: float) -> None:
+        self.size = max(0, size)
+        self.ttl = ttl
+        self.hits = 0
+        self.misses = 0
+        self._idle: List[Warm] = []  # oldest first
+        self._wanted: List[PoolKey] = []  # keys to start a process for, in order
+        self._last_used: Dict[PoolKey, float] = {}  # keys used within the last ttl
+        self._starting = 0
+        self._closed = False
+        self._changed = threading.Condition()
+        self._keeper: Optional[threading.Thread] = None
+        if self.size:
+            self._keeper = threading.Thread(target=self._keep, name="warm-pool", daemon=True)
+            self._keeper.start()
+
+    # -- used by requests --------------------------------------------------------
+
+    def take(self, argv: List[str], env: Dict[str, str]) -> Optional[ClaudeProcess]:
+        """A live process started for this argv and env, or None; a replacement is queued either way."""
+        if not self.size:
+            return None
+        key = pool_key(argv, env)
+        found: Optional[ClaudeProcess] = None
+        dead: List[ClaudeProcess] = []
+        with self._changed:
+            if self._closed:
+                return None
+            for warm in [warm for warm in self._idle if warm.key == key]:
+                self._idle.remove(warm)
+                if warm.process.alive():
+                    found = warm.process
+                    break
+                dead.append(warm.process)
+            if found is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            self._want(key)
+        for process in dead:
+            process.kill()  # died while waiting; the request starts a new one instead
+        return found
+
+    def prewarm(self, argv: List[str], env: Dict[str, str]) -> None:
+        """Start a process for a key no request has used yet (the default one, at start-up)."""
+        if self.size:
+            with self._changed:
+                self._want(pool_key(argv, env))
+
+    def stats(self) -> Dict[str, int]:
+        with self._changed:
+            return {"size": len(self._idle), "max": self.size, "hits": self.hits,
+                    "misses": self.misses}
+
+    def close(self) -> None:
+        """Kill every waiting process; one being started is killed as soon as it exists."""
+        with self._changed:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._changed.notify()
+        for warm in idle:
+            warm.process.kill()
+        if self._keeper is not None and self._keeper is not threading.current_thread():
+            self._keeper.join(5.0)
+
+    def _want(self, key: PoolKey) -> None:
+        self._last_used[key] = time.monotonic()
+        self._wanted.append(key)
+        del self._wanted[:-self.size]  # a burst of requests must not queue more than can wait
+        self._changed.notify()
+
+    # -- the background thread ---------------------------------------------------
+
+    def _keep(self) -> None:
+        while True:
+            with self._changed:
+                if not self._wanted and not self._closed:
+                    self._changed.wait(self._time_to_next_check())
+                if self._closed:
+                    return
+                doomed = self._retire(time.monotonic())
+                key = self._reserve_next(doomed)
+            for warm in doomed:
+                warm.process.kill()
+            if key is not None:
+                self._start(key)
+
+    def _time_to_next_check(self) -> Optional[float]:
+        if not self._idle:
+            return None  # nothing waits, so nothing can expire or die
+        expires = self._idle[0].born + self.ttl - time.monotonic()
+        return max(0.0, min(expires, self.CHECK_INTERVAL))
+
+    def _retire(self, now: float) -> List[Warm]:
+        """Take out processes that died or waited ttl; queue the expired ones' keys still in use."""
+        self._last_used = {key: used for key, used in self._last_used.items() if now - used < self.ttl}
+        kept: List[Warm] = []
+        retired: List[Warm] = []
+        for warm in self._idle:
+            if not warm.process.alive():
+                retired.append(warm)  # not replaced: a CLI that dies at start would just die again
+            elif now - warm.born >= self.ttl:
+                retired.append(warm)
+                if warm.key in self._last_used:
+                    self._wanted.append(warm.key)
+            else:
+                kept.append(warm)
+        self._idle = kept
+        return retired
+
+    def _reserve_next(self, doomed: List[Warm]) -> Optional[PoolKey]:
+        """The next wanted key there is room for, evicting into `doomed` when full."""
+        while self._wanted:
+            key = self._wanted.pop(0)
+            if len(self._idle) + self._starting >= self.size:
+                victim = self._least_recently_used_than(key)
+                if victim is None:
+                    continue  # every waiting process is for a key used at least as lately
+                self._idle.remove(victim)
+                doomed.append(victim)
+            self._starting += 1
+            return key
+        return None
+
+    def _least_recently_used_than(self, key: PoolKey) -> Optional[Warm]:
+        never = float("-inf")
+        used = self._last_used.get(key, never)
+        older = [warm for warm in self._idle if self._last_used.get(warm.key, never) < used]
+        return min(older, key=lambda warm: self._last_used.get(warm.key, never), default=None)
+
+    def _start(self, key: PoolKey) -> None:
+        process: Optional[ClaudeProcess] = None
+        try:
+            process = start_claude(list(key[0]), dict(key[1]))
+        except ProxyError as error:
+            log.warning("nothing pre-started: %s", error.message)
+        with self._changed:
+            self._starting -= 1
+            if process is not None and not self._closed:
+                self._idle.append(Warm(key, process))
+                return
+        if process is not None:
+            process.kill()  # the pool closed while it started
 
 
 def parse_event_line(line: bytes) -> Optional[Dict[str, Any]]:
@@ -1947,6 +2140,8 @@ class ProxyServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's listen backlog of 5 resets connections when dozens of clients connect at once.
+    request_queue_size = 128
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -1959,6 +2154,8 @@ class ProxyServer(ThreadingHTTPServer):
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.address_family = family
         super().__init__((config.host, config.port), ProxyHandler)
+        self.pool = WarmPool(config.pool_size, config.pool_ttl)  # once the port is ours
+        self._prewarm_default()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks DNS for our fully qualified name, which can
@@ -1983,17 +2180,30 @@ class ProxyServer(ThreadingHTTPServer):
         return Slot(self._slots, self.config.queue_timeout)
 
     def spawn(self, argv: List[str], env: Dict[str, str]) -> ClaudeProcess:
+        """The process for one request: a pre-started one when the pool has it, else a new one."""
+        process = self.pool.take(argv, env)
+        warm = process is not None
+        if process is None:
+            process = start_claude(argv, env)
         with self._lock:
-            if self._closing:
-                raise ProxyError(503, "The proxy is shutting down.", code="shutting_down")
-            try:
-                process = ClaudeProcess(argv, env)
-            except OSError as error:
-                raise ProxyError(503, "Could not start %s: %s" % (argv[0], error),
-                                 code="claude_not_found")
-            self._children[process.pid] = process
-        log.debug("started claude pid %d", process.pid)
-        return process
+            if not self._closing:
+                self._children[process.pid] = process
+                log.debug("claude pid %d (%s)", process.pid, "warm" if warm else "cold")
+                return process
+        process.kill()
+        raise ProxyError(503, "The proxy is shutting down.", code="shutting_down")
+
+    def _prewarm_default(self) -> None:
+        """Warm what a request naming no model and no system prompt needs."""
+        claude = find_claude(self.config.claude_bin)
+        if claude is None:
+            return
+        try:
+            request = parse_chat_request({"messages": [{"role": "user", "content": ""}]}, self.config)
+        except ProxyError as error:
+            log.warning("nothing pre-started: %s", error.message)
+            return
+        self.pool.prewarm(cli_argv(claude, request), cli_env(self.config))
 
     def release(self, process: ClaudeProcess) -> None:
         with self._lock:
@@ -2007,6 +2217,7 @@ class ProxyServer(ThreadingHTTPServer):
         with self._lock:
             self._closing = True
             children = list(self._children.values())
+        self.pool.close()
         for process in children:
             process.kill()
 
@@ -2028,6 +2239,7 @@ class ProxyServer(ThreadingHTTPServer):
             "requests_served": self.requests_served,
             "active_children": len(self.active_children()),
             "max_concurrent": self.config.max_concurrent,
+            "pool": self.pool.stats(),
         }
 
     def shutdown_gracefully(self) -> None:

@@ -24,6 +24,7 @@ import json
 import logging
 import logging.handlers
 import os
+import platform
 import plistlib
 import re
 import shutil
@@ -477,6 +478,7 @@ class RunningServer:
         settings.setdefault("host", "127.0.0.1")
         settings.setdefault("port", 0)
         settings.setdefault("claude_bin", FAKE.path)
+        settings.setdefault("pool_size", 0)  # each request its own new process, unless a test asks
         self.server = proxy.ProxyServer(proxy.Config(**settings))
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)
@@ -1312,6 +1314,55 @@ class ProcessLifecycleTest(ProxyTest):
         self.assertFalse(any("private prompt" in line for line in logs.output))
 
 
+class Daemon:
+    """claude_max_proxy.py in a process of its own, as users run it; its log goes to a file."""
+
+    def __init__(self, *flags: str) -> None:
+        fd, self.log_path = tempfile.mkstemp(prefix="claude-proxy-log-")
+        with os.fdopen(fd, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "--port", "0"] + list(flags),
+                stdin=subprocess.DEVNULL, stderr=log)
+        self.port = self._wait_for_port()
+
+    def _wait_for_port(self, timeout: float = 15.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path) as f:
+                text = f.read()
+            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)/v1", text)
+            if found:
+                return int(found.group(1))
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.close()
+        raise AssertionError("the proxy did not start listening: %s" % text)
+
+    def health(self) -> Dict[str, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request("GET", "/health")
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+
+    def stop(self) -> int:
+        """SIGTERM, as launchd or Ctrl-C sends it; the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(10)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if os.path.exists(self.log_path):
+            os.unlink(self.log_path)
+
+
 class ShutdownTest(unittest.TestCase):
     def test_in_process_shutdown_kills_every_child(self) -> None:
         running = RunningServer()
@@ -1325,30 +1376,209 @@ class ShutdownTest(unittest.TestCase):
         sock.close()
 
     def test_sigterm_stops_the_daemon_with_exit_0_and_no_child_left(self) -> None:
-        daemon = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "--port", "0",
-             "--claude-bin", FAKE.path], stderr=subprocess.PIPE, text=True)
+        # fable: a model no other server here warms, so its pre-started processes are the daemon's
+        daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "2", "--default-model", "claude-fable")
         try:
-            port = None
-            for line in daemon.stderr:
-                found = re.search(r"listening on http://127\.0\.0\.1:(\d+)/v1", line)
-                if found:
-                    port = int(found.group(1))
-                    break
-            self.assertIsNotNone(port)
             tag = marker()
-            sock = open_stream(port, "[[fake:slow]] " + tag)
+            sock = open_stream(daemon.port, "[[fake:slow]] " + tag)
             run = FAKE.run_for(tag, field="grandchild")
-            daemon.send_signal(signal.SIGTERM)
-            self.assertEqual(daemon.wait(10), 0)
-            self.assertTrue(pid_gone(run["pid"]))
-            self.assertTrue(pid_gone(run["grandchild"]))
+            warm = warm_for(proxy.DEFAULT_SYSTEM_PROMPT, "fable")
+            self.assertEqual(daemon.stop(), 0)
+            for pid in (run["pid"], run["grandchild"], warm["pid"]):
+                self.assertTrue(pid_gone(pid))
+            self.assertEqual(waiting_runs("fable"), [])
             sock.close()
         finally:
-            if daemon.poll() is None:
-                daemon.kill()
-                daemon.wait()
-            daemon.stderr.close()
+            daemon.close()
+
+
+def system(text: str) -> Dict[str, Any]:
+    return {"role": "system", "content": text}
+
+
+def argv_value(run: Dict[str, Any], flag: str) -> str:
+    return run["argv"][run["argv"].index(flag) + 1]
+
+
+def running(pid: int) -> bool:
+    """True while this pid is a fake claude that has not exited.
+
+    A zombie's command line reads empty, and so does a gone pid's; a reused
+    pid's names another program.
+    """
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return FAKE.path.encode() in f.read()
+    except OSError:
+        return False
+
+
+def waiting_runs(model: str) -> List[Dict[str, Any]]:
+    """Fake claude processes for this --model that are alive and still wait for their message."""
+    return [run for run in FAKE.runs()
+            if "stdin" not in run and argv_value(run, "--model") == model and running(run["pid"])]
+
+
+def warm_for(prompt: str, model: str = "sonnet", timeout: float = 10.0) -> Dict[str, Any]:
+    """The waiting fake process started with this --system-prompt and --model, once there is one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in waiting_runs(model):
+            if argv_value(run, "--system-prompt") == prompt:
+                return run
+        time.sleep(0.02)
+    raise AssertionError("no pre-started process for %r" % prompt)
+
+
+# A test's own server gets a default model the class server never uses, so the
+# processes it starts are told apart from the class server's by their --model.
+OWN_MODEL = "haiku"
+
+
+def own_server(**settings: Any) -> RunningServer:
+    return RunningServer(default_model="claude-haiku-4", **settings)
+
+
+class WarmPoolTest(ProxyTest):
+    """Processes started ahead of time; the fake records when each was started and when it was asked."""
+
+    settings = dict(ProxyTest.settings, pool_size=2, pool_ttl=300.0)
+
+    def pool(self, running_server: Optional[RunningServer] = None) -> Dict[str, int]:
+        return (running_server or self.running).server.health()["pool"]
+
+    def test_a_repeated_key_is_served_by_a_process_started_before_the_request(self) -> None:
+        prompt = "You are pool test " + marker()
+        self.assertEqual(self.chat(system(prompt), user("first")).status, 200)
+        warm = warm_for(prompt)
+        self.assertTrue(wait_until(lambda: self.running.server.active_children() == []),
+                        "a waiting process must not count as a running request")
+        before = self.pool()
+        asked_at = time.time()
+        tag = marker()
+        response = self.chat(system(prompt), user("second " + tag))
+        self.assertEqual(response.status, 200, response.body)
+        self.assertIn("Hello from fake", response.json()["choices"][0]["message"]["content"])
+        run = FAKE.run_for(tag, field="finished")
+        self.assertEqual(run["pid"], warm["pid"])
+        self.assertLess(run["spawned"], asked_at)
+        self.assertGreaterEqual(run["received"], asked_at)
+        self.assertEqual(self.pool()["hits"], before["hits"] + 1)
+        self.assertEqual(self.pool()["misses"], before["misses"])
+        self.assertTrue(run["cwd"].startswith(tempfile.gettempdir()))
+        self.assertTrue(wait_until(lambda: not os.path.exists(run["cwd"])),
+                        "a warm process's directory is thrown away like a cold one's")
+        self.assertTrue(pid_gone(run["pid"]))
+        self.assertNotEqual(warm_for(prompt)["pid"], run["pid"], "a replacement, never a reuse")
+
+    def test_different_keys_do_not_share_processes(self) -> None:
+        prompt = "You are pool test " + marker()
+        self.chat(system(prompt), user("first"))
+        warm = warm_for(prompt)
+        other_prompt, other_model = marker(), marker()
+        self.chat(system(other_prompt), user(other_prompt))
+        self.assertTrue(running(warm["pid"]))
+        self.assertNotIn("stdin", [run for run in FAKE.runs() if run["pid"] == warm["pid"]][0],
+                         "another system prompt must not take this process")
+        self.chat(system(prompt), user(other_model), model="claude-opus-4")
+        for tag, wanted_prompt, wanted_model in ((other_prompt, other_prompt, "sonnet"),
+                                                 (other_model, prompt, "opus")):
+            run = FAKE.run_for(tag)
+            self.assertNotEqual(run["pid"], warm["pid"])
+            self.assertEqual(argv_value(run, "--system-prompt"), wanted_prompt)
+            self.assertEqual(argv_value(run, "--model"), wanted_model)
+
+    def test_a_warm_process_that_died_is_skipped_and_the_request_starts_cold(self) -> None:
+        prompt = "You are pool test " + marker()
+        self.chat(system(prompt), user("first"))
+        warm = warm_for(prompt)
+        os.kill(warm["pid"], signal.SIGKILL)
+        self.assertTrue(wait_until(lambda: not running(warm["pid"])))
+        before = self.pool()
+        asked_at = time.time()
+        tag = marker()
+        response = self.chat(system(prompt), user(tag))
+        self.assertEqual(response.status, 200, response.body)
+        run = FAKE.run_for(tag)
+        self.assertNotEqual(run["pid"], warm["pid"])
+        self.assertGreaterEqual(run["spawned"], asked_at)
+        self.assertEqual(self.pool()["misses"], before["misses"] + 1)
+        self.assertTrue(pid_gone(warm["pid"]), "the dead process must be reaped, not left a zombie")
+
+    def test_health_reports_the_pool(self) -> None:
+        pool = self.request("GET", "/health").json()["pool"]
+        self.assertEqual(set(pool), {"size", "max", "hits", "misses"})
+        self.assertEqual(pool["max"], 2)
+        self.assertLessEqual(pool["size"], 2)
+
+    def test_the_default_model_and_prompt_are_warmed_at_start(self) -> None:
+        running_server = own_server(pool_size=1)
+        try:
+            warm = warm_for(proxy.DEFAULT_SYSTEM_PROMPT, OWN_MODEL)
+            tag = marker()
+            self.assertEqual(post_chat(running_server.port, {"messages": [user(tag)]}).status, 200)
+            self.assertEqual(FAKE.run_for(tag)["pid"], warm["pid"])
+            self.assertEqual(self.pool(running_server)["hits"], 1)
+        finally:
+            running_server.stop()
+
+    def test_the_pool_never_holds_more_than_its_size_and_evicts_the_least_recently_used(self) -> None:
+        running_server = own_server(pool_size=2)
+        try:
+            prompts = ["You are pool test %d %s" % (i, marker()) for i in range(5)]
+            for prompt in prompts:
+                post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
+                warm_for(prompt, OWN_MODEL)
+                self.assertLessEqual(len(waiting_runs(OWN_MODEL)), 2)
+                self.assertLessEqual(self.pool(running_server)["size"], 2)
+            self.assertTrue(wait_until(lambda: len(waiting_runs(OWN_MODEL)) == 2))
+            self.assertEqual(sorted(argv_value(run, "--system-prompt") for run in waiting_runs(OWN_MODEL)),
+                             sorted(prompts[-2:]))
+        finally:
+            running_server.stop()
+
+    def test_an_idle_warm_process_is_retired_after_the_ttl(self) -> None:
+        running_server = own_server(pool_size=2, pool_ttl=0.5)
+        try:
+            prompt = "You are pool test " + marker()
+            post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
+            warm = warm_for(prompt, OWN_MODEL)
+            self.assertTrue(pid_gone(warm["pid"]), "an idle process outlived --pool-ttl")
+            self.assertTrue(wait_until(lambda: self.pool(running_server)["size"] == 0))
+            time.sleep(1.0)  # two more TTLs: an unused key must not be warmed again
+            self.assertEqual(waiting_runs(OWN_MODEL), [])
+            self.assertEqual(len([run for run in FAKE.runs()
+                                  if argv_value(run, "--system-prompt") == prompt]), 2,
+                             "only the request's own process and the one replacement")
+        finally:
+            running_server.stop()
+
+    def test_the_idle_timeout_counts_from_the_request_not_from_the_spawn(self) -> None:
+        running_server = own_server(pool_size=1, idle_timeout=0.5)
+        try:
+            prompt = "You are pool test " + marker()
+            post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
+            warm = warm_for(prompt, OWN_MODEL)
+            time.sleep(1.0)  # twice the idle timeout, spent waiting on stdin
+            tag = marker()
+            response = post_chat(running_server.port, {"messages": [system(prompt), user(tag)]})
+            self.assertEqual(response.status, 200, response.body)
+            self.assertEqual(FAKE.run_for(tag)["pid"], warm["pid"])
+        finally:
+            running_server.stop()
+
+    def test_no_warm_process_outlives_the_server(self) -> None:
+        running_server = own_server(pool_size=2)
+        prompt = "You are pool test " + marker()
+        post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
+        warm_for(prompt, OWN_MODEL)
+        warm_for(proxy.DEFAULT_SYSTEM_PROMPT, OWN_MODEL)
+        pids = [run["pid"] for run in waiting_runs(OWN_MODEL)]
+        self.assertEqual(len(pids), 2)
+        running_server.stop()
+        for pid in pids:
+            self.assertTrue(pid_gone(pid))
+        self.assertEqual(running_server.server.health()["pool"]["size"], 0)
 
 
 class ConfigurationTest(unittest.TestCase):
@@ -2683,6 +2913,32 @@ def real_claude() -> Optional[str]:
     return shutil.which("claude")
 
 
+class FakeUpstream:
+    """FakeAnthropicHandler on a free loopback port, and os.environ pointing the real CLI at it.
+
+    The CLI gets a dummy API key and an empty HOME: no login, no network.
+    """
+
+    def __init__(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), FakeAnthropicHandler)
+        self.server.daemon_threads = True
+        self.requests: List[Dict[str, Any]] = []
+        self.server.requests = self.requests
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.home = tempfile.mkdtemp(prefix="claude-home-")
+        self.saved_env = dict(os.environ)
+        os.environ.update({"HOME": self.home, "ANTHROPIC_API_KEY": "sk-ant-dummy",
+                           "ANTHROPIC_BASE_URL": "http://127.0.0.1:%d" % self.server.server_port})
+        os.environ.pop("ANTHROPIC_AUTH_TOKEN", None)
+
+    def stop(self) -> None:
+        os.environ.clear()
+        os.environ.update(self.saved_env)
+        self.server.shutdown()
+        self.server.server_close()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
 @unittest.skipIf(real_claude() is None and not IN_CI, "the real claude CLI is not installed")
 class EndToEndTest(ProxyTest):
     """The proxy driving the real CLI, which talks to FakeAnthropicHandler."""
@@ -2694,26 +2950,14 @@ class EndToEndTest(ProxyTest):
         claude = real_claude()
         if claude is None:
             raise AssertionError("CI must have the real claude CLI (npm install -g @anthropic-ai/claude-code)")
-        cls.upstream = ThreadingHTTPServer(("127.0.0.1", 0), FakeAnthropicHandler)
-        cls.upstream.daemon_threads = True
-        cls.upstream.requests = []
-        threading.Thread(target=cls.upstream.serve_forever, daemon=True).start()
-        cls.home = tempfile.mkdtemp(prefix="claude-home-")
-        cls.saved_env = dict(os.environ)
-        os.environ.update({"HOME": cls.home, "ANTHROPIC_API_KEY": "sk-ant-dummy",
-                           "ANTHROPIC_BASE_URL": "http://127.0.0.1:%d" % cls.upstream.server_port})
-        os.environ.pop("ANTHROPIC_AUTH_TOKEN", None)
+        cls.upstream = FakeUpstream()
         cls.settings = dict(cls.settings, claude_bin=claude, allow_api_key=True)
         super().setUpClass()
 
     @classmethod
     def tearDownClass(cls) -> None:
         super().tearDownClass()
-        os.environ.clear()
-        os.environ.update(cls.saved_env)
-        cls.upstream.shutdown()
-        cls.upstream.server_close()
-        shutil.rmtree(cls.home, ignore_errors=True)
+        cls.upstream.stop()
 
     def upstream_request_for(self, tag: str) -> Dict[str, Any]:
         for body in self.upstream.requests:
@@ -2819,11 +3063,255 @@ class EndToEndTest(ProxyTest):
         self.assertError(response, 429, "rate_limit_error")
         self.assertIsNotNone(response.headers["Retry-After"])
 
+    def test_pre_started_clis_answer_requests(self) -> None:
+        running_server = RunningServer(**dict(self.settings, pool_size=1))
+
+        def pool() -> Dict[str, int]:
+            return running_server.server.health()["pool"]
+
+        try:
+            for _ in range(2):
+                self.assertTrue(wait_until(lambda: pool()["size"] == 1, timeout=30))
+                tag = marker()
+                response = post_chat(running_server.port, {"messages": [user("warm " + tag)]})
+                self.assertEqual(response.status, 200, response.body)
+                self.assertEqual(response.json()["choices"][0]["message"]["content"], UPSTREAM_REPLY)
+                self.assertIn("warm " + tag, last_user_text(self.upstream_request_for(tag)))
+            self.assertEqual((pool()["hits"], pool()["misses"]), (2, 0))
+        finally:
+            running_server.stop()
+
     def test_without_a_login_the_client_is_told_to_log_in(self) -> None:
         self.config.allow_api_key = False  # the key is stripped; the empty HOME holds no login
         error = self.assertError(self.say("hi"), 401, "authentication_error")
         self.assertIn("log in", error["message"])
 
 
+# ---------------------------------------------------------------------------
+# Benchmark: `python3 test_proxy.py bench` (never part of the test run)
+# ---------------------------------------------------------------------------
+
+BENCH_BODY = {"model": "claude-sonnet-4", "stream": True,
+              "messages": [system("You are a benchmark."), user("Say hello.")]}
+
+
+def percentile(values: List[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def ms(values: List[float]) -> str:
+    """p50 / p95 of durations in seconds, in milliseconds."""
+    return "%.1f / %.1f ms" % (percentile(values, 0.5) * 1000, percentile(values, 0.95) * 1000)
+
+
+def stream_once(port: int, body: Dict[str, Any]) -> Tuple[float, float, bool]:
+    """One streamed completion: (seconds to the first frame, seconds in all, answered in full)."""
+    started = time.perf_counter()
+    first = float("nan")
+    last = b""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        for line in iter(response.readline, b""):
+            if line.startswith(b"data: ") and first != first:
+                first = time.perf_counter() - started
+            last = line.strip() or last
+        return first, time.perf_counter() - started, response.status == 200 and last == b"data: [DONE]"
+    except (OSError, http.client.HTTPException):
+        return first, time.perf_counter() - started, False
+    finally:
+        conn.close()
+
+
+def direct_once(claude: str, body: Dict[str, Any]) -> Tuple[float, float, bool]:
+    """The same request run by hand, with the argv, env and stdin the proxy would give the CLI."""
+    config = proxy.Config()
+    request = proxy.parse_chat_request(body, config)
+    started = time.perf_counter()
+    first = total = float("nan")
+    child = subprocess.Popen(proxy.cli_argv(claude, request), env=proxy.cli_env(config),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    child.stdin.write(proxy.stdin_message(request))
+    child.stdin.close()
+    # The events the proxy's first frame and its [DONE] follow: the first text and the result.
+    for line in child.stdout:
+        if b'"content_block_delta"' in line and first != first:
+            first = time.perf_counter() - started
+        if line.startswith(b'{"type": "result"'):
+            total = time.perf_counter() - started
+    child.stdout.close()
+    return first, total, child.wait() == 0
+
+
+def wait_for_warm(daemon: Daemon, pause: float) -> None:
+    """Let the pool refill and its new process finish starting, as an agent's pause between calls would."""
+    def full() -> bool:
+        pool = daemon.health()["pool"]
+        return pool["size"] == pool["max"]
+
+    wait_until(full, timeout=30)
+    time.sleep(pause)
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def children_rss_mb(pid: int) -> float:
+    children = set()
+    for task in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                children.update(int(child) for child in f.read().split())
+        except OSError:
+            pass  # a thread that ended meanwhile
+    return sum(rss_mb(child) for child in children)
+
+
+def bench_overhead(rows: List[Tuple[str, str]], runs: int = 200) -> None:
+    """Section 1: the fake CLI by hand vs through the proxy, interleaved so load drifts hit both."""
+    cold = Daemon("--claude-bin", FAKE.path, "--pool-size", "0")
+    warm = Daemon("--claude-bin", FAKE.path, "--pool-size", "2")
+    results: Dict[str, List[Tuple[float, float, bool]]] = {"direct": [], "cold": [], "warm": []}
+    try:
+        for _ in range(runs):
+            results["direct"].append(direct_once(FAKE.path, BENCH_BODY))
+            results["cold"].append(stream_once(cold.port, BENCH_BODY))
+        for _ in range(runs):  # apart: a replacement starting would slow the others down
+            wait_for_warm(warm, 0.1)
+            results["warm"].append(stream_once(warm.port, BENCH_BODY))
+        hits = warm.health()["pool"]["hits"]
+    finally:
+        cold.stop()
+        warm.stop()
+    first = {name: [r[0] for r in rs] for name, rs in results.items()}
+    total = {name: [r[1] for r in rs] for name, rs in results.items()}
+    errors = sum(not r[2] for rs in results.values() for r in rs)
+    rows.append(("1. fake CLI run directly: first token p50 / p95", ms(first["direct"])))
+    rows.append(("1. fake CLI run directly: total p50 / p95", ms(total["direct"])))
+    rows.append(("1. through the proxy, pool off: first byte p50 / p95", ms(first["cold"])))
+    rows.append(("1. through the proxy, pool off: total p50 / p95", ms(total["cold"])))
+    for label, values in (("first byte", first), ("total", total)):
+        extra = [proxied - direct for proxied, direct in zip(values["cold"], values["direct"])]
+        rows.append(("1. **proxy overhead**, %s: p50 / p95 of (pool off minus direct), paired" % label,
+                     "%+.1f / %+.1f ms" % (percentile(extra, 0.5) * 1000, percentile(extra, 0.95) * 1000)))
+    rows.append(("1. through the proxy, pool on: first byte p50 / p95",
+                 "%s (%d of %d warm)" % (ms(first["warm"]), hits, runs)))
+    rows.append(("1. runs / errors", "%d x 3 / %d" % (runs, errors)))
+
+
+def bench_real_cli(rows: List[Tuple[str, str]], runs: int = 20) -> None:
+    """Section 2: the real CLI's first token, cold vs from the pool, on the fake upstream."""
+    claude = real_claude()
+    if claude is None:
+        rows.append(("2. real claude", "not installed; skipped"))
+        return
+    upstream = FakeUpstream()
+    try:
+        flags = ["--claude-bin", claude, "--allow-api-key"]
+        cold = Daemon(*(flags + ["--pool-size", "0"]))
+        try:
+            cold_first = [stream_once(cold.port, BENCH_BODY)[0] for _ in range(runs)]
+        finally:
+            cold.stop()
+        warm = Daemon(*(flags + ["--pool-size", "2"]))
+        try:
+            stream_once(warm.port, BENCH_BODY)  # the first request for a key always starts cold
+            warm_first = []
+            for _ in range(runs):
+                wait_for_warm(warm, 1.5)
+                warm_first.append(stream_once(warm.port, BENCH_BODY)[0])
+            pool = warm.health()["pool"]
+            wait_for_warm(warm, 1.5)
+            idle_pool_rss = children_rss_mb(warm.process.pid)
+        finally:
+            warm.stop()
+    finally:
+        upstream.stop()
+    rows.append(("2. real claude %s, cold (pool 0): first token p50 / p95" % claude_version_of(claude),
+                 ms(cold_first)))
+    rows.append(("2. real claude, warm (pool 2): first token p50 / p95",
+                 "%s (%d hits, %d misses)" % (ms(warm_first), pool["hits"], pool["misses"] - 1)))
+    rows.append(("2. **warm / cold** first token p50", "1 / %.1f" % (
+        percentile(cold_first, 0.5) / percentile(warm_first, 0.5))))
+    rows.append(("2. RSS of the 2 idle pre-started real CLIs", "%.0f MB" % idle_pool_rss))
+
+
+def claude_version_of(claude: str) -> str:
+    return (proxy.claude_version(claude) or "?").split()[0]
+
+
+def bench_load(rows: List[Tuple[str, str]], clients: int = 64, each: int = 5) -> None:
+    """Sections 3 and 4: many streaming clients at once, and the proxy's own memory."""
+    daemon = Daemon("--claude-bin", FAKE.path, "--max-concurrent", str(clients))
+    results: List[Tuple[float, float, bool]] = []
+    peak = [0.0]
+    done = threading.Event()
+
+    def client() -> None:
+        for _ in range(each):
+            results.append(stream_once(daemon.port, BENCH_BODY))
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], rss_mb(daemon.process.pid))
+
+    try:
+        wait_for_warm(daemon, 0.5)
+        idle = rss_mb(daemon.process.pid)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        elapsed = time.perf_counter() - started
+        done.set()
+        sampler.join()
+        high_water = rss_mb(daemon.process.pid, "VmHWM")
+    finally:
+        daemon.stop()
+    errors = sum(not ok for _first, _total, ok in results) + clients * each - len(results)
+    rows.append(("3. %d concurrent streaming clients x %d requests (fake CLI): requests/s"
+                 % (clients, each), "%.0f" % (len(results) / elapsed)))
+    rows.append(("3. errors", "%d of %d" % (errors, clients * each)))
+    rows.append(("3. first byte p50 / p95", ms([first for first, _total, _ok in results])))
+    rows.append(("4. proxy RSS idle (pool processes excluded)", "%.1f MB" % idle))
+    rows.append(("4. proxy RSS under that load: sampled max / high-water mark",
+                 "%.1f MB / %.1f MB" % (peak[0], high_water)))
+
+
+def bench() -> int:
+    """Print the performance table README shows; about two minutes on 2 cores."""
+    setUpModule()
+    rows: List[Tuple[str, str]] = []
+    try:
+        bench_overhead(rows)
+        bench_real_cli(rows)
+        bench_load(rows)
+    finally:
+        tearDownModule()
+    print("Machine: %d CPUs, %s, Python %s, %s" % (
+        os.cpu_count() or 0, platform.platform(terse=True), platform.python_version(),
+        "claude " + claude_version_of(real_claude()) if real_claude() else "no real claude"))
+    print()
+    print("| measure | result |")
+    print("|---|---|")
+    for measure, result in rows:
+        print("| %s | %s |" % (measure, result))
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["bench"]:
+        sys.exit(bench())
     unittest.main()
