@@ -817,6 +817,26 @@ def is_public_address(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+class Launch(NamedTuple):
+    """Everything a `claude` process starts with. A pre-started process serves only
+    a request with an equal Launch: the rest of a request goes to it on stdin."""
+
+    argv: Tuple[str, ...]
+    env: Tuple[Tuple[str, str], ...]
+    files: Tuple[Tuple[str, str], ...]  # (name, text) written into its directory first
+
+
+# The system prompt goes in a file: one argument may hold only 128 KiB on Linux
+# (tool listings grow past that), and argv is visible to every user in `ps`.
+SYSTEM_PROMPT_FILE = "system-prompt.txt"
+
+
+def cli_launch(claude: str, request: ChatRequest, config: Config) -> Launch:
+    return Launch(tuple(cli_argv(claude, request)),
+                  tuple(sorted(cli_env(config, request).items())),
+                  ((SYSTEM_PROMPT_FILE, request.system_prompt),))
+
+
 def cli_argv(claude: str, request: ChatRequest) -> List[str]:
     """The argv of the child. Nothing from the request reaches a shell: argv is a list."""
     argv = [
@@ -824,7 +844,7 @@ def cli_argv(claude: str, request: ChatRequest) -> List[str]:
         "--input-format", "stream-json",
         "--output-format", "stream-json", "--verbose", "--include-partial-messages",
         "--model", request.cli_model,
-        "--system-prompt", request.system_prompt,
+        "--system-prompt-file", SYSTEM_PROMPT_FILE,  # relative: the child runs in its directory
         # Claude Code's own tools (Bash, Read, Edit, web) must never run for a proxied prompt.
         "--tools", "",
         "--max-turns", str(STRUCTURED_MAX_TURNS if request.json_schema else 1),
@@ -900,41 +920,42 @@ class ClientGone(Exception):
 class ClaudeProcess:
     """One `claude -p` child in its own process group and throwaway directory.
 
-    It serves exactly one request: send() hands it the message, events() reads
-    its stdout as JSON events, and close() or kill() reaps it and removes the
-    directory. kill() is safe from any thread and any number of times.
+    It serves exactly one request: send() hands it the message, events() writes
+    that to its stdin and reads its stdout as JSON events, and close() reaps it,
+    closes its pipes and removes the directory. Only the thread that reads it
+    calls those; any thread may call terminate(), which leaves the pipes alone.
     """
 
     STDERR_TAIL = 4096
 
-    def __init__(self, argv: List[str], env: Dict[str, str]) -> None:
+    def __init__(self, launch: Launch) -> None:
         self.workdir = tempfile.mkdtemp(prefix="claude-proxy-")
         try:
+            for name, text in launch.files:
+                with open(os.path.join(self.workdir, name), "w", encoding="utf-8") as f:
+                    f.write(text)
             self.popen = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=self.workdir, env=env, start_new_session=True, bufsize=0)
+                list(launch.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, cwd=self.workdir, env=dict(launch.env),
+                start_new_session=True, bufsize=0)
         except BaseException:
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise
         self.pid = self.popen.pid
         self.last_output = time.monotonic()
         self.stderr_tail = b""
+        self._unsent = b""
         self._lock = threading.Lock()
         self._reaped = False
+        self._closed = False
 
     def send(self, message: bytes) -> None:
-        """Write the one message and close stdin, so the CLI answers and exits."""
+        """Queue the one message; events() writes it and then closes stdin, so the CLI
+        answers and exits. Writing there keeps a CLI that never reads under the timeouts."""
         # The request starts now; a pre-started process may have waited long.
         self.last_output = time.monotonic()
-        try:
-            self.popen.stdin.write(message)
-        except (BrokenPipeError, OSError):
-            pass  # it died already; events() reports that with its stderr
-        finally:
-            try:
-                self.popen.stdin.close()
-            except OSError:
-                pass
+        self._unsent = message
+        os.set_blocking(self.popen.stdin.fileno(), False)
 
     def events(self, next_deadline: Callable[[], Tuple[float, ProxyError]],
                client: Optional[socket.socket] = None) -> Iterator[Dict[str, Any]]:
@@ -945,11 +966,13 @@ class ClaudeProcess:
         `client` is given, a client that closes its connection raises ClientGone
         at once, even while the CLI is silent.
         """
-        out, err = self.popen.stdout, self.popen.stderr
+        out, err, stdin = self.popen.stdout, self.popen.stderr, self.popen.stdin
         pending = b""
         with selectors.DefaultSelector() as selector:
             selector.register(out, selectors.EVENT_READ)
             selector.register(err, selectors.EVENT_READ)
+            if not stdin.closed:
+                selector.register(stdin, selectors.EVENT_WRITE)
             if client is not None:
                 selector.register(client, selectors.EVENT_READ)
             while True:
@@ -958,6 +981,10 @@ class ClaudeProcess:
                 if wait <= 0:
                     raise error
                 for key, _ in selector.select(min(wait, 3600.0)):
+                    if key.fileobj is stdin:
+                        if self._write_some():
+                            selector.unregister(stdin)
+                        continue
                     if key.fileobj is client:
                         if client_closed(client):
                             raise ClientGone()
@@ -984,11 +1011,25 @@ class ClaudeProcess:
                         if event is not None:
                             yield event
 
+    def _write_some(self) -> bool:
+        """Write what stdin takes now; True once all is written and stdin closed."""
+        try:
+            written = os.write(self.popen.stdin.fileno(), self._unsent[:65536])
+            self._unsent = self._unsent[written:]
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._unsent = b""  # it died; events() sees its stdout close
+        if self._unsent:
+            return False
+        self.popen.stdin.close()
+        return True
+
     def _keep_stderr(self, data: bytes) -> None:
         self.stderr_tail = (self.stderr_tail + data)[-self.STDERR_TAIL:]
 
-    def stderr_text(self) -> str:
-        """The end of what the CLI wrote on stderr, including what is still in the pipe."""
+    def _drain_stderr(self) -> None:
+        """Keep what is still in the stderr pipe, without waiting for more."""
         fd = self.popen.stderr.fileno()
         os.set_blocking(fd, False)  # a grandchild may hold the pipe open: never wait on it
         try:
@@ -997,60 +1038,74 @@ class ClaudeProcess:
                 if not data:
                     break
                 self._keep_stderr(data)
-        except (BlockingIOError, OSError):
+        except OSError:
             pass
+
+    def stderr_text(self) -> str:
         return self.stderr_tail.decode("utf-8", "replace").strip()
 
-    def exit_code(self, wait: float = 2.0) -> Optional[int]:
-        try:
-            return self.popen.wait(wait)
-        except subprocess.TimeoutExpired:
-            return None
-
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        return not self._exited()
 
-    def close(self, grace: float = 1.0) -> None:
-        """Let a child that has answered exit by itself for a moment, then make sure."""
-        try:
-            self.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-        self.kill()
+    def close(self, grace: float = 0.0) -> Optional[int]:
+        """Give the child `grace` seconds to exit by itself, then kill what is left of
+        its group, reap it and clean up. Returns its exit code (negative: a signal)."""
+        with self._lock:
+            if self._closed:
+                return self.popen.returncode
+            self._closed = True
+        deadline = time.monotonic() + grace
+        while not self._exited() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._drain_stderr()
+        self.terminate()
+        for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        return self.popen.returncode
 
     def kill(self) -> None:
+        self.close(grace=0.0)
+
+    def terminate(self) -> None:
         """Kill the child and everything it started, reap it, remove its directory."""
         with self._lock:
             if self._reaped:
                 return
             self._reaped = True
         try:
-            os.killpg(self.pid, signal.SIGKILL)
+            os.killpg(self.pid, signal.SIGKILL)  # the leader is not reaped yet: its pid is still ours
         except (ProcessLookupError, PermissionError):
             pass
         self.popen.wait()
-        for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
-            try:
-                pipe.close()
-            except OSError:
-                pass
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def _exited(self) -> bool:
+        """Whether the child has exited, without reaping it where the OS allows, so
+        that its pid, which names the process group we kill, cannot be reused yet."""
+        if self.popen.returncode is not None:
+            return True
+        if hasattr(os, "waitid"):
+            try:
+                return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+            except ChildProcessError:
+                return True
+        return self.popen.poll() is not None  # no waitid (macOS): poll reaps
 
-def start_claude(argv: List[str], env: Dict[str, str]) -> ClaudeProcess:
+
+def start_claude(launch: Launch) -> ClaudeProcess:
     """A new process for a request, or a 503 when the CLI cannot be started."""
     try:
-        return ClaudeProcess(argv, env)
+        return ClaudeProcess(launch)
     except OSError as error:
-        raise ProxyError(503, "Could not start %s: %s" % (argv[0], error), code="claude_not_found")
+        missing = isinstance(error, FileNotFoundError) and error.filename == launch.argv[0]
+        raise ProxyError(503, "Could not start %s: %s" % (launch.argv[0], error),
+                         code="claude_not_found" if missing else "cli_start_failed")
 
 
-PoolKey = Tuple[Tuple[str, ...], Tuple[Tuple[str, str], ...]]
-
-
-def pool_key(argv: List[str], env: Dict[str, str]) -> PoolKey:
-    """Everything a process is started with: only a request with the same key may use it."""
-    return tuple(argv), tuple(sorted(env.items()))
+PoolKey = Launch
 
 
 class Warm:
@@ -1097,11 +1152,10 @@ class WarmPool:
 
     # -- used by requests --------------------------------------------------------
 
-    def take(self, argv: List[str], env: Dict[str, str]) -> Optional[ClaudeProcess]:
-        """A live process started for this argv and env, or None; a replacement is queued either way."""
+    def take(self, key: Launch) -> Optional[ClaudeProcess]:
+        """A live process started for this launch, or None; a replacement is queued either way."""
         if not self.size:
             return None
-        key = pool_key(argv, env)
         found: Optional[ClaudeProcess] = None
         dead: List[ClaudeProcess] = []
         with self._changed:
@@ -1122,11 +1176,11 @@ class WarmPool:
             process.kill()  # died while waiting; the request starts a new one instead
         return found
 
-    def prewarm(self, argv: List[str], env: Dict[str, str]) -> None:
+    def prewarm(self, key: Launch) -> None:
         """Start a process for a key no request has used yet (the default one, at start-up)."""
         if self.size:
             with self._changed:
-                self._want(pool_key(argv, env))
+                self._want(key)
 
     def stats(self) -> Dict[str, int]:
         with self._changed:
@@ -1212,7 +1266,7 @@ class WarmPool:
     def _start(self, key: PoolKey) -> None:
         process: Optional[ClaudeProcess] = None
         try:
-            process = start_claude(list(key[0]), dict(key[1]))
+            process = start_claude(key)
         except ProxyError as error:
             log.warning("nothing pre-started: %s", error.message)
         with self._changed:
@@ -1889,7 +1943,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         completion = Completion(request.model)
         answer = Answer(request, config.retry_budget)
         collector = Collector()
-        process = self.server.spawn(cli_argv(claude, request), cli_env(config, request))
+        process = self.server.spawn(cli_launch(claude, request, config))
         try:
             process.send(stdin_message(request))
             for event in process.events(self._deadlines(process, answer.reply), self.connection):
@@ -1915,12 +1969,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise
             self._stream_error(error)
         finally:
-            # A child that printed its result exits by itself; one cut short
-            # (stop sequence, max_tokens, error, client gone) is killed now.
-            if answer.reply.completed:
-                process.close()
-            else:
-                process.kill()
+            # A child that printed its result exits by itself (and may be writing
+            # Claude Code's own files); one cut short is killed now.
+            process.close(grace=1.0 if answer.reply.completed else 0.0)
             self.server.release(process)
 
     def _deadlines(self, process: ClaudeProcess, reply: Reply) -> Callable[[], Tuple[float, ProxyError]]:
@@ -1942,7 +1993,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return next_deadline
 
     def _no_result(self, process: ClaudeProcess) -> ProxyError:
-        code = process.exit_code()
+        code = process.close(grace=2.0)
         tail = process.stderr_text()[-1000:]
         return ProxyError(
             502, "Claude Code exited (code %s) without an answer. %s"
@@ -2179,12 +2230,12 @@ class ProxyServer(ThreadingHTTPServer):
     def slot(self) -> "Slot":
         return Slot(self._slots, self.config.queue_timeout)
 
-    def spawn(self, argv: List[str], env: Dict[str, str]) -> ClaudeProcess:
+    def spawn(self, launch: Launch) -> ClaudeProcess:
         """The process for one request: a pre-started one when the pool has it, else a new one."""
-        process = self.pool.take(argv, env)
+        process = self.pool.take(launch)
         warm = process is not None
         if process is None:
-            process = start_claude(argv, env)
+            process = start_claude(launch)
         with self._lock:
             if not self._closing:
                 self._children[process.pid] = process
@@ -2203,11 +2254,12 @@ class ProxyServer(ThreadingHTTPServer):
         except ProxyError as error:
             log.warning("nothing pre-started: %s", error.message)
             return
-        self.pool.prewarm(cli_argv(claude, request), cli_env(self.config))
+        self.pool.prewarm(cli_launch(claude, request, self.config))
 
     def release(self, process: ClaudeProcess) -> None:
         with self._lock:
-            self._children.pop(process.pid, None)
+            if self._children.get(process.pid) is process:  # its pid may be a new child's already
+                del self._children[process.pid]
 
     def active_children(self) -> List[int]:
         with self._lock:
@@ -2219,7 +2271,7 @@ class ProxyServer(ThreadingHTTPServer):
             children = list(self._children.values())
         self.pool.close()
         for process in children:
-            process.kill()
+            process.terminate()  # its request's thread still reads it, and closes it
 
     # -- status ----------------------------------------------------------------
 
@@ -2243,9 +2295,9 @@ class ProxyServer(ThreadingHTTPServer):
         }
 
     def shutdown_gracefully(self) -> None:
-        """Stop accepting, kill every child; safe to call from a signal handler."""
+        """Kill every child and stop serving; call it from any thread but serve_forever's."""
         self.kill_children()
-        threading.Thread(target=self.shutdown, daemon=True).start()
+        self.shutdown()
 
 
 class Slot:
@@ -2315,11 +2367,14 @@ def serve(config: Config) -> int:
         log.warning(warning)
 
     def on_signal(signum: int, _frame: Any) -> None:
+        # The handler interrupts serve_forever's own thread, which shutdown() waits for.
         log.info("signal %d: shutting down", signum)
-        server.shutdown_gracefully()
+        threading.Thread(target=server.shutdown_gracefully, daemon=True).start()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # Children run in sessions of their own, so a hangup or quit never reaches them: all
+    # four signals end the proxy the same way, taking every child with it.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, on_signal)
     log.info("claude-max-proxy %s listening on http://%s:%d/v1", __version__,
              config.host, server.port)
     try:

@@ -201,6 +201,9 @@ def flag(name):
 
 record = {"pid": os.getpid(), "argv": ARGV, "cwd": os.getcwd(), "env": dict(os.environ),
           "spawned": time.time()}
+if flag("--system-prompt-file") is not None:
+    with open(flag("--system-prompt-file")) as f:  # relative to the directory it runs in
+        record["system_prompt"] = f.read()
 
 
 def save(**fields):
@@ -224,6 +227,8 @@ def texts(message):
 
 
 save()
+if os.environ.get("FAKE_CLAUDE_DEAF"):
+    time.sleep(3600)  # never reads its stdin
 raw = sys.stdin.read()  # the proxy writes one message line and closes stdin
 messages = [json.loads(line) for line in raw.splitlines() if line.strip()]
 prompt = "".join(t for m in messages for t in texts(m))
@@ -693,11 +698,15 @@ class RequestTranslationTest(unittest.TestCase):
     def test_argv_turns_tools_off_and_keeps_the_prompt_out(self) -> None:
         request = self.parse({"model": "claude-opus-4", "messages": [
             {"role": "system", "content": "Rules"}, user("secret prompt text")]})
-        argv = proxy.cli_argv("/bin/claude", request)
+        launch = proxy.cli_launch("/bin/claude", request, config())
+        argv = list(launch.argv)
         self.assertEqual(argv[:2], ["/bin/claude", "-p"])
         self.assertEqual(argv[argv.index("--tools") + 1], "")
         self.assertEqual(argv[argv.index("--model") + 1], "opus")
-        self.assertEqual(argv[argv.index("--system-prompt") + 1], "Rules")
+        # The system prompt goes in a file in the child's directory, out of argv and `ps`.
+        self.assertEqual(argv[argv.index("--system-prompt-file") + 1], "system-prompt.txt")
+        self.assertEqual(dict(launch.files), {"system-prompt.txt": "Rules"})
+        self.assertNotIn("Rules", argv)
         self.assertEqual(argv[argv.index("--input-format") + 1], "stream-json")
         self.assertEqual(argv[argv.index("--setting-sources") + 1], "")
         self.assertIn("--no-session-persistence", argv)
@@ -998,7 +1007,7 @@ class CompletionTest(ProxyTest):
         run = FAKE.run_for(tag)
         argv = run["argv"]
         self.assertEqual(argv[argv.index("--model") + 1], "opus")
-        self.assertEqual(argv[argv.index("--system-prompt") + 1], "You are terse.")
+        self.assertEqual(run["system_prompt"], "You are terse.")
         self.assertEqual(argv[argv.index("--tools") + 1], "")
         self.assertEqual(argv[argv.index("--output-format") + 1], "stream-json")
         self.assertFalse(any(tag in arg for arg in argv), "the prompt must not be in argv")
@@ -1030,6 +1039,13 @@ class CompletionTest(ProxyTest):
         run = FAKE.run_for(tag)
         self.assertGreater(len(run["stdin"]), 300000)
         self.assertTrue(run["messages"][0]["message"]["content"][0]["text"].endswith("final " + tag))
+
+    def test_a_system_prompt_larger_than_an_argument_may_be_works(self) -> None:
+        tag = marker()
+        rules = "Rule: be kind. " * 20000  # 300 KB; Linux takes at most 128 KiB in one argument
+        response = self.chat({"role": "system", "content": rules}, user(tag))
+        self.assertEqual(response.status, 200, response.body[:300])
+        self.assertEqual(FAKE.run_for(tag)["system_prompt"], rules)
 
     def test_usage_counts_cached_prompt_tokens(self) -> None:
         cue = FAKE.script("cached", usage={"input_tokens": 5, "cache_read_input_tokens": 1000,
@@ -1201,6 +1217,19 @@ class CliFailureTest(ProxyTest):
         self.assertTrue(pid_gone(run["pid"]))
         self.assertTrue(pid_gone(run["grandchild"]), "the child's own children must die too")
 
+    def test_a_cli_that_never_reads_its_stdin_is_still_timed_out(self) -> None:
+        self.config.idle_timeout = 0.5
+        os.environ["FAKE_CLAUDE_DEAF"] = "1"
+        try:
+            started = time.monotonic()
+            # far more than a pipe holds, so writing it all would block for ever
+            response = self.say("x" * 2000000)
+        finally:
+            del os.environ["FAKE_CLAUDE_DEAF"]
+        self.assertError(response, 504, "server_error", "idle_timeout")
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertTrue(wait_until(lambda: self.running.server.active_children() == []))
+
     def test_total_timeout_is_504(self) -> None:
         self.config.timeout = 0.6
         error = self.assertError(self.say("[[fake:slow]]"), 504, "server_error", "timeout")
@@ -1347,9 +1376,9 @@ class Daemon:
         finally:
             conn.close()
 
-    def stop(self) -> int:
-        """SIGTERM, as launchd or Ctrl-C sends it; the exit code."""
-        self.process.send_signal(signal.SIGTERM)
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        """A signal (SIGTERM, as launchd sends it, by default); the exit code."""
+        self.process.send_signal(signum)
         try:
             return self.process.wait(10)
         finally:
@@ -1391,6 +1420,20 @@ class ShutdownTest(unittest.TestCase):
         finally:
             daemon.close()
 
+    def test_a_hangup_ends_the_daemon_and_its_children_too(self) -> None:
+        # Children run in sessions of their own: the terminal's hangup never reaches them.
+        for signum in (signal.SIGHUP, signal.SIGQUIT):
+            daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "0")
+            try:
+                tag = marker()
+                sock = open_stream(daemon.port, "[[fake:slow]] " + tag)
+                run = FAKE.run_for(tag, field="grandchild")
+                self.assertEqual(daemon.stop(signum), 0)
+                self.assertTrue(pid_gone(run["pid"]) and pid_gone(run["grandchild"]), signum)
+                sock.close()
+            finally:
+                daemon.close()
+
 
 def system(text: str) -> Dict[str, Any]:
     return {"role": "system", "content": text}
@@ -1424,7 +1467,7 @@ def warm_for(prompt: str, model: str = "sonnet", timeout: float = 10.0) -> Dict[
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for run in waiting_runs(model):
-            if argv_value(run, "--system-prompt") == prompt:
+            if run["system_prompt"] == prompt:
                 return run
         time.sleep(0.02)
     raise AssertionError("no pre-started process for %r" % prompt)
@@ -1485,7 +1528,7 @@ class WarmPoolTest(ProxyTest):
                                                  (other_model, prompt, "opus")):
             run = FAKE.run_for(tag)
             self.assertNotEqual(run["pid"], warm["pid"])
-            self.assertEqual(argv_value(run, "--system-prompt"), wanted_prompt)
+            self.assertEqual(run["system_prompt"], wanted_prompt)
             self.assertEqual(argv_value(run, "--model"), wanted_model)
 
     def test_a_warm_process_that_died_is_skipped_and_the_request_starts_cold(self) -> None:
@@ -1532,7 +1575,7 @@ class WarmPoolTest(ProxyTest):
                 self.assertLessEqual(len(waiting_runs(OWN_MODEL)), 2)
                 self.assertLessEqual(self.pool(running_server)["size"], 2)
             self.assertTrue(wait_until(lambda: len(waiting_runs(OWN_MODEL)) == 2))
-            self.assertEqual(sorted(argv_value(run, "--system-prompt") for run in waiting_runs(OWN_MODEL)),
+            self.assertEqual(sorted(run["system_prompt"] for run in waiting_runs(OWN_MODEL)),
                              sorted(prompts[-2:]))
         finally:
             running_server.stop()
@@ -1548,7 +1591,7 @@ class WarmPoolTest(ProxyTest):
             time.sleep(1.0)  # two more TTLs: an unused key must not be warmed again
             self.assertEqual(waiting_runs(OWN_MODEL), [])
             self.assertEqual(len([run for run in FAKE.runs()
-                                  if argv_value(run, "--system-prompt") == prompt]), 2,
+                                  if run["system_prompt"] == prompt]), 2,
                              "only the request's own process and the one replacement")
         finally:
             running_server.stop()
@@ -1987,7 +2030,7 @@ class ToolCallingTest(ProxyTest):
         self.assertIn('<tool_calls>\n[{"name": "get_weather", "arguments": {"city": "Paris"}}]', sent)
         self.assertIn('<tool_result tool_call_id="%s" name="get_weather">\nsunny, 21 C' % calls[0]["id"],
                       sent)
-        system = run["argv"][run["argv"].index("--system-prompt") + 1]
+        system = run["system_prompt"]
         self.assertIn('"name": "get_time"', system)
 
     def test_two_step_tool_loop(self) -> None:
