@@ -1869,13 +1869,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         handler()
 
     def _handler_for(self, path: str, method: str) -> Callable[[], None]:
+        # HEAD answers like GET; _send_json leaves the body out.
         routes: Dict[str, Dict[str, Callable[[], None]]] = {
-            "/health": {"GET": self._health},
-            "/models": {"GET": self._list_models},
+            "/health": {"GET": self._health, "HEAD": self._health},
+            "/models": {"GET": self._list_models, "HEAD": self._list_models},
             "/chat/completions": {"POST": self._chat_completions},
         }
         if path.startswith("/models/"):
-            routes[path] = {"GET": lambda: self._get_model(path[len("/models/"):])}
+            get_model = lambda: self._get_model(path[len("/models/"):])  # noqa: E731
+            routes[path] = {"GET": get_model, "HEAD": get_model}
         methods = routes.get(path)
         if methods is None:
             self._discard_body()

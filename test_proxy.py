@@ -874,6 +874,9 @@ class RoutesTest(ProxyTest):
         response = self.request("GET", "/v1/chat/completions")
         self.assertError(response, 405, "invalid_request_error", "method_not_allowed")
         self.assertEqual(response.headers["Allow"], "POST")
+        head = self.request("HEAD", "/health")
+        self.assertEqual((head.status, head.body), (200, b""))
+        self.assertGreater(int(head.headers["Content-Length"]), 0)
         self.assertError(self.request("DELETE", "/v1/models"), 405, "invalid_request_error")
 
     def test_options_without_cors_is_not_allowed(self) -> None:
@@ -3173,9 +3176,14 @@ def direct_once(claude: str, body: Dict[str, Any]) -> Tuple[float, float, bool]:
     """The same request run by hand, with the argv, env and stdin the proxy would give the CLI."""
     config = proxy.Config()
     request = proxy.parse_chat_request(body, config)
+    launch = proxy.cli_launch(claude, request, config)
+    workdir = tempfile.mkdtemp(prefix="bench-direct-")  # made before the clock starts: the proxy's cost
+    for name, text in launch.files:
+        with open(os.path.join(workdir, name), "w") as f:
+            f.write(text)
     started = time.perf_counter()
     first = total = float("nan")
-    child = subprocess.Popen(proxy.cli_argv(claude, request), env=proxy.cli_env(config),
+    child = subprocess.Popen(list(launch.argv), env=dict(launch.env), cwd=workdir,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     child.stdin.write(proxy.stdin_message(request))
     child.stdin.close()
@@ -3186,7 +3194,9 @@ def direct_once(claude: str, body: Dict[str, Any]) -> Tuple[float, float, bool]:
         if line.startswith(b'{"type": "result"'):
             total = time.perf_counter() - started
     child.stdout.close()
-    return first, total, child.wait() == 0
+    ok = child.wait() == 0
+    shutil.rmtree(workdir, ignore_errors=True)
+    return first, total, ok
 
 
 def wait_for_warm(daemon: Daemon, pause: float) -> None:
