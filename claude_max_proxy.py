@@ -83,7 +83,7 @@ OPTIONS: List[Tuple[str, str, Any, Any, str]] = [
     ("--default-model", "CLAUDE_PROXY_DEFAULT_MODEL", str, "claude-sonnet-4",
      "model used when a request names none"),
     ("--api-key", "CLAUDE_PROXY_API_KEY", str, "",
-     "when set, every /v1 request needs 'Authorization: Bearer KEY'"),
+     "when set, every request but /health needs 'Authorization: Bearer KEY'"),
     ("--max-concurrent", "CLAUDE_PROXY_MAX_CONCURRENT", int, 8,
      "most claude processes answering at once"),
     ("--pool-size", "CLAUDE_PROXY_POOL_SIZE", int, 2,
