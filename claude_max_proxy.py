@@ -1083,8 +1083,9 @@ class ClaudeProcess:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _exited(self) -> bool:
-        """Whether the child has exited, without reaping it where the OS allows, so
-        that its pid, which names the process group we kill, cannot be reused yet."""
+        """Whether the child has exited, without reaping it where the OS has waitid
+        (Linux; macOS from Python 3.13), so that its pid, which names the process group
+        we kill, cannot be reused yet. Elsewhere poll() reaps, leaving a tiny window."""
         if self.popen.returncode is not None:
             return True
         if hasattr(os, "waitid"):
@@ -1105,13 +1106,10 @@ def start_claude(launch: Launch) -> ClaudeProcess:
                          code="claude_not_found" if missing else "cli_start_failed")
 
 
-PoolKey = Launch
-
-
 class Warm:
     """A pre-started process waiting on stdin, and the key it was started for."""
 
-    def __init__(self, key: PoolKey, process: ClaudeProcess) -> None:
+    def __init__(self, key: Launch, process: ClaudeProcess) -> None:
         self.key = key
         self.process = process
         self.born = time.monotonic()
@@ -1140,8 +1138,8 @@ class WarmPool:
         self.hits = 0
         self.misses = 0
         self._idle: List[Warm] = []  # oldest first
-        self._wanted: List[PoolKey] = []  # keys to start a process for, in order
-        self._last_used: Dict[PoolKey, float] = {}  # keys used within the last ttl
+        self._wanted: List[Launch] = []  # keys to start a process for, in order
+        self._last_used: Dict[Launch, float] = {}  # keys used within the last ttl
         self._starting = 0
         self._closed = False
         self._changed = threading.Condition()
@@ -1198,7 +1196,7 @@ class WarmPool:
         if self._keeper is not None and self._keeper is not threading.current_thread():
             self._keeper.join(5.0)
 
-    def _want(self, key: PoolKey) -> None:
+    def _want(self, key: Launch) -> None:
         self._last_used[key] = time.monotonic()
         self._wanted.append(key)
         del self._wanted[:-self.size]  # a burst of requests must not queue more than can wait
@@ -1243,7 +1241,7 @@ class WarmPool:
         self._idle = kept
         return retired
 
-    def _reserve_next(self, doomed: List[Warm]) -> Optional[PoolKey]:
+    def _reserve_next(self, doomed: List[Warm]) -> Optional[Launch]:
         """The next wanted key there is room for, evicting into `doomed` when full."""
         while self._wanted:
             key = self._wanted.pop(0)
@@ -1257,13 +1255,13 @@ class WarmPool:
             return key
         return None
 
-    def _least_recently_used_than(self, key: PoolKey) -> Optional[Warm]:
+    def _least_recently_used_than(self, key: Launch) -> Optional[Warm]:
         never = float("-inf")
         used = self._last_used.get(key, never)
         older = [warm for warm in self._idle if self._last_used.get(warm.key, never) < used]
         return min(older, key=lambda warm: self._last_used.get(warm.key, never), default=None)
 
-    def _start(self, key: PoolKey) -> None:
+    def _start(self, key: Launch) -> None:
         process: Optional[ClaudeProcess] = None
         try:
             process = start_claude(key)
@@ -1812,6 +1810,21 @@ class Completion:
 # HTTP handler
 # ---------------------------------------------------------------------------
 
+MAX_JSON_DEPTH = 100
+
+
+def json_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     """Routes OpenAI requests; each chat completion runs one `claude` child."""
 
@@ -1995,6 +2008,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return next_deadline
 
     def _no_result(self, process: ClaudeProcess) -> ProxyError:
+        if self.server.closing:
+            return ProxyError(503, "The proxy is shutting down.", code="shutting_down")
         code = process.close(grace=2.0)
         tail = process.stderr_text()[-1000:]
         return ProxyError(
@@ -2108,9 +2123,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _read_json_body(self) -> Any:
         raw = self._read_body()
         try:
-            return json.loads(raw.decode("utf-8"))
+            body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
             raise invalid("The request body is not valid JSON: %s" % error, code="invalid_json")
+        if json_depth(body) > MAX_JSON_DEPTH:
+            # Deeper JSON would hit the recursion limit later, when it is written out again.
+            raise invalid("The request body nests deeper than %d levels." % MAX_JSON_DEPTH,
+                          code="invalid_json")
+        return body
 
     def _read_body(self) -> bytes:
         limit = self.server.config.max_body
@@ -2226,6 +2246,10 @@ class ProxyServer(ThreadingHTTPServer):
     @property
     def port(self) -> int:
         return self.server_address[1]
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     # -- children --------------------------------------------------------------
 
@@ -2525,7 +2549,28 @@ class Run:
                                % (shlex.join(self.argv), ran.code, (ran.err or ran.out).strip()))
 
 
-Action = Union[WriteFile, MakeDir, RemoveFile, Run]
+class AwaitGone:
+    """Waits until a query fails: launchctl bootout returns before launchd lets go of the
+    label, and a bootstrap straight after it fails ("Bootstrap failed: 5")."""
+
+    POLL = 0.2
+
+    def __init__(self, query: List[str], wait: float = 10.0) -> None:
+        self.query = query
+        self.wait = wait
+
+    def describe(self) -> str:
+        return "wait until `%s` fails" % shlex.join(self.query)
+
+    def apply(self, system: System) -> None:
+        deadline = time.monotonic() + self.wait
+        while system.run(self.query).code == 0:
+            if time.monotonic() >= deadline:
+                raise ServiceError("`%s` still succeeds after %g s" % (shlex.join(self.query), self.wait))
+            time.sleep(self.POLL)
+
+
+Action = Union[WriteFile, MakeDir, RemoveFile, Run, AwaitGone]
 
 
 def perform(system: System, actions: List[Action], dry_run: bool) -> None:
@@ -2604,7 +2649,8 @@ class LaunchAgent:
     def install_actions(self, config: Config, claude: Optional[str]) -> List[Action]:
         # bootstrap refuses a label that is already loaded, so an update boots the old one out.
         return [MakeDir(self.logs), WriteFile(self.path, self.render(config, claude)),
-                self._bootout(), Run(["launchctl", "bootstrap", self.domain, self.path])]
+                self._bootout(), AwaitGone(["launchctl", "print", self.service]),
+                Run(["launchctl", "bootstrap", self.domain, self.path])]
 
     def uninstall_actions(self) -> List[Action]:
         return [self._bootout(), RemoveFile(self.path)]

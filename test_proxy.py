@@ -939,6 +939,14 @@ class RoutesTest(ProxyTest):
         finally:
             sock.close()
 
+    def test_json_nested_too_deep_to_write_out_again_is_a_400(self) -> None:
+        schema: Dict[str, Any] = {"type": "string"}
+        for _ in range(sys.getrecursionlimit() - 30):
+            schema = {"type": "array", "items": schema}
+        tool = {"type": "function", "function": {"name": "deep", "parameters": schema}}
+        self.assertError(self.say("hi", tools=[tool]), 400, "invalid_request_error", "invalid_json")
+        self.assertEqual(proxy.json_depth({"a": [1, {"b": []}]}), 4)
+
     def test_a_body_on_a_get_does_not_break_keep_alive(self) -> None:
         conn = self.connect()
         try:
@@ -1212,7 +1220,7 @@ class CliFailureTest(ProxyTest):
         self.assertIn("code 3", error["message"])
 
     def test_silent_cli_hits_the_idle_timeout(self) -> None:
-        self.config.idle_timeout = 0.5
+        self.config.idle_timeout = 1.5
         tag = marker()
         error = self.assertError(self.say("[[fake:hang]] " + tag), 504, "server_error", "idle_timeout")
         self.assertIn("--idle-timeout", error["message"])
@@ -1299,7 +1307,8 @@ class ProcessLifecycleTest(ProxyTest):
         running = RunningServer(max_concurrent=1, queue_timeout=0.3)
         try:
             tag = marker()
-            holder = open_stream(running.port, "[[fake:slow]] " + tag)
+            cue = FAKE.script("slow-holder", text=["start "] + ["more "] * 60, delay=0.25)
+            holder = open_stream(running.port, cue + " " + tag)
             response = post_chat(running.port, {"messages": [user("second")]})
             self.assertError(response, 429, "rate_limit_error", "too_many_requests")
             self.assertEqual(response.headers["Retry-After"], "5")
@@ -1584,14 +1593,14 @@ class WarmPoolTest(ProxyTest):
             running_server.stop()
 
     def test_an_idle_warm_process_is_retired_after_the_ttl(self) -> None:
-        running_server = own_server(pool_size=2, pool_ttl=0.5)
+        running_server = own_server(pool_size=2, pool_ttl=1.5)
         try:
             prompt = "You are pool test " + marker()
             post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
             warm = warm_for(prompt, OWN_MODEL)
             self.assertTrue(pid_gone(warm["pid"]), "an idle process outlived --pool-ttl")
             self.assertTrue(wait_until(lambda: self.pool(running_server)["size"] == 0))
-            time.sleep(1.0)  # two more TTLs: an unused key must not be warmed again
+            time.sleep(3.0)  # two more TTLs: an unused key must not be warmed again
             self.assertEqual(waiting_runs(OWN_MODEL), [])
             self.assertEqual(len([run for run in FAKE.runs()
                                   if run["system_prompt"] == prompt]), 2,
@@ -1600,12 +1609,12 @@ class WarmPoolTest(ProxyTest):
             running_server.stop()
 
     def test_the_idle_timeout_counts_from_the_request_not_from_the_spawn(self) -> None:
-        running_server = own_server(pool_size=1, idle_timeout=0.5)
+        running_server = own_server(pool_size=1, idle_timeout=1.0)
         try:
             prompt = "You are pool test " + marker()
             post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
             warm = warm_for(prompt, OWN_MODEL)
-            time.sleep(1.0)  # twice the idle timeout, spent waiting on stdin
+            time.sleep(2.0)  # twice the idle timeout, spent waiting on stdin
             tag = marker()
             response = post_chat(running_server.port, {"messages": [system(prompt), user(tag)]})
             self.assertEqual(response.status, 200, response.body)
@@ -2256,6 +2265,7 @@ class FakeSystem(proxy.System):
                          environ=environ if environ is not None else {"PATH": "/usr/bin:/bin"},
                          python="/usr/bin/python3", script=self.SCRIPT)
         self.loaded = loaded
+        self.unloading = 0
         self.bus = bus
         self.auth = auth
         self.auth_env: Optional[Dict[str, str]] = None
@@ -2268,8 +2278,15 @@ class FakeSystem(proxy.System):
             self.auth_env = env
             return proxy.Ran(self.auth[0], self.auth[1], "")
         if argv[:2] == ["launchctl", "print"]:
+            if self.unloading:  # launchd lets go of a label a moment after bootout returns
+                self.unloading -= 1
+                return proxy.Ran(0, "state = exiting\n", "")
             return (proxy.Ran(0, "state = running\n", "") if self.loaded else
                     proxy.Ran(113, "", "Could not find service \"com.claude-max-api\""))
+        if argv[:2] == ["launchctl", "bootout"]:
+            self.loaded, self.unloading = False, 2
+        if argv[:2] == ["launchctl", "bootstrap"]:
+            self.loaded = True
         if argv[:3] == ["systemctl", "--user", "is-active"]:
             if not self.bus:
                 return proxy.Ran(1, "", "Failed to connect to bus: No medium found\n")
@@ -2355,7 +2372,8 @@ class ServiceTest(unittest.TestCase):
         self.assertTrue(os.path.isdir(logs), "launchd does not create the log directory")
         self.assertEqual(os.stat(plist_path).st_mode & 0o077, 0, "the plist may hold --api-key")
         self.assertEqual(system.commands, [
-            ["launchctl", "print", "gui/501/com.claude-max-api"],
+            ["launchctl", "print", "gui/501/com.claude-max-api"],  # loaded? no: nothing to boot out
+            ["launchctl", "print", "gui/501/com.claude-max-api"],  # gone? yes
             ["launchctl", "bootstrap", "gui/501", plist_path]])
 
     def test_macos_reinstall_boots_the_loaded_agent_out_first(self) -> None:
@@ -2363,9 +2381,10 @@ class ServiceTest(unittest.TestCase):
         code, out = self.install(system)
         self.assertEqual(code, 0, out)
         plist_path = os.path.join(system.home, "Library/LaunchAgents/com.claude-max-api.plist")
+        print_ = ["launchctl", "print", "gui/501/com.claude-max-api"]
+        # launchd still knows the label for a moment after bootout: bootstrap waits for it to go.
         self.assertEqual(system.commands, [
-            ["launchctl", "print", "gui/501/com.claude-max-api"],
-            ["launchctl", "bootout", "gui/501/com.claude-max-api"],
+            print_, ["launchctl", "bootout", "gui/501/com.claude-max-api"], print_, print_, print_,
             ["launchctl", "bootstrap", "gui/501", plist_path]])
 
     def test_linux_install_writes_the_unit_and_enables_it(self) -> None:
@@ -3080,6 +3099,7 @@ class EndToEndTest(ProxyTest):
             response = self.say("weather?", tools=[WEATHER_TOOL])
         finally:
             del os.environ["FAKE_UPSTREAM_REPLY"]
+        self.assertEqual(response.status, 200, response.body)
         choice = response.json()["choices"][0]
         self.assertEqual(choice["finish_reason"], "tool_calls")
         self.assertEqual(json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]),
