@@ -192,16 +192,12 @@ def parse_command_line(argv: List[str]) -> Tuple[str, Config, bool]:
 # Errors
 # ---------------------------------------------------------------------------
 
+# OpenAI's error types by status; any other 4xx is an invalid_request_error, any 5xx a server_error.
 ERROR_TYPES = {
-    400: "invalid_request_error",
     401: "authentication_error",
-    402: "invalid_request_error",
     403: "permission_error",
     404: "not_found_error",
-    405: "invalid_request_error",
     408: "timeout_error",
-    411: "invalid_request_error",
-    413: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -1872,13 +1868,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path = "/" + self.path.split("?", 1)[0].strip("/")
         if path.startswith("/v1/") or path == "/v1":
             path = path[3:] or "/"
-        # Every route but /health needs the key, with or without /v1 before it;
-        # browsers send CORS preflights without credentials.
-        if path != "/health" and not (method == "OPTIONS" and self.server.config.cors):
-            self._authorize()
-        handler = self._handler_for(path, method)
+        try:
+            # Every route but /health needs the key, with or without /v1 before it;
+            # browsers send CORS preflights without credentials.
+            if path != "/health" and not (method == "OPTIONS" and self.server.config.cors):
+                self._authorize()
+            handler = self._handler_for(path, method)
+        except ProxyError:
+            self._discard_body()  # an unread body would be taken for the next request
+            raise
         if handler != self._chat_completions:
-            self._discard_body()  # keeps a kept-alive connection in step
+            self._discard_body()
         handler()
 
     def _handler_for(self, path: str, method: str) -> Callable[[], None]:
@@ -1893,12 +1893,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             routes[path] = {"GET": get_model, "HEAD": get_model}
         methods = routes.get(path)
         if methods is None:
-            self._discard_body()
             raise ProxyError(404, "Unknown path %s %s." % (method, self.path), code="unknown_url")
         if method == "OPTIONS" and self.server.config.cors:
             return self._preflight
         if method not in methods:
-            self._discard_body()
             raise ProxyError(405, "Method %s is not allowed on %s; use %s."
                              % (method, self.path, ", ".join(methods)),
                              code="method_not_allowed", headers={"Allow": ", ".join(methods)})
@@ -1911,7 +1909,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         given = self.headers.get("Authorization", "")
         token = given[7:].strip() if given[:7].lower() == "bearer " else ""
         if not hmac.compare_digest(token.encode("utf-8"), key.encode("utf-8")):
-            self._discard_body()
             raise ProxyError(401, "Invalid or missing API key. Send 'Authorization: Bearer <key>' "
                              "with the key the proxy was started with.", code="invalid_api_key")
 
@@ -1991,20 +1988,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _deadlines(self, process: ClaudeProcess, reply: Reply) -> Callable[[], Tuple[float, ProxyError]]:
         config = self.server.config
-        total_at = time.monotonic() + config.timeout
+        total = (time.monotonic() + config.timeout,
+                 ProxyError(504, "Claude did not finish within %g s (--timeout)." % config.timeout,
+                            code="timeout"))
+        idle = ProxyError(504, "Claude Code printed nothing for %g s (--idle-timeout)."
+                          % config.idle_timeout, code="idle_timeout")
 
-        def next_deadline() -> Tuple[float, ProxyError]:
-            candidates = [
-                (total_at, ProxyError(504, "Claude did not finish within %g s (--timeout)."
-                                      % config.timeout, code="timeout")),
-                (process.last_output + config.idle_timeout,
-                 ProxyError(504, "Claude Code printed nothing for %g s (--idle-timeout)."
-                            % config.idle_timeout, code="idle_timeout")),
-            ]
+        def next_deadline() -> Tuple[float, ProxyError]:  # asked after every read: keep it cheap
+            earliest = min(total, (process.last_output + config.idle_timeout, idle),
+                           key=lambda pair: pair[0])
             retry = reply.retry_deadline()
-            if retry is not None:
-                candidates.append(retry)
-            return min(candidates, key=lambda pair: pair[0])
+            return earliest if retry is None or earliest[0] <= retry[0] else retry
         return next_deadline
 
     def _no_result(self, process: ClaudeProcess) -> ProxyError:
