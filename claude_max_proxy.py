@@ -1941,6 +1941,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- chat completions ----------------------------------------------------
 
     def _chat_completions(self) -> None:
+        self.server.count_request()  # chat completions only: probes of /health are not served requests
         body = self._read_json_body()
         request = parse_chat_request(body, self.server.config)
         self.model_name = request.model
@@ -2195,7 +2196,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
                  self.model_name, usage.get("prompt_tokens", "-"),
                  usage.get("completion_tokens", "-"),
                  (time.monotonic() - self.started) * 1000)
-        self.server.count_request()
 
 
 # ---------------------------------------------------------------------------

@@ -856,6 +856,13 @@ class RoutesTest(ProxyTest):
                                             "version": "2.1.197 (Claude Code)"})
         self.assertEqual(health["version"], proxy.__version__)
 
+    def test_requests_served_counts_chat_completions_not_probes(self) -> None:
+        before = self.request("GET", "/health").json()["requests_served"]
+        self.request("GET", "/health")
+        self.request("GET", "/v1/models")
+        self.assertEqual(self.say("hi").status, 200)
+        self.assertEqual(self.request("GET", "/health").json()["requests_served"], before + 1)
+
     def test_models_list_and_one_model(self) -> None:
         listing = self.request("GET", "/v1/models").json()
         self.assertEqual(listing["object"], "list")
