@@ -1351,14 +1351,17 @@ class ProcessLifecycleTest(ProxyTest):
     def test_access_log_has_one_line_per_request_without_the_prompt(self) -> None:
         logger = logging.getLogger("claude_max_proxy")
         with self.assertLogs(logger, level="INFO") as logs:
-            self.say("very private prompt words")
-            self.request("GET", "/v1/models")
-            # the line is written just after the response went out
-            wait_until(lambda: sum("/v1/" in line for line in logs.output) == 2)
-        chat = [line for line in logs.output if "/v1/chat/completions" in line]
+            chat_id = self.say("very private prompt words").headers["X-Request-Id"]
+            models_id = self.request("GET", "/v1/models").headers["X-Request-Id"]
+            # A line is written just after its response went out. Other servers of
+            # this suite log to the same logger, so lines are told apart by request id.
+            wait_until(lambda: all(any(rid in line for line in logs.output)
+                                   for rid in (chat_id, models_id)))
+        chat = [line for line in logs.output if chat_id in line]
         self.assertEqual(len(chat), 1)
-        self.assertRegex(chat[0], r"req_[0-9a-f]+ POST /v1/chat/completions 200 model=claude-sonnet-4 "
-                                  r"prompt_tokens=10 completion_tokens=7 \d+ms")
+        self.assertRegex(chat[0], r"%s POST /v1/chat/completions 200 model=claude-sonnet-4 "
+                                  r"prompt_tokens=10 completion_tokens=7 \d+ms" % chat_id)
+        self.assertEqual(len([line for line in logs.output if models_id in line]), 1)
         self.assertFalse(any("private prompt" in line for line in logs.output))
 
 
