@@ -311,8 +311,7 @@ class ChatRequest:
 
     def __init__(self, model: str, cli_model: str, system_prompt: str,
                  content: List[Dict[str, Any]], stream: bool = False, include_usage: bool = False,
-                 tools: Optional[List[Dict[str, Any]]] = None, tool_choice: str = "auto",
-                 parallel_tool_calls: bool = True, legacy_functions: bool = False,
+                 tools: Optional[List[Dict[str, Any]]] = None, parallel_tool_calls: bool = True, legacy_functions: bool = False,
                  json_schema: Optional[Dict[str, Any]] = None, max_tokens: Optional[int] = None,
                  stops: Optional[List[str]] = None, effort: Optional[str] = None,
                  thinking: bool = True, want_reasoning: bool = False) -> None:
@@ -323,7 +322,6 @@ class ChatRequest:
         self.stream = stream
         self.include_usage = include_usage
         self.tools = tools or []        # offered to Claude (empty when tool_choice is "none")
-        self.tool_choice = tool_choice  # "auto", "required", or the one tool's name
         self.parallel_tool_calls = parallel_tool_calls
         self.legacy_functions = legacy_functions  # answer with function_call, not tool_calls
         self.json_schema = json_schema
@@ -377,7 +375,7 @@ def parse_chat_request(body: Any, config: Config,
         content=prompt_content(messages, load_image),
         stream=stream,
         include_usage=bool(stream and options.get("include_usage")),
-        tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel,
+        tools=tools, parallel_tool_calls=parallel,
         legacy_functions=legacy, json_schema=json_schema, max_tokens=max_tokens,
         stops=parse_stop(body.get("stop")), effort=effort,
         # A small output cap must go to the visible answer, not to hidden thinking.
@@ -1809,16 +1807,28 @@ class Completion:
 MAX_JSON_DEPTH = 100
 
 
-def json_depth(value: Any) -> int:
-    """How deeply arrays and objects nest in a parsed JSON value (without recursion)."""
-    deepest, stack = 0, [(value, 1)]
+def json_problem(value: Any) -> Optional[str]:
+    """Why a parsed body could not be written out again for the CLI, or None.
+
+    Deep nesting would hit the recursion limit in json.dumps, and a lone UTF-16
+    surrogate (a bare \\ud800 escape) is no text that UTF-8 can carry. One walk,
+    without recursion, finds both.
+    """
+    stack = [(value, 1)]
     while stack:
         value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
-        if children is not None:
-            deepest = max(deepest, depth)
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "holds a lone UTF-16 surrogate escape, which is not valid text"
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return "nests deeper than %d levels" % MAX_JSON_DEPTH
+            children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
             stack.extend((child, depth + 1) for child in children)
-    return deepest
+    return None
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
@@ -2121,10 +2131,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
             raise invalid("The request body is not valid JSON: %s" % error, code="invalid_json")
-        if json_depth(body) > MAX_JSON_DEPTH:
-            # Deeper JSON would hit the recursion limit later, when it is written out again.
-            raise invalid("The request body nests deeper than %d levels." % MAX_JSON_DEPTH,
-                          code="invalid_json")
+        problem = json_problem(body)
+        if problem:
+            raise invalid("The request body %s." % problem, code="invalid_json")
         return body
 
     def _read_body(self) -> bytes:

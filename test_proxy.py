@@ -952,7 +952,23 @@ class RoutesTest(ProxyTest):
             schema = {"type": "array", "items": schema}
         tool = {"type": "function", "function": {"name": "deep", "parameters": schema}}
         self.assertError(self.say("hi", tools=[tool]), 400, "invalid_request_error", "invalid_json")
-        self.assertEqual(proxy.json_depth({"a": [1, {"b": []}]}), 4)
+        nested: Any = []
+        for _ in range(proxy.MAX_JSON_DEPTH - 1):
+            nested = {"k": nested}
+        self.assertIsNone(proxy.json_problem(nested))  # exactly the limit
+        self.assertIn("deeper", proxy.json_problem([nested]))
+
+    def test_a_lone_surrogate_escape_is_a_400_not_a_crash(self) -> None:
+        for body in (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+                     b'{"messages": [{"role": "system", "content": "\\udfff"}, '
+                     b'{"role": "user", "content": "hi"}]}',
+                     b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
+                     b'"function": {"name": "f", "parameters": {"\\ud800": {}}}}]}'):
+            error = self.assertError(self.request("POST", "/v1/chat/completions", body), 400,
+                                     "invalid_request_error", "invalid_json")
+            self.assertIn("surrogate", error["message"])
+        emoji = self.say("a pair is fine: \ud83d\ude00")
+        self.assertEqual(emoji.status, 200, emoji.body)
 
     def test_a_body_on_a_get_does_not_break_keep_alive(self) -> None:
         conn = self.connect()
@@ -1485,7 +1501,7 @@ def waiting_runs(model: str) -> List[Dict[str, Any]]:
 
 
 def warm_for(prompt: str, model: str = "sonnet", timeout: float = 10.0) -> Dict[str, Any]:
-    """The waiting fake process started with this --system-prompt and --model, once there is one."""
+    """The waiting fake process started with this system prompt and --model, once there is one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for run in waiting_runs(model):
