@@ -938,7 +938,7 @@ class ClaudeProcess:
         self.pid = self.popen.pid
         self.last_output = time.monotonic()
         self.stderr_tail = b""
-        self._unsent = b""
+        self._unsent = memoryview(b"")
         self._lock = threading.Lock()
         self._reaped = False
         self._closed = False
@@ -948,7 +948,7 @@ class ClaudeProcess:
         answers and exits. Writing there keeps a CLI that never reads under the timeouts."""
         # The request starts now; a pre-started process may have waited long.
         self.last_output = time.monotonic()
-        self._unsent = message
+        self._unsent = memoryview(message)  # slices of a view copy nothing, however long the prompt
         os.set_blocking(self.popen.stdin.fileno(), False)
 
     def events(self, next_deadline: Callable[[], Tuple[float, ProxyError]],
@@ -1008,12 +1008,12 @@ class ClaudeProcess:
     def _write_some(self) -> bool:
         """Write what stdin takes now; True once all is written and stdin closed."""
         try:
-            written = os.write(self.popen.stdin.fileno(), self._unsent[:65536])
+            written = os.write(self.popen.stdin.fileno(), self._unsent)
             self._unsent = self._unsent[written:]
         except BlockingIOError:
             return False
         except OSError:
-            self._unsent = b""  # it died; events() sees its stdout close
+            self._unsent = memoryview(b"")  # it died; events() sees its stdout close
         if self._unsent:
             return False
         self.popen.stdin.close()
