@@ -449,14 +449,29 @@ def pid_gone(pid: int, timeout: float = 5.0) -> bool:
     return False
 
 
-def is_zombie_of_other(pid: int) -> bool:
-    """A zombie that is not our child is init's to reap; for us it is gone."""
+def process_state(pid: int) -> Optional[Tuple[str, int]]:
+    """This pid's state letter and parent pid from /proc, or None once it is gone."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return False
-    return fields[0] == "Z" and int(fields[1]) != os.getpid()
+        return None
+    return fields[0], int(fields[1])
+
+
+def exit_finished(pid: int) -> bool:
+    """True once this pid is a zombie or gone: its exit is complete, so its parent's wait sees it.
+
+    A dying process's command line reads empty before that, while the kernel is
+    still tearing it down."""
+    state = process_state(pid)
+    return state is None or state[0] == "Z"
+
+
+def is_zombie_of_other(pid: int) -> bool:
+    """A zombie that is not our child is init's to reap; for us it is gone."""
+    state = process_state(pid)
+    return state is not None and state[0] == "Z" and state[1] != os.getpid()
 
 
 FAKE: FakeClaude
@@ -1574,7 +1589,7 @@ class WarmPoolTest(ProxyTest):
         self.chat(system(prompt), user("first"))
         warm = warm_for(prompt)
         os.kill(warm["pid"], signal.SIGKILL)
-        self.assertTrue(wait_until(lambda: not running(warm["pid"])))
+        self.assertTrue(wait_until(lambda: exit_finished(warm["pid"])))
         before = self.pool()
         asked_at = time.time()
         tag = marker()
