@@ -1980,6 +1980,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     break
             if not answer.done:
                 raise self._no_result(process)
+            if not answer.reply.completed:
+                # Cut short (a stop sequence, the max_tokens limit): stop the CLI before
+                # answering, or it goes on spending the subscription on text nobody reads.
+                process.close()
             self.usage = usage_from_cli(answer.reply.usage)
             finish = answer.finish_reason(request.legacy_functions)
             if request.stream:
