@@ -540,7 +540,7 @@ class Response:
 class ProxyTest(unittest.TestCase):
     """Base: one server per class, settings in `settings`, and HTTP helpers."""
 
-    settings: Dict[str, Any] = {"retry_budget": 0.6, "idle_timeout": 2.0, "timeout": 30.0}
+    settings: Dict[str, Any] = {"retry_budget": 0.6, "idle_timeout": 10.0, "timeout": 30.0}
 
     @classmethod
     def setUpClass(cls) -> None:
