@@ -911,6 +911,47 @@ class ClientGone(Exception):
     """The HTTP client hung up; its child must die now."""
 
 
+WORKDIR_PREFIX = "claude-proxy-"
+
+
+def new_workdir() -> str:
+    """A private directory for one child, named after this proxy's pid so that a
+    later proxy can tell it was left behind (see remove_abandoned_workdirs)."""
+    return tempfile.mkdtemp(prefix="%s%d-" % (WORKDIR_PREFIX, os.getpid()))
+
+
+def remove_abandoned_workdirs(root: Optional[str] = None) -> int:
+    """Remove the children's directories of proxies that died without cleaning up
+    (kill -9, a crash): they hold system prompts. Returns how many went."""
+    owner = re.compile(r"%s(\d+)-" % re.escape(WORKDIR_PREFIX))
+    removed = 0
+    try:
+        entries = list(os.scandir(root or tempfile.gettempdir()))
+    except OSError:
+        return 0
+    for entry in entries:
+        match = owner.match(entry.name)
+        try:
+            ours = entry.is_dir(follow_symlinks=False) and \
+                entry.stat(follow_symlinks=False).st_uid == os.getuid()
+        except OSError:
+            continue
+        if match and ours and not process_exists(int(match.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's
+    return True
+
+
 class ClaudeProcess:
     """One `claude -p` child in its own process group and throwaway directory.
 
@@ -923,7 +964,7 @@ class ClaudeProcess:
     STDERR_TAIL = 4096
 
     def __init__(self, launch: Launch) -> None:
-        self.workdir = tempfile.mkdtemp(prefix="claude-proxy-")
+        self.workdir = new_workdir()
         try:
             for name, text in launch.files:
                 with open(os.path.join(self.workdir, name), "w", encoding="utf-8") as f:
@@ -2234,7 +2275,10 @@ class ProxyServer(ThreadingHTTPServer):
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.address_family = family
         super().__init__((config.host, config.port), ProxyHandler)
-        self.pool = WarmPool(config.pool_size, config.pool_ttl)  # once the port is ours
+        abandoned = remove_abandoned_workdirs()
+        if abandoned:
+            log.info("removed %d working directories left by proxies that did not exit cleanly", abandoned)
+        self.pool = WarmPool(config.pool_size, config.pool_ttl)
         self._prewarm_default()
 
     def server_bind(self) -> None:

@@ -1324,6 +1324,34 @@ def post_chat(port: int, body: Dict[str, Any]) -> Response:
 
 
 class ProcessLifecycleTest(ProxyTest):
+    def test_a_childs_directory_is_named_after_the_proxy_and_removed_after_it(self) -> None:
+        tag = marker()
+        self.assertEqual(self.say(tag).status, 200)
+        cwd = FAKE.run_for(tag)["cwd"]
+        self.assertEqual(os.path.dirname(cwd), tempfile.gettempdir())
+        self.assertTrue(os.path.basename(cwd).startswith("claude-proxy-%d-" % os.getpid()), cwd)
+        self.assertTrue(wait_until(lambda: not os.path.exists(cwd)))
+
+    def test_directories_left_by_a_dead_proxy_are_removed_when_a_proxy_starts(self) -> None:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        left = tempfile.mkdtemp(prefix="claude-proxy-%d-" % dead.pid)
+        with open(os.path.join(left, "system-prompt.txt"), "w") as f:
+            f.write("a private system prompt")
+        kept = [tempfile.mkdtemp(prefix="claude-proxy-%d-" % os.getpid()),  # a live proxy's
+                tempfile.mkdtemp(prefix="claude-proxy-")]  # named by no proxy
+        link = os.path.join(tempfile.gettempdir(), "claude-proxy-%d-link" % dead.pid)
+        os.symlink(kept[1], link)  # never followed out of the temp dir
+        try:
+            RunningServer().stop()
+            self.assertFalse(os.path.exists(left), "a dead proxy's directory must go")
+            for path in kept + [link]:
+                self.assertTrue(os.path.lexists(path), path)
+        finally:
+            for path in kept:
+                shutil.rmtree(path, ignore_errors=True)
+            os.unlink(link)
+
     def test_client_disconnect_mid_stream_kills_the_child_at_once(self) -> None:
         tag = marker()
         sock = open_stream(self.running.port, "[[fake:slow]] " + tag)
