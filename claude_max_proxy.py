@@ -931,12 +931,14 @@ def remove_abandoned_workdirs(root: Optional[str] = None) -> int:
         return 0
     for entry in entries:
         match = owner.match(entry.name)
+        if not match or process_exists(int(match.group(1))):
+            continue
         try:
             ours = entry.is_dir(follow_symlinks=False) and \
                 entry.stat(follow_symlinks=False).st_uid == os.getuid()
         except OSError:
             continue
-        if match and ours and not process_exists(int(match.group(1))):
+        if ours:
             shutil.rmtree(entry.path, ignore_errors=True)
             removed += 1
     return removed
@@ -2275,6 +2277,7 @@ class ProxyServer(ThreadingHTTPServer):
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.address_family = family
         super().__init__((config.host, config.port), ProxyHandler)
+        # Once the port is ours: a proxy that cannot start touches nothing.
         abandoned = remove_abandoned_workdirs()
         if abandoned:
             log.info("removed %d working directories left by proxies that did not exit cleanly", abandoned)
