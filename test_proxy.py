@@ -38,7 +38,7 @@ import time
 import unittest
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import claude_max_proxy as proxy
 
@@ -428,29 +428,27 @@ class FakeClaude:
                 found.append(cached[1])
         return found
 
-    def run_for(self, marker: str, timeout: float = 10.0, field: str = "stdin") -> Dict[str, Any]:
+    def run_for(self, marker: str, field: str = "stdin") -> Dict[str, Any]:
         """The run whose stdin held `marker`, once it has recorded `field`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for run in self.runs():
-                if marker in run.get("stdin", "") and field in run:
-                    return run
-            time.sleep(0.02)
-        raise AssertionError("no fake claude run received %r" % marker)
+        found = wait_until(lambda: next((run for run in self.runs()
+                                         if marker in run.get("stdin", "") and field in run), None), 10.0)
+        if found is None:
+            raise AssertionError("no fake claude run received %r" % marker)
+        return found
 
 
-def pid_gone(pid: int, timeout: float = 5.0) -> bool:
-    """True once no process (not even a zombie) has this pid."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        if is_zombie_of_other(pid):
-            return True
-        time.sleep(0.02)
+def reaped(pid: int) -> bool:
+    """True when no process has this pid any more, not even a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
     return False
+
+
+def pid_gone(pid: int) -> bool:
+    """True once this pid is reaped (or a zombie that is not ours to reap), within 5 s."""
+    return bool(wait_until(lambda: reaped(pid) or is_zombie_of_other(pid)))
 
 
 def process_state(pid: int) -> Optional[Tuple[str, int]]:
@@ -557,8 +555,8 @@ class ProxyTest(unittest.TestCase):
     def tearDown(self) -> None:
         vars(self.config).update(self.saved_config)
 
-    def connect(self, timeout: float = 20.0) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=timeout)
+    def connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=20)
 
     def request(self, method: str, path: str, body: Any = None,
                 headers: Optional[Dict[str, str]] = None,
@@ -1126,13 +1124,16 @@ class CompletionTest(ProxyTest):
         self.assertEqual(argv[argv.index("--model") + 1], "haiku")
 
 
-def wait_until(condition: Any, timeout: float = 5.0) -> bool:
+def wait_until(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """The condition's first truthy value, asked every 20 ms; None if none came within `timeout`."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return None
         time.sleep(0.02)
-    return False
 
 
 class StreamTest(ProxyTest):
@@ -1547,19 +1548,17 @@ def waiting_runs(model: str) -> List[Dict[str, Any]]:
             if "stdin" not in run and argv_value(run, "--model") == model and running(run["pid"])]
 
 
-def warm_for(prompt: str, model: str = "sonnet", timeout: float = 10.0,
+def warm_for(prompt: str, model: str = "sonnet",
              pooled_by: Optional[RunningServer] = None) -> Dict[str, Any]:
     """The waiting fake process started with this system prompt and --model, once there is one.
 
     With `pooled_by`, also once that server's pool holds it: the fake records itself
     while the pool's own thread may not yet have put it in."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for run in waiting_runs(model):
-            if run["system_prompt"] == prompt and (pooled_by is None or in_pool(pooled_by, run["pid"])):
-                return run
-        time.sleep(0.02)
-    raise AssertionError("no pre-started process for %r" % prompt)
+    found = wait_until(lambda: next((run for run in waiting_runs(model) if run["system_prompt"] == prompt
+                                     and (pooled_by is None or in_pool(pooled_by, run["pid"]))), None), 10.0)
+    if found is None:
+        raise AssertionError("no pre-started process for %r" % prompt)
+    return found
 
 
 def in_pool(running_server: RunningServer, pid: int) -> bool:
@@ -2269,7 +2268,7 @@ class GenerationControlTest(ProxyTest):
         run = FAKE.run_for(tag)
         self.assertEqual(run["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "20")
         self.assertEqual(run["env"]["MAX_THINKING_TOKENS"], "0")
-        self.assertFalse(process_state(run["pid"]), "the CLI must be stopped before the answer is sent")
+        self.assertTrue(reaped(run["pid"]), "the CLI must be stopped before the answer is sent")
 
     def test_without_max_tokens_the_cli_continuation_is_kept(self) -> None:
         cue = FAKE.script("long-continued", text=["The first "], stop_reason="max_tokens",
@@ -2289,7 +2288,7 @@ class GenerationControlTest(ProxyTest):
             self.assertEqual(finish, "stop")
             for run in FAKE.runs():
                 if tag in run.get("stdin", ""):
-                    self.assertIsNone(process_state(run["pid"]), "stopped before the answer is sent")
+                    self.assertTrue(reaped(run["pid"]), "stopped before the answer is sent")
                     self.assertNotIn("finished", run)
 
     def test_reasoning_is_sent_only_when_asked(self) -> None:
@@ -2959,6 +2958,7 @@ class OpenAISdkTest(ProxyTest):
 # ---------------------------------------------------------------------------
 
 UPSTREAM_REPLY = "Hello from the fake upstream."
+MAX_TOKENS_HOLD = 1.0  # seconds the fake upstream holds back message_stop after max_tokens
 
 
 class FakeAnthropicHandler(BaseHTTPRequestHandler):
@@ -3051,9 +3051,6 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
             # lets a test see whether the proxy stopped the CLI first, however loaded the machine.
             time.sleep(MAX_TOKENS_HOLD)
         event({"type": "message_stop"})
-
-
-MAX_TOKENS_HOLD = 1.0
 
 
 def last_user_text(body: Dict[str, Any]) -> str:
