@@ -192,7 +192,8 @@ def parse_command_line(argv: List[str]) -> Tuple[str, Config, bool]:
 # Errors
 # ---------------------------------------------------------------------------
 
-# OpenAI's error types by status; any other 4xx is an invalid_request_error, any 5xx a server_error.
+# Error types by status (the SDKs map errors by status alone); any other 4xx is an
+# invalid_request_error, any 5xx a server_error.
 ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
@@ -1103,9 +1104,6 @@ class ClaudeProcess:
                 pass
         return self.popen.returncode
 
-    def kill(self) -> None:
-        self.close(grace=0.0)
-
     def terminate(self) -> None:
         """Kill the child and everything it started, reap it, remove its directory."""
         with self._lock:
@@ -1177,7 +1175,6 @@ class WarmPool:
         self._idle: List[Warm] = []  # oldest first
         self._wanted: List[Launch] = []  # keys to start a process for, in order
         self._last_used: Dict[Launch, float] = {}  # keys used within the last ttl
-        self._starting = 0
         self._closed = False
         self._changed = threading.Condition()
         self._keeper: Optional[threading.Thread] = None
@@ -1208,7 +1205,7 @@ class WarmPool:
                 self.hits += 1
             self._want(key)
         for process in dead:
-            process.kill()  # died while waiting; the request starts a new one instead
+            process.close()  # died while waiting; the request starts a new one instead
         return found
 
     def prewarm(self, key: Launch) -> None:
@@ -1229,7 +1226,7 @@ class WarmPool:
             idle, self._idle = self._idle, []
             self._changed.notify()
         for warm in idle:
-            warm.process.kill()
+            warm.process.close()
         if self._keeper is not None and self._keeper is not threading.current_thread():
             self._keeper.join(5.0)
 
@@ -1251,7 +1248,7 @@ class WarmPool:
                 doomed = self._retire(time.monotonic())
                 key = self._reserve_next(doomed)
             for warm in doomed:
-                warm.process.kill()
+                warm.process.close()
             if key is not None:
                 self._start(key)
 
@@ -1282,13 +1279,12 @@ class WarmPool:
         """The next wanted key there is room for, evicting into `doomed` when full."""
         while self._wanted:
             key = self._wanted.pop(0)
-            if len(self._idle) + self._starting >= self.size:
+            if len(self._idle) >= self.size:
                 victim = self._least_recently_used_than(key)
                 if victim is None:
                     continue  # every waiting process is for a key used at least as lately
                 self._idle.remove(victim)
                 doomed.append(victim)
-            self._starting += 1
             return key
         return None
 
@@ -1305,12 +1301,11 @@ class WarmPool:
         except ProxyError as error:
             log.warning("nothing pre-started: %s", error.message)
         with self._changed:
-            self._starting -= 1
             if process is not None and not self._closed:
                 self._idle.append(Warm(key, process))
                 return
         if process is not None:
-            process.kill()  # the pool closed while it started
+            process.close()  # the pool closed while it started
 
 
 def parse_event_line(line: bytes) -> Optional[Dict[str, Any]]:
@@ -2321,7 +2316,7 @@ class ProxyServer(ThreadingHTTPServer):
                 self._children[process.pid] = process
                 log.debug("claude pid %d (%s)", process.pid, "warm" if warm else "cold")
                 return process
-        process.kill()
+        process.close()
         raise ProxyError(503, "The proxy is shutting down.", code="shutting_down")
 
     def _prewarm_default(self) -> None:
