@@ -1590,8 +1590,9 @@ class ToolCallParser:
         self.tool_names = set(tool_names)
         self.single = single
         self.held = ""
-        self.block: Optional[str] = None  # text after the opening tag, while inside a block
-        self.closed = False               # the block was parsed; the reply is over
+        self.block: Optional[List[str]] = None  # text after the opening tag, while inside a block
+        self.scan = JsonScan()                  # the block's JSON, followed as it arrives
+        self.closed = False                     # the block was parsed; the reply is over
 
     def feed(self, text: str) -> List[Piece]:
         if self.closed:
@@ -1603,10 +1604,11 @@ class ToolCallParser:
                 keep = held_back(text, [TOOL_OPEN])
                 self.held = text[len(text) - keep:]
                 return content_piece(text[:len(text) - keep])
-            self.held, self.block = "", ""
+            self.held, self.block, self.scan = "", [], JsonScan()
             before, text = text[:start], text[start + len(TOOL_OPEN):]
             return content_piece(before) + self.feed(text)
-        self.block += text
+        self.block.append(text)
+        self.scan.feed(text)
         return self._settle(final=False)
 
     def flush(self) -> List[Piece]:
@@ -1619,55 +1621,82 @@ class ToolCallParser:
         return pieces
 
     def _settle(self, final: bool) -> List[Piece]:
-        body = (self.block or "").lstrip()
-        if not body:
+        scan = self.scan
+        if scan.start is None:
             return self._release("nothing after the opening tag") if final else []
-        if body[0] not in "[{":
+        if not scan.is_json:
             return self._release("no JSON after the opening tag")
-        end = json_value_end(body)
-        if end is None:
+        if scan.end is None:
             return self._release("the JSON never ends") if final else []
-        after = body[end:].lstrip()
+        block = self._block_text()
+        after = block[scan.end:].lstrip()
         if not after.startswith(TOOL_CLOSE) and not final:
             if TOOL_CLOSE.startswith(after):
                 return []  # the closing tag may still be on its way
             return self._release("text between the JSON and the closing tag")
-        calls = parse_tool_calls(body[:end], self.tool_names)
+        calls = parse_tool_calls(block[scan.start:scan.end], self.tool_names)
         if calls is None:
             return self._release("not a JSON array of calls to offered tools, with object arguments")
         self.closed, self.block = True, None
         return [("tool_calls", calls[:1] if self.single else calls)]
 
+    def _block_text(self) -> str:
+        text = "".join(self.block or [])
+        self.block = [text]  # joined once, not again for each delta still to come
+        return text
+
     def _release(self, why: str) -> List[Piece]:
         """Send the opening tag on as text, and read what followed it afresh."""
-        rest, self.block = self.block or "", None
+        rest = self._block_text()
+        self.block = None
         log.warning("tool call block passed on as text: %s", why)
         return content_piece(TOOL_OPEN) + self.feed(rest)
 
 
-def json_value_end(text: str) -> Optional[int]:
-    """Where the JSON array or object that starts `text` ends, or None while it is open.
+class JsonScan:
+    """Follows the JSON array or object at the start of a text as the text arrives,
+    to tell where it starts and ends.
 
-    Brackets and tags inside JSON strings do not count.
+    Brackets and tags inside JSON strings do not count. Each character is read
+    once, however many deltas a long tool call comes in.
     """
-    depth, in_string, escaped = 0, False, False
-    for index, char in enumerate(text):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
+
+    def __init__(self) -> None:
+        self.length = 0                   # characters fed so far
+        self.start: Optional[int] = None  # the first character that is not white space
+        self.is_json = False              # that character opens an array or object
+        self.end: Optional[int] = None    # just past the closing bracket, once it came
+        self.depth, self.in_string, self.escaped = 0, False, False
+
+    def feed(self, text: str) -> None:
+        offset, self.length = self.length, self.length + len(text)
+        if self.end is not None or (self.start is not None and not self.is_json):
+            return
+        depth, in_string, escaped = self.depth, self.in_string, self.escaped
+        for index, char in enumerate(text, offset):
+            if self.start is None:
+                if char.isspace():
+                    continue
+                self.start, self.is_json = index, char in "[{"
+                if not self.is_json:
+                    return
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif char == "\\":
+                    escaped = True
+                elif char == '"':
+                    in_string = False
             elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-        elif char in "]}":
-            depth -= 1
-            if depth == 0:
-                return index + 1
-    return None
+                in_string = True
+            elif char in "[{":
+                depth += 1
+            elif char in "]}":
+                depth -= 1
+                if depth == 0:
+                    self.end = index + 1
+                    return
+        self.depth, self.in_string, self.escaped = depth, in_string, escaped
 
 
 def content_piece(text: str) -> List[Piece]:

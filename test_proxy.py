@@ -1828,6 +1828,22 @@ class ToolCallParserTest(unittest.TestCase):
         self.assertEqual(text, "Sure: ")
         self.assertEqual(json.loads(calls[0]["arguments"]), {"city": "Oslo"})
 
+    def test_strings_escapes_and_brackets_split_at_any_point(self) -> None:
+        arguments = {"note": 'say "]}" and \\ then ]', "list": [1, {"k": "{"}]}
+        source = '<tool_calls> [{"name": "get_time", "arguments": %s}] </tool_calls>' % json.dumps(arguments)
+        for size in range(1, 9):
+            text, calls = parse(source, split=size)
+            self.assertEqual((text, json.loads(calls[0]["arguments"])), ("", arguments), size)
+
+    def test_the_json_scan_reads_on_from_where_it_stopped(self) -> None:
+        pieces = ["  ", ' {"a": "}\\', '"', '"} tail']
+        scan = proxy.JsonScan()
+        for piece in pieces:
+            scan.feed(piece)
+        text = "".join(pieces)
+        self.assertEqual((scan.start, scan.end, scan.length), (text.index("{"), text.index(" tail"), len(text)))
+        self.assertEqual(json.loads(text[scan.start:scan.end]), {"a": '}"'})
+
     def test_text_is_held_only_while_it_could_be_the_opening_tag(self) -> None:
         parser = proxy.ToolCallParser(["get_time"], False)
         self.assertEqual(parser.feed("a <tool"), [("content", "a ")])
