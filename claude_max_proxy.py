@@ -1934,6 +1934,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._send_error(error)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except socket.timeout:
+            # The client stalled past `timeout`: in the middle of its body (before we
+            # answered), or while not reading our answer, which then simply ends.
+            self.close_connection = True
+            if not self.headers_sent:
+                self._send_error(ProxyError(
+                    408, "The request body did not arrive within %d s." % self.timeout,
+                    code="request_timeout"))
         except Exception:
             log.exception("%s internal error", self.request_id)
             self._send_error(ProxyError(500, "Internal proxy error; see the proxy log.",
@@ -2231,7 +2239,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return body
 
     def _read_chunked_body(self, limit: int) -> bytes:
-        body = b""
+        body = bytearray()
         while True:
             size_field = self.rfile.readline(1024).split(b";", 1)[0].strip()
             if not size_field or len(size_field) > 16 or size_field.strip(b"0123456789abcdefABCDEF"):
@@ -2241,11 +2249,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if size == 0:
                 while self.rfile.readline(1024).strip():
                     pass  # trailers
-                return body
+                return bytes(body)
             if len(body) + size > limit:
                 self.close_connection = True
                 raise self._too_large(limit)
-            body += self.rfile.read(size)
+            chunk = self.rfile.read(size)
+            if len(chunk) < size:
+                raise ClientGone()
+            body += chunk
             self.rfile.readline(1024)
 
     @staticmethod

@@ -1017,6 +1017,35 @@ class RoutesTest(ProxyTest):
         self.assertEqual(response.status, 200, response.read())
         conn.close()
 
+    def test_a_body_that_stops_arriving_is_a_408_and_the_connection_closes(self) -> None:
+        saved = proxy.ProxyHandler.timeout
+        proxy.ProxyHandler.timeout = 0.5
+        self.addCleanup(setattr, proxy.ProxyHandler, "timeout", saved)
+        for head, partial in ((b"Content-Length: 100", b'{"messages": '),
+                              (b"Transfer-Encoding: chunked", b'64\r\n{"messages": ')):
+            sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+            try:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n%s"
+                             % (head, partial))
+                raw = http.client.HTTPResponse(sock)
+                raw.begin()
+                response = Response(raw.status, raw.headers, raw.read())
+                self.assertError(response, 408, "timeout_error", "request_timeout")
+                self.assertEqual(response.headers["Connection"], "close")
+                self.assertEqual(sock.recv(1), b"", "the server must close the connection")
+            finally:
+                sock.close()
+
+    def test_a_client_that_hangs_up_mid_chunk_gets_no_answer(self) -> None:
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        try:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n64\r\n{\"messages\": ")
+            sock.shutdown(socket.SHUT_WR)
+            self.assertEqual(sock.recv(65536), b"", "a gone client is not sent a 400 for its short body")
+        finally:
+            sock.close()
+
     def test_keep_alive_serves_several_requests_on_one_connection(self) -> None:
         conn = self.connect()
         try:
