@@ -2922,7 +2922,19 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
     problem = None if dry_run else manager.unreachable()
     if problem:  # found before anything is written, so a failed install leaves nothing behind
         raise ServiceError("cannot install the %s: %s. Nothing was written." % (manager.kind, problem))
-    perform(system, manager.install_actions(config, claude), dry_run)
+    fresh = not system.exists(manager.path)
+    try:
+        perform(system, manager.install_actions(config, claude), dry_run)
+    except ServiceError as error:
+        if not fresh:
+            raise ServiceError("%s. The new %s stays in %s: fix the cause and install again, or uninstall."
+                               % (error, manager.kind, manager.path))
+        for action in manager.uninstall_actions():  # a new install that failed leaves nothing to start
+            try:
+                action.apply(system)
+            except ServiceError:
+                pass
+        raise ServiceError("%s. %s is removed again." % (error, manager.path))
     url = health_url(config)
     if dry_run:
         print("would wait up to %g s for %s" % (wait, url))

@@ -2580,6 +2580,20 @@ class ServiceTest(unittest.TestCase):
         self.assertEqual(code, 1)
         self.assertIn("FAIL  `launchctl bootstrap gui/501 ", out)
         self.assertIn("Input/output error", out)
+        self.assertIn("is removed again", out)
+        self.assertEqual(system.files(), [], "a failed new install must not start at the next login")
+
+    def test_a_failing_update_keeps_the_new_file_and_says_so(self) -> None:
+        system = self.fake("linux", loaded=True)
+        self.assertEqual(self.install(system)[0], 0)
+        system.run = lambda argv, env=None, timeout=30.0: (  # type: ignore[assignment]
+            proxy.Ran(1, "", "Failed to restart: unit is masked")
+            if "try-restart" in argv else proxy.Ran(0, "active\n", ""))
+        code, out = run_main("install", "--port", str(free_port()), system=system)
+        self.assertEqual(code, 1)
+        self.assertIn("unit is masked", out)
+        self.assertIn("stays in %s" % os.path.join(system.home, ".config/systemd/user/claude-max-api.service"), out)
+        self.assertEqual(system.files(), [".config/systemd/user/claude-max-api.service"])
 
     def test_relative_paths_are_written_absolute(self) -> None:
         # The service starts in /, where a path relative to the shell's directory means nothing.
