@@ -1540,11 +1540,7 @@ def structured_text(result: Dict[str, Any]) -> str:
 
 
 def held_back(text: str, markers: List[str]) -> int:
-    """Length of the longest end of `text` that could be the start of a marker.
-
-    Text that may turn into a stop sequence or a tool block is held until the
-    next delta tells; everything before it can go out at once.
-    """
+    """Length of the longest end of `text` that could be the start of a marker."""
     longest = 0
     for marker in markers:
         for size in range(min(len(marker) - 1, len(text)), longest, -1):
@@ -1554,27 +1550,48 @@ def held_back(text: str, markers: List[str]) -> int:
     return longest
 
 
-class StopFilter:
-    """Cuts the text at the first stop sequence, even one split across deltas."""
+class MarkerSplitter:
+    """Lets text through up to the first of some markers, even one split across deltas.
 
-    def __init__(self, stops: List[str]) -> None:
-        self.stops = stops
+    An end of the text that may turn into a marker (a stop sequence, a tool block's
+    opening tag) is held until the next delta tells; all before it goes out at once.
+    """
+
+    def __init__(self, markers: List[str]) -> None:
+        self.markers = markers
         self.held = ""
-        self.hit = False
 
-    def feed(self, text: str) -> str:
+    def feed(self, text: str) -> Tuple[str, Optional[str]]:
+        """The text that can go out, and the text from the first marker on (None: no marker yet)."""
         text = self.held + text
-        found = [i for i in (text.find(stop) for stop in self.stops) if i >= 0]
+        found = [i for i in (text.find(marker) for marker in self.markers) if i >= 0]
         if found:
-            self.hit, self.held = True, ""
-            return text[:min(found)]
-        keep = held_back(text, self.stops)
+            self.held = ""
+            return text[:min(found)], text[min(found):]
+        keep = held_back(text, self.markers)
         self.held = text[len(text) - keep:]
-        return text[:len(text) - keep]
+        return text[:len(text) - keep], None
 
     def flush(self) -> str:
         held, self.held = self.held, ""
         return held
+
+
+class StopFilter:
+    """Cuts the text at the first stop sequence."""
+
+    def __init__(self, stops: List[str]) -> None:
+        self.splitter = MarkerSplitter(stops)
+        self.hit = False
+
+    def feed(self, text: str) -> str:
+        before, stopped = self.splitter.feed(text)
+        if stopped is not None:
+            self.hit = True
+        return before
+
+    def flush(self) -> str:
+        return self.splitter.flush()
 
 
 class ToolCallParser:
@@ -1589,7 +1606,7 @@ class ToolCallParser:
     def __init__(self, tool_names: List[str], single: bool) -> None:
         self.tool_names = set(tool_names)
         self.single = single
-        self.held = ""
+        self.text = MarkerSplitter([TOOL_OPEN])  # the reply's text until the block
         self.block: Optional[List[str]] = None  # text after the opening tag, while inside a block
         self.scan = JsonScan()                  # the block's JSON, followed as it arrives
         self.closed = False                     # the block was parsed; the reply is over
@@ -1598,15 +1615,11 @@ class ToolCallParser:
         if self.closed:
             return []
         if self.block is None:
-            text = self.held + text
-            start = text.find(TOOL_OPEN)
-            if start < 0:
-                keep = held_back(text, [TOOL_OPEN])
-                self.held = text[len(text) - keep:]
-                return content_piece(text[:len(text) - keep])
-            self.held, self.block, self.scan = "", [], JsonScan()
-            before, text = text[:start], text[start + len(TOOL_OPEN):]
-            return content_piece(before) + self.feed(text)
+            before, block = self.text.feed(text)
+            if block is None:
+                return content_piece(before)
+            self.block, self.scan = [], JsonScan()
+            return content_piece(before) + self.feed(block[len(TOOL_OPEN):])
         self.block.append(text)
         self.scan.feed(text)
         return self._settle(final=False)
@@ -1616,8 +1629,7 @@ class ToolCallParser:
         while self.block is not None:  # a release may reveal another opening tag
             pieces += self._settle(final=True)
         if not self.closed:
-            held, self.held = self.held, ""
-            pieces += content_piece(held)
+            pieces += content_piece(self.text.flush())
         return pieces
 
     def _settle(self, final: bool) -> List[Piece]:
