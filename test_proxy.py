@@ -437,6 +437,22 @@ class FakeClaude:
         return found
 
 
+def wait_until(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """The condition's first truthy value, asked every 20 ms; None if none came within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
+
+
+def argv_value(argv: List[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
 def reaped(pid: int) -> bool:
     """True when no process has this pid any more, not even a zombie."""
     try:
@@ -533,6 +549,10 @@ class Response:
     def chunks(self) -> List[Dict[str, Any]]:
         frames = self.frames()
         return [json.loads(f) for f in frames if f != "[DONE]"]
+
+
+def stream_text(response: Response, field: str = "content") -> str:
+    return "".join(c["choices"][0]["delta"].get(field) or "" for c in response.chunks() if c.get("choices"))
 
 
 class ProxyTest(unittest.TestCase):
@@ -718,14 +738,14 @@ class RequestTranslationTest(unittest.TestCase):
         launch = proxy.cli_launch("/bin/claude", request, config())
         argv = list(launch.argv)
         self.assertEqual(argv[:2], ["/bin/claude", "-p"])
-        self.assertEqual(argv[argv.index("--tools") + 1], "")
-        self.assertEqual(argv[argv.index("--model") + 1], "opus")
+        self.assertEqual(argv_value(argv, "--tools"), "")
+        self.assertEqual(argv_value(argv, "--model"), "opus")
         # The system prompt goes in a file in the child's directory, out of argv and `ps`.
-        self.assertEqual(argv[argv.index("--system-prompt-file") + 1], "system-prompt.txt")
+        self.assertEqual(argv_value(argv, "--system-prompt-file"), "system-prompt.txt")
         self.assertEqual(dict(launch.files), {"system-prompt.txt": "Rules"})
         self.assertNotIn("Rules", argv)
-        self.assertEqual(argv[argv.index("--input-format") + 1], "stream-json")
-        self.assertEqual(argv[argv.index("--setting-sources") + 1], "")
+        self.assertEqual(argv_value(argv, "--input-format"), "stream-json")
+        self.assertEqual(argv_value(argv, "--setting-sources"), "")
         self.assertIn("--no-session-persistence", argv)
         self.assertIn("--strict-mcp-config", argv)
         self.assertNotIn("--bare", argv)  # --bare ignores the subscription login
@@ -1086,10 +1106,10 @@ class CompletionTest(ProxyTest):
         self.assertEqual(response.status, 200)
         run = FAKE.run_for(tag)
         argv = run["argv"]
-        self.assertEqual(argv[argv.index("--model") + 1], "opus")
+        self.assertEqual(argv_value(argv, "--model"), "opus")
         self.assertEqual(run["system_prompt"], "You are terse.")
-        self.assertEqual(argv[argv.index("--tools") + 1], "")
-        self.assertEqual(argv[argv.index("--output-format") + 1], "stream-json")
+        self.assertEqual(argv_value(argv, "--tools"), "")
+        self.assertEqual(argv_value(argv, "--output-format"), "stream-json")
         self.assertFalse(any(tag in arg for arg in argv), "the prompt must not be in argv")
         self.assertEqual(run["messages"][0]["message"]["content"],
                          [{"type": "text", "text": "what is 2+2? " + tag}])
@@ -1150,19 +1170,7 @@ class CompletionTest(ProxyTest):
         response = self.say(tag, model="")
         self.assertEqual(response.json()["model"], "claude-haiku-4")
         argv = FAKE.run_for(tag)["argv"]
-        self.assertEqual(argv[argv.index("--model") + 1], "haiku")
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """The condition's first truthy value, asked every 20 ms; None if none came within `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.02)
+        self.assertEqual(argv_value(argv, "--model"), "haiku")
 
 
 class StreamTest(ProxyTest):
@@ -1252,9 +1260,7 @@ class StreamTest(ProxyTest):
         self.assertEqual(set(error), {"message", "type", "param", "code"})
         self.assertEqual(error["code"], "cli_failed")
         self.assertIn("midway", error["message"])
-        text = "".join(c["choices"][0]["delta"].get("content", "") for c in response.chunks()
-                       if "choices" in c)
-        self.assertEqual(text, "partial answer ")
+        self.assertEqual(stream_text(response), "partial answer ")
 
 
 class CliFailureTest(ProxyTest):
@@ -1435,7 +1441,7 @@ class ProcessLifecycleTest(ProxyTest):
         for i, response in results.items():
             self.assertEqual(response.status, 200)
             if i % 2 == 0:
-                text = "".join(c["choices"][0]["delta"].get("content", "") for c in response.chunks())
+                text = stream_text(response)
             else:
                 text = response.json()["choices"][0]["message"]["content"]
             self.assertEqual(text, "answer number %d" % i)
@@ -1554,10 +1560,6 @@ def system(text: str) -> Dict[str, Any]:
     return {"role": "system", "content": text}
 
 
-def argv_value(run: Dict[str, Any], flag: str) -> str:
-    return run["argv"][run["argv"].index(flag) + 1]
-
-
 def running(pid: int) -> bool:
     """True while this pid is a fake claude that has not exited.
 
@@ -1574,7 +1576,7 @@ def running(pid: int) -> bool:
 def waiting_runs(model: str) -> List[Dict[str, Any]]:
     """Fake claude processes for this --model that are alive and still wait for their message."""
     return [run for run in FAKE.runs()
-            if "stdin" not in run and argv_value(run, "--model") == model and running(run["pid"])]
+            if "stdin" not in run and argv_value(run["argv"], "--model") == model and running(run["pid"])]
 
 
 def warm_for(prompt: str, model: str = "sonnet",
@@ -1652,7 +1654,7 @@ class WarmPoolTest(ProxyTest):
             run = FAKE.run_for(tag)
             self.assertNotEqual(run["pid"], warm["pid"])
             self.assertEqual(run["system_prompt"], wanted_prompt)
-            self.assertEqual(argv_value(run, "--model"), wanted_model)
+            self.assertEqual(argv_value(run["argv"], "--model"), wanted_model)
 
     def test_a_warm_process_that_died_is_skipped_and_the_request_starts_cold(self) -> None:
         prompt = "You are pool test " + marker()
@@ -2048,8 +2050,8 @@ class AgentRequestTranslationTest(unittest.TestCase):
         request = self.parse(response_format={"type": "json_schema",
                                               "json_schema": {"name": "a", "schema": schema}})
         argv = proxy.cli_argv("claude", request)
-        self.assertEqual(json.loads(argv[argv.index("--json-schema") + 1]), schema)
-        self.assertEqual(argv[argv.index("--max-turns") + 1], "3")
+        self.assertEqual(json.loads(argv_value(argv, "--json-schema")), schema)
+        self.assertEqual(argv_value(argv, "--max-turns"), "3")
         self.assertEqual(self.parse(response_format={"type": "json_object"}).json_schema,
                          {"type": "object"})
         self.assertIsNone(self.parse(response_format={"type": "text"}).json_schema)
@@ -2062,7 +2064,7 @@ class AgentRequestTranslationTest(unittest.TestCase):
         for given, effort in [("minimal", "low"), ("low", "low"), ("medium", "medium"), ("high", "high")]:
             request = self.parse(reasoning_effort=given)
             argv = proxy.cli_argv("claude", request)
-            self.assertEqual(argv[argv.index("--effort") + 1], effort)
+            self.assertEqual(argv_value(argv, "--effort"), effort)
             self.assertTrue(request.want_reasoning)
         plain = self.parse()
         self.assertNotIn("--effort", proxy.cli_argv("claude", plain))
@@ -2143,10 +2145,6 @@ def tool_reply(*calls: Tuple[str, Dict[str, Any]], before: str = "") -> List[str
     block = json.dumps([{"name": name, "arguments": args} for name, args in calls])
     text = "%s<tool_calls>\n%s\n</tool_calls>" % (before, block)
     return [text[i:i + 7] for i in range(0, len(text), 7)]
-
-
-def stream_text(response: Response, field: str = "content") -> str:
-    return "".join(c["choices"][0]["delta"].get(field) or "" for c in response.chunks() if c["choices"])
 
 
 class ToolCallingTest(ProxyTest):
@@ -2284,7 +2282,7 @@ class StructuredOutputTest(ProxyTest):
         self.assertEqual(json.loads(choice["message"]["content"]), {"answer": 42})
         self.assertEqual(choice["finish_reason"], "stop")
         argv = FAKE.run_for(tag)["argv"]
-        self.assertEqual(json.loads(argv[argv.index("--json-schema") + 1]), self.SCHEMA)
+        self.assertEqual(json.loads(argv_value(argv, "--json-schema")), self.SCHEMA)
 
     def test_json_object_streams_one_json_object(self) -> None:
         cue = FAKE.script("structured-obj", structured={"ok": True, "items": [1, 2]})
@@ -2343,7 +2341,7 @@ class GenerationControlTest(ProxyTest):
         self.assertEqual(asked["reasoning_content"], "Let me think.")
         self.assertEqual(asked["content"], "Answer.")
         argv = FAKE.run_for(tag)["argv"]
-        self.assertEqual(argv[argv.index("--effort") + 1], "high")
+        self.assertEqual(argv_value(argv, "--effort"), "high")
         streamed = self.say(cue, reasoning_effort="low", stream=True)
         self.assertEqual(stream_text(streamed, "reasoning_content"), "Let me think.")
         self.assertEqual(stream_text(streamed), "Answer.")
@@ -2468,6 +2466,18 @@ class ServiceTest(unittest.TestCase):
         with contextlib.redirect_stdout(out):
             code = proxy.install(system, config(**settings), dry_run=False, wait=wait)
         return code, out.getvalue()
+
+    def test_the_service_runs_apples_stub_not_the_python_inside_xcode(self) -> None:
+        saved = sys.executable
+        self.addCleanup(setattr, sys, "executable", saved)
+        for executable, wanted in (
+                ("/Library/Developer/CommandLineTools/Library/Frameworks/Python3.framework/Versions/3.9/"
+                 "Resources/Python.app/Contents/MacOS/Python", "/usr/bin/python3"),
+                ("/Applications/Xcode.app/Contents/Developer/usr/bin/python3", "/usr/bin/python3"),
+                ("", "/usr/bin/python3"),
+                ("/opt/homebrew/bin/python3.13", "/opt/homebrew/bin/python3.13")):
+            sys.executable = executable
+            self.assertEqual(proxy.current_python(), wanted, executable)
 
     def test_repo_plist_is_what_the_generator_makes_for_the_placeholders(self) -> None:
         system = proxy.System(home=TEMPLATE_HOME, platform="darwin", uid=501, environ={},
@@ -3198,8 +3208,7 @@ class EndToEndTest(ProxyTest):
         response = self.say("stream please", stream=True, stream_options={"include_usage": True})
         self.assertEqual(response.status, 200, response.body)
         chunks = response.chunks()
-        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-        self.assertEqual(text, UPSTREAM_REPLY)
+        self.assertEqual(stream_text(response), UPSTREAM_REPLY)
         self.assertGreater(len(chunks), 4, "text must arrive as several deltas")
         self.assertEqual(chunks[-1]["usage"]["completion_tokens"], 7)
         self.assertEqual(response.frames()[-1], "[DONE]")
