@@ -551,6 +551,24 @@ class Response:
         return [json.loads(f) for f in frames if f != "[DONE]"]
 
 
+def http_request(port: int, method: str, path: str, body: Any = None,
+                 headers: Optional[Dict[str, str]] = None,
+                 conn: Optional[http.client.HTTPConnection] = None) -> Response:
+    """One request to a proxy on loopback; `body` as bytes, or anything JSON; `conn` to keep one alive."""
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        all_headers = {"Content-Type": "application/json"}
+        all_headers.update(headers or {})
+        conn.request(method, path, body=data, headers=all_headers)
+        response = conn.getresponse()
+        return Response(response.status, response.headers, response.read())
+    finally:
+        if own:
+            conn.close()
+
+
 def stream_text(response: Response, field: str = "content") -> str:
     return "".join(c["choices"][0]["delta"].get(field) or "" for c in response.chunks() if c.get("choices"))
 
@@ -581,18 +599,7 @@ class ProxyTest(unittest.TestCase):
     def request(self, method: str, path: str, body: Any = None,
                 headers: Optional[Dict[str, str]] = None,
                 conn: Optional[http.client.HTTPConnection] = None) -> Response:
-        own = conn is None
-        conn = conn or self.connect()
-        try:
-            data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-            all_headers = {"Content-Type": "application/json"}
-            all_headers.update(headers or {})
-            conn.request(method, path, body=data, headers=all_headers)
-            response = conn.getresponse()
-            return Response(response.status, response.headers, response.read())
-        finally:
-            if own:
-                conn.close()
+        return http_request(self.running.port, method, path, body, headers, conn)
 
     def chat(self, *messages: Any, **fields: Any) -> Response:
         body = {"model": "claude-sonnet-4", "messages": list(messages)}
@@ -1349,14 +1356,7 @@ def open_stream(port: int, text: str) -> socket.socket:
 
 
 def post_chat(port: int, body: Dict[str, Any]) -> Response:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-    try:
-        conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(),
-                     {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        return Response(response.status, response.headers, response.read())
-    finally:
-        conn.close()
+    return http_request(port, "POST", "/v1/chat/completions", body)
 
 
 class ProcessLifecycleTest(ProxyTest):
@@ -1465,15 +1465,25 @@ class ProcessLifecycleTest(ProxyTest):
 
 
 class Daemon:
-    """claude_max_proxy.py in a process of its own, as users run it; its log goes to a file."""
+    """claude_max_proxy.py in a process of its own, as users run it. Its log goes to
+    a file: its stderr, or with `log_file` its own --log-file (stderr then kept apart)."""
 
-    def __init__(self, *flags: str) -> None:
+    def __init__(self, *flags: str, log_file: bool = False) -> None:
         fd, self.log_path = tempfile.mkstemp(prefix="claude-proxy-log-")
-        with os.fdopen(fd, "w") as log:
+        os.close(fd)
+        fd, self.stderr_path = tempfile.mkstemp(prefix="claude-proxy-stderr-")
+        os.close(fd)
+        if log_file:
+            flags += ("--log-file", self.log_path)
+        with open(self.stderr_path if log_file else self.log_path, "w") as stderr:
             self.process = subprocess.Popen(
                 [sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "--port", "0"] + list(flags),
-                stdin=subprocess.DEVNULL, stderr=log)
+                stdin=subprocess.DEVNULL, stderr=stderr)
         self.port = self._wait_for_port()
+
+    def stderr(self) -> str:
+        with open(self.stderr_path) as f:
+            return f.read()
 
     def _wait_for_port(self, timeout: float = 15.0) -> int:
         deadline = time.monotonic() + timeout
@@ -1490,12 +1500,7 @@ class Daemon:
         raise AssertionError("the proxy did not start listening: %s" % text)
 
     def health(self) -> Dict[str, Any]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request("GET", "/health")
-            return json.loads(conn.getresponse().read())
-        finally:
-            conn.close()
+        return http_request(self.port, "GET", "/health").json()
 
     def stop(self, signum: int = signal.SIGTERM) -> int:
         """A signal (SIGTERM, as launchd sends it, by default); the exit code."""
@@ -1509,8 +1514,9 @@ class Daemon:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        if os.path.exists(self.log_path):
-            os.unlink(self.log_path)
+        for path in (self.log_path, self.stderr_path):
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 class ShutdownTest(unittest.TestCase):
@@ -2879,29 +2885,13 @@ class CommandLineTest(unittest.TestCase):
             self.assertIn("line 199", f.read(), "the newest lines are in the live file")
 
     def test_the_daemon_logs_to_its_log_file_instead_of_stderr(self) -> None:
-        folder = tempfile.mkdtemp(prefix="proxy-logs-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        path = os.path.join(folder, "proxy.log")
-        daemon = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_max_proxy.py"),
-                                   "--port", "0", "--claude-bin", FAKE.path, "--log-file", path],
-                                  stderr=subprocess.PIPE, text=True)
+        daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "0", log_file=True)  # found its port there
         try:
-            deadline = time.monotonic() + 10
-            text = ""
-            while "listening on" not in text and time.monotonic() < deadline:
-                time.sleep(0.05)
-                if os.path.exists(path):
-                    with open(path) as f:
-                        text = f.read()
-            self.assertIn("listening on http://127.0.0.1:", text)
-            daemon.send_signal(signal.SIGTERM)
-            self.assertEqual(daemon.wait(10), 0)
-            self.assertNotIn("listening", daemon.stderr.read())
+            stderr = daemon.stderr()
+            self.assertEqual(daemon.stop(), 0)
+            self.assertNotIn("listening", stderr)
         finally:
-            if daemon.poll() is None:
-                daemon.kill()
-                daemon.wait()
-            daemon.stderr.close()
+            daemon.close()
 
 
 # ---------------------------------------------------------------------------
