@@ -34,8 +34,10 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import errno
 import http.client
 import hmac
+import io
 import ipaddress
 import json
 import logging
@@ -61,6 +63,11 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
+try:
+    import resource
+except ImportError:  # not a POSIX system: the open-file limit stays as it is
+    resource = None  # type: ignore[assignment]
+
 __version__ = "0.1.0"
 
 log = logging.getLogger("claude_max_proxy")
@@ -77,6 +84,10 @@ MIB = 1024 * 1024
 OPTIONS: List[Tuple[str, str, Any, Any, str]] = [
     ("--host", "CLAUDE_PROXY_HOST", str, "127.0.0.1",
      "address to bind; anything but loopback needs --api-key to be safe"),
+    ("--allow-host", "CLAUDE_PROXY_ALLOW_HOST", str, "",
+     "more names clients may reach the proxy by, comma-separated ('*' for any); a request whose "
+     "Host header names anything but these, localhost, a loopback or the proxy's own address is "
+     "refused, so a web page cannot reach the proxy through DNS rebinding"),
     ("--port", "CLAUDE_PROXY_PORT", int, 3456, "TCP port to listen on"),
     ("--claude-bin", "CLAUDE_BIN", str, "claude",
      "the Claude Code CLI: a name looked up on PATH and the usual install places, or a path"),
@@ -86,6 +97,8 @@ OPTIONS: List[Tuple[str, str, Any, Any, str]] = [
      "when set, every request but /health needs 'Authorization: Bearer KEY'"),
     ("--max-concurrent", "CLAUDE_PROXY_MAX_CONCURRENT", int, 8,
      "most claude processes answering at once"),
+    ("--max-connections", "CLAUDE_PROXY_MAX_CONNECTIONS", int, 256,
+     "most client connections open at once (kept below the open-file limit); more get a 503"),
     ("--pool-size", "CLAUDE_PROXY_POOL_SIZE", int, 2,
      "claude processes started ahead of time so answers skip the CLI's start-up; 0 turns it off"),
     ("--pool-ttl", "CLAUDE_PROXY_POOL_TTL", float, 600.0,
@@ -101,7 +114,8 @@ OPTIONS: List[Tuple[str, str, Any, Any, str]] = [
     ("--max-body", "CLAUDE_PROXY_MAX_BODY", int, 10 * MIB,
      "largest request body in bytes (413 above it)"),
     ("--cors", "CLAUDE_PROXY_CORS", str, "",
-     "allow browser calls from this origin ('*' for any); off when empty"),
+     "allow browser calls from this origin ('*' for any); off when empty: a request with an "
+     "Origin header it does not allow is refused"),
     ("--fetch-images", "CLAUDE_PROXY_FETCH_IMAGES", bool, False,
      "fetch http(s) image URLs (public addresses only); off: images must be data: URLs"),
     ("--allow-api-key", "CLAUDE_PROXY_ALLOW_API_KEY", bool, False,
@@ -1883,6 +1897,189 @@ class Completion:
 # HTTP handler
 # ---------------------------------------------------------------------------
 
+class ClientStalled(ConnectionError):
+    """The client read nothing of the answer for a whole write timeout: taken as gone."""
+
+
+class ClientConnection(io.RawIOBase):
+    """The client's socket as the handler reads and writes it.
+
+    Reads share one deadline per request, from its first byte to the end of its
+    body, so a client that sends a byte now and then cannot hold a connection (a
+    per-read timeout would restart with every byte). Each write has a bound of its
+    own, so a client that stops reading a stream frees its slot and its claude.
+    """
+
+    def __init__(self, sock: socket.socket, read_seconds: float, write_seconds: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.read_seconds = read_seconds
+        self.write_seconds = write_seconds
+        self.received = 0
+        self.deadline = 0.0
+
+    def begin_request(self) -> None:
+        """Wait up to read_seconds for a request to begin; its first byte starts its own deadline."""
+        self.received = 0
+        self.deadline = time.monotonic() + self.read_seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("the request did not arrive in time")
+        self.sock.settimeout(remaining)
+        count = self.sock.recv_into(buffer)
+        if count and not self.received:
+            self.deadline = time.monotonic() + self.read_seconds
+        self.received += count
+        return count
+
+    def write(self, data: Any) -> int:
+        self.sock.settimeout(self.write_seconds)
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise ClientStalled("the client read nothing for %g s" % self.write_seconds)
+        return len(data)
+
+
+# The request line, strictly: METHOD SP target SP HTTP/x.y. http.server would also take
+# "GET /" (HTTP/0.9, answered without a status line) and words split by any whitespace.
+REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r?\n")
+MAX_REQUEST_LINE = 65536
+
+
+def check_request_line(line: bytes) -> None:
+    """A ProxyError for a request line that is too long, malformed, or not HTTP/1.x."""
+    if len(line) > MAX_REQUEST_LINE:
+        raise ProxyError(414, "The request line is longer than %d bytes." % MAX_REQUEST_LINE,
+                         code="request_line_too_long")
+    match = REQUEST_LINE.fullmatch(line)
+    if match is None:
+        raise invalid("Malformed request line; expected 'METHOD /path HTTP/1.1'.",
+                      code="invalid_request_line")
+    if match.group(3) != b"1":
+        raise ProxyError(505, "HTTP/%s.%s is not supported; use HTTP/1.1."
+                         % (match.group(3).decode(), match.group(4).decode()),
+                         code="http_version_not_supported")
+
+
+class Framing(NamedTuple):
+    """Where a request's body ends: chunked, a Content-Length, or no body (length None)."""
+    chunked: bool
+    length: Optional[int]
+
+
+def body_framing(headers: Any, http_1_0: bool) -> Framing:
+    """The one reading of the headers that say where the body ends; a ProxyError on any doubt.
+
+    A request whose framing two parsers could read differently is how a second
+    request gets smuggled inside a first: every doubt is an error, and the caller
+    closes the connection after it.
+    """
+    if headers.defects or any("\n" in value for value in headers.values()):
+        raise invalid("Malformed header line.", code="invalid_header")
+    if len(headers.get_all("Host") or []) > 1:
+        raise invalid("More than one Host header.", code="invalid_header")
+    lengths = headers.get_all("Content-Length") or []
+    codings = headers.get_all("Transfer-Encoding") or []
+    if codings:
+        if lengths:
+            raise invalid("Transfer-Encoding and Content-Length together; send one of them.",
+                          code="invalid_header")
+        if len(codings) > 1 or codings[0].strip(" \t").lower() != "chunked":
+            raise ProxyError(501, "Transfer-Encoding %r is not supported; send 'chunked' or a "
+                             "Content-Length." % ", ".join(codings), code="unsupported_transfer_encoding")
+        if http_1_0:
+            raise invalid("HTTP/1.0 has no chunked bodies; send a Content-Length.", code="invalid_header")
+        return Framing(True, None)
+    if not lengths:
+        return Framing(False, None)
+    if len(lengths) > 1:
+        raise invalid("More than one Content-Length header.", code="invalid_header")
+    value = lengths[0].strip(" \t")
+    if not re.fullmatch(r"[0-9]+", value):
+        raise invalid("Content-Length is not a valid number.", code="invalid_header")
+    return Framing(False, int(value) if len(value) <= 18 else sys.maxsize)  # int() refuses 4300+ digits
+
+
+CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?\r\n")
+MAX_CHUNK_LINE = 1024
+MAX_TRAILER_LINES = 100
+
+
+def host_name(host: str) -> Optional[str]:
+    """The name or address in a Host header, lower case, without port, brackets or final dot."""
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]/@\s]+)(?::[0-9]*)?", host.strip(" \t"))
+    if match is None:
+        return None
+    return match.group(1).strip("[]").lower().rstrip(".")
+
+
+def is_loopback_name(name: str) -> bool:
+    """localhost, *.localhost (browsers resolve those to loopback themselves) or a loopback address."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def request_source_error(host: Optional[str], origin: Optional[str], config: Config,
+                         local_address: str) -> Optional[ProxyError]:
+    """Why a request may not use the proxy, or None: it came from a web page, not a client.
+
+    A page the user visits can send requests to 127.0.0.1, and with DNS rebinding
+    (its own name, resolved to 127.0.0.1) read the answers too. Browsers always send
+    a Host naming the page's server, and an Origin with any cross-origin request;
+    curl, the SDKs and agents send no Origin. Sec-Fetch-* headers are no sign of a
+    browser (OpenClaw sends them).
+    """
+    allowed = [name.strip().lower().rstrip(".") for name in config.allow_host.split(",") if name.strip()]
+    if host is not None and "*" not in allowed:
+        name = host_name(host)
+        own = (config.host.lower(), local_address.lower())
+        if name is None or not (is_loopback_name(name) or name in own or name in allowed):
+            return ProxyError(403, "Host %r does not name this proxy. If you reach it by that name, "
+                              "start it with --allow-host %s." % (host, name or "NAME"),
+                              code="host_not_allowed")
+    cors = config.cors.strip().rstrip("/").lower()
+    if origin is not None and cors != "*" and origin.strip().rstrip("/").lower() != cors:
+        return ProxyError(403, "Requests from web pages at %r may not use this proxy (--cors allows %s)."
+                          % (origin, repr(config.cors) if config.cors else "none"),
+                          code="origin_not_allowed")
+    return None
+
+
+# Parsed JSON takes up to ~50 times the size of its text ([{}, {}, ...]), and what a
+# request holds beyond its text is mostly values: 250,000 of them is ten times a
+# 1,000-message agent history with its tools, and bounds a parse to ~50 MB.
+MAX_JSON_VALUES = 250000
+# A JSON string with its escapes removed holds no quote, so strings can be cut
+# out with a regex that never backtracks.
+JSON_ESCAPES = (b"\\\\", b'\\"')
+JSON_STRING = re.compile(rb'"[^"]*"')
+
+
+def json_value_count(text: bytes) -> int:
+    """How many values and keys a JSON text holds, counted at C speed without parsing it.
+
+    Outside strings, each value or key but the first follows a comma, a colon or
+    an opening bracket. Invalid JSON gets some count; its parse fails later.
+    """
+    for escape in JSON_ESCAPES:
+        text = text.replace(escape, b"")
+    bare = JSON_STRING.sub(b"", text)
+    return 1 + sum(bare.count(mark) for mark in (b",", b":", b"[", b"{"))
+
+
 MAX_JSON_DEPTH = 100
 
 
@@ -1910,16 +2107,82 @@ def json_problem(value: Any) -> Optional[str]:
     return None
 
 
+def parse_json_text(text: bytes) -> Any:
+    """A request body's JSON, or a 400 saying why it is none the CLI could be given."""
+    try:
+        body = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise invalid("The request body is not valid JSON: %s" % error, code="invalid_json")
+    problem = json_problem(body)
+    if problem:
+        raise invalid("The request body %s." % problem, code="invalid_json")
+    return body
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     """Routes OpenAI requests; each chat completion runs one `claude` child."""
 
     protocol_version = "HTTP/1.1"
-    # Bounds every read from and write to the client: a client that stalls mid-body,
-    # or stops reading a stream, must not hold a thread (and a claude) for ever.
+    # Seconds a connection may wait for a request to begin, and then for all of it
+    # (line, headers, body) to arrive; see ClientConnection.
     timeout = 120
+    # Seconds one write may wait for a client that reads nothing before it counts as gone.
+    write_timeout = 30
     server_version = "claude-max-proxy/" + __version__
     sys_version = ""
     server: "ProxyServer"
+
+    # -- connection and framing ------------------------------------------------
+
+    def setup(self) -> None:
+        self.connection = self.request
+        # Nagle's algorithm would hold each small answer back ~40 ms for the client's ACK.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.client = ClientConnection(self.connection, self.timeout, self.write_timeout)
+        self.rfile = io.BufferedReader(self.client)
+        self.wfile = self.client
+
+    def handle_one_request(self) -> None:
+        """Read one request within its deadline, check its line and framing, and answer it."""
+        self.client.begin_request()
+        self.started = time.monotonic()
+        self.request_id = "req_" + uuid.uuid4().hex[:16]
+        self.status_sent = 0
+        self.model_name = "-"
+        self.usage: Dict[str, Any] = {}
+        self.headers_sent = False
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if not self.raw_requestline:
+                self.close_connection = True  # the client closed the connection between requests
+                return
+            if not self.parse_request():
+                return
+            method = getattr(self, "do_" + self.command, None)
+            if method is None:
+                self.send_error(501, "Method %s is not supported." % self.command)
+                return
+            method()
+        except socket.timeout:
+            # The request line or headers stalled (a stalled body is answered in _dispatch);
+            # a connection idle between requests simply closes.
+            self.close_connection = True
+            if self.client.received:
+                self._timed_out()
+
+    def parse_request(self) -> bool:
+        """http.server's parse of the headers, between strict checks of the line and the framing."""
+        self.command = None
+        self.request_version = self.protocol_version  # a refused request still gets a status line
+        try:
+            check_request_line(self.raw_requestline)
+            if not super().parse_request():
+                return False
+            self.framing = body_framing(self.headers, self.request_version == "HTTP/1.0")
+        except ProxyError as error:
+            self._refuse(error)
+            return False
+        return True
 
     # -- routing ------------------------------------------------------------
 
@@ -1931,29 +2194,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_OPTIONS = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch_command
 
     def _dispatch(self, method: str) -> None:
-        self.started = time.monotonic()
-        self.request_id = "req_" + uuid.uuid4().hex[:16]
-        self.status_sent = 0
-        self.model_name = "-"
-        self.usage: Dict[str, Any] = {}
-        self.headers_sent = False
         try:
             self._route(method)
-        except ClientGone:
+        except (ClientGone, ConnectionError):
+            # Gone, or not reading (ClientStalled): logged as nginx does, whatever was sent.
             self.close_connection = True
-            self.status_sent = self.status_sent or 499
+            self.status_sent = 499
         except ProxyError as error:
             self._send_error(error)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
         except socket.timeout:
-            # The client stalled past `timeout`: in the middle of its body (before we
-            # answered), or while not reading our answer, which then simply ends.
-            self.close_connection = True
-            if not self.headers_sent:
-                self._send_error(ProxyError(
-                    408, "The request body did not arrive within %d s." % self.timeout,
-                    code="request_timeout"))
+            # Only reads time out (a write that cannot go on is ClientStalled): the body
+            # stalled past the request's deadline.
+            self._timed_out()
         except Exception:
             log.exception("%s internal error", self.request_id)
             self._send_error(ProxyError(500, "Internal proxy error; see the proxy log.",
@@ -1966,6 +2218,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if path.startswith("/v1/") or path == "/v1":
             path = path[3:] or "/"
         try:
+            self._check_source()
             # Every route but /health needs the key, with or without /v1 before it;
             # browsers send CORS preflights without credentials.
             if path != "/health" and not (method == "OPTIONS" and self.server.config.cors):
@@ -1998,6 +2251,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                              % (method, self.path, ", ".join(methods)),
                              code="method_not_allowed", headers={"Allow": ", ".join(methods)})
         return methods[method]
+
+    def _check_source(self) -> None:
+        """Refuse web pages the user did not allow, before any work (see request_source_error)."""
+        error = request_source_error(self.headers.get("Host"), self.headers.get("Origin"),
+                                     self.server.config, self.connection.getsockname()[0])
+        if error is not None:
+            self.close_connection = True  # nothing more from that page, not even its body
+            raise error
 
     def _authorize(self) -> None:
         key = self.server.config.api_key
@@ -2039,13 +2300,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _chat_completions(self) -> None:
         self.server.count_request()  # chat completions only: probes of /health are not served requests
-        body = self._read_json_body()
-        request = parse_chat_request(body, self.server.config)
-        self.model_name = request.model
-        claude = find_claude(self.server.config.claude_bin)
-        if claude is None:
-            raise claude_not_found(self.server.config.claude_bin)
+        text = self._read_json_text()
+        # Parsed JSON can take many times its text: parsed only in a slot, so at most
+        # --max-concurrent bodies take that room at once, and neither outlives the translation.
         with self.server.slot():
+            request = parse_chat_request(parse_json_text(text), self.server.config)
+            del text
+            self.model_name = request.model
+            claude = find_claude(self.server.config.claude_bin)
+            if claude is None:
+                raise claude_not_found(self.server.config.claude_bin)
             self._run(request, claude)
 
     def _run(self, request: ChatRequest, claude: str) -> None:
@@ -2207,41 +2471,37 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.send_header("Vary", "Origin")
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        """http.server's own errors (bad request line, 501 ...) in the OpenAI shape too."""
-        self.request_id = getattr(self, "request_id", "req_-")
-        self.headers_sent = False
+        """http.server's own errors (headers too long, 501 ...) in the OpenAI shape too."""
+        self._refuse(ProxyError(code, message or self.responses.get(code, ("Error",))[0],
+                                code="http_%d" % code))
+
+    def _timed_out(self) -> None:
+        self._refuse(ProxyError(408, "The request did not arrive within %g s." % self.timeout,
+                                code="request_timeout"))
+
+    def _refuse(self, error: ProxyError) -> None:
+        """Answer a request that could not be read as one, and close: nothing after it can be trusted."""
         self.close_connection = True
-        self._send_error(ProxyError(code, message or self.responses.get(code, ("Error",))[0],
-                                    code="http_%d" % code))
+        self._send_error(error)
 
     # -- request body --------------------------------------------------------
 
-    def _read_json_body(self) -> Any:
-        raw = self._read_body()
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as error:
-            raise invalid("The request body is not valid JSON: %s" % error, code="invalid_json")
-        problem = json_problem(body)
-        if problem:
-            raise invalid("The request body %s." % problem, code="invalid_json")
-        return body
+    def _read_json_text(self) -> bytes:
+        """The body, once a cheap count shows it is no flood of tiny values (see MAX_JSON_VALUES)."""
+        text = self._read_body()
+        if json_value_count(text) > MAX_JSON_VALUES:
+            raise ProxyError(413, "The request body holds more than %d JSON values." % MAX_JSON_VALUES,
+                             code="too_many_json_values")
+        return text
 
     def _read_body(self) -> bytes:
         limit = self.server.config.max_body
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        if self.framing.chunked:
             return self._read_chunked_body(limit)
-        length_header = self.headers.get("Content-Length")
-        if length_header is None:
+        length = self.framing.length
+        if length is None:
             self.close_connection = True
             raise ProxyError(411, "A Content-Length header is required.", code="length_required")
-        try:
-            length = int(length_header)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise invalid("Content-Length is not a valid number.", code="invalid_header")
         if length > limit:
             self.close_connection = True  # the unread body must not be taken for a next request
             raise self._too_large(limit)
@@ -2253,23 +2513,37 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _read_chunked_body(self, limit: int) -> bytes:
         body = bytearray()
         while True:
-            size_field = self.rfile.readline(1024).split(b";", 1)[0].strip()
-            if not size_field or len(size_field) > 16 or size_field.strip(b"0123456789abcdefABCDEF"):
-                self.close_connection = True
-                raise invalid("Malformed chunked request body.", code="invalid_body")
-            size = int(size_field, 16)
+            match = CHUNK_SIZE_LINE.fullmatch(self._chunk_line())
+            if match is None:
+                raise self._malformed_chunks()
+            size = int(match.group(1), 16)
             if size == 0:
-                while self.rfile.readline(1024).strip():
-                    pass  # trailers
-                return bytes(body)
+                break
             if len(body) + size > limit:
                 self.close_connection = True
                 raise self._too_large(limit)
-            chunk = self.rfile.read(size)
-            if len(chunk) < size:
+            chunk = self.rfile.read(size + 2)
+            if len(chunk) < size + 2:
                 raise ClientGone()
-            body += chunk
-            self.rfile.readline(1024)
+            if chunk[size:] != b"\r\n":
+                raise self._malformed_chunks()
+            body += memoryview(chunk)[:size]
+        for _ in range(MAX_TRAILER_LINES):
+            if self._chunk_line() == b"\r\n":  # the end of the trailers (which we ignore)
+                return bytes(body)
+        raise self._malformed_chunks()
+
+    def _chunk_line(self) -> bytes:
+        line = self.rfile.readline(MAX_CHUNK_LINE)
+        if not line.endswith(b"\n"):
+            if len(line) < MAX_CHUNK_LINE:
+                raise ClientGone()  # it hung up mid-line
+            raise self._malformed_chunks()
+        return line
+
+    def _malformed_chunks(self) -> ProxyError:
+        self.close_connection = True
+        return invalid("Malformed chunked request body.", code="invalid_body")
 
     @staticmethod
     def _too_large(limit: int) -> ProxyError:
@@ -2278,11 +2552,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _discard_body(self) -> None:
         """Skip a body we will not use, so a kept-alive connection stays in step."""
-        length = self.headers.get("Content-Length")
-        if length and length.isdigit() and int(length) <= self.server.config.max_body:
-            self.rfile.read(int(length))
-        elif length or self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
+        length = self.framing.length or 0
+        if self.close_connection or self.framing.chunked or length > self.server.config.max_body:
+            self.close_connection = True  # whatever is left unread goes with the connection
+        elif length and len(self.rfile.read(length)) < length:
+            raise ClientGone()
 
     # -- logging ---------------------------------------------------------------
 
@@ -2305,13 +2579,64 @@ class ProxyHandler(BaseHTTPRequestHandler):
 # Server
 # ---------------------------------------------------------------------------
 
+# macOS refuses a soft open-file limit above OPEN_MAX, and its hard limit may be unlimited.
+OPEN_MAX = 10240
+# Files the proxy keeps open besides connections (listening socket, logs, image fetches ...),
+# and what each claude child takes (its three pipes and a selector).
+SPARE_FILES = 64
+FILES_PER_CHILD = 6
+# errno values of an accept() that failed for want of files or memory: the backlog stays
+# readable, so retrying at once would spin.
+ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def raise_open_file_limit() -> None:
+    """Lift the soft limit on open files toward the hard one: launchd starts services with 256."""
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_MAX if hard == resource.RLIM_INFINITY else min(hard, OPEN_MAX)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as error:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, error)
+
+
+def open_file_limit() -> Optional[int]:
+    if resource is None:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_cap(config: Config, file_limit: Optional[int]) -> int:
+    """--max-connections, lowered so connections and children together stay under the file limit."""
+    cap = max(1, config.max_connections)
+    if file_limit is not None:
+        children = max(1, config.max_concurrent) + max(0, config.pool_size)
+        cap = min(cap, max(1, file_limit - SPARE_FILES - FILES_PER_CHILD * children))
+    return cap
+
+
+def refusal_bytes(error: ProxyError) -> bytes:
+    """A whole HTTP response for `error`, for a connection no handler will serve."""
+    body = json.dumps(error.body()).encode("utf-8")
+    head = ["HTTP/1.1 %d %s" % (error.status, http.client.responses.get(error.status, "Error")),
+            "Content-Type: application/json", "Content-Length: %d" % len(body), "Connection: close"]
+    head += ["%s: %s" % header for header in error.headers.items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
+
+
 class ProxyServer(ThreadingHTTPServer):
-    """The HTTP server, its concurrency limit, and every live `claude` child."""
+    """The HTTP server, its limits on connections and children, and every live `claude` child."""
 
     daemon_threads = True
     allow_reuse_address = True
     # socketserver's listen backlog of 5 resets connections when dozens of clients connect at once.
     request_queue_size = 128
+    # Seconds to wait before accepting again when accept() found no file or memory left.
+    accept_backoff = 0.5
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -2321,6 +2646,15 @@ class ProxyServer(ThreadingHTTPServer):
         self._children: Dict[int, ClaudeProcess] = {}
         self._lock = threading.Lock()
         self._closing = False
+        self.max_connections = connection_cap(config, open_file_limit())
+        if self.max_connections < config.max_connections:
+            log.warning("at most %d connections at once (not %d): the open-file limit is %s",
+                        self.max_connections, config.max_connections, open_file_limit())
+        self.connections = 0
+        self._accept_failing = False
+        self._too_many = refusal_bytes(ProxyError(
+            503, "The proxy has %d connections open already (--max-connections); retry shortly."
+            % self.max_connections, code="too_many_connections", headers={"Retry-After": "1"}))
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.address_family = family
         super().__init__((config.host, config.port), ProxyHandler)
@@ -2336,6 +2670,61 @@ class ProxyServer(ThreadingHTTPServer):
         # stall start-up for seconds on a Mac with a slow resolver.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    # -- connections -----------------------------------------------------------
+
+    def get_request(self) -> Tuple[socket.socket, Any]:
+        try:
+            accepted = super().get_request()
+        except OSError as error:
+            if error.errno in ACCEPT_EXHAUSTED:
+                if not self._accept_failing:  # once per burst: the next success says it is over
+                    log.warning("cannot accept connections: %s; retrying every %g s",
+                                error, self.accept_backoff)
+                self._accept_failing = True
+                time.sleep(self.accept_backoff)
+            raise  # socketserver drops this attempt
+        if self._accept_failing:
+            log.warning("accepting connections again")
+            self._accept_failing = False
+        return accepted
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            admitted = self.connections < self.max_connections
+            if admitted:
+                self.connections += 1
+        if not admitted:
+            self._refuse_connection(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connection_closed()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_closed()
+
+    def _connection_closed(self) -> None:
+        with self._lock:
+            self.connections -= 1
+
+    def _refuse_connection(self, request: socket.socket) -> None:
+        """A 503 at once, from the accepting thread, without waiting on the client in any way."""
+        try:
+            request.setblocking(False)
+            request.recv(65536)  # what already came: unread, it would turn the close into a reset
+        except OSError:
+            pass
+        try:
+            request.send(self._too_many)  # a new connection's send buffer has room for it
+        except OSError:
+            pass
+        self.shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         error = sys.exc_info()[1]
@@ -2445,13 +2834,9 @@ class Slot:
         self.semaphore.release()
 
 
-def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
-
-
 def startup_warnings(config: Config) -> List[str]:
     warnings = []
-    if not is_loopback(config.host) and not config.api_key:
+    if not is_loopback_name(config.host.lower()) and not config.api_key:
         warnings.append(
             "!!! Listening on %s without --api-key: anyone who can reach this port can use your "
             "Claude subscription. Bind 127.0.0.1 or set --api-key. !!!" % config.host)
@@ -2489,6 +2874,7 @@ def setup_logging(config: Config) -> None:
 
 
 def serve(config: Config) -> int:
+    raise_open_file_limit()
     server = ProxyServer(config)
     for warning in startup_warnings(config):
         log.warning(warning)

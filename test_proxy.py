@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import errno
 import http.client
 import io
 import json
@@ -27,6 +28,7 @@ import os
 import platform
 import plistlib
 import re
+import select
 import shutil
 import signal
 import socket
@@ -984,7 +986,7 @@ class RoutesTest(ProxyTest):
                          "invalid_request_error", "invalid_json")
         sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
         try:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n-1\r\nxx\r\n")
             self.assertIn(b" 400 ", sock.recv(65536).split(b"\r\n")[0] + b" ")
         finally:
@@ -1052,7 +1054,7 @@ class RoutesTest(ProxyTest):
                               (b"Transfer-Encoding: chunked", b'64\r\n{"messages": ')):
             sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
             try:
-                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n%s"
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n%s\r\n\r\n%s"
                              % (head, partial))
                 raw = http.client.HTTPResponse(sock)
                 raw.begin()
@@ -1066,7 +1068,7 @@ class RoutesTest(ProxyTest):
     def test_a_client_that_hangs_up_mid_chunk_gets_no_answer(self) -> None:
         sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
         try:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n64\r\n{\"messages\": ")
             sock.shutdown(socket.SHUT_WR)
             self.assertEqual(sock.recv(65536), b"", "a gone client is not sent a 400 for its short body")
@@ -1083,6 +1085,375 @@ class RoutesTest(ProxyTest):
             self.assertEqual(self.request("GET", "/v1/models", conn=conn).status, 200)
         finally:
             conn.close()
+
+
+def raw_exchange(port: int, data: bytes) -> Tuple[bytes, bool]:
+    """Send raw bytes; everything the server answers, and whether it then closed the connection."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(data)
+        return read_until_closed(sock)
+    finally:
+        sock.close()
+
+
+def read_until_closed(sock: socket.socket) -> Tuple[bytes, bool]:
+    """What the server sends until it closes (True), or until 3 s of silence (False)."""
+    received = b""
+    sock.settimeout(3)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return received, True
+            received += data
+    except ConnectionResetError:  # a close with our bytes unread arrives as a reset
+        return received, True
+    except socket.timeout:
+        return received, False
+
+
+def parse_raw_response(raw: bytes) -> Response:
+    reader = http.client.HTTPResponse(FakeSocket(raw))
+    reader.begin()
+    return Response(reader.status, reader.headers, reader.read())
+
+
+class FakeSocket:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(io.BytesIO(self.data))
+
+
+# 157 requests as real clients (SDKs, agents, OpenClaw ...) sent them to this proxy: one JSON
+# object a line, with `client`, `head` (request line and headers) and `body`.
+CLIENT_REQUESTS = os.environ.get("CLAUDE_PROXY_CLIENT_REQUESTS", "/work/shared/clients/requests.jsonl")
+
+
+def load_client_requests(test: unittest.TestCase) -> List[Dict[str, Any]]:
+    if not os.path.exists(CLIENT_REQUESTS):
+        test.skipTest("no recorded client requests at %s (CLAUDE_PROXY_CLIENT_REQUESTS)" % CLIENT_REQUESTS)
+    with open(CLIENT_REQUESTS) as f:
+        return [json.loads(line) for line in f]
+
+
+class HttpHardeningTest(ProxyTest):
+    """The HTTP edge under attack: web pages, floods, slow and broken clients, framing tricks."""
+
+    def assertRefused(self, raw: bytes, status: int, code: str) -> None:
+        """`raw` gets exactly one answer, an OpenAI error with a status line, and a closed connection."""
+        answer, closed = raw_exchange(self.running.port, raw)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 %d " % status), answer[:200])
+        self.assertEqual(answer.count(b"HTTP/1.1 "), 1, "a smuggled second request was answered")
+        self.assertError(parse_raw_response(answer), status,
+                         "server_error" if status >= 500 else "invalid_request_error", code)
+        self.assertTrue(closed, "the connection must close after a framing error")
+
+    # -- 1. web pages ------------------------------------------------------------
+
+    def test_foreign_hosts_and_origins_are_refused_before_any_work(self) -> None:
+        tag = marker()
+        body = {"messages": [user("hi " + tag)]}
+        host = "127.0.0.1:%d" % self.running.port
+        rebinding = self.request("POST", "/v1/chat/completions", body, headers={
+            "Host": "evil.example:%d" % self.running.port, "Content-Type": "text/plain"})
+        self.assertError(rebinding, 403, "permission_error", "host_not_allowed")
+        page = self.request("POST", "/v1/chat/completions", body, headers={
+            "Host": host, "Origin": "http://evil.example", "Content-Type": "text/plain"})
+        self.assertError(page, 403, "permission_error", "origin_not_allowed")
+        self.config.cors = "https://good.example"
+        other = self.request("POST", "/v1/chat/completions", body, headers={
+            "Host": host, "Origin": "https://other.example"})
+        self.assertError(other, 403, "permission_error", "origin_not_allowed")
+        self.assertError(self.request("GET", "/health", headers={"Origin": "https://other.example"}),
+                         403, "permission_error", "origin_not_allowed")
+        self.assertEqual([run for run in FAKE.runs() if tag in run.get("stdin", "")], [])
+        good = self.request("POST", "/v1/chat/completions", body, headers={
+            "Host": host, "Origin": "https://good.example"})
+        self.assertEqual(good.status, 200, good.body)
+        self.config.allow_host = "proxy.lan, other.lan"
+        named = self.request("GET", "/v1/models", headers={"Host": "Proxy.LAN:%d" % self.running.port})
+        self.assertEqual(named.status, 200, named.body)
+
+    def test_hosts_that_name_this_server(self) -> None:
+        settings = config(host="127.0.0.1")
+        for host in ("127.0.0.1:3456", "localhost", "LOCALHOST.:80", "127.0.0.2", "[::1]:3456",
+                     "app.localhost:3456", "192.0.2.7:3456", None):
+            self.assertIsNone(proxy.request_source_error(host, None, settings, "192.0.2.7"), host)
+        for host in ("evil.example:3456", "localhost.evil.example", "127.0.0.1.nip.io", "", "a b",
+                     "[::1", "user@localhost", "192.0.2.8"):
+            error = proxy.request_source_error(host, None, settings, "192.0.2.7")
+            self.assertEqual(error.code if error else None, "host_not_allowed", host)
+        self.assertIsNone(proxy.request_source_error("anything.example", None, config(allow_host="*"),
+                                                     "127.0.0.1"))
+        self.assertIsNone(proxy.request_source_error("localhost", "null", config(cors="*"),
+                                                     "127.0.0.1"))
+        self.assertIsNotNone(proxy.request_source_error("localhost", "null", settings, "127.0.0.1"))
+
+    def test_every_real_client_request_passes_the_host_and_origin_check(self) -> None:
+        conn = self.connect()
+        try:
+            for request in load_client_requests(self):
+                conn.putrequest("GET", "/v1/models", skip_host=True, skip_accept_encoding=True)
+                for line in request["head"][1:]:
+                    name, value = line.split(":", 1)
+                    if name.lower() == "host":
+                        value = "127.0.0.1:%d" % self.running.port  # as the client would send it
+                    if name.lower() not in ("content-length", "connection"):
+                        conn.putheader(name, value.strip())
+                conn.endheaders()
+                response = conn.getresponse()
+                response.read()
+                self.assertEqual(response.status, 200, (request["client"], request["head"]))
+        finally:
+            conn.close()
+
+    # -- 2. memory before admission ------------------------------------------------
+
+    def test_a_flood_of_tiny_json_values_is_refused_before_it_is_parsed(self) -> None:
+        flood = json.dumps({"messages": [user("hi")], "metadata": [{}] * 300000}).encode()
+        self.assertError(self.request("POST", "/v1/chat/completions", flood), 413,
+                         "invalid_request_error", "too_many_json_values")
+        self.assertEqual(proxy.json_value_count(b'{"a": "[,:{\\"\\\\", "b": [1, {"c": null}]}'), 9)  # keys too
+
+    def test_real_client_bodies_are_far_below_the_json_value_cap(self) -> None:
+        for request in load_client_requests(self):
+            if request["body"] is not None:
+                count = proxy.json_value_count(json.dumps(request["body"]).encode())
+                self.assertLess(count, proxy.MAX_JSON_VALUES // 100, request["client"])
+
+    def test_a_long_agent_history_with_big_tool_schemas_is_accepted(self) -> None:
+        schema = {"type": "object", "additionalProperties": False, "required": ["p0"], "properties": {
+            "p%d" % i: {"type": "string", "description": "d" * 40, "enum": ["a", "b", "c"]}
+            for i in range(40)}}
+        tools = [{"type": "function", "function": {"name": "tool_%d" % i, "parameters": schema}}
+                 for i in range(100)]
+        messages: List[Dict[str, Any]] = []
+        for i in range(250):
+            call = {"id": "call_%d" % i, "type": "function",
+                    "function": {"name": "tool_1", "arguments": json.dumps({"p0": "a"})}}
+            messages += [user("question %d" % i), {"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": "call_%d" % i, "content": "result"},
+                         {"role": "assistant", "content": [{"type": "text", "text": "answer"}]}]
+        messages.append(user("and now?"))
+        response = self.chat(*messages, tools=tools)
+        self.assertEqual(response.status, 200, response.body[:300])
+
+    def test_a_body_is_parsed_only_once_it_has_a_slot(self) -> None:
+        running = RunningServer(max_concurrent=1, queue_timeout=0.3)
+        try:
+            tag = marker()
+            cue = FAKE.script("slot-holder", text=["start "] + ["more "] * 60, delay=0.25)
+            holder = open_stream(running.port, cue + " " + tag)
+            # Not JSON at all: a parse before admission would answer 400 at once.
+            waiting = http_request(running.port, "POST", "/v1/chat/completions", b"{not json")
+            self.assertError(waiting, 429, "rate_limit_error", "too_many_requests")
+            holder.close()
+        finally:
+            running.stop()
+
+    # -- 3. connections and files ----------------------------------------------------
+
+    def test_connections_over_the_cap_get_a_503_and_a_close_at_once(self) -> None:
+        running = RunningServer(max_connections=2)
+        idle = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(2)]
+        try:
+            self.assertTrue(wait_until(lambda: running.server.connections == 2))
+            extra = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+            try:
+                answer, closed = read_until_closed(extra)
+            finally:
+                extra.close()
+            self.assertTrue(closed)
+            response = parse_raw_response(answer)
+            self.assertError(response, 503, "server_error", "too_many_connections")
+            self.assertEqual(response.headers["Connection"], "close")
+            for sock in idle:
+                sock.close()
+            self.assertTrue(wait_until(lambda: running.server.connections == 0))
+            self.assertEqual(http_request(running.port, "GET", "/health").status, 200)
+        finally:
+            for sock in idle:
+                sock.close()
+            running.stop()
+
+    def test_the_cap_stays_below_the_open_file_limit(self) -> None:
+        settings = config(max_connections=256, max_concurrent=8, pool_size=2)
+        self.assertEqual(proxy.connection_cap(settings, None), 256)
+        self.assertEqual(proxy.connection_cap(settings, 100000), 256)
+        capped = proxy.connection_cap(settings, 256)
+        self.assertLess(capped + proxy.FILES_PER_CHILD * 10, 256)
+        self.assertGreaterEqual(proxy.connection_cap(settings, 10), 1)
+
+    def test_the_soft_open_file_limit_is_raised_toward_the_hard_one(self) -> None:
+        import resource
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and hard <= 64:
+            self.skipTest("hard open-file limit %d leaves nothing to raise" % hard)
+        code = ("import resource, claude_max_proxy as p\n"
+                "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+                "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+                "p.raise_open_file_limit()\n"
+                "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n")
+        done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                              timeout=30)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        expected = proxy.OPEN_MAX if hard == resource.RLIM_INFINITY else min(hard, proxy.OPEN_MAX)
+        self.assertEqual(int(done.stdout), expected)
+
+    def test_a_request_sent_a_byte_at_a_time_still_has_one_deadline(self) -> None:
+        saved = proxy.ProxyHandler.timeout
+        proxy.ProxyHandler.timeout = 1.0
+        self.addCleanup(setattr, proxy.ProxyHandler, "timeout", saved)
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            # A byte every 0.1 s, each well within the 1 s any one read may wait, for up to 10 s.
+            for _ in range(100):
+                if select.select([sock], [], [], 0.1)[0]:
+                    break
+                sock.sendall(b"a")
+            answer, closed = read_until_closed(sock)
+        finally:
+            sock.close()
+        self.assertTrue(closed)
+        self.assertError(parse_raw_response(answer), 408, "timeout_error", "request_timeout")
+
+    def test_accept_without_free_files_backs_off_and_logs_once(self) -> None:
+        server = proxy.ProxyServer(proxy.Config(host="127.0.0.1", port=0, claude_bin=FAKE.path, pool_size=0))
+        server.accept_backoff = 0.05
+        attempts: List[float] = []
+
+        class OutOfFiles:
+            def accept(self) -> Any:
+                attempts.append(time.monotonic())
+                raise OSError(errno.EMFILE, "Too many open files")
+
+        listening = server.socket
+        logger = logging.getLogger("claude_max_proxy")
+        try:
+            with self.assertLogs(logger, level="WARNING") as logs:
+                server.socket = OutOfFiles()
+                for _ in range(3):
+                    server._handle_request_noblock()  # what serve_forever calls when a connection waits
+                server.socket = listening
+                client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                server._handle_request_noblock()
+                client.close()
+        finally:
+            server.socket = listening
+            server.kill_children()
+            server.server_close()
+        self.assertEqual(len(attempts), 3)
+        for before, after in zip(attempts, attempts[1:]):
+            self.assertGreaterEqual(after - before, 0.05, "accept must back off, not spin")
+        self.assertEqual([line.split(":", 2)[2] for line in logs.output],
+                         ["cannot accept connections: [Errno %d] Too many open files; retrying every 0.05 s"
+                          % errno.EMFILE, "accepting connections again"])
+
+    # -- 8. framing ---------------------------------------------------------------
+
+    def test_content_length_is_digits_only_and_said_once(self) -> None:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        body = json.dumps({"messages": [user("hi")]}).encode()
+        for lengths in (b"Content-Length: +1_0\r\n", b"Content-Length: 1 0\r\n", b"Content-Length: -1\r\n",
+                        b"Content-Length: 0x10\r\n", b"Content-Length: \xd9\xa1\r\n",
+                        b"Content-Length: %d\r\nContent-Length: 5\r\n" % len(body),
+                        b"Content-Length: 5\r\nContent-Length: 5\r\n",
+                        b"Content-Length : %d\r\n" % len(body)):
+            with self.subTest(lengths):
+                self.assertRefused(head + lengths + b"\r\n" + body, 400, "invalid_header")
+
+    def test_a_second_content_length_cannot_smuggle_a_request(self) -> None:
+        smuggled = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        self.assertRefused(b"GET /health HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled), 400, "invalid_header")
+
+    def test_transfer_encoding_is_exactly_chunked_and_never_with_a_length(self) -> None:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        chunked = b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        self.assertRefused(head + b"Transfer-Encoding: chunked\r\nContent-Length: 5" + chunked, 400,
+                           "invalid_header")
+        for coding in (b"xchunked", b"chunked, gzip", b"gzip, chunked", b"identity", b"chunked\r\n"
+                       b"Transfer-Encoding: chunked"):
+            with self.subTest(coding):
+                self.assertRefused(head + b"Transfer-Encoding: " + coding + chunked, 501,
+                                   "unsupported_transfer_encoding")
+        self.assertRefused(b"POST /v1/chat/completions HTTP/1.0\r\nHost: localhost\r\n"
+                           b"Transfer-Encoding: chunked" + chunked, 400, "invalid_header")
+
+    def test_chunk_sizes_are_strict_hex_and_each_chunk_ends_with_crlf(self) -> None:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+        for chunks in (b"0x5\r\nhello\r\n0\r\n\r\n", b"+5\r\nhello\r\n0\r\n\r\n", b" 5\r\nhello\r\n0\r\n\r\n",
+                       b"5\nhello\r\n0\r\n\r\n", b"5\r\nhelloXY0\r\n\r\n", b"5\r\nhello\n0\r\n\r\n",
+                       b"1" * 17 + b"\r\n"):
+            with self.subTest(chunks):
+                self.assertRefused(head + chunks, 400, "invalid_body")
+        body = json.dumps({"messages": [user("chunked")]}).encode()
+        chunks = b"%x;name=value\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(body), body)
+        closing = head.replace(b"1.1\r\n", b"1.1\r\nConnection: close\r\n")
+        answer, _closed = raw_exchange(self.running.port, closing + chunks)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:300])
+
+    def test_malformed_request_lines_are_answered_with_a_status_line(self) -> None:
+        for line, status, code in ((b"GET /health HTTP/2.0", 505, "http_version_not_supported"),
+                                   (b"GET /health HTTP/0.9", 505, "http_version_not_supported"),
+                                   (b"GET /health", 400, "invalid_request_line"),
+                                   (b"GET  /health HTTP/1.1", 400, "invalid_request_line"),
+                                   (b"GET /health HTTP/1.1 extra", 400, "invalid_request_line"),
+                                   (b"GET /he\x01lth HTTP/1.1", 400, "invalid_request_line"),
+                                   (b"\x16\x03\x01\x02\x00\x01", 400, "invalid_request_line"),
+                                   (b"GET /" + b"a" * 70000 + b" HTTP/1.1", 414, "request_line_too_long")):
+            with self.subTest(line[:40]):
+                self.assertRefused(line + b"\r\nHost: localhost\r\n\r\n", status, code)
+        for header in (b"No colon here", b" folded: value"):
+            with self.subTest(header):
+                self.assertRefused(b"GET /health HTTP/1.1\r\nHost: localhost\r\n%s\r\n\r\n" % header, 400,
+                                   "invalid_header")
+
+    # -- 9. Nagle ------------------------------------------------------------------
+
+    def test_accepted_connections_send_without_nagle_delay(self) -> None:
+        seen: List[int] = []
+        original = proxy.ProxyHandler.setup
+
+        def setup(handler: proxy.ProxyHandler) -> None:
+            original(handler)
+            seen.append(handler.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        proxy.ProxyHandler.setup = setup  # type: ignore[method-assign]
+        self.addCleanup(setattr, proxy.ProxyHandler, "setup", original)
+        self.assertEqual(self.request("GET", "/health").status, 200)
+        self.assertEqual(len(seen), 1)
+        self.assertTrue(seen[0], "TCP_NODELAY is off on the accepted socket")
+
+    # -- 10. a client that stops reading ---------------------------------------------
+
+    def test_a_client_that_stops_reading_a_stream_frees_its_slot_and_is_logged_499(self) -> None:
+        saved = proxy.ProxyHandler.write_timeout
+        proxy.ProxyHandler.write_timeout = 0.5
+        self.addCleanup(setattr, proxy.ProxyHandler, "write_timeout", saved)
+        tag = marker()
+        cue = FAKE.script("flood", text=["x" * 10000] * 1000)  # ~10 MB of frames
+        body = json.dumps({"messages": [user(cue + " " + tag)], "stream": True}).encode()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        logger = logging.getLogger("claude_max_proxy")
+        try:
+            with self.assertLogs(logger, level="INFO") as logs:
+                sock.connect(("127.0.0.1", self.running.port))
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                run = FAKE.run_for(tag)  # and then never read a byte
+                self.assertTrue(pid_gone(run["pid"]), "the child outlived a client that stopped reading")
+                self.assertTrue(wait_until(lambda: any(" 499 " in line for line in logs.output)))
+        finally:
+            sock.close()
+        self.assertTrue(wait_until(lambda: self.running.server.active_children() == []))
+        line = next(line for line in logs.output if " 499 " in line)
+        self.assertIn("POST /v1/chat/completions 499 model=", line)
 
 
 class CompletionTest(ProxyTest):
@@ -1344,7 +1715,7 @@ def open_stream(port: int, text: str) -> socket.socket:
     """Start a streaming request on a raw socket and return it once the first frame is in."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     body = json.dumps({"messages": [user(text)], "stream": True}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     received = b""
     while b"data:" not in received:
@@ -1402,7 +1773,7 @@ class ProcessLifecycleTest(ProxyTest):
         tag = marker()
         sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
         body = json.dumps({"messages": [user("[[fake:hang]] " + tag)]}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         run = FAKE.run_for(tag, field="grandchild")
         sock.close()
