@@ -42,6 +42,7 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import math
 import os
 import plistlib
 import re
@@ -120,6 +121,12 @@ OPTIONS: List[Tuple[str, str, Any, Any, str]] = [
      "fetch http(s) image URLs (public addresses only); off: images must be data: URLs"),
     ("--allow-api-key", "CLAUDE_PROXY_ALLOW_API_KEY", bool, False,
      "pass ANTHROPIC_API_KEY/ANTHROPIC_AUTH_TOKEN to the CLI (bills per token!)"),
+    ("--no-extra-usage", "CLAUDE_PROXY_NO_EXTRA_USAGE", bool, False,
+     "refuse requests (403) while Claude Code reports that extra usage, billed beyond the plan, "
+     "is being spent or would be"),
+    ("--hide-reasoning", "CLAUDE_PROXY_HIDE_REASONING", bool, False,
+     "send Claude's thinking (reasoning_content) only to requests that ask for it; "
+     "by default it streams whenever Claude thinks"),
     ("--log-level", "CLAUDE_PROXY_LOG_LEVEL", str, "info",
      "debug, info, warning or error"),
     ("--log-file", "CLAUDE_PROXY_LOG_FILE", str, "",
@@ -212,6 +219,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    402: "insufficient_quota",  # OpenAI's type for a quota that is spent
     408: "timeout_error",
     429: "rate_limit_error",
 }
@@ -380,7 +388,7 @@ def parse_chat_request(body: Any, config: Config,
     if json_schema is not None and tools:
         raise invalid("`response_format` with a JSON schema cannot be combined with `tools` here; "
                       "send one or the other.", "response_format", "unsupported_value")
-    effort, thinking, want_reasoning = parse_reasoning(body)
+    effort, thinking, asked = parse_reasoning(body)
     max_tokens = parse_max_tokens(body)
     load_image = image_loader(config, fetch or fetch_image)
     return ChatRequest(
@@ -394,8 +402,10 @@ def parse_chat_request(body: Any, config: Config,
         legacy_functions=legacy, json_schema=json_schema, max_tokens=max_tokens,
         stops=parse_stop(body.get("stop")), effort=effort,
         # A small output cap must go to the visible answer, not to hidden thinking.
-        thinking=thinking and (max_tokens is None or want_reasoning),
-        want_reasoning=want_reasoning,
+        thinking=thinking and (max_tokens is None or asked),
+        # Thinking is shown unless hidden: agents kill a stream that goes quiet, and only
+        # non-empty deltas reset their watchdogs.
+        want_reasoning=asked or not (config.hide_reasoning or body.get("include_reasoning") is False),
     )
 
 
@@ -534,7 +544,7 @@ def parse_response_format(response_format: Any) -> Optional[Dict[str, Any]]:
 
 
 def parse_reasoning(body: Dict[str, Any]) -> Tuple[Optional[str], bool, bool]:
-    """(--effort value, thinking on, reasoning wanted in the answer)."""
+    """(--effort value, thinking on, reasoning asked for by the request)."""
     effort = body.get("reasoning_effort")
     reasoning = body.get("reasoning")
     if effort is None and isinstance(reasoning, dict):
@@ -1364,6 +1374,225 @@ def claude_version(path: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------
+# Subscription usage: plan windows, extra usage, and Anthropic's refusals
+# ---------------------------------------------------------------------------
+
+# A subscription is metered in windows (five_hour, seven_day, seven_day_opus, ...); past a
+# window's limit Anthropic either refuses, or bills "extra usage" when the account has it on.
+# A subscriber's CLI reads Anthropic's anthropic-ratelimit-unified-* response headers and prints
+# what they say as a `rate_limit_event` line. The proxy keeps the latest report on each window.
+WINDOW_NAMES = {"five_hour": "5-hour session limit", "seven_day": "weekly limit",
+                "seven_day_opus": "weekly Opus limit", "seven_day_sonnet": "weekly Sonnet limit",
+                "overage": "extra usage limit"}
+EXTRA_USAGE_SERVES = ("allowed", "allowed_warning")  # overageStatus values under which extra usage pays
+STATUS_RANK = {"allowed": 0, "allowed_warning": 1, "rejected": 2}
+LATEST_EPOCH = 2 ** 33  # the year 2242: a larger reset time is garbage, not a date
+RATELIMIT_HEADER = "x-claude-ratelimit-"
+
+
+class LimitWindow(NamedTuple):
+    """The latest report on one usage window."""
+
+    name: str                       # rateLimitType: five_hour, seven_day, ...
+    status: str                     # allowed, allowed_warning or rejected
+    resets_at: Optional[float]      # epoch seconds
+    utilization: Optional[float]    # 0..1; Anthropic sends it only near a limit
+    extra_usage: Optional[str]      # overageStatus: allowed, allowed_warning or rejected
+    extra_usage_in_use: bool        # answers are billed as extra usage now
+
+    def current(self, now: float) -> bool:
+        """Past its reset time a report says nothing about the window any more."""
+        return self.resets_at is None or now < self.resets_at
+
+    def used_up(self) -> bool:
+        """Rejected until a known reset time: nothing else would ever lift a refusal."""
+        return self.status == "rejected" and self.resets_at is not None
+
+    def refuses(self) -> bool:
+        return self.used_up() and self.extra_usage not in EXTRA_USAGE_SERVES
+
+    def bills_extra(self) -> bool:
+        return self.extra_usage_in_use or (self.status == "rejected"
+                                           and self.extra_usage in EXTRA_USAGE_SERVES)
+
+    def title(self) -> str:
+        return "%s (%s)" % (WINDOW_NAMES.get(self.name, self.name.replace("_", " ") + " limit"), self.name)
+
+
+def rate_limit_info(event: Dict[str, Any]) -> Optional[LimitWindow]:
+    """The window a `rate_limit_event` reports on; None for any other event, or a malformed one.
+
+    Values go into response headers, so every string must be a plain token."""
+    info = event.get("rate_limit_info") if event.get("type") == "rate_limit_event" else None
+    if not isinstance(info, dict) or report_token(info.get("status")) is None:
+        return None
+    resets_at = report_number(info.get("resetsAt"))
+    return LimitWindow(
+        name=report_token(info.get("rateLimitType")) or "plan",
+        status=info["status"],
+        resets_at=resets_at if resets_at is not None and 0 < resets_at < LATEST_EPOCH else None,
+        utilization=report_number(info.get("utilization")),
+        extra_usage=report_token(info.get("overageStatus")),
+        extra_usage_in_use=info.get("isUsingOverage") is True or info.get("overageInUse") is True)
+
+
+def report_token(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value) else None
+
+
+def report_number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def utc_iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def limit_reached(window: LimitWindow, now: float, said: str = "") -> ProxyError:
+    """The 429 for a used-up window: Retry-After counts down to its reset."""
+    assert window.resets_at is not None
+    return ProxyError(
+        429, "Your Claude %s is used up until %s (UTC), and no extra usage is available to go on with. "
+        "Requests succeed again after that time.%s" % (window.title(), utc_iso(window.resets_at),
+                                                      " Claude Code said: " + said if said else ""),
+        code="usage_limit_reached", headers={"Retry-After": str(max(1, math.ceil(window.resets_at - now)))})
+
+
+class UsageLimits:
+    """The latest report on each usage window, shared by every request of one server.
+
+    It feeds the response headers, /health and `status`, and decides two refusals before
+    a claude starts: a window used up with no extra usage to fall back on (429 until its
+    reset), and with --no-extra-usage, extra usage being spent or about to be (403).
+    """
+
+    def __init__(self) -> None:
+        self._windows: Dict[str, LimitWindow] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, event: Dict[str, Any]) -> None:
+        """Take in a CLI event; all but rate_limit_event lines pass untouched."""
+        window = rate_limit_info(event)
+        if window is None:
+            return
+        with self._lock:
+            billed_before = any(w.bills_extra() for w in self._current(time.time()))
+            self._windows[window.name] = window
+        if window.bills_extra() and not billed_before:
+            log.warning("extra usage has started: Claude Code reports answers billed beyond your plan "
+                        "(%s, extra usage %s)%s", window.title(), window.extra_usage or "status unknown",
+                        self._until(window))
+
+    def check(self, no_extra_usage: bool) -> None:
+        """Raise the refusal a new request gets now, if any."""
+        now = time.time()
+        with self._lock:
+            windows = self._current(now)
+        used_up = [w for w in windows if w.refuses()]
+        if used_up:  # the request must wait for the last of them
+            raise limit_reached(max(used_up, key=lambda w: w.resets_at or 0), now)
+        billing = [w for w in windows if w.bills_extra()]
+        if no_extra_usage and billing:
+            raise ProxyError(
+                403, "Refused by --no-extra-usage: Claude Code reports that extra usage, billed beyond "
+                "your plan, is in use for your Claude %s%s. Wait until then, or restart the proxy "
+                "without --no-extra-usage to pay for it." % (billing[0].title(), self._until(billing[0])),
+                code="extra_usage_refused")
+
+    def explain(self, error: ProxyError) -> ProxyError:
+        """An upstream 429 while a window is used up becomes that window's 429."""
+        if error.status != 429:
+            return error
+        now = time.time()
+        with self._lock:
+            used_up = [w for w in self._current(now) if w.used_up()]
+            if not used_up:
+                return error
+            window = max(used_up, key=lambda w: w.resets_at or 0)
+            # Refused although extra usage was reported available: it is not, until the reset.
+            self._windows[window.name] = window._replace(extra_usage="rejected", extra_usage_in_use=False)
+        return limit_reached(window, now, error.message)
+
+    def headers(self) -> Dict[str, str]:
+        """The state for every response: the most constraining window, then each one."""
+        with self._lock:
+            windows = sorted(self._current(time.time()), key=lambda w: w.name)
+        if not windows:
+            return {}
+        worst = max(windows, key=lambda w: (STATUS_RANK.get(w.status, 0), w.utilization or 0))
+        extra = "in_use" if any(w.bills_extra() for w in windows) else \
+            next((w.extra_usage for w in [worst] + windows if w.extra_usage), None)
+        headers = self._window_headers(RATELIMIT_HEADER, worst)
+        headers[RATELIMIT_HEADER + "window"] = worst.name
+        if extra:
+            headers[RATELIMIT_HEADER + "extra-usage"] = extra
+        for window in windows:
+            prefix = RATELIMIT_HEADER + window.name.replace("_", "-") + "-"
+            headers.update(self._window_headers(prefix, window))
+        return headers
+
+    def health(self) -> Dict[str, Any]:
+        with self._lock:
+            windows = sorted(self._current(time.time()), key=lambda w: w.name)
+        return {
+            "extra_usage_in_use": any(w.bills_extra() for w in windows),
+            "windows": {w.name: {
+                "status": w.status, "utilization": w.utilization,
+                "resets_at": utc_iso(w.resets_at) if w.resets_at else None,
+                "resets_at_unix": int(w.resets_at) if w.resets_at else None,
+                "extra_usage": w.extra_usage, "extra_usage_in_use": w.bills_extra()} for w in windows},
+        }
+
+    def _current(self, now: float) -> List[LimitWindow]:
+        """The windows whose reports still hold; a report past its reset is forgotten."""
+        for name in [name for name, w in self._windows.items() if not w.current(now)]:
+            del self._windows[name]
+        return list(self._windows.values())
+
+    @staticmethod
+    def _window_headers(prefix: str, window: LimitWindow) -> Dict[str, str]:
+        headers = {prefix + "status": window.status}
+        if window.resets_at:
+            headers[prefix + "reset"] = "%d" % window.resets_at
+        if window.utilization is not None:
+            headers[prefix + "utilization"] = "%g" % window.utilization
+        return headers
+
+    @staticmethod
+    def _until(window: LimitWindow) -> str:
+        return " until %s (UTC)" % utc_iso(window.resets_at) if window.resets_at else ""
+
+
+# Anthropic's 400s about extra usage that users of subscription proxies report, told apart by
+# a stable part of their text: (text, status, code, what it means and what to do). The
+# statuses are ones SDKs do not retry: waiting a few seconds changes none of these.
+EXTRA_USAGE_REFUSALS: List[Tuple[str, int, str, str]] = [
+    ("draw from your extra usage", 403, "third_party_needs_extra_usage",
+     "Anthropic bills this request, as one from a third-party app, to your extra usage instead of "
+     "your plan limits, and the account has no extra usage to bill. Turn extra usage on in your "
+     "Claude account's usage settings to have such requests served."),
+    ("out of extra usage", 402, "extra_usage_exhausted",
+     "Your extra usage, billed beyond your plan, is spent. Add more in your Claude account's usage "
+     "settings, or wait for your plan limits to reset."),
+    ("extra usage is required for long context", 400, "long_context_needs_extra_usage",
+     "Anthropic serves requests with a long context only as extra usage, which this account does not "
+     "have. Shorten or compact the conversation, or turn extra usage on in your Claude account's "
+     "usage settings."),
+]
+
+
+def extra_usage_refusal(message: str) -> Optional[ProxyError]:
+    """The error for one of Anthropic's extra-usage refusals, with Anthropic's own words kept."""
+    lowered = message.lower()
+    for text, status, code, meaning in EXTRA_USAGE_REFUSALS:
+        if text in lowered:
+            return ProxyError(status, "%s (Anthropic said: %s)" % (meaning, message), code=code)
+    return None
+
+
+# ---------------------------------------------------------------------------
 # Response translation: CLI events -> OpenAI chat completion
 # ---------------------------------------------------------------------------
 
@@ -1402,6 +1631,9 @@ def upstream_error(status: Optional[int], message: str, kind: Optional[str] = No
     if kind in AUTH_ERRORS or status == 401:
         return ProxyError(401, LOGIN_HELP + " (Claude Code said: %s)" % message,
                           code="authentication_failed")
+    refusal = extra_usage_refusal(message)
+    if refusal is not None:
+        return refusal
     headers = {"Retry-After": str(max(1, int(round(retry_after))))} if retry_after else {}
     if status == RATE_LIMIT_STATUS or (status is None and kind == "rate_limit"):
         return ProxyError(429, "Claude usage limit or rate limit reached: %s" % message,
@@ -1760,7 +1992,7 @@ class Answer:
     """What the client receives, shaped from the CLI's events.
 
     The Reply's text goes through the stop sequences, then the tool-call parser;
-    reasoning is kept only when the client asked for it. Streaming and
+    reasoning is kept unless the request or --hide-reasoning hid it. Streaming and
     non-streaming responses are built from the same pieces.
     """
 
@@ -2301,6 +2533,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _chat_completions(self) -> None:
         self.server.count_request()  # chat completions only: probes of /health are not served requests
         text = self._read_json_text()
+        self.server.limits.check(self.server.config.no_extra_usage)
         # Parsed JSON can take many times its text: parsed only in a slot, so at most
         # --max-concurrent bodies take that room at once, and neither outlives the translation.
         with self.server.slot():
@@ -2321,6 +2554,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             process.send(stdin_message(request))
             for event in process.events(self._deadlines(process, answer.reply), self.connection):
+                self.server.limits.observe(event)
                 for kind, value in answer.feed(event):
                     if request.stream:
                         for delta in stream_deltas(kind, value, request.legacy_functions):
@@ -2343,8 +2577,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self._send_json(200, completion.response(
                     collector.message(request.legacy_functions), finish, self.usage))
         except ProxyError as error:
+            error = self.server.limits.explain(error)  # a 429 names the used-up window and its reset
             if not self.headers_sent:
-                raise
+                raise error
             self._stream_error(error)
         finally:
             # A child that printed its result exits by itself (and may be writing
@@ -2459,6 +2694,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _common_headers(self) -> None:
         self.send_header("X-Request-Id", self.request_id)
+        for name, value in self.server.limits.headers().items():
+            self.send_header(name, value)
         self._cors_headers()
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -2642,6 +2879,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.config = config
         self.started_at = time.time()
         self.requests_served = 0
+        self.limits = UsageLimits()
         self._slots = threading.BoundedSemaphore(max(1, config.max_concurrent))
         self._children: Dict[int, ClaudeProcess] = {}
         self._lock = threading.Lock()
@@ -2808,6 +3046,7 @@ class ProxyServer(ThreadingHTTPServer):
             "active_children": len(self.active_children()),
             "max_concurrent": self.config.max_concurrent,
             "pool": self.pool.stats(),
+            "usage_limits": self.limits.health(),
         }
 
     def shutdown_gracefully(self) -> None:
@@ -3308,6 +3547,24 @@ def describe_health(health: Dict[str, Any]) -> str:
                else "NOT FOUND"))
 
 
+def describe_limits(health: Dict[str, Any]) -> List[str]:
+    """One line per usage window the running proxy knows of, reset times in UTC and local time."""
+    windows = (health.get("usage_limits") or {}).get("windows") or {}
+    if not windows:
+        return ["nothing reported yet (Claude Code reports it with answers on a subscription login)"]
+    lines = []
+    for name, window in sorted(windows.items()):
+        used = window.get("utilization")
+        reset = window.get("resets_at_unix")
+        lines.append("%s: %s%s%s%s" % (
+            WINDOW_NAMES.get(name, name), window.get("status"),
+            ", %d%% used" % round(used * 100) if isinstance(used, (int, float)) else "",
+            ", resets %s (local time %s)" % (window.get("resets_at"), time.strftime(
+                "%a %Y-%m-%d %H:%M %Z", time.localtime(reset))) if isinstance(reset, int) else "",
+            ", EXTRA USAGE IN USE" if window.get("extra_usage_in_use") else ""))
+    return lines
+
+
 # -- the commands --------------------------------------------------------------
 
 def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_WAIT) -> int:
@@ -3380,6 +3637,8 @@ def status(system: System, config: Config) -> int:
     if health is None:
         return 1
     print("           " + describe_health(health))
+    for number, line in enumerate(describe_limits(health)):
+        print("%s%s" % ("usage:     " if number == 0 else "           ", line))
     return 0 if health.get("status") == "ok" else 1
 
 
@@ -3499,6 +3758,10 @@ def check_health(system: System, config: Config) -> Check:
         return Check("FAIL", "the running proxy cannot find claude: %s" % describe_health(health),
                      "re-run `%s install` from a shell where `claude` works, or pass "
                      "--claude-bin /full/path/to/claude" % self_command())
+    if (health.get("usage_limits") or {}).get("extra_usage_in_use"):
+        return Check("WARN", "the proxy answers %s, and Claude Code reports extra usage in use, billed "
+                     "beyond your plan: %s" % (url, "; ".join(describe_limits(health))),
+                     "start the proxy with --no-extra-usage to refuse requests while it lasts")
     return Check("OK", "the proxy answers %s: %s" % (url, describe_health(health)))
 
 

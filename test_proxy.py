@@ -51,7 +51,10 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # fake of the Anthropic API. The fake CLI below replays these shapes; the unit tests feed them
 # to the translator as they are. The last four were recorded the same way with --json-schema
 # (the fake upstream calling the StructuredOutput tool, or not), with a thinking block, and with
-# an upstream reply cut at max_tokens (the CLI continues on its own).
+# an upstream reply cut at max_tokens (the CLI continues on its own). The subscriber-* ones ran
+# on a subscription login (CLAUDE_CODE_OAUTH_TOKEN, no API key) against a fake upstream sending
+# anthropic-ratelimit-unified-* headers, so the CLI printed rate_limit_event lines; the 400s carry
+# the extra-usage refusals users report.
 RECORDED = {
     'not-logged-in': r'''{"type":"system","subtype":"init","cwd":"/private/tmp/claude-proxy-x1y2","session_id":"eafa6b10-7849-442d-beb9-9b5e3342d723","tools":[],"mcp_servers":[],"model":"claude-opus-4-8[1m]","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"none","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"b9753bec-3e98-48a3-924b-5654a7130a3f","memory_paths":{"auto":"/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"},"fast_mode_state":"off"}
 {"type":"assistant","message":{"id":"c59470cf-2b45-4cd8-8652-e483d2c51a97","container":null,"model":"<synthetic>","role":"assistant","stop_details":null,"stop_reason":"stop_sequence","stop_sequence":"","type":"message","usage":{"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":null,"cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":null,"iterations":null,"speed":null},"content":[{"type":"text","text":"Not logged in · Please run /login"}],"context_management":null},"parent_tool_use_id":null,"session_id":"eafa6b10-7849-442d-beb9-9b5e3342d723","uuid":"a928a365-1e1b-4cea-bc3e-d9c1bb9c9350","error":"authentication_failed"}
@@ -157,6 +160,56 @@ RECORDED = {
 {"type":"stream_event","event":{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"input_tokens":12,"output_tokens":7,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"a5fb78c7-66f8-4636-9689-c431faa79454"}
 {"type":"stream_event","event":{"type":"message_stop"},"session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","parent_tool_use_id":null,"uuid":"7b40674c-e88d-41ba-8010-ae9a60b15927"}
 {"type":"result","subtype":"success","is_error":false,"api_error_status":null,"duration_ms":57,"duration_api_ms":35,"ttft_ms":37,"ttft_stream_ms":31,"time_to_request_ms":22,"num_turns":1,"result":"Hello from the fake model.","stop_reason":"end_turn","session_id":"f4ebae7a-d41b-4a32-8aa9-d1749812c7ba","total_cost_usd":0.000282,"usage":{"input_tokens":24,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":14,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard"},"modelUsage":{"claude-sonnet-5":{"inputTokens":24,"outputTokens":14,"cacheReadInputTokens":0,"cacheCreationInputTokens":0,"webSearchRequests":0,"costUSD":0.000282,"contextWindow":200000,"maxOutputTokens":64000}},"permission_denials":[],"terminal_reason":"completed","fast_mode_state":"off","uuid":"c2de316e-72f4-4bed-ab6a-d82d49bad429"}''',
+    'subscriber-rate-limit-event': r'''{"type":"system","subtype":"init","cwd":"/private/tmp/claude-proxy-x1y2","session_id":"5a3404d1-9b47-47c6-a57f-f5d272f8d1e6","tools":[],"mcp_servers":[],"model":"claude-sonnet-5","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"none","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"fbd9378e-f1ac-4fa8-b230-223fa1494341","memory_paths":{"auto":"/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"},"fast_mode_state":"off"}
+{"type":"system","subtype":"status","status":"requesting","uuid":"3b510ca0-afc0-4634-a1ec-452c99c74f0c","session_id":"5a3404d1-9b47-47c6-a57f-f5d272f8d1e6"}
+{"type":"stream_event","event":{"message":{"id":"msg_fake","type":"message","role":"assistant","model":"claude-sonnet-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":123,"output_tokens":1,"cache_read_input_tokens":7,"cache_creation_input_tokens":3}},"type":"message_start"},"session_id":"5a3404d1-9b47-47c6-a57f-f5d272f8d1e6","parent_tool_use_id":null,"uuid":"be6bbf77-4ddb-4db9-8a9c-80b0dafd79c0","ttft_ms":22}
+{"type":"stream_event","event":{"index":0,"content_block":{"type":"text","text":""},"type":"content_block_start"},"session_id":"5a3404d1-9b47-47c6-a57f-f5d272f8d1e6","parent_tool_use_id":null,"uuid":"a19fc19b-870d-44ea-b82e-98b269fc6ed7"}
+{"type":"stream_event","event":{"index":0,"delta":{"type":"text_delta","text":"hi"},"type":"content_block_delta"},"session_id":"5a3404d1-9b47-47c6-a57f-f5d272f8d1e6","parent_tool_use_id":null,"uuid":"d018dc1e-e644-446c-ba69-958c4d501286"}
+{"type":"assistant","message":{"id":"msg_fake","type":"message","role":"assistant","model":"claude-sonnet-5","content":[{"type":"text","text":"hi"}],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":123,"output_tokens":1,"cache_read_input_tokens":7,"cache_creation_input_tokens":3},"context_management":null},"parent_tool_use_id":null,"session_id":"5a3404d1-9b47-47c6-a57f-f5d272f8d1e6","uuid":"a737e161-5d88-4207-9e53-e6ae67fdadea"}
+{"type":"stream_event","event":{"index":0,"type":"content_block_stop"},"session_id":"5a3404d1-9b47-47c6-a57f-f5d272f8d1e6","parent_tool_use_id":null,"uuid":"51de5096-4e32-400d-87d1-2478dad53070"}
+{"type":"stream_event","event":{"delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":1},"type":"message_delta"},"session_id":"5a3404d1-9b47-47c6-a57f-f5d272f8d1e6","parent_tool_use_id":null,"uuid":"d9a2d054-47c8-4eff-82d0-d70a8b64bd9c"}
+{"type":"stream_event","event":{"type":"message_stop"},"session_id":"5a3404d1-9b47-47c6-a57f-f5d272f8d1e6","parent_tool_use_id":null,"uuid":"7fac3dbc-f112-4822-a737-c25689c3c495"}
+{"type":"rate_limit_event","rate_limit_info":{"status":"allowed","resetsAt":1795651764,"rateLimitType":"five_hour","overageStatus":"allowed","overageResetsAt":1795651764,"isUsingOverage":false},"uuid":"629e57de-5790-402d-819a-0a1c089ccbf7","session_id":"5a3404d1-9b47-47c6-a57f-f5d272f8d1e6"}
+{"type":"result","subtype":"success","is_error":false,"api_error_status":null,"duration_ms":47,"duration_api_ms":33,"ttft_ms":40,"ttft_stream_ms":39,"time_to_request_ms":17,"num_turns":1,"result":"hi","stop_reason":"end_turn","session_id":"5a3404d1-9b47-47c6-a57f-f5d272f8d1e6","total_cost_usd":0.00039735,"usage":{"input_tokens":123,"cache_creation_input_tokens":3,"cache_read_input_tokens":7,"output_tokens":1,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard"},"modelUsage":{"claude-sonnet-5":{"inputTokens":123,"outputTokens":1,"cacheReadInputTokens":7,"cacheCreationInputTokens":3,"webSearchRequests":0,"costUSD":0.00039735,"contextWindow":200000,"maxOutputTokens":64000}},"permission_denials":[],"terminal_reason":"completed","fast_mode_state":"off","uuid":"5599726c-1ccb-4714-b23b-3ed3a9cde215"}''',
+    'subscriber-overage-in-use': r'''{"type":"system","subtype":"init","cwd":"/private/tmp/claude-proxy-x1y2","session_id":"258f9aa2-fd35-4c9d-985a-59ebe4523ac7","tools":[],"mcp_servers":[],"model":"claude-sonnet-5","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"none","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"5c5931f3-277b-4f6d-ae16-e532c6b1bda2","memory_paths":{"auto":"/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"},"fast_mode_state":"off"}
+{"type":"system","subtype":"status","status":"requesting","uuid":"9e1ce628-3edd-4fa7-8bd2-6af5de6b22df","session_id":"258f9aa2-fd35-4c9d-985a-59ebe4523ac7"}
+{"type":"stream_event","event":{"message":{"id":"msg_fake","type":"message","role":"assistant","model":"claude-sonnet-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":125,"output_tokens":1,"cache_read_input_tokens":7,"cache_creation_input_tokens":3}},"type":"message_start"},"session_id":"258f9aa2-fd35-4c9d-985a-59ebe4523ac7","parent_tool_use_id":null,"uuid":"2debbf06-0ff9-4240-a584-1c478feef85e","ttft_ms":19}
+{"type":"stream_event","event":{"index":0,"content_block":{"type":"text","text":""},"type":"content_block_start"},"session_id":"258f9aa2-fd35-4c9d-985a-59ebe4523ac7","parent_tool_use_id":null,"uuid":"e2978361-8bed-4513-8231-b0d0b3cc1dc6"}
+{"type":"stream_event","event":{"index":0,"delta":{"type":"text_delta","text":"hi"},"type":"content_block_delta"},"session_id":"258f9aa2-fd35-4c9d-985a-59ebe4523ac7","parent_tool_use_id":null,"uuid":"be4ad2ba-02ad-4ac8-a9dd-c8196566a5c9"}
+{"type":"assistant","message":{"id":"msg_fake","type":"message","role":"assistant","model":"claude-sonnet-5","content":[{"type":"text","text":"hi"}],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":125,"output_tokens":1,"cache_read_input_tokens":7,"cache_creation_input_tokens":3},"context_management":null},"parent_tool_use_id":null,"session_id":"258f9aa2-fd35-4c9d-985a-59ebe4523ac7","uuid":"f507f826-d60d-4037-a834-fe54b347d172"}
+{"type":"stream_event","event":{"index":0,"type":"content_block_stop"},"session_id":"258f9aa2-fd35-4c9d-985a-59ebe4523ac7","parent_tool_use_id":null,"uuid":"d77c686b-3dcf-4597-8f02-9e7518c0a7c5"}
+{"type":"stream_event","event":{"delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":1},"type":"message_delta"},"session_id":"258f9aa2-fd35-4c9d-985a-59ebe4523ac7","parent_tool_use_id":null,"uuid":"0254f5e1-f6f6-48be-82d2-ff02eac91595"}
+{"type":"stream_event","event":{"type":"message_stop"},"session_id":"258f9aa2-fd35-4c9d-985a-59ebe4523ac7","parent_tool_use_id":null,"uuid":"3e14d277-1be6-445b-a8c9-813a2c84c3c4"}
+{"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1795651764,"rateLimitType":"five_hour","overageStatus":"allowed","overageResetsAt":1795651764,"isUsingOverage":true,"overageInUse":true},"uuid":"d74e71b8-97ca-4397-bc9f-969c09ee4be3","session_id":"258f9aa2-fd35-4c9d-985a-59ebe4523ac7"}
+{"type":"result","subtype":"success","is_error":false,"api_error_status":null,"duration_ms":50,"duration_api_ms":34,"ttft_ms":39,"ttft_stream_ms":37,"time_to_request_ms":18,"num_turns":1,"result":"hi","stop_reason":"end_turn","session_id":"258f9aa2-fd35-4c9d-985a-59ebe4523ac7","total_cost_usd":0.00040334999999999997,"usage":{"input_tokens":125,"cache_creation_input_tokens":3,"cache_read_input_tokens":7,"output_tokens":1,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard"},"modelUsage":{"claude-sonnet-5":{"inputTokens":125,"outputTokens":1,"cacheReadInputTokens":7,"cacheCreationInputTokens":3,"webSearchRequests":0,"costUSD":0.00040334999999999997,"contextWindow":200000,"maxOutputTokens":64000}},"permission_denials":[],"terminal_reason":"completed","fast_mode_state":"off","uuid":"ae4b2d0e-4414-4b20-860a-8e164f08dd74"}''',
+    'subscriber-session-limit-429': r'''{"type":"system","subtype":"init","cwd":"/private/tmp/claude-proxy-x1y2","session_id":"2d8876ab-99ff-4d74-9363-eb7f7eaadec6","tools":[],"mcp_servers":[],"model":"claude-sonnet-5","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"none","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"4b94fc45-4764-41ff-9095-01b0e868faad","memory_paths":{"auto":"/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"},"fast_mode_state":"off"}
+{"type":"system","subtype":"status","status":"requesting","uuid":"16dc78e1-35a1-463d-9200-6fcf0a5f2849","session_id":"2d8876ab-99ff-4d74-9363-eb7f7eaadec6"}
+{"type":"rate_limit_event","rate_limit_info":{"status":"rejected","resetsAt":1795655365,"rateLimitType":"five_hour","overageStatus":"allowed","overageResetsAt":1795655365,"isUsingOverage":true},"uuid":"b5318b17-e434-4386-b6ea-f9e2dfcde41a","session_id":"2d8876ab-99ff-4d74-9363-eb7f7eaadec6"}
+{"type":"assistant","message":{"id":"4ccff22b-9529-4a6d-a627-8b2b38cc48c2","container":null,"model":"<synthetic>","role":"assistant","stop_details":null,"stop_reason":"stop_sequence","stop_sequence":"","type":"message","usage":{"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":null,"cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":null,"iterations":null,"speed":null},"content":[{"type":"text","text":"You've hit your session limit · resets 1:09am (UTC)"}],"context_management":null},"parent_tool_use_id":null,"session_id":"2d8876ab-99ff-4d74-9363-eb7f7eaadec6","uuid":"0239f383-62a1-4dcf-91d0-5f308671de34","error":"rate_limit"}
+{"type":"result","subtype":"success","is_error":true,"api_error_status":429,"duration_ms":45,"duration_api_ms":0,"num_turns":1,"result":"You've hit your session limit · resets 1:09am (UTC)","stop_reason":"stop_sequence","session_id":"2d8876ab-99ff-4d74-9363-eb7f7eaadec6","total_cost_usd":0,"usage":{"input_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard"},"modelUsage":{},"permission_denials":[],"terminal_reason":"completed","fast_mode_state":"off","uuid":"2e8499ef-7e65-4742-a4c4-05371c752ebd"}''',
+    'subscriber-extra-usage-400': r'''{"type":"system","subtype":"init","cwd":"/private/tmp/claude-proxy-x1y2","session_id":"eadf9038-997e-4d03-a8a9-5b2bf1a6958c","tools":[],"mcp_servers":[],"model":"claude-sonnet-5","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"none","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"17efa1fb-a4b0-473f-a671-77879b745e93","memory_paths":{"auto":"/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"},"fast_mode_state":"off"}
+{"type":"system","subtype":"status","status":"requesting","uuid":"a17b2b1b-68e9-4a1d-a5dc-111aa70dec52","session_id":"eadf9038-997e-4d03-a8a9-5b2bf1a6958c"}
+{"type":"assistant","message":{"id":"e6472e17-c8bd-47c8-a7f0-deb6dfdb53d3","container":null,"model":"<synthetic>","role":"assistant","stop_details":null,"stop_reason":"stop_sequence","stop_sequence":"","type":"message","usage":{"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":null,"cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":null,"iterations":null,"speed":null},"content":[{"type":"text","text":"API Error: 400 Third-party apps now draw from your extra usage, not your plan limits."}],"context_management":null},"parent_tool_use_id":null,"session_id":"eadf9038-997e-4d03-a8a9-5b2bf1a6958c","uuid":"89d19a8f-1407-421a-80da-5217b7c6e632","error":"unknown"}
+{"type":"result","subtype":"success","is_error":true,"api_error_status":400,"duration_ms":49,"duration_api_ms":0,"num_turns":1,"result":"API Error: 400 Third-party apps now draw from your extra usage, not your plan limits.","stop_reason":"stop_sequence","session_id":"eadf9038-997e-4d03-a8a9-5b2bf1a6958c","total_cost_usd":0,"usage":{"input_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard"},"modelUsage":{},"permission_denials":[],"terminal_reason":"completed","fast_mode_state":"off","uuid":"9eccca89-8e71-4e68-bb0c-6f233de3bdca"}''',
+    'subscriber-warning-seven-day': r'''{"type":"system","subtype":"init","cwd":"/private/tmp/claude-proxy-x1y2","session_id":"98ccd7f5-640b-4f15-8edb-7506c6e82200","tools":[],"mcp_servers":[],"model":"claude-sonnet-5","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"none","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"55096e2d-d56b-4ebd-a0e5-7addeab85b09","memory_paths":{"auto":"/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"},"fast_mode_state":"off"}
+{"type":"system","subtype":"status","status":"requesting","uuid":"3236bc69-4954-4128-b90c-a8d958b48e24","session_id":"98ccd7f5-640b-4f15-8edb-7506c6e82200"}
+{"type":"stream_event","event":{"type":"message_start","message":{"id":"msg_fake","type":"message","role":"assistant","model":"claude-sonnet-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}}},"session_id":"98ccd7f5-640b-4f15-8edb-7506c6e82200","parent_tool_use_id":null,"uuid":"32838dd7-fd1c-4fa0-ae04-f90af9e46cef","ttft_ms":20}
+{"type":"stream_event","event":{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}},"session_id":"98ccd7f5-640b-4f15-8edb-7506c6e82200","parent_tool_use_id":null,"uuid":"cc4ca7e8-088a-4703-b8c6-2a28f70be3b2"}
+{"type":"stream_event","event":{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}},"session_id":"98ccd7f5-640b-4f15-8edb-7506c6e82200","parent_tool_use_id":null,"uuid":"1ec3ab7c-d8fa-4d26-9de4-b21dc48a6a51"}
+{"type":"assistant","message":{"id":"msg_fake","type":"message","role":"assistant","model":"claude-sonnet-5","content":[{"type":"text","text":"hi"}],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0},"context_management":null},"parent_tool_use_id":null,"session_id":"98ccd7f5-640b-4f15-8edb-7506c6e82200","uuid":"24930812-4277-4f13-b51c-8299d3ef04e8"}
+{"type":"stream_event","event":{"type":"content_block_stop","index":0},"session_id":"98ccd7f5-640b-4f15-8edb-7506c6e82200","parent_tool_use_id":null,"uuid":"ddf9c5ce-c55c-4500-bbef-9e117b13bbaf"}
+{"type":"stream_event","event":{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"input_tokens":12,"output_tokens":1,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}},"session_id":"98ccd7f5-640b-4f15-8edb-7506c6e82200","parent_tool_use_id":null,"uuid":"778edc1b-0f9e-4e87-9603-e4ee5d966c79"}
+{"type":"stream_event","event":{"type":"message_stop"},"session_id":"98ccd7f5-640b-4f15-8edb-7506c6e82200","parent_tool_use_id":null,"uuid":"bdfa4bb3-c94e-4fd6-9b0d-37d9dacaeb3a"}
+{"type":"rate_limit_event","rate_limit_info":{"status":"allowed_warning","resetsAt":1795908789,"rateLimitType":"seven_day","utilization":0.81,"isUsingOverage":false,"surpassedThreshold":0.75},"uuid":"2ec8b77d-acb1-4d9b-a37e-5535211c25b7","session_id":"98ccd7f5-640b-4f15-8edb-7506c6e82200"}
+{"type":"result","subtype":"success","is_error":false,"api_error_status":null,"duration_ms":125,"duration_api_ms":89,"ttft_ms":68,"ttft_stream_ms":61,"time_to_request_ms":40,"num_turns":1,"result":"hi","stop_reason":"end_turn","session_id":"98ccd7f5-640b-4f15-8edb-7506c6e82200","total_cost_usd":5.1e-05,"usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":1,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard"},"modelUsage":{"claude-sonnet-5":{"inputTokens":12,"outputTokens":1,"cacheReadInputTokens":0,"cacheCreationInputTokens":0,"webSearchRequests":0,"costUSD":5.1e-05,"contextWindow":200000,"maxOutputTokens":64000}},"permission_denials":[],"terminal_reason":"completed","fast_mode_state":"off","uuid":"a5717f98-b639-4082-b9c4-9a02f60b1b15"}''',
+    'subscriber-out-of-extra-usage-400': r'''{"type":"system","subtype":"init","cwd":"/private/tmp/claude-proxy-x1y2","session_id":"d8815fba-f3af-4f22-87d8-4afef0303eaf","tools":[],"mcp_servers":[],"model":"claude-sonnet-5","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"none","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"6337b4a3-27f6-4d9a-8079-dfb41ec42eb5","memory_paths":{"auto":"/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"},"fast_mode_state":"off"}
+{"type":"system","subtype":"status","status":"requesting","uuid":"e3106d4c-b50d-4a0d-b50f-b8d2623523b0","session_id":"d8815fba-f3af-4f22-87d8-4afef0303eaf"}
+{"type":"assistant","message":{"id":"9ca9df7a-23eb-451f-8450-49d84e97047d","container":null,"model":"<synthetic>","role":"assistant","stop_details":null,"stop_reason":"stop_sequence","stop_sequence":"","type":"message","usage":{"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":null,"cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":null,"iterations":null,"speed":null},"content":[{"type":"text","text":"API Error: 400 You're out of extra usage. Add more at claude.ai/settings/usage and keep going."}],"context_management":null},"parent_tool_use_id":null,"session_id":"d8815fba-f3af-4f22-87d8-4afef0303eaf","uuid":"2dc525ba-cb6d-4fdd-8f6a-d7f9b2a69570","error":"unknown"}
+{"type":"result","subtype":"success","is_error":true,"api_error_status":400,"duration_ms":225,"duration_api_ms":0,"num_turns":1,"result":"API Error: 400 You're out of extra usage. Add more at claude.ai/settings/usage and keep going.","stop_reason":"stop_sequence","session_id":"d8815fba-f3af-4f22-87d8-4afef0303eaf","total_cost_usd":0,"usage":{"input_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard"},"modelUsage":{},"permission_denials":[],"terminal_reason":"completed","fast_mode_state":"off","uuid":"8a2c7fb5-c0c9-4371-9504-2942399d7b9d"}''',
+    'subscriber-long-context-400': r'''{"type":"system","subtype":"init","cwd":"/private/tmp/claude-proxy-x1y2","session_id":"cec88c9d-73b9-4f9e-99a8-4f7ef7e5afb8","tools":[],"mcp_servers":[],"model":"claude-sonnet-5","permissionMode":"default","slash_commands":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator","clear","compact","config","context","heapdump","init","reload-skills","review","security-review","usage","insights","goal","team-onboarding"],"apiKeySource":"none","claude_code_version":"2.1.197","output_style":"default","agents":["claude","Explore","general-purpose","Plan","statusline-setup"],"skills":["deep-research","update-config","verify","debug","code-review","simplify","batch","fewer-permission-prompts","loop","claude-api","run","run-skill-generator"],"plugins":[],"analytics_disabled":true,"product_feedback_disabled":true,"uuid":"2e555118-5678-4458-a764-e88670662cd9","memory_paths":{"auto":"/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"},"fast_mode_state":"off"}
+{"type":"system","subtype":"status","status":"requesting","uuid":"07aca8ea-1480-4174-a584-ab496ac6f068","session_id":"cec88c9d-73b9-4f9e-99a8-4f7ef7e5afb8"}
+{"type":"assistant","message":{"id":"1e21c33b-d1bb-48e9-a441-fe994368cc49","container":null,"model":"<synthetic>","role":"assistant","stop_details":null,"stop_reason":"stop_sequence","stop_sequence":"","type":"message","usage":{"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":null,"cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":null,"iterations":null,"speed":null},"content":[{"type":"text","text":"API Error: 400 Extra usage is required for long context requests."}],"context_management":null},"parent_tool_use_id":null,"session_id":"cec88c9d-73b9-4f9e-99a8-4f7ef7e5afb8","uuid":"bd53f693-faa6-4be1-9d9b-01d0ef221bd3","error":"unknown"}
+{"type":"result","subtype":"success","is_error":true,"api_error_status":400,"duration_ms":71,"duration_api_ms":0,"num_turns":1,"result":"API Error: 400 Extra usage is required for long context requests.","stop_reason":"stop_sequence","session_id":"cec88c9d-73b9-4f9e-99a8-4f7ef7e5afb8","total_cost_usd":0,"usage":{"input_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard"},"modelUsage":{},"permission_denials":[],"terminal_reason":"completed","fast_mode_state":"off","uuid":"52821d4f-5fdd-451f-9756-7dccd845d5a9"}''',
 }
 
 
@@ -275,6 +328,23 @@ script = os.path.join(os.environ.get("FAKE_CLAUDE_SCRIPTS", HERE), mode + ".json
 if mode not in BUILTIN and os.path.exists(script):
     with open(script) as f:
         spec = json.load(f)
+
+
+def limits_moved(event):
+    """A recorded event; in a rate_limit_event the reset times move to `resets_in` s from now."""
+    event = stamp(event)
+    info = event.get("rate_limit_info")
+    if info is not None and "resets_in" in spec:
+        for key in ("resetsAt", "overageResetsAt"):
+            if key in info:
+                info[key] = int(time.time() + spec["resets_in"])
+    return event
+
+
+if spec.get("replay"):  # a whole recorded run, such as a subscriber's refused request
+    for event in RECORDED[spec["replay"]]:
+        emit(limits_moved(event))
+    sys.exit(1)
 partial = "--include-partial-messages" in ARGV
 t = {e["event"]["type"] if e["type"] == "stream_event" else e.get("subtype", e["type"]) if e["type"] == "system" else e["type"]: e
      for e in RECORDED["stream-partial-success"]}
@@ -382,6 +452,8 @@ if stop_reason == "max_tokens" and spec.get("continue"):
     message(spec["continue"], "end_turn", usage)
     stop_reason = "end_turn"
     text = spec["continue"]
+if spec.get("rate_limit"):  # as a subscriber's CLI reports its usage windows, before the result
+    emit(limits_moved(next(e for e in RECORDED[spec["rate_limit"]] if e["type"] == "rate_limit_event")))
 result = stamp(t["result"])
 result.update(result="".join(text), stop_reason=stop_reason, usage=usage)
 emit(result)
@@ -2447,7 +2519,12 @@ class AgentRequestTranslationTest(unittest.TestCase):
             self.assertTrue(request.want_reasoning)
         plain = self.parse()
         self.assertNotIn("--effort", proxy.cli_argv("claude", plain))
-        self.assertFalse(plain.want_reasoning)
+        self.assertTrue(plain.want_reasoning, "thinking is shown unless hidden")
+        self.assertFalse(self.parse(include_reasoning=False).want_reasoning)
+        hidden = config(hide_reasoning=True)
+        self.assertFalse(proxy.parse_chat_request({"messages": [user("hi")]}, hidden).want_reasoning)
+        self.assertTrue(proxy.parse_chat_request({"messages": [user("hi")], "include_reasoning": True},
+                                                 hidden).want_reasoning)
         off = self.parse(reasoning_effort="none")
         self.assertEqual(proxy.cli_env(config(), off, base={})["MAX_THINKING_TOKENS"], "0")
         self.rejects("reasoning_effort", reasoning_effort="extreme")
@@ -2713,7 +2790,7 @@ class GenerationControlTest(ProxyTest):
                     self.assertTrue(reaped(run["pid"]), "stopped before the answer is sent")
                     self.assertNotIn("finished", run)
 
-    def test_reasoning_is_sent_only_when_asked(self) -> None:
+    def test_reasoning_is_sent_by_default_and_hidden_on_request(self) -> None:
         tag = marker()
         cue = FAKE.script("thinks", thinking=["Let me ", "think."], text=["Answer."])
         asked = self.say(cue + " " + tag, reasoning_effort="high").json()["choices"][0]["message"]
@@ -2721,15 +2798,21 @@ class GenerationControlTest(ProxyTest):
         self.assertEqual(asked["content"], "Answer.")
         argv = FAKE.run_for(tag)["argv"]
         self.assertEqual(argv_value(argv, "--effort"), "high")
-        streamed = self.say(cue, reasoning_effort="low", stream=True)
+        # Not asked for: still sent, streamed as it comes, so an agent's idle watchdog sees deltas.
+        not_asked = self.say(cue).json()["choices"][0]["message"]
+        self.assertEqual((not_asked["reasoning_content"], not_asked["content"]), ("Let me think.", "Answer."))
+        streamed = self.say(cue, stream=True)
         self.assertEqual(stream_text(streamed, "reasoning_content"), "Let me think.")
         self.assertEqual(stream_text(streamed), "Answer.")
-        first = streamed.chunks()[0]["choices"][0]["delta"]
-        self.assertEqual(first["reasoning_content"], "Let me ")
-        not_asked = self.say(cue)
-        self.assertNotIn("reasoning_content", not_asked.json()["choices"][0]["message"])
-        self.assertEqual(not_asked.json()["choices"][0]["message"]["content"], "Answer.")
+        self.assertEqual(streamed.chunks()[0]["choices"][0]["delta"]["reasoning_content"], "Let me ")
+        hidden = self.say(cue, include_reasoning=False)
+        self.assertNotIn("reasoning_content", hidden.json()["choices"][0]["message"])
+        self.config.hide_reasoning = True
         self.assertNotIn("reasoning_content", self.say(cue, stream=True).body.decode())
+        self.assertEqual(self.say(cue).json()["choices"][0]["message"]["content"], "Answer.")
+        self.assertNotIn("reasoning_content", self.say(cue).json()["choices"][0]["message"])
+        self.assertEqual(stream_text(self.say(cue, reasoning_effort="low", stream=True), "reasoning_content"),
+                         "Let me think.")
 
     def test_n_above_one_is_400_over_http(self) -> None:
         self.assertError(self.say("hi", n=3), 400, "invalid_request_error", "unsupported_value", "n")
@@ -2743,6 +2826,239 @@ class GenerationControlTest(ProxyTest):
         recorded = json.dumps([run["argv"], run["stdin"]])
         self.assertNotIn("user-secret-id", recorded)
         self.assertNotIn("metadata-secret", recorded)
+
+
+# ---------------------------------------------------------------------------
+# Subscription usage: windows, extra usage, Anthropic's refusals
+# ---------------------------------------------------------------------------
+
+def limit_event(name: str, resets_in: Optional[float] = 3600.0, **changes: Any) -> Dict[str, Any]:
+    """The recorded rate_limit_event of run `name`, its resets `resets_in` s from now, fields changed."""
+    event = next(e for e in recorded_events(name) if e["type"] == "rate_limit_event")
+    info = event["rate_limit_info"]
+    for key in ("resetsAt", "overageResetsAt"):
+        if key in info and resets_in is not None:
+            info[key] = int(time.time() + resets_in)
+    info.update(changes)
+    return event
+
+
+def cli_failure(name: str) -> proxy.ProxyError:
+    """The error the translator raises for a recorded failed run."""
+    reply = proxy.Reply(retry_budget=5.0)
+    try:
+        for event in recorded_events(name):
+            reply.feed(event)
+    except proxy.ProxyError as error:
+        return error
+    raise AssertionError("%s raised no error" % name)
+
+
+def refusal(limits: "proxy.UsageLimits", no_extra_usage: bool = False) -> Optional[proxy.ProxyError]:
+    try:
+        limits.check(no_extra_usage)
+    except proxy.ProxyError as error:
+        return error
+    return None
+
+
+class UsageLimitsTest(unittest.TestCase):
+    def test_recorded_reports_are_read(self) -> None:
+        allowed = proxy.rate_limit_info(recorded_events("subscriber-rate-limit-event")[-2])
+        self.assertEqual(allowed, proxy.LimitWindow("five_hour", "allowed", 1795651764.0, None, "allowed",
+                                                    False))
+        extra = proxy.rate_limit_info(limit_event("subscriber-overage-in-use", resets_in=None))
+        self.assertEqual((extra.status, extra.extra_usage, extra.extra_usage_in_use),
+                         ("rejected", "allowed", True))
+        weekly = proxy.rate_limit_info(limit_event("subscriber-warning-seven-day", resets_in=None))
+        self.assertEqual((weekly.name, weekly.status, weekly.utilization),
+                         ("seven_day", "allowed_warning", 0.81))
+        self.assertIsNone(proxy.rate_limit_info(recorded_events("subscriber-rate-limit-event")[-1]))
+
+    def test_malformed_reports_are_ignored_and_never_raise(self) -> None:
+        for info in (None, [], "rejected", {}, {"status": 3}, {"status": "rejected\r\nX-Evil: 1"},
+                     {"status": ""}):
+            event = {"type": "rate_limit_event", "rate_limit_info": info}
+            self.assertIsNone(proxy.rate_limit_info(event), info)
+        odd = proxy.rate_limit_info({"type": "rate_limit_event", "rate_limit_info": {
+            "status": "allowed", "resetsAt": "soon", "utilization": float("nan"), "rateLimitType": ["x"],
+            "overageStatus": "a b", "isUsingOverage": "yes", "somethingNew": {"nested": 1}}})
+        self.assertEqual(odd, proxy.LimitWindow("plan", "allowed", None, None, None, False))
+        for resets in (True, float("inf"), 10 ** 400 // 10 ** 390, -5):
+            window = proxy.rate_limit_info(limit_event("subscriber-rate-limit-event", resets_in=None,
+                                                       resetsAt=resets))
+            self.assertIsNone(window.resets_at, resets)
+        limits = proxy.UsageLimits()
+        limits.observe({"type": "rate_limit_event", "rate_limit_info": {"status": "rejected"}})
+        self.assertIsNone(refusal(limits), "a rejection without a reset time must not refuse for ever")
+
+    def test_headers_and_health_hold_the_latest_report_of_each_window(self) -> None:
+        limits = proxy.UsageLimits()
+        self.assertEqual(limits.headers(), {})
+        limits.observe(limit_event("subscriber-rate-limit-event", resets_in=7200, status="allowed_warning"))
+        limits.observe(limit_event("subscriber-rate-limit-event", resets_in=3600))
+        limits.observe(limit_event("subscriber-warning-seven-day", resets_in=86400))
+        five, week = int(time.time() + 3600), int(time.time() + 86400)
+        headers = limits.headers()
+        self.assertEqual(headers["x-claude-ratelimit-status"], "allowed_warning")
+        self.assertEqual(headers["x-claude-ratelimit-window"], "seven_day")
+        self.assertEqual(headers["x-claude-ratelimit-utilization"], "0.81")
+        self.assertEqual(headers["x-claude-ratelimit-five-hour-status"], "allowed")
+        self.assertAlmostEqual(int(headers["x-claude-ratelimit-five-hour-reset"]), five, delta=2)
+        self.assertAlmostEqual(int(headers["x-claude-ratelimit-seven-day-reset"]), week, delta=2)
+        self.assertEqual(headers["x-claude-ratelimit-extra-usage"], "allowed")
+        health = limits.health()
+        self.assertFalse(health["extra_usage_in_use"])
+        self.assertEqual(sorted(health["windows"]), ["five_hour", "seven_day"])
+        seven = health["windows"]["seven_day"]
+        self.assertEqual((seven["status"], seven["utilization"]), ("allowed_warning", 0.81))
+        self.assertEqual(seven["resets_at"],
+                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seven["resets_at_unix"])))
+        limits.observe(limit_event("subscriber-warning-seven-day", resets_in=-1))
+        self.assertEqual(sorted(limits.health()["windows"]), ["five_hour"],
+                         "a report past its reset is dropped")
+
+    def test_a_used_up_window_refuses_until_its_reset(self) -> None:
+        limits = proxy.UsageLimits()
+        limits.observe(limit_event("subscriber-overage-in-use", resets_in=1800))  # extra usage pays: served
+        self.assertIsNone(refusal(limits))
+        limits.observe(limit_event("subscriber-overage-in-use", resets_in=1800, overageStatus="rejected",
+                                   isUsingOverage=False, overageInUse=False))
+        error = refusal(limits)
+        self.assertEqual((error.status, error.code), (429, "usage_limit_reached"))
+        self.assertIn(int(error.headers["Retry-After"]), range(1795, 1801))
+        self.assertIn("5-hour session limit (five_hour)", error.message)
+        self.assertIn(proxy.utc_iso(time.time() + 1800)[:15], error.message)
+        limits.observe(limit_event("subscriber-overage-in-use", resets_in=-1, overageStatus="rejected"))
+        self.assertIsNone(refusal(limits), "past the reset the request goes through")
+
+    def test_no_extra_usage_refuses_while_extra_usage_is_billed(self) -> None:
+        for name in ("subscriber-overage-in-use", "subscriber-rate-limit-event"):
+            limits = proxy.UsageLimits()
+            changes = {} if name == "subscriber-overage-in-use" else {"overageInUse": True}
+            limits.observe(limit_event(name, **changes))
+            self.assertTrue(limits.health()["extra_usage_in_use"])
+            self.assertEqual(limits.headers()["x-claude-ratelimit-extra-usage"], "in_use")
+            self.assertIsNone(refusal(limits, no_extra_usage=False))
+            error = refusal(limits, no_extra_usage=True)
+            self.assertEqual((error.status, error.type, error.code),
+                             (403, "permission_error", "extra_usage_refused"))
+            self.assertIn("--no-extra-usage", error.message)
+        limits = proxy.UsageLimits()
+        limits.observe(limit_event("subscriber-rate-limit-event"))
+        self.assertIsNone(refusal(limits, no_extra_usage=True), "no extra usage reported, nothing refused")
+
+    def test_extra_usage_starting_is_logged_once(self) -> None:
+        limits = proxy.UsageLimits()
+        logger = logging.getLogger("claude_max_proxy")
+        with self.assertLogs(logger, "WARNING") as logs:
+            limits.observe(limit_event("subscriber-rate-limit-event"))
+            limits.observe(limit_event("subscriber-overage-in-use"))
+            limits.observe(limit_event("subscriber-overage-in-use"))
+            logger.warning("end")
+        self.assertEqual(len(logs.records), 2, logs.output)
+        self.assertIn("extra usage has started", logs.output[0])
+
+    def test_an_upstream_session_limit_429_names_the_window_and_its_reset(self) -> None:
+        limits = proxy.UsageLimits()
+        limits.observe(limit_event("subscriber-session-limit-429", resets_in=600))
+        upstream = cli_failure("subscriber-session-limit-429")
+        self.assertEqual((upstream.status, upstream.code), (429, "rate_limit_exceeded"))
+        error = limits.explain(upstream)
+        self.assertEqual((error.status, error.code), (429, "usage_limit_reached"))
+        self.assertIn(int(error.headers["Retry-After"]), range(595, 601))
+        self.assertIn("five_hour", error.message)
+        self.assertIn("You've hit your session limit", error.message)
+        other = cli_failure("upstream-400")
+        self.assertIs(limits.explain(other), other)
+        self.assertEqual(refusal(limits).code, "usage_limit_reached", "the next request is refused early")
+
+    def test_the_extra_usage_400s_get_their_own_status_and_code(self) -> None:
+        expected = {
+            "subscriber-extra-usage-400": (403, "permission_error", "third_party_needs_extra_usage",
+                                           "Third-party apps now draw from your extra usage"),
+            "subscriber-out-of-extra-usage-400": (402, "insufficient_quota", "extra_usage_exhausted",
+                                                  "You're out of extra usage"),
+            "subscriber-long-context-400": (400, "invalid_request_error", "long_context_needs_extra_usage",
+                                            "Extra usage is required for long context requests")}
+        for name, (status, type_, code, said) in expected.items():
+            error = cli_failure(name)
+            self.assertEqual((error.status, error.type, error.code), (status, type_, code), name)
+            self.assertIn(said, error.message, "Anthropic's own words stay in the message")
+        self.assertEqual(cli_failure("upstream-400").code, "upstream_error")
+
+
+class SubscriptionTest(ProxyTest):
+    """Usage reports and refusals through the server, with the fake CLI replaying a subscriber's runs."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.running.server.limits = proxy.UsageLimits()  # each test starts knowing nothing
+
+    def test_reports_reach_health_and_the_headers_of_every_answer(self) -> None:
+        self.assertNotIn("x-claude-ratelimit-status", self.say("hi").headers)
+        cue = FAKE.script("warned", rate_limit="subscriber-warning-seven-day", resets_in=86400)
+        answered = self.say(cue)
+        self.assertEqual(answered.status, 200, answered.body)
+        self.assertEqual(answered.headers["x-claude-ratelimit-status"], "allowed_warning")
+        self.assertEqual(answered.headers["x-claude-ratelimit-seven-day-utilization"], "0.81")
+        streamed = self.say("hi", stream=True)  # the next answer carries it before its first chunk
+        self.assertEqual(streamed.headers["x-claude-ratelimit-window"], "seven_day")
+        health = self.request("GET", "/health")
+        window = health.json()["usage_limits"]["windows"]["seven_day"]
+        self.assertEqual((window["status"], window["utilization"], window["extra_usage_in_use"]),
+                         ("allowed_warning", 0.81, False))
+        self.assertEqual(health.headers["x-claude-ratelimit-seven-day-status"], "allowed_warning")
+
+    def test_a_used_up_window_is_a_429_before_any_claude_starts(self) -> None:
+        cue = FAKE.script("used-up", rate_limit="subscriber-rate-limit-event", resets_in=900)
+        self.running.server.limits.observe(limit_event("subscriber-overage-in-use", resets_in=900,
+                                                       overageStatus="rejected", isUsingOverage=False,
+                                                       overageInUse=False))
+        tag = marker()
+        response = self.say(cue + " " + tag)
+        error = self.assertError(response, 429, "rate_limit_error", "usage_limit_reached")
+        self.assertIn(int(response.headers["Retry-After"]), range(890, 901))
+        self.assertIn("five_hour", error["message"])
+        self.assertFalse([run for run in FAKE.runs() if tag in run.get("stdin", "")])
+
+    def test_an_upstream_session_limit_is_a_429_until_the_reset(self) -> None:
+        cue = FAKE.script("session-limit", replay="subscriber-session-limit-429", resets_in=1200)
+        response = self.say(cue)
+        error = self.assertError(response, 429, "rate_limit_error", "usage_limit_reached")
+        self.assertIn(int(response.headers["Retry-After"]), range(1190, 1201))
+        self.assertIn("You've hit your session limit", error["message"])
+        self.assertEqual(response.headers["x-claude-ratelimit-status"], "rejected")
+        self.assertError(self.say("hi"), 429, "rate_limit_error", "usage_limit_reached")
+
+    def test_no_extra_usage_refuses_once_extra_usage_is_billed(self) -> None:
+        cue = FAKE.script("billed-extra", rate_limit="subscriber-overage-in-use", resets_in=600)
+        self.assertEqual(self.say(cue).status, 200)
+        self.assertEqual(self.say("hi").status, 200, "without the flag extra usage is only logged")
+        self.assertTrue(self.request("GET", "/health").json()["usage_limits"]["extra_usage_in_use"])
+        self.config.no_extra_usage = True
+        tag = marker()
+        error = self.assertError(self.say(tag), 403, "permission_error", "extra_usage_refused")
+        self.assertIn("extra usage", error["message"])
+        self.assertFalse([run for run in FAKE.runs() if tag in run.get("stdin", "")])
+
+    def test_the_extra_usage_400s_get_their_own_codes(self) -> None:
+        for name, status, code in (("subscriber-extra-usage-400", 403, "third_party_needs_extra_usage"),
+                                   ("subscriber-out-of-extra-usage-400", 402, "extra_usage_exhausted"),
+                                   ("subscriber-long-context-400", 400, "long_context_needs_extra_usage")):
+            response = self.say(FAKE.script(name, replay=name))
+            self.assertEqual(response.status, status, response.body)
+            self.assertEqual(response.json()["error"]["code"], code)
+
+    def test_status_shows_each_window_with_its_reset_in_utc_and_local_time(self) -> None:
+        self.running.server.limits.observe(limit_event("subscriber-warning-seven-day", resets_in=86400))
+        self.running.server.limits.observe(limit_event("subscriber-overage-in-use", resets_in=3600))
+        code, out = run_main("status", "--port", str(self.running.port), system=FakeSystem("linux"))
+        self.assertEqual(code, 0, out)
+        reset = int(time.time() + 86400)
+        self.assertIn("weekly limit: allowed_warning, 81%% used, resets %s" % proxy.utc_iso(reset)[:13], out)
+        self.assertIn(time.strftime("%a %Y-%m-%d %H:", time.localtime(reset)), out)
+        self.assertRegex(out, r"5-hour session limit: rejected, resets .*EXTRA USAGE IN USE")
 
 
 # ---------------------------------------------------------------------------
@@ -3393,12 +3709,42 @@ UPSTREAM_REPLY = "Hello from the fake upstream."
 MAX_TOKENS_HOLD = 1.0  # seconds the fake upstream holds back message_stop after max_tokens
 
 
-class FakeAnthropicHandler(BaseHTTPRequestHandler):
-    """POST /v1/messages as the Anthropic API streams it; every request is kept.
+# Anthropic's extra-usage refusals (HTTP 400) as users report them, by the word that asks for each.
+EXTRA_USAGE_400S = {
+    "THIRDPARTY": "Third-party apps now draw from your extra usage, not your plan limits.",
+    "NOEXTRA": "You're out of extra usage. Add more at claude.ai/settings/usage and keep going.",
+    "LONGCTX": "Extra usage is required for long context requests.",
+}
 
-    The last user text steers it: HTTPERRnnn answers with that status, THINK adds
-    a thinking block, MAXTOK stops with max_tokens. A request that offers the
-    CLI's StructuredOutput tool (--json-schema) gets a call to it.
+
+def unified_headers(text: str) -> Dict[str, str]:
+    """The anthropic-ratelimit-unified-* headers of a subscription, as the user text asks.
+
+    USAGE-WARN: 81 % of the weekly window is used; USAGE-EXTRA: the 5-hour window is used up and
+    extra usage pays; USAGE-OUT: used up with no extra usage (the answer is a 429). Else: allowed."""
+    hour, week = str(int(time.time()) + 3600), str(int(time.time()) + 3 * 86400)
+    name = "anthropic-ratelimit-unified-"
+    headers = {name + "status": "allowed", name + "reset": hour, name + "representative-claim": "five_hour",
+               name + "overage-status": "allowed", name + "overage-reset": hour}
+    if "USAGE-WARN" in text:
+        headers.update({name + "status": "allowed_warning", name + "reset": week,
+                        name + "representative-claim": "seven_day", name + "7d-surpassed-threshold": "0.75",
+                        name + "7d-utilization": "0.81", name + "7d-reset": week})
+    elif "USAGE-EXTRA" in text:
+        headers.update({name + "status": "rejected", name + "overage-in-use": "true"})
+    elif "USAGE-OUT" in text:
+        headers.update({name + "status": "rejected", name + "overage-status": "rejected",
+                        name + "overage-disabled-reason": "out_of_credits"})
+    return headers
+
+
+class FakeAnthropicHandler(BaseHTTPRequestHandler):
+    """POST /v1/messages as the Anthropic API streams it to a subscriber; every request is kept.
+
+    Every answer carries a subscription's unified rate-limit headers (see unified_headers). The
+    last user text steers it: HTTPERRnnn answers with that status, USAGE-OUT with a 429, a word
+    of EXTRA_USAGE_400S with that 400, THINK adds a thinking block, MAXTOK stops with max_tokens.
+    A request that offers the CLI's StructuredOutput tool (--json-schema) gets a call to it.
     """
 
     protocol_version = "HTTP/1.1"
@@ -3418,18 +3764,26 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         if self.path.split("?")[0] != "/v1/messages":
             return self.send_json(200, {"input_tokens": 10})
         self.server.requests.append(body)
+        self.server.credentials.append((self.headers.get("x-api-key"), self.headers.get("Authorization")))
         text = last_user_text(body)
+        self.limits = unified_headers(text)
         failure = re.search(r"HTTPERR(\d{3})", text)
-        if failure:
-            status = int(failure.group(1))
+        refusal = next((message for word, message in EXTRA_USAGE_400S.items() if word in text), None)
+        if failure or "USAGE-OUT" in text:
+            status = int(failure.group(1)) if failure else 429
             return self.send_json(status, {"type": "error", "error": {
                 "type": "rate_limit_error" if status == 429 else "api_error",
                 "message": "fake error %d" % status}})
+        if refusal:
+            return self.send_json(400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                                   "message": refusal}})
         self.stream_reply(body, text)
 
     def send_json(self, status: int, payload: Any) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
+        for name, value in getattr(self, "limits", {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -3438,6 +3792,8 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
 
     def stream_reply(self, body: Dict[str, Any], text: str) -> None:
         self.send_response(200)
+        for name, value in self.limits.items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Connection", "close")
         self.end_headers()
@@ -3499,23 +3855,49 @@ def real_claude() -> Optional[str]:
     return shutil.which("claude")
 
 
+@contextlib.contextmanager
+def environment(**values: Optional[str]) -> Any:
+    """os.environ with these variables set (None: removed) for the block's length."""
+    saved = {name: os.environ.get(name) for name in values}
+    set_environment(values)
+    try:
+        yield
+    finally:
+        set_environment(saved)
+
+
+def set_environment(values: Dict[str, Optional[str]]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+SUBSCRIPTION_TOKEN = "sk-ant-oat01-fake-subscription"  # the form `claude setup-token` gives
+DUMMY_API_KEY = "sk-ant-dummy"
+
+
 class FakeUpstream:
     """FakeAnthropicHandler on a free loopback port, and os.environ pointing the real CLI at it.
 
-    The CLI gets a dummy API key and an empty HOME: no login, no network.
+    The CLI runs as a subscriber does, the way real users run it: a subscription token
+    (CLAUDE_CODE_OAUTH_TOKEN) and an empty HOME, no network. The API key the module set stays
+    in the environment, for the proxy to strip.
     """
 
     def __init__(self) -> None:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), FakeAnthropicHandler)
         self.server.daemon_threads = True
         self.requests: List[Dict[str, Any]] = []
+        self.credentials: List[Tuple[Optional[str], Optional[str]]] = []  # (x-api-key, Authorization)
         self.server.requests = self.requests
+        self.server.credentials = self.credentials
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.home = tempfile.mkdtemp(prefix="claude-home-")
         self.saved_env = dict(os.environ)
-        os.environ.update({"HOME": self.home, "ANTHROPIC_API_KEY": "sk-ant-dummy",
+        os.environ.update({"HOME": self.home, "CLAUDE_CODE_OAUTH_TOKEN": SUBSCRIPTION_TOKEN,
                            "ANTHROPIC_BASE_URL": "http://127.0.0.1:%d" % self.server.server_port})
-        os.environ.pop("ANTHROPIC_AUTH_TOKEN", None)
 
     def stop(self) -> None:
         os.environ.clear()
@@ -3537,8 +3919,12 @@ class EndToEndTest(ProxyTest):
         if claude is None:
             raise AssertionError("CI must have the real claude CLI (npm install -g @anthropic-ai/claude-code)")
         cls.upstream = FakeUpstream()
-        cls.settings = dict(cls.settings, claude_bin=claude, allow_api_key=True)
+        cls.settings = dict(cls.settings, claude_bin=claude)
         super().setUpClass()
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.running.server.limits = proxy.UsageLimits()  # each test starts knowing nothing
 
     @classmethod
     def tearDownClass(cls) -> None:
@@ -3546,10 +3932,16 @@ class EndToEndTest(ProxyTest):
         cls.upstream.stop()
 
     def upstream_request_for(self, tag: str) -> Dict[str, Any]:
-        for body in self.upstream.requests:
+        return self.upstream.requests[self.upstream_index(tag)]
+
+    def upstream_index(self, tag: str) -> int:
+        for index, body in enumerate(self.upstream.requests):
             if tag in json.dumps(body):
-                return body
+                return index
         raise AssertionError("no upstream request held %r" % tag)
+
+    def reached_upstream(self, tag: str) -> bool:
+        return any(tag in json.dumps(body) for body in self.upstream.requests)
 
     def test_answer_and_what_reached_anthropic(self) -> None:
         tag = marker()
@@ -3669,9 +4061,66 @@ class EndToEndTest(ProxyTest):
             running_server.stop()
 
     def test_without_a_login_the_client_is_told_to_log_in(self) -> None:
-        self.config.allow_api_key = False  # the key is stripped; the empty HOME holds no login
-        error = self.assertError(self.say("hi"), 401, "authentication_error")
+        with environment(CLAUDE_CODE_OAUTH_TOKEN=None):  # the API key is stripped; HOME holds no login
+            error = self.assertError(self.say("hi"), 401, "authentication_error")
         self.assertIn("log in", error["message"])
+
+    def test_an_api_key_reaches_the_cli_only_with_allow_api_key(self) -> None:
+        tag = marker()
+        self.config.allow_api_key = True
+        with environment(CLAUDE_CODE_OAUTH_TOKEN=None, ANTHROPIC_API_KEY=DUMMY_API_KEY):
+            response = self.say("key " + tag)
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(self.upstream.credentials[self.upstream_index(tag)][0], DUMMY_API_KEY)
+        self.assertNotIn("x-claude-ratelimit-status", response.headers, "an API key has no plan windows")
+
+    def test_the_subscription_login_reaches_anthropic_and_its_limits_reach_health_and_headers(self) -> None:
+        tag = marker()
+        response = self.say("hello " + tag)
+        self.assertEqual(response.status, 200, response.body)
+        api_key, authorization = self.upstream.credentials[self.upstream_index(tag)]
+        self.assertEqual((api_key, authorization), (None, "Bearer " + SUBSCRIPTION_TOKEN))
+        self.assertEqual(response.headers["x-claude-ratelimit-five-hour-status"], "allowed")
+        self.assertAlmostEqual(int(response.headers["x-claude-ratelimit-five-hour-reset"]), time.time() + 3600,
+                               delta=120)
+        self.assertEqual(self.say("USAGE-WARN please", stream=True).status, 200)
+        windows = self.request("GET", "/health").json()["usage_limits"]["windows"]
+        self.assertEqual(windows["five_hour"]["status"], "allowed")
+        self.assertEqual((windows["seven_day"]["status"], windows["seven_day"]["utilization"]),
+                         ("allowed_warning", 0.81))
+
+    def test_a_used_up_plan_is_a_429_until_the_reset_and_stops_asking_anthropic(self) -> None:
+        response = self.say("USAGE-OUT")
+        error = self.assertError(response, 429, "rate_limit_error", "usage_limit_reached")
+        self.assertIn(int(response.headers["Retry-After"]), range(3400, 3601))
+        self.assertIn("five_hour", error["message"])
+        tag = marker()
+        self.assertError(self.say(tag), 429, "rate_limit_error", "usage_limit_reached")
+        self.assertFalse(self.reached_upstream(tag), "refused before any claude started")
+
+    def test_no_extra_usage_refuses_once_extra_usage_is_billed(self) -> None:
+        response = self.say("USAGE-EXTRA")
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(response.headers["x-claude-ratelimit-extra-usage"], "in_use")
+        self.config.no_extra_usage = True
+        tag = marker()
+        self.assertError(self.say(tag), 403, "permission_error", "extra_usage_refused")
+        self.assertFalse(self.reached_upstream(tag))
+
+    def test_the_extra_usage_400s_get_their_own_codes(self) -> None:
+        for word, status, code in (("THIRDPARTY", 403, "third_party_needs_extra_usage"),
+                                   ("NOEXTRA", 402, "extra_usage_exhausted"),
+                                   ("LONGCTX", 400, "long_context_needs_extra_usage")):
+            response = self.say(word)
+            self.assertEqual(response.status, status, response.body)
+            error = response.json()["error"]
+            self.assertEqual(error["code"], code)
+            self.assertIn(EXTRA_USAGE_400S[word], error["message"])
+
+    def test_thinking_streams_as_reasoning_content_unasked(self) -> None:
+        response = self.say("THINK about it", stream=True)
+        self.assertEqual(stream_text(response, "reasoning_content"), "Let me think about this.")
+        self.assertEqual(stream_text(response), UPSTREAM_REPLY)
 
 
 # ---------------------------------------------------------------------------
