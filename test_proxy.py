@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import fcntl
 import http.client
 import io
 import json
@@ -38,7 +39,7 @@ import time
 import unittest
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import claude_max_proxy as proxy
 
@@ -168,7 +169,7 @@ def recorded_events(name: str) -> List[Dict[str, Any]]:
 # test wrote into $FAKE_CLAUDE_SCRIPTS. Every event it prints is a recorded
 # event with only its text, model, stop reason or usage changed.
 FAKE_CLAUDE = r'''
-import copy, json, os, re, subprocess, sys, time
+import copy, fcntl, json, os, re, subprocess, sys, time
 
 ARGV = sys.argv[1:]
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -199,8 +200,17 @@ def flag(name):
     return ARGV[i + 1] if i + 1 < len(ARGV) else ""
 
 
-record = {"pid": os.getpid(), "argv": ARGV, "cwd": os.getcwd(), "env": dict(os.environ),
-          "spawned": time.time()}
+def life_lock(name):
+    """An open file with an exclusive flock on it: the lock lasts as long as some process holds the
+    file open, so tests see a process exit without /proc or ps (see exited() below)."""
+    fd = os.open(os.path.join(os.environ["FAKE_CLAUDE_LOG"], name), os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+LIFE = life_lock("%d.lock" % os.getpid())
+record = {"pid": os.getpid(), "ppid": os.getppid(), "argv": ARGV, "cwd": os.getcwd(),
+          "env": dict(os.environ), "spawned": time.time()}
 if flag("--system-prompt-file") is not None:
     with open(flag("--system-prompt-file")) as f:  # relative to the directory it runs in
         record["system_prompt"] = f.read()
@@ -282,7 +292,12 @@ if text is None:
 stop_reason = spec.get("stop_reason", "end_turn")
 
 if spec.get("grandchild"):
-    child = subprocess.Popen(["sleep", "300"])
+    # The grandchild inherits a locked file, renamed after its pid once that is known.
+    lock = life_lock("%d-grandchild.lock" % os.getpid())
+    child = subprocess.Popen(["sleep", "300"], pass_fds=[lock])
+    os.close(lock)
+    os.replace(os.path.join(os.environ["FAKE_CLAUDE_LOG"], "%d-grandchild.lock" % os.getpid()),
+               os.path.join(os.environ["FAKE_CLAUDE_LOG"], "%d.lock" % child.pid))
     save(grandchild=child.pid)
 init = stamp(t["init"])
 init["model"] = model
@@ -462,37 +477,69 @@ def reaped(pid: int) -> bool:
     return False
 
 
-def pid_gone(pid: int) -> bool:
-    """True once this pid is reaped (or a zombie that is not ours to reap), within 5 s."""
-    return bool(wait_until(lambda: reaped(pid) or is_zombie_of_other(pid)))
+def exited(pid: int) -> bool:
+    """True once the fake claude (or its grandchild) with this pid has exited.
 
-
-def process_state(pid: int) -> Optional[Tuple[str, int]]:
-    """This pid's state letter and parent pid from /proc, or None once it is gone."""
+    Each holds a flock on FAKE_CLAUDE_LOG/PID.lock for its whole life, and the kernel
+    drops it when the process exits, zombie or not: no /proc, no ps (macOS has no
+    /proc, and Linux's ps reads it), no confusion with a reused pid."""
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return fields[0], int(fields[1])
+        fd = os.open(os.path.join(FAKE.log_dir, "%d.lock" % pid), os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # releases the lock if it was ours
+    return True
+
+
+def pid_gone(pid: int) -> bool:
+    """True once this fake claude or grandchild has exited, within 5 s. A child of this very
+    process (the fake under a RunningServer) must also have been reaped: no zombie left."""
+    ours = any(run["pid"] == pid and run["ppid"] == os.getpid() for run in FAKE.runs())
+    return bool(wait_until(lambda: exited(pid) and (not ours or reaped(pid))))
 
 
 def exit_finished(pid: int) -> bool:
-    """True once this pid is a zombie or gone: its exit is complete, so its parent's wait sees it.
+    """True once this child of ours is a zombie or gone, so that its parent's wait sees it.
 
-    A dying process's command line reads empty before that, while the kernel is
-    still tearing it down."""
-    state = process_state(pid)
-    return state is None or state[0] == "Z"
+    Its lock goes a moment before that, while the kernel still tears it down."""
+    if hasattr(os, "waitid"):  # Linux; macOS from Python 3.13
+        try:
+            return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+    return exited(pid)  # macOS before 3.13: the lock is the nearest sign there is
 
 
-def is_zombie_of_other(pid: int) -> bool:
-    """A zombie that is not our child is init's to reap; for us it is gone."""
-    state = process_state(pid)
-    return state is not None and state[0] == "Z" and state[1] != os.getpid()
+class ErrorRecords(logging.Handler):
+    """Every ERROR (or worse) record of the proxy's logger, kept until a check takes it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.setFormatter(logging.Formatter("%(levelname)s %(message)s (%(threadName)s, %(module)s "
+                                            "line %(lineno)d)"))
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)  # handle() holds self.lock
+
+    def take(self, pattern: str = "") -> List[str]:
+        """Remove the records whose message matches `pattern` (all by default); their text."""
+        self.acquire()
+        try:
+            taken = [r for r in self.records if re.search(pattern, r.getMessage())]
+            self.records = [r for r in self.records if r not in taken]
+        finally:
+            self.release()
+        return [self.format(record) for record in taken]
 
 
 FAKE: FakeClaude
+ERRORS = ErrorRecords()
 
 
 def setUpModule() -> None:
@@ -502,11 +549,41 @@ def setUpModule() -> None:
     # A key in the proxy's environment must never reach the child (unless allowed).
     os.environ["ANTHROPIC_API_KEY"] = "sk-ant-test-must-not-leak"
     os.environ["ANTHROPIC_AUTH_TOKEN"] = "token-must-not-leak"
-    logging.getLogger("claude_max_proxy").setLevel(logging.CRITICAL)
+    # Below ERROR the proxy is quiet here (assertLogs still sees what a test asks for); an ERROR
+    # fails the test it happened in (TestCase), or the run when no test was going on.
+    logger = logging.getLogger("claude_max_proxy")
+    logger.setLevel(logging.ERROR)
+    logger.propagate = False
+    logger.addHandler(ERRORS)
 
 
 def tearDownModule() -> None:
     shutil.rmtree(FAKE.dir, ignore_errors=True)
+    logging.getLogger("claude_max_proxy").removeHandler(ERRORS)
+    check_error_log("after the last test")
+
+
+def check_error_log(when: str) -> None:
+    unexpected = ERRORS.take()
+    if unexpected:
+        raise AssertionError("the proxy logged %d unexpected ERROR record(s) %s:\n%s"
+                             % (len(unexpected), when, "\n".join(unexpected)))
+
+
+class TestCase(unittest.TestCase):
+    """A test that fails when the proxy logs an ERROR it did not expect (see expect_error_log).
+
+    A record logged by a server thread just after a test ended shows up in the next one."""
+
+    def setUp(self) -> None:
+        self.addCleanup(check_error_log, "during (or just before) this test")
+
+    @contextlib.contextmanager
+    def expect_error_log(self, pattern: str) -> Iterator[None]:
+        """The block must make the proxy log an ERROR matching `pattern` (within 5 s of its end)."""
+        yield
+        self.assertTrue(wait_until(lambda: ERRORS.take(pattern)),
+                        "no ERROR log record matching %r" % pattern)
 
 
 class RunningServer:
@@ -573,7 +650,7 @@ def stream_text(response: Response, field: str = "content") -> str:
     return "".join(c["choices"][0]["delta"].get(field) or "" for c in response.chunks() if c.get("choices"))
 
 
-class ProxyTest(unittest.TestCase):
+class ProxyTest(TestCase):
     """Base: one server per class, settings in `settings`, and HTTP helpers."""
 
     settings: Dict[str, Any] = {"retry_budget": 0.6, "idle_timeout": 10.0, "timeout": 30.0}
@@ -587,6 +664,7 @@ class ProxyTest(unittest.TestCase):
         cls.running.stop()
 
     def setUp(self) -> None:
+        super().setUp()
         self.config = self.running.server.config
         self.saved_config = dict(vars(self.config))
 
@@ -641,7 +719,7 @@ def user(text: str) -> Dict[str, Any]:
     return {"role": "user", "content": text}
 
 
-class ModelTest(unittest.TestCase):
+class ModelTest(TestCase):
     def test_table_ids_aliases_and_prefixes_map_to_cli_aliases(self) -> None:
         for name, alias in [("claude-opus-4", "opus"), ("claude-sonnet-4", "sonnet"),
                             ("claude-haiku-4", "haiku"), ("opus", "opus"), ("HAIKU", "haiku"),
@@ -669,7 +747,7 @@ class ModelTest(unittest.TestCase):
         self.assertIsNone(proxy.find_model("opus"))
 
 
-class RequestTranslationTest(unittest.TestCase):
+class RequestTranslationTest(TestCase):
     def parse(self, body: Any) -> proxy.ChatRequest:
         return proxy.parse_chat_request(body, config())
 
@@ -772,7 +850,7 @@ class RequestTranslationTest(unittest.TestCase):
         self.assertEqual(proxy.cli_env(config(allow_api_key=True), base=base)["ANTHROPIC_API_KEY"], "k")
 
 
-class ResponseTranslationTest(unittest.TestCase):
+class ResponseTranslationTest(TestCase):
     def feed_all(self, name: str, reply: Optional[proxy.Reply] = None) -> Tuple[proxy.Reply, str]:
         reply = reply or proxy.Reply(retry_budget=20)
         text = ""
@@ -1519,7 +1597,7 @@ class Daemon:
                 os.unlink(path)
 
 
-class ShutdownTest(unittest.TestCase):
+class ShutdownTest(TestCase):
     def test_in_process_shutdown_kills_every_child(self) -> None:
         running = RunningServer()
         tag = marker()
@@ -1566,23 +1644,10 @@ def system(text: str) -> Dict[str, Any]:
     return {"role": "system", "content": text}
 
 
-def running(pid: int) -> bool:
-    """True while this pid is a fake claude that has not exited.
-
-    A zombie's command line reads empty, and so does a gone pid's; a reused
-    pid's names another program.
-    """
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return FAKE.path.encode() in f.read()
-    except OSError:
-        return False
-
-
 def waiting_runs(model: str) -> List[Dict[str, Any]]:
     """Fake claude processes for this --model that are alive and still wait for their message."""
     return [run for run in FAKE.runs()
-            if "stdin" not in run and argv_value(run["argv"], "--model") == model and running(run["pid"])]
+            if "stdin" not in run and argv_value(run["argv"], "--model") == model and not exited(run["pid"])]
 
 
 def warm_for(prompt: str, model: str = "sonnet",
@@ -1651,7 +1716,7 @@ class WarmPoolTest(ProxyTest):
         warm = warm_for(prompt)
         other_prompt, other_model = marker(), marker()
         self.chat(system(other_prompt), user(other_prompt))
-        self.assertTrue(running(warm["pid"]))
+        self.assertFalse(exited(warm["pid"]))
         self.assertNotIn("stdin", [run for run in FAKE.runs() if run["pid"] == warm["pid"]][0],
                          "another system prompt must not take this process")
         self.chat(system(prompt), user(other_model), model="claude-opus-4")
@@ -1755,7 +1820,7 @@ class WarmPoolTest(ProxyTest):
         self.assertEqual(running_server.server.health()["pool"]["size"], 0)
 
 
-class ConfigurationTest(unittest.TestCase):
+class ConfigurationTest(TestCase):
     def test_flags_take_defaults_from_the_environment(self) -> None:
         saved = dict(os.environ)
         try:
@@ -1840,7 +1905,7 @@ def parse(text: str, names: Tuple[str, ...] = ("get_weather", "get_time"), singl
     return run_parser(proxy.ToolCallParser(list(names), single), deltas)
 
 
-class ToolCallParserTest(unittest.TestCase):
+class ToolCallParserTest(TestCase):
     def test_text_before_the_block_passes_and_the_call_is_parsed(self) -> None:
         text, calls = parse('Let me look.\n<tool_calls>\n[{"name": "get_weather", '
                             '"arguments": {"city": "Paris"}}]\n</tool_calls>')
@@ -1930,7 +1995,7 @@ class ToolCallParserTest(unittest.TestCase):
         self.assertEqual([c["name"] for c in calls], ["get_time"])
 
 
-class StopFilterTest(unittest.TestCase):
+class StopFilterTest(TestCase):
     def run_filter(self, stops: List[str], deltas: List[str]) -> Tuple[str, bool]:
         stop = proxy.StopFilter(stops)
         out = "".join(stop.feed(d) for d in deltas)
@@ -1951,7 +2016,7 @@ class StopFilterTest(unittest.TestCase):
         self.assertEqual(stop.flush(), "EN")
 
 
-class AgentRequestTranslationTest(unittest.TestCase):
+class AgentRequestTranslationTest(TestCase):
     def parse(self, **body: Any) -> "proxy.ChatRequest":
         body.setdefault("messages", [user("hi")])
         return proxy.parse_chat_request(body, config(), fetch=self.fake_fetch)
@@ -2099,7 +2164,7 @@ class AgentRequestTranslationTest(unittest.TestCase):
         self.rejects("stop", stop=5)
 
 
-class ImageFetchTest(unittest.TestCase):
+class ImageFetchTest(TestCase):
     """fetch_image against a local server: refused as private, served when allowed."""
 
     @classmethod
@@ -2449,7 +2514,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class ServiceTest(unittest.TestCase):
+class ServiceTest(TestCase):
     """Install, uninstall and status on both platforms, whatever this machine is."""
 
     @classmethod
@@ -2724,7 +2789,7 @@ class ServiceTest(unittest.TestCase):
         self.assertIn("answering: no", out)
 
 
-class DoctorTest(unittest.TestCase):
+class DoctorTest(TestCase):
     @classmethod
     def setUpClass(cls) -> None:
         cls.running = RunningServer()
@@ -2834,7 +2899,7 @@ class DoctorTest(unittest.TestCase):
                                 "every check still prints a line")
 
 
-class CommandLineTest(unittest.TestCase):
+class CommandLineTest(TestCase):
     def test_version_and_subcommand_help(self) -> None:
         script = os.path.join(HERE, "claude_max_proxy.py")
         done = subprocess.run([sys.executable, script, "--version"], capture_output=True, text=True)
