@@ -955,6 +955,85 @@ def process_exists(pid: int) -> bool:
     return True
 
 
+# The lifeline's whole program (see Lifeline). It runs as `python -I -S -c`: no site, no user paths.
+LIFELINE_SOURCE = r"""
+import os, signal
+groups, pending = set(), b""
+while True:
+    data = os.read(0, 4096)
+    if not data:
+        break
+    *lines, pending = (pending + data).split(b"\n")
+    for line in lines:
+        (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class Lifeline:
+    """Ties the life of every `claude` child to the proxy's, however the proxy ends (kill -9 too).
+
+    A small process of its own learns each child's process group on a pipe (+PGID
+    when it starts, -PGID before it is reaped, so a reused pid is never named) and
+    kills every group still listed when the pipe reaches end-of-file, which the
+    kernel brings about when the proxy dies. It works alike on Linux and macOS.
+    PR_SET_PDEATHSIG would not do: it is Linux-only and fires when the *thread*
+    that started the child exits (request threads do); a preexec_fn is unsafe in a
+    threaded server. A child costs two short writes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: Optional[subprocess.Popen] = None
+        try:
+            # A session of its own: a Ctrl-C meant for the proxy must not end it first.
+            self._process = subprocess.Popen([sys.executable, "-I", "-S", "-c", LIFELINE_SOURCE],
+                                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                             start_new_session=True)
+        except OSError as error:
+            log.warning("children will outlive the proxy if it is killed: no lifeline (%s)", error)
+
+    def hold(self, group: int) -> None:
+        self._send(b"+%d\n" % group)
+
+    def drop(self, group: int) -> None:
+        self._send(b"-%d\n" % group)
+
+    def close(self) -> None:
+        """End the lifeline (it kills any group still held); the proxy's own shutdown is done."""
+        with self._lock:
+            self._end()
+
+    def _send(self, line: bytes) -> None:
+        with self._lock:
+            if self._process is None:
+                return
+            try:
+                os.write(self._process.stdin.fileno(), line)  # shorter than PIPE_BUF: one atomic write
+            except OSError as error:
+                log.warning("children will outlive the proxy if it is killed: the lifeline "
+                            "(pid %d) is gone (%s)", self._process.pid, error)
+                self._end()
+
+    def _end(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(5.0)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class ClaudeProcess:
     """One `claude -p` child in its own process group and throwaway directory.
 
@@ -965,8 +1044,9 @@ class ClaudeProcess:
     """
 
     STDERR_TAIL = 4096
+    KILL_WAIT = 5.0  # how long terminate() waits for a killed child to go; one stuck in the kernel stays
 
-    def __init__(self, launch: Launch) -> None:
+    def __init__(self, launch: Launch, lifeline: Optional[Lifeline] = None) -> None:
         self.workdir = new_workdir()
         try:
             for name, text in launch.files:
@@ -980,6 +1060,9 @@ class ClaudeProcess:
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise
         self.pid = self.popen.pid
+        self.lifeline = lifeline
+        if lifeline is not None:
+            lifeline.hold(self.pid)  # its group is named after it
         self.last_output = time.monotonic()
         self.stderr_tail = b""
         self._unsent = memoryview(b"")
@@ -1114,7 +1197,13 @@ class ClaudeProcess:
             os.killpg(self.pid, signal.SIGKILL)  # the leader is not reaped yet: its pid is still ours
         except (ProcessLookupError, PermissionError):
             pass
-        self.popen.wait()
+        if self.lifeline is not None:
+            self.lifeline.drop(self.pid)  # before the reap frees the pid for another process
+        try:
+            self.popen.wait(self.KILL_WAIT)
+        except subprocess.TimeoutExpired:  # never hang a request or the shutdown on it
+            log.error("claude pid %d did not exit within %g s of SIGKILL; left behind",
+                      self.pid, self.KILL_WAIT)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _exited(self) -> bool:
@@ -1131,22 +1220,33 @@ class ClaudeProcess:
         return self.popen.poll() is not None  # no waitid (macOS): poll reaps
 
 
-def start_claude(launch: Launch) -> ClaudeProcess:
+def start_claude(launch: Launch, lifeline: Optional[Lifeline] = None) -> ClaudeProcess:
     """A new process for a request, or a 503 when the CLI cannot be started."""
     try:
-        return ClaudeProcess(launch)
+        return ClaudeProcess(launch, lifeline)
     except OSError as error:
         missing = isinstance(error, FileNotFoundError) and error.filename == launch.argv[0]
         raise ProxyError(503, "Could not start %s: %s" % (launch.argv[0], error),
                          code="claude_not_found" if missing else "cli_start_failed")
 
 
-class Warm:
-    """A pre-started process waiting on stdin, and the key it was started for."""
+def binary_identity(path: str) -> Optional[Tuple[int, int, int]]:
+    """What tells a replaced (upgraded) `claude` from the one a pre-started process runs:
+    installers write a new file, or point the symlink at one, and os.stat follows symlinks."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
-    def __init__(self, key: Launch, process: ClaudeProcess) -> None:
+
+class Warm:
+    """A pre-started process waiting on stdin, the key it was started for, and its binary."""
+
+    def __init__(self, key: Launch, process: ClaudeProcess, binary: Optional[Tuple[int, int, int]]) -> None:
         self.key = key
         self.process = process
+        self.binary = binary
         self.born = time.monotonic()
 
 
@@ -1167,9 +1267,10 @@ class WarmPool:
 
     CHECK_INTERVAL = 5.0  # how long a warm process that died by itself may stay unreaped
 
-    def __init__(self, size: int, ttl: float) -> None:
+    def __init__(self, size: int, ttl: float, lifeline: Optional[Lifeline] = None) -> None:
         self.size = max(0, size)
         self.ttl = ttl
+        self.lifeline = lifeline
         self.hits = 0
         self.misses = 0
         self._idle: List[Warm] = []  # oldest first
@@ -1185,27 +1286,29 @@ class WarmPool:
     # -- used by requests --------------------------------------------------------
 
     def take(self, key: Launch) -> Optional[ClaudeProcess]:
-        """A live process started for this launch, or None; a replacement is queued either way."""
+        """A live process started for this launch from the binary that is there now, or None;
+        a replacement is queued either way."""
         if not self.size:
             return None
+        binary = binary_identity(key.argv[0])
         found: Optional[ClaudeProcess] = None
-        dead: List[ClaudeProcess] = []
+        unfit: List[ClaudeProcess] = []
         with self._changed:
             if self._closed:
                 return None
             for warm in [warm for warm in self._idle if warm.key == key]:
                 self._idle.remove(warm)
-                if warm.process.alive():
+                if warm.binary == binary and warm.process.alive():
                     found = warm.process
                     break
-                dead.append(warm.process)
+                unfit.append(warm.process)
             if found is None:
                 self.misses += 1
             else:
                 self.hits += 1
             self._want(key)
-        for process in dead:
-            process.close()  # died while waiting; the request starts a new one instead
+        for process in unfit:
+            process.close()  # died while waiting, or runs a replaced claude; the request starts anew
         return found
 
     def prewarm(self, key: Launch) -> None:
@@ -1296,13 +1399,14 @@ class WarmPool:
 
     def _start(self, key: Launch) -> None:
         process: Optional[ClaudeProcess] = None
+        binary = binary_identity(key.argv[0])  # before the start: a later replacement counts as one
         try:
-            process = start_claude(key)
+            process = start_claude(key, self.lifeline)
         except ProxyError as error:
             log.warning("nothing pre-started: %s", error.message)
         with self._changed:
             if process is not None and not self._closed:
-                self._idle.append(Warm(key, process))
+                self._idle.append(Warm(key, process, binary))
                 return
         if process is not None:
             process.close()  # the pool closed while it started
@@ -2328,7 +2432,8 @@ class ProxyServer(ThreadingHTTPServer):
         abandoned = remove_abandoned_workdirs()
         if abandoned:
             log.info("removed %d working directories left by proxies that did not exit cleanly", abandoned)
-        self.pool = WarmPool(config.pool_size, config.pool_ttl)
+        self.lifeline = Lifeline()
+        self.pool = WarmPool(config.pool_size, config.pool_ttl, self.lifeline)
         self._prewarm_default()
 
     def server_bind(self) -> None:
@@ -2362,7 +2467,7 @@ class ProxyServer(ThreadingHTTPServer):
         process = self.pool.take(launch)
         warm = process is not None
         if process is None:
-            process = start_claude(launch)
+            process = start_claude(launch, self.lifeline)
         with self._lock:
             if not self._closing:
                 self._children[process.pid] = process
@@ -2399,6 +2504,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.pool.close()
         for process in children:
             process.terminate()  # its request's thread still reads it, and closes it
+        self.lifeline.close()
 
     # -- status ----------------------------------------------------------------
 

@@ -38,6 +38,7 @@ import threading
 import time
 import unittest
 import warnings
+from unittest import mock
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -1640,6 +1641,63 @@ class ShutdownTest(TestCase):
                 daemon.close()
 
 
+class WithoutWaitid:
+    """The os module as macOS shows it to Python before 3.13: no os.waitid."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "waitid":
+            raise AttributeError(name)
+        return getattr(os, name)
+
+
+class ChildLifeTest(TestCase):
+    """Children end with the proxy however it ends, and a child that will not end cannot hang it."""
+
+    def test_a_daemon_killed_with_sigkill_takes_its_running_and_waiting_children_along(self) -> None:
+        daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "2", "--default-model", "claude-fable")
+        try:
+            tag = marker()
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+            body = json.dumps({"messages": [user("[[fake:hang]] " + tag)]}).encode()
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            run = FAKE.run_for(tag, field="grandchild")  # silent: it never notices its stdout is gone
+            warm = warm_for(proxy.DEFAULT_SYSTEM_PROMPT, "fable")
+            daemon.process.kill()
+            daemon.process.wait()
+            for pid in (run["pid"], run["grandchild"], warm["pid"]):
+                self.assertTrue(pid_gone(pid), "pid %d outlived the killed proxy" % pid)
+            sock.close()
+        finally:
+            daemon.close()
+
+    def test_a_child_that_does_not_die_is_logged_and_left_behind_without_a_hang(self) -> None:
+        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "60"), tuple(os.environ.items()), ()))
+        self.addCleanup(process.popen.wait)
+        self.addCleanup(os.kill, process.pid, signal.SIGKILL)
+        closer = threading.Thread(target=process.close)
+        with mock.patch.object(proxy.os, "killpg"), mock.patch.object(process, "KILL_WAIT", 0.2), \
+                self.expect_error_log(r"claude pid %d did not exit" % process.pid):
+            closer.start()
+            closer.join(30)  # not a timing: without the bound close() never returns
+            self.assertFalse(closer.is_alive(), "close() hangs on a child that does not die")
+        self.assertIsNone(process.popen.returncode)
+        self.assertFalse(os.path.exists(process.workdir))
+
+    def test_without_os_waitid_the_child_is_watched_by_poll(self) -> None:
+        # The branch macOS takes (os.waitid arrived there in Python 3.13); poll() reaps.
+        reader = proxy.Launch((sys.executable, "-c", "import sys; sys.stdin.read()"),
+                              tuple(os.environ.items()), ())
+        with mock.patch.object(proxy, "os", WithoutWaitid()):
+            process = proxy.ClaudeProcess(reader)
+            self.assertTrue(process.alive())
+            process.popen.stdin.close()  # it reads to the end and exits 0
+            self.assertTrue(wait_until(lambda: not process.alive()))
+            self.assertEqual(process.popen.returncode, 0, "poll() reaped it")
+            self.assertEqual(process.close(), 0)
+        self.assertFalse(os.path.exists(process.workdir))
+
+
 def system(text: str) -> Dict[str, Any]:
     return {"role": "system", "content": text}
 
@@ -1803,6 +1861,25 @@ class WarmPoolTest(ProxyTest):
             response = post_chat(running_server.port, {"messages": [system(prompt), user(tag)]})
             self.assertEqual(response.status, 200, response.body)
             self.assertEqual(FAKE.run_for(tag)["pid"], warm["pid"])
+        finally:
+            running_server.stop()
+
+    def test_a_warm_process_of_a_replaced_claude_is_not_handed_out(self) -> None:
+        folder = tempfile.mkdtemp(prefix="claude-upgrade-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        claude = os.path.join(folder, "claude")
+        os.symlink(os.path.join(FAKE.dir, "recorded.json"), os.path.join(folder, "recorded.json"))
+        shutil.copy(FAKE.path, claude)
+        running_server = own_server(pool_size=1, claude_bin=claude)
+        try:
+            warm = warm_for(proxy.DEFAULT_SYSTEM_PROMPT, OWN_MODEL, pooled_by=running_server)
+            shutil.copy(FAKE.path, claude + ".new")  # an upgrade writes a new file in its place
+            os.replace(claude + ".new", claude)
+            tag = marker()
+            self.assertEqual(post_chat(running_server.port, {"messages": [user(tag)]}).status, 200)
+            self.assertNotEqual(FAKE.run_for(tag)["pid"], warm["pid"], "the old binary answered")
+            self.assertTrue(pid_gone(warm["pid"]))
+            self.assertEqual((self.pool(running_server)["hits"], self.pool(running_server)["misses"]), (0, 1))
         finally:
             running_server.stop()
 
