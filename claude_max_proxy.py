@@ -84,6 +84,8 @@ OPTIONS: List[Tuple[str, str, Any, Any, str]] = [
      "model used when a request names none"),
     ("--api-key", "CLAUDE_PROXY_API_KEY", str, "",
      "when set, every request but /health needs 'Authorization: Bearer KEY'"),
+    ("--api-key-file", "CLAUDE_PROXY_API_KEY_FILE", str, "",
+     "read --api-key from this file instead, which keeps it out of `ps` (install writes one, owner-only)"),
     ("--max-concurrent", "CLAUDE_PROXY_MAX_CONCURRENT", int, 8,
      "most claude processes answering at once"),
     ("--pool-size", "CLAUDE_PROXY_POOL_SIZE", int, 2,
@@ -177,6 +179,19 @@ def build_arg_parser(command: str = "serve") -> argparse.ArgumentParser:
             parser.add_argument(flag, type=kind, default=value, metavar=flag_attr(flag).upper(),
                                 help="%s (default: %s) [env %s]" % (help_text, default or "off", env))
     return parser
+
+
+def load_api_key_file(config: Config) -> None:
+    """Set the API key from --api-key-file, if given: a key on the command line is there for
+    every local user to read in `ps`. Raises ValueError (or OSError) when it cannot."""
+    if not config.api_key_file:
+        return
+    if config.api_key:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    with open(os.path.expanduser(config.api_key_file), encoding="utf-8") as f:
+        config.api_key = f.read().strip()
+    if not config.api_key:
+        raise ValueError("%s holds no key" % config.api_key_file)
 
 
 def parse_command_line(argv: List[str]) -> Tuple[str, Config, bool]:
@@ -857,15 +872,18 @@ def cli_argv(claude: str, request: ChatRequest) -> List[str]:
 
 
 STRIPPED_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
+PROXY_KEY_ENV = "CLAUDE_PROXY_API_KEY"
 
 
 def cli_env(config: Config, request: Optional[ChatRequest] = None,
             base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The child's environment: ours, minus API keys that would bill per token."""
+    """The child's environment: ours, minus API keys that would bill per token and the
+    proxy's own key, which is no business of the CLI's (nor of what it runs)."""
     env = dict(os.environ if base is None else base)
     if not config.allow_api_key:
         for name in STRIPPED_ENV:
             env.pop(name, None)
+    env.pop(PROXY_KEY_ENV, None)
     env.pop("CLAUDECODE", None)  # set when we run inside Claude Code; the child is not nested
     env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
     if request is not None and request.max_tokens is not None:
@@ -2578,14 +2596,24 @@ LOG_FILE_BYTES = 10 * MIB
 LOG_FILE_BACKUPS = 3
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose every file is the owner's alone: it names models, clients and
+    errors, and whatever the umask says, other users have no business reading it."""
+
+    def _open(self) -> Any:  # the one place RotatingFileHandler opens a file, at start and rotation
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # a file an older version left readable
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def log_handler(log_file: str, max_bytes: int = LOG_FILE_BYTES) -> logging.Handler:
     """stderr, or a file that rotates by size: launchd never rotates what it captures."""
     if not log_file:
         return logging.StreamHandler(sys.stderr)
     path = os.path.expanduser(log_file)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes,
-                                                backupCount=LOG_FILE_BACKUPS, encoding="utf-8")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    return PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=LOG_FILE_BACKUPS,
+                                      encoding="utf-8")
 
 
 def setup_logging(config: Config) -> None:
@@ -2684,15 +2712,17 @@ class System:
         return os.path.exists(path)
 
     def write(self, path: str, data: bytes) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        # Owner-only: the service's flags may hold its --api-key.
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        # Owner-only, like everything install writes: the API key file above all.
         fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(path + ".tmp", path)
 
     def makedirs(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
+        """An owner-only directory (the service's logs go there)."""
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
 
     def remove(self, path: str) -> None:
         os.unlink(path)
@@ -2701,12 +2731,18 @@ class System:
 # -- what install and uninstall do, step by step, so --dry-run can show it ---
 
 class WriteFile:
-    def __init__(self, path: str, data: bytes) -> None:
+    """A file, owner-only; a `secret` one's content is never printed, not even by --dry-run."""
+
+    def __init__(self, path: str, data: bytes, secret: bool = False) -> None:
         self.path = path
         self.data = data
+        self.secret = secret
 
     def describe(self) -> str:
         return "write %s" % self.path
+
+    def shown(self) -> str:
+        return "(the API key)" if self.secret else self.data.decode("utf-8").rstrip("\n")
 
     def apply(self, system: System) -> None:
         system.write(self.path, self.data)
@@ -2785,10 +2821,18 @@ def perform(system: System, actions: List[Action], dry_run: bool) -> None:
         if dry_run:
             print("would " + action.describe())
             if isinstance(action, WriteFile):
-                print("    " + action.data.decode("utf-8").rstrip("\n").replace("\n", "\n    "))
+                print("    " + action.shown().replace("\n", "\n    "))
         else:
             print(action.describe())
-            action.apply(system)
+            apply_action(system, action)
+
+
+def apply_action(system: System, action: Action) -> None:
+    """One step; a file that cannot be written (a read-only home, say) stops it with a FAIL line."""
+    try:
+        action.apply(system)
+    except OSError as error:
+        raise ServiceError("could not %s: %s" % (action.describe(), error))
 
 
 # -- what the service runs -------------------------------------------------
@@ -2824,6 +2868,21 @@ def with_setting(config: Config, **values: Any) -> Config:
     return Config(**dict(vars(config), **values))
 
 
+API_KEY_FILE = "api-key"
+
+
+def key_to_file(config: Config, key_path: str) -> Tuple[Config, List[Action]]:
+    """The service's settings with its API key moved into an owner-only file, and the step that
+    writes it. On the command line the key would show in `ps` to every local user, and in the
+    service's file it would show in every --dry-run and every pasted plist or unit."""
+    if config.api_key and config.api_key_file:
+        raise ServiceError("give --api-key or --api-key-file, not both")
+    if not config.api_key:
+        return config, []
+    return (with_setting(config, api_key="", api_key_file=key_path),
+            [WriteFile(key_path, (config.api_key + "\n").encode("utf-8"), secret=True)])
+
+
 class LaunchAgent:
     """macOS: a LaunchAgent in ~/Library/LaunchAgents, loaded into the login session."""
 
@@ -2833,6 +2892,8 @@ class LaunchAgent:
         self.system = system
         self.path = os.path.join(system.home, "Library", "LaunchAgents", SERVICE_LABEL + ".plist")
         self.logs = os.path.join(system.home, "Library", "Logs", "claude-max-api")
+        self.key_path = os.path.join(system.home, "Library", "Application Support", "claude-max-api",
+                                     API_KEY_FILE)
         self.domain = "gui/%d" % system.uid
         self.service = "%s/%s" % (self.domain, SERVICE_LABEL)
         self.logs_hint = "the logs in %s" % self.logs
@@ -2914,6 +2975,7 @@ class SystemdUnit:
         self.system = system
         config_home = system.environ.get("XDG_CONFIG_HOME") or os.path.join(system.home, ".config")
         self.path = os.path.join(config_home, "systemd", "user", SYSTEMD_UNIT)
+        self.key_path = os.path.join(config_home, "claude-max-api", API_KEY_FILE)
         self.logs_hint = "`journalctl --user -u %s`" % SYSTEMD_UNIT
 
     def render(self, config: Config, claude: Optional[str]) -> bytes:
@@ -3030,6 +3092,12 @@ def describe_health(health: Dict[str, Any]) -> str:
 
 # -- the commands --------------------------------------------------------------
 
+def removal_actions(system: System, manager: ServiceManager) -> List[Action]:
+    """What uninstall does: the manager's steps, and the key file when install wrote one."""
+    key = [RemoveFile(manager.key_path)] if system.exists(manager.key_path) else []
+    return manager.uninstall_actions() + key
+
+
 def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_WAIT) -> int:
     manager = required_manager(system)
     config = with_absolute_paths(config)
@@ -3041,15 +3109,16 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
     if problem:  # found before anything is written, so a failed install leaves nothing behind
         raise ServiceError("cannot install the %s: %s. Nothing was written." % (manager.kind, problem))
     fresh = not system.exists(manager.path)
+    config, key_actions = key_to_file(config, manager.key_path)
     try:
-        perform(system, manager.install_actions(config, claude), dry_run)
+        perform(system, key_actions + manager.install_actions(config, claude), dry_run)
     except ServiceError as error:
         if not fresh:
             raise ServiceError("%s. The new %s stays in %s: fix the cause and install again, or uninstall."
                                % (error, manager.kind, manager.path))
-        for action in manager.uninstall_actions():  # a new install that failed leaves nothing to start
+        for action in removal_actions(system, manager):  # a new install that failed leaves nothing
             try:
-                action.apply(system)
+                apply_action(system, action)
             except ServiceError:
                 pass
         raise ServiceError("%s. %s is removed again." % (error, manager.path))
@@ -3068,10 +3137,11 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
 
 def with_absolute_paths(config: Config) -> Config:
     """A service starts in /, so paths given relative to here must be made absolute."""
-    claude_bin, log_file = config.claude_bin, config.log_file
-    return with_setting(config,
-                        claude_bin=os.path.abspath(claude_bin) if os.sep in claude_bin else claude_bin,
-                        log_file=os.path.abspath(log_file) if log_file else log_file)
+    claude_bin = config.claude_bin
+    absolute = {name: os.path.abspath(getattr(config, name))
+                for name in ("log_file", "api_key_file") if getattr(config, name)}
+    return with_setting(config, claude_bin=os.path.abspath(claude_bin) if os.sep in claude_bin
+                        else claude_bin, **absolute)
 
 
 def uninstall(system: System, dry_run: bool) -> int:
@@ -3079,7 +3149,7 @@ def uninstall(system: System, dry_run: bool) -> int:
     if not system.exists(manager.path):
         print("nothing to uninstall: %s does not exist" % manager.path)
         return 0
-    perform(system, manager.uninstall_actions(), dry_run)
+    perform(system, removal_actions(system, manager), dry_run)
     if isinstance(manager, LaunchAgent):
         print("the logs stay in %s" % manager.logs)
     return 0
@@ -3261,6 +3331,11 @@ def main(argv: Optional[List[str]] = None, system: Optional[System] = None) -> i
             print("FAIL  %s" % error)
             return 1
     setup_logging(config)
+    try:
+        load_api_key_file(config)
+    except (OSError, ValueError) as error:
+        log.error("cannot read --api-key-file: %s", error)
+        return 1
     try:
         return serve(config)
     except OSError as error:

@@ -28,6 +28,7 @@ import os
 import platform
 import plistlib
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1698,6 +1699,65 @@ class ChildLifeTest(TestCase):
         self.assertFalse(os.path.exists(process.workdir))
 
 
+class SecretsTest(TestCase):
+    """The proxy's API key stays out of `ps` and of the children; its log is the owner's alone."""
+
+    def test_the_proxys_own_key_never_reaches_the_cli(self) -> None:
+        base = {"CLAUDE_PROXY_API_KEY": "proxy-key", "HOME": "/h"}
+        self.assertNotIn("CLAUDE_PROXY_API_KEY", proxy.cli_env(config(allow_api_key=True), base=base))
+        running_server = RunningServer()
+        try:
+            tag = marker()
+            with mock.patch.dict(os.environ, {"CLAUDE_PROXY_API_KEY": "proxy-key"}):
+                self.assertEqual(post_chat(running_server.port, {"messages": [user(tag)]}).status, 200)
+            self.assertNotIn("CLAUDE_PROXY_API_KEY", FAKE.run_for(tag)["env"])
+        finally:
+            running_server.stop()
+
+    def test_the_key_is_read_from_the_api_key_file(self) -> None:
+        folder = tempfile.mkdtemp(prefix="proxy-key-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        key_path = os.path.join(folder, "api-key")
+        with open(key_path, "w") as f:
+            f.write("s3cret-from-file\n")
+        daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "0", "--api-key-file", key_path)
+        try:
+            self.assertEqual(http_request(daemon.port, "GET", "/v1/models").status, 401)
+            self.assertEqual(http_request(daemon.port, "GET", "/v1/models",
+                                          headers={"Authorization": "Bearer s3cret-from-file"}).status, 200)
+        finally:
+            daemon.close()
+        for settings, problem in (({"api_key": "k"}, "not both"), ({}, "holds no key")):
+            with open(key_path, "w") as f:
+                f.write("\n")
+            with self.assertRaisesRegex(ValueError, problem):
+                proxy.load_api_key_file(config(api_key_file=key_path, **settings))
+
+    def test_log_files_are_owner_only_from_the_start_and_after_rotation(self) -> None:
+        folder = tempfile.mkdtemp(prefix="proxy-logs-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        self.addCleanup(os.umask, os.umask(0o022))  # the usual umask: new files readable by all
+        path = os.path.join(folder, "proxy.log")
+        with open(path, "w") as f:
+            f.write("left by an older version\n")
+        os.chmod(path, 0o644)
+        handler = proxy.log_handler(path, max_bytes=2048)
+        logger = logging.getLogger("private-log-test")
+        logger.propagate = False
+        logger.addHandler(handler)
+        try:
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+            for number in range(100):
+                logger.warning("line %03d %s", number, "x" * 80)
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
+        names = sorted(os.listdir(folder))
+        self.assertEqual(names, ["proxy.log", "proxy.log.1", "proxy.log.2", "proxy.log.3"])
+        for name in names:
+            self.assertEqual(os.stat(os.path.join(folder, name)).st_mode & 0o777, 0o600, name)
+
+
 def system(text: str) -> Dict[str, Any]:
     return {"role": "system", "content": text}
 
@@ -2676,7 +2736,7 @@ class ServiceTest(TestCase):
 
     def test_linux_install_writes_the_unit_and_enables_it(self) -> None:
         system = self.fake("linux")
-        code, out = self.install(system, api_key="k$y%1")
+        code, out = self.install(system, cors="http://k$y%1")
         self.assertEqual(code, 0, out)
         unit_path = os.path.join(system.home, ".config/systemd/user/claude-max-api.service")
         with open(unit_path) as f:
@@ -2684,7 +2744,7 @@ class ServiceTest(TestCase):
         exec_start = [line for line in lines if line.startswith("ExecStart=")]
         self.assertEqual(exec_start, ['ExecStart=/usr/bin/python3 "/opt/claude max/claude_max_proxy.py"'
                                       ' --port %d --claude-bin %s' % (self.running.port, FAKE.path)
-                                      + " --api-key k$$y%%1"],  # systemd expands $ and % itself
+                                      + " --cors http://k$$y%%1"],  # systemd expands $ and % itself
                          "the path with a space is quoted")
         env_path = [line for line in lines if line.startswith("Environment=PATH=")]
         self.assertEqual(len(env_path), 1)
@@ -2767,6 +2827,45 @@ class ServiceTest(TestCase):
             unit = f.read()
         self.assertIn("--claude-bin %s " % FAKE.path, unit)
         self.assertIn("--log-file %s\n" % os.path.join(FAKE.dir, "proxy.log"), unit)
+
+    def test_install_keeps_the_api_key_in_an_owner_only_file_off_the_command_line(self) -> None:
+        for platform, key_file in (("darwin", "Library/Application Support/claude-max-api/api-key"),
+                                   ("linux", ".config/claude-max-api/api-key")):
+            system = self.fake(platform)
+            code, out = self.install(system, api_key="s3cret-key")
+            self.assertEqual(code, 0, out)
+            key_path = os.path.join(system.home, key_file)
+            with open(key_path) as f:
+                self.assertEqual(f.read(), "s3cret-key\n")
+            self.assertEqual(os.stat(key_path).st_mode & 0o077, 0, "the key file is the owner's alone")
+            service = proxy.service_manager(system).path
+            with open(service) as f:
+                written = f.read()
+            self.assertNotIn("s3cret", written + out)
+            argv = (plistlib.loads(written.encode())["ProgramArguments"] if platform == "darwin" else
+                    shlex.split(written.split("ExecStart=", 1)[1].split("\n", 1)[0]))
+            served = proxy.parse_command_line(argv[2:])[1]  # what the service will run with
+            self.assertEqual(served.api_key_file, key_path)
+            proxy.load_api_key_file(served)
+            self.assertEqual(served.api_key, "s3cret-key")
+            code, out = run_main("install", "--dry-run", "--api-key", "s3cret-key", system=self.fake(platform))
+            self.assertEqual(code, 0, out)
+            self.assertNotIn("s3cret", out)
+            self.assertIn("/api-key\n    (the API key)\n", out)
+            code, out = run_main("uninstall", system=system)
+            self.assertEqual(code, 0, out)
+            self.assertFalse(os.path.exists(key_path), "uninstall removes the key file")
+
+    def test_install_into_a_home_it_cannot_write_is_a_fail_line_not_a_traceback(self) -> None:
+        # A home that is a file can hold nothing, even for root (CI), whom permissions never stop.
+        for platform, flags in (("darwin", ()), ("linux", ("--api-key", "k"))):
+            system = self.fake(platform)
+            system.home = os.path.join(system.home, "a-file")
+            open(system.home, "w").close()
+            code, out = run_main("install", "--port", str(self.running.port), "--claude-bin", FAKE.path,
+                                 *flags, system=system)
+            self.assertEqual(code, 1, out)
+            self.assertRegex(out, r"FAIL  could not (create directory|write) %s/" % re.escape(system.home))
 
     def test_dry_run_writes_nothing_and_runs_nothing(self) -> None:
         for platform, shows in (("darwin", ["<key>ProgramArguments</key>", "<string>4567</string>",
