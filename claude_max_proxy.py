@@ -349,7 +349,7 @@ class ChatRequest:
 
 
 def parse_chat_request(body: Any, config: Config,
-                       fetch: Optional[Callable[[str], Tuple[str, bytes]]] = None) -> ChatRequest:
+                       fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None) -> ChatRequest:
     """Validate an OpenAI chat completion body; raise ProxyError(400) naming the bad param.
 
     `fetch` loads remote images (only with --fetch-images); tests pass a fake.
@@ -706,8 +706,20 @@ def add_text(blocks: List[Dict[str, Any]], text: str) -> None:
         blocks.append({"type": "text", "text": text})
 
 
-def image_loader(config: Config, fetch: Callable[[str], Tuple[str, bytes]]
+# What one request may make the proxy download with --fetch-images. The total bounds its memory
+# (10 URLs of a 19 MB image took 905 MB): 24 MiB is 32 MiB in base64, the most the Messages API
+# takes in one request anyway. The count bounds its time, each fetch taking up to 15 s.
+IMAGE_FETCH_MAX_COUNT = 20
+IMAGE_FETCH_TOTAL_LIMIT = 24 * MIB
+IMAGE_FETCH_LIMIT = 20 * MIB  # one image
+IMAGE_FETCH_TIMEOUT = 15.0
+
+
+def image_loader(config: Config, fetch: Callable[[str, int], Tuple[str, bytes]]
                  ) -> Callable[[Dict[str, Any], str], Dict[str, Any]]:
+    """Turns one request's image parts into image blocks, in order; keeps the count and bytes fetched."""
+    fetched = [0, 0]  # images, bytes
+
     def load(part: Dict[str, Any], param: str) -> Dict[str, Any]:
         image = part["image_url"]
         url = (image.get("url") if isinstance(image, dict) else image).strip()
@@ -718,7 +730,7 @@ def image_loader(config: Config, fetch: Callable[[str], Tuple[str, bytes]]
                 raise invalid("%s is a remote image URL, and fetching images is off. Send the image "
                               "inline as a data: URL (base64), or start the proxy with "
                               "--fetch-images." % param, param + ".image_url", "image_url_not_allowed")
-            media_type, raw = fetch(url)
+            media_type, raw = fetch_within_budget(fetch, url, param, fetched)
             data = base64.b64encode(raw).decode("ascii")
         else:
             raise invalid("%s.image_url.url must be a data: URL or an http(s) URL." % param,
@@ -729,6 +741,28 @@ def image_loader(config: Config, fetch: Callable[[str], Tuple[str, bytes]]
                           param + ".image_url", "unsupported_image_type")
         return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
     return load
+
+
+def fetch_within_budget(fetch: Callable[[str, int], Tuple[str, bytes]], url: str, param: str,
+                        fetched: List[int]) -> Tuple[str, bytes]:
+    """One remote image, refused when it would pass the request's count or total bytes;
+    `fetched` counts [images, bytes] so far. The download itself stops at what is left."""
+    if fetched[0] >= IMAGE_FETCH_MAX_COUNT:
+        raise invalid("%s: a request may hold at most %d remote images (--fetch-images); send the "
+                      "others inline as data: URLs." % (param, IMAGE_FETCH_MAX_COUNT),
+                      param + ".image_url", "too_many_images")
+    left = IMAGE_FETCH_TOTAL_LIMIT - fetched[1]
+    try:
+        media_type, raw = fetch(url, min(IMAGE_FETCH_LIMIT, left))
+    except ProxyError as error:
+        if error.code == "image_too_large" and left < IMAGE_FETCH_LIMIT:
+            raise invalid("%s: the remote images of one request may hold %d bytes in all; this one "
+                          "goes past that." % (param, IMAGE_FETCH_TOTAL_LIMIT),
+                          param + ".image_url", "images_too_large")
+        raise
+    fetched[0] += 1
+    fetched[1] += len(raw)
+    return media_type, raw
 
 
 def decode_data_url(url: str, param: str) -> Tuple[str, str]:
@@ -745,16 +779,13 @@ def decode_data_url(url: str, param: str) -> Tuple[str, str]:
     return media_type.lower(), data
 
 
-IMAGE_FETCH_LIMIT = 20 * MIB
-IMAGE_FETCH_TIMEOUT = 15.0
-
-
-def fetch_image(url: str, allow: Optional[Callable[[str], bool]] = None) -> Tuple[str, bytes]:
+def fetch_image(url: str, limit: int = IMAGE_FETCH_LIMIT,
+                allow: Optional[Callable[[str], bool]] = None) -> Tuple[str, bytes]:
     """(media type, bytes) of a remote image, for --fetch-images.
 
     Only public addresses are fetched, and the connection goes to the very
     address that was checked, so DNS cannot swap in a private one afterwards.
-    Redirects are not followed. Size and total time are capped.
+    Redirects are not followed. Size (`limit` bytes) and total time are capped.
     """
     allow = allow or is_public_address
     deadline = time.monotonic() + IMAGE_FETCH_TIMEOUT
@@ -775,7 +806,7 @@ def fetch_image(url: str, allow: Optional[Callable[[str], bool]] = None) -> Tupl
             if response.status != 200:
                 raise invalid("Fetching %s gave HTTP %d." % (url, response.status),
                               code="image_fetch_failed")
-            raw = read_before(response, deadline, IMAGE_FETCH_LIMIT)
+            raw = read_before(response, deadline, limit)
         finally:
             connection.close()
     except (OSError, ValueError, http.client.HTTPException) as error:  # UnicodeError is a ValueError
@@ -785,18 +816,19 @@ def fetch_image(url: str, allow: Optional[Callable[[str], bool]] = None) -> Tupl
 
 
 def read_before(response: http.client.HTTPResponse, deadline: float, limit: int) -> bytes:
-    """The response body, refused when it is larger than `limit` or slower than `deadline`."""
-    body = b""
+    """The response body, refused when it is larger than `limit` or slower than `deadline`.
+    It grows in a bytearray: adding to bytes copies all so far, quadratic (20 MiB took 19 s)."""
+    body = bytearray()
     while True:
         if time.monotonic() > deadline:
             raise invalid("The image took longer than %g s to download." % IMAGE_FETCH_TIMEOUT,
                           code="image_fetch_failed")
         data = response.read1(65536)
         if not data:
-            return body
-        body += data
-        if len(body) > limit:
+            return bytes(body)
+        if len(body) + len(data) > limit:
             raise invalid("The image is larger than %d bytes." % limit, code="image_too_large")
+        body += data
 
 
 def pinned_connection(host: str, address: str, port: int, secure: bool) -> http.client.HTTPConnection:

@@ -1758,6 +1758,56 @@ class SecretsTest(TestCase):
             self.assertEqual(os.stat(os.path.join(folder, name)).st_mode & 0o777, 0o600, name)
 
 
+def remote_images(count: int) -> Dict[str, Any]:
+    return {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/%d.png" % i}} for i in range(count)]}]}
+
+
+class ImageBudgetTest(TestCase):
+    """With --fetch-images, one request may fetch only so many images and so many bytes."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.limits: List[int] = []
+
+    def fetch(self, size: int) -> Callable[[str, int], Tuple[str, bytes]]:
+        """A fetch of `size`-byte images that, like fetch_image, stops at the limit it is given."""
+        def fake(url: str, limit: int) -> Tuple[str, bytes]:
+            self.limits.append(limit)
+            if size > limit:
+                raise proxy.invalid("The image is larger than %d bytes." % limit, code="image_too_large")
+            return "image/png", b"\x89PNG" + b"x" * (size - 4)
+        return fake
+
+    def parse(self, body: Dict[str, Any], size: int) -> proxy.ChatRequest:
+        return proxy.parse_chat_request(body, config(fetch_images=True), fetch=self.fetch(size))
+
+    def test_a_request_may_fetch_at_most_the_image_count(self) -> None:
+        most = proxy.IMAGE_FETCH_MAX_COUNT
+        self.assertEqual(len(self.parse(remote_images(most), 100).content), most)
+        self.limits = []
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.parse(remote_images(most + 1), 100)
+        error = caught.exception
+        self.assertEqual((error.status, error.code), (400, "too_many_images"))
+        self.assertEqual(error.param, "messages[0].content[%d].image_url" % most)
+        self.assertEqual(len(self.limits), most, "nothing is fetched past the count")
+
+    def test_a_request_may_fetch_at_most_the_total_bytes_and_downloads_stop_there(self) -> None:
+        total, size = proxy.IMAGE_FETCH_TOTAL_LIMIT, 10 * proxy.MIB
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.parse(remote_images(3), size)
+        error = caught.exception
+        self.assertEqual((error.status, error.code), (400, "images_too_large"))
+        self.assertEqual(error.param, "messages[0].content[2].image_url")
+        self.assertEqual(self.limits, [proxy.IMAGE_FETCH_LIMIT, total - size, total - 2 * size],
+                         "each download may take only what the request has left")
+        self.limits = []
+        with self.assertRaises(proxy.ProxyError) as caught:  # one image alone keeps its own limit
+            self.parse(remote_images(1), proxy.IMAGE_FETCH_LIMIT + 1)
+        self.assertEqual(caught.exception.code, "image_too_large")
+
+
 def system(text: str) -> Dict[str, Any]:
     return {"role": "system", "content": text}
 
@@ -2158,7 +2208,7 @@ class AgentRequestTranslationTest(TestCase):
         body.setdefault("messages", [user("hi")])
         return proxy.parse_chat_request(body, config(), fetch=self.fake_fetch)
 
-    def fake_fetch(self, url: str) -> Tuple[str, bytes]:
+    def fake_fetch(self, url: str, limit: int) -> Tuple[str, bytes]:
         return "image/png", b"\x89PNG fetched from " + url.encode()
 
     def rejects(self, param: str, **body: Any) -> "proxy.ProxyError":
@@ -2339,6 +2389,9 @@ class ImageFetchTest(TestCase):
     def test_an_allowed_address_is_fetched_with_its_media_type(self) -> None:
         media_type, raw = proxy.fetch_image(self.base + "/cat.png", allow=lambda address: True)
         self.assertEqual((media_type, raw), ("image/png", base64.b64decode(PNG_1PX)))
+        with self.assertRaises(proxy.ProxyError) as caught:  # the limit a request's budget leaves
+            proxy.fetch_image(self.base + "/cat.png", limit=10, allow=lambda address: True)
+        self.assertEqual(caught.exception.code, "image_too_large")
         with self.assertRaises(proxy.ProxyError) as caught:
             proxy.fetch_image(self.base + "/missing.png", allow=lambda address: True)
         self.assertIn("404", caught.exception.message)
