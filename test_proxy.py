@@ -1071,11 +1071,14 @@ class RoutesTest(ProxyTest):
             sock.close()
 
     def test_json_nested_too_deep_to_write_out_again_is_a_400(self) -> None:
-        schema: Dict[str, Any] = {"type": "string"}
-        for _ in range(sys.getrecursionlimit() - 30):
-            schema = {"type": "array", "items": schema}
-        tool = {"type": "function", "function": {"name": "deep", "parameters": schema}}
-        self.assertError(self.say("hi", tools=[tool]), 400, "invalid_request_error", "invalid_json")
+        # Written as text: json.dumps of it here would itself run out of stack under a test
+        # runner (pytest, python -m unittest) deeper than `python3 test_proxy.py`.
+        depth = sys.getrecursionlimit() - 30
+        schema = '{"type": "array", "items": ' * depth + '{"type": "string"}' + "}" * depth
+        body = ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", '
+                '"function": {"name": "deep", "parameters": %s}}]}' % schema).encode()
+        response = self.request("POST", "/v1/chat/completions", body)
+        self.assertError(response, 400, "invalid_request_error", "invalid_json")
         nested: Any = []
         for _ in range(proxy.MAX_JSON_DEPTH - 1):
             nested = {"k": nested}
