@@ -96,6 +96,8 @@ OPTIONS: List[Tuple[str, str, Any, Any, str]] = [
      "model used when a request names none"),
     ("--api-key", "CLAUDE_PROXY_API_KEY", str, "",
      "when set, every request but /health needs 'Authorization: Bearer KEY'"),
+    ("--api-key-file", "CLAUDE_PROXY_API_KEY_FILE", str, "",
+     "read --api-key from this file instead, which keeps it out of `ps` (install writes one, owner-only)"),
     ("--max-concurrent", "CLAUDE_PROXY_MAX_CONCURRENT", int, 8,
      "most claude processes answering at once"),
     ("--max-connections", "CLAUDE_PROXY_MAX_CONNECTIONS", int, 256,
@@ -198,6 +200,19 @@ def build_arg_parser(command: str = "serve") -> argparse.ArgumentParser:
             parser.add_argument(flag, type=kind, default=value, metavar=flag_attr(flag).upper(),
                                 help="%s (default: %s) [env %s]" % (help_text, default or "off", env))
     return parser
+
+
+def load_api_key_file(config: Config) -> None:
+    """Set the API key from --api-key-file, if given: a key on the command line is there for
+    every local user to read in `ps`. Raises ValueError (or OSError) when it cannot."""
+    if not config.api_key_file:
+        return
+    if config.api_key:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    with open(os.path.expanduser(config.api_key_file), encoding="utf-8") as f:
+        config.api_key = f.read().strip()
+    if not config.api_key:
+        raise ValueError("%s holds no key" % config.api_key_file)
 
 
 def parse_command_line(argv: List[str]) -> Tuple[str, Config, bool]:
@@ -356,7 +371,7 @@ class ChatRequest:
 
 
 def parse_chat_request(body: Any, config: Config,
-                       fetch: Optional[Callable[[str], Tuple[str, bytes]]] = None) -> ChatRequest:
+                       fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None) -> ChatRequest:
     """Validate an OpenAI chat completion body; raise ProxyError(400) naming the bad param.
 
     `fetch` loads remote images (only with --fetch-images); tests pass a fake.
@@ -715,8 +730,20 @@ def add_text(blocks: List[Dict[str, Any]], text: str) -> None:
         blocks.append({"type": "text", "text": text})
 
 
-def image_loader(config: Config, fetch: Callable[[str], Tuple[str, bytes]]
+# What one request may make the proxy download with --fetch-images. The total bounds its memory
+# (10 URLs of a 19 MB image took 905 MB): 24 MiB is 32 MiB in base64, the most the Messages API
+# takes in one request anyway. The count bounds its time, each fetch taking up to 15 s.
+IMAGE_FETCH_MAX_COUNT = 20
+IMAGE_FETCH_TOTAL_LIMIT = 24 * MIB
+IMAGE_FETCH_LIMIT = 20 * MIB  # one image
+IMAGE_FETCH_TIMEOUT = 15.0
+
+
+def image_loader(config: Config, fetch: Callable[[str, int], Tuple[str, bytes]]
                  ) -> Callable[[Dict[str, Any], str], Dict[str, Any]]:
+    """Turns one request's image parts into image blocks, in order; keeps the count and bytes fetched."""
+    fetched = [0, 0]  # images, bytes
+
     def load(part: Dict[str, Any], param: str) -> Dict[str, Any]:
         image = part["image_url"]
         url = (image.get("url") if isinstance(image, dict) else image).strip()
@@ -727,7 +754,7 @@ def image_loader(config: Config, fetch: Callable[[str], Tuple[str, bytes]]
                 raise invalid("%s is a remote image URL, and fetching images is off. Send the image "
                               "inline as a data: URL (base64), or start the proxy with "
                               "--fetch-images." % param, param + ".image_url", "image_url_not_allowed")
-            media_type, raw = fetch(url)
+            media_type, raw = fetch_within_budget(fetch, url, param, fetched)
             data = base64.b64encode(raw).decode("ascii")
         else:
             raise invalid("%s.image_url.url must be a data: URL or an http(s) URL." % param,
@@ -738,6 +765,28 @@ def image_loader(config: Config, fetch: Callable[[str], Tuple[str, bytes]]
                           param + ".image_url", "unsupported_image_type")
         return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
     return load
+
+
+def fetch_within_budget(fetch: Callable[[str, int], Tuple[str, bytes]], url: str, param: str,
+                        fetched: List[int]) -> Tuple[str, bytes]:
+    """One remote image, refused when it would pass the request's count or total bytes;
+    `fetched` counts [images, bytes] so far. The download itself stops at what is left."""
+    if fetched[0] >= IMAGE_FETCH_MAX_COUNT:
+        raise invalid("%s: a request may hold at most %d remote images (--fetch-images); send the "
+                      "others inline as data: URLs." % (param, IMAGE_FETCH_MAX_COUNT),
+                      param + ".image_url", "too_many_images")
+    left = IMAGE_FETCH_TOTAL_LIMIT - fetched[1]
+    try:
+        media_type, raw = fetch(url, min(IMAGE_FETCH_LIMIT, left))
+    except ProxyError as error:
+        if error.code == "image_too_large" and left < IMAGE_FETCH_LIMIT:
+            raise invalid("%s: the remote images of one request may hold %d bytes in all; this one "
+                          "goes past that." % (param, IMAGE_FETCH_TOTAL_LIMIT),
+                          param + ".image_url", "images_too_large")
+        raise
+    fetched[0] += 1
+    fetched[1] += len(raw)
+    return media_type, raw
 
 
 def decode_data_url(url: str, param: str) -> Tuple[str, str]:
@@ -754,16 +803,13 @@ def decode_data_url(url: str, param: str) -> Tuple[str, str]:
     return media_type.lower(), data
 
 
-IMAGE_FETCH_LIMIT = 20 * MIB
-IMAGE_FETCH_TIMEOUT = 15.0
-
-
-def fetch_image(url: str, allow: Optional[Callable[[str], bool]] = None) -> Tuple[str, bytes]:
+def fetch_image(url: str, limit: int = IMAGE_FETCH_LIMIT,
+                allow: Optional[Callable[[str], bool]] = None) -> Tuple[str, bytes]:
     """(media type, bytes) of a remote image, for --fetch-images.
 
     Only public addresses are fetched, and the connection goes to the very
     address that was checked, so DNS cannot swap in a private one afterwards.
-    Redirects are not followed. Size and total time are capped.
+    Redirects are not followed. Size (`limit` bytes) and total time are capped.
     """
     allow = allow or is_public_address
     deadline = time.monotonic() + IMAGE_FETCH_TIMEOUT
@@ -784,7 +830,7 @@ def fetch_image(url: str, allow: Optional[Callable[[str], bool]] = None) -> Tupl
             if response.status != 200:
                 raise invalid("Fetching %s gave HTTP %d." % (url, response.status),
                               code="image_fetch_failed")
-            raw = read_before(response, deadline, IMAGE_FETCH_LIMIT)
+            raw = read_before(response, deadline, limit)
         finally:
             connection.close()
     except (OSError, ValueError, http.client.HTTPException) as error:  # UnicodeError is a ValueError
@@ -794,18 +840,19 @@ def fetch_image(url: str, allow: Optional[Callable[[str], bool]] = None) -> Tupl
 
 
 def read_before(response: http.client.HTTPResponse, deadline: float, limit: int) -> bytes:
-    """The response body, refused when it is larger than `limit` or slower than `deadline`."""
-    body = b""
+    """The response body, refused when it is larger than `limit` or slower than `deadline`.
+    It grows in a bytearray: adding to bytes copies all so far, quadratic (20 MiB took 19 s)."""
+    body = bytearray()
     while True:
         if time.monotonic() > deadline:
             raise invalid("The image took longer than %g s to download." % IMAGE_FETCH_TIMEOUT,
                           code="image_fetch_failed")
         data = response.read1(65536)
         if not data:
-            return body
-        body += data
-        if len(body) > limit:
+            return bytes(body)
+        if len(body) + len(data) > limit:
             raise invalid("The image is larger than %d bytes." % limit, code="image_too_large")
+        body += data
 
 
 def pinned_connection(host: str, address: str, port: int, secure: bool) -> http.client.HTTPConnection:
@@ -881,15 +928,18 @@ def cli_argv(claude: str, request: ChatRequest) -> List[str]:
 
 
 STRIPPED_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
+PROXY_KEY_ENV = "CLAUDE_PROXY_API_KEY"
 
 
 def cli_env(config: Config, request: Optional[ChatRequest] = None,
             base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The child's environment: ours, minus API keys that would bill per token."""
+    """The child's environment: ours, minus API keys that would bill per token and the
+    proxy's own key, which is no business of the CLI's (nor of what it runs)."""
     env = dict(os.environ if base is None else base)
     if not config.allow_api_key:
         for name in STRIPPED_ENV:
             env.pop(name, None)
+    env.pop(PROXY_KEY_ENV, None)
     env.pop("CLAUDECODE", None)  # set when we run inside Claude Code; the child is not nested
     env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
     if request is not None and request.max_tokens is not None:
@@ -979,6 +1029,85 @@ def process_exists(pid: int) -> bool:
     return True
 
 
+# The lifeline's whole program (see Lifeline). It runs as `python -I -S -c`: no site, no user paths.
+LIFELINE_SOURCE = r"""
+import os, signal
+groups, pending = set(), b""
+while True:
+    data = os.read(0, 4096)
+    if not data:
+        break
+    *lines, pending = (pending + data).split(b"\n")
+    for line in lines:
+        (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class Lifeline:
+    """Ties the life of every `claude` child to the proxy's, however the proxy ends (kill -9 too).
+
+    A small process of its own learns each child's process group on a pipe (+PGID
+    when it starts, -PGID before it is reaped, so a reused pid is never named) and
+    kills every group still listed when the pipe reaches end-of-file, which the
+    kernel brings about when the proxy dies. It works alike on Linux and macOS.
+    PR_SET_PDEATHSIG would not do: it is Linux-only and fires when the *thread*
+    that started the child exits (request threads do); a preexec_fn is unsafe in a
+    threaded server. A child costs two short writes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: Optional[subprocess.Popen] = None
+        try:
+            # A session of its own: a Ctrl-C meant for the proxy must not end it first.
+            self._process = subprocess.Popen([sys.executable, "-I", "-S", "-c", LIFELINE_SOURCE],
+                                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                             start_new_session=True)
+        except OSError as error:
+            log.warning("children will outlive the proxy if it is killed: no lifeline (%s)", error)
+
+    def hold(self, group: int) -> None:
+        self._send(b"+%d\n" % group)
+
+    def drop(self, group: int) -> None:
+        self._send(b"-%d\n" % group)
+
+    def close(self) -> None:
+        """End the lifeline (it kills any group still held); the proxy's own shutdown is done."""
+        with self._lock:
+            self._end()
+
+    def _send(self, line: bytes) -> None:
+        with self._lock:
+            if self._process is None:
+                return
+            try:
+                os.write(self._process.stdin.fileno(), line)  # shorter than PIPE_BUF: one atomic write
+            except OSError as error:
+                log.warning("children will outlive the proxy if it is killed: the lifeline "
+                            "(pid %d) is gone (%s)", self._process.pid, error)
+                self._end()
+
+    def _end(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(5.0)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class ClaudeProcess:
     """One `claude -p` child in its own process group and throwaway directory.
 
@@ -989,8 +1118,9 @@ class ClaudeProcess:
     """
 
     STDERR_TAIL = 4096
+    KILL_WAIT = 5.0  # how long terminate() waits for a killed child to go; one stuck in the kernel stays
 
-    def __init__(self, launch: Launch) -> None:
+    def __init__(self, launch: Launch, lifeline: Optional[Lifeline] = None) -> None:
         self.workdir = new_workdir()
         try:
             for name, text in launch.files:
@@ -1004,6 +1134,9 @@ class ClaudeProcess:
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise
         self.pid = self.popen.pid
+        self.lifeline = lifeline
+        if lifeline is not None:
+            lifeline.hold(self.pid)  # its group is named after it
         self.last_output = time.monotonic()
         self.stderr_tail = b""
         self._unsent = memoryview(b"")
@@ -1138,7 +1271,13 @@ class ClaudeProcess:
             os.killpg(self.pid, signal.SIGKILL)  # the leader is not reaped yet: its pid is still ours
         except (ProcessLookupError, PermissionError):
             pass
-        self.popen.wait()
+        if self.lifeline is not None:
+            self.lifeline.drop(self.pid)  # before the reap frees the pid for another process
+        try:
+            self.popen.wait(self.KILL_WAIT)
+        except subprocess.TimeoutExpired:  # never hang a request or the shutdown on it
+            log.error("claude pid %d did not exit within %g s of SIGKILL; left behind",
+                      self.pid, self.KILL_WAIT)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _exited(self) -> bool:
@@ -1155,22 +1294,33 @@ class ClaudeProcess:
         return self.popen.poll() is not None  # no waitid (macOS): poll reaps
 
 
-def start_claude(launch: Launch) -> ClaudeProcess:
+def start_claude(launch: Launch, lifeline: Optional[Lifeline] = None) -> ClaudeProcess:
     """A new process for a request, or a 503 when the CLI cannot be started."""
     try:
-        return ClaudeProcess(launch)
+        return ClaudeProcess(launch, lifeline)
     except OSError as error:
         missing = isinstance(error, FileNotFoundError) and error.filename == launch.argv[0]
         raise ProxyError(503, "Could not start %s: %s" % (launch.argv[0], error),
                          code="claude_not_found" if missing else "cli_start_failed")
 
 
-class Warm:
-    """A pre-started process waiting on stdin, and the key it was started for."""
+def binary_identity(path: str) -> Optional[Tuple[int, int, int]]:
+    """What tells a replaced (upgraded) `claude` from the one a pre-started process runs:
+    installers write a new file, or point the symlink at one, and os.stat follows symlinks."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
-    def __init__(self, key: Launch, process: ClaudeProcess) -> None:
+
+class Warm:
+    """A pre-started process waiting on stdin, the key it was started for, and its binary."""
+
+    def __init__(self, key: Launch, process: ClaudeProcess, binary: Optional[Tuple[int, int, int]]) -> None:
         self.key = key
         self.process = process
+        self.binary = binary
         self.born = time.monotonic()
 
 
@@ -1191,9 +1341,10 @@ class WarmPool:
 
     CHECK_INTERVAL = 5.0  # how long a warm process that died by itself may stay unreaped
 
-    def __init__(self, size: int, ttl: float) -> None:
+    def __init__(self, size: int, ttl: float, lifeline: Optional[Lifeline] = None) -> None:
         self.size = max(0, size)
         self.ttl = ttl
+        self.lifeline = lifeline
         self.hits = 0
         self.misses = 0
         self._idle: List[Warm] = []  # oldest first
@@ -1209,27 +1360,29 @@ class WarmPool:
     # -- used by requests --------------------------------------------------------
 
     def take(self, key: Launch) -> Optional[ClaudeProcess]:
-        """A live process started for this launch, or None; a replacement is queued either way."""
+        """A live process started for this launch from the binary that is there now, or None;
+        a replacement is queued either way."""
         if not self.size:
             return None
+        binary = binary_identity(key.argv[0])
         found: Optional[ClaudeProcess] = None
-        dead: List[ClaudeProcess] = []
+        unfit: List[ClaudeProcess] = []
         with self._changed:
             if self._closed:
                 return None
             for warm in [warm for warm in self._idle if warm.key == key]:
                 self._idle.remove(warm)
-                if warm.process.alive():
+                if warm.binary == binary and warm.process.alive():
                     found = warm.process
                     break
-                dead.append(warm.process)
+                unfit.append(warm.process)
             if found is None:
                 self.misses += 1
             else:
                 self.hits += 1
             self._want(key)
-        for process in dead:
-            process.close()  # died while waiting; the request starts a new one instead
+        for process in unfit:
+            process.close()  # died while waiting, or runs a replaced claude; the request starts anew
         return found
 
     def prewarm(self, key: Launch) -> None:
@@ -1320,13 +1473,14 @@ class WarmPool:
 
     def _start(self, key: Launch) -> None:
         process: Optional[ClaudeProcess] = None
+        binary = binary_identity(key.argv[0])  # before the start: a later replacement counts as one
         try:
-            process = start_claude(key)
+            process = start_claude(key, self.lifeline)
         except ProxyError as error:
             log.warning("nothing pre-started: %s", error.message)
         with self._changed:
             if process is not None and not self._closed:
-                self._idle.append(Warm(key, process))
+                self._idle.append(Warm(key, process, binary))
                 return
         if process is not None:
             process.close()  # the pool closed while it started
@@ -2900,7 +3054,8 @@ class ProxyServer(ThreadingHTTPServer):
         abandoned = remove_abandoned_workdirs()
         if abandoned:
             log.info("removed %d working directories left by proxies that did not exit cleanly", abandoned)
-        self.pool = WarmPool(config.pool_size, config.pool_ttl)
+        self.lifeline = Lifeline()
+        self.pool = WarmPool(config.pool_size, config.pool_ttl, self.lifeline)
         self._prewarm_default()
 
     def server_bind(self) -> None:
@@ -2989,7 +3144,7 @@ class ProxyServer(ThreadingHTTPServer):
         process = self.pool.take(launch)
         warm = process is not None
         if process is None:
-            process = start_claude(launch)
+            process = start_claude(launch, self.lifeline)
         with self._lock:
             if not self._closing:
                 self._children[process.pid] = process
@@ -3026,6 +3181,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.pool.close()
         for process in children:
             process.terminate()  # its request's thread still reads it, and closes it
+        self.lifeline.close()
 
     # -- status ----------------------------------------------------------------
 
@@ -3096,14 +3252,24 @@ LOG_FILE_BYTES = 10 * MIB
 LOG_FILE_BACKUPS = 3
 
 
+class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log whose every file is the owner's alone: it names models, clients and
+    errors, and whatever the umask says, other users have no business reading it."""
+
+    def _open(self) -> Any:  # the one place RotatingFileHandler opens a file, at start and rotation
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # a file an older version left readable
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def log_handler(log_file: str, max_bytes: int = LOG_FILE_BYTES) -> logging.Handler:
     """stderr, or a file that rotates by size: launchd never rotates what it captures."""
     if not log_file:
         return logging.StreamHandler(sys.stderr)
     path = os.path.expanduser(log_file)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    return logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes,
-                                                backupCount=LOG_FILE_BACKUPS, encoding="utf-8")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    return PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=LOG_FILE_BACKUPS,
+                                      encoding="utf-8")
 
 
 def setup_logging(config: Config) -> None:
@@ -3203,15 +3369,17 @@ class System:
         return os.path.exists(path)
 
     def write(self, path: str, data: bytes) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        # Owner-only: the service's flags may hold its --api-key.
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        # Owner-only, like everything install writes: the API key file above all.
         fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(path + ".tmp", path)
 
     def makedirs(self, path: str) -> None:
-        os.makedirs(path, exist_ok=True)
+        """An owner-only directory (the service's logs go there)."""
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
 
     def remove(self, path: str) -> None:
         os.unlink(path)
@@ -3220,12 +3388,18 @@ class System:
 # -- what install and uninstall do, step by step, so --dry-run can show it ---
 
 class WriteFile:
-    def __init__(self, path: str, data: bytes) -> None:
+    """A file, owner-only; a `secret` one's content is never printed, not even by --dry-run."""
+
+    def __init__(self, path: str, data: bytes, secret: bool = False) -> None:
         self.path = path
         self.data = data
+        self.secret = secret
 
     def describe(self) -> str:
         return "write %s" % self.path
+
+    def shown(self) -> str:
+        return "(the API key)" if self.secret else self.data.decode("utf-8").rstrip("\n")
 
     def apply(self, system: System) -> None:
         system.write(self.path, self.data)
@@ -3304,10 +3478,18 @@ def perform(system: System, actions: List[Action], dry_run: bool) -> None:
         if dry_run:
             print("would " + action.describe())
             if isinstance(action, WriteFile):
-                print("    " + action.data.decode("utf-8").rstrip("\n").replace("\n", "\n    "))
+                print("    " + action.shown().replace("\n", "\n    "))
         else:
             print(action.describe())
-            action.apply(system)
+            apply_action(system, action)
+
+
+def apply_action(system: System, action: Action) -> None:
+    """One step; a file that cannot be written (a read-only home, say) stops it with a FAIL line."""
+    try:
+        action.apply(system)
+    except OSError as error:
+        raise ServiceError("could not %s: %s" % (action.describe(), error))
 
 
 # -- what the service runs -------------------------------------------------
@@ -3343,6 +3525,21 @@ def with_setting(config: Config, **values: Any) -> Config:
     return Config(**dict(vars(config), **values))
 
 
+API_KEY_FILE = "api-key"
+
+
+def key_to_file(config: Config, key_path: str) -> Tuple[Config, List[Action]]:
+    """The service's settings with its API key moved into an owner-only file, and the step that
+    writes it. On the command line the key would show in `ps` to every local user, and in the
+    service's file it would show in every --dry-run and every pasted plist or unit."""
+    if config.api_key and config.api_key_file:
+        raise ServiceError("give --api-key or --api-key-file, not both")
+    if not config.api_key:
+        return config, []
+    return (with_setting(config, api_key="", api_key_file=key_path),
+            [WriteFile(key_path, (config.api_key + "\n").encode("utf-8"), secret=True)])
+
+
 class LaunchAgent:
     """macOS: a LaunchAgent in ~/Library/LaunchAgents, loaded into the login session."""
 
@@ -3352,6 +3549,8 @@ class LaunchAgent:
         self.system = system
         self.path = os.path.join(system.home, "Library", "LaunchAgents", SERVICE_LABEL + ".plist")
         self.logs = os.path.join(system.home, "Library", "Logs", "claude-max-api")
+        self.key_path = os.path.join(system.home, "Library", "Application Support", "claude-max-api",
+                                     API_KEY_FILE)
         self.domain = "gui/%d" % system.uid
         self.service = "%s/%s" % (self.domain, SERVICE_LABEL)
         self.logs_hint = "the logs in %s" % self.logs
@@ -3433,6 +3632,7 @@ class SystemdUnit:
         self.system = system
         config_home = system.environ.get("XDG_CONFIG_HOME") or os.path.join(system.home, ".config")
         self.path = os.path.join(config_home, "systemd", "user", SYSTEMD_UNIT)
+        self.key_path = os.path.join(config_home, "claude-max-api", API_KEY_FILE)
         self.logs_hint = "`journalctl --user -u %s`" % SYSTEMD_UNIT
 
     def render(self, config: Config, claude: Optional[str]) -> bytes:
@@ -3567,6 +3767,12 @@ def describe_limits(health: Dict[str, Any]) -> List[str]:
 
 # -- the commands --------------------------------------------------------------
 
+def removal_actions(system: System, manager: ServiceManager) -> List[Action]:
+    """What uninstall does: the manager's steps, and the key file when install wrote one."""
+    key = [RemoveFile(manager.key_path)] if system.exists(manager.key_path) else []
+    return manager.uninstall_actions() + key
+
+
 def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_WAIT) -> int:
     manager = required_manager(system)
     config = with_absolute_paths(config)
@@ -3578,15 +3784,16 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
     if problem:  # found before anything is written, so a failed install leaves nothing behind
         raise ServiceError("cannot install the %s: %s. Nothing was written." % (manager.kind, problem))
     fresh = not system.exists(manager.path)
+    config, key_actions = key_to_file(config, manager.key_path)
     try:
-        perform(system, manager.install_actions(config, claude), dry_run)
+        perform(system, key_actions + manager.install_actions(config, claude), dry_run)
     except ServiceError as error:
         if not fresh:
             raise ServiceError("%s. The new %s stays in %s: fix the cause and install again, or uninstall."
                                % (error, manager.kind, manager.path))
-        for action in manager.uninstall_actions():  # a new install that failed leaves nothing to start
+        for action in removal_actions(system, manager):  # a new install that failed leaves nothing
             try:
-                action.apply(system)
+                apply_action(system, action)
             except ServiceError:
                 pass
         raise ServiceError("%s. %s is removed again." % (error, manager.path))
@@ -3605,10 +3812,11 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
 
 def with_absolute_paths(config: Config) -> Config:
     """A service starts in /, so paths given relative to here must be made absolute."""
-    claude_bin, log_file = config.claude_bin, config.log_file
-    return with_setting(config,
-                        claude_bin=os.path.abspath(claude_bin) if os.sep in claude_bin else claude_bin,
-                        log_file=os.path.abspath(log_file) if log_file else log_file)
+    claude_bin = config.claude_bin
+    absolute = {name: os.path.abspath(getattr(config, name))
+                for name in ("log_file", "api_key_file") if getattr(config, name)}
+    return with_setting(config, claude_bin=os.path.abspath(claude_bin) if os.sep in claude_bin
+                        else claude_bin, **absolute)
 
 
 def uninstall(system: System, dry_run: bool) -> int:
@@ -3616,7 +3824,7 @@ def uninstall(system: System, dry_run: bool) -> int:
     if not system.exists(manager.path):
         print("nothing to uninstall: %s does not exist" % manager.path)
         return 0
-    perform(system, manager.uninstall_actions(), dry_run)
+    perform(system, removal_actions(system, manager), dry_run)
     if isinstance(manager, LaunchAgent):
         print("the logs stay in %s" % manager.logs)
     return 0
@@ -3804,6 +4012,11 @@ def main(argv: Optional[List[str]] = None, system: Optional[System] = None) -> i
             print("FAIL  %s" % error)
             return 1
     setup_logging(config)
+    try:
+        load_api_key_file(config)
+    except (OSError, ValueError) as error:
+        log.error("cannot read --api-key-file: %s", error)
+        return 1
     try:
         return serve(config)
     except OSError as error:

@@ -19,6 +19,7 @@ import base64
 import contextlib
 import copy
 import errno
+import fcntl
 import http.client
 import io
 import json
@@ -29,6 +30,7 @@ import platform
 import plistlib
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -39,8 +41,9 @@ import threading
 import time
 import unittest
 import warnings
+from unittest import mock
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import claude_max_proxy as proxy
 
@@ -223,7 +226,7 @@ def recorded_events(name: str) -> List[Dict[str, Any]]:
 # test wrote into $FAKE_CLAUDE_SCRIPTS. Every event it prints is a recorded
 # event with only its text, model, stop reason or usage changed.
 FAKE_CLAUDE = r'''
-import copy, json, os, re, subprocess, sys, time
+import copy, fcntl, json, os, re, subprocess, sys, time
 
 ARGV = sys.argv[1:]
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -254,8 +257,17 @@ def flag(name):
     return ARGV[i + 1] if i + 1 < len(ARGV) else ""
 
 
-record = {"pid": os.getpid(), "argv": ARGV, "cwd": os.getcwd(), "env": dict(os.environ),
-          "spawned": time.time()}
+def life_lock(name):
+    """An open file with an exclusive flock on it: the lock lasts as long as some process holds the
+    file open, so tests see a process exit without /proc or ps (see exited() below)."""
+    fd = os.open(os.path.join(os.environ["FAKE_CLAUDE_LOG"], name), os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+LIFE = life_lock("%d.lock" % os.getpid())
+record = {"pid": os.getpid(), "ppid": os.getppid(), "argv": ARGV, "cwd": os.getcwd(),
+          "env": dict(os.environ), "spawned": time.time()}
 if flag("--system-prompt-file") is not None:
     with open(flag("--system-prompt-file")) as f:  # relative to the directory it runs in
         record["system_prompt"] = f.read()
@@ -354,7 +366,12 @@ if text is None:
 stop_reason = spec.get("stop_reason", "end_turn")
 
 if spec.get("grandchild"):
-    child = subprocess.Popen(["sleep", "300"])
+    # The grandchild inherits a locked file, renamed after its pid once that is known.
+    lock = life_lock("%d-grandchild.lock" % os.getpid())
+    child = subprocess.Popen(["sleep", "300"], pass_fds=[lock])
+    os.close(lock)
+    os.replace(os.path.join(os.environ["FAKE_CLAUDE_LOG"], "%d-grandchild.lock" % os.getpid()),
+               os.path.join(os.environ["FAKE_CLAUDE_LOG"], "%d.lock" % child.pid))
     save(grandchild=child.pid)
 init = stamp(t["init"])
 init["model"] = model
@@ -536,37 +553,69 @@ def reaped(pid: int) -> bool:
     return False
 
 
-def pid_gone(pid: int) -> bool:
-    """True once this pid is reaped (or a zombie that is not ours to reap), within 5 s."""
-    return bool(wait_until(lambda: reaped(pid) or is_zombie_of_other(pid)))
+def exited(pid: int) -> bool:
+    """True once the fake claude (or its grandchild) with this pid has exited.
 
-
-def process_state(pid: int) -> Optional[Tuple[str, int]]:
-    """This pid's state letter and parent pid from /proc, or None once it is gone."""
+    Each holds a flock on FAKE_CLAUDE_LOG/PID.lock for its whole life, and the kernel
+    drops it when the process exits, zombie or not: no /proc, no ps (macOS has no
+    /proc, and Linux's ps reads it), no confusion with a reused pid."""
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return fields[0], int(fields[1])
+        fd = os.open(os.path.join(FAKE.log_dir, "%d.lock" % pid), os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # releases the lock if it was ours
+    return True
+
+
+def pid_gone(pid: int) -> bool:
+    """True once this fake claude or grandchild has exited, within 5 s. A child of this very
+    process (the fake under a RunningServer) must also have been reaped: no zombie left."""
+    ours = any(run["pid"] == pid and run["ppid"] == os.getpid() for run in FAKE.runs())
+    return bool(wait_until(lambda: exited(pid) and (not ours or reaped(pid))))
 
 
 def exit_finished(pid: int) -> bool:
-    """True once this pid is a zombie or gone: its exit is complete, so its parent's wait sees it.
+    """True once this child of ours is a zombie or gone, so that its parent's wait sees it.
 
-    A dying process's command line reads empty before that, while the kernel is
-    still tearing it down."""
-    state = process_state(pid)
-    return state is None or state[0] == "Z"
+    Its lock goes a moment before that, while the kernel still tears it down."""
+    if hasattr(os, "waitid"):  # Linux; macOS from Python 3.13
+        try:
+            return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+    return exited(pid)  # macOS before 3.13: the lock is the nearest sign there is
 
 
-def is_zombie_of_other(pid: int) -> bool:
-    """A zombie that is not our child is init's to reap; for us it is gone."""
-    state = process_state(pid)
-    return state is not None and state[0] == "Z" and state[1] != os.getpid()
+class ErrorRecords(logging.Handler):
+    """Every ERROR (or worse) record of the proxy's logger, kept until a check takes it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.setFormatter(logging.Formatter("%(levelname)s %(message)s (%(threadName)s, %(module)s "
+                                            "line %(lineno)d)"))
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)  # handle() holds self.lock
+
+    def take(self, pattern: str = "") -> List[str]:
+        """Remove the records whose message matches `pattern` (all by default); their text."""
+        self.acquire()
+        try:
+            taken = [r for r in self.records if re.search(pattern, r.getMessage())]
+            self.records = [r for r in self.records if r not in taken]
+        finally:
+            self.release()
+        return [self.format(record) for record in taken]
 
 
 FAKE: FakeClaude
+ERRORS = ErrorRecords()
 
 
 def setUpModule() -> None:
@@ -576,11 +625,41 @@ def setUpModule() -> None:
     # A key in the proxy's environment must never reach the child (unless allowed).
     os.environ["ANTHROPIC_API_KEY"] = "sk-ant-test-must-not-leak"
     os.environ["ANTHROPIC_AUTH_TOKEN"] = "token-must-not-leak"
-    logging.getLogger("claude_max_proxy").setLevel(logging.CRITICAL)
+    # Below ERROR the proxy is quiet here (assertLogs still sees what a test asks for); an ERROR
+    # fails the test it happened in (TestCase), or the run when no test was going on.
+    logger = logging.getLogger("claude_max_proxy")
+    logger.setLevel(logging.ERROR)
+    logger.propagate = False
+    logger.addHandler(ERRORS)
 
 
 def tearDownModule() -> None:
     shutil.rmtree(FAKE.dir, ignore_errors=True)
+    logging.getLogger("claude_max_proxy").removeHandler(ERRORS)
+    check_error_log("after the last test")
+
+
+def check_error_log(when: str) -> None:
+    unexpected = ERRORS.take()
+    if unexpected:
+        raise AssertionError("the proxy logged %d unexpected ERROR record(s) %s:\n%s"
+                             % (len(unexpected), when, "\n".join(unexpected)))
+
+
+class TestCase(unittest.TestCase):
+    """A test that fails when the proxy logs an ERROR it did not expect (see expect_error_log).
+
+    A record logged by a server thread just after a test ended shows up in the next one."""
+
+    def setUp(self) -> None:
+        self.addCleanup(check_error_log, "during (or just before) this test")
+
+    @contextlib.contextmanager
+    def expect_error_log(self, pattern: str) -> Iterator[None]:
+        """The block must make the proxy log an ERROR matching `pattern` (within 5 s of its end)."""
+        yield
+        self.assertTrue(wait_until(lambda: ERRORS.take(pattern)),
+                        "no ERROR log record matching %r" % pattern)
 
 
 class RunningServer:
@@ -647,7 +726,7 @@ def stream_text(response: Response, field: str = "content") -> str:
     return "".join(c["choices"][0]["delta"].get(field) or "" for c in response.chunks() if c.get("choices"))
 
 
-class ProxyTest(unittest.TestCase):
+class ProxyTest(TestCase):
     """Base: one server per class, settings in `settings`, and HTTP helpers."""
 
     settings: Dict[str, Any] = {"retry_budget": 0.6, "idle_timeout": 10.0, "timeout": 30.0}
@@ -661,6 +740,7 @@ class ProxyTest(unittest.TestCase):
         cls.running.stop()
 
     def setUp(self) -> None:
+        super().setUp()
         self.config = self.running.server.config
         self.saved_config = dict(vars(self.config))
 
@@ -715,7 +795,7 @@ def user(text: str) -> Dict[str, Any]:
     return {"role": "user", "content": text}
 
 
-class ModelTest(unittest.TestCase):
+class ModelTest(TestCase):
     def test_table_ids_aliases_and_prefixes_map_to_cli_aliases(self) -> None:
         for name, alias in [("claude-opus-4", "opus"), ("claude-sonnet-4", "sonnet"),
                             ("claude-haiku-4", "haiku"), ("opus", "opus"), ("HAIKU", "haiku"),
@@ -743,7 +823,7 @@ class ModelTest(unittest.TestCase):
         self.assertIsNone(proxy.find_model("opus"))
 
 
-class RequestTranslationTest(unittest.TestCase):
+class RequestTranslationTest(TestCase):
     def parse(self, body: Any) -> proxy.ChatRequest:
         return proxy.parse_chat_request(body, config())
 
@@ -846,7 +926,7 @@ class RequestTranslationTest(unittest.TestCase):
         self.assertEqual(proxy.cli_env(config(allow_api_key=True), base=base)["ANTHROPIC_API_KEY"], "k")
 
 
-class ResponseTranslationTest(unittest.TestCase):
+class ResponseTranslationTest(TestCase):
     def feed_all(self, name: str, reply: Optional[proxy.Reply] = None) -> Tuple[proxy.Reply, str]:
         reply = reply or proxy.Reply(retry_budget=20)
         text = ""
@@ -1065,11 +1145,14 @@ class RoutesTest(ProxyTest):
             sock.close()
 
     def test_json_nested_too_deep_to_write_out_again_is_a_400(self) -> None:
-        schema: Dict[str, Any] = {"type": "string"}
-        for _ in range(sys.getrecursionlimit() - 30):
-            schema = {"type": "array", "items": schema}
-        tool = {"type": "function", "function": {"name": "deep", "parameters": schema}}
-        self.assertError(self.say("hi", tools=[tool]), 400, "invalid_request_error", "invalid_json")
+        # Written as text: json.dumps of it here would itself run out of stack under a test
+        # runner (pytest, python -m unittest) deeper than `python3 test_proxy.py`.
+        depth = sys.getrecursionlimit() - 30
+        schema = '{"type": "array", "items": ' * depth + '{"type": "string"}' + "}" * depth
+        body = ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", '
+                '"function": {"name": "deep", "parameters": %s}}]}' % schema).encode()
+        response = self.request("POST", "/v1/chat/completions", body)
+        self.assertError(response, 400, "invalid_request_error", "invalid_json")
         nested: Any = []
         for _ in range(proxy.MAX_JSON_DEPTH - 1):
             nested = {"k": nested}
@@ -1964,7 +2047,7 @@ class Daemon:
                 os.unlink(path)
 
 
-class ShutdownTest(unittest.TestCase):
+class ShutdownTest(TestCase):
     def test_in_process_shutdown_kills_every_child(self) -> None:
         running = RunningServer()
         tag = marker()
@@ -2007,27 +2090,180 @@ class ShutdownTest(unittest.TestCase):
                 daemon.close()
 
 
+class WithoutWaitid:
+    """The os module as macOS shows it to Python before 3.13: no os.waitid."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "waitid":
+            raise AttributeError(name)
+        return getattr(os, name)
+
+
+class ChildLifeTest(TestCase):
+    """Children end with the proxy however it ends, and a child that will not end cannot hang it."""
+
+    def test_a_daemon_killed_with_sigkill_takes_its_running_and_waiting_children_along(self) -> None:
+        daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "2", "--default-model", "claude-fable")
+        try:
+            tag = marker()
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+            body = json.dumps({"messages": [user("[[fake:hang]] " + tag)]}).encode()
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            run = FAKE.run_for(tag, field="grandchild")  # silent: it never notices its stdout is gone
+            warm = warm_for(proxy.DEFAULT_SYSTEM_PROMPT, "fable")
+            daemon.process.kill()
+            daemon.process.wait()
+            for pid in (run["pid"], run["grandchild"], warm["pid"]):
+                self.assertTrue(pid_gone(pid), "pid %d outlived the killed proxy" % pid)
+            sock.close()
+        finally:
+            daemon.close()
+
+    def test_a_child_that_does_not_die_is_logged_and_left_behind_without_a_hang(self) -> None:
+        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "60"), tuple(os.environ.items()), ()))
+        self.addCleanup(process.popen.wait)
+        self.addCleanup(os.kill, process.pid, signal.SIGKILL)
+        closer = threading.Thread(target=process.close)
+        with mock.patch.object(proxy.os, "killpg"), mock.patch.object(process, "KILL_WAIT", 0.2), \
+                self.expect_error_log(r"claude pid %d did not exit" % process.pid):
+            closer.start()
+            closer.join(30)  # not a timing: without the bound close() never returns
+            self.assertFalse(closer.is_alive(), "close() hangs on a child that does not die")
+        self.assertIsNone(process.popen.returncode)
+        self.assertFalse(os.path.exists(process.workdir))
+
+    def test_without_os_waitid_the_child_is_watched_by_poll(self) -> None:
+        # The branch macOS takes (os.waitid arrived there in Python 3.13); poll() reaps.
+        reader = proxy.Launch((sys.executable, "-c", "import sys; sys.stdin.read()"),
+                              tuple(os.environ.items()), ())
+        with mock.patch.object(proxy, "os", WithoutWaitid()):
+            process = proxy.ClaudeProcess(reader)
+            self.assertTrue(process.alive())
+            process.popen.stdin.close()  # it reads to the end and exits 0
+            self.assertTrue(wait_until(lambda: not process.alive()))
+            self.assertEqual(process.popen.returncode, 0, "poll() reaped it")
+            self.assertEqual(process.close(), 0)
+        self.assertFalse(os.path.exists(process.workdir))
+
+
+class SecretsTest(TestCase):
+    """The proxy's API key stays out of `ps` and of the children; its log is the owner's alone."""
+
+    def test_the_proxys_own_key_never_reaches_the_cli(self) -> None:
+        base = {"CLAUDE_PROXY_API_KEY": "proxy-key", "HOME": "/h"}
+        self.assertNotIn("CLAUDE_PROXY_API_KEY", proxy.cli_env(config(allow_api_key=True), base=base))
+        running_server = RunningServer()
+        try:
+            tag = marker()
+            with mock.patch.dict(os.environ, {"CLAUDE_PROXY_API_KEY": "proxy-key"}):
+                self.assertEqual(post_chat(running_server.port, {"messages": [user(tag)]}).status, 200)
+            self.assertNotIn("CLAUDE_PROXY_API_KEY", FAKE.run_for(tag)["env"])
+        finally:
+            running_server.stop()
+
+    def test_the_key_is_read_from_the_api_key_file(self) -> None:
+        folder = tempfile.mkdtemp(prefix="proxy-key-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        key_path = os.path.join(folder, "api-key")
+        with open(key_path, "w") as f:
+            f.write("s3cret-from-file\n")
+        daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "0", "--api-key-file", key_path)
+        try:
+            self.assertEqual(http_request(daemon.port, "GET", "/v1/models").status, 401)
+            self.assertEqual(http_request(daemon.port, "GET", "/v1/models",
+                                          headers={"Authorization": "Bearer s3cret-from-file"}).status, 200)
+        finally:
+            daemon.close()
+        for settings, problem in (({"api_key": "k"}, "not both"), ({}, "holds no key")):
+            with open(key_path, "w") as f:
+                f.write("\n")
+            with self.assertRaisesRegex(ValueError, problem):
+                proxy.load_api_key_file(config(api_key_file=key_path, **settings))
+
+    def test_log_files_are_owner_only_from_the_start_and_after_rotation(self) -> None:
+        folder = tempfile.mkdtemp(prefix="proxy-logs-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        self.addCleanup(os.umask, os.umask(0o022))  # the usual umask: new files readable by all
+        path = os.path.join(folder, "proxy.log")
+        with open(path, "w") as f:
+            f.write("left by an older version\n")
+        os.chmod(path, 0o644)
+        handler = proxy.log_handler(path, max_bytes=2048)
+        logger = logging.getLogger("private-log-test")
+        logger.propagate = False
+        logger.addHandler(handler)
+        try:
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+            for number in range(100):
+                logger.warning("line %03d %s", number, "x" * 80)
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
+        names = sorted(os.listdir(folder))
+        self.assertEqual(names, ["proxy.log", "proxy.log.1", "proxy.log.2", "proxy.log.3"])
+        for name in names:
+            self.assertEqual(os.stat(os.path.join(folder, name)).st_mode & 0o777, 0o600, name)
+
+
+def remote_images(count: int) -> Dict[str, Any]:
+    return {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/%d.png" % i}} for i in range(count)]}]}
+
+
+class ImageBudgetTest(TestCase):
+    """With --fetch-images, one request may fetch only so many images and so many bytes."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.limits: List[int] = []
+
+    def fetch(self, size: int) -> Callable[[str, int], Tuple[str, bytes]]:
+        """A fetch of `size`-byte images that, like fetch_image, stops at the limit it is given."""
+        def fake(url: str, limit: int) -> Tuple[str, bytes]:
+            self.limits.append(limit)
+            if size > limit:
+                raise proxy.invalid("The image is larger than %d bytes." % limit, code="image_too_large")
+            return "image/png", b"\x89PNG" + b"x" * (size - 4)
+        return fake
+
+    def parse(self, body: Dict[str, Any], size: int) -> proxy.ChatRequest:
+        return proxy.parse_chat_request(body, config(fetch_images=True), fetch=self.fetch(size))
+
+    def test_a_request_may_fetch_at_most_the_image_count(self) -> None:
+        most = proxy.IMAGE_FETCH_MAX_COUNT
+        self.assertEqual(len(self.parse(remote_images(most), 100).content), most)
+        self.limits = []
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.parse(remote_images(most + 1), 100)
+        error = caught.exception
+        self.assertEqual((error.status, error.code), (400, "too_many_images"))
+        self.assertEqual(error.param, "messages[0].content[%d].image_url" % most)
+        self.assertEqual(len(self.limits), most, "nothing is fetched past the count")
+
+    def test_a_request_may_fetch_at_most_the_total_bytes_and_downloads_stop_there(self) -> None:
+        total, size = proxy.IMAGE_FETCH_TOTAL_LIMIT, 10 * proxy.MIB
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.parse(remote_images(3), size)
+        error = caught.exception
+        self.assertEqual((error.status, error.code), (400, "images_too_large"))
+        self.assertEqual(error.param, "messages[0].content[2].image_url")
+        self.assertEqual(self.limits, [proxy.IMAGE_FETCH_LIMIT, total - size, total - 2 * size],
+                         "each download may take only what the request has left")
+        self.limits = []
+        with self.assertRaises(proxy.ProxyError) as caught:  # one image alone keeps its own limit
+            self.parse(remote_images(1), proxy.IMAGE_FETCH_LIMIT + 1)
+        self.assertEqual(caught.exception.code, "image_too_large")
+
+
 def system(text: str) -> Dict[str, Any]:
     return {"role": "system", "content": text}
-
-
-def running(pid: int) -> bool:
-    """True while this pid is a fake claude that has not exited.
-
-    A zombie's command line reads empty, and so does a gone pid's; a reused
-    pid's names another program.
-    """
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return FAKE.path.encode() in f.read()
-    except OSError:
-        return False
 
 
 def waiting_runs(model: str) -> List[Dict[str, Any]]:
     """Fake claude processes for this --model that are alive and still wait for their message."""
     return [run for run in FAKE.runs()
-            if "stdin" not in run and argv_value(run["argv"], "--model") == model and running(run["pid"])]
+            if "stdin" not in run and argv_value(run["argv"], "--model") == model and not exited(run["pid"])]
 
 
 def warm_for(prompt: str, model: str = "sonnet",
@@ -2096,7 +2332,7 @@ class WarmPoolTest(ProxyTest):
         warm = warm_for(prompt)
         other_prompt, other_model = marker(), marker()
         self.chat(system(other_prompt), user(other_prompt))
-        self.assertTrue(running(warm["pid"]))
+        self.assertFalse(exited(warm["pid"]))
         self.assertNotIn("stdin", [run for run in FAKE.runs() if run["pid"] == warm["pid"]][0],
                          "another system prompt must not take this process")
         self.chat(system(prompt), user(other_model), model="claude-opus-4")
@@ -2186,6 +2422,25 @@ class WarmPoolTest(ProxyTest):
         finally:
             running_server.stop()
 
+    def test_a_warm_process_of_a_replaced_claude_is_not_handed_out(self) -> None:
+        folder = tempfile.mkdtemp(prefix="claude-upgrade-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        claude = os.path.join(folder, "claude")
+        os.symlink(os.path.join(FAKE.dir, "recorded.json"), os.path.join(folder, "recorded.json"))
+        shutil.copy(FAKE.path, claude)
+        running_server = own_server(pool_size=1, claude_bin=claude)
+        try:
+            warm = warm_for(proxy.DEFAULT_SYSTEM_PROMPT, OWN_MODEL, pooled_by=running_server)
+            shutil.copy(FAKE.path, claude + ".new")  # an upgrade writes a new file in its place
+            os.replace(claude + ".new", claude)
+            tag = marker()
+            self.assertEqual(post_chat(running_server.port, {"messages": [user(tag)]}).status, 200)
+            self.assertNotEqual(FAKE.run_for(tag)["pid"], warm["pid"], "the old binary answered")
+            self.assertTrue(pid_gone(warm["pid"]))
+            self.assertEqual((self.pool(running_server)["hits"], self.pool(running_server)["misses"]), (0, 1))
+        finally:
+            running_server.stop()
+
     def test_no_warm_process_outlives_the_server(self) -> None:
         running_server = own_server(pool_size=2)
         prompt = "You are pool test " + marker()
@@ -2200,7 +2455,7 @@ class WarmPoolTest(ProxyTest):
         self.assertEqual(running_server.server.health()["pool"]["size"], 0)
 
 
-class ConfigurationTest(unittest.TestCase):
+class ConfigurationTest(TestCase):
     def test_flags_take_defaults_from_the_environment(self) -> None:
         saved = dict(os.environ)
         try:
@@ -2285,7 +2540,7 @@ def parse(text: str, names: Tuple[str, ...] = ("get_weather", "get_time"), singl
     return run_parser(proxy.ToolCallParser(list(names), single), deltas)
 
 
-class ToolCallParserTest(unittest.TestCase):
+class ToolCallParserTest(TestCase):
     def test_text_before_the_block_passes_and_the_call_is_parsed(self) -> None:
         text, calls = parse('Let me look.\n<tool_calls>\n[{"name": "get_weather", '
                             '"arguments": {"city": "Paris"}}]\n</tool_calls>')
@@ -2375,7 +2630,7 @@ class ToolCallParserTest(unittest.TestCase):
         self.assertEqual([c["name"] for c in calls], ["get_time"])
 
 
-class StopFilterTest(unittest.TestCase):
+class StopFilterTest(TestCase):
     def run_filter(self, stops: List[str], deltas: List[str]) -> Tuple[str, bool]:
         stop = proxy.StopFilter(stops)
         out = "".join(stop.feed(d) for d in deltas)
@@ -2396,12 +2651,12 @@ class StopFilterTest(unittest.TestCase):
         self.assertEqual(stop.flush(), "EN")
 
 
-class AgentRequestTranslationTest(unittest.TestCase):
+class AgentRequestTranslationTest(TestCase):
     def parse(self, **body: Any) -> "proxy.ChatRequest":
         body.setdefault("messages", [user("hi")])
         return proxy.parse_chat_request(body, config(), fetch=self.fake_fetch)
 
-    def fake_fetch(self, url: str) -> Tuple[str, bytes]:
+    def fake_fetch(self, url: str, limit: int) -> Tuple[str, bytes]:
         return "image/png", b"\x89PNG fetched from " + url.encode()
 
     def rejects(self, param: str, **body: Any) -> "proxy.ProxyError":
@@ -2549,7 +2804,7 @@ class AgentRequestTranslationTest(unittest.TestCase):
         self.rejects("stop", stop=5)
 
 
-class ImageFetchTest(unittest.TestCase):
+class ImageFetchTest(TestCase):
     """fetch_image against a local server: refused as private, served when allowed."""
 
     @classmethod
@@ -2587,6 +2842,9 @@ class ImageFetchTest(unittest.TestCase):
     def test_an_allowed_address_is_fetched_with_its_media_type(self) -> None:
         media_type, raw = proxy.fetch_image(self.base + "/cat.png", allow=lambda address: True)
         self.assertEqual((media_type, raw), ("image/png", base64.b64decode(PNG_1PX)))
+        with self.assertRaises(proxy.ProxyError) as caught:  # the limit a request's budget leaves
+            proxy.fetch_image(self.base + "/cat.png", limit=10, allow=lambda address: True)
+        self.assertEqual(caught.exception.code, "image_too_large")
         with self.assertRaises(proxy.ProxyError) as caught:
             proxy.fetch_image(self.base + "/missing.png", allow=lambda address: True)
         self.assertIn("404", caught.exception.message)
@@ -2862,7 +3120,7 @@ def refusal(limits: "proxy.UsageLimits", no_extra_usage: bool = False) -> Option
     return None
 
 
-class UsageLimitsTest(unittest.TestCase):
+class UsageLimitsTest(TestCase):
     def test_recorded_reports_are_read(self) -> None:
         allowed = proxy.rate_limit_info(recorded_events("subscriber-rate-limit-event")[-2])
         self.assertEqual(allowed, proxy.LimitWindow("five_hour", "allowed", 1795651764.0, None, "allowed",
@@ -3138,7 +3396,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class ServiceTest(unittest.TestCase):
+class ServiceTest(TestCase):
     """Install, uninstall and status on both platforms, whatever this machine is."""
 
     @classmethod
@@ -3223,7 +3481,7 @@ class ServiceTest(unittest.TestCase):
 
     def test_linux_install_writes_the_unit_and_enables_it(self) -> None:
         system = self.fake("linux")
-        code, out = self.install(system, api_key="k$y%1")
+        code, out = self.install(system, cors="http://k$y%1")
         self.assertEqual(code, 0, out)
         unit_path = os.path.join(system.home, ".config/systemd/user/claude-max-api.service")
         with open(unit_path) as f:
@@ -3231,7 +3489,7 @@ class ServiceTest(unittest.TestCase):
         exec_start = [line for line in lines if line.startswith("ExecStart=")]
         self.assertEqual(exec_start, ['ExecStart=/usr/bin/python3 "/opt/claude max/claude_max_proxy.py"'
                                       ' --port %d --claude-bin %s' % (self.running.port, FAKE.path)
-                                      + " --api-key k$$y%%1"],  # systemd expands $ and % itself
+                                      + " --cors http://k$$y%%1"],  # systemd expands $ and % itself
                          "the path with a space is quoted")
         env_path = [line for line in lines if line.startswith("Environment=PATH=")]
         self.assertEqual(len(env_path), 1)
@@ -3314,6 +3572,45 @@ class ServiceTest(unittest.TestCase):
             unit = f.read()
         self.assertIn("--claude-bin %s " % FAKE.path, unit)
         self.assertIn("--log-file %s\n" % os.path.join(FAKE.dir, "proxy.log"), unit)
+
+    def test_install_keeps_the_api_key_in_an_owner_only_file_off_the_command_line(self) -> None:
+        for platform, key_file in (("darwin", "Library/Application Support/claude-max-api/api-key"),
+                                   ("linux", ".config/claude-max-api/api-key")):
+            system = self.fake(platform)
+            code, out = self.install(system, api_key="s3cret-key")
+            self.assertEqual(code, 0, out)
+            key_path = os.path.join(system.home, key_file)
+            with open(key_path) as f:
+                self.assertEqual(f.read(), "s3cret-key\n")
+            self.assertEqual(os.stat(key_path).st_mode & 0o077, 0, "the key file is the owner's alone")
+            service = proxy.service_manager(system).path
+            with open(service) as f:
+                written = f.read()
+            self.assertNotIn("s3cret", written + out)
+            argv = (plistlib.loads(written.encode())["ProgramArguments"] if platform == "darwin" else
+                    shlex.split(written.split("ExecStart=", 1)[1].split("\n", 1)[0]))
+            served = proxy.parse_command_line(argv[2:])[1]  # what the service will run with
+            self.assertEqual(served.api_key_file, key_path)
+            proxy.load_api_key_file(served)
+            self.assertEqual(served.api_key, "s3cret-key")
+            code, out = run_main("install", "--dry-run", "--api-key", "s3cret-key", system=self.fake(platform))
+            self.assertEqual(code, 0, out)
+            self.assertNotIn("s3cret", out)
+            self.assertIn("/api-key\n    (the API key)\n", out)
+            code, out = run_main("uninstall", system=system)
+            self.assertEqual(code, 0, out)
+            self.assertFalse(os.path.exists(key_path), "uninstall removes the key file")
+
+    def test_install_into_a_home_it_cannot_write_is_a_fail_line_not_a_traceback(self) -> None:
+        # A home that is a file can hold nothing, even for root (CI), whom permissions never stop.
+        for platform, flags in (("darwin", ()), ("linux", ("--api-key", "k"))):
+            system = self.fake(platform)
+            system.home = os.path.join(system.home, "a-file")
+            open(system.home, "w").close()
+            code, out = run_main("install", "--port", str(self.running.port), "--claude-bin", FAKE.path,
+                                 *flags, system=system)
+            self.assertEqual(code, 1, out)
+            self.assertRegex(out, r"FAIL  could not (create directory|write) %s/" % re.escape(system.home))
 
     def test_dry_run_writes_nothing_and_runs_nothing(self) -> None:
         for platform, shows in (("darwin", ["<key>ProgramArguments</key>", "<string>4567</string>",
@@ -3413,7 +3710,7 @@ class ServiceTest(unittest.TestCase):
         self.assertIn("answering: no", out)
 
 
-class DoctorTest(unittest.TestCase):
+class DoctorTest(TestCase):
     @classmethod
     def setUpClass(cls) -> None:
         cls.running = RunningServer()
@@ -3523,7 +3820,7 @@ class DoctorTest(unittest.TestCase):
                                 "every check still prints a line")
 
 
-class CommandLineTest(unittest.TestCase):
+class CommandLineTest(TestCase):
     def test_version_and_subcommand_help(self) -> None:
         script = os.path.join(HERE, "claude_max_proxy.py")
         done = subprocess.run([sys.executable, script, "--version"], capture_output=True, text=True)
@@ -4199,23 +4496,30 @@ def wait_for_warm(daemon: Daemon, pause: float) -> None:
     time.sleep(pause)
 
 
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+def ps_rows(*fields: str) -> List[List[str]]:
+    """Every process's `fields`, from ps, which has them on macOS and Linux alike."""
+    out = subprocess.run(["ps", "-A", "-o", ",".join(field + "=" for field in fields)],
+                         capture_output=True, text=True, check=True).stdout
+    return [line.split() for line in out.splitlines() if line.strip()]
+
+
+def rss_mb(pid: int) -> float:
+    return sum(int(rss) for found, rss in ps_rows("pid", "rss") if int(found) == pid) / 1024.0
 
 
 def children_rss_mb(pid: int) -> float:
-    children = set()
-    for task in os.listdir("/proc/%d/task" % pid):
-        try:
-            with open("/proc/%d/task/%s/children" % (pid, task)) as f:
-                children.update(int(child) for child in f.read().split())
-        except OSError:
-            pass  # a thread that ended meanwhile
-    return sum(rss_mb(child) for child in children)
+    """The RSS of this process's children, its lifeline (a python3 -I -S) left out."""
+    return sum(int(rss) for ppid, rss, *command in ps_rows("ppid", "rss", "command")
+               if int(ppid) == pid and command[1:3] != ["-I", "-S"]) / 1024.0
+
+
+def stop_for_peak_rss_mb(daemon: Daemon) -> float:
+    """Stop the daemon and return its peak RSS, as the kernel kept it (wait4's ru_maxrss)."""
+    daemon.process.send_signal(signal.SIGTERM)
+    _pid, status, usage = os.wait4(daemon.process.pid, 0)
+    daemon.process.returncode = os.waitstatus_to_exitcode(status)
+    daemon.close()
+    return usage.ru_maxrss / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)  # bytes there, KiB here
 
 
 def bench_overhead(rows: List[Tuple[str, str]], runs: int = 200) -> None:
@@ -4303,7 +4607,7 @@ def bench_load(rows: List[Tuple[str, str]], clients: int = 64, each: int = 5) ->
             results.append(stream_once(daemon.port, BENCH_BODY))
 
     def sample() -> None:
-        while not done.wait(0.02):
+        while not done.wait(0.05):
             peak[0] = max(peak[0], rss_mb(daemon.process.pid))
 
     try:
@@ -4320,9 +4624,9 @@ def bench_load(rows: List[Tuple[str, str]], clients: int = 64, each: int = 5) ->
         elapsed = time.perf_counter() - started
         done.set()
         sampler.join()
-        high_water = rss_mb(daemon.process.pid, "VmHWM")
+        high_water = stop_for_peak_rss_mb(daemon)
     finally:
-        daemon.stop()
+        daemon.close()
     errors = sum(not ok for _first, _total, ok in results) + clients * each - len(results)
     rows.append(("3. %d concurrent streaming clients x %d requests (fake CLI): requests/s"
                  % (clients, each), "%.0f" % (len(results) / elapsed)))
