@@ -35,6 +35,7 @@ import argparse
 import base64
 import binascii
 import errno
+import hashlib
 import http.client
 import hmac
 import io
@@ -284,6 +285,8 @@ MODELS: List[Tuple[str, str]] = [
     ("claude-fable", "fable"),
 ]
 MODEL_PREFIXES = ("openai/", "anthropic/", "claude-max/")
+# A full model id goes to the CLI's argv as it is: only what ids are made of, and not much of it.
+FULL_MODEL_ID = re.compile(r"^claude-[A-Za-z0-9._:\[\]-]{1,120}$", re.I)
 MODELS_CREATED = 1735689600  # 2025-01-01; the table has no real dates
 
 
@@ -297,11 +300,11 @@ def resolve_model(name: str, default: str) -> str:
     for model_id, alias in MODELS:
         if bare.lower() in (model_id, alias):
             return alias
-    if bare.lower().startswith("claude-"):
+    if FULL_MODEL_ID.match(bare):
         return bare  # a full id such as claude-sonnet-4-5-20250929: the CLI takes it as is
     raise ProxyError(
         400, "The model `%s` does not exist. Use one of: %s, or a full claude-* model id."
-        % (requested, ", ".join(model_id for model_id, _ in MODELS)),
+        % (requested[:200], ", ".join(model_id for model_id, _ in MODELS)),
         code="model_not_found", param="model")
 
 
@@ -317,265 +320,169 @@ def find_model(model_id: str) -> Optional[Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------
-# Request translation: OpenAI chat request -> CLI argv, environment and stdin
+# The native conversation
 # ---------------------------------------------------------------------------
+
+# Every door translates its request into one form, Anthropic's own: a system
+# prompt, messages of content blocks, and tools. Claude gets it as it is: the
+# earlier turns as a session transcript the CLI resumes (or a live process that
+# holds them already), the newest user turn on stdin, the client's tools as
+# real tools through an in-process MCP server. The upstream request is then a
+# real conversation, and each request extends the previous one, so the prompt
+# cache hits block by block every turn.
 
 DEFAULT_SYSTEM_PROMPT = ("You are Claude, a helpful AI assistant made by Anthropic. "
                          "Answer the user's messages directly.")
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
-# OpenAI's reasoning_effort -> Claude Code's --effort. "none" turns thinking off instead.
+DOCUMENT_TYPES = ("application/pdf",)
+# OpenAI's reasoning effort -> Claude Code's effort level. "none" turns thinking off instead.
 EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
            "xhigh": "xhigh", "max": "max"}
-# --json-schema needs turns to spare: the CLI asks Claude again when its
-# structured output is missing or does not match the schema.
-STRUCTURED_MAX_TURNS = 3
-# OpenAI request fields that change nothing here, listed so the debug log can
-# name the ones that are truly unknown.
-IGNORED_FIELDS = frozenset((
-    "temperature", "top_p", "frequency_penalty", "presence_penalty", "seed", "user", "metadata",
-    "logit_bias", "logprobs", "top_logprobs", "store", "service_tier", "prediction", "modalities",
-    "audio", "web_search_options", "prompt_cache_key", "safety_identifier", "verbosity",
-))
-HANDLED_FIELDS = frozenset((
-    "model", "messages", "stream", "stream_options", "n", "tools", "tool_choice",
-    "parallel_tool_calls", "functions", "function_call", "response_format", "max_tokens",
-    "max_completion_tokens", "stop", "reasoning_effort", "reasoning", "include_reasoning",
-))
 
 
-class ChatRequest:
-    """A validated chat request, reduced to what the CLI needs."""
+class Conversation(NamedTuple):
+    system: str
+    messages: List[Dict[str, Any]]  # {"role": "user" | "assistant", "content": [block, ...]}; roles alternate
+    tools: List[Dict[str, Any]]     # {"name", "description", "input_schema"}
 
-    def __init__(self, model: str, cli_model: str, system_prompt: str,
-                 content: List[Dict[str, Any]], stream: bool = False, include_usage: bool = False,
-                 tools: Optional[List[Dict[str, Any]]] = None, parallel_tool_calls: bool = True, legacy_functions: bool = False,
+
+class Turn:
+    """One answer Claude must give: the conversation, and how to generate the reply."""
+
+    def __init__(self, model: str, cli_model: str, conversation: Conversation,
+                 tool_choice: str = "auto", parallel_tool_calls: bool = True,
                  json_schema: Optional[Dict[str, Any]] = None, max_tokens: Optional[int] = None,
                  stops: Optional[List[str]] = None, effort: Optional[str] = None,
-                 thinking: bool = True, want_reasoning: bool = False) -> None:
+                 thinking: bool = True) -> None:
         self.model = model              # as the client named it; echoed in responses
         self.cli_model = cli_model      # what --model gets
-        self.system_prompt = system_prompt
-        self.content = content          # the user message blocks sent on stdin
-        self.stream = stream
-        self.include_usage = include_usage
-        self.tools = tools or []        # offered to Claude (empty when tool_choice is "none")
+        self.conversation = conversation
+        self.tool_choice = tool_choice  # "auto", "required", or the name of the tool to call
         self.parallel_tool_calls = parallel_tool_calls
-        self.legacy_functions = legacy_functions  # answer with function_call, not tool_calls
         self.json_schema = json_schema
         self.max_tokens = max_tokens
         self.stops = stops or []
         self.effort = effort
         self.thinking = thinking
-        self.want_reasoning = want_reasoning
+
+    @property
+    def system_prompt(self) -> str:
+        """The system prompt Claude gets: the client's, and a line for what the CLI cannot
+        force (it passes no tool_choice upstream), so that Claude is at least told."""
+        rules = []
+        if self.conversation.tools and self.tool_choice == "required":
+            rules.append("In this reply you must call at least one of the tools.")
+        elif self.conversation.tools and self.tool_choice != "auto":
+            rules.append("In this reply you must call the tool `%s`." % self.tool_choice)
+        if self.conversation.tools and not self.parallel_tool_calls:
+            rules.append("Call at most one tool per reply.")
+        return "\n\n".join([self.conversation.system] + rules)
 
 
-def parse_chat_request(body: Any, config: Config,
-                       fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None) -> ChatRequest:
-    """Validate an OpenAI chat completion body; raise ProxyError(400) naming the bad param.
+class MessageList:
+    """Builds native messages from a client's: consecutive messages of one role
+    become one message, and empty text is dropped (Anthropic refuses both).
 
-    `fetch` loads remote images (only with --fetch-images); tests pass a fake.
+    The result depends only on the messages so far, so a conversation that grows
+    by a turn keeps its earlier messages as they were: the prompt cache hits.
     """
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", code="invalid_type")
-    model = body.get("model") or ""
-    if not isinstance(model, str) or not model.isprintable():
-        raise invalid("`model` must be a string of printable characters.", "model", "invalid_type")
-    cli_model = resolve_model(model, config.default_model)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("`messages` must be a non-empty array.", "messages",
-                      "invalid_type" if not isinstance(messages, list) else "empty_array")
-    for index, message in enumerate(messages):
-        validate_message(message, index)
-    stream = optional_bool(body, "stream", False)
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise invalid("`stream_options` must be an object.", "stream_options", "invalid_type")
-    if body.get("n") not in (None, 1):
-        raise invalid("Only n=1 is supported: the Claude Code CLI gives one answer per request.",
-                      "n", "unsupported_value")
-    unknown = sorted(set(body) - HANDLED_FIELDS - IGNORED_FIELDS)
-    if unknown:
-        log.debug("ignoring request fields: %s", ", ".join(unknown))
-    tools, tool_choice, parallel, legacy = parse_tools(body)
-    json_schema = parse_response_format(body.get("response_format"))
-    if json_schema is not None and tools:
-        raise invalid("`response_format` with a JSON schema cannot be combined with `tools` here; "
-                      "send one or the other.", "response_format", "unsupported_value")
-    effort, thinking, asked = parse_reasoning(body)
-    max_tokens = parse_max_tokens(body)
-    load_image = image_loader(config, fetch or fetch_image)
-    return ChatRequest(
-        model=model or config.default_model,
-        cli_model=cli_model,
-        system_prompt=system_prompt_of(messages, tools, tool_choice, parallel),
-        content=prompt_content(messages, load_image),
-        stream=stream,
-        include_usage=bool(stream and options.get("include_usage")),
-        tools=tools, parallel_tool_calls=parallel,
-        legacy_functions=legacy, json_schema=json_schema, max_tokens=max_tokens,
-        stops=parse_stop(body.get("stop")), effort=effort,
-        # A small output cap must go to the visible answer, not to hidden thinking.
-        thinking=thinking and (max_tokens is None or asked),
-        # Thinking is shown unless hidden: agents kill a stream that goes quiet, and only
-        # non-empty deltas reset their watchdogs.
-        want_reasoning=asked or not (config.hide_reasoning or body.get("include_reasoning") is False),
-    )
+
+    def __init__(self) -> None:
+        self.messages: List[Dict[str, Any]] = []
+
+    def add(self, role: str, blocks: List[Dict[str, Any]]) -> None:
+        blocks = [b for b in blocks if b["type"] != "text" or b["text"].strip()]
+        if not blocks:
+            return
+        if not self.messages or self.messages[-1]["role"] != role:
+            self.messages.append({"role": role, "content": blocks})
+            return
+        content = self.messages[-1]["content"]
+        # Tool results answer the turn before, and must come first in a user message.
+        results = [b for b in blocks if b["type"] == "tool_result"]
+        first_other = next((i for i, b in enumerate(content) if b["type"] != "tool_result"), len(content))
+        content[first_other:first_other] = results
+        content.extend(b for b in blocks if b["type"] != "tool_result")
 
 
-def optional_bool(body: Dict[str, Any], name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid("`%s` must be a boolean." % name, name, "invalid_type")
-    return value
+def text_block(text: str) -> Dict[str, Any]:
+    return {"type": "text", "text": text}
 
 
-def validate_message(message: Any, index: int) -> None:
-    param = "messages[%d]" % index
-    if not isinstance(message, dict):
-        raise invalid("%s must be an object." % param, param, "invalid_type")
-    role = message.get("role")
-    if role not in ROLES:
-        raise invalid("%s.role must be one of %s; got %r." % (param, ", ".join(ROLES), role),
-                      param + ".role")
-    if role == "assistant":
-        validate_tool_calls(message.get("tool_calls"), param + ".tool_calls")
-    if role == "tool" and not isinstance(message.get("tool_call_id"), str) or \
-            role == "function" and not isinstance(message.get("name"), str):
-        field = "tool_call_id" if role == "tool" else "name"
-        raise invalid("%s.%s must name the call this result answers." % (param, field),
-                      "%s.%s" % (param, field), "invalid_type")
-    content = message.get("content")
-    if content is None and role == "assistant":
-        return
-    if isinstance(content, str):
-        return
-    if not isinstance(content, list):
-        raise invalid("%s.content must be a string or an array of content parts." % param,
-                      param + ".content", "invalid_type")
-    for part_index, part in enumerate(content):
-        validate_part(part, role, "%s.content[%d]" % (param, part_index))
+def tool_input(arguments: Any, param: str) -> Dict[str, Any]:
+    """A call's arguments as the object Anthropic's tool_use.input must be."""
+    if arguments is None or arguments == "":
+        return {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            raise invalid("%s is not valid JSON." % param, param, "invalid_tool_arguments")
+    if not isinstance(arguments, dict):
+        raise invalid("%s must be a JSON object." % param, param, "invalid_tool_arguments")
+    return arguments
 
 
-def validate_part(part: Any, role: str, param: str) -> None:
-    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-    if kind in ("text", "input_text"):
-        if not isinstance(part.get("text"), str):
-            raise invalid("%s.text must be a string." % param, param + ".text", "invalid_type")
-    elif kind == "image_url" and role == "user":
-        image = part.get("image_url")
-        url = image.get("url") if isinstance(image, dict) else image
-        if not isinstance(url, str):
-            raise invalid("%s.image_url.url must be a string." % param, param + ".image_url",
-                          "invalid_type")
-    else:
-        raise invalid("%s has unsupported content part type %r; text parts (and image_url parts "
-                      "in user messages) are supported." % (param, kind), param + ".type")
+# Anthropic takes tool ids of these characters only; a client's ids are mapped alike
+# wherever they stand, so calls and their results still pair up.
+UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+# Anthropic's rule for tool names (the CLI passes any name on, and the API would refuse it).
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def validate_tool_calls(calls: Any, param: str) -> None:
-    if calls is None:
-        return
-    if not isinstance(calls, list):
-        raise invalid("%s must be an array." % param, param, "invalid_type")
-    for index, call in enumerate(calls):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
-                or not isinstance(call.get("id", ""), str):
-            raise invalid("%s[%d] must be {\"id\", \"type\": \"function\", \"function\": "
-                          "{\"name\", \"arguments\"}}." % (param, index), "%s[%d]" % (param, index),
-                          "invalid_type")
+def tool_id(value: str) -> str:
+    return UNSAFE_ID_CHARS.sub("_", value) or "call"
 
 
-def parse_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, bool, bool]:
-    """(tools offered, tool choice, parallel calls allowed, legacy functions API)."""
-    legacy = body.get("tools") is None and body.get("functions") is not None
-    entries = body.get("functions") if legacy else body.get("tools")
-    param = "functions" if legacy else "tools"
-    if entries is None:
-        return [], "auto", True, False
-    if not isinstance(entries, list):
-        raise invalid("`%s` must be an array." % param, param, "invalid_type")
-    tools = []
-    for index, entry in enumerate(entries):
-        spec = entry if legacy else (entry.get("function") if isinstance(entry, dict)
-                                     and entry.get("type", "function") == "function" else None)
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
-            raise invalid("%s[%d] must be a function with a name." % (param, index),
-                          "%s[%d]" % (param, index), "invalid_type")
-        parameters = spec.get("parameters", {"type": "object", "properties": {}})
-        if not isinstance(parameters, dict):
-            raise invalid("%s[%d] parameters must be a JSON Schema object." % (param, index),
-                          "%s[%d].parameters" % (param, index), "invalid_type")
-        tools.append({"name": spec["name"], "description": spec.get("description") or "",
-                      "parameters": parameters})
-    choice = tool_choice_of(body.get("function_call" if legacy else "tool_choice"),
-                            [t["name"] for t in tools], "function_call" if legacy else "tool_choice")
-    if choice == "none":
-        tools = []  # not offered at all, so Claude cannot call them
-    parallel = not legacy and body.get("parallel_tool_calls") is not False
-    return tools, choice, parallel, legacy
+def native_tool(name: Any, description: Any, parameters: Any, param: str) -> Dict[str, Any]:
+    if not isinstance(name, str) or not TOOL_NAME.match(name):
+        raise invalid("%s.name must be 1 to 64 letters, digits, '_' or '-'." % param,
+                      param + ".name", "invalid_tool_name")
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+        raise invalid("%s.parameters must be a JSON Schema of an object." % param,
+                      param + ".parameters", "invalid_type")
+    return {"name": name, "description": description if isinstance(description, str) else "",
+            "input_schema": parameters}
 
 
-def tool_choice_of(choice: Any, names: List[str], param: str) -> str:
-    """"auto", "none", "required", or the name of the one tool that must be called."""
-    if choice is None:
-        return "auto"
-    if choice in ("auto", "none", "required"):
-        return choice
-    name = None
-    if isinstance(choice, dict):
-        function = choice.get("function")
-        name = function.get("name") if isinstance(function, dict) else choice.get("name")
-    if not isinstance(name, str):
-        raise invalid("`%s` must be \"auto\", \"none\", \"required\" or name a function." % param,
-                      param)
-    if name not in names:
-        raise invalid("`%s` names %r, which is not among the tools offered." % (param, name), param)
-    return name
+def tool_result_block(call_id: str, content: Any, is_error: bool = False) -> Dict[str, Any]:
+    """A tool result as the CLI builds one from an MCP result: content as a list of blocks,
+    keys in its order, so a resumed history and a live one send the same bytes."""
+    blocks = [text_block(content)] if isinstance(content, str) else content
+    result: Dict[str, Any] = {"tool_use_id": call_id, "type": "tool_result",
+                              "content": [b for b in blocks if b["type"] != "text" or b["text"]]}
+    if is_error:
+        result["is_error"] = True
+    return result
 
 
-def parse_response_format(response_format: Any) -> Optional[Dict[str, Any]]:
-    """The JSON schema the answer must match, or None for free text."""
-    if response_format is None:
-        return None
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return {"type": "object"}
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, dict) or schema.get("type", "object") != "object":
-            raise invalid("`response_format.json_schema.schema` must be a JSON Schema whose root is "
-                          "an object.", "response_format", "invalid_value")
-        return schema
-    raise invalid("`response_format.type` must be \"text\", \"json_object\" or \"json_schema\".",
-                  "response_format")
+def document_block(data_url: Any, param: str) -> Dict[str, Any]:
+    """A PDF sent as a data: URL, as the document block Claude reads."""
+    if not isinstance(data_url, str) or not data_url.startswith("data:"):
+        raise invalid("%s must hold a base64 data: URL of a PDF (uploaded file ids are not "
+                      "supported)." % param, param, "unsupported_file")
+    media_type, data = decode_data_url(data_url, param)
+    if media_type not in DOCUMENT_TYPES:
+        raise invalid("%s is %s; Claude reads documents of type %s." % (
+            param, media_type or "of unknown type", ", ".join(DOCUMENT_TYPES)), param, "unsupported_file")
+    return {"type": "document", "source": {"type": "base64", "media_type": media_type, "data": data}}
 
 
-def parse_reasoning(body: Dict[str, Any]) -> Tuple[Optional[str], bool, bool]:
-    """(--effort value, thinking on, reasoning asked for by the request)."""
-    effort = body.get("reasoning_effort")
-    reasoning = body.get("reasoning")
-    if effort is None and isinstance(reasoning, dict):
-        effort = reasoning.get("effort")  # the OpenRouter / LiteLLM spelling
+def parse_effort(effort: Any, param: str) -> Tuple[Optional[str], bool]:
+    """(effort level, thinking on) for an OpenAI reasoning effort; None leaves both as the CLI chooses."""
     if effort is None:
-        return None, True, body.get("include_reasoning") is True or isinstance(reasoning, dict)
+        return None, True
     if effort == "none":
-        return None, False, False
+        return None, False
     if not isinstance(effort, str) or effort not in EFFORTS:
-        raise invalid("`reasoning_effort` must be one of none, %s." % ", ".join(EFFORTS),
-                      "reasoning_effort")
-    return EFFORTS[effort], True, True
+        raise invalid("`%s` must be one of none, %s." % (param, ", ".join(EFFORTS)), param)
+    return EFFORTS[effort], True
 
 
-def parse_max_tokens(body: Dict[str, Any]) -> Optional[int]:
-    for name in ("max_completion_tokens", "max_tokens"):
+def parse_max_tokens(body: Dict[str, Any], names: Tuple[str, ...]) -> Optional[int]:
+    for name in names:
         value = body.get(name)
         if value is None:
             continue
@@ -585,149 +492,11 @@ def parse_max_tokens(body: Dict[str, Any]) -> Optional[int]:
     return None
 
 
-def parse_stop(stop: Any) -> List[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
-        raise invalid("`stop` must be a string or an array of up to 4 strings.", "stop")
-    return [s for s in stops if s]
-
-
-def text_of(content: Any) -> str:
-    """The text of an OpenAI message content: a string, null, or an array of parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content)
-
-
-def system_prompt_of(messages: List[Dict[str, Any]], tools: List[Dict[str, Any]],
-                     tool_choice: str, parallel: bool) -> str:
-    parts = [text_of(m.get("content")) for m in messages if m["role"] in ("system", "developer")]
-    joined = "\n\n".join(part for part in parts if part.strip()) or DEFAULT_SYSTEM_PROMPT
-    if tools:
-        joined += "\n\n" + tools_prompt(tools, tool_choice, parallel)
-    return joined
-
-
-TOOL_OPEN, TOOL_CLOSE = "<tool_calls>", "</tool_calls>"
-
-
-def tools_prompt(tools: List[Dict[str, Any]], tool_choice: str, parallel: bool) -> str:
-    """How Claude is told about the client's tools and how to call them.
-
-    Claude Code's own tool use is off, so calls travel as text in a block the
-    proxy parses out of the reply (see ToolCallParser).
-    """
-    if tool_choice == "required":
-        rule = "In this reply you must call at least one tool."
-    elif tool_choice != "auto":
-        rule = "In this reply you must call the tool `%s`." % tool_choice
-    else:
-        rule = "Call a tool when you need its result to answer well; otherwise answer directly."
-    if not parallel:
-        rule += " Call at most one tool per reply."
-    listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
-    return (
-        "# Tools\n\n"
-        "The user's application offers you these tools. It runs them itself, not you: when you call "
-        "one, your reply ends and the result comes back to you in the next message, inside "
-        "<tool_result> tags.\n\n"
-        "<tools>\n%s\n</tools>\n\n"
-        "To call tools, end your reply with exactly this block, and write nothing after it:\n\n"
-        "%s\n[{\"name\": \"tool_name\", \"arguments\": {\"parameter\": \"value\"}}]\n%s\n\n"
-        "The block holds a JSON array with one object per call. \"arguments\" is a JSON object that "
-        "matches the tool's parameters schema. Never write %s for any other purpose, and never make "
-        "up tool results. %s" % (listing, TOOL_OPEN, TOOL_CLOSE, TOOL_OPEN, rule))
-
-
-def prompt_content(messages: List[Dict[str, Any]],
-                   load_image: Callable[[Dict[str, Any], str], Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The content blocks of the one user message the CLI receives on stdin.
-
-    A single user turn is sent as it is. A longer conversation becomes one
-    transcript of the earlier turns, each inside tags naming its role, followed
-    by the newest user message; Claude then writes the next assistant turn.
-    Images stay where they were, as image blocks between the text.
-    """
-    indexed = [(i, m) for i, m in enumerate(messages) if m["role"] not in ("system", "developer")]
-    if not indexed:
-        raise invalid("`messages` holds only system messages; add a user message.", "messages")
-    final = indexed.pop() if indexed[-1][1]["role"] == "user" else None
-    blocks: List[Dict[str, Any]] = []
-    if indexed:
-        add_text(blocks, "Below is our conversation so far, oldest turn first. Reply to the latest "
-                         "message as the assistant; write only your reply, without role tags.\n\n"
-                         "<conversation>\n")
-        tool_names = {call.get("id"): call["function"]["name"] for _, m in indexed
-                      for call in m.get("tool_calls") or []}
-        for index, message in indexed:
-            render_turn(blocks, message, "messages[%d]" % index, tool_names, load_image)
-        add_text(blocks, "</conversation>")
-        if final is not None:
-            add_text(blocks, "\n\n")
-    if final is not None:
-        index, message = final
-        add_content(blocks, message.get("content"), "messages[%d]" % index, load_image)
-    return blocks or [{"type": "text", "text": ""}]
-
-
-def render_turn(blocks: List[Dict[str, Any]], message: Dict[str, Any], param: str,
-                tool_names: Dict[Any, str], load_image: Callable[..., Dict[str, Any]]) -> None:
-    role = message["role"]
-    if role in ("tool", "function"):
-        name = message.get("name") or tool_names.get(message.get("tool_call_id"), "")
-        attributes = ' name="%s"' % name
-        if role == "tool":
-            attributes = ' tool_call_id="%s"%s' % (message["tool_call_id"], attributes)
-        add_text(blocks, "<tool_result%s>\n%s\n</tool_result>\n"
-                 % (attributes, text_of(message.get("content"))))
-        return
-    add_text(blocks, "<%s>\n" % role)
-    add_content(blocks, message.get("content"), param, load_image)
-    calls = [{"name": c["function"]["name"], "arguments": arguments_of(c["function"])}
-             for c in message.get("tool_calls") or []]
-    if isinstance(message.get("function_call"), dict):
-        calls.append({"name": message["function_call"].get("name"),
-                      "arguments": arguments_of(message["function_call"])})
-    if calls:
-        add_text(blocks, "\n%s\n%s\n%s" % (TOOL_OPEN, json.dumps(calls, ensure_ascii=False), TOOL_CLOSE))
-    add_text(blocks, "\n</%s>\n" % role)
-
-
-def arguments_of(function: Dict[str, Any]) -> Any:
-    """A call's arguments as JSON, however the client spelled them."""
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        try:
-            return json.loads(arguments)
-        except ValueError:
-            return arguments
-    return arguments if arguments is not None else {}
-
-
-def add_content(blocks: List[Dict[str, Any]], content: Any, param: str,
-                load_image: Callable[[Dict[str, Any], str], Dict[str, Any]]) -> None:
-    if not isinstance(content, list):
-        add_text(blocks, text_of(content))
-        return
-    for index, part in enumerate(content):
-        if part.get("type") == "image_url":
-            blocks.append(load_image(part, "%s.content[%d]" % (param, index)))
-        else:
-            add_text(blocks, part.get("text", ""))
-
-
-def add_text(blocks: List[Dict[str, Any]], text: str) -> None:
-    """Append text, joining it to a text block just before it."""
-    if not text:
-        return
-    if blocks and blocks[-1]["type"] == "text":
-        blocks[-1]["text"] += text
-    else:
-        blocks.append({"type": "text", "text": text})
+def json_schema_of(schema: Any, param: str) -> Dict[str, Any]:
+    """A response schema as the CLI takes it: a JSON Schema whose root is an object."""
+    if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+        raise invalid("`%s` must be a JSON Schema whose root is an object." % param, param, "invalid_value")
+    return schema
 
 
 # What one request may make the proxy download with --fetch-images. The total bounds its memory
@@ -739,14 +508,15 @@ IMAGE_FETCH_LIMIT = 20 * MIB  # one image
 IMAGE_FETCH_TIMEOUT = 15.0
 
 
-def image_loader(config: Config, fetch: Callable[[str, int], Tuple[str, bytes]]
-                 ) -> Callable[[Dict[str, Any], str], Dict[str, Any]]:
-    """Turns one request's image parts into image blocks, in order; keeps the count and bytes fetched."""
+ImageLoader = Callable[[str, str], Dict[str, Any]]  # (URL, param) -> image block
+
+
+def image_loader(config: Config, fetch: Callable[[str, int], Tuple[str, bytes]]) -> ImageLoader:
+    """Turns one request's image URLs into image blocks, in order; keeps the count and bytes fetched."""
     fetched = [0, 0]  # images, bytes
 
-    def load(part: Dict[str, Any], param: str) -> Dict[str, Any]:
-        image = part["image_url"]
-        url = (image.get("url") if isinstance(image, dict) else image).strip()
+    def load(url: str, param: str) -> Dict[str, Any]:
+        url = url.strip()
         if url.startswith("data:"):
             media_type, data = decode_data_url(url, param)
         elif url.lower().startswith(("http://", "https://")):
@@ -883,55 +653,62 @@ def is_public_address(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+# ---------------------------------------------------------------------------
+# The conversation as the CLI takes it: argv, session transcript, stdin lines
+# ---------------------------------------------------------------------------
+
 class Launch(NamedTuple):
-    """Everything a `claude` process starts with. A pre-started process serves only
-    a request with an equal Launch: the rest of a request goes to it on stdin."""
+    """Everything a `claude` process starts with. A pre-started process serves only a
+    turn with an equal Launch: the rest of a turn goes to it on stdin."""
 
     argv: Tuple[str, ...]
     env: Tuple[Tuple[str, str], ...]
-    files: Tuple[Tuple[str, str], ...]  # (name, text) written into its directory first
+    session: Optional[Tuple[str, str]] = None  # (session id, transcript) it resumes
 
 
-# The system prompt goes in a file: one argument may hold only 128 KiB on Linux
-# (tool listings grow past that), and argv is visible to every user in `ps`.
-SYSTEM_PROMPT_FILE = "system-prompt.txt"
+# The client's tools are served by an in-process MCP server of this name; Claude may
+# call them (--allowedTools), and each call waits on the proxy, which answers it with
+# the result the client sends in its next request (see ToolBridge).
+MCP_SERVER = "proxy"
+# Each round of tool calls is a turn of the CLI's; an agent's loop must never run out.
+MAX_TURNS = 100000
 
 
-def cli_launch(claude: str, request: ChatRequest, config: Config) -> Launch:
-    return Launch(tuple(cli_argv(claude, request)),
-                  tuple(sorted(cli_env(config, request).items())),
-                  ((SYSTEM_PROMPT_FILE, request.system_prompt),))
-
-
-def cli_argv(claude: str, request: ChatRequest) -> List[str]:
-    """The argv of the child. Nothing from the request reaches a shell: argv is a list."""
+def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, Any]]) -> Launch:
+    """The process for a turn; `history` (the turns before its newest) is resumed from a transcript."""
     argv = [
         claude, "-p",
         "--input-format", "stream-json",
         "--output-format", "stream-json", "--verbose", "--include-partial-messages",
-        "--model", request.cli_model,
-        "--system-prompt-file", SYSTEM_PROMPT_FILE,  # relative: the child runs in its directory
-        # Claude Code's own tools (Bash, Read, Edit, web) must never run for a proxied prompt.
+        "--model", turn.cli_model,
+        # The prompt itself comes on stdin (initialize): argv is visible to every user in
+        # `ps`, and one argument may hold only 128 KiB on Linux.
+        "--system-prompt", "",
+        # Claude Code's own tools (Bash, Read, Edit, web) must never run for a proxied prompt;
+        # the client's tools are the only ones Claude sees.
         "--tools", "",
-        "--max-turns", str(STRUCTURED_MAX_TURNS if request.json_schema else 1),
+        "--allowedTools", "mcp__" + MCP_SERVER,
+        "--max-turns", str(MAX_TURNS),
         "--no-session-persistence",
         # Keep the user's hooks, settings and MCP servers out of proxied requests;
         # the login itself lives outside settings and still applies.
         "--setting-sources", "",
         "--strict-mcp-config",
     ]
-    if request.effort:
-        argv += ["--effort", request.effort]
-    if request.json_schema is not None:
-        argv += ["--json-schema", json.dumps(request.json_schema, separators=(",", ":"))]
-    return argv
+    session = None
+    if history:
+        transcript = session_transcript(history)
+        session_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "claude-max-proxy:" + transcript))
+        argv += ["--resume", session_id]
+        session = (session_id, transcript)
+    return Launch(tuple(argv), tuple(sorted(cli_env(config, turn).items())), session)
 
 
 STRIPPED_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
 PROXY_KEY_ENV = "CLAUDE_PROXY_API_KEY"
 
 
-def cli_env(config: Config, request: Optional[ChatRequest] = None,
+def cli_env(config: Config, turn: Optional[Turn] = None,
             base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """The child's environment: ours, minus API keys that would bill per token and the
     proxy's own key, which is no business of the CLI's (nor of what it runs)."""
@@ -942,17 +719,151 @@ def cli_env(config: Config, request: Optional[ChatRequest] = None,
     env.pop(PROXY_KEY_ENV, None)
     env.pop("CLAUDECODE", None)  # set when we run inside Claude Code; the child is not nested
     env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
-    if request is not None and request.max_tokens is not None:
-        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(request.max_tokens)
-    if request is not None and not request.thinking:
+    env["CLAUDE_AGENT_SDK_MCP_NO_PREFIX"] = "1"  # the client's tools go upstream under their own names
+    # Past the context window the CLI would summarize the client's conversation and go on
+    # with that: the client must hear that its prompt is too long instead.
+    env["DISABLE_AUTO_COMPACT"] = "1"
+    if turn is not None and not turn.thinking:
         env["MAX_THINKING_TOKENS"] = "0"
     return env
 
 
-def stdin_message(request: ChatRequest) -> bytes:
-    message = {"type": "user", "message": {"role": "user", "content": request.content},
-               "parent_tool_use_id": None}
+def session_transcript(messages: List[Dict[str, Any]]) -> str:
+    """Messages as the session file `claude --resume` reads: one JSON line each, chained by uuid.
+
+    Only what the CLI needs (type, uuid, parentUuid, timestamp, message; a message id
+    for assistants, without which it merges or drops them). Consecutive user messages
+    are one line already (MessageList), as the CLI would otherwise alter their text.
+    """
+    lines, parent = [], None
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    for index, message in enumerate(messages):
+        entry_id = str(uuid.UUID(int=index + 1))
+        body: Dict[str, Any] = {"role": message["role"], "content": message["content"]}
+        if message["role"] == "assistant":
+            body = dict({"id": "msg_%024d" % index}, **body)
+        lines.append(json.dumps({"parentUuid": parent, "type": message["role"], "uuid": entry_id,
+                                 "timestamp": stamp, "message": body}, ensure_ascii=False))
+        parent = entry_id
+    return "\n".join(lines) + "\n"
+
+
+def stdin_line(message: Dict[str, Any]) -> bytes:
     return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def user_line(content: List[Dict[str, Any]]) -> bytes:
+    """A user turn on stdin; content as a list of blocks, as a resumed history holds it too."""
+    return stdin_line({"type": "user", "message": {"role": "user", "content": content},
+                       "parent_tool_use_id": None})
+
+
+def control_line(request_id: str, request: Dict[str, Any]) -> bytes:
+    return stdin_line({"type": "control_request", "request_id": request_id, "request": request})
+
+
+def opening_lines(turn: Turn) -> bytes:
+    """What a new process is told before its first turn, through the Agent SDK's control
+    protocol: the system prompt and answer schema (initialize), the output cap and effort
+    (apply_flag_settings), and the client's tools (mcp_set_servers). So nothing of a turn
+    is in argv, and one pre-started process serves any of them."""
+    initialize: Dict[str, Any] = {"subtype": "initialize", "hooks": None, "systemPrompt": turn.system_prompt}
+    if turn.json_schema is not None:
+        initialize["jsonSchema"] = turn.json_schema
+    lines = [control_line("initialize", initialize)]
+    settings: Dict[str, Any] = {}
+    if turn.max_tokens is not None:
+        settings["env"] = {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(turn.max_tokens)}
+    if turn.effort is not None:
+        settings["effortLevel"] = turn.effort
+    if settings:
+        lines.append(control_line("settings", {"subtype": "apply_flag_settings", "settings": settings}))
+    if turn.conversation.tools:
+        lines.append(control_line("tools", {"subtype": "mcp_set_servers",
+                                            "servers": {MCP_SERVER: {"type": "sdk", "name": MCP_SERVER}}}))
+    return b"".join(lines)
+
+
+MCP_PROTOCOL_VERSION = "2025-11-25"
+TOOL_USE_ID_META = "claudecode/toolUseId"  # how a tools/call names the tool_use it runs
+
+
+class ToolBridge:
+    """The client's tools, served to a running CLI as an in-process MCP server.
+
+    The CLI asks for them through `control_request` lines of subtype mcp_message
+    (initialize, tools/list) and sends them upstream as they are. When Claude calls
+    one, the CLI sends tools/call and waits: answer() holds it until the client's next
+    request brings the result (give_results), so the same process goes on with the
+    same conversation. Control requests of any other kind are refused: nothing is
+    run here, and no permission is granted.
+    """
+
+    def __init__(self, tools: List[Dict[str, Any]]) -> None:
+        # The CLI drops every tool of a server when one schema lacks "type": "object".
+        self.listing = [{"name": t["name"], "description": t["description"],
+                         "inputSchema": dict(t["input_schema"], type="object")} for t in tools]
+        self.waiting: List[Dict[str, Any]] = []      # tools/call requests not answered yet
+        self.results: Dict[str, Dict[str, Any]] = {}  # tool_use id -> the client's tool_result
+
+    def answer(self, event: Dict[str, Any]) -> Optional[bytes]:
+        """The stdin line answering a control request of the CLI's, or None (not one, or held)."""
+        request = event.get("request")
+        if event.get("type") != "control_request" or not isinstance(request, dict):
+            return None
+        message = request.get("message")
+        if request.get("subtype") != "mcp_message" or not isinstance(message, dict):
+            return self._response(event, {"subtype": "error", "error": "not supported by claude-max-proxy"})
+        if message.get("method") == "tools/call":
+            self.waiting.append(event)
+            return self.give_results({})
+        return self._mcp_response(event, self._mcp_result(message))
+
+    def give_results(self, results: Dict[str, Dict[str, Any]]) -> bytes:
+        """Lines answering the waiting tool calls whose results are known now."""
+        self.results.update(results)
+        lines = []
+        for event in list(self.waiting):
+            params = event["request"]["message"].get("params")
+            meta = params.get("_meta") if isinstance(params, dict) else None
+            call_id = meta.get(TOOL_USE_ID_META) if isinstance(meta, dict) else None
+            if call_id in self.results:
+                self.waiting.remove(event)
+                lines.append(self._mcp_response(event, mcp_tool_result(self.results.pop(call_id))))
+        return b"".join(lines)
+
+    def _mcp_result(self, message: Dict[str, Any]) -> Dict[str, Any]:
+        method = message.get("method")
+        if method == "initialize":
+            return {"result": {"protocolVersion": MCP_PROTOCOL_VERSION, "capabilities": {"tools": {}},
+                               "serverInfo": {"name": "claude-max-proxy", "version": __version__}}}
+        if method == "tools/list":
+            return {"result": {"tools": self.listing}}
+        if "id" in message and not str(method).startswith("notifications/"):
+            return {"error": {"code": -32601, "message": "Method not found: %s" % method}}
+        return {"result": {}}
+
+    def _mcp_response(self, event: Dict[str, Any], outcome: Dict[str, Any]) -> bytes:
+        message = event["request"]["message"]
+        reply = dict({"jsonrpc": "2.0"}, **({"id": message["id"]} if "id" in message else {}), **outcome)
+        return self._response(event, {"subtype": "success", "response": {"mcp_response": reply}})
+
+    @staticmethod
+    def _response(event: Dict[str, Any], response: Dict[str, Any]) -> bytes:
+        return stdin_line({"type": "control_response",
+                           "response": dict(response, request_id=event.get("request_id"))})
+
+
+def mcp_tool_result(result: Dict[str, Any]) -> Dict[str, Any]:
+    """A client's tool_result block as the MCP result the CLI turns back into that block."""
+    content = []
+    for block in result["content"]:
+        if block["type"] == "image":
+            content.append({"type": "image", "data": block["source"]["data"],
+                            "mimeType": block["source"]["media_type"]})
+        else:
+            content.append({"type": "text", "text": block["text"]})
+    return {"result": dict({"content": content}, **({"isError": True} if result.get("is_error") else {}))}
 
 
 # ---------------------------------------------------------------------------
@@ -1108,13 +1019,35 @@ class Lifeline:
             process.wait()
 
 
+def claude_config_dir(env: Dict[str, str]) -> str:
+    """Where the CLI keeps its state, sessions included."""
+    return env.get("CLAUDE_CONFIG_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".claude")
+
+
+def session_file(workdir: str, env: Dict[str, str], session_id: str) -> str:
+    """Where `claude --resume ID`, run in `workdir`, looks for the session: a directory named
+    after the real path of its working directory (/private/var/... on macOS)."""
+    project = re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(workdir))
+    return os.path.join(claude_config_dir(env), "projects", project, session_id + ".jsonl")
+
+
+def write_private(path: str, text: str) -> None:
+    """A file only this user can read: it holds a conversation."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 class ClaudeProcess:
     """One `claude -p` child in its own process group and throwaway directory.
 
-    It serves exactly one request: send() hands it the message, events() writes
-    that to its stdin and reads its stdout as JSON events, and close() reaps it,
-    closes its pipes and removes the directory. Only the thread that reads it
-    calls those; any thread may call terminate(), which leaves the pipes alone.
+    send() queues lines for its stdin, events() writes them as the CLI reads and
+    yields what it prints as JSON events, and close() reaps it, closes its pipes
+    and removes its directory and session transcript. Its stdin stays open: the
+    CLI answers one turn after another of one conversation, and a process is kept
+    between turns (see Exchange), so what events() read but did not hand out yet
+    waits for the next call. Only the thread that serves its turn calls those;
+    any thread may call terminate(), which leaves the pipes alone.
     """
 
     STDERR_TAIL = 4096
@@ -1122,102 +1055,128 @@ class ClaudeProcess:
 
     def __init__(self, launch: Launch, lifeline: Optional[Lifeline] = None) -> None:
         self.workdir = new_workdir()
+        self.session_path: Optional[str] = None
         try:
-            for name, text in launch.files:
-                with open(os.path.join(self.workdir, name), "w", encoding="utf-8") as f:
-                    f.write(text)
+            if launch.session:
+                self.session_path = session_file(self.workdir, dict(launch.env), launch.session[0])
+                write_private(self.session_path, launch.session[1])
             self.popen = subprocess.Popen(
                 list(launch.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, cwd=self.workdir, env=dict(launch.env),
                 start_new_session=True, bufsize=0)
         except BaseException:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            self._remove_files()
             raise
         self.pid = self.popen.pid
         self.lifeline = lifeline
         if lifeline is not None:
             lifeline.hold(self.pid)  # its group is named after it
+        os.set_blocking(self.popen.stdin.fileno(), False)  # writes wait in events(), under the timeouts
         self.last_output = time.monotonic()
         self.stderr_tail = b""
-        self._unsent = memoryview(b"")
+        self.bridge = ToolBridge([])      # serves the client's tools to it (see Exchange)
+        self.open_calls: List[str] = []   # calls it waits on the client's results for, while kept
+        self._outbox: List[memoryview] = []
+        self._partial = b""                # the start of a line not ended yet
+        self._read: List[Dict[str, Any]] = []  # events read and not handed out yet
+        self._stdout_open = True
+        self._stderr_open = True
         self._lock = threading.Lock()
         self._reaped = False
-        self._closed = False
+        self.closed = False
 
-    def send(self, message: bytes) -> None:
-        """Queue the one message; events() writes it and then closes stdin, so the CLI
-        answers and exits. Writing there keeps a CLI that never reads under the timeouts."""
-        # The request starts now; a pre-started process may have waited long.
-        self.last_output = time.monotonic()
-        self._unsent = memoryview(message)  # slices of a view copy nothing, however long the prompt
-        os.set_blocking(self.popen.stdin.fileno(), False)
+    def send(self, data: bytes) -> None:
+        """Queue lines for stdin; events() writes them as the CLI takes them."""
+        if data:
+            # The turn starts now; a pre-started or kept process may have waited long.
+            self.last_output = time.monotonic()
+            self._outbox.append(memoryview(data))  # slices of a view copy nothing, however long
 
     def events(self, next_deadline: Callable[[], Tuple[float, ProxyError]],
-               client: Optional[socket.socket] = None) -> Iterator[Dict[str, Any]]:
+               client: Optional[socket.socket] = None,
+               tick: Optional[float] = None) -> Iterator[Optional[Dict[str, Any]]]:
         """Yield each JSON object the CLI prints, until its stdout closes.
 
         next_deadline() gives the earliest moment to give up and the error to raise
         then; it is asked again after every read, so callers can move it. When
         `client` is given, a client that closes its connection raises ClientGone
-        at once, even while the CLI is silent.
+        at once, even while the CLI is silent. With `tick`, None is yielded after
+        each `tick` seconds in which the CLI printed nothing.
         """
         out, err, stdin = self.popen.stdout, self.popen.stderr, self.popen.stdin
-        pending = b""
+        quiet_since = time.monotonic()
         with selectors.DefaultSelector() as selector:
             selector.register(out, selectors.EVENT_READ)
-            selector.register(err, selectors.EVENT_READ)
-            if not stdin.closed:
-                selector.register(stdin, selectors.EVENT_WRITE)
+            if self._stderr_open:
+                selector.register(err, selectors.EVENT_READ)
             if client is not None:
                 selector.register(client, selectors.EVENT_READ)
+            writing = False
             while True:
+                while self._read:
+                    yield self._read.pop(0)
+                if not self._stdout_open:
+                    return
+                if self._outbox and not writing and not stdin.closed:
+                    selector.register(stdin, selectors.EVENT_WRITE)
+                    writing = True
                 deadline, error = next_deadline()
-                wait = deadline - time.monotonic()
-                if wait <= 0:
+                now = time.monotonic()
+                if deadline <= now:
                     raise error
-                for key, _ in selector.select(min(wait, 3600.0)):
+                wait = deadline - now
+                if tick is not None:
+                    wait = min(wait, max(0.0, max(self.last_output, quiet_since) + tick - now))
+                ready = selector.select(min(wait, 3600.0))
+                now = time.monotonic()
+                if tick is not None and now >= max(self.last_output, quiet_since) + tick:
+                    quiet_since = now
+                    yield None
+                for key, _ in ready:
                     if key.fileobj is stdin:
                         if self._write_some():
                             selector.unregister(stdin)
-                        continue
-                    if key.fileobj is client:
+                            writing = False
+                    elif key.fileobj is client:
                         if client_closed(client):
                             raise ClientGone()
                         selector.unregister(client)  # a pipelined request; not ours to read
-                        continue
-                    data = os.read(key.fd, 65536)
-                    if key.fileobj is err:
+                    elif key.fileobj is err:
+                        data = os.read(key.fd, 65536)
                         if data:
                             self._keep_stderr(data)
                         else:
+                            self._stderr_open = False
                             selector.unregister(err)
-                        continue
-                    if not data:
-                        if pending.strip():
-                            event = parse_event_line(pending)
-                            if event is not None:
-                                yield event
-                        return
-                    self.last_output = time.monotonic()
-                    pending += data
-                    *lines, pending = pending.split(b"\n")
-                    for line in lines:
-                        event = parse_event_line(line)
-                        if event is not None:
-                            yield event
+                    else:
+                        self._take(os.read(key.fd, 65536))
+
+    def _take(self, data: bytes) -> None:
+        """Keep the events of what stdout gave; end-of-file ends the last line too."""
+        if not data:
+            self._stdout_open = False
+            lines, self._partial = [self._partial], b""
+        else:
+            self.last_output = time.monotonic()
+            *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            event = parse_event_line(line)
+            if event is not None:
+                self._read.append(event)
 
     def _write_some(self) -> bool:
-        """Write what stdin takes now; True once all is written and stdin closed."""
+        """Write what stdin takes now; True once the queue is empty."""
         try:
-            written = os.write(self.popen.stdin.fileno(), self._unsent)
-            self._unsent = self._unsent[written:]
+            while self._outbox:
+                written = os.write(self.popen.stdin.fileno(), self._outbox[0])
+                self._outbox[0] = self._outbox[0][written:]
+                if self._outbox[0]:
+                    return False
+                self._outbox.pop(0)
         except BlockingIOError:
             return False
         except OSError:
-            self._unsent = memoryview(b"")  # it died; events() sees its stdout close
-        if self._unsent:
-            return False
-        self.popen.stdin.close()
+            self._outbox = []  # it died; events() sees its stdout close
         return True
 
     def _keep_stderr(self, data: bytes) -> None:
@@ -1243,18 +1202,22 @@ class ClaudeProcess:
         return not self._exited()
 
     def close(self, grace: float = 0.0) -> Optional[int]:
-        """Give the child `grace` seconds to exit by itself, then kill what is left of
-        its group, reap it and clean up. Returns its exit code (negative: a signal)."""
+        """Close its stdin, give the child `grace` seconds to exit by itself, then kill what
+        is left of its group, reap it and clean up. Returns its exit code (negative: a signal)."""
         with self._lock:
-            if self._closed:
+            if self.closed:
                 return self.popen.returncode
-            self._closed = True
+            self.closed = True
+        try:
+            self.popen.stdin.close()  # the CLI ends once its input does
+        except OSError:
+            pass
         deadline = time.monotonic() + grace
         while not self._exited() and time.monotonic() < deadline:
             time.sleep(0.01)
         self._drain_stderr()
         self.terminate()
-        for pipe in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+        for pipe in (self.popen.stdout, self.popen.stderr):
             try:
                 pipe.close()
             except OSError:
@@ -1262,7 +1225,7 @@ class ClaudeProcess:
         return self.popen.returncode
 
     def terminate(self) -> None:
-        """Kill the child and everything it started, reap it, remove its directory."""
+        """Kill the child and everything it started, reap it, remove its files."""
         with self._lock:
             if self._reaped:
                 return
@@ -1278,7 +1241,12 @@ class ClaudeProcess:
         except subprocess.TimeoutExpired:  # never hang a request or the shutdown on it
             log.error("claude pid %d did not exit within %g s of SIGKILL; left behind",
                       self.pid, self.KILL_WAIT)
+        self._remove_files()
+
+    def _remove_files(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.session_path is not None:
+            shutil.rmtree(os.path.dirname(self.session_path), ignore_errors=True)
 
     def _exited(self) -> bool:
         """Whether the child has exited, without reaping it where the OS has waitid
@@ -1314,10 +1282,13 @@ def binary_identity(path: str) -> Optional[Tuple[int, int, int]]:
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
-class Warm:
-    """A pre-started process waiting on stdin, the key it was started for, and its binary."""
+PoolKey = Union[Launch, str]  # a Launch to start a process for, or a kept conversation's key
 
-    def __init__(self, key: Launch, process: ClaudeProcess, binary: Optional[Tuple[int, int, int]]) -> None:
+
+class Warm:
+    """A process waiting on stdin, the key it waits under, and its binary."""
+
+    def __init__(self, key: PoolKey, process: ClaudeProcess, binary: Optional[Tuple[int, int, int]]) -> None:
         self.key = key
         self.process = process
         self.binary = binary
@@ -1325,18 +1296,18 @@ class Warm:
 
 
 class WarmPool:
-    """`claude` processes started ahead of time, so a request skips the CLI's start-up.
+    """`claude` processes waiting for a turn, so a request skips the CLI's start-up.
 
     The CLI spends ~0.7 s starting, then waits on stdin; one started early with
-    the exact argv and environment of a request (its key) answers that request
-    within tens of milliseconds. Each serves one request and is never reused:
-    it would carry the first conversation. Every request for a key queues a
-    replacement for it, so a client that repeats its system prompt finds one.
+    the argv and environment of a turn (its Launch) answers that turn within tens
+    of milliseconds, the turn itself coming on stdin. Every request for a Launch
+    queues a replacement for it. A process that has answered a turn may wait too,
+    kept under its conversation's key for the turn that continues it (keep()).
 
     At most `size` processes wait at once; when full, the least recently used
-    key gives way. A process that waited `ttl` seconds is retired, and replaced
-    only if its key was used within the last `ttl` seconds. One background
-    thread starts and retires processes; a request's thread only takes one.
+    key gives way. A process that waited `ttl` seconds is retired; a Launch's is
+    replaced if it was used within the last `ttl` seconds. One background thread
+    starts and retires processes; a request's thread only takes or keeps one.
     """
 
     CHECK_INTERVAL = 5.0  # how long a warm process that died by itself may stay unreaped
@@ -1347,9 +1318,10 @@ class WarmPool:
         self.lifeline = lifeline
         self.hits = 0
         self.misses = 0
+        self.continued = 0  # turns a kept conversation's process answered
         self._idle: List[Warm] = []  # oldest first
         self._wanted: List[Launch] = []  # keys to start a process for, in order
-        self._last_used: Dict[Launch, float] = {}  # keys used within the last ttl
+        self._last_used: Dict[PoolKey, float] = {}  # keys used within the last ttl
         self._closed = False
         self._changed = threading.Condition()
         self._keeper: Optional[threading.Thread] = None
@@ -1359,12 +1331,12 @@ class WarmPool:
 
     # -- used by requests --------------------------------------------------------
 
-    def take(self, key: Launch) -> Optional[ClaudeProcess]:
-        """A live process started for this launch from the binary that is there now, or None;
-        a replacement is queued either way."""
+    def take(self, key: PoolKey, claude: str) -> Optional[ClaudeProcess]:
+        """A live process waiting under this key and running the `claude` that is there now,
+        or None; for a Launch, a replacement is queued either way."""
         if not self.size:
             return None
-        binary = binary_identity(key.argv[0])
+        binary = binary_identity(claude)
         found: Optional[ClaudeProcess] = None
         unfit: List[ClaudeProcess] = []
         with self._changed:
@@ -1376,14 +1348,35 @@ class WarmPool:
                     found = warm.process
                     break
                 unfit.append(warm.process)
-            if found is None:
-                self.misses += 1
+            if isinstance(key, Launch):
+                self.hits += found is not None
+                self.misses += found is None
+                self._want(key)
             else:
-                self.hits += 1
-            self._want(key)
+                self.continued += found is not None
         for process in unfit:
             process.close()  # died while waiting, or runs a replaced claude; the request starts anew
         return found
+
+    def keep(self, key: str, process: ClaudeProcess) -> bool:
+        """Let a process that answered a turn wait for the one continuing its conversation;
+        False when there is no room (the caller ends it)."""
+        with self._changed:
+            if not self.size or self._closed:
+                return False
+            self._last_used[key] = time.monotonic()
+            doomed: List[Warm] = []
+            if len(self._idle) >= self.size:
+                victim = self._least_recently_used_than(key)
+                if victim is None:
+                    return False
+                self._idle.remove(victim)
+                doomed.append(victim)
+            self._idle.append(Warm(key, process, binary_identity(process.popen.args[0])))
+            self._changed.notify()
+        for warm in doomed:
+            warm.process.close()
+        return True
 
     def prewarm(self, key: Launch) -> None:
         """Start a process for a key no request has used yet (the default one, at start-up)."""
@@ -1394,7 +1387,8 @@ class WarmPool:
     def stats(self) -> Dict[str, int]:
         with self._changed:
             return {"size": len(self._idle), "max": self.size, "hits": self.hits,
-                    "misses": self.misses}
+                    "misses": self.misses, "conversations": sum(not isinstance(w.key, Launch) for w in self._idle),
+                    "continued": self.continued}
 
     def close(self) -> None:
         """Kill every waiting process; one being started is killed as soon as it exists."""
@@ -1445,7 +1439,7 @@ class WarmPool:
                 retired.append(warm)  # not replaced: a CLI that dies at start would just die again
             elif now - warm.born >= self.ttl:
                 retired.append(warm)
-                if warm.key in self._last_used:
+                if isinstance(warm.key, Launch) and warm.key in self._last_used:
                     self._wanted.append(warm.key)
             else:
                 kept.append(warm)
@@ -1465,7 +1459,7 @@ class WarmPool:
             return key
         return None
 
-    def _least_recently_used_than(self, key: Launch) -> Optional[Warm]:
+    def _least_recently_used_than(self, key: PoolKey) -> Optional[Warm]:
         never = float("-inf")
         used = self._last_used.get(key, never)
         older = [warm for warm in self._idle if self._last_used.get(warm.key, never) < used]
@@ -1747,47 +1741,35 @@ def extra_usage_refusal(message: str) -> Optional[ProxyError]:
 
 
 # ---------------------------------------------------------------------------
-# Response translation: CLI events -> OpenAI chat completion
+# The core run: CLI events in, reply events out
 # ---------------------------------------------------------------------------
 
-FINISH_REASONS = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "pause_turn": "stop",
-    "tool_use": "stop",  # only the CLI's own StructuredOutput tool; client calls are parsed from text
-    "max_tokens": "length",
-    "model_context_window_exceeded": "length",
-    "refusal": "content_filter",
-}
+# What every door turns into its own wire format. A reply is a sequence of these,
+# in order; text and thinking come as deltas, a tool call as its start and then
+# the pieces of its JSON arguments.
+ReplyEvent = Tuple[str, Any]
+# ("text", str) | ("thinking", str) | ("signature", str)
+# | ("tool_call", {"id", "name"}) | ("tool_arguments", str)
+
+STRUCTURED_OUTPUT_TOOL = "StructuredOutput"  # how the CLI asks Claude for a schema's answer
 AUTH_ERRORS = ("authentication_failed", "oauth_org_not_allowed")
 RATE_LIMIT_STATUS = 429
 OVERLOADED_STATUS = 529
-
-
-def openai_finish_reason(stop_reason: Optional[str]) -> str:
-    return FINISH_REASONS.get(stop_reason or "end_turn", "stop")
-
-
-def usage_from_cli(usage: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """OpenAI usage from the CLI's Anthropic usage: every input kind counts as prompt."""
-    usage = usage or {}
-    cached = int(usage.get("cache_read_input_tokens") or 0)
-    prompt = int(usage.get("input_tokens") or 0) + cached + int(usage.get("cache_creation_input_tokens") or 0)
-    completion = int(usage.get("output_tokens") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+PROMPT_TOO_LONG = re.compile(r"prompt is too long|context.{0,20}(window|length).{0,20}exceed", re.I)
 
 
 def upstream_error(status: Optional[int], message: str, kind: Optional[str] = None,
                    retry_after: Optional[float] = None) -> ProxyError:
-    """The OpenAI error for a failure the CLI reported from the Anthropic API."""
+    """The error for a failure the CLI reported from the Anthropic API."""
     if kind in AUTH_ERRORS or status == 401:
         return ProxyError(401, LOGIN_HELP + " (Claude Code said: %s)" % message,
                           code="authentication_failed")
     refusal = extra_usage_refusal(message)
     if refusal is not None:
         return refusal
+    if PROMPT_TOO_LONG.search(message):
+        return ProxyError(400, "The conversation is longer than the model's context window: %s"
+                          % message, code="context_length_exceeded", param="messages")
     headers = {"Retry-After": str(max(1, int(round(retry_after))))} if retry_after else {}
     if status == RATE_LIMIT_STATUS or (status is None and kind == "rate_limit"):
         return ProxyError(429, "Claude usage limit or rate limit reached: %s" % message,
@@ -1800,18 +1782,31 @@ def upstream_error(status: Optional[int], message: str, kind: Optional[str] = No
     return ProxyError(502, message, code="upstream_error")
 
 
-Piece = Tuple[str, Any]  # ("content" | "reasoning", text) or ("tool_calls", [call, ...])
+def count(value: Any) -> int:
+    """A count from the CLI's output; 0 when it is missing or not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return 0
+    return max(0, int(value)) if abs(value) < 1e15 else 0
+
+
+def status_code(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
 class Reply:
-    """What one CLI run said, built up event by event. Pure: no I/O, no clock but `now`.
+    """What one CLI turn says, event by event. Pure: no I/O, no clock but `now`.
 
-    feed() takes each CLI event and returns the pieces of output it adds, as
-    ("content" | "reasoning", text) pairs; it raises ProxyError when the CLI
-    reports a failure. `done` is set by the `result` event, or earlier by the
-    first max_tokens stop when `stop_at_max_tokens` (the CLI would otherwise
-    continue past the limit on its own). With `structured`, the answer is the
-    result's structured_output as JSON text, and free text is dropped.
+    feed() takes each CLI event and returns the reply events it adds; it raises
+    ProxyError when the CLI reports a failure. An event of an unknown kind or shape
+    is passed over: the CLI's output is not ours to trust. `done` is set by the
+    `result` event; earlier by the end of a message that called the client's tools
+    (the CLI then waits for their results, which the client brings next time), and
+    by the first max_tokens stop when `stop_at_max_tokens` (the CLI would go on past
+    the limit by itself). With `structured`, the answer is the input of the CLI's
+    StructuredOutput tool, streamed as text, and free text is dropped.
     """
 
     def __init__(self, retry_budget: float, stop_at_max_tokens: bool = False,
@@ -1820,19 +1815,16 @@ class Reply:
         self.stop_at_max_tokens = stop_at_max_tokens
         self.structured = structured
         self.done = False
-        self.completed = False          # the CLI printed its result and will exit by itself
+        self.completed = False          # the CLI printed its result: the turn ended by itself
         self.stop_reason: Optional[str] = None
-        self.result_usage: Optional[Dict[str, Any]] = None
-        self.stream_usage: Dict[str, Any] = {}
-        self.streamed = False           # text came as deltas, so assistant lines repeat it
-        self.emitted = False            # some text went out, so the result's text repeats it
+        self.usage: Dict[str, int] = {}
+        self.calls: List[str] = []      # ids of the client's tools Claude called
+        self.emitted = False            # some answer went out, so the result's text repeats it
         self.error_kind: Optional[str] = None
         self.retry_since: Optional[float] = None
         self.retry_error: Optional[ProxyError] = None
-
-    @property
-    def usage(self) -> Dict[str, Any]:
-        return self.result_usage if self.result_usage is not None else self.stream_usage
+        self._block: Optional[str] = None   # kind of the content block being streamed
+        self._structured_ids: List[str] = []
 
     def retry_deadline(self) -> Optional[Tuple[float, ProxyError]]:
         """When the CLI has retried too long, and the error to give then."""
@@ -1840,103 +1832,148 @@ class Reply:
             return None
         return self.retry_since + self.retry_budget, self.retry_error
 
-    def feed(self, event: Dict[str, Any], now: Optional[float] = None) -> List[Piece]:
+    def feed(self, event: Dict[str, Any], now: Optional[float] = None) -> List[ReplyEvent]:
         kind = event.get("type")
-        if kind == "stream_event":
-            return self._stream_event(event.get("event") or {})
-        if kind == "assistant":
-            return self._assistant(event)
-        if kind == "system" and event.get("subtype") == "api_retry":
+        if kind == "stream_event" and isinstance(event.get("event"), dict):
+            return self._stream_event(event["event"])
+        if kind == "assistant" and isinstance(event.get("error"), str):
+            # The CLI's synthetic failure notice ("Not logged in", "API Error: ..."):
+            # remember it for the result. Real answers came as deltas already.
+            self.error_kind = event["error"]
+        elif kind == "user":
+            self._user(event)
+        elif kind == "system" and event.get("subtype") == "api_retry":
             self._retry(event, time.monotonic() if now is None else now)
-            return []
-        if kind == "result":
+        elif kind == "result":
             return self._result(event)
         return []
 
-    def _stream_event(self, event: Dict[str, Any]) -> List[Piece]:
+    # -- the message as it streams -------------------------------------------------
+
+    def _stream_event(self, event: Dict[str, Any]) -> List[ReplyEvent]:
         kind = event.get("type")
-        if kind == "content_block_delta":
-            delta = event.get("delta") or {}
-            if delta.get("type") == "thinking_delta" and delta.get("thinking"):
-                return [("reasoning", delta["thinking"])]
-            if delta.get("type") == "text_delta" and delta.get("text") and not self.structured:
-                self.streamed = self.emitted = True
-                return [("content", delta["text"])]
+        if kind == "content_block_start":
+            return self._block_start(event.get("content_block"))
+        if kind == "content_block_delta" and isinstance(event.get("delta"), dict):
+            return self._block_delta(event["delta"])
+        if kind == "content_block_stop":
+            self._block = None
         elif kind == "message_start":
             # Claude is answering, so any retrying before this has succeeded.
             self.retry_since = self.retry_error = None
-            self.stream_usage = dict((event.get("message") or {}).get("usage") or {})
+            message = event.get("message")
+            self._add_usage(message.get("usage") if isinstance(message, dict) else None)
         elif kind == "message_delta":
-            self.stream_usage.update(event.get("usage") or {})
-            self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
-            if self.stop_reason == "max_tokens" and self.stop_at_max_tokens:
+            self._add_usage(event.get("usage"))
+            delta = event.get("delta")
+            stop = delta.get("stop_reason") if isinstance(delta, dict) else None
+            if isinstance(stop, str):
+                self.stop_reason = stop
+            if stop == "tool_use" and self.calls or stop == "max_tokens" and self.stop_at_max_tokens:
                 self.done = True
         return []
 
-    def _assistant(self, event: Dict[str, Any]) -> List[Piece]:
-        # An assistant message carrying "error" is the CLI's synthetic failure
-        # notice ("Not logged in", "API Error: ..."): remember it for the result.
-        if event.get("error"):
-            self.error_kind = event["error"]
+    def _block_start(self, block: Any) -> List[ReplyEvent]:
+        kind = block.get("type") if isinstance(block, dict) else None
+        self._block = kind if isinstance(kind, str) else None
+        if kind != "tool_use":
             return []
-        if self.streamed or self.structured:
-            return []  # the deltas already carried this text
-        # Without partial messages the CLI prints one assistant line per content block.
-        text = "".join(block.get("text", "") for block in (event.get("message") or {}).get("content") or []
-                       if isinstance(block, dict) and block.get("type") == "text")
-        if text:
+        name, call_id = block.get("name"), block.get("id")
+        if not isinstance(name, str) or not isinstance(call_id, str):
+            self._block = None
+            return []
+        if name == STRUCTURED_OUTPUT_TOOL and self.structured:
+            self._block = "structured"
+            self._structured_ids.append(call_id)
+            return []
+        self.calls.append(call_id)
+        self.emitted = True
+        return [("tool_call", {"id": call_id, "name": name})]
+
+    def _block_delta(self, delta: Dict[str, Any]) -> List[ReplyEvent]:
+        kind = delta.get("type")
+        field, out = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "thinking"),
+                      "signature_delta": ("signature", "signature"),
+                      "input_json_delta": ("partial_json", "tool_arguments")}.get(kind, (None, None))
+        value = delta.get(field) if field else None
+        if not isinstance(value, str) or not value:
+            return []
+        if kind == "input_json_delta":
+            if self._block == "structured":
+                out = "text"  # the structured answer streams as the reply's text
+            elif self._block != "tool_use":
+                return []
+        elif kind == "text_delta" and self.structured:
+            return []  # only the structured answer counts
+        if out == "text" or out == "tool_arguments":
             self.emitted = True
-            return [("content", text)]
-        return []
+        return [(out, value)]
+
+    def _add_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.usage.update((name, count(usage[name])) for name in USAGE_FIELDS if name in usage)
+
+    # -- whole messages and the result ---------------------------------------------
+
+    def _user(self, event: Dict[str, Any]) -> None:
+        """The CLI's verdict on its own StructuredOutput call: a refusal means it asks again."""
+        message = event.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else []:
+            if isinstance(block, dict) and block.get("tool_use_id") in self._structured_ids \
+                    and block.get("is_error"):
+                if self.emitted:
+                    raise ProxyError(502, "Claude's structured answer did not match the requested "
+                                     "schema, and part of it was already sent.",
+                                     code="invalid_structured_output")
+                self._structured_ids.remove(block["tool_use_id"])
 
     def _retry(self, event: Dict[str, Any], now: float) -> None:
-        status = event.get("error_status")
-        error = event.get("error")
+        status = status_code(event.get("error_status"))
+        error = event.get("error") if isinstance(event.get("error"), str) else None
         message = "the Anthropic API answered %s (%s); Claude Code was retrying (attempt %s of %s)" % (
-            status, error, event.get("attempt"), event.get("max_retries"))
+            status, error, count(event.get("attempt")), count(event.get("max_retries")))
         failure = upstream_error(status, message, error,
-                                 retry_after=(event.get("retry_delay_ms") or 0) / 1000.0 or None)
+                                 retry_after=count(event.get("retry_delay_ms")) / 1000.0 or None)
         if failure.status == 401 or status == 403:
             raise failure  # a bad login never heals by retrying
         if self.retry_since is None:
             self.retry_since = now
         self.retry_error = failure
 
-    def _result(self, event: Dict[str, Any]) -> List[Piece]:
+    def _result(self, event: Dict[str, Any]) -> List[ReplyEvent]:
+        subtype = event.get("subtype")
         if self.error_kind == "max_output_tokens" and self.emitted:
             # The CLI continued past the output limit three times and gave up; what
-            # was written stands, cut off, as OpenAI's finish_reason "length".
-            event = dict(event, is_error=False, stop_reason="max_tokens", result="")
-            self.error_kind = None
-        if self.structured and event.get("subtype") == "error_max_turns":
-            raise ProxyError(502, "Claude did not produce JSON matching the requested response_format "
-                             "schema, even after being asked again.", code="invalid_structured_output")
-        if event.get("is_error") or self.error_kind or event.get("subtype") not in (None, "success"):
-            message = event.get("result") or ", ".join(event.get("errors") or []) or \
-                "Claude Code reported %s" % event.get("subtype")
-            if "not logged in" in str(message).lower():
-                raise ProxyError(401, LOGIN_HELP, code="not_logged_in")
-            raise upstream_error(event.get("api_error_status"), str(message), self.error_kind)
+            # was written stands, cut off, as a max_tokens stop.
+            self.error_kind, self.stop_reason = None, "max_tokens"
+        elif self.structured and subtype == "error_max_turns" and not self.calls:
+            raise ProxyError(502, "Claude did not produce JSON matching the requested schema, "
+                             "even after being asked again.", code="invalid_structured_output")
+        elif event.get("is_error") is True or self.error_kind or subtype not in (None, "success"):
+            raise self._failure(event)
         self.done = self.completed = True
-        self.stop_reason = event.get("stop_reason") or self.stop_reason
-        self.result_usage = event.get("usage") or {}
-        if self.structured:
-            return [("content", structured_text(event))]
-        if not self.emitted and event.get("result"):
+        if isinstance(event.get("stop_reason"), str) and self.stop_reason != "max_tokens":
+            self.stop_reason = event["stop_reason"]
+        self._add_usage(event.get("usage"))
+        if self.structured and not self.emitted and "structured_output" in event:
             self.emitted = True
-            return [("content", event["result"])]
+            return [("text", json.dumps(event["structured_output"], ensure_ascii=False))]
+        if not self.emitted and not self.structured and isinstance(event.get("result"), str) \
+                and event["result"]:
+            self.emitted = True
+            return [("text", event["result"])]
         return []
 
-
-def structured_text(result: Dict[str, Any]) -> str:
-    """The JSON answer of a --json-schema run, as compact text."""
-    if "structured_output" in result:
-        return json.dumps(result["structured_output"], ensure_ascii=False)
-    try:
-        return json.dumps(json.loads(result.get("result") or ""), ensure_ascii=False)
-    except ValueError:
-        raise ProxyError(502, "Claude's answer was not valid JSON although response_format asked "
-                         "for JSON.", code="invalid_structured_output")
+    def _failure(self, event: Dict[str, Any]) -> ProxyError:
+        message = event.get("result") if isinstance(event.get("result"), str) else ""
+        errors = event.get("errors")
+        if not message and isinstance(errors, list):
+            message = ", ".join(str(error) for error in errors if error)
+        message = message or "Claude Code reported %s" % str(event.get("subtype"))[:100]
+        if "not logged in" in message.lower():
+            return ProxyError(401, LOGIN_HELP, code="not_logged_in")
+        return upstream_error(status_code(event.get("api_error_status")), message, self.error_kind)
 
 
 def held_back(text: str, markers: List[str]) -> int:
@@ -1950,333 +1987,778 @@ def held_back(text: str, markers: List[str]) -> int:
     return longest
 
 
-class MarkerSplitter:
-    """Lets text through up to the first of some markers, even one split across deltas.
+class StopFilter:
+    """Cuts the text at the first stop sequence, even one split across deltas: an end of
+    the text that may turn into one is held until the next delta tells."""
 
-    An end of the text that may turn into a marker (a stop sequence, a tool block's
-    opening tag) is held until the next delta tells; all before it goes out at once.
-    """
-
-    def __init__(self, markers: List[str]) -> None:
-        self.markers = markers
+    def __init__(self, stops: List[str]) -> None:
+        self.stops = stops
         self.held = ""
+        self.hit: Optional[str] = None  # the stop sequence that ended the text
 
-    def feed(self, text: str) -> Tuple[str, Optional[str]]:
-        """The text that can go out, and the text from the first marker on (None: no marker yet)."""
+    def feed(self, text: str) -> str:
         text = self.held + text
-        found = [i for i in (text.find(marker) for marker in self.markers) if i >= 0]
+        found = [(i, stop) for stop, i in ((stop, text.find(stop)) for stop in self.stops) if i >= 0]
         if found:
+            at, self.hit = min(found)
             self.held = ""
-            return text[:min(found)], text[min(found):]
-        keep = held_back(text, self.markers)
+            return text[:at]
+        keep = held_back(text, self.stops)
         self.held = text[len(text) - keep:]
-        return text[:len(text) - keep], None
+        return text[:len(text) - keep]
 
     def flush(self) -> str:
         held, self.held = self.held, ""
         return held
 
 
-class StopFilter:
-    """Cuts the text at the first stop sequence."""
-
-    def __init__(self, stops: List[str]) -> None:
-        self.splitter = MarkerSplitter(stops)
-        self.hit = False
-
-    def feed(self, text: str) -> str:
-        before, stopped = self.splitter.feed(text)
-        if stopped is not None:
-            self.hit = True
-        return before
-
-    def flush(self) -> str:
-        return self.splitter.flush()
-
-
-class ToolCallParser:
-    """Finds the <tool_calls> block in Claude's text and turns it into tool calls.
-
-    Text before the block passes through; from a possible start of the block
-    on, text is held until it is a block or is not. A block that does not hold
-    a JSON array of calls to offered tools, with object arguments, goes out as
-    the text it was (with a warning): a repair turn is not possible here.
-    """
-
-    def __init__(self, tool_names: List[str], single: bool) -> None:
-        self.tool_names = set(tool_names)
-        self.single = single
-        self.text = MarkerSplitter([TOOL_OPEN])  # the reply's text until the block
-        self.block: Optional[List[str]] = None  # text after the opening tag, while inside a block
-        self.scan = JsonScan()                  # the block's JSON, followed as it arrives
-        self.closed = False                     # the block was parsed; the reply is over
-
-    def feed(self, text: str) -> List[Piece]:
-        if self.closed:
-            return []
-        if self.block is None:
-            before, block = self.text.feed(text)
-            if block is None:
-                return content_piece(before)
-            self.block, self.scan = [], JsonScan()
-            return content_piece(before) + self.feed(block[len(TOOL_OPEN):])
-        self.block.append(text)
-        self.scan.feed(text)
-        return self._settle(final=False)
-
-    def flush(self) -> List[Piece]:
-        pieces: List[Piece] = []
-        while self.block is not None:  # a release may reveal another opening tag
-            pieces += self._settle(final=True)
-        if not self.closed:
-            pieces += content_piece(self.text.flush())
-        return pieces
-
-    def _settle(self, final: bool) -> List[Piece]:
-        scan = self.scan
-        if scan.start is None:
-            return self._release("nothing after the opening tag") if final else []
-        if not scan.is_json:
-            return self._release("no JSON after the opening tag")
-        if scan.end is None:
-            return self._release("the JSON never ends") if final else []
-        block = self._block_text()
-        after = block[scan.end:].lstrip()
-        if not after.startswith(TOOL_CLOSE) and not final:
-            if TOOL_CLOSE.startswith(after):
-                return []  # the closing tag may still be on its way
-            return self._release("text between the JSON and the closing tag")
-        calls = parse_tool_calls(block[scan.start:scan.end], self.tool_names)
-        if calls is None:
-            return self._release("not a JSON array of calls to offered tools, with object arguments")
-        self.closed, self.block = True, None
-        return [("tool_calls", calls[:1] if self.single else calls)]
-
-    def _block_text(self) -> str:
-        text = "".join(self.block or [])
-        self.block = [text]  # joined once, not again for each delta still to come
-        return text
-
-    def _release(self, why: str) -> List[Piece]:
-        """Send the opening tag on as text, and read what followed it afresh."""
-        rest = self._block_text()
-        self.block = None
-        log.warning("tool call block passed on as text: %s", why)
-        return content_piece(TOOL_OPEN) + self.feed(rest)
-
-
-class JsonScan:
-    """Follows the JSON array or object at the start of a text as the text arrives,
-    to tell where it starts and ends.
-
-    Brackets and tags inside JSON strings do not count. Each character is read
-    once, however many deltas a long tool call comes in.
-    """
-
-    def __init__(self) -> None:
-        self.length = 0                   # characters fed so far
-        self.start: Optional[int] = None  # the first character that is not white space
-        self.is_json = False              # that character opens an array or object
-        self.end: Optional[int] = None    # just past the closing bracket, once it came
-        self.depth, self.in_string, self.escaped = 0, False, False
-
-    def feed(self, text: str) -> None:
-        offset, self.length = self.length, self.length + len(text)
-        if self.end is not None or (self.start is not None and not self.is_json):
-            return
-        depth, in_string, escaped = self.depth, self.in_string, self.escaped
-        for index, char in enumerate(text, offset):
-            if self.start is None:
-                if char.isspace():
-                    continue
-                self.start, self.is_json = index, char in "[{"
-                if not self.is_json:
-                    return
-            if in_string:
-                if escaped:
-                    escaped = False
-                elif char == "\\":
-                    escaped = True
-                elif char == '"':
-                    in_string = False
-            elif char == '"':
-                in_string = True
-            elif char in "[{":
-                depth += 1
-            elif char in "]}":
-                depth -= 1
-                if depth == 0:
-                    self.end = index + 1
-                    return
-        self.depth, self.in_string, self.escaped = depth, in_string, escaped
-
-
-def content_piece(text: str) -> List[Piece]:
-    return [("content", text)] if text else []
-
-
-def parse_tool_calls(body: str, tool_names: Any) -> Optional[List[Dict[str, Any]]]:
-    """OpenAI tool calls from the JSON in a block, or None when it is not valid."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list) or not data:
-        return None
-    calls = []
-    for item in data:
-        if not isinstance(item, dict) or item.get("name") not in tool_names:
-            return None
-        arguments = item.get("arguments", {})
-        if isinstance(arguments, str):  # a model may spell the object as a JSON string
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
-                return None
-        if not isinstance(arguments, dict):
-            return None
-        calls.append({"id": "call_" + uuid.uuid4().hex[:24], "name": item["name"],
-                      "arguments": json.dumps(arguments, ensure_ascii=False)})
-    return calls
-
-
 class Answer:
-    """What the client receives, shaped from the CLI's events.
+    """The reply events a client gets: the Reply's, cut at the first stop sequence,
+    with at most one tool call when parallel calls are off."""
 
-    The Reply's text goes through the stop sequences, then the tool-call parser;
-    reasoning is kept unless the request or --hide-reasoning hid it. Streaming and
-    non-streaming responses are built from the same pieces.
-    """
-
-    def __init__(self, request: ChatRequest, retry_budget: float) -> None:
-        self.reply = Reply(retry_budget, stop_at_max_tokens=request.max_tokens is not None,
-                           structured=request.json_schema is not None)
-        self.want_reasoning = request.want_reasoning
-        self.stop = StopFilter(request.stops) if request.stops else None
-        self.tools = (ToolCallParser([t["name"] for t in request.tools],
-                                     single=not request.parallel_tool_calls)
-                      if request.tools else None)
-        self.called_tools = False
+    def __init__(self, turn: Turn, retry_budget: float) -> None:
+        self.reply = Reply(retry_budget, stop_at_max_tokens=turn.max_tokens is not None,
+                           structured=turn.json_schema is not None)
+        self.stop = StopFilter(turn.stops) if turn.stops else None
+        self.single_call = not turn.parallel_tool_calls
+        self.calls = 0
         self.done = False
 
     @property
-    def stopped(self) -> bool:
-        return self.stop is not None and self.stop.hit
+    def stop_sequence(self) -> Optional[str]:
+        return self.stop.hit if self.stop is not None else None
 
-    def feed(self, event: Dict[str, Any]) -> List[Piece]:
-        pieces: List[Piece] = []
-        for kind, text in self.reply.feed(event):
-            if kind == "reasoning":
-                if self.want_reasoning:
-                    pieces.append((kind, text))
-            elif not self.stopped:
-                pieces += self._content(self.stop.feed(text) if self.stop else text)
-        if (self.reply.done or self.stopped) and not self.done:
+    @property
+    def stop_reason(self) -> Optional[str]:
+        return "stop_sequence" if self.stop_sequence is not None else self.reply.stop_reason
+
+    @property
+    def whole(self) -> bool:
+        """Every call Claude made reached the client, which can bring all their results back."""
+        return not self.single_call or self.calls <= 1
+
+    def feed(self, event: Dict[str, Any]) -> List[ReplyEvent]:
+        events: List[ReplyEvent] = []
+        for kind, value in self.reply.feed(event):
+            if self.stop_sequence is not None:
+                break
+            if kind == "text" and self.stop is not None:
+                value = self.stop.feed(value)
+            elif kind != "text":
+                events += self._held_text()  # text held for a possible stop sequence goes first
+            if kind == "tool_call":
+                self.calls += 1
+            if self.single_call and self.calls > 1 and kind in ("tool_call", "tool_arguments"):
+                continue  # parallel calls are off: the first call alone goes out
+            if value:
+                events.append((kind, value))
+        if (self.reply.done or self.stop_sequence is not None) and not self.done:
             self.done = True
-            if self.stop and not self.stopped:
-                pieces += self._content(self.stop.flush())
-            if self.tools:
-                pieces += self._tool_pieces(self.tools.flush())
-        return pieces
+            if self.stop_sequence is None:
+                events += self._held_text()
+        return events
 
-    def _content(self, text: str) -> List[Piece]:
-        if self.tools is None:
-            return content_piece(text)
-        return self._tool_pieces(self.tools.feed(text))
-
-    def _tool_pieces(self, pieces: List[Piece]) -> List[Piece]:
-        self.called_tools = self.called_tools or any(kind == "tool_calls" for kind, _ in pieces)
-        return pieces
-
-    def finish_reason(self, legacy_functions: bool) -> str:
-        if self.called_tools:
-            return "function_call" if legacy_functions else "tool_calls"
-        if self.stopped:
-            return "stop"
-        return openai_finish_reason(self.reply.stop_reason)
+    def _held_text(self) -> List[ReplyEvent]:
+        held = self.stop.flush() if self.stop is not None else ""
+        return [("text", held)] if held else []
 
 
-def stream_deltas(kind: str, value: Any, legacy_functions: bool) -> List[Dict[str, Any]]:
-    """The chunk deltas that carry one piece of the answer."""
-    if kind == "content":
-        return [{"content": value}]
-    if kind == "reasoning":
-        return [{"reasoning_content": value}]
-    if legacy_functions:
-        call = value[0]
-        return [{"function_call": {"name": call["name"], "arguments": ""}},
-                {"function_call": {"arguments": call["arguments"]}}]
-    deltas = []
-    for index, call in enumerate(value):
-        deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
-                                       "function": {"name": call["name"], "arguments": ""}}]})
-        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call["arguments"]}}]})
-    return deltas
+class ReplyBlocks:
+    """The reply as the native content blocks of an assistant message, built from its events.
 
-
-class Collector:
-    """The non-streaming message, put together from the same pieces a stream sends."""
+    Whole (non-streaming) answers are made from it, and so is the turn the client
+    will send back, for which the conversation's process is kept (see Exchange).
+    Text comes in many small deltas: each block keeps its parts and joins them once.
+    """
 
     def __init__(self) -> None:
-        self.content: List[str] = []
-        self.reasoning: List[str] = []
-        self.tool_calls: List[Dict[str, Any]] = []
+        self._done: List[Dict[str, Any]] = []
+        self._block: Optional[Dict[str, Any]] = None
+        self._parts: List[str] = []
+        self._signature: List[str] = []
 
-    def add(self, kind: str, value: Any) -> None:
-        if kind == "tool_calls":
-            self.tool_calls += value
+    def add(self, event: ReplyEvent) -> None:
+        kind, value = event
+        if kind == "signature":
+            self._signature.append(value)
+            return
+        block_type = "tool_use" if kind in ("tool_call", "tool_arguments") else kind
+        if kind == "tool_call" or self._block is None or self._block["type"] != block_type:
+            self._close()
+            self._block = ({"type": "tool_use", "id": value["id"], "name": value["name"]}
+                           if kind == "tool_call" else {"type": block_type})
+        if kind != "tool_call":
+            self._parts.append(value)
+
+    @property
+    def blocks(self) -> List[Dict[str, Any]]:
+        self._close()
+        return self._done
+
+    def _close(self) -> None:
+        block, self._block = self._block, None
+        if block is None:
+            return
+        joined, self._parts = "".join(self._parts), []
+        if block["type"] == "tool_use":
+            try:
+                arguments = json.loads(joined) if joined.strip() else {}
+            except ValueError:
+                arguments = None
+            block["input"] = arguments if isinstance(arguments, dict) else {}
         else:
-            (self.content if kind == "content" else self.reasoning).append(value)
+            block[block["type"]] = joined
+        if block["type"] == "thinking":
+            block["signature"], self._signature = "".join(self._signature), []
+        self._done.append(block)
 
-    def message(self, legacy_functions: bool) -> Dict[str, Any]:
-        content: Optional[str] = "".join(self.content)
-        if self.tool_calls:
-            content = content.strip() or None  # OpenAI sends null content beside tool calls
-        message: Dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
-        if self.reasoning:
-            message["reasoning_content"] = "".join(self.reasoning)
-        if self.tool_calls and legacy_functions:
-            call = self.tool_calls[0]
-            message["function_call"] = {"name": call["name"], "arguments": call["arguments"]}
-        elif self.tool_calls:
-            message["tool_calls"] = [{"id": call["id"], "type": "function",
-                                      "function": {"name": call["name"], "arguments": call["arguments"]}}
-                                     for call in self.tool_calls]
-        return message
+    def text(self) -> str:
+        return "".join(b["text"] for b in self.blocks if b["type"] == "text")
+
+    def thinking(self) -> str:
+        return "".join(b["thinking"] for b in self.blocks if b["type"] == "thinking")
+
+    def tool_calls(self) -> List[Dict[str, Any]]:
+        return [b for b in self.blocks if b["type"] == "tool_use"]
+
+
+def conversation_key(turn: Turn, messages: List[Dict[str, Any]]) -> str:
+    """What a kept process holds: its settings and the conversation so far. A turn whose
+    history has this key continues that very process."""
+    state = [turn.cli_model, turn.effort, turn.thinking, turn.max_tokens, turn.json_schema,
+             turn.system_prompt, turn.conversation.tools, messages]
+    return "conversation:" + hashlib.sha256(
+        json.dumps(state, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def tool_results(message: Dict[str, Any]) -> Optional[Dict[str, Dict[str, Any]]]:
+    """The tool results a user message brings, by call id, when it holds nothing else."""
+    content = message["content"]
+    if not all(block["type"] == "tool_result" for block in content):
+        return None
+    return {block["tool_use_id"]: block for block in content}
+
+
+KEEPALIVE_INTERVAL = 15.0  # seconds of silence after which a stream shows it is alive
+
+
+class Exchange:
+    """One turn through one `claude` process: from the turn to the reply's events.
+
+    A conversation's process is kept between its turns (finish): when a reply ends
+    with calls to the client's tools, the CLI waits for their results, and after
+    an answer, for the next user message. A request that continues exactly that
+    conversation takes the process back, so its turn is warm and its prompt a strict
+    extension of the previous one: the prompt cache hits all of it. Any other turn
+    starts a process (a pre-started one when the pool has it) that resumes the
+    history from a session transcript.
+    """
+
+    def __init__(self, server: "ProxyServer", turn: Turn, claude: str,
+                 client: Optional[socket.socket] = None) -> None:
+        self.server = server
+        self.turn = turn
+        self.claude = claude
+        self.client = client
+        self.answer = Answer(turn, server.config.retry_budget)
+        self.reply = ReplyBlocks()
+        self.process: Optional[ClaudeProcess] = None
+        self.continued = False  # the turn went to the conversation's kept process
+
+    def events(self) -> Iterator[Optional[ReplyEvent]]:
+        """The reply's events as they come, and None after each KEEPALIVE_INTERVAL of silence."""
+        try:
+            process = self._begin()
+            for event in process.events(self._deadlines(process), self.client, KEEPALIVE_INTERVAL):
+                if event is None:
+                    yield None
+                    continue
+                answer = process.bridge.answer(event)
+                if answer is not None:
+                    process.send(answer)
+                    continue
+                self.server.limits.observe(event)
+                for reply_event in self.answer.feed(event):
+                    self.reply.add(reply_event)
+                    yield reply_event
+                if self.answer.done:
+                    if not self.ended_well:
+                        # Cut short (a stop sequence, max_tokens): stopped before the answer goes
+                        # out, or the CLI goes on spending the subscription on text nobody reads.
+                        self._end()
+                    return
+            raise self._no_result(process)
+        except ProxyError as error:
+            raise self.server.limits.explain(error)
+
+    def _begin(self) -> ClaudeProcess:
+        conversation = self.turn.conversation
+        history, newest = conversation.messages[:-1], conversation.messages[-1]
+        results = tool_results(newest)
+        kept = self.server.take_kept(conversation_key(self.turn, history), self.claude)
+        if kept is not None and set(kept.open_calls) == set(results or ()):
+            self.process, self.continued = kept, True
+            kept.send(kept.bridge.give_results(results) if results else user_line(newest["content"]))
+            return kept
+        if kept is not None:
+            self.server.discard(kept)  # the client did not bring back what it waits for
+        process = self.process = self.server.spawn(cli_launch(self.claude, self.turn, self.server.config,
+                                                              history))
+        process.bridge = ToolBridge(conversation.tools)
+        process.send(opening_lines(self.turn) + user_line(newest["content"]))
+        return process
+
+    def _deadlines(self, process: "ClaudeProcess") -> Callable[[], Tuple[float, ProxyError]]:
+        config = self.server.config
+        total = (time.monotonic() + config.timeout,
+                 ProxyError(504, "Claude did not finish within %g s (--timeout)." % config.timeout,
+                            code="timeout"))
+        idle = ProxyError(504, "Claude Code printed nothing for %g s (--idle-timeout)."
+                          % config.idle_timeout, code="idle_timeout")
+        reply = self.answer.reply
+
+        def next_deadline() -> Tuple[float, ProxyError]:  # asked after every read: keep it cheap
+            earliest = min(total, (process.last_output + config.idle_timeout, idle),
+                           key=lambda pair: pair[0])
+            retry = reply.retry_deadline()
+            return earliest if retry is None or earliest[0] <= retry[0] else retry
+        return next_deadline
+
+    def _no_result(self, process: "ClaudeProcess") -> ProxyError:
+        if self.server.closing:
+            return ProxyError(503, "The proxy is shutting down.", code="shutting_down")
+        code = process.close(grace=2.0)
+        tail = process.stderr_text()[-1000:]
+        return ProxyError(
+            502, "Claude Code exited (code %s) without an answer. %s"
+            % (code, ("Its last output: " + tail) if tail else "It printed nothing on stderr."),
+            code="cli_failed")
+
+    @property
+    def ended_well(self) -> bool:
+        """The turn ended as Claude meant it to, with all of it sent: an answer, or calls
+        of the client's tools that the CLI now waits on."""
+        reply, answer = self.answer.reply, self.answer
+        return answer.done and answer.stop_sequence is None and answer.whole and \
+            (reply.completed or bool(reply.calls) and reply.stop_reason == "tool_use")
+
+    def finish(self, echo: Optional[List[Dict[str, Any]]]) -> None:
+        """Keep the process for its conversation's next turn, which will hold `echo` as this
+        reply (the reply as the client got it), or end it. Called however the turn went."""
+        process = self.process
+        if process is None:
+            return
+        if self.ended_well and echo and not process.closed:
+            self.process = None
+            messages = self.turn.conversation.messages + [{"role": "assistant", "content": echo}]
+            process.open_calls = [] if self.answer.reply.completed else list(self.answer.reply.calls)
+            self.server.keep(conversation_key(self.turn, messages), process)
+        else:
+            self._end()
+
+    def _end(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            self.server.release(process)
+            # A turn that ended by itself may be writing Claude Code's own files: a moment for that.
+            process.close(grace=1.0 if self.answer.reply.completed else 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Door: OpenAI chat completions (POST /v1/chat/completions)
+# ---------------------------------------------------------------------------
+
+# A door turns a request into a Turn, and the exchange's reply into its own wire
+# format: frames of a stream, each an SSE event name (None for a bare data line)
+# and its payload, or one whole response.
+Frame = Tuple[Optional[str], Any]
+
+# OpenAI request fields that change nothing here, listed so the debug log can
+# name the ones that are truly unknown.
+CHAT_IGNORED_FIELDS = frozenset((
+    "temperature", "top_p", "frequency_penalty", "presence_penalty", "seed", "user", "metadata",
+    "logit_bias", "logprobs", "top_logprobs", "store", "service_tier", "prediction", "modalities",
+    "audio", "web_search_options", "prompt_cache_key", "safety_identifier", "verbosity",
+))
+CHAT_FIELDS = frozenset((
+    "model", "messages", "stream", "stream_options", "n", "tools", "tool_choice",
+    "parallel_tool_calls", "functions", "function_call", "response_format", "max_tokens",
+    "max_completion_tokens", "stop", "reasoning_effort", "reasoning", "include_reasoning",
+))
+CHAT_FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "tool_use": "stop",  # the CLI's own StructuredOutput call; calls of the client's tools are tool_calls
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "refusal": "content_filter",
+}
+
+
+class ChatOptions(NamedTuple):
+    """How the chat door answers, beside the Turn it asks for."""
+    stream: bool
+    include_usage: bool
+    legacy_functions: bool   # answer with function_call, not tool_calls
+    want_reasoning: bool     # thinking goes out as reasoning_content
+
+
+def optional_bool(body: Dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid("`%s` must be a boolean." % name, name, "invalid_type")
+    return value
+
+
+def request_model(body: Dict[str, Any], config: Config) -> Tuple[str, str]:
+    """(the model as the client named it, the CLI's --model for it)."""
+    model = body.get("model") or ""
+    if not isinstance(model, str):
+        raise invalid("`model` must be a string.", "model", "invalid_type")
+    return model or config.default_model, resolve_model(model, config.default_model)
+
+
+def parse_chat_request(body: Any, config: Config,
+                       fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None
+                       ) -> Tuple[Turn, ChatOptions]:
+    """Validate an OpenAI chat completion body into a Turn; a 400 names the bad param.
+
+    `fetch` loads remote images (only with --fetch-images); tests pass a fake.
+    """
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_type")
+    model, cli_model = request_model(body, config)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("`messages` must be a non-empty array.", "messages",
+                      "invalid_type" if not isinstance(messages, list) else "empty_array")
+    stream = optional_bool(body, "stream", False)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise invalid("`stream_options` must be an object.", "stream_options", "invalid_type")
+    if body.get("n") not in (None, 1):
+        raise invalid("Only n=1 is supported: the Claude Code CLI gives one answer per request.",
+                      "n", "unsupported_value")
+    unknown = sorted(set(body) - CHAT_FIELDS - CHAT_IGNORED_FIELDS)
+    if unknown:
+        log.debug("ignoring request fields: %s", ", ".join(unknown))
+    tools, tool_choice, parallel, legacy = chat_tools(body)
+    effort, thinking, asked = chat_reasoning(body)
+    conversation = chat_conversation(messages, tools, image_loader(config, fetch or fetch_image))
+    turn = Turn(model=model, cli_model=cli_model, conversation=conversation,
+                tool_choice=tool_choice, parallel_tool_calls=parallel,
+                json_schema=chat_response_format(body.get("response_format")),
+                max_tokens=parse_max_tokens(body, ("max_completion_tokens", "max_tokens")),
+                stops=parse_stop(body.get("stop")), effort=effort, thinking=thinking)
+    # Thinking goes out as reasoning_content unless turned off: agents keep a stream alive
+    # by its deltas (the convention of DeepSeek, vLLM and OpenRouter; others ignore it).
+    want_reasoning = asked or not (config.hide_reasoning or body.get("include_reasoning") is False)
+    return turn, ChatOptions(stream=stream, include_usage=bool(stream and options.get("include_usage")),
+                             legacy_functions=legacy, want_reasoning=thinking and want_reasoning)
+
+
+def chat_reasoning(body: Dict[str, Any]) -> Tuple[Optional[str], bool, bool]:
+    """(effort level, thinking on, reasoning asked for explicitly)."""
+    effort = body.get("reasoning_effort")
+    reasoning = body.get("reasoning")
+    if effort is None and isinstance(reasoning, dict):
+        effort = reasoning.get("effort")  # the OpenRouter / LiteLLM spelling
+    level, thinking = parse_effort(effort, "reasoning_effort")
+    asked = effort not in (None, "none") or body.get("include_reasoning") is True or isinstance(reasoning, dict)
+    return level, thinking, asked
+
+
+def chat_response_format(response_format: Any) -> Optional[Dict[str, Any]]:
+    """The JSON schema the answer must match, or None for free text."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        return json_schema_of(spec.get("schema") if isinstance(spec, dict) else None,
+                              "response_format.json_schema.schema")
+    raise invalid("`response_format.type` must be \"text\", \"json_object\" or \"json_schema\".",
+                  "response_format")
+
+
+def parse_stop(stop: Any) -> List[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
+        raise invalid("`stop` must be a string or an array of up to 4 strings.", "stop")
+    return [s for s in stops if s]
+
+
+def chat_conversation(messages: List[Any], tools: List[Dict[str, Any]],
+                      load_image: ImageLoader) -> Conversation:
+    """OpenAI chat messages as a native conversation.
+
+    System and developer messages make the system prompt; tool (and legacy
+    function) messages become tool_result blocks of a user message; assistant
+    tool calls become tool_use blocks. Consecutive user messages (OpenClaw ends
+    each turn with two) are one user turn, answered as a whole.
+    """
+    system: List[str] = []
+    native = MessageList()
+    legacy_ids: List[str] = []  # legacy function calls carry no ids: they are numbered in order
+    for index, message in enumerate(messages):
+        param = "messages[%d]" % index
+        if not isinstance(message, dict):
+            raise invalid("%s must be an object." % param, param, "invalid_type")
+        role = message.get("role")
+        content = message.get("content")
+        if role in ("system", "developer"):
+            system.append("".join(b["text"] for b in chat_blocks(content, param, ("text",), load_image)))
+        elif role == "user":
+            native.add("user", chat_blocks(content, param, ("text", "image_url", "file"), load_image))
+        elif role == "assistant":
+            native.add("assistant", chat_blocks(content, param, ("text", "refusal"), load_image, nullable=True)
+                       + assistant_calls(message, param, legacy_ids))
+        elif role in ("tool", "function"):
+            native.add("user", [chat_tool_result(message, param, legacy_ids, load_image)])
+        else:
+            raise invalid("%s.role must be one of system, developer, user, assistant, tool, function; "
+                          "got %r." % (param, role), param + ".role")
+    if not native.messages:
+        raise invalid("`messages` holds only system messages; add a user message.", "messages")
+    if native.messages[-1]["role"] != "user":
+        raise invalid("The conversation must end with a user or tool message: Claude Code cannot "
+                      "continue a partial assistant message (a prefill).", "messages", "unsupported_value")
+    return Conversation("\n\n".join(s for s in system if s.strip()) or DEFAULT_SYSTEM_PROMPT,
+                        native.messages, tools)
+
+
+def chat_blocks(content: Any, param: str, kinds: Tuple[str, ...],
+                load_image: ImageLoader, nullable: bool = False
+                ) -> List[Dict[str, Any]]:
+    """The content blocks of a message's content: a string, null, or an array of parts."""
+    if content is None and nullable:
+        return []
+    if isinstance(content, str):
+        return [text_block(content)]
+    if not isinstance(content, list):
+        raise invalid("%s.content must be a string or an array of content parts." % param,
+                      param + ".content", "invalid_type")
+    blocks = []
+    for index, part in enumerate(content):
+        part_param = "%s.content[%d]" % (param, index)
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        kind = "text" if kind == "input_text" else kind
+        if kind not in kinds:
+            raise invalid("%s has content part type %r; this message takes %s parts." % (
+                part_param, kind, ", ".join(kinds)), part_param + ".type", "unsupported_content_type")
+        if kind in ("text", "refusal"):
+            if not isinstance(part.get(kind), str):
+                raise invalid("%s.%s must be a string." % (part_param, kind), "%s.%s" % (part_param, kind),
+                              "invalid_type")
+            blocks.append(text_block(part[kind]))
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise invalid("%s.image_url.url must be a string." % part_param,
+                              part_param + ".image_url", "invalid_type")
+            blocks.append(load_image(url, part_param))
+        else:
+            file = part.get("file")
+            blocks.append(document_block(file.get("file_data") if isinstance(file, dict) else None,
+                                         part_param + ".file"))
+    return blocks
+
+
+def assistant_calls(message: Dict[str, Any], param: str, legacy_ids: List[str]) -> List[Dict[str, Any]]:
+    """The tool_use blocks of an assistant message's tool_calls (or legacy function_call)."""
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise invalid("%s.tool_calls must be an array." % param, param + ".tool_calls", "invalid_type")
+    blocks = []
+    for index, call in enumerate(calls):
+        call_param = "%s.tool_calls[%d]" % (param, index)
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not isinstance(call.get("id"), str):
+            raise invalid("%s must be {\"id\", \"type\": \"function\", \"function\": {\"name\", "
+                          "\"arguments\"}}." % call_param, call_param, "invalid_type")
+        blocks.append({"type": "tool_use", "id": tool_id(call["id"]), "name": function["name"],
+                       "input": tool_input(function.get("arguments"), call_param + ".function.arguments")})
+    legacy = message.get("function_call")
+    if legacy is not None:
+        if not isinstance(legacy, dict) or not isinstance(legacy.get("name"), str):
+            raise invalid("%s.function_call must be {\"name\", \"arguments\"}." % param,
+                          param + ".function_call", "invalid_type")
+        legacy_ids.append("call_function_%d" % len(legacy_ids))
+        blocks.append({"type": "tool_use", "id": legacy_ids[-1], "name": legacy["name"],
+                       "input": tool_input(legacy.get("arguments"), param + ".function_call.arguments")})
+    return blocks
+
+
+def chat_tool_result(message: Dict[str, Any], param: str, legacy_ids: List[str],
+                     load_image: ImageLoader) -> Dict[str, Any]:
+    """A tool (or legacy function) message as the tool_result block answering its call."""
+    if message["role"] == "tool":
+        call_id = message.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise invalid("%s.tool_call_id must name the call this result answers." % param,
+                          param + ".tool_call_id", "invalid_type")
+        call_id = tool_id(call_id)
+    else:
+        if not isinstance(message.get("name"), str):
+            raise invalid("%s.name must name the function this result answers." % param,
+                          param + ".name", "invalid_type")
+        if not legacy_ids:
+            raise invalid("%s answers no function_call before it." % param, param, "invalid_value")
+        call_id = legacy_ids[-1]
+    content = message.get("content")
+    return tool_result_block(call_id, chat_blocks("" if content is None else content, param,
+                                                  ("text", "image_url"), load_image))
+
+
+def chat_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, bool, bool]:
+    """(native tools offered, tool choice, parallel calls allowed, legacy functions API)."""
+    legacy = body.get("tools") is None and body.get("functions") is not None
+    entries = body.get("functions") if legacy else body.get("tools")
+    param = "functions" if legacy else "tools"
+    if entries is None:
+        return [], "auto", True, False
+    if not isinstance(entries, list):
+        raise invalid("`%s` must be an array." % param, param, "invalid_type")
+    tools = []
+    for index, entry in enumerate(entries):
+        entry_param = "%s[%d]" % (param, index)
+        if not isinstance(entry, dict):
+            raise invalid("%s must be an object." % entry_param, entry_param, "invalid_type")
+        if not legacy and entry.get("type", "function") != "function":
+            raise invalid("%s has type %r; only function tools are supported." % (
+                entry_param, entry.get("type")), entry_param + ".type", "unsupported_tool_type")
+        spec = entry if legacy else entry.get("function")
+        if not isinstance(spec, dict):
+            raise invalid("%s must be a function with a name." % entry_param, entry_param, "invalid_type")
+        tools.append(native_tool(spec.get("name"), spec.get("description"), spec.get("parameters"),
+                                 entry_param if legacy else entry_param + ".function"))
+    choice_param = "function_call" if legacy else "tool_choice"
+    choice, allowed = chat_tool_choice(body.get(choice_param), [tool["name"] for tool in tools], choice_param)
+    if allowed is not None:
+        tools = [tool for tool in tools if tool["name"] in allowed]
+    if choice == "none":
+        tools = []  # not offered at all, so Claude cannot call them
+    parallel = not legacy and body.get("parallel_tool_calls") is not False
+    return tools, choice, parallel, legacy
+
+
+def chat_tool_choice(choice: Any, names: List[str], param: str) -> Tuple[str, Optional[List[str]]]:
+    """("auto" | "none" | "required" | the one tool to call, the tools allowed when restricted)."""
+    if choice is None:
+        return "auto", None
+    if choice in ("auto", "none", "required"):
+        return choice, None
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        spec = choice.get("allowed_tools")
+        mode = spec.get("mode", "auto") if isinstance(spec, dict) else None
+        listed = spec.get("tools") if isinstance(spec, dict) else None
+        if mode not in ("auto", "required") or not isinstance(listed, list):
+            raise invalid("`%s.allowed_tools` must hold a mode (auto or required) and a tools array."
+                          % param, param, "invalid_value")
+        return mode, [named_tool(entry, names, "%s.allowed_tools.tools" % param) for entry in listed]
+    return named_tool(choice, names, param), None
+
+
+def named_tool(choice: Any, names: List[str], param: str) -> str:
+    name = None
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else choice.get("name")
+    if not isinstance(name, str):
+        raise invalid("`%s` must be \"auto\", \"none\", \"required\" or name a function." % param, param)
+    if name not in names:
+        raise invalid("`%s` names %r, which is not among the tools offered." % (param, name), param)
+    return name
+
+
+def chat_usage(usage: Dict[str, int]) -> Dict[str, Any]:
+    """OpenAI usage from Anthropic usage: every input kind counts as prompt."""
+    cached = usage.get("cache_read_input_tokens", 0)
+    prompt = usage.get("input_tokens", 0) + cached + usage.get("cache_creation_input_tokens", 0)
+    completion = usage.get("output_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex[:24]
 
 
-class Completion:
-    """The shape every response for one request shares: id, created, model."""
+class ChatDoor:
+    """OpenAI chat completions: a request in, chunks or a completion out, errors in OpenAI's shape."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, turn: Turn, options: ChatOptions) -> None:
+        self.turn = turn
+        self.options = options
+        self.stream = options.stream
         self.id = completion_id()
         self.created = int(time.time())
-        self.model = model
+        self.calls = -1  # index of the current tool call
+        self.started = False
 
-    def response(self, message: Dict[str, Any], finish: str, usage: Dict[str, Any]) -> Dict[str, Any]:
-        return self._envelope("chat.completion", usage=usage, choices=[
-            {"index": 0, "logprobs": None, "finish_reason": finish, "message": message}])
+    # -- streaming: reply events -> chunks ------------------------------------------
 
-    def chunk(self, delta: Dict[str, Any], finish: Optional[str] = None,
-              usage_field: bool = False) -> Dict[str, Any]:
+    def events(self, event: ReplyEvent) -> List[Frame]:
+        return [self._chunk(delta) for delta in self._deltas(event)]
+
+    def _deltas(self, event: ReplyEvent) -> List[Dict[str, Any]]:
+        kind, value = event
+        if kind == "text":
+            return [{"content": value}]
+        if kind == "thinking":
+            return [{"reasoning_content": value}] if self.options.want_reasoning else []
+        legacy = self.options.legacy_functions
+        if kind == "tool_call":
+            self.calls += 1
+            if legacy:
+                return [{"function_call": {"name": value["name"], "arguments": ""}}] if self.calls == 0 else []
+            return [{"tool_calls": [{"index": self.calls, "id": value["id"], "type": "function",
+                                     "function": {"name": value["name"], "arguments": ""}}]}]
+        if kind == "tool_arguments":
+            if legacy:
+                return [{"function_call": {"arguments": value}}] if self.calls == 0 else []
+            return [{"tool_calls": [{"index": self.calls, "function": {"arguments": value}}]}]
+        return []  # signatures: chat has no place for them
+
+    def end(self, exchange: Exchange) -> List[Frame]:
+        frames = [] if self.started else [self._chunk({"content": ""})]
+        frames.append(self._chunk({}, self._finish_reason(exchange)))
+        if self.options.include_usage:
+            frames.append((None, self._envelope("chat.completion.chunk", choices=[],
+                                                usage=chat_usage(exchange.answer.reply.usage))))
+        return frames + [(None, "[DONE]")]
+
+    def failure(self, error: ProxyError) -> List[Frame]:
+        return [(None, self.error_body(error)), (None, "[DONE]")]
+
+    def _chunk(self, delta: Dict[str, Any], finish: Optional[str] = None) -> Frame:
+        if not self.started:
+            self.started = True
+            delta = dict({"role": "assistant", "content": None}, **delta)
         chunk = self._envelope("chat.completion.chunk", choices=[
             {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
-        if usage_field:
+        if self.options.include_usage:
             chunk["usage"] = None  # OpenAI sends null usage in each chunk before the last
-        return chunk
+        return None, chunk
 
-    def usage_chunk(self, usage: Dict[str, Any]) -> Dict[str, Any]:
-        return self._envelope("chat.completion.chunk", choices=[], usage=usage)
+    # -- whole: the completion ------------------------------------------------------
+
+    def response(self, exchange: Exchange) -> Dict[str, Any]:
+        return self._envelope("chat.completion", usage=chat_usage(exchange.answer.reply.usage), choices=[
+            {"index": 0, "logprobs": None, "finish_reason": self._finish_reason(exchange),
+             "message": self._message(exchange.reply)}])
+
+    def _message(self, reply: ReplyBlocks) -> Dict[str, Any]:
+        calls = reply.tool_calls()
+        message: Dict[str, Any] = {"role": "assistant", "content": reply.text() or (None if calls else ""),
+                                   "refusal": None}
+        if self.options.want_reasoning and reply.thinking():
+            message["reasoning_content"] = reply.thinking()
+        arguments = [json.dumps(call["input"], ensure_ascii=False) for call in calls]
+        if calls and self.options.legacy_functions:
+            message["function_call"] = {"name": calls[0]["name"], "arguments": arguments[0]}
+        elif calls:
+            message["tool_calls"] = [{"id": call["id"], "type": "function", "function": {
+                "name": call["name"], "arguments": args}} for call, args in zip(calls, arguments)]
+        return message
+
+    def echo(self, exchange: Exchange) -> List[Dict[str, Any]]:
+        """This reply as the client will send it back: the message it got, read as the door reads
+        an assistant message (one text, no thinking, the first call alone for legacy functions)."""
+        message = self._message(exchange.reply)
+        return [text_block(message["content"])] * bool(message["content"]) + \
+            assistant_calls(message, "echo", [])
+
+    def _finish_reason(self, exchange: Exchange) -> str:
+        if exchange.answer.calls:
+            return "function_call" if self.options.legacy_functions else "tool_calls"
+        return CHAT_FINISH_REASONS.get(exchange.answer.stop_reason or "end_turn", "stop")
 
     def _envelope(self, kind: str, **fields: Any) -> Dict[str, Any]:
-        return dict({"id": self.id, "object": kind, "created": self.created, "model": self.model,
+        return dict({"id": self.id, "object": kind, "created": self.created, "model": self.turn.model,
                      "system_fingerprint": None}, **fields)
+
+    @staticmethod
+    def error_body(error: ProxyError) -> Dict[str, Any]:
+        return error.body()
+
+
+# ---------------------------------------------------------------------------
+# Answering a turn: the exchange's events through a door, streamed or whole
+# ---------------------------------------------------------------------------
+
+class SseWriter:
+    """Server-Sent Events on the handler's connection: one frame per HTTP chunk, written
+    as it comes, and a comment now and then while Claude is silent."""
+
+    def __init__(self, handler: "ProxyHandler") -> None:
+        self.handler = handler
+
+    @property
+    def started(self) -> bool:
+        return self.handler.headers_sent
+
+    def frames(self, frames: List[Frame]) -> None:
+        for name, payload in frames:
+            data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+            self._write(("event: %s\ndata: %s\n\n" % (name, data)) if name else "data: %s\n\n" % data)
+
+    def keepalive(self) -> None:
+        self._write(": keep-alive\n\n")
+
+    def end(self) -> None:
+        self._begin()
+        self.handler.write_chunk(b"")
+
+    def _write(self, text: str) -> None:
+        self._begin()
+        self.handler.write_chunk(text.encode("utf-8"))
+
+    def _begin(self) -> None:
+        if not self.handler.headers_sent:
+            self.handler.start_stream()
+
+
+def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
+    """Run the exchange and answer through the door: a stream of its frames, or its whole
+    response once the reply is complete. A failure once the stream has begun is the
+    stream's last frame; before, it is the handler's to answer with its status."""
+    stream = SseWriter(handler) if door.stream else None
+    echo: Optional[List[Dict[str, Any]]] = None
+    try:
+        for event in exchange.events():
+            if stream is None:
+                continue
+            if event is None:
+                stream.keepalive()  # the client, and any proxy between, see the answer is coming
+            else:
+                stream.frames(door.events(event))
+        handler.usage = exchange.answer.reply.usage
+        if stream is not None:
+            stream.frames(door.end(exchange))
+            stream.end()
+        else:
+            handler.send_json(200, door.response(exchange))
+        echo = door.echo(exchange)
+    except ProxyError as error:
+        if stream is None or not stream.started:
+            raise
+        log.warning("%s failed mid-stream: %s", handler.request_id, error.message)
+        stream.frames(door.failure(error))
+        stream.end()
+    finally:
+        exchange.finish(echo)
 
 
 # ---------------------------------------------------------------------------
@@ -2493,10 +2975,15 @@ def json_problem(value: Any) -> Optional[str]:
     return None
 
 
+def refuse_constant(name: str) -> Any:
+    """NaN and Infinity, which Python's json takes and JSON has not (nor the CLI)."""
+    raise ValueError("%s is not a JSON value" % name)
+
+
 def parse_json_text(text: bytes) -> Any:
     """A request body's JSON, or a 400 saying why it is none the CLI could be given."""
     try:
-        body = json.loads(text.decode("utf-8"))
+        body = json.loads(text.decode("utf-8"), parse_constant=refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise invalid("The request body is not valid JSON: %s" % error, code="invalid_json")
     problem = json_problem(body)
@@ -2659,17 +3146,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- simple routes -------------------------------------------------------
 
     def _health(self) -> None:
-        self._send_json(200, self.server.health())
+        self.send_json(200, self.server.health())
 
     def _list_models(self) -> None:
-        self._send_json(200, {"object": "list", "data": [model_object(m) for m, _ in MODELS]})
+        self.send_json(200, {"object": "list", "data": [model_object(m) for m, _ in MODELS]})
 
     def _get_model(self, model_id: str) -> None:
         model = find_model(model_id)
         if model is None:
             raise ProxyError(404, "The model `%s` does not exist." % model_id,
                              code="model_not_found", param="model")
-        self._send_json(200, model)
+        self.send_json(200, model)
 
     def _preflight(self) -> None:
         self.send_response(204)
@@ -2685,110 +3172,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- chat completions ----------------------------------------------------
 
     def _chat_completions(self) -> None:
-        self.server.count_request()  # chat completions only: probes of /health are not served requests
+        self._answer_turn(parse_chat_request, ChatDoor)
+
+    def _answer_turn(self, parse: Callable[[Any, Config], Tuple[Turn, Any]], door: Callable[..., Any]) -> None:
+        """Read the body, translate it into a turn in a slot, and answer it through the door."""
+        self.server.count_request()  # turns only: probes of /health are not served requests
         text = self._read_json_text()
         self.server.limits.check(self.server.config.no_extra_usage)
         # Parsed JSON can take many times its text: parsed only in a slot, so at most
         # --max-concurrent bodies take that room at once, and neither outlives the translation.
         with self.server.slot():
-            request = parse_chat_request(parse_json_text(text), self.server.config)
+            turn, options = parse(parse_json_text(text), self.server.config)
             del text
-            self.model_name = request.model
+            self.model_name = turn.model
             claude = find_claude(self.server.config.claude_bin)
             if claude is None:
                 raise claude_not_found(self.server.config.claude_bin)
-            self._run(request, claude)
-
-    def _run(self, request: ChatRequest, claude: str) -> None:
-        config = self.server.config
-        completion = Completion(request.model)
-        answer = Answer(request, config.retry_budget)
-        collector = Collector()
-        process = self.server.spawn(cli_launch(claude, request, config))
-        try:
-            process.send(stdin_message(request))
-            for event in process.events(self._deadlines(process, answer.reply), self.connection):
-                self.server.limits.observe(event)
-                for kind, value in answer.feed(event):
-                    if request.stream:
-                        for delta in stream_deltas(kind, value, request.legacy_functions):
-                            self._stream_delta(completion, request, delta)
-                    else:
-                        collector.add(kind, value)
-                if answer.done:
-                    break
-            if not answer.done:
-                raise self._no_result(process)
-            if not answer.reply.completed:
-                # Cut short (a stop sequence, the max_tokens limit): stop the CLI before
-                # answering, or it goes on spending the subscription on text nobody reads.
-                process.close()
-            self.usage = usage_from_cli(answer.reply.usage)
-            finish = answer.finish_reason(request.legacy_functions)
-            if request.stream:
-                self._stream_end(completion, request, finish)
-            else:
-                self._send_json(200, completion.response(
-                    collector.message(request.legacy_functions), finish, self.usage))
-        except ProxyError as error:
-            error = self.server.limits.explain(error)  # a 429 names the used-up window and its reset
-            if not self.headers_sent:
-                raise error
-            self._stream_error(error)
-        finally:
-            # A child that printed its result exits by itself (and may be writing
-            # Claude Code's own files); one cut short is killed now.
-            process.close(grace=1.0 if answer.reply.completed else 0.0)
-            self.server.release(process)
-
-    def _deadlines(self, process: ClaudeProcess, reply: Reply) -> Callable[[], Tuple[float, ProxyError]]:
-        config = self.server.config
-        total = (time.monotonic() + config.timeout,
-                 ProxyError(504, "Claude did not finish within %g s (--timeout)." % config.timeout,
-                            code="timeout"))
-        idle = ProxyError(504, "Claude Code printed nothing for %g s (--idle-timeout)."
-                          % config.idle_timeout, code="idle_timeout")
-
-        def next_deadline() -> Tuple[float, ProxyError]:  # asked after every read: keep it cheap
-            earliest = min(total, (process.last_output + config.idle_timeout, idle),
-                           key=lambda pair: pair[0])
-            retry = reply.retry_deadline()
-            return earliest if retry is None or earliest[0] <= retry[0] else retry
-        return next_deadline
-
-    def _no_result(self, process: ClaudeProcess) -> ProxyError:
-        if self.server.closing:
-            return ProxyError(503, "The proxy is shutting down.", code="shutting_down")
-        code = process.close(grace=2.0)
-        tail = process.stderr_text()[-1000:]
-        return ProxyError(
-            502, "Claude Code exited (code %s) without an answer. %s"
-            % (code, ("Its last output: " + tail) if tail else "It printed nothing on stderr."),
-            code="cli_failed")
+            answer_turn(door(turn, options), Exchange(self.server, turn, claude, self.connection), self)
 
     # -- response writing ------------------------------------------------------
 
-    def _stream_delta(self, completion: Completion, request: ChatRequest,
-                      delta: Dict[str, Any]) -> None:
-        if not self.headers_sent:
-            self._start_stream()
-            delta = dict({"role": "assistant", "content": None}, **delta)
-        self._send_event(completion.chunk(delta, usage_field=request.include_usage))
-
-    def _stream_end(self, completion: Completion, request: ChatRequest, finish: str) -> None:
-        if not self.headers_sent:
-            self._stream_delta(completion, request, {"content": ""})
-        self._send_event(completion.chunk({}, finish, usage_field=request.include_usage))
-        if request.include_usage:
-            self._send_event(completion.usage_chunk(self.usage))
-        self._end_stream()
-
-    def _stream_error(self, error: ProxyError) -> None:
-        log.warning("%s failed mid-stream: %s", self.request_id, error.message)
-        self._send_event(error.body())
-        self._end_stream()
-
-    def _start_stream(self) -> None:
+    def start_stream(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
@@ -2803,16 +3207,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.headers_sent = True
         self.status_sent = 200
 
-    def _send_event(self, payload: Any) -> None:
-        """One SSE frame as one HTTP chunk, written straight to the socket."""
-        data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-        self._write_chunk(("data: %s\n\n" % data).encode("utf-8"))
-
-    def _end_stream(self) -> None:
-        self._send_event("[DONE]")
-        self._write_chunk(b"")
-
-    def _write_chunk(self, data: bytes) -> None:
+    def write_chunk(self, data: bytes) -> None:
         try:
             if self.chunked:
                 data = b"%x\r\n%s\r\n" % (len(data), data)
@@ -2821,7 +3216,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except OSError:
             raise ClientGone()
 
-    def _send_json(self, status: int, payload: Any, headers: Optional[Dict[str, str]] = None) -> None:
+    def send_json(self, status: int, payload: Any, headers: Optional[Dict[str, str]] = None) -> None:
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -2842,7 +3237,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if error.status >= 500 or error.status == 429:
             log.warning("%s %s: %s", self.request_id, error.status, error.message)
         try:
-            self._send_json(error.status, error.body(), error.headers)
+            self.send_json(error.status, error.body(), error.headers)
         except OSError:
             self.close_connection = True
 
@@ -2959,10 +3354,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _log_access(self, method: str) -> None:
         usage = self.usage or {}
-        log.info("%s %s %s %s model=%s prompt_tokens=%s completion_tokens=%s %.0fms",
+        log.info("%s %s %s %s model=%s input_tokens=%s cached_tokens=%s output_tokens=%s %.0fms",
                  self.request_id, method, self.path.split("?", 1)[0], self.status_sent,
-                 self.model_name, usage.get("prompt_tokens", "-"),
-                 usage.get("completion_tokens", "-"),
+                 self.model_name, usage.get("input_tokens", "-"),
+                 usage.get("cache_read_input_tokens", "-"), usage.get("output_tokens", "-"),
                  (time.monotonic() - self.started) * 1000)
 
 
@@ -3140,30 +3535,52 @@ class ProxyServer(ThreadingHTTPServer):
         return Slot(self._slots, self.config.queue_timeout)
 
     def spawn(self, launch: Launch) -> ClaudeProcess:
-        """The process for one request: a pre-started one when the pool has it, else a new one."""
-        process = self.pool.take(launch)
+        """A process for a turn: a pre-started one when the pool has it, else a new one."""
+        process = self.pool.take(launch, launch.argv[0])
         warm = process is not None
         if process is None:
             process = start_claude(launch, self.lifeline)
+        log.debug("claude pid %d (%s)", process.pid, "warm" if warm else "cold")
+        return self._adopt(process)
+
+    def take_kept(self, key: str, claude: str) -> Optional[ClaudeProcess]:
+        """The kept process of the conversation a turn continues, if it is still there."""
+        process = self.pool.take(key, claude)
+        if process is None:
+            return None
+        log.debug("claude pid %d (continues its conversation)", process.pid)
+        return self._adopt(process)
+
+    def _adopt(self, process: ClaudeProcess) -> ClaudeProcess:
         with self._lock:
             if not self._closing:
                 self._children[process.pid] = process
-                log.debug("claude pid %d (%s)", process.pid, "warm" if warm else "cold")
                 return process
         process.close()
         raise ProxyError(503, "The proxy is shutting down.", code="shutting_down")
 
+    def keep(self, key: str, process: ClaudeProcess) -> None:
+        """Let a process wait for its conversation's next turn, or end it when there is no room."""
+        self.release(process)
+        if not self.pool.keep(key, process):
+            process.close(grace=1.0)
+
+    def discard(self, process: ClaudeProcess) -> None:
+        self.release(process)
+        process.close()
+
     def _prewarm_default(self) -> None:
-        """Warm what a request naming no model and no system prompt needs."""
+        """Warm what a first turn of the default model needs (its prompt and tools come on stdin)."""
         claude = find_claude(self.config.claude_bin)
         if claude is None:
             return
         try:
-            request = parse_chat_request({"messages": [{"role": "user", "content": ""}]}, self.config)
+            cli_model = resolve_model("", self.config.default_model)
         except ProxyError as error:
             log.warning("nothing pre-started: %s", error.message)
             return
-        self.pool.prewarm(cli_launch(claude, request, self.config))
+        turn = Turn(self.config.default_model, cli_model, Conversation(DEFAULT_SYSTEM_PROMPT, [], []))
+        self.pool.prewarm(cli_launch(claude, turn, self.config, []))
 
     def release(self, process: ClaudeProcess) -> None:
         with self._lock:

@@ -213,6 +213,127 @@ RECORDED = {
 {"type":"system","subtype":"status","status":"requesting","uuid":"07aca8ea-1480-4174-a584-ab496ac6f068","session_id":"cec88c9d-73b9-4f9e-99a8-4f7ef7e5afb8"}
 {"type":"assistant","message":{"id":"1e21c33b-d1bb-48e9-a441-fe994368cc49","container":null,"model":"<synthetic>","role":"assistant","stop_details":null,"stop_reason":"stop_sequence","stop_sequence":"","type":"message","usage":{"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":null,"cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":null,"iterations":null,"speed":null},"content":[{"type":"text","text":"API Error: 400 Extra usage is required for long context requests."}],"context_management":null},"parent_tool_use_id":null,"session_id":"cec88c9d-73b9-4f9e-99a8-4f7ef7e5afb8","uuid":"bd53f693-faa6-4be1-9d9b-01d0ef221bd3","error":"unknown"}
 {"type":"result","subtype":"success","is_error":true,"api_error_status":400,"duration_ms":71,"duration_api_ms":0,"num_turns":1,"result":"API Error: 400 Extra usage is required for long context requests.","stop_reason":"stop_sequence","session_id":"cec88c9d-73b9-4f9e-99a8-4f7ef7e5afb8","total_cost_usd":0,"usage":{"input_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":0,"server_tool_use":{"web_search_requests":0,"web_fetch_requests":0},"service_tier":"standard","cache_creation":{"ephemeral_1h_input_tokens":0,"ephemeral_5m_input_tokens":0},"inference_geo":"","iterations":[],"speed":"standard"},"modelUsage":{},"permission_denials":[],"terminal_reason":"completed","fast_mode_state":"off","uuid":"52821d4f-5fdd-451f-9756-7dccd845d5a9"}''',
+    # q1-warm-init: control_response to an Agent-SDK initialize
+    'control-initialize': r'''{"type": "control_response", "response": {"subtype": "success", "request_id": "init1", "response": {"commands": [{"name": "deep-research", "description": "Deep research harness — fan-out web searches, fetch sources, adversarially verify claims, synthesize a cited report. (dynamic workflow)", "argumentHint": ""}, {"name": "update-config", "description": "Use this skill to configure the Claude Code harness via settings.json. Automated behaviors (\"from now on when X\", \"each time X\", \"whenever X\", \"before/after X\") require hooks configured in settings.json - the harness executes these, not Claude, so memory/preferences cannot fulfill them. Also use for: permissions (\"allow X\", \"add permission\", \"move permission to\"), env vars (\"set X=Y\"), hook troubleshooting, or any changes to settings.json/settings.local.json files. Examples: \"allow npm commands\", \"add bq permission to global settings\", \"move permission to user settings\", \"set DEBUG=true\", \"when claude stops show X\". For simple settings like theme/model, suggest the /config command.", "argumentHint": ""}, {"name": "verify", "description": "Verify that a code change actually does what it's supposed to by running the app and observing behavior. Use when asked to verify a PR, confirm a fix works, test a change manually, check that a feature works, or validate local changes before pushing.", "argumentHint": ""}, {"name": "debug", "description": "Enable debug logging for this session and help diagnose issues", "argumentHint": "[issue description]"}, {"name": "code-review", "description": "Review the current diff for correctness bugs and reuse/simplification/efficiency cleanups at the given effort level (low/medium: fewer, high-confidence findings; high→max: broader coverage, may include uncertain findings). Pass --comment to post findings as inline PR comments, or --fix to apply the findings to the working tree after the review.", "argumentHint": "[low|medium|high|xhigh|max] [--fix] [--comment] [<target>]"}, {"name": "simplify", "description": "Review the changed code for reuse, simplification, efficiency, and altitude cleanups, then apply the fixes. Quality only — it does not hunt for bugs; use /code-review for that.", "argumentHint": "[<target>]"}, {"name": "batch", "description": "Research and plan a large-scale change, then execute it in parallel across 5–30 isolated worktree agents that each open a PR.", "argumentHint": "<instruction>"}, {"name": "fewer-permission-prompts", "description": "Scan your transcripts for common read-only Bash and MCP tool calls, then add a prioritized allowlist to project .claude/settings.json to reduce permission prompts.", "argumentHint": ""}, {"name": "loop", "description": "Run a prompt or slash command on a recurring interval (e.g. /loop 5m /foo, defaults to 10m)", "argumentHint": "[interval] <prompt>", "aliases": ["proactive"]}, {"name": "claude-api", "description": "Reference for the Claude API / Anthropic SDK — model ids, pricing, params, streaming, tool use, MCP, agents, caching, token counting, model migration.\nTRIGGER — read BEFORE opening the target file; don't skip because it \"looks like a one-liner\" — whenever: the prompt names Claude/Anthropic in any form (Claude, Anthropic, Fable, Opus, Sonnet, Haiku, `anthropic`, `@anthropic-ai`, `claude-*`, `us.anthropic.*`, `[1m]`); the user asks about an LLM (pricing/model choice/limits/caching) — never answer from memory; OR the task is LLM-shaped with provider unstated (agent/MCP/tool-definition/multi-agent/RAG/LLM-judge/computer-use; generate/summarize/extract/classify/rewrite/converse over NL; debugging refusals/cutoffs/streaming/tool-calls/tokens).\nSKIP only when another provider is being worked on (overrides all triggers): OpenAI/GPT/Gemini/Llama/Mistral/Cohere/Ollama named in the query; OR `grep -rE 'openai|langchain_openai|google.generativeai|genai|mistralai|cohere|ollama'` over the project hits (run this grep FIRST if no provider named — don't Read the file).", "argumentHint": ""}, {"name": "run", "description": "Launch and drive this project's app to see a change working. Use when asked to run, start, or screenshot the app, or to confirm a change works in the real app (not just tests). First looks for a project skill that already covers launching the app; otherwise falls back to built-in patterns per project type (CLI, server, TUI, Electron, browser-driven, library).", "argumentHint": ""}, {"name": "run-skill-generator", "description": "Author or improve the run-<unit> skill — a per-project skill that tells agents how to build, launch, and drive this project's app. Use when the user asks to set up the project, get it running, write run instructions, or verify build/run steps work from a clean environment.", "argumentHint": ""}, {"name": "clear", "description": "Start a new session with empty context; previous session stays on disk (resumable with /resume)", "argumentHint": "[name]", "aliases": ["reset", "new"]}, {"name": "compact", "description": "Free up context by summarizing the conversation so far", "argumentHint": "<optional custom summarization instructions>"}, {"name": "config", "description": "Set a setting by key", "argumentHint": "key=value", "aliases": ["settings"]}, {"name": "context", "description": "Show current context usage", "argumentHint": ""}, {"name": "heapdump", "description": "Dump the JS heap to ~/Desktop", "argumentHint": ""}, {"name": "init", "description": "Initialize a new CLAUDE.md file with codebase documentation", "argumentHint": ""}, {"name": "reload-skills", "description": "Pick up skills added or changed on disk during this session", "argumentHint": ""}, {"name": "review", "description": "Review a GitHub pull request; for your working diff use /code-review", "argumentHint": "[pr number]"}, {"name": "security-review", "description": "Complete a security review of the pending changes on the current branch", "argumentHint": ""}, {"name": "usage", "description": "Show session cost, plan usage, and what's contributing to your limits", "argumentHint": "", "aliases": ["cost", "stats"]}, {"name": "insights", "description": "Generate a report analyzing your Claude Code sessions", "argumentHint": ""}, {"name": "goal", "description": "Set a goal — keep working until the condition is met", "argumentHint": ""}, {"name": "team-onboarding", "description": "Help teammates ramp on Claude Code with a guide from your usage", "argumentHint": ""}], "agents": [{"name": "claude", "description": "Catch-all for any task that doesn't fit a more specific agent. FleetView's default when no agent name is typed."}, {"name": "Explore", "description": "Fast read-only search agent for locating code. Use it to find files by pattern (eg. \"src/components/**/*.tsx\"), grep for symbols or keywords (eg. \"API endpoints\"), or answer \"where is X defined / which files reference Y.\" Do NOT use it for code review, design-doc auditing, cross-file consistency checks, or open-ended analysis — it reads excerpts rather than whole files and will miss content past its read window. When calling, specify search breadth: \"quick\" for a single targeted lookup, \"medium\" for moderate exploration, or \"very thorough\" to search across multiple locations and naming conventions.", "model": "haiku"}, {"name": "general-purpose", "description": "General-purpose agent for researching complex questions, searching for code, and executing multi-step tasks. When you are searching for a keyword or file and are not confident that you will find the right match in the first few tries use this agent to perform the search for you."}, {"name": "Plan", "description": "Software architect agent for designing implementation plans. Use this when you need to plan the implementation strategy for a task. Returns step-by-step plans, identifies critical files, and considers architectural trade-offs."}, {"name": "statusline-setup", "description": "Use this agent to configure the user's Claude Code status line setting.", "model": "sonnet"}], "output_style": "default", "available_output_styles": ["default", "Proactive", "Explanatory", "Learning"], "models": [{"value": "default", "resolvedModel": "claude-sonnet-5", "displayName": "Default (recommended)", "description": "Sonnet 5 · Efficient for routine tasks", "supportsEffort": true, "supportedEffortLevels": ["low", "medium", "high", "xhigh", "max"], "supportsAdaptiveThinking": true, "supportsAutoMode": true}, {"value": "sonnet", "resolvedModel": "claude-sonnet-5", "displayName": "Sonnet", "description": "Sonnet 5 · Efficient for routine tasks", "supportsEffort": true, "supportedEffortLevels": ["low", "medium", "high", "xhigh", "max"], "supportsAdaptiveThinking": true, "supportsAutoMode": true}, {"value": "opus", "resolvedModel": "claude-opus-4-8", "displayName": "Opus", "description": "Opus 4.8 · Best for everyday, complex tasks", "supportsEffort": true, "supportedEffortLevels": ["low", "medium", "high", "xhigh", "max"], "supportsAdaptiveThinking": true, "supportsFastMode": true, "supportsAutoMode": true}, {"value": "haiku", "resolvedModel": "claude-haiku-4-5-20251001", "displayName": "Haiku", "description": "Haiku 4.5 · Fastest for quick answers"}], "account": {"tokenSource": "CLAUDE_CODE_OAUTH_TOKEN", "apiProvider": "firstParty"}, "pid": 5816}}}''',
+    # q1-warm-init: mcp_set_servers answer, MCP handshake, one text turn
+    'mcp-warm-text': r'''{"type": "control_response", "response": {"subtype": "success", "request_id": "set1", "response": {"added": ["p"], "removed": [], "errors": {}}}}
+{"type": "control_request", "request_id": "c0435212-d7a2-4705-b125-27ecb634d1e5", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "claude-code", "title": "Claude Code", "version": "2.1.197", "description": "Anthropic's agentic coding tool", "websiteUrl": "https://claude.com/claude-code"}}, "jsonrpc": "2.0", "id": 0}}}
+{"type": "control_request", "request_id": "c7599fe7-fdfd-4f48-85f2-d9fc4d9f62e5", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "notifications/initialized", "jsonrpc": "2.0"}}}
+{"type": "control_request", "request_id": "46df7ffc-9189-4a41-b3cf-db2c01b44642", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "tools/list", "jsonrpc": "2.0", "id": 1}}}
+{"type": "system", "subtype": "init", "cwd": "/private/tmp/claude-proxy-x1y2", "session_id": "175645d8-252b-4bd7-b252-acd16eea6af3", "tools": ["get_weather", "lookup_user"], "mcp_servers": [{"name": "p", "status": "connected"}], "model": "claude-sonnet-5", "permissionMode": "default", "slash_commands": ["deep-research", "update-config", "verify", "debug", "code-review", "simplify", "batch", "fewer-permission-prompts", "loop", "claude-api", "run", "run-skill-generator", "clear", "compact", "config", "context", "heapdump", "init", "reload-skills", "review", "security-review", "usage", "insights", "goal", "team-onboarding"], "apiKeySource": "none", "claude_code_version": "2.1.197", "output_style": "default", "agents": ["claude", "Explore", "general-purpose", "Plan", "statusline-setup"], "skills": ["deep-research", "update-config", "verify", "debug", "code-review", "simplify", "batch", "fewer-permission-prompts", "loop", "claude-api", "run", "run-skill-generator"], "plugins": [], "analytics_disabled": true, "product_feedback_disabled": true, "uuid": "fc2e52f9-0612-4100-b155-eaa54922a0bc", "memory_paths": {"auto": "/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"}, "fast_mode_state": "off"}
+{"type": "system", "subtype": "status", "status": "requesting", "uuid": "bf078b71-4758-45e6-8b3b-1821642175d1", "session_id": "175645d8-252b-4bd7-b252-acd16eea6af3"}
+{"type": "stream_event", "event": {"type": "message_start", "message": {"id": "msg_fake_1", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}, "session_id": "175645d8-252b-4bd7-b252-acd16eea6af3", "parent_tool_use_id": null, "uuid": "12282485-c5fc-43bb-b02e-ce6b76c8ab07", "ttft_ms": 27}
+{"type": "stream_event", "event": {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, "session_id": "175645d8-252b-4bd7-b252-acd16eea6af3", "parent_tool_use_id": null, "uuid": "e16f53b1-5376-473e-be49-32f395171c94"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hello"}}, "session_id": "175645d8-252b-4bd7-b252-acd16eea6af3", "parent_tool_use_id": null, "uuid": "183383b1-3968-4566-a76b-14da2fadd25a"}
+{"type": "assistant", "message": {"id": "msg_fake_1", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [{"type": "text", "text": "hello"}], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}, "context_management": null}, "parent_tool_use_id": null, "session_id": "175645d8-252b-4bd7-b252-acd16eea6af3", "uuid": "5a1ba817-57e8-402e-b183-8538b333ac02"}
+{"type": "stream_event", "event": {"type": "content_block_stop", "index": 0}, "session_id": "175645d8-252b-4bd7-b252-acd16eea6af3", "parent_tool_use_id": null, "uuid": "d233fdf6-e534-4580-81f9-5a9f7d806fb2"}
+{"type": "stream_event", "event": {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"input_tokens": 100, "output_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}, "session_id": "175645d8-252b-4bd7-b252-acd16eea6af3", "parent_tool_use_id": null, "uuid": "ed1bf26d-3c31-45ed-92ee-fb34ef63eb1b"}
+{"type": "stream_event", "event": {"type": "message_stop"}, "session_id": "175645d8-252b-4bd7-b252-acd16eea6af3", "parent_tool_use_id": null, "uuid": "407fac59-d4e2-476b-8e9d-9234f1f48d9e"}
+{"type": "rate_limit_event", "rate_limit_info": {"status": "allowed", "isUsingOverage": false}, "uuid": "328c9ac9-9873-4363-96c9-09fac61e0e91", "session_id": "175645d8-252b-4bd7-b252-acd16eea6af3"}
+{"type": "result", "subtype": "success", "is_error": false, "api_error_status": null, "duration_ms": 159, "duration_api_ms": 74, "ttft_ms": 127, "ttft_stream_ms": 124, "time_to_request_ms": 97, "num_turns": 1, "result": "hello", "stop_reason": "end_turn", "session_id": "175645d8-252b-4bd7-b252-acd16eea6af3", "total_cost_usd": 0.00040500000000000003, "usage": {"input_tokens": 100, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 7, "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0}, "service_tier": "standard", "cache_creation": {"ephemeral_1h_input_tokens": 0, "ephemeral_5m_input_tokens": 0}, "inference_geo": "", "iterations": [], "speed": "standard"}, "modelUsage": {"claude-sonnet-5": {"inputTokens": 100, "outputTokens": 7, "cacheReadInputTokens": 0, "cacheCreationInputTokens": 0, "webSearchRequests": 0, "costUSD": 0.00040500000000000003, "contextWindow": 200000, "maxOutputTokens": 64000}}, "permission_denials": [], "terminal_reason": "completed", "fast_mode_state": "off", "uuid": "a97a8e27-ed65-4d74-aa73-19aa9acc37e3"}''',
+    # q2-deny-single: an MCP tool denied (no --allowedTools), --max-turns 1
+    'tool-denied': r'''{"type": "control_response", "response": {"subtype": "success", "request_id": "set1", "response": {"added": ["p"], "removed": [], "errors": {}}}}
+{"type": "control_request", "request_id": "9ab12aad-e1df-4953-855f-51e1e4fa77f2", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "claude-code", "title": "Claude Code", "version": "2.1.197", "description": "Anthropic's agentic coding tool", "websiteUrl": "https://claude.com/claude-code"}}, "jsonrpc": "2.0", "id": 0}}}
+{"type": "control_request", "request_id": "0cad34a0-cf06-478d-8204-050a2d4162d7", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "claude-code", "title": "Claude Code", "version": "2.1.197", "description": "Anthropic's agentic coding tool", "websiteUrl": "https://claude.com/claude-code"}}, "jsonrpc": "2.0", "id": 0}}}
+{"type": "control_request", "request_id": "cfd63f27-f768-4d5b-8d94-d2c51878e99a", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "notifications/initialized", "jsonrpc": "2.0"}}}
+{"type": "control_request", "request_id": "440b3dd6-e5c1-45a6-a5a4-76408261e86d", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "notifications/initialized", "jsonrpc": "2.0"}}}
+{"type": "control_request", "request_id": "fa24a54d-0533-4fb9-9e9c-33a9a10a83e7", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "tools/list", "jsonrpc": "2.0", "id": 1}}}
+{"type": "control_request", "request_id": "5f506013-62f2-49ba-9c51-7b59c2548f34", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "tools/list", "jsonrpc": "2.0", "id": 1}}}
+{"type": "system", "subtype": "init", "cwd": "/private/tmp/claude-proxy-x1y2", "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6", "tools": ["get_weather", "lookup_user"], "mcp_servers": [{"name": "p", "status": "connected"}], "model": "claude-sonnet-5", "permissionMode": "default", "slash_commands": ["deep-research", "update-config", "verify", "debug", "code-review", "simplify", "batch", "fewer-permission-prompts", "loop", "claude-api", "run", "run-skill-generator", "clear", "compact", "config", "context", "heapdump", "init", "reload-skills", "review", "security-review", "usage", "insights", "goal", "team-onboarding"], "apiKeySource": "none", "claude_code_version": "2.1.197", "output_style": "default", "agents": ["claude", "Explore", "general-purpose", "Plan", "statusline-setup"], "skills": ["deep-research", "update-config", "verify", "debug", "code-review", "simplify", "batch", "fewer-permission-prompts", "loop", "claude-api", "run", "run-skill-generator"], "plugins": [], "analytics_disabled": true, "product_feedback_disabled": true, "uuid": "04925766-d885-41b5-9ff1-7cf10c3f3713", "memory_paths": {"auto": "/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"}, "fast_mode_state": "off"}
+{"type": "system", "subtype": "status", "status": "requesting", "uuid": "6084409d-26d4-4af3-8ef9-b51edd777623", "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6"}
+{"type": "stream_event", "event": {"type": "message_start", "message": {"id": "msg_fake_1", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}, "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6", "parent_tool_use_id": null, "uuid": "daa1b40f-9ddf-455f-ac14-6c4b63d71c7c", "ttft_ms": 26}
+{"type": "stream_event", "event": {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_01_0", "name": "get_weather", "input": {}}}, "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6", "parent_tool_use_id": null, "uuid": "a9835683-a1f0-4520-af0f-723931068a8d"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "{\"city"}}, "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6", "parent_tool_use_id": null, "uuid": "e7ab6c01-7b05-43dc-a767-3e3b65f79931"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "\": \"Pa"}}, "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6", "parent_tool_use_id": null, "uuid": "1bf65455-8272-45c6-8799-bda76aaaae2c"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "ris\"}"}}, "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6", "parent_tool_use_id": null, "uuid": "1bf933d8-6c19-4bd1-adee-0fbcf5d1cac3"}
+{"type": "assistant", "message": {"id": "msg_fake_1", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [{"type": "tool_use", "id": "toolu_01_0", "name": "get_weather", "input": {"city": "Paris"}}], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}, "context_management": null}, "parent_tool_use_id": null, "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6", "uuid": "04625bff-bc1a-4268-86a3-c062124db4c9", "tool_use_meta": [{"id": "toolu_01_0", "display_name": "Get Weather", "server_display_name": "p"}]}
+{"type": "stream_event", "event": {"type": "content_block_stop", "index": 0}, "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6", "parent_tool_use_id": null, "uuid": "e7a81d40-5489-4688-8dd1-432a034dcb0b"}
+{"type": "user", "message": {"role": "user", "content": [{"type": "tool_result", "content": "Claude requested permissions to use get_weather, but you haven't granted it yet.", "is_error": true, "tool_use_id": "toolu_01_0"}]}, "parent_tool_use_id": null, "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6", "uuid": "9b05a0b9-60ee-4a33-b4bf-a02885f28fd9", "timestamp": "2026-11-25T23:32:06.752Z", "tool_use_result": "Error: Claude requested permissions to use get_weather, but you haven't granted it yet."}
+{"type": "stream_event", "event": {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"input_tokens": 100, "output_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}, "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6", "parent_tool_use_id": null, "uuid": "f020833c-18bb-4b57-becf-46d78d6a9e0e"}
+{"type": "stream_event", "event": {"type": "message_stop"}, "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6", "parent_tool_use_id": null, "uuid": "821b731c-835f-4ab9-836f-9b0ad8015592"}
+{"type": "rate_limit_event", "rate_limit_info": {"status": "allowed", "isUsingOverage": false}, "uuid": "3edc3206-6ab1-4bb2-a217-9ef79b9829a5", "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6"}
+{"type": "result", "subtype": "error_max_turns", "duration_ms": 185, "duration_api_ms": 152, "is_error": true, "num_turns": 2, "stop_reason": "tool_use", "session_id": "08e181e2-6d95-4278-9ed0-9b754ccd10b6", "total_cost_usd": 0.00040500000000000003, "usage": {"input_tokens": 100, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 7, "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0}, "service_tier": "standard", "cache_creation": {"ephemeral_1h_input_tokens": 0, "ephemeral_5m_input_tokens": 0}, "inference_geo": "", "iterations": [], "speed": "standard"}, "modelUsage": {"claude-sonnet-5": {"inputTokens": 100, "outputTokens": 7, "cacheReadInputTokens": 0, "cacheCreationInputTokens": 0, "webSearchRequests": 0, "costUSD": 0.00040500000000000003, "contextWindow": 200000, "maxOutputTokens": 64000}}, "permission_denials": [{"tool_name": "get_weather", "tool_use_id": "toolu_01_0", "tool_input": {"city": "Paris"}}], "terminal_reason": "max_turns", "fast_mode_state": "off", "uuid": "54f7590f-e3da-4e4a-8ed9-9f4baf43a69f", "errors": ["Reached maximum number of turns (1)"]}''',
+    # q2-deny-parallel: three tool_use blocks denied, one per block
+    'tool-denied-parallel': r'''{"type": "control_response", "response": {"subtype": "success", "request_id": "set1", "response": {"added": ["p"], "removed": [], "errors": {}}}}
+{"type": "control_request", "request_id": "ee36afd2-75a7-476c-a75e-81a26200f692", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "claude-code", "title": "Claude Code", "version": "2.1.197", "description": "Anthropic's agentic coding tool", "websiteUrl": "https://claude.com/claude-code"}}, "jsonrpc": "2.0", "id": 0}}}
+{"type": "control_request", "request_id": "25e5e7b0-fa99-4511-97f4-a1a7a976c928", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "claude-code", "title": "Claude Code", "version": "2.1.197", "description": "Anthropic's agentic coding tool", "websiteUrl": "https://claude.com/claude-code"}}, "jsonrpc": "2.0", "id": 0}}}
+{"type": "control_request", "request_id": "f96e2242-2fc5-44d4-99b1-ec62c5c2fd18", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "notifications/initialized", "jsonrpc": "2.0"}}}
+{"type": "control_request", "request_id": "2528d9f3-ac73-4d8a-986c-2586093f0459", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "notifications/initialized", "jsonrpc": "2.0"}}}
+{"type": "control_request", "request_id": "12d9a6db-619d-4ace-902e-f748ade9dd00", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "tools/list", "jsonrpc": "2.0", "id": 1}}}
+{"type": "control_request", "request_id": "a9574fa1-4940-4e2b-bcca-ffc9ff8569cb", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "tools/list", "jsonrpc": "2.0", "id": 1}}}
+{"type": "system", "subtype": "init", "cwd": "/private/tmp/claude-proxy-x1y2", "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "tools": ["get_weather", "lookup_user"], "mcp_servers": [{"name": "p", "status": "connected"}], "model": "claude-sonnet-5", "permissionMode": "default", "slash_commands": ["deep-research", "update-config", "verify", "debug", "code-review", "simplify", "batch", "fewer-permission-prompts", "loop", "claude-api", "run", "run-skill-generator", "clear", "compact", "config", "context", "heapdump", "init", "reload-skills", "review", "security-review", "usage", "insights", "goal", "team-onboarding"], "apiKeySource": "none", "claude_code_version": "2.1.197", "output_style": "default", "agents": ["claude", "Explore", "general-purpose", "Plan", "statusline-setup"], "skills": ["deep-research", "update-config", "verify", "debug", "code-review", "simplify", "batch", "fewer-permission-prompts", "loop", "claude-api", "run", "run-skill-generator"], "plugins": [], "analytics_disabled": true, "product_feedback_disabled": true, "uuid": "6da78070-5f90-4be6-b207-5d6cc2d4edb4", "memory_paths": {"auto": "/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"}, "fast_mode_state": "off"}
+{"type": "system", "subtype": "status", "status": "requesting", "uuid": "487ca961-09a0-41fa-b891-bf2355ce0f31", "session_id": "93ab8702-e724-4b75-8139-60a811f20d18"}
+{"type": "stream_event", "event": {"type": "message_start", "message": {"id": "msg_fake_2", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "0678ab71-d90e-4559-bc06-7a46d6d9e800", "ttft_ms": 13}
+{"type": "stream_event", "event": {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_02_0", "name": "get_weather", "input": {}}}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "094749f9-9e70-421f-861e-4ca36c62948c"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "{\"city"}}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "58d9ca4f-6d61-4fe1-b608-2521cbeff7b2"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "\": \"Pa"}}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "6955ebd4-5157-4e47-8939-6ba1b03becc0"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "ris\"}"}}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "234ab581-9da3-4d0c-8861-6c5a8fd3d6be"}
+{"type": "assistant", "message": {"id": "msg_fake_2", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [{"type": "tool_use", "id": "toolu_02_0", "name": "get_weather", "input": {"city": "Paris"}}], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}, "context_management": null}, "parent_tool_use_id": null, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "uuid": "5f75c3f3-878e-4615-89dd-74e8c15636b9", "tool_use_meta": [{"id": "toolu_02_0", "display_name": "Get Weather", "server_display_name": "p"}]}
+{"type": "stream_event", "event": {"type": "content_block_stop", "index": 0}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "0636984b-1bfc-4fb8-bf0a-0f86a3c046a1"}
+{"type": "user", "message": {"role": "user", "content": [{"type": "tool_result", "content": "Claude requested permissions to use get_weather, but you haven't granted it yet.", "is_error": true, "tool_use_id": "toolu_02_0"}]}, "parent_tool_use_id": null, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "uuid": "73398bb0-92b8-4d18-8cc6-afecf3d5c2f6", "timestamp": "2026-11-25T23:32:09.368Z", "tool_use_result": "Error: Claude requested permissions to use get_weather, but you haven't granted it yet."}
+{"type": "stream_event", "event": {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_02_1", "name": "get_weather", "input": {}}}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "4f50cfbb-48ae-4c7f-b03e-1d10a01bf6b3"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"city"}}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "531f16be-b2cb-4b2e-acd3-12e2aebe60f1"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "\": \"Ro"}}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "fc8447cd-bbe0-4a55-897b-bbdc95835754"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "me\"}"}}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "a16ea47a-1311-4e8d-a019-e15a39ed064b"}
+{"type": "assistant", "message": {"id": "msg_fake_2", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [{"type": "tool_use", "id": "toolu_02_1", "name": "get_weather", "input": {"city": "Rome"}}], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}, "context_management": null}, "parent_tool_use_id": null, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "uuid": "cd00e9e5-3b55-4ed9-87fb-e1b9ddea996a", "tool_use_meta": [{"id": "toolu_02_1", "display_name": "Get Weather", "server_display_name": "p"}]}
+{"type": "stream_event", "event": {"type": "content_block_stop", "index": 1}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "bff5e7e2-682b-45fa-8de3-e719b7e58e66"}
+{"type": "user", "message": {"role": "user", "content": [{"type": "tool_result", "content": "Claude requested permissions to use get_weather, but you haven't granted it yet.", "is_error": true, "tool_use_id": "toolu_02_1"}]}, "parent_tool_use_id": null, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "uuid": "a51cecdd-e9cc-437e-ae5f-e01c91172b53", "timestamp": "2026-11-25T23:32:09.454Z", "tool_use_result": "Error: Claude requested permissions to use get_weather, but you haven't granted it yet."}
+{"type": "stream_event", "event": {"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "toolu_02_2", "name": "lookup_user", "input": {}}}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "8893be65-9d2c-4b0f-bdcf-cc072e78d4ef"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": "{\"id\":"}}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "7d7d0c8f-4c2a-4b92-a7fd-65dabea283c3"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 2, "delta": {"type": "input_json_delta", "partial_json": " 7}"}}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "b5aa3e12-2e8e-43e4-b08d-41b4bf831392"}
+{"type": "assistant", "message": {"id": "msg_fake_2", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [{"type": "tool_use", "id": "toolu_02_2", "name": "lookup_user", "input": {"id": 7}}], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}, "context_management": null}, "parent_tool_use_id": null, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "uuid": "d6c5d5b4-c309-4899-82ac-96795b45041a", "tool_use_meta": [{"id": "toolu_02_2", "display_name": "Lookup User", "server_display_name": "p"}]}
+{"type": "stream_event", "event": {"type": "content_block_stop", "index": 2}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "8c849605-0c0c-4fb7-b229-400cbec3e51e"}
+{"type": "user", "message": {"role": "user", "content": [{"type": "tool_result", "content": "Claude requested permissions to use lookup_user, but you haven't granted it yet.", "is_error": true, "tool_use_id": "toolu_02_2"}]}, "parent_tool_use_id": null, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "uuid": "33ef354a-923b-417a-814f-d6a888eb1347", "timestamp": "2026-11-25T23:32:09.472Z", "tool_use_result": "Error: Claude requested permissions to use lookup_user, but you haven't granted it yet."}
+{"type": "stream_event", "event": {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"input_tokens": 100, "output_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "fe2c837b-5f68-4f83-9ca3-d3b9479a1a71"}
+{"type": "stream_event", "event": {"type": "message_stop"}, "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "parent_tool_use_id": null, "uuid": "c290da77-9c6b-4a84-bc99-0ae2cbf81505"}
+{"type": "rate_limit_event", "rate_limit_info": {"status": "allowed", "isUsingOverage": false}, "uuid": "122ad12f-1673-48e2-b124-658d59560a46", "session_id": "93ab8702-e724-4b75-8139-60a811f20d18"}
+{"type": "result", "subtype": "error_max_turns", "duration_ms": 254, "duration_api_ms": 211, "is_error": true, "num_turns": 2, "stop_reason": "tool_use", "session_id": "93ab8702-e724-4b75-8139-60a811f20d18", "total_cost_usd": 0.00040500000000000003, "usage": {"input_tokens": 100, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 7, "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0}, "service_tier": "standard", "cache_creation": {"ephemeral_1h_input_tokens": 0, "ephemeral_5m_input_tokens": 0}, "inference_geo": "", "iterations": [], "speed": "standard"}, "modelUsage": {"claude-sonnet-5": {"inputTokens": 100, "outputTokens": 7, "cacheReadInputTokens": 0, "cacheCreationInputTokens": 0, "webSearchRequests": 0, "costUSD": 0.00040500000000000003, "contextWindow": 200000, "maxOutputTokens": 64000}}, "permission_denials": [{"tool_name": "get_weather", "tool_use_id": "toolu_02_0", "tool_input": {"city": "Paris"}}, {"tool_name": "get_weather", "tool_use_id": "toolu_02_1", "tool_input": {"city": "Rome"}}, {"tool_name": "lookup_user", "tool_use_id": "toolu_02_2", "tool_input": {"id": 7}}], "terminal_reason": "max_turns", "fast_mode_state": "off", "uuid": "63c0e240-0b90-4779-a712-f628864c6f97", "errors": ["Reached maximum number of turns (1)"]}''',
+    # q3-live-process-6turns-blocks, turn 1: --allowedTools mcp__p; tools/call answered; continued turn
+    'tool-parked': r'''{"type": "control_response", "response": {"subtype": "success", "request_id": "set1", "response": {"added": ["p"], "removed": [], "errors": {}}}}
+{"type": "control_request", "request_id": "759f3d6e-e403-4428-8ec9-26adf932c2ee", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "claude-code", "title": "Claude Code", "version": "2.1.197", "description": "Anthropic's agentic coding tool", "websiteUrl": "https://claude.com/claude-code"}}, "jsonrpc": "2.0", "id": 0}}}
+{"type": "control_request", "request_id": "ba3f1f8a-a830-4dee-8129-1dfb586f2e4c", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "claude-code", "title": "Claude Code", "version": "2.1.197", "description": "Anthropic's agentic coding tool", "websiteUrl": "https://claude.com/claude-code"}}, "jsonrpc": "2.0", "id": 0}}}
+{"type": "control_request", "request_id": "6b76baea-fede-42e8-8f03-3cd5c7ed0413", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "notifications/initialized", "jsonrpc": "2.0"}}}
+{"type": "control_request", "request_id": "7c0af36a-560a-4d4b-8bce-ec1cf6e86ae3", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "notifications/initialized", "jsonrpc": "2.0"}}}
+{"type": "control_request", "request_id": "82f4f3cb-a092-4d36-82fd-8cabb01eafcf", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "tools/list", "jsonrpc": "2.0", "id": 1}}}
+{"type": "control_request", "request_id": "899ae619-4298-4ea5-857e-c138cb070031", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "tools/list", "jsonrpc": "2.0", "id": 1}}}
+{"type": "system", "subtype": "init", "cwd": "/private/tmp/claude-proxy-x1y2", "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "tools": ["get_weather", "lookup_user"], "mcp_servers": [{"name": "p", "status": "connected"}], "model": "claude-sonnet-5", "permissionMode": "default", "slash_commands": ["deep-research", "update-config", "verify", "debug", "code-review", "simplify", "batch", "fewer-permission-prompts", "loop", "claude-api", "run", "run-skill-generator", "clear", "compact", "config", "context", "heapdump", "init", "reload-skills", "review", "security-review", "usage", "insights", "goal", "team-onboarding"], "apiKeySource": "none", "claude_code_version": "2.1.197", "output_style": "default", "agents": ["claude", "Explore", "general-purpose", "Plan", "statusline-setup"], "skills": ["deep-research", "update-config", "verify", "debug", "code-review", "simplify", "batch", "fewer-permission-prompts", "loop", "claude-api", "run", "run-skill-generator"], "plugins": [], "analytics_disabled": true, "product_feedback_disabled": true, "uuid": "79a58ae3-21cc-45e0-973f-c4ec37f07b81", "memory_paths": {"auto": "/Users/me/.claude/projects/-private-tmp-claude-proxy-x1y2/memory/"}, "fast_mode_state": "off"}
+{"type": "system", "subtype": "status", "status": "requesting", "uuid": "658a0e37-3e20-4fb3-b712-da1f5a188735", "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935"}
+{"type": "stream_event", "event": {"type": "message_start", "message": {"id": "msg_fake_1", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "1ac71ccf-e5c0-4685-be72-b0a5a8b1468b", "ttft_ms": 33}
+{"type": "stream_event", "event": {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_01_0", "name": "get_weather", "input": {}}}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "1970287a-b689-4f22-b188-cfa9d4e9bd0d"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "{\"city"}}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "92331c7c-d6fe-4136-b1b1-ae12dce1f81b"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "\": \"Pa"}}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "e42f6e60-499b-46c6-8202-150dacfeea73"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": "ris\"}"}}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "bfc91d52-ca52-4a0c-b9b2-897138d56909"}
+{"type": "assistant", "message": {"id": "msg_fake_1", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [{"type": "tool_use", "id": "toolu_01_0", "name": "get_weather", "input": {"city": "Paris"}}], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}, "context_management": null}, "parent_tool_use_id": null, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "uuid": "f0b20f80-72d4-4dc3-99d3-193675fddff1", "tool_use_meta": [{"id": "toolu_01_0", "display_name": "Get Weather", "server_display_name": "p"}]}
+{"type": "control_request", "request_id": "5b0db71d-60b2-43c3-8af6-7e6974df6b85", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "tools/call", "params": {"name": "get_weather", "arguments": {"city": "Paris"}, "_meta": {"claudecode/toolUseId": "toolu_01_0", "progressToken": 2}}, "jsonrpc": "2.0", "id": 2}}}
+{"type": "stream_event", "event": {"type": "content_block_stop", "index": 0}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "1f8896a6-bbb6-431e-be58-cc109b6a1884"}
+{"type": "stream_event", "event": {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"input_tokens": 100, "output_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "2837901d-a4a5-41a2-afb8-5247744ddc56"}
+{"type": "stream_event", "event": {"type": "message_stop"}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "bfdd0e17-7007-4cf3-a3ed-3213fa18a0f6"}
+{"type": "rate_limit_event", "rate_limit_info": {"status": "allowed", "isUsingOverage": false}, "uuid": "39bf759d-75d7-4c86-aaa9-3bac11fc2ad2", "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935"}
+{"type": "user", "message": {"role": "user", "content": [{"tool_use_id": "toolu_01_0", "type": "tool_result", "content": [{"type": "text", "text": "sunny 21C\nSAY:It is sunny in Paris."}]}]}, "parent_tool_use_id": null, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "uuid": "ade2112c-6f21-4457-834b-0fa3d7fbfbc3", "timestamp": "2026-11-25T23:44:40.772Z", "tool_use_result": [{"type": "text", "text": "sunny 21C\nSAY:It is sunny in Paris."}]}
+{"type": "system", "subtype": "status", "status": "requesting", "uuid": "8e3178c0-4abb-466c-864b-90add86a7a56", "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935"}
+{"type": "stream_event", "event": {"type": "message_start", "message": {"id": "msg_fake_2", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "0249c006-75bb-46e8-b7e5-eedc2e8006a2", "ttft_ms": 12}
+{"type": "stream_event", "event": {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "413d1cad-ae09-4ba1-859a-3f19819077bd"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "It is su"}}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "303e31c0-9330-4755-80c9-a24fed064e8a"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "nny in P"}}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "a91b41b4-3fec-4448-9052-2a06630cbe11"}
+{"type": "stream_event", "event": {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "aris."}}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "01258560-9156-4c64-b8c2-6e0432b9c0be"}
+{"type": "assistant", "message": {"id": "msg_fake_2", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [{"type": "text", "text": "It is sunny in Paris."}], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}, "context_management": null}, "parent_tool_use_id": null, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "uuid": "3024c921-0330-4cc3-9f36-881ba7dfe492"}
+{"type": "stream_event", "event": {"type": "content_block_stop", "index": 0}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "8620cbf2-7538-4630-97d5-6d23107baea1"}
+{"type": "stream_event", "event": {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"input_tokens": 100, "output_tokens": 7, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "b7e2712f-bb81-4073-b1d9-0a1f2754e920"}
+{"type": "stream_event", "event": {"type": "message_stop"}, "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "parent_tool_use_id": null, "uuid": "b69ef6ed-fb4b-4bad-9030-b78c769f553b"}
+{"type": "result", "subtype": "success", "is_error": false, "api_error_status": null, "duration_ms": 1224, "duration_api_ms": 122, "ttft_ms": 111, "ttft_stream_ms": 109, "time_to_request_ms": 80, "num_turns": 2, "result": "It is sunny in Paris.", "stop_reason": "end_turn", "session_id": "a7ce6b53-d9d8-4504-bf78-a0393bb69935", "total_cost_usd": 0.0008100000000000001, "usage": {"input_tokens": 200, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 14, "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0}, "service_tier": "standard", "cache_creation": {"ephemeral_1h_input_tokens": 0, "ephemeral_5m_input_tokens": 0}, "inference_geo": "", "iterations": [], "speed": "standard"}, "modelUsage": {"claude-sonnet-5": {"inputTokens": 200, "outputTokens": 14, "cacheReadInputTokens": 0, "cacheCreationInputTokens": 0, "webSearchRequests": 0, "costUSD": 0.0008100000000000001, "contextWindow": 200000, "maxOutputTokens": 64000}}, "permission_denials": [], "terminal_reason": "completed", "fast_mode_state": "off", "uuid": "89007eed-78f6-4383-beeb-1a0815e79101"}''',
+    # q7-control-misc: apply_flag_settings, set_max_thinking_tokens, an unknown subtype
+    'control-misc': r'''{"type": "control_response", "response": {"subtype": "success", "request_id": "afs"}}
+{"type": "control_response", "response": {"subtype": "success", "request_id": "smt"}}
+{"type": "control_response", "response": {"subtype": "error", "request_id": "bad", "error": "Unsupported control request subtype: no_such_thing"}}''',
+    # q7-interrupt: interrupt mid-stream
+    'interrupt': r'''{"type": "control_response", "response": {"subtype": "success", "request_id": "int1"}}
+{"type": "assistant", "message": {"id": "msg_fake_2", "type": "message", "role": "assistant", "model": "claude-sonnet-5", "content": [{"type": "text", "text": "word0 word1 word2 "}], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 100, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}, "context_management": null}, "parent_tool_use_id": null, "session_id": "167349e6-a030-41b9-b7db-85bf7ba0632c", "uuid": "84890e57-c579-46c1-8313-e346f3409c43"}
+{"type": "user", "message": {"role": "user", "content": [{"type": "text", "text": "[Request interrupted by user]"}]}, "parent_tool_use_id": null, "session_id": "167349e6-a030-41b9-b7db-85bf7ba0632c", "uuid": "504d84b5-7cc5-4594-b699-5ea053046731", "timestamp": "2026-11-25T23:42:32.884Z"}
+{"type": "result", "subtype": "error_during_execution", "duration_ms": 927, "duration_api_ms": 0, "is_error": true, "num_turns": 2, "stop_reason": null, "session_id": "167349e6-a030-41b9-b7db-85bf7ba0632c", "total_cost_usd": 0, "usage": {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0, "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0}, "service_tier": "standard", "cache_creation": {"ephemeral_1h_input_tokens": 0, "ephemeral_5m_input_tokens": 0}, "inference_geo": "", "iterations": [], "speed": "standard"}, "modelUsage": {}, "permission_denials": [], "terminal_reason": "aborted_streaming", "fast_mode_state": "off", "uuid": "650fa00d-3173-4dcd-8348-5602e822c1e4", "errors": ["[ede_diagnostic] result_type=user last_content_type=n/a stop_reason=null"]}''',
+    # q3-live-user-line-while-tool-parked: a pending tools/call cancelled by a new user line
+    'tool-stream-closed': r'''{"type": "user", "message": {"role": "user", "content": [{"type": "tool_result", "content": "Tool permission stream closed before response received", "is_error": true, "tool_use_id": "toolu_03_1"}]}, "parent_tool_use_id": null, "session_id": "f89c9e16-86d3-4fe4-8609-c54c0de62202", "uuid": "27f2632e-961a-4581-b2ab-8da6c3ee201a", "timestamp": "2026-11-25T23:44:21.769Z", "tool_use_result": "Error: Tool permission stream closed before response received"}''',
+    # recorded here (2.1.197): --resume of a missing session, printed at start, exit 1
+    'resume-not-found': r'''{"type": "result", "subtype": "error_during_execution", "duration_ms": 0, "duration_api_ms": 0, "is_error": true, "num_turns": 0, "stop_reason": null, "session_id": "8d2baeb2-a2cb-4eff-9cb0-5ff083b20962", "total_cost_usd": 0, "usage": {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0, "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0}, "service_tier": "standard", "cache_creation": {"ephemeral_1h_input_tokens": 0, "ephemeral_5m_input_tokens": 0}, "inference_geo": "", "iterations": [], "speed": "standard"}, "modelUsage": {}, "permission_denials": [], "uuid": "8115d06d-66c8-45d3-9f7b-2e174d372053", "errors": ["No conversation found with session ID: 8d2baeb2-a2cb-4eff-9cb0-5ff083b20962"]}''',
 }
 
 
@@ -220,13 +341,25 @@ def recorded_events(name: str) -> List[Dict[str, Any]]:
     return [json.loads(line) for line in RECORDED[name].splitlines() if line.strip()]
 
 
-# The fake `claude`. It reads its stdin message first (as the real CLI does with
-# --input-format stream-json), then acts on the last [[fake:NAME]] in the
-# prompt: NAME is a built-in behaviour below or a script file NAME.json that a
-# test wrote into $FAKE_CLAUDE_SCRIPTS. Every event it prints is a recorded
-# event with only its text, model, stop reason or usage changed.
+# The fake `claude`. Like the real CLI with --input-format stream-json, it reads
+# stdin line by line: control requests (initialize, apply_flag_settings,
+# mcp_set_servers and the MCP exchange that follows, interrupt) and user turns,
+# one conversation, until stdin ends. Each turn acts on the last [[fake:NAME]] in
+# its prompt: NAME is a built-in behaviour below or a script file NAME.json that
+# a test wrote into $FAKE_CLAUDE_SCRIPTS (text, thinking, calls of the client's
+# tools ...). It resumes --resume session files as the CLI does, and records
+# what the real CLI would send upstream for each turn. Every event it prints is
+# a recorded event with only its text, ids, model, stop reason or usage changed.
 FAKE_CLAUDE = r'''
-import copy, fcntl, json, os, re, subprocess, sys, time
+import copy, fcntl, hashlib, json, os, queue, re, subprocess, sys, threading, time
+from collections import deque
+
+# A fake Claude Code 2.1.197 in stream-json mode. It reads stdin line by line as the real CLI
+# does: `user` lines start turns on ONE conversation, `control_request` lines (Agent SDK control
+# protocol) are answered at once, and EOF ends the process. Every event it prints is a recorded
+# event (recorded.json beside this file) with only its text, ids, model, stop reason or usage
+# changed. What it was given and what it would have sent upstream goes to a run record
+# ($FAKE_CLAUDE_LOG/<pid>.json) that tests read.
 
 ARGV = sys.argv[1:]
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -248,6 +381,18 @@ BUILTIN = {
     "crash-midstream": {"text": ["partial ", "answer "], "crash": 3, "stderr": "fake crash: midway"},
     "garbage": {"garbage": True},
 }
+# Texts the real CLI writes itself (R9 report, sections 2, 3b, 3c, 5, 7).
+DENIED = "Claude requested permissions to use %s, but you haven't granted it yet."
+STREAM_CLOSED = "Tool permission stream closed before response received"
+NO_RESPONSE = "No response requested."
+RESUME_PROMPT = os.environ.get("CLAUDE_CODE_RESUME_PROMPT") or "Continue from where you left off."
+INTERRUPTED = "[Request interrupted by user]"
+USER_SENT_WHILE_WORKING = ("The user sent a new message while you were working:\n%s\n\nIMPORTANT: After completing "
+                           "your current task, you MUST address the user's message above. Do not ignore it.")
+STRUCTURED_OUTPUT = {
+    "name": "StructuredOutput",
+    "description": "Use this tool to return your final response in the requested structured format. You MUST "
+                   "call this tool exactly once at the end of your response to provide the structured output."}
 
 
 def flag(name):
@@ -256,6 +401,15 @@ def flag(name):
     i = ARGV.index(name)
     return ARGV[i + 1] if i + 1 < len(ARGV) else ""
 
+
+def flag_values(*names):
+    """Every value given to any of these flags (the CLI takes --allowedTools more than once)."""
+    return [ARGV[i + 1] for i, arg in enumerate(ARGV[:-1]) if arg in names]
+
+
+# ---------------------------------------------------------------------------
+# The run record
+# ---------------------------------------------------------------------------
 
 def life_lock(name):
     """An open file with an exclusive flock on it: the lock lasts as long as some process holds the
@@ -267,23 +421,40 @@ def life_lock(name):
 
 LIFE = life_lock("%d.lock" % os.getpid())
 record = {"pid": os.getpid(), "ppid": os.getppid(), "argv": ARGV, "cwd": os.getcwd(),
-          "env": dict(os.environ), "spawned": time.time()}
+          "env": dict(os.environ), "spawned": time.time(),
+          "env_settings": {name: os.environ.get(name) for name in (
+              "CLAUDE_CODE_MAX_OUTPUT_TOKENS", "MAX_THINKING_TOKENS", "DISABLE_AUTO_COMPACT",
+              "CLAUDE_AGENT_SDK_MCP_NO_PREFIX")}}
 if flag("--system-prompt-file") is not None:
     with open(flag("--system-prompt-file")) as f:  # relative to the directory it runs in
         record["system_prompt"] = f.read()
+elif flag("--system-prompt") is not None:
+    record["system_prompt"] = flag("--system-prompt")
+RECORD_LOCK = threading.Lock()  # the stdin reader saves too
 
 
 def save(**fields):
-    record.update(fields)
-    path = os.path.join(os.environ["FAKE_CLAUDE_LOG"], "%d.json" % os.getpid())
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
+    """Write the record anew; tests poll it, so each save replaces the file whole.
+
+    Fields are copied: the main thread goes on changing its lists while the reader saves."""
+    with RECORD_LOCK:
+        record.update(copy.deepcopy(fields))
+        path = os.path.join(os.environ["FAKE_CLAUDE_LOG"], "%d.json" % os.getpid())
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
 
 
 def emit(event):
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
+
+
+def finish(code):
+    """Exit now. os._exit: the stdin reader thread may sit in a read that a normal exit waits on."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def texts(message):
@@ -293,15 +464,10 @@ def texts(message):
     return [block.get("text", "") for block in content if block.get("type") == "text"]
 
 
-save()
-if os.environ.get("FAKE_CLAUDE_DEAF"):
-    time.sleep(3600)  # never reads its stdin
-raw = sys.stdin.read()  # the proxy writes one message line and closes stdin
-messages = [json.loads(line) for line in raw.splitlines() if line.strip()]
-prompt = "".join(t for m in messages for t in texts(m))
-names = re.findall(r"\[\[fake:([\w.-]+)\]\]", prompt)
-mode = names[-1] if names else "ok"
-save(stdin=raw, messages=messages, mode=mode, received=time.time())
+# ---------------------------------------------------------------------------
+# Recorded shapes
+# ---------------------------------------------------------------------------
+
 model = ALIASES.get(flag("--model"), flag("--model"))
 session = "5e55f00d-0000-4000-8000-%012d" % os.getpid()
 
@@ -312,6 +478,699 @@ def stamp(event):
         event["session_id"] = session
     return event
 
+
+def kind(event):
+    """A recorded event's kind: 'message_start', 'text_delta', 'tools/call', 'init', 'user', ..."""
+    if event["type"] == "stream_event":
+        inner = event["event"]
+        if inner["type"] == "content_block_delta":
+            return inner["delta"]["type"]
+        if inner["type"] == "content_block_start":
+            return "start:" + inner["content_block"]["type"]
+        return inner["type"]
+    if event["type"] == "control_request" and event["request"].get("subtype") == "mcp_message":
+        return event["request"]["message"]["method"]
+    if event["type"] == "assistant":
+        return "assistant:" + event["message"]["content"][0]["type"]
+    if event["type"] == "user":
+        blocks = event["message"]["content"]
+        return "user:" + (blocks[0]["type"] if isinstance(blocks, list) and blocks else "text")
+    return event.get("subtype", event["type"])
+
+
+def shape(name, wanted):
+    """A copy of the first event of this kind in a recording, ready to fill in."""
+    return stamp(next(e for e in RECORDED[name] if kind(e) == wanted))
+
+
+t = {e["event"]["type"] if e["type"] == "stream_event" else e.get("subtype", e["type"]) if e["type"] == "system" else e["type"]: e
+     for e in RECORDED["stream-partial-success"]}
+
+
+def limits_moved(event, spec):
+    """A recorded event; in a rate_limit_event the reset times move to `resets_in` s from now."""
+    event = stamp(event)
+    info = event.get("rate_limit_info")
+    if info is not None and "resets_in" in spec:
+        for key in ("resetsAt", "overageResetsAt"):
+            if key in info:
+                info[key] = int(time.time() + spec["resets_in"])
+    return event
+
+
+def by_kind(name):
+    found = {}
+    for e in RECORDED[name]:
+        key = e["event"]["type"] if e["type"] == "stream_event" else e.get("subtype", e["type"])
+        if e["type"] == "stream_event" and key == "content_block_delta":
+            key = e["event"]["delta"]["type"]
+        found.setdefault(key, e)
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Stdin: one reader thread, one inbox the main thread works through
+# ---------------------------------------------------------------------------
+
+INBOX = queue.Queue()  # raw stdin lines, then None at EOF
+
+
+def read_stdin():
+    """Read fd 0 (no buffered reader: its lock would outlive the main thread) and split lines."""
+    pending = b""
+    while True:
+        data = os.read(0, 65536)
+        if not data:
+            break
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            receive(line.decode("utf-8", "replace") + "\n")
+    if pending:
+        receive(pending.decode("utf-8", "replace"))
+    INBOX.put(None)
+
+
+def receive(text):
+    # `stdin` holds all raw text so far: tests find their run by a marker in it, and a run
+    # without it is a process still waiting for its first line. `messages` (the user lines)
+    # goes in the same save, so a test that found its marker finds its message too.
+    with RECORD_LOCK:
+        so_far = record.get("stdin", "")
+        messages = list(record.get("messages", []))
+    try:
+        line = json.loads(text)
+    except ValueError:
+        line = None
+    if isinstance(line, dict) and line.get("type") == "user":
+        messages.append(line)
+    save(stdin=so_far + text, messages=messages)
+    INBOX.put(text)
+
+
+class State:
+    """What arrived on stdin and what the control protocol set up."""
+    users = deque()          # user lines not yet taken as turns
+    responses = {}           # request_id -> control_response body, for the requests we sent
+    eof = False
+    interrupt = False
+    initialize = None        # the first initialize request (only the first one applies)
+    flag_settings = {}       # apply_flag_settings, merged
+    servers = []             # MCP server names from mcp_set_servers
+    tools = []               # (server, MCP tool) from tools/list
+    controls = []            # every control request subtype received
+    turns = 0                # user lines taken as turns so far
+
+
+def dispatch(text):
+    """Take one stdin line: queue a user turn, file a response, answer a control request."""
+    if text is None:
+        State.eof = True
+        return
+    try:
+        line = json.loads(text)
+    except ValueError:
+        return  # a bad line is the proxy's fault; the record's `stdin` shows it
+    if not isinstance(line, dict):
+        return
+    if line.get("type") == "user":
+        State.users.append(line)
+    elif line.get("type") == "control_response":
+        response = line.get("response") or {}
+        State.responses[response.get("request_id")] = response
+    elif line.get("type") == "control_request":
+        answer_control(line.get("request_id"), line.get("request") or {})
+
+
+def wait_for(condition):
+    """Work through stdin until condition() holds; False at EOF without it."""
+    while not condition():
+        if State.eof:
+            return False
+        dispatch(INBOX.get())
+    return True
+
+
+def poll():
+    """Work through what stdin holds now, without waiting (between streamed pieces)."""
+    while True:
+        try:
+            text = INBOX.get_nowait()
+        except queue.Empty:
+            return
+        dispatch(text)
+
+
+# ---------------------------------------------------------------------------
+# The control protocol (R9 report, sections 1, 5, 6, 7)
+# ---------------------------------------------------------------------------
+
+def respond(request_id, body=None, error=None):
+    response = {"subtype": "error" if error else "success", "request_id": request_id}
+    if error:
+        response["error"] = error
+    elif body is not None:
+        response["response"] = body
+    emit({"type": "control_response", "response": response})
+
+
+def answer_control(request_id, request):
+    subtype = request.get("subtype")
+    State.controls.append(subtype)
+    save(controls=State.controls)
+    if subtype == "initialize":
+        if State.initialize is None:
+            State.initialize = request
+            save(initialize=request)
+        answer = shape("control-initialize", "control_response")["response"]["response"]
+        answer["pid"] = os.getpid()
+        respond(request_id, answer)
+    elif subtype == "apply_flag_settings":
+        settings = request.get("settings") or {}
+        merged = dict(State.flag_settings, **settings)
+        merged["env"] = dict(State.flag_settings.get("env") or {}, **(settings.get("env") or {}))
+        State.flag_settings = merged
+        save(flag_settings=merged)
+        respond(request_id)
+    elif subtype == "set_max_thinking_tokens":
+        respond(request_id)  # accepted; changes nothing on adaptive-thinking models
+    elif subtype == "interrupt":
+        State.interrupt = True
+        respond(request_id)
+    elif subtype == "mcp_set_servers":
+        names = list(request.get("servers") or {})
+        respond(request_id, {"added": names, "removed": [], "errors": {}})
+        for name in names:
+            connect(name)
+    else:
+        respond(request_id, error="Unsupported control request subtype: %s" % subtype)
+
+
+REQUEST_COUNTER = [0]
+
+
+def ask(server, message):
+    """Send an mcp_message control request; its answer is filed under the returned request id."""
+    REQUEST_COUNTER[0] += 1
+    request_id = "fake-%d-%d" % (os.getpid(), REQUEST_COUNTER[0])
+    emit({"type": "control_request", "request_id": request_id,
+          "request": {"subtype": "mcp_message", "server_name": server, "message": message}})
+    return request_id
+
+
+def ask_and_wait(server, message):
+    request_id = ask(server, message)
+    wait_for(lambda: request_id in State.responses)
+    return State.responses.get(request_id)
+
+
+def connect(server):
+    """The MCP handshake: initialize (id 0), notifications/initialized, tools/list (id 1).
+
+    A user line that arrives before the tools are listed makes the real CLI open a second
+    connection, so each step then goes out twice (R9 report, section 1)."""
+    template = shape("mcp-warm-text", "initialize")["request"]["message"]
+    steps = [template, {"method": "notifications/initialized", "jsonrpc": "2.0"},
+             {"method": "tools/list", "jsonrpc": "2.0", "id": 1}]
+    listed = None
+    for step in steps:
+        for _ in range(2 if State.users else 1):
+            answer = ask_and_wait(server, step)
+            if step["method"] == "tools/list" and answer is not None:
+                listed = ((answer.get("response") or {}).get("mcp_response") or {}).get("result") or {}
+    State.servers.append(server)
+    State.tools += [(server, tool) for tool in (listed or {}).get("tools") or []]
+    save(servers=State.servers, mcp_tools=[tool for _, tool in State.tools])
+
+
+# ---------------------------------------------------------------------------
+# What the CLI would send upstream (R9 report, sections 1, 3, 5, 6)
+# ---------------------------------------------------------------------------
+
+def no_prefix():
+    return os.environ.get("CLAUDE_AGENT_SDK_MCP_NO_PREFIX", "") not in ("", "0", "false")
+
+
+def exposed(server, name):
+    """The tool's name as Claude sees it."""
+    return name if no_prefix() else "mcp__%s__%s" % (server, name)
+
+
+def upstream_schema(schema):
+    """type, properties and required move to the front; the rest keeps its order."""
+    front = [key for key in ("type", "properties", "required") if key in schema]
+    return dict([(key, schema[key]) for key in front] + [(k, v) for k, v in schema.items() if k not in front])
+
+
+def json_schema():
+    """The --json-schema in effect and where StructuredOutput goes: initialize puts it last."""
+    init = State.initialize or {}
+    if init.get("jsonSchema") is not None:
+        return init["jsonSchema"], "last"
+    if flag("--json-schema") is not None:
+        return json.loads(flag("--json-schema")), "first"
+    return None, None
+
+
+def upstream_tools():
+    """Client tools sorted by name, deduplicated; none at all if one schema is not an object."""
+    tools, seen = [], set()
+    for server, tool in State.tools:
+        name = exposed(server, tool.get("name", ""))
+        schema = tool.get("inputSchema") or {}
+        if schema.get("type") != "object":
+            tools = []
+            break
+        if name not in seen:
+            seen.add(name)
+            tools.append({"name": name, "description": tool.get("description") or "",
+                          "input_schema": upstream_schema(schema)})
+    tools.sort(key=lambda tool: tool["name"])
+    schema, where = json_schema()
+    if schema is not None:
+        structured = dict(STRUCTURED_OUTPUT, input_schema=schema)
+        tools = [structured] + tools if where == "first" else tools + [structured]
+    return tools
+
+
+def system_text():
+    """The system prompt as given: initialize's systemPrompt over argv, appendSystemPrompt joined."""
+    init = State.initialize or {}
+    text = init["systemPrompt"] if init.get("systemPrompt") is not None else record.get("system_prompt")
+    append = init.get("appendSystemPrompt") or flag("--append-system-prompt")
+    if append:
+        text = "%s\n\n%s" % (text, append) if text else append
+    return text
+
+
+def output_settings():
+    """max_tokens, thinking and effort as the CLI derives them (R9 report, section 6)."""
+    env = dict(os.environ, **(State.flag_settings.get("env") or {}))
+    haiku = "haiku" in (model or "")
+    max_tokens = 64000
+    if env.get("CLAUDE_CODE_MAX_OUTPUT_TOKENS", "").isdigit():
+        max_tokens = min(int(env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"]), 128000)
+    if env.get("MAX_THINKING_TOKENS") == "0":
+        thinking = {"type": "disabled"}
+    elif haiku:
+        thinking = {"type": "enabled", "budget_tokens": max_tokens - 1}
+    else:
+        thinking = {"type": "adaptive"}
+    effort = None if haiku else State.flag_settings.get("effortLevel") or flag("--effort") or "high"
+    return {"max_tokens": max_tokens, "thinking": thinking, "effort": effort}
+
+
+def as_blocks(content):
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def rendered(conversation):
+    """The messages of a request: consecutive user messages merged (the earlier text gains a
+    "\n"); no date reminder, no cache_control."""
+    out = []
+    for message in copy.deepcopy(conversation):
+        if out and message["role"] == "user" and out[-1]["role"] == "user":
+            earlier = as_blocks(out[-1]["content"])
+            if earlier and earlier[-1].get("type") == "text":
+                earlier[-1] = dict(earlier[-1], text=earlier[-1]["text"] + "\n")
+            out[-1]["content"] = earlier + as_blocks(message["content"])
+        else:
+            out.append(message)
+    # The newest user message is a block list (it carries the cache breakpoint), and so is the
+    # first: the real CLI puts its date reminder block in front of it.
+    for message in (out[:1] + out[-1:]):
+        if message["role"] == "user":
+            message["content"] = as_blocks(message["content"])
+    return out
+
+
+REQUESTS = []
+
+
+def send_upstream(conversation):
+    """Record the request the real CLI would make now."""
+    request = {"system": system_text(), "tools": upstream_tools(), "messages": rendered(conversation)}
+    request.update(output_settings())
+    REQUESTS.append(request)
+    save(requests=REQUESTS)
+
+
+# ---------------------------------------------------------------------------
+# --resume: the session file (R9 report, section 3a/3b)
+# ---------------------------------------------------------------------------
+
+def session_path(session_id):
+    config = os.environ.get("CLAUDE_CONFIG_DIR") or os.path.join(os.environ.get("HOME", ""), ".claude")
+    project = re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(os.getcwd()))
+    return os.path.join(config, "projects", project, session_id + ".jsonl")
+
+
+def load_session(path):
+    """The message chain ending at the file's last message line, or None when there is none."""
+    entries, order = {}, []
+    with open(path) as f:
+        for text in f:
+            try:
+                line = json.loads(text)
+            except ValueError:
+                continue
+            if (not isinstance(line, dict) or line.get("type") not in ("user", "assistant")
+                    or not line.get("timestamp") or not line.get("uuid") or "message" not in line):
+                continue
+            if line["type"] == "assistant" and not line["message"].get("id"):
+                continue  # the CLI loses these silently
+            entries[line["uuid"]] = line
+            order.append(line["uuid"])
+    if not order:
+        return None
+    chain, uuid = [], order[-1]
+    while uuid in entries and len(chain) <= len(entries):
+        chain.append(entries[uuid])
+        uuid = entries[uuid].get("parentUuid")
+    history = []
+    for line in reversed(chain):
+        message = line["message"]
+        same_reply = (history and line["type"] == "assistant" and history[-1]["role"] == "assistant"
+                      and history[-1].get("_id") == message.get("id"))
+        if same_reply:  # one reply written as one line per block
+            history[-1]["content"] = as_blocks(history[-1]["content"]) + as_blocks(message["content"])
+        else:
+            history.append({"role": message.get("role", line["type"]), "content": message.get("content"),
+                            "_id": message.get("id")})
+    return [{"role": m["role"], "content": m["content"]} for m in history]
+
+
+def repaired(history):
+    """What the CLI does to a history it cannot continue as it is (R9 report, section 3b)."""
+    if history and history[-1]["role"] == "assistant" and any(
+            b.get("type") == "tool_use" for b in as_blocks(history[-1]["content"])):
+        history = history[:-1]  # an unanswered tool_use
+    if history and history[-1]["role"] == "user":
+        last = as_blocks(history[-1]["content"])
+        if any(b.get("type") == "tool_result" for b in last):
+            history[-1] = {"role": "user", "content": last + [{"type": "text", "text": RESUME_PROMPT}]}
+        history = history + [{"role": "assistant", "content": [{"type": "text", "text": NO_RESPONSE}]}]
+    return history
+
+
+def resume(session_id):
+    """The history to continue, or the real CLI's failure at start (before reading stdin)."""
+    path = session_path(session_id)
+    present = os.path.exists(path)
+    found = {"session_file": path, "session_file_present": present}
+    if present:
+        stat = os.stat(path)
+        with open(path, "rb") as f:
+            found.update(session_file_mode=stat.st_mode & 0o7777, session_file_sha256=hashlib.sha256(f.read()).hexdigest())
+    history = load_session(path) if present else None
+    save(**found)
+    if history is None:
+        error = "No conversation found with session ID: %s" % session_id
+        result = copy.deepcopy(RECORDED["resume-not-found"][0])
+        result.update(session_id=session_id, errors=[error])
+        emit(result)
+        sys.stderr.write(error + "\n")
+        save(history=None, finished=time.time())
+        finish(1)
+    history = repaired(history)
+    save(history=history)
+    return history
+
+
+# ---------------------------------------------------------------------------
+# One assistant message, streamed as the CLI prints it
+# ---------------------------------------------------------------------------
+
+partial = "--include-partial-messages" in ARGV
+TOOL_COUNTER = [0]
+
+
+class Interrupted(Exception):
+    """An interrupt control request came while a message streamed; carries the text so far."""
+
+
+def stream_thinking(index, pieces):
+    th = by_kind("thinking")
+    if partial:
+        emit(stamp(th["content_block_start"]))
+    for piece in pieces:
+        emit(stamp(th["thinking_tokens"]))
+        if partial:
+            delta = stamp(th["thinking_delta"])
+            delta["event"]["delta"]["thinking"] = piece
+            emit(delta)
+    if partial:
+        emit(stamp(th["signature_delta"]))
+    line = stamp(th["assistant"])
+    line["message"]["content"][0]["thinking"] = "".join(pieces)
+    emit(line)
+    if partial:
+        emit(stamp(th["content_block_stop"]))
+    return copy.deepcopy(line["message"]["content"][0])
+
+
+def stream_text(index, pieces, spec):
+    if partial:
+        block = stamp(t["content_block_start"])
+        block["event"]["index"] = index
+        emit(block)
+    done = []
+    for piece in pieces:
+        if spec.get("delay"):
+            time.sleep(spec["delay"])
+            poll()
+            if State.interrupt:
+                raise Interrupted("".join(done))
+        if partial:
+            delta = stamp(t["content_block_delta"])
+            delta["event"]["index"] = index
+            delta["event"]["delta"]["text"] = piece
+            emit(delta)
+        done.append(piece)
+        if spec.get("garbage"):
+            sys.stdout.write("  \n")
+    if spec.get("crash") is not None:
+        sys.stderr.write(spec.get("stderr", ""))
+        finish(spec["crash"])
+    line = stamp(t["assistant"])
+    line["message"]["model"] = model
+    line["message"]["content"] = [{"type": "text", "text": "".join(pieces)}]
+    emit(line)
+    if partial:
+        stop = stamp(t["content_block_stop"])
+        stop["event"]["index"] = index
+        emit(stop)
+    return {"type": "text", "text": "".join(pieces)}
+
+
+def stream_tool_use(index, call, round_):
+    """content_block_start, input_json_delta pieces, the assistant line; then the round's
+    hooks: a tools/call goes out before content_block_stop, a denial comes right after it."""
+    TOOL_COUNTER[0] += 1
+    block = {"type": "tool_use", "id": "toolu_fake_%d" % TOOL_COUNTER[0], "name": round_.name_for(call["name"]),
+             "input": call.get("arguments", {})}
+    if partial:
+        start = shape("tool-denied", "start:tool_use")
+        start["event"]["index"] = index
+        start["event"]["content_block"] = dict(block, input={})
+        emit(start)
+        arguments = json.dumps(block["input"])
+        for i in range(0, len(arguments), 6):
+            delta = shape("tool-denied", "input_json_delta")
+            delta["event"]["index"] = index
+            delta["event"]["delta"]["partial_json"] = arguments[i:i + 6]
+            emit(delta)
+    line = shape("tool-denied", "assistant:tool_use")
+    line["message"]["model"] = model
+    line["message"]["content"] = [block]
+    line["tool_use_meta"] = [{"id": block["id"], "display_name": call["name"].replace("_", " ").title(),
+                              "server_display_name": round_.server_of(call["name"])}]
+    emit(line)
+    round_.streamed(block)
+    if partial:
+        stop = shape("tool-denied", "content_block_stop")
+        stop["event"]["index"] = index
+        emit(stop)
+    round_.block_stopped(block)
+    return block
+
+
+def message(spec, text, stop, usage, thinking=(), calls=(), round_=None, before_calls=None):
+    """One upstream message: its blocks in order, then message_delta and message_stop.
+    Returns the assistant message for the history."""
+    if partial:
+        start = stamp(t["message_start"])
+        start["event"]["message"]["model"] = model
+        emit(start)
+    blocks, index = [], 0
+    if thinking:
+        blocks.append(stream_thinking(index, thinking))
+        index += 1
+    shown = before_calls if calls else text
+    if shown or not calls:
+        blocks.append(stream_text(index, shown or [], spec))
+        index += 1
+    for call in calls:
+        blocks.append(stream_tool_use(index, call, round_))
+        index += 1
+    if partial:
+        message_delta = stamp(t["message_delta"])
+        message_delta["event"]["delta"]["stop_reason"] = stop
+        message_delta["event"]["usage"]["output_tokens"] = usage["output_tokens"]
+        emit(message_delta)
+        emit(stamp(t["message_stop"]))
+    return {"role": "assistant", "content": blocks}
+
+
+# ---------------------------------------------------------------------------
+# Client tools: granted ones go to the proxy as tools/call, the others are denied
+# ---------------------------------------------------------------------------
+
+def allowed_rules():
+    rules = []
+    for value in flag_values("--allowedTools", "--allowed-tools"):
+        rules += [rule for rule in re.split(r"[,\s]+", value) if rule]
+    return rules
+
+
+def user_event(blocks, tool_use_result):
+    event = shape("tool-parked", "user:tool_result")
+    event["message"]["content"] = blocks
+    event["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    event["tool_use_result"] = tool_use_result
+    emit(event)
+
+
+def error_result(block_id, text):
+    """A tool_result the CLI makes itself (a denial, a cancelled call): key order as recorded."""
+    return {"type": "tool_result", "content": text, "is_error": True, "tool_use_id": block_id}
+
+
+class ToolRound:
+    """The tool_use blocks of one message and what became of each (R9 report, sections 2, 3c)."""
+
+    def __init__(self):
+        self.rules = allowed_rules()
+        self.pending = []      # (block, server, mcp name) granted, in order, not yet answered
+        self.results = {}      # tool_use id -> tool_result block
+        self.denials = []      # permission_denials entries
+        self.sent = set()      # tool_use ids whose tools/call went out
+        self.calls = []        # for the run record
+        self.injected = []     # user lines that came while a call was pending
+
+    def find(self, name):
+        for server, tool in State.tools:
+            if name in (tool.get("name"), exposed(server, tool.get("name", ""))):
+                return server, tool.get("name")
+        return None, None
+
+    def name_for(self, name):
+        server, mcp_name = self.find(name)
+        return exposed(server, mcp_name) if server else name
+
+    def server_of(self, name):
+        return self.find(name)[0] or ""
+
+    def granted(self, server, mcp_name):
+        if "bypassPermissions" in (flag("--permission-mode") or "") or "--dangerously-skip-permissions" in ARGV:
+            return True
+        return any(rule in ("mcp__%s" % server, "mcp__%s__*" % server, "mcp__%s__%s" % (server, mcp_name))
+                   for rule in self.rules)
+
+    def streamed(self, block):
+        server, mcp_name = self.find(block["name"])
+        if server and self.granted(server, mcp_name):
+            self.pending.append((block, server, mcp_name))
+            if len(self.pending) == 1:  # only the first call goes out while the message streams
+                self.call(*self.pending[0])
+        else:
+            self.denials.append({"tool_name": block["name"], "tool_use_id": block["id"], "tool_input": block["input"]})
+
+    def block_stopped(self, block):
+        if any(d["tool_use_id"] == block["id"] for d in self.denials):
+            result = error_result(block["id"], DENIED % block["name"])
+            self.results[block["id"]] = result
+            user_event([result], "Error: " + result["content"])
+
+    def call(self, block, server, mcp_name):
+        json_id = 2 + len(CALLS)
+        request_id = ask(server, {"method": "tools/call", "params": {
+            "name": mcp_name, "arguments": block["input"],
+            "_meta": {"claudecode/toolUseId": block["id"], "progressToken": json_id}},
+            "jsonrpc": "2.0", "id": json_id})
+        entry = {"tool_use_id": block["id"], "name": mcp_name, "arguments": block["input"],
+                 "request_id": request_id, "asked": time.time()}
+        CALLS.append(entry)
+        self.sent.add(block["id"])
+        save(tool_calls=CALLS)
+
+    def settle(self):
+        """Wait for each granted call's answer, one at a time, as the real CLI does."""
+        for i, (block, server, mcp_name) in enumerate(self.pending):
+            if block["id"] not in self.sent:
+                self.call(block, server, mcp_name)
+            entry = next(c for c in CALLS if c["tool_use_id"] == block["id"])
+            request_id = entry["request_id"]
+            answered = wait_for(lambda: request_id in State.responses or State.users or State.interrupt)
+            if State.interrupt:
+                return False
+            if not answered or request_id not in State.responses:
+                # stdin closed, or a user line came: the call is cancelled, the turn goes on
+                self.cancel_rest(i)
+                return True
+            answer = State.responses[request_id]
+            entry.update(answer=answer, answered=time.time())
+            save(tool_calls=CALLS)
+            if i + 1 < len(self.pending):
+                self.call(*self.pending[i + 1])
+            self.results[block["id"]] = result_from(block["id"], answer)
+            content = self.results[block["id"]]["content"]
+            user_event([self.results[block["id"]]], content if isinstance(content, list) else "Error: " + content)
+        return True
+
+    def cancel_rest(self, first):
+        while State.users:  # it becomes a system message in this turn, not a turn of its own
+            self.injected.append(State.users.popleft())
+        for block, _, _ in self.pending[first:]:
+            result = error_result(block["id"], STREAM_CLOSED)
+            self.results[block["id"]] = result
+            user_event([result], "Error: " + STREAM_CLOSED)
+
+    def tool_results(self, blocks):
+        """The user message of all results, in the order of the tool_use blocks."""
+        return [self.results[b["id"]] for b in blocks if b.get("type") == "tool_use" and b["id"] in self.results]
+
+
+CALLS = []
+
+
+def result_from(block_id, answer):
+    """The tool_result the CLI builds from an MCP answer: content as a block list."""
+    if answer.get("subtype") != "success":
+        return error_result(block_id, str(answer.get("error", "MCP error")))
+    reply = (answer.get("response") or {}).get("mcp_response") or {}
+    if "error" in reply:
+        return error_result(block_id, str((reply["error"] or {}).get("message", reply["error"])))
+    result = reply.get("result") or {}
+    block = {"tool_use_id": block_id, "type": "tool_result", "content": result.get("content", [])}
+    if result.get("isError"):
+        block["is_error"] = True
+    return block
+
+
+def quoted(results):
+    """The default answer after tool calls: it quotes each result, so tests see they arrived."""
+    parts = []
+    for result in results:
+        content = result["content"]
+        parts.append(content if isinstance(content, str) else "".join(
+            b.get("text", "") for b in content if b.get("type") == "text"))
+    return ["Tool results: ", " | ".join(parts)]
+
+
+# ---------------------------------------------------------------------------
+# A turn
+# ---------------------------------------------------------------------------
 
 def retry_forever(name, status=None):
     events = RECORDED[name]
@@ -326,155 +1185,224 @@ def retry_forever(name, status=None):
         emit(retry)
 
 
-if mode in ("not-logged-in", "upstream-400"):
-    for event in RECORDED[mode]:
-        emit(stamp(event))
-    sys.exit(1)
-if mode in ("rate-limited-429-retrying", "upstream-401-retrying"):
-    retry_forever(mode)
-if mode == "overloaded-529-retrying":
-    retry_forever("rate-limited-429-retrying", status=529)
-
-spec = dict(BUILTIN.get(mode, {}))
-script = os.path.join(os.environ.get("FAKE_CLAUDE_SCRIPTS", HERE), mode + ".json")
-if mode not in BUILTIN and os.path.exists(script):
-    with open(script) as f:
-        spec = json.load(f)
+def spec_for(mode):
+    spec = dict(BUILTIN.get(mode, {}))
+    script = os.path.join(os.environ.get("FAKE_CLAUDE_SCRIPTS", HERE), mode + ".json")
+    if mode not in BUILTIN and os.path.exists(script):
+        with open(script) as f:
+            spec = json.load(f)
+    return spec
 
 
-def limits_moved(event):
-    """A recorded event; in a rate_limit_event the reset times move to `resets_in` s from now."""
-    event = stamp(event)
-    info = event.get("rate_limit_info")
-    if info is not None and "resets_in" in spec:
-        for key in ("resetsAt", "overageResetsAt"):
-            if key in info:
-                info[key] = int(time.time() + spec["resets_in"])
-    return event
+def pieces(value):
+    return [value] if isinstance(value, str) else list(value)
 
 
-if spec.get("replay"):  # a whole recorded run, such as a subscriber's refused request
-    for event in RECORDED[spec["replay"]]:
-        emit(limits_moved(event))
-    sys.exit(1)
-partial = "--include-partial-messages" in ARGV
-t = {e["event"]["type"] if e["type"] == "stream_event" else e.get("subtype", e["type"]) if e["type"] == "system" else e["type"]: e
-     for e in RECORDED["stream-partial-success"]}
-text = spec.get("text")
-if text is None:
-    text = ["Hello ", "from ", "fake ", "(%s, " % model, "%d " % len(messages), "msgs) "]
-stop_reason = spec.get("stop_reason", "end_turn")
-
-if spec.get("grandchild"):
-    # The grandchild inherits a locked file, renamed after its pid once that is known.
-    lock = life_lock("%d-grandchild.lock" % os.getpid())
-    child = subprocess.Popen(["sleep", "300"], pass_fds=[lock])
-    os.close(lock)
-    os.replace(os.path.join(os.environ["FAKE_CLAUDE_LOG"], "%d-grandchild.lock" % os.getpid()),
-               os.path.join(os.environ["FAKE_CLAUDE_LOG"], "%d.lock" % child.pid))
-    save(grandchild=child.pid)
-init = stamp(t["init"])
-init["model"] = model
-init["cwd"] = os.getcwd()
-emit(init)
-if spec.get("garbage"):
-    sys.stdout.write("not json at all\n[1, 2]\n\n")
-if spec.get("hang_before"):
-    time.sleep(3600)
+def new_user_content(content, conversation):
+    """The stdin message as the CLI keeps it: tool_results that answer nothing are dropped."""
+    if content == "":
+        return [{"type": "text", "text": "(no content)"}]
+    if isinstance(content, str):
+        return content
+    last = next((m for m in reversed(conversation) if m["role"] == "assistant"), None)
+    open_ids = {b["id"] for b in as_blocks(last["content"]) if b.get("type") == "tool_use"} if last else set()
+    answered = {b.get("tool_use_id") for m in conversation if m["role"] == "user"
+                for b in as_blocks(m["content"]) if b.get("type") == "tool_result"}
+    kept = [b for b in content if b.get("type") != "tool_result"
+            or (b.get("tool_use_id") in open_ids and b.get("tool_use_id") not in answered)]
+    if content and not kept:
+        return [{"type": "text", "text": "(no content)"}]
+    return kept
 
 
-def by_kind(name):
-    found = {}
-    for e in RECORDED[name]:
-        key = e["event"]["type"] if e["type"] == "stream_event" else e.get("subtype", e["type"])
-        if e["type"] == "stream_event" and key == "content_block_delta":
-            key = e["event"]["delta"]["type"]
-        found.setdefault(key, e)
-    return found
+class Turn:
+    """One user line, answered on the conversation so far."""
 
+    def __init__(self, line, conversation):
+        self.line = line
+        self.conversation = conversation
+        prompt = "".join(texts(line))
+        names = re.findall(r"\[\[fake:([\w.-]+)\]\]", prompt)
+        self.mode = names[-1] if names else "ok"
+        self.spec = spec_for(self.mode)
+        self.usage = dict(t["result"]["usage"], **self.spec.get("usage", {}))
+        self.limits_reported = False
 
-def message(pieces, stop, usage, thinking=()):
-    """One upstream message as the CLI prints it: deltas, one assistant line per block."""
-    if partial:
-        start = stamp(t["message_start"])
-        start["event"]["message"]["model"] = model
-        emit(start)
-    index = 0
-    if thinking:
-        th = by_kind("thinking")
-        if partial:
-            emit(stamp(th["content_block_start"]))
-        for piece in thinking:
-            emit(stamp(th["thinking_tokens"]))
-            if partial:
-                delta = stamp(th["thinking_delta"])
-                delta["event"]["delta"]["thinking"] = piece
-                emit(delta)
-        if partial:
-            emit(stamp(th["signature_delta"]))
-        line = stamp(th["assistant"])
-        line["message"]["content"][0]["thinking"] = "".join(thinking)
-        emit(line)
-        if partial:
-            emit(stamp(th["content_block_stop"]))
-        index = 1
-    if partial:
-        block = stamp(t["content_block_start"])
-        block["event"]["index"] = index
-        emit(block)
-    for piece in pieces:
-        if spec.get("delay"):
-            time.sleep(spec["delay"])
-        if partial:
-            delta = stamp(t["content_block_delta"])
-            delta["event"]["index"] = index
-            delta["event"]["delta"]["text"] = piece
-            emit(delta)
+    def run(self):
+        """Answer; returns True when the result was an error (the exit code at EOF)."""
+        spec, mode = self.spec, self.mode
+        if mode in ("not-logged-in", "upstream-400"):
+            for event in RECORDED[mode]:
+                emit(stamp(event))
+            finish(1)
+        if mode in ("rate-limited-429-retrying", "upstream-401-retrying"):
+            retry_forever(mode)
+        if mode == "overloaded-529-retrying":
+            retry_forever("rate-limited-429-retrying", status=529)
+        if spec.get("replay"):  # a whole recorded run, such as a subscriber's refused request
+            for event in RECORDED[spec["replay"]]:
+                emit(limits_moved(event, spec))
+            finish(1)
+        if spec.get("grandchild"):
+            # The grandchild inherits a locked file, renamed after its pid once that is known.
+            lock = life_lock("%d-grandchild.lock" % os.getpid())
+            child = subprocess.Popen(["sleep", "300"], pass_fds=[lock])
+            os.close(lock)
+            os.replace(os.path.join(os.environ["FAKE_CLAUDE_LOG"], "%d-grandchild.lock" % os.getpid()),
+                       os.path.join(os.environ["FAKE_CLAUDE_LOG"], "%d.lock" % child.pid))
+            save(grandchild=child.pid)
+        self.emit_init()
         if spec.get("garbage"):
-            sys.stdout.write("  \n")
-    if spec.get("crash") is not None:
-        sys.stderr.write(spec.get("stderr", ""))
-        sys.exit(spec["crash"])
-    line = stamp(t["assistant"])
-    line["message"]["model"] = model
-    line["message"]["content"] = [{"type": "text", "text": "".join(pieces)}]
-    emit(line)
-    if partial:
-        emit(stamp(t["content_block_stop"]))
-        message_delta = stamp(t["message_delta"])
-        message_delta["event"]["delta"]["stop_reason"] = stop
-        message_delta["event"]["usage"]["output_tokens"] = usage["output_tokens"]
-        emit(message_delta)
-        emit(stamp(t["message_stop"]))
+            sys.stdout.write("not json at all\n[1, 2]\n\n")
+        if spec.get("hang_before"):
+            time.sleep(3600)
+        structured = json_schema()[0] is not None
+        if not structured:  # the structured replay below brings its own
+            emit(stamp(t["status"]))
+        content = new_user_content(self.line["message"]["content"], self.conversation)
+        self.conversation.append({"role": "user", "content": content})
+        send_upstream(self.conversation)
+        if structured:
+            return self.structured()
+        try:
+            return self.answer()
+        except Interrupted as stopped:
+            return self.interrupted(str(stopped))
+
+    def emit_init(self):
+        init = stamp(t["init"])
+        init["model"] = model
+        init["cwd"] = os.getcwd()
+        tools = upstream_tools()
+        if tools or State.servers:
+            init["tools"] = [tool["name"] for tool in tools]
+            init["mcp_servers"] = [{"name": name, "status": "connected"} for name in State.servers]
+        emit(init)
+
+    def structured(self):
+        # Claude "calls" the CLI's StructuredOutput tool, or fails to (error_max_turns).
+        name = "json-schema-error-max-turns" if self.spec.get("structured_fail") else "json-schema-success"
+        for event in RECORDED[name][1:]:
+            event = stamp(event)
+            if event["type"] == "result" and "structured_output" in event:
+                answer = self.spec.get("structured", {"a": 1})
+                event.update(structured_output=answer, result=json.dumps(answer))
+            if event["type"] == "result":
+                self.report_limits()
+            emit(event)
+        self.conversation.append({"role": "assistant", "content": [{"type": "text", "text": "(structured output)"}]})
+        return bool(self.spec.get("structured_fail"))
+
+    def answer(self):
+        spec = self.spec
+        calls = spec.get("calls") or ()
+        text = spec.get("text")
+        if text is None:
+            text = ["Hello ", "from ", "fake ", "(%s, " % model, "%d " % State.turns, "msgs) "]
+        stop_reason = "tool_use" if calls else spec.get("stop_reason", "end_turn")
+        round_ = ToolRound()
+        reply = message(spec, pieces(text), stop_reason, self.usage, spec.get("thinking", ()), calls, round_,
+                        pieces(spec.get("text_before", [])))
+        self.conversation.append(reply)
+        if calls:
+            self.report_limits()  # the real CLI's spot: right after the message, before any answer
+            return self.after_tools(reply, round_)
+        if stop_reason == "max_tokens" and spec.get("continue"):
+            # Past an output limit the CLI asks Claude to go on, as a second message.
+            time.sleep(spec.get("continue_delay", 0))
+            emit(stamp(t["status"]))
+            send_upstream(self.conversation)
+            more = message(spec, spec["continue"], "end_turn", self.usage)
+            reply["content"][-1]["text"] += more["content"][-1]["text"]  # one reply in the history
+            stop_reason, text = "end_turn", spec["continue"]
+        self.report_limits()
+        self.finish_turn("".join(text), stop_reason, num_turns=1)
+        return False
+
+    def after_tools(self, reply, round_):
+        """Tool results in, then the next message, or the turn limit (error_max_turns)."""
+        if not round_.settle():
+            return self.interrupted("")
+        results = round_.tool_results(reply["content"])
+        self.conversation.append({"role": "user", "content": results})
+        for line in round_.injected:
+            said = "\n".join(texts(line))
+            self.conversation.append({"role": "system", "content": USER_SENT_WHILE_WORKING % said})
+        save(injected=[line["message"] for line in round_.injected])
+        # The CLI counts this turn's requests; the next one would be number 2.
+        max_turns = flag("--max-turns")
+        if max_turns is not None and max_turns.isdigit() and 2 > int(max_turns):
+            return self.max_turns_result(round_, int(max_turns))
+        emit(stamp(t["status"]))
+        send_upstream(self.conversation)
+        after = pieces(self.spec.get("after_calls") or quoted(results))
+        self.conversation.append(message(self.spec, after, "end_turn", self.usage))
+        # As recorded: one tool result -> 2, two -> 3.
+        self.finish_turn("".join(after), "end_turn", num_turns=1 + len(results))
+        return False
+
+    def report_limits(self):
+        """With `rate_limit`: that recording's rate_limit_event, as a subscriber's CLI reports its
+        usage windows (once per turn; a recording may set no reset times)."""
+        if self.spec.get("rate_limit") and not self.limits_reported:
+            self.limits_reported = True
+            recorded = next(e for e in RECORDED[self.spec["rate_limit"]] if e["type"] == "rate_limit_event")
+            emit(limits_moved(recorded, self.spec))
+
+    def max_turns_result(self, round_, max_turns):
+        result = shape("tool-denied", "error_max_turns")
+        result.update(num_turns=max_turns + 1, usage=self.usage, permission_denials=round_.denials,
+                      errors=["Reached maximum number of turns (%d)" % max_turns])
+        emit(result)
+        return True
+
+    def interrupted(self, partial_text):
+        """As recorded: the partial assistant line, the CLI's user line, error_during_execution."""
+        State.interrupt = False
+        line = stamp(t["assistant"])
+        line["message"]["model"] = model
+        line["message"]["content"] = [{"type": "text", "text": partial_text}]
+        emit(line)
+        stopped = shape("interrupt", "user:text")
+        stopped["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+        emit(stopped)
+        emit(shape("interrupt", "error_during_execution"))
+        self.conversation.append({"role": "assistant", "content": [{"type": "text", "text": partial_text}]})
+        self.conversation.append({"role": "user", "content": [{"type": "text", "text": INTERRUPTED}]})
+        return True
+
+    def finish_turn(self, text, stop_reason, num_turns):
+        result = stamp(t["result"])
+        result.update(result=text, stop_reason=stop_reason, usage=self.usage, num_turns=num_turns)
+        emit(result)
 
 
-emit(stamp(t["status"]))
-usage = dict(t["result"]["usage"], **spec.get("usage", {}))
-if flag("--json-schema") is not None:
-    # Claude "calls" the CLI's StructuredOutput tool, or fails to (error_max_turns).
-    name = "json-schema-error-max-turns" if spec.get("structured_fail") else "json-schema-success"
-    for event in RECORDED[name][1:]:
-        event = stamp(event)
-        if event["type"] == "result" and "structured_output" in event:
-            answer = spec.get("structured", {"a": 1})
-            event.update(structured_output=answer, result=json.dumps(answer))
-        emit(event)
+# ---------------------------------------------------------------------------
+# The process: turns until EOF
+# ---------------------------------------------------------------------------
+
+def main():
+    save()
+    if os.environ.get("FAKE_CLAUDE_DEAF"):
+        time.sleep(3600)  # never reads its stdin
+    conversation = resume(flag("--resume")) if flag("--resume") else []
+    threading.Thread(target=read_stdin, daemon=True).start()
+    failed = False
+    turns = []
+    while wait_for(lambda: State.users):
+        line = State.users.popleft()
+        State.interrupt = False  # an interrupt between turns stops nothing
+        State.turns += 1
+        turn = Turn(line, conversation)
+        turns.append(turn.mode)
+        save(mode=turn.mode, modes=turns, received=record.get("received", time.time()))
+        failed = turn.run()
+        save(conversation=conversation, answered=time.time())
     save(finished=time.time())
-    sys.exit(1 if spec.get("structured_fail") else 0)
-message(text, stop_reason, usage, spec.get("thinking", ()))
-if stop_reason == "max_tokens" and spec.get("continue"):
-    # Past an output limit the CLI asks Claude to go on, as a second message.
-    time.sleep(spec.get("continue_delay", 0))
-    emit(stamp(t["status"]))
-    message(spec["continue"], "end_turn", usage)
-    stop_reason = "end_turn"
-    text = spec["continue"]
-if spec.get("rate_limit"):  # as a subscriber's CLI reports its usage windows, before the result
-    emit(limits_moved(next(e for e in RECORDED[spec["rate_limit"]] if e["type"] == "rate_limit_event")))
-result = stamp(t["result"])
-result.update(result="".join(text), stop_reason=stop_reason, usage=usage)
-emit(result)
-save(finished=time.time())
+    finish(1 if failed else 0)
+
+
+main()
 '''
 
 
