@@ -674,8 +674,16 @@ MCP_SERVER = "proxy"
 MAX_TURNS = 100000
 
 
-def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, Any]]) -> Launch:
-    """The process for a turn; `history` (the turns before its newest) is resumed from a transcript."""
+def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, Any]],
+               interrupted: bool = False) -> Launch:
+    """The process for a turn; `history` is resumed from a transcript.
+
+    Its newest user message comes on stdin, unless `interrupted`: then `history` ends
+    with that message, which holds tool results, and the CLI takes the turn up at start
+    as an interrupted one. No stdin message can hold results for calls of a resumed
+    history (the CLI would drop the calls), while this sends exactly what a process
+    that waited on the calls would (see ToolBridge).
+    """
     argv = [
         claude, "-p",
         "--input-format", "stream-json",
@@ -696,12 +704,18 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
         "--strict-mcp-config",
     ]
     session = None
+    env = cli_env(config, turn)
     if history:
         transcript = session_transcript(history)
         session_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "claude-max-proxy:" + transcript))
         argv += ["--resume", session_id]
         session = (session_id, transcript)
-    return Launch(tuple(argv), tuple(sorted(cli_env(config, turn).items())), session)
+    if interrupted:
+        # The turn starts before stdin could register the tools, so they are named here.
+        argv += ["--mcp-config", json.dumps({"mcpServers": {MCP_SERVER: {"type": "sdk", "name": MCP_SERVER}}})]
+        env["CLAUDE_CODE_RESUME_INTERRUPTED_TURN"] = "1"
+        env["CLAUDE_CODE_RESUME_PROMPT"] = " "  # blank: nothing is added to the client's turn
+    return Launch(tuple(argv), tuple(sorted(env.items())), session)
 
 
 STRIPPED_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
@@ -762,7 +776,7 @@ def control_line(request_id: str, request: Dict[str, Any]) -> bytes:
     return stdin_line({"type": "control_request", "request_id": request_id, "request": request})
 
 
-def opening_lines(turn: Turn) -> bytes:
+def opening_lines(turn: Turn, tools_on_stdin: bool = True) -> bytes:
     """What a new process is told before its first turn, through the Agent SDK's control
     protocol: the system prompt and answer schema (initialize), the output cap and effort
     (apply_flag_settings), and the client's tools (mcp_set_servers). So nothing of a turn
@@ -778,7 +792,7 @@ def opening_lines(turn: Turn) -> bytes:
         settings["effortLevel"] = turn.effort
     if settings:
         lines.append(control_line("settings", {"subtype": "apply_flag_settings", "settings": settings}))
-    if turn.conversation.tools:
+    if turn.conversation.tools and tools_on_stdin:
         lines.append(control_line("tools", {"subtype": "mcp_set_servers",
                                             "servers": {MCP_SERVER: {"type": "sdk", "name": MCP_SERVER}}}))
     return b"".join(lines)
@@ -2202,10 +2216,16 @@ class Exchange:
             return kept
         if kept is not None:
             self.server.discard(kept)  # the client did not bring back what it waits for
-        process = self.process = self.server.spawn(cli_launch(self.claude, self.turn, self.server.config,
-                                                              history))
+        config = self.server.config
+        interrupted = bool(history) and any(block["type"] == "tool_result" for block in newest["content"])
+        if interrupted:
+            process = self.server.spawn(cli_launch(self.claude, self.turn, config, conversation.messages, True))
+        else:
+            process = self.server.spawn(cli_launch(self.claude, self.turn, config, history))
+        self.process = process
         process.bridge = ToolBridge(conversation.tools)
-        process.send(opening_lines(self.turn) + user_line(newest["content"]))
+        process.send(opening_lines(self.turn, tools_on_stdin=not interrupted)
+                     + (b"" if interrupted else user_line(newest["content"])))
         return process
 
     def _deadlines(self, process: "ClaudeProcess") -> Callable[[], Tuple[float, ProxyError]]:
@@ -3560,10 +3580,12 @@ class ProxyServer(ThreadingHTTPServer):
         raise ProxyError(503, "The proxy is shutting down.", code="shutting_down")
 
     def keep(self, key: str, process: ClaudeProcess) -> None:
-        """Let a process wait for its conversation's next turn, or end it when there is no room."""
+        """Let a process wait for its conversation's next turn, or end it when there is no room.
+        One that waits on tool calls is killed at once: closing its stdin would have the CLI
+        answer them with an error, upstream."""
         self.release(process)
         if not self.pool.keep(key, process):
-            process.close(grace=1.0)
+            process.close(grace=0.0 if process.open_calls else 1.0)
 
     def discard(self, process: ClaudeProcess) -> None:
         self.release(process)

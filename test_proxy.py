@@ -4968,8 +4968,9 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
 
     Every answer carries a subscription's unified rate-limit headers (see unified_headers). The
     last user text steers it: HTTPERRnnn answers with that status, USAGE-OUT with a 429, a word
-    of EXTRA_USAGE_400S with that 400, THINK adds a thinking block, MAXTOK stops with max_tokens.
-    A request that offers the CLI's StructuredOutput tool (--json-schema) gets a call to it.
+    of EXTRA_USAGE_400S with that 400, THINK adds a thinking block, MAXTOK stops with max_tokens,
+    each line CALL:name {json} calls that offered tool, SAY:text says that text. A request that
+    offers the CLI's StructuredOutput tool (--json-schema) and calls nothing else gets a call to it.
     """
 
     protocol_version = "HTTP/1.1"
@@ -5030,25 +5031,34 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
 
         usage = {"input_tokens": 12, "output_tokens": 1, "cache_creation_input_tokens": 0,
                  "cache_read_input_tokens": 0}
-        event({"type": "message_start", "message": {
-            "id": "msg_fake", "type": "message", "role": "assistant", "model": body.get("model"),
+        event({"type": "message_start", "message": {  # each message its own id, as Anthropic gives
+            "id": "msg_fake_%d" % len(self.server.requests), "type": "message", "role": "assistant",
+            "model": body.get("model"),
             "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
         blocks: List[Tuple[str, Any]] = []
         if "THINK" in text:
             blocks.append(("thinking", "Let me think about this."))
         tools = [t.get("name") for t in body.get("tools") or []]
-        if "StructuredOutput" in tools:
-            blocks.append(("tool_use", {"a": 1}))
+        calls = [(name, json.loads(arguments)) for name, arguments in
+                 re.findall(r"^CALL:(\w+) (\{.*\})$", text, re.M) if name in tools]
+        said = re.findall(r"^SAY:(.*)$", text, re.M)
+        if calls:
+            blocks += [("tool_use", call) for call in calls]
+        elif "StructuredOutput" in tools:
+            blocks.append(("tool_use", ("StructuredOutput", {"a": 1})))
         else:
-            blocks.append(("text", os.environ.get("FAKE_UPSTREAM_REPLY", UPSTREAM_REPLY)))
+            blocks.append(("text", said[-1] if said else os.environ.get("FAKE_UPSTREAM_REPLY", UPSTREAM_REPLY)))
         for index, (kind, value) in enumerate(blocks):
             if kind == "thinking":
                 start: Dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
                 deltas = [{"type": "thinking_delta", "thinking": value},
                           {"type": "signature_delta", "signature": "sig"}]
             elif kind == "tool_use":
-                start = {"type": "tool_use", "id": "toolu_fake", "name": "StructuredOutput", "input": {}}
-                deltas = [{"type": "input_json_delta", "partial_json": json.dumps(value)}]
+                arguments = json.dumps(value[1])
+                start = {"type": "tool_use", "id": "toolu_e2e_%d_%d" % (len(self.server.requests), index),
+                         "name": value[0], "input": {}}
+                deltas = [{"type": "input_json_delta", "partial_json": arguments[i:i + 6]}
+                          for i in range(0, len(arguments), 6)]
             else:
                 start = {"type": "text", "text": ""}
                 deltas = [{"type": "text_delta", "text": value[i:i + 8]} for i in range(0, len(value), 8)]
@@ -5056,7 +5066,7 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
             for delta in deltas:
                 event({"type": "content_block_delta", "index": index, "delta": delta})
             event({"type": "content_block_stop", "index": index})
-        stop = "tool_use" if "StructuredOutput" in tools else "max_tokens" if "MAXTOK" in text else "end_turn"
+        stop = "tool_use" if blocks[-1][0] == "tool_use" else "max_tokens" if "MAXTOK" in text else "end_turn"
         event({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
                "usage": dict(usage, output_tokens=7)})
         if stop == "max_tokens":
@@ -5067,13 +5077,44 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
 
 
 def last_user_text(body: Dict[str, Any]) -> str:
+    """The text of the newest user message, tool results' text included."""
     for message in reversed(body.get("messages") or []):
         if message.get("role") == "user":
             content = message.get("content")
-            if isinstance(content, str):
-                return content
-            return "\n".join(b.get("text", "") for b in content if b.get("type") == "text")
+            return content if isinstance(content, str) else block_text(content)
     return ""
+
+
+def block_text(blocks: List[Dict[str, Any]]) -> str:
+    return "\n".join(b.get("text", "") if b.get("type") == "text" else
+                     block_text(b["content"]) if b.get("type") == "tool_result" and isinstance(b.get("content"), list)
+                     else b.get("content", "") if b.get("type") == "tool_result" else "" for b in blocks)
+
+
+def without_cache_marks(value: Any) -> Any:
+    """Messages as Anthropic got them, less the cache breakpoint the CLI moves to the newest block."""
+    if isinstance(value, list):
+        return [without_cache_marks(item) for item in value]
+    if isinstance(value, dict):
+        return {key: without_cache_marks(item) for key, item in value.items() if key != "cache_control"}
+    return value
+
+
+def stream_message(response: "Response") -> Dict[str, Any]:
+    """The assistant message a client puts together from a streamed chat completion."""
+    calls: Dict[int, Dict[str, Any]] = {}
+    for chunk in response.chunks():
+        for delta in [choice["delta"] for choice in chunk.get("choices", [])]:
+            for piece in delta.get("tool_calls") or []:
+                call = calls.setdefault(piece["index"], {"id": "", "type": "function",
+                                                         "function": {"name": "", "arguments": ""}})
+                call["id"] += piece.get("id", "")
+                for field in ("name", "arguments"):
+                    call["function"][field] += piece.get("function", {}).get(field) or ""
+    message: Dict[str, Any] = {"role": "assistant", "content": stream_text(response) or None}
+    if calls:
+        message["tool_calls"] = [calls[index] for index in sorted(calls)]
+    return message
 
 
 def real_claude() -> Optional[str]:
@@ -5136,7 +5177,8 @@ class FakeUpstream:
 class EndToEndTest(ProxyTest):
     """The proxy driving the real CLI, which talks to FakeAnthropicHandler."""
 
-    settings = {"retry_budget": 1.5, "idle_timeout": 60.0, "timeout": 90.0}
+    # A pool, as users run it: conversations are kept between their turns.
+    settings = {"retry_budget": 1.5, "idle_timeout": 60.0, "timeout": 90.0, "pool_size": 2}
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -5193,14 +5235,98 @@ class EndToEndTest(ProxyTest):
         self.assertEqual(chunks[-1]["usage"]["completion_tokens"], 7)
         self.assertEqual(response.frames()[-1], "[DONE]")
 
-    def test_history_reaches_anthropic_as_one_transcript(self) -> None:
+    def test_history_reaches_anthropic_as_real_messages_resumed_from_a_transcript(self) -> None:
+        # Fails when the CLI stops taking the session transcript `--resume` reads.
         tag = marker()
-        response = self.chat(user("first " + tag), {"role": "assistant", "content": "reply one"},
-                             user("second " + tag))
+        response = self.chat({"role": "system", "content": "You are terse."}, user("first " + tag),
+                             {"role": "assistant", "content": "reply one"}, user("second"), user("SAY:ok"))
         self.assertEqual(response.status, 200, response.body)
-        sent_text = last_user_text(self.upstream_request_for(tag))
-        self.assertLess(sent_text.index("first " + tag), sent_text.index("reply one"))
-        self.assertLess(sent_text.index("reply one"), sent_text.index("second " + tag))
+        self.assertEqual(response.json()["choices"][0]["message"]["content"], "ok")
+        messages = without_cache_marks(self.upstream_request_for(tag)["messages"])
+        self.assertEqual([m["role"] for m in messages], ["user", "assistant", "user"])
+        self.assertEqual(messages[0]["content"][-1], {"type": "text", "text": "first " + tag})
+        self.assertEqual(messages[1]["content"], [{"type": "text", "text": "reply one"}])
+        self.assertEqual(messages[2]["content"], [{"type": "text", "text": "second"},
+                                                  {"type": "text", "text": "SAY:ok"}],
+                         "the trailing user messages are one turn, answered as a whole")
+
+    def test_the_client_tools_reach_anthropic_as_real_tools(self) -> None:
+        # Fails when the CLI stops taking tools from an in-process MCP server (mcp_set_servers),
+        # or renames them.
+        tag = marker()
+        tools = [WEATHER_TOOL, TIME_TOOL]
+        response = self.say("weather? %s\nCALL:get_weather {\"city\": \"Oslo\"}" % tag, tools=tools,
+                            stream=True)
+        self.assertEqual(response.status, 200, response.body)
+        sent = self.upstream_request_for(tag)
+        self.assertEqual(sorted(sent["tools"], key=lambda t: t["name"]),
+                         sorted(({"name": t["function"]["name"], "description": t["function"]["description"],
+                                  "input_schema": t["function"]["parameters"]} for t in tools),
+                                key=lambda t: t["name"]),
+                         "exactly the client's tools, with their schemas, and nothing else")
+        self.assertNotIn("get_weather", json.dumps(sent["system"]), "no tool text in the system prompt")
+        calls = [c["choices"][0]["delta"]["tool_calls"][0] for c in response.chunks()
+                 if c.get("choices") and c["choices"][0]["delta"].get("tool_calls")]
+        self.assertGreater(len(calls), 2, "arguments stream in pieces")
+        self.assertEqual(calls[0]["function"]["name"], "get_weather")
+        self.assertEqual(json.loads("".join(c["function"]["arguments"] for c in calls)), {"city": "Oslo"})
+        self.assertEqual(response.chunks()[-1]["choices"][0]["finish_reason"], "tool_calls")
+
+    def test_an_agent_loop_stays_in_one_process_and_each_request_extends_the_last(self) -> None:
+        # Fails when the CLI stops waiting on tools/call for the client's results (parked calls).
+        tag = marker()
+        tools = [WEATHER_TOOL, TIME_TOOL]
+        before = self.running.server.health()["pool"]["continued"]
+        messages: List[Dict[str, Any]] = [{"role": "system", "content": "You are terse."},
+                                          user("%s\nCALL:get_weather {\"city\": \"Oslo\"}" % tag)]
+        results = ["SAY:It is sunny.", None, "CALL:get_time {\"city\": \"Rome\"}\nCALL:get_weather {\"city\": \"Rome\"}",
+                   "SAY:Noon and sunny."]
+        for turn, then in enumerate(results):
+            response = self.chat(*messages, tools=tools, stream=turn % 2 == 1)
+            self.assertEqual(response.status, 200, response.body)
+            message = response.json()["choices"][0]["message"] if turn % 2 == 0 else stream_message(response)
+            messages.append(message)
+            if message.get("tool_calls"):
+                messages += [{"role": "tool", "tool_call_id": call["id"],
+                              "content": "sunny in %s\n%s" % (call["function"]["name"], then or "")}
+                             for call in message["tool_calls"]]
+            else:
+                messages.append(user(then or "SAY:bye"))
+        sent = [without_cache_marks(body["messages"]) for body in self.upstream.requests if tag in json.dumps(body)]
+        self.assertEqual(len(sent), 4)
+        for earlier, later in zip(sent, sent[1:]):
+            self.assertEqual(later[:len(earlier)], earlier, "each request must extend the one before")
+        self.assertEqual([len(m) for m in sent], [1, 3, 5, 7])
+        self.assertEqual(self.running.server.health()["pool"]["continued"] - before, 3,
+                         "turns 2-4 continue the first turn's process")
+
+    def test_tool_results_without_a_kept_process_resume_the_interrupted_turn(self) -> None:
+        # Fails when the CLI stops taking an interrupted turn up at start
+        # (CLAUDE_CODE_RESUME_INTERRUPTED_TURN) or adds text of its own to it.
+        for note in (None, "Also, use Celsius."):
+            tag = marker()
+            calls = [{"id": "call_%s_%d" % (tag, n), "type": "function",
+                      "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+                     for n, city in enumerate(("Oslo", "Rome"))]
+            messages = [user("weather? " + tag), {"role": "assistant", "content": None, "tool_calls": calls},
+                        {"role": "tool", "tool_call_id": calls[0]["id"], "content": "rain"},
+                        {"role": "tool", "tool_call_id": calls[1]["id"], "content": "SAY:Rain and sun."}]
+            if note:
+                messages.append(user(note))  # as OpenClaw adds context after the results
+            response = self.chat(*messages, tools=[WEATHER_TOOL])
+            self.assertEqual(response.status, 200, response.body)
+            self.assertEqual(response.json()["choices"][0]["message"]["content"], "Rain and sun.")
+            sent = [body for body in self.upstream.requests if tag in json.dumps(body)]
+            self.assertEqual(len(sent), 1, "one request, straight on from the results")
+            last = without_cache_marks(sent[0]["messages"])
+            self.assertEqual(last[1]["content"], [
+                {"type": "tool_use", "id": call["id"], "name": "get_weather",
+                 "input": json.loads(call["function"]["arguments"])} for call in calls])
+            expected = [{"tool_use_id": call["id"], "type": "tool_result", "content": [
+                {"type": "text", "text": text}]} for call, text in zip(calls, ("rain", "SAY:Rain and sun."))]
+            if note:  # the CLI ends a text it merges with a newline; nothing else is added
+                expected.append({"type": "text", "text": note + "\n"})
+            self.assertEqual(last[2:], [{"role": "user", "content": expected}])
 
     def test_structured_output_through_the_real_cli(self) -> None:
         tag = marker()
@@ -5228,20 +5354,7 @@ class EndToEndTest(ProxyTest):
         sent = [body for body in self.upstream.requests if tag in json.dumps(body)]
         self.assertEqual(len(sent), 1, "the CLI must not get to continue past the limit")
         self.assertEqual(sent[0]["max_tokens"], 64)
-        self.assertEqual(sent[0]["thinking"], {"type": "disabled"})
-
-    def test_tool_call_through_the_real_cli(self) -> None:
-        os.environ["FAKE_UPSTREAM_REPLY"] = ('<tool_calls>[{"name": "get_weather", '
-                                             '"arguments": {"city": "Oslo"}}]</tool_calls>')
-        try:
-            response = self.say("weather?", tools=[WEATHER_TOOL])
-        finally:
-            del os.environ["FAKE_UPSTREAM_REPLY"]
-        self.assertEqual(response.status, 200, response.body)
-        choice = response.json()["choices"][0]
-        self.assertEqual(choice["finish_reason"], "tool_calls")
-        self.assertEqual(json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"]),
-                         {"city": "Oslo"})
+        self.assertEqual(sent[0]["thinking"], {"type": "adaptive"}, "a cap on output leaves thinking on")
 
     def test_an_image_reaches_anthropic_as_an_image_block(self) -> None:
         tag = marker()
@@ -5268,16 +5381,17 @@ class EndToEndTest(ProxyTest):
         self.assertIsNotNone(response.headers["Retry-After"])
 
     def test_pre_started_clis_answer_requests(self) -> None:
-        running_server = RunningServer(**dict(self.settings, pool_size=1))
+        running_server = RunningServer(**dict(self.settings, pool_size=2))
 
         def pool() -> Dict[str, int]:
             return running_server.server.health()["pool"]
 
         try:
-            for _ in range(2):
-                self.assertTrue(wait_until(lambda: pool()["size"] == 1, timeout=30))
+            for prompt in ("You are terse.", "You are kind."):  # any system prompt: it comes on stdin
+                self.assertTrue(wait_until(lambda: pool()["size"] - pool()["conversations"] == 1, timeout=30))
                 tag = marker()
-                response = post_chat(running_server.port, {"messages": [user("warm " + tag)]})
+                response = post_chat(running_server.port, {"messages": [
+                    {"role": "system", "content": prompt}, user("warm " + tag)]})
                 self.assertEqual(response.status, 200, response.body)
                 self.assertEqual(response.json()["choices"][0]["message"]["content"], UPSTREAM_REPLY)
                 self.assertIn("warm " + tag, last_user_text(self.upstream_request_for(tag)))
