@@ -5504,24 +5504,23 @@ def stream_once(port: int, body: Dict[str, Any]) -> Tuple[float, float, bool]:
 def direct_once(claude: str, body: Dict[str, Any]) -> Tuple[float, float, bool]:
     """The same request run by hand, with the argv, env and stdin the proxy would give the CLI."""
     config = proxy.Config()
-    request = proxy.parse_chat_request(body, config)
-    launch = proxy.cli_launch(claude, request, config)
+    turn, _options = proxy.parse_chat_request(body, config)
+    launch = proxy.cli_launch(claude, turn, config, [])
     workdir = tempfile.mkdtemp(prefix="bench-direct-")  # made before the clock starts: the proxy's cost
-    for name, text in launch.files:
-        with open(os.path.join(workdir, name), "w") as f:
-            f.write(text)
     started = time.perf_counter()
     first = total = float("nan")
     child = subprocess.Popen(list(launch.argv), env=dict(launch.env), cwd=workdir,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    child.stdin.write(proxy.stdin_message(request))
-    child.stdin.close()
+    child.stdin.write(proxy.opening_lines(turn) + proxy.user_line(turn.conversation.messages[-1]["content"]))
+    child.stdin.flush()
     # The events the proxy's first frame and its [DONE] follow: the first text and the result.
     for line in child.stdout:
         if b'"content_block_delta"' in line and first != first:
             first = time.perf_counter() - started
         if line.startswith(b'{"type": "result"'):
             total = time.perf_counter() - started
+            break
+    child.stdin.close()  # the CLI ends once its input does
     child.stdout.close()
     ok = child.wait() == 0
     shutil.rmtree(workdir, ignore_errors=True)
@@ -5604,7 +5603,7 @@ def bench_real_cli(rows: List[Tuple[str, str]], runs: int = 20) -> None:
         return
     upstream = FakeUpstream()
     try:
-        flags = ["--claude-bin", claude, "--allow-api-key"]
+        flags = ["--claude-bin", claude]
         cold = Daemon(*(flags + ["--pool-size", "0"]))
         try:
             cold_first = [stream_once(cold.port, BENCH_BODY)[0] for _ in range(runs)]
@@ -5631,6 +5630,105 @@ def bench_real_cli(rows: List[Tuple[str, str]], runs: int = 20) -> None:
     rows.append(("2. **warm / cold** first token p50", "1 / %.1f" % (
         percentile(cold_first, 0.5) / percentile(warm_first, 0.5))))
     rows.append(("2. RSS of the 2 idle pre-started real CLIs", "%.0f MB" % idle_pool_rss))
+
+
+def request_bytes(body: Dict[str, Any]) -> List[bytes]:
+    """An upstream request as the prompt cache reads it, piece by piece: system, tools, then
+    each message (the cache breakpoint the CLI moves to the newest block left out)."""
+    pieces = [body.get("system"), body.get("tools")] + list(body.get("messages") or [])
+    return [json.dumps(without_cache_marks(piece), sort_keys=True).encode() for piece in pieces]
+
+
+def prefix_share(previous: List[bytes], current: List[bytes]) -> float:
+    """How much of the previous request the current one starts with, byte for byte."""
+    old, new = b"".join(previous), b"".join(current)
+    same = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+    return same / max(1, len(old))
+
+
+def stream_turn(port: int, body: Dict[str, Any]) -> Tuple[float, Dict[str, Any]]:
+    """One streamed completion: (seconds to the first frame, the message a client makes of it)."""
+    started = time.perf_counter()
+    first = float("nan")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        lines = []
+        for line in iter(response.readline, b""):
+            if line.startswith(b"data: ") and first != first:
+                first = time.perf_counter() - started
+            lines.append(line)
+        return first, stream_message(Response(response.status, response.headers, b"".join(lines)))
+    finally:
+        conn.close()
+
+
+def bench_agent_loop(rows: List[Tuple[str, str]], turns: int = 10) -> None:
+    """Section 5: an agent's loop on the real CLI: a tool call every other turn, a growing history."""
+    claude = real_claude()
+    if claude is None:
+        rows.append(("5. agent loop", "real claude not installed; skipped"))
+        return
+    upstream = FakeUpstream()
+    daemon = Daemon("--claude-bin", claude, "--pool-size", "2")
+    try:
+        wait_for_warm(daemon, 1.5)
+        tag = marker()
+        messages: List[Dict[str, Any]] = [system("You are an agent. " + tag)]
+        for turn in range(turns):
+            if turn % 2 == 0:
+                messages.append(user("step %d\nCALL:get_weather {\"city\": \"Oslo\"}" % (turn + 1)))
+            before = daemon.health()["pool"]
+            first, message = stream_turn(daemon.port, {"model": "claude-sonnet-4", "stream": True,
+                                                       "messages": messages, "tools": [WEATHER_TOOL]})
+            pool = daemon.health()["pool"]
+            warm = pool["hits"] + pool["continued"] > before["hits"] + before["continued"]
+            sent = [request_bytes(body) for body in upstream.requests if tag in json.dumps(body)]
+            share = "%.0f%%" % (100 * prefix_share(sent[-2], sent[-1])) if len(sent) > 1 else "-"
+            rows.append(("5. agent loop, turn %d (%s): first token, process, prefix of the last request"
+                         % (turn + 1, "user asks, tool call" if turn % 2 == 0 else "tool result, answer"),
+                         "%.0f ms, %s, %s" % (first * 1000, "warm" if warm else "cold", share)))
+            messages.append(message)
+            messages += [{"role": "tool", "tool_call_id": call["id"], "content": "sunny, 21 C"}
+                         for call in message.get("tool_calls") or []]
+            time.sleep(0.5)  # the agent's own work between calls
+    finally:
+        daemon.stop()
+        upstream.stop()
+
+
+def bench_big_bodies(rows: List[Tuple[str, str]], clients: int = 4) -> None:
+    """Section 6: four concurrent bodies of --max-body with as many JSON values as are taken."""
+    daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "0")
+    padding = ["x" * 36] * 240000  # ~9.6 MB of small values, just under the value cap
+    body = json.dumps({"model": "claude-sonnet-4", "messages": [user("hi")], "metadata": {"pad": padding}})
+    peak = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], rss_mb(daemon.process.pid))
+
+    try:
+        wait_for_warm(daemon, 0.5)
+        idle = rss_mb(daemon.process.pid)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        threads = [threading.Thread(target=http_request, args=(daemon.port, "POST", "/v1/chat/completions",
+                                                               body.encode())) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        done.set()
+        sampler.join()
+        time.sleep(2.0)
+        after = rss_mb(daemon.process.pid)
+    finally:
+        daemon.stop()
+    rows.append(("6. proxy RSS: idle / peak with %d concurrent 9.6 MB bodies / 2 s after" % clients,
+                 "%.0f / %.0f / %.0f MB" % (idle, peak[0], after)))
 
 
 def claude_version_of(claude: str) -> str:
@@ -5687,6 +5785,8 @@ def bench() -> int:
         bench_overhead(rows)
         bench_real_cli(rows)
         bench_load(rows)
+        bench_agent_loop(rows)
+        bench_big_bodies(rows)
     finally:
         tearDownModule()
     print("Machine: %d CPUs, %s, Python %s, %s" % (
