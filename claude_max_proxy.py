@@ -266,6 +266,7 @@ def invalid(message: str, param: Optional[str] = None, code: Optional[str] = Non
     return ProxyError(400, message, code=code or "invalid_value", param=param)
 
 
+UPGRADE_HELP = "npm install -g @anthropic-ai/claude-code@latest (the proxy is tested with 2.1.197)"
 LOGIN_HELP = ("Claude Code is not logged in. Run `claude` once in a terminal on this machine, "
               "log in with your Claude subscription (/login), then retry.")
 
@@ -1533,6 +1534,60 @@ def claude_version(path: str) -> Optional[str]:
         except (OSError, subprocess.SubprocessError):
             _versions[key] = None
     return _versions[key]
+
+
+# The proxy relies on Claude Code's control protocol (initialize, mcp_set_servers and the MCP
+# messages that follow), first there in the 2.1 releases; an older CLI gets a clear error.
+PROBE_TIMEOUT = 20.0
+_native: Dict[Tuple[str, float], Optional[str]] = {}
+
+
+def native_problem(path: str, probe: bool = True) -> Optional[str]:
+    """Why this `claude` cannot take a conversation natively, or None when it can (or, without
+    `probe`, when that is not known yet). Probed again only when the file changes (an upgrade):
+    a process that is told a system prompt and a tool must ask for the tool, before any prompt,
+    so nothing reaches Anthropic."""
+    try:
+        key = (path, os.stat(path).st_mtime)
+    except OSError:
+        return "not found"
+    if key not in _native and probe:
+        _native[key] = probe_native(path)
+    return _native.get(key)
+
+
+def probe_native(path: str) -> Optional[str]:
+    tool = native_tool("probe", "", None, "probe")
+    turn = Turn("probe", "haiku", Conversation("probe", [], [tool]))
+    try:
+        process = start_claude(cli_launch(path, turn, Config(), []))
+    except ProxyError as error:
+        return error.message
+    process.bridge = ToolBridge([tool])
+    process.send(opening_lines(turn))
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    timeout = ProxyError(504, "it did not ask for the tools within %g s" % PROBE_TIMEOUT)
+    answered: List[str] = []
+    try:
+        for event in process.events(lambda: (deadline, timeout)):
+            if event.get("type") == "control_response":
+                response = event.get("response") if isinstance(event.get("response"), dict) else {}
+                if response.get("subtype") != "success":
+                    return "it refused %s: %s" % (response.get("request_id"), str(response.get("error"))[:200])
+                answered.append(str(response.get("request_id")))
+            request = event.get("request") if isinstance(event.get("request"), dict) else {}
+            message = request.get("message") if isinstance(request.get("message"), dict) else {}
+            line = process.bridge.answer(event)
+            if line:
+                process.send(line)
+            if message.get("method") == "tools/list" and {"initialize", "tools"} <= set(answered):
+                return None
+        return "it exited (code %s) without asking for the tools: %s" % (
+            process.close(), process.stderr_text()[-300:] or "nothing on stderr")
+    except ProxyError as error:
+        return error.message
+    finally:
+        process.close()
 
 
 # ---------------------------------------------------------------------------
@@ -3208,6 +3263,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             claude = find_claude(self.server.config.claude_bin)
             if claude is None:
                 raise claude_not_found(self.server.config.claude_bin)
+            problem = native_problem(claude, probe=False)  # probed in the background at start
+            if problem is not None:
+                raise ProxyError(503, "This Claude Code (%s) cannot take a conversation natively: %s. %s"
+                                 % (claude, problem, UPGRADE_HELP), code="claude_unsupported")
             answer_turn(door(turn, options), Exchange(self.server, turn, claude, self.connection), self)
 
     # -- response writing ------------------------------------------------------
@@ -3472,6 +3531,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.lifeline = Lifeline()
         self.pool = WarmPool(config.pool_size, config.pool_ttl, self.lifeline)
         self._prewarm_default()
+        threading.Thread(target=self._probe, name="probe", daemon=True).start()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks DNS for our fully qualified name, which can
@@ -3591,6 +3651,14 @@ class ProxyServer(ThreadingHTTPServer):
         self.release(process)
         process.close()
 
+    def _probe(self) -> None:
+        """Find out once, before a request needs it, whether this CLI speaks the control protocol."""
+        claude = find_claude(self.config.claude_bin)
+        problem = native_problem(claude) if claude else None
+        if problem is not None:
+            log.warning("%s cannot take a conversation natively (%s); requests will fail until it is "
+                        "upgraded: %s", claude, problem, UPGRADE_HELP)
+
     def _prewarm_default(self) -> None:
         """Warm what a first turn of the default model needs (its prompt and tools come on stdin)."""
         claude = find_claude(self.config.claude_bin)
@@ -3634,7 +3702,8 @@ class ProxyServer(ThreadingHTTPServer):
             "status": "ok" if claude else "degraded",
             "version": __version__,
             "claude": {"found": claude is not None, "path": claude,
-                       "version": claude_version(claude) if claude else None},
+                       "version": claude_version(claude) if claude else None,
+                       "native": None if claude is None else native_problem(claude, probe=False) is None},
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "requests_served": self.requests_served,
@@ -4313,6 +4382,10 @@ def check_claude(system: System, config: Config) -> Check:
         return Check("FAIL", "claude (`%s`) not found on PATH or in %s"
                      % (config.claude_bin, ", ".join(CLAUDE_INSTALL_DIRS)),
                      "npm install -g @anthropic-ai/claude-code, or pass --claude-bin /full/path")
+    problem = native_problem(claude)
+    if problem is not None:
+        return Check("FAIL", "claude %s at %s does not speak the control protocol the proxy needs: %s"
+                     % (claude_version(claude) or "(version unknown)", claude, problem), UPGRADE_HELP)
     return Check("OK", "claude %s at %s" % (claude_version(claude) or "(version unknown)", claude))
 
 

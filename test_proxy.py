@@ -5466,6 +5466,34 @@ class EndToEndTest(ProxyTest):
 # Benchmark: `python3 test_proxy.py bench` (never part of the test run)
 # ---------------------------------------------------------------------------
 
+class NativeSupportTest(TestCase):
+    """A `claude` too old for the control protocol is found out at start and named, not run blind."""
+
+    def test_a_cli_without_the_control_protocol_is_a_503_with_the_upgrade_to_make(self) -> None:
+        old = os.path.join(tempfile.mkdtemp(prefix="old-claude-"), "claude")
+        self.addCleanup(shutil.rmtree, os.path.dirname(old), True)
+        with open(old, "w") as f:
+            f.write("#!/bin/sh\n[ \"$1\" = --version ] && echo '1.0.0 (Claude Code)'\nexit 0\n")
+        os.chmod(old, 0o755)
+        running_server = RunningServer(claude_bin=old)
+        self.addCleanup(running_server.stop)
+        with self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            self.assertTrue(wait_until(lambda: running_server.server.health()["claude"]["native"] is False))
+        self.assertIn("cannot take a conversation natively", "\n".join(logs.output))
+        response = post_chat(running_server.port, {"messages": [user("hi")]})
+        self.assertEqual(response.status, 503, response.body)
+        self.assertEqual(response.json()["error"]["code"], "claude_unsupported")
+        self.assertIn("npm install -g @anthropic-ai/claude-code@latest", response.json()["error"]["message"])
+        check = proxy.check_claude(proxy.System(), proxy.Config(claude_bin=old))
+        self.assertEqual(check.level, "FAIL")
+        self.assertIn("control protocol", check.message)
+
+    def test_the_fake_and_the_real_cli_pass_the_probe(self) -> None:
+        self.assertIsNone(proxy.native_problem(FAKE.path))
+        if real_claude():
+            self.assertIsNone(proxy.native_problem(real_claude()))
+
+
 BENCH_BODY = {"model": "claude-sonnet-4", "stream": True,
               "messages": [system("You are a benchmark."), user("Say hello.")]}
 
