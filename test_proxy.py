@@ -5475,9 +5475,9 @@ class NativeSupportTest(TestCase):
         with open(old, "w") as f:
             f.write("#!/bin/sh\n[ \"$1\" = --version ] && echo '1.0.0 (Claude Code)'\nexit 0\n")
         os.chmod(old, 0o755)
-        running_server = RunningServer(claude_bin=old)
-        self.addCleanup(running_server.stop)
-        with self.assertLogs("claude_max_proxy", "WARNING") as logs:
+        with self.assertLogs("claude_max_proxy", "WARNING") as logs:  # the probe starts with the server
+            running_server = RunningServer(claude_bin=old)
+            self.addCleanup(running_server.stop)
             self.assertTrue(wait_until(lambda: running_server.server.health()["claude"]["native"] is False))
         self.assertIn("cannot take a conversation natively", "\n".join(logs.output))
         response = post_chat(running_server.port, {"messages": [user("hi")]})
