@@ -390,21 +390,23 @@ class MessageList:
 
     def __init__(self) -> None:
         self.messages: List[Dict[str, Any]] = []
+        self._results = 0  # tool_result blocks leading the last message
 
     def add(self, role: str, blocks: List[Dict[str, Any]]) -> None:
         blocks = [b for b in blocks if b["type"] != "text" or b["text"].strip()]
         if not blocks:
             return
         if not self.messages or self.messages[-1]["role"] != role:
-            self.messages.append({"role": role, "content": blocks})
-            return
+            self.messages.append({"role": role, "content": []})
+            self._results = 0
         content = self.messages[-1]["content"]
-        # Tool results answer the turn before, and must come first in a user message.
-        results = [b for b in blocks if b["type"] == "tool_result"]
-        first_other = next((i for i, b in enumerate(content) if b["type"] != "tool_result"), len(content))
-        content[first_other:first_other] = results
-        content.extend(b for b in blocks if b["type"] != "tool_result")
-
+        for block in blocks:
+            if block["type"] == "tool_result":
+                # Tool results answer the turn before, and must come first in a user message.
+                content.insert(self._results, block)
+                self._results += 1
+            else:
+                content.append(block)
 
 def text_block(text: str) -> Dict[str, Any]:
     return {"type": "text", "text": text}
