@@ -1723,21 +1723,28 @@ def user(text: str) -> Dict[str, Any]:
     return {"role": "user", "content": text}
 
 
+def text(value: str) -> Dict[str, Any]:
+    return {"type": "text", "text": value}
+
+
 class ModelTest(TestCase):
     def test_table_ids_aliases_and_prefixes_map_to_cli_aliases(self) -> None:
         for name, alias in [("claude-opus-4", "opus"), ("claude-sonnet-4", "sonnet"),
                             ("claude-haiku-4", "haiku"), ("opus", "opus"), ("HAIKU", "haiku"),
                             ("openai/claude-opus-4", "opus"), ("anthropic/claude-sonnet-4", "sonnet"),
-                            ("fable", "fable")]:
+                            ("claude-max/opus", "opus"), ("fable", "fable")]:
             self.assertEqual(proxy.resolve_model(name, "claude-sonnet-4"), alias, name)
 
     def test_full_claude_ids_pass_through_unchanged(self) -> None:
         self.assertEqual(proxy.resolve_model("claude-sonnet-4-5-20250929", "x"),
                          "claude-sonnet-4-5-20250929")
         self.assertEqual(proxy.resolve_model("anthropic/claude-opus-4-1", "x"), "claude-opus-4-1")
+        self.assertEqual(proxy.resolve_model("claude-opus-4-8[1m]", "x"), "claude-opus-4-8[1m]")
 
     def test_empty_model_takes_the_default(self) -> None:
         self.assertEqual(proxy.resolve_model("", "claude-haiku-4"), "haiku")
+        turn, _ = proxy.parse_chat_request({"messages": [user("hi")]}, config(default_model="claude-opus-4"))
+        self.assertEqual((turn.model, turn.cli_model), ("claude-opus-4", "opus"))
 
     def test_unknown_model_is_a_400_naming_the_choices(self) -> None:
         with self.assertRaises(proxy.ProxyError) as caught:
@@ -1746,154 +1753,853 @@ class ModelTest(TestCase):
         self.assertEqual((error.status, error.code, error.param), (400, "model_not_found", "model"))
         self.assertIn("claude-opus-4", error.message)
 
+    def test_a_huge_model_name_is_a_short_400_never_an_argument(self) -> None:
+        # Issue 8 item 6: a 128 KB name went into argv, and the kernel's "Argument list too long"
+        # came back as a 503 that SDKs retry.
+        for name in ("claude-" + "a" * 128 * 1024, "claude-" + "a" * 121, "claude-sonnet-4 --bare",
+                     "claude-x\x00y", "claude-$(id)"):
+            with self.assertRaises(proxy.ProxyError) as caught:
+                proxy.parse_chat_request({"model": name, "messages": [user("hi")]}, config())
+            error = caught.exception
+            self.assertEqual((error.status, error.code, error.param), (400, "model_not_found", "model"),
+                             name[:40])
+            self.assertLess(len(error.message), 500, "the error must not echo the whole name")
+
     def test_models_listing_follows_the_table(self) -> None:
         self.assertEqual(proxy.find_model("claude-opus-4")["id"], "claude-opus-4")
         self.assertIsNone(proxy.find_model("opus"))
 
 
-class RequestTranslationTest(TestCase):
-    def parse(self, body: Any) -> proxy.ChatRequest:
-        return proxy.parse_chat_request(body, config())
+def chat_turn(settings: Optional[Dict[str, Any]] = None, fetch: Any = None,
+              **body: Any) -> Tuple["proxy.Turn", "proxy.ChatOptions"]:
+    """parse_chat_request of a body (one user message unless given), with a fake image fetch."""
+    body.setdefault("messages", [user("hi")])
+    return proxy.parse_chat_request(body, config(**(settings or {})),
+                                    fetch=fetch or (lambda url, limit: ("image/png", b"\x89PNG " + url.encode())))
 
-    def rejects(self, body: Any, param: Optional[str]) -> proxy.ProxyError:
+
+def weather_call(call_id: str = "call_1", arguments: str = '{"city": "Paris"}') -> Dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+
+
+PDF_DATA = base64.b64encode(b"%PDF-1.4 fake").decode("ascii")
+
+# What the real clients' requests (../shared/clients) are refused with: every other chat request
+# there must be accepted, so a new refusal of something a real client sends fails the test.
+CLIENT_REFUSALS = {
+    "oa-error_bad_model": ("model_not_found", "model"),
+    "edge-n_2": ("unsupported_value", "n"),
+    "edge-input_audio_part": ("unsupported_content_type", "messages[0].content[0].type"),
+    "edge-image_in_system": ("unsupported_content_type", "messages[0].content[0].type"),
+    "edge-remote_image_url": ("image_url_not_allowed", "messages[0].content[1].image_url"),
+    "edge-custom_tool_type": ("unsupported_tool_type", "tools[0].type"),
+    "edge-json_schema_root_array": ("invalid_value", "response_format.json_schema.schema"),
+    "edge-last_msg_assistant_prefill": ("unsupported_value", "messages"),
+    "edge-max_tokens_zero": ("invalid_type", "max_tokens"),
+    "edge-stop_5": ("invalid_value", "stop"),
+}
+
+
+class CountedBlock(dict):
+    """A content block that counts how often the translation looks into it."""
+
+    reads = 0
+
+    def __getitem__(self, key: Any) -> Any:
+        CountedBlock.reads += 1
+        return dict.__getitem__(self, key)
+
+
+class ChatRequestCase(TestCase):
+    """Helpers for the tests of parse_chat_request."""
+
+    def parse(self, **body: Any) -> "proxy.Turn":
+        return chat_turn(**body)[0]
+
+    def messages(self, *messages: Dict[str, Any], **body: Any) -> List[Dict[str, Any]]:
+        return self.parse(messages=list(messages), **body).conversation.messages
+
+    def rejects(self, param: Optional[str], code: Optional[str] = None, settings: Any = None,
+                **body: Any) -> "proxy.ProxyError":
         with self.assertRaises(proxy.ProxyError) as caught:
-            self.parse(body)
-        self.assertEqual(caught.exception.status, 400)
-        self.assertEqual(caught.exception.param, param)
-        return caught.exception
+            chat_turn(settings, **body)
+        error = caught.exception
+        self.assertEqual((error.status, error.param), (400, param), error.message)
+        if code is not None:
+            self.assertEqual(error.code, code, error.message)
+        return error
+
+
+class RequestTranslationTest(ChatRequestCase):
+    """OpenAI chat messages -> a native conversation."""
 
     def test_validation_names_the_bad_param(self) -> None:
-        self.rejects([], None)
-        self.rejects({"model": 5, "messages": [user("x")]}, "model")
-        self.rejects({"messages": []}, "messages")
-        self.rejects({"messages": "hi"}, "messages")
-        self.rejects({"messages": [user("x"), "hi"]}, "messages[1]")
-        self.rejects({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role")
-        self.rejects({"messages": [{"role": "user", "content": 5}]}, "messages[0].content")
-        self.rejects({"messages": [{"role": "user", "content": [{"type": "audio"}]}]},
-                     "messages[0].content[0].type")
-        self.rejects({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]},
-                     "messages[0].content[0].text")
-        self.rejects({"messages": [user("x")], "stream": "yes"}, "stream")
-        self.rejects({"messages": [{"role": "system", "content": "only rules"}]}, "messages")
+        with self.assertRaises(proxy.ProxyError) as caught:
+            proxy.parse_chat_request([], config())
+        self.assertEqual((caught.exception.status, caught.exception.param), (400, None))
+        self.rejects("model", "invalid_type", model=5)
+        self.rejects("messages", "empty_array", messages=[])
+        self.rejects("messages", "invalid_type", messages="hi")
+        self.rejects("messages[1]", "invalid_type", messages=[user("x"), "hi"])
+        self.rejects("messages[0].role", messages=[{"role": "robot", "content": "x"}])
+        self.rejects("messages[0].content", "invalid_type", messages=[{"role": "user", "content": 5}])
+        self.rejects("messages[0].content[0].type", "unsupported_content_type",
+                     messages=[{"role": "user", "content": [{"type": "audio"}]}])
+        self.rejects("messages[0].content[0].text", "invalid_type",
+                     messages=[{"role": "user", "content": [{"type": "text", "text": 1}]}])
+        self.rejects("stream", "invalid_type", stream="yes")
+        self.rejects("stream_options", "invalid_type", stream_options=[1])
+        self.rejects("messages", messages=[{"role": "system", "content": "only rules"}])
 
     def test_odd_types_are_400s_not_crashes(self) -> None:
-        self.rejects({"model": "claude\x00-opus", "messages": [user("x")]}, "model")
-        self.rejects({"messages": [user("x")], "reasoning_effort": ["high"]}, "reasoning_effort")
-        self.rejects({"messages": [user("x")], "reasoning": {"effort": {}}}, "reasoning_effort")
-        self.rejects({"messages": [user("x"), {"role": "assistant", "tool_calls": [
-            {"id": ["x"], "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
-            "messages[1].tool_calls[0]")
-        self.rejects({"messages": [user("x"), {"role": "function", "name": ["f"], "content": "r"}]},
-                     "messages[1].name")
+        self.rejects("model", model="claude\x00-opus")
+        self.rejects("reasoning_effort", reasoning_effort=["high"])
+        self.rejects("reasoning_effort", reasoning={"effort": {}})
+        self.rejects("messages[1].tool_calls[0]", messages=[user("x"), {"role": "assistant", "tool_calls": [
+            {"id": ["x"], "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, user("y")])
+        self.rejects("messages[1].tool_calls", messages=[user("x"), {"role": "assistant", "tool_calls": 5}])
+        self.rejects("messages[2].name", messages=[
+            user("x"), {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},
+            {"role": "function", "name": ["f"], "content": "r"}])
+        self.rejects("messages[1].tool_call_id", messages=[user("x"), {"role": "tool", "content": "y"}])
+        self.rejects("tools", "invalid_type", tools={"a": 1})
+        self.rejects("tools[0]", "invalid_type", tools=[5])
+        self.rejects("tools[0]", "invalid_type", tools=[{"type": "function"}])
+        self.rejects("tools[0].function.parameters", tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "array"}}}])
+        self.rejects("response_format", response_format={"type": "xml"})
 
     def test_n_above_one_is_refused_rather_than_answered_once(self) -> None:
-        error = self.rejects({"messages": [user("x")], "n": 2}, "n")
+        error = self.rejects("n", "unsupported_value", n=2)
         self.assertIn("n=1", error.message)
+        self.assertEqual(self.parse(n=1).conversation.messages[-1]["content"], [text("hi")])
 
     def test_unknown_and_ignored_fields_are_accepted(self) -> None:
-        request = self.parse({"messages": [user("hi")], "temperature": 0.2, "seed": 1,
-                              "user": "u-1", "some_future_field": {"x": 1}})
-        self.assertEqual(request.content, [{"type": "text", "text": "hi"}])
+        turn = self.parse(messages=[user("hi")], temperature=0.2, seed=1, user="u-1",
+                          some_future_field={"x": 1})
+        self.assertEqual(turn.conversation.messages, [{"role": "user", "content": [text("hi")]}])
 
     def test_system_and_developer_messages_join_in_order(self) -> None:
-        request = self.parse({"messages": [{"role": "system", "content": "Be terse."}, user("hi"),
-                                           {"role": "developer", "content": [
-                                               {"type": "text", "text": "Use "},
-                                               {"type": "text", "text": "French."}]}]})
-        self.assertEqual(request.system_prompt, "Be terse.\n\nUse French.")
+        turn = self.parse(messages=[{"role": "system", "content": "Be terse."}, user("hi"),
+                                    {"role": "developer", "content": [text("Use "), text("French.")]}])
+        self.assertEqual(turn.conversation.system, "Be terse.\n\nUse French.")
+        self.assertEqual(turn.system_prompt, "Be terse.\n\nUse French.")
+        self.assertEqual(turn.conversation.messages, [{"role": "user", "content": [text("hi")]}])
 
     def test_no_system_message_gives_the_neutral_prompt(self) -> None:
-        self.assertEqual(self.parse({"messages": [user("hi")]}).system_prompt,
+        self.assertEqual(self.parse().system_prompt, proxy.DEFAULT_SYSTEM_PROMPT)
+        self.assertEqual(self.parse(messages=[{"role": "system", "content": "  "}, user("hi")]).system_prompt,
                          proxy.DEFAULT_SYSTEM_PROMPT)
 
-    def test_history_becomes_a_transcript_with_the_last_user_message_last(self) -> None:
-        request = self.parse({"messages": [
+    def test_history_becomes_native_messages_with_the_newest_user_turn_last(self) -> None:
+        turn = self.parse(messages=[
             {"role": "system", "content": "SYSTEM-RULES"}, user("first question"),
             {"role": "assistant", "content": "first answer"},
-            {"role": "user", "content": [{"type": "text", "text": "second "},
-                                         {"type": "text", "text": "question"}]}]})
-        self.assertEqual(len(request.content), 1)
-        text = request.content[0]["text"]
-        self.assertIn("<user>\nfirst question\n</user>", text)
-        self.assertIn("<assistant>\nfirst answer\n</assistant>", text)
-        self.assertTrue(text.endswith("</conversation>\n\nsecond question"), text)
-        self.assertLess(text.index("first question"), text.index("first answer"))
-        self.assertNotIn("SYSTEM-RULES", text)
+            {"role": "user", "content": [text("second "), text("question")]}])
+        self.assertEqual(turn.conversation.messages, [
+            {"role": "user", "content": [text("first question")]},
+            {"role": "assistant", "content": [text("first answer")]},
+            {"role": "user", "content": [text("second "), text("question")]}])
+        self.assertNotIn("SYSTEM-RULES", json.dumps(turn.conversation.messages))
 
-    def test_argv_turns_tools_off_and_keeps_the_prompt_out(self) -> None:
-        request = self.parse({"model": "claude-opus-4", "messages": [
-            {"role": "system", "content": "Rules"}, user("secret prompt text")]})
-        launch = proxy.cli_launch("/bin/claude", request, config())
-        argv = list(launch.argv)
+    def test_consecutive_user_messages_are_one_turn_answered_as_a_whole(self) -> None:
+        # OpenClaw ends every turn with two user messages: the prompt, then a block of context.
+        turn = self.parse(messages=[user("earlier"), {"role": "assistant", "content": "ok"},
+                                    user("Summarize the notes."), user("<context>notes</context>"),
+                                    {"role": "user", "content": ""}])
+        newest = turn.conversation.messages[-1]
+        self.assertEqual(newest, {"role": "user", "content": [text("Summarize the notes."),
+                                                              text("<context>notes</context>")]})
+        self.assertEqual([m["role"] for m in turn.conversation.messages], ["user", "assistant", "user"])
+        self.assertEqual(turn.system_prompt, proxy.DEFAULT_SYSTEM_PROMPT, "nothing says: answer the last one")
+        # Both go to the CLI as the one newest turn.
+        line = json.loads(proxy.user_line(newest["content"]))
+        self.assertEqual(line["message"]["content"], newest["content"])
+
+    def test_empty_and_null_contents_make_no_empty_blocks(self) -> None:
+        messages = self.messages(user("q"), {"role": "assistant", "content": None}, user(" "), user("r"))
+        self.assertEqual(messages, [{"role": "user", "content": [text("q"), text("r")]}])
+
+    def test_tool_calls_and_results_become_tool_use_and_tool_result_blocks(self) -> None:
+        messages = self.messages(
+            user("Weather in Paris and Rome?"),
+            {"role": "assistant", "content": "Looking.", "tool_calls": [
+                weather_call("call_1"), weather_call("call.2/x", '{"city": "Rome", "units": ["C"]}')]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "call.2/x", "content": [text("rain"), text(" 12C")]},
+            user("And tomorrow?"),
+            tools=[WEATHER_TOOL])
+        self.assertEqual(messages[1], {"role": "assistant", "content": [
+            text("Looking."),
+            {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "call_2_x", "name": "get_weather",
+             "input": {"city": "Rome", "units": ["C"]}}]})
+        results = messages[2]["content"]
+        self.assertEqual(results, [
+            {"tool_use_id": "call_1", "type": "tool_result", "content": [text("sunny")]},
+            {"tool_use_id": "call_2_x", "type": "tool_result", "content": [text("rain"), text(" 12C")]},
+            text("And tomorrow?")])
+        # The CLI writes tool results with the keys in this order; a resumed history must match
+        # a live one byte for byte, or the prompt cache misses.
+        self.assertEqual([list(block) for block in results[:2]], [["tool_use_id", "type", "content"]] * 2)
+        self.assertEqual(len(messages), 3)
+
+    def test_tool_results_come_first_in_their_user_message(self) -> None:
+        messages = self.messages(
+            user("q"), {"role": "assistant", "tool_calls": [weather_call("a"), weather_call("b")]},
+            user("note between"), {"role": "tool", "tool_call_id": "a", "content": "A"},
+            {"role": "tool", "tool_call_id": "b", "content": ""}, user("after"))
+        self.assertEqual([b["type"] for b in messages[2]["content"]],
+                         ["tool_result", "tool_result", "text", "text"])
+        self.assertEqual([b.get("tool_use_id") for b in messages[2]["content"][:2]], ["a", "b"])
+        self.assertEqual(messages[2]["content"][1]["content"], [], "an empty result holds no empty text")
+
+    def test_invalid_tool_arguments_are_a_400(self) -> None:
+        for arguments in ("{not json", "[1, 2]", '"text"', "3"):
+            self.rejects("messages[1].tool_calls[0].function.arguments", "invalid_tool_arguments",
+                         messages=[user("q"), {"role": "assistant", "tool_calls": [weather_call("c", arguments)]},
+                                   {"role": "tool", "tool_call_id": "c", "content": "r"}])
+        for arguments in ("", None, {"city": "Oslo"}):
+            call = weather_call("c")
+            call["function"]["arguments"] = arguments
+            messages = self.messages(user("q"), {"role": "assistant", "tool_calls": [call]},
+                                     {"role": "tool", "tool_call_id": "c", "content": "r"})
+            self.assertEqual(messages[1]["content"][0]["input"], arguments or {})
+
+    def test_legacy_functions_and_function_messages(self) -> None:
+        turn, options = chat_turn(functions=[WEATHER_TOOL["function"]], function_call={"name": "get_weather"},
+                                  messages=[user("q"), {"role": "assistant", "content": None, "function_call": {
+                                      "name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+                                            {"role": "function", "name": "get_weather", "content": "snow"}])
+        self.assertTrue(options.legacy_functions)
+        self.assertFalse(turn.parallel_tool_calls, "the functions API makes one call at a time")
+        self.assertEqual([t["name"] for t in turn.conversation.tools], ["get_weather"])
+        self.assertEqual(turn.tool_choice, "get_weather")
+        self.assertIn("you must call the tool `get_weather`", turn.system_prompt)
+        self.assertEqual(turn.conversation.messages[1:], [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "call_function_0",
+                                               "name": "get_weather", "input": {"city": "Oslo"}}]},
+            {"role": "user", "content": [{"tool_use_id": "call_function_0", "type": "tool_result",
+                                          "content": [text("snow")]}]}])
+        self.rejects("messages[1]", messages=[user("q"), {"role": "function", "name": "f", "content": "r"}])
+        self.rejects("messages[1].function_call", messages=[user("q"), {"role": "assistant",
+                                                                        "function_call": "f"}, user("r")])
+
+    def test_assistant_refusal_parts_are_text(self) -> None:
+        messages = self.messages(user("q"), {"role": "assistant", "content": [
+            {"type": "refusal", "refusal": "I can't help with that."}, text(" Sorry.")]}, user("ok"))
+        self.assertEqual(messages[1]["content"], [text("I can't help with that."), text(" Sorry.")])
+        self.rejects("messages[1].content[0].refusal", messages=[user("q"), {"role": "assistant", "content": [
+            {"type": "refusal", "refusal": None}]}, user("ok")])
+
+    def test_pdf_file_parts_are_documents_other_files_are_refused(self) -> None:
+        pdf = {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64," + PDF_DATA}}
+        messages = self.messages({"role": "user", "content": [text("Read this."), pdf]})
+        self.assertEqual(messages[0]["content"][1], {"type": "document", "source": {
+            "type": "base64", "media_type": "application/pdf", "data": PDF_DATA}})
+        for file in ({"file_data": "data:text/plain;base64," + PDF_DATA}, {"file_id": "file-abc"}, None,
+                     {"file_data": "data:application/pdf;base64,%%%"}):
+            with self.assertRaises(proxy.ProxyError) as caught:
+                self.parse(messages=[{"role": "user", "content": [{"type": "file", "file": file}]}])
+            error = caught.exception
+            self.assertEqual(error.status, 400)
+            self.assertIn(error.code, ("unsupported_file", "invalid_image"), file)
+            self.assertTrue(error.param.startswith("messages[0].content[0].file"), error.param)
+        self.rejects("messages[1].content[0].type", "unsupported_content_type",
+                     messages=[user("q"), {"role": "assistant", "content": [pdf]}, user("r")])
+
+    def test_audio_parts_are_refused_naming_the_type(self) -> None:
+        error = self.rejects("messages[0].content[0].type", "unsupported_content_type", messages=[
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}])
+        self.assertIn("input_audio", error.message)
+
+    def test_a_prefill_is_refused(self) -> None:
+        self.rejects("messages", "unsupported_value",
+                     messages=[user("Write a haiku."), {"role": "assistant", "content": "Autumn"}])
+        self.rejects("messages", "unsupported_value",
+                     messages=[user("q"), {"role": "assistant", "tool_calls": [weather_call()]}])
+
+    def test_every_real_clients_chat_request_is_accepted_or_refused_as_expected(self) -> None:
+        requests = [r for r in load_client_requests(self)
+                    if r["head"][0].startswith("POST /v1/chat/completions ")]
+        self.assertGreater(len(requests), 100)
+        refused = {}
+        for request in requests:
+            try:
+                turn, _ = proxy.parse_chat_request(request["body"], config())
+            except proxy.ProxyError as error:
+                self.assertEqual(error.status, 400, request["client"])
+                refused[request["client"]] = (error.code, error.param)
+                continue
+            messages = turn.conversation.messages
+            self.assertEqual(messages[-1]["role"], "user", request["client"])
+            self.assertTrue(all(a["role"] != b["role"] for a, b in zip(messages, messages[1:])),
+                            "%s: roles must alternate" % request["client"])
+            json.dumps(messages)  # a native conversation is plain JSON
+        self.assertEqual(refused, CLIENT_REFUSALS)
+
+    def test_openclaws_turn_keeps_both_user_messages_and_its_thinking(self) -> None:
+        requests = [r for r in load_client_requests(self) if r["client"] == "oc-C-thinking"]
+        turn, options = proxy.parse_chat_request(requests[0]["body"], config())
+        last_users = []
+        for message in reversed(requests[0]["body"]["messages"]):
+            if message["role"] != "user":
+                break
+            last_users.insert(0, message)
+        self.assertGreaterEqual(len(last_users), 2, "OpenClaw ends a turn with two user messages")
+        self.assertEqual(len(turn.conversation.messages[-1]["content"]), len(last_users))
+        self.assertTrue(turn.thinking and options.want_reasoning)
+        self.assertEqual(turn.max_tokens, requests[0]["body"].get("max_completion_tokens"))
+
+    def test_a_long_conversation_translates_in_linear_work(self) -> None:
+        # Issue 8 item 4: each message was appended to one transcript string by copying all of it
+        # (160k messages: 21.7 s). No timing here: a native conversation keeps one block per
+        # message, and the very string the client sent, so no text was ever joined or copied.
+        # Joining history text again (into one block, or with +=) gives fewer blocks and new
+        # strings, and fails both checks.
+        count = 160000
+        texts = ["message %d" % i for i in range(count)]
+        body = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
+        body += [user("and one more"), user("the context")]
+        messages = self.parse(messages=body).conversation.messages
+        self.assertEqual(len(messages), count + 1)
+        self.assertTrue(all(len(m["content"]) == 1 for m in messages[:-1]))
+        self.assertTrue(all(m["content"][0]["text"] is t for m, t in zip(messages, texts)),
+                        "the client's strings are kept, not copied")
+        self.assertEqual(messages[-1]["content"], [text("and one more"), text("the context")])
+
+    def test_merging_messages_looks_at_each_block_a_bounded_number_of_times(self) -> None:
+        # The structural form of the same check, for the one place messages are merged: MessageList.
+        # Many tool results in a row (an agent's parallel calls answered one tool message each) and
+        # many user messages in a row each land in one message. A merge that rescans or copies the
+        # message so far reads each block once per later block: N*N/2 reads, not ~N.
+        for kind in ("text", "tool_result"):
+            for count in (1000, 4000):
+                native = proxy.MessageList()
+                native.add("assistant", [text("calls")])
+                CountedBlock.reads = 0
+                for i in range(count):
+                    block = CountedBlock(type=kind, text="t%d" % i) if kind == "text" else \
+                        CountedBlock(proxy.tool_result_block("c%d" % i, "r"))
+                    native.add("user", [block])
+                self.assertEqual(len(native.messages[-1]["content"]), count)
+                self.assertLess(CountedBlock.reads, 10 * count,
+                                "%d %s blocks took %d reads" % (count, kind, CountedBlock.reads))
+
+
+def stdin_lines(data: bytes) -> List[Dict[str, Any]]:
+    return [json.loads(line) for line in data.decode("utf-8").splitlines()]
+
+
+HISTORY = [{"role": "user", "content": [text("Weather in Paris?")]},
+           {"role": "assistant", "content": [text("Looking."), {"type": "tool_use", "id": "call_1",
+                                                                "name": "get_weather", "input": {"city": "Paris"}}]},
+           {"role": "user", "content": [proxy.tool_result_block("call_1", "sunny")]},
+           {"role": "assistant", "content": [text("Sunny.")]}]
+
+
+# A response schema past what one argument may hold on Linux (128 KiB).
+SCHEMA_200K = {"type": "object", "description": "d" * 200 * 1024, "properties": {"answer": {"type": "string"}}}
+
+
+class CliLaunchTest(TestCase):
+    """The conversation as the CLI takes it: argv, environment, session transcript, stdin lines."""
+
+    def launch(self, history: Optional[List[Dict[str, Any]]] = None, settings: Any = None,
+               **body: Any) -> "proxy.Launch":
+        turn, _ = chat_turn(**body)
+        return proxy.cli_launch("/bin/claude", turn, config(**(settings or {})), history or [])
+
+    def test_argv_keeps_claude_codes_own_tools_settings_and_sessions_out(self) -> None:
+        argv = list(self.launch(model="claude-opus-4").argv)
         self.assertEqual(argv[:2], ["/bin/claude", "-p"])
-        self.assertEqual(argv_value(argv, "--tools"), "")
         self.assertEqual(argv_value(argv, "--model"), "opus")
-        # The system prompt goes in a file in the child's directory, out of argv and `ps`.
-        self.assertEqual(argv_value(argv, "--system-prompt-file"), "system-prompt.txt")
-        self.assertEqual(dict(launch.files), {"system-prompt.txt": "Rules"})
-        self.assertNotIn("Rules", argv)
         self.assertEqual(argv_value(argv, "--input-format"), "stream-json")
+        self.assertEqual(argv_value(argv, "--output-format"), "stream-json")
+        self.assertIn("--include-partial-messages", argv)
+        self.assertEqual(argv_value(argv, "--tools"), "")
+        self.assertEqual(argv_value(argv, "--allowedTools"), "mcp__proxy")
+        self.assertEqual(argv_value(argv, "--system-prompt"), "")
         self.assertEqual(argv_value(argv, "--setting-sources"), "")
         self.assertIn("--no-session-persistence", argv)
         self.assertIn("--strict-mcp-config", argv)
         self.assertNotIn("--bare", argv)  # --bare ignores the subscription login
-        self.assertFalse(any("secret prompt" in arg for arg in argv))
-        message = json.loads(proxy.stdin_message(request))
-        self.assertEqual(message["type"], "user")
-        self.assertEqual(message["message"]["content"][0]["text"], "secret prompt text")
+        self.assertNotIn("--resume", argv)
+        for flag in ("--json-schema", "--append-system-prompt", "--effort", "--max-turns=1",
+                     "--dangerously-skip-permissions", "--permission-mode"):
+            self.assertNotIn(flag, argv)
 
-    def test_env_strips_api_keys_unless_allowed(self) -> None:
-        base = {"ANTHROPIC_API_KEY": "k", "ANTHROPIC_AUTH_TOKEN": "t", "HOME": "/h", "CLAUDECODE": "1"}
-        env = proxy.cli_env(config(), base=base)
-        self.assertNotIn("ANTHROPIC_API_KEY", env)
-        self.assertNotIn("ANTHROPIC_AUTH_TOKEN", env)
-        self.assertNotIn("CLAUDECODE", env)
+    def test_nothing_of_the_request_is_in_argv(self) -> None:
+        # Issue 8 item 6: argv is visible in `ps`, and one argument may hold only 128 KiB.
+        secret = "secret-%s" % os.urandom(4).hex()
+        launch = self.launch(messages=[{"role": "system", "content": "rules " + secret}, user("prompt " + secret)],
+                             tools=[WEATHER_TOOL], max_tokens=100, reasoning_effort="high", stop=["S" + secret],
+                             response_format={"type": "json_schema", "json_schema": {"schema": SCHEMA_200K}})
+        joined = "\x00".join(launch.argv)
+        self.assertNotIn(secret, joined)
+        self.assertNotIn("get_weather", joined)
+        self.assertNotIn("ddddd", joined)
+        self.assertLess(len(joined), 2000, "a 200 KB schema must leave argv short")
+        self.assertNotIn(secret, json.dumps(launch.env))
+
+    def test_history_is_resumed_from_a_transcript(self) -> None:
+        launch = self.launch(history=HISTORY)
+        argv = list(launch.argv)
+        session_id, transcript = launch.session
+        self.assertEqual(argv_value(argv, "--resume"), session_id)
+        self.assertRegex(session_id, r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+        self.assertEqual([json.loads(line)["message"]["content"] for line in transcript.splitlines()],
+                         [m["content"] for m in HISTORY])
+        self.assertIn("--no-session-persistence", argv, "the CLI leaves the transcript as it is")
+        self.assertIsNone(self.launch().session)
+
+    def test_environment(self) -> None:
+        base = {"ANTHROPIC_API_KEY": "k", "ANTHROPIC_AUTH_TOKEN": "t", "CLAUDE_PROXY_API_KEY": "proxy-key",
+                "HOME": "/h", "CLAUDECODE": "1"}
+        turn = chat_turn()[0]
+        env = proxy.cli_env(config(), turn, base=base)
+        for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_PROXY_API_KEY", "CLAUDECODE"):
+            self.assertNotIn(name, env)
         self.assertEqual(env["HOME"], "/h")
         self.assertEqual(env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1")
-        self.assertEqual(proxy.cli_env(config(allow_api_key=True), base=base)["ANTHROPIC_API_KEY"], "k")
+        self.assertEqual(env["CLAUDE_AGENT_SDK_MCP_NO_PREFIX"], "1")
+        self.assertEqual(env["DISABLE_AUTO_COMPACT"], "1")
+        allowed = proxy.cli_env(config(allow_api_key=True), turn, base=base)
+        self.assertEqual((allowed["ANTHROPIC_API_KEY"], allowed["ANTHROPIC_AUTH_TOKEN"]), ("k", "t"))
+        self.assertNotIn("CLAUDE_PROXY_API_KEY", allowed, "the proxy's own key never reaches the CLI")
+        off = chat_turn(reasoning_effort="none")[0]
+        self.assertEqual(proxy.cli_env(config(), off, base={})["MAX_THINKING_TOKENS"], "0")
+        self.assertNotIn("MAX_THINKING_TOKENS", proxy.cli_env(config(), turn, base={}))
+        self.assertNotIn("CLAUDE_CODE_MAX_OUTPUT_TOKENS", proxy.cli_env(config(), chat_turn(max_tokens=9)[0],
+                                                                        base={}), "it goes on stdin")
+        # The launch takes the proxy's own environment, where setUpModule put keys that must not leak.
+        launched = dict(self.launch().env)
+        self.assertEqual(os.environ.get("ANTHROPIC_API_KEY"), "sk-ant-test-must-not-leak")
+        self.assertNotIn("ANTHROPIC_API_KEY", launched)
+
+    def test_equal_turns_start_equal_processes(self) -> None:
+        # A pre-started process serves a turn with an equal Launch: what differs between turns
+        # of a model (prompt, tools, schema, limits) must not be in it.
+        plain = self.launch()
+        self.assertEqual(self.launch(messages=[{"role": "system", "content": "other"}, user("x")],
+                                     tools=[WEATHER_TOOL], max_tokens=5, reasoning_effort="low",
+                                     response_format={"type": "json_object"}), plain)
+        self.assertNotEqual(self.launch(model="claude-opus-4"), plain)
+        self.assertNotEqual(self.launch(reasoning_effort="none"), plain)
+
+    def test_session_transcript_format(self) -> None:
+        transcript = proxy.session_transcript(HISTORY)
+        self.assertTrue(transcript.endswith("}\n"))
+        entries = [json.loads(line) for line in transcript.splitlines()]
+        self.assertEqual(len(entries), len(HISTORY))
+        parent = None
+        for index, (entry, message) in enumerate(zip(entries, HISTORY)):
+            self.assertEqual(set(entry), {"parentUuid", "type", "uuid", "timestamp", "message"})
+            self.assertEqual(entry["parentUuid"], parent)
+            self.assertEqual(entry["type"], message["role"])
+            self.assertRegex(entry["timestamp"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+            self.assertEqual(entry["message"]["role"], message["role"])
+            self.assertEqual(entry["message"]["content"], message["content"])
+            if message["role"] == "assistant":
+                self.assertRegex(entry["message"]["id"], r"^msg_\w+$")
+            else:
+                self.assertNotIn("id", entry["message"])
+            parent = entry["uuid"]
+        self.assertEqual(len({e["uuid"] for e in entries}), len(entries))
+        ids = [e["message"]["id"] for e in entries if e["type"] == "assistant"]
+        self.assertEqual(len(set(ids)), len(ids), "the CLI merges assistant entries of one id")
+
+    def test_session_transcript_is_deterministic_but_for_the_time(self) -> None:
+        first = proxy.session_transcript(HISTORY)
+        with mock.patch.object(proxy.time, "gmtime", return_value=time.gmtime(0)):
+            second = proxy.session_transcript(copy.deepcopy(HISTORY))
+        self.assertIn('"timestamp": "1970-01-01T00:00:00.000Z"', second)
+        stamp = re.compile(r'"timestamp": "[^"]+"')
+        self.assertEqual(stamp.sub("", first), stamp.sub("", second))
+        shorter = proxy.session_transcript(HISTORY[:2])
+        self.assertEqual(stamp.sub("", first).splitlines()[:2], stamp.sub("", shorter).splitlines(),
+                         "a longer history starts with the same lines")
+
+    def test_opening_lines(self) -> None:
+        plain = stdin_lines(proxy.opening_lines(chat_turn()[0]))
+        self.assertEqual(plain, [{"type": "control_request", "request_id": "initialize", "request": {
+            "subtype": "initialize", "hooks": None, "systemPrompt": proxy.DEFAULT_SYSTEM_PROMPT}}])
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+        turn = chat_turn(messages=[{"role": "system", "content": "Rules."}, user("q")], tools=[WEATHER_TOOL],
+                         tool_choice="required", max_completion_tokens=8192, reasoning_effort="medium",
+                         response_format={"type": "json_schema", "json_schema": {"schema": schema}})[0]
+        lines = stdin_lines(proxy.opening_lines(turn))
+        self.assertEqual([line["request"]["subtype"] for line in lines],
+                         ["initialize", "apply_flag_settings", "mcp_set_servers"])
+        self.assertEqual(lines[0]["request"]["systemPrompt"], turn.system_prompt)
+        self.assertTrue(turn.system_prompt.startswith("Rules.\n\n"))
+        self.assertEqual(lines[0]["request"]["jsonSchema"], schema)
+        self.assertEqual(lines[1]["request"]["settings"], {"env": {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "8192"},
+                                                           "effortLevel": "medium"})
+        self.assertEqual(lines[2]["request"]["servers"], {"proxy": {"type": "sdk", "name": "proxy"}})
+        self.assertEqual(len({line["request_id"] for line in lines}), 3)
+        only_cap = stdin_lines(proxy.opening_lines(chat_turn(max_tokens=5)[0]))[1]["request"]["settings"]
+        self.assertEqual(only_cap, {"env": {"CLAUDE_CODE_MAX_OUTPUT_TOKENS": "5"}})
+        only_effort = stdin_lines(proxy.opening_lines(chat_turn(reasoning_effort="low")[0]))[1]["request"]
+        self.assertEqual(only_effort["settings"], {"effortLevel": "low"})
+
+    def test_the_user_line_holds_a_list_of_blocks(self) -> None:
+        for content in ([text("hi")], [text("a"), text("b")],
+                        [proxy.tool_result_block("c", "r"), text("more")]):
+            line = proxy.user_line(content)
+            self.assertTrue(line.endswith(b"\n") and line.count(b"\n") == 1)
+            self.assertEqual(json.loads(line), {"type": "user", "message": {"role": "user", "content": content},
+                                                "parent_tool_use_id": None})
+        self.assertIn("é".encode("utf-8"), proxy.user_line([text("é")]), "UTF-8, not escapes")
+
+
+def mcp_request(request_id: str, method: str, message_id: Optional[int] = None,
+                params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    message: Dict[str, Any] = {"method": method, "jsonrpc": "2.0"}
+    if params is not None:
+        message["params"] = params
+    if message_id is not None:
+        message["id"] = message_id
+    return {"type": "control_request", "request_id": request_id,
+            "request": {"subtype": "mcp_message", "server_name": "proxy", "message": message}}
+
+
+def tool_call_request(request_id: str, call_id: str, message_id: int) -> Dict[str, Any]:
+    return mcp_request(request_id, "tools/call", message_id, {
+        "name": "get_weather", "arguments": {"city": "Paris"},
+        "_meta": {"claudecode/toolUseId": call_id, "progressToken": message_id}})
+
+
+class ToolBridgeTest(TestCase):
+    """The client's tools as an in-process MCP server, answering the CLI's control requests."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        tools = chat_turn(tools=[WEATHER_TOOL, {"type": "function", "function": {
+            "name": "untyped", "parameters": {"properties": {"x": {"type": "string"}}}}}])[0].conversation.tools
+        self.bridge = proxy.ToolBridge(tools)
+
+    def answer(self, event: Dict[str, Any]) -> Dict[str, Any]:
+        [line] = stdin_lines(self.bridge.answer(event))
+        return line
+
+    def mcp(self, line: Dict[str, Any]) -> Dict[str, Any]:
+        self.assertEqual((line["type"], line["response"]["subtype"]), ("control_response", "success"))
+        return line["response"]["response"]["mcp_response"]
+
+    def test_the_recorded_handshake_is_answered(self) -> None:
+        requests = [e for e in recorded_events("tool-parked") if e["type"] == "control_request"]
+        methods = [r["request"]["message"]["method"] for r in requests]
+        self.assertEqual(methods[:6], ["initialize"] * 2 + ["notifications/initialized"] * 2 + ["tools/list"] * 2)
+        initialize = self.answer(requests[0])
+        self.assertEqual(initialize["response"]["request_id"], requests[0]["request_id"])
+        reply = self.mcp(initialize)
+        self.assertEqual((reply["jsonrpc"], reply["id"]), ("2.0", 0))
+        self.assertEqual(reply["result"]["capabilities"], {"tools": {}})
+        self.assertEqual(reply["result"]["protocolVersion"], requests[0]["request"]["message"]["params"]
+                         ["protocolVersion"])
+        notified = self.mcp(self.answer(requests[2]))
+        self.assertNotIn("id", notified)
+        self.assertNotIn("error", notified)
+        listing = self.mcp(self.answer(requests[4]))
+        self.assertEqual(listing["id"], 1)
+        tools = listing["result"]["tools"]
+        self.assertEqual([t["name"] for t in tools], ["get_weather", "untyped"])
+        self.assertEqual(tools[0]["inputSchema"], WEATHER_TOOL["function"]["parameters"])
+        self.assertEqual(tools[0]["description"], "Current weather for a city.")
+        # The CLI drops every tool of a server when one schema lacks "type": "object".
+        self.assertEqual(tools[1]["inputSchema"], {"type": "object", "properties": {"x": {"type": "string"}}})
+
+    def test_unknown_methods_are_json_rpc_errors(self) -> None:
+        reply = self.mcp(self.answer(mcp_request("r1", "resources/list", 7)))
+        self.assertEqual((reply["id"], reply["error"]["code"]), (7, -32601))
+        self.assertNotIn("result", reply)
+        self.assertEqual(self.mcp(self.answer(mcp_request("r2", "notifications/cancelled"))), {"jsonrpc": "2.0",
+                                                                                                "result": {}})
+
+    def test_other_control_requests_are_refused(self) -> None:
+        for request in ({"subtype": "can_use_tool", "tool_name": "Bash", "input": {"command": "id"}},
+                        {"subtype": "hook_callback", "callback_id": "x"}, {"subtype": "mcp_message"},
+                        {"subtype": "mcp_message", "message": "text"}):
+            line = self.answer({"type": "control_request", "request_id": "req-9", "request": request})
+            self.assertEqual(line["type"], "control_response")
+            self.assertEqual((line["response"]["subtype"], line["response"]["request_id"]), ("error", "req-9"))
+            self.assertTrue(line["response"]["error"])
+            self.assertNotIn("behavior", json.dumps(line), "no permission is ever granted")
+        for event in ({"type": "assistant"}, {"type": "control_request", "request": "x"},
+                      {"type": "control_response", "response": {}}, recorded_events("tool-parked")[10]):
+            self.assertIsNone(self.bridge.answer(event), event)
+
+    def test_a_tool_call_waits_for_the_clients_result(self) -> None:
+        call = next(e for e in recorded_events("tool-parked")
+                    if e["type"] == "control_request" and e["request"]["message"]["method"] == "tools/call")
+        self.assertFalse(self.bridge.answer(call), "held until the client's next request")
+        self.assertEqual(self.bridge.give_results({"other": proxy.tool_result_block("other", "x")}), b"")
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}
+        [line] = stdin_lines(self.bridge.give_results({"toolu_01_0": proxy.tool_result_block(
+            "toolu_01_0", [text("sunny"), image])}))
+        self.assertEqual(line["response"]["request_id"], call["request_id"])
+        reply = self.mcp(line)
+        self.assertEqual(reply["id"], call["request"]["message"]["id"])
+        self.assertEqual(reply["result"], {"content": [{"type": "text", "text": "sunny"},
+                                                       {"type": "image", "data": PNG_1PX, "mimeType": "image/png"}]})
+        self.assertEqual(self.bridge.give_results({"toolu_01_0": proxy.tool_result_block("toolu_01_0", "again")}),
+                         b"", "a call is answered once")
+
+    def test_errors_and_arrival_order(self) -> None:
+        self.bridge.answer(tool_call_request("r1", "call_a", 2))
+        self.bridge.answer(tool_call_request("r2", "call_b", 3))
+        self.bridge.answer(tool_call_request("r3", "call_c", 4))
+        lines = stdin_lines(self.bridge.give_results({
+            "call_c": proxy.tool_result_block("call_c", "C"),
+            "call_a": proxy.tool_result_block("call_a", "failed", is_error=True)}))
+        self.assertEqual([line["response"]["request_id"] for line in lines], ["r1", "r3"])
+        self.assertEqual(self.mcp(lines[0])["result"], {"content": [{"type": "text", "text": "failed"}],
+                                                        "isError": True})
+        self.assertNotIn("isError", self.mcp(lines[1])["result"])
+        # A result that came before its call answers the call as it arrives.
+        self.bridge.give_results({"call_d": proxy.tool_result_block("call_d", "D")})
+        [early] = stdin_lines(self.bridge.answer(tool_call_request("r4", "call_d", 5)))
+        self.assertEqual(early["response"]["request_id"], "r4")
+        [late] = stdin_lines(self.bridge.give_results({"call_b": proxy.tool_result_block("call_b", "B")}))
+        self.assertEqual(self.mcp(late)["result"]["content"], [{"type": "text", "text": "B"}])
+        self.assertEqual(self.bridge.waiting, [])
+
+    def test_a_call_without_an_id_never_crashes(self) -> None:
+        for params in (None, {"_meta": "x"}, {"_meta": {}}, [1]):
+            self.assertFalse(self.bridge.answer(mcp_request("r", "tools/call", 9, params)))
+        self.assertEqual(self.bridge.give_results({"x": proxy.tool_result_block("x", "r")}), b"")
+
+
+def merged(events: List[Tuple[str, Any]]) -> List[Tuple[str, Any]]:
+    """Reply events with consecutive deltas of one kind joined, to compare whole runs."""
+    out: List[Tuple[str, Any]] = []
+    for kind, value in events:
+        if out and out[-1][0] == kind and isinstance(value, str):
+            out[-1] = (kind, out[-1][1] + value)
+        else:
+            out.append((kind, value))
+    return out
+
+
+def stream_event(event: Dict[str, Any]) -> Dict[str, Any]:
+    return {"type": "stream_event", "event": event}
+
+
+def text_deltas(*pieces: str) -> List[Dict[str, Any]]:
+    return [stream_event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})] \
+        + [stream_event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
+           for piece in pieces] + [stream_event({"type": "content_block_stop", "index": 0})]
+
+
+def tool_use_events(call_id: str, name: str, *pieces: str) -> List[Dict[str, Any]]:
+    return [stream_event({"type": "content_block_start", "index": 1, "content_block": {
+        "type": "tool_use", "id": call_id, "name": name, "input": {}}})] + \
+        [stream_event({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta",
+                                                                            "partial_json": piece}})
+         for piece in pieces] + [stream_event({"type": "content_block_stop", "index": 1})]
+
+
+def message_end(stop_reason: str) -> List[Dict[str, Any]]:
+    return [stream_event({"type": "message_delta", "delta": {"stop_reason": stop_reason}, "usage": {"output_tokens": 5}}),
+            stream_event({"type": "message_stop"})]
+
+
+def result_event(text_: str = "", **fields: Any) -> Dict[str, Any]:
+    return dict({"type": "result", "subtype": "success", "is_error": False, "result": text_,
+                 "stop_reason": "end_turn", "usage": {"input_tokens": 3, "output_tokens": 5}}, **fields)
+
+
+MESSAGE_START = stream_event({"type": "message_start", "message": {"usage": {"input_tokens": 3, "output_tokens": 1}}})
+
+# CLI events of shapes no recorded run has: each must be passed over, or end the reply with a 502,
+# and never raise anything else (issue 8 item 7: ten of these crashed the translation).
+MALFORMED_EVENTS: List[Any] = [
+    {"type": "system", "subtype": "api_retry", "retry_delay_ms": "soon", "error_status": 429, "error": "rate_limit"},
+    {"type": "system", "subtype": "api_retry", "retry_delay_ms": 1000, "error_status": "429", "error": 5,
+     "attempt": "one", "max_retries": None},
+    {"type": "system", "subtype": "api_retry", "retry_delay_ms": float("nan"), "error_status": 10 ** 30},
+    {"type": "system", "subtype": "api_retry", "retry_delay_ms": 1e300, "error_status": True, "attempt": float("inf")},
+    {"type": "system", "subtype": "api_retry", "retry_delay_ms": -5, "error_status": 529, "error": ["overloaded"]},
+    stream_event({"type": "message_start", "message": {"usage": {"input_tokens": "many", "output_tokens": [1],
+                                                                 "cache_read_input_tokens": float("nan")}}}),
+    stream_event({"type": "message_start", "message": "hello"}),
+    stream_event({"type": "message_delta", "delta": "end", "usage": {"output_tokens": 10 ** 400 // 10 ** 390}}),
+    stream_event({"type": "message_delta", "delta": {"stop_reason": 5}, "usage": [1, 2]}),
+    stream_event({"type": "content_block_start", "content_block": {"text": "no type"}}),
+    stream_event({"type": "content_block_start", "content_block": {"type": ["text"]}}),
+    stream_event({"type": "content_block_start", "content_block": {"type": "tool_use", "name": None, "id": 5}}),
+    stream_event({"type": "content_block_start", "content_block": "text"}),
+    stream_event({"type": "content_block_delta", "delta": {"type": "citations_delta", "citation": {}}}),
+    stream_event({"type": "content_block_delta", "delta": {"type": "text_delta", "text": 5}}),
+    stream_event({"type": "content_block_delta", "delta": {"type": "text_delta"}}),
+    stream_event({"type": "content_block_delta", "delta": {"type": "input_json_delta", "partial_json": "{"}}),
+    stream_event({"type": "content_block_delta", "delta": "text"}),
+    stream_event({"type": "something_new", "data": {"x": 1}}),
+    {"type": "stream_event", "event": "not a dict"},
+    {"type": "stream_event", "event": None},
+    {"type": "assistant", "error": 5, "message": None},
+    {"type": "assistant", "message": {"content": "text"}},
+    {"type": "user", "message": {"content": "text"}},
+    {"type": "user", "message": {"content": [5, None, {"tool_use_id": ["x"], "is_error": True}]}},
+    {"type": "user", "message": "x"},
+    {"type": 5}, {}, {"type": None, "event": {}},
+    {"type": "rate_limit_event", "rate_limit_info": "x"},
+    {"type": "control_response", "response": None},
+    {"type": "result", "subtype": "error_during_execution", "is_error": True, "errors": [{"a": 1}, None, 5]},
+    {"type": "result", "subtype": "error_during_execution", "is_error": True, "errors": "boom"},
+    {"type": "result", "subtype": 5, "is_error": "yes"},
+    {"type": "result", "is_error": True, "api_error_status": "400", "result": "x"},
+    {"type": "result", "is_error": True, "api_error_status": 10 ** 30, "result": ["x"]},
+    {"type": "result", "is_error": True, "api_error_status": 200, "result": None},
+    {"type": "result", "subtype": "success", "is_error": False, "result": 5, "usage": "lots"},
+    {"type": "result", "subtype": "success", "result": "ok", "stop_reason": 7,
+     "usage": {"input_tokens": float("nan"), "output_tokens": 10 ** 30}, "structured_output": float("nan")},
+]
+
+# Where in a run a malformed event may land: before anything, inside a text block, inside a
+# tool call, inside a structured answer.
+MALFORMED_CONTEXTS = [
+    [],
+    [MESSAGE_START] + text_deltas("partial")[:2],
+    [MESSAGE_START] + tool_use_events("toolu_1", "get_weather", '{"ci')[:2],
+    [MESSAGE_START] + tool_use_events("toolu_2", "StructuredOutput", '{"a"')[:2],
+]
 
 
 class ResponseTranslationTest(TestCase):
-    def feed_all(self, name: str, reply: Optional[proxy.Reply] = None) -> Tuple[proxy.Reply, str]:
+    """Reply: the CLI's events (recorded runs, and shapes no run has) -> reply events or a ProxyError."""
+
+    def feed_all(self, name: str, reply: Optional["proxy.Reply"] = None,
+                 events: Optional[List[Dict[str, Any]]] = None) -> Tuple["proxy.Reply", List[Tuple[str, Any]]]:
         reply = reply or proxy.Reply(retry_budget=20)
-        text = ""
-        for event in recorded_events(name):
-            text += "".join(piece for kind, piece in reply.feed(event, now=100.0) if kind == "content")
+        out: List[Tuple[str, Any]] = []
+        for event in recorded_events(name) if events is None else events:
+            out += reply.feed(event, now=100.0)
             if reply.done:
-                break  # as the handler does: nothing after `done` is read
-        return reply, text
+                break  # as Exchange does: nothing after `done` is read
+        return reply, merged(out)
 
-    def test_streamed_deltas_give_the_text_once(self) -> None:
-        reply, text = self.feed_all("stream-partial-success")
-        self.assertEqual(text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
-        self.assertTrue(reply.done)
-        self.assertEqual(reply.stop_reason, "end_turn")
-        self.assertEqual(proxy.usage_from_cli(reply.usage)["completion_tokens"], 7)
-
-    def test_without_partial_messages_the_assistant_text_is_used(self) -> None:
-        reply, text = self.feed_all("stream-no-partial-success")
-        self.assertEqual(text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
-        self.assertTrue(reply.done)
-
-    def test_not_logged_in_is_a_401_even_though_subtype_says_success(self) -> None:
+    def failure(self, name: str, reply: Optional["proxy.Reply"] = None,
+                events: Optional[List[Dict[str, Any]]] = None) -> "proxy.ProxyError":
         with self.assertRaises(proxy.ProxyError) as caught:
-            self.feed_all("not-logged-in")
-        self.assertEqual(caught.exception.status, 401)
-        self.assertIn("log in", caught.exception.message)
+            self.feed_all(name, reply, events)
+        return caught.exception
 
-    def test_upstream_400_is_a_400_not_an_answer(self) -> None:
-        with self.assertRaises(proxy.ProxyError) as caught:
-            self.feed_all("upstream-400")
-        self.assertEqual(caught.exception.status, 400)
-        self.assertIn("fake status 400", caught.exception.message)
+    def test_recorded_answers_give_their_text_once(self) -> None:
+        expected = {"stream-partial-success": ("Hello from fake (claude-sonnet-5, 1 msgs) ", 10, 7),
+                    "stream-no-partial-success": ("Hello from fake (claude-sonnet-5, 1 msgs) ", 10, 7),
+                    "stream-json-input-image": ("Hello from fake (claude-sonnet-5, 1 msgs) ", 10, 7),
+                    "mcp-warm-text": ("hello", 100, 7),
+                    "subscriber-rate-limit-event": ("hi", 123, 1),
+                    "subscriber-overage-in-use": ("hi", 125, 1),
+                    "subscriber-warning-seven-day": ("hi", 12, 1)}
+        for name, (said, prompt, output) in expected.items():
+            reply, events = self.feed_all(name)
+            self.assertEqual(events, [("text", said)], name)
+            self.assertTrue(reply.done and reply.completed, name)
+            self.assertEqual(reply.stop_reason, "end_turn", name)
+            self.assertEqual((reply.usage["input_tokens"], reply.usage["output_tokens"]), (prompt, output), name)
+            self.assertEqual(reply.calls, [], name)
+        reply, _ = self.feed_all("subscriber-rate-limit-event")
+        self.assertEqual(reply.usage, {"input_tokens": 123, "output_tokens": 1, "cache_read_input_tokens": 7,
+                                       "cache_creation_input_tokens": 3})
+
+    def test_recorded_thinking_comes_with_its_signature_before_the_text(self) -> None:
+        _, events = self.feed_all("thinking")
+        self.assertEqual(events, [("thinking", "Let me think about this. The user wants a reply."),
+                                  ("signature", "fake-signature-abc123"), ("text", "Hello from the fake model.")])
+
+    def test_recorded_structured_output_streams_as_text(self) -> None:
+        reply = proxy.Reply(20, structured=True)
+        pieces = [e for event in recorded_events("json-schema-success") for e in reply.feed(event)]
+        self.assertEqual(pieces, [("text", '{"a'), ("text", '": '), ("text", "1}")], "progressively")
+        self.assertTrue(reply.completed)
+        self.assertEqual(reply.calls, [], "the CLI's StructuredOutput call is not the client's")
+        error = self.failure("json-schema-error-max-turns", proxy.Reply(20, structured=True))
+        self.assertEqual((error.status, error.code), (502, "invalid_structured_output"))
+
+    def test_recorded_continuation_past_max_tokens(self) -> None:
+        capped, events = self.feed_all("max-tokens-continued", proxy.Reply(20, stop_at_max_tokens=True))
+        self.assertEqual(events, [("text", "Hello from the fake model.")])
+        self.assertTrue(capped.done)
+        self.assertFalse(capped.completed, "the run was cut short, not finished")
+        self.assertEqual(capped.stop_reason, "max_tokens")
+        whole, events = self.feed_all("max-tokens-continued")
+        self.assertEqual(events, [("text", "Hello from the fake model." * 2)])
+        self.assertEqual(whole.stop_reason, "end_turn")
+
+    def test_output_limit_after_text_is_a_max_tokens_stop_not_an_error(self) -> None:
+        # After three automatic continuations the CLI gives up with a synthetic assistant line
+        # (error max_output_tokens) and an is_error result: what was written stands.
+        events = recorded_events("not-logged-in")
+        events[1]["error"] = "max_output_tokens"
+        events[2]["result"] = "API Error: Claude's response exceeded the 64000 output token maximum."
+        reply, out = self.feed_all("", events=[events[0], MESSAGE_START] + text_deltas("Hello ") + events[1:])
+        self.assertEqual(out, [("text", "Hello ")])
+        self.assertEqual((reply.done, reply.stop_reason), (True, "max_tokens"))
+
+    def test_recorded_tool_calls(self) -> None:
+        reply, events = self.feed_all("tool-denied")
+        self.assertEqual(events, [("tool_call", {"id": "toolu_01_0", "name": "get_weather"}),
+                                  ("tool_arguments", '{"city": "Paris"}')])
+        self.assertEqual((reply.calls, reply.stop_reason, reply.done, reply.completed),
+                         (["toolu_01_0"], "tool_use", True, False))
+        reply, events = self.feed_all("tool-denied-parallel")
+        self.assertEqual(events, [("tool_call", {"id": "toolu_02_0", "name": "get_weather"}),
+                                  ("tool_arguments", '{"city": "Paris"}'),
+                                  ("tool_call", {"id": "toolu_02_1", "name": "get_weather"}),
+                                  ("tool_arguments", '{"city": "Rome"}'),
+                                  ("tool_call", {"id": "toolu_02_2", "name": "lookup_user"}),
+                                  ("tool_arguments", '{"id": 7}')])
+        self.assertEqual(reply.calls, ["toolu_02_0", "toolu_02_1", "toolu_02_2"])
+        parked, events = self.feed_all("tool-parked")
+        self.assertEqual(events[0], ("tool_call", {"id": "toolu_01_0", "name": "get_weather"}))
+        self.assertTrue(parked.done, "the reply ends with the calls, while the CLI waits on them")
+        # The same run read on (the client's results came back): the second message answers.
+        rest = recorded_events("tool-parked")
+        cut = next(i for i, e in enumerate(rest) if e["type"] == "user")
+        reply, events = self.feed_all("", events=rest[cut:])
+        self.assertEqual(events, [("text", "It is sunny in Paris.")])
+        self.assertTrue(reply.completed)
+
+    def test_recorded_failures(self) -> None:
+        expected = {"not-logged-in": (401, "not_logged_in"), "upstream-400": (400, "upstream_error"),
+                    "upstream-401-retrying": (401, "authentication_failed"),
+                    "subscriber-session-limit-429": (429, "rate_limit_exceeded"),
+                    "subscriber-extra-usage-400": (403, "third_party_needs_extra_usage"),
+                    "subscriber-out-of-extra-usage-400": (402, "extra_usage_exhausted"),
+                    "subscriber-long-context-400": (400, "long_context_needs_extra_usage"),
+                    "interrupt": (502, "upstream_error"), "resume-not-found": (502, "upstream_error")}
+        for name, (status, code) in expected.items():
+            error = self.failure(name)
+            self.assertEqual((error.status, error.code), (status, code), name)
+        self.assertIn("log in", self.failure("not-logged-in").message)
+        self.assertIn("fake status 400", self.failure("upstream-400").message)
+        self.assertIn("No conversation found", self.failure("resume-not-found").message)
+        for name in ("control-initialize", "control-misc", "tool-stream-closed"):
+            reply, events = self.feed_all(name)
+            self.assertEqual((events, reply.done), ([], False), name)
+
+    def test_a_prompt_too_long_is_a_400_context_length_exceeded(self) -> None:
+        # Issue 8 item 6: OpenAI answers 400 context_length_exceeded; a 5xx would be retried.
+        for said in ("Prompt is too long", 'API Error: 400 {"type":"error","error":{"type":"invalid_request_error",'
+                                           '"message":"prompt is too long: 210000 tokens > 200000 maximum"}}'):
+            events = recorded_events("upstream-400")
+            events[1]["error"] = "invalid_request"
+            events[2]["result"] = said
+            error = self.failure("", events=events)
+            self.assertEqual((error.status, error.code, error.param), (400, "context_length_exceeded", "messages"))
+            self.assertIn(said, error.message)
+            events[2]["api_error_status"] = None
+            self.assertEqual(self.failure("", events=events).code, "context_length_exceeded")
 
     def test_rate_limit_retries_set_a_deadline_within_the_budget(self) -> None:
         reply, _ = self.feed_all("rate-limited-429-retrying", proxy.Reply(retry_budget=20))
         when, error = reply.retry_deadline()
         self.assertEqual(when, 120.0)
         self.assertEqual(error.status, 429)
-        self.assertIn("Retry-After", error.headers)
+        self.assertEqual(error.headers["Retry-After"], "2", "the CLI's last retry delay")
 
     def test_a_retry_that_succeeded_does_not_count_against_the_budget(self) -> None:
         reply = proxy.Reply(retry_budget=1)
@@ -1903,69 +2609,51 @@ class ResponseTranslationTest(TestCase):
             reply.feed(event, now=500.0)
         self.assertIsNone(reply.retry_deadline())
 
-    def test_authentication_retries_fail_at_once(self) -> None:
-        with self.assertRaises(proxy.ProxyError) as caught:
-            self.feed_all("upstream-401-retrying")
-        self.assertEqual(caught.exception.status, 401)
+    def test_malformed_events_are_passed_over_or_a_502(self) -> None:
+        outcomes = set()
+        for context in MALFORMED_CONTEXTS:
+            for structured in (False, True):
+                for event in MALFORMED_EVENTS:
+                    reply = proxy.Reply(20, stop_at_max_tokens=True, structured=structured)
+                    for before in copy.deepcopy(context):
+                        reply.feed(before, now=1.0)
+                    try:
+                        events = reply.feed(copy.deepcopy(event), now=1.0)
+                        reply.retry_deadline()
+                    except proxy.ProxyError as error:
+                        self.assertEqual(error.status, 502, (event, error.message))
+                        self.assertIsInstance(error.message, str)
+                        outcomes.add("502")
+                        continue
+                    for kind, value in events:
+                        self.assertIn(kind, ("text", "thinking", "signature", "tool_call", "tool_arguments"))
+                        self.assertTrue(isinstance(value, str) or kind == "tool_call", (event, value))
+                    json.dumps(reply.usage)
+                    self.assertTrue(all(isinstance(v, int) and 0 <= v < 10 ** 15 for v in reply.usage.values()),
+                                    (event, reply.usage))
+                    if reply.retry_deadline() is not None:
+                        when, error = reply.retry_deadline()
+                        self.assertEqual(when, 21.0)
+                        self.assertIn(error.status, (429, 502, 503), event)
+                        int(error.headers.get("Retry-After", "1"))
+                    outcomes.add("passed over")
+        self.assertEqual(outcomes, {"502", "passed over"})
 
-    def test_output_limit_after_text_is_finish_length_not_an_error(self) -> None:
-        # After three automatic continuations the CLI gives up with a synthetic
-        # assistant line (error max_output_tokens) and an is_error result.
-        events = recorded_events("not-logged-in")
-        events[1]["error"] = "max_output_tokens"
-        events[2]["result"] = "API Error: Claude's response exceeded the 64000 output token maximum."
-        delta = recorded_events("stream-partial-success")[4]
-        reply = proxy.Reply(retry_budget=20)
-        pieces = [reply.feed(e) for e in [events[0], delta, events[1], events[2]]]
-        self.assertEqual(pieces[1], [("content", "Hello ")])
-        self.assertEqual(pieces[3], [])
-        self.assertTrue(reply.done)
-        self.assertEqual(proxy.openai_finish_reason(reply.stop_reason), "length")
-
-    def test_recorded_continuation_past_max_tokens(self) -> None:
-        capped, text = self.feed_all("max-tokens-continued", proxy.Reply(20, stop_at_max_tokens=True))
-        self.assertEqual(text, "Hello from the fake model.")
-        self.assertTrue(capped.done)
-        self.assertFalse(capped.completed, "the run was cut short, not finished")
-        self.assertEqual(proxy.openai_finish_reason(capped.stop_reason), "length")
-        self.assertEqual(proxy.usage_from_cli(capped.usage)["completion_tokens"], 7)
-        whole, text = self.feed_all("max-tokens-continued")
-        self.assertEqual(text, "Hello from the fake model." * 2)
-        self.assertEqual(proxy.openai_finish_reason(whole.stop_reason), "stop")
-
-    def test_recorded_thinking_is_reasoning_never_content(self) -> None:
-        reply = proxy.Reply(20)
-        pieces = [p for e in recorded_events("thinking") for p in reply.feed(e)]
-        self.assertEqual("".join(v for k, v in pieces if k == "reasoning"),
-                         "Let me think about this. The user wants a reply.")
-        self.assertEqual("".join(v for k, v in pieces if k == "content"), "Hello from the fake model.")
-
-    def test_recorded_structured_output(self) -> None:
-        reply, text = self.feed_all("json-schema-success", proxy.Reply(20, structured=True))
-        self.assertEqual(json.loads(text), {"a": 1})
-        self.assertEqual(proxy.openai_finish_reason(reply.stop_reason), "stop")
-        with self.assertRaises(proxy.ProxyError) as caught:
-            self.feed_all("json-schema-error-max-turns", proxy.Reply(20, structured=True))
-        self.assertEqual((caught.exception.status, caught.exception.code),
-                         (502, "invalid_structured_output"))
-
-    def test_usage_counts_cache_reads_and_writes_as_prompt(self) -> None:
-        usage = proxy.usage_from_cli({"input_tokens": 3, "cache_read_input_tokens": 100,
-                                      "cache_creation_input_tokens": 20, "output_tokens": 9})
-        self.assertEqual(usage, {"prompt_tokens": 123, "completion_tokens": 9, "total_tokens": 132,
-                                 "prompt_tokens_details": {"cached_tokens": 100}})
-
-    def test_finish_reasons(self) -> None:
-        self.assertEqual(proxy.openai_finish_reason("end_turn"), "stop")
-        self.assertEqual(proxy.openai_finish_reason("stop_sequence"), "stop")
-        self.assertEqual(proxy.openai_finish_reason("max_tokens"), "length")
-        self.assertEqual(proxy.openai_finish_reason(None), "stop")
+    def test_a_run_goes_on_through_malformed_events(self) -> None:
+        run = recorded_events("stream-partial-success")
+        noise = [e for e in MALFORMED_EVENTS if e.get("type") != "result"]
+        noisy = [e for event in run for e in [event] + copy.deepcopy(noise)]
+        reply, events = self.feed_all("", events=noisy)
+        self.assertEqual(events, [("text", "Hello from fake (claude-sonnet-5, 1 msgs) ")])
+        self.assertTrue(reply.completed)
 
     def test_upstream_statuses_map_to_openai_errors(self) -> None:
         self.assertEqual(proxy.upstream_error(529, "x").status, 503)
         self.assertEqual(proxy.upstream_error(500, "x").type, "server_error")
         self.assertEqual(proxy.upstream_error(403, "x").type, "permission_error")
         self.assertEqual(proxy.upstream_error(None, "x").status, 502)
+        self.assertEqual(proxy.upstream_error(10 ** 30, "x").status, 502)
+        self.assertEqual(proxy.upstream_error(None, "x", "rate_limit").headers, {"Retry-After": "30"})
 
 
 # ---------------------------------------------------------------------------
@@ -3155,12 +3843,13 @@ class ImageBudgetTest(TestCase):
             return "image/png", b"\x89PNG" + b"x" * (size - 4)
         return fake
 
-    def parse(self, body: Dict[str, Any], size: int) -> proxy.ChatRequest:
-        return proxy.parse_chat_request(body, config(fetch_images=True), fetch=self.fetch(size))
+    def parse(self, body: Dict[str, Any], size: int) -> "proxy.Turn":
+        return proxy.parse_chat_request(body, config(fetch_images=True), fetch=self.fetch(size))[0]
 
     def test_a_request_may_fetch_at_most_the_image_count(self) -> None:
         most = proxy.IMAGE_FETCH_MAX_COUNT
-        self.assertEqual(len(self.parse(remote_images(most), 100).content), most)
+        blocks = self.parse(remote_images(most), 100).conversation.messages[0]["content"]
+        self.assertEqual([block["type"] for block in blocks], ["image"] * most)
         self.limits = []
         with self.assertRaises(proxy.ProxyError) as caught:
             self.parse(remote_images(most + 1), 100)
@@ -3452,284 +4141,533 @@ TIME_TOOL = {"type": "function", "function": {
 PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
 
-def run_parser(parser: "proxy.ToolCallParser", deltas: List[str]) -> Tuple[str, List[Dict[str, Any]]]:
-    pieces: List[Tuple[str, Any]] = []
-    for delta in deltas:
-        pieces += parser.feed(delta)
-    pieces += parser.flush()
-    text = "".join(value for kind, value in pieces if kind == "content")
-    calls = [call for kind, value in pieces if kind == "tool_calls" for call in value]
-    return text, calls
-
-
-def parse(text: str, names: Tuple[str, ...] = ("get_weather", "get_time"), single: bool = False,
-          split: Optional[int] = None) -> Tuple[str, List[Dict[str, Any]]]:
-    deltas = [text[i:i + split] for i in range(0, len(text), split)] if split else [text]
-    return run_parser(proxy.ToolCallParser(list(names), single), deltas)
-
-
-class ToolCallParserTest(TestCase):
-    def test_text_before_the_block_passes_and_the_call_is_parsed(self) -> None:
-        text, calls = parse('Let me look.\n<tool_calls>\n[{"name": "get_weather", '
-                            '"arguments": {"city": "Paris"}}]\n</tool_calls>')
-        self.assertEqual(text, "Let me look.\n")
-        self.assertEqual([(c["name"], json.loads(c["arguments"])) for c in calls],
-                         [("get_weather", {"city": "Paris"})])
-        self.assertRegex(calls[0]["id"], r"^call_[0-9a-f]{24}$")
-
-    def test_two_calls_nested_json_and_braces_in_strings(self) -> None:
-        text, calls = parse('<tool_calls>[{"name": "get_weather", "arguments": {"city": "a}b{c", '
-                            '"opts": {"units": ["C", {"x": "]"}]}}}, {"name": "get_time", '
-                            '"arguments": {"city": "</tool_calls"}}]</tool_calls>')
-        self.assertEqual(text, "")
-        self.assertEqual(json.loads(calls[0]["arguments"]),
-                         {"city": "a}b{c", "opts": {"units": ["C", {"x": "]"}]}})
-        self.assertEqual(json.loads(calls[1]["arguments"]), {"city": "</tool_calls"})
-        self.assertNotEqual(calls[0]["id"], calls[1]["id"])
-
-    def test_a_block_split_across_one_character_deltas(self) -> None:
-        source = 'Sure: <tool_calls>[{"name": "get_time", "arguments": {"city": "Oslo"}}]</tool_calls> bye'
-        text, calls = parse(source, split=1)
-        self.assertEqual(text, "Sure: ")
-        self.assertEqual(json.loads(calls[0]["arguments"]), {"city": "Oslo"})
-
-    def test_strings_escapes_and_brackets_split_at_any_point(self) -> None:
-        arguments = {"note": 'say "]}" and \\ then ]', "list": [1, {"k": "{"}]}
-        source = '<tool_calls> [{"name": "get_time", "arguments": %s}] </tool_calls>' % json.dumps(arguments)
-        for size in range(1, 9):
-            text, calls = parse(source, split=size)
-            self.assertEqual((text, json.loads(calls[0]["arguments"])), ("", arguments), size)
-
-    def test_the_json_scan_reads_on_from_where_it_stopped(self) -> None:
-        pieces = ["  ", ' {"a": "}\\', '"', '"} tail']
-        scan = proxy.JsonScan()
-        for piece in pieces:
-            scan.feed(piece)
-        text = "".join(pieces)
-        self.assertEqual((scan.start, scan.end, scan.length), (text.index("{"), text.index(" tail"), len(text)))
-        self.assertEqual(json.loads(text[scan.start:scan.end]), {"a": '}"'})
-
-    def test_text_is_held_only_while_it_could_be_the_opening_tag(self) -> None:
-        parser = proxy.ToolCallParser(["get_time"], False)
-        self.assertEqual(parser.feed("a <tool"), [("content", "a ")])
-        self.assertEqual(parser.feed("box> b"), [("content", "<toolbox> b")])
-
-    def test_a_false_start_is_released_as_text(self) -> None:
-        self.assertEqual(parse("I write <tool_calls> tags sometimes.", split=3),
-                         ("I write <tool_calls> tags sometimes.", []))
-
-    def test_an_unterminated_block_is_parsed_if_complete_else_text(self) -> None:
-        text, calls = parse('<tool_calls>[{"name": "get_time", "arguments": {}}]')
-        self.assertEqual((text, len(calls)), ("", 1))
-        text, calls = parse('<tool_calls>[{"name": "get_time", "argu')
-        self.assertEqual((text, calls), ('<tool_calls>[{"name": "get_time", "argu', []))
-
-    def test_invalid_calls_go_out_as_text(self) -> None:
-        for block in ('[{"name": "launch_rocket", "arguments": {}}]',
-                      '[{"name": "get_time", "arguments": [1, 2]}]',
-                      '[{"name": "get_time", "arguments": "not json"}]',
-                      '[]', '[{"name": "get_time"'):
-            source = "<tool_calls>%s</tool_calls>" % block
-            self.assertEqual(parse(source), (source, []), block)
-
-    def test_a_real_block_after_a_false_start_is_still_found(self) -> None:
-        text, calls = parse('<tool_calls>oops <tool_calls>[{"name": "get_time", "arguments": {}}]'
-                            '</tool_calls>', split=5)
-        self.assertEqual(text, "<tool_calls>oops ")
-        self.assertEqual([c["name"] for c in calls], ["get_time"])
-
-    def test_a_closing_tag_inside_a_json_string_does_not_end_the_block(self) -> None:
-        _, calls = parse('<tool_calls>[{"name": "get_time", "arguments": {"note": "</tool_calls>"}}]'
-                         '</tool_calls>', split=4)
-        self.assertEqual(json.loads(calls[0]["arguments"]), {"note": "</tool_calls>"})
-
-    def test_text_between_the_json_and_the_closing_tag_releases_the_block(self) -> None:
-        source = '<tool_calls>[{"name": "get_time", "arguments": {}}] and more</tool_calls>'
-        self.assertEqual(parse(source, split=6), (source, []))
-
-    def test_arguments_spelled_as_a_json_string_are_accepted(self) -> None:
-        _, calls = parse('<tool_calls>[{"name": "get_time", "arguments": "{\\"city\\": \\"Rome\\"}"}]'
-                         '</tool_calls>')
-        self.assertEqual(json.loads(calls[0]["arguments"]), {"city": "Rome"})
-
-    def test_single_keeps_only_the_first_call(self) -> None:
-        _, calls = parse('<tool_calls>[{"name": "get_time", "arguments": {}}, '
-                         '{"name": "get_weather", "arguments": {}}]</tool_calls>', single=True)
-        self.assertEqual([c["name"] for c in calls], ["get_time"])
-
-
 class StopFilterTest(TestCase):
-    def run_filter(self, stops: List[str], deltas: List[str]) -> Tuple[str, bool]:
+    def run_filter(self, stops: List[str], deltas: List[str]) -> Tuple[str, Optional[str]]:
         stop = proxy.StopFilter(stops)
         out = "".join(stop.feed(d) for d in deltas)
-        if not stop.hit:
+        if stop.hit is None:
             out += stop.flush()
         return out, stop.hit
 
     def test_a_stop_split_across_deltas_is_caught_and_never_emitted(self) -> None:
-        self.assertEqual(self.run_filter(["END"], ["one two E", "N", "D three"]), ("one two ", True))
+        self.assertEqual(self.run_filter(["END"], ["one two E", "N", "D three"]), ("one two ", "END"))
 
     def test_the_earliest_of_several_stops_wins(self) -> None:
-        self.assertEqual(self.run_filter(["zzz", "\n\n"], ["a\n", "\nb zzz"]), ("a", True))
+        self.assertEqual(self.run_filter(["zzz", "\n\n"], ["a\n", "\nb zzz"]), ("a", "\n\n"))
+        self.assertEqual(self.run_filter(["bc", "abcd"], ["xab", "cd"]), ("x", "abcd"), "the one that starts first")
 
     def test_a_near_miss_is_released(self) -> None:
-        self.assertEqual(self.run_filter(["END"], ["the EN", "d"]), ("the ENd", False))
+        self.assertEqual(self.run_filter(["END"], ["the EN", "d"]), ("the ENd", None))
         stop = proxy.StopFilter(["END"])
         self.assertEqual(stop.feed("x EN"), "x ")
         self.assertEqual(stop.flush(), "EN")
+        self.assertEqual(stop.flush(), "")
+        self.assertIsNone(stop.hit)
 
 
-class AgentRequestTranslationTest(TestCase):
-    def parse(self, **body: Any) -> "proxy.ChatRequest":
-        body.setdefault("messages", [user("hi")])
-        return proxy.parse_chat_request(body, config(), fetch=self.fake_fetch)
+class Replayed:
+    """What an Exchange holds after a turn, without a process: CLI events through a ToolBridge
+    (which takes the control requests, as Exchange does), the Answer and the ReplyBlocks."""
 
-    def fake_fetch(self, url: str, limit: int) -> Tuple[str, bytes]:
-        return "image/png", b"\x89PNG fetched from " + url.encode()
+    def __init__(self, turn: "proxy.Turn", events: List[Dict[str, Any]]) -> None:
+        self.answer = proxy.Answer(turn, 20.0)
+        self.reply = proxy.ReplyBlocks()
+        self.events: List[Tuple[str, Any]] = []
+        bridge = proxy.ToolBridge(turn.conversation.tools)
+        for event in events:
+            if bridge.answer(event) is not None:
+                continue
+            for reply_event in self.answer.feed(event):
+                self.reply.add(reply_event)
+                self.events.append(reply_event)
+            if self.answer.done:
+                break
 
-    def rejects(self, param: str, **body: Any) -> "proxy.ProxyError":
-        with self.assertRaises(proxy.ProxyError) as caught:
-            self.parse(**body)
-        self.assertEqual(caught.exception.status, 400)
-        self.assertEqual(caught.exception.param, param)
-        return caught.exception
 
-    def test_tools_are_described_in_the_system_prompt(self) -> None:
-        request = self.parse(messages=[{"role": "system", "content": "Be brief."}, user("hi")],
-                             tools=[WEATHER_TOOL])
-        prompt = request.system_prompt
-        self.assertTrue(prompt.startswith("Be brief.\n\n# Tools"))
-        self.assertIn('"name": "get_weather"', prompt)
-        self.assertIn('"required": ["city"]', prompt)
-        self.assertIn("<tool_calls>", prompt)
-        self.assertEqual([t["name"] for t in request.tools], ["get_weather"])
+def replay(name_or_events: Any, **body: Any) -> Replayed:
+    events = recorded_events(name_or_events) if isinstance(name_or_events, str) else name_or_events
+    return Replayed(chat_turn(**body)[0], events)
 
-    def test_tool_choice_none_offers_no_tools(self) -> None:
-        request = self.parse(tools=[WEATHER_TOOL], tool_choice="none")
-        self.assertEqual(request.tools, [])
-        self.assertNotIn("get_weather", request.system_prompt)
 
-    def test_tool_choice_rules(self) -> None:
-        self.assertIn("must call at least one tool",
-                      self.parse(tools=[WEATHER_TOOL], tool_choice="required").system_prompt)
-        forced = self.parse(tools=[WEATHER_TOOL, TIME_TOOL],
-                            tool_choice={"type": "function", "function": {"name": "get_time"}})
-        self.assertIn("must call the tool `get_time`", forced.system_prompt)
-        self.assertIn("at most one tool", self.parse(tools=[WEATHER_TOOL],
-                                                     parallel_tool_calls=False).system_prompt)
-        self.rejects("tool_choice", tools=[WEATHER_TOOL],
-                     tool_choice={"type": "function", "function": {"name": "nope"}})
-        self.rejects("tools[0]", tools=[{"type": "function", "function": {"description": "x"}}])
+def tool_reply_events(text_: str = "", calls: Tuple[Tuple[str, str, List[str]], ...] = ()) -> List[Dict[str, Any]]:
+    """A message that says `text_` in pieces of 4, then calls tools (id, name, argument pieces)."""
+    events = [MESSAGE_START]
+    if text_:
+        events += text_deltas(*[text_[i:i + 4] for i in range(0, len(text_), 4)])
+    for call_id, name, pieces in calls:
+        events += tool_use_events(call_id, name, *pieces)
+    return events + message_end("tool_use" if calls else "end_turn") + \
+        ([] if calls else [result_event(text_)])
 
-    def test_legacy_functions_become_tools(self) -> None:
-        request = self.parse(functions=[WEATHER_TOOL["function"]], function_call={"name": "get_weather"})
-        self.assertTrue(request.legacy_functions)
-        self.assertFalse(request.parallel_tool_calls)
-        self.assertIn("must call the tool `get_weather`", request.system_prompt)
 
-    def test_tool_history_is_rendered_in_the_protocol(self) -> None:
-        request = self.parse(tools=[WEATHER_TOOL], messages=[
-            user("Weather in Paris?"),
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_1", "type": "function",
-                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}])
-        text = request.content[0]["text"]
-        self.assertIn('<tool_calls>\n[{"name": "get_weather", "arguments": {"city": "Paris"}}]\n'
-                      '</tool_calls>', text)
-        self.assertIn('<tool_result tool_call_id="call_1" name="get_weather">\nsunny, 21 C\n'
-                      '</tool_result>', text)
-        self.assertTrue(text.rstrip().endswith("</conversation>"))
-        self.assertLess(text.index("Weather in Paris?"), text.index("<tool_calls>"))
-        self.rejects("messages[1].tool_call_id", messages=[user("x"), {"role": "tool", "content": "y"}])
+class AnswerTest(TestCase):
+    """Answer: the reply events a client gets (stop sequences, single calls) and their stop reason."""
 
-    def test_images_become_image_blocks_in_order(self) -> None:
-        data_url = "data:image/png;base64," + PNG_1PX
-        request = self.parse(messages=[
-            {"role": "user", "content": [{"type": "text", "text": "first"},
-                                         {"type": "image_url", "image_url": {"url": data_url}}]},
-            {"role": "assistant", "content": "seen"},
-            {"role": "user", "content": [{"type": "text", "text": "and this?"},
-                                         {"type": "image_url", "image_url": data_url}]}])
-        kinds = [block["type"] for block in request.content]
-        self.assertEqual(kinds, ["text", "image", "text", "image"])
-        self.assertEqual(request.content[1]["source"],
-                         {"type": "base64", "media_type": "image/png", "data": PNG_1PX})
-        self.assertTrue(request.content[2]["text"].endswith("and this?"))
+    def test_a_stop_sequence_across_deltas_ends_the_answer(self) -> None:
+        ran = replay("stream-partial-success", stop=["fake (c"])
+        self.assertEqual(merged(ran.events), [("text", "Hello from ")])
+        self.assertEqual((ran.answer.stop_sequence, ran.answer.stop_reason), ("fake (c", "stop_sequence"))
+        self.assertTrue(ran.answer.done)
+        self.assertFalse(ran.answer.reply.completed, "it ended before the CLI's result")
+        self.assertEqual(ran.reply.text(), "Hello from ")
 
-    def test_image_errors(self) -> None:
-        error = self.rejects("messages[0].content[0].image_url", messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
-        self.assertEqual(error.code, "image_url_not_allowed")
-        self.assertIn("--fetch-images", error.message)
-        error = self.rejects("messages[0].content[0].image_url", messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/bmp;base64," + PNG_1PX}}]}])
-        self.assertEqual(error.code, "unsupported_image_type")
-        error = self.rejects("messages[0].content[0].image_url", messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}])
-        self.assertEqual(error.code, "invalid_image")
-        self.rejects("messages[0].content[0].type", messages=[{"role": "assistant", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PNG_1PX}}]}])
+    def test_held_text_is_flushed_at_the_end_and_before_a_tool_call(self) -> None:
+        ran = replay("stream-partial-success", stop=["msgs) X"])
+        self.assertEqual(merged(ran.events), [("text", "Hello from fake (claude-sonnet-5, 1 msgs) ")])
+        self.assertIsNone(ran.answer.stop_sequence)
+        self.assertEqual(ran.answer.stop_reason, "end_turn")
+        ran = replay(tool_reply_events("Let me check", (("toolu_1", "get_weather", ['{"city"', ': "Oslo"}']),)),
+                     stop=["check!"], tools=[WEATHER_TOOL])
+        self.assertEqual(merged(ran.events), [("text", "Let me check"),
+                                              ("tool_call", {"id": "toolu_1", "name": "get_weather"}),
+                                              ("tool_arguments", '{"city": "Oslo"}')])
+        first_call = [kind for kind, _ in ran.events].index("tool_call")
+        self.assertEqual(ran.events[first_call - 1], ("text", "check"), "held back, then sent before the call")
+        self.assertEqual((ran.answer.stop_reason, ran.answer.calls), ("tool_use", 1))
 
-    def test_remote_images_are_fetched_only_when_enabled(self) -> None:
-        request = proxy.parse_chat_request(
-            {"messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]},
-            config(fetch_images=True), fetch=self.fake_fetch)
-        self.assertEqual(base64.b64decode(request.content[0]["source"]["data"]),
-                         b"\x89PNG fetched from https://example.com/cat.png")
+    def test_only_the_first_call_goes_out_when_parallel_calls_are_off(self) -> None:
+        ran = replay("tool-denied-parallel", tools=[WEATHER_TOOL], parallel_tool_calls=False)
+        self.assertEqual(merged(ran.events), [("tool_call", {"id": "toolu_02_0", "name": "get_weather"}),
+                                              ("tool_arguments", '{"city": "Paris"}')])
+        self.assertEqual([b["id"] for b in ran.reply.tool_calls()], ["toolu_02_0"])
+        self.assertFalse(ran.answer.whole, "the CLI waits on calls the client never saw")
+        parallel = replay("tool-denied-parallel", tools=[WEATHER_TOOL])
+        self.assertEqual(len(parallel.reply.tool_calls()), 3)
+        self.assertTrue(parallel.answer.whole)
 
-    def test_response_format_maps_to_the_cli_json_schema(self) -> None:
-        schema = {"type": "object", "properties": {"answer": {"type": "integer"}}}
-        request = self.parse(response_format={"type": "json_schema",
-                                              "json_schema": {"name": "a", "schema": schema}})
-        argv = proxy.cli_argv("claude", request)
-        self.assertEqual(json.loads(argv_value(argv, "--json-schema")), schema)
-        self.assertEqual(argv_value(argv, "--max-turns"), "3")
-        self.assertEqual(self.parse(response_format={"type": "json_object"}).json_schema,
-                         {"type": "object"})
+    def test_stop_reasons(self) -> None:
+        self.assertEqual(replay("stream-partial-success").answer.stop_reason, "end_turn")
+        self.assertEqual(replay("max-tokens-continued", max_tokens=100).answer.stop_reason, "max_tokens")
+        self.assertEqual(replay("tool-denied", tools=[WEATHER_TOOL]).answer.stop_reason, "tool_use")
+        refusal = tool_reply_events("No.")
+        refusal[-3]["event"]["delta"]["stop_reason"] = "refusal"
+        refusal[-1]["stop_reason"] = "refusal"
+        self.assertEqual(replay(refusal).answer.stop_reason, "refusal")
+
+    def test_structured_output_streams_as_the_answer(self) -> None:
+        ran = replay("json-schema-success", response_format={"type": "json_object"})
+        self.assertEqual(ran.reply.text(), '{"a": 1}')
+        self.assertEqual(ran.answer.calls, 0)
+
+
+class ReplyBlocksTest(TestCase):
+    def blocks(self, *events: Tuple[str, Any]) -> "proxy.ReplyBlocks":
+        reply = proxy.ReplyBlocks()
+        for event in events:
+            reply.add(event)
+        return reply
+
+    def test_deltas_join_into_blocks_in_order(self) -> None:
+        reply = self.blocks(("thinking", "Let me "), ("thinking", "think."), ("signature", "sig-"),
+                            ("signature", "1"), ("text", "Sure, "), ("text", "checking."),
+                            ("tool_call", {"id": "t1", "name": "get_weather"}), ("tool_arguments", '{"ci'),
+                            ("tool_arguments", 'ty": "Paris"}'), ("tool_call", {"id": "t2", "name": "get_time"}),
+                            ("text", "Done."))
+        self.assertEqual(reply.blocks, [
+            {"type": "thinking", "thinking": "Let me think.", "signature": "sig-1"},
+            {"type": "text", "text": "Sure, checking."},
+            {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "t2", "name": "get_time", "input": {}},
+            {"type": "text", "text": "Done."}])
+        self.assertEqual(reply.blocks, reply.blocks, "reading the blocks changes nothing")
+        self.assertEqual(reply.text(), "Sure, checking.Done.")
+        self.assertEqual(reply.thinking(), "Let me think.")
+        self.assertEqual([call["id"] for call in reply.tool_calls()], ["t1", "t2"])
+
+    def test_broken_arguments_give_an_empty_input(self) -> None:
+        for pieces in (['{"city": "Par'], ["[1, 2]"], ["   "], ["null"]):
+            reply = self.blocks(("tool_call", {"id": "t", "name": "f"}), *[("tool_arguments", p) for p in pieces])
+            self.assertEqual(reply.tool_calls()[0]["input"], {}, pieces)
+
+    def test_a_recorded_thinking_run(self) -> None:
+        self.assertEqual(replay("thinking").reply.blocks, [
+            {"type": "thinking", "thinking": "Let me think about this. The user wants a reply.",
+             "signature": "fake-signature-abc123"},
+            {"type": "text", "text": "Hello from the fake model."}])
+
+
+class ConversationKeyTest(TestCase):
+    def key(self, messages: Optional[List[Dict[str, Any]]] = None, **body: Any) -> str:
+        body.setdefault("messages", [{"role": "system", "content": "S"}, user("hi")])
+        turn = chat_turn(**body)[0]
+        return proxy.conversation_key(turn, turn.conversation.messages if messages is None else messages)
+
+    def test_equal_state_gives_an_equal_key_and_any_difference_another(self) -> None:
+        base = {"tools": [WEATHER_TOOL, TIME_TOOL]}
+        key = self.key(**base)
+        self.assertEqual(self.key(**copy.deepcopy(base)), key)
+        self.assertEqual(self.key(stream=True, temperature=0.1, **base), key, "not part of the process")
+        variants = {
+            "model": dict(base, model="claude-opus-4"),
+            "effort": dict(base, reasoning_effort="high"),
+            "thinking": dict(base, reasoning_effort="none"),
+            "max_tokens": dict(base, max_tokens=100),
+            "schema": dict(base, response_format={"type": "json_object"}),
+            "system": dict(base, messages=[{"role": "system", "content": "T"}, user("hi")]),
+            "tool_choice": dict(base, tool_choice="required"),
+            "named tool": dict(base, tool_choice={"type": "function", "function": {"name": "get_time"}}),
+            "parallel": dict(base, parallel_tool_calls=False),
+            "tools": {"tools": [WEATHER_TOOL]},
+            "tool order": {"tools": [TIME_TOOL, WEATHER_TOOL]},
+            "no tools": {},
+            "message": dict(base, messages=[{"role": "system", "content": "S"}, user("hi!")]),
+        }
+        keys = {name: self.key(**body) for name, body in variants.items()}
+        for name, other in keys.items():
+            self.assertNotEqual(other, key, name)
+        self.assertEqual(len(set(keys.values())), len(keys))
+        self.assertNotEqual(self.key(messages=[], **base), key)
+        self.assertRegex(key, r"^conversation:[0-9a-f]{64}$")
+
+
+def chat_door(**body: Any) -> "proxy.ChatDoor":
+    return proxy.ChatDoor(*chat_turn(**body))
+
+
+def chunk_deltas(frames: List[Tuple[Optional[str], Any]]) -> List[Dict[str, Any]]:
+    return [payload["choices"][0]["delta"] for _, payload in frames
+            if isinstance(payload, dict) and payload.get("choices")]
+
+
+class ChatDoorTest(TestCase):
+    """Reply events -> OpenAI chat completion chunks and completions."""
+
+    def stream(self, door: "proxy.ChatDoor", ran: Replayed) -> List[Tuple[Optional[str], Any]]:
+        frames = [frame for event in ran.events for frame in door.events(event)]
+        return frames + door.end(ran)
+
+    def test_text_chunks(self) -> None:
+        door = chat_door(stream=True)
+        frames = self.stream(door, replay("stream-partial-success"))
+        self.assertTrue(all(name is None for name, _ in frames))
+        self.assertEqual(frames[-1], (None, "[DONE]"))
+        chunks = [payload for _, payload in frames[:-1]]
+        for chunk in chunks:
+            self.assertEqual((chunk["id"], chunk["object"], chunk["model"]),
+                             (door.id, "chat.completion.chunk", door.turn.model))
+            self.assertNotIn("usage", chunk)
+        deltas = chunk_deltas(frames)
+        self.assertEqual(deltas[0], {"role": "assistant", "content": "Hello "})
+        self.assertTrue(all("role" not in d for d in deltas[1:]))
+        self.assertEqual("".join(d.get("content") or "" for d in deltas), "Hello from fake (claude-sonnet-5, 1 msgs) ")
+        self.assertEqual(deltas[-1], {})
+        self.assertEqual([c["choices"][0]["finish_reason"] for c in chunks[:-1]], [None] * (len(chunks) - 1))
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
+
+    def test_an_empty_answer_still_opens_with_the_role(self) -> None:
+        door = chat_door(stream=True)
+        frames = door.end(replay([MESSAGE_START] + message_end("end_turn") + [result_event("")]))
+        self.assertEqual(chunk_deltas(frames), [{"role": "assistant", "content": ""}, {}])
+
+    def test_reasoning_deltas_only_when_wanted(self) -> None:
+        ran = replay("thinking")
+        shown = chunk_deltas(self.stream(chat_door(stream=True), ran))
+        self.assertEqual((shown[0]["role"], shown[0]["content"]), ("assistant", None))
+        self.assertTrue(shown[0]["reasoning_content"])
+        self.assertEqual("".join(d.get("reasoning_content") or "" for d in shown),
+                         "Let me think about this. The user wants a reply.")
+        self.assertFalse(any("signature" in json.dumps(d) for d in shown))
+        hidden = chunk_deltas(self.stream(chat_door(stream=True, include_reasoning=False), ran))
+        self.assertFalse(any("reasoning_content" in d for d in hidden))
+        self.assertEqual("".join(d.get("content") or "" for d in hidden), "Hello from the fake model.")
+
+    def test_tool_call_deltas(self) -> None:
+        door = chat_door(stream=True, tools=[WEATHER_TOOL])
+        deltas = chunk_deltas(self.stream(door, replay("tool-denied-parallel", tools=[WEATHER_TOOL])))
+        calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+        self.assertTrue(all(len(c) == 1 for c in calls))
+        calls = [c[0] for c in calls]
+        starts = [c for c in calls if "id" in c]
+        self.assertEqual(starts, [
+            {"index": i, "id": "toolu_02_%d" % i, "type": "function",
+             "function": {"name": name, "arguments": ""}}
+            for i, name in enumerate(["get_weather", "get_weather", "lookup_user"])])
+        for index, arguments in enumerate(['{"city": "Paris"}', '{"city": "Rome"}', '{"id": 7}']):
+            pieces = [c for c in calls if c["index"] == index and "id" not in c]
+            self.assertTrue(all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"}
+                                for c in pieces))
+            self.assertGreater(len(pieces), 1, "arguments stream progressively")
+            self.assertEqual("".join(c["function"]["arguments"] for c in pieces), arguments)
+        self.assertEqual(deltas[0]["role"], "assistant")
+        self.assertEqual(deltas[-1], {})
+        self.assertEqual(door.end(replay("tool-denied", tools=[WEATHER_TOOL]))[-2][1]["choices"][0]["finish_reason"],
+                         "tool_calls")
+
+    def test_legacy_function_call_deltas(self) -> None:
+        body = {"functions": [WEATHER_TOOL["function"]], "stream": True}
+        door = chat_door(**body)
+        frames = self.stream(door, replay("tool-denied-parallel", **body))
+        deltas = chunk_deltas(frames)
+        calls = [d["function_call"] for d in deltas if "function_call" in d]
+        self.assertEqual(calls[0], {"name": "get_weather", "arguments": ""})
+        self.assertEqual("".join(c["arguments"] for c in calls), '{"city": "Paris"}', "the first call alone")
+        self.assertFalse(any("tool_calls" in d for d in deltas))
+        self.assertEqual(frames[-2][1]["choices"][0]["finish_reason"], "function_call")
+
+    def test_finish_reasons(self) -> None:
+        refusal = tool_reply_events("No.")
+        refusal[-3]["event"]["delta"]["stop_reason"] = "refusal"
+        refusal[-1]["stop_reason"] = "refusal"
+        cases = [("stream-partial-success", {}, "stop"), ("max-tokens-continued", {"max_tokens": 50}, "length"),
+                 ("stream-partial-success", {"stop": ["fake"]}, "stop"),
+                 ("tool-denied", {"tools": [WEATHER_TOOL]}, "tool_calls"),
+                 ("tool-denied", {"functions": [WEATHER_TOOL["function"]]}, "function_call"),
+                 ("json-schema-success", {"response_format": {"type": "json_object"}}, "stop"),
+                 (refusal, {}, "content_filter")]
+        for run, body, finish in cases:
+            ran = replay(run, **body)
+            completion = chat_door(**body).response(ran)
+            self.assertEqual(completion["choices"][0]["finish_reason"], finish, (run, body))
+            streamed = chat_door(stream=True, **body).end(ran)
+            self.assertEqual(streamed[-2][1]["choices"][0]["finish_reason"], finish, (run, body))
+
+    def test_include_usage_adds_a_last_chunk(self) -> None:
+        door = chat_door(stream=True, stream_options={"include_usage": True})
+        frames = self.stream(door, replay("subscriber-rate-limit-event"))
+        self.assertEqual(frames[-1], (None, "[DONE]"))
+        usage_chunk = frames[-2][1]
+        self.assertEqual(usage_chunk["choices"], [])
+        self.assertEqual(usage_chunk["usage"], {"prompt_tokens": 133, "completion_tokens": 1, "total_tokens": 134,
+                                                "prompt_tokens_details": {"cached_tokens": 7}})
+        self.assertTrue(all(payload["usage"] is None for _, payload in frames[:-2]))
+
+    def test_the_whole_completion(self) -> None:
+        door = chat_door()
+        completion = door.response(replay("thinking"))
+        self.assertEqual(set(completion), {"id", "object", "created", "model", "system_fingerprint", "usage",
+                                           "choices"})
+        self.assertEqual(completion["object"], "chat.completion")
+        self.assertRegex(completion["id"], r"^chatcmpl-[0-9a-f]{24}$")
+        self.assertEqual(completion["choices"], [{"index": 0, "logprobs": None, "finish_reason": "stop", "message": {
+            "role": "assistant", "content": "Hello from the fake model.", "refusal": None,
+            "reasoning_content": "Let me think about this. The user wants a reply."}}])
+        self.assertEqual(completion["usage"]["completion_tokens"], 7)
+        hidden = chat_door(include_reasoning=False).response(replay("thinking"))["choices"][0]["message"]
+        self.assertNotIn("reasoning_content", hidden)
+        empty = door.response(replay([MESSAGE_START] + message_end("end_turn") + [result_event("")]))
+        self.assertEqual(empty["choices"][0]["message"]["content"], "")
+
+    def test_tool_calls_in_the_whole_completion(self) -> None:
+        message = chat_door(tools=[WEATHER_TOOL]).response(
+            replay("tool-denied-parallel", tools=[WEATHER_TOOL]))["choices"][0]["message"]
+        self.assertIsNone(message["content"], "content is null beside tool calls")
+        self.assertEqual(message["tool_calls"][1], {"id": "toolu_02_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Rome"}'}})
+        self.assertEqual(len(message["tool_calls"]), 3)
+        legacy = chat_door(functions=[WEATHER_TOOL["function"]]).response(
+            replay("tool-denied-parallel", functions=[WEATHER_TOOL["function"]]))["choices"][0]
+        self.assertEqual(legacy["message"]["function_call"], {"name": "get_weather", "arguments": '{"city": "Paris"}'})
+        self.assertNotIn("tool_calls", legacy["message"])
+        self.assertEqual(legacy["finish_reason"], "function_call")
+        said = tool_reply_events("Checking.", (("toolu_9", "get_weather", ['{"city": "Oslo"}']),))
+        message = chat_door(tools=[WEATHER_TOOL]).response(replay(said, tools=[WEATHER_TOOL]))["choices"][0]["message"]
+        self.assertEqual(message["content"], "Checking.")
+
+    def test_echo_is_the_reply_as_the_client_sends_it_back(self) -> None:
+        # The kept process holds the echo as this reply; the client's next request must translate
+        # to exactly it, or the next turn cannot continue that process.
+        said = tool_reply_events("Checking both.", (("toolu_1", "get_weather", ['{"city":', ' "Oslo"}']),
+                                                    ("toolu.2", "get_time", ["{}"])))
+        thinking = recorded_events("thinking")
+        cases = [("stream-partial-success", {}, None), (thinking, {}, None),
+                 (thinking, {"include_reasoning": False}, None),
+                 ("tool-denied-parallel", {"tools": [WEATHER_TOOL]}, "tool"),
+                 (said, {"tools": [WEATHER_TOOL, TIME_TOOL]}, "tool"),
+                 ("tool-denied-parallel", {"tools": [WEATHER_TOOL], "parallel_tool_calls": False}, "tool"),
+                 ("tool-denied-parallel", {"functions": [WEATHER_TOOL["function"]]}, "function"),
+                 ("json-schema-success", {"response_format": {"type": "json_object"}}, None)]
+        for run, body, answered_by in cases:
+            ran = replay(run, **body)
+            door = chat_door(**body)
+            message = door.response(ran)["choices"][0]["message"]
+            message = json.loads(json.dumps(message))  # as the client stores and sends it
+            after: List[Dict[str, Any]] = [user("thanks")]
+            if answered_by == "tool":
+                after = [{"role": "tool", "tool_call_id": call["id"], "content": "ok"}
+                         for call in message["tool_calls"]]
+            elif answered_by == "function":
+                after = [{"role": "function", "name": message["function_call"]["name"], "content": "ok"}]
+            next_turn = chat_turn(messages=[user("hi"), message] + after, **body)[0]
+            self.assertEqual(next_turn.conversation.messages[1],
+                             {"role": "assistant", "content": door.echo(ran)}, (run if isinstance(run, str) else
+                                                                                "events", body))
+
+
+class AgentRequestTranslationTest(ChatRequestCase):
+    """Tools, images, structured output and generation controls of a chat request -> Turn."""
+
+    def test_only_function_tools_are_offered(self) -> None:
+        error = self.rejects("tools[0].type", "unsupported_tool_type",
+                             tools=[{"type": "custom", "custom": {"name": "grammar"}}])
+        self.assertIn("custom", error.message)
+        turn = self.parse(tools=[WEATHER_TOOL, {"function": TIME_TOOL["function"]}])  # type defaults to function
+        self.assertEqual(turn.conversation.tools, [
+            {"name": "get_weather", "description": "Current weather for a city.",
+             "input_schema": WEATHER_TOOL["function"]["parameters"]},
+            {"name": "get_time", "description": "Local time in a city.",
+             "input_schema": TIME_TOOL["function"]["parameters"]}])
+        bare = self.parse(tools=[{"type": "function", "function": {"name": "ping"}}]).conversation.tools
+        self.assertEqual(bare, [{"name": "ping", "description": "",
+                                 "input_schema": {"type": "object", "properties": {}}}])
+
+    def test_tool_names_follow_anthropics_rule(self) -> None:
+        for name in ("a" * 64, "get-weather_2", "X"):
+            self.assertEqual(self.parse(tools=[{"type": "function", "function": {"name": name}}])
+                             .conversation.tools[0]["name"], name)
+        for name in ("", "a" * 65, "get weather", "wetter.heute", "ünï", None, 5):
+            self.rejects("tools[0].function.name", "invalid_tool_name",
+                         tools=[{"type": "function", "function": {"name": name}}])
+        self.rejects("functions[0].name", "invalid_tool_name", functions=[{"name": "a b"}])
+
+    def test_tool_choice(self) -> None:
+        both = [WEATHER_TOOL, TIME_TOOL]
+        required = self.parse(tools=both, tool_choice="required")
+        self.assertEqual(required.tool_choice, "required")
+        self.assertTrue(required.system_prompt.endswith("\n\nIn this reply you must call at least one of the tools."))
+        named = self.parse(tools=both, tool_choice={"type": "function", "function": {"name": "get_time"}})
+        self.assertEqual(named.tool_choice, "get_time")
+        self.assertIn("you must call the tool `get_time`", named.system_prompt)
+        self.assertEqual(len(named.conversation.tools), 2, "the other tools stay offered")
+        auto = self.parse(tools=both, tool_choice="auto")
+        self.assertEqual((auto.tool_choice, auto.system_prompt), ("auto", proxy.DEFAULT_SYSTEM_PROMPT))
+        none = self.parse(tools=both, tool_choice="none")
+        self.assertEqual(none.conversation.tools, [], "not offered at all, so never called")
+        self.assertEqual(none.system_prompt, proxy.DEFAULT_SYSTEM_PROMPT)
+        self.assertEqual(self.parse(tool_choice="none").conversation.tools, [])
+        allowed = self.parse(tools=both, tool_choice={"type": "allowed_tools", "allowed_tools": {
+            "mode": "required", "tools": [{"type": "function", "function": {"name": "get_time"}}]}})
+        self.assertEqual(([t["name"] for t in allowed.conversation.tools], allowed.tool_choice),
+                         (["get_time"], "required"))
+        allowed = self.parse(tools=both, tool_choice={"type": "allowed_tools", "allowed_tools": {
+            "tools": [{"type": "function", "name": "get_weather"}]}})
+        self.assertEqual(([t["name"] for t in allowed.conversation.tools], allowed.tool_choice),
+                         (["get_weather"], "auto"))
+        self.rejects("tool_choice", tools=both, tool_choice={"type": "function", "function": {"name": "nope"}})
+        self.rejects("tool_choice", tools=both, tool_choice="sometimes")
+        self.rejects("tool_choice", tools=both, tool_choice={"type": "allowed_tools",
+                                                             "allowed_tools": {"mode": "never", "tools": []}})
+        self.rejects("tool_choice.allowed_tools.tools", tools=both, tool_choice={
+            "type": "allowed_tools", "allowed_tools": {"tools": [{"function": {"name": "nope"}}]}})
+
+    def test_parallel_tool_calls_false_adds_its_system_prompt_line(self) -> None:
+        turn = self.parse(messages=[{"role": "system", "content": "Rules."}, user("q")],
+                          tools=[WEATHER_TOOL], parallel_tool_calls=False)
+        self.assertFalse(turn.parallel_tool_calls)
+        self.assertEqual(turn.system_prompt, "Rules.\n\nCall at most one tool per reply.")
+        self.assertEqual(turn.conversation.system, "Rules.", "the client's own prompt is unchanged")
+        self.assertTrue(self.parse(tools=[WEATHER_TOOL]).parallel_tool_calls)
+        self.assertEqual(self.parse(parallel_tool_calls=False).system_prompt, proxy.DEFAULT_SYSTEM_PROMPT,
+                         "without tools there is nothing to say")
+
+    def test_response_format(self) -> None:
+        schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+        turn = self.parse(response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+        self.assertEqual(turn.json_schema, schema)
+        self.assertEqual(self.parse(response_format={"type": "json_object"}).json_schema, {"type": "object"})
         self.assertIsNone(self.parse(response_format={"type": "text"}).json_schema)
-        self.rejects("response_format", response_format={"type": "xml"})
-        self.rejects("response_format", response_format={"type": "json_schema",
-                                                          "json_schema": {"schema": {"type": "array"}}})
-        self.rejects("response_format", tools=[WEATHER_TOOL], response_format={"type": "json_object"})
+        self.assertIsNone(self.parse().json_schema)
+        self.rejects("response_format.json_schema.schema", "invalid_value",
+                     response_format={"type": "json_schema", "json_schema": {"schema": {"type": "array"}}})
+        self.rejects("response_format.json_schema.schema", "invalid_value",
+                     response_format={"type": "json_schema", "json_schema": {"name": "x"}})
 
-    def test_reasoning_effort_and_thinking(self) -> None:
-        for given, effort in [("minimal", "low"), ("low", "low"), ("medium", "medium"), ("high", "high")]:
-            request = self.parse(reasoning_effort=given)
-            argv = proxy.cli_argv("claude", request)
-            self.assertEqual(argv_value(argv, "--effort"), effort)
-            self.assertTrue(request.want_reasoning)
-        plain = self.parse()
-        self.assertNotIn("--effort", proxy.cli_argv("claude", plain))
-        self.assertTrue(plain.want_reasoning, "thinking is shown unless hidden")
-        self.assertFalse(self.parse(include_reasoning=False).want_reasoning)
-        hidden = config(hide_reasoning=True)
-        self.assertFalse(proxy.parse_chat_request({"messages": [user("hi")]}, hidden).want_reasoning)
-        self.assertTrue(proxy.parse_chat_request({"messages": [user("hi")], "include_reasoning": True},
-                                                 hidden).want_reasoning)
-        off = self.parse(reasoning_effort="none")
+    def test_response_format_together_with_tools_is_accepted(self) -> None:
+        # Issue 9: the Agents SDK (tools + output_type) and pydantic-ai (NativeOutput + a tool) send both.
+        schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+        turn = self.parse(tools=[WEATHER_TOOL], response_format={
+            "type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": True}})
+        self.assertEqual(turn.json_schema, schema)
+        self.assertEqual([t["name"] for t in turn.conversation.tools], ["get_weather"])
+        self.assertEqual(self.parse(tools=[WEATHER_TOOL], response_format={"type": "json_object"}).json_schema,
+                         {"type": "object"})
+
+    def test_max_tokens_caps_the_output_and_keeps_thinking_on(self) -> None:
+        # Issue 9: OpenClaw always sends max_completion_tokens 8192; that must not turn thinking off.
+        turn, options = chat_turn(max_completion_tokens=8192)
+        self.assertEqual((turn.max_tokens, turn.thinking, turn.effort), (8192, True, None))
+        self.assertTrue(options.want_reasoning)
+        self.assertNotIn("MAX_THINKING_TOKENS", proxy.cli_env(config(), turn, base={}))
+        self.assertEqual(self.parse(max_completion_tokens=7, max_tokens=50).max_tokens, 7)
+        self.assertEqual(self.parse(max_tokens=50).max_tokens, 50)
+        self.assertIsNone(self.parse().max_tokens)
+        for bad in (0, -1, "10", 1.5, True):
+            self.rejects("max_tokens", "invalid_type", max_tokens=bad)
+        self.rejects("max_completion_tokens", "invalid_type", max_completion_tokens=0)
+
+    def test_reasoning_effort(self) -> None:
+        for given, effort in [("minimal", "low"), ("low", "low"), ("medium", "medium"), ("high", "high"),
+                              ("xhigh", "xhigh"), ("max", "max")]:
+            turn, options = chat_turn(reasoning_effort=given)
+            self.assertEqual((turn.effort, turn.thinking, options.want_reasoning), (effort, True, True), given)
+        self.assertEqual(self.parse(reasoning={"effort": "high"}).effort, "high")
+        off, options = chat_turn(reasoning_effort="none", max_tokens=100)
+        self.assertEqual((off.thinking, off.effort, options.want_reasoning), (False, None, False))
         self.assertEqual(proxy.cli_env(config(), off, base={})["MAX_THINKING_TOKENS"], "0")
         self.rejects("reasoning_effort", reasoning_effort="extreme")
 
-    def test_max_tokens_caps_output_and_turns_hidden_thinking_off(self) -> None:
-        request = self.parse(max_tokens=50)
-        env = proxy.cli_env(config(), request, base={})
-        self.assertEqual(env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "50")
-        self.assertEqual(env["MAX_THINKING_TOKENS"], "0")
-        self.assertEqual(self.parse(max_completion_tokens=7, max_tokens=50).max_tokens, 7)
-        with_reasoning = proxy.cli_env(config(), self.parse(max_tokens=5000, reasoning_effort="low"),
-                                       base={})
-        self.assertNotIn("MAX_THINKING_TOKENS", with_reasoning)
-        self.assertNotIn("CLAUDE_CODE_MAX_OUTPUT_TOKENS", proxy.cli_env(config(), self.parse(), base={}))
-        self.rejects("max_tokens", max_tokens=0)
-        self.rejects("max_tokens", max_tokens="10")
+    def test_reasoning_is_shown_unless_hidden(self) -> None:
+        self.assertTrue(chat_turn()[1].want_reasoning)
+        self.assertFalse(chat_turn(include_reasoning=False)[1].want_reasoning)
+        self.assertFalse(chat_turn({"hide_reasoning": True})[1].want_reasoning)
+        self.assertTrue(chat_turn({"hide_reasoning": True}, include_reasoning=True)[1].want_reasoning)
+        self.assertTrue(chat_turn({"hide_reasoning": True}, reasoning_effort="low")[1].want_reasoning)
 
-    def test_stop_validation(self) -> None:
+    def test_stream_options(self) -> None:
+        self.assertEqual(chat_turn(stream=True, stream_options={"include_usage": True})[1][:2], (True, True))
+        self.assertEqual(chat_turn(stream=True)[1][:2], (True, False))
+        self.assertEqual(chat_turn(stream_options={"include_usage": True})[1][:2], (False, False),
+                         "usage chunks only exist in a stream")
+
+    def test_stop(self) -> None:
         self.assertEqual(self.parse(stop="END").stops, ["END"])
-        self.assertEqual(self.parse(stop=["a", "b"]).stops, ["a", "b"])
+        self.assertEqual(self.parse(stop=["a", "", "b"]).stops, ["a", "b"])
+        self.assertEqual(self.parse().stops, [])
         self.rejects("stop", stop=["1", "2", "3", "4", "5"])
         self.rejects("stop", stop=5)
+        self.rejects("stop", stop=["a", 1])
+
+    def test_images_become_image_blocks_in_order(self) -> None:
+        data_url = "data:image/png;base64," + PNG_1PX
+        messages = self.messages(
+            {"role": "user", "content": [text("first"), {"type": "image_url", "image_url": {"url": data_url}}]},
+            {"role": "assistant", "content": "seen"},
+            {"role": "user", "content": [{"type": "image_url", "image_url": data_url}, text("and this?"),
+                                         {"type": "image_url", "image_url": {"url": " data:image/jpeg;base64,"
+                                                                                    + PNG_1PX}}]})
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}
+        self.assertEqual(messages[0]["content"], [text("first"), image])
+        self.assertEqual(messages[2]["content"][:2], [image, text("and this?")])
+        self.assertEqual(messages[2]["content"][2]["source"]["media_type"], "image/jpeg")
+
+    def test_tool_results_may_hold_images(self) -> None:
+        data_url = "data:image/png;base64," + PNG_1PX
+        messages = self.messages(user("q"), {"role": "assistant", "tool_calls": [weather_call("c")]},
+                                 {"role": "tool", "tool_call_id": "c", "content": [
+                                     text("map:"), {"type": "image_url", "image_url": {"url": data_url}}]})
+        self.assertEqual(messages[2]["content"][0]["content"][1]["type"], "image")
+
+    def test_image_errors(self) -> None:
+        error = self.rejects("messages[0].content[0].image_url", "image_url_not_allowed", messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
+        self.assertIn("--fetch-images", error.message)
+        self.rejects("messages[0].content[0].image_url", "unsupported_image_type", messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/bmp;base64,"
+                                                                                    + PNG_1PX}}]}])
+        self.rejects("messages[0].content[0].image_url", "invalid_image", messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}]}])
+        self.rejects("messages[0].content[0].image_url", "invalid_type", messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}])
+        self.rejects("messages[0].content[0].image_url", None, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}])
+        self.rejects("messages[1].content[0].type", "unsupported_content_type", messages=[
+            user("q"), {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+            user("r")])
+
+    def test_remote_images_are_fetched_only_when_enabled(self) -> None:
+        turn, _ = chat_turn({"fetch_images": True}, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+        source = turn.conversation.messages[0]["content"][0]["source"]
+        self.assertEqual(base64.b64decode(source["data"]), b"\x89PNG https://example.com/cat.png")
 
 
 class ImageFetchTest(TestCase):
