@@ -710,7 +710,8 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
     env = cli_env(config, turn)
     if history:
         transcript = session_transcript(history)
-        session_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "claude-max-proxy:" + transcript))
+        # Named after what it holds, so equal histories start equal Launches (the pool's key).
+        session_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "claude-max-proxy:" + json.dumps(history, sort_keys=True)))
         argv += ["--resume", session_id]
         session = (session_id, transcript)
     if interrupted:
