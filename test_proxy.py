@@ -5869,6 +5869,7 @@ class OpenAISdkTest(ProxyTest):
 # ---------------------------------------------------------------------------
 
 UPSTREAM_REPLY = "Hello from the fake upstream."
+PROMPT_TOO_LONG = "prompt is too long: 250000 tokens > 200000 maximum"  # Anthropic's words
 MAX_TOKENS_HOLD = 1.0  # seconds the fake upstream holds back message_stop after max_tokens
 
 
@@ -5938,9 +5939,9 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
             return self.send_json(status, {"type": "error", "error": {
                 "type": "rate_limit_error" if status == 429 else "api_error",
                 "message": "fake error %d" % status}})
-        if refusal:
+        if refusal or "TOOLONG" in text:
             return self.send_json(400, {"type": "error", "error": {"type": "invalid_request_error",
-                                                                   "message": refusal}})
+                                                                   "message": refusal or PROMPT_TOO_LONG}})
         self.stream_reply(body, text)
 
     def send_json(self, status: int, payload: Any) -> None:
@@ -6265,6 +6266,15 @@ class EndToEndTest(ProxyTest):
             if note:  # the CLI ends a text it merges with a newline; nothing else is added
                 expected.append({"type": "text", "text": note + "\n"})
             self.assertEqual(last[2:], [{"role": "user", "content": expected}])
+
+    def test_a_prompt_too_long_is_a_400_context_length_exceeded_and_never_compacted(self) -> None:
+        # Without DISABLE_AUTO_COMPACT the CLI would summarize the client's history and go on.
+        for history in ([], [user("earlier"), {"role": "assistant", "content": "reply"}]):
+            tag = marker()
+            response = self.chat(*(history + [user("TOOLONG " + tag)]))
+            error = self.assertError(response, 400, "invalid_request_error", "context_length_exceeded")
+            self.assertIn("prompt is too long", error["message"].lower())
+            self.assertEqual(len([b for b in self.upstream.requests if tag in json.dumps(b)]), 1)
 
     def test_structured_output_through_the_real_cli(self) -> None:
         tag = marker()
