@@ -924,27 +924,51 @@ def new_workdir() -> str:
     return tempfile.mkdtemp(prefix="%s%d-" % (WORKDIR_PREFIX, os.getpid()))
 
 
-def remove_abandoned_workdirs(root: Optional[str] = None) -> int:
-    """Remove the children's directories of proxies that died without cleaning up
-    (kill -9, a crash): they hold system prompts. Returns how many went."""
-    owner = re.compile(r"%s(\d+)-" % re.escape(WORKDIR_PREFIX))
+def claude_config_dir(env: Dict[str, str]) -> str:
+    """Where the CLI keeps its state, sessions included."""
+    return env.get("CLAUDE_CONFIG_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".claude")
+
+
+def session_file(workdir: str, env: Dict[str, str], session_id: str) -> str:
+    """Where `claude --resume ID`, run in `workdir`, looks for the session: a directory named
+    after the real path of its working directory (/private/var/... on macOS)."""
+    project = re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(workdir))
+    return os.path.join(claude_config_dir(env), "projects", project, session_id + ".jsonl")
+
+
+def write_private(path: str, text: str) -> None:
+    """A file only this user can read: it holds a conversation."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def remove_abandoned_workdirs(root: Optional[str] = None, projects: Optional[str] = None) -> int:
+    """Remove the children's directories, and the session transcripts named after them, of
+    proxies that died without cleaning up (kill -9, a crash): they hold conversations.
+    Returns how many went."""
     removed = 0
-    try:
-        entries = list(os.scandir(root or tempfile.gettempdir()))
-    except OSError:
-        return 0
-    for entry in entries:
-        match = owner.match(entry.name)
-        if not match or process_exists(int(match.group(1))):
-            continue
+    for directory, owner in (
+            (root or tempfile.gettempdir(), re.compile(r"%s(\d+)-" % re.escape(WORKDIR_PREFIX))),
+            # a transcript's directory is the working directory's real path, with '-' for '/' and '_'
+            (projects or os.path.join(claude_config_dir(dict(os.environ)), "projects"),
+             re.compile(r".*-%s(\d+)-" % re.escape(WORKDIR_PREFIX)))):
         try:
-            ours = entry.is_dir(follow_symlinks=False) and \
-                entry.stat(follow_symlinks=False).st_uid == os.getuid()
+            entries = list(os.scandir(directory))
         except OSError:
             continue
-        if ours:
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed += 1
+        for entry in entries:
+            match = owner.match(entry.name)
+            if not match or process_exists(int(match.group(1))):
+                continue
+            try:
+                ours = entry.is_dir(follow_symlinks=False) and \
+                    entry.stat(follow_symlinks=False).st_uid == os.getuid()
+            except OSError:
+                continue
+            if ours:
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
     return removed
 
 
@@ -1035,25 +1059,6 @@ class Lifeline:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def claude_config_dir(env: Dict[str, str]) -> str:
-    """Where the CLI keeps its state, sessions included."""
-    return env.get("CLAUDE_CONFIG_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".claude")
-
-
-def session_file(workdir: str, env: Dict[str, str], session_id: str) -> str:
-    """Where `claude --resume ID`, run in `workdir`, looks for the session: a directory named
-    after the real path of its working directory (/private/var/... on macOS)."""
-    project = re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(workdir))
-    return os.path.join(claude_config_dir(env), "projects", project, session_id + ".jsonl")
-
-
-def write_private(path: str, text: str) -> None:
-    """A file only this user can read: it holds a conversation."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 class ClaudeProcess:

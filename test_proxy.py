@@ -6442,6 +6442,48 @@ class NativeSupportTest(TestCase):
             self.assertIsNone(proxy.native_problem(real_claude()))
 
 
+class SessionTranscriptTest(TestCase):
+    """A resumed conversation's transcript is private, lives only as long as its process, and a
+    crashed proxy's are swept."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.config_dir = tempfile.mkdtemp(prefix="claude-config-")
+        self.addCleanup(shutil.rmtree, self.config_dir, True)
+
+    def test_the_transcript_is_written_owner_only_where_the_cli_looks_and_removed_with_the_process(self) -> None:
+        env = dict(os.environ, CLAUDE_CONFIG_DIR=self.config_dir)
+        session = ("5e55f00d-0000-4000-8000-000000000001", proxy.session_transcript([user("hi")]))
+        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "30"), tuple(env.items()), session))
+        path = process.session_path
+        project = os.path.dirname(path)
+        self.assertEqual(os.path.dirname(project), os.path.join(self.config_dir, "projects"))
+        self.assertEqual(os.path.basename(project),
+                         re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(process.workdir)))
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(project).st_mode & 0o777, 0o700)
+        with open(path) as f:
+            self.assertEqual(f.read(), session[1])
+        process.close()
+        self.assertFalse(os.path.exists(project))
+        self.assertFalse(os.path.exists(process.workdir))
+
+    def test_transcripts_of_a_dead_proxy_are_swept_and_those_of_live_ones_kept(self) -> None:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        root = tempfile.mkdtemp(prefix="sweep-root-")
+        self.addCleanup(shutil.rmtree, root, True)
+        projects = os.path.join(self.config_dir, "projects")
+        left = os.path.join(projects, "-private-tmp-claude-proxy-%d-ab-cd" % dead.pid)
+        kept = os.path.join(projects, "-private-tmp-claude-proxy-%d-ef" % os.getpid())
+        mine = os.path.join(projects, "-Users-me-src-app")  # the user's own projects are never touched
+        for path in (left, kept, mine):
+            os.makedirs(path)
+        self.assertEqual(proxy.remove_abandoned_workdirs(root, projects), 1)
+        self.assertFalse(os.path.exists(left))
+        self.assertTrue(os.path.exists(kept) and os.path.exists(mine))
+
+
 BENCH_BODY = {"model": "claude-sonnet-4", "stream": True,
               "messages": [system("You are a benchmark."), user("Say hello.")]}
 
