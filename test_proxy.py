@@ -3462,7 +3462,7 @@ class WarmPoolTest(ProxyTest):
             self.assertEqual(post_chat(running_server.port, body).json()["choices"][0]["finish_reason"],
                              "tool_calls")
             kept = FAKE.run_for(tag, field="tool_calls")
-            self.assertEqual(self.pool(running_server)["conversations"], 1)
+            self.assertEqual(self.pool(running_server)["conversations"], 1, "kept before the answer went out")
             warm = warm_for(OWN_MODEL)
             self.assertTrue(pid_gone(kept["pid"]), "a conversation nobody continued outlived --pool-ttl")
             self.assertTrue(pid_gone(warm["pid"]), "an idle process outlived --pool-ttl")
@@ -4104,6 +4104,27 @@ class ConversationTest(ProxyTest):
         self.assertEqual([b["type"] for b in run["requests"][1]["messages"][-1]["content"]],
                          ["tool_result", "tool_result"])
         self.assertExtends(run["requests"][1], run["requests"][0])
+
+    def test_the_process_is_kept_before_the_answer_reaches_the_client(self) -> None:
+        # A client whose tool answers at once must find the process kept, however slow keeping is.
+        pool = self.running.server.pool
+        keep = pool.keep
+
+        def slow_keep(key: str, process: "proxy.ClaudeProcess") -> bool:
+            time.sleep(0.3)
+            return keep(key, process)
+        tag = marker()
+        messages = [user(tool_turn_script("loop-quick") + " " + tag)]
+        for stream in (False, True):
+            with mock.patch.object(pool, "keep", slow_keep):
+                content, calls, _ = answer_of(self.chat(*messages, tools=self.TOOLS, stream=stream), stream)
+            run = FAKE.run_for(tag, field="tool_calls")
+            self.assertTrue(in_pool(self.running, run["pid"]))
+            answered = messages + [assistant(content, calls), tool_message(calls[0], "ok")]
+            self.assertEqual(self.chat(*answered, tools=self.TOOLS).status, 200)
+            self.assertEqual(run_of(run["pid"], 2)["pid"], run["pid"])
+            tag = marker()
+            messages = [user(tool_turn_script("loop-quick") + " " + tag)]
 
     def test_two_trailing_user_messages_are_one_turn(self) -> None:
         tag = marker()
