@@ -2818,7 +2818,6 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
     response once the reply is complete. A failure once the stream has begun is the
     stream's last frame; before, it is the handler's to answer with its status."""
     stream = SseWriter(handler) if door.stream else None
-    echo: Optional[List[Dict[str, Any]]] = None
     try:
         for event in exchange.events():
             if stream is None:
@@ -2828,12 +2827,13 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
             else:
                 stream.frames(door.events(event))
         handler.usage = exchange.answer.reply.usage
+        # Kept before the answer ends: a client may come back with the next turn at once.
+        exchange.finish(door.echo(exchange))
         if stream is not None:
             stream.frames(door.end(exchange))
             stream.end()
         else:
             handler.send_json(200, door.response(exchange))
-        echo = door.echo(exchange)
     except ProxyError as error:
         if stream is None or not stream.started:
             raise
@@ -2841,7 +2841,7 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
         stream.frames(door.failure(error))
         stream.end()
     finally:
-        exchange.finish(echo)
+        exchange.finish(None)  # ends the process unless it was kept above
 
 
 # ---------------------------------------------------------------------------

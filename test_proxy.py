@@ -1282,10 +1282,22 @@ class Turn:
     def structured(self):
         # Claude "calls" the CLI's StructuredOutput tool, or fails to (error_max_turns).
         name = "json-schema-error-max-turns" if self.spec.get("structured_fail") else "json-schema-success"
+        answer = self.spec.get("structured", {"a": 1})
+        streamed = False
         for event in RECORDED[name][1:]:
             event = stamp(event)
+            if kind(event) == "input_json_delta":
+                if not streamed:  # the script's answer in place of the recorded one, piece by piece
+                    streamed = True
+                    text = json.dumps(answer)
+                    for i in range(0, len(text), 6):
+                        piece = copy.deepcopy(event)
+                        piece["event"]["delta"]["partial_json"] = text[i:i + 6]
+                        emit(piece)
+                continue
+            if kind(event) == "assistant:tool_use":
+                event["message"]["content"][0]["input"] = answer
             if event["type"] == "result" and "structured_output" in event:
-                answer = self.spec.get("structured", {"a": 1})
                 event.update(structured_output=answer, result=json.dumps(answer))
             if event["type"] == "result":
                 self.report_limits()
@@ -3258,10 +3270,15 @@ class CompletionTest(ProxyTest):
         run = FAKE.run_for(tag)
         argv = run["argv"]
         self.assertEqual(argv_value(argv, "--model"), "opus")
-        self.assertEqual(run["system_prompt"], "You are terse.")
+        # The system prompt comes on stdin (initialize), so any pre-started process can serve it.
+        self.assertEqual(argv_value(argv, "--system-prompt"), "")
+        self.assertEqual(run["initialize"]["systemPrompt"], "You are terse.")
+        self.assertEqual(run["requests"][0]["system"], "You are terse.")
         self.assertEqual(argv_value(argv, "--tools"), "")
         self.assertEqual(argv_value(argv, "--output-format"), "stream-json")
-        self.assertFalse(any(tag in arg for arg in argv), "the prompt must not be in argv")
+        self.assertNotIn("--bare", argv)
+        self.assertNotIn("--resume", argv, "a first turn has no history to resume")
+        self.assertFalse(any(tag in arg or "terse" in arg for arg in argv), "the prompt must not be in argv")
         self.assertEqual(run["messages"][0]["message"]["content"],
                          [{"type": "text", "text": "what is 2+2? " + tag}])
         self.assertNotIn("ANTHROPIC_API_KEY", run["env"])
@@ -3279,7 +3296,7 @@ class CompletionTest(ProxyTest):
         self.assertEqual(self.say(tag).status, 200)
         self.assertEqual(FAKE.run_for(tag)["env"]["ANTHROPIC_API_KEY"], "sk-ant-test-must-not-leak")
 
-    def test_long_conversations_go_through_stdin(self) -> None:
+    def test_long_conversations_are_resumed_from_a_session_file(self) -> None:
         tag = marker()
         history = []
         for i in range(300):
@@ -3287,16 +3304,22 @@ class CompletionTest(ProxyTest):
                         {"role": "assistant", "content": "answer %d" % i}]
         response = self.chat(*history, user("final " + tag))
         self.assertEqual(response.status, 200, response.body)
-        run = FAKE.run_for(tag)
-        self.assertGreater(len(run["stdin"]), 300000)
-        self.assertTrue(run["messages"][0]["message"]["content"][0]["text"].endswith("final " + tag))
+        run = FAKE.run_for(tag, field="requests")
+        self.assertEqual(len(run["history"]), 600)
+        self.assertEqual(run["history"][-1], {"role": "assistant", "content": [
+            {"type": "text", "text": "answer 299"}]})
+        self.assertLess(len(run["stdin"]), 10000, "the history comes from the transcript, not stdin")
+        self.assertEqual(run["messages"][0]["message"]["content"], [{"type": "text", "text": "final " + tag}])
+        self.assertEqual(len(run["requests"][0]["messages"]), 601)
 
     def test_a_system_prompt_larger_than_an_argument_may_be_works(self) -> None:
         tag = marker()
         rules = "Rule: be kind. " * 20000  # 300 KB; Linux takes at most 128 KiB in one argument
         response = self.chat({"role": "system", "content": rules}, user(tag))
         self.assertEqual(response.status, 200, response.body[:300])
-        self.assertEqual(FAKE.run_for(tag)["system_prompt"], rules)
+        run = FAKE.run_for(tag, field="requests")
+        self.assertEqual(run["requests"][0]["system"], rules)
+        self.assertFalse(any("Rule: be kind" in arg for arg in run["argv"]))
 
     def test_usage_counts_cached_prompt_tokens(self) -> None:
         cue = FAKE.script("cached", usage={"input_tokens": 5, "cache_read_input_tokens": 1000,
@@ -3393,6 +3416,16 @@ class StreamTest(ProxyTest):
         finally:
             sock.close()
 
+    def test_a_silent_cli_gets_keepalive_comments_then_its_answer(self) -> None:
+        cue = FAKE.script("silent-first", text=["late ", "answer"], delay=0.8)
+        with mock.patch.object(proxy, "KEEPALIVE_INTERVAL", 0.1):
+            response = self.stream(cue)
+        body = response.body.decode()
+        self.assertIn(": keep-alive\n\n", body)
+        self.assertLess(body.index(": keep-alive"), body.index("late "))
+        self.assertEqual(stream_text(response), "late answer")
+        self.assertEqual(response.frames()[-1], "[DONE]")
+
     def test_empty_answer_still_streams_role_and_finish(self) -> None:
         cue = FAKE.script("empty", text=[])
         chunks = self.stream(cue).chunks()
@@ -3412,6 +3445,43 @@ class StreamTest(ProxyTest):
         self.assertEqual(error["code"], "cli_failed")
         self.assertIn("midway", error["message"])
         self.assertEqual(stream_text(response), "partial answer ")
+
+
+# A `claude` that prints a few given lines once it has a user turn, then exits without a result.
+LINES_CLAUDE = r"""
+import json, os, sys
+if "--version" in sys.argv:
+    print("2.1.197 (Claude Code)")
+    sys.exit(0)
+for line in sys.stdin:
+    if json.loads(line).get("type") == "user":
+        break
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lines.json")) as f:
+    for out in json.load(f):
+        print(out if isinstance(out, str) else json.dumps(out), flush=True)
+"""
+STARTED_STREAM = [
+    {"type": "stream_event", "event": {"type": "message_start", "message": {"usage": {"input_tokens": 3}}}},
+    {"type": "stream_event", "event": {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}}},
+    {"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": "partial "}}}]
+# Shapes the CLI never printed, but a changed CLI might (issue 8, item 7).
+MALFORMED_EVENTS = [
+    {"type": "system", "subtype": "api_retry", "attempt": "two", "max_retries": None,
+     "retry_delay_ms": "soon", "error_status": "x", "error": 5},
+    {"type": "stream_event", "event": {"type": "message_delta", "delta": "stop",
+                                       "usage": {"output_tokens": "many", "input_tokens": [1]}}},
+    {"type": "stream_event", "event": {"type": "content_block_start", "content_block": "text"}},
+    {"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": 7}}},
+    {"type": "stream_event", "event": ["not", "an", "object"]},
+    {"type": "assistant", "message": None, "error": ["x"]},
+    {"type": "user", "message": {"content": "text, not blocks"}},
+    {"type": "rate_limit_event", "rate_limit_info": "none"},
+    {"type": "result", "subtype": 3, "is_error": "yes", "errors": "not a list", "usage": {"output_tokens": "1"}},
+    {"type": "result", "subtype": "success", "is_error": True, "errors": [None, {"a": 1}], "api_error_status": "500"},
+    "[1, 2, 3]", "{broken json",
+]
 
 
 class CliFailureTest(ProxyTest):
@@ -3482,6 +3552,37 @@ class CliFailureTest(ProxyTest):
         health = self.request("GET", "/health").json()
         self.assertEqual(health["status"], "degraded")
         self.assertFalse(health["claude"]["found"])
+
+
+class MalformedOutputTest(TestCase):
+    """Output of shapes the CLI never printed ends the answer cleanly: never a 500, a hang or an ERROR log."""
+
+    def test_malformed_events_mid_stream_end_with_an_error_frame_and_done(self) -> None:
+        folder = tempfile.mkdtemp(prefix="lines-claude-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        claude = os.path.join(folder, "claude")
+        with open(claude, "w") as f:
+            f.write("#!%s\n%s" % (sys.executable, LINES_CLAUDE))
+        os.chmod(claude, 0o755)
+        running_server = RunningServer(claude_bin=claude)
+        self.addCleanup(running_server.stop)
+        for index, event in enumerate(MALFORMED_EVENTS):
+            with self.subTest(index=index, event=event):
+                with open(os.path.join(folder, "lines.json"), "w") as f:
+                    json.dump(STARTED_STREAM + [event], f)
+                body = {"messages": [user("hi")]}
+                whole = post_chat(running_server.port, body)
+                self.assertEqual(whole.status, 502, whole.body)
+                self.assertEqual(set(whole.json()["error"]), {"message", "type", "param", "code"})
+                streamed = post_chat(running_server.port, dict(body, stream=True))
+                self.assertEqual(streamed.status, 200)
+                frames = streamed.frames()
+                self.assertEqual(frames[-1], "[DONE]")
+                self.assertEqual(stream_text(Response(200, streamed.headers, "\n".join(
+                    "data: " + f for f in frames[:-2]).encode())), "partial ")
+                error = json.loads(frames[-2])["error"]
+                self.assertEqual(set(error), {"message", "type", "param", "code"})
+                self.assertTrue(wait_until(lambda: running_server.server.active_children() == []))
 
 
 def open_stream(port: int, text: str) -> socket.socket:
@@ -3603,7 +3704,7 @@ class ProcessLifecycleTest(ProxyTest):
         chat = [line for line in logs.output if chat_id in line]
         self.assertEqual(len(chat), 1)
         self.assertRegex(chat[0], r"%s POST /v1/chat/completions 200 model=claude-sonnet-4 "
-                                  r"prompt_tokens=10 completion_tokens=7 \d+ms" % chat_id)
+                                  r"input_tokens=10 cached_tokens=0 output_tokens=7 \d+ms" % chat_id)
         self.assertEqual(len([line for line in logs.output if models_id in line]), 1)
         self.assertFalse(any("private prompt" in line for line in logs.output))
 
@@ -3682,7 +3783,7 @@ class ShutdownTest(TestCase):
             tag = marker()
             sock = open_stream(daemon.port, "[[fake:slow]] " + tag)
             run = FAKE.run_for(tag, field="grandchild")
-            warm = warm_for(proxy.DEFAULT_SYSTEM_PROMPT, "fable")
+            warm = warm_for("fable")
             self.assertEqual(daemon.stop(), 0)
             for pid in (run["pid"], run["grandchild"], warm["pid"]):
                 self.assertTrue(pid_gone(pid))
@@ -3727,7 +3828,7 @@ class ChildLifeTest(TestCase):
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             run = FAKE.run_for(tag, field="grandchild")  # silent: it never notices its stdout is gone
-            warm = warm_for(proxy.DEFAULT_SYSTEM_PROMPT, "fable")
+            warm = warm_for("fable")
             daemon.process.kill()
             daemon.process.wait()
             for pid in (run["pid"], run["grandchild"], warm["pid"]):
@@ -3878,21 +3979,27 @@ def system(text: str) -> Dict[str, Any]:
 
 
 def waiting_runs(model: str) -> List[Dict[str, Any]]:
-    """Fake claude processes for this --model that are alive and still wait for their message."""
+    """Fake claude processes for this --model that are alive and have had nothing on stdin yet:
+    pre-started ones (a turn's system prompt, tools and settings all come on stdin)."""
     return [run for run in FAKE.runs()
             if "stdin" not in run and argv_value(run["argv"], "--model") == model and not exited(run["pid"])]
 
 
-def warm_for(prompt: str, model: str = "sonnet",
-             pooled_by: Optional[RunningServer] = None) -> Dict[str, Any]:
-    """The waiting fake process started with this system prompt and --model, once there is one.
+def thinks(run: Dict[str, Any]) -> bool:
+    """Whether the process was started with thinking on (the one setting besides the model in argv/env)."""
+    return run["env_settings"]["MAX_THINKING_TOKENS"] != "0"
+
+
+def warm_for(model: str = "sonnet", pooled_by: Optional[RunningServer] = None,
+             thinking: bool = True) -> Dict[str, Any]:
+    """A waiting fake process for this --model (and thinking), once there is one.
 
     With `pooled_by`, also once that server's pool holds it: the fake records itself
     while the pool's own thread may not yet have put it in."""
-    found = wait_until(lambda: next((run for run in waiting_runs(model) if run["system_prompt"] == prompt
+    found = wait_until(lambda: next((run for run in waiting_runs(model) if thinks(run) == thinking
                                      and (pooled_by is None or in_pool(pooled_by, run["pid"]))), None), 10.0)
     if found is None:
-        raise AssertionError("no pre-started process for %r" % prompt)
+        raise AssertionError("no pre-started process for --model %s" % model)
     return found
 
 
@@ -3900,6 +4007,11 @@ def in_pool(running_server: RunningServer, pid: int) -> bool:
     pool = running_server.server.pool
     with pool._changed:
         return any(warm.process.pid == pid for warm in pool._idle)
+
+
+def alive_runs(since: float) -> List[Dict[str, Any]]:
+    """Fake claude processes started since then that have not exited, waiting or not."""
+    return [run for run in FAKE.runs() if run["spawned"] >= since and not exited(run["pid"])]
 
 
 # A test's own server gets a default model the class server never uses, so the
@@ -3911,65 +4023,73 @@ def own_server(**settings: Any) -> RunningServer:
     return RunningServer(default_model="claude-haiku-4", **settings)
 
 
+def tool_turn_script(name: str, **spec: Any) -> str:
+    """A fake behaviour whose first message calls get_weather for Paris (then `spec`'s answer)."""
+    spec.setdefault("calls", [{"name": "get_weather", "arguments": {"city": "Paris"}}])
+    return FAKE.script(name, **spec)
+
+
 class WarmPoolTest(ProxyTest):
-    """Processes started ahead of time; the fake records when each was started and when it was asked."""
+    """Processes started ahead of time; the fake records when each was started and when it was asked.
+
+    A pre-started process is keyed by model and thinking only: the rest of a turn comes on stdin."""
 
     settings = dict(ProxyTest.settings, pool_size=2, pool_ttl=300.0)
 
     def pool(self, running_server: Optional[RunningServer] = None) -> Dict[str, int]:
         return (running_server or self.running).server.health()["pool"]
 
-    def test_a_repeated_key_is_served_by_a_process_started_before_the_request(self) -> None:
-        prompt = "You are pool test " + marker()
-        self.assertEqual(self.chat(system(prompt), user("first")).status, 200)
-        warm = warm_for(prompt, pooled_by=self.running)
+    def test_a_pre_started_process_serves_a_turn_with_any_system_prompt(self) -> None:
+        self.assertEqual(self.chat(system("You are pool test " + marker()), user("first")).status, 200)
+        warm = warm_for(pooled_by=self.running)
         self.assertTrue(wait_until(lambda: self.running.server.active_children() == []),
                         "a waiting process must not count as a running request")
+        self.assertEqual(argv_value(warm["argv"], "--system-prompt"), "")
         before = self.pool()
         asked_at = time.time()
-        tag = marker()
+        tag, prompt = marker(), "You are another pool test " + marker()
         response = self.chat(system(prompt), user("second " + tag))
         self.assertEqual(response.status, 200, response.body)
         self.assertIn("Hello from fake", response.json()["choices"][0]["message"]["content"])
-        run = FAKE.run_for(tag, field="finished")
+        run = FAKE.run_for(tag, field="requests")
         self.assertEqual(run["pid"], warm["pid"])
         self.assertLess(run["spawned"], asked_at)
         self.assertGreaterEqual(run["received"], asked_at)
+        self.assertEqual(run["initialize"]["systemPrompt"], prompt)
+        self.assertEqual(run["requests"][0]["system"], prompt)
         self.assertEqual(self.pool()["hits"], before["hits"] + 1)
         self.assertEqual(self.pool()["misses"], before["misses"])
         self.assertTrue(run["cwd"].startswith(tempfile.gettempdir()))
-        self.assertTrue(wait_until(lambda: not os.path.exists(run["cwd"])),
-                        "a warm process's directory is thrown away like a cold one's")
-        self.assertTrue(pid_gone(run["pid"]))
-        self.assertNotEqual(warm_for(prompt)["pid"], run["pid"], "a replacement, never a reuse")
+        self.assertNotEqual(warm_for()["pid"], run["pid"], "a replacement, never a reuse")
 
-    def test_different_keys_do_not_share_processes(self) -> None:
-        prompt = "You are pool test " + marker()
-        self.chat(system(prompt), user("first"))
-        warm = warm_for(prompt)
-        other_prompt, other_model = marker(), marker()
-        self.chat(system(other_prompt), user(other_prompt))
-        self.assertFalse(exited(warm["pid"]))
-        self.assertNotIn("stdin", [run for run in FAKE.runs() if run["pid"] == warm["pid"]][0],
-                         "another system prompt must not take this process")
-        self.chat(system(prompt), user(other_model), model="claude-opus-4")
-        for tag, wanted_prompt, wanted_model in ((other_prompt, other_prompt, "sonnet"),
-                                                 (other_model, prompt, "opus")):
-            run = FAKE.run_for(tag)
-            self.assertNotEqual(run["pid"], warm["pid"])
-            self.assertEqual(run["system_prompt"], wanted_prompt)
-            self.assertEqual(argv_value(run["argv"], "--model"), wanted_model)
+    def test_different_models_or_thinking_do_not_share_processes(self) -> None:
+        running_server = own_server(pool_size=6)  # room for all: nothing is evicted
+        try:
+            warm = warm_for(OWN_MODEL, pooled_by=running_server)
+            other_model, no_thinking = marker(), marker()
+            post_chat(running_server.port, {"messages": [user(other_model)], "model": "claude-opus-4"})
+            post_chat(running_server.port, {"messages": [user(no_thinking)], "reasoning_effort": "none"})
+            self.assertFalse(exited(warm["pid"]))
+            self.assertNotIn("stdin", [run for run in FAKE.runs() if run["pid"] == warm["pid"]][0],
+                             "another model or thinking setting must not take this process")
+            for tag, wanted_model, thinking in ((other_model, "opus", True), (no_thinking, OWN_MODEL, False)):
+                run = FAKE.run_for(tag)
+                self.assertNotEqual(run["pid"], warm["pid"])
+                self.assertEqual(argv_value(run["argv"], "--model"), wanted_model)
+                self.assertEqual(thinks(run), thinking)
+            self.assertEqual(self.pool(running_server)["hits"], 0)
+        finally:
+            running_server.stop()
 
     def test_a_warm_process_that_died_is_skipped_and_the_request_starts_cold(self) -> None:
-        prompt = "You are pool test " + marker()
-        self.chat(system(prompt), user("first"))
-        warm = warm_for(prompt)
+        self.chat(user("first"))
+        warm = warm_for(pooled_by=self.running)
         os.kill(warm["pid"], signal.SIGKILL)
         self.assertTrue(wait_until(lambda: exit_finished(warm["pid"])))
         before = self.pool()
         asked_at = time.time()
         tag = marker()
-        response = self.chat(system(prompt), user(tag))
+        response = self.chat(user(tag))
         self.assertEqual(response.status, 200, response.body)
         run = FAKE.run_for(tag)
         self.assertNotEqual(run["pid"], warm["pid"])
@@ -3979,14 +4099,15 @@ class WarmPoolTest(ProxyTest):
 
     def test_health_reports_the_pool(self) -> None:
         pool = self.request("GET", "/health").json()["pool"]
-        self.assertEqual(set(pool), {"size", "max", "hits", "misses"})
+        self.assertEqual(set(pool), {"size", "max", "hits", "misses", "conversations", "continued"})
         self.assertEqual(pool["max"], 2)
         self.assertLessEqual(pool["size"], 2)
+        self.assertLessEqual(pool["conversations"], pool["size"])
 
-    def test_the_default_model_and_prompt_are_warmed_at_start(self) -> None:
+    def test_the_default_model_is_warmed_at_start(self) -> None:
         running_server = own_server(pool_size=1)
         try:
-            warm = warm_for(proxy.DEFAULT_SYSTEM_PROMPT, OWN_MODEL, pooled_by=running_server)
+            warm = warm_for(OWN_MODEL, pooled_by=running_server)
             tag = marker()
             self.assertEqual(post_chat(running_server.port, {"messages": [user(tag)]}).status, 200)
             self.assertEqual(FAKE.run_for(tag)["pid"], warm["pid"])
@@ -3994,33 +4115,52 @@ class WarmPoolTest(ProxyTest):
         finally:
             running_server.stop()
 
-    def test_the_pool_never_holds_more_than_its_size_and_evicts_the_least_recently_used(self) -> None:
+    def test_the_pool_never_holds_more_than_its_size_kept_conversations_included(self) -> None:
+        started = time.time()
         running_server = own_server(pool_size=2)
         try:
-            prompts = ["You are pool test %d %s" % (i, marker()) for i in range(5)]
-            for prompt in prompts:
-                post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
-                warm_for(prompt, OWN_MODEL)
-                self.assertLessEqual(len(waiting_runs(OWN_MODEL)), 2)
+            tags = []
+            for model, effort in (("claude-haiku-4", None), ("claude-opus-4", None), ("claude-haiku-4", "none"),
+                                  ("claude-opus-4", "none")):
+                tags.append(marker())
+                cue = tool_turn_script("pool-bound")  # each conversation waits on its tool call
+                body = {"model": model, "messages": [user(cue + " " + tags[-1])], "tools": [WEATHER_TOOL]}
+                if effort:
+                    body["reasoning_effort"] = effort
+                self.assertEqual(post_chat(running_server.port, body).json()["choices"][0]["finish_reason"],
+                                 "tool_calls")
+                self.assertTrue(wait_until(lambda: running_server.server.active_children() == []))
                 self.assertLessEqual(self.pool(running_server)["size"], 2)
-            self.assertTrue(wait_until(lambda: len(waiting_runs(OWN_MODEL)) == 2))
-            self.assertEqual(sorted(run["system_prompt"] for run in waiting_runs(OWN_MODEL)),
-                             sorted(prompts[-2:]))
+                self.assertTrue(wait_until(lambda: len(alive_runs(started)) <= 2),
+                                [run["pid"] for run in alive_runs(started)])
+            # The least recently used gave way: the newest conversation is still kept.
+            last = FAKE.run_for(tags[-1])
+            self.assertFalse(exited(last["pid"]))
+            for tag in tags[:2]:
+                self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]))
         finally:
             running_server.stop()
 
-    def test_an_idle_warm_process_is_retired_after_the_ttl(self) -> None:
+    def test_an_idle_warm_process_and_a_kept_conversation_are_retired_after_the_ttl(self) -> None:
+        started = time.time()
         running_server = own_server(pool_size=2, pool_ttl=1.5)
         try:
-            prompt = "You are pool test " + marker()
-            post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
-            warm = warm_for(prompt, OWN_MODEL)
+            warm_for(OWN_MODEL, pooled_by=running_server)  # the request takes it
+            tag = marker()
+            body = {"messages": [user(tool_turn_script("ttl-call") + " " + tag)], "tools": [WEATHER_TOOL]}
+            self.assertEqual(post_chat(running_server.port, body).json()["choices"][0]["finish_reason"],
+                             "tool_calls")
+            kept = FAKE.run_for(tag, field="tool_calls")
+            self.assertEqual(self.pool(running_server)["conversations"], 1, "kept before the answer went out")
+            warm = warm_for(OWN_MODEL)
+            self.assertTrue(pid_gone(kept["pid"]), "a conversation nobody continued outlived --pool-ttl")
             self.assertTrue(pid_gone(warm["pid"]), "an idle process outlived --pool-ttl")
             self.assertTrue(wait_until(lambda: self.pool(running_server)["size"] == 0))
+            self.assertNotIn("answered", FAKE.run_for(tag), "its tool call was never answered")
             time.sleep(3.0)  # two more TTLs: an unused key must not be warmed again
             self.assertEqual(waiting_runs(OWN_MODEL), [])
-            self.assertEqual(len([run for run in FAKE.runs()
-                                  if run["system_prompt"] == prompt]), 2,
+            self.assertEqual(len([run for run in FAKE.runs() if run["spawned"] >= started
+                                  and argv_value(run["argv"], "--model") == OWN_MODEL]), 2,
                              "only the request's own process and the one replacement")
         finally:
             running_server.stop()
@@ -4028,12 +4168,10 @@ class WarmPoolTest(ProxyTest):
     def test_the_idle_timeout_counts_from_the_request_not_from_the_spawn(self) -> None:
         running_server = own_server(pool_size=1, idle_timeout=1.0)
         try:
-            prompt = "You are pool test " + marker()
-            post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
-            warm = warm_for(prompt, OWN_MODEL, pooled_by=running_server)
+            warm = warm_for(OWN_MODEL, pooled_by=running_server)
             time.sleep(2.0)  # twice the idle timeout, spent waiting on stdin
             tag = marker()
-            response = post_chat(running_server.port, {"messages": [system(prompt), user(tag)]})
+            response = post_chat(running_server.port, {"messages": [system("x"), user(tag)]})
             self.assertEqual(response.status, 200, response.body)
             self.assertEqual(FAKE.run_for(tag)["pid"], warm["pid"])
         finally:
@@ -4047,7 +4185,7 @@ class WarmPoolTest(ProxyTest):
         shutil.copy(FAKE.path, claude)
         running_server = own_server(pool_size=1, claude_bin=claude)
         try:
-            warm = warm_for(proxy.DEFAULT_SYSTEM_PROMPT, OWN_MODEL, pooled_by=running_server)
+            warm = warm_for(OWN_MODEL, pooled_by=running_server)
             shutil.copy(FAKE.path, claude + ".new")  # an upgrade writes a new file in its place
             os.replace(claude + ".new", claude)
             tag = marker()
@@ -4058,17 +4196,18 @@ class WarmPoolTest(ProxyTest):
         finally:
             running_server.stop()
 
-    def test_no_warm_process_outlives_the_server(self) -> None:
+    def test_no_waiting_or_kept_process_outlives_the_server(self) -> None:
         running_server = own_server(pool_size=2)
-        prompt = "You are pool test " + marker()
-        post_chat(running_server.port, {"messages": [system(prompt), user("hi")]})
-        warm_for(prompt, OWN_MODEL)
-        warm_for(proxy.DEFAULT_SYSTEM_PROMPT, OWN_MODEL)
-        pids = [run["pid"] for run in waiting_runs(OWN_MODEL)]
-        self.assertEqual(len(pids), 2)
+        tag = marker()
+        body = {"messages": [user(tool_turn_script("outlive-call") + " " + tag)], "tools": [WEATHER_TOOL]}
+        self.assertEqual(post_chat(running_server.port, body).status, 200)
+        kept = FAKE.run_for(tag, field="tool_calls")
+        warm = warm_for(OWN_MODEL, pooled_by=running_server)
+        self.assertTrue(wait_until(lambda: in_pool(running_server, kept["pid"])))
         running_server.stop()
-        for pid in pids:
+        for pid in (kept["pid"], warm["pid"]):
             self.assertTrue(pid_gone(pid))
+        self.assertFalse(os.path.exists(kept["cwd"]))
         self.assertEqual(running_server.server.health()["pool"]["size"], 0)
 
 
@@ -4720,101 +4859,96 @@ class ImageFetchTest(TestCase):
             self.assertEqual(caught.exception.code, "image_fetch_failed")
 
 
-def tool_reply(*calls: Tuple[str, Dict[str, Any]], before: str = "") -> List[str]:
-    """Claude's text for a reply that calls tools, cut into small deltas."""
-    block = json.dumps([{"name": name, "arguments": args} for name, args in calls])
-    text = "%s<tool_calls>\n%s\n</tool_calls>" % (before, block)
-    return [text[i:i + 7] for i in range(0, len(text), 7)]
+def answer_of(response: Response, stream: bool) -> Tuple[Optional[str], List[Dict[str, Any]], str]:
+    """(content, tool_calls as the client sends them back, finish_reason) of a chat answer."""
+    if not stream:
+        choice = response.json()["choices"][0]
+        return choice["message"]["content"], choice["message"].get("tool_calls") or [], choice["finish_reason"]
+    calls: List[Dict[str, Any]] = []
+    for chunk in response.chunks():
+        for delta in [c["delta"] for c in chunk.get("choices", [])]:
+            for piece in delta.get("tool_calls") or []:
+                if piece["index"] == len(calls):
+                    calls.append({"id": piece["id"], "type": "function",
+                                  "function": {"name": piece["function"]["name"], "arguments": ""}})
+                calls[piece["index"]]["function"]["arguments"] += piece["function"].get("arguments", "")
+    return stream_text(response) or None, calls, response.chunks()[-1]["choices"][0]["finish_reason"]
+
+
+def assistant(content: Optional[str], calls: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    message: Dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def tool_message(call: Dict[str, Any], content: str) -> Dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call["id"], "content": content}
 
 
 class ToolCallingTest(ProxyTest):
-    def first_turn(self, stream: bool, **fields: Any) -> Response:
-        cue = FAKE.script("calls-weather", text=tool_reply(("get_weather", {"city": "Paris"}),
-                                                           before="Let me check. "))
-        return self.chat(user("Weather in Paris? " + cue), tools=[WEATHER_TOOL, TIME_TOOL],
-                         stream=stream, **fields)
+    """The client's tools as Claude's own: served through the MCP bridge, calls streamed as they come."""
 
-    def second_turn(self, stream: bool, calls: List[Dict[str, Any]], tag: str) -> Response:
-        cue = FAKE.script("answers-weather", text=["It is sunny ", "in Paris."])
-        messages = [user("Weather in Paris? " + tag),
-                    {"role": "assistant", "content": None, "tool_calls": calls},
-                    {"role": "tool", "tool_call_id": calls[0]["id"], "content": "sunny, 21 C " + cue}]
-        return self.chat(*messages, tools=[WEATHER_TOOL, TIME_TOOL], stream=stream)
-
-    def check_second_turn(self, calls: List[Dict[str, Any]], tag: str) -> None:
-        run = FAKE.run_for(tag)
-        sent = run["messages"][0]["message"]["content"][0]["text"]
-        self.assertIn('<tool_calls>\n[{"name": "get_weather", "arguments": {"city": "Paris"}}]', sent)
-        self.assertIn('<tool_result tool_call_id="%s" name="get_weather">\nsunny, 21 C' % calls[0]["id"],
-                      sent)
-        system = run["system_prompt"]
-        self.assertIn('"name": "get_time"', system)
-
-    def test_two_step_tool_loop(self) -> None:
-        response = self.first_turn(stream=False)
-        self.assertEqual(response.status, 200, response.body)
-        choice = response.json()["choices"][0]
-        self.assertEqual(choice["finish_reason"], "tool_calls")
-        self.assertEqual(choice["message"]["content"], "Let me check.")
-        calls = choice["message"]["tool_calls"]
-        self.assertEqual(len(calls), 1)
-        self.assertEqual(calls[0]["type"], "function")
-        self.assertEqual(calls[0]["function"]["name"], "get_weather")
-        self.assertEqual(json.loads(calls[0]["function"]["arguments"]), {"city": "Paris"})
+    def test_tools_reach_claude_as_real_tools(self) -> None:
         tag = marker()
-        final = self.second_turn(False, calls, tag)
-        self.assertEqual(final.json()["choices"][0]["message"]["content"], "It is sunny in Paris.")
-        self.assertEqual(final.json()["choices"][0]["finish_reason"], "stop")
-        self.assertNotIn("tool_calls", final.json()["choices"][0]["message"])
-        self.check_second_turn(calls, tag)
+        self.assertEqual(self.chat(user(tag), tools=[WEATHER_TOOL, TIME_TOOL]).status, 200)
+        run = FAKE.run_for(tag, field="requests")
+        self.assertEqual(run["requests"][0]["tools"], [
+            {"name": "get_time", "description": "Local time in a city.",
+             "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}},
+            {"name": "get_weather", "description": "Current weather for a city.",
+             "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
+                              "required": ["city"]}}])
+        self.assertEqual(run["env_settings"]["CLAUDE_AGENT_SDK_MCP_NO_PREFIX"], "1")
+        self.assertEqual(run["requests"][0]["system"], proxy.DEFAULT_SYSTEM_PROMPT, "no tool text added")
+        self.assertIn("mcp__proxy", run["argv"])
 
-    def test_two_step_tool_loop_streaming(self) -> None:
-        response = self.first_turn(stream=True)
-        chunks = response.chunks()
+    def test_a_call_streams_as_tool_call_deltas_with_claudes_id(self) -> None:
+        tag = marker()
+        cue = tool_turn_script("calls-weather", text_before="Let me check. ")
+        response = self.chat(user("Weather in Paris? %s %s" % (cue, tag)), tools=[WEATHER_TOOL, TIME_TOOL],
+                             stream=True)
         self.assertEqual(stream_text(response), "Let me check. ")
-        deltas = [c["choices"][0]["delta"] for c in chunks]
+        deltas = [c["choices"][0]["delta"] for c in response.chunks()]
         call_deltas = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
-        self.assertEqual(call_deltas[0]["index"], 0)
-        self.assertRegex(call_deltas[0]["id"], r"^call_")
+        self.assertGreater(len(call_deltas), 2, "the arguments stream in pieces")
+        run = FAKE.run_for(tag, field="tool_calls")
+        self.assertEqual(call_deltas[0]["id"], run["tool_calls"][0]["tool_use_id"])
         self.assertEqual(call_deltas[0]["type"], "function")
         self.assertEqual(call_deltas[0]["function"], {"name": "get_weather", "arguments": ""})
         arguments = "".join(d["function"].get("arguments", "") for d in call_deltas)
         self.assertEqual(json.loads(arguments), {"city": "Paris"})
-        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "tool_calls")
-        self.assertFalse(any("<tool" in (d.get("content") or "") for d in deltas))
-        calls = [{"id": call_deltas[0]["id"], "type": "function",
-                  "function": {"name": "get_weather", "arguments": arguments}}]
-        tag = marker()
-        final = self.second_turn(True, calls, tag)
-        self.assertEqual(stream_text(final), "It is sunny in Paris.")
-        self.check_second_turn(calls, tag)
+        self.assertEqual(response.chunks()[-1]["choices"][0]["finish_reason"], "tool_calls")
 
     def test_parallel_calls_and_parallel_off(self) -> None:
-        cue = FAKE.script("calls-two", text=tool_reply(("get_weather", {"city": "Rome"}),
-                                                       ("get_time", {"city": "Rome"})))
+        cue = tool_turn_script("calls-two", calls=[{"name": "get_weather", "arguments": {"city": "Rome"}},
+                                                   {"name": "get_time", "arguments": {"city": "Rome"}}])
         both = self.chat(user(cue), tools=[WEATHER_TOOL, TIME_TOOL]).json()
         self.assertEqual([c["function"]["name"] for c in both["choices"][0]["message"]["tool_calls"]],
                          ["get_weather", "get_time"])
         self.assertIsNone(both["choices"][0]["message"]["content"])
-        one = self.chat(user(cue), tools=[WEATHER_TOOL, TIME_TOOL], parallel_tool_calls=False).json()
+        tag = marker()
+        one = self.chat(user(cue + " " + tag), tools=[WEATHER_TOOL, TIME_TOOL], parallel_tool_calls=False).json()
         self.assertEqual(len(one["choices"][0]["message"]["tool_calls"]), 1)
+        run = FAKE.run_for(tag, field="requests")
+        self.assertIn("Call at most one tool per reply.", run["requests"][0]["system"])
 
-    def test_a_call_to_an_unknown_tool_comes_back_as_text(self) -> None:
-        cue = FAKE.script("calls-unknown", text=tool_reply(("rm_rf", {"path": "/"})))
-        body = self.chat(user(cue), tools=[WEATHER_TOOL]).json()
-        choice = body["choices"][0]
-        self.assertEqual(choice["finish_reason"], "stop")
-        self.assertNotIn("tool_calls", choice["message"])
-        self.assertIn('"rm_rf"', choice["message"]["content"])
+    def test_tool_choice_required_and_named_are_told_in_the_system_prompt(self) -> None:
+        for choice, line in (("required", "you must call at least one of the tools"),
+                             ({"type": "function", "function": {"name": "get_time"}}, "the tool `get_time`")):
+            tag = marker()
+            self.assertEqual(self.chat(user(tag), tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=choice).status, 200)
+            self.assertIn(line, FAKE.run_for(tag, field="requests")["requests"][0]["system"])
 
-    def test_without_tools_the_block_is_plain_text(self) -> None:
-        cue = FAKE.script("calls-weather-untooled", text=tool_reply(("get_weather", {"city": "Oslo"})))
-        choice = self.say(cue).json()["choices"][0]
-        self.assertIn("<tool_calls>", choice["message"]["content"])
-        self.assertEqual(choice["finish_reason"], "stop")
+    def test_without_tools_no_mcp_server_is_set_up(self) -> None:
+        tag = marker()
+        self.assertEqual(self.say(tag).status, 200)
+        run = FAKE.run_for(tag, field="requests")
+        self.assertEqual(run["requests"][0]["tools"], [])
+        self.assertNotIn("mcp_set_servers", run.get("controls", []))
 
     def test_legacy_functions_answer_with_function_call(self) -> None:
-        cue = FAKE.script("calls-weather-legacy", text=tool_reply(("get_weather", {"city": "Lima"})))
+        cue = tool_turn_script("calls-weather-legacy", calls=[{"name": "get_weather", "arguments": {"city": "Lima"}}])
         body = self.chat(user(cue), functions=[WEATHER_TOOL["function"]]).json()
         choice = body["choices"][0]
         self.assertEqual(choice["finish_reason"], "function_call")
@@ -4825,6 +4959,188 @@ class ToolCallingTest(ProxyTest):
                  if "function_call" in c["choices"][0]["delta"]]
         self.assertEqual(names[0], "get_weather")
         self.assertEqual(streamed[-1]["choices"][0]["finish_reason"], "function_call")
+
+
+def run_of(pid: int, requests: int) -> Dict[str, Any]:
+    """The run of this pid once it has recorded this many upstream requests."""
+    found = wait_until(lambda: next((run for run in FAKE.runs()
+                                     if run["pid"] == pid and len(run.get("requests", [])) >= requests), None), 10.0)
+    if found is None:
+        raise AssertionError("pid %d never made %d upstream requests" % (pid, requests))
+    return found
+
+
+class ConversationTest(ProxyTest):
+    """A conversation's process is kept between its turns and continues it; anything else resumes."""
+
+    settings = dict(ProxyTest.settings, pool_size=4, pool_ttl=300.0)
+    TOOLS = [WEATHER_TOOL, TIME_TOOL]
+
+    def continued(self) -> int:
+        return self.running.server.health()["pool"]["continued"]
+
+    def assertExtends(self, later: Dict[str, Any], earlier: Dict[str, Any]) -> None:
+        """The later upstream request is the earlier one plus new messages, byte for byte."""
+        count = len(earlier["messages"])
+        self.assertGreater(len(later["messages"]), count)
+        self.assertEqual([json.dumps(m) for m in later["messages"][:count]],
+                         [json.dumps(m) for m in earlier["messages"]])
+        self.assertEqual(json.dumps([later["system"], later["tools"]]), json.dumps([earlier["system"], earlier["tools"]]))
+
+    def agent_loop(self, stream: bool) -> None:
+        tag = marker()
+        cue = tool_turn_script("loop-weather", text_before="Let me check. ", after_calls=["It is sunny ", "in Paris."])
+        before = self.continued()
+        messages = [user("Weather in Paris? %s %s" % (cue, tag))]
+        content, calls, finish = answer_of(self.chat(*messages, tools=self.TOOLS, stream=stream), stream)
+        self.assertEqual((content, finish), ("Let me check. ", "tool_calls"))
+        run = FAKE.run_for(tag, field="tool_calls")
+        self.assertEqual([c["id"] for c in calls], [run["tool_calls"][0]["tool_use_id"]], "Claude's own ids")
+        self.assertEqual(json.loads(calls[0]["function"]["arguments"]), {"city": "Paris"})
+        self.assertNotIn("answer", run["tool_calls"][0], "the call waits for the client's result")
+
+        messages += [assistant(content, calls), tool_message(calls[0], "sunny, 21 C")]
+        content, calls2, finish = answer_of(self.chat(*messages, tools=self.TOOLS, stream=stream), stream)
+        self.assertEqual((content, calls2, finish), ("It is sunny in Paris.", [], "stop"))
+        second = run_of(run["pid"], 2)
+        self.assertEqual(second["tool_calls"][0]["answer"]["response"]["mcp_response"]["result"],
+                         {"content": [{"type": "text", "text": "sunny, 21 C"}]})
+        self.assertExtends(second["requests"][1], second["requests"][0])
+
+        # OpenClaw's shape: the prompt, then a block of context, as two user messages.
+        third_cue = FAKE.script("loop-tomorrow", text=["Tomorrow ", "too."])
+        messages += [assistant(content), user("And tomorrow? " + third_cue), user("<context>Paris</context>")]
+        content, _, finish = answer_of(self.chat(*messages, tools=self.TOOLS, stream=stream), stream)
+        self.assertEqual((content, finish), ("Tomorrow too.", "stop"))
+        third = run_of(run["pid"], 3)
+        self.assertExtends(third["requests"][2], third["requests"][1])
+        self.assertEqual(len(third["messages"]), 2, "one stdin user line for the two user messages")
+        self.assertEqual([b["text"] for b in third["messages"][1]["message"]["content"]],
+                         ["And tomorrow? " + third_cue, "<context>Paris</context>"])
+        self.assertEqual([r["pid"] for r in FAKE.runs() if tag in r.get("stdin", "")], [run["pid"]],
+                         "one process for the whole conversation")
+        self.assertNotIn("--resume", run["argv"])
+        self.assertEqual(self.continued(), before + 2)
+
+    def test_an_agent_loop_continues_one_process(self) -> None:
+        self.agent_loop(stream=False)
+
+    def test_an_agent_loop_continues_one_process_streaming(self) -> None:
+        self.agent_loop(stream=True)
+
+    def test_parallel_calls_answered_in_one_request_continue_the_process(self) -> None:
+        tag = marker()
+        cue = tool_turn_script("loop-two", calls=[{"name": "get_weather", "arguments": {"city": "Rome"}},
+                                                  {"name": "get_time", "arguments": {"city": "Rome"}}])
+        messages = [user(cue + " " + tag)]
+        content, calls, finish = answer_of(self.chat(*messages, tools=self.TOOLS), False)
+        self.assertEqual((len(calls), finish), (2, "tool_calls"))
+        messages += [assistant(content, calls), tool_message(calls[0], "rain"), tool_message(calls[1], "noon")]
+        content, _, finish = answer_of(self.chat(*messages, tools=self.TOOLS), False)
+        self.assertEqual((content, finish), ("Tool results: rain | noon", "stop"))
+        run = run_of(FAKE.run_for(tag)["pid"], 2)
+        self.assertEqual([b["type"] for b in run["requests"][1]["messages"][-1]["content"]],
+                         ["tool_result", "tool_result"])
+        self.assertExtends(run["requests"][1], run["requests"][0])
+
+    def test_the_process_is_kept_before_the_answer_reaches_the_client(self) -> None:
+        # A client whose tool answers at once must find the process kept, however slow keeping is.
+        pool = self.running.server.pool
+        keep = pool.keep
+
+        def slow_keep(key: str, process: "proxy.ClaudeProcess") -> bool:
+            time.sleep(0.3)
+            return keep(key, process)
+        tag = marker()
+        messages = [user(tool_turn_script("loop-quick") + " " + tag)]
+        for stream in (False, True):
+            with mock.patch.object(pool, "keep", slow_keep):
+                content, calls, _ = answer_of(self.chat(*messages, tools=self.TOOLS, stream=stream), stream)
+            run = FAKE.run_for(tag, field="tool_calls")
+            self.assertTrue(in_pool(self.running, run["pid"]))
+            answered = messages + [assistant(content, calls), tool_message(calls[0], "ok")]
+            self.assertEqual(self.chat(*answered, tools=self.TOOLS).status, 200)
+            self.assertEqual(run_of(run["pid"], 2)["pid"], run["pid"])
+            tag = marker()
+            messages = [user(tool_turn_script("loop-quick") + " " + tag)]
+
+    def test_two_trailing_user_messages_are_one_turn(self) -> None:
+        tag = marker()
+        response = self.chat(user("Summarize this. " + tag), user("<context>a long text</context>"))
+        self.assertEqual(response.status, 200, response.body)
+        run = FAKE.run_for(tag, field="requests")
+        self.assertEqual(len(run["messages"]), 1)
+        self.assertEqual(len(run["requests"]), 1)
+        self.assertEqual([b["text"] for b in run["requests"][0]["messages"][0]["content"]],
+                         ["Summarize this. " + tag, "<context>a long text</context>"])
+        self.assertNotIn("only the last", run["requests"][0]["system"])
+
+    def first_turn(self, **fields: Any) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+        tag = marker()
+        messages = [user("Hello " + tag)]
+        response = self.chat(*messages, **fields)
+        self.assertEqual(response.status, 200, response.body)
+        return messages + [assistant(response.json()["choices"][0]["message"]["content"])], FAKE.run_for(tag)
+
+    def test_a_turn_that_does_not_continue_the_kept_conversation_is_resumed_by_a_new_process(self) -> None:
+        variants = {"unchanged": ({}, {}), "edited history": ({}, {"edit": True}),
+                    "other tools": ({"tools": [WEATHER_TOOL]}, {"tools": [WEATHER_TOOL, TIME_TOOL]}),
+                    "other model": ({}, {"model": "claude-opus-4"}),
+                    "other max_tokens": ({"max_tokens": 100}, {"max_tokens": 200})}
+        for name, (first_fields, second_fields) in variants.items():
+            with self.subTest(name):
+                messages, first = self.first_turn(**first_fields)
+                second_fields = dict(first_fields, **second_fields)
+                if second_fields.pop("edit", False):
+                    messages[-1] = assistant("An answer the client made up.")
+                tag = marker()
+                response = self.chat(*messages, user("Next " + tag), **second_fields)
+                self.assertEqual(response.status, 200, response.body)
+                run = FAKE.run_for(tag, field="requests")
+                if name == "unchanged":
+                    self.assertEqual(run["pid"], first["pid"])
+                    continue
+                self.assertNotEqual(run["pid"], first["pid"])
+                self.assertEqual(run["history"], [
+                    {"role": "user", "content": [{"type": "text", "text": messages[0]["content"]}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": messages[1]["content"]}]}])
+                self.assertEqual(run["session_file_mode"], 0o600)
+                self.assertTrue(run["session_file"].startswith(proxy.claude_config_dir(dict(os.environ))))
+                self.assertEqual(run["messages"][0]["message"]["content"], [{"type": "text", "text": "Next " + tag}])
+
+    def test_a_session_file_is_private_and_removed_with_its_process(self) -> None:
+        running_server = own_server(pool_size=2)
+        try:
+            tag = marker()
+            body = {"messages": [user("earlier"), assistant("said"), user(tag)]}
+            self.assertEqual(post_chat(running_server.port, body).status, 200)
+            run = FAKE.run_for(tag, field="history")
+            self.assertTrue(run["session_file_present"])
+            self.assertEqual(run["session_file_mode"], 0o600)
+            self.assertEqual(os.stat(os.path.dirname(run["session_file"])).st_mode & 0o777, 0o700)
+        finally:
+            running_server.stop()
+        self.assertTrue(pid_gone(run["pid"]))
+        self.assertFalse(os.path.exists(run["session_file"]))
+        self.assertFalse(os.path.exists(os.path.dirname(run["session_file"])))
+
+    def test_a_client_that_leaves_a_continued_turn_leaves_no_process(self) -> None:
+        tag = marker()
+        cue = tool_turn_script("loop-slow", after_calls=["slow "] * 40, delay=0.1)
+        messages = [user(cue + " " + tag)]
+        content, calls, _ = answer_of(self.chat(*messages, tools=self.TOOLS), False)
+        run = FAKE.run_for(tag, field="tool_calls")
+        body = json.dumps({"messages": messages + [assistant(content, calls), tool_message(calls[0], "ok")],
+                           "tools": self.TOOLS, "stream": True}).encode()
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        self.assertIn(b"slow", sock.recv(65536) + sock.recv(65536))
+        sock.close()
+        self.assertTrue(pid_gone(run["pid"]), "the continued process outlived its client")
+        self.assertNotIn("finished", FAKE.run_for(tag))
+        self.assertTrue(wait_until(lambda: self.running.server.active_children() == []))
+        self.assertFalse(in_pool(self.running, run["pid"]))
 
 
 class ImageRequestTest(ProxyTest):
@@ -4861,8 +5177,38 @@ class StructuredOutputTest(ProxyTest):
         choice = response.json()["choices"][0]
         self.assertEqual(json.loads(choice["message"]["content"]), {"answer": 42})
         self.assertEqual(choice["finish_reason"], "stop")
-        argv = FAKE.run_for(tag)["argv"]
-        self.assertEqual(json.loads(argv_value(argv, "--json-schema")), self.SCHEMA)
+        run = FAKE.run_for(tag, field="requests")
+        self.assertEqual(run["initialize"]["jsonSchema"], self.SCHEMA)
+        self.assertNotIn("--json-schema", run["argv"])
+
+    def test_a_schema_of_200_kb_goes_through_the_control_protocol_not_argv(self) -> None:
+        tag = marker()
+        schema = {"type": "object", "properties": {"field_%05d_%s" % (i, "x" * 20): {
+            "type": "string", "description": "d" * 40} for i in range(2500)}}
+        self.assertGreater(len(json.dumps(schema)), 200000)
+        cue = FAKE.script("structured-big", structured={"field_00000": "v"})
+        response = self.say(cue + " " + tag, response_format={
+            "type": "json_schema", "json_schema": {"name": "big", "schema": schema}})
+        self.assertEqual(response.status, 200, response.body[:300])
+        run = FAKE.run_for(tag, field="requests")
+        self.assertEqual(run["initialize"]["jsonSchema"], schema)
+        self.assertEqual(run["requests"][0]["tools"][-1]["name"], "StructuredOutput")
+        self.assertFalse(any("field_00001" in arg for arg in run["argv"]), "the schema must stay out of ps")
+
+    def test_json_schema_with_tools_streams_the_answer_progressively(self) -> None:
+        tag = marker()
+        answer = {"answer": 42, "reason": "six times seven is forty-two"}
+        cue = FAKE.script("structured-tools", structured=answer)
+        response = self.say(cue + " " + tag, stream=True, tools=[WEATHER_TOOL], response_format={
+            "type": "json_schema", "json_schema": {"name": "answer", "schema": self.SCHEMA}})
+        self.assertEqual(response.status, 200, response.body)
+        pieces = [c["choices"][0]["delta"].get("content") for c in response.chunks()
+                  if c["choices"][0]["delta"].get("content")]
+        self.assertGreater(len(pieces), 3, "the structured answer streams in several deltas")
+        self.assertEqual(json.loads("".join(pieces)), answer)
+        self.assertEqual(response.chunks()[-1]["choices"][0]["finish_reason"], "stop")
+        tools = FAKE.run_for(tag, field="requests")["requests"][0]["tools"]
+        self.assertEqual([tool["name"] for tool in tools], ["get_weather", "StructuredOutput"])
 
     def test_json_object_streams_one_json_object(self) -> None:
         cue = FAKE.script("structured-obj", structured={"ok": True, "items": [1, 2]})
@@ -4878,6 +5224,9 @@ class StructuredOutputTest(ProxyTest):
 
 
 class GenerationControlTest(ProxyTest):
+    # Conversations may be kept here, so a cut-short turn that was kept by mistake would show.
+    settings = dict(ProxyTest.settings, pool_size=2, pool_ttl=300.0)
+
     def test_max_tokens_stops_at_the_limit_and_kills_the_child(self) -> None:
         tag = marker()
         cue = FAKE.script("long", text=["The first ", "part"], stop_reason="max_tokens",
@@ -4889,9 +5238,23 @@ class GenerationControlTest(ProxyTest):
         self.assertEqual(body["choices"][0]["finish_reason"], "length")
         self.assertEqual(body["usage"]["completion_tokens"], 20)
         run = FAKE.run_for(tag)
-        self.assertEqual(run["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "20")
-        self.assertEqual(run["env"]["MAX_THINKING_TOKENS"], "0")
         self.assertTrue(reaped(run["pid"]), "the CLI must be stopped before the answer is sent")
+        self.assertEqual(run["flag_settings"]["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "20")
+        self.assertNotIn("CLAUDE_CODE_MAX_OUTPUT_TOKENS", run["argv"] + list(run["env"]))
+        self.assertEqual(run["requests"][0]["max_tokens"], 20)
+
+    def test_max_completion_tokens_caps_the_output_and_keeps_thinking(self) -> None:
+        tag = marker()
+        self.assertEqual(self.say(tag, max_completion_tokens=8192).status, 200)
+        run = FAKE.run_for(tag, field="requests")
+        self.assertIsNone(run["env_settings"]["MAX_THINKING_TOKENS"])
+        self.assertEqual(run["requests"][0]["max_tokens"], 8192)
+        self.assertEqual(run["requests"][0]["thinking"], {"type": "adaptive"})
+        tag = marker()
+        self.assertEqual(self.say(tag, max_completion_tokens=8192, reasoning_effort="none").status, 200)
+        run = FAKE.run_for(tag, field="requests")
+        self.assertEqual(run["env_settings"]["MAX_THINKING_TOKENS"], "0")
+        self.assertEqual(run["requests"][0]["thinking"], {"type": "disabled"})
 
     def test_without_max_tokens_the_cli_continuation_is_kept(self) -> None:
         cue = FAKE.script("long-continued", text=["The first "], stop_reason="max_tokens",
@@ -4920,8 +5283,10 @@ class GenerationControlTest(ProxyTest):
         asked = self.say(cue + " " + tag, reasoning_effort="high").json()["choices"][0]["message"]
         self.assertEqual(asked["reasoning_content"], "Let me think.")
         self.assertEqual(asked["content"], "Answer.")
-        argv = FAKE.run_for(tag)["argv"]
-        self.assertEqual(argv_value(argv, "--effort"), "high")
+        run = FAKE.run_for(tag, field="requests")
+        self.assertEqual(run["flag_settings"]["effortLevel"], "high")
+        self.assertEqual(run["requests"][0]["effort"], "high")
+        self.assertNotIn("--effort", run["argv"])
         # Not asked for: still sent, streamed as it comes, so an agent's idle watchdog sees deltas.
         not_asked = self.say(cue).json()["choices"][0]["message"]
         self.assertEqual((not_asked["reasoning_content"], not_asked["content"]), ("Let me think.", "Answer."))
