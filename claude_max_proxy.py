@@ -1374,7 +1374,8 @@ class WarmPool:
             if isinstance(key, Launch):
                 self.hits += found is not None
                 self.misses += found is None
-                self._want(key)
+                if not key.session:  # one that resumes a history serves only a retry of that turn
+                    self._want(key)
             else:
                 self.continued += found is not None
         for process in unfit:
