@@ -1910,7 +1910,9 @@ class Reply:
             return None
         return self.retry_since + self.retry_budget, self.retry_error
 
-    def feed(self, event: Dict[str, Any], now: Optional[float] = None) -> List[ReplyEvent]:
+    def feed(self, event: Any, now: Optional[float] = None) -> List[ReplyEvent]:
+        if not isinstance(event, dict):
+            return []
         kind = event.get("type")
         if kind == "stream_event" and isinstance(event.get("event"), dict):
             return self._stream_event(event["event"])

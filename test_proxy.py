@@ -2679,7 +2679,7 @@ class RoutesTest(ProxyTest):
         health = response.json()
         self.assertEqual(health["status"], "ok")
         self.assertEqual(health["claude"], {"found": True, "path": FAKE.path,
-                                            "version": "2.1.197 (Claude Code)"})
+                                            "version": "2.1.197 (Claude Code)", "native": True})
         self.assertEqual(health["version"], proxy.__version__)
 
     def test_requests_served_counts_chat_completions_not_probes(self) -> None:
