@@ -2653,7 +2653,7 @@ class ResponseTranslationTest(TestCase):
 
     def test_a_run_goes_on_through_malformed_events(self) -> None:
         run = recorded_events("stream-partial-success")
-        noise = [e for e in MALFORMED_EVENTS if e.get("type") != "result"]
+        noise = [e for e in MALFORMED_EVENTS if not isinstance(e, dict) or e.get("type") != "result"]
         noisy = [e for event in run for e in [event] + copy.deepcopy(noise)]
         reply, events = self.feed_all("", events=noisy)
         self.assertEqual(events, [("text", "Hello from fake (claude-sonnet-5, 1 msgs) ")])
