@@ -1,13 +1,21 @@
 #!/usr/bin/env python3
-"""claude-max-proxy: an OpenAI-compatible HTTP API over the Claude Code CLI.
+"""claude-max-proxy: the OpenAI and Anthropic APIs over the Claude Code CLI.
 
-Point any OpenAI client at ``http://127.0.0.1:3456/v1`` and it talks to Claude
-through your Claude Pro/Max subscription instead of per-token API billing.
+Point any OpenAI client at ``http://127.0.0.1:3456/v1`` (or an Anthropic client at
+``http://127.0.0.1:3456``) and it talks to Claude through your Claude Pro/Max
+subscription instead of per-token API billing.
 
-Each chat completion runs the official ``claude`` CLI as a child process
-(``claude -p --input-format stream-json --output-format stream-json ...``),
-hands it the conversation on stdin, reads its JSON events line by line and
-answers in the exact OpenAI wire format, streaming as Server-Sent Events.
+Three doors lead to one core. A door (OpenAI chat completions, OpenAI Responses,
+Anthropic Messages) translates its request into the native form of a conversation,
+Anthropic's own: a system prompt, messages of content blocks, and tools. The core
+gives that conversation to the official ``claude`` CLI as a real conversation: the
+earlier turns resumed from a session transcript, the newest on stdin, the client's
+tools served as real tools through an in-process MCP server, all through the
+control protocol the Agent SDKs use. A conversation's process is kept between its
+turns, so an agent's next call starts warm and extends the previous request byte
+for byte, and the prompt cache hits. The CLI's stream-json events become reply
+events, which the door turns into its own wire format, streamed as Server-Sent
+Events when asked.
 
 Run::
 
@@ -24,9 +32,10 @@ Other commands of the same file run it as a service and check on it::
     python3 claude_max_proxy.py uninstall
 
 The module reads top to bottom in the order a request flows: configuration,
-errors, models, request translation (OpenAI -> CLI), the ``claude`` process,
-response translation (CLI events -> OpenAI), the HTTP handler, the server,
-then running as a service (install, uninstall, status, doctor) and main().
+errors, models, the native conversation and the CLI's form of it, the ``claude``
+process and pool, subscription usage, the core run (CLI events in, reply events
+out), the doors (one pair of translators per API), answering a turn, the HTTP
+handler, the server, then running as a service and main().
 """
 
 from __future__ import annotations
