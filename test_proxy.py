@@ -5411,10 +5411,8 @@ class ResponsesDoorTest(ProxyTest):
             call = first.output[0]
             self.assertEqual((call.type, call.name, json.loads(call.arguments)),
                              ("function_call", "get_weather", {"city": "Paris"}))
-            history = question + [{"type": "function_call", "call_id": call.call_id, "name": call.name,
-                                   "arguments": call.arguments, "id": call.id, "status": call.status},
-                                  {"type": "function_call_output", "call_id": call.call_id, "output": "21 C"}]
-            with client.responses.stream(model="claude-sonnet-4", input=history,
+            result = [{"type": "function_call_output", "call_id": call.call_id, "output": "21 C"}]
+            with client.responses.stream(model="claude-sonnet-4", input=result, previous_response_id=first.id,
                                          tools=[dict(RESPONSES_WEATHER_TOOL, strict=True)]) as stream:
                 deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
                 final = stream.get_final_response()
