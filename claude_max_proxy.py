@@ -2638,30 +2638,36 @@ def chat_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, bool, b
             raise invalid("%s must be a function with a name." % entry_param, entry_param, "invalid_type")
         tools.append(native_tool(spec.get("name"), spec.get("description"), spec.get("parameters"),
                                  entry_param if legacy else entry_param + ".function"))
-    choice_param = "function_call" if legacy else "tool_choice"
-    choice, allowed = chat_tool_choice(body.get(choice_param), [tool["name"] for tool in tools], choice_param)
-    if allowed is not None:
-        tools = [tool for tool in tools if tool["name"] in allowed]
-    if choice == "none":
-        tools = []  # not offered at all, so Claude cannot call them
+    tools, choice = chosen_tools(tools, body.get("function_call" if legacy else "tool_choice"),
+                                 "function_call" if legacy else "tool_choice")
     parallel = not legacy and body.get("parallel_tool_calls") is not False
     return tools, choice, parallel, legacy
 
 
-def chat_tool_choice(choice: Any, names: List[str], param: str) -> Tuple[str, Optional[List[str]]]:
+def chosen_tools(tools: List[Dict[str, Any]], choice: Any, param: str) -> Tuple[List[Dict[str, Any]], str]:
+    """(the tools Claude may call, the tool choice as a Turn takes it) under a client's tool choice."""
+    choice, allowed = parse_tool_choice(choice, [tool["name"] for tool in tools], param)
+    if allowed is not None:
+        tools = [tool for tool in tools if tool["name"] in allowed]
+    if choice == "none":
+        tools = []  # not offered at all, so Claude cannot call them
+    return tools, choice
+
+
+def parse_tool_choice(choice: Any, names: List[str], param: str) -> Tuple[str, Optional[List[str]]]:
     """("auto" | "none" | "required" | the one tool to call, the tools allowed when restricted)."""
     if choice is None:
         return "auto", None
     if choice in ("auto", "none", "required"):
         return choice, None
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        spec = choice.get("allowed_tools")
+        spec = choice.get("allowed_tools", choice)  # chat nests mode and tools; the Responses API does not
         mode = spec.get("mode", "auto") if isinstance(spec, dict) else None
         listed = spec.get("tools") if isinstance(spec, dict) else None
         if mode not in ("auto", "required") or not isinstance(listed, list):
-            raise invalid("`%s.allowed_tools` must hold a mode (auto or required) and a tools array."
+            raise invalid("`%s` must hold a mode (auto or required) and a tools array of allowed_tools."
                           % param, param, "invalid_value")
-        return mode, [named_tool(entry, names, "%s.allowed_tools.tools" % param) for entry in listed]
+        return mode, [named_tool(entry, names, "%s.tools" % param) for entry in listed]
     return named_tool(choice, names, param), None
 
 
@@ -2677,17 +2683,22 @@ def named_tool(choice: Any, names: List[str], param: str) -> str:
     return name
 
 
+def all_input_tokens(usage: Dict[str, int]) -> int:
+    """Anthropic counts fresh input, cache reads and cache writes apart; OpenAI's input is all three."""
+    return (usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)
+            + usage.get("cache_creation_input_tokens", 0))
+
+
 def chat_usage(usage: Dict[str, int]) -> Dict[str, Any]:
     """OpenAI usage from Anthropic usage: every input kind counts as prompt."""
-    cached = usage.get("cache_read_input_tokens", 0)
-    prompt = usage.get("input_tokens", 0) + cached + usage.get("cache_creation_input_tokens", 0)
-    completion = usage.get("output_tokens", 0)
+    prompt, completion = all_input_tokens(usage), usage.get("output_tokens", 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+            "prompt_tokens_details": {"cached_tokens": usage.get("cache_read_input_tokens", 0)}}
 
 
-def completion_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex[:24]
+def random_id(prefix: str) -> str:
+    """A fresh id for something the proxy answers (a completion, a response, an output item)."""
+    return prefix + uuid.uuid4().hex[:24]
 
 
 class ChatDoor:
@@ -2697,7 +2708,7 @@ class ChatDoor:
         self.turn = turn
         self.options = options
         self.stream = options.stream
-        self.id = completion_id()
+        self.id = random_id("chatcmpl-")
         self.created = int(time.time())
         self.calls = -1  # index of the current tool call
         self.started = False
@@ -2783,6 +2794,587 @@ class ChatDoor:
     def _envelope(self, kind: str, **fields: Any) -> Dict[str, Any]:
         return dict({"id": self.id, "object": kind, "created": self.created, "model": self.turn.model,
                      "system_fingerprint": None}, **fields)
+
+    @staticmethod
+    def error_body(error: ProxyError) -> Dict[str, Any]:
+        return error.body()
+
+
+# ---------------------------------------------------------------------------
+# Door: OpenAI Responses (POST /v1/responses, GET /v1/responses/{id})
+# ---------------------------------------------------------------------------
+
+# Where the Responses API differs from chat: the conversation is a list of items (messages,
+# function calls and their outputs, reasoning), a reply is a list of output items streamed
+# as typed events, and OpenAI may keep the conversation, so that the next request names the
+# response it continues (previous_response_id) instead of sending it all again.
+
+# Request fields that change nothing here, listed so the debug log can name the truly unknown.
+RESPONSES_IGNORED_FIELDS = frozenset((
+    "temperature", "top_p", "user", "metadata", "truncation", "prompt_cache_key", "safety_identifier",
+    "service_tier", "top_logprobs", "max_tool_calls", "stream_options", "client_metadata", "background",
+))
+RESPONSES_FIELDS = frozenset((
+    "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text", "reasoning",
+    "max_output_tokens", "stream", "store", "previous_response_id", "include",
+))
+# Fields that would make this a different kind of request: OpenAI's server-side conversations and
+# prompt templates, which the proxy does not have.
+RESPONSES_UNSUPPORTED_FIELDS = ("conversation", "prompt")
+# Tools OpenAI runs on its own servers. Claude has none of them here; a client that offers one
+# still wants an answer (the Codex CLI offers web_search on every request and has no switch for
+# it), so they are left out. A namespace groups a client's tools under a name (Codex's sub-agent
+# tools) whose calls have a shape of their own: left out as well.
+RESPONSES_HOSTED_TOOLS = frozenset((
+    "web_search", "web_search_preview", "file_search", "code_interpreter", "image_generation",
+    "computer_use_preview", "computer", "mcp", "tool_search", "namespace",
+))
+DATED_TOOL_TYPE = re.compile(r"_\d{4}_\d{2}_\d{2}$")  # web_search_2025_08_26 is a web_search
+REASONING_SUMMARIES = ("auto", "concise", "detailed")
+# A reasoning item's encrypted_content carries Claude's thinking signature after this mark, so the
+# item becomes Claude's thinking block again when the client sends it back.
+THINKING_SIGNATURE_MARK = "claude-thinking-signature:"
+# Why an answer stopped short (Anthropic stop reason -> incomplete_details.reason).
+RESPONSES_INCOMPLETE = {
+    "max_tokens": "max_output_tokens",
+    "model_context_window_exceeded": "max_output_tokens",
+    "refusal": "content_filter",
+}
+RESPONSE_STORE_COUNT = 100
+RESPONSE_STORE_BYTES = 64 * MIB
+
+
+class StoredResponse(NamedTuple):
+    """A response kept for the requests that continue it, and for GET /v1/responses/{id}."""
+    response: Dict[str, Any]        # the response object as the client got it
+    system: List[str]               # system and developer messages of the input so far
+    messages: List[Dict[str, Any]]  # the native conversation, the reply included
+    item_ids: List[str]             # ids of its input and output items, earlier turns' too
+
+
+class ResponseStore:
+    """The newest responses, by id: at most `count` of them, and `size` bytes of their JSON;
+    the least recently used go first. In memory: they go with the proxy."""
+
+    def __init__(self, count: int = RESPONSE_STORE_COUNT, size: int = RESPONSE_STORE_BYTES) -> None:
+        self.count = count
+        self.size = size
+        self._entries: Dict[str, Tuple[StoredResponse, int]] = {}  # oldest first
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def put(self, entry: StoredResponse) -> None:
+        size = len(json.dumps([entry.response, entry.messages], ensure_ascii=False))
+        if size > self.size:
+            log.info("response %s is not kept: its conversation is larger than the store (%d bytes)",
+                     entry.response["id"], self.size)
+            return
+        with self._lock:
+            self._entries[entry.response["id"]] = (entry, size)
+            self._bytes += size
+            while len(self._entries) > self.count or self._bytes > self.size:
+                _, dropped = self._entries.pop(next(iter(self._entries)))
+                self._bytes -= dropped
+
+    def get(self, response_id: str) -> Optional[StoredResponse]:
+        with self._lock:
+            found = self._entries.pop(response_id, None)
+            if found is None:
+                return None
+            self._entries[response_id] = found  # the most recently used now
+            return found[0]
+
+
+class ResponsesOptions(NamedTuple):
+    """How the Responses door answers, beside the Turn it asks for."""
+    stream: bool
+    want_reasoning: bool            # thinking goes out as reasoning items
+    sealed_reasoning: bool          # with its signature in encrypted_content (include asks for it)
+    settings: Dict[str, Any]        # the request's settings, repeated in each response object
+    store: Optional[ResponseStore]  # where the response is kept; None with store: false
+    system: List[str]               # the input's system and developer messages, for the next turn
+    item_ids: List[str]             # ids of the input's items, earlier turns' too
+
+
+def parse_responses_request(body: Any, config: Config, responses: Optional[ResponseStore] = None,
+                            fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None
+                            ) -> Tuple[Turn, ResponsesOptions]:
+    """Validate a Responses API body into a Turn; a 400 names the bad param.
+
+    `responses` holds the responses a previous_response_id may name (the server's store);
+    `fetch` loads remote images (only with --fetch-images); tests pass a fake.
+    """
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_type")
+    model, cli_model = request_model(body, config)
+    for name in RESPONSES_UNSUPPORTED_FIELDS:
+        if body.get(name) is not None:
+            raise invalid("`%s` is not supported: send the whole conversation in `input`, or continue a "
+                          "response with `previous_response_id`." % name, name, "unsupported_parameter")
+    if body.get("background") is True:
+        raise invalid("Background responses are not supported: Claude answers while the request waits.",
+                      "background", "unsupported_value")
+    unknown = sorted(set(body) - RESPONSES_FIELDS - RESPONSES_IGNORED_FIELDS)
+    if unknown:
+        log.debug("ignoring request fields: %s", ", ".join(unknown))
+    stream = optional_bool(body, "stream", False)
+    store = optional_bool(body, "store", True)
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise invalid("`instructions` must be a string.", "instructions", "invalid_type")
+    include = body.get("include") or []
+    if not isinstance(include, list):
+        raise invalid("`include` must be an array.", "include", "invalid_type")
+    previous = previous_response(body.get("previous_response_id"), responses)
+    tools, echoed_tools, tool_choice = responses_tools(body)
+    parallel = optional_bool(body, "parallel_tool_calls", True)
+    effort, thinking, summary = responses_reasoning(body.get("reasoning"))
+    json_schema, text_format = responses_text_format(body.get("text"))
+    conversation, system, item_ids = responses_conversation(
+        body.get("input"), instructions, previous, tools, image_loader(config, fetch or fetch_image))
+    max_tokens = parse_max_tokens(body, ("max_output_tokens",))
+    turn = Turn(model=model, cli_model=cli_model, conversation=conversation, tool_choice=tool_choice,
+                parallel_tool_calls=parallel, json_schema=json_schema, max_tokens=max_tokens,
+                effort=effort, thinking=thinking)
+    metadata = body.get("metadata")
+    settings = {
+        "instructions": instructions, "max_output_tokens": max_tokens, "model": model,
+        "parallel_tool_calls": parallel, "previous_response_id": previous and previous.response["id"],
+        "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": summary},
+        "store": store, "text": {"format": text_format}, "tool_choice": body.get("tool_choice") or "auto",
+        "tools": echoed_tools, "truncation": "disabled",
+        "metadata": {key: value for key, value in metadata.items() if isinstance(value, str)}
+        if isinstance(metadata, dict) else {},
+    }
+    # Thinking goes out as reasoning summaries unless turned off, as the chat door sends it.
+    want_reasoning = thinking and (summary is not None or not config.hide_reasoning)
+    return turn, ResponsesOptions(
+        stream=stream, want_reasoning=want_reasoning,
+        sealed_reasoning=want_reasoning and "reasoning.encrypted_content" in include,
+        settings=settings, store=responses if store else None, system=system, item_ids=item_ids)
+
+
+def previous_response(response_id: Any, responses: Optional[ResponseStore]) -> Optional[StoredResponse]:
+    if response_id is None:
+        return None
+    if not isinstance(response_id, str):
+        raise invalid("`previous_response_id` must be a string.", "previous_response_id", "invalid_type")
+    found = responses.get(response_id) if responses is not None else None
+    if found is None:
+        raise invalid("Previous response with id '%s' not found. The proxy keeps the last %d responses "
+                      "in memory (not those sent with store: false, nor across restarts); send the whole "
+                      "conversation in `input` instead." % (response_id, RESPONSE_STORE_COUNT),
+                      "previous_response_id", "previous_response_not_found")
+    return found
+
+
+def responses_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], str]:
+    """(native tools offered, the function tools as a response repeats them, tool choice)."""
+    entries = body.get("tools")
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list):
+        raise invalid("`tools` must be an array.", "tools", "invalid_type")
+    tools, echoed = [], []
+    for index, entry in enumerate(entries):
+        param = "tools[%d]" % index
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if isinstance(kind, str) and DATED_TOOL_TYPE.sub("", kind) in RESPONSES_HOSTED_TOOLS:
+            log.debug("leaving out the %s tool: Claude has no such tool here", kind)
+            continue
+        if kind != "function":
+            raise invalid("%s has type %r; the proxy offers function tools (hosted tools such as "
+                          "web_search are left out)." % (param, kind), param + ".type",
+                          "unsupported_tool_type")
+        tools.append(native_tool(entry.get("name"), entry.get("description"), entry.get("parameters"), param))
+        echoed.append({"type": "function", "name": entry["name"], "description": entry.get("description"),
+                       "parameters": tools[-1]["input_schema"],
+                       "strict": entry.get("strict") if isinstance(entry.get("strict"), bool) else None})
+    tools, choice = chosen_tools(tools, body.get("tool_choice"), "tool_choice")
+    return tools, echoed, choice
+
+
+def responses_reasoning(reasoning: Any) -> Tuple[Optional[str], bool, Optional[str]]:
+    """(effort level, thinking on, the summary asked for)."""
+    if reasoning is None:
+        reasoning = {}
+    if not isinstance(reasoning, dict):
+        raise invalid("`reasoning` must be an object.", "reasoning", "invalid_type")
+    effort, thinking = parse_effort(reasoning.get("effort"), "reasoning.effort")
+    summary = reasoning.get("summary", reasoning.get("generate_summary"))  # the older name
+    if summary is not None and summary not in REASONING_SUMMARIES:
+        raise invalid("`reasoning.summary` must be one of %s." % ", ".join(REASONING_SUMMARIES),
+                      "reasoning.summary")
+    return effort, thinking, summary
+
+
+def responses_text_format(text: Any) -> Tuple[Optional[Dict[str, Any]], Dict[str, Any]]:
+    """(the JSON schema the answer must match or None for free text, the format as asked)."""
+    if text is None:
+        text = {}
+    if not isinstance(text, dict):
+        raise invalid("`text` must be an object.", "text", "invalid_type")
+    answer_format = text.get("format")
+    if answer_format is None:
+        return None, {"type": "text"}
+    kind = answer_format.get("type") if isinstance(answer_format, dict) else None
+    if kind == "text":
+        return None, answer_format
+    if kind == "json_object":
+        return {"type": "object"}, answer_format
+    if kind == "json_schema":
+        return json_schema_of(answer_format.get("schema"), "text.format.schema"), answer_format
+    raise invalid("`text.format.type` must be \"text\", \"json_object\" or \"json_schema\".", "text.format")
+
+
+def responses_conversation(items: Any, instructions: Optional[str], previous: Optional[StoredResponse],
+                           tools: List[Dict[str, Any]], load_image: ImageLoader
+                           ) -> Tuple[Conversation, List[str], List[str]]:
+    """The input items, after the conversation a previous response holds, as a native conversation;
+    also the system texts and the item ids so far, kept with the response for the next turn.
+
+    Instructions and system or developer messages make the system prompt (instructions are
+    not carried over to the next response, as OpenAI does it). An item_reference may only name
+    an item of the conversation continued, where it stands already."""
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise invalid("`input` must be a string or a non-empty array of items.", "input",
+                      "invalid_type" if not isinstance(items, list) else "empty_array")
+    system = list(previous.system) if previous else []
+    item_ids = list(previous.item_ids) if previous else []
+    native = MessageList()
+    for message in previous.messages if previous else []:
+        native.add(message["role"], message["content"])
+    for index, item in enumerate(items):
+        param = "input[%d]" % index
+        if not isinstance(item, dict):
+            raise invalid("%s must be an object." % param, param, "invalid_type")
+        if item.get("type") == "item_reference":
+            if item.get("id") not in item_ids:
+                raise invalid("%s refers to item %r, which is not in the conversation of "
+                              "`previous_response_id`; send the item itself." % (param, item.get("id")),
+                              param + ".id", "item_not_found")
+            continue
+        if isinstance(item.get("id"), str):
+            item_ids.append(item["id"])
+        role, blocks = responses_item(item, param, load_image)
+        if role == "system":
+            system.append("".join(block["text"] for block in blocks))
+        else:
+            native.add(role, blocks)
+    if not native.messages:
+        raise invalid("`input` holds only system messages; add a user message.", "input")
+    if native.messages[-1]["role"] != "user":
+        raise invalid("The input must end with a user message or a function_call_output: Claude Code "
+                      "cannot continue a partial assistant message.", "input", "unsupported_value")
+    prompt = "\n\n".join(text for text in [instructions or ""] + system if text.strip())
+    return Conversation(prompt or DEFAULT_SYSTEM_PROMPT, native.messages, tools), system, item_ids
+
+
+def responses_item(item: Dict[str, Any], param: str,
+                   load_image: ImageLoader) -> Tuple[str, List[Dict[str, Any]]]:
+    """One input item as (role, native blocks); role "system" for system and developer messages."""
+    kind = item.get("type", "message")  # the Agents SDK sends messages without a type
+    if kind == "message":
+        role = item.get("role")
+        kinds = {"user": ("input_text", "input_image", "input_file"), "system": ("input_text",),
+                 "developer": ("input_text",),
+                 "assistant": ("output_text", "refusal", "input_text")}.get(role)
+        if kinds is None:
+            raise invalid("%s.role must be one of user, assistant, system, developer; got %r."
+                          % (param, role), param + ".role")
+        blocks = responses_blocks(item.get("content"), param + ".content", kinds, load_image)
+        return ("system" if role == "developer" else role), blocks
+    if kind == "function_call":
+        if not isinstance(item.get("call_id"), str) or not isinstance(item.get("name"), str):
+            raise invalid("%s must have a call_id and a name." % param, param, "invalid_type")
+        return "assistant", [{"type": "tool_use", "id": tool_id(item["call_id"]), "name": item["name"],
+                              "input": tool_input(item.get("arguments"), param + ".arguments")}]
+    if kind == "function_call_output":
+        if not isinstance(item.get("call_id"), str):
+            raise invalid("%s.call_id must name the call this output answers." % param,
+                          param + ".call_id", "invalid_type")
+        output = item.get("output")
+        return "user", [tool_result_block(tool_id(item["call_id"]), responses_blocks(
+            "" if output is None else output, param + ".output", ("input_text", "input_image"), load_image))]
+    if kind == "reasoning":
+        return "assistant", thinking_blocks(item)
+    raise invalid("%s has type %r; the proxy takes message, function_call, function_call_output, reasoning "
+                  "and item_reference items." % (param, kind), param + ".type", "unsupported_item_type")
+
+
+def responses_blocks(content: Any, param: str, kinds: Tuple[str, ...],
+                     load_image: ImageLoader) -> List[Dict[str, Any]]:
+    """The native blocks of a message's content (or a function output): a string or an array of parts."""
+    if isinstance(content, str):
+        return [text_block(content)]
+    if not isinstance(content, list):
+        raise invalid("%s must be a string or an array of content parts." % param, param, "invalid_type")
+    blocks = []
+    for index, part in enumerate(content):
+        part_param = "%s[%d]" % (param, index)
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind not in kinds:
+            raise invalid("%s has content part type %r; here the parts are %s." % (
+                part_param, kind, ", ".join(kinds)), part_param + ".type", "unsupported_content_type")
+        field = "refusal" if kind == "refusal" else "text"
+        if kind == "input_image":
+            if not isinstance(part.get("image_url"), str):
+                raise invalid("%s.image_url must be a URL (uploaded file ids are not supported)."
+                              % part_param, part_param + ".image_url", "invalid_type")
+            blocks.append(load_image(part["image_url"], part_param))
+        elif kind == "input_file":
+            blocks.append(document_block(part.get("file_data"), part_param + ".file_data"))
+        elif not isinstance(part.get(field), str):
+            raise invalid("%s.%s must be a string." % (part_param, field), "%s.%s" % (part_param, field),
+                          "invalid_type")
+        else:
+            blocks.append(text_block(part[field]))
+    return blocks
+
+
+def thinking_blocks(item: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """A reasoning item from an earlier answer: Claude's thinking block again when it carries the
+    signature the proxy gave it, else nothing. Anthropic refuses thinking without its signature,
+    and OpenAI's own encrypted reasoning means nothing to Claude."""
+    sealed = item.get("encrypted_content")
+    if not isinstance(sealed, str) or not sealed.startswith(THINKING_SIGNATURE_MARK):
+        return []
+    summary = item.get("summary") if isinstance(item.get("summary"), list) else []
+    thinking = "".join(part["text"] for part in summary
+                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return [{"type": "thinking", "thinking": thinking, "signature": sealed[len(THINKING_SIGNATURE_MARK):]}]
+
+
+def responses_usage(usage: Dict[str, int]) -> Dict[str, Any]:
+    """Responses usage from Anthropic usage. Claude's thinking is not counted apart: its tokens are
+    in output_tokens, and reasoning_tokens says 0."""
+    total_input, output = all_input_tokens(usage), usage.get("output_tokens", 0)
+    return {"input_tokens": total_input,
+            "input_tokens_details": {"cached_tokens": usage.get("cache_read_input_tokens", 0),
+                                     "cache_write_tokens": usage.get("cache_creation_input_tokens", 0)},
+            "output_tokens": output, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": total_input + output}
+
+
+def responses_error_code(error: ProxyError) -> str:
+    """The code of a failed response. The Codex CLI retries server_error five times and stops at
+    once on the others: a failure that will happen again must not look like a server error."""
+    if error.code == "context_length_exceeded":
+        return error.code
+    if error.status == 429:
+        return "rate_limit_exceeded"
+    return "server_error" if error.status >= 500 else "invalid_prompt"
+
+
+# The output item each kind of reply event goes to, and the event that streams its pieces.
+OUTPUT_ITEM_TYPES = {"text": "message", "thinking": "reasoning"}
+DELTA_EVENTS = {"message": "response.output_text.delta", "reasoning": "response.reasoning_summary_text.delta",
+                "function_call": "response.function_call_arguments.delta"}
+
+
+def output_text_part(text: str) -> Dict[str, Any]:
+    return {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+
+
+def summary_part(text: str) -> Dict[str, Any]:
+    return {"type": "summary_text", "text": text}
+
+
+class ResponsesDoor:
+    """OpenAI Responses: a request in, typed events or a response object out, errors in OpenAI's shape.
+
+    Each native block of the reply is one output item: thinking a reasoning item (its text as
+    the summary), text a message, a tool call a function_call whose call_id is Claude's id.
+    The items the client got make the conversation its next request continues.
+    """
+
+    def __init__(self, turn: Turn, options: ResponsesOptions) -> None:
+        self.turn = turn
+        self.options = options
+        self.stream = options.stream
+        self.id = random_id("resp_")
+        self.created = int(time.time())
+        self.sequence = 0
+        self.started = False
+        self.output: List[Dict[str, Any]] = []   # the items so far, the one streaming last
+        self.parts: List[str] = []               # the streaming item's text or arguments
+        self.signature: List[str] = []
+        self.open = False                        # the last item is streaming
+
+    # -- streaming: reply events -> typed events ---------------------------------------
+
+    def events(self, event: ReplyEvent) -> List[Frame]:
+        kind, value = event
+        if kind in ("thinking", "signature") and not self.options.want_reasoning:
+            return []
+        frames = self._begin()
+        current = self.output[-1]["type"] if self.open else None
+        if kind == "signature":
+            self.signature += [value] if current == "reasoning" else []
+            return frames
+        if kind == "tool_call" or kind != "tool_arguments" and current != OUTPUT_ITEM_TYPES[kind]:
+            frames += self._close("completed") + self._open(kind, value)
+        if kind != "tool_call" and self.open:
+            self.parts.append(value)
+            extra = {"logprobs": []} if kind == "text" else {}
+            frames.append(self._event(DELTA_EVENTS[self.output[-1]["type"]], delta=value, **extra,
+                                      **self._place()))
+        return frames
+
+    def _begin(self) -> List[Frame]:
+        if self.started:
+            return []
+        self.started = True
+        response = self._response("in_progress", [], None)
+        return [self._event("response.created", response=response),
+                self._event("response.in_progress", response=response)]
+
+    def _open(self, kind: str, value: Any) -> List[Frame]:
+        self.open, self.parts, self.signature = True, [], []
+        if kind == "tool_call":
+            item = self._function_call(value["id"], value["name"], "", "in_progress")
+        elif kind == "thinking":
+            item = self._reasoning("", "")
+        else:
+            item = self._message("", "in_progress")
+        self.output.append(item)
+        frames = [self._event("response.output_item.added", output_index=len(self.output) - 1,
+                              item=dict(item, content=[]) if kind == "text" else item)]
+        if kind == "text":
+            frames.append(self._event("response.content_part.added", part=output_text_part(""),
+                                      **self._place()))
+        elif kind == "thinking":
+            frames.append(self._event("response.reasoning_summary_part.added", part=summary_part(""),
+                                      **self._place()))
+        return frames
+
+    def _close(self, status: str) -> List[Frame]:
+        """The done events of the streaming item, which is whole now."""
+        if not self.open:
+            return []
+        self.open = False
+        item, joined, place = self.output[-1], "".join(self.parts), self._place()
+        if item["type"] == "message":
+            item = self._message(joined, status, item["id"])
+            frames = [self._event("response.output_text.done", text=joined, logprobs=[], **place),
+                      self._event("response.content_part.done", part=item["content"][0], **place)]
+        elif item["type"] == "reasoning":
+            item = self._reasoning(joined, "".join(self.signature), item["id"])
+            frames = [self._event("response.reasoning_summary_text.done", text=joined, **place),
+                      self._event("response.reasoning_summary_part.done", part=summary_part(joined), **place)]
+        else:
+            item = self._function_call(item["call_id"], item["name"], joined, status, item["id"])
+            frames = [self._event("response.function_call_arguments.done", arguments=joined, **place)]
+        self.output[-1] = item
+        return frames + [self._event("response.output_item.done", output_index=len(self.output) - 1,
+                                     item=item)]
+
+    def _place(self) -> Dict[str, Any]:
+        """Where a content event belongs: its item, and the part within it."""
+        item = self.output[-1]
+        place: Dict[str, Any] = {"item_id": item["id"], "output_index": len(self.output) - 1}
+        if item["type"] == "message":
+            place["content_index"] = 0
+        elif item["type"] == "reasoning":
+            place["summary_index"] = 0
+        return place
+
+    def end(self, exchange: Exchange) -> List[Frame]:
+        status, incomplete = self._outcome(exchange)
+        frames = self._begin() + self._close("incomplete" if incomplete else "completed")
+        response = self._finished(status, incomplete, exchange)
+        return frames + [self._event("response.%s" % status, response=response)]
+
+    def failure(self, error: ProxyError) -> List[Frame]:
+        frames = self._begin() + self._close("incomplete")
+        response = self._response("failed", self.output, None,
+                                  error={"code": responses_error_code(error), "message": error.message})
+        # Kept for GET; a request continuing it continues the conversation before the failed reply.
+        self._keep(response, [])
+        return frames + [self._event("response.failed", response=response)]
+
+    def _event(self, kind: str, **fields: Any) -> Frame:
+        payload = dict({"type": kind, "sequence_number": self.sequence}, **fields)
+        self.sequence += 1
+        return kind, payload
+
+    # -- whole: the response object ---------------------------------------------------
+
+    def response(self, exchange: Exchange) -> Dict[str, Any]:
+        status, incomplete = self._outcome(exchange)
+        for block in exchange.reply.blocks:
+            if block["type"] == "text":
+                self.output.append(self._message(block["text"], "completed"))
+            elif block["type"] == "thinking" and self.options.want_reasoning:
+                self.output.append(self._reasoning(block["thinking"], block["signature"]))
+            elif block["type"] == "tool_use":
+                self.output.append(self._function_call(block["id"], block["name"], json.dumps(
+                    block["input"], ensure_ascii=False), "completed"))
+        if incomplete and self.output and self.output[-1]["type"] != "reasoning":
+            self.output[-1]["status"] = "incomplete"  # the item the limit cut
+        return self._finished(status, incomplete, exchange)
+
+    def _outcome(self, exchange: Exchange) -> Tuple[str, Optional[Dict[str, str]]]:
+        reason = RESPONSES_INCOMPLETE.get(exchange.answer.stop_reason or "end_turn")
+        return ("incomplete", {"reason": reason}) if reason else ("completed", None)
+
+    def _finished(self, status: str, incomplete: Optional[Dict[str, str]],
+                  exchange: Exchange) -> Dict[str, Any]:
+        response = self._response(status, self.output, responses_usage(exchange.answer.reply.usage),
+                                  incomplete_details=incomplete)
+        self._keep(response, self._echo() or [])
+        return response
+
+    def _keep(self, response: Dict[str, Any], reply: List[Dict[str, Any]]) -> None:
+        """Keep the response with its conversation, for previous_response_id and GET."""
+        if self.options.store is None:
+            return
+        messages = self.turn.conversation.messages + [{"role": "assistant", "content": reply}] * bool(reply)
+        item_ids = self.options.item_ids + [item["id"] for item in self.output]
+        self.options.store.put(StoredResponse(response, self.options.system, messages, item_ids))
+
+    def echo(self, exchange: Exchange) -> Optional[List[Dict[str, Any]]]:
+        return self._echo()
+
+    def _echo(self) -> Optional[List[Dict[str, Any]]]:
+        """The output items as the client will send them back, read as the door reads input items;
+        None when they cannot be read back (arguments cut short)."""
+        native = MessageList()
+        no_images = image_loader(Config(), fetch_image)  # output items hold none
+        try:
+            for index, item in enumerate(self.output):
+                native.add(*responses_item(item, "output[%d]" % index, no_images))
+        except ProxyError:
+            return None
+        return native.messages[0]["content"] if native.messages else []
+
+    # -- items and the response object --------------------------------------------------
+
+    def _message(self, text: str, status: str, item_id: Optional[str] = None) -> Dict[str, Any]:
+        return {"id": item_id or random_id("msg_"), "type": "message", "status": status, "role": "assistant",
+                "content": [output_text_part(text)]}
+
+    def _reasoning(self, thinking: str, signature: str, item_id: Optional[str] = None) -> Dict[str, Any]:
+        item: Dict[str, Any] = {"id": item_id or random_id("rs_"), "type": "reasoning",
+                                "summary": [summary_part(thinking)] if thinking else []}
+        if self.options.sealed_reasoning and signature:
+            item["encrypted_content"] = THINKING_SIGNATURE_MARK + signature
+        return item
+
+    @staticmethod
+    def _function_call(call_id: str, name: str, arguments: str, status: str,
+                       item_id: Optional[str] = None) -> Dict[str, Any]:
+        return {"id": item_id or random_id("fc_"), "type": "function_call", "status": status,
+                "arguments": arguments, "call_id": call_id, "name": name}
+
+    def _response(self, status: str, output: List[Dict[str, Any]], usage: Optional[Dict[str, Any]],
+                  error: Optional[Dict[str, str]] = None,
+                  incomplete_details: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+        return dict({"id": self.id, "object": "response", "created_at": self.created, "status": status,
+                     "background": False, "error": error, "incomplete_details": incomplete_details,
+                     "output": list(output), "usage": usage}, **self.options.settings)
 
     @staticmethod
     def error_body(error: ProxyError) -> Dict[str, Any]:
@@ -3195,7 +3787,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except ProxyError:
             self._discard_body()  # an unread body would be taken for the next request
             raise
-        if handler != self._chat_completions:
+        if handler not in (self._chat_completions, self._responses):
             self._discard_body()
         handler()
 
@@ -3205,10 +3797,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
             "/health": {"GET": self._health, "HEAD": self._health},
             "/models": {"GET": self._list_models, "HEAD": self._list_models},
             "/chat/completions": {"POST": self._chat_completions},
+            "/responses": {"POST": self._responses},
         }
         if path.startswith("/models/"):
             get_model = lambda: self._get_model(path[len("/models/"):])  # noqa: E731
             routes[path] = {"GET": get_model, "HEAD": get_model}
+        if path.startswith("/responses/"):
+            get_response = lambda: self._get_response(path[len("/responses/"):])  # noqa: E731
+            routes[path] = {"GET": get_response, "HEAD": get_response}
+        if path == "/embeddings":
+            raise ProxyError(404, "Claude offers no embeddings model, so the proxy has no /v1/embeddings; "
+                             "use an embeddings provider of its own (or turn off the client's memory "
+                             "search).", code="embeddings_not_supported")
         methods = routes.get(path)
         if methods is None:
             raise ProxyError(404, "Unknown path %s %s." % (method, self.path), code="unknown_url")
@@ -3253,6 +3853,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
                              code="model_not_found", param="model")
         self.send_json(200, model)
 
+    def _get_response(self, response_id: str) -> None:
+        stored = self.server.responses.get(response_id)
+        if stored is None:
+            raise ProxyError(404, "No response found with id '%s'." % response_id, param="response_id",
+                             code="response_not_found")
+        self.send_json(200, stored.response)
+
     def _preflight(self) -> None:
         self.send_response(204)
         self._cors_headers()
@@ -3264,10 +3871,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.status_sent = 204
 
-    # -- chat completions ----------------------------------------------------
+    # -- turns: each door's requests --------------------------------------------
 
     def _chat_completions(self) -> None:
         self._answer_turn(parse_chat_request, ChatDoor)
+
+    def _responses(self) -> None:
+        self._answer_turn(lambda body, config: parse_responses_request(body, config, self.server.responses),
+                          ResponsesDoor)
 
     def _answer_turn(self, parse: Callable[[Any, Config], Tuple[Turn, Any]], door: Callable[..., Any]) -> None:
         """Read the body, translate it into a turn in a slot, and answer it through the door."""
@@ -3528,6 +4139,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.started_at = time.time()
         self.requests_served = 0
         self.limits = UsageLimits()
+        self.responses = ResponseStore()  # for previous_response_id and GET /v1/responses/{id}
         self._slots = threading.BoundedSemaphore(max(1, config.max_concurrent))
         self._children: Dict[int, ClaudeProcess] = {}
         self._lock = threading.Lock()

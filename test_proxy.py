@@ -6230,6 +6230,512 @@ class OpenAISdkTest(ProxyTest):
 
 
 # ---------------------------------------------------------------------------
+# Door: OpenAI Responses
+# ---------------------------------------------------------------------------
+
+RESPONSES_WEATHER_TOOL = {"type": "function", "name": "get_weather",
+                          "description": WEATHER_TOOL["function"]["description"],
+                          "parameters": WEATHER_TOOL["function"]["parameters"], "strict": False}
+PDF_DATA_URL = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 tiny").decode()
+
+
+def sse_events(response: Response) -> List[Tuple[str, Dict[str, Any]]]:
+    """The (event name, data) pairs of an SSE body with `event:` lines."""
+    events = []
+    for frame in response.body.decode("utf-8").split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in frame.split("\n") if ": " in line)
+        if "data" in lines:
+            events.append((lines.get("event", ""), json.loads(lines["data"])))
+    return events
+
+
+class StubExchange:
+    """What a door reads of an Exchange once the reply is over: its blocks, stop reason and usage."""
+
+    def __init__(self, events: List[Tuple[str, Any]], stop_reason: str = "end_turn") -> None:
+        self.reply = proxy.ReplyBlocks()
+        for event in events:
+            self.reply.add(event)
+        usage = {"input_tokens": 3, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20,
+                 "output_tokens": 9}
+        self.answer = mock.Mock(stop_reason=stop_reason, reply=mock.Mock(usage=usage))
+
+
+REPLY_EVENTS = [("thinking", "Let me "), ("thinking", "think."), ("signature", "sig-1"), ("text", "Checking"),
+                ("text", " now."), ("tool_call", {"id": "toolu_1", "name": "get_weather"}),
+                ("tool_arguments", '{"city"'), ("tool_arguments", ': "Paris"}'),
+                ("tool_call", {"id": "toolu_2", "name": "get_time"}), ("tool_arguments", "{}")]
+
+
+needs_openai = unittest.skipIf(openai is None and not IN_CI, "the openai package is not installed")
+
+
+class ResponsesDoorTest(ProxyTest):
+    settings = dict(ProxyTest.settings, pool_size=2)  # a conversation's process is kept between turns
+
+    # -- the request translated -----------------------------------------------------
+
+    def parse(self, **body: Any) -> Tuple[proxy.Turn, Any]:
+        body.setdefault("model", "claude-sonnet-4")
+        return proxy.parse_responses_request(body, config())
+
+    def assertInvalid(self, body: Dict[str, Any], param: str, code: Optional[str] = None,
+                      responses: Optional[Any] = None) -> proxy.ProxyError:
+        with self.assertRaises(proxy.ProxyError) as caught:
+            proxy.parse_responses_request(dict({"model": "claude-sonnet-4"}, **body), config(), responses)
+        self.assertEqual((caught.exception.status, caught.exception.param), (400, param),
+                         caught.exception.message)
+        if code is not None:
+            self.assertEqual(caught.exception.code, code)
+        return caught.exception
+
+    def test_input_items_become_the_native_conversation(self) -> None:
+        turn, options = self.parse(instructions="Be brief.", tools=[RESPONSES_WEATHER_TOOL], input=[
+            {"type": "message", "id": "msg_dev", "role": "developer",
+             "content": [{"type": "input_text", "text": "You are a coding agent."}]},
+            {"role": "user", "content": "Weather in Paris?"},  # the Agents SDK's messages have no type
+            {"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "And this:"},
+                {"type": "input_image", "image_url": "data:image/png;base64," + PNG_1PX, "detail": "auto"},
+                {"type": "input_file", "filename": "a.pdf", "file_data": PDF_DATA_URL}]},
+            {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "OpenAI's"}],
+             "encrypted_content": "gAAAAB-openai-own"},
+            {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+             "content": [{"type": "output_text", "text": "Checking.", "annotations": []}]},
+            {"type": "function_call", "id": "fc_1", "call_id": "call 1", "name": "get_weather",
+             "arguments": "{\"city\":\"Paris\"}", "status": "completed"},
+            {"type": "function_call_output", "call_id": "call 1", "output": "21 C"},
+            {"role": "user", "content": [{"type": "input_text", "text": "Thanks"}]}])
+        conversation = turn.conversation
+        self.assertEqual(conversation.system, "Be brief.\n\nYou are a coding agent.")
+        self.assertEqual(conversation.tools, [{"name": "get_weather",
+                                               "description": "Current weather for a city.",
+                                               "input_schema": RESPONSES_WEATHER_TOOL["parameters"]}])
+        pdf = base64.b64encode(b"%PDF-1.4 tiny").decode()
+        self.assertEqual(conversation.messages, [
+            {"role": "user", "content": [
+                {"type": "text", "text": "Weather in Paris?"}, {"type": "text", "text": "And this:"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}},
+                {"type": "document",
+                 "source": {"type": "base64", "media_type": "application/pdf", "data": pdf}}]},
+            {"role": "assistant", "content": [  # OpenAI's own reasoning item is left out
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [
+                {"tool_use_id": "call_1", "type": "tool_result",
+                 "content": [{"type": "text", "text": "21 C"}]},
+                {"type": "text", "text": "Thanks"}]}])
+        self.assertEqual(options.system, ["You are a coding agent."], "instructions are not carried over")
+        self.assertEqual(options.item_ids, ["msg_dev", "rs_1", "msg_1", "fc_1"])
+
+    def test_settings_reach_the_turn_and_the_response(self) -> None:
+        schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+        turn, options = self.parse(
+            input="hi", max_output_tokens=300, parallel_tool_calls=False, tools=[RESPONSES_WEATHER_TOOL],
+            tool_choice={"type": "function", "name": "get_weather"}, metadata={"run": "7"},
+            reasoning={"effort": "high", "summary": "auto"}, include=["reasoning.encrypted_content"],
+            text={"format": {"type": "json_schema", "name": "P", "schema": schema, "strict": True}},
+            truncation="auto", prompt_cache_key="k", temperature=0.2, store=False, stream=True)
+        self.assertEqual(turn.conversation.messages,
+                         [{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+        self.assertEqual((turn.max_tokens, turn.parallel_tool_calls, turn.tool_choice, turn.effort,
+                          turn.thinking), (300, False, "get_weather", "high", True))
+        self.assertEqual(turn.json_schema, schema)
+        self.assertTrue(options.stream and options.want_reasoning and options.sealed_reasoning)
+        self.assertIsNone(options.store)
+        self.assertEqual(options.settings["text"]["format"]["name"], "P")
+        self.assertEqual(options.settings["reasoning"], {"effort": "high", "summary": "auto"})
+        self.assertEqual(options.settings["metadata"], {"run": "7"})
+        self.assertEqual(self.parse(input="hi", text={"format": {"type": "json_object"}})[0].json_schema,
+                         {"type": "object"})
+        # The Agents SDK sends effort "none": no thinking, so no reasoning items either.
+        turn, options = self.parse(input="hi", reasoning={"effort": "none"}, text={"verbosity": "low"})
+        self.assertFalse(turn.thinking or options.want_reasoning)
+        self.assertIsNone(turn.json_schema)
+        two_tools = [RESPONSES_WEATHER_TOOL, dict(RESPONSES_WEATHER_TOOL, name="b")]
+        allowed = self.parse(input="hi", tools=two_tools,
+                             tool_choice={"type": "allowed_tools", "mode": "required",
+                                          "tools": [{"type": "function", "name": "b"}]})[0]
+        self.assertEqual(([t["name"] for t in allowed.conversation.tools], allowed.tool_choice),
+                         (["b"], "required"))
+        self.assertEqual(self.parse(input="hi", tools=[RESPONSES_WEATHER_TOOL], tool_choice="none")[0]
+                         .conversation.tools, [])
+
+    def test_hosted_tools_are_left_out_and_other_tool_types_refused(self) -> None:
+        # What the Codex CLI offers on every request (R10): functions, a namespace, web_search.
+        turn, options = self.parse(input="hi", tools=[
+            RESPONSES_WEATHER_TOOL, {"type": "web_search", "external_web_access": False},
+            {"type": "web_search_preview_2025_03_11"},
+            {"type": "namespace", "name": "multi_agent_v1",
+             "tools": [dict(RESPONSES_WEATHER_TOOL, name="x")]}])
+        self.assertEqual([tool["name"] for tool in turn.conversation.tools], ["get_weather"])
+        self.assertEqual([tool["type"] for tool in options.settings["tools"]], ["function"])
+        for kind in ("custom", "local_shell", None):
+            error = self.assertInvalid({"input": "hi",
+                                        "tools": [RESPONSES_WEATHER_TOOL, {"type": kind, "name": "f"}]},
+                                       "tools[1].type", "unsupported_tool_type")
+            self.assertIn(repr(kind), error.message)
+
+    def test_bad_requests_are_400s_naming_the_param(self) -> None:
+        self.assertInvalid({}, "input")
+        self.assertInvalid({"input": []}, "input", "empty_array")
+        self.assertInvalid({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0].type",
+                           "unsupported_item_type")
+        self.assertInvalid({"input": [{"role": "tool", "content": "x"}]}, "input[0].role")
+        self.assertInvalid({"input": [user("hi"), {"role": "assistant", "content": "Sure"}]}, "input",
+                           "unsupported_value")
+        self.assertInvalid({"input": [{"role": "system", "content": "only rules"}]}, "input")
+        self.assertInvalid({"input": [{"role": "user",
+                                       "content": [{"type": "input_image", "file_id": "f"}]}]},
+                           "input[0].content[0].image_url")
+        self.assertInvalid({"input": [{"type": "function_call", "call_id": "c", "name": "f",
+                                       "arguments": "{"}]}, "input[0].arguments", "invalid_tool_arguments")
+        self.assertInvalid({"input": [{"type": "item_reference", "id": "msg_1"}, user("hi")]}, "input[0].id",
+                           "item_not_found")
+        self.assertInvalid({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format")
+        self.assertInvalid({"input": "hi", "reasoning": {"effort": "huge"}}, "reasoning.effort")
+        self.assertInvalid({"input": "hi", "conversation": "conv_1"}, "conversation", "unsupported_parameter")
+        self.assertInvalid({"input": "hi", "tool_choice": {"type": "function", "name": "nope"}},
+                           "tool_choice")
+        error = self.assertInvalid({"input": "hi", "previous_response_id": "resp_gone"},
+                                   "previous_response_id", "previous_response_not_found")
+        self.assertIn("resp_gone", error.message)
+
+    def test_previous_response_continues_its_conversation(self) -> None:
+        store = proxy.ResponseStore()
+        earlier = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                   {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}]
+        store.put(proxy.StoredResponse({"id": "resp_1"}, ["Rules."], earlier, ["msg_in", "msg_out"]))
+        turn, options = proxy.parse_responses_request(
+            {"model": "claude-sonnet-4", "previous_response_id": "resp_1", "instructions": "Now.",
+             "input": [{"type": "item_reference", "id": "msg_out"}, user("more")]}, config(), store)
+        self.assertEqual(turn.conversation.messages, earlier + [
+            {"role": "user", "content": [{"type": "text", "text": "more"}]}])
+        self.assertEqual(turn.conversation.system, "Now.\n\nRules.")
+        self.assertEqual(options.settings["previous_response_id"], "resp_1")
+        self.assertEqual(earlier[1]["content"], [{"type": "text", "text": "Hello."}],
+                         "the stored conversation is unchanged")
+
+    def test_the_store_keeps_the_newest_within_its_bounds(self) -> None:
+        store = proxy.ResponseStore(count=2, size=380)
+
+        def put(response_id: str, text: str = "x") -> None:
+            store.put(proxy.StoredResponse({"id": response_id}, [], [{"role": "user", "content": text}], []))
+        put("a"), put("b")
+        self.assertIsNotNone(store.get("a"))  # now the most recently used
+        put("c")
+        self.assertEqual([r is not None for r in map(store.get, "abc")], [True, False, True])
+        put("big", "y" * 300)  # only room for it alone
+        self.assertEqual([r is not None for r in map(store.get, ["a", "c", "big"])], [False, False, True])
+        put("huge", "z" * 500)  # larger than the whole store: not kept, nothing else lost
+        self.assertIsNone(store.get("huge"))
+        self.assertIsNotNone(store.get("big"))
+
+    # -- the reply translated --------------------------------------------------------
+
+    def door(self, stream: bool, **body: Any) -> proxy.ResponsesDoor:
+        body.setdefault("input", "hi")
+        turn, options = self.parse(stream=stream, tools=[RESPONSES_WEATHER_TOOL], **body)
+        return proxy.ResponsesDoor(turn, options)
+
+    def test_stream_events_follow_the_responses_api(self) -> None:
+        door = self.door(True, include=["reasoning.encrypted_content"])
+        frames = [frame for event in REPLY_EVENTS for frame in door.events(event)]
+        exchange = StubExchange(REPLY_EVENTS, "tool_use")
+        frames += door.end(exchange)
+        self.assertEqual([name for name, _ in frames], [
+            "response.created", "response.in_progress",
+            "response.output_item.added", "response.reasoning_summary_part.added",
+            "response.reasoning_summary_text.delta", "response.reasoning_summary_text.delta",
+            "response.reasoning_summary_text.done", "response.reasoning_summary_part.done",
+            "response.output_item.done",
+            "response.output_item.added", "response.content_part.added",
+            "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
+            "response.content_part.done", "response.output_item.done",
+            "response.output_item.added", "response.function_call_arguments.delta",
+            "response.function_call_arguments.delta", "response.function_call_arguments.done",
+            "response.output_item.done",
+            "response.output_item.added", "response.function_call_arguments.delta",
+            "response.function_call_arguments.done", "response.output_item.done",
+            "response.completed"])
+        payloads = [payload for _, payload in frames]
+        self.assertEqual([p["sequence_number"] for p in payloads], list(range(len(frames))))
+        self.assertTrue(all(p["type"] == name for name, p in frames))
+        added = [p for p in payloads if p["type"] == "response.output_item.added"]
+        done = [p for p in payloads if p["type"] == "response.output_item.done"]
+        self.assertEqual([p["output_index"] for p in added], [0, 1, 2, 3])
+        self.assertEqual([(p["item"]["id"], p["item"].get("call_id")) for p in added],
+                         [(p["item"]["id"], p["item"].get("call_id")) for p in done])
+        for payload in payloads:
+            if "item_id" in payload:
+                self.assertEqual(payload["item_id"], added[payload["output_index"]]["item"]["id"])
+        final = payloads[-1]["response"]
+        self.assertEqual(final["id"], payloads[0]["response"]["id"])
+        self.assertTrue(final["id"].startswith("resp_"))
+        self.assertEqual((final["status"], payloads[0]["response"]["status"]), ("completed", "in_progress"))
+        self.assertEqual(final["output"], [p["item"] for p in done])
+        self.assertEqual(final["output"][0]["summary"], [{"type": "summary_text", "text": "Let me think."}])
+        self.assertEqual(final["output"][0]["encrypted_content"], "claude-thinking-signature:sig-1")
+        self.assertEqual(final["output"][1]["content"], [
+            {"type": "output_text", "annotations": [], "logprobs": [], "text": "Checking now."}])
+        self.assertEqual(final["output"][2], dict(added[2]["item"], status="completed",
+                                                  arguments='{"city": "Paris"}'))
+        self.assertRegex(final["output"][2]["id"], "^fc_")
+        self.assertEqual(final["output"][2]["call_id"], "toolu_1")
+        self.assertEqual(final["usage"], {
+            "input_tokens": 123, "input_tokens_details": {"cached_tokens": 100, "cache_write_tokens": 20},
+            "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 132})
+        # What the client sends back next turn reads as this very reply.
+        self.assertEqual(door.echo(exchange), exchange.reply.blocks)
+
+    def test_whole_response_matches_the_stream(self) -> None:
+        exchange = StubExchange(REPLY_EVENTS, "tool_use")
+        streamed = self.door(True)
+        for event in REPLY_EVENTS:
+            streamed.events(event)
+        final = streamed.end(exchange)[-1][1]["response"]
+        door = self.door(False)
+        whole = door.response(exchange)
+        without_ids = lambda output: [dict(item, id=None) for item in output]  # noqa: E731
+        self.assertEqual(without_ids(whole["output"]), without_ids(final["output"]))
+        self.assertEqual(set(whole), set(final))
+        self.assertNotIn("encrypted_content", whole["output"][0], "not asked for with include")
+        # Without its signature, thinking does not come back: the echo has none.
+        self.assertEqual(door.echo(exchange), [b for b in exchange.reply.blocks if b["type"] != "thinking"])
+
+    def test_output_limit_makes_an_incomplete_response(self) -> None:
+        events = [("text", "The first part")]
+        door = self.door(True)
+        frames = door.events(events[0]) + door.end(StubExchange(events, "max_tokens"))
+        self.assertEqual(frames[-1][0], "response.incomplete")
+        response = frames[-1][1]["response"]
+        self.assertEqual((response["status"], response["incomplete_details"]),
+                         ("incomplete", {"reason": "max_output_tokens"}))
+        self.assertEqual(response["output"][0]["status"], "incomplete")
+        whole = self.door(False).response(StubExchange(events, "max_tokens"))
+        self.assertEqual((whole["status"], whole["output"][0]["status"]), ("incomplete", "incomplete"))
+
+    def test_a_failure_mid_stream_closes_the_items_and_fails_the_response(self) -> None:
+        door = self.door(True)
+        frames = door.events(("text", "partial")) + door.failure(
+            proxy.ProxyError(502, "Claude Code exited", code="cli_failed"))
+        self.assertEqual([name for name, _ in frames][4:], [
+            "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+            "response.output_item.done", "response.failed"])
+        response = frames[-1][1]["response"]
+        self.assertEqual((response["status"], response["error"], response["usage"]),
+                         ("failed", {"code": "server_error", "message": "Claude Code exited"}, None))
+        self.assertEqual(response["output"][0]["status"], "incomplete")
+        too_long = proxy.ProxyError(400, "long", code="context_length_exceeded")
+        self.assertEqual(proxy.responses_error_code(too_long), "context_length_exceeded")
+        self.assertEqual(proxy.responses_error_code(proxy.ProxyError(403, "no")), "invalid_prompt")
+        self.assertEqual(proxy.responses_error_code(proxy.ProxyError(429, "later")), "rate_limit_exceeded")
+
+    # -- over HTTP, against the fake CLI -------------------------------------------------
+
+    def respond(self, **body: Any) -> Response:
+        body.setdefault("model", "claude-sonnet-4")
+        return self.request("POST", "/v1/responses", body)
+
+    def test_text_answer_whole_and_streamed(self) -> None:
+        response = self.respond(input="hi")
+        self.assertEqual(response.status, 200, response.body)
+        body = response.json()
+        self.assertEqual((body["object"], body["status"], body["model"], body["error"]),
+                         ("response", "completed", "claude-sonnet-4", None))
+        self.assertEqual([item["type"] for item in body["output"]], ["message"])
+        self.assertEqual(body["output"][0]["content"][0]["text"],
+                         "Hello from fake (claude-sonnet-5, 1 msgs) ")
+        self.assertEqual((body["usage"]["input_tokens"], body["usage"]["output_tokens"]), (10, 7))
+        streamed = self.respond(input="hi", stream=True)
+        self.assertTrue(streamed.headers["Content-Type"].startswith("text/event-stream"))
+        events = sse_events(streamed)
+        self.assertNotIn("[DONE]", streamed.frames())
+        self.assertEqual([name for name, _ in events], [data["type"] for _, data in events])
+        self.assertEqual([data["sequence_number"] for _, data in events], list(range(len(events))))
+        names = [name for name, _ in events]
+        self.assertEqual(names[:4] + names[-4:], [
+            "response.created", "response.in_progress", "response.output_item.added",
+            "response.content_part.added", "response.output_text.done", "response.content_part.done",
+            "response.output_item.done", "response.completed"])
+        self.assertEqual("".join(data["delta"] for name, data in events
+                                 if name == "response.output_text.delta"),
+                         "Hello from fake (claude-sonnet-5, 1 msgs) ")
+        final = events[-1][1]["response"]
+        self.assertEqual(final["output"][0]["content"], body["output"][0]["content"])
+        self.assertEqual(final["usage"], body["usage"])
+
+    def test_tool_round_trip_continues_the_same_process(self) -> None:
+        tag = marker()
+        cue = FAKE.script("responses-calls", text_before=["Let me check."],
+                          calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
+        question = {"role": "user", "content": "Weather in Paris? %s %s" % (cue, tag)}
+        first = self.respond(input=[question], tools=[RESPONSES_WEATHER_TOOL], stream=True)
+        final = sse_events(first)[-1][1]["response"]
+        self.assertEqual([item["type"] for item in final["output"]], ["message", "function_call"])
+        call = final["output"][1]
+        self.assertEqual((call["name"], json.loads(call["arguments"]), call["status"]),
+                         ("get_weather", {"city": "Paris"}, "completed"))
+        continued = self.running.server.pool.continued
+        second = self.respond(tools=[RESPONSES_WEATHER_TOOL], input=[question] + final["output"] + [
+            {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny, 21 C"}])
+        self.assertEqual(second.status, 200, second.body)
+        # The process that called the tool got its result (a new one would resume, not quote it).
+        self.assertEqual(second.json()["output"][0]["content"][0]["text"], "Tool results: sunny, 21 C")
+        self.assertEqual(self.running.server.pool.continued, continued + 1)
+        run = FAKE.run_for(tag, "tool_calls")
+        self.assertEqual(run["tool_calls"][0]["answer"]["response"]["mcp_response"]["result"]["content"],
+                         [{"type": "text", "text": "sunny, 21 C"}])
+
+    def test_reasoning_summaries_stream_and_come_back_as_thinking(self) -> None:
+        cue = FAKE.script("responses-thinks", thinking=["Hmm, ", "a greeting."], text=["Hi!"])
+        response = self.respond(input=cue, stream=True, reasoning={"effort": "low", "summary": "auto"},
+                                include=["reasoning.encrypted_content"])
+        events = sse_events(response)
+        self.assertEqual([name for name, _ in events][2:8], [
+            "response.output_item.added", "response.reasoning_summary_part.added",
+            "response.reasoning_summary_text.delta", "response.reasoning_summary_text.delta",
+            "response.reasoning_summary_text.done", "response.reasoning_summary_part.done"])
+        output = events[-1][1]["response"]["output"]
+        self.assertEqual([item["type"] for item in output], ["reasoning", "message"])
+        self.assertEqual(output[0]["summary"], [{"type": "summary_text", "text": "Hmm, a greeting."}])
+        self.assertTrue(output[0]["encrypted_content"].startswith("claude-thinking-signature:"))
+        # Sent back, the reasoning item is Claude's signed thinking again: the kept process continues.
+        continued = self.running.server.pool.continued
+        again = self.respond(input=[{"role": "user", "content": cue}] + output + [user("And now?")],
+                             reasoning={"effort": "low", "summary": "auto"},
+                             include=["reasoning.encrypted_content"])
+        self.assertEqual(again.status, 200, again.body)
+        self.assertEqual(self.running.server.pool.continued, continued + 1)
+        hidden = self.respond(input=cue, reasoning={"effort": "none"})
+        self.assertEqual([item["type"] for item in hidden.json()["output"]], ["message"])
+
+    def test_json_schema_through_text_format(self) -> None:
+        tag = marker()  # the fake's recorded structured answer is {"a": 1}
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+        response = self.respond(input="Give me a. " + tag, text={"format": {
+            "type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(json.loads(response.json()["output"][0]["content"][0]["text"]), {"a": 1})
+        self.assertEqual(response.json()["text"]["format"]["name"], "answer")
+        self.assertEqual(FAKE.run_for(tag, "initialize")["initialize"]["jsonSchema"], schema)
+
+    def test_max_output_tokens_makes_an_incomplete_response(self) -> None:
+        cue = FAKE.script("responses-long", text=["The first ", "part"], stop_reason="max_tokens",
+                          usage={"output_tokens": 20}, **{"continue": ["MORE"], "continue_delay": 30})
+        body = self.respond(input=cue, max_output_tokens=20).json()
+        self.assertEqual((body["status"], body["incomplete_details"], body["max_output_tokens"]),
+                         ("incomplete", {"reason": "max_output_tokens"}, 20))
+        self.assertEqual(body["output"][0]["content"][0]["text"], "The first part")
+        events = sse_events(self.respond(input=cue, max_output_tokens=20, stream=True))
+        self.assertEqual(events[-1][0], "response.incomplete")
+        self.assertEqual(events[-2][1]["item"]["status"], "incomplete")
+
+    def test_previous_response_id_continues_a_stored_response(self) -> None:
+        first = self.respond(input="hi", instructions="Be kind.").json()
+        stored = self.request("GET", "/v1/responses/" + first["id"])
+        self.assertEqual((stored.status, stored.json()), (200, first))
+        second = self.respond(input="and again?", instructions="Be kind.", previous_response_id=first["id"],
+                              stream=True)
+        final = sse_events(second)[-1][1]["response"]
+        self.assertEqual(final["previous_response_id"], first["id"])
+        # The process of the first turn answers the second: its second turn.
+        self.assertEqual(final["output"][0]["content"][0]["text"],
+                         "Hello from fake (claude-sonnet-5, 2 msgs) ")
+        self.assertEqual(self.request("GET", "/v1/responses/" + final["id"]).json(), final)
+        self.assertError(self.respond(input="x", previous_response_id="resp_unknown"), 400,
+                         "invalid_request_error", "previous_response_not_found", "previous_response_id")
+        self.assertError(self.request("GET", "/v1/responses/resp_unknown"), 404, "not_found_error")
+
+    def test_store_false_keeps_nothing(self) -> None:
+        body = self.respond(input="hi", store=False).json()
+        self.assertFalse(body["store"])
+        self.assertEqual(self.request("GET", "/v1/responses/" + body["id"]).status, 404)
+        self.assertError(self.respond(input="x", previous_response_id=body["id"]), 400,
+                         "invalid_request_error", "previous_response_not_found")
+
+    def test_errors_before_and_after_the_stream_started(self) -> None:
+        self.assertError(self.respond(input=[{"type": "computer_call"}]), 400, "invalid_request_error",
+                         "unsupported_item_type", "input[0].type")
+        self.assertError(self.respond(input="[[fake:not-logged-in]]", stream=True), 401,
+                         "authentication_error")
+        response = self.respond(input="[[fake:crash-midstream]]", stream=True)
+        self.assertEqual(response.status, 200)
+        events = sse_events(response)
+        self.assertEqual([name for name, _ in events][-3:], [
+            "response.content_part.done", "response.output_item.done", "response.failed"])
+        failed = events[-1][1]["response"]
+        self.assertEqual((failed["status"], failed["error"]["code"]), ("failed", "server_error"))
+        self.assertIn("midway", failed["error"]["message"])
+        self.assertEqual(failed["output"][0]["content"][0]["text"], "partial answer ")
+
+    def test_embeddings_are_a_404_that_says_why(self) -> None:
+        error = self.assertError(self.request("POST", "/v1/embeddings", {"model": "x", "input": "hi"}),
+                                 404, "not_found_error", "embeddings_not_supported")
+        self.assertIn("no embeddings model", error["message"])
+
+    # -- the official openai SDK -----------------------------------------------------------
+
+    def client(self) -> Any:
+        return openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.running.port,
+                             api_key="not-needed", max_retries=0)
+
+    @needs_openai
+    def test_sdk_create_whole_and_streamed(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            response = self.client().responses.create(model="claude-sonnet-4", input="hi",
+                                                      instructions="Be brief.")
+            self.assertEqual(response.output_text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
+            self.assertEqual((response.status, response.usage.total_tokens), ("completed", 17))
+            response.model_dump()
+            self.assertEqual(self.client().responses.retrieve(response.id).output_text, response.output_text)
+            events = list(self.client().responses.create(model="claude-sonnet-4", input="hi", stream=True))
+            for event in events:
+                event.model_dump()
+        self.assertEqual(events[0].type, "response.created")
+        self.assertEqual(events[-1].type, "response.completed")
+        self.assertEqual(events[-1].response.output_text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
+
+    @needs_openai
+    def test_sdk_stream_helpers_and_a_function_call_loop(self) -> None:
+        cue = FAKE.script("responses-sdk-calls", after_calls=["Sunny ", "in Paris."],
+                          calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
+        question = [{"role": "user", "content": "Weather in Paris? " + cue}]
+        client = self.client()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with client.responses.stream(model="claude-sonnet-4", input=question,
+                                         tools=[dict(RESPONSES_WEATHER_TOOL, strict=True)]) as stream:
+                kinds = [event.type for event in stream]
+                first = stream.get_final_response()
+            self.assertIn("response.function_call_arguments.delta", kinds)
+            self.assertIn("response.function_call_arguments.done", kinds)
+            call = first.output[0]
+            self.assertEqual((call.type, call.name, json.loads(call.arguments)),
+                             ("function_call", "get_weather", {"city": "Paris"}))
+            result = [{"type": "function_call_output", "call_id": call.call_id, "output": "21 C"}]
+            with client.responses.stream(model="claude-sonnet-4", input=result, previous_response_id=first.id,
+                                         tools=[dict(RESPONSES_WEATHER_TOOL, strict=True)]) as stream:
+                deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+                final = stream.get_final_response()
+        self.assertEqual("".join(deltas), "Sunny in Paris.")
+        self.assertEqual(final.output_text, "Sunny in Paris.")
+
+    @needs_openai
+    def test_sdk_parse_with_a_pydantic_model(self) -> None:
+        import pydantic
+
+        class Answer(pydantic.BaseModel):  # the fake's recorded structured answer is {"a": 1}
+            a: int
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            parsed = self.client().responses.parse(model="claude-sonnet-4", input="Give me a.",
+                                                   text_format=Answer)
+        self.assertEqual(parsed.output_parsed, Answer(a=1))
+
+
+# ---------------------------------------------------------------------------
 # End to end: the real `claude` CLI against a local fake of the Anthropic API
 # ---------------------------------------------------------------------------
 
