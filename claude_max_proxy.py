@@ -3431,13 +3431,14 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
             else:
                 stream.frames(door.events(event))
         handler.usage = exchange.answer.reply.usage
+        last = door.end(exchange) if stream is not None else door.response(exchange)
         # Kept before the answer ends: a client may come back with the next turn at once.
         exchange.finish(door.echo(exchange))
         if stream is not None:
-            stream.frames(door.end(exchange))
+            stream.frames(last)
             stream.end()
         else:
-            handler.send_json(200, door.response(exchange))
+            handler.send_json(200, last)
     except ProxyError as error:
         if stream is None or not stream.started:
             raise
