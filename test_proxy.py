@@ -580,6 +580,7 @@ class State:
     tools = []               # (server, MCP tool) from tools/list
     controls = []            # every control request subtype received
     turns = 0                # user lines taken as turns so far
+    interrupted_turn = False # a resumed history ends with tool results, taken up at start
 
 
 def dispatch(text):
@@ -861,7 +862,18 @@ def load_session(path):
 
 
 def repaired(history):
-    """What the CLI does to a history it cannot continue as it is (R9 report, section 3b)."""
+    """What the CLI does to a history it cannot continue as it is (R9 report, section 3b).
+
+    With CLAUDE_CODE_RESUME_INTERRUPTED_TURN, a history that ends with tool results is an
+    interrupted turn, taken up as it is at start; one that ends with a user's text is taken
+    out and sent as the first prompt (R9B report, section 4)."""
+    if os.environ.get("CLAUDE_CODE_RESUME_INTERRUPTED_TURN") and history and history[-1]["role"] == "user":
+        last = history[-1]
+        if any(b.get("type") == "tool_result" for b in as_blocks(last["content"])):
+            State.interrupted_turn = True
+            return history
+        State.users.append({"type": "user", "message": last, "parent_tool_use_id": None})
+        return history[:-1]
     if history and history[-1]["role"] == "assistant" and any(
             b.get("type") == "tool_use" for b in as_blocks(history[-1]["content"])):
         history = history[:-1]  # an unanswered tool_use
@@ -1389,6 +1401,35 @@ class Turn:
         emit(result)
 
 
+class InterruptedTurn(Turn):
+    """A resumed turn whose tool results came with the history: it goes on from them at start,
+    acting on the last [[fake:NAME]] of the conversation's user text."""
+
+    def __init__(self, conversation):
+        prompt = os.environ.get("CLAUDE_CODE_RESUME_PROMPT") or RESUME_PROMPT
+        Turn.__init__(self, {"type": "user", "message": {"role": "user", "content": prompt}}, conversation)
+        blocks = [b for m in conversation if m["role"] == "user" for b in as_blocks(m["content"])]
+        said = [b["text"] for b in blocks if b.get("type") == "text"] + \
+            [quoted([b])[1] for b in blocks if b.get("type") == "tool_result"]
+        names = re.findall(r"\[\[fake:([\w.-]+)\]\]", " ".join(said))
+        self.mode = names[-1] if names else "ok"
+        self.spec = spec_for(self.mode)
+
+    def run(self):
+        self.emit_init()
+        emit(stamp(t["status"]))
+        prompt = "".join(texts(self.line))
+        if prompt.strip():  # a blank prompt adds nothing to the client's turn
+            last = self.conversation[-1]
+            last["content"] = as_blocks(last["content"]) + [{"type": "text", "text": prompt}]
+        send_upstream(self.conversation)
+        results = [b for b in as_blocks(self.conversation[-1]["content"]) if b.get("type") == "tool_result"]
+        after = pieces(self.spec.get("after_calls") or quoted(results))
+        self.conversation.append(message(self.spec, after, "end_turn", self.usage))
+        self.finish_turn("".join(after), "end_turn", num_turns=1)
+        return False
+
+
 # ---------------------------------------------------------------------------
 # The process: turns until EOF
 # ---------------------------------------------------------------------------
@@ -1399,7 +1440,14 @@ def main():
         time.sleep(3600)  # never reads its stdin
     conversation = resume(flag("--resume")) if flag("--resume") else []
     threading.Thread(target=read_stdin, daemon=True).start()
+    if flag("--mcp-config"):  # its SDK servers are connected before anything else
+        for name, server in json.loads(flag("--mcp-config")).get("mcpServers", {}).items():
+            if server.get("type") == "sdk":
+                connect(name)
     failed = False
+    if State.interrupted_turn:
+        failed = InterruptedTurn(conversation).run()
+        save(conversation=conversation, answered=time.time())
     turns = []
     while wait_for(lambda: State.users):
         line = State.users.popleft()
@@ -6179,8 +6227,7 @@ class OpenAISdkTest(ProxyTest):
 
     def test_sdk_tool_loop_streaming_and_not(self) -> None:
         client = self.client()
-        cue = FAKE.script("sdk-calls", text=tool_reply(("get_weather", {"city": "Paris"})))
-        answer_cue = FAKE.script("sdk-answers", text=["Sunny."])
+        cue = tool_turn_script("sdk-calls", after_calls="Sunny.")
         for stream in (False, True):
             messages: List[Any] = [{"role": "user", "content": "Weather in Paris? " + cue}]
             with warnings.catch_warnings(record=True) as caught:
@@ -6204,7 +6251,7 @@ class OpenAISdkTest(ProxyTest):
                     call_id, name, arguments = call.id, call.function.name, call.function.arguments
                     messages.append(first.choices[0].message.model_dump(exclude_none=True))
                 self.assertEqual((name, json.loads(arguments)), ("get_weather", {"city": "Paris"}))
-                messages.append({"role": "tool", "tool_call_id": call_id, "content": "21 C " + answer_cue})
+                messages.append({"role": "tool", "tool_call_id": call_id, "content": "21 C"})
                 final = client.chat.completions.create(model="claude-opus-4", messages=messages,
                                                        tools=[WEATHER_TOOL])
             self.assertEqual(final.choices[0].message.content, "Sunny.")
