@@ -2661,7 +2661,9 @@ def parse_tool_choice(choice: Any, names: List[str], param: str) -> Tuple[str, O
     if choice in ("auto", "none", "required"):
         return choice, None
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        spec = choice.get("allowed_tools", choice)  # chat nests mode and tools; the Responses API does not
+        nested = "allowed_tools" in choice  # chat nests mode and tools; the Responses API does not
+        spec = choice["allowed_tools"] if nested else choice
+        param += ".allowed_tools" if nested else ""
         mode = spec.get("mode", "auto") if isinstance(spec, dict) else None
         listed = spec.get("tools") if isinstance(spec, dict) else None
         if mode not in ("auto", "required") or not isinstance(listed, list):
