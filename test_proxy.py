@@ -5096,6 +5096,27 @@ class MessagesDoorTest(ProxyTest):
         self.rejects("stop_sequences", stop_sequences="END")
         self.rejects("mcp_servers", mcp_servers=[{"type": "url", "url": "https://example.com", "name": "x"}])
 
+    def test_reply_events_become_numbered_blocks(self) -> None:
+        door = proxy.MessagesDoor(*self.parse(stream=True))
+        self.assertEqual([name for name, _ in door.keepalive()], ["message_start", "ping"])
+        self.assertEqual(door.keepalive(), [("ping", {"type": "ping"})], "the message starts once")
+        frames: List[Tuple[str, Dict[str, Any]]] = []
+        for event in [("thinking", "a"), ("signature", "s1"), ("thinking", "b"), ("signature", "s2"),
+                      ("text", "c"), ("tool_call", {"id": "toolu_1", "name": "f"}), ("tool_arguments", '{"x":'),
+                      ("tool_arguments", "1}"), ("tool_call", {"id": "toolu_2", "name": "g"}), ("text", "d")]:
+            frames += door.events(event)
+        self.assertNotIn("message_start", [name for name, _ in frames])
+        self.assertEqual([(e["type"], e["index"]) for _, e in frames if e["type"] != "content_block_delta"], [
+            ("content_block_start", 0), ("content_block_stop", 0), ("content_block_start", 1),
+            ("content_block_stop", 1), ("content_block_start", 2), ("content_block_stop", 2),
+            ("content_block_start", 3), ("content_block_stop", 3), ("content_block_start", 4)])
+        self.assertEqual([e["delta"] for _, e in frames if e.get("delta", {}).get("type") == "signature_delta"],
+                         [{"type": "signature_delta", "signature": "s1s2"}], "once, whole, before the stop")
+        self.assertEqual(streamed_content(frames), [
+            {"type": "thinking", "thinking": "ab", "signature": "s1s2"}, {"type": "text", "text": "c"},
+            {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"x": 1}},
+            {"type": "tool_use", "id": "toolu_2", "name": "g", "input": {}}, {"type": "text", "text": "d"}])
+
     def test_errors_take_anthropics_types_and_statuses(self) -> None:
         for error, status, type_ in [
                 (proxy.invalid("bad"), 400, "invalid_request_error"),
