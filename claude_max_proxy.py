@@ -3101,7 +3101,7 @@ class MessagesDoor:
 
 class SseWriter:
     """Server-Sent Events on the handler's connection: one frame per HTTP chunk, written
-    as it comes, and a comment now and then while Claude is silent."""
+    as it comes, and the door's keepalive frames (or a comment) while Claude is silent."""
 
     def __init__(self, handler: "ProxyHandler") -> None:
         self.handler = handler
