@@ -446,15 +446,17 @@ def tool_id(value: str) -> str:
     return UNSAFE_ID_CHARS.sub("_", value) or "call"
 
 
-def native_tool(name: Any, description: Any, parameters: Any, param: str) -> Dict[str, Any]:
+def native_tool(name: Any, description: Any, parameters: Any, param: str,
+                schema_param: str = "parameters") -> Dict[str, Any]:
+    """A tool as Claude takes it; `schema_param` is what the client's API calls its schema."""
     if not isinstance(name, str) or not TOOL_NAME.match(name):
         raise invalid("%s.name must be 1 to 64 letters, digits, '_' or '-'." % param,
                       param + ".name", "invalid_tool_name")
     if parameters is None:
         parameters = {"type": "object", "properties": {}}
     if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
-        raise invalid("%s.parameters must be a JSON Schema of an object." % param,
-                      param + ".parameters", "invalid_type")
+        raise invalid("%s.%s must be a JSON Schema of an object." % (param, schema_param),
+                      "%s.%s" % (param, schema_param), "invalid_type")
     return {"name": name, "description": description if isinstance(description, str) else "",
             "input_schema": parameters}
 
@@ -2663,13 +2665,13 @@ def parse_tool_choice(choice: Any, names: List[str], param: str) -> Tuple[str, O
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         nested = "allowed_tools" in choice  # chat nests mode and tools; the Responses API does not
         spec = choice["allowed_tools"] if nested else choice
-        param += ".allowed_tools" if nested else ""
         mode = spec.get("mode", "auto") if isinstance(spec, dict) else None
         listed = spec.get("tools") if isinstance(spec, dict) else None
         if mode not in ("auto", "required") or not isinstance(listed, list):
             raise invalid("`%s` must hold a mode (auto or required) and a tools array of allowed_tools."
                           % param, param, "invalid_value")
-        return mode, [named_tool(entry, names, "%s.tools" % param) for entry in listed]
+        tools_param = param + (".allowed_tools.tools" if nested else ".tools")
+        return mode, [named_tool(entry, names, tools_param) for entry in listed]
     return named_tool(choice, names, param), None
 
 
@@ -2738,6 +2740,9 @@ class ChatDoor:
                 return [{"function_call": {"arguments": value}}] if self.calls == 0 else []
             return [{"tool_calls": [{"index": self.calls, "function": {"arguments": value}}]}]
         return []  # signatures: chat has no place for them
+
+    def keepalive(self) -> List[Frame]:
+        return []  # chat has no event for a silence: an SSE comment
 
     def end(self, exchange: Exchange) -> List[Frame]:
         frames = [] if self.started else [self._chunk({"content": ""})]
@@ -3283,6 +3288,9 @@ class ResponsesDoor:
             place["summary_index"] = 0
         return place
 
+    def keepalive(self) -> List[Frame]:
+        return []  # the Responses API has no event for a silence: an SSE comment
+
     def end(self, exchange: Exchange) -> List[Frame]:
         status, incomplete = self._outcome(exchange)
         frames = self._begin() + self._close("incomplete" if incomplete else "completed")
@@ -3384,12 +3392,408 @@ class ResponsesDoor:
 
 
 # ---------------------------------------------------------------------------
+# Door: Anthropic Messages (POST /v1/messages)
+# ---------------------------------------------------------------------------
+
+# The Messages API speaks the native form already: this door checks a request,
+# keeps of it what Claude Code can pass on, and refuses what it cannot do.
+
+MESSAGES_IGNORED_FIELDS = frozenset((
+    "temperature", "top_p", "top_k", "metadata", "service_tier", "cache_control", "inference_geo",
+    "speed", "diagnostics", "container", "context_management",
+))
+MESSAGES_FIELDS = frozenset((
+    "model", "messages", "max_tokens", "system", "stream", "tools", "tool_choice", "stop_sequences",
+    "thinking", "output_config", "mcp_servers",
+))
+# The content blocks each role may hold.
+MESSAGES_BLOCKS = {"user": ("text", "image", "document", "tool_result"),
+                   "assistant": ("text", "tool_use", "thinking", "redacted_thinking")}
+TOOL_RESULT_BLOCKS = ("text", "image")  # what an MCP tool result can carry back to the CLI
+MESSAGES_TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+MESSAGES_THINKING = {"enabled": True, "adaptive": True, "disabled": False}
+MESSAGES_STOP_REASONS = ("end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal",
+                         "model_context_window_exceeded")
+# Anthropic's error types by status; its SDKs pick the exception by status alone.
+MESSAGES_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    504: "timeout_error",
+    OVERLOADED_STATUS: "overloaded_error",
+}
+
+
+class MessagesOptions(NamedTuple):
+    """How the Messages door answers, beside the Turn it asks for."""
+    stream: bool
+
+
+def parse_messages_request(body: Any, config: Config,
+                           fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None
+                           ) -> Tuple[Turn, MessagesOptions]:
+    """Validate an Anthropic Messages body into a Turn; a 400 names the bad param.
+
+    `fetch` loads remote images (only with --fetch-images); tests pass a fake.
+    """
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_type")
+    model, cli_model = request_model(body, config)
+    if body.get("max_tokens") is None:
+        raise invalid("`max_tokens` is required, as on the Anthropic API.", "max_tokens",
+                      "missing_required_field")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("`messages` must be a non-empty array.", "messages",
+                      "invalid_type" if not isinstance(messages, list) else "empty_array")
+    if body.get("mcp_servers"):
+        raise invalid("`mcp_servers` is not supported: Claude Code cannot connect to a client's remote MCP "
+                      "servers. Offer their tools as custom tools instead.", "mcp_servers", "unsupported_value")
+    unknown = sorted(set(body) - MESSAGES_FIELDS - MESSAGES_IGNORED_FIELDS)
+    if unknown:
+        log.debug("ignoring request fields: %s", ", ".join(unknown))
+    tools, tool_choice, parallel = messages_tools(body)
+    effort, json_schema = messages_output_config(body.get("output_config"))
+    load_image = image_loader(config, fetch or fetch_image)
+    conversation = Conversation(messages_system(body.get("system"), load_image) or DEFAULT_SYSTEM_PROMPT,
+                                messages_conversation(messages, load_image), tools)
+    turn = Turn(model=model, cli_model=cli_model, conversation=conversation,
+                tool_choice=tool_choice, parallel_tool_calls=parallel, json_schema=json_schema,
+                max_tokens=parse_max_tokens(body, ("max_tokens",)),
+                stops=stop_sequences(body.get("stop_sequences")), effort=effort,
+                thinking=messages_thinking(body.get("thinking")))
+    return turn, MessagesOptions(stream=optional_bool(body, "stream", False))
+
+
+def messages_thinking(thinking: Any) -> bool:
+    """Whether Claude thinks: as on the Messages API, only when asked. How long is the CLI's
+    to decide (its models think adaptively), so a budget_tokens changes nothing."""
+    if thinking is None:
+        return False
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in MESSAGES_THINKING:
+        raise invalid("`thinking.type` must be \"enabled\", \"adaptive\" or \"disabled\".", "thinking.type")
+    return MESSAGES_THINKING[kind]
+
+
+def messages_output_config(output_config: Any) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """(effort level, JSON schema of the answer) from output_config."""
+    if output_config is None:
+        return None, None
+    if not isinstance(output_config, dict):
+        raise invalid("`output_config` must be an object.", "output_config", "invalid_type")
+    effort, _ = parse_effort(output_config.get("effort"), "output_config.effort")
+    output_format = output_config.get("format")
+    if output_format is None:
+        return effort, None
+    if not isinstance(output_format, dict) or output_format.get("type") != "json_schema":
+        raise invalid("`output_config.format.type` must be \"json_schema\".", "output_config.format")
+    return effort, json_schema_of(output_format.get("schema"), "output_config.format.schema")
+
+
+def stop_sequences(value: Any) -> List[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(stop, str) for stop in value):
+        raise invalid("`stop_sequences` must be an array of strings.", "stop_sequences", "invalid_type")
+    return [stop for stop in value if stop]
+
+
+def messages_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, bool]:
+    """(native tools offered, tool choice, parallel calls allowed)."""
+    entries = body.get("tools")
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list):
+        raise invalid("`tools` must be an array.", "tools", "invalid_type")
+    tools = []
+    for index, entry in enumerate(entries):
+        param = "tools[%d]" % index
+        if not isinstance(entry, dict):
+            raise invalid("%s must be an object." % param, param, "invalid_type")
+        if entry.get("type") not in (None, "custom"):
+            raise invalid("%s is a server tool of type %r, which Claude Code cannot run for a client; only "
+                          "custom tools ({name, description, input_schema}) are supported."
+                          % (param, entry.get("type")), param + ".type", "unsupported_tool_type")
+        tools.append(native_tool(entry.get("name"), entry.get("description"), entry.get("input_schema"),
+                                 param, "input_schema"))
+    choice, parallel = messages_tool_choice(body.get("tool_choice"), [tool["name"] for tool in tools])
+    if choice == "none":
+        tools = []  # not offered at all, so Claude cannot call them
+    return tools, choice, parallel
+
+
+def messages_tool_choice(choice: Any, names: List[str]) -> Tuple[str, bool]:
+    """("auto" | "none" | "required" | the one tool to call, parallel calls allowed)."""
+    if choice is None:
+        return "auto", True
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind not in MESSAGES_TOOL_CHOICES and kind != "tool":
+        raise invalid("`tool_choice.type` must be \"auto\", \"any\", \"tool\" or \"none\".", "tool_choice.type")
+    parallel = not optional_bool(choice, "disable_parallel_tool_use", False)
+    if kind == "tool":
+        return named_tool(choice, names, "tool_choice"), parallel
+    return MESSAGES_TOOL_CHOICES[kind], parallel
+
+
+def messages_system(system: Any, load_image: ImageLoader) -> str:
+    """The system prompt: a string, or text blocks (Claude Code sends several), one paragraph each."""
+    if system is None:
+        return ""
+    if isinstance(system, str):
+        return system if system.strip() else ""
+    return "\n\n".join(block["text"] for block in messages_blocks(system, "system", ("text",), load_image)
+                       if block["text"].strip())
+
+
+def messages_conversation(messages: List[Any], load_image: ImageLoader) -> List[Dict[str, Any]]:
+    """The native messages of a request; the newest must be the user's (a tool result is one)."""
+    native = MessageList()
+    for index, message in enumerate(messages):
+        param = "messages[%d]" % index
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in MESSAGES_BLOCKS:
+            raise invalid("%s must be {\"role\": \"user\" or \"assistant\", \"content\"}; the system "
+                          "prompt goes in `system`." % param, param + ".role")
+        native.add(role, messages_blocks(message.get("content"), param + ".content", MESSAGES_BLOCKS[role],
+                                         load_image))
+    if not native.messages or native.messages[-1]["role"] != "user":
+        raise invalid("The last message must be a user message: Claude Code cannot continue a partial "
+                      "assistant message (a prefill).", "messages", "unsupported_value")
+    return native.messages
+
+
+def messages_blocks(content: Any, param: str, kinds: Tuple[str, ...],
+                    load_image: Optional[ImageLoader]) -> List[Dict[str, Any]]:
+    """Content (a string or an array of blocks) as native blocks of the kinds allowed here."""
+    if isinstance(content, str):
+        return [text_block(content)]
+    if not isinstance(content, list):
+        raise invalid("%s must be a string or an array of content blocks." % param, param, "invalid_type")
+    blocks = []
+    for index, block in enumerate(content):
+        block_param = "%s[%d]" % (param, index)
+        kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+        if kind not in kinds:
+            raise invalid("%s has type %r; here Claude Code takes blocks of type %s." % (
+                block_param, kind, ", ".join(kinds)), block_param + ".type", "unsupported_content_type")
+        blocks.append(messages_block(block, block_param, load_image))
+    return blocks
+
+
+def messages_block(block: Dict[str, Any], param: str, load_image: Optional[ImageLoader]) -> Dict[str, Any]:
+    """One block as Claude takes it: only its own fields (no cache_control, no citations; the CLI
+    places its own cache breakpoints)."""
+    kind = block["type"]
+    if kind == "text":
+        return text_block(string_field(block, "text", param))
+    if kind == "image":
+        return messages_image(block.get("source"), param, load_image)
+    if kind == "document":
+        return messages_document(block, param)
+    if kind == "tool_use":
+        return {"type": "tool_use", "id": tool_id(string_field(block, "id", param)),
+                "name": string_field(block, "name", param),
+                "input": tool_input(block.get("input"), param + ".input")}
+    if kind == "tool_result":
+        content = block.get("content")
+        return tool_result_block(tool_id(string_field(block, "tool_use_id", param)),
+                                 "" if content is None else messages_blocks(
+                                     content, param + ".content", TOOL_RESULT_BLOCKS, load_image),
+                                 optional_bool(block, "is_error", False))
+    if kind == "thinking":
+        return {"type": "thinking", "thinking": string_field(block, "thinking", param),
+                "signature": string_field(block, "signature", param)}
+    return {"type": "redacted_thinking", "data": string_field(block, "data", param)}
+
+
+def string_field(block: Dict[str, Any], name: str, param: str) -> str:
+    value = block.get(name)
+    if not isinstance(value, str):
+        raise invalid("%s.%s must be a string." % (param, name), "%s.%s" % (param, name), "invalid_type")
+    return value
+
+
+def messages_image(source: Any, param: str, load_image: Optional[ImageLoader]) -> Dict[str, Any]:
+    """An image block from a base64 or url source, checked and loaded as every door's images are."""
+    kind = source.get("type") if isinstance(source, dict) else None
+    if load_image is None or kind not in ("base64", "url"):
+        raise invalid("%s.source must be a base64 or url image source (uploaded files are not supported)."
+                      % param, param + ".source", "unsupported_image_source")
+    if kind == "url":
+        return load_image(string_field(source, "url", param + ".source"), param)
+    return load_image("data:%s;base64,%s" % (string_field(source, "media_type", param + ".source"),
+                                             string_field(source, "data", param + ".source")), param)
+
+
+def messages_document(block: Dict[str, Any], param: str) -> Dict[str, Any]:
+    """A document block from a base64 PDF or plain text source, with its title and context."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64":
+        data_url = "data:%s;base64,%s" % (string_field(source, "media_type", param + ".source"),
+                                          string_field(source, "data", param + ".source"))
+        document = document_block(data_url, param)
+    elif kind == "text":
+        document = {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                                   "data": string_field(source, "data", param + ".source")}}
+    else:
+        raise invalid("%s.source must be a base64 PDF or a text source (url, content and file sources are "
+                      "not supported)." % param, param + ".source", "unsupported_file")
+    for name in ("title", "context"):
+        if isinstance(block.get(name), str):
+            document[name] = block[name]
+    return document
+
+
+def messages_usage(usage: Dict[str, int]) -> Dict[str, int]:
+    """Anthropic usage as the CLI reported it (input_tokens counts no cache reads or writes)."""
+    return {name: usage.get(name, 0) for name in
+            ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")}
+
+
+def message_id() -> str:
+    return "msg_" + uuid.uuid4().hex[:24]
+
+
+class MessagesDoor:
+    """Anthropic Messages: a request in, a message or its events out, errors in Anthropic's shape.
+
+    The anthropic SDKs read a stream strictly: every event named by an `event:` line,
+    message_start first with empty content, each block opened by content_block_start with
+    the next index, a thinking block's signature in one signature_delta before its stop.
+    """
+
+    def __init__(self, turn: Turn, options: MessagesOptions) -> None:
+        self.turn = turn
+        self.stream = options.stream
+        self.id = message_id()
+        self.started = False
+        self.index = -1                      # index of the newest content block
+        self.block: Optional[str] = None     # type of the open content block
+        self.signature: List[str] = []       # of the open thinking block, sent when it closes
+
+    # -- streaming: reply events -> events ------------------------------------------
+
+    def events(self, event: ReplyEvent) -> List[Frame]:
+        kind, value = event
+        if kind == "signature":
+            self.signature.append(value)
+            return []
+        frames = self._start()
+        block = "tool_use" if kind in ("tool_call", "tool_arguments") else kind
+        if kind == "tool_call" or block != self.block:
+            frames += self._close()
+            frames.append(self._open(block, value))
+        if kind != "tool_call":
+            field, delta = {"text": ("text", "text_delta"), "thinking": ("thinking", "thinking_delta"),
+                            "tool_arguments": ("partial_json", "input_json_delta")}[kind]
+            frames.append(self._delta({"type": delta, field: value}))
+        return frames
+
+    def keepalive(self) -> List[Frame]:
+        """A ping while Claude is silent; the stream starts with the message if it has not yet."""
+        return self._start() or [("ping", {"type": "ping"})]
+
+    def end(self, exchange: Exchange) -> List[Frame]:
+        return self._start() + self._close() + [
+            ("message_delta", {"type": "message_delta",
+                               "delta": {"stop_reason": self._stop_reason(exchange),
+                                         "stop_sequence": exchange.answer.stop_sequence},
+                               # totals, which the SDKs put in place of message_start's zeros
+                               "usage": messages_usage(exchange.answer.reply.usage)}),
+            ("message_stop", {"type": "message_stop"})]
+
+    def failure(self, error: ProxyError) -> List[Frame]:
+        return [("error", self.error_body(error))]
+
+    def _start(self) -> List[Frame]:
+        if self.started:
+            return []
+        self.started = True
+        return [("message_start", {"type": "message_start", "message": self._message(
+            [], None, None, messages_usage({}))}), ("ping", {"type": "ping"})]
+
+    def _open(self, block: str, value: Any) -> Frame:
+        self.index += 1
+        self.block = block
+        content: Dict[str, Any] = {"type": block, block: ""}
+        if block == "thinking":
+            content["signature"] = ""
+        elif block == "tool_use":
+            content = {"type": "tool_use", "id": value["id"], "name": value["name"], "input": {}}
+        return "content_block_start", {"type": "content_block_start", "index": self.index,
+                                       "content_block": content}
+
+    def _close(self) -> List[Frame]:
+        if self.block is None:
+            return []
+        frames = []
+        if self.block == "thinking" and self.signature:
+            frames.append(self._delta({"type": "signature_delta", "signature": "".join(self.signature)}))
+            self.signature = []
+        self.block = None
+        return frames + [("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+
+    def _delta(self, delta: Dict[str, Any]) -> Frame:
+        return "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
+
+    # -- whole: the message -----------------------------------------------------------
+
+    def response(self, exchange: Exchange) -> Dict[str, Any]:
+        return self._message(exchange.reply.blocks, self._stop_reason(exchange), exchange.answer.stop_sequence,
+                             messages_usage(exchange.answer.reply.usage))
+
+    def echo(self, exchange: Exchange) -> List[Dict[str, Any]]:
+        """This reply as the client will send it back: its content as it is (thinking with its
+        signature too), read as the door reads an assistant message."""
+        native = MessageList()
+        native.add("assistant", messages_blocks(exchange.reply.blocks, "echo", MESSAGES_BLOCKS["assistant"],
+                                                None))
+        return native.messages[0]["content"] if native.messages else []
+
+    def _stop_reason(self, exchange: Exchange) -> str:
+        if exchange.answer.calls:
+            return "tool_use"
+        reason = exchange.answer.stop_reason
+        # tool_use without the client's calls was the CLI's own StructuredOutput call: the answer is text.
+        return reason if reason in MESSAGES_STOP_REASONS and reason != "tool_use" else "end_turn"
+
+    def _message(self, content: List[Dict[str, Any]], stop_reason: Optional[str], stop_sequence: Optional[str],
+                 usage: Dict[str, int]) -> Dict[str, Any]:
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.turn.model,
+                "content": content, "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": usage}
+
+    # -- errors -------------------------------------------------------------------------
+
+    @staticmethod
+    def error_status(error: ProxyError) -> int:
+        """Anthropic's status: Claude overloaded is its own 529 (OpenAI clients get a 503)."""
+        return OVERLOADED_STATUS if error.code == "overloaded" else error.status
+
+    @staticmethod
+    def error_body(error: ProxyError) -> Dict[str, Any]:
+        status = MessagesDoor.error_status(error)
+        kind = MESSAGES_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+    @staticmethod
+    def error_reply(error: ProxyError) -> Tuple[int, Dict[str, Any]]:
+        return MessagesDoor.error_status(error), MessagesDoor.error_body(error)
+
+
+# ---------------------------------------------------------------------------
 # Answering a turn: the exchange's events through a door, streamed or whole
 # ---------------------------------------------------------------------------
 
 class SseWriter:
     """Server-Sent Events on the handler's connection: one frame per HTTP chunk, written
-    as it comes, and a comment now and then while Claude is silent."""
+    as it comes, and the door's keepalive frames (or a comment) while Claude is silent."""
 
     def __init__(self, handler: "ProxyHandler") -> None:
         self.handler = handler
@@ -3403,8 +3807,12 @@ class SseWriter:
             data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
             self._write(("event: %s\ndata: %s\n\n" % (name, data)) if name else "data: %s\n\n" % data)
 
-    def keepalive(self) -> None:
-        self._write(": keep-alive\n\n")
+    def keepalive(self, frames: List[Frame]) -> None:
+        """The door's frames for a silence, or a comment when it has none."""
+        if frames:
+            self.frames(frames)
+        else:
+            self._write(": keep-alive\n\n")
 
     def end(self) -> None:
         self._begin()
@@ -3429,7 +3837,8 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
             if stream is None:
                 continue
             if event is None:
-                stream.keepalive()  # the client, and any proxy between, see the answer is coming
+                # The client, and any proxy between, see the answer is coming.
+                stream.keepalive(door.keepalive())
             else:
                 stream.frames(door.events(event))
         handler.usage = exchange.answer.reply.usage
@@ -3682,6 +4091,29 @@ def parse_json_text(text: bytes) -> Any:
     return body
 
 
+def route_path(target: str) -> str:
+    """The route a request target names: no query string, no /v1 before it, no slash after it."""
+    path = "/" + target.split("?", 1)[0].strip("/")
+    if path.startswith("/v1/") or path == "/v1":
+        path = path[3:] or "/"
+    return path
+
+
+ErrorReply = Callable[[ProxyError], Tuple[int, Dict[str, Any]]]  # an error as one API's status and body
+
+
+def openai_error_reply(error: ProxyError) -> Tuple[int, Dict[str, Any]]:
+    return error.status, error.body()
+
+
+def error_reply_for(target: str) -> ErrorReply:
+    """How errors of a request go out: in Anthropic's shape on the Messages API's paths (its
+    clients read no other), in OpenAI's everywhere else."""
+    path = route_path(target)
+    messages = path == "/messages" or path.startswith("/messages/")
+    return MessagesDoor.error_reply if messages else openai_error_reply
+
+
 class ProxyHandler(BaseHTTPRequestHandler):
     """Routes OpenAI requests; each chat completion runs one `claude` child."""
 
@@ -3714,6 +4146,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.model_name = "-"
         self.usage: Dict[str, Any] = {}
         self.headers_sent = False
+        self.error_reply: ErrorReply = openai_error_reply
         try:
             self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
             if not self.raw_requestline:
@@ -3741,6 +4174,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             check_request_line(self.raw_requestline)
             if not super().parse_request():
                 return False
+            self.error_reply = error_reply_for(self.path)  # before anything about this request can fail
             self.framing = body_framing(self.headers, self.request_version == "HTTP/1.0")
         except ProxyError as error:
             self._refuse(error)
@@ -3777,9 +4211,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self._log_access(method)
 
     def _route(self, method: str) -> None:
-        path = "/" + self.path.split("?", 1)[0].strip("/")
-        if path.startswith("/v1/") or path == "/v1":
-            path = path[3:] or "/"
+        path = route_path(self.path)
         try:
             self._check_source()
             # Every route but /health needs the key, with or without /v1 before it;
@@ -3790,7 +4222,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except ProxyError:
             self._discard_body()  # an unread body would be taken for the next request
             raise
-        if handler not in (self._chat_completions, self._responses):
+        if handler not in (self._chat_completions, self._responses, self._messages):
             self._discard_body()
         handler()
 
@@ -3801,6 +4233,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             "/models": {"GET": self._list_models, "HEAD": self._list_models},
             "/chat/completions": {"POST": self._chat_completions},
             "/responses": {"POST": self._responses},
+            "/messages": {"POST": self._messages},
+            "/messages/count_tokens": {"POST": self._count_tokens},
         }
         if path.startswith("/models/"):
             get_model = lambda: self._get_model(path[len("/models/"):])  # noqa: E731
@@ -3836,10 +4270,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not key:
             return
         given = self.headers.get("Authorization", "")
-        token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(token.encode("utf-8"), key.encode("utf-8")):
-            raise ProxyError(401, "Invalid or missing API key. Send 'Authorization: Bearer <key>' "
-                             "with the key the proxy was started with.", code="invalid_api_key")
+        # Anthropic's clients send the key as x-api-key (the newest as a bearer token, like OpenAI's).
+        tokens = (given[7:] if given[:7].lower() == "bearer " else "", self.headers.get("X-Api-Key", ""))
+        if not any(hmac.compare_digest(token.strip().encode("utf-8"), key.encode("utf-8")) for token in tokens):
+            raise ProxyError(401, "Invalid or missing API key. Send 'Authorization: Bearer <key>' (or "
+                             "'x-api-key: <key>') with the key the proxy was started with.",
+                             code="invalid_api_key")
 
     # -- simple routes -------------------------------------------------------
 
@@ -3882,6 +4318,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _responses(self) -> None:
         self._answer_turn(lambda body, config: parse_responses_request(body, config, self.server.responses),
                           ResponsesDoor)
+
+    def _messages(self) -> None:
+        self._answer_turn(parse_messages_request, MessagesDoor)
+
+    def _count_tokens(self) -> None:
+        # A 5xx that its SDKs would retry, but retrying cannot help: x-should-retry says so.
+        raise ProxyError(501, "Counting tokens is not supported: Claude Code cannot count a request "
+                         "without answering it. Each reply's usage.input_tokens (plus the cache_* counts) "
+                         "tells what its request took.", code="not_supported",
+                         headers={"x-should-retry": "false"})
 
     def _answer_turn(self, parse: Callable[[Any, Config], Tuple[Turn, Any]], door: Callable[..., Any]) -> None:
         """Read the body, translate it into a turn in a slot, and answer it through the door."""
@@ -3950,7 +4396,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if error.status >= 500 or error.status == 429:
             log.warning("%s %s: %s", self.request_id, error.status, error.message)
         try:
-            self.send_json(error.status, error.body(), error.headers)
+            status, body = self.error_reply(error)
+            self.send_json(status, body, error.headers)
         except OSError:
             self.close_connection = True
 

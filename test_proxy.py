@@ -6780,6 +6780,449 @@ class ResponsesDoorTest(ProxyTest):
             parsed = self.client().responses.parse(model="claude-sonnet-4", input="Give me a.",
                                                    text_format=Answer)
         self.assertEqual(parsed.output_parsed, Answer(a=1))
+# Door: Anthropic Messages
+# ---------------------------------------------------------------------------
+
+try:
+    import anthropic
+except ImportError:
+    anthropic = None  # type: ignore[assignment]
+
+MESSAGES_WEATHER_TOOL = {"name": "get_weather", "description": "Current weather for a city.",
+                         "input_schema": WEATHER_TOOL["function"]["parameters"]}
+PDF_DATA = base64.b64encode(b"%PDF-1.4 a fake pdf").decode("ascii")
+FAKE_SIGNATURE = "fake-signature-abc123"  # the recorded thinking block's
+
+
+def sse_events(response: Response) -> List[Tuple[str, Dict[str, Any]]]:
+    """(name, data) of each event of an SSE body, which must all be named events (no comments)."""
+    events = []
+    for frame in response.body.decode("utf-8").split("\n\n"):
+        if frame:
+            name, data = frame.split("\n")
+            if not name.startswith("event: ") or not data.startswith("data: "):
+                raise AssertionError("not a named event: %r" % frame)
+            events.append((name[len("event: "):], json.loads(data[len("data: "):])))
+    return events
+
+
+def streamed_content(events: List[Tuple[str, Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """The content blocks a stream builds, as the anthropic SDK accumulates them."""
+    blocks: List[Dict[str, Any]] = []
+    for _, event in events:
+        if event["type"] == "content_block_start":
+            blocks.append(dict(event["content_block"], partial=""))
+        elif event["type"] == "content_block_delta":
+            block, delta = blocks[event["index"]], event["delta"]
+            field = {"text_delta": "text", "thinking_delta": "thinking", "signature_delta": "signature",
+                     "input_json_delta": "partial"}[delta["type"]]
+            value = delta["partial_json" if field == "partial" else field]
+            block[field] = value if field == "signature" else block[field] + value
+    for block in blocks:
+        partial = block.pop("partial")
+        if block["type"] == "tool_use":
+            block["input"] = json.loads(partial) if partial else {}
+    return blocks
+
+
+class MessagesDoorTest(ProxyTest):
+    """POST /v1/messages in Anthropic's shapes, against the fake CLI."""
+
+    def parse(self, **fields: Any) -> Tuple[proxy.Turn, proxy.MessagesOptions]:
+        body: Dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": [user("hi")]}
+        body.update(fields)
+        return proxy.parse_messages_request(body, config())
+
+    def rejects(self, param: Optional[str], **fields: Any) -> proxy.ProxyError:
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.parse(**fields)
+        error = caught.exception
+        self.assertEqual((error.status, error.param), (400, param), error.message)
+        return error
+
+    def messages(self, *messages: Any, **fields: Any) -> Response:
+        body: Dict[str, Any] = {"model": "claude-sonnet-4", "max_tokens": 1024, "messages": list(messages)}
+        body.update(fields)
+        return self.request("POST", "/v1/messages", body)
+
+    def assertAnthropicError(self, response: Response, status: int, type_: str) -> str:
+        self.assertEqual(response.status, status, response.body)
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        body = response.json()
+        self.assertEqual(set(body), {"type", "error"})
+        self.assertEqual(body["type"], "error")
+        self.assertEqual(set(body["error"]), {"type", "message"})
+        self.assertEqual(body["error"]["type"], type_)
+        self.assertTrue(body["error"]["message"])
+        return body["error"]["message"]
+
+    # -- the request, translated --------------------------------------------------
+
+    def test_a_request_becomes_the_native_turn(self) -> None:
+        turn, options = self.parse(
+            system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}},
+                    {"type": "text", "text": "Be kind."}],
+            messages=[
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Look:"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}},
+                    {"type": "document", "title": "Doc",
+                     "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_DATA}},
+                    {"type": "document",
+                     "source": {"type": "text", "media_type": "text/plain", "data": "notes"}}]},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "Hm.", "signature": "sig"},
+                    {"type": "redacted_thinking", "data": "opaque"},
+                    {"type": "text", "text": "Let me check.", "citations": None},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                     "content": [{"type": "text", "text": "no data"}]},
+                    {"type": "text", "text": "And?"}]},
+                {"role": "user", "content": "Well?"}],
+            tools=[dict(MESSAGES_WEATHER_TOOL, cache_control={"type": "ephemeral"})],
+            tool_choice={"type": "any", "disable_parallel_tool_use": True}, stop_sequences=["END", ""],
+            thinking={"type": "enabled", "budget_tokens": 2000}, output_config={"effort": "low"},
+            metadata={"user_id": "u1"}, temperature=0.2, top_p=0.9, top_k=5, stream=True)
+        self.assertTrue(options.stream)
+        self.assertEqual((turn.model, turn.cli_model, turn.max_tokens, turn.stops, turn.thinking, turn.effort),
+                         ("claude-sonnet-4-5", "claude-sonnet-4-5", 1024, ["END"], True, "low"))
+        self.assertEqual((turn.tool_choice, turn.parallel_tool_calls, turn.json_schema),
+                         ("required", False, None))
+        self.assertEqual(turn.conversation.system, "Be brief.\n\nBe kind.")
+        self.assertEqual(turn.conversation.tools, [MESSAGES_WEATHER_TOOL])
+        self.assertEqual(turn.conversation.messages, [
+            {"role": "user", "content": [
+                {"type": "text", "text": "Look:"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}},
+                {"type": "document", "title": "Doc",
+                 "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_DATA}},
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "notes"}}]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "Hm.", "signature": "sig"},
+                {"type": "redacted_thinking", "data": "opaque"},
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [
+                {"tool_use_id": "toolu_1", "type": "tool_result", "is_error": True,
+                 "content": [{"type": "text", "text": "no data"}]},
+                {"type": "text", "text": "And?"}, {"type": "text", "text": "Well?"}]}])
+
+    def test_thinking_choices_and_structured_output(self) -> None:
+        self.assertFalse(self.parse()[0].thinking, "as on the Messages API, Claude thinks only when asked")
+        self.assertFalse(self.parse(thinking={"type": "disabled"})[0].thinking)
+        self.assertTrue(self.parse(thinking={"type": "adaptive"})[0].thinking)
+        self.rejects("thinking.type", thinking={"type": "deep"})
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+        turn = self.parse(output_config={"effort": "max",
+                                         "format": {"type": "json_schema", "schema": schema}})[0]
+        self.assertEqual((turn.effort, turn.json_schema), ("max", schema))
+        self.assertEqual(self.parse(system="  ")[0].conversation.system, proxy.DEFAULT_SYSTEM_PROMPT)
+
+    def test_tool_choices(self) -> None:
+        tools = [MESSAGES_WEATHER_TOOL]
+        turn = self.parse(tools=tools, tool_choice={"type": "tool", "name": "get_weather"})[0]
+        self.assertEqual((turn.tool_choice, turn.parallel_tool_calls), ("get_weather", True))
+        self.assertEqual(self.parse(tools=tools, tool_choice={"type": "none"})[0].conversation.tools, [])
+        self.assertEqual(self.parse(tools=tools, tool_choice={"type": "auto"})[0].tool_choice, "auto")
+        self.rejects("tool_choice", tools=tools, tool_choice={"type": "tool", "name": "get_time"})
+        self.rejects("tool_choice.type", tools=tools, tool_choice="any")
+
+    def test_what_claude_code_cannot_do_is_a_400_that_says_so(self) -> None:
+        self.assertIn("required", self.rejects("max_tokens", max_tokens=None).message)
+        self.rejects("max_tokens", max_tokens=0)
+        error = self.rejects("tools[1].type", tools=[MESSAGES_WEATHER_TOOL,
+                                                     {"type": "web_search_20250305", "name": "web_search"}])
+        self.assertIn("web_search_20250305", error.message)
+        self.rejects("tools[0].input_schema",
+                     tools=[dict(MESSAGES_WEATHER_TOOL, input_schema={"type": "array"})])
+        self.assertIn("prefill", self.rejects("messages", messages=[
+            user("hi"), {"role": "assistant", "content": "Sure, "}]).message)
+        self.rejects("messages[0].role", messages=[{"role": "system", "content": "x"}, user("hi")])
+        self.rejects("messages[0].content[0].type", messages=[{"role": "user", "content": [
+            {"type": "tool_use", "id": "t", "name": "n", "input": {}}]}])
+        self.rejects("messages[0].content[0].image_url", messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]}])
+        self.rejects("messages[0].content[0].source", messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "file", "file_id": "file_1"}}]}])
+        self.rejects("messages[0].content[0].text", messages=[{"role": "user", "content": [{"type": "text"}]}])
+        self.rejects("stop_sequences", stop_sequences="END")
+        self.rejects("mcp_servers", mcp_servers=[{"type": "url", "url": "https://example.com", "name": "x"}])
+
+    def test_reply_events_become_numbered_blocks(self) -> None:
+        door = proxy.MessagesDoor(*self.parse(stream=True))
+        self.assertEqual([name for name, _ in door.keepalive()], ["message_start", "ping"])
+        self.assertEqual(door.keepalive(), [("ping", {"type": "ping"})], "the message starts once")
+        frames: List[Tuple[str, Dict[str, Any]]] = []
+        for event in [("thinking", "a"), ("signature", "s1"), ("thinking", "b"), ("signature", "s2"),
+                      ("text", "c"), ("tool_call", {"id": "toolu_1", "name": "f"}), ("tool_arguments", '{"x":'),
+                      ("tool_arguments", "1}"), ("tool_call", {"id": "toolu_2", "name": "g"}), ("text", "d")]:
+            frames += door.events(event)
+        self.assertNotIn("message_start", [name for name, _ in frames])
+        self.assertEqual([(e["type"], e["index"]) for _, e in frames if e["type"] != "content_block_delta"], [
+            ("content_block_start", 0), ("content_block_stop", 0), ("content_block_start", 1),
+            ("content_block_stop", 1), ("content_block_start", 2), ("content_block_stop", 2),
+            ("content_block_start", 3), ("content_block_stop", 3), ("content_block_start", 4)])
+        self.assertEqual([e["delta"] for _, e in frames if e.get("delta", {}).get("type") == "signature_delta"],
+                         [{"type": "signature_delta", "signature": "s1s2"}], "once, whole, before the stop")
+        self.assertEqual(streamed_content(frames), [
+            {"type": "thinking", "thinking": "ab", "signature": "s1s2"}, {"type": "text", "text": "c"},
+            {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"x": 1}},
+            {"type": "tool_use", "id": "toolu_2", "name": "g", "input": {}}, {"type": "text", "text": "d"}])
+
+    def test_errors_take_anthropics_types_and_statuses(self) -> None:
+        for error, status, type_ in [
+                (proxy.invalid("bad"), 400, "invalid_request_error"),
+                (proxy.ProxyError(401, "who?"), 401, "authentication_error"),
+                (proxy.ProxyError(404, "where?"), 404, "not_found_error"),
+                (proxy.ProxyError(413, "big"), 413, "request_too_large"),
+                (proxy.ProxyError(429, "slow down"), 429, "rate_limit_error"),
+                (proxy.ProxyError(502, "died"), 502, "api_error"),
+                (proxy.ProxyError(503, "Claude is overloaded", code="overloaded"), 529, "overloaded_error"),
+                (proxy.ProxyError(504, "late"), 504, "timeout_error")]:
+            self.assertEqual(proxy.MessagesDoor.error_reply(error),
+                             (status, {"type": "error", "error": {"type": type_, "message": error.message}}))
+
+    # -- the answer, over HTTP ----------------------------------------------------
+
+    def test_a_text_answer(self) -> None:
+        tag = marker()
+        response = self.messages(user("hi " + tag), model="claude-opus-4-1",
+                                 metadata={"user_id": "secret-user"})
+        self.assertEqual(response.status, 200, response.body)
+        body = response.json()
+        self.assertRegex(body.pop("id"), r"^msg_[0-9a-f]{24}$")
+        self.assertEqual(body, {
+            "type": "message", "role": "assistant", "model": "claude-opus-4-1",
+            "content": [{"type": "text", "text": "Hello from fake (claude-opus-4-1, 1 msgs) "}],
+            "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 10, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                      "output_tokens": 7}})
+        run = FAKE.run_for(tag)
+        self.assertEqual(run["flag_settings"]["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "1024")
+        self.assertEqual(run["env"]["MAX_THINKING_TOKENS"], "0", "thinking was not asked for")
+        self.assertNotIn("secret-user", json.dumps([run["argv"], run["stdin"]]))
+
+    def test_thinking_text_and_a_tool_call_as_one_message(self) -> None:
+        cue = FAKE.script("messages-calls", thinking=["Let me ", "think."], text_before=["Let me check."],
+                          calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
+        response = self.messages(user("Weather in Paris? " + cue), tools=[MESSAGES_WEATHER_TOOL],
+                                 thinking={"type": "enabled", "budget_tokens": 2000})
+        body = response.json()
+        self.assertEqual(body["stop_reason"], "tool_use", body)
+        call_id = body["content"][2]["id"]
+        self.assertRegex(call_id, r"^toolu_")
+        self.assertEqual(body["content"], [
+            {"type": "thinking", "thinking": "Let me think.", "signature": FAKE_SIGNATURE},
+            {"type": "text", "text": "Let me check."},
+            {"type": "tool_use", "id": call_id, "name": "get_weather", "input": {"city": "Paris"}}])
+
+    def test_a_streamed_tool_call_whose_result_continues_the_same_process(self) -> None:
+        running_server = RunningServer(**dict(self.settings, pool_size=1))
+        try:
+            cue = FAKE.script("messages-calls-streamed", thinking=["Let me ", "think."],
+                              text_before=["Let me ", "check."],
+                              calls=[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}])
+            tag = marker()
+            question = user("Weather in Paris? %s %s" % (cue, tag))
+            fields = {"model": "claude-sonnet-4", "max_tokens": 1024, "tools": [MESSAGES_WEATHER_TOOL],
+                      "thinking": {"type": "adaptive"}}
+            response = http_request(running_server.port, "POST", "/v1/messages",
+                                    dict(fields, messages=[question], stream=True))
+            self.assertEqual(response.status, 200, response.body)
+            self.assertEqual(response.headers["Content-Type"], "text/event-stream; charset=utf-8")
+            events = sse_events(response)
+            for name, event in events:
+                self.assertEqual(name, event["type"])
+            names = [name for name, _ in events]
+            self.assertEqual(names[:2], ["message_start", "ping"])
+            self.assertEqual(names[-2:], ["message_delta", "message_stop"])
+            start = events[0][1]["message"]
+            self.assertEqual((start["content"], start["stop_reason"], start["role"]), ([], None, "assistant"))
+            self.assertEqual(set(start["usage"]), {"input_tokens", "output_tokens",
+                                                   "cache_creation_input_tokens", "cache_read_input_tokens"})
+            blocks = [(e["index"], e["content_block"]["type"]) for _, e in events
+                      if e["type"] == "content_block_start"]
+            self.assertEqual(blocks, [(0, "thinking"), (1, "text"), (2, "tool_use")])
+            stops = [e["index"] for _, e in events if e["type"] == "content_block_stop"]
+            self.assertEqual(stops, [0, 1, 2])
+            thinking = [e for _, e in events if e.get("index") == 0]
+            self.assertEqual([e["delta"]["type"] for e in thinking if e["type"] == "content_block_delta"],
+                             ["thinking_delta", "thinking_delta", "signature_delta"],
+                             "the signature comes once, whole, last")
+            self.assertEqual(events[-2][1]["delta"], {"stop_reason": "tool_use", "stop_sequence": None})
+            self.assertEqual(events[-2][1]["usage"]["output_tokens"], 7)
+            content = streamed_content(events)
+            call_id = content[2]["id"]
+            self.assertEqual(content, [
+                {"type": "thinking", "thinking": "Let me think.", "signature": FAKE_SIGNATURE},
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": call_id, "name": "get_weather",
+                 "input": {"city": "Paris", "unit": "C"}}])
+            # The client sends the content back as it got it, with the result: the waiting process goes on.
+            result = {"type": "tool_result", "tool_use_id": call_id, "content": "sunny, 21 C"}
+            final = http_request(running_server.port, "POST", "/v1/messages", dict(fields, messages=[
+                question, {"role": "assistant", "content": content}, {"role": "user", "content": [result]}]))
+            self.assertEqual(final.status, 200, final.body)
+            self.assertEqual(final.json()["content"], [{"type": "text", "text": "Tool results: sunny, 21 C"}])
+            self.assertEqual(final.json()["stop_reason"], "end_turn")
+            run = FAKE.run_for(tag, field="answered")
+            self.assertEqual(run["tool_calls"][0]["answer"]["response"]["mcp_response"]["result"],
+                             {"content": [{"type": "text", "text": "sunny, 21 C"}]})
+            self.assertEqual(running_server.server.health()["pool"]["continued"], 1)
+        finally:
+            running_server.stop()
+
+    def test_stop_sequences(self) -> None:
+        cue = FAKE.script("messages-stop", text=["one two E", "N", "D three "] + ["four "] * 10, delay=0.1)
+        body = self.messages(user(cue), stop_sequences=["END", "never"]).json()
+        self.assertEqual((body["content"], body["stop_reason"], body["stop_sequence"]),
+                         ([{"type": "text", "text": "one two "}], "stop_sequence", "END"))
+        events = sse_events(self.messages(user(cue), stop_sequences=["END"], stream=True))
+        self.assertEqual(streamed_content(events), [{"type": "text", "text": "one two "}])
+        self.assertEqual(events[-2][1]["delta"], {"stop_reason": "stop_sequence", "stop_sequence": "END"})
+
+    def test_silence_is_filled_with_pings(self) -> None:
+        with mock.patch.object(proxy, "KEEPALIVE_INTERVAL", 0.05):
+            response = self.messages(user("[[fake:slow]]"), stream=True)
+        names = [name for name, _ in sse_events(response)]  # no comments: every line is a named event
+        self.assertGreater(names.count("ping"), 1)
+        self.assertEqual(names[0], "message_start")
+        self.assertEqual(names.count("message_start"), 1)
+        self.assertEqual(streamed_content(sse_events(response)),
+                         [{"type": "text", "text": "one two three four five six seven eight"}])
+
+    def test_errors_in_anthropics_shape(self) -> None:
+        self.assertIn("max_tokens", self.assertAnthropicError(
+            self.request("POST", "/v1/messages", {"model": "claude-sonnet-4", "messages": [user("hi")]}),
+            400, "invalid_request_error"))
+        self.assertAnthropicError(self.messages(user("hi"), model="gpt-4o"), 400, "invalid_request_error")
+        self.assertAnthropicError(self.request("POST", "/v1/messages", b"{nope"), 400, "invalid_request_error")
+        self.assertAnthropicError(self.request("GET", "/v1/messages"), 405, "invalid_request_error")
+        self.assertAnthropicError(self.request("POST", "/v1/messages/batches"), 404, "not_found_error")
+        self.assertIn("/login", self.assertAnthropicError(self.messages(user("[[fake:not-logged-in]]")),
+                                                          401, "authentication_error"))
+        self.assertAnthropicError(self.messages(user("[[fake:overloaded-529-retrying]]")),
+                                  529, "overloaded_error")
+        # Other routes keep OpenAI's shape.
+        self.assertError(self.say("hi", model="gpt-4o"), 400, "invalid_request_error", "model_not_found")
+        self.assertError(self.request("POST", "/v1/messagesx"), 404, "not_found_error")
+
+    def test_a_failure_mid_stream_is_an_error_event(self) -> None:
+        events = sse_events(self.messages(user("[[fake:crash-midstream]]"), stream=True))
+        self.assertEqual(events[0][0], "message_start")
+        self.assertEqual(events[-1][0], "error")
+        self.assertEqual(events[-1][1]["error"]["type"], "api_error")
+        self.assertIn("midway", events[-1][1]["error"]["message"])
+        self.assertNotIn("message_stop", [name for name, _ in events])
+
+    def test_the_key_by_x_api_key_or_bearer_and_any_anthropic_headers(self) -> None:
+        self.config.api_key = "sekrit"
+        message = self.assertAnthropicError(self.messages(user("hi")), 401, "authentication_error")
+        self.assertIn("x-api-key", message)
+        self.assertAnthropicError(self.request("POST", "/v1/messages", {}, headers={"X-Api-Key": "wrong"}),
+                                  401, "authentication_error")
+        body = {"model": "claude-sonnet-4", "max_tokens": 100, "messages": [user("hi")]}
+        for headers in ({"X-Api-Key": "sekrit", "anthropic-version": "2023-06-01"},
+                        {"Authorization": "Bearer sekrit", "anthropic-version": "2026-10-21"}):
+            for path in ("/v1/messages", "/v1/messages?beta=true"):
+                response = self.request("POST", path, body, headers=dict(headers, **{
+                    "anthropic-beta": "interleaved-thinking-2025-05-14,context-1m-2025-08-07"}))
+                self.assertEqual(response.status, 200, (headers, path, response.body))
+                self.assertEqual(response.json()["type"], "message")
+
+    def test_count_tokens_is_a_501_the_sdks_do_not_retry(self) -> None:
+        response = self.request("POST", "/v1/messages/count_tokens?beta=true",
+                                {"model": "claude-sonnet-4", "messages": [user("hi")]})
+        self.assertIn("count", self.assertAnthropicError(response, 501, "api_error"))
+        self.assertEqual(response.headers["x-should-retry"], "false")
+
+    # -- the official anthropic SDK -------------------------------------------------
+
+    def client(self) -> Any:
+        if anthropic is None:
+            if IN_CI:
+                raise AssertionError("CI must have the anthropic package")
+            self.skipTest("the anthropic package is not installed")
+        return anthropic.Anthropic(base_url="http://127.0.0.1:%d" % self.running.port, api_key="not-needed")
+
+    def test_sdk_create_and_stream(self) -> None:
+        client = self.client()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            message = client.messages.create(model="claude-sonnet-4", max_tokens=100,
+                                              messages=[{"role": "user", "content": "hi"}])
+            self.assertEqual(message.content[0].text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
+            self.assertEqual((message.stop_reason, message.usage.output_tokens), ("end_turn", 7))
+            events = list(client.messages.create(model="claude-sonnet-4", max_tokens=100, stream=True,
+                                                 messages=[{"role": "user", "content": "hi"}]))
+            self.assertEqual([e.type for e in events][0], "message_start")
+            self.assertEqual([e.type for e in events][-1], "message_stop")
+            cue = FAKE.script("sdk-messages-thinks", thinking=["Hmm."], text=["Yes."])
+            with client.messages.stream(model="claude-sonnet-4", max_tokens=100,
+                                        thinking={"type": "enabled", "budget_tokens": 1024},
+                                        messages=[{"role": "user", "content": cue}]) as stream:
+                self.assertEqual("".join(stream.text_stream), "Yes.")
+                final = stream.get_final_message()
+            self.assertEqual([block.type for block in final.content], ["thinking", "text"])
+            self.assertEqual((final.content[0].thinking, final.content[0].signature), ("Hmm.", FAKE_SIGNATURE))
+            self.assertEqual((final.stop_reason, final.usage.input_tokens, final.usage.output_tokens),
+                             ("end_turn", 10, 7))
+
+    def test_sdk_tools_and_images(self) -> None:
+        self.client()
+        running_server = RunningServer(**dict(self.settings, pool_size=1))
+        try:
+            client = anthropic.Anthropic(base_url="http://127.0.0.1:%d" % running_server.port, api_key="x")
+            cue = FAKE.script("sdk-messages-calls",
+                              calls=[{"name": "get_weather", "arguments": {"city": "Oslo"}}])
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                for stream in (False, True):
+                    messages: List[Any] = [{"role": "user", "content": [
+                        {"type": "text", "text": "Weather here? " + cue},
+                        {"type": "image",
+                         "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}]}]
+                    fields = dict(model="claude-sonnet-4", max_tokens=100, tools=[MESSAGES_WEATHER_TOOL])
+                    if stream:
+                        with client.messages.stream(messages=messages, **fields) as events:
+                            first = events.get_final_message()
+                    else:
+                        first = client.messages.create(messages=messages, **fields)
+                    self.assertEqual(first.stop_reason, "tool_use")
+                    call = first.content[-1]
+                    self.assertEqual((call.type, call.name, call.input),
+                                     ("tool_use", "get_weather", {"city": "Oslo"}))
+                    messages += [{"role": "assistant", "content": first.content},
+                                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                                               "content": "-3 C"}]}]
+                    final = client.messages.create(messages=messages, **fields)
+                    self.assertEqual(final.content[0].text, "Tool results: -3 C")
+            self.assertEqual(running_server.server.health()["pool"]["continued"], 2)
+            image = FAKE.run_for(cue)["messages"][0]["message"]["content"][1]
+            self.assertEqual(image["source"]["data"], PNG_1PX)
+        finally:
+            running_server.stop()
+
+    def test_sdk_errors(self) -> None:
+        client = self.client()
+        with self.assertRaises(anthropic.BadRequestError):
+            client.messages.create(model="gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+        with self.assertRaises(anthropic.AuthenticationError):
+            client.messages.create(model="claude-sonnet-4", max_tokens=10,
+                                   messages=[{"role": "user", "content": "[[fake:not-logged-in]]"}])
+        with self.assertLogs(proxy.log, "INFO") as logged:
+            with self.assertRaises(anthropic.InternalServerError) as caught:
+                client.messages.count_tokens(model="claude-sonnet-4",
+                                             messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(caught.exception.status_code, 501)
+        self.assertEqual(len([line for line in logged.output if "count_tokens 501" in line]), 1,
+                         "the SDK must not retry it")
+        with self.assertRaises(anthropic.APIStatusError) as mid:
+            with client.messages.stream(model="claude-sonnet-4", max_tokens=10, messages=[
+                    {"role": "user", "content": "[[fake:crash-midstream]]"}]) as stream:
+                stream.get_final_message()
+        self.assertIn("midway", str(mid.exception.body))
 
 
 # ---------------------------------------------------------------------------
