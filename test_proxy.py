@@ -7215,6 +7215,8 @@ class MessagesDoorTest(ProxyTest):
             with self.assertRaises(anthropic.InternalServerError) as caught:
                 client.messages.count_tokens(model="claude-sonnet-4",
                                              messages=[{"role": "user", "content": "x"}])
+            # The access line follows the answer: wait for it (retries would all have come before).
+            wait_until(lambda: any("count_tokens 501" in line for line in logged.output))
         self.assertEqual(caught.exception.status_code, 501)
         self.assertEqual(len([line for line in logged.output if "count_tokens 501" in line]), 1,
                          "the SDK must not retry it")
