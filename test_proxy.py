@@ -15,12 +15,14 @@ is skipped when `claude` is not installed, except in CI (CI=true).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import copy
 import errno
 import fcntl
 import http.client
+import importlib
 import io
 import json
 import logging
@@ -7771,6 +7773,385 @@ class EndToEndTest(ProxyTest):
         response = self.say("THINK about it", stream=True)
         self.assertEqual(stream_text(response, "reasoning_content"), "Let me think about this.")
         self.assertEqual(stream_text(response), UPSTREAM_REPLY)
+
+
+# ---------------------------------------------------------------------------
+# Real clients: the frameworks users point at the proxy, run for real
+# ---------------------------------------------------------------------------
+
+# The issues name the clients users run through the proxy; .ci/run installs them (pip into both
+# test venvs, npm once into the folder CLAUDE_PROXY_NODE_CLIENTS names) and each one runs here
+# against the fake claude. A client that is not installed skips its test, except in CI, where it
+# fails. OpenClaw is not run: it needs Node >= 24 and 647 MB; every request it sends is replayed
+# from its recording instead (CLIENT_REQUESTS, see HttpHardeningTest). The clients of the Responses
+# and Anthropic Messages doors get classes of their own beside RealClientsTest, one per client
+# family, built on the same helpers (client_library, no_warnings, ClientRuns).
+NODE_CLIENTS = os.environ.get("CLAUDE_PROXY_NODE_CLIENTS", "")
+# LiteLLM 1.110 warns when its first call imports its GitHub Copilot module (pydantic on its
+# ReadOnly TypedDicts), whoever answers.
+# langchain-openai before 1.3.4 (3.9 gets 0.3) dumps the SDK's parsed completion, which warns on its
+# `parsed` field (langchain-ai/langchain#37723).
+LANGCHAIN_OWN_WARNING = (r"Pydantic serializer warnings:\s+PydanticSerializationUnexpectedValue\(Expected `none` "
+                         r"- serialized value may not be as expected \[field_name='parsed'")
+LITELLM_OWN_WARNING = r"Items? .* on TypedDict class '\w+' (is|are) using the `ReadOnly` qualifier"
+WEATHER_RESULT = "18C and sunny in %s"
+
+
+def client_library(test: unittest.TestCase, name: str) -> Any:
+    """The installed client library `name` (imported outside no_warnings: an import may warn about
+    the library's own dependencies); the test skips without it, and fails in CI."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        if IN_CI:
+            raise AssertionError("CI must have the %s client installed (.ci/run): %s" % (name, error))
+        test.skipTest("the %s client is not installed" % name)
+
+
+@contextlib.contextmanager
+def no_warnings(*library_own: str) -> Iterator[None]:
+    """Any warning while a client runs fails the test (a field it could not parse, a deprecation
+    our answer set off), but those matching `library_own`: a client's own, whatever the answer."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for message in library_own:
+            warnings.filterwarnings("ignore", message)
+        yield
+
+
+def get_weather(city: str) -> str:
+    """Get the weather for a city."""
+    return WEATHER_RESULT % city
+
+
+def tool_names(run: Dict[str, Any]) -> List[str]:
+    """The tools the fake claude would have sent upstream last (the CLI's StructuredOutput too)."""
+    return sorted(tool["name"] for tool in run["requests"][-1]["tools"])
+
+
+class ClientRuns:
+    """What a client's turns did to the fake claude, found by the cue in the client's prompt."""
+
+    def __init__(self, test: ProxyTest) -> None:
+        self.test = test
+
+    def cue(self, **spec: Any) -> str:
+        """A fake script for one test; its name is unique, so it finds the run too."""
+        return FAKE.script("client-" + marker(), **spec)
+
+    def continued(self) -> int:
+        return self.test.running.server.health()["pool"]["continued"]
+
+    def tool_loop(self, cue: str, continued_before: int, tools: List[str],
+                  calls: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
+        """The run of a turn that called the client's tools and went on with their results: one
+        process saw the tools natively, waited on each call, got the client's result back and
+        finished the turn; the proxy counted that as a kept conversation continued."""
+        run = FAKE.run_for(cue, "answered")
+        test = self.test
+        test.assertEqual(tool_names(run), sorted(tools))
+        test.assertEqual([(call["name"], call["arguments"]) for call in run["tool_calls"]], calls)
+        for (_, arguments), call in zip(calls, run["tool_calls"]):
+            test.assertIn(WEATHER_RESULT % arguments["city"], json.dumps(call["answer"]),
+                          "the client's own tool result reached the waiting call")
+        test.assertGreater(self.continued(), continued_before, "the tool results continued the process")
+        return run
+
+
+def tool_answer(*cities: str) -> str:
+    """What the fake claude says after tool calls: it quotes the results it got."""
+    return "Tool results: " + " | ".join(WEATHER_RESULT % city for city in cities)
+
+
+def weather_calls(*cities: str) -> List[Dict[str, Any]]:
+    return [{"name": "get_weather", "arguments": {"city": city}} for city in cities]
+
+
+# The Vercel AI SDK (npm `ai` and `@ai-sdk/openai-compatible`), run by node: generateText with a
+# tool (the SDK runs it and sends its result back), then streamText with the same tool. It prints
+# what it saw as JSON; every warning the SDK would log is collected there too.
+VERCEL_AI_SCRIPT = r'''
+const { createRequire } = require("module");
+const path = require("path");
+const clients = createRequire(path.join(process.env.CLAUDE_PROXY_NODE_CLIENTS, "package.json"));
+const { generateText, streamText, tool, jsonSchema, stepCountIs } = clients("ai");
+const { createOpenAICompatible } = clients("@ai-sdk/openai-compatible");
+
+const [baseURL, generatePrompt, streamPrompt] = process.argv.slice(2);
+const warned = [];
+globalThis.AI_SDK_LOG_WARNINGS = (options) => warned.push(...options.warnings.map((w) => JSON.stringify(w)));
+console.warn = (...args) => warned.push(args.join(" "));
+process.on("warning", (warning) => warned.push(String(warning)));
+
+const model = createOpenAICompatible({ name: "proxy", baseURL, apiKey: "not-needed" }).chatModel("claude-sonnet-4");
+const executed = [];
+const tools = {
+  get_weather: tool({
+    description: "Get the weather for a city.",
+    inputSchema: jsonSchema({ type: "object", properties: { city: { type: "string" } }, required: ["city"],
+                              additionalProperties: false }),
+    execute: async ({ city }) => { executed.push(city); return `18C and sunny in ${city}`; },
+  }),
+};
+const calls = (steps) => steps.flatMap((step) => step.toolCalls.map((c) => [c.toolName, c.input]));
+
+(async () => {
+  const generated = await generateText({ model, tools, prompt: generatePrompt, stopWhen: stepCountIs(3), maxRetries: 0 });
+  const streamed = streamText({ model, tools, prompt: streamPrompt, stopWhen: stepCountIs(3), maxRetries: 0 });
+  let text = "", deltas = 0;
+  for await (const part of streamed.fullStream) {
+    if (part.type === "error") throw part.error;
+    if (part.type === "text-delta") { text += part.text; deltas += 1; }
+  }
+  process.stdout.write(JSON.stringify({
+    generated: { text: generated.text, finishReason: generated.finishReason, calls: calls(generated.steps) },
+    streamed: { text, deltas, finishReason: await streamed.finishReason, calls: calls(await streamed.steps) },
+    executed, warned,
+  }));
+})().catch((error) => { console.error((error && error.stack) || String(error)); process.exit(1); });
+'''
+
+
+class RealClientsTest(ProxyTest):
+    """The clients of the chat completions door, each driving the proxy as its users do: the
+    client's tools reach Claude natively under their own names, the results the client sends back
+    continue the same claude process, structured output parses into the client's types, and no
+    client warns about anything."""
+
+    settings = dict(ProxyTest.settings, pool_size=2)  # a pool keeps conversations between turns
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.runs = ClientRuns(self)
+        self.base_url = "http://127.0.0.1:%d/v1" % self.running.port
+
+    # -- the OpenAI Agents SDK, on its chat completions model ----------------------------------
+
+    def in_event_loop(self, run: Callable[[Any], Any]) -> Any:
+        """`run(client)` with an AsyncOpenAI client closed in the event loop it ran in, as an
+        async application does (a client left open warns when its loop is gone)."""
+        openai = client_library(self, "openai")
+
+        async def with_client() -> Any:
+            client = openai.AsyncOpenAI(base_url=self.base_url, api_key="not-needed", max_retries=0)
+            try:
+                return await run(client)
+            finally:
+                await client.close()
+        with no_warnings():
+            return asyncio.run(with_client())
+
+    def test_openai_agents_sdk(self) -> None:
+        agents = client_library(self, "agents")
+        pydantic = client_library(self, "pydantic")
+        agents.set_tracing_disabled(True)
+        weather = agents.function_tool(get_weather)
+
+        def agent(client: Any, **settings: Any) -> Any:
+            return agents.Agent(name="Weather", instructions="You answer weather questions.", tools=[weather],
+                                model=agents.OpenAIChatCompletionsModel(model="claude-sonnet-4",
+                                                                        openai_client=client), **settings)
+
+        with self.subTest("a one-tool agent"):
+            cue, before = self.runs.cue(calls=weather_calls("Paris")), self.runs.continued()
+            result = self.in_event_loop(lambda client: agents.Runner.run(
+                agent(client), "What's the weather in Paris? " + cue))
+            self.assertEqual(result.final_output, tool_answer("Paris"))
+            self.runs.tool_loop(cue, before, ["get_weather"], [("get_weather", {"city": "Paris"})])
+
+        with self.subTest("tools and structured output in one request"):
+            class Forecast(pydantic.BaseModel):
+                city: str
+                celsius: int
+
+            cue = self.runs.cue(structured={"city": "Paris", "celsius": 18})
+            result = self.in_event_loop(lambda client: agents.Runner.run(
+                agent(client, output_type=Forecast), "Forecast for Paris? " + cue))
+            self.assertEqual(result.final_output.model_dump(), {"city": "Paris", "celsius": 18})
+            self.assertEqual(tool_names(FAKE.run_for(cue, "answered")), ["StructuredOutput", "get_weather"],
+                             "the client's tool natively, beside the CLI's schema-checked answer")
+
+        with self.subTest("a streamed run"):
+            cue, before = self.runs.cue(calls=weather_calls("Rome")), self.runs.continued()
+
+            async def streamed(client: Any) -> Tuple[Any, List[str]]:
+                result = agents.Runner.run_streamed(agent(client), "What's the weather in Rome? " + cue)
+                return result, [event.type async for event in result.stream_events()]
+
+            result, kinds = self.in_event_loop(streamed)
+            self.assertEqual(result.final_output, tool_answer("Rome"))
+            self.assertIn("raw_response_event", kinds)
+            self.runs.tool_loop(cue, before, ["get_weather"], [("get_weather", {"city": "Rome"})])
+
+    # -- pydantic-ai, through its OpenAI chat model --------------------------------------------
+
+    def test_pydantic_ai(self) -> None:
+        pydantic_ai = client_library(self, "pydantic_ai")
+        models = client_library(self, "pydantic_ai.models.openai")
+        providers = client_library(self, "pydantic_ai.providers.openai")
+        pydantic = client_library(self, "pydantic")
+        chat_model = getattr(models, "OpenAIChatModel", None) or models.OpenAIModel  # renamed in 1.0
+
+        def agent(client: Any, **settings: Any) -> Any:
+            model = chat_model("claude-sonnet-4", provider=providers.OpenAIProvider(openai_client=client))
+            return pydantic_ai.Agent(model, tools=[get_weather], **settings)
+
+        with self.subTest("an agent with a tool"):
+            cue, before = self.runs.cue(calls=weather_calls("Oslo")), self.runs.continued()
+            result = self.in_event_loop(lambda client: agent(
+                client, instructions="You answer weather questions.").run("What's the weather in Oslo? " + cue))
+            self.assertEqual(result.output, tool_answer("Oslo"))
+            self.runs.tool_loop(cue, before, ["get_weather"], [("get_weather", {"city": "Oslo"})])
+
+        with self.subTest("NativeOutput with a tool"):
+            class Forecast(pydantic.BaseModel):
+                city: str
+                celsius: int
+
+            cue = self.runs.cue(structured={"city": "Oslo", "celsius": 4})
+            result = self.in_event_loop(lambda client: agent(
+                client, output_type=pydantic_ai.NativeOutput(Forecast)).run("Forecast for Oslo? " + cue))
+            self.assertEqual(result.output.model_dump(), {"city": "Oslo", "celsius": 4})
+            self.assertEqual(tool_names(FAKE.run_for(cue, "answered")), ["StructuredOutput", "get_weather"])
+
+    # -- LangChain (langchain-openai) ---------------------------------------------------------
+
+    def test_langchain(self) -> None:
+        langchain_openai = client_library(self, "langchain_openai")
+        messages = client_library(self, "langchain_core.messages")
+        pydantic = client_library(self, "pydantic")
+        chat = langchain_openai.ChatOpenAI(model="claude-sonnet-4", base_url=self.base_url,
+                                           api_key="not-needed", max_retries=0)
+
+        with self.subTest("invoke and stream"):
+            cue = self.runs.cue(text=["Hello ", "from ", "LangChain."])
+            with no_warnings():
+                answer = chat.invoke("Say hello. " + cue)
+                pieces = [chunk.content for chunk in chat.stream("Say hello. " + cue)]
+            self.assertEqual(answer.content, "Hello from LangChain.")
+            self.assertEqual([piece for piece in pieces if piece], ["Hello ", "from ", "LangChain."],
+                             "the answer streams in pieces")
+
+        with self.subTest("bind_tools, the tool's result sent back"):
+            cue, before = self.runs.cue(calls=weather_calls("Lima")), self.runs.continued()
+            with_tools = chat.bind_tools([get_weather])
+            conversation: List[Any] = [messages.HumanMessage("What's the weather in Lima? " + cue)]
+            with no_warnings():
+                asked = with_tools.invoke(conversation)
+                self.assertEqual([(c["name"], c["args"]) for c in asked.tool_calls],
+                                 [("get_weather", {"city": "Lima"})])
+                conversation += [asked] + [messages.ToolMessage(get_weather(**c["args"]), tool_call_id=c["id"])
+                                           for c in asked.tool_calls]
+                final = with_tools.invoke(conversation)
+            self.assertEqual(final.content, tool_answer("Lima"))
+            self.runs.tool_loop(cue, before, ["get_weather"], [("get_weather", {"city": "Lima"})])
+
+        with self.subTest("with_structured_output"):
+            class Forecast(pydantic.BaseModel):
+                """A city's forecast."""
+                city: str
+                celsius: int
+
+            # The default (json_schema) is response_format; function_calling forces a tool.
+            for method, spec, tools in [
+                    (None, {"structured": {"city": "Lima", "celsius": 22}}, ["StructuredOutput"]),
+                    ("function_calling", {"calls": [{"name": "Forecast", "arguments": {
+                        "city": "Lima", "celsius": 22}}]}, ["Forecast"])]:
+                cue = self.runs.cue(**spec)
+                extract = chat.with_structured_output(Forecast, **({"method": method} if method else {}))
+                with no_warnings(LANGCHAIN_OWN_WARNING):
+                    forecast = extract.invoke("Forecast for Lima? " + cue)
+                self.assertEqual(forecast, Forecast(city="Lima", celsius=22))
+                self.assertEqual(tool_names(FAKE.run_for(cue, "requests")), tools)
+
+    # -- instructor ---------------------------------------------------------------------------
+
+    def test_instructor(self) -> None:
+        instructor = client_library(self, "instructor")
+        openai = client_library(self, "openai")
+        pydantic = client_library(self, "pydantic")
+
+        class Person(pydantic.BaseModel):
+            name: str
+            age: int
+
+        for mode, spec in [(instructor.Mode.TOOLS, {"calls": [{"name": "Person", "arguments": {
+                               "name": "Ada", "age": 36}}]}),
+                           (instructor.Mode.JSON, {"structured": {"name": "Ada", "age": 36}})]:
+            with self.subTest(mode=mode.value):
+                cue = self.runs.cue(**spec)
+                client = instructor.from_openai(openai.OpenAI(base_url=self.base_url, api_key="not-needed",
+                                                              max_retries=0), mode=mode)
+                with no_warnings():
+                    person = client.chat.completions.create(
+                        model="claude-sonnet-4", response_model=Person, max_retries=0,
+                        messages=[{"role": "user", "content": "Ada Lovelace, 36. " + cue}])
+                self.assertIsInstance(person, Person)
+                self.assertEqual(person.model_dump(), {"name": "Ada", "age": 36})
+                run = FAKE.run_for(cue, "requests")
+                self.assertEqual(tool_names(run), ["Person"] if mode == instructor.Mode.TOOLS
+                                 else ["StructuredOutput"], "a forced tool, or a JSON object the CLI checks")
+
+    # -- LiteLLM as a client ------------------------------------------------------------------
+
+    def test_litellm(self) -> None:
+        # Left to itself LiteLLM downloads its model price list from GitHub when imported.
+        with mock.patch.dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True"):
+            self.litellm_turns(client_library(self, "litellm"))
+
+    def litellm_turns(self, litellm: Any) -> None:
+        call = {"model": "openai/claude-sonnet-4", "api_base": self.base_url, "api_key": "not-needed",
+                "num_retries": 0}
+
+        with self.subTest("plain, and streamed"):
+            cue = self.runs.cue(text=["Hello ", "from ", "LiteLLM."])
+            with no_warnings(LITELLM_OWN_WARNING):
+                answer = litellm.completion(messages=[{"role": "user", "content": "Hi. " + cue}], **call)
+                pieces = [chunk.choices[0].delta.content or "" for chunk in litellm.completion(
+                    messages=[{"role": "user", "content": "Hi. " + cue}], stream=True, **call)]
+            self.assertEqual(answer.choices[0].message.content, "Hello from LiteLLM.")
+            self.assertEqual("".join(pieces), "Hello from LiteLLM.")
+
+        with self.subTest("tools, the result sent back"):
+            cue, before = self.runs.cue(calls=weather_calls("Kyiv")), self.runs.continued()
+            messages: List[Any] = [{"role": "user", "content": "What's the weather in Kyiv? " + cue}]
+            tools = [WEATHER_TOOL]
+            with no_warnings(LITELLM_OWN_WARNING):
+                asked = litellm.completion(messages=messages, tools=tools, **call).choices[0]
+                self.assertEqual(asked.finish_reason, "tool_calls")
+                calls = asked.message.tool_calls
+                self.assertEqual([(c.function.name, json.loads(c.function.arguments)) for c in calls],
+                                 [("get_weather", {"city": "Kyiv"})])
+                messages += [asked.message.model_dump(exclude_none=True)] + [
+                    {"role": "tool", "tool_call_id": c.id, "content": get_weather("Kyiv")} for c in calls]
+                final = litellm.completion(messages=messages, tools=tools, **call)
+            self.assertEqual(final.choices[0].message.content, tool_answer("Kyiv"))
+            self.runs.tool_loop(cue, before, ["get_weather"], [("get_weather", {"city": "Kyiv"})])
+
+    # -- the Vercel AI SDK (node) -------------------------------------------------------------
+
+    def test_vercel_ai_sdk(self) -> None:
+        if not os.path.exists(os.path.join(NODE_CLIENTS, "node_modules", "ai")) or not shutil.which("node"):
+            if IN_CI:
+                self.fail("CI must install the AI SDK (.ci/run) and set CLAUDE_PROXY_NODE_CLIENTS")
+            self.skipTest("the AI SDK is not installed (CLAUDE_PROXY_NODE_CLIENTS names no folder with it)")
+        script = os.path.join(FAKE.dir, "vercel_ai.js")
+        with open(script, "w") as f:
+            f.write(VERCEL_AI_SCRIPT)
+        generate_cue, before = self.runs.cue(calls=weather_calls("Lisbon")), self.runs.continued()
+        stream_cue = self.runs.cue(calls=weather_calls("Porto"))
+        ran = subprocess.run(["node", script, self.base_url, "Weather in Lisbon? " + generate_cue,
+                              "Weather in Porto? " + stream_cue], capture_output=True, text=True, timeout=60)
+        self.assertEqual(ran.returncode, 0, ran.stderr)
+        seen = json.loads(ran.stdout)
+        self.assertEqual(seen["executed"], ["Lisbon", "Porto"])
+        self.assertEqual(seen["generated"], {"text": tool_answer("Lisbon"), "finishReason": "stop",
+                                             "calls": [["get_weather", {"city": "Lisbon"}]]})
+        self.assertEqual(seen["streamed"]["text"], tool_answer("Porto"))
+        self.assertEqual(seen["streamed"]["calls"], [["get_weather", {"city": "Porto"}]])
+        self.assertEqual(seen["warned"], [])
+        self.runs.tool_loop(generate_cue, before, ["get_weather"], [("get_weather", {"city": "Lisbon"})])
+        self.runs.tool_loop(stream_cue, before + 1, ["get_weather"], [("get_weather", {"city": "Porto"})])
 
 
 # ---------------------------------------------------------------------------
