@@ -7983,6 +7983,25 @@ class RealClientsTest(ProxyTest):
             self.assertIn("raw_response_event", kinds)
             self.runs.tool_loop(cue, before, ["get_weather"], [("get_weather", {"city": "Rome"})])
 
+    def test_openai_agents_sdk_on_its_default_responses_model(self) -> None:
+        agents = client_library(self, "agents")
+        agents.set_tracing_disabled(True)
+        weather = agents.function_tool(get_weather)
+        cue, before = self.runs.cue(calls=weather_calls("Madrid")), self.runs.continued()
+
+        async def run(client: Any) -> Any:
+            agents.set_default_openai_client(client, use_for_tracing=False)
+            agent = agents.Agent(name="Weather", instructions="You answer weather questions.", tools=[weather],
+                                 model="claude-sonnet-4")  # a name: the SDK's default model, on the Responses API
+            return await agents.Runner.run(agent, "What's the weather in Madrid? " + cue)
+
+        result = self.in_event_loop(run)
+        self.assertEqual(result.final_output, tool_answer("Madrid"))
+        self.assertTrue(any(getattr(item, "type", "") == "function_call"
+                            for response in result.raw_responses for item in response.output),
+                        "the call came back as a Responses function_call item")
+        self.runs.tool_loop(cue, before, ["get_weather"], [("get_weather", {"city": "Madrid"})])
+
     # -- pydantic-ai, through its OpenAI chat model --------------------------------------------
 
     def test_pydantic_ai(self) -> None:
@@ -8045,6 +8064,25 @@ class RealClientsTest(ProxyTest):
                 final = with_tools.invoke(conversation)
             self.assertEqual(final.content, tool_answer("Lima"))
             self.runs.tool_loop(cue, before, ["get_weather"], [("get_weather", {"city": "Lima"})])
+
+        with self.subTest("the Responses API (use_responses_api=True), the tool's result sent back"):
+            responses_chat = langchain_openai.ChatOpenAI(model="claude-sonnet-4", base_url=self.base_url,
+                                                         api_key="not-needed", max_retries=0,
+                                                         use_responses_api=True)
+            cue, before = self.runs.cue(calls=weather_calls("Quito")), self.runs.continued()
+            with_tools = responses_chat.bind_tools([get_weather])
+            conversation = [messages.HumanMessage("What's the weather in Quito? " + cue)]
+            with no_warnings():
+                asked = with_tools.invoke(conversation)
+                self.assertEqual([(c["name"], c["args"]) for c in asked.tool_calls],
+                                 [("get_weather", {"city": "Quito"})])
+                conversation += [asked] + [messages.ToolMessage(get_weather(**c["args"]), tool_call_id=c["id"])
+                                           for c in asked.tool_calls]
+                final = with_tools.invoke(conversation)
+            content = final.content  # a list of blocks from the Responses API
+            self.assertEqual(content if isinstance(content, str) else
+                             "".join(block.get("text", "") for block in content), tool_answer("Quito"))
+            self.runs.tool_loop(cue, before, ["get_weather"], [("get_weather", {"city": "Quito"})])
 
         with self.subTest("with_structured_output"):
             class Forecast(pydantic.BaseModel):
