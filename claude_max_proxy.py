@@ -1120,10 +1120,10 @@ class ClaudeProcess:
         self.closed = False
 
     def send(self, data: bytes) -> None:
-        """Queue lines for stdin; events() writes them as the CLI takes them."""
+        """Queue lines for stdin (none, for a turn that needs none); events() writes them as the
+        CLI takes them. A turn starts now: a pre-started or kept process may have waited long."""
+        self.last_output = time.monotonic()
         if data:
-            # The turn starts now; a pre-started or kept process may have waited long.
-            self.last_output = time.monotonic()
             self._outbox.append(memoryview(data))  # slices of a view copy nothing, however long
 
     def events(self, next_deadline: Callable[[], Tuple[float, ProxyError]],
@@ -1242,6 +1242,10 @@ class ClaudeProcess:
             if self.closed:
                 return self.popen.returncode
             self.closed = True
+        if grace <= 0:
+            # Killed before its stdin closes: at end-of-input a CLI waiting on tool calls would
+            # answer them itself, with an error, and send that upstream.
+            self.terminate()
         try:
             self.popen.stdin.close()  # the CLI ends once its input does
         except OSError:
@@ -1507,12 +1511,21 @@ class WarmPool:
             process = start_claude(key, self.lifeline)
         except ProxyError as error:
             log.warning("nothing pre-started: %s", error.message)
+        doomed: List[Warm] = []
         with self._changed:
             if process is not None and not self._closed:
-                self._idle.append(Warm(key, process, binary))
-                return
+                # A conversation kept while it started may have taken the room made for it.
+                victim = self._least_recently_used_than(key) if len(self._idle) >= self.size else None
+                if len(self._idle) < self.size or victim is not None:
+                    if victim is not None:
+                        self._idle.remove(victim)
+                        doomed.append(victim)
+                    self._idle.append(Warm(key, process, binary))
+                    process = None
+        for warm in doomed:
+            warm.process.close()
         if process is not None:
-            process.close()  # the pool closed while it started
+            process.close()  # the pool closed, or filled, while it started
 
 
 def parse_event_line(line: bytes) -> Optional[Dict[str, Any]]:
@@ -1560,20 +1573,38 @@ def claude_version(path: str) -> Optional[str]:
 # messages that follow), first there in the 2.1 releases; an older CLI gets a clear error.
 PROBE_TIMEOUT = 20.0
 _native: Dict[Tuple[str, float], Optional[str]] = {}
+_probing: List[Tuple[str, float]] = []
+_probing_lock = threading.Lock()
 
 
-def native_problem(path: str, probe: bool = True) -> Optional[str]:
+def native_problem(path: str, wait: bool = True) -> Optional[str]:
     """Why this `claude` cannot take a conversation natively, or None when it can (or, without
-    `probe`, when that is not known yet). Probed again only when the file changes (an upgrade):
-    a process that is told a system prompt and a tool must ask for the tool, before any prompt,
-    so nothing reaches Anthropic."""
+    `wait`, when that is not known yet: it is then found out in the background, and a
+    problem logged). Probed again only when the file changes (an upgrade): a process that is
+    told a system prompt and a tool must ask for the tool, before any prompt, so nothing
+    reaches Anthropic."""
     try:
         key = (path, os.stat(path).st_mtime)
     except OSError:
         return "not found"
-    if key not in _native and probe:
+    if key in _native:
+        return _native[key]
+    if wait:
         _native[key] = probe_native(path)
-    return _native.get(key)
+        return _native[key]
+    with _probing_lock:
+        if key in _probing:
+            return None
+        _probing.append(key)
+    threading.Thread(target=probe_and_report, args=(key,), name="probe", daemon=True).start()
+    return None
+
+
+def probe_and_report(key: Tuple[str, float]) -> None:
+    problem = _native[key] = probe_native(key[0])
+    if problem is not None:
+        log.warning("%s cannot take a conversation natively (%s); requests will fail until it is "
+                    "upgraded: %s", key[0], problem, UPGRADE_HELP)
 
 
 def probe_native(path: str) -> Optional[str]:
@@ -1841,6 +1872,8 @@ ReplyEvent = Tuple[str, Any]
 # | ("tool_call", {"id", "name"}) | ("tool_arguments", str)
 
 STRUCTURED_OUTPUT_TOOL = "StructuredOutput"  # how the CLI asks Claude for a schema's answer
+# How a run ends when Claude gave no answer matching the schema: out of retries, or of turns.
+STRUCTURED_FAILURES = ("error_max_structured_output_retries", "error_max_turns")
 AUTH_ERRORS = ("authentication_failed", "oauth_org_not_allowed")
 RATE_LIMIT_STATUS = 429
 OVERLOADED_STATUS = 529
@@ -1894,15 +1927,24 @@ class Reply:
     `result` event; earlier by the end of a message that called the client's tools
     (the CLI then waits for their results, which the client brings next time), and
     by the first max_tokens stop when `stop_at_max_tokens` (the CLI would go on past
-    the limit by itself). With `structured`, the answer is the input of the CLI's
-    StructuredOutput tool, streamed as text, and free text is dropped.
+    the limit by itself). A call of a tool the client did not offer is not the
+    client's to run: the CLI answers it (with an error) and Claude goes on, so it is
+    passed over. With `structured`, the answer is the input of the CLI's
+    StructuredOutput tool, streamed as text, and free text is dropped; with
+    `hold_structured` (a whole answer) each attempt is held until the CLI has
+    checked it against the schema, so a refused one is dropped and the CLI's next
+    try counts.
     """
 
     def __init__(self, retry_budget: float, stop_at_max_tokens: bool = False,
-                 structured: bool = False) -> None:
+                 structured: bool = False, tool_names: Optional[List[str]] = None,
+                 hold_structured: bool = False) -> None:
         self.retry_budget = retry_budget
         self.stop_at_max_tokens = stop_at_max_tokens
         self.structured = structured
+        self.tool_names = tool_names
+        self.hold_structured = hold_structured
+        self.answered_by_cli = False    # the CLI answered a client call itself (a policy denied it)
         self.done = False
         self.completed = False          # the CLI printed its result: the turn ended by itself
         self.stop_reason: Optional[str] = None
@@ -1913,7 +1955,9 @@ class Reply:
         self.retry_since: Optional[float] = None
         self.retry_error: Optional[ProxyError] = None
         self._block: Optional[str] = None   # kind of the content block being streamed
+        self._arguments = False             # the current call's arguments have begun
         self._structured_ids: List[str] = []
+        self._held: List[ReplyEvent] = []   # a structured attempt the CLI has not checked yet
 
     def retry_deadline(self) -> Optional[Tuple[float, ProxyError]]:
         """When the CLI has retried too long, and the error to give then."""
@@ -1932,7 +1976,7 @@ class Reply:
             # remember it for the result. Real answers came as deltas already.
             self.error_kind = event["error"]
         elif kind == "user":
-            self._user(event)
+            return self._user(event)
         elif kind == "system" and event.get("subtype") == "api_retry":
             self._retry(event, time.monotonic() if now is None else now)
         elif kind == "result":
@@ -1948,7 +1992,9 @@ class Reply:
         if kind == "content_block_delta" and isinstance(event.get("delta"), dict):
             return self._block_delta(event["delta"])
         if kind == "content_block_stop":
-            self._block = None
+            block, self._block = self._block, None
+            if block == "tool_use" and not self._arguments:
+                return [("tool_arguments", "{}")]  # a call without arguments streams none
         elif kind == "message_start":
             # Claude is answering, so any retrying before this has succeeded.
             self.retry_since = self.retry_error = None
@@ -1977,8 +2023,12 @@ class Reply:
             self._block = "structured"
             self._structured_ids.append(call_id)
             return []
+        if self.tool_names is not None and name not in self.tool_names:
+            self._block = None  # not the client's: the CLI answers it itself
+            return []
         self.calls.append(call_id)
         self.emitted = True
+        self._arguments = False
         return [("tool_call", {"id": call_id, "name": name})]
 
     def _block_delta(self, delta: Dict[str, Any]) -> List[ReplyEvent]:
@@ -1990,10 +2040,14 @@ class Reply:
         if not isinstance(value, str) or not value:
             return []
         if kind == "input_json_delta":
+            if self._block == "structured" and self.hold_structured:
+                self._held.append(("text", value))
+                return []
             if self._block == "structured":
                 out = "text"  # the structured answer streams as the reply's text
             elif self._block != "tool_use":
                 return []
+            self._arguments = True
         elif kind == "text_delta" and self.structured:
             return []  # only the structured answer counts
         if out == "text" or out == "tool_arguments":
@@ -2006,18 +2060,28 @@ class Reply:
 
     # -- whole messages and the result ---------------------------------------------
 
-    def _user(self, event: Dict[str, Any]) -> None:
-        """The CLI's verdict on its own StructuredOutput call: a refusal means it asks again."""
+    def _user(self, event: Dict[str, Any]) -> List[ReplyEvent]:
+        """A tool result the CLI made itself: its verdict on its own StructuredOutput call (a
+        refusal means it asks again), or its answer to a client call it would not wait on."""
         message = event.get("message")
         content = message.get("content") if isinstance(message, dict) else None
+        released: List[ReplyEvent] = []
         for block in content if isinstance(content, list) else []:
-            if isinstance(block, dict) and block.get("tool_use_id") in self._structured_ids \
-                    and block.get("is_error"):
-                if self.emitted:
-                    raise ProxyError(502, "Claude's structured answer did not match the requested "
-                                     "schema, and part of it was already sent.",
-                                     code="invalid_structured_output")
-                self._structured_ids.remove(block["tool_use_id"])
+            call_id = block.get("tool_use_id") if isinstance(block, dict) else None
+            if call_id in self.calls:
+                self.answered_by_cli = True
+            if call_id not in self._structured_ids:
+                continue
+            self._structured_ids.remove(call_id)
+            held, self._held = self._held, []
+            if not block.get("is_error"):
+                released += held
+            elif self.emitted:
+                raise ProxyError(502, "Claude's structured answer did not match the requested "
+                                 "schema, and part of it was already sent.",
+                                 code="invalid_structured_output")
+        self.emitted = self.emitted or bool(released)
+        return released
 
     def _retry(self, event: Dict[str, Any], now: float) -> None:
         status = status_code(event.get("error_status"))
@@ -2038,7 +2102,7 @@ class Reply:
             # The CLI continued past the output limit three times and gave up; what
             # was written stands, cut off, as a max_tokens stop.
             self.error_kind, self.stop_reason = None, "max_tokens"
-        elif self.structured and subtype == "error_max_turns" and not self.calls:
+        elif self.structured and subtype in STRUCTURED_FAILURES and not self.calls:
             raise ProxyError(502, "Claude did not produce JSON matching the requested schema, "
                              "even after being asked again.", code="invalid_structured_output")
         elif event.get("is_error") is True or self.error_kind or subtype not in (None, "success"):
@@ -2107,9 +2171,11 @@ class Answer:
     """The reply events a client gets: the Reply's, cut at the first stop sequence,
     with at most one tool call when parallel calls are off."""
 
-    def __init__(self, turn: Turn, retry_budget: float) -> None:
+    def __init__(self, turn: Turn, retry_budget: float, streaming: bool = True) -> None:
         self.reply = Reply(retry_budget, stop_at_max_tokens=turn.max_tokens is not None,
-                           structured=turn.json_schema is not None)
+                           structured=turn.json_schema is not None,
+                           tool_names=[tool["name"] for tool in turn.conversation.tools],
+                           hold_structured=not streaming)
         self.stop = StopFilter(turn.stops) if turn.stops else None
         self.single_call = not turn.parallel_tool_calls
         self.calls = 0
@@ -2222,6 +2288,21 @@ def conversation_key(turn: Turn, messages: List[Dict[str, Any]]) -> str:
         json.dumps(state, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
+# A prompt whose last text starts like this is taken by Claude Code for one of its own
+# commands (/compact, /cost, a skill ...), run instead of reaching Claude; a path such as
+# /usr/bin/python is not one.
+CLI_COMMAND = re.compile(r"^/[A-Za-z][\w:.-]*(\s|$)")
+
+
+def refuse_cli_command(content: List[Dict[str, Any]]) -> None:
+    """A 400 for a prompt Claude Code would run as its own command: the proxy will not
+    change the prompt, and the CLI has no way to take it as text."""
+    if content and content[-1]["type"] == "text" and CLI_COMMAND.match(content[-1]["text"]):
+        raise invalid("The newest message starts with %r, which Claude Code takes for one of its own "
+                      "commands instead of sending it to Claude. Put anything before the slash."
+                      % content[-1]["text"].split()[0][:40], "messages", "cli_command_prompt")
+
+
 def tool_results(message: Dict[str, Any]) -> Optional[Dict[str, Dict[str, Any]]]:
     """The tool results a user message brings, by call id, when it holds nothing else."""
     content = message["content"]
@@ -2246,15 +2327,14 @@ class Exchange:
     """
 
     def __init__(self, server: "ProxyServer", turn: Turn, claude: str,
-                 client: Optional[socket.socket] = None) -> None:
+                 client: Optional[socket.socket] = None, streaming: bool = True) -> None:
         self.server = server
         self.turn = turn
         self.claude = claude
         self.client = client
-        self.answer = Answer(turn, server.config.retry_budget)
+        self.answer = Answer(turn, server.config.retry_budget, streaming)
         self.reply = ReplyBlocks()
         self.process: Optional[ClaudeProcess] = None
-        self.continued = False  # the turn went to the conversation's kept process
 
     def events(self) -> Iterator[Optional[ReplyEvent]]:
         """The reply's events as they come, and None after each KEEPALIVE_INTERVAL of silence."""
@@ -2285,10 +2365,11 @@ class Exchange:
     def _begin(self) -> ClaudeProcess:
         conversation = self.turn.conversation
         history, newest = conversation.messages[:-1], conversation.messages[-1]
+        refuse_cli_command(newest["content"])
         results = tool_results(newest)
         kept = self.server.take_kept(conversation_key(self.turn, history), self.claude)
         if kept is not None and set(kept.open_calls) == set(results or ()):
-            self.process, self.continued = kept, True
+            self.process = kept
             kept.send(kept.bridge.give_results(results) if results else user_line(newest["content"]))
             return kept
         if kept is not None:
@@ -2337,21 +2418,24 @@ class Exchange:
         of the client's tools that the CLI now waits on."""
         reply, answer = self.answer.reply, self.answer
         return answer.done and answer.stop_sequence is None and answer.whole and \
+            not reply.answered_by_cli and \
             (reply.completed or bool(reply.calls) and reply.stop_reason == "tool_use")
 
-    def finish(self, echo: Optional[List[Dict[str, Any]]]) -> None:
+    def keep(self, echo: Optional[List[Dict[str, Any]]]) -> None:
         """Keep the process for its conversation's next turn, which will hold `echo` as this
-        reply (the reply as the client got it), or end it. Called however the turn went."""
+        reply (the reply as the client got it), when the turn ended well and there is room;
+        else finish() ends it once the answer is out."""
         process = self.process
-        if process is None:
+        if process is None or not self.ended_well or not echo or process.closed:
             return
-        if self.ended_well and echo and not process.closed:
+        messages = self.turn.conversation.messages + [{"role": "assistant", "content": echo}]
+        process.open_calls = [] if self.answer.reply.completed else list(self.answer.reply.calls)
+        if self.server.keep(conversation_key(self.turn, messages), process):
             self.process = None
-            messages = self.turn.conversation.messages + [{"role": "assistant", "content": echo}]
-            process.open_calls = [] if self.answer.reply.completed else list(self.answer.reply.calls)
-            self.server.keep(conversation_key(self.turn, messages), process)
-        else:
-            self._end()
+
+    def finish(self) -> None:
+        """End the process unless it was kept; called however the turn went."""
+        self._end()
 
     def _end(self) -> None:
         process, self.process = self.process, None
@@ -2877,8 +2961,9 @@ class ResponseStore:
                      entry.response["id"], self.size)
             return
         with self._lock:
+            _, replaced = self._entries.pop(entry.response["id"], (None, 0))
             self._entries[entry.response["id"]] = (entry, size)
-            self._bytes += size
+            self._bytes += size - replaced
             while len(self._entries) > self.count or self._bytes > self.size:
                 _, dropped = self._entries.pop(next(iter(self._entries)))
                 self._bytes -= dropped
@@ -2890,6 +2975,13 @@ class ResponseStore:
                 return None
             self._entries[response_id] = found  # the most recently used now
             return found[0]
+
+    def delete(self, response_id: str) -> bool:
+        with self._lock:
+            found = self._entries.pop(response_id, None)
+            if found is not None:
+                self._bytes -= found[1]
+            return found is not None
 
 
 class ResponsesOptions(NamedTuple):
@@ -3844,7 +3936,7 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
         handler.usage = exchange.answer.reply.usage
         last = door.end(exchange) if stream is not None else door.response(exchange)
         # Kept before the answer ends: a client may come back with the next turn at once.
-        exchange.finish(door.echo(exchange))
+        exchange.keep(door.echo(exchange))
         if stream is not None:
             stream.frames(last)
             stream.end()
@@ -3857,7 +3949,7 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
         stream.frames(door.failure(error))
         stream.end()
     finally:
-        exchange.finish(None)  # ends the process unless it was kept above
+        exchange.finish()  # ends the process unless it was kept above
 
 
 # ---------------------------------------------------------------------------
@@ -4115,7 +4207,8 @@ def error_reply_for(target: str) -> ErrorReply:
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
-    """Routes OpenAI requests; each chat completion runs one `claude` child."""
+    """HTTP only: reads and frames a request, checks where it comes from and its key, routes
+    it, and writes the answer; each turn of a door goes to answer_turn."""
 
     protocol_version = "HTTP/1.1"
     # Seconds a connection may wait for a request to begin, and then for all of it
@@ -4239,9 +4332,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if path.startswith("/models/"):
             get_model = lambda: self._get_model(path[len("/models/"):])  # noqa: E731
             routes[path] = {"GET": get_model, "HEAD": get_model}
-        if path.startswith("/responses/"):
-            get_response = lambda: self._get_response(path[len("/responses/"):])  # noqa: E731
-            routes[path] = {"GET": get_response, "HEAD": get_response}
+        if path.startswith("/responses/") and "/" not in path[len("/responses/"):]:
+            response_id = path[len("/responses/"):]
+            get_response = lambda: self._get_response(response_id)  # noqa: E731
+            routes[path] = {"GET": get_response, "HEAD": get_response,
+                            "DELETE": lambda: self._delete_response(response_id)}
         if path == "/embeddings":
             raise ProxyError(404, "Claude offers no embeddings model, so the proxy has no /v1/embeddings; "
                              "use an embeddings provider of its own (or turn off the client's memory "
@@ -4299,6 +4394,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                              code="response_not_found")
         self.send_json(200, stored.response)
 
+    def _delete_response(self, response_id: str) -> None:
+        if not self.server.responses.delete(response_id):
+            raise ProxyError(404, "No response found with id '%s'." % response_id, param="response_id",
+                             code="response_not_found")
+        self.send_json(200, {"id": response_id, "object": "response", "deleted": True})
+
     def _preflight(self) -> None:
         self.send_response(204)
         self._cors_headers()
@@ -4343,11 +4444,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             claude = find_claude(self.server.config.claude_bin)
             if claude is None:
                 raise claude_not_found(self.server.config.claude_bin)
-            problem = native_problem(claude, probe=False)  # probed in the background at start
+            problem = native_problem(claude, wait=False)  # probed in the background, again after an upgrade
             if problem is not None:
                 raise ProxyError(503, "This Claude Code (%s) cannot take a conversation natively: %s. %s"
                                  % (claude, problem, UPGRADE_HELP), code="claude_unsupported")
-            answer_turn(door(turn, options), Exchange(self.server, turn, claude, self.connection), self)
+            door = door(turn, options)
+            answer_turn(door, Exchange(self.server, turn, claude, self.connection, door.stream), self)
 
     # -- response writing ------------------------------------------------------
 
@@ -4613,7 +4715,9 @@ class ProxyServer(ThreadingHTTPServer):
         self.lifeline = Lifeline()
         self.pool = WarmPool(config.pool_size, config.pool_ttl, self.lifeline)
         self._prewarm_default()
-        threading.Thread(target=self._probe, name="probe", daemon=True).start()
+        claude = find_claude(config.claude_bin)
+        if claude is not None:
+            native_problem(claude, wait=False)  # before a request needs to know
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks DNS for our fully qualified name, which can
@@ -4721,25 +4825,14 @@ class ProxyServer(ThreadingHTTPServer):
         process.close()
         raise ProxyError(503, "The proxy is shutting down.", code="shutting_down")
 
-    def keep(self, key: str, process: ClaudeProcess) -> None:
-        """Let a process wait for its conversation's next turn, or end it when there is no room.
-        One that waits on tool calls is killed at once: closing its stdin would have the CLI
-        answer them with an error, upstream."""
-        self.release(process)
-        if not self.pool.keep(key, process):
-            process.close(grace=0.0 if process.open_calls else 1.0)
+    def keep(self, key: str, process: ClaudeProcess) -> bool:
+        """Let a process wait for its conversation's next turn; False when there is no room."""
+        self.release(process)  # first: once in the pool, another request may take it
+        return self.pool.keep(key, process)
 
     def discard(self, process: ClaudeProcess) -> None:
         self.release(process)
         process.close()
-
-    def _probe(self) -> None:
-        """Find out once, before a request needs it, whether this CLI speaks the control protocol."""
-        claude = find_claude(self.config.claude_bin)
-        problem = native_problem(claude) if claude else None
-        if problem is not None:
-            log.warning("%s cannot take a conversation natively (%s); requests will fail until it is "
-                        "upgraded: %s", claude, problem, UPGRADE_HELP)
 
     def _prewarm_default(self) -> None:
         """Warm what a first turn of the default model needs (its prompt and tools come on stdin)."""
@@ -4785,7 +4878,7 @@ class ProxyServer(ThreadingHTTPServer):
             "version": __version__,
             "claude": {"found": claude is not None, "path": claude,
                        "version": claude_version(claude) if claude else None,
-                       "native": None if claude is None else native_problem(claude, probe=False) is None},
+                       "native": None if claude is None else native_problem(claude, wait=False) is None},
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "requests_served": self.requests_served,

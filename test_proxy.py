@@ -4327,6 +4327,10 @@ WEATHER_TOOL = {"type": "function", "function": {
 TIME_TOOL = {"type": "function", "function": {
     "name": "get_time", "description": "Local time in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+LOOKUP_TOOL = {"type": "function", "function": {
+    "name": "lookup_user", "description": "Find a user by id.",
+    "parameters": {"type": "object", "properties": {"id": {"type": "integer"}}}}}
+PARALLEL_TOOLS = [WEATHER_TOOL, LOOKUP_TOOL]  # what the recording tool-denied-parallel calls
 PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
 
@@ -4415,12 +4419,12 @@ class AnswerTest(TestCase):
         self.assertEqual((ran.answer.stop_reason, ran.answer.calls), ("tool_use", 1))
 
     def test_only_the_first_call_goes_out_when_parallel_calls_are_off(self) -> None:
-        ran = replay("tool-denied-parallel", tools=[WEATHER_TOOL], parallel_tool_calls=False)
+        ran = replay("tool-denied-parallel", tools=PARALLEL_TOOLS, parallel_tool_calls=False)
         self.assertEqual(merged(ran.events), [("tool_call", {"id": "toolu_02_0", "name": "get_weather"}),
                                               ("tool_arguments", '{"city": "Paris"}')])
         self.assertEqual([b["id"] for b in ran.reply.tool_calls()], ["toolu_02_0"])
         self.assertFalse(ran.answer.whole, "the CLI waits on calls the client never saw")
-        parallel = replay("tool-denied-parallel", tools=[WEATHER_TOOL])
+        parallel = replay("tool-denied-parallel", tools=PARALLEL_TOOLS)
         self.assertEqual(len(parallel.reply.tool_calls()), 3)
         self.assertTrue(parallel.answer.whole)
 
@@ -4561,8 +4565,8 @@ class ChatDoorTest(TestCase):
         self.assertEqual("".join(d.get("content") or "" for d in hidden), "Hello from the fake model.")
 
     def test_tool_call_deltas(self) -> None:
-        door = chat_door(stream=True, tools=[WEATHER_TOOL])
-        deltas = chunk_deltas(self.stream(door, replay("tool-denied-parallel", tools=[WEATHER_TOOL])))
+        door = chat_door(stream=True, tools=PARALLEL_TOOLS)
+        deltas = chunk_deltas(self.stream(door, replay("tool-denied-parallel", tools=PARALLEL_TOOLS)))
         calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
         self.assertTrue(all(len(c) == 1 for c in calls))
         calls = [c[0] for c in calls]
@@ -4583,7 +4587,7 @@ class ChatDoorTest(TestCase):
                          "tool_calls")
 
     def test_legacy_function_call_deltas(self) -> None:
-        body = {"functions": [WEATHER_TOOL["function"]], "stream": True}
+        body = {"functions": [t["function"] for t in PARALLEL_TOOLS], "stream": True}
         door = chat_door(**body)
         frames = self.stream(door, replay("tool-denied-parallel", **body))
         deltas = chunk_deltas(frames)
@@ -4637,19 +4641,19 @@ class ChatDoorTest(TestCase):
         self.assertEqual(empty["choices"][0]["message"]["content"], "")
 
     def test_tool_calls_in_the_whole_completion(self) -> None:
-        message = chat_door(tools=[WEATHER_TOOL]).response(
-            replay("tool-denied-parallel", tools=[WEATHER_TOOL]))["choices"][0]["message"]
+        message = chat_door(tools=PARALLEL_TOOLS).response(
+            replay("tool-denied-parallel", tools=PARALLEL_TOOLS))["choices"][0]["message"]
         self.assertIsNone(message["content"], "content is null beside tool calls")
         self.assertEqual(message["tool_calls"][1], {"id": "toolu_02_1", "type": "function", "function": {
             "name": "get_weather", "arguments": '{"city": "Rome"}'}})
         self.assertEqual(len(message["tool_calls"]), 3)
         legacy = chat_door(functions=[WEATHER_TOOL["function"]]).response(
-            replay("tool-denied-parallel", functions=[WEATHER_TOOL["function"]]))["choices"][0]
+            replay("tool-denied-parallel", functions=[t["function"] for t in PARALLEL_TOOLS]))["choices"][0]
         self.assertEqual(legacy["message"]["function_call"], {"name": "get_weather", "arguments": '{"city": "Paris"}'})
         self.assertNotIn("tool_calls", legacy["message"])
         self.assertEqual(legacy["finish_reason"], "function_call")
         said = tool_reply_events("Checking.", (("toolu_9", "get_weather", ['{"city": "Oslo"}']),))
-        message = chat_door(tools=[WEATHER_TOOL]).response(replay(said, tools=[WEATHER_TOOL]))["choices"][0]["message"]
+        message = chat_door(tools=PARALLEL_TOOLS).response(replay(said, tools=[WEATHER_TOOL]))["choices"][0]["message"]
         self.assertEqual(message["content"], "Checking.")
 
     def test_echo_is_the_reply_as_the_client_sends_it_back(self) -> None:
@@ -4660,10 +4664,10 @@ class ChatDoorTest(TestCase):
         thinking = recorded_events("thinking")
         cases = [("stream-partial-success", {}, None), (thinking, {}, None),
                  (thinking, {"include_reasoning": False}, None),
-                 ("tool-denied-parallel", {"tools": [WEATHER_TOOL]}, "tool"),
+                 ("tool-denied-parallel", {"tools": PARALLEL_TOOLS}, "tool"),
                  (said, {"tools": [WEATHER_TOOL, TIME_TOOL]}, "tool"),
-                 ("tool-denied-parallel", {"tools": [WEATHER_TOOL], "parallel_tool_calls": False}, "tool"),
-                 ("tool-denied-parallel", {"functions": [WEATHER_TOOL["function"]]}, "function"),
+                 ("tool-denied-parallel", {"tools": PARALLEL_TOOLS, "parallel_tool_calls": False}, "tool"),
+                 ("tool-denied-parallel", {"functions": [t["function"] for t in PARALLEL_TOOLS]}, "function"),
                  ("json-schema-success", {"response_format": {"type": "json_object"}}, None)]
         for run, body, answered_by in cases:
             ran = replay(run, **body)
@@ -7641,6 +7645,10 @@ class EndToEndTest(ProxyTest):
             self.assertIn("prompt is too long", error["message"].lower())
             self.assertEqual(len([b for b in self.upstream.requests if tag in json.dumps(b)]), 1)
 
+    def test_the_real_cli_passes_the_probe(self) -> None:
+        # Fails when the CLI stops taking initialize and mcp_set_servers on stdin.
+        self.assertIsNone(proxy.native_problem(real_claude()))
+
     def test_structured_output_through_the_real_cli(self) -> None:
         tag = marker()
         response = self.say("give me a " + tag, response_format={
@@ -8218,10 +8226,8 @@ class NativeSupportTest(TestCase):
         self.assertEqual(check.level, "FAIL")
         self.assertIn("control protocol", check.message)
 
-    def test_the_fake_and_the_real_cli_pass_the_probe(self) -> None:
+    def test_the_fake_passes_the_probe(self) -> None:
         self.assertIsNone(proxy.native_problem(FAKE.path))
-        if real_claude():
-            self.assertIsNone(proxy.native_problem(real_claude()))
 
 
 class SessionTranscriptTest(TestCase):
@@ -8264,6 +8270,122 @@ class SessionTranscriptTest(TestCase):
         self.assertEqual(proxy.remove_abandoned_workdirs(root, projects), 1)
         self.assertFalse(os.path.exists(left))
         self.assertTrue(os.path.exists(kept) and os.path.exists(mine))
+
+
+def stream_event(event: Dict[str, Any]) -> Dict[str, Any]:
+    return {"type": "stream_event", "event": event}
+
+
+def tool_use_events(call_id: str, name: str, *pieces: str) -> List[Dict[str, Any]]:
+    """A tool_use block as the CLI streams it."""
+    return ([stream_event({"type": "content_block_start", "index": 0, "content_block": {
+        "type": "tool_use", "id": call_id, "name": name, "input": {}}})]
+            + [stream_event({"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "input_json_delta", "partial_json": piece}}) for piece in pieces]
+            + [stream_event({"type": "content_block_stop", "index": 0})])
+
+
+def tool_result_event(call_id: str, content: Any, is_error: bool = False) -> Dict[str, Any]:
+    """The `user` line the CLI prints for a tool result it made itself."""
+    return {"type": "user", "message": {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": call_id, "content": content, "is_error": is_error}]}}
+
+
+class ReplyCornersTest(TestCase):
+    """What the CLI may do beside the plain path: calls it answers itself, calls without
+    arguments, a structured answer it refuses and asks again for, commands it would run."""
+
+    def feed(self, reply: "proxy.Reply", events: List[Dict[str, Any]]) -> List[Any]:
+        return [out for event in events for out in reply.feed(event)]
+
+    def test_a_call_of_a_tool_the_client_did_not_offer_is_passed_over(self) -> None:
+        reply = proxy.Reply(1.0, tool_names=["get_weather"])
+        out = self.feed(reply, tool_use_events("toolu_1", "Bash", '{"command": "ls"}') + [
+            tool_result_event("toolu_1", "No such tool available: Bash", is_error=True),
+            stream_event({"type": "content_block_start", "index": 1, "content_block": {"type": "text"}}),
+            stream_event({"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "ok"}})])
+        self.assertEqual(out, [("text", "ok")], "the CLI answered it; Claude goes on")
+        self.assertEqual(reply.calls, [])
+        self.assertFalse(reply.answered_by_cli)
+
+    def test_a_client_call_the_cli_answers_itself_ends_the_process_instead_of_keeping_it(self) -> None:
+        turn = proxy.Turn("m", "sonnet", proxy.Conversation("s", [{"role": "user", "content": [
+            {"type": "text", "text": "hi"}]}], [proxy.native_tool("get_weather", "", None, "tools[0]")]))
+        server = type("Server", (), {"config": proxy.Config()})()
+        exchange = proxy.Exchange(server, turn, "claude")
+        events = tool_use_events("toolu_1", "get_weather", '{"city": "Oslo"}') + [
+            tool_result_event("toolu_1", "Permission to use get_weather has been denied.", is_error=True),
+            stream_event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}})]
+        for event in events:
+            exchange.answer.feed(event)
+        self.assertTrue(exchange.answer.done)
+        self.assertTrue(exchange.answer.reply.answered_by_cli)
+        self.assertFalse(exchange.ended_well, "its history is no longer the client's")
+
+    def test_a_call_without_arguments_gets_an_empty_object(self) -> None:
+        reply = proxy.Reply(1.0, tool_names=["now"])
+        self.assertEqual(self.feed(reply, tool_use_events("toolu_1", "now")),
+                         [("tool_call", {"id": "toolu_1", "name": "now"}), ("tool_arguments", "{}")])
+        reply = proxy.Reply(1.0, tool_names=["now"])
+        self.assertEqual(self.feed(reply, tool_use_events("toolu_2", "now", '{"a"', ": 1}"))[1:],
+                         [("tool_arguments", '{"a"'), ("tool_arguments", ": 1}")])
+
+    def test_a_whole_structured_answer_waits_for_the_clis_check_and_a_refused_try_is_dropped(self) -> None:
+        for hold in (True, False):
+            reply = proxy.Reply(1.0, structured=True, hold_structured=hold)
+            first = self.feed(reply, tool_use_events("toolu_1", "StructuredOutput", '{"a": "x"}'))
+            self.assertEqual(first, [] if hold else [("text", '{"a": "x"}')])
+            if hold:
+                self.assertEqual(self.feed(reply, [tool_result_event("toolu_1", "a must be a number", True)]), [])
+                out = self.feed(reply, tool_use_events("toolu_2", "StructuredOutput", '{"a": 1}') +
+                                [tool_result_event("toolu_2", "Structured output provided successfully")])
+                self.assertEqual(out, [("text", '{"a": 1}')])
+            else:  # a stream cannot take back what it sent
+                with self.assertRaises(proxy.ProxyError) as caught:
+                    self.feed(reply, [tool_result_event("toolu_1", "a must be a number", True)])
+                self.assertEqual(caught.exception.code, "invalid_structured_output")
+
+    def test_out_of_structured_retries_is_a_502_invalid_structured_output(self) -> None:
+        reply = proxy.Reply(1.0, structured=True, hold_structured=True)
+        with self.assertRaises(proxy.ProxyError) as caught:
+            reply.feed({"type": "result", "subtype": "error_max_structured_output_retries", "is_error": True})
+        self.assertEqual((caught.exception.status, caught.exception.code), (502, "invalid_structured_output"))
+
+    def test_a_prompt_claude_code_would_run_as_its_command_is_refused_not_run(self) -> None:
+        for text in ("/compact", "/cost", "/review this diff", "/model opus"):
+            with self.assertRaises(proxy.ProxyError) as caught:
+                proxy.refuse_cli_command([{"type": "text", "text": text}])
+            self.assertEqual((caught.exception.status, caught.exception.code), (400, "cli_command_prompt"))
+        for text in ("/usr/bin/python is missing", "what does /compact do?", "a / b"):
+            proxy.refuse_cli_command([{"type": "text", "text": text}])  # passes
+        proxy.refuse_cli_command([{"type": "text", "text": "/cost"}, {"type": "image", "source": {}}])
+
+
+class PoolRoomTest(TestCase):
+    def test_a_conversation_kept_while_a_process_starts_never_overfills_the_pool(self) -> None:
+        pool = proxy.WarmPool(1, 300.0)
+        self.addCleanup(pool.close)
+        started = threading.Event()
+        go_on = threading.Event()
+        real_start = proxy.start_claude
+        created: List[Any] = []
+
+        def slow_start(launch: Any, lifeline: Any = None) -> Any:
+            started.set()
+            go_on.wait(10)
+            created.append(real_start(launch, lifeline))
+            return created[-1]
+
+        with mock.patch.object(proxy, "start_claude", slow_start):
+            pool.prewarm(proxy.Launch(("sleep", "60"), tuple(os.environ.items())))
+            self.assertTrue(started.wait(10))
+            kept = proxy.ClaudeProcess(proxy.Launch(("sleep", "60"), tuple(os.environ.items())))
+            self.assertTrue(pool.keep("conversation:x", kept))
+            go_on.set()
+            # The start is over once its process waits in the pool or was closed.
+            self.assertTrue(wait_until(lambda: created and (
+                created[0].closed or any(w.process is created[0] for w in pool._idle))))
+        self.assertLessEqual(pool.stats()["size"], 1)
 
 
 BENCH_BODY = {"model": "claude-sonnet-4", "stream": True,
