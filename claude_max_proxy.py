@@ -2446,13 +2446,137 @@ class Exchange:
 
 
 # ---------------------------------------------------------------------------
-# Door: OpenAI chat completions (POST /v1/chat/completions)
+# The doors: what they share
 # ---------------------------------------------------------------------------
 
 # A door turns a request into a Turn, and the exchange's reply into its own wire
 # format: frames of a stream, each an SSE event name (None for a bare data line)
 # and its payload, or one whole response.
 Frame = Tuple[Optional[str], Any]
+
+
+def request_fields(body: Any, config: Config, known: frozenset, ignored: frozenset) -> Tuple[str, str]:
+    """(the model as the client named it, the CLI's --model for it) of a request body, checked to be
+    an object; fields it neither knows nor ignores are named in the debug log."""
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.", code="invalid_type")
+    unknown = sorted(set(body) - known - ignored)
+    if unknown:
+        log.debug("ignoring request fields: %s", ", ".join(unknown))
+    return request_model(body, config)
+
+
+def request_model(body: Dict[str, Any], config: Config) -> Tuple[str, str]:
+    """(the model as the client named it, the CLI's --model for it)."""
+    model = body.get("model") or ""
+    if not isinstance(model, str):
+        raise invalid("`model` must be a string.", "model", "invalid_type")
+    return model or config.default_model, resolve_model(model, config.default_model)
+
+
+def optional_bool(body: Dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise invalid("`%s` must be a boolean." % name, name, "invalid_type")
+    return value
+
+
+def string_field(block: Dict[str, Any], name: str, param: str) -> str:
+    value = block.get(name)
+    if not isinstance(value, str):
+        raise invalid("%s.%s must be a string." % (param, name), "%s.%s" % (param, name), "invalid_type")
+    return value
+
+
+def content_blocks(content: Any, param: str, kinds: Tuple[str, ...],
+                   block: Callable[[str, Dict[str, Any], str], Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """A message's content as native blocks: a string is one text block, and each part of an
+    array is checked to be of a kind taken here, then made a block by `block(kind, part, param)`."""
+    if isinstance(content, str):
+        return [text_block(content)]
+    if not isinstance(content, list):
+        raise invalid("%s must be a string or an array of content parts." % param, param, "invalid_type")
+    blocks = []
+    for index, part in enumerate(content):
+        part_param = "%s[%d]" % (param, index)
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind not in kinds:
+            raise invalid("%s has type %r; here the parts are of type %s." % (
+                part_param, kind, ", ".join(kinds)), part_param + ".type", "unsupported_content_type")
+        blocks.append(block(kind, part, part_param))
+    return blocks
+
+
+def stop_list(value: Any, param: str, most: Optional[int] = None) -> List[str]:
+    """Stop sequences: a string (where `most` allows several) or an array of strings."""
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) and most is not None else value
+    well_typed = isinstance(stops, list) and all(isinstance(stop, str) for stop in stops)
+    if not well_typed or most is not None and len(stops) > most:
+        raise invalid("`%s` must be %s." % (param, "a string or an array of up to %d strings" % most
+                                            if most is not None else "an array of strings"),
+                      param, "invalid_value" if well_typed else "invalid_type")
+    return [stop for stop in stops if stop]
+
+
+def chosen_tools(tools: List[Dict[str, Any]], choice: Any, param: str) -> Tuple[List[Dict[str, Any]], str]:
+    """(the tools Claude may call, the tool choice as a Turn takes it) under a client's tool choice."""
+    choice, allowed = parse_tool_choice(choice, [tool["name"] for tool in tools], param)
+    if allowed is not None:
+        tools = [tool for tool in tools if tool["name"] in allowed]
+    if choice == "none":
+        tools = []  # not offered at all, so Claude cannot call them
+    return tools, choice
+
+
+def parse_tool_choice(choice: Any, names: List[str], param: str) -> Tuple[str, Optional[List[str]]]:
+    """("auto" | "none" | "required" | the one tool to call, the tools allowed when restricted)."""
+    if choice is None:
+        return "auto", None
+    if choice in ("auto", "none", "required"):
+        return choice, None
+    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        nested = "allowed_tools" in choice  # chat nests mode and tools; the Responses API does not
+        spec = choice["allowed_tools"] if nested else choice
+        mode = spec.get("mode", "auto") if isinstance(spec, dict) else None
+        listed = spec.get("tools") if isinstance(spec, dict) else None
+        if mode not in ("auto", "required") or not isinstance(listed, list):
+            raise invalid("`%s` must hold a mode (auto or required) and a tools array of allowed_tools."
+                          % param, param, "invalid_value")
+        tools_param = param + (".allowed_tools.tools" if nested else ".tools")
+        return mode, [named_tool(entry, names, tools_param) for entry in listed]
+    return named_tool(choice, names, param), None
+
+
+def named_tool(choice: Any, names: List[str], param: str) -> str:
+    name = None
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else choice.get("name")
+    if not isinstance(name, str):
+        raise invalid("`%s` must be \"auto\", \"none\", \"required\" or name a function." % param, param)
+    if name not in names:
+        raise invalid("`%s` names %r, which is not among the tools offered." % (param, name), param)
+    return name
+
+
+def all_input_tokens(usage: Dict[str, int]) -> int:
+    """Anthropic counts fresh input, cache reads and cache writes apart; OpenAI's input is all three."""
+    return (usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)
+            + usage.get("cache_creation_input_tokens", 0))
+
+
+def random_id(prefix: str) -> str:
+    """A fresh id for something the proxy answers (a completion, a response, an output item)."""
+    return prefix + uuid.uuid4().hex[:24]
+
+
+# ---------------------------------------------------------------------------
+# Door: OpenAI chat completions (POST /v1/chat/completions)
+# ---------------------------------------------------------------------------
 
 # OpenAI request fields that change nothing here, listed so the debug log can
 # name the ones that are truly unknown.
@@ -2485,23 +2609,6 @@ class ChatOptions(NamedTuple):
     want_reasoning: bool     # thinking goes out as reasoning_content
 
 
-def optional_bool(body: Dict[str, Any], name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid("`%s` must be a boolean." % name, name, "invalid_type")
-    return value
-
-
-def request_model(body: Dict[str, Any], config: Config) -> Tuple[str, str]:
-    """(the model as the client named it, the CLI's --model for it)."""
-    model = body.get("model") or ""
-    if not isinstance(model, str):
-        raise invalid("`model` must be a string.", "model", "invalid_type")
-    return model or config.default_model, resolve_model(model, config.default_model)
-
-
 def parse_chat_request(body: Any, config: Config,
                        fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None
                        ) -> Tuple[Turn, ChatOptions]:
@@ -2509,9 +2616,7 @@ def parse_chat_request(body: Any, config: Config,
 
     `fetch` loads remote images (only with --fetch-images); tests pass a fake.
     """
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", code="invalid_type")
-    model, cli_model = request_model(body, config)
+    model, cli_model = request_fields(body, config, CHAT_FIELDS, CHAT_IGNORED_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("`messages` must be a non-empty array.", "messages",
@@ -2523,9 +2628,6 @@ def parse_chat_request(body: Any, config: Config,
     if body.get("n") not in (None, 1):
         raise invalid("Only n=1 is supported: the Claude Code CLI gives one answer per request.",
                       "n", "unsupported_value")
-    unknown = sorted(set(body) - CHAT_FIELDS - CHAT_IGNORED_FIELDS)
-    if unknown:
-        log.debug("ignoring request fields: %s", ", ".join(unknown))
     tools, tool_choice, parallel, legacy = chat_tools(body)
     effort, thinking, asked = chat_reasoning(body)
     conversation = chat_conversation(messages, tools, image_loader(config, fetch or fetch_image))
@@ -2533,7 +2635,7 @@ def parse_chat_request(body: Any, config: Config,
                 tool_choice=tool_choice, parallel_tool_calls=parallel,
                 json_schema=chat_response_format(body.get("response_format")),
                 max_tokens=parse_max_tokens(body, ("max_completion_tokens", "max_tokens")),
-                stops=parse_stop(body.get("stop")), effort=effort, thinking=thinking)
+                stops=stop_list(body.get("stop"), "stop", 4), effort=effort, thinking=thinking)
     # Thinking goes out as reasoning_content unless turned off: agents keep a stream alive
     # by its deltas (the convention of DeepSeek, vLLM and OpenRouter; others ignore it).
     want_reasoning = asked or not (config.hide_reasoning or body.get("include_reasoning") is False)
@@ -2567,15 +2669,6 @@ def chat_response_format(response_format: Any) -> Optional[Dict[str, Any]]:
                               "response_format.json_schema.schema")
     raise invalid("`response_format.type` must be \"text\", \"json_object\" or \"json_schema\".",
                   "response_format")
-
-
-def parse_stop(stop: Any) -> List[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) for s in stops):
-        raise invalid("`stop` must be a string or an array of up to 4 strings.", "stop")
-    return [s for s in stops if s]
 
 
 def chat_conversation(messages: List[Any], tools: List[Dict[str, Any]],
@@ -2623,36 +2716,20 @@ def chat_blocks(content: Any, param: str, kinds: Tuple[str, ...],
     """The content blocks of a message's content: a string, null, or an array of parts."""
     if content is None and nullable:
         return []
-    if isinstance(content, str):
-        return [text_block(content)]
-    if not isinstance(content, list):
-        raise invalid("%s.content must be a string or an array of content parts." % param,
-                      param + ".content", "invalid_type")
-    blocks = []
-    for index, part in enumerate(content):
-        part_param = "%s.content[%d]" % (param, index)
-        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-        kind = "text" if kind == "input_text" else kind
-        if kind not in kinds:
-            raise invalid("%s has content part type %r; this message takes %s parts." % (
-                part_param, kind, ", ".join(kinds)), part_param + ".type", "unsupported_content_type")
-        if kind in ("text", "refusal"):
-            if not isinstance(part.get(kind), str):
-                raise invalid("%s.%s must be a string." % (part_param, kind), "%s.%s" % (part_param, kind),
-                              "invalid_type")
-            blocks.append(text_block(part[kind]))
-        elif kind == "image_url":
+
+    def block(kind: str, part: Dict[str, Any], part_param: str) -> Dict[str, Any]:
+        if kind in ("text", "input_text", "refusal"):
+            return text_block(string_field(part, "refusal" if kind == "refusal" else "text", part_param))
+        if kind == "image_url":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str):
                 raise invalid("%s.image_url.url must be a string." % part_param,
                               part_param + ".image_url", "invalid_type")
-            blocks.append(load_image(url, part_param))
-        else:
-            file = part.get("file")
-            blocks.append(document_block(file.get("file_data") if isinstance(file, dict) else None,
-                                         part_param + ".file"))
-    return blocks
+            return load_image(url, part_param)
+        file = part.get("file")
+        return document_block(file.get("file_data") if isinstance(file, dict) else None, part_param + ".file")
+    return content_blocks(content, param + ".content", kinds + ("input_text",) * ("text" in kinds), block)
 
 
 def assistant_calls(message: Dict[str, Any], param: str, legacy_ids: List[str]) -> List[Dict[str, Any]]:
@@ -2730,63 +2807,11 @@ def chat_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, bool, b
     return tools, choice, parallel, legacy
 
 
-def chosen_tools(tools: List[Dict[str, Any]], choice: Any, param: str) -> Tuple[List[Dict[str, Any]], str]:
-    """(the tools Claude may call, the tool choice as a Turn takes it) under a client's tool choice."""
-    choice, allowed = parse_tool_choice(choice, [tool["name"] for tool in tools], param)
-    if allowed is not None:
-        tools = [tool for tool in tools if tool["name"] in allowed]
-    if choice == "none":
-        tools = []  # not offered at all, so Claude cannot call them
-    return tools, choice
-
-
-def parse_tool_choice(choice: Any, names: List[str], param: str) -> Tuple[str, Optional[List[str]]]:
-    """("auto" | "none" | "required" | the one tool to call, the tools allowed when restricted)."""
-    if choice is None:
-        return "auto", None
-    if choice in ("auto", "none", "required"):
-        return choice, None
-    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        nested = "allowed_tools" in choice  # chat nests mode and tools; the Responses API does not
-        spec = choice["allowed_tools"] if nested else choice
-        mode = spec.get("mode", "auto") if isinstance(spec, dict) else None
-        listed = spec.get("tools") if isinstance(spec, dict) else None
-        if mode not in ("auto", "required") or not isinstance(listed, list):
-            raise invalid("`%s` must hold a mode (auto or required) and a tools array of allowed_tools."
-                          % param, param, "invalid_value")
-        tools_param = param + (".allowed_tools.tools" if nested else ".tools")
-        return mode, [named_tool(entry, names, tools_param) for entry in listed]
-    return named_tool(choice, names, param), None
-
-
-def named_tool(choice: Any, names: List[str], param: str) -> str:
-    name = None
-    if isinstance(choice, dict):
-        function = choice.get("function")
-        name = function.get("name") if isinstance(function, dict) else choice.get("name")
-    if not isinstance(name, str):
-        raise invalid("`%s` must be \"auto\", \"none\", \"required\" or name a function." % param, param)
-    if name not in names:
-        raise invalid("`%s` names %r, which is not among the tools offered." % (param, name), param)
-    return name
-
-
-def all_input_tokens(usage: Dict[str, int]) -> int:
-    """Anthropic counts fresh input, cache reads and cache writes apart; OpenAI's input is all three."""
-    return (usage.get("input_tokens", 0) + usage.get("cache_read_input_tokens", 0)
-            + usage.get("cache_creation_input_tokens", 0))
-
-
 def chat_usage(usage: Dict[str, int]) -> Dict[str, Any]:
     """OpenAI usage from Anthropic usage: every input kind counts as prompt."""
     prompt, completion = all_input_tokens(usage), usage.get("output_tokens", 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": usage.get("cache_read_input_tokens", 0)}}
-
-
-def random_id(prefix: str) -> str:
-    """A fresh id for something the proxy answers (a completion, a response, an output item)."""
-    return prefix + uuid.uuid4().hex[:24]
 
 
 class ChatDoor:
@@ -3003,9 +3028,7 @@ def parse_responses_request(body: Any, config: Config, responses: Optional[Respo
     `responses` holds the responses a previous_response_id may name (the server's store);
     `fetch` loads remote images (only with --fetch-images); tests pass a fake.
     """
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", code="invalid_type")
-    model, cli_model = request_model(body, config)
+    model, cli_model = request_fields(body, config, RESPONSES_FIELDS, RESPONSES_IGNORED_FIELDS)
     for name in RESPONSES_UNSUPPORTED_FIELDS:
         if body.get(name) is not None:
             raise invalid("`%s` is not supported: send the whole conversation in `input`, or continue a "
@@ -3013,9 +3036,6 @@ def parse_responses_request(body: Any, config: Config, responses: Optional[Respo
     if body.get("background") is True:
         raise invalid("Background responses are not supported: Claude answers while the request waits.",
                       "background", "unsupported_value")
-    unknown = sorted(set(body) - RESPONSES_FIELDS - RESPONSES_IGNORED_FIELDS)
-    if unknown:
-        log.debug("ignoring request fields: %s", ", ".join(unknown))
     stream = optional_bool(body, "stream", False)
     store = optional_bool(body, "store", True)
     instructions = body.get("instructions")
@@ -3206,31 +3226,16 @@ def responses_item(item: Dict[str, Any], param: str,
 def responses_blocks(content: Any, param: str, kinds: Tuple[str, ...],
                      load_image: ImageLoader) -> List[Dict[str, Any]]:
     """The native blocks of a message's content (or a function output): a string or an array of parts."""
-    if isinstance(content, str):
-        return [text_block(content)]
-    if not isinstance(content, list):
-        raise invalid("%s must be a string or an array of content parts." % param, param, "invalid_type")
-    blocks = []
-    for index, part in enumerate(content):
-        part_param = "%s[%d]" % (param, index)
-        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-        if kind not in kinds:
-            raise invalid("%s has content part type %r; here the parts are %s." % (
-                part_param, kind, ", ".join(kinds)), part_param + ".type", "unsupported_content_type")
-        field = "refusal" if kind == "refusal" else "text"
+    def block(kind: str, part: Dict[str, Any], part_param: str) -> Dict[str, Any]:
         if kind == "input_image":
             if not isinstance(part.get("image_url"), str):
                 raise invalid("%s.image_url must be a URL (uploaded file ids are not supported)."
                               % part_param, part_param + ".image_url", "invalid_type")
-            blocks.append(load_image(part["image_url"], part_param))
-        elif kind == "input_file":
-            blocks.append(document_block(part.get("file_data"), part_param + ".file_data"))
-        elif not isinstance(part.get(field), str):
-            raise invalid("%s.%s must be a string." % (part_param, field), "%s.%s" % (part_param, field),
-                          "invalid_type")
-        else:
-            blocks.append(text_block(part[field]))
-    return blocks
+            return load_image(part["image_url"], part_param)
+        if kind == "input_file":
+            return document_block(part.get("file_data"), part_param + ".file_data")
+        return text_block(string_field(part, "refusal" if kind == "refusal" else "text", part_param))
+    return content_blocks(content, param, kinds, block)
 
 
 def thinking_blocks(item: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -3533,9 +3538,7 @@ def parse_messages_request(body: Any, config: Config,
 
     `fetch` loads remote images (only with --fetch-images); tests pass a fake.
     """
-    if not isinstance(body, dict):
-        raise invalid("The request body must be a JSON object.", code="invalid_type")
-    model, cli_model = request_model(body, config)
+    model, cli_model = request_fields(body, config, MESSAGES_FIELDS, MESSAGES_IGNORED_FIELDS)
     if body.get("max_tokens") is None:
         raise invalid("`max_tokens` is required, as on the Anthropic API.", "max_tokens",
                       "missing_required_field")
@@ -3546,9 +3549,6 @@ def parse_messages_request(body: Any, config: Config,
     if body.get("mcp_servers"):
         raise invalid("`mcp_servers` is not supported: Claude Code cannot connect to a client's remote MCP "
                       "servers. Offer their tools as custom tools instead.", "mcp_servers", "unsupported_value")
-    unknown = sorted(set(body) - MESSAGES_FIELDS - MESSAGES_IGNORED_FIELDS)
-    if unknown:
-        log.debug("ignoring request fields: %s", ", ".join(unknown))
     tools, tool_choice, parallel = messages_tools(body)
     effort, json_schema = messages_output_config(body.get("output_config"))
     load_image = image_loader(config, fetch or fetch_image)
@@ -3557,7 +3557,7 @@ def parse_messages_request(body: Any, config: Config,
     turn = Turn(model=model, cli_model=cli_model, conversation=conversation,
                 tool_choice=tool_choice, parallel_tool_calls=parallel, json_schema=json_schema,
                 max_tokens=parse_max_tokens(body, ("max_tokens",)),
-                stops=stop_sequences(body.get("stop_sequences")), effort=effort,
+                stops=stop_list(body.get("stop_sequences"), "stop_sequences"), effort=effort,
                 thinking=messages_thinking(body.get("thinking")))
     return turn, MessagesOptions(stream=optional_bool(body, "stream", False))
 
@@ -3586,14 +3586,6 @@ def messages_output_config(output_config: Any) -> Tuple[Optional[str], Optional[
     if not isinstance(output_format, dict) or output_format.get("type") != "json_schema":
         raise invalid("`output_config.format.type` must be \"json_schema\".", "output_config.format")
     return effort, json_schema_of(output_format.get("schema"), "output_config.format.schema")
-
-
-def stop_sequences(value: Any) -> List[str]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(stop, str) for stop in value):
-        raise invalid("`stop_sequences` must be an array of strings.", "stop_sequences", "invalid_type")
-    return [stop for stop in value if stop]
 
 
 def messages_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, bool]:
@@ -3663,19 +3655,8 @@ def messages_conversation(messages: List[Any], load_image: ImageLoader) -> List[
 def messages_blocks(content: Any, param: str, kinds: Tuple[str, ...],
                     load_image: Optional[ImageLoader]) -> List[Dict[str, Any]]:
     """Content (a string or an array of blocks) as native blocks of the kinds allowed here."""
-    if isinstance(content, str):
-        return [text_block(content)]
-    if not isinstance(content, list):
-        raise invalid("%s must be a string or an array of content blocks." % param, param, "invalid_type")
-    blocks = []
-    for index, block in enumerate(content):
-        block_param = "%s[%d]" % (param, index)
-        kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-        if kind not in kinds:
-            raise invalid("%s has type %r; here Claude Code takes blocks of type %s." % (
-                block_param, kind, ", ".join(kinds)), block_param + ".type", "unsupported_content_type")
-        blocks.append(messages_block(block, block_param, load_image))
-    return blocks
+    return content_blocks(content, param, kinds, lambda _kind, block, block_param: messages_block(
+        block, block_param, load_image))
 
 
 def messages_block(block: Dict[str, Any], param: str, load_image: Optional[ImageLoader]) -> Dict[str, Any]:
@@ -3702,13 +3683,6 @@ def messages_block(block: Dict[str, Any], param: str, load_image: Optional[Image
         return {"type": "thinking", "thinking": string_field(block, "thinking", param),
                 "signature": string_field(block, "signature", param)}
     return {"type": "redacted_thinking", "data": string_field(block, "data", param)}
-
-
-def string_field(block: Dict[str, Any], name: str, param: str) -> str:
-    value = block.get(name)
-    if not isinstance(value, str):
-        raise invalid("%s.%s must be a string." % (param, name), "%s.%s" % (param, name), "invalid_type")
-    return value
 
 
 def messages_image(source: Any, param: str, load_image: Optional[ImageLoader]) -> Dict[str, Any]:
@@ -3749,10 +3723,6 @@ def messages_usage(usage: Dict[str, int]) -> Dict[str, int]:
             ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")}
 
 
-def message_id() -> str:
-    return "msg_" + uuid.uuid4().hex[:24]
-
-
 class MessagesDoor:
     """Anthropic Messages: a request in, a message or its events out, errors in Anthropic's shape.
 
@@ -3764,7 +3734,7 @@ class MessagesDoor:
     def __init__(self, turn: Turn, options: MessagesOptions) -> None:
         self.turn = turn
         self.stream = options.stream
-        self.id = message_id()
+        self.id = random_id("msg_")
         self.started = False
         self.index = -1                      # index of the newest content block
         self.block: Optional[str] = None     # type of the open content block
