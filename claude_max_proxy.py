@@ -1405,12 +1405,8 @@ class WarmPool:
                 return False
             self._last_used[key] = time.monotonic()
             doomed: List[Warm] = []
-            if len(self._idle) >= self.size:
-                victim = self._least_recently_used_than(key)
-                if victim is None:
-                    return False
-                self._idle.remove(victim)
-                doomed.append(victim)
+            if not self._make_room(key, doomed):
+                return False
             self._idle.append(Warm(key, process, binary_identity(process.popen.args[0])))
             self._changed.notify()
         for warm in doomed:
@@ -1489,20 +1485,32 @@ class WarmPool:
         """The next wanted key there is room for, evicting into `doomed` when full."""
         while self._wanted:
             key = self._wanted.pop(0)
-            if len(self._idle) >= self.size:
-                victim = self._least_recently_used_than(key)
-                if victim is None:
-                    continue  # every waiting process is for a key used at least as lately
-                self._idle.remove(victim)
-                doomed.append(victim)
-            return key
+            if self._make_room(key, doomed):
+                return key
         return None
 
-    def _least_recently_used_than(self, key: PoolKey) -> Optional[Warm]:
+    def _make_room(self, key: PoolKey, doomed: List[Warm]) -> bool:
+        """Make a place for `key`, moving what gives way into `doomed`; False when nothing may.
+
+        Kept conversations hold at most size - 1 places (the one place, at size 1), so a
+        pre-started process can always wait too: clients that never continue a conversation
+        would otherwise fill the pool with theirs. A new conversation takes the place of the
+        oldest kept one; otherwise the least recently used key gives way, if any is older."""
         never = float("-inf")
-        used = self._last_used.get(key, never)
-        older = [warm for warm in self._idle if self._last_used.get(warm.key, never) < used]
-        return min(older, key=lambda warm: self._last_used.get(warm.key, never), default=None)
+        kept = [warm for warm in self._idle if not isinstance(warm.key, Launch)]
+        if not isinstance(key, Launch) and len(kept) >= max(1, self.size - 1):
+            candidates = kept
+        elif len(self._idle) < self.size:
+            return True
+        else:
+            used = self._last_used.get(key, never)
+            candidates = [warm for warm in self._idle if self._last_used.get(warm.key, never) < used]
+        if not candidates:
+            return False  # every waiting process is for a key used at least as lately
+        victim = min(candidates, key=lambda warm: self._last_used.get(warm.key, never))
+        self._idle.remove(victim)
+        doomed.append(victim)
+        return True
 
     def _start(self, key: Launch) -> None:
         process: Optional[ClaudeProcess] = None
@@ -1513,15 +1521,10 @@ class WarmPool:
             log.warning("nothing pre-started: %s", error.message)
         doomed: List[Warm] = []
         with self._changed:
-            if process is not None and not self._closed:
-                # A conversation kept while it started may have taken the room made for it.
-                victim = self._least_recently_used_than(key) if len(self._idle) >= self.size else None
-                if len(self._idle) < self.size or victim is not None:
-                    if victim is not None:
-                        self._idle.remove(victim)
-                        doomed.append(victim)
-                    self._idle.append(Warm(key, process, binary))
-                    process = None
+            # A conversation kept while it started may have taken the place made for it.
+            if process is not None and not self._closed and self._make_room(key, doomed):
+                self._idle.append(Warm(key, process, binary))
+                process = None
         for warm in doomed:
             warm.process.close()
         if process is not None:

@@ -8362,6 +8362,21 @@ class ReplyCornersTest(TestCase):
 
 
 class PoolRoomTest(TestCase):
+    def test_conversations_nobody_continues_never_crowd_out_the_pre_started_process(self) -> None:
+        running_server = RunningServer(pool_size=2)
+        self.addCleanup(running_server.stop)
+
+        def pool() -> Dict[str, int]:
+            return running_server.server.health()["pool"]
+
+        for n in range(4):  # four one-off conversations, each kept after its answer
+            self.assertTrue(wait_until(lambda: pool()["size"] - pool()["conversations"] == 1, timeout=10),
+                            "a pre-started process waits again before request %d" % n)
+            response = post_chat(running_server.port, {"messages": [user("one-off %d %s" % (n, marker()))]})
+            self.assertEqual(response.status, 200, response.body)
+            self.assertLessEqual(pool()["conversations"], 1, "kept conversations leave a place free")
+        self.assertEqual(pool()["hits"], 4)
+
     def test_a_conversation_kept_while_a_process_starts_never_overfills_the_pool(self) -> None:
         pool = proxy.WarmPool(1, 300.0)
         self.addCleanup(pool.close)
@@ -8450,12 +8465,12 @@ def direct_once(claude: str, body: Dict[str, Any]) -> Tuple[float, float, bool]:
 
 
 def wait_for_warm(daemon: Daemon, pause: float) -> None:
-    """Let the pool refill and its new process finish starting, as an agent's pause between calls would."""
-    def full() -> bool:
+    """Let the pool start a new process and that finish starting, as an agent's pause between calls would."""
+    def ready() -> bool:  # a pre-started process waits (kept conversations wait beside it)
         pool = daemon.health()["pool"]
-        return pool["size"] == pool["max"]
+        return pool["size"] - pool["conversations"] >= 1
 
-    wait_until(full, timeout=30)
+    wait_until(ready, timeout=30)
     time.sleep(pause)
 
 
