@@ -415,7 +415,7 @@ def flag_values(*names):
 
 def life_lock(name):
     """An open file with an exclusive flock on it: the lock lasts as long as some process holds the
-    file open, so tests see a process exit without /proc or ps (see exited() below)."""
+    file open, so tests see a process exit without procfs or ps (see exited() below)."""
     fd = os.open(os.path.join(os.environ["FAKE_CLAUDE_LOG"], name), os.O_WRONLY | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
@@ -1547,8 +1547,8 @@ def exited(pid: int) -> bool:
     """True once the fake claude (or its grandchild) with this pid has exited.
 
     Each holds a flock on FAKE_CLAUDE_LOG/PID.lock for its whole life, and the kernel
-    drops it when the process exits, zombie or not: no /proc, no ps (macOS has no
-    /proc, and Linux's ps reads it), no confusion with a reused pid."""
+    drops it when the process exits, zombie or not: no procfs, no ps (macOS has no
+    procfs, and Linux's ps reads it), no confusion with a reused pid."""
     try:
         fd = os.open(os.path.join(FAKE.log_dir, "%d.lock" % pid), os.O_RDONLY)
     except FileNotFoundError:
