@@ -9,7 +9,8 @@ Three doors lead to one core. A door (OpenAI chat completions, OpenAI Responses,
 Anthropic Messages) translates its request into the native form of a conversation,
 Anthropic's own: a system prompt, messages of content blocks, and tools. The core
 gives that conversation to the official ``claude`` CLI as a real conversation: the
-earlier turns resumed from a session transcript, the newest on stdin, the client's
+earlier turns resumed from a session transcript, the newest on stdin (or, when it
+brings tool results, taken up by the CLI as an interrupted turn), the client's
 tools served as real tools through an in-process MCP server, all through the
 control protocol the Agent SDKs use. A conversation's process is kept between its
 turns, so an agent's next call starts warm and extends the previous request byte
@@ -472,6 +473,20 @@ def tool_result_block(call_id: str, content: Any, is_error: bool = False) -> Dic
     return result
 
 
+def decode_data_url(url: str, param: str) -> Tuple[str, str]:
+    """(media type, base64 data) of a data: URL, checked to be valid base64."""
+    header, _, data = url[len("data:"):].partition(",")
+    media_type, _, encoding = header.partition(";")
+    if encoding.lower() != "base64" or not data:
+        raise invalid("%s must be a base64 data: URL (data:image/png;base64,...)." % param,
+                      param + ".image_url", "invalid_image")
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid("%s holds invalid base64 data." % param, param + ".image_url", "invalid_image")
+    return media_type.lower(), data
+
+
 def document_block(data_url: Any, param: str) -> Dict[str, Any]:
     """A PDF sent as a data: URL, as the document block Claude reads."""
     if not isinstance(data_url, str) or not data_url.startswith("data:"):
@@ -571,20 +586,6 @@ def fetch_within_budget(fetch: Callable[[str, int], Tuple[str, bytes]], url: str
     fetched[0] += 1
     fetched[1] += len(raw)
     return media_type, raw
-
-
-def decode_data_url(url: str, param: str) -> Tuple[str, str]:
-    """(media type, base64 data) of a data: URL, checked to be valid base64."""
-    header, _, data = url[len("data:"):].partition(",")
-    media_type, _, encoding = header.partition(";")
-    if encoding.lower() != "base64" or not data:
-        raise invalid("%s must be a base64 data: URL (data:image/png;base64,...)." % param,
-                      param + ".image_url", "invalid_image")
-    try:
-        base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise invalid("%s holds invalid base64 data." % param, param + ".image_url", "invalid_image")
-    return media_type.lower(), data
 
 
 def fetch_image(url: str, limit: int = IMAGE_FETCH_LIMIT,
@@ -688,6 +689,50 @@ MCP_SERVER = "proxy"
 MAX_TURNS = 100000
 
 
+STRIPPED_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
+PROXY_KEY_ENV = "CLAUDE_PROXY_API_KEY"
+
+
+def cli_env(config: Config, turn: Optional[Turn] = None,
+            base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The child's environment: ours, minus API keys that would bill per token and the
+    proxy's own key, which is no business of the CLI's (nor of what it runs)."""
+    env = dict(os.environ if base is None else base)
+    if not config.allow_api_key:
+        for name in STRIPPED_ENV:
+            env.pop(name, None)
+    env.pop(PROXY_KEY_ENV, None)
+    env.pop("CLAUDECODE", None)  # set when we run inside Claude Code; the child is not nested
+    env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
+    env["CLAUDE_AGENT_SDK_MCP_NO_PREFIX"] = "1"  # the client's tools go upstream under their own names
+    # Past the context window the CLI would summarize the client's conversation and go on
+    # with that: the client must hear that its prompt is too long instead.
+    env["DISABLE_AUTO_COMPACT"] = "1"
+    if turn is not None and not turn.thinking:
+        env["MAX_THINKING_TOKENS"] = "0"
+    return env
+
+
+def session_transcript(messages: List[Dict[str, Any]]) -> str:
+    """Messages as the session file `claude --resume` reads: one JSON line each, chained by uuid.
+
+    Only what the CLI needs (type, uuid, parentUuid, timestamp, message; a message id
+    for assistants, without which it merges or drops them). Consecutive user messages
+    are one line already (MessageList), as the CLI would otherwise alter their text.
+    """
+    lines, parent = [], None
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    for index, message in enumerate(messages):
+        entry_id = str(uuid.UUID(int=index + 1))
+        body: Dict[str, Any] = {"role": message["role"], "content": message["content"]}
+        if message["role"] == "assistant":
+            body = dict({"id": "msg_%024d" % index}, **body)
+        lines.append(json.dumps({"parentUuid": parent, "type": message["role"], "uuid": entry_id,
+                                 "timestamp": stamp, "message": body}, ensure_ascii=False))
+        parent = entry_id
+    return "\n".join(lines) + "\n"
+
+
 def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, Any]],
                interrupted: bool = False) -> Launch:
     """The process for a turn; `history` is resumed from a transcript.
@@ -733,50 +778,6 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
     return Launch(tuple(argv), tuple(sorted(env.items())), session)
 
 
-STRIPPED_ENV = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
-PROXY_KEY_ENV = "CLAUDE_PROXY_API_KEY"
-
-
-def cli_env(config: Config, turn: Optional[Turn] = None,
-            base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The child's environment: ours, minus API keys that would bill per token and the
-    proxy's own key, which is no business of the CLI's (nor of what it runs)."""
-    env = dict(os.environ if base is None else base)
-    if not config.allow_api_key:
-        for name in STRIPPED_ENV:
-            env.pop(name, None)
-    env.pop(PROXY_KEY_ENV, None)
-    env.pop("CLAUDECODE", None)  # set when we run inside Claude Code; the child is not nested
-    env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
-    env["CLAUDE_AGENT_SDK_MCP_NO_PREFIX"] = "1"  # the client's tools go upstream under their own names
-    # Past the context window the CLI would summarize the client's conversation and go on
-    # with that: the client must hear that its prompt is too long instead.
-    env["DISABLE_AUTO_COMPACT"] = "1"
-    if turn is not None and not turn.thinking:
-        env["MAX_THINKING_TOKENS"] = "0"
-    return env
-
-
-def session_transcript(messages: List[Dict[str, Any]]) -> str:
-    """Messages as the session file `claude --resume` reads: one JSON line each, chained by uuid.
-
-    Only what the CLI needs (type, uuid, parentUuid, timestamp, message; a message id
-    for assistants, without which it merges or drops them). Consecutive user messages
-    are one line already (MessageList), as the CLI would otherwise alter their text.
-    """
-    lines, parent = [], None
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
-    for index, message in enumerate(messages):
-        entry_id = str(uuid.UUID(int=index + 1))
-        body: Dict[str, Any] = {"role": message["role"], "content": message["content"]}
-        if message["role"] == "assistant":
-            body = dict({"id": "msg_%024d" % index}, **body)
-        lines.append(json.dumps({"parentUuid": parent, "type": message["role"], "uuid": entry_id,
-                                 "timestamp": stamp, "message": body}, ensure_ascii=False))
-        parent = entry_id
-    return "\n".join(lines) + "\n"
-
-
 def stdin_line(message: Dict[str, Any]) -> bytes:
     return (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -815,6 +816,18 @@ def opening_lines(turn: Turn, tools_on_stdin: bool = True) -> bytes:
 
 MCP_PROTOCOL_VERSION = "2025-11-25"
 TOOL_USE_ID_META = "claudecode/toolUseId"  # how a tools/call names the tool_use it runs
+
+
+def mcp_tool_result(result: Dict[str, Any]) -> Dict[str, Any]:
+    """A client's tool_result block as the MCP result the CLI turns back into that block."""
+    content = []
+    for block in result["content"]:
+        if block["type"] == "image":
+            content.append({"type": "image", "data": block["source"]["data"],
+                            "mimeType": block["source"]["media_type"]})
+        else:
+            content.append({"type": "text", "text": block["text"]})
+    return {"result": dict({"content": content}, **({"isError": True} if result.get("is_error") else {}))}
 
 
 class ToolBridge:
@@ -881,18 +894,6 @@ class ToolBridge:
     def _response(event: Dict[str, Any], response: Dict[str, Any]) -> bytes:
         return stdin_line({"type": "control_response",
                            "response": dict(response, request_id=event.get("request_id"))})
-
-
-def mcp_tool_result(result: Dict[str, Any]) -> Dict[str, Any]:
-    """A client's tool_result block as the MCP result the CLI turns back into that block."""
-    content = []
-    for block in result["content"]:
-        if block["type"] == "image":
-            content.append({"type": "image", "data": block["source"]["data"],
-                            "mimeType": block["source"]["media_type"]})
-        else:
-            content.append({"type": "text", "text": block["text"]})
-    return {"result": dict({"content": content}, **({"isError": True} if result.get("is_error") else {}))}
 
 
 # ---------------------------------------------------------------------------
@@ -1070,6 +1071,28 @@ class Lifeline:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def parse_event_line(line: bytes) -> Optional[Dict[str, Any]]:
+    """A CLI output line as a JSON object; anything else (banners, blank lines) is None."""
+    line = line.strip()
+    if not line.startswith(b"{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def client_closed(client: socket.socket) -> bool:
+    """True when a readable client socket is readable because the peer closed it."""
+    try:
+        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 class ClaudeProcess:
@@ -1338,9 +1361,10 @@ class WarmPool:
 
     The CLI spends ~0.7 s starting, then waits on stdin; one started early with
     the argv and environment of a turn (its Launch) answers that turn within tens
-    of milliseconds, the turn itself coming on stdin. Every request for a Launch
-    queues a replacement for it. A process that has answered a turn may wait too,
-    kept under its conversation's key for the turn that continues it (keep()).
+    of milliseconds, the turn itself coming on stdin. Every request for a Launch that
+    resumes no history queues a replacement for it. A process that has answered a
+    turn may wait too, kept under its conversation's key for the turn that continues
+    it (keep()).
 
     At most `size` processes wait at once; when full, the least recently used
     key gives way. A process that waited `ttl` seconds is retired; a Launch's is
@@ -1529,28 +1553,6 @@ class WarmPool:
             warm.process.close()
         if process is not None:
             process.close()  # the pool closed, or filled, while it started
-
-
-def parse_event_line(line: bytes) -> Optional[Dict[str, Any]]:
-    """A CLI output line as a JSON object; anything else (banners, blank lines) is None."""
-    line = line.strip()
-    if not line.startswith(b"{"):
-        return None
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) else None
-
-
-def client_closed(client: socket.socket) -> bool:
-    """True when a readable client socket is readable because the peer closed it."""
-    try:
-        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 _versions: Dict[Tuple[str, float], Optional[str]] = {}
