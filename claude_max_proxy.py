@@ -2245,7 +2245,9 @@ class ReplyBlocks:
             self._signature.append(value)
             return
         block_type = "tool_use" if kind in ("tool_call", "tool_arguments") else kind
-        if kind == "tool_call" or self._block is None or self._block["type"] != block_type:
+        # Thinking after its block's signature is the next thinking block, with a signature of its own.
+        if kind == "tool_call" or self._block is None or self._block["type"] != block_type \
+                or kind == "thinking" and self._signature:
             self._close()
             self._block = ({"type": "tool_use", "id": value["id"], "name": value["name"]}
                            if kind == "tool_call" else {"type": block_type})
@@ -3323,7 +3325,8 @@ class ResponsesDoor:
         if kind == "signature":
             self.signature += [value] if current == "reasoning" else []
             return frames
-        if kind == "tool_call" or kind != "tool_arguments" and current != OUTPUT_ITEM_TYPES[kind]:
+        if kind == "tool_call" or kind != "tool_arguments" and current != OUTPUT_ITEM_TYPES[kind] \
+                or kind == "thinking" and self.signature:
             frames += self._close("completed") + self._open(kind, value)
         if kind != "tool_call" and self.open:
             self.parts.append(value)
@@ -3754,7 +3757,7 @@ class MessagesDoor:
             return []
         frames = self._start()
         block = "tool_use" if kind in ("tool_call", "tool_arguments") else kind
-        if kind == "tool_call" or block != self.block:
+        if kind == "tool_call" or block != self.block or kind == "thinking" and self.signature:
             frames += self._close()
             frames.append(self._open(block, value))
         if kind != "tool_call":

@@ -6968,11 +6968,14 @@ class MessagesDoorTest(ProxyTest):
         self.assertEqual([(e["type"], e["index"]) for _, e in frames if e["type"] != "content_block_delta"], [
             ("content_block_start", 0), ("content_block_stop", 0), ("content_block_start", 1),
             ("content_block_stop", 1), ("content_block_start", 2), ("content_block_stop", 2),
-            ("content_block_start", 3), ("content_block_stop", 3), ("content_block_start", 4)])
+            ("content_block_start", 3), ("content_block_stop", 3), ("content_block_start", 4),
+            ("content_block_stop", 4), ("content_block_start", 5)])
         self.assertEqual([e["delta"] for _, e in frames if e.get("delta", {}).get("type") == "signature_delta"],
-                         [{"type": "signature_delta", "signature": "s1s2"}], "once, whole, before the stop")
+                         [{"type": "signature_delta", "signature": "s1"}, {"type": "signature_delta", "signature": "s2"}],
+                         "each block's own, once, whole, before its stop")
         self.assertEqual(streamed_content(frames), [
-            {"type": "thinking", "thinking": "ab", "signature": "s1s2"}, {"type": "text", "text": "c"},
+            {"type": "thinking", "thinking": "a", "signature": "s1"},
+            {"type": "thinking", "thinking": "b", "signature": "s2"}, {"type": "text", "text": "c"},
             {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"x": 1}},
             {"type": "tool_use", "id": "toolu_2", "name": "g", "input": {}}, {"type": "text", "text": "d"}])
 
@@ -8359,6 +8362,34 @@ class ReplyCornersTest(TestCase):
         for text in ("/usr/bin/python is missing", "what does /compact do?", "a / b"):
             proxy.refuse_cli_command([{"type": "text", "text": text}])  # passes
         proxy.refuse_cli_command([{"type": "text", "text": "/cost"}, {"type": "image", "source": {}}])
+
+
+class ThinkingBlocksTest(TestCase):
+    """Two thinking blocks in a row (around a StructuredOutput retry) stay two, each with its own
+    signature: Anthropic refuses a signature that does not match its block."""
+
+    EVENTS = [("thinking", "first"), ("signature", "sig-1"), ("thinking", "second"), ("signature", "sig-2"),
+              ("text", "done")]
+
+    def test_the_reply_keeps_them_apart(self) -> None:
+        reply = proxy.ReplyBlocks()
+        for event in self.EVENTS:
+            reply.add(event)
+        self.assertEqual(reply.blocks, [
+            {"type": "thinking", "thinking": "first", "signature": "sig-1"},
+            {"type": "thinking", "thinking": "second", "signature": "sig-2"},
+            {"type": "text", "text": "done"}])
+
+    def test_the_messages_door_streams_them_apart(self) -> None:
+        turn, options = proxy.parse_messages_request({
+            "model": "claude-sonnet-4", "max_tokens": 100, "stream": True, "thinking": {"type": "adaptive"},
+            "messages": [{"role": "user", "content": "hi"}]}, proxy.Config())
+        door = proxy.MessagesDoor(turn, options)
+        frames = [frame for event in self.EVENTS for frame in door.events(event)]
+        starts = [payload["content_block"]["type"] for name, payload in frames if name == "content_block_start"]
+        signatures = [payload["delta"]["signature"] for name, payload in frames
+                      if name == "content_block_delta" and payload["delta"]["type"] == "signature_delta"]
+        self.assertEqual((starts, signatures), (["thinking", "thinking", "text"], ["sig-1", "sig-2"]))
 
 
 class PoolRoomTest(TestCase):
