@@ -3913,8 +3913,13 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
                 stream.frames(door.events(event))
         handler.usage = exchange.answer.reply.usage
         last = door.end(exchange) if stream is not None else door.response(exchange)
+        try:
+            echo = door.echo(exchange)
+        except ProxyError as error:  # a reply the door cannot read back is not kept; the answer stands
+            log.warning("%s not kept for its next turn: %s", handler.request_id, error.message)
+            echo = None
         # Kept before the answer ends: a client may come back with the next turn at once.
-        exchange.keep(door.echo(exchange))
+        exchange.keep(echo)
         if stream is not None:
             stream.frames(last)
             stream.end()

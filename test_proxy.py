@@ -8392,6 +8392,21 @@ class ThinkingBlocksTest(TestCase):
         self.assertEqual((starts, signatures), (["thinking", "thinking", "text"], ["sig-1", "sig-2"]))
 
 
+class EchoTest(ProxyTest):
+    settings = dict(ProxyTest.settings, pool_size=2)
+
+    def test_a_reply_the_door_cannot_read_back_is_answered_and_not_kept(self) -> None:
+        failing = mock.patch.object(proxy.ChatDoor, "echo", side_effect=proxy.invalid("unreadable", "echo"))
+        for stream in (False, True):
+            with failing, self.assertLogs("claude_max_proxy", "WARNING") as logs:
+                response = self.say("hello %s" % marker(), stream=stream)
+            self.assertEqual(response.status, 200, response.body)
+            answer = stream_text(response) if stream else response.json()["choices"][0]["message"]["content"]
+            self.assertTrue(answer.startswith("Hello from fake"), answer)
+            self.assertIn("not kept for its next turn", "\n".join(logs.output))
+            self.assertEqual(self.running.server.health()["pool"]["conversations"], 0)
+
+
 class PoolRoomTest(TestCase):
     def test_conversations_nobody_continues_never_crowd_out_the_pre_started_process(self) -> None:
         running_server = RunningServer(pool_size=2)
