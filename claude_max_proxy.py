@@ -1395,8 +1395,9 @@ class WarmPool:
 
     def take(self, key: PoolKey, claude: str) -> Optional[ClaudeProcess]:
         """A live process waiting under this key and running the `claude` that is there now,
-        or None; for a Launch, a replacement is queued either way."""
-        if not self.size:
+        or None; for a Launch, a replacement is queued either way. Nothing is started ahead for
+        a Launch that resumes a history: it would serve only a retry of that very turn."""
+        if not self.size or isinstance(key, Launch) and key.session:
             return None
         binary = binary_identity(claude)
         found: Optional[ClaudeProcess] = None
@@ -1413,8 +1414,7 @@ class WarmPool:
             if isinstance(key, Launch):
                 self.hits += found is not None
                 self.misses += found is None
-                if not key.session:  # one that resumes a history serves only a retry of that turn
-                    self._want(key)
+                self._want(key)
             else:
                 self.continued += found is not None
         for process in unfit:
@@ -1920,6 +1920,10 @@ def status_code(value: Any) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+# A content block delta's type -> (the field holding its piece, the reply event it makes).
+CLI_DELTAS = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "thinking"),
+              "signature_delta": ("signature", "signature"),
+              "input_json_delta": ("partial_json", "tool_arguments")}
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
@@ -2038,9 +2042,7 @@ class Reply:
 
     def _block_delta(self, delta: Dict[str, Any]) -> List[ReplyEvent]:
         kind = delta.get("type")
-        field, out = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "thinking"),
-                      "signature_delta": ("signature", "signature"),
-                      "input_json_delta": ("partial_json", "tool_arguments")}.get(kind, (None, None))
+        field, out = CLI_DELTAS.get(kind, (None, None))
         value = delta.get(field) if field else None
         if not isinstance(value, str) or not value:
             return []
@@ -3310,6 +3312,7 @@ class ResponsesDoor:
         self.sequence = 0
         self.started = False
         self.output: List[Dict[str, Any]] = []   # the items so far, the one streaming last
+        self.read_back: Optional[List[Dict[str, Any]]] = None  # the output as the next request holds it
         self.parts: List[str] = []               # the streaming item's text or arguments
         self.signature: List[str] = []
         self.open = False                        # the last item is streaming
@@ -3439,7 +3442,8 @@ class ResponsesDoor:
                   exchange: Exchange) -> Dict[str, Any]:
         response = self._response(status, self.output, responses_usage(exchange.answer.reply.usage),
                                   incomplete_details=incomplete)
-        self._keep(response, self._echo() or [])
+        self.read_back = self._read_back()
+        self._keep(response, self.read_back or [])
         return response
 
     def _keep(self, response: Dict[str, Any], reply: List[Dict[str, Any]]) -> None:
@@ -3451,9 +3455,9 @@ class ResponsesDoor:
         self.options.store.put(StoredResponse(response, self.options.system, messages, item_ids))
 
     def echo(self, exchange: Exchange) -> Optional[List[Dict[str, Any]]]:
-        return self._echo()
+        return self.read_back  # read once, when the response was finished
 
-    def _echo(self) -> Optional[List[Dict[str, Any]]]:
+    def _read_back(self) -> Optional[List[Dict[str, Any]]]:
         """The output items as the client will send them back, read as the door reads input items;
         None when they cannot be read back (arguments cut short)."""
         native = MessageList()
