@@ -783,7 +783,15 @@ def stdin_line(message: Dict[str, Any]) -> bytes:
 
 
 def user_line(content: List[Dict[str, Any]]) -> bytes:
-    """A user turn on stdin; content as a list of blocks, as a resumed history holds it too."""
+    """A user turn on stdin; content as a list of blocks, as a resumed history holds it too.
+
+    Claude Code runs a turn whose last block is a text starting with "/" as one of its own
+    commands (/compact, a skill; any other name such as /2024 answers "Unknown command")
+    instead of sending it to Claude. It looks at the last block only, and drops empty text
+    blocks before it asks Anthropic: an empty text after such a prompt keeps it the user's
+    text, and Anthropic still gets exactly the client's blocks."""
+    if content and content[-1]["type"] == "text" and content[-1]["text"].startswith("/"):
+        content = content + [text_block("")]
     return stdin_line({"type": "user", "message": {"role": "user", "content": content},
                        "parent_tool_use_id": None})
 
@@ -2297,21 +2305,6 @@ def conversation_key(turn: Turn, messages: List[Dict[str, Any]]) -> str:
         json.dumps(state, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-# A prompt whose last text starts like this is taken by Claude Code for one of its own
-# commands (/compact, /cost, a skill ...), run instead of reaching Claude; a path such as
-# /usr/bin/python is not one.
-CLI_COMMAND = re.compile(r"^/[A-Za-z][\w:.-]*(\s|$)")
-
-
-def refuse_cli_command(content: List[Dict[str, Any]]) -> None:
-    """A 400 for a prompt Claude Code would run as its own command: the proxy will not
-    change the prompt, and the CLI has no way to take it as text."""
-    if content and content[-1]["type"] == "text" and CLI_COMMAND.match(content[-1]["text"]):
-        raise invalid("The newest message starts with %r, which Claude Code takes for one of its own "
-                      "commands instead of sending it to Claude. Put anything before the slash."
-                      % content[-1]["text"].split()[0][:40], "messages", "cli_command_prompt")
-
-
 def tool_results(message: Dict[str, Any]) -> Optional[Dict[str, Dict[str, Any]]]:
     """The tool results a user message brings, by call id, when it holds nothing else."""
     content = message["content"]
@@ -2374,7 +2367,6 @@ class Exchange:
     def _begin(self) -> ClaudeProcess:
         conversation = self.turn.conversation
         history, newest = conversation.messages[:-1], conversation.messages[-1]
-        refuse_cli_command(newest["content"])
         results = tool_results(newest)
         kept = self.server.take_kept(conversation_key(self.turn, history), self.claude)
         if kept is not None and set(kept.open_calls) == set(results or ()):

@@ -1212,12 +1212,30 @@ def pieces(value):
     return [value] if isinstance(value, str) else list(value)
 
 
+def cli_command(content):
+    """The command the real CLI runs instead of asking Anthropic, or None. Its rule (2.1.197):
+    the last block is a text starting with "/" (spaces first make it text), and its first word
+    holds only letters, digits, ':', '-' and '_' and names nothing at the root of the disk
+    (/tmp is a path). This fake knows no commands, so each is unknown, as /2024 is to the CLI."""
+    last = content if isinstance(content, str) else content[-1] if content else {}
+    text = last if isinstance(last, str) else last.get("text", "") if last.get("type") == "text" else ""
+    if not text.startswith("/"):
+        return None
+    words = text.strip()[1:].split(None, 1)
+    name = words[0] if words else ""
+    if not name or re.search(r"[^a-zA-Z0-9:_-]", name) or os.path.exists("/" + name):
+        return None
+    return name
+
+
 def new_user_content(content, conversation):
-    """The stdin message as the CLI keeps it: tool_results that answer nothing are dropped."""
+    """The stdin message as the CLI sends it: empty texts and tool_results that answer nothing
+    are dropped."""
     if content == "":
         return [{"type": "text", "text": "(no content)"}]
     if isinstance(content, str):
         return content
+    content = [b for b in content if b.get("type") != "text" or b.get("text")]
     last = next((m for m in reversed(conversation) if m["role"] == "assistant"), None)
     open_ids = {b["id"] for b in as_blocks(last["content"]) if b.get("type") == "tool_use"} if last else set()
     answered = {b.get("tool_use_id") for m in conversation if m["role"] == "user"
@@ -1270,6 +1288,9 @@ class Turn:
             sys.stdout.write("not json at all\n[1, 2]\n\n")
         if spec.get("hang_before"):
             time.sleep(3600)
+        command = cli_command(self.line["message"]["content"])
+        if command is not None:
+            return self.unknown_command(command)
         structured = json_schema()[0] is not None
         if not structured:  # the structured replay below brings its own
             emit(stamp(t["status"]))
@@ -1292,6 +1313,15 @@ class Turn:
             init["tools"] = [tool["name"] for tool in tools]
             init["mcp_servers"] = [{"name": name, "status": "connected"} for name in State.servers]
         emit(init)
+
+    def unknown_command(self, name):
+        """What the CLI answers itself for a command it does not know: Anthropic never hears of it."""
+        said = "Unknown command: /" + name
+        emit(dict(stamp(t["assistant"]), message=dict(t["assistant"]["message"], model="<synthetic>",
+                                                      content=[{"type": "text", "text": said}])))
+        self.conversation.append({"role": "user", "content": self.line["message"]["content"]})
+        self.finish_turn(said, None, num_turns=0)
+        return False
 
     def structured(self):
         # Claude "calls" the CLI's StructuredOutput tool, or fails to (error_max_turns).
@@ -3289,6 +3319,64 @@ class HttpHardeningTest(ProxyTest):
         self.assertTrue(wait_until(lambda: self.running.server.active_children() == []))
         line = next(line for line in logs.output if " 499 " in line)
         self.assertIn("POST /v1/chat/completions 499 model=", line)
+
+
+class SlashPromptTest(ProxyTest):
+    """A prompt starting with "/" is text for Claude on every door, never a command the CLI
+    answers itself (the fake CLI runs such a prompt as the real one does: see cli_command)."""
+
+    settings = dict(ProxyTest.settings, pool_size=2, pool_ttl=300.0)  # conversations are kept
+    PROMPTS = ("/2024 was a good year", "/5", "/-x", "/:x", "/_x", "/compact", "/x.y")
+
+    def ask(self, door: str, blocks: List[str], history: Tuple[Dict[str, Any], ...] = ()) -> Response:
+        """One user message of these texts, after `history` (chat messages), through `door`."""
+        if door == "responses":
+            items = [{"role": m["role"], "content": m["content"]} for m in history]
+            return self.request("POST", "/v1/responses", {"model": "claude-sonnet-4", "input": items + [
+                {"role": "user", "content": [{"type": "input_text", "text": t} for t in blocks]}]})
+        message = {"role": "user", "content": [text(t) for t in blocks]}
+        if door == "messages":
+            return self.request("POST", "/v1/messages", {"model": "claude-sonnet-4", "max_tokens": 64,
+                                                         "messages": list(history) + [message]})
+        return self.chat(*history, message)
+
+    def test_the_newest_prompt_reaches_claude_unchanged_on_every_door(self) -> None:
+        for door in ("chat", "responses", "messages"):
+            for prompt in self.PROMPTS:
+                with self.subTest(door=door, prompt=prompt):
+                    tag = marker()
+                    response = self.ask(door, [tag, prompt])
+                    self.assertEqual(response.status, 200, response.body)
+                    self.assertNotIn("Unknown command", response.body.decode())
+                    sent = FAKE.run_for(tag, "requests")["requests"][-1]["messages"]
+                    self.assertEqual(sent[-1]["content"], [text(tag), text(prompt)],
+                                     "exactly the client's blocks, nothing added")
+
+    def test_a_prompt_alone_on_a_kept_conversation_reaches_claude_unchanged(self) -> None:
+        tag = marker()
+        history = [user("hello " + tag)]
+        for prompt in ("/5", "/2024 was a good year"):
+            response = self.chat(*history)
+            self.assertEqual(response.status, 200, response.body)
+            history += [response.json()["choices"][0]["message"], user(prompt)]
+        response = self.chat(*history)
+        self.assertEqual(response.status, 200, response.body)
+        self.assertNotIn("Unknown command", response.body.decode())
+        run = run_of(FAKE.run_for(tag)["pid"], 3)  # one process answered all three turns
+        self.assertEqual([m["content"] for m in run["requests"][-1]["messages"] if m["role"] == "user"],
+                         [[text("hello " + tag)], [text("/5")], [text("/2024 was a good year")]])
+
+    def test_slash_prompts_in_earlier_turns_reach_claude_unchanged(self) -> None:
+        for door in ("chat", "responses", "messages"):
+            with self.subTest(door=door):
+                tag = marker()
+                history = (user("/2024 was a good year"), {"role": "assistant", "content": "It was."},
+                           user("/5"), {"role": "assistant", "content": "Five."})
+                response = self.ask(door, ["/_x " + tag], history)
+                self.assertEqual(response.status, 200, response.body)
+                sent = FAKE.run_for("/_x " + tag, "requests")["requests"][-1]["messages"]
+                self.assertEqual([m["content"][0]["text"] if isinstance(m["content"], list) else m["content"]
+                                  for m in sent], ["/2024 was a good year", "It was.", "/5", "Five.", "/_x " + tag])
 
 
 class CompletionTest(ProxyTest):
@@ -7639,6 +7727,22 @@ class EndToEndTest(ProxyTest):
                 expected.append({"type": "text", "text": note + "\n"})
             self.assertEqual(last[2:], [{"role": "user", "content": expected}])
 
+    def test_a_prompt_starting_with_a_slash_reaches_anthropic_unchanged(self) -> None:
+        # Fails when the CLI stops dropping empty text blocks, or starts taking a turn for one
+        # of its commands by anything but its last block (see user_line).
+        for prompt in ("/2024 was a good year", "/5", "/-x", "/:x", "/_x", "/compact"):
+            tag = marker()
+            history = [user("/5 " + tag), {"role": "assistant", "content": "Five."}]
+            for messages in ([user(tag), user(prompt)], history + [user(prompt)]):
+                response = self.chat(*messages)
+                self.assertEqual(response.status, 200, response.body)
+                self.assertEqual(response.json()["choices"][0]["message"]["content"], UPSTREAM_REPLY, prompt)
+                sent = without_cache_marks(self.upstream.requests[-1]["messages"])
+                self.assertEqual(sent[-1]["content"][-1], {"type": "text", "text": prompt},
+                                 "the newest text exactly, and no empty block after it")
+                self.assertIn(tag, json.dumps(sent))
+            self.assertEqual(sent[0]["content"][-1], {"type": "text", "text": "/5 " + tag})
+
     def test_a_prompt_too_long_is_a_400_context_length_exceeded_and_never_compacted(self) -> None:
         # Without DISABLE_AUTO_COMPACT the CLI would summarize the client's history and go on.
         for history in ([], [user("earlier"), {"role": "assistant", "content": "reply"}]):
@@ -8353,15 +8457,6 @@ class ReplyCornersTest(TestCase):
         with self.assertRaises(proxy.ProxyError) as caught:
             reply.feed({"type": "result", "subtype": "error_max_structured_output_retries", "is_error": True})
         self.assertEqual((caught.exception.status, caught.exception.code), (502, "invalid_structured_output"))
-
-    def test_a_prompt_claude_code_would_run_as_its_command_is_refused_not_run(self) -> None:
-        for text in ("/compact", "/cost", "/review this diff", "/model opus"):
-            with self.assertRaises(proxy.ProxyError) as caught:
-                proxy.refuse_cli_command([{"type": "text", "text": text}])
-            self.assertEqual((caught.exception.status, caught.exception.code), (400, "cli_command_prompt"))
-        for text in ("/usr/bin/python is missing", "what does /compact do?", "a / b"):
-            proxy.refuse_cli_command([{"type": "text", "text": text}])  # passes
-        proxy.refuse_cli_command([{"type": "text", "text": "/cost"}, {"type": "image", "source": {}}])
 
 
 class ThinkingBlocksTest(TestCase):
