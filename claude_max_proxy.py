@@ -2491,6 +2491,13 @@ def string_field(block: Dict[str, Any], name: str, param: str) -> str:
     return value
 
 
+def named_entry(table: Dict[str, Any], name: Any) -> Any:
+    """The entry a request's value names in a table keyed by names (roles, types), or None when it
+    names none. Only a string can name one: a JSON object or array would not even hash, and a
+    client's mistake must stay a 400."""
+    return table.get(name) if isinstance(name, str) else None
+
+
 def content_blocks(content: Any, param: str, kinds: Tuple[str, ...],
                    block: Callable[[str, Dict[str, Any], str], Dict[str, Any]]) -> List[Dict[str, Any]]:
     """A message's content as native blocks: a string is one text block, and each part of an
@@ -3198,9 +3205,9 @@ def responses_item(item: Dict[str, Any], param: str,
     kind = item.get("type", "message")  # the Agents SDK sends messages without a type
     if kind == "message":
         role = item.get("role")
-        kinds = {"user": ("input_text", "input_image", "input_file"), "system": ("input_text",),
-                 "developer": ("input_text",),
-                 "assistant": ("output_text", "refusal", "input_text")}.get(role)
+        kinds = named_entry({"user": ("input_text", "input_image", "input_file"), "system": ("input_text",),
+                             "developer": ("input_text",),
+                             "assistant": ("output_text", "refusal", "input_text")}, role)
         if kinds is None:
             raise invalid("%s.role must be one of user, assistant, system, developer; got %r."
                           % (param, role), param + ".role")
@@ -3571,10 +3578,10 @@ def messages_thinking(thinking: Any) -> bool:
     to decide (its models think adaptively), so a budget_tokens changes nothing."""
     if thinking is None:
         return False
-    kind = thinking.get("type") if isinstance(thinking, dict) else None
-    if kind not in MESSAGES_THINKING:
+    thinks = named_entry(MESSAGES_THINKING, thinking.get("type") if isinstance(thinking, dict) else None)
+    if thinks is None:
         raise invalid("`thinking.type` must be \"enabled\", \"adaptive\" or \"disabled\".", "thinking.type")
-    return MESSAGES_THINKING[kind]
+    return thinks
 
 
 def messages_output_config(output_config: Any) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
@@ -3621,12 +3628,13 @@ def messages_tool_choice(choice: Any, names: List[str]) -> Tuple[str, bool]:
     if choice is None:
         return "auto", True
     kind = choice.get("type") if isinstance(choice, dict) else None
-    if kind not in MESSAGES_TOOL_CHOICES and kind != "tool":
+    chosen = named_entry(MESSAGES_TOOL_CHOICES, kind)
+    if chosen is None and kind != "tool":
         raise invalid("`tool_choice.type` must be \"auto\", \"any\", \"tool\" or \"none\".", "tool_choice.type")
     parallel = not optional_bool(choice, "disable_parallel_tool_use", False)
     if kind == "tool":
         return named_tool(choice, names, "tool_choice"), parallel
-    return MESSAGES_TOOL_CHOICES[kind], parallel
+    return chosen, parallel
 
 
 def messages_system(system: Any, load_image: ImageLoader) -> str:
@@ -3645,11 +3653,11 @@ def messages_conversation(messages: List[Any], load_image: ImageLoader) -> List[
     for index, message in enumerate(messages):
         param = "messages[%d]" % index
         role = message.get("role") if isinstance(message, dict) else None
-        if role not in MESSAGES_BLOCKS:
+        kinds = named_entry(MESSAGES_BLOCKS, role)
+        if kinds is None:
             raise invalid("%s must be {\"role\": \"user\" or \"assistant\", \"content\"}; the system "
                           "prompt goes in `system`." % param, param + ".role")
-        native.add(role, messages_blocks(message.get("content"), param + ".content", MESSAGES_BLOCKS[role],
-                                         load_image))
+        native.add(role, messages_blocks(message.get("content"), param + ".content", kinds, load_image))
     if not native.messages or native.messages[-1]["role"] != "user":
         raise invalid("The last message must be a user message: Claude Code cannot continue a partial "
                       "assistant message (a prefill).", "messages", "unsupported_value")

@@ -3379,6 +3379,141 @@ class SlashPromptTest(ProxyTest):
                                   for m in sent], ["/2024 was a good year", "It was.", "/5", "Five.", "/_x " + tag])
 
 
+def every_path(value: Any, path: Tuple[Any, ...] = ()) -> Iterator[Tuple[Any, ...]]:
+    """The path (keys and indices) of every value inside a JSON value, the value itself aside."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        yield path + (key,)
+        yield from every_path(inner, path + (key,))
+
+
+def replaced(value: Any, path: Tuple[Any, ...], new: Any) -> Any:
+    """A deep copy of a JSON value with the value at `path` replaced."""
+    copied = copy.deepcopy(value)
+    holder = copied
+    for key in path[:-1]:
+        holder = holder[key]
+    holder[path[-1]] = new
+    return copied
+
+
+WRONG_TYPES = ({}, [], 1, True, None, "x")
+
+
+class WrongTypesTest(ProxyTest):
+    """Every field of a full request of each door, given each JSON type in turn: a client's
+    mistake is a 4xx in the door's own error shape, never a 500 (nor an ERROR record)."""
+
+    def bodies(self) -> Dict[str, List[Dict[str, Any]]]:
+        png = "data:image/png;base64," + PNG_1PX
+        weather = {"type": "object", "properties": {"city": {"type": "string"}}}
+        chat = {
+            "model": "claude-sonnet-4", "stream": False, "stream_options": {"include_usage": True}, "n": 1,
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "developer", "content": [{"type": "text", "text": "Be kind."}]},
+                {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                             {"type": "image_url", "image_url": {"url": png}},
+                                             {"type": "file", "file": {"file_data": PDF_DATA_URL}}]},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]},
+                {"role": "user", "content": "and now?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "description": "d",
+                                                        "parameters": weather}}],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "parallel_tool_calls": True, "max_tokens": 100, "stop": ["END"], "reasoning_effort": "low",
+            "include_reasoning": True,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": weather}}}
+        legacy = {
+            "messages": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "", "function_call": {"name": "get_weather",
+                                                                               "arguments": "{}"}},
+                         {"role": "function", "name": "get_weather", "content": "sunny"}],
+            "functions": [{"name": "get_weather", "parameters": weather}], "function_call": "auto",
+            "reasoning": {"effort": "low"}, "max_completion_tokens": 10, "stop": "END",
+            "response_format": {"type": "json_object"}}
+        responses = {
+            "model": "claude-sonnet-4", "instructions": "Be brief.", "stream": False, "store": False,
+            "include": ["reasoning.encrypted_content"],
+            "input": [
+                {"role": "developer", "content": "Be kind."},
+                {"type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": "hi"}, {"type": "input_image", "image_url": png},
+                    {"type": "input_file", "file_data": PDF_DATA_URL}]},
+                {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "hm"}],
+                 "encrypted_content": "x"},
+                {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather",
+                 "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_text",
+                                                                                  "text": "sunny"}]},
+                {"role": "assistant", "content": [{"type": "output_text", "text": "ok"}]},
+                {"role": "user", "content": "and now?"}],
+            "tools": [{"type": "function", "name": "get_weather", "description": "d", "parameters": weather,
+                       "strict": True}, {"type": "web_search"}],
+            "tool_choice": {"type": "function", "name": "get_weather"}, "parallel_tool_calls": True,
+            "reasoning": {"effort": "low", "summary": "auto"}, "max_output_tokens": 100,
+            "text": {"format": {"type": "json_schema", "name": "a", "schema": weather}}, "metadata": {"a": "b"}}
+        allowed = {"input": "hi", "tools": responses["tools"][:1], "text": {"format": {"type": "text"}},
+                   "tool_choice": {"type": "allowed_tools", "mode": "auto",
+                                   "tools": [{"type": "function", "name": "get_weather"}]}}
+        messages = {
+            "model": "claude-sonnet-4", "max_tokens": 100, "stream": False,
+            "system": [{"type": "text", "text": "Be brief."}],
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "text", "text": "hi"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}},
+                    {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                                    "data": PDF_DATA}, "title": "t", "context": "c"},
+                    {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "hey"}}]},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "hm", "signature": "sig"},
+                    {"type": "redacted_thinking", "data": "x"}, {"type": "text", "text": "ok"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sun"}],
+                     "is_error": False}, {"type": "text", "text": "and now?"}]}],
+            "tools": [{"name": "get_weather", "description": "d", "input_schema": weather}],
+            "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+            "thinking": {"type": "enabled", "budget_tokens": 1024}, "stop_sequences": ["END"],
+            "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": weather}}}
+        plain = {"model": "claude-sonnet-4", "max_tokens": 10, "system": "Be brief.", "tool_choice": {"type": "auto"},
+                 "tools": messages["tools"], "messages": [{"role": "user", "content": "hi"}]}
+        return {"chat": [chat, legacy], "responses": [responses, allowed], "messages": [messages, plain]}
+
+    PARSE = {"chat": proxy.parse_chat_request, "responses": proxy.parse_responses_request,
+             "messages": proxy.parse_messages_request}
+    PATHS = {"chat": "/v1/chat/completions", "responses": "/v1/responses", "messages": "/v1/messages"}
+
+    def assertDoorError(self, door: str, response: Response, status: int) -> None:
+        self.assertEqual(response.status, status, response.body)
+        body = response.json()
+        if door == "messages":
+            self.assertEqual((set(body), body["type"], set(body["error"])),
+                             ({"type", "error"}, "error", {"type", "message"}))
+            self.assertEqual(body["error"]["type"], proxy.MESSAGES_ERROR_TYPES[status])
+        else:
+            self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
+            self.assertEqual(body["error"]["type"], "invalid_request_error")
+
+    def test_every_field_of_every_door_given_a_wrong_type_is_a_4xx_in_the_door_shape(self) -> None:
+        for door, bodies in self.bodies().items():
+            for body in bodies:
+                self.PARSE[door](body, config())  # the full request itself is good
+                for path in every_path(body):
+                    for wrong in WRONG_TYPES:
+                        mutated = replaced(body, path, wrong)
+                        with self.subTest(door=door, path=path, value=wrong):
+                            try:
+                                self.PARSE[door](mutated, config())
+                                continue  # still a good request
+                            except proxy.ProxyError as error:
+                                self.assertTrue(400 <= error.status < 500, error.message)
+                                status = error.status
+                            self.assertDoorError(door, self.request("POST", self.PATHS[door], mutated), status)
+
+
 class CompletionTest(ProxyTest):
     def test_non_stream_answer_has_the_exact_openai_shape(self) -> None:
         response = self.say("hello " + marker(), model="claude-opus-4")
