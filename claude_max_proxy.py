@@ -1082,13 +1082,14 @@ class Lifeline:
 
 
 def parse_event_line(line: bytes) -> Optional[Dict[str, Any]]:
-    """A CLI output line as a JSON object; anything else (banners, blank lines) is None."""
+    """A CLI output line as a JSON object; anything else (banners, blank lines, and JSON nested
+    deeper than Python's parser goes) is None."""
     line = line.strip()
     if not line.startswith(b"{"):
         return None
     try:
         event = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return event if isinstance(event, dict) else None
 

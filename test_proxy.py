@@ -3754,6 +3754,7 @@ MALFORMED_EVENTS = [
     {"type": "result", "subtype": 3, "is_error": "yes", "errors": "not a list", "usage": {"output_tokens": "1"}},
     {"type": "result", "subtype": "success", "is_error": True, "errors": [None, {"a": 1}], "api_error_status": "500"},
     "[1, 2, 3]", "{broken json",
+    '{"a": ' * 3000 + "1" + "}" * 3000,  # nested deeper than Python's JSON parser goes
 ]
 
 
