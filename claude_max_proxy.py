@@ -2499,6 +2499,15 @@ def named_entry(table: Dict[str, Any], name: Any) -> Any:
     return table.get(name) if isinstance(name, str) else None
 
 
+def distinct_tool(tool: Dict[str, Any], offered: List[Dict[str, Any]], param: str) -> Dict[str, Any]:
+    """The tool, checked to have a name none of the tools offered before it has: Anthropic refuses
+    a request that offers two tools of one name."""
+    if any(other["name"] == tool["name"] for other in offered):
+        raise invalid("%s.name is %r, the name of an earlier tool: each tool needs a name of its own."
+                      % (param, tool["name"]), param + ".name", "duplicate_tool_name")
+    return tool
+
+
 def content_blocks(content: Any, param: str, kinds: Tuple[str, ...],
                    block: Callable[[str, Dict[str, Any], str], Dict[str, Any]]) -> List[Dict[str, Any]]:
     """A message's content as native blocks: a string is one text block, and each part of an
@@ -2808,8 +2817,9 @@ def chat_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, bool, b
         spec = entry if legacy else entry.get("function")
         if not isinstance(spec, dict):
             raise invalid("%s must be a function with a name." % entry_param, entry_param, "invalid_type")
-        tools.append(native_tool(spec.get("name"), spec.get("description"), spec.get("parameters"),
-                                 entry_param if legacy else entry_param + ".function"))
+        spec_param = entry_param if legacy else entry_param + ".function"
+        tool = native_tool(spec.get("name"), spec.get("description"), spec.get("parameters"), spec_param)
+        tools.append(distinct_tool(tool, tools, spec_param))
     tools, choice = chosen_tools(tools, body.get("function_call" if legacy else "tool_choice"),
                                  "function_call" if legacy else "tool_choice")
     parallel = not legacy and body.get("parallel_tool_calls") is not False
@@ -3114,7 +3124,8 @@ def responses_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], List[Di
             raise invalid("%s has type %r; the proxy offers function tools (hosted tools such as "
                           "web_search are left out)." % (param, kind), param + ".type",
                           "unsupported_tool_type")
-        tools.append(native_tool(entry.get("name"), entry.get("description"), entry.get("parameters"), param))
+        tool = native_tool(entry.get("name"), entry.get("description"), entry.get("parameters"), param)
+        tools.append(distinct_tool(tool, tools, param))
         echoed.append({"type": "function", "name": entry["name"], "description": entry.get("description"),
                        "parameters": tools[-1]["input_schema"],
                        "strict": entry.get("strict") if isinstance(entry.get("strict"), bool) else None})
@@ -3616,8 +3627,8 @@ def messages_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, boo
             raise invalid("%s is a server tool of type %r, which Claude Code cannot run for a client; only "
                           "custom tools ({name, description, input_schema}) are supported."
                           % (param, entry.get("type")), param + ".type", "unsupported_tool_type")
-        tools.append(native_tool(entry.get("name"), entry.get("description"), entry.get("input_schema"),
-                                 param, "input_schema"))
+        tool = native_tool(entry.get("name"), entry.get("description"), entry.get("input_schema"), param, "input_schema")
+        tools.append(distinct_tool(tool, tools, param))
     choice, parallel = messages_tool_choice(body.get("tool_choice"), [tool["name"] for tool in tools])
     if choice == "none":
         tools = []  # not offered at all, so Claude cannot call them

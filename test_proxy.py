@@ -3514,6 +3514,35 @@ class WrongTypesTest(ProxyTest):
                             self.assertDoorError(door, self.request("POST", self.PATHS[door], mutated), status)
 
 
+class DuplicateToolTest(ProxyTest):
+    """Two tools of one name would reach Anthropic, which refuses them: each door says so first."""
+
+    def test_a_tool_name_offered_twice_is_a_400_naming_it_on_every_door(self) -> None:
+        schema = {"type": "object", "properties": {}}
+        chat = [{"type": "function", "function": {"name": name, "parameters": schema}}
+                for name in ("get_weather", "get_time", "get_weather")]
+        responses = [{"type": "function", "name": name, "parameters": schema}
+                     for name in ("get_weather", "get_time", "get_weather")]
+        messages = [{"name": name, "input_schema": schema} for name in ("get_weather", "get_time", "get_weather")]
+        for path, body, param in [
+                ("/v1/chat/completions", {"messages": [user("hi")], "tools": chat}, "tools[2].function.name"),
+                ("/v1/chat/completions", {"messages": [user("hi")], "functions": [t["function"] for t in chat]},
+                 "functions[2].name"),
+                ("/v1/responses", {"input": "hi", "tools": [{"type": "web_search"}] + responses}, "tools[3].name"),
+                ("/v1/messages", {"max_tokens": 9, "messages": [user("hi")], "tools": messages}, "tools[2].name")]:
+            with self.subTest(path=path, param=param):
+                response = self.request("POST", path, dict(body, model="claude-sonnet-4"))
+                self.assertEqual(response.status, 400, response.body)
+                if path == "/v1/messages":
+                    self.assertEqual(response.json()["error"]["type"], "invalid_request_error")
+                    message = response.json()["error"]["message"]
+                else:
+                    error = self.assertError(response, 400, "invalid_request_error", "duplicate_tool_name", param)
+                    message = error["message"]
+                self.assertIn("'get_weather'", message)
+                self.assertIn(param, message)
+
+
 class CompletionTest(ProxyTest):
     def test_non_stream_answer_has_the_exact_openai_shape(self) -> None:
         response = self.say("hello " + marker(), model="claude-opus-4")
