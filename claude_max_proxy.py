@@ -3627,7 +3627,8 @@ def messages_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, boo
             raise invalid("%s is a server tool of type %r, which Claude Code cannot run for a client; only "
                           "custom tools ({name, description, input_schema}) are supported."
                           % (param, entry.get("type")), param + ".type", "unsupported_tool_type")
-        tool = native_tool(entry.get("name"), entry.get("description"), entry.get("input_schema"), param, "input_schema")
+        tool = native_tool(entry.get("name"), entry.get("description"), entry.get("input_schema"), param,
+                           "input_schema")
         tools.append(distinct_tool(tool, tools, param))
     choice, parallel = messages_tool_choice(body.get("tool_choice"), [tool["name"] for tool in tools])
     if choice == "none":
