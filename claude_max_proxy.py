@@ -1897,6 +1897,11 @@ PROMPT_TOO_LONG = re.compile(r"prompt is too long|context.{0,20}(window|length).
 def upstream_error(status: Optional[int], message: str, kind: Optional[str] = None,
                    retry_after: Optional[float] = None) -> ProxyError:
     """The error for a failure the CLI reported from the Anthropic API."""
+    if status == 403:
+        # Claude Code calls a 403 a failed login too, but the login was good: Anthropic refused
+        # this request (a model or feature the account or its organization may not use).
+        return ProxyError(403, "Anthropic refused the request: 403 permission_error (Claude Code said: %s)"
+                          % message, code="permission_error")
     if kind in AUTH_ERRORS or status == 401:
         return ProxyError(401, LOGIN_HELP + " (Claude Code said: %s)" % message,
                           code="authentication_failed")
@@ -2102,8 +2107,11 @@ class Reply:
     def _retry(self, event: Dict[str, Any], now: float) -> None:
         status = status_code(event.get("error_status"))
         error = event.get("error") if isinstance(event.get("error"), str) else None
-        message = "the Anthropic API answered %s (%s); Claude Code was retrying (attempt %s of %s)" % (
-            status, error, count(event.get("attempt")), count(event.get("max_retries")))
+        # No status: no answer came at all (the connection closed, or could not be made).
+        answer = "answered %d (%s)" % (status, error) if status is not None else \
+            "gave no answer: the connection closed or failed (%s)" % error
+        message = "the Anthropic API %s; Claude Code was retrying (attempt %s of %s)" % (
+            answer, count(event.get("attempt")), count(event.get("max_retries")))
         failure = upstream_error(status, message, error,
                                  retry_after=count(event.get("retry_delay_ms")) / 1000.0 or None)
         if failure.status == 401 or status == 403:

@@ -2362,6 +2362,38 @@ def tool_call_request(request_id: str, call_id: str, message_id: int) -> Dict[st
         "_meta": {"claudecode/toolUseId": call_id, "progressToken": message_id}})
 
 
+class UpstreamFailureTest(TestCase):
+    """What the real CLI 2.1.197 prints when the Anthropic API refuses or never answers, as the client hears it."""
+
+    def failure(self, events: List[Dict[str, Any]]) -> proxy.ProxyError:
+        reply = proxy.Reply(1.0)
+        with self.assertRaises(proxy.ProxyError) as caught:
+            for event in events:
+                reply.feed(event, now=0.0)
+            deadline = reply.retry_deadline()
+            if deadline is not None:
+                raise deadline[1]
+        return caught.exception
+
+    def test_a_403_is_a_permission_error_with_anthropics_message(self) -> None:
+        said = "Failed to authenticate. API Error: 403 Your organization may not use this model"
+        error = self.failure([
+            {"type": "assistant", "message": {"model": "<synthetic>", "role": "assistant",
+                                              "content": [{"type": "text", "text": said}]},
+             "error": "authentication_failed"},
+            {"type": "result", "subtype": "success", "is_error": True, "api_error_status": 403, "result": said}])
+        self.assertEqual((error.status, error.type, error.code), (403, "permission_error", "permission_error"))
+        self.assertIn("Your organization may not use this model", error.message)
+        self.assertNotIn("not logged in", error.message)
+
+    def test_no_answer_at_all_says_the_connection_closed(self) -> None:
+        error = self.failure([{"type": "system", "subtype": "api_retry", "attempt": 1, "max_retries": 10,
+                               "retry_delay_ms": 506.2, "error_status": None, "error": "unknown"}])
+        self.assertEqual((error.status, error.code), (502, "upstream_error"))
+        self.assertIn("gave no answer: the connection closed or failed (unknown)", error.message)
+        self.assertNotIn("None", error.message)
+
+
 class ToolBridgeTest(TestCase):
     """The client's tools as an in-process MCP server, answering the CLI's control requests."""
 
@@ -7531,7 +7563,8 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
     """POST /v1/messages as the Anthropic API streams it to a subscriber; every request is kept.
 
     Every answer carries a subscription's unified rate-limit headers (see unified_headers). The
-    last user text steers it: HTTPERRnnn answers with that status, USAGE-OUT with a 429, a word
+    last user text steers it: HTTPERRnnn answers with that status (and Anthropic's error type for
+    it), HANGUP closes the connection unanswered, USAGE-OUT with a 429, a word
     of EXTRA_USAGE_400S with that 400, THINK adds a thinking block, MAXTOK stops with max_tokens,
     each line CALL:name {json} calls that offered tool, SAY:text says that text. A request that
     offers the CLI's StructuredOutput tool (--json-schema) and calls nothing else gets a call to it.
@@ -7559,11 +7592,13 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         self.limits = unified_headers(text)
         failure = re.search(r"HTTPERR(\d{3})", text)
         refusal = next((message for word, message in EXTRA_USAGE_400S.items() if word in text), None)
+        if "HANGUP" in text:  # the connection closes with no answer at all
+            self.close_connection = True
+            return self.connection.shutdown(socket.SHUT_RDWR)
         if failure or "USAGE-OUT" in text:
             status = int(failure.group(1)) if failure else 429
             return self.send_json(status, {"type": "error", "error": {
-                "type": "rate_limit_error" if status == 429 else "api_error",
-                "message": "fake error %d" % status}})
+                "type": proxy.MESSAGES_ERROR_TYPES.get(status, "api_error"), "message": "fake error %d" % status}})
         if refusal or "TOOLONG" in text:
             return self.send_json(400, {"type": "error", "error": {"type": "invalid_request_error",
                                                                    "message": refusal or PROMPT_TOO_LONG}})
@@ -7967,6 +8002,22 @@ class EndToEndTest(ProxyTest):
         started = time.monotonic()
         self.assertError(self.say("HTTPERR401"), 401, "authentication_error")
         self.assertLess(time.monotonic() - started, 20)
+
+    def test_upstream_403_is_a_403_permission_error_not_a_login_failure(self) -> None:
+        # Claude Code says "Failed to authenticate" (authentication_failed) for a 403 too.
+        tag = marker()
+        error = self.assertError(self.say("HTTPERR403 " + tag), 403, "permission_error", "permission_error")
+        self.assertIn("fake error 403", error["message"], "Anthropic's own message")
+        self.assertNotIn("not logged in", error["message"])
+        self.assertEqual(len([b for b in self.upstream.requests if tag in json.dumps(b)]), 1, "never retried")
+        response = self.request("POST", "/v1/messages", {"model": "claude-sonnet-4", "max_tokens": 9,
+                                                         "messages": [user("HTTPERR403 " + marker())]})
+        self.assertEqual((response.status, response.json()["error"]["type"]), (403, "permission_error"))
+
+    def test_an_upstream_that_closes_the_connection_unanswered_is_a_502_saying_so(self) -> None:
+        error = self.assertError(self.say("HANGUP " + marker()), 502, "server_error", "upstream_error")
+        self.assertIn("gave no answer: the connection closed or failed", error["message"])
+        self.assertNotIn("None", error["message"])
 
     def test_upstream_429_becomes_429_after_the_retry_budget(self) -> None:
         response = self.say("HTTPERR429")
