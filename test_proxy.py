@@ -3575,6 +3575,25 @@ class DuplicateToolTest(ProxyTest):
                 self.assertIn(param, message)
 
 
+class LogForgingTest(ProxyTest):
+    """Nothing a request or the CLI sends can forge a log line, at any level."""
+
+    def test_a_newline_in_a_field_name_the_cli_output_or_a_path_is_escaped_in_the_log(self) -> None:
+        logger = logging.getLogger("claude_max_proxy")
+        with self.assertLogs(logger, level="DEBUG") as logs:
+            answered = self.chat(user("hi " + marker()), **{"x\nFAKE 1": 1, "y\u2028FAKE 2": 2})
+            cue = FAKE.script("crash-forging", text=[], crash=3, stderr="it broke\r\nFAKE 3")
+            refused = self.say(cue)  # a 502 whose message holds the CLI's stderr, logged as a warning
+            missing = self.request("GET", "/v1/models/a%0AFAKE%0D%0AFAKE", None)
+        self.assertEqual((answered.status, refused.status, missing.status), (200, 502, 404), refused.body)
+        lines = "\n".join(logs.output).splitlines()
+        self.assertEqual([line for line in lines if "FAKE" in line and not line.startswith(
+            ("DEBUG:claude_max_proxy:", "INFO:claude_max_proxy:", "WARNING:claude_max_proxy:"))], [])
+        said = "\n".join(logs.output)
+        for escaped in ("x\\nFAKE 1", "y\\u2028FAKE 2", "it broke\\r\\nFAKE 3"):
+            self.assertIn(escaped, said)
+
+
 class CompletionTest(ProxyTest):
     def test_non_stream_answer_has_the_exact_openai_shape(self) -> None:
         response = self.say("hello " + marker(), model="claude-opus-4")
