@@ -2077,7 +2077,8 @@ class Reply:
 
     def _block_delta(self, delta: Dict[str, Any]) -> List[ReplyEvent]:
         kind = delta.get("type")
-        field, out = CLI_DELTAS.get(kind, (None, None))
+        # Only a string names a delta kind (a list would not even hash).
+        field, out = CLI_DELTAS.get(kind, (None, None)) if isinstance(kind, str) else (None, None)
         value = delta.get(field) if field else None
         if not isinstance(value, str) or not value:
             return []

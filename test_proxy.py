@@ -3827,6 +3827,7 @@ MALFORMED_EVENTS = [
                                        "usage": {"output_tokens": "many", "input_tokens": [1]}}},
     {"type": "stream_event", "event": {"type": "content_block_start", "content_block": "text"}},
     {"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": 7}}},
+    {"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": ["text_delta"]}}},
     {"type": "stream_event", "event": ["not", "an", "object"]},
     {"type": "assistant", "message": None, "error": ["x"]},
     {"type": "user", "message": {"content": "text, not blocks"}},
