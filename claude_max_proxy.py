@@ -86,14 +86,14 @@ log = logging.getLogger("claude_max_proxy")
 
 # What could end a log line, or make a terminal or log viewer act: C0 and C1 controls,
 # DEL, and Unicode's own line and paragraph separators.
-CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class EscapedControls(logging.Filter):
     """Each log record is one line, whatever a request or Claude Code put in it. The values a
     message is built from (a client's field names and model, paths, the CLI's output, error
-    messages) have their control characters escaped as JSON writes them, so a "\n" in one
-    cannot end the line and forge the next; the messages' own text is the proxy's."""
+    messages) have their control characters escaped as JSON writes them, so a line break in
+    one cannot end the line and forge the next; the messages' own text is the proxy's."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
