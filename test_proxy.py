@@ -7965,6 +7965,14 @@ class EndToEndTest(ProxyTest):
                 self.assertEqual(sent[-1]["content"][-1], {"type": "text", "text": prompt},
                                  "the newest text exactly, and no empty block after it")
             self.assertEqual(sent[0]["content"][-1], {"type": "text", "text": "/5 " + tag})
+        for path, field, body in (("/v1/messages", "messages", {"max_tokens": 64}), ("/v1/responses", "input", {})):
+            tag = marker()
+            response = self.request("POST", path, dict(body, model="claude-sonnet-4",
+                                                       **{field: [user(tag), user("/5")]}))
+            self.assertEqual(response.status, 200, response.body)
+            self.assertIn(UPSTREAM_REPLY, response.body.decode())
+            sent = without_cache_marks(self.upstream_request_for(tag)["messages"])
+            self.assertEqual(sent[-1]["content"][-1], {"type": "text", "text": "/5"})
 
     def test_a_prompt_too_long_is_a_400_context_length_exceeded_and_never_compacted(self) -> None:
         # Without DISABLE_AUTO_COMPACT the CLI would summarize the client's history and go on.
