@@ -7974,6 +7974,24 @@ class EndToEndTest(ProxyTest):
             sent = without_cache_marks(self.upstream_request_for(tag)["messages"])
             self.assertEqual(sent[-1]["content"][-1], {"type": "text", "text": "/5"})
 
+    def test_slash_prompts_in_a_kept_conversation_extend_each_request_byte_for_byte(self) -> None:
+        tag = marker()
+        before = self.running.server.health()["pool"]["continued"]
+        messages = [user("/2024 was a good year " + tag)]
+        for prompt in ("/5", "/compact"):
+            response = self.chat(*messages)
+            self.assertEqual(response.status, 200, response.body)
+            messages += [{"role": "assistant", "content": response.json()["choices"][0]["message"]["content"]},
+                         user(prompt)]
+        self.assertEqual(self.chat(*messages).status, 200)
+        sent = [without_cache_marks(body["messages"]) for body in self.upstream.requests if tag in json.dumps(body)]
+        self.assertEqual([len(m) for m in sent], [1, 3, 5])
+        for earlier, later in zip(sent, sent[1:]):
+            self.assertEqual(later[:len(earlier)], earlier, "each request must extend the one before")
+        self.assertEqual([m["content"][-1] for m in sent[-1] if m["role"] == "user"],
+                         [text("/2024 was a good year " + tag), text("/5"), text("/compact")])
+        self.assertEqual(self.running.server.health()["pool"]["continued"] - before, 2)
+
     def test_a_prompt_too_long_is_a_400_context_length_exceeded_and_never_compacted(self) -> None:
         # Without DISABLE_AUTO_COMPACT the CLI would summarize the client's history and go on.
         for history in ([], [user("earlier"), {"role": "assistant", "content": "reply"}]):
