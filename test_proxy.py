@@ -6944,7 +6944,7 @@ class MessagesDoorTest(ProxyTest):
                      tools=[dict(MESSAGES_WEATHER_TOOL, input_schema={"type": "array"})])
         self.assertIn("prefill", self.rejects("messages", messages=[
             user("hi"), {"role": "assistant", "content": "Sure, "}]).message)
-        self.rejects("messages[0].role", messages=[{"role": "system", "content": "x"}, user("hi")])
+        self.rejects("messages[0].role", messages=[{"role": "developer", "content": "x"}, user("hi")])
         self.rejects("messages[0].content[0].type", messages=[{"role": "user", "content": [
             {"type": "tool_use", "id": "t", "name": "n", "input": {}}]}])
         self.rejects("messages[0].content[0].image_url", messages=[{"role": "user", "content": [
@@ -7140,12 +7140,6 @@ class MessagesDoorTest(ProxyTest):
                 self.assertEqual(response.status, 200, (headers, path, response.body))
                 self.assertEqual(response.json()["type"], "message")
 
-    def test_count_tokens_is_a_501_the_sdks_do_not_retry(self) -> None:
-        response = self.request("POST", "/v1/messages/count_tokens?beta=true",
-                                {"model": "claude-sonnet-4", "messages": [user("hi")]})
-        self.assertIn("count", self.assertAnthropicError(response, 501, "api_error"))
-        self.assertEqual(response.headers["x-should-retry"], "false")
-
     # -- the official anthropic SDK -------------------------------------------------
 
     def client(self) -> Any:
@@ -7220,15 +7214,6 @@ class MessagesDoorTest(ProxyTest):
         with self.assertRaises(anthropic.AuthenticationError):
             client.messages.create(model="claude-sonnet-4", max_tokens=10,
                                    messages=[{"role": "user", "content": "[[fake:not-logged-in]]"}])
-        with self.assertLogs(proxy.log, "INFO") as logged:
-            with self.assertRaises(anthropic.InternalServerError) as caught:
-                client.messages.count_tokens(model="claude-sonnet-4",
-                                             messages=[{"role": "user", "content": "x"}])
-            # The access line follows the answer: wait for it (retries would all have come before).
-            wait_until(lambda: any("count_tokens 501" in line for line in logged.output))
-        self.assertEqual(caught.exception.status_code, 501)
-        self.assertEqual(len([line for line in logged.output if "count_tokens 501" in line]), 1,
-                         "the SDK must not retry it")
         with self.assertRaises(anthropic.APIStatusError) as mid:
             with client.messages.stream(model="claude-sonnet-4", max_tokens=10, messages=[
                     {"role": "user", "content": "[[fake:crash-midstream]]"}]) as stream:
@@ -7838,6 +7823,106 @@ def get_weather(city: str) -> str:
 def tool_names(run: Dict[str, Any]) -> List[str]:
     """The tools the fake claude would have sent upstream last (the CLI's StructuredOutput too)."""
     return sorted(tool["name"] for tool in run["requests"][-1]["tools"])
+
+
+CLAUDE_CODE_SYSTEM = "You are a Claude agent, built on Anthropic's Claude Agent SDK."  # Claude Code's -p prompt
+AGENT_LISTING = "Available agent types for the Agent tool:"  # the system entry Claude Code sends in messages
+
+
+@unittest.skipIf(real_claude() is None and not IN_CI, "the real claude CLI is not installed")
+class ClaudeCodeClientTest(ProxyTest):
+    """The real `claude -p`, with its default tools, as a client of the Messages door (nothing but
+    ANTHROPIC_BASE_URL and the proxy's key set); the proxy drives the real CLI too, against
+    FakeAnthropicHandler."""
+
+    settings = {"retry_budget": 1.5, "idle_timeout": 60.0, "timeout": 90.0, "pool_size": 0,
+                "api_key": "sk-proxy-key-for-claude-code"}
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        claude = real_claude()
+        if claude is None:
+            raise AssertionError("CI must have the real claude CLI (npm install -g @anthropic-ai/claude-code)")
+        cls.claude = claude
+        cls.upstream = FakeUpstream()
+        cls.settings = dict(cls.settings, claude_bin=claude)
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        super().tearDownClass()
+        cls.upstream.stop()
+
+    def run_client(self, *args: str) -> Tuple[subprocess.CompletedProcess, str]:
+        """(the finished `claude -p ...` run, the directory it ran in), as a user runs it: its own
+        HOME, no subscription of its own, the proxy as its Anthropic API."""
+        cwd = os.path.realpath(tempfile.mkdtemp(prefix="claude-code-client-"))
+        home = tempfile.mkdtemp(prefix="claude-code-client-home-")
+        self.addCleanup(shutil.rmtree, cwd, True)
+        self.addCleanup(shutil.rmtree, home, True)
+        env = dict(os.environ, HOME=home, ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % self.running.port,
+                   ANTHROPIC_API_KEY=self.config.api_key)
+        for name in ("CLAUDE_CODE_OAUTH_TOKEN", "CLAUDECODE", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"):
+            env.pop(name, None)
+        run = subprocess.run([self.claude, "-p"] + list(args), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=180)
+        self.assertEqual(run.returncode, 0, (run.stdout[-2000:], run.stderr[-2000:]))
+        return run, cwd
+
+    def upstream_requests_for(self, tag: str) -> List[Dict[str, Any]]:
+        """The requests of the conversation that holds `tag` (Claude Code also has a title made
+        for it, in a request of its own without tools)."""
+        return [body for body in self.upstream.requests if tag in json.dumps(body["messages"])
+                and "Bash" in [tool["name"] for tool in body["tools"]]]
+
+    def assertReachedAsClaudeCodeSentIt(self, sent: Dict[str, Any], prompt: str) -> None:
+        """Claude Code's system prompt, tools and system entry reached Claude, the entry right after
+        the user's message as Claude Code put it, and no agent list of the proxy's CLI beside it."""
+        self.assertIn(CLAUDE_CODE_SYSTEM, [block["text"] for block in sent["system"]])
+        self.assertEqual([message["role"] for message in sent["messages"][:2]], ["user", "system"])
+        self.assertIn(prompt, block_text(sent["messages"][0]["content"]))
+        self.assertTrue(sent["messages"][1]["content"].startswith(AGENT_LISTING), sent["messages"][1])
+        self.assertEqual(json.dumps(sent["messages"]).count(AGENT_LISTING), 1)
+
+    def test_claude_p_answers_through_the_proxy(self) -> None:
+        prompt = "hi " + marker()
+        run, _ = self.run_client(prompt)
+        self.assertEqual(run.stdout.decode().strip(), UPSTREAM_REPLY)
+        self.assertReachedAsClaudeCodeSentIt(self.upstream_requests_for(prompt)[0], prompt)
+
+    def test_claude_p_streams_through_the_proxy(self) -> None:
+        prompt = "hi " + marker()
+        run, _ = self.run_client(prompt, "--output-format", "stream-json", "--verbose",
+                                 "--include-partial-messages")
+        events = [json.loads(line) for line in run.stdout.decode().splitlines() if line.strip()]
+        deltas = [event["event"]["delta"].get("text", "") for event in events if event["type"] == "stream_event"
+                  and event["event"]["type"] == "content_block_delta"]
+        self.assertGreater(len(deltas), 1, "the answer must arrive in pieces")
+        self.assertEqual("".join(deltas), UPSTREAM_REPLY)
+        self.assertEqual((events[-1]["type"], events[-1]["is_error"], events[-1]["result"]),
+                         ("result", False, UPSTREAM_REPLY))
+        self.assertReachedAsClaudeCodeSentIt(self.upstream_requests_for(prompt)[0], prompt)
+
+    def test_claude_code_runs_its_bash_tool_and_the_answer_comes_back(self) -> None:
+        # Claude calls Bash; the client's claude runs it in its own directory (pwd proves which
+        # directory ran it: the proxy's CLI runs in a directory of its own, and has no Bash).
+        command = {"command": "pwd > ran-here.txt", "description": "note where this ran " + marker()}
+        run, cwd = self.run_client("CALL:Bash " + json.dumps(command), "--allowedTools", "Bash",
+                                   "--output-format", "stream-json", "--verbose")
+        with open(os.path.join(cwd, "ran-here.txt")) as f:
+            self.assertEqual(f.read().strip(), cwd)
+        events = [json.loads(line) for line in run.stdout.decode().splitlines() if line.strip()]
+        self.assertEqual(events[-1]["result"], UPSTREAM_REPLY)
+        calls = [block for event in events if event["type"] == "assistant"
+                 for block in event["message"]["content"] if block["type"] == "tool_use"]
+        self.assertEqual([(call["name"], call["input"]) for call in calls], [("Bash", command)])
+        sent = self.upstream_requests_for(command["description"])
+        self.assertReachedAsClaudeCodeSentIt(sent[0], "CALL:Bash")
+        last = sent[-1]["messages"]
+        self.assertEqual([message["role"] for message in last], ["user", "system", "assistant", "user"])
+        self.assertEqual(last[2]["content"][-1]["id"], calls[0]["id"])
+        self.assertEqual([(block["type"], block["tool_use_id"]) for block in last[3]["content"]],
+                         [("tool_result", calls[0]["id"])])
 
 
 class ClientRuns:
