@@ -43,6 +43,7 @@ import threading
 import time
 import unittest
 import warnings
+import zlib
 from unittest import mock
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -789,9 +790,22 @@ def as_blocks(content):
 
 def rendered(conversation):
     """The messages of a request: consecutive user messages merged (the earlier text gains a
-    "\n"); no date reminder, no cache_control."""
-    out = []
+    "\n"); system messages held back to the end of the user messages that follow them (as the
+    real CLI does with the mid-conversation-system beta); no date reminder, no cache_control."""
+    out, held = [], []
+
+    def flush():
+        if held and out and out[-1]["role"] == "user":
+            out.append({"role": "system", "content": "\n\n".join(held)})
+        elif held:
+            out.append({"role": "user", "content": "<system-reminder>\n%s\n</system-reminder>" % "\n\n".join(held)})
+        del held[:]
     for message in copy.deepcopy(conversation):
+        if message["role"] == "system":
+            held.append(message["content"])
+            continue
+        if message["role"] == "assistant":
+            flush()
         if out and message["role"] == "user" and out[-1]["role"] == "user":
             earlier = as_blocks(out[-1]["content"])
             if earlier and earlier[-1].get("type") == "text":
@@ -799,6 +813,7 @@ def rendered(conversation):
             out[-1]["content"] = earlier + as_blocks(message["content"])
         else:
             out.append(message)
+    flush()
     # The newest user message is a block list (it carries the cache breakpoint), and so is the
     # first: the real CLI puts its date reminder block in front of it.
     for message in (out[:1] + out[-1:]):
@@ -837,7 +852,11 @@ def load_session(path):
                 line = json.loads(text)
             except ValueError:
                 continue
-            if (not isinstance(line, dict) or line.get("type") not in ("user", "assistant")
+            if isinstance(line, dict) and line.get("type") == "attachment" and line.get("uuid"):
+                # The one kind the proxy writes: a hook's message, which the CLI sends as a system message.
+                line = dict(line, message={"role": "system",
+                                           "content": line["attachment"]["response"]["systemMessage"]})
+            elif (not isinstance(line, dict) or line.get("type") not in ("user", "assistant")
                     or not line.get("timestamp") or not line.get("uuid") or "message" not in line):
                 continue
             if line["type"] == "assistant" and not line["message"].get("id"):
@@ -869,8 +888,9 @@ def repaired(history):
     With CLAUDE_CODE_RESUME_INTERRUPTED_TURN, a history that ends with tool results is an
     interrupted turn, taken up as it is at start; one that ends with a user's text is taken
     out and sent as the first prompt (R9B report, section 4)."""
-    if os.environ.get("CLAUDE_CODE_RESUME_INTERRUPTED_TURN") and history and history[-1]["role"] == "user":
-        last = history[-1]
+    spoken = [message for message in history if message["role"] != "system"]  # system: attachments
+    if os.environ.get("CLAUDE_CODE_RESUME_INTERRUPTED_TURN") and spoken and spoken[-1]["role"] == "user":
+        last = spoken[-1]
         if any(b.get("type") == "tool_result" for b in as_blocks(last["content"])):
             State.interrupted_turn = True
             return history
@@ -7823,6 +7843,224 @@ def get_weather(city: str) -> str:
 def tool_names(run: Dict[str, Any]) -> List[str]:
     """The tools the fake claude would have sent upstream last (the CLI's StructuredOutput too)."""
     return sorted(tool["name"] for tool in run["requests"][-1]["tools"])
+
+
+# What the real Claude Code 2.1.197 sent to a recording fake of the Anthropic API for `claude -p hi`,
+# the same with `--output-format stream-json --verbose`, and a round of its Bash tool (with the
+# request that makes the session's title), with its default tools: [{run, method, path, headers,
+# body}], as zlib'd JSON in base64. Strings past 200 characters are cut (its system prompt and
+# tool descriptions are nearly all of its 88 KB a request); every field and shape is whole.
+CLAUDE_CODE_REQUESTS = (
+    "eNrtXQlz28iV/itdnFSN5CJI6rIsOZMtj2UnyvoqS443NZqlmkCTRAQCDBqQxHj83/cd3QAogjrmUE2yL5MZSQTYx+t39+v+fvjSycu0c9iZ"
+    "JzpOO93OzBTTLIIPPrw/OYW/57qYwl/9y63+zFirJ8b+18gU+rsiLw08nxodmdx2Dr90PlmTBy8mJi3gC2Giy8gEYRL3t3tbva2DfbVhrguT"
+    "pzrpKhtd4KNNaECnxTTP5nEYYLONb2bwn+3B9t5ge+ugG2ZpAV8Ptmb0WTB4Fgz2uzF8mCdGX5ooKKZxehGnE/d8L9ja7VafFdmFSaHJMi3w"
+    "+VN6vlO1OtMpTGxm+Cl8+2mwvd+d59lsXgShDqfYhg2zuXHf3oIGurM4gibTS5i+LuIsDezCFmbmXtnFAZrxOMtdo1tbwfbu0oTxm/A9mDO8"
+    "sIO9DrbghetAz+dEiLjztdsZZdECyTsDgiQ1fbJ5aYPd4BmtGS9M5/AHWM4sMfBWCYsBj2iGuCDwpFjM8QnOGJ7Qj8POH92gczOLU1jJP52l"
+    "L6xaZKXSqb0yuSqmRmFj31r1z9JYnKjt0guhTvEJvTHOkiS7AjIpR9PDs/QbFZZ5Dr0f6cKcpadZpBfQSgR/qdgqItPWNlCqd5aepYr+d/z2"
+    "w/uPpy/enR5Cs/CSa03N9EJlOf1Is0KNjMpNYi6BlqrIcDQwUG2BXGumOY2RGLCSZohNApGQpO5VM5/C4uc66Xz9+iM24WjIpGlSsfPiUseJ"
+    "HiVGaWR0hS1YmD3T6QV/lmUJTD9QvFKH6qUuwmmgk4Re1OkCx3oB39CFijJj028LNY4LpdUsy42ycxPG4zjkLnrqdWJM8bfYXCHxzFiXSaGu"
+    "piYFSrhRpHpGJMXRRD21cQojsIfqySaO4tX1PIFmD9VHENUgS5OFskbnna8/dv0M13IHsGItnnGSoBywxB+qMBw6Bv7OSXhvEI2f4+cwpnwx"
+    "z0A8v3OS/nz90vwdeQ2mrdVLohfPqatGZQwTzVL1wg8B5u9eYUKfHP13757Luq7zs7TqPlWkTnRYxJfV8uISTU0ytyQDVl3FxVTZbFxc4XdM"
+    "OolTY3Lke1xSS5zc4OEX1sa24G/pEjRrHv/LREB/kIy4AD5AgUonXVxXk1rs2D/rqpenr1U4BbaBbgzInE4jZaIyJGWjEy8btgcrOy7tfRkc"
+    "5o7sQYuOjINcTUq724mMDfN4XrBSeqPLNIRxq9RceXpkagrDAPYPQTcm5rqrZsCOcQBsNHckUK80fqsSD/iGrXk61HMNnBQXMcgNzogGo3Ql"
+    "V9BFXBAd22UN6Z4AUYGMcapW1JfyyhCfokyihoapxem8LIYW6DPTSJk/+F8706KY28N+/x8WVTh92svyST/K9bjog5YagJbqu9e7nqTZ6B8m"
+    "RJqBlZibHKeDzS5R8MafnRfKAgcUamMn2FNXWR5tqsYLKhvTgJGKdT+2QO5CO8DmaLXVU/edSgtVSwXjgs9mbY3ZckSvDflJa5u4djAmWjqd"
+    "EONWTaPe5/5Q7awZsbNYNxt/P3cMTM9VBlokj6NGe07vneoLWMZ5bkITmTQ09GZjhiAzcRpjW6AYuK1xDrw/0wXIcU8dj1U2i+H3qIvjtbd+"
+    "tYvmJU6nIMyFxXZm9Ppc5zSW40kKOjSiMXrarUy52zFpidq0A6yUGnwBrTR6STq+KOHnGNm5AzYGva5hnA5HOryY5OCXRKt0OjFEanS08Cd8"
+    "o0Eez951Az2FquwKtDSaR7CSIG8wYrIUYFxYYEHh9Opxj0D2jE5xrWKbJbqdbY/9I6JUT511gHcvityYs44KcwP2HAYFumw2z3KdL9QEuvOv"
+    "gLJs0B0/tajTUdtSszBC8KsWnvlzM8+wB5DnrMD2E1JCS4sHM9eKXwATm5WgFdPLGFYeHTi1oZMrvbBILtIBNYGeg5a5Zc38iOEjbhzWCRfK"
+    "/LOMYenxlSZdKoEEhaqjKGae/tDQBmOdWEOmx6nZ77WdrmjZV9eg8JmCI3iO6zRDvYj/5qYoc5wGsGRWFqDBSDEG6jOMFY1OBCMLiwxoPkdT"
+    "bOE98KKvDCx5CIbDohUtUITGIDl6BBSHrhT69FadlduDrV11HkbnTFLkEKRTNQR08IBKkwl+GXuYxRbtveKZ99QJmMZE2QI9ug1YBHWpH0/V"
+    "ulG2Ky8/BZAbwwRuU1BFPDNA11tUlHsDCTRD/wesc5ZGVm3M9LV6OsD/bdYtAyeNwO3+2r3dDrwEocu7aJlCaPCmDbhCn8M5vzwJ9BFpidg1"
+    "ucziEMTwnUF1iIoYTYkFo3hhQHKcYQbRAVUFghTbC/jdaYtmV4H6R2kL9xFoDOo3Zo+U2Ow16roYW/MjgXmDbHdVOp91cdnTSOdRG2F/gXbz"
+    "k17Vb616K9LgHMFzmyyOYovq9QS+Pcqu1/RI9qrutvH12hBZboHUHcshDK4iATpzyBLuLZhx28huaA7PrPdXFi9Bob0k5bqiMk5AQKIS/SIn"
+    "iTiTEbqjEKGVaKYxlhiXoDwMcXBPfXL2epSBJ5qji0lOq3UtsSuWpSYAD6VQ3ptiPviEttOvttoLwKwkoBxgfH6RXHyYZKETmX9BU4cgMSmq"
+    "mylGZxD7Bdk4mIF9nir+L3z0iNoib5PEk9ZZmWvQmKzpYIL1rA5Bnt6qv6ij7K16Cw+Pss8gWhumN0GT9aS/p57wP/DpdwrFc6H2HBVAFZ91"
+    "dgYKNO72M7Xt3nltRvgnrNf24c5gPnOdgWIwm72HOoE1LzhGwHYNOuPj2DNCq7B6dlhtlsRkwwWdmzBgaglJRJMjas0wulVlWsQJKBN0MSJU"
+    "PRDuZAFQEiVAwYKBrtrHJYcAgXi9biykgSIfpRzqQ3td/DvlRrhRx8P01TGrNuJScPjx6/+DCq/mX0pVuHBtHoMz1q48ypwcsvZ5f+eNKpK0"
+    "x8F830tMNORoB5mThMeW+SVqZ+CcQudFNc0m9eI0mIFrAZTDMByiPgyCyEEjveSCW+t4z4C24VnTcChydy+zyCkcQRUz4Cj9IDSsjAWhvYdi"
+    "yn+eL4Pq6YgWZkU9vdSwpAk6FMge/8hG6IBcxqxkK/rx2tRaDqPYGahg9HbY/76V5Btu7bB9u6lc6FMT2BPRFphS2XB/cvqDvtJ7PN0Tt5i/"
+    "vwJZjo+chwfUGC2atFgV0xvLFj/UlLwBPl6N8JG5MS/lV8o21ucy1o0hddl0eKpv3LY4mywQDZI/HrG/3psqR8bGk/RkkYYrdMFMGc2hnFO2"
+    "smHjeNo9Hfcj+r7iHy73izoYR4VSCV7FZIpfjfP6W6DgJ2BTNjLw/yiWZCLVXgXosC6ITmSiOKToyHXjs0cciJF8uBEE1OSm0xTs30wM9Jur"
+    "x2Nxv23wZW14hTmboScPfA5D9H/CX/R0HIMn4h7h7xgwxymlHobzRKOeuoLw3FQvsmWo/szNBBND+VBba6iTMl39jCPWRt8Yc+bF8BI6wtWm"
+    "8Nw9PW6R3I9ODDmZC8LDc7fgNoQG7O/SRImLVnq8SSOwY29MOsGdlq2vfs/lZr+eKocK/0tBHDnOwKt3N0l0W81QLdP3EKYAMYaLD2F2kwSV"
+    "N6VTUsvJUJ9fwAYLk/bU+ZNzNtmGmZhCSQuDSNCSTWaUyz1/0ngLE+ARUGrqXKfzMh5eQIjb1+HM9J886T/pTYtZcg4s/RairB3sok8tQOdR"
+    "qDHYAdbzAyMS44z19TGIIExye+9pRRCd5+xm8qMvtxKKGvF/QStfv3oe+zVJ552kDYtpe7tIC5glTiKJZxjpa6t4uchG/UbTwkG3cXdDwPpN"
+    "8erfEKT+imgdKtplY92EkUkMZFgiEuUk7uZVFufbRuZEwG3LUEBHTzkshxkSf2BvPsth5wm4FYnOMZcxKjGFbb2XRBlsjHIbPXD6BLzayKUc"
+    "aa2YaD9jWdZozXZB/4CS7USpYL8ev91VJC2UpUlx2v1RWRRZ2sdQ7ZpE5g7arvAB6F2MNz6sHwbYmihm3xIVzQ2641J3cSdOU2Ki4FQftXkE"
+    "Vk/PYeiXHI8uMUJPfaCUVKVF0wXOdkLbilN9aXy/h+zdgu9K3UMQZVLcGHa7IeU8yeBTlwZD7zLzOX8eYApxyt0MB1pft6Q90yROzY0Zb3w6"
+    "fR08U7jvQhnjkbbm6S675TQ0nAWY4LMOPznrgBajRMoMuTFagPOBuyDcHvv0jkXXEgF3DUqITTHVU60XuLogezpqjej8SNZmXerhcVYAFgd8"
+    "5phnTORYnyflb5KVnEFIeeo2EG73V4nT7/RY6bUW0W8qokOnYzF54wLDFlXE71xNM6AZO3rqxHloGqaIRsSTlfaSMfKI2N7crT68HbuhPm5R"
+    "Gb+hImdv9ibFll2OQ94h9htEuJ/X6rY+SH8MBuhrs1e10v/KgrDZJjXCT3zuaHV13A4iOTgzTFGOjH/Za5FIsRr5WKYut9DU3bYMQ2MweL65"
+    "nr+a5m6n+glt703LmU4D1FcUKiV6BNHwxlnnQx7PUMxYbVtQDV0qZtA01Yfp7r21buIHXsqg0sreUWRTAoG4uerjnh5rNs65ojjkhlJ+D7ch"
+    "thwVcdGWRvmbzmONahNE7Spt0qCvOJPOv09ATkGf7oDf+C+DhGkbxM3p40TQcW/Jr+N0ItBNKcdWazntzrDmKo6Yxu41rBCYUGENOPtJiRv2"
+    "b+M0nqFmHNAY+feDwWB/6+Bge293f3dwcIBGBuLAybT4Ndq6oVp5jHfoVgiqIB6dr9LqdW5MgLvEuCAUWzK/el3Rojx572MXaxNyW8WduNNX"
+    "5qHxAStrFoiYceUxlJ3U4Ws8xiQP1gWAJ+N1LHk3b+FF4JmEHn7PgtLH9bR9sKIz2zdF2OvSZlWOu43g80HooGZIWzW9nW2e7t4kHUlx977G"
+    "yfs1d4YC9a4c7WCQt6muYEJc0gILn/WWFBalwmrTTsVO6BlULhfysMWtCRLXqv0eLA8lF60XcFdxRRutSxuEmF6zWYLeGLwKvvjSbiAnbKZ3"
+    "u0pUQteq75di6EOlJxPQ9Lg+1V46UUn1WM8EYELDC87lOQbgtl1qNM1qT5esF0VVZNZ7d4ptkRU6aRW12T2ldaSjX/R99OR+UQOXTnUeR0CA"
+    "OPyF04mxsIlK935BMzeEh4nMpHITbhv2Uud3C1mzB5dUun+i8xW8tZLM+8BVMNZF6MzZWGiQ6JBqPnn3G8XM7a5jHQU5HpQHZNZNnA/CNYlV"
+    "zSf4JmNMMBscHxZyObVJziMF/GMdJz1s9TxLoiH3fs7N885J1T6ND3k/TsEecCSRIh2pJ4x4Hi+fhwMatjsYuNW0rDyc7mF/IsNt03i8aItL"
+    "agqsKTnC/R/yEWlx2poA3/UhTaCdIe264T1JGBtEnrjspJjqIW22741RM0NMXLRkArkPXOssZNUboqIaN5qtNoB4P2iT+JM+cAx85xZNvRZL"
+    "FFyixQNkBIscP9e1LstTauSQIeZ+/+7N311sew0RUBhjjI2BZ16GBVsSNDQsQFXFj7fnMeWgR4t6v8rH6Rw6L3zYUTVJ3trGyzcvPh296s0i"
+    "8Ax5NwecjNNqUFXFUaOEaKniiGwZLHr4eOLSHg5UVSRV9MW1lH6kLtA56/TPOoE1c53TZFzWlNwATBRoIC+5AxDtwtpZ3DeECePPDP9LEacF"
+    "h8inRSJtIT59rpp+miJ13VMvVA6vAOP7muGJSQ33C14ZhiOYswFXA6PhsiiBtxeqVRJvSV6xh2GuY6purVfGFXl5JwWdBhuzo5Txkk3JO/LJ"
+    "DfwCLTe2wrTLMD58i7Ks53OjKYw8X1p+zL+fV/5rs6/mjLzLzdrhHKlx3r7tdl+5uo6LtWKFD5si4ncnmZdp929JLhvVX+xau/edpgVPekLO"
+    "1Kqbhxbsm2/UCR5WwN9Pl4UZJ0DSA4350dj1w/Amz/XfU8fFI24q6bC9fuqsc2HMHIsD8egH74AvSf8IeDyskpfPXT3hJdYTunQ+7Wb2bsly"
+    "YQ+uEvCSt4SgKYyThyBO6aQtQV1tDNF2PalNngEnBKshUF1ac8gY65QplghRtarz+IGBy3Rm8onhirwYawpOfTqUfIsc676N2zuwVEMBFg3V"
+    "7lVszT3KkhyF72893mWFgcYuWj0tZw8tejCg7lE3wSQ8xatdoRCLBslk/LWcLzB5k7pW1UYvni/SEVFg0xUf6Yk5XPLK/JkT9s6QGBlLSdXM"
+    "PTw1b6VqY1d5axUFH9F+uJE/1OVaIaD3wXCWtc/jv8v5Jp8ZanV4cHGG8ZqqyuOjSoXjGrp+euoz1RjTmteaGl/pVvlG+oLfAeNXq7qgqkHS"
+    "xbQix0fEO64uaGRA3aXkELONcscJTHv6m/wiSka0TwPH45IVlZkwLTtTnhx318hXM9jA3Qk+qZRfRNkV7ssf3xhzl6os1wTuTFholr5XosgQ"
+    "kYdYjPgdE67LNIL/e1m+TZPhiCgRwgMiXVa1ePu0iIvQo9cXRm04X9hLd9dJ9uZyFsK9dduIaveeW6p28lcrrpcFY2lp76+0PvIW+WqNh3Vx"
+    "X52j4Po7UsCUv3IR4Xnlg59XKembORQK8rjVco6U2B4MBgp3VCwaVrfgPa/KsLg6cw4i7lwRdyxgQLQHk43H1hT1rrDaMO4cBryLR3AWxLpJ"
+    "Buwxjv894sLWSgWMCmmu7Q0SMbismnxELK2jhlAucNV66j26xs5pRf1Qx+uk2HnXptrA1AVVHNbjeHgyhRZkjWbhkYLo8Lq7Xn/mIHtto3xw"
+    "4nmuW72VD/AxxgITVoIfjl47v4OKMrBadSvYO+tQ2Sr/2BoE2wPa0KTZgP8NIaE/s1V9nzZdcDDA/4r6pt0XV5J5d2VbzWEPEXDMPr6OU2QL"
+    "2+aX4L4MnSjmDRDMRdK7WGyh+dwku1BuBxk3JNSnY5JSTliSc9Uosloux3Sl+c0uloLaAtU6buyyhsThVEOorR76Ic9rB86dqqXKfCy4fTwx"
+    "T6C7loTHKzrOrOipO65DU81RF952HgpmQeeUo7jE42jTeILK/Nr9BO4lq+Qp0rKRZHI+zeRf6aoZrBAEzUAWlKTcFs+Vmc2LBbsIoDVcLWy0"
+    "tOW3s/1zd/yoIK0tBZTd2GrLGtLt0t6+KoBSpCv6D1XFastbAdV1EF+myy1hcJNRSH+rGgtuKoPb9YQtZ7g115LGwLJqgwUL4DDRYR9KT7h5"
+    "4snVlp1jXE7wpcvcALeaVOdx1rJRB1oOolx0CIGtbZ9PEoFnvnWwra5yNG587Kkf5rplewLz5CaP4rBor3TgGExdIveA+tXWIqs+RzPF1Reu"
+    "5CFwuy3IzPYWNn75/t3r449vXx3BZx/evPh0cvz9m1fEujBMiNFM+zDqNFqO2gGln5aRnF9UowuyZvE1VjfQMZwpJjdSzrCRZnBLf8vY8OvI"
+    "6/Yihu/ib2nmYtVhakwEH/3Ypms79cq3LNldOnilQSfB99fd/jDLZ/Axy/n6sy6salF7wnBNlXfsJ1k2r+pq6MROFdm5rGOcXmYXQEt+1Rfa"
+    "+vPel3gfhbYXvvIGvQyTjIM5Z4/91gWyu66PMWOxM/mGR5l69/60KpvGd7AIIPBtqyuaFx3HzSjGeLSTyIlenPBxtTa25HNs5PimYGMwlYte"
+    "fjnv4TmE2ZyZ74eng67aeToY/OgTuTme9Fg6SVKfegPnxbYlbN6jOqbaiEqPYEJZxxTTUfiDlTpYTA2D7qk/Z+w7gdUEXVPkC3KEY19H4PxK"
+    "XNye+r6+MOHBJ2aYI2hBsFF/uAUJESAhPqDGqEp5mm+DShkBY8z4fA3l6ZznQGdYoCXeZApwvrlr5ALDXyoIzoCGaelSV9gsF4nhcZc0m2Wl"
+    "dZ1tpBnzMM9is8tKjL5FvJmoOx2qJUao1uhnHPk4AT/oLZ+uXxHTb1TjKcoF/okXWvAnnBEmx8ad7sZ3zs/PkdXP0i9nnSI76xxSlgwvpwAW"
+    "z9npdLqJH8LcsbSATrts8XPXAT/n8CBzb3wDr3ylXrCzn9R5kZ2rn9RP8HsQBPQvfbzcKb5yajT0CqYIeJ7y5D89ntwWWZuXEcbzGMh2CCLh"
+    "huZqF1pO9q8x4y/UXrA1oMOiyr3k5Il84HnlthJ7ge+74bmIda9fyphSeWu2zFpKxNz3WiIQVAC8Yefb9het3MXT5Pn4hh/AwSiB605g46xI"
+    "QhultzMcYTOLiJxE2S6+DgTZzBkNd9kCX4LRVVTegL4oVrs7V6m+5II6srwB3FMn/JcPD5sXLqxclxFlNKYL0NmJiSa8ZV2P6PH4lKawJgpG"
+    "kWF7SQStsisVAQJHAAy5egpsKCbIJqAQLdd6tGpyCJHtLZts8LiccVmyS+pZt9y38xK/dX8mOoUFXnMwd3n3FJiCN1ZYXiAULGl3AJmGYk0c"
+    "J11dVCX/uH642m2hzRu+foa4LNfAU7AMEzyeignSiU6BTfxlLJ73iE/MLMMAlI8vZXQYKUX6No3nWXqM57/AcnEnlcv0iGxU8uct6mqUxwYE"
+    "B0sLqyVdd9XIreftP6NLjT6wdQeloyxt1Z0cxWOhWVtdpbG8RmS70UZz2RypUBBJS+dMc3fhRjr061QnVD6WnMTGW39aqxxJWxa6vR79RT6K"
+    "C7pfw79DVrUoyAPJWshzk+SLdyhbLcXa63j/y4qD75drmeIPE54/m+JuyYGwEJYfj7KywIAlxrMxx0e1NqkEyW96fnYhAjZGooP3YLkLM/AR"
+    "yhCyAQfTJdbjN+5D8I4Z2iO3V0T+hN/BpmtLqFNs8DRz++4FbefhUCIzx0xR+oh1B9jv8Z2bNf50sKfp3eaVm33YsraeMF1Z18QfOSVd5b2N"
+    "hyzlKQZo7roKboSu72peIOWXawMTCiUE1d/iysBMv6XCQhBYk/Ne2CjJQogNN13DbLXxIggcYiXBbn/xd3iIFQn/nlIkK6Q/evXh46uXL05f"
+    "HR2q76tbNBzJ6tqCOHc5lsaxQr8qfO7GlknBRgUFCK9joiPm6o/YVMAXDfGlZH/yuUx/+IFOMvkcKS1yfQ0Rkvw1H6GZ8qgO/U01vO3l93gf"
+    "V5zWbn7S8EGogL8mpqiIBtqoTY8TY7WZIj6ZS+F2zC6AIwlfKlTVhmERQdudBWvvrMGzDtQmvkEX1thmezt4V83NmH3NpgdfbNOmFZA6fnL1"
+    "WB6mKE6KbDXPg9yADzC4yJ2dHC1zbW0DSFrpdjBWyDAqvKkLuqCDJVR7Ol54HqouR4DmeY+Ob1XSfFDEUqmFy3wp1hj42rLqulo2IJibyIF2"
+    "7N3hNlzgR13o3wnD1gbgJiEdMVrDx+m6AoAjg1exYZ3QIZdgOMK7Wq1fUjuFXPGJjtrfbUDckXznFjzYfjx58laDcXCGAxUhV8UfPnmy5CfQ"
+    "ATyvrOp6neq6pIgrWLw78JkzzTwmi0YGeQIrMyj1ihyGVT6/V8+g9MRvuyiw3T9/h0UU/PCXeefv+DRa5Yfd1djvwElnJbGGJvTs5ix0ung/"
+    "bt6zupK/dx4KcUg1LLp71vFg58fGLabV10OM8qojklEHL7BFsfseVXTLEE/Zirkj6dX1jewINfY+7jiX+LXRi4m+X9zVETXfdlvkPfohd62d"
+    "2PToTo5ZH1O99ZHUhVlQcEj1dlyD6lvsKdzDoVfwjbTkyicmON5V+psGXA92xT+b0WtThKsXDdKnZDI/fXzTdVmtwrprLjlH64uE2N3jG6Ct"
+    "OudU8bnSE43aHuuX2EXT7lzzWONxBrxH0xXMvAZzyhc9lniRU8GXmfTneXyJ2htGUF1AyBWMyy+qty8/uNK+XJ1Ppr6eF4/z1vbmkVRpma/J"
+    "c8EsaNsACVsd6W51CLsdVEMaBbXM4/tf5IUXz7ngg3ox0b1TpDjqn5HkB/Y5oVz46k4cfcyW0Ix6lRvFAYJTIC4AwJwN5ytxpXvq0wlfA+Qi"
+    "uEa9G18FB2rhCOIKKp7Be8GbvEFKg/Q1J+lprzTLKRChwztMWkyYUamWxpoJEw05U2rPVV+duzCv/gxincdjoH+Wpi0hf0qF3URUesPdq3v7"
+    "Ibxt1B3LM2zbb6NzGniKqOqCl6m+2hYvnnTff4gyvkHJNrV8SXuuv37nNxicqfoAzgb3bcyFKOvy/1fuFcWP2XRluDHEmdTGYX9/CTBeyc6h"
+    "AB52wGNfi57yXdEttKs3Wa7WHlcXvc6wRgZ6wtoiujTch51OI7cG3UC5+NLdJPeImVuiUdvWcjIO3LkV3Dtapqk7vEEVve7shbl25VloWtBW"
+    "q+/UF9oH6DYdw66agwsN0/x6rjbmZV5tgVaHRUu0HJc6KY3ddLVTfKiBEhK8pIim4I0Xrt/GZh8jxyQxCf4azw0WhOCvt+9t7W3vbj97tvb+"
+    "hXfVFggETXTbdJMUG3QQOMBzPfnyXXf+FdvfrE7skmOiuSqhpqsj54PdbX+Ttb/ZwhRVcENja7rijnP5g2/BEcDVOWdV32u/ULf1HoC7+uQc"
+    "/4N7u2NDyO3UIz9guQH4DpHPkztm0Oz94F1N8P45tnferfb23f4/6SXbZynggsEQTxGpv568f+fYrUtFILSPip8GfEtN5A+b+hte3N9cykaZ"
+    "0FFuNFhN6roHRgkY+rzPf830/FxRtEGD/XD7casV3UXZPHcCpqde0X2dXi9RSQxrj/riaEytuO827jBxB4/qI+3Ne6nZdWxNGPYwncrlMyDG"
+    "XEg+1W5YJPef8QB8Hw+S8MnWlrOXWOnzGsQDYrLWm9hAuXIs66+baptgXTPE9cIvq6DeKQB3cQsNCi8bx5KpCFQMuU5dLNIGdbKUMCWchaiy"
+    "auiR6rRIFs+5KhRnyzE/nXyg1rHyq0whlgDFEHiqkk+kTlo0jbs5DD7636vx8Acd/GsQHAQ/fnna/fqHh2RWiMgrFo8+rYrfm9c2NUrfu5QH"
+    "x2sK3MELLKqkM3223nRml+Xw5ik9bIUOcOAuy8KdCcDH2MYiK7/FBHKCtc4LSvH21PtGX82zgzRCn5BBoBQ69VOd1fn3qHz3l5P9jOM4Hnmm"
+    "/ZJzDjmqHhrdPqDOuu7lLmfqx+VYGreKKVXY+XIGw7uMQwN/nnUOzzrh7p7Z2dvafwb/jLYGo8F4Z/B0NwxH4e7Ws51RFG4Nnu3vPhtv729v"
+    "me2dPb27sx8N9g4GB2Y80KPRWad71tEhXQkxLEvXKn3qhMf3pM2OGeloO9jZ13vBbrhlgtFA7wYHOzu729Fg6+DZYPus85XyAPp6SHfUWbwM"
+    "hNPhDiGq4W/C9Oa4HhX5r4thDRCFL6J822YyJ8QL3Ye+rSHCPW0NtvaAsnSM8BA9ds7M8K4BQrSMY+qUEaIIoWgy5dwSiMWM8/8kyYzP5T4W"
+    "gC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKA"
+    "LgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAu"
+    "AegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B"
+    "6BKALgHoEoAuAegSgC4B6BKArv94gK7ReCvag8aC0dYoCnb39p8FB/vRTrC/Hx1sjbUe7UX/CQBdqFqb8Fx/efXiqAHP1Vn/pgB5/RZAXt26"
+    "oiPgRbXu6XZAK/97g/liqfnTWfryxZs3hwhFob6c+XvpuXzOhNNMTeMA7WRA23J/UjPgil5xXXC1XUMH8VfoZBjbESq2+2O/7ghMBGsl9Aya"
+    "Hl4CFrakjJOvN7nKM6oCx8sEJzrH2xmtz1FXb7u/zbVGA24VStSvj2G1M955dAyrte3+2R3OpwuPCC2iW5XQAj9bT9gN0HcMA7HJblYIOgx4"
+    "09ZVbAX2TjeTZnjD/NifkL1ZceSbrG/HI+2mTOruM3ZnMmndwCnMJliCZJe8Rdoa4dou3ICxptOEnfo9WpE9M9gdPHu6G+zo7YNgdzQagT3Z"
+    "HQThU/N0pJ9t7R/onQdZkYjBKKLO3Uq/Tg5W30aPZVg5JrVvc8eej4++7qjuoNfuUdl/T1MkBkaQIv9zkCJ/Q/MoEJS/PQTl/tOnAkEpEJQC"
+    "QSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJB"
+    "KRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEp"
+    "EJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQ"
+    "lAJB+W8CQfmrg4f9e0BQCu6X4H4J7td9cL/+P0F61RPVhDylKVHUxmXQ3JCTDaTA8e9yaLbNcHs46HRvIJaQiV3C3Lh1XVb8jcaK3IBYa5MD"
+    "N7Rh68Ca42f/a2kxN753GCrOxSOnDrf8Se+iQovt0OR5lle3b9wPFU7A0gQsTcDSBCxNwNIELE3A0gQsTcDSBCxNwNIELE3A0gQsTcDSBCxN"
+    "wNIELE3A0gQsTcDSBCxNwNIELE3A0gQsTcDSBCxNwNIELE3A0gQsTcDSBCxNwNIELE3A0gQsTcDSBCxNwNIELE3A0gQsTcDSBCxNwNIELE3A"
+    "0gQsTcDSBCxNwNIELE3A0gQsTcDSBCxNwNIELE3A0gQsTcDSBCxNwNIELE3A0gQsTcDSBCxNwNIELE3A0gQsTcDSBCxNwNIELE3A0gQsTcDS"
+    "BCxNwNIELE3A0gQsTcDSBCxNwNIELE3A0gQsTcDSBCxNwNIELE3A0gQsTcDSBCxNwNIELO0/FSztx/8DGe8wPg==")
+
+
+def claude_code_requests() -> List[Dict[str, Any]]:
+    return json.loads(zlib.decompress(base64.b64decode("".join(CLAUDE_CODE_REQUESTS))))
+
+
+def messages_roles(turn: "proxy.Turn") -> List[Tuple[str, List[str]]]:
+    return [(message["role"], [block["text"] for block in message["content"]])
+            for message in turn.conversation.messages]
+
+
+class ClaudeCodeRequestsTest(ProxyTest):
+    """What Claude Code sends the Messages door (system entries inside messages, its tools,
+    betas, count_tokens), against the fake CLI."""
+
+    def parse(self, *messages: Any) -> "proxy.Turn":
+        return proxy.parse_messages_request({"model": "claude-sonnet-4-5", "max_tokens": 1024,
+                                             "messages": list(messages)}, config())[0]
+
+    def test_a_system_entry_after_a_user_message_stays_a_system_message_there(self) -> None:
+        turn = self.parse(user("hi"), {"role": "system", "content": "Agents: a, b."},
+                          {"role": "assistant", "content": "Hello."}, user("next"),
+                          {"role": "system", "content": [text("Skills: x."), text("More: y.")]})
+        self.assertEqual(messages_roles(turn), [("user", ["hi"]), ("system", ["Agents: a, b."]),
+                                                ("assistant", ["Hello."]), ("user", ["next"]),
+                                                ("system", ["Skills: x.", "More: y."])])
+
+    def test_a_system_entry_anywhere_else_goes_into_the_user_message_there_as_claude_code_puts_it(self) -> None:
+        # Before a user message the CLI would move it past that message: it stays in place, in the
+        # <system-reminder> tags Claude Code itself uses where no system message can stand.
+        turn = self.parse({"role": "system", "content": "First."}, user("hi"),
+                          {"role": "assistant", "content": "Hello."}, {"role": "system", "content": " Second\n"},
+                          user("next"))
+        self.assertEqual(messages_roles(turn), [
+            ("user", ["<system-reminder>\nFirst.\n</system-reminder>", "hi"]), ("assistant", ["Hello."]),
+            ("user", ["<system-reminder>\n Second\n\n</system-reminder>", "next"])])
+
+    def test_system_entries_are_checked_and_the_last_spoken_message_is_still_the_users(self) -> None:
+        for content, param in ((5, "messages[1].content"), ([{"type": "image", "source": {}}],
+                                                            "messages[1].content[0].type")):
+            with self.assertRaises(proxy.ProxyError) as caught:
+                self.parse(user("hi"), {"role": "system", "content": content})
+            self.assertEqual((caught.exception.status, caught.exception.param), (400, param))
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.parse(user("hi"), {"role": "system", "content": "x"}, {"role": "assistant", "content": "Sure, "})
+        self.assertIn("prefill", caught.exception.message)
+
+    def test_the_transcript_holds_a_system_message_as_a_hooks_message_in_the_chain(self) -> None:
+        lines = [json.loads(line) for line in proxy.session_transcript([
+            {"role": "user", "content": [text("hi")]},
+            {"role": "system", "content": [text("Agents."), text("Skills.")]},
+            {"role": "assistant", "content": [text("Hello.")]}]).splitlines()]
+        self.assertEqual([line["type"] for line in lines], ["user", "attachment", "attachment", "assistant"])
+        self.assertEqual([line["attachment"] for line in lines[1:3]], [
+            {"type": "async_hook_response", "response": {"systemMessage": "Agents."}},
+            {"type": "async_hook_response", "response": {"systemMessage": "Skills."}}])
+        self.assertEqual([line["parentUuid"] for line in lines], [None] + [line["uuid"] for line in lines[:-1]])
+
+    def test_system_entries_reach_the_cli_where_claude_code_put_them(self) -> None:
+        for conversation in (lambda tag: [user("hi"), {"role": "system", "content": "Agents " + tag}],
+                             lambda tag: [user("hi"), {"role": "system", "content": "Agents " + tag},
+                                          {"role": "assistant", "content": "Hello."}, user("next"),
+                                          {"role": "system", "content": "Skills " + tag}]):
+            tag = marker()
+            messages = conversation(tag)
+            response = self.request("POST", "/v1/messages?beta=true", {
+                "model": "claude-sonnet-4", "max_tokens": 100, "system": "You are terse " + tag,
+                "messages": messages})
+            self.assertEqual(response.status, 200, response.body)
+            sent = FAKE.run_for(tag, field="requests")["requests"][0]["messages"]
+            self.assertEqual([(m["role"], m["content"] if isinstance(m["content"], str) else block_text(m["content"]))
+                              for m in sent], [(m["role"], m["content"]) for m in messages])
+
+    def test_every_request_claude_code_sends_is_answered(self) -> None:
+        # Replayed as recorded (path with ?beta=true, betas, metadata, context_management,
+        # cache_control everywhere, adaptive thinking, effort, a JSON schema for the title).
+        for recorded in claude_code_requests():
+            response = self.request(recorded["method"], recorded["path"], recorded.get("body"),
+                                    headers=recorded.get("headers"))
+            self.assertEqual(response.status, 200, (recorded["run"], recorded["path"], response.body[:500]))
+            if recorded["method"] == "HEAD":
+                continue
+            events = sse_events(response)
+            names = [name for name, _ in events]
+            self.assertEqual((names[0], names[-2], names[-1]), ("message_start", "message_delta", "message_stop"))
+            content = streamed_content(events)
+            self.assertTrue(content, recorded)
+            self.assertEqual(names.count("content_block_start"), len(content))
+            self.assertEqual(names.count("content_block_stop"), len(content))
+            self.assertIn(events[-2][1]["delta"]["stop_reason"], ("end_turn", "tool_use"))
 
 
 CLAUDE_CODE_SYSTEM = "You are a Claude agent, built on Anthropic's Claude Agent SDK."  # Claude Code's -p prompt
