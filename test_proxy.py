@@ -8063,6 +8063,106 @@ class ClaudeCodeRequestsTest(ProxyTest):
             self.assertIn(events[-2][1]["delta"]["stop_reason"], ("end_turn", "tool_use"))
 
 
+# Samples of what a request holds, for the count's estimate: prose, code, JSON, CJK.
+COUNT_SAMPLES = {
+    "prose": "The quick brown fox jumps over the lazy dog, and then it naps in the afternoon sun. " * 40,
+    "code": "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n" * 40,
+    "json": json.dumps([{"id": i, "name": "item-%d" % i, "tags": ["a", "b"], "ok": True} for i in range(60)]),
+    "cjk": "東京は日本の首都であり、世界最大の都市圏の一つです。" * 40,
+}
+# Claude's tokenizers take about 3.5 bytes of English or code per token, the newest up to a third
+# more tokens for the same text: at most 2.6 bytes a token. CJK takes about a token a character.
+FEWEST_BYTES_PER_TOKEN = 2.6
+
+
+def pdf_of(pages: int) -> str:
+    body = b"".join(b"%d 0 obj << /Type /Page /Parent 1 0 R >> endobj\n" % (i + 2) for i in range(pages))
+    return base64.b64encode(b"%PDF-1.4\n1 0 obj << /Type /Pages /Count " + b"%d" % pages + b" >> endobj\n"
+                            + body + b"%%EOF").decode("ascii")
+
+
+class CountTokensTest(ProxyTest):
+    """POST /v1/messages/count_tokens: an estimate that errs high, in Anthropic's shape."""
+
+    def count(self, *messages: Any, **fields: Any) -> Response:
+        body: Dict[str, Any] = {"model": "claude-sonnet-4", "messages": list(messages)}
+        body.update(fields)
+        return self.request("POST", "/v1/messages/count_tokens?beta=true", body,
+                            headers={"anthropic-beta": "token-counting-2024-11-01"})
+
+    def tokens(self, *messages: Any, **fields: Any) -> int:
+        response = self.count(*messages, **fields)
+        self.assertEqual(response.status, 200, response.body)
+        return response.json()["input_tokens"]
+
+    def test_the_answer_is_anthropics_shape_marked_as_an_estimate(self) -> None:
+        response = self.count(user("hi"), system="You are terse.", tools=[MESSAGES_WEATHER_TOOL])
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        self.assertEqual(response.headers[proxy.ESTIMATE_HEADER], "true")
+        body = response.json()
+        self.assertEqual(list(body), ["input_tokens"])
+        self.assertIsInstance(body["input_tokens"], int)
+        self.assertGreater(body["input_tokens"], self.tokens(user("hi")), "the system prompt and tools count")
+
+    def test_it_errs_high(self) -> None:
+        for name, sample in COUNT_SAMPLES.items():
+            most = len(sample.encode("utf-8")) / FEWEST_BYTES_PER_TOKEN
+            if name == "cjk":
+                most = len(sample)
+            self.assertGreater(self.tokens(user(sample)), most, name)
+            self.assertGreater(self.tokens(user("hi"), system=sample), most, name)
+        # An image counts as what Claude sees, however small or large its file.
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}
+        big = dict(image, source=dict(image["source"], data=base64.b64encode(os.urandom(300000)).decode()))
+        plain = self.tokens(user("hi"))
+        self.assertGreaterEqual(self.tokens({"role": "user", "content": [image, text("hi")]}) - plain, 1600)
+        self.assertLess(self.tokens({"role": "user", "content": [big, text("hi")]}) - plain, 10000)
+        three_pages = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                                      "data": pdf_of(3)}}
+        self.assertGreaterEqual(self.tokens({"role": "user", "content": [three_pages, text("hi")]}) - plain,
+                                3 * (1600 + 1500))
+
+    def test_what_claude_code_sends_is_counted(self) -> None:
+        recorded = next(entry["body"] for entry in claude_code_requests() if entry["run"] == "plain")
+        body = {name: value for name, value in recorded.items() if name not in ("max_tokens", "stream")}
+
+        def strings(value: Any) -> int:  # the bytes of every string Claude reads
+            if isinstance(value, str):
+                return len(value.encode("utf-8"))
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+            return sum(strings(item) for item in items)
+        read = strings([body["system"], body["messages"], body["tools"]])
+        self.assertGreater(self.tokens(**body), read / FEWEST_BYTES_PER_TOKEN)
+
+    def test_bad_input_is_a_400_in_anthropics_shape(self) -> None:
+        for response, param in ((self.count(), "messages"), (self.count({"role": "tool", "content": "x"}), "role"),
+                                (self.count(user("hi"), tools=[dict(MESSAGES_WEATHER_TOOL, input_schema=[])]),
+                                 "input_schema"),
+                                (self.request("POST", "/v1/messages/count_tokens", b"{"), "JSON")):
+            self.assertEqual(response.status, 400, response.body)
+            body = response.json()
+            self.assertEqual((body["type"], body["error"]["type"]), ("error", "invalid_request_error"))
+            self.assertIn(param, body["error"]["message"])
+
+    def test_the_anthropic_sdk_and_langchain_count_through_it(self) -> None:
+        if anthropic is None:
+            if IN_CI:
+                raise AssertionError("CI must have the anthropic package")
+            self.skipTest("the anthropic package is not installed")
+        base_url = "http://127.0.0.1:%d" % self.running.port
+        counted = anthropic.Anthropic(base_url=base_url, api_key="not-needed").messages.count_tokens(
+            model="claude-sonnet-4", system="You are terse.", messages=[{"role": "user", "content": "hello there"}])
+        self.assertEqual(counted.input_tokens, self.tokens(user("hello there"), system="You are terse."))
+        langchain_anthropic = client_library(self, "langchain_anthropic")
+        messages = importlib.import_module("langchain_core.messages")
+        model = langchain_anthropic.ChatAnthropic(model="claude-sonnet-4", base_url=base_url, api_key="not-needed")
+        with no_warnings(LANGCHAIN_OWN_WARNING):
+            tokens = model.get_num_tokens_from_messages([messages.SystemMessage("You are terse."),
+                                                         messages.HumanMessage("hello there")])
+        self.assertEqual(tokens, counted.input_tokens)
+
+
 CLAUDE_CODE_SYSTEM = "You are a Claude agent, built on Anthropic's Claude Agent SDK."  # Claude Code's -p prompt
 AGENT_LISTING = "Available agent types for the Agent tool:"  # the system entry Claude Code sends in messages
 
