@@ -755,9 +755,9 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
 
     Its newest user message comes on stdin, unless `interrupted`: then `history` ends
     with that message (which holds tool results, or follows nothing but system messages),
-    and the CLI takes the turn up at start as an interrupted one. No stdin message can hold results for calls of a resumed
-    history (the CLI would drop the calls), while this sends exactly what a process
-    that waited on the calls would (see ToolBridge).
+    and the CLI takes the turn up at start as an interrupted one. No stdin message can
+    hold results for calls of a resumed history (the CLI would drop the calls), while
+    this sends exactly what a process that waited on the calls would (see ToolBridge).
     """
     argv = [
         claude, "-p",
@@ -3575,6 +3575,15 @@ class MessagesOptions(NamedTuple):
     stream: bool
 
 
+def messages_list(body: Dict[str, Any]) -> List[Any]:
+    """The request's `messages`, checked to be a non-empty array."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("`messages` must be a non-empty array.", "messages",
+                      "invalid_type" if not isinstance(messages, list) else "empty_array")
+    return messages
+
+
 def parse_messages_request(body: Any, config: Config,
                            fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None
                            ) -> Tuple[Turn, MessagesOptions]:
@@ -3586,10 +3595,7 @@ def parse_messages_request(body: Any, config: Config,
     if body.get("max_tokens") is None:
         raise invalid("`max_tokens` is required, as on the Anthropic API.", "max_tokens",
                       "missing_required_field")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("`messages` must be a non-empty array.", "messages",
-                      "invalid_type" if not isinstance(messages, list) else "empty_array")
+    messages = messages_list(body)
     if body.get("mcp_servers"):
         raise invalid("`mcp_servers` is not supported: Claude Code cannot connect to a client's remote MCP "
                       "servers. Offer their tools as custom tools instead.", "mcp_servers", "unsupported_value")
@@ -3815,13 +3821,10 @@ def pdf_pages(data: str) -> int:
 
 
 def estimate_input_tokens(body: Any, config: Config) -> int:
-    """An estimate, never below the real count we know of, of the input tokens of a Messages
-    request (count_tokens takes no max_tokens); checked as /v1/messages checks it."""
+    """The input tokens of a Messages request (count_tokens' body: no max_tokens), estimated
+    to err high (see above); the request is checked as /v1/messages checks it."""
     request_fields(body, config, MESSAGES_FIELDS, MESSAGES_IGNORED_FIELDS)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("`messages` must be a non-empty array.", "messages",
-                      "invalid_type" if not isinstance(messages, list) else "empty_array")
+    messages = messages_list(body)
     images: List[str] = []
 
     def count_image(url: str, _param: str) -> Dict[str, Any]:  # counted, never fetched nor decoded
