@@ -8199,8 +8199,8 @@ class ClaudeCodeClientTest(ProxyTest):
         self.addCleanup(shutil.rmtree, cwd, True)
         self.addCleanup(shutil.rmtree, home, True)
         env = dict(os.environ, HOME=home, ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % self.running.port,
-                   ANTHROPIC_API_KEY=self.config.api_key)
-        for name in ("CLAUDE_CODE_OAUTH_TOKEN", "CLAUDECODE", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"):
+                   ANTHROPIC_API_KEY=self.config.api_key, CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
+        for name in ("CLAUDE_CODE_OAUTH_TOKEN", "CLAUDECODE"):
             env.pop(name, None)
         run = subprocess.run([self.claude, "-p"] + list(args), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=180)
