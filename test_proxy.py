@@ -8044,6 +8044,15 @@ class ClaudeCodeRequestsTest(ProxyTest):
             self.assertEqual([(m["role"], m["content"] if isinstance(m["content"], str) else block_text(m["content"]))
                               for m in sent], [(m["role"], m["content"]) for m in messages])
 
+    def test_head_of_the_root_answers_without_the_key_as_claude_code_checks_the_connection(self) -> None:
+        running_server = RunningServer(api_key="sekrit")
+        try:
+            self.assertEqual(http_request(running_server.port, "HEAD", "/").status, 200)
+            self.assertEqual(http_request(running_server.port, "POST", "/v1/messages/count_tokens",
+                                          {"model": "claude-sonnet-4", "messages": [user("hi")]}).status, 401)
+        finally:
+            running_server.stop()
+
     def test_every_request_claude_code_sends_is_answered(self) -> None:
         # Replayed as recorded (path with ?beta=true, betas, metadata, context_management,
         # cache_control everywhere, adaptive thinking, effort, a JSON schema for the title).
@@ -8240,6 +8249,33 @@ class ClaudeCodeClientTest(ProxyTest):
         self.assertEqual((events[-1]["type"], events[-1]["is_error"], events[-1]["result"]),
                          ("result", False, UPSTREAM_REPLY))
         self.assertReachedAsClaudeCodeSentIt(self.upstream_requests_for(prompt)[0], prompt)
+
+    def test_system_entries_reach_anthropic_where_the_client_put_them(self) -> None:
+        # After tool results (an interrupted turn, resumed), and before a user message (in the
+        # <system-reminder> tags Claude Code uses where no system message may stand).
+        tag = marker()
+        call = {"type": "tool_use", "id": "toolu_sys_1", "name": "get_weather", "input": {"city": "Paris"}}
+        messages = [user("weather? " + tag), {"role": "system", "content": "Agents " + tag},
+                    {"role": "assistant", "content": [call]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"],
+                                                  "content": "sunny"}]},
+                    {"role": "system", "content": "Skills " + tag}]
+        before_user = [user("hi " + tag), {"role": "assistant", "content": "Hello."},
+                       {"role": "system", "content": "Agents " + tag}, user("next " + tag)]
+        for sent, expected in (
+                (messages, [("user", ["weather? " + tag]), ("system", "Agents " + tag), ("assistant", ["tool_use"]),
+                            ("user", ["tool_result"]), ("system", "Skills " + tag)]),
+                (before_user, [("user", ["hi " + tag]), ("assistant", ["Hello."]),
+                               ("user", ["<system-reminder>\nAgents %s\n</system-reminder>" % tag, "next " + tag])])):
+            count = len(self.upstream.requests)
+            response = self.request("POST", "/v1/messages", {
+                "model": "claude-sonnet-4", "max_tokens": 100, "messages": sent, "tools": [MESSAGES_WEATHER_TOOL]},
+                headers={"X-Api-Key": self.config.api_key})
+            self.assertEqual(response.status, 200, response.body)
+            upstream = self.upstream.requests[count]["messages"]
+            self.assertEqual([(m["role"], m["content"] if isinstance(m["content"], str) else
+                               [b.get("text", b["type"]) for b in m["content"] if "currentDate" not in b.get("text", "")])
+                              for m in upstream], expected)  # (the CLI's own date reminder aside)
 
     def test_claude_code_runs_its_bash_tool_and_the_answer_comes_back(self) -> None:
         # Claude calls Bash; the client's claude runs it in its own directory (pwd proves which
