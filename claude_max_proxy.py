@@ -3802,7 +3802,8 @@ def messages_usage(usage: Dict[str, int]) -> Dict[str, int]:
 # proxy estimates, and errs high: a client that trims its history to fit a context window must
 # not be told it fits when it does not. Claude's tokenizers take about 3.5 bytes of English or
 # code per token (Anthropic's figure), the newest up to a third more tokens for the same text;
-# 2.5 bytes per token stays above both, and above CJK text (3 bytes a character, about a token).
+# 2.5 bytes per token stays above both, and above CJK text (3 bytes a character, about a token);
+# only strings of random characters (hashes, base64 text) come near it.
 # Images and PDFs count by what Claude sees, not by their base64: an image is scaled to at most
 # about 1,600 tokens (newer models take larger ones: the allowance doubles that), a PDF page is
 # its text and its picture. The fixed part stands for what Anthropic and the CLI add to every

@@ -7977,7 +7977,8 @@ def claude_code_requests() -> List[Dict[str, Any]]:
     return json.loads(zlib.decompress(base64.b64decode("".join(CLAUDE_CODE_REQUESTS))))
 
 
-def messages_roles(turn: "proxy.Turn") -> List[Tuple[str, List[str]]]:
+def roles_and_texts(turn: "proxy.Turn") -> List[Tuple[str, List[str]]]:
+    """Each native message of a turn as (role, its texts)."""
     return [(message["role"], [block["text"] for block in message["content"]])
             for message in turn.conversation.messages]
 
@@ -7994,7 +7995,7 @@ class ClaudeCodeRequestsTest(ProxyTest):
         turn = self.parse(user("hi"), {"role": "system", "content": "Agents: a, b."},
                           {"role": "assistant", "content": "Hello."}, user("next"),
                           {"role": "system", "content": [text("Skills: x."), text("More: y.")]})
-        self.assertEqual(messages_roles(turn), [("user", ["hi"]), ("system", ["Agents: a, b."]),
+        self.assertEqual(roles_and_texts(turn), [("user", ["hi"]), ("system", ["Agents: a, b."]),
                                                 ("assistant", ["Hello."]), ("user", ["next"]),
                                                 ("system", ["Skills: x.", "More: y."])])
 
@@ -8004,7 +8005,7 @@ class ClaudeCodeRequestsTest(ProxyTest):
         turn = self.parse({"role": "system", "content": "First."}, user("hi"),
                           {"role": "assistant", "content": "Hello."}, {"role": "system", "content": " Second\n"},
                           user("next"))
-        self.assertEqual(messages_roles(turn), [
+        self.assertEqual(roles_and_texts(turn), [
             ("user", ["<system-reminder>\nFirst.\n</system-reminder>", "hi"]), ("assistant", ["Hello."]),
             ("user", ["<system-reminder>\n Second\n\n</system-reminder>", "next"])])
 
