@@ -374,7 +374,9 @@ EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
 
 class Conversation(NamedTuple):
     system: str
-    messages: List[Dict[str, Any]]  # {"role": "user" | "assistant", "content": [block, ...]}; roles alternate
+    # {"role": "user" | "assistant", "content": [block, ...]}; roles alternate, but a "system" message
+    # (text blocks) may stand after a user message (see messages_conversation)
+    messages: List[Dict[str, Any]]
     tools: List[Dict[str, Any]]     # {"name", "description", "input_schema"}
 
 
@@ -726,6 +728,9 @@ def cli_env(config: Config, turn: Optional[Turn] = None,
     env.pop("CLAUDECODE", None)  # set when we run inside Claude Code; the child is not nested
     env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
     env["CLAUDE_AGENT_SDK_MCP_NO_PREFIX"] = "1"  # the client's tools go upstream under their own names
+    # A client's tool named Agent (Claude Code's own, when it is the client) would have the CLI list
+    # its built-in agent types to Claude, beside the client's own list.
+    env["CLAUDE_AGENT_SDK_DISABLE_BUILTIN_AGENTS"] = "1"
     # Past the context window the CLI would summarize the client's conversation and go on
     # with that: the client must hear that its prompt is too long instead.
     env["DISABLE_AUTO_COMPACT"] = "1"
@@ -740,16 +745,27 @@ def session_transcript(messages: List[Dict[str, Any]]) -> str:
     Only what the CLI needs (type, uuid, parentUuid, timestamp, message; a message id
     for assistants, without which it merges or drops them). Consecutive user messages
     are one line already (MessageList), as the CLI would otherwise alter their text.
+    A system message is an attachment line per text block: the message of an asynchronous
+    hook, which the CLI sends on as it is, as a system message after the user's (with the
+    mid-conversation-system beta; without it, in <system-reminder> tags in the user's).
     """
     lines, parent = [], None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    entries: List[Dict[str, Any]] = []
     for index, message in enumerate(messages):
-        entry_id = str(uuid.UUID(int=index + 1))
+        if message["role"] == "system":
+            entries += [{"type": "attachment", "attachment": {
+                "type": "async_hook_response", "response": {"systemMessage": block["text"]}}}
+                for block in message["content"]]
+            continue
         body: Dict[str, Any] = {"role": message["role"], "content": message["content"]}
         if message["role"] == "assistant":
             body = dict({"id": "msg_%024d" % index}, **body)
-        lines.append(json.dumps({"parentUuid": parent, "type": message["role"], "uuid": entry_id,
-                                 "timestamp": stamp, "message": body}, ensure_ascii=False))
+        entries.append({"type": message["role"], "message": body})
+    for index, entry in enumerate(entries):
+        entry_id = str(uuid.UUID(int=index + 1))
+        lines.append(json.dumps(dict({"parentUuid": parent, "uuid": entry_id, "timestamp": stamp}, **entry),
+                                ensure_ascii=False))
         parent = entry_id
     return "\n".join(lines) + "\n"
 
@@ -759,10 +775,10 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
     """The process for a turn; `history` is resumed from a transcript.
 
     Its newest user message comes on stdin, unless `interrupted`: then `history` ends
-    with that message, which holds tool results, and the CLI takes the turn up at start
-    as an interrupted one. No stdin message can hold results for calls of a resumed
-    history (the CLI would drop the calls), while this sends exactly what a process
-    that waited on the calls would (see ToolBridge).
+    with that message (which holds tool results, or follows nothing but system messages),
+    and the CLI takes the turn up at start as an interrupted one. No stdin message can
+    hold results for calls of a resumed history (the CLI would drop the calls), while
+    this sends exactly what a process that waited on the calls would (see ToolBridge).
     """
     argv = [
         claude, "-p",
@@ -782,6 +798,8 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
         # the login itself lives outside settings and still applies.
         "--setting-sources", "",
         "--strict-mcp-config",
+        # No skills of the CLI's: a client's tool named Skill would have it list them to Claude.
+        "--disable-slash-commands",
     ]
     session = None
     env = cli_env(config, turn)
@@ -2344,6 +2362,16 @@ def tool_results(message: Dict[str, Any]) -> Optional[Dict[str, Dict[str, Any]]]
     return {block["tool_use_id"]: block for block in content}
 
 
+def split_newest(messages: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """(the history before it, the newest user message) of a conversation.
+
+    System messages after the newest user message stay in the history, at its end: the
+    CLI holds a system message back to the end of the user messages that follow it, so
+    it sends them after the newest one, where the client put them."""
+    last = max(index for index, message in enumerate(messages) if message["role"] == "user")
+    return messages[:last] + messages[last + 1:], messages[last]
+
+
 KEEPALIVE_INTERVAL = 15.0  # seconds of silence after which a stream shows it is alive
 
 
@@ -2397,7 +2425,7 @@ class Exchange:
 
     def _begin(self) -> ClaudeProcess:
         conversation = self.turn.conversation
-        history, newest = conversation.messages[:-1], conversation.messages[-1]
+        history, newest = split_newest(conversation.messages)
         results = tool_results(newest)
         kept = self.server.take_kept(conversation_key(self.turn, history), self.claude)
         if kept is not None and set(kept.open_calls) == set(results or ()):
@@ -2408,10 +2436,14 @@ class Exchange:
             self.server.discard(kept)  # the client did not bring back what it waits for
         config = self.server.config
         interrupted = bool(history) and any(block["type"] == "tool_result" for block in newest["content"])
-        if interrupted:
-            process = self.server.spawn(cli_launch(self.claude, self.turn, config, conversation.messages, True))
-        else:
-            process = self.server.spawn(cli_launch(self.claude, self.turn, config, history))
+        whole = conversation.messages
+        if not interrupted and history and all(message["role"] == "system" for message in history):
+            # A transcript of system messages alone is no conversation: the CLI would take it for
+            # an interrupted turn and answer that. Ended by the newest message, it is one, and the
+            # CLI takes that message up as its first prompt (with the system messages after it).
+            interrupted, whole = True, history + [newest]
+        process = self.server.spawn(cli_launch(self.claude, self.turn, config, whole if interrupted else history,
+                                               interrupted))
         self.process = process
         process.bridge = ToolBridge(conversation.tools)
         process.send(opening_lines(self.turn, tools_on_stdin=not interrupted)
@@ -3584,6 +3616,15 @@ class MessagesOptions(NamedTuple):
     stream: bool
 
 
+def messages_list(body: Dict[str, Any]) -> List[Any]:
+    """The request's `messages`, checked to be a non-empty array."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("`messages` must be a non-empty array.", "messages",
+                      "invalid_type" if not isinstance(messages, list) else "empty_array")
+    return messages
+
+
 def parse_messages_request(body: Any, config: Config,
                            fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None
                            ) -> Tuple[Turn, MessagesOptions]:
@@ -3595,10 +3636,7 @@ def parse_messages_request(body: Any, config: Config,
     if body.get("max_tokens") is None:
         raise invalid("`max_tokens` is required, as on the Anthropic API.", "max_tokens",
                       "missing_required_field")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("`messages` must be a non-empty array.", "messages",
-                      "invalid_type" if not isinstance(messages, list) else "empty_array")
+    messages = messages_list(body)
     if body.get("mcp_servers"):
         raise invalid("`mcp_servers` is not supported: Claude Code cannot connect to a client's remote MCP "
                       "servers. Offer their tools as custom tools instead.", "mcp_servers", "unsupported_value")
@@ -3690,18 +3728,43 @@ def messages_system(system: Any, load_image: ImageLoader) -> str:
                        if block["text"].strip())
 
 
+def system_reminder(text: str) -> Dict[str, Any]:
+    """A system entry as Claude Code itself puts one where Anthropic takes no system message:
+    a text block of the user message there, in its <system-reminder> tags."""
+    return text_block("<system-reminder>\n%s\n</system-reminder>" % text)
+
+
 def messages_conversation(messages: List[Any], load_image: ImageLoader) -> List[Dict[str, Any]]:
-    """The native messages of a request; the newest must be the user's (a tool result is one)."""
+    """The native messages of a request; the newest must be the user's (a tool result is one),
+    or system entries after it.
+
+    Claude Code sends `{"role": "system"}` entries inside `messages` (its agent types and skills,
+    with the mid-conversation-system beta). Right after a user message and before Claude's reply
+    (or the end), one stays a system message there: a native "system" message, which the CLI sends
+    upstream as it sends its own (see session_transcript). Anywhere else the CLI would hold it back
+    to the end of the next user message, so it goes into the next user message where it stands,
+    as Claude Code sends a system entry without that beta (system_reminder). Its text never changes.
+    """
     native = MessageList()
+    roles = [message.get("role") if isinstance(message, dict) else None for message in messages]
     for index, message in enumerate(messages):
         param = "messages[%d]" % index
-        role = message.get("role") if isinstance(message, dict) else None
+        role = roles[index]
+        if role == "system":
+            blocks = messages_blocks(message.get("content"), param + ".content", ("text",), load_image)
+            reply_next = next((later for later in roles[index + 1:] if later != "system"), None) != "user"
+            if native.messages and native.messages[-1]["role"] in ("user", "system") and reply_next:
+                native.add("system", blocks)
+            else:
+                native.add("user", [system_reminder(block["text"]) for block in blocks])
+            continue
         kinds = named_entry(MESSAGES_BLOCKS, role)
         if kinds is None:
-            raise invalid("%s must be {\"role\": \"user\" or \"assistant\", \"content\"}; the system "
-                          "prompt goes in `system`." % param, param + ".role")
+            raise invalid("%s must be {\"role\": \"user\", \"assistant\" or \"system\", \"content\"}."
+                          % param, param + ".role")
         native.add(role, messages_blocks(message.get("content"), param + ".content", kinds, load_image))
-    if not native.messages or native.messages[-1]["role"] != "user":
+    spoken = [message for message in native.messages if message["role"] != "system"]
+    if not spoken or spoken[-1]["role"] != "user":
         raise invalid("The last message must be a user message: Claude Code cannot continue a partial "
                       "assistant message (a prefill).", "messages", "unsupported_value")
     return native.messages
@@ -3776,6 +3839,53 @@ def messages_usage(usage: Dict[str, int]) -> Dict[str, int]:
     """Anthropic usage as the CLI reported it (input_tokens counts no cache reads or writes)."""
     return {name: usage.get(name, 0) for name in
             ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "output_tokens")}
+
+
+# /v1/messages/count_tokens. Claude Code cannot count a request without answering it, so the
+# proxy estimates, and errs high: a client that trims its history to fit a context window must
+# not be told it fits when it does not. Claude's tokenizers take about 3.5 bytes of English or
+# code per token (Anthropic's figure), the newest up to a third more tokens for the same text;
+# 2.5 bytes per token stays above both, and above CJK text (3 bytes a character, about a token);
+# only strings of random characters (hashes, base64 text) come near it.
+# Images and PDFs count by what Claude sees, not by their base64: an image is scaled to at most
+# about 1,600 tokens (newer models take larger ones: the allowance doubles that), a PDF page is
+# its text and its picture. The fixed part stands for what Anthropic and the CLI add to every
+# request (the tool-use system prompt, the CLI's date reminder).
+COUNT_BYTES_PER_TOKEN = 2.5
+COUNT_IMAGE_TOKENS = 3200
+COUNT_PDF_PAGE_TOKENS = 3000 + COUNT_IMAGE_TOKENS
+COUNT_REQUEST_TOKENS = 500
+ESTIMATE_HEADER = "x-claude-proxy-estimate"  # "true" on every count_tokens answer
+PDF_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
+
+
+def pdf_pages(data: str) -> int:
+    """The pages of a base64 PDF, at least one (a compressed page tree hides its pages)."""
+    return max(1, len(PDF_PAGE.findall(base64.b64decode(data))))
+
+
+def estimate_input_tokens(body: Any, config: Config) -> int:
+    """The input tokens of a Messages request (count_tokens' body: no max_tokens), estimated
+    to err high (see above); the request is checked as /v1/messages checks it."""
+    request_fields(body, config, MESSAGES_FIELDS, MESSAGES_IGNORED_FIELDS)
+    messages = messages_list(body)
+    images: List[str] = []
+
+    def count_image(url: str, _param: str) -> Dict[str, Any]:  # counted, never fetched nor decoded
+        images.append(url)
+        return {"type": "image"}
+    tools, _, _ = messages_tools(body)
+    system = messages_system(body.get("system"), count_image)
+    conversation = messages_conversation(messages, count_image)
+    pages = 0
+    for message in conversation:
+        for index, block in enumerate(message["content"]):
+            if block["type"] == "document" and block["source"]["type"] == "base64":
+                pages += pdf_pages(block["source"]["data"])
+                message["content"][index] = dict(block, source={"type": "base64"})
+    text = json.dumps([system, conversation, tools], ensure_ascii=False).encode("utf-8")
+    return (COUNT_REQUEST_TOKENS + math.ceil(len(text) / COUNT_BYTES_PER_TOKEN)
+            + len(images) * COUNT_IMAGE_TOKENS + pages * COUNT_PDF_PAGE_TOKENS)
 
 
 class MessagesDoor:
@@ -4337,15 +4447,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path = route_path(self.path)
         try:
             self._check_source()
-            # Every route but /health needs the key, with or without /v1 before it;
-            # browsers send CORS preflights without credentials.
-            if path != "/health" and not (method == "OPTIONS" and self.server.config.cors):
+            # Every route but /health (and HEAD /, Claude Code's check of the connection, which
+            # sends no key) needs the key, with or without /v1 before it; browsers send CORS
+            # preflights without credentials.
+            if path not in ("/health", "/") and not (method == "OPTIONS" and self.server.config.cors):
                 self._authorize()
             handler = self._handler_for(path, method)
         except ProxyError:
             self._discard_body()  # an unread body would be taken for the next request
             raise
-        if handler not in (self._chat_completions, self._responses, self._messages):
+        if handler not in (self._chat_completions, self._responses, self._messages, self._count_tokens):
             self._discard_body()
         handler()
 
@@ -4353,6 +4464,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         # HEAD answers like GET; _send_json leaves the body out.
         routes: Dict[str, Dict[str, Callable[[], None]]] = {
             "/health": {"GET": self._health, "HEAD": self._health},
+            "/": {"HEAD": self._health},
             "/models": {"GET": self._list_models, "HEAD": self._list_models},
             "/chat/completions": {"POST": self._chat_completions},
             "/responses": {"POST": self._responses},
@@ -4454,11 +4566,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._answer_turn(parse_messages_request, MessagesDoor)
 
     def _count_tokens(self) -> None:
-        # A 5xx that its SDKs would retry, but retrying cannot help: x-should-retry says so.
-        raise ProxyError(501, "Counting tokens is not supported: Claude Code cannot count a request "
-                         "without answering it. Each reply's usage.input_tokens (plus the cache_* counts) "
-                         "tells what its request took.", code="not_supported",
-                         headers={"x-should-retry": "false"})
+        text = self._read_json_text()
+        with self.server.slot():  # parsed in a slot, as a turn's body is (see _answer_turn)
+            tokens = estimate_input_tokens(parse_json_text(text), self.server.config)
+        self.send_json(200, {"input_tokens": tokens}, headers={ESTIMATE_HEADER: "true"})
 
     def _answer_turn(self, parse: Callable[[Any, Config], Tuple[Turn, Any]], door: Callable[..., Any]) -> None:
         """Read the body, translate it into a turn in a slot, and answer it through the door."""

@@ -43,6 +43,7 @@ import threading
 import time
 import unittest
 import warnings
+import zlib
 from unittest import mock
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -789,9 +790,22 @@ def as_blocks(content):
 
 def rendered(conversation):
     """The messages of a request: consecutive user messages merged (the earlier text gains a
-    "\n"); no date reminder, no cache_control."""
-    out = []
+    "\n"); system messages held back to the end of the user messages that follow them (as the
+    real CLI does with the mid-conversation-system beta); no date reminder, no cache_control."""
+    out, held = [], []
+
+    def flush():
+        if held and out and out[-1]["role"] == "user":
+            out.append({"role": "system", "content": "\n\n".join(held)})
+        elif held:
+            out.append({"role": "user", "content": "<system-reminder>\n%s\n</system-reminder>" % "\n\n".join(held)})
+        del held[:]
     for message in copy.deepcopy(conversation):
+        if message["role"] == "system":
+            held.append(message["content"])
+            continue
+        if message["role"] == "assistant":
+            flush()
         if out and message["role"] == "user" and out[-1]["role"] == "user":
             earlier = as_blocks(out[-1]["content"])
             if earlier and earlier[-1].get("type") == "text":
@@ -799,6 +813,7 @@ def rendered(conversation):
             out[-1]["content"] = earlier + as_blocks(message["content"])
         else:
             out.append(message)
+    flush()
     # The newest user message is a block list (it carries the cache breakpoint), and so is the
     # first: the real CLI puts its date reminder block in front of it.
     for message in (out[:1] + out[-1:]):
@@ -837,7 +852,11 @@ def load_session(path):
                 line = json.loads(text)
             except ValueError:
                 continue
-            if (not isinstance(line, dict) or line.get("type") not in ("user", "assistant")
+            if isinstance(line, dict) and line.get("type") == "attachment" and line.get("uuid"):
+                # The one kind the proxy writes: a hook's message, which the CLI sends as a system message.
+                line = dict(line, message={"role": "system",
+                                           "content": line["attachment"]["response"]["systemMessage"]})
+            elif (not isinstance(line, dict) or line.get("type") not in ("user", "assistant")
                     or not line.get("timestamp") or not line.get("uuid") or "message" not in line):
                 continue
             if line["type"] == "assistant" and not line["message"].get("id"):
@@ -869,8 +888,9 @@ def repaired(history):
     With CLAUDE_CODE_RESUME_INTERRUPTED_TURN, a history that ends with tool results is an
     interrupted turn, taken up as it is at start; one that ends with a user's text is taken
     out and sent as the first prompt (R9B report, section 4)."""
-    if os.environ.get("CLAUDE_CODE_RESUME_INTERRUPTED_TURN") and history and history[-1]["role"] == "user":
-        last = history[-1]
+    spoken = [message for message in history if message["role"] != "system"]  # system: attachments
+    if os.environ.get("CLAUDE_CODE_RESUME_INTERRUPTED_TURN") and spoken and spoken[-1]["role"] == "user":
+        last = spoken[-1]
         if any(b.get("type") == "tool_result" for b in as_blocks(last["content"])):
             State.interrupted_turn = True
             return history
@@ -7252,7 +7272,7 @@ class MessagesDoorTest(ProxyTest):
                      tools=[dict(MESSAGES_WEATHER_TOOL, input_schema={"type": "array"})])
         self.assertIn("prefill", self.rejects("messages", messages=[
             user("hi"), {"role": "assistant", "content": "Sure, "}]).message)
-        self.rejects("messages[0].role", messages=[{"role": "system", "content": "x"}, user("hi")])
+        self.rejects("messages[0].role", messages=[{"role": "developer", "content": "x"}, user("hi")])
         self.rejects("messages[0].content[0].type", messages=[{"role": "user", "content": [
             {"type": "tool_use", "id": "t", "name": "n", "input": {}}]}])
         self.rejects("messages[0].content[0].image_url", messages=[{"role": "user", "content": [
@@ -7448,12 +7468,6 @@ class MessagesDoorTest(ProxyTest):
                 self.assertEqual(response.status, 200, (headers, path, response.body))
                 self.assertEqual(response.json()["type"], "message")
 
-    def test_count_tokens_is_a_501_the_sdks_do_not_retry(self) -> None:
-        response = self.request("POST", "/v1/messages/count_tokens?beta=true",
-                                {"model": "claude-sonnet-4", "messages": [user("hi")]})
-        self.assertIn("count", self.assertAnthropicError(response, 501, "api_error"))
-        self.assertEqual(response.headers["x-should-retry"], "false")
-
     # -- the official anthropic SDK -------------------------------------------------
 
     def client(self) -> Any:
@@ -7528,15 +7542,6 @@ class MessagesDoorTest(ProxyTest):
         with self.assertRaises(anthropic.AuthenticationError):
             client.messages.create(model="claude-sonnet-4", max_tokens=10,
                                    messages=[{"role": "user", "content": "[[fake:not-logged-in]]"}])
-        with self.assertLogs(proxy.log, "INFO") as logged:
-            with self.assertRaises(anthropic.InternalServerError) as caught:
-                client.messages.count_tokens(model="claude-sonnet-4",
-                                             messages=[{"role": "user", "content": "x"}])
-            # The access line follows the answer: wait for it (retries would all have come before).
-            wait_until(lambda: any("count_tokens 501" in line for line in logged.output))
-        self.assertEqual(caught.exception.status_code, 501)
-        self.assertEqual(len([line for line in logged.output if "count_tokens 501" in line]), 1,
-                         "the SDK must not retry it")
         with self.assertRaises(anthropic.APIStatusError) as mid:
             with client.messages.stream(model="claude-sonnet-4", max_tokens=10, messages=[
                     {"role": "user", "content": "[[fake:crash-midstream]]"}]) as stream:
@@ -8207,6 +8212,480 @@ def get_weather(city: str) -> str:
 def tool_names(run: Dict[str, Any]) -> List[str]:
     """The tools the fake claude would have sent upstream last (the CLI's StructuredOutput too)."""
     return sorted(tool["name"] for tool in run["requests"][-1]["tools"])
+
+
+# What the real Claude Code 2.1.197 sent to a recording fake of the Anthropic API for `claude -p hi`,
+# the same with `--output-format stream-json --verbose`, a round of its Bash tool (with the request
+# that makes the session's title), and its interactive screen's /context (a count_tokens and a
+# one-token message), with its default tools: [{run, method, path, headers, body}], as zlib'd JSON
+# in base64. Strings past 200 characters are cut (its system prompt and
+# tool descriptions are nearly all of its 88 KB a request); every field and shape is whole.
+CLAUDE_CODE_REQUESTS = (
+    "eNrtXQlz28ix/itT3FSt5CJ46ZazeWVbdqI8HypLjl9q5ScNgSGJFQgwOCQxXv/318cMAIqgDu9a5c3rzWYlEeAcPd093T09/f38uZUWcWu/"
+    "NYt0GLfaranJJ0kAHxy9Oz6Bv2c6n8Bf3ct+d2qyTI9N9l9Dk+uf8rQw8HxidGDSrLX/ufUhM6n3bGziHL7gR7oIjOdHYXfQ6Xf6eztqzVzn"
+    "Jo111FZZcIGP1qEBHeeTNJmFvofN1r6ZwH8GvcFWb9Dfa/tJnMPXvf6UPvN6u15vpx3Ch2lk9KUJvHwSxhdhPLbPt7z+Zrv8LE8uTAxNFnGO"
+    "z7fp+UbZ6lTHMLGp4afw7W1vsNOepcl0lnu+9ifYRuYnM2O/3YcG2tMwgCbjS5i+zsMk9rJ5lpupfWUTB2hGoyS1jfb73mBzYcL4TfgezBle"
+    "2MBee3144drTsxkRImx9abeGSTBH8k6BIFFFn2RWZN6mt0trxgvT2v8ZljOJDLxVwGLAI5ohLgg8yeczfIIzhif0Y7/1Zzvo1EzDGFbyL6fx"
+    "s0zNk0LpOLsyqconRmFjP2bqX4XJcKJZm17wdYxP6I1REkXJFZBJWZrun8Y/KL9IU+j9QOfmND5JAj2HVgL4S4WZIjL1B0Cpzml8Giv65/DN"
+    "0bv3J8/enuxDs/CSbU1N9VwlKf2Ik1wNjUpNZC6BlipPcDQwUJ0BuVZMcxIiMWAlzRk2CURCktpXzWwCi5/qqPXlyydswtKQSVOnYuvZpQ4j"
+    "PYyM0sjoClvIYPZMp2f8WZJEMH1P8Urtqxc69yeejiJ6UcdzHOsFfEPnKkhMFv+Yq1GYK62mSWpUNjN+OAp97qKjXkXG5P8IzRUSz4x0EeXq"
+    "amJioIQdRaynRFIcTdBRaycwgmxfPVnHUby8nkXQ7L56D6LqJXE0V5nRaevLp7ab4UruAFasxDOMIpQDlvh95ftnloF/shLe6QWjp/g5jCmd"
+    "zxIQz5+spD9dvTT/RF6DaWv1gujFc2qrYRHCRJNYPXNDgPnbV5jQxwf/3bnnsq7q/DQuu48VqRPt5+Fluby4RBMTzTKSgUxdhflEZckov8Lv"
+    "mHgcxsakyPe4pBlxco2Hn2VZmOX8LV2AZk3Df5sA6A+SEebAByhQ8biN62riDDt2z9rqxckr5U+AbaAbAzKn40CZoPBJ2ejIyUbWgZUdFdl9"
+    "GRzmjuxBi46Mg1xNSrvdCkzmp+EsZ6X0WhexD+NWsbly9EjUBIYB7O+DbozMdVtNgR1DD9hoZkmgXmr8Vike8I2s4mlfzzRwUpiHIDc4IxqM"
+    "0qVcQRdhTnRsljWkewREBTKGsVpSX8opQ3yKMokaGqYWxrMiP8uAPlONlPmT+7U1yfNZtt/t/pKhCqdPO0k67gapHuVd0FI90FJd+3rbkTQZ"
+    "/mJ8pBnsEjOT4nSw2QUK3viz9UxlwAG5WtvwttRVkgbrqvaCSkY0YKRi1U+WI3fhPsDb0XKrJ/Y7pRYqlwrGBZ9NmxrLiiG9dsZPGtvEtYMx"
+    "0dLpiBi3bBr1PveHamfFiO2OdbPxdzPLwPRcJaBF0jCotWf13om+gGWcpcY3gYl9Q2/WZggyE8YhtgWKgdsapcD7U52DHHfU4Ugl0xB+D9o4"
+    "3uzWr7ZxewnjCQhznmE7U3p9plMay+E4Bh0a0Bgd7Zam3G6ZuEBt2gJWig2+gLs0Wkk6vCjg5wjZuQV7DFpdZ2F8NtT+xTgFuyRYptOxIVKj"
+    "oYU/4Rs18jj2rhroKFRlV6ClcXuEXRLkDUZMOwVsLiywoHA61biHIHtGx7hWYZZEupltD90jolRHnbaAdy/y1JjTlvJTA/s5DAp02XSWpDqd"
+    "qzF0514BZVmjO36aoU5HbUvNwgjBrpo75k/NLMEeQJ6THNuPSAktLB7MXCt+AbbYpACtGF+GsPJowKk1HV3peYbkIh1QEegpaJlb1syNGD7i"
+    "xmGdcKHMv4oQlh5fqdOlFEhQqDoIQubpo5o2GOkoM7T1WDX7XGeTJS378hoUPlNwCM9xnaaoF/H/qcmLFKcBLJkUOWgwUoye+ghjxU0ngJH5"
+    "eQI0n+FWnMF7YEVfGVhyHzaODHfRHEVoBJKjh0Bx6EqhTZ+p02LQ62+qcz84Z5IihyCdyiGggQdUGo/xy9jDNMxwv1c88446hq0xUlmOFt0a"
+    "LIK61I+nau0om5WXmwLIjWECNymoPJwaoOstKsq+gQSaov0Du3MSB5lam+prtd3Df9arloGThmB2f2nfvg+8AKFL27gz+dDgzT3gCm0Oa/zy"
+    "JNBGpCVi0+QyCX0Qw7cG1SEqYtxKMtgULwxIjt2YQXRAVYEghdkF/G61Rb0rT/1SZLn9CDQG9RuyRUps9gp1XYituZHAvEG22yqeTdu47HGg"
+    "06CJsL9Bu7lJL+u3Rr0VaDCO4HkWzQ/CDNXrMXx7mFyv6JH2q6rb2terjSjjFkjdsRzC4EoSoDGHLGHfghk3jeyG5nDMen9l8QIU2gtSrksq"
+    "4xgEJCjQLrKSiDMZojkKHlqB2zT6EqMClIchDu6oD3a/HiZgiaZoYpLRmtmW2BRLYuOBhZIrZ00xH3zAvdOtttryYFuJQDnA+NwiWf8wSnwr"
+    "Mv+GpvZBYmJUNxP0zsD385KRN4X9eaL4v/DRI2qLtEkSjxtnZa5BY7KmgwlWs9oHeXqj/qYOkjfqDTw8SD6CaK2Zzhi3rCfdLfWE/wef/qRQ"
+    "POdqy1IBVPFpa6OnQOMOdtXAvvPKDPFPWK/B/kZvNrWdgWIw652HGoEVL1hGwHYNGuOj0DFCo7A6dlhulsRkzTqd6zBgaglJRJMjak3Ru1VF"
+    "nIcRKBM0MQJUPeDuJB5QEiVAwYKBrtrBJQcHgXi9asyngSIfxezqQ3tt/DvmRrhRy8P01RGrNuJSMPjx6/+DCq/iXwpVWHdtFoIx1qw8ipQM"
+    "suZ5/+Q2VSRph535rpOY4Iy9HWROEp6sSC9ROwPn5DrNy2nWqRfG3hRMC6AcuuHg9aETRAYa6SXr3GaW9wxoG541DYc8d/syi5zCEZQ+A47S"
+    "DULDymQgtPdQTOnX2TKong5oYZbU0wsNSxqhQYHs8UsyRAPkMmQlW9KP16bScujFTkEFo7XD9vetJF+za4ftZ+vKuj4VgR0RsxxDKmv2Tw5/"
+    "0Fc6j6d7wobt7+9AlsMDa+EBNYbzOi2WxfTGsoUP3UpeAx8ve/jI3BiXciuV1dbnMtS1IbV563BUX7ttcdZZIGokfzxif7k3VQ5MFo7j43ns"
+    "L9EFI2U0h2JG0craHsfT7uiwG9D3Ff+wsV/UwTgqlEqwKsYT/GqYVt8CBT+GPWUtAfuPfEkmUmVVgA5rg+gEJgh98o5sNy56xI4YyYcdgUdN"
+    "rltNwfbN2EC/qXo8FnfHBp9XulcYszlz5IHPYYjuT/iLno5CsETsI/wdHeYwptDD2SzSqKeuwD035Yu8M5R/pmaMgaH0TGeZoU6KePkz9lhr"
+    "faPPmeZnl9ARrja55/bpYYPkvrdiyMFcEB6eewZmg29g/12YKHHRUo83aQT72GsTj/Gkpf/Fnbnc7NdRZV/hf8mJI8MZePXuJoluyxGqRfru"
+    "wxTAx7D+IcxuHKHypnBKnHEw1MUXsMHcxB11/uSct2zDTEyuZAaDiHAnG08plnv+pPYWBsADoNTEmk7nRXh2AS5uV/tT033ypPukM8mn0Tmw"
+    "9Bvwsjawiy61AJ0HvkZnB1jPDYxIjDPW14cggjDJwdZ2SRCdpmxm8qPPtxKKGnF/QStfvjge+z1J54yktQzD9tk8zmGWOIkonKKnrzPFy0V7"
+    "1DeaFg66ibtrAtati1f3hiB1l0RrX9EpG+sm9ExCIMMCkSgmcTevsjjfNjIrAvZYhhw6espuOcyQ+AN7c1GObBaBWRHpFGMZwwJD2JmzkiiC"
+    "jV5urQcOn4BVG9iQI60VE+0rlmWF1mwW9COUbCtKOdv1+O22ImmhKE2M0+4OizxP4i66atckMnfQdokPQO+iv3G0ehiw1wQh25aoaG7QHZe6"
+    "jSdxmgITOYf6qM0D2PX0DIZ+yf7oAiN01BGFpEotGs9xtmM6VpzoS+P63WfrFmxX6h6cKBPjwbA9DSlmUQKf2jAYWpeJi/nzAGPwU+5mOND6"
+    "uiHsGUdhbG7MeO3DyStvV+G5C0WMhzoz25tsltPQcBawBZ+2+MlpC7QYBVKmyI3BHIwPPAXh9timtyy6kgh4alCAb4qhnnK9wNQF2dNBo0fn"
+    "RrIy6lINj6MCsDhgM4c8YyLH6jgpf5N2ySm4lCf2AOF2e5U4/U6LlV5rEP26Itq3OhaDN9YxbFBF/M7VJAGasaGnjq2FpmGKuIk4stJZMnoe"
+    "Ae83d6sPt4/dUB+3qIxvqMjZmr1JsUWTY59PiN0BEZ7nNZqtD9IfvR7a2mxVLfW/tCC8bZMa4ScudrS8OvYEkQycKYYoh8a97LRIoFiNvC9i"
+    "G1uo6+6s8H1j0Hm+uZ6/m+ZupvoxHe9NiqmOPdRX5CpFegje8Npp6ygNpyhmrLYzUA1tSmbQNNWH6e6tlWbiES+lV2plZyjyVgKOuLnq4pke"
+    "azaOuaI4pIZCfg/fQ7JimId5UxjlHzoNNapNELWruE6DruJIOv8+BjkFfboBduO/DRKmaRA3p48TQcO9Ib6O0wlAN8XsW63ktDvdmqswYBrb"
+    "1zBDYEyJNWDsRwUe2L8J43CKmrFHY+Tf93q9nf7e3mBrc2ezt7eHmwz4geNJ/nu0dUO18hjv0K3gVIE/Olum1avUGA9PiXFByLdkfnW6okF5"
+    "8tnHJuYmpFnpd+JJX5H6xjmsrFnAY8aVR1d2XLmv4QiDPJgXAJaM07Fk3byBF4FnInr4nAWli+uZdWEXnWZdk/udNh1WpXjaCDYfuA5qirRV"
+    "k9vZZnvzJulIitv33ZycXXOnK1CdytEJBlmb6gomxCktsPBJZ0FhUSis2top2Qktg9LkQh7O8GiCxLVsvwPLQ8HFzAm4zbiig9aFA0IMr2VJ"
+    "hNYYvAq2+MJpIAdsJnebSpRC16jvF3zofaXHY9D0uD7lWTpRSXVYz3iwhfoXHMuzDMBt29BonFSWLu1e5FXRtt65U2zzJNdRo6hN7ymtQx38"
+    "pu+jJfebGri0qvMwAAKE/m+cToiJTZS69xuauSE8TGQmlZ1w07AXOr9byOo92KDS/QOdL+GtpWDeEWfBZNZDZ87GRINI+5TzyaffKGb2dB3z"
+    "KMjwoDggs25kbRDOSSxzPsE2GWGA2eD4MJHLqk0yHsnhH+kw6mCr50kUnHHv59w8n5yU7dP4kPfDGPYD9iRipCP1hB7P48XzcEBnzQYGHjUt"
+    "Kg+re9ieSPDYNBzNm/ySigIrUo7w/IdsRFqcpibAdn1IE7jPkHZdc5YkjA08T1x2UkzVkNabz8aomTMMXDREArkPXOvEZ9Xro6Ia1ZotD4D4"
+    "PGid+JM+sAx85xFNtRYLFFygxQNkBJMcP1a5LotTqsWQwed+9/b1P61vew0ekB+ij42OZ1r4Oe8kuNGwAJUZP24/DykGPZxX51XOT2fXee7c"
+    "jrJJstbWXrx+9uHgZWcagGXIpzlgZJyUgyozjmopRAsZR7SXwaL7jycuze5AmUVSel+cS+lGah2d01b3tOVlZqZTmoyNmpIZgIECDeQlcwC8"
+    "XVi7DM8NYcL4M8H/kseZgUHkwiKBzsA/farqdpoidd1Rz1QKrwDju5zhsYkN9wtWGbojGLMBUwO94SIvgLfnqlESbwlesYVhrkPKbq1WxiZ5"
+    "OSMFjYYsZEMp4SWbkHXkghv4BVpubIVpl6B/+AZlWc9mRpMbeb6w/Bh/Py/t13pf9Rk5k5u1wzlS47z52O2+cnUd5ivFCh/WRcSdTjIv0+nf"
+    "glzWsr/YtLbvW00LlvSYjKllMw93sB9+UMd4WQF/P1kUZpwASQ805kaTrR6G2/Js/x11mD/ioZL2m/OnTlsXxswwORCvfvAJ+IL0D4HH/TJ4"
+    "+dTmE15iPqEN59NpZueWKBf2YDMBL/lICJpCP/kMxCkeNwWoy4MhOq4ntckz4IBgOQTKS6sPGX2dIsYUIcpWtRY/MHART006NpyRF2JOwYkL"
+    "h5JtkWLet7FnBxnlUMCOhmr3KszMPdKSLIXvv3u8TXIDjV00Wlp2P8zQggF1j7oJJuEoXp4K+Zg0SFvG34vZHIM3sW1VrXXC2TweEgXWbfKR"
+    "Hpv9BavM3Tlh6wyJkbCUlM3cw1Jzu1S12ZXWWknBR9w/7MgfanItEdDZYDjLyuZx3+V4k4sMNRo8uDhn4YqsysODUoXjGtp+Ouoj5RjTmlea"
+    "Gl9pl/FG+oI7AeNXy7ygskHSxbQihwfEOzYvaGhA3cVkEPMeZa8TmObwN9lFFIxongaOxwYrym3CNJxMOXLcnSNfzmANTyf4plJ6ESRXeC5/"
+    "eGPMbcqyXOG4M2GhWfpegSJDRD7DZMSfmHBtphH862T5Nk2GI6JACA+IdFnZ4u3TIi5Ci15fGLVmbWEn3W0r2euLUQj71m0jqsx7bqk8yV/O"
+    "uF4UjIWlvb/Ses9H5Ms5Hpn1+6oYBeffkQKm+JX1CM9LG/y8DEnfjKGQk8etFjOkxKDX6yk8UclwY7UL3nGqDJOrE2sg4skVccccBkRnMMlo"
+    "lJm8OhVWa8bew4B38QrOnFg3SoA9RuEfwy9szFRAr5Dm2twgEYPTqslGxNQ6agjlAleto96haWyNVtQPlb9Oip1PbcoDTJ1TxmE1jocHU2hB"
+    "VmgWHimIDq+77fUrB9lpGuWDA88z3WitHMHH6AuMWQkeHbyydgclZWC2at/bOm1R2ir/6Pe8QY8ONGk2YH+DS+jubJXfp0MXHAzwv6K+6fTF"
+    "pmTendlWcdhDBByjj6/CGNkia7JL8FyGbhTzAQjGIuldTLbQfG+STSh7gowHEurDIUkpByzJuKolWS2mY9rU/HoXC05tjmodD3ZZQ+JwyiFU"
+    "ux7aIU8rA87eqqXMfEy4fTwxj6C7hoDHS7rOrOipva5DU01RF952HwpmQfeUg7DA62iTcIzK/Nr+BO6lXclRpOEgyaR8m8m90lZTWCFwmoEs"
+    "KElplj9VZjrL52wigNawubDBwpHfxuBrT/woIa0pBJTcOGpLatJtw94uK4BCpEv6D1XFcst9j/I6iC/jxZbQuUnIpb9VjXk3lcHteiIrpng0"
+    "1xDGwLRqgwkLYDDRZR8KT9h54s3VhpNjXE6wpYvUALeaWKdh0nBQB1oOvFw0CIGtsy7fJALLvL83UFcpbm587anrp7rheALj5CYNQj9vznRg"
+    "H0xdIveA+tVZhqz6FLcpzr6wKQ+ePW1BZs5uYeMX796+Onz/5uUBfHb0+tmH48Pnr18S68IwwUczzcOowmgpageUflpGMn5Rjc5pNwuvMbuB"
+    "ruFMMLgRc4SNNINd+lvGhl9HXs8uQvgu/hYn1lc9i40J4KNPTbq2Va18w5LdpYOXGrQSfH/d7S6zfAQbs5itvuvCqha1JwzXlHHHbpQkszKv"
+    "hm7slJ6djTqG8WVyAbTkV12irbvvfYn1KHR24TJv0Mow0cibcfTYHV0gu+vqGjMmO5NteJCot+9OyrRpfAeTADzXtrqiedF13IR8jEe7iRzp"
+    "+TFfV2tiS77HRoZvDHsMhnLRyi9mHbyHMJ0x8/283Wurje1e75ML5KZ402PhJkl16w2Ml6wpYPMO1THlRpR6BAPKOiSfjtwfzNTBZGoYdEf9"
+    "NWHbCXZN0DV5OidDOHR5BNauxMXtqOdVwYQH35hhjqAFwUbd5RYkhIeEOEKNUaby1N8GlTIExpjy/RqK01nLge6wQEt8yOThfFPbyAW6v5QQ"
+    "nAAN48KGrrBZThLD6y5xMk2KzHa2FifMwzyL9TYrMfoW8Wak7jSoFhihXKOvuPJxDHbQG75dvySmP6jaU5QL/BMLWvAnHBEmw8be7sZ3zs/P"
+    "kdVP48+nrTw5be1TlAyLUwCLp2x0Wt3ED2HumFpAt136/Nx2wM/ZPUjsGz/AK1+oF+zsV3WeJ+fqV/Ur/O55Hv2fPl7sFF85MRp6ha0IeJ7i"
+    "5L8+ntzmSZOV4YezEMi2DyJhh2ZzFxpu9q/Yxp+pLa/fo8uiyr5k5Yls4FlpthJ7ge275riIda9bypBCeSuOzBpSxOz3GjwQVAB8YOfadoVW"
+    "7uJpsnxcww/gYJTAVTewcVYkobXU2ymOsB5FRE6iaBeXA0E2s5uGLbbARTDaitIb0BbFbHdrKlVFLqijjA+AO+qY/3LuYb3gwlK5jCChMV2A"
+    "zo5MMOYj62pEj8enNIUVXjCKDO+XRNAyulISwLMEQJero2APxQDZGBRixrkejZocXOTslkM2eFxMOS3ZBvUyu9y38xK/dX8mOoEFXnExd/H0"
+    "FJiCD1ZYXsAVLOh0AJmGfE0cJ5UuKoN/nD9cnrbQ4Q2XnyEuSzXwFCzDGK+nYoB0rGNgE1eMxfEe8YmZJuiA8vWlhC4jxUjf+uZ5Gh/i/S/Y"
+    "ubiT0mR6RDYq+PMGdTVMQwOCg6mF5ZKuKjVy6337j2hSow2c2YvSQRI36k724jHRrCmv0mS8RrR34x7NaXOkQkEkM7pnmtqCG/GZW6cqoPK+"
+    "4CA2Vv1pzHIkbZnr5nz0Z+kwzKm+hnuHdtU8JwskaSDPTZLP36JsNSRrr+L9z0sGvluuRYo/THj+avK7JQfcQlh+vMrKAgM7Md6NOTyotEkp"
+    "SO7Q86N1EbAxEh2sg2ULZuAjlCFkA3amC8zHr9VDcIYZ7kf2rIjsCXeCTWVLqFNs8CSx5+45HefhUAIzw0hR/Ih5B9jv4Z2HNe52sKPp3dsr"
+    "N/uwZW28Ybq0rpG7ckq6ylkbD1nKE3TQbLkKboTKd9ULSLnlWsOAQgFO9Y+4MjDTHymxEATWpHwWNowSH3zDddsw79pYCAKHWEqwPV/8Di+x"
+    "IuHfUYhkifQHL4/ev3zx7OTlwb56XlbRsCSrcgvC1MZYatcK3arwvZusiHLeVFCAsBwTXTFXf8amPC40xEXJ/uJime7yA91kcjFSWuSqDBGS"
+    "/BVfoZnwqPZdpRo+9nJnvI8rTisPP2n4IFTAX2OTl0QDbdSkx4mxmrYivplL7nbIJoAlCRcVKnPDMImgqWbBypo1eNeB2sQ3qGBNVm9vA2vV"
+    "3PTZVxx6cGGbJq2A1HGTq8byMEVxnCfLcR7kBnyAzkVq98nhItdWewBJK1UHY4UMo8JKXdAFXSyh3NPR3PFQWRwBmuczOq6qpPmiSEapFjby"
+    "pVhj4GuLqutqcQPB2EQKtGPrDo/hPDfqXH8nDFttADcJaYnR6D5OViUAHBgsxYZ5QvucgmEJb3O1fkvuFHLFB7pqf/cGYq/kW7PgwfvHkydv"
+    "NGwOduNARchZ8ftPnizYCXQBzymrKl+nLJcUcAaLMwc+cqSZx5ThJoM8gZkZFHpFDsMsn+/VMigc8ZsKBTbb528xiYIf/jbr/C3fRivtsLsa"
+    "+w6MdFYSK2hCz27OQsfzd6N6ndWl+L21UIhDymFR7VnLg61PtSqm5dd99PLKK5JBCwvYotg9RxXdMMQT3sXslfSyfCMbQrWzjzvuJX6p9WKC"
+    "5/O7OqLmm6pF3qMfMteaiU2P7uSY1T7VG+dJXZg5OYeUb8c5qK7FjsIzHHoF34gLznxigmOt0m/qcD3YFP9ohq9M7i8XGqRPacv88P5120a1"
+    "8syWueQYrUsSYnOPK0Bn6pxDxedKjzVqe8xfYhNN23vNI43XGbCOpk2YeQXbKRd6LLCQU87FTLqzNLxE7Q0jKAsQcgbj4ovqzYsjm9qXqvPx"
+    "xOXz4nXear95JFVapCviXDALOjZAwpZXuhsNwnYL1ZBGQS3S8P6FvLDwnHU+qBcT3DtEiqP+iiA/sM8xxcKXT+LoY94JzbBTmlHsIFgFYh0A"
+    "jNlwvBJXuqM+HHMZIOvB1fLduBQcqIUD8CsoeQbrgtd5g5QG6WsO0tNZaZKSI0KXd5i0GDCjVC2NORMmOONIaXauuurcunnVZ+DrPB4D/asw"
+    "TQH5E0rsJqLSG7au7u2X8AaoOxZn2HTeRvc08BZR2QUvU1XaFgtP2u8/RBnfoGSTWr6kM9ffv/MbDM5UfQBng/k24kSUVfH/K/uK4se8dSV4"
+    "MMSR1Nplf1cEGEuysyuAlx3w2te8o1xXVIV2uZLlcu5xWeh1ijky0BPmFlHRcOd2Wo3c6HQD5cJLW0nuESO3RKOmo+Vo5Nl7K3h2tEhTe3mD"
+    "Mnrt3QtzbdOzcGvBvVr9pD7TOUC7bhi21QxMaJjml3O1NivS8gi0vCxa4M5xqaPCZOs2d4ovNVBAgpcU0RTc5oXrt7beRc8xikyEv4Yzgwkh"
+    "+OvtZ1tbg83B7u7K+gtvyyMQcJqo2nSdFGt0EdjDez3pYq0790rWXS9v7JJhojkroaKrJeeDzW1XydpVtjB56dzQ2OqmuOVc/uBHMARwdc5Z"
+    "1XeaC+o21gG4q0+O8T+4tzsOhOxJPfIDphuA7RC4OLllBs3WD9ZqgvfPsb3zdnm2b8//SS9lXZYCThj08RaR+vvxu7eW3dqUBELnqPipx1Vq"
+    "AnfZ1FV4sX9zKhtFQoep0bBrUtcd2JSAoc+7/NdUz84VeRs02KPbr1st6S6K5tkbMB31kup1Or1EKTGsParC0Rhasd+t1TCxF4+qK+31utRs"
+    "OjYGDDsYTuX0GRBjTiSfaDsskvuPeAG+ixdJ+GZrw91LzPR5BeIBPlljJTZQruzLunJTTROscoY4X/hF6dRbBWALt9CgsNg4pkwFoGLIdGpj"
+    "kjaok4WAKeEsBOWuhhapjvNo/pSzQnG27PPTzQdqHTO/ihh8CVAMnqMq2UTquEHT2Mph8NH/Xo3Oftbev3venvfp83b7y58eElkhIi/tePRp"
+    "mfxeL9tUS31vUxwcyxTYixeYVEl3+rLq0JlNlv2bt/SwFbrAgacsc3snAB9jG/Ok+BEDyBHmOs8pxNtR72p91e8O0ghdQAaBUujWT3lX54+R"
+    "+e6Kk33FdRyHPNNc5JxdjrKHWrcPyLOuernLmPq06EvjUTGFClufT2F4l6Fv4M/T1v5py9/cMhtb/Z1d+N+w3xv2Rhu97U3fH/qb/d2NYeD3"
+    "e7s7m7ujwc6gbwYbW3pzYyfobe319syop4fD01b7tKV9KglxVhS2VfrUCo/rSZsNM9TBwNvY0Vvept833rCnN729jY3NQdDr7+32BqetLxQH"
+    "0NdnVKMuw2IgHA63CFE1exOmN8P1KMl/nZ9VAFH4Isp3Vg/m+FjQ/cy1dYZwT/1efwsoS9cI99Fi58gMnxogRMsopE4ZIYoQisYTji2BWEw5"
+    "/k+SzPhc9mMB6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegS"
+    "gC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKA"
+    "LgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAu"
+    "AegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHo+o8H6BqO+sEWNOYN+8PA29za2fX2doINb2cn2OuPtB5uBf8JAF2oWuvwXH97+eygBs/VWv2m"
+    "AHl9CyCvdpXR4fGiZvbpwKOV/95gvlhq/nIav3j2+vU+QlGoz6euLj2nzxl/kqhJ6OE+6dGx3F/UFLiik1/nnG1X00H8FboZxvsIJdv9uVt1"
+    "BFsEayW0DOoWXgQ7bEERJ5dvcpUmlAWOxQTHOsXqjJmLUZdv27/NtcYNPFMoUb8/htXGaOPRMaxWtvtXezmfCh4RWkS7TKEFfs4cYddA3zEM"
+    "xDqbWT7oMODNrMpiy7F3qkyaYIX5kbshezPjyDVZVccj7aZMbOsZ2zuZtG5gFCZjTEHKFqxFOhrh3C48gMlMqw479T3uIlumt9nb3d70NvRg"
+    "z9scDoewn2z2PH/bbA/1bn9nT288aBcJGIwiaN2t9KvgYPlttFjOSsOksm3uOPNx3tcd2R302j0y+++5FckGI0iR/zlIkd9wexQIym8PQbmz"
+    "vS0QlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJB"
+    "KRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEp"
+    "EJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQ"
+    "lAJBKRCUAkEpEJR/EAjK3x087I8BQSm4X4L7Jbhf98H9+v8E6VVNVBPylKZAUROXQXNnHGwgBY5/F2dmYM4GZ71W+wZiCW2xC5gbt67Lkr1R"
+    "W5EbEGtNcmCHdtY4sPr42f5aWMy15xZDxZp4ZNThkT/pXVRoYXZm0jRJy+ob90OFE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0"
+    "AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQB"
+    "SxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFL"
+    "E7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFL+48HS7MjeTS8tAdhpd2FinYr6tm3"
+    "ASirLXX/fnhlXNuk1QiQI8XYpRi7FGOXYuxSjF2KsUsxdinGLsXYpRi7FGOXYuxSjF2KsUsxdinGLsXYpRi7FGOXYuxSjF2KsUsxdinGLsXY"
+    "pRj7//ti7HgoeAQy+IYLEN52rwM4htP6XVQdcwTwVt8w4dIcXNlBY2UnD6ThErUSQVNPXX10m6v9V5NT3gCF5MmqSkaYusAXrckJQnvGXvB0"
+    "GQdUtRH3Y/IrQDtgSICPZkkaYfMqUrQyI2gRuywLUn+HsVSp8C0VvqXC97ep8H1PfVbeFsSryTB+CriVcPIUTxhhxjBmkTkdRAqKXnT+Af5O"
+    "fgGl/qZGccIUTpxPHCmkoyN36e1vyVV12Y1y4TJXbdS619SzS7yyUeOljh+xwDen6B7ReWfW6D7BAw+DHAG6jdPQHtDYW3XIR24TKElGRbIz"
+    "U97UK+1dRmbQVgmBRNBF3ImOq7JeWGdb40lv62t9UVz+FfeH6QIjLo/NDaACmmaxjN9SgOc51r37dEuywTEQGnf3hcRdV3DG58RpmxSByej2"
+    "WhsmQFDaIhVBsHULQnT37lF7J3nAzZLbrzpJ9Xypni/V86V6vlTPl+r5Uj3/+6yeLwVapUCrFGiVAq1SoFUKtH7rAq1SW1Nqa0ptTamtKbU1"
+    "pbam1NaU2ppSW1Nqa0ptTamtKbU1pbam1NaU2ppSW1Nqa0ptTamtKbU1v4famvcvB7Xb293bNMEggJ/94c7u1obe06PdgR7sbG76QW8wHOid"
+    "jW2z5/dHG32z0dvbgt+2hv72TrDd29i6fzmojb1gdxgMfW+n3+t7m5tbm54e7Wx5vcGob/ROMBptbFM5qK+trdTlQXBxoT9UoaU2jdmj8dvv"
+    "bXr9PldY+gYlmO5Tc2mUJM0VlwSqTaDavhKq7RP8+3/uhBnL")
+
+
+def claude_code_requests() -> List[Dict[str, Any]]:
+    return json.loads(zlib.decompress(base64.b64decode("".join(CLAUDE_CODE_REQUESTS))))
+
+
+def roles_and_texts(turn: "proxy.Turn") -> List[Tuple[str, List[str]]]:
+    """Each native message of a turn as (role, its texts)."""
+    return [(message["role"], [block["text"] for block in message["content"]])
+            for message in turn.conversation.messages]
+
+
+class ClaudeCodeRequestsTest(ProxyTest):
+    """What Claude Code sends the Messages door (system entries inside messages, its tools,
+    betas, count_tokens), against the fake CLI."""
+
+    def parse(self, *messages: Any) -> "proxy.Turn":
+        return proxy.parse_messages_request({"model": "claude-sonnet-4-5", "max_tokens": 1024,
+                                             "messages": list(messages)}, config())[0]
+
+    def test_a_system_entry_after_a_user_message_stays_a_system_message_there(self) -> None:
+        turn = self.parse(user("hi"), {"role": "system", "content": "Agents: a, b."},
+                          {"role": "assistant", "content": "Hello."}, user("next"),
+                          {"role": "system", "content": [text("Skills: x."), text("More: y.")]})
+        self.assertEqual(roles_and_texts(turn), [("user", ["hi"]), ("system", ["Agents: a, b."]),
+                                                ("assistant", ["Hello."]), ("user", ["next"]),
+                                                ("system", ["Skills: x.", "More: y."])])
+
+    def test_a_system_entry_anywhere_else_goes_into_the_user_message_there_as_claude_code_puts_it(self) -> None:
+        # Before a user message the CLI would move it past that message: it stays in place, in the
+        # <system-reminder> tags Claude Code itself uses where no system message can stand.
+        turn = self.parse({"role": "system", "content": "First."}, user("hi"),
+                          {"role": "assistant", "content": "Hello."}, {"role": "system", "content": " Second\n"},
+                          user("next"))
+        self.assertEqual(roles_and_texts(turn), [
+            ("user", ["<system-reminder>\nFirst.\n</system-reminder>", "hi"]), ("assistant", ["Hello."]),
+            ("user", ["<system-reminder>\n Second\n\n</system-reminder>", "next"])])
+
+    def test_system_entries_are_checked_and_the_last_spoken_message_is_still_the_users(self) -> None:
+        for content, param in ((5, "messages[1].content"), ([{"type": "image", "source": {}}],
+                                                            "messages[1].content[0].type")):
+            with self.assertRaises(proxy.ProxyError) as caught:
+                self.parse(user("hi"), {"role": "system", "content": content})
+            self.assertEqual((caught.exception.status, caught.exception.param), (400, param))
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.parse(user("hi"), {"role": "system", "content": "x"}, {"role": "assistant", "content": "Sure, "})
+        self.assertIn("prefill", caught.exception.message)
+
+    def test_the_transcript_holds_a_system_message_as_a_hooks_message_in_the_chain(self) -> None:
+        lines = [json.loads(line) for line in proxy.session_transcript([
+            {"role": "user", "content": [text("hi")]},
+            {"role": "system", "content": [text("Agents."), text("Skills.")]},
+            {"role": "assistant", "content": [text("Hello.")]}]).splitlines()]
+        self.assertEqual([line["type"] for line in lines], ["user", "attachment", "attachment", "assistant"])
+        self.assertEqual([line["attachment"] for line in lines[1:3]], [
+            {"type": "async_hook_response", "response": {"systemMessage": "Agents."}},
+            {"type": "async_hook_response", "response": {"systemMessage": "Skills."}}])
+        self.assertEqual([line["parentUuid"] for line in lines], [None] + [line["uuid"] for line in lines[:-1]])
+
+    def test_system_entries_reach_the_cli_where_claude_code_put_them(self) -> None:
+        for conversation in (lambda tag: [user("hi"), {"role": "system", "content": "Agents " + tag}],
+                             lambda tag: [user("hi"), {"role": "system", "content": "Agents " + tag},
+                                          {"role": "assistant", "content": "Hello."}, user("next"),
+                                          {"role": "system", "content": "Skills " + tag}]):
+            tag = marker()
+            messages = conversation(tag)
+            response = self.request("POST", "/v1/messages?beta=true", {
+                "model": "claude-sonnet-4", "max_tokens": 100, "system": "You are terse " + tag,
+                "messages": messages})
+            self.assertEqual(response.status, 200, response.body)
+            sent = FAKE.run_for(tag, field="requests")["requests"][0]["messages"]
+            self.assertEqual([(m["role"], m["content"] if isinstance(m["content"], str) else block_text(m["content"]))
+                              for m in sent], [(m["role"], m["content"]) for m in messages])
+
+    def test_head_of_the_root_answers_without_the_key_as_claude_code_checks_the_connection(self) -> None:
+        running_server = RunningServer(api_key="sekrit")
+        try:
+            self.assertEqual(http_request(running_server.port, "HEAD", "/").status, 200)
+            self.assertEqual(http_request(running_server.port, "POST", "/v1/messages/count_tokens",
+                                          {"model": "claude-sonnet-4", "messages": [user("hi")]}).status, 401)
+        finally:
+            running_server.stop()
+
+    def test_every_request_claude_code_sends_is_answered(self) -> None:
+        # Replayed as recorded (path with ?beta=true, betas, metadata, context_management,
+        # cache_control everywhere, adaptive thinking, effort, a JSON schema for the title,
+        # HEAD /, count_tokens).
+        for recorded in claude_code_requests():
+            response = self.request(recorded["method"], recorded["path"], recorded.get("body"),
+                                    headers=recorded.get("headers"))
+            self.assertEqual(response.status, 200, (recorded["run"], recorded["path"], response.body[:500]))
+            if recorded["method"] == "HEAD":
+                continue
+            if "count_tokens" in recorded["path"]:
+                self.assertEqual(list(response.json()), ["input_tokens"])
+                continue
+            if not recorded["body"].get("stream"):
+                message = response.json()
+                self.assertEqual((message["type"], message["role"]), ("message", "assistant"))
+                self.assertIn(message["stop_reason"], ("end_turn", "max_tokens"))
+                continue
+            events = sse_events(response)
+            names = [name for name, _ in events]
+            self.assertEqual((names[0], names[-2], names[-1]), ("message_start", "message_delta", "message_stop"))
+            content = streamed_content(events)
+            self.assertTrue(content, recorded)
+            self.assertEqual(names.count("content_block_start"), len(content))
+            self.assertEqual(names.count("content_block_stop"), len(content))
+            self.assertIn(events[-2][1]["delta"]["stop_reason"], ("end_turn", "tool_use"))
+
+
+# Samples of what a request holds, for the count's estimate: prose, code, JSON, CJK.
+COUNT_SAMPLES = {
+    "prose": "The quick brown fox jumps over the lazy dog, and then it naps in the afternoon sun. " * 40,
+    "code": "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n" * 40,
+    "json": json.dumps([{"id": i, "name": "item-%d" % i, "tags": ["a", "b"], "ok": True} for i in range(60)]),
+    "cjk": "東京は日本の首都であり、世界最大の都市圏の一つです。" * 40,
+}
+# Claude's tokenizers take about 3.5 bytes of English or code per token, the newest up to a third
+# more tokens for the same text: at most 2.6 bytes a token. CJK takes about a token a character.
+FEWEST_BYTES_PER_TOKEN = 2.6
+
+
+def pdf_of(pages: int) -> str:
+    body = b"".join(b"%d 0 obj << /Type /Page /Parent 1 0 R >> endobj\n" % (i + 2) for i in range(pages))
+    return base64.b64encode(b"%PDF-1.4\n1 0 obj << /Type /Pages /Count " + b"%d" % pages + b" >> endobj\n"
+                            + body + b"%%EOF").decode("ascii")
+
+
+class CountTokensTest(ProxyTest):
+    """POST /v1/messages/count_tokens: an estimate that errs high, in Anthropic's shape."""
+
+    def count(self, *messages: Any, **fields: Any) -> Response:
+        body: Dict[str, Any] = {"model": "claude-sonnet-4", "messages": list(messages)}
+        body.update(fields)
+        return self.request("POST", "/v1/messages/count_tokens?beta=true", body,
+                            headers={"anthropic-beta": "token-counting-2024-11-01"})
+
+    def tokens(self, *messages: Any, **fields: Any) -> int:
+        response = self.count(*messages, **fields)
+        self.assertEqual(response.status, 200, response.body)
+        return response.json()["input_tokens"]
+
+    def test_the_answer_is_anthropics_shape_marked_as_an_estimate(self) -> None:
+        response = self.count(user("hi"), system="You are terse.", tools=[MESSAGES_WEATHER_TOOL])
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        self.assertEqual(response.headers[proxy.ESTIMATE_HEADER], "true")
+        body = response.json()
+        self.assertEqual(list(body), ["input_tokens"])
+        self.assertIsInstance(body["input_tokens"], int)
+        self.assertGreater(body["input_tokens"], self.tokens(user("hi")), "the system prompt and tools count")
+
+    def test_it_errs_high(self) -> None:
+        for name, sample in COUNT_SAMPLES.items():
+            most = len(sample.encode("utf-8")) / FEWEST_BYTES_PER_TOKEN
+            if name == "cjk":
+                most = len(sample)
+            self.assertGreater(self.tokens(user(sample)), most, name)
+            self.assertGreater(self.tokens(user("hi"), system=sample), most, name)
+        # An image counts as what Claude sees, however small or large its file.
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}
+        big = dict(image, source=dict(image["source"], data=base64.b64encode(os.urandom(300000)).decode()))
+        plain = self.tokens(user("hi"))
+        self.assertGreaterEqual(self.tokens({"role": "user", "content": [image, text("hi")]}) - plain, 1600)
+        self.assertLess(self.tokens({"role": "user", "content": [big, text("hi")]}) - plain, 10000)
+        three_pages = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                                      "data": pdf_of(3)}}
+        self.assertGreaterEqual(self.tokens({"role": "user", "content": [three_pages, text("hi")]}) - plain,
+                                3 * (1600 + 1500))
+
+    def test_what_claude_code_sends_is_counted(self) -> None:
+        recorded = next(entry["body"] for entry in claude_code_requests() if entry["run"] == "plain")
+        body = {name: value for name, value in recorded.items() if name not in ("max_tokens", "stream")}
+
+        def strings(value: Any) -> int:  # the bytes of every string Claude reads
+            if isinstance(value, str):
+                return len(value.encode("utf-8"))
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+            return sum(strings(item) for item in items)
+        read = strings([body["system"], body["messages"], body["tools"]])
+        self.assertGreater(self.tokens(**body), read / FEWEST_BYTES_PER_TOKEN)
+
+    def test_bad_input_is_a_400_in_anthropics_shape(self) -> None:
+        for response, param in ((self.count(), "messages"), (self.count({"role": "tool", "content": "x"}), "role"),
+                                (self.count(user("hi"), tools=[dict(MESSAGES_WEATHER_TOOL, input_schema=[])]),
+                                 "input_schema"),
+                                (self.request("POST", "/v1/messages/count_tokens", b"{"), "JSON")):
+            self.assertEqual(response.status, 400, response.body)
+            body = response.json()
+            self.assertEqual((body["type"], body["error"]["type"]), ("error", "invalid_request_error"))
+            self.assertIn(param, body["error"]["message"])
+
+    def test_the_anthropic_sdk_and_langchain_count_through_it(self) -> None:
+        if anthropic is None:
+            if IN_CI:
+                raise AssertionError("CI must have the anthropic package")
+            self.skipTest("the anthropic package is not installed")
+        base_url = "http://127.0.0.1:%d" % self.running.port
+        counted = anthropic.Anthropic(base_url=base_url, api_key="not-needed").messages.count_tokens(
+            model="claude-sonnet-4", system="You are terse.", messages=[{"role": "user", "content": "hello there"}])
+        self.assertEqual(counted.input_tokens, self.tokens(user("hello there"), system="You are terse."))
+        langchain_anthropic = client_library(self, "langchain_anthropic")
+        messages = importlib.import_module("langchain_core.messages")
+        model = langchain_anthropic.ChatAnthropic(model="claude-sonnet-4", base_url=base_url, api_key="not-needed")
+        with no_warnings(LANGCHAIN_OWN_WARNING):
+            tokens = model.get_num_tokens_from_messages([messages.SystemMessage("You are terse."),
+                                                         messages.HumanMessage("hello there")])
+        self.assertEqual(tokens, counted.input_tokens)
+
+
+CLAUDE_CODE_SYSTEM = "You are a Claude agent, built on Anthropic's Claude Agent SDK."  # Claude Code's -p prompt
+AGENT_LISTING = "Available agent types for the Agent tool:"  # the system entry Claude Code sends in messages
+
+
+@unittest.skipIf(real_claude() is None and not IN_CI, "the real claude CLI is not installed")
+class ClaudeCodeClientTest(ProxyTest):
+    """The real `claude -p`, with its default tools, as a client of the Messages door (nothing but
+    ANTHROPIC_BASE_URL and the proxy's key set); the proxy drives the real CLI too, against
+    FakeAnthropicHandler."""
+
+    settings = {"retry_budget": 1.5, "idle_timeout": 60.0, "timeout": 90.0, "pool_size": 0,
+                "api_key": "sk-proxy-key-for-claude-code"}
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        claude = real_claude()
+        if claude is None:
+            raise AssertionError("CI must have the real claude CLI (npm install -g @anthropic-ai/claude-code)")
+        cls.claude = claude
+        cls.upstream = FakeUpstream()
+        cls.settings = dict(cls.settings, claude_bin=claude)
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        super().tearDownClass()
+        cls.upstream.stop()
+
+    def run_client(self, *args: str) -> Tuple[subprocess.CompletedProcess, str]:
+        """(the finished `claude -p ...` run, the directory it ran in), as a user runs it: its own
+        HOME, no subscription of its own, the proxy as its Anthropic API."""
+        cwd = os.path.realpath(tempfile.mkdtemp(prefix="claude-code-client-"))
+        home = tempfile.mkdtemp(prefix="claude-code-client-home-")
+        self.addCleanup(shutil.rmtree, cwd, True)
+        self.addCleanup(shutil.rmtree, home, True)
+        env = dict(os.environ, HOME=home, ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % self.running.port,
+                   ANTHROPIC_API_KEY=self.config.api_key, CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
+        for name in ("CLAUDE_CODE_OAUTH_TOKEN", "CLAUDECODE"):
+            env.pop(name, None)
+        run = subprocess.run([self.claude, "-p"] + list(args), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=180)
+        self.assertEqual(run.returncode, 0, (run.stdout[-2000:], run.stderr[-2000:]))
+        return run, cwd
+
+    def upstream_requests_for(self, tag: str) -> List[Dict[str, Any]]:
+        """The requests of the conversation that holds `tag` (Claude Code also has a title made
+        for it, in a request of its own without tools)."""
+        return [body for body in self.upstream.requests if tag in json.dumps(body["messages"])
+                and "Bash" in [tool["name"] for tool in body["tools"]]]
+
+    def assertReachedAsClaudeCodeSentIt(self, sent: Dict[str, Any], prompt: str) -> None:
+        """Claude Code's system prompt, tools and system entry reached Claude, the entry right after
+        the user's message as Claude Code put it, and no agent list of the proxy's CLI beside it."""
+        self.assertIn(CLAUDE_CODE_SYSTEM, [block["text"] for block in sent["system"]])
+        self.assertEqual([message["role"] for message in sent["messages"][:2]], ["user", "system"])
+        self.assertIn(prompt, block_text(sent["messages"][0]["content"]))
+        self.assertTrue(sent["messages"][1]["content"].startswith(AGENT_LISTING), sent["messages"][1])
+        self.assertEqual(json.dumps(sent["messages"]).count(AGENT_LISTING), 1)
+
+    def test_claude_p_answers_through_the_proxy(self) -> None:
+        prompt = "hi " + marker()
+        run, _ = self.run_client(prompt)
+        self.assertEqual(run.stdout.decode().strip(), UPSTREAM_REPLY)
+        self.assertReachedAsClaudeCodeSentIt(self.upstream_requests_for(prompt)[0], prompt)
+
+    def test_claude_p_streams_through_the_proxy(self) -> None:
+        prompt = "hi " + marker()
+        run, _ = self.run_client(prompt, "--output-format", "stream-json", "--verbose",
+                                 "--include-partial-messages")
+        events = [json.loads(line) for line in run.stdout.decode().splitlines() if line.strip()]
+        deltas = [event["event"]["delta"].get("text", "") for event in events if event["type"] == "stream_event"
+                  and event["event"]["type"] == "content_block_delta"]
+        self.assertGreater(len(deltas), 1, "the answer must arrive in pieces")
+        self.assertEqual("".join(deltas), UPSTREAM_REPLY)
+        self.assertEqual((events[-1]["type"], events[-1]["is_error"], events[-1]["result"]),
+                         ("result", False, UPSTREAM_REPLY))
+        self.assertReachedAsClaudeCodeSentIt(self.upstream_requests_for(prompt)[0], prompt)
+
+    def test_system_entries_reach_anthropic_where_the_client_put_them(self) -> None:
+        # After tool results (an interrupted turn, resumed), and before a user message (in the
+        # <system-reminder> tags Claude Code uses where no system message may stand).
+        tag = marker()
+        call = {"type": "tool_use", "id": "toolu_sys_1", "name": "get_weather", "input": {"city": "Paris"}}
+        messages = [user("weather? " + tag), {"role": "system", "content": "Agents " + tag},
+                    {"role": "assistant", "content": [call]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"],
+                                                  "content": "sunny"}]},
+                    {"role": "system", "content": "Skills " + tag}]
+        before_user = [user("hi " + tag), {"role": "assistant", "content": "Hello."},
+                       {"role": "system", "content": "Agents " + tag}, user("next " + tag)]
+        for sent, expected in (
+                (messages, [("user", ["weather? " + tag]), ("system", "Agents " + tag), ("assistant", ["tool_use"]),
+                            ("user", ["tool_result"]), ("system", "Skills " + tag)]),
+                (before_user, [("user", ["hi " + tag]), ("assistant", ["Hello."]),
+                               ("user", ["<system-reminder>\nAgents %s\n</system-reminder>" % tag, "next " + tag])])):
+            count = len(self.upstream.requests)
+            response = self.request("POST", "/v1/messages", {
+                "model": "claude-sonnet-4", "max_tokens": 100, "messages": sent, "tools": [MESSAGES_WEATHER_TOOL]},
+                headers={"X-Api-Key": self.config.api_key})
+            self.assertEqual(response.status, 200, response.body)
+            upstream = self.upstream.requests[count]["messages"]
+            self.assertEqual([(m["role"], m["content"] if isinstance(m["content"], str) else
+                               [b.get("text", b["type"]) for b in m["content"] if "currentDate" not in b.get("text", "")])
+                              for m in upstream], expected)  # (the CLI's own date reminder aside)
+
+    def test_claude_code_runs_its_bash_tool_and_the_answer_comes_back(self) -> None:
+        # Claude calls Bash; the client's claude runs it in its own directory (pwd proves which
+        # directory ran it: the proxy's CLI runs in a directory of its own, and has no Bash).
+        command = {"command": "pwd > ran-here.txt", "description": "note where this ran " + marker()}
+        run, cwd = self.run_client("CALL:Bash " + json.dumps(command), "--allowedTools", "Bash",
+                                   "--output-format", "stream-json", "--verbose")
+        with open(os.path.join(cwd, "ran-here.txt")) as f:
+            self.assertEqual(f.read().strip(), cwd)
+        events = [json.loads(line) for line in run.stdout.decode().splitlines() if line.strip()]
+        self.assertEqual(events[-1]["result"], UPSTREAM_REPLY)
+        calls = [block for event in events if event["type"] == "assistant"
+                 for block in event["message"]["content"] if block["type"] == "tool_use"]
+        self.assertEqual([(call["name"], call["input"]) for call in calls], [("Bash", command)])
+        sent = self.upstream_requests_for(command["description"])
+        self.assertReachedAsClaudeCodeSentIt(sent[0], "CALL:Bash")
+        last = sent[-1]["messages"]
+        self.assertEqual([message["role"] for message in last], ["user", "system", "assistant", "user"])
+        self.assertEqual(last[2]["content"][-1]["id"], calls[0]["id"])
+        self.assertEqual([(block["type"], block["tool_use_id"]) for block in last[3]["content"]],
+                         [("tool_result", calls[0]["id"])])
 
 
 class ClientRuns:
