@@ -5774,11 +5774,17 @@ def health_url(config: Config) -> str:
     return "http://%s:%d/health" % ("[%s]" % host if ":" in host else host, config.port)
 
 
-def fetch_health(url: str, timeout: float = 2.0) -> Optional[Dict[str, Any]]:
-    """The proxy's /health answer, or None when no claude-max-proxy answers there."""
+def status_url(config: Config) -> str:
+    return health_url(config).rsplit("/", 1)[0] + "/status"
+
+
+def fetch_health(url: str, timeout: float = 2.0, key: str = "") -> Optional[Dict[str, Any]]:
+    """The proxy's /health answer (or its status report, a superset, at /status with its key),
+    or None when no claude-max-proxy answers there."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via http_proxy
+    request = urllib.request.Request(url, headers={"Authorization": "Bearer " + key} if key else {})
     try:
-        with opener.open(url, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             health = json.loads(response.read().decode("utf-8"))
     except (OSError, ValueError, http.client.HTTPException):
         return None
@@ -5815,12 +5821,20 @@ def describe_health(health: Dict[str, Any]) -> str:
                else "NOT FOUND"))
 
 
+def text_bar(fill: Optional[float], width: int = 20) -> str:
+    """The status page's bar in ASCII, which every terminal shows."""
+    filled = round((fill or 0.0) * width)
+    return "[%s%s]" % ("#" * filled, "." * (width - filled))
+
+
 def describe_limits(health: Dict[str, Any]) -> List[str]:
-    """One line per usage window the running proxy knows of, reset times in UTC and local time."""
+    """Two lines per usage window the running proxy knows of: its state with reset times in UTC
+    and local time, and its bar with the reset counting down."""
     windows = (health.get("usage_limits") or {}).get("windows") or {}
     if not windows:
         return ["nothing reported yet (Claude Code reports it with answers on a subscription login)"]
     lines = []
+    now = time.time()
     for name, window in sorted(windows.items()):
         used = window.get("utilization")
         reset = window.get("resets_at_unix")
@@ -5830,7 +5844,29 @@ def describe_limits(health: Dict[str, Any]) -> List[str]:
             ", resets %s (local time %s)" % (window.get("resets_at"), time.strftime(
                 "%a %Y-%m-%d %H:%M %Z", time.localtime(reset))) if isinstance(reset, int) else "",
             ", EXTRA USAGE IN USE" if window.get("extra_usage_in_use") else ""))
+        fill = window_fill(window)
+        lines.append("  %s %s, %s" % (text_bar(fill), "%3d%% used" % round(fill * 100) if fill is not None
+                                       else "not near its limit", reset_text(window, now)))
     return lines
+
+
+def describe_activity(report: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """Who pays, the CLI, the processes and the requests served, as `status` prints them: the
+    status page's facts (the requests only from its twin, which takes the key)."""
+    payer, meaning, guard = billing_text(report)
+    claude = report.get("claude") or {}
+    if "requests" in report:
+        requests = "; ".join("%s %s: %d%s" % (row["door"], row["model"], row["count"],
+                                               " (%d failed)" % row["failed"] if row["failed"] else "")
+                             for row in report["requests"]) or "none yet"
+    else:
+        requests = ("per door and model only with the proxy's key (--api-key, %s or --api-key-file)"
+                    % PROXY_KEY_ENV)
+    return [("paying", "%s, %s; --no-extra-usage %s" % (payer, meaning, guard)),
+            ("claude", "probe %s, logged in %s%s" % (probe_text(claude), login_text(claude),
+                                                      "; " + claude["problem"] if claude.get("problem") else "")),
+            ("processes", "%s; %s" % (children_text(report), pool_text(report))),
+            ("requests", requests)]
 
 
 # -- the commands --------------------------------------------------------------
@@ -5908,13 +5944,19 @@ def status(system: System, config: Config) -> int:
         loaded, detail = manager.loaded()
         print("loaded:    %s" % ({True: "yes", False: "no"}.get(loaded, "unknown") + " (%s)" % detail))
     url = health_url(config)
-    health = fetch_health(url)
+    try:
+        load_api_key_file(config)
+    except (OSError, ValueError):
+        pass  # without the key, /health tells all but the requests
+    health = fetch_health(status_url(config), key=config.api_key) or fetch_health(url)
     print("answering: %s" % ("yes, " + url if health else "no, nothing at " + url))
     if health is None:
         return 1
     print("           " + describe_health(health))
     for number, line in enumerate(describe_limits(health)):
         print("%s%s" % ("usage:     " if number == 0 else "           ", line))
+    for label, line in describe_activity(health):
+        print("%-11s%s" % (label + ":", line))
     return 0 if health.get("status") == "ok" else 1
 
 
