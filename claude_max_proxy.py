@@ -71,6 +71,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -5786,6 +5787,9 @@ def fetch_health(url: str, timeout: float = 2.0, key: str = "") -> Optional[Dict
     try:
         with opener.open(request, timeout=timeout) as response:
             health = json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as error:  # a refusal (401 without the key, 404 from an older proxy)
+        error.close()
+        return None
     except (OSError, ValueError, http.client.HTTPException):
         return None
     return health if isinstance(health, dict) and "pid" in health else None

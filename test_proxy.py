@@ -5614,11 +5614,14 @@ def status_report(port: int, headers: Optional[Dict[str, str]] = None) -> Dict[s
     return response.json()
 
 
+def recorded(report: Dict[str, Any]) -> int:
+    return sum(row["count"] for row in report["requests"])
+
+
 def wait_for_records(port: int, count: int, headers: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-    """The status report once it holds `count` records: a request's record follows its answer."""
-    report = wait_until(lambda: (lambda r: r if len(r["recent_requests"]) >= count else None)(
-        status_report(port, headers)))
-    assert report is not None, "fewer than %d request records" % count
+    """The status report once it has recorded `count` requests: a request's record follows its answer."""
+    report = wait_until(lambda: (lambda r: r if recorded(r) >= count else None)(status_report(port, headers)))
+    assert report is not None, "fewer than %d requests recorded" % count
     return report
 
 
@@ -5670,8 +5673,7 @@ class StatusPageTest(ProxyTest):
         before = status_report(self.running.port)
         tag = marker()
         self.turns(tag)
-        report = wait_for_records(self.running.port, min(proxy.RECENT_REQUESTS,
-                                                         len(before["recent_requests"]) + 5))
+        report = wait_for_records(self.running.port, recorded(before) + 5)
         health = self.request("GET", "/health").json()
         self.assertEqual(set(report) - {"requests", "recent_requests", "no_extra_usage"}, set(health))
         self.assertIs(report["no_extra_usage"], False)
@@ -5699,8 +5701,9 @@ class StatusPageTest(ProxyTest):
 
     def test_the_page_shows_what_the_twin_carries(self) -> None:
         self.running.server.limits.observe(limit_event("subscriber-warning-seven-day", resets_in=86400))
+        served = recorded(status_report(self.running.port))
         self.turns(marker())
-        report = wait_for_records(self.running.port, 5)
+        report = wait_for_records(self.running.port, served + 5)
         page = self.request("GET", "/").body.decode("utf-8")
         self.assertIn("claude-max-proxy <small>%s</small>" % proxy.__version__, page)
         self.assertIn('<span class="pill ok">ok</span>', page)
