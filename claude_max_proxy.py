@@ -35,8 +35,8 @@ Other commands of the same file run it as a service and check on it::
 The module reads top to bottom in the order a request flows: configuration,
 errors, models, the native conversation and the CLI's form of it, the ``claude``
 process and pool, subscription usage, the core run (CLI events in, reply events
-out), the doors (one pair of translators per API), answering a turn, the HTTP
-handler, the server, then running as a service and main().
+out), the doors (one pair of translators per API), answering a turn, the status
+page, the HTTP handler, the server, then running as a service and main().
 """
 
 from __future__ import annotations
@@ -4125,7 +4125,11 @@ PAGE_SCRIPT = """
   function span(s) {
     var units = [[86400, "d"], [3600, "h"], [60, "m"], [1, "s"]], out = [];
     s = Math.floor(s);
-    units.forEach(function (u) { var n = Math.floor(s / u[0]); s %%= u[0]; if (n && out.length < 2) out.push(n + u[1]); });
+    units.forEach(function (u) {
+      var n = Math.floor(s / u[0]);
+      s %%= u[0];
+      if (n && out.length < 2) out.push(n + u[1]);
+    });
     return out.join(" ") || "0s";
   }
   function tick() {
@@ -4156,7 +4160,8 @@ PAGE_SCRIPT = """
         if (response.status === 401) {
           sessionStorage.removeItem(store);
           key = null;
-          if (document.getElementById("key-form")) document.getElementById("key-note").textContent = "That key was refused.";
+          var note = document.getElementById("key-note");
+          if (note) note.textContent = "That key was refused.";
           else location.reload();
           return;
         }
@@ -4241,7 +4246,8 @@ def page_requests(report: Dict[str, Any]) -> str:
     counts = [[page_escape(row["door"]), page_escape(row["model"]), count_text(row["count"]),
                "<span class=\"err\">%s</span>" % count_text(row["failed"]) if row["failed"] else "0"]
               for row in report.get("requests") or []]
-    recent = [["<time datetime=\"%s\">%s</time>" % (page_escape(entry["time"]), page_escape(entry["time"][11:19])),
+    recent = [["<time datetime=\"%s\">%s UTC</time>" % (page_escape(entry["time"]),
+                                                         page_escape(entry["time"][11:19])),
                page_escape(entry["door"]), page_escape(entry["model"]),
                ("<span class=\"err\">%s</span>" if entry["error"] else "%s") % page_escape(entry["status"]),
                "<span class=\"err\">%s</span>" % page_escape(entry["error"]) if entry["error"] else "",

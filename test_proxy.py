@@ -5631,6 +5631,11 @@ def request_count(report: Dict[str, Any], door: str, model: str) -> Tuple[int, i
     return (row["count"], row["failed"]) if row else (0, 0)
 
 
+def count_cells(row: Dict[str, Any]) -> str:
+    """How the page's table shows one row of the twin's requests."""
+    return "<td>%s</td><td>%s</td><td class=\"n\">%d</td>" % (row["door"], row["model"], row["count"])
+
+
 RECORD_FIELDS = {"time", "door", "model", "status", "error", "first_token_ms", "total_ms", "input_tokens",
                  "cached_tokens", "output_tokens", "process"}
 
@@ -5716,8 +5721,7 @@ class StatusPageTest(ProxyTest):
         self.assertIn(FAKE.path, page)
         self.assertIn("<dt>Probe</dt><dd>ok</dd>", page)
         for row in report["requests"]:
-            self.assertIn("<td>%s</td><td>%s</td><td class=\"n\">%d</td>" % (row["door"], row["model"], row["count"]),
-                          page)
+            self.assertIn(count_cells(row), page)
         self.assertEqual(page.count("<time datetime="), len(report["recent_requests"]))
         self.assertIn('<span class="err">model_not_found</span>', page)
 
@@ -5794,7 +5798,8 @@ class StatusProcessTest(TestCase):
 
 STATUS_HEALTH = {
     "status": "degraded", "version": "0.1.0", "pid": 42, "uptime_s": 3725.0, "requests_served": 7,
-    "active_children": 1, "max_concurrent": 8, "no_extra_usage": True, "problems": ["Claude Code is not logged in."],
+    "active_children": 1, "max_concurrent": 8, "no_extra_usage": True,
+    "problems": ["Claude Code is not logged in."],
     "claude": {"found": True, "path": "/usr/bin/claude", "version": "2.1.197", "native": True, "probe": "ok",
                "logged_in": False, "problem": "Claude Code is not logged in. Run `claude` once."},
     "pool": {"size": 3, "max": 4, "hits": 5, "misses": 2, "conversations": 1, "continued": 6},
@@ -5822,7 +5827,8 @@ class StatusCommandTest(TestCase):
         activity = dict(proxy.describe_activity(health))
         self.assertEqual(activity["paying"], "extra usage, answers are billed beyond your plan; --no-extra-usage "
                                              "on: a request that extra usage would pay for is refused (403)")
-        self.assertEqual(activity["claude"], "probe ok, logged in no; Claude Code is not logged in. Run `claude` once.")
+        self.assertEqual(activity["claude"],
+                         "probe ok, logged in no; Claude Code is not logged in. Run `claude` once.")
         self.assertEqual(activity["processes"], "1 of 8 running; 2 pre-started waiting, 1 conversations kept "
                                                 "(pool of 4); 5 hits, 2 misses, 6 turns continued")
         self.assertEqual(activity["requests"], "chat claude-sonnet-4: 5 (1 failed); messages claude-opus-4: 2")
@@ -5924,8 +5930,7 @@ class StatusPageBrowserTest(TestCase):
             self.assertIn(report["claude"]["version"], dom)
             self.assertIn("pid %d" % report["pid"], dom)
             for row in report["requests"]:
-                self.assertIn("<td>%s</td><td>%s</td><td class=\"n\">%d</td>" % (row["door"], row["model"], row["count"]),
-                              dom)
+                self.assertIn(count_cells(row), dom)
             times = re.findall(r'<time datetime="([^"]+)">([^<]+)</time>', dom)
             self.assertEqual([iso for iso, _ in times], [r["time"] for r in report["recent_requests"]])
             self.assertNotIn(tag, dom)
