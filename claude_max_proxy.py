@@ -3962,6 +3962,9 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
 # and what the proxy served, never what was said: a request's record holds what its access-log
 # line holds, and a page or twin shows nothing more.
 RECENT_REQUESTS = 50
+# Failed requests may name any model: past this many rows, new names are counted together.
+COUNTED_MODELS = 100
+OTHER_MODELS = "(others)"
 PAGE_REFRESH_SECONDS = 5
 # The page loads nothing from anywhere: its one script carries the nonce, its style is inline.
 PAGE_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-%s'; connect-src 'self'; "
@@ -3979,8 +3982,11 @@ class Activity:
 
     def record(self, entry: Dict[str, Any]) -> None:
         """Take the record of a finished request: door, model, status, error and so on, no content."""
+        key = (entry["door"], entry["model"])
         with self._lock:
-            counts = self._counts.setdefault((entry["door"], entry["model"]), [0, 0])
+            if key not in self._counts and len(self._counts) >= COUNTED_MODELS:
+                key = (entry["door"], OTHER_MODELS)
+            counts = self._counts.setdefault(key, [0, 0])
             counts[0] += 1
             counts[1] += entry["error"] is not None
             self._recent.appendleft(entry)

@@ -5795,6 +5795,17 @@ class StatusProcessTest(TestCase):
         self.assertEqual(report["requests"], [{"door": "chat", "model": "m", "count": 60, "failed": 30}])
         self.assertEqual([r["status"] for r in report["recent_requests"]], list(range(59, 9, -1)))
 
+    def test_models_past_the_hundredth_are_counted_together(self) -> None:
+        activity = proxy.Activity()
+        for number in range(proxy.COUNTED_MODELS + 20):
+            activity.record({"door": "chat", "model": "bogus-%03d" % number, "error": "model_not_found",
+                             "status": 400})
+        activity.record({"door": "chat", "model": "bogus-000", "error": None, "status": 200})
+        rows = {row["model"]: (row["count"], row["failed"]) for row in activity.report()["requests"]}
+        self.assertEqual(len(rows), proxy.COUNTED_MODELS + 1)
+        self.assertEqual(rows["bogus-000"], (2, 1))
+        self.assertEqual(rows[proxy.OTHER_MODELS], (20, 20))
+
 
 STATUS_HEALTH = {
     "status": "degraded", "version": "0.1.0", "pid": 42, "uptime_s": 3725.0, "requests_served": 7,
