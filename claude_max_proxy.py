@@ -5950,6 +5950,19 @@ def uninstall(system: System, dry_run: bool) -> int:
     return 0
 
 
+def status_key(system: System, config: Config, manager: Optional[ServiceManager]) -> str:
+    """The key for the status report: the one given, else the installed service's key file."""
+    path = config.api_key_file or (manager.key_path if manager is not None else "")
+    if config.api_key or not path or not system.exists(os.path.expanduser(path)):
+        return config.api_key
+    keyed = with_setting(config, api_key_file=path)
+    try:
+        load_api_key_file(keyed)
+    except (OSError, ValueError):
+        return ""
+    return keyed.api_key
+
+
 def status(system: System, config: Config) -> int:
     manager = service_manager(system)
     if manager is None:
@@ -5960,11 +5973,8 @@ def status(system: System, config: Config) -> int:
         loaded, detail = manager.loaded()
         print("loaded:    %s" % ({True: "yes", False: "no"}.get(loaded, "unknown") + " (%s)" % detail))
     url = health_url(config)
-    try:
-        load_api_key_file(config)
-    except (OSError, ValueError):
-        pass  # without the key, /health tells all but the requests
-    health = fetch_health(status_url(config), key=config.api_key) or fetch_health(url)
+    # Without the key, /health tells all but the requests.
+    health = fetch_health(status_url(config), key=status_key(system, config, manager)) or fetch_health(url)
     print("answering: %s" % ("yes, " + url if health else "no, nothing at " + url))
     if health is None:
         return 1

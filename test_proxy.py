@@ -5861,22 +5861,30 @@ class StatusCommandTest(TestCase):
 
     def test_status_reads_the_twin_with_the_key_and_health_without(self) -> None:
         running_server = RunningServer(api_key="status-key")
+        system = FakeSystem("linux")
+        self.addCleanup(shutil.rmtree, system.home, True)
         try:
             headers = {"Authorization": "Bearer status-key"}
             http_request(running_server.port, "POST", "/v1/chat/completions",
                          {"model": "claude-sonnet-4", "messages": [user("hi")]}, headers)
             wait_for_records(running_server.port, 1, headers)
             code, out = run_main("status", "--port", str(running_server.port), "--api-key", "status-key",
-                                 system=FakeSystem("linux"))
+                                 system=system)
             self.assertEqual(code, 0, out)
             self.assertIn("\nrequests:  chat claude-sonnet-4: 1\n", out)
             self.assertIn("\npaying:    your plan, answers are within your subscription's limits; "
                           "--no-extra-usage off", out)
             self.assertIn("\nprocesses: 0 of 8 running; ", out)
-            code, out = run_main("status", "--port", str(running_server.port), system=FakeSystem("linux"))
+            code, out = run_main("status", "--port", str(running_server.port), system=system)
             self.assertEqual(code, 0, out)
             self.assertIn("\nrequests:  per door and model only with the proxy's key", out)
             self.assertIn("--no-extra-usage unknown", out)
+            key_path = proxy.service_manager(system).key_path  # where `install --api-key` put it
+            os.makedirs(os.path.dirname(key_path))
+            with open(key_path, "w") as f:
+                f.write("status-key\n")
+            code, out = run_main("status", "--port", str(running_server.port), system=system)
+            self.assertIn("\nrequests:  chat claude-sonnet-4: 1\n", out, "the installed service's key is read")
         finally:
             running_server.stop()
 
