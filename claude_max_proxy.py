@@ -35,8 +35,8 @@ Other commands of the same file run it as a service and check on it::
 The module reads top to bottom in the order a request flows: configuration,
 errors, models, the native conversation and the CLI's form of it, the ``claude``
 process and pool, subscription usage, the core run (CLI events in, reply events
-out), the doors (one pair of translators per API), answering a turn, the HTTP
-handler, the server, then running as a service and main().
+out), the doors (one pair of translators per API), answering a turn, the status
+page, the HTTP handler, the server, then running as a service and main().
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import collections
 import errno
 import hashlib
 import http.client
 import hmac
+import html
 import io
 import ipaddress
 import json
@@ -69,6 +71,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -1177,7 +1180,8 @@ class ClaudeProcess:
         if lifeline is not None:
             lifeline.hold(self.pid)  # its group is named after it
         os.set_blocking(self.popen.stdin.fileno(), False)  # writes wait in events(), under the timeouts
-        self.last_output = time.monotonic()
+        self.started = time.monotonic()
+        self.last_output = self.started
         self.stderr_tail = b""
         self.bridge = ToolBridge([])      # serves the client's tools to it (see Exchange)
         self.open_calls: List[str] = []   # calls it waits on the client's results for, while kept
@@ -2396,6 +2400,9 @@ class Exchange:
         self.answer = Answer(turn, server.config.retry_budget, streaming)
         self.reply = ReplyBlocks()
         self.process: Optional[ClaudeProcess] = None
+        # How its process came: "kept" (its conversation's, from the turn before), "warm"
+        # (pre-started by the pool) or "cold" (started for it); None until it has one.
+        self.start: Optional[str] = None
 
     def events(self) -> Iterator[Optional[ReplyEvent]]:
         """The reply's events as they come, and None after each KEEPALIVE_INTERVAL of silence."""
@@ -2429,7 +2436,7 @@ class Exchange:
         results = tool_results(newest)
         kept = self.server.take_kept(conversation_key(self.turn, history), self.claude)
         if kept is not None and set(kept.open_calls) == set(results or ()):
-            self.process = kept
+            self.process, self.start = kept, "kept"
             kept.send(kept.bridge.give_results(results) if results else user_line(newest["content"]))
             return kept
         if kept is not None:
@@ -2442,9 +2449,10 @@ class Exchange:
             # an interrupted turn and answer that. Ended by the newest message, it is one, and the
             # CLI takes that message up as its first prompt (with the system messages after it).
             interrupted, whole = True, history + [newest]
+        asked = time.monotonic()
         process = self.server.spawn(cli_launch(self.claude, self.turn, config, whole if interrupted else history,
                                                interrupted))
-        self.process = process
+        self.process, self.start = process, "warm" if process.started < asked else "cold"
         process.bridge = ToolBridge(conversation.tools)
         process.send(opening_lines(self.turn, tools_on_stdin=not interrupted)
                      + (b"" if interrupted else user_line(newest["content"])))
@@ -4067,7 +4075,10 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
                 # The client, and any proxy between, see the answer is coming.
                 stream.keepalive(door.keepalive())
             else:
-                stream.frames(door.events(event))
+                frames = door.events(event)
+                stream.frames(frames)
+                if frames and handler.first_content is None:  # the time to first token, as the client saw it
+                    handler.first_content = time.monotonic()
         handler.usage = exchange.answer.reply.usage
         last = door.end(exchange) if stream is not None else door.response(exchange)
         try:
@@ -4081,15 +4092,358 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
             stream.frames(last)
             stream.end()
         else:
+            handler.first_content = time.monotonic()  # all of it goes out at once
             handler.send_json(200, last)
     except ProxyError as error:
         if stream is None or not stream.started:
             raise
         log.warning("%s failed mid-stream: %s", handler.request_id, error.message)
+        handler.error_code = error.code or error.type  # its status went out as 200 already
         stream.frames(door.failure(error))
         stream.end()
     finally:
+        handler.start = exchange.start
         exchange.finish()  # ends the process unless it was kept above
+
+
+# ---------------------------------------------------------------------------
+# The status page (GET /) and its JSON twin (GET /status)
+# ---------------------------------------------------------------------------
+
+# What a user asks of a local proxy first: is it up, how much of the plan is left and who
+# pays, is Claude Code ready, did the last requests work. The page shows what /health holds
+# and what the proxy served, never what was said: a request's record holds what its access-log
+# line holds, and a page or twin shows nothing more.
+RECENT_REQUESTS = 50
+# Failed requests may name any model: past this many rows, new names are counted together.
+COUNTED_MODELS = 100
+OTHER_MODELS = "(others)"
+PAGE_REFRESH_SECONDS = 5
+# The page loads nothing from anywhere: its one script carries the nonce, its style is inline.
+PAGE_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-%s'; connect-src 'self'; "
+               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_KEY_STORE = "claude-max-proxy-key"  # the sessionStorage entry: the key lives in its tab only
+
+
+class Activity:
+    """Requests each door served per model, and the records of the last RECENT_REQUESTS."""
+
+    def __init__(self) -> None:
+        self._counts: Dict[Tuple[str, str], List[int]] = {}  # (door, model) -> [requests, failed]
+        self._recent: collections.deque[Dict[str, Any]] = collections.deque(maxlen=RECENT_REQUESTS)
+        self._lock = threading.Lock()
+
+    def record(self, entry: Dict[str, Any]) -> None:
+        """Take the record of a finished request: door, model, status, error and so on, no content."""
+        key = (entry["door"], entry["model"])
+        with self._lock:
+            if key not in self._counts and len(self._counts) >= COUNTED_MODELS:
+                key = (entry["door"], OTHER_MODELS)
+            counts = self._counts.setdefault(key, [0, 0])
+            counts[0] += 1
+            counts[1] += entry["error"] is not None
+            self._recent.appendleft(entry)
+
+    def report(self) -> Dict[str, Any]:
+        """The counts per door and model, and the recent records, newest first."""
+        with self._lock:
+            return {"requests": [{"door": door, "model": model, "count": count, "failed": failed}
+                                 for (door, model), (count, failed) in sorted(self._counts.items())],
+                    "recent_requests": list(self._recent)}
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
+    shown = [(n, unit) for n, unit in parts if n][:2] or [(0, "s")]
+    return " ".join("%d%s" % pair for pair in shown)
+
+
+# What the page and `status` both say, in the same words: from a status report (see
+# ProxyServer.status_report; /health's fields, and what the twin adds, each may be missing).
+
+def window_fill(window: Dict[str, Any]) -> Optional[float]:
+    """How full a usage window's bar is, 0..1; None when Anthropic did not say (it sends the
+    utilization only near a limit). A refused window is full whatever it said."""
+    used = window.get("utilization")
+    if window.get("status") == "rejected":
+        return 1.0
+    return max(0.0, min(1.0, float(used))) if isinstance(used, (int, float)) else None
+
+
+def reset_text(window: Dict[str, Any], now: float) -> str:
+    reset = window.get("resets_at_unix")
+    if not isinstance(reset, int):
+        return "reset time not reported"
+    return "resets in %s" % format_duration(reset - now) if reset > now else "resets now"
+
+
+def billing_text(report: Dict[str, Any]) -> Tuple[str, str, str]:
+    """(who pays for answers now, what that means, what --no-extra-usage does about it)."""
+    extra = (report.get("usage_limits") or {}).get("extra_usage_in_use")
+    paying = (("extra usage", "answers are billed beyond your plan") if extra else
+              ("your plan", "answers are within your subscription's limits"))
+    guard = report.get("no_extra_usage")
+    return paying + ("unknown" if guard is None else
+                     "on: a request that extra usage would pay for is refused (403)" if guard else
+                     "off: past a limit, requests go on as extra usage if your account has it on",)
+
+
+def probe_text(claude: Dict[str, Any]) -> str:
+    probe = claude.get("probe")
+    if probe is None and claude.get("found"):
+        probe = {True: "ok", False: "failed"}.get(claude.get("native"), "pending")
+    return probe or "not found"
+
+
+def login_text(claude: Dict[str, Any]) -> str:
+    return {True: "yes", False: "no"}.get(claude.get("logged_in"), "unknown")
+
+
+def children_text(report: Dict[str, Any]) -> str:
+    return "%s of %s running" % (report.get("active_children"), report.get("max_concurrent"))
+
+
+def pool_text(report: Dict[str, Any]) -> str:
+    pool = report.get("pool") or {}
+    kept = pool.get("conversations") or 0
+    return ("%d pre-started waiting, %d conversations kept (pool of %s); %s hits, %s misses, "
+            "%s turns continued" % ((pool.get("size") or 0) - kept, kept, pool.get("max"), pool.get("hits"),
+                                    pool.get("misses"), pool.get("continued")))
+
+
+def degraded_reasons(report: Dict[str, Any]) -> List[str]:
+    claude = report.get("claude") or {}
+    reasons = [str(problem) for problem in report.get("problems") or []]
+    if not reasons and claude.get("problem"):
+        reasons.append(str(claude["problem"]))
+    if not reasons and not claude.get("found", True):
+        reasons.append("Claude Code is not found (see --claude-bin).")
+    return reasons
+
+
+def millis_text(ms: Any) -> str:
+    if not isinstance(ms, (int, float)):
+        return "\u2013"
+    return "%d ms" % ms if ms < 1000 else "%.1f s" % (ms / 1000)
+
+
+def count_text(value: Any) -> str:
+    return "{:,}".format(value) if isinstance(value, int) else "\u2013"
+
+
+PAGE_STYLE = """
+:root{--bg:#f6f6f8;--fg:#1c1c1f;--mute:#6b6b73;--card:#fff;--line:#e4e4e9;--ok:#1a7f37;--warn:#b26a00;
+--bad:#c62828;--bar:#3b6fe0;--track:#e9e9ef}
+@media (prefers-color-scheme:dark){:root{--bg:#111114;--fg:#ececf1;--mute:#9a9aa4;--card:#1a1a1f;
+--line:#2b2b32;--ok:#3fb950;--warn:#d29922;--bad:#f85149;--bar:#5b8ff0;--track:#2b2b32}}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,
+"Helvetica Neue",sans-serif}
+main{max-width:1120px;margin:0 auto;padding:22px 20px 36px}
+header{display:flex;flex-wrap:wrap;align-items:center;gap:6px 14px;margin-bottom:16px}
+h1{font-size:20px;margin:0;font-weight:650;letter-spacing:-.01em}
+h1 small{font-weight:400;color:var(--mute);font-size:13px;margin-left:4px}
+h2{font-size:11.5px;text-transform:uppercase;letter-spacing:.07em;color:var(--mute);margin:0 0 10px;font-weight:600}
+.meta{color:var(--mute);font-size:13px}
+.pill{display:inline-block;padding:1px 10px;border-radius:99px;font-size:12px;font-weight:600;color:#fff;
+background:var(--ok)}
+.pill.degraded,.pill.bad{background:var(--bad)}.pill.warn{background:var(--warn)}
+section{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px;margin-bottom:14px}
+section.alert{border-left:4px solid var(--bad)}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:14px;margin-bottom:14px}
+.grid section{margin:0}
+.win{margin-bottom:12px}.win .top{display:flex;justify-content:space-between;gap:10px}
+.win b{font-weight:600}
+.bar{height:10px;border-radius:5px;background:var(--track);overflow:hidden;margin:5px 0 3px}
+.bar i{display:block;height:100%;background:var(--bar);border-radius:5px}
+.bar i.warn{background:var(--warn)}.bar i.bad{background:var(--bad)}
+.sub,.none{color:var(--mute);font-size:12.5px}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:5px 16px;margin:0}
+dt{color:var(--mute)}dd{margin:0;overflow-wrap:anywhere}
+.wrap{overflow-x:auto}
+table{width:100%;border-collapse:collapse;font-size:12.5px;font-variant-numeric:tabular-nums}
+th,td{padding:4px 8px;text-align:left;border-bottom:1px solid var(--line);white-space:nowrap}
+tr:last-child td{border-bottom:0}
+th{color:var(--mute);font-weight:600}.n{text-align:right}
+.err{color:var(--bad);font-weight:600}
+form{display:flex;flex-wrap:wrap;gap:8px;align-items:center}
+input{font:inherit;padding:6px 9px;border:1px solid var(--line);border-radius:6px;background:var(--bg);
+color:var(--fg);width:24em;max-width:100%}
+button{font:inherit;padding:6px 14px;border:0;border-radius:6px;background:var(--bar);color:#fff;cursor:pointer}
+.stale header .meta::after{content:" \\2013 not answering";color:var(--bad)}
+"""
+
+# Re-reads the page every few seconds with the tab's key and swaps its <main> for the new one
+# (one renderer, the server's); counts resets down and shows times in local time in between.
+PAGE_SCRIPT = """
+(function () {
+  var store = "%(store)s", key = sessionStorage.getItem(store);
+  function span(s) {
+    var units = [[86400, "d"], [3600, "h"], [60, "m"], [1, "s"]], out = [];
+    s = Math.floor(s);
+    units.forEach(function (u) {
+      var n = Math.floor(s / u[0]);
+      s %%= u[0];
+      if (n && out.length < 2) out.push(n + u[1]);
+    });
+    return out.join(" ") || "0s";
+  }
+  function tick() {
+    var now = Date.now() / 1000;
+    document.querySelectorAll("[data-reset]").forEach(function (e) {
+      var left = Number(e.dataset.reset) - now;
+      e.textContent = left > 0 ? "resets in " + span(left) : "resets now";
+    });
+  }
+  function prepare() {
+    document.querySelectorAll("time[datetime]").forEach(function (t) {
+      t.textContent = new Date(t.dateTime).toLocaleTimeString();
+    });
+    var form = document.getElementById("key-form");
+    if (form) form.onsubmit = function (event) {
+      event.preventDefault();
+      key = form.elements.key.value.trim();
+      sessionStorage.setItem(store, key);
+      refresh();
+    };
+    tick();
+  }
+  function refresh() {
+    var page = document.getElementById("page");
+    if (page.dataset.key === "required" && !key) return;
+    fetch(location.pathname, {headers: key ? {"Authorization": "Bearer " + key} : {}, cache: "no-store"})
+      .then(function (response) {
+        if (response.status === 401) {
+          sessionStorage.removeItem(store);
+          key = null;
+          var note = document.getElementById("key-note");
+          if (note) note.textContent = "That key was refused.";
+          else location.reload();
+          return;
+        }
+        return response.text().then(function (text) {
+          var next = new DOMParser().parseFromString(text, "text/html").getElementById("page");
+          if (next) { page.replaceWith(next); document.body.classList.remove("stale"); prepare(); }
+        });
+      })
+      .catch(function () { document.body.classList.add("stale"); });
+  }
+  prepare();
+  refresh();
+  setInterval(tick, 1000);
+  setInterval(refresh, %(refresh)d * 1000);
+})();
+"""
+
+
+def page_escape(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def page_header(report: Dict[str, Any]) -> str:
+    if not report:
+        return "<header><h1>claude-max-proxy</h1></header>"
+    reasons = degraded_reasons(report)
+    state = str(report.get("status") or "unknown")
+    return ("<header><h1>claude-max-proxy <small>%s</small></h1><span class=\"pill %s\">%s</span>"
+            "<span class=\"meta\">up %s \u00b7 pid %s \u00b7 %s requests served</span></header>%s"
+            % (page_escape(report.get("version")), page_escape(state), page_escape(state),
+               format_duration(report.get("uptime_s") or 0), page_escape(report.get("pid")),
+               count_text(report.get("requests_served")),
+               "<section class=\"alert\"><h2>Needs attention</h2>%s</section>"
+               % "".join("<p>%s</p>" % page_escape(reason) for reason in reasons) if reasons else ""))
+
+
+def page_windows(report: Dict[str, Any], now: float) -> str:
+    windows = (report.get("usage_limits") or {}).get("windows") or {}
+    rows = []
+    for name, window in sorted(windows.items()):
+        fill = window_fill(window)
+        level = ("bad" if window.get("status") == "rejected" else
+                 "warn" if window.get("status") == "allowed_warning" or (fill or 0) >= 0.8 else "")
+        reset = window.get("resets_at_unix")
+        rows.append(
+            "<div class=\"win\"><div class=\"top\"><b>%s</b><span>%s</span></div>"
+            "<div class=\"bar\"><i class=\"%s\" style=\"width:%.1f%%\"></i></div>"
+            "<div class=\"sub\">%s%s \u00b7 <span%s>%s</span></div></div>"
+            % (page_escape(WINDOW_NAMES.get(name, name.replace("_", " ") + " limit")),
+               "%d%% used" % round(fill * 100) if fill is not None else "not near its limit",
+               level, (fill or 0) * 100, page_escape(window.get("status")),
+               " \u00b7 extra usage " + page_escape(window["extra_usage"]) if window.get("extra_usage") else "",
+               " data-reset=\"%d\"" % reset if isinstance(reset, int) else "", reset_text(window, now)))
+    if not rows:
+        rows.append("<p class=\"none\">Nothing reported yet: Claude Code reports the plan's windows with "
+                    "its answers on a subscription login.</p>")
+    payer, meaning, guard = billing_text(report)
+    return ("<section><h2>Plan usage</h2>%s<dl><dt>Paying now</dt><dd><span class=\"pill %s\">%s</span> %s</dd>"
+            "<dt>--no-extra-usage</dt><dd>%s</dd></dl></section>"
+            % ("".join(rows), "warn" if payer == "extra usage" else "", payer, page_escape(meaning),
+               page_escape(guard)))
+
+
+def page_facts(title: str, facts: List[Tuple[str, Any]]) -> str:
+    return "<section><h2>%s</h2><dl>%s</dl></section>" % (title, "".join(
+        "<dt>%s</dt><dd>%s</dd>" % (page_escape(name), page_escape(value)) for name, value in facts))
+
+
+def page_table(title: str, heads: List[str], rows: List[List[Any]], empty: str) -> str:
+    """A table; a head ending in "#" (and its column) is right-aligned, without the "#"."""
+    numeric = [head.endswith("#") for head in heads]
+    cells = "".join("<tr>%s</tr>" % "".join(
+        "<td%s>%s</td>" % (" class=\"n\"" if numeric[i] else "", cell) for i, cell in enumerate(row))
+        for row in rows)
+    return ("<section><h2>%s</h2>%s</section>" % (title, "<div class=\"wrap\"><table><tr>%s</tr>%s</table></div>"
+            % ("".join("<th%s>%s</th>" % (" class=\"n\"" if numeric[i] else "", head.rstrip("#"))
+                       for i, head in enumerate(heads)), cells) if rows else
+            "<p class=\"none\">%s</p>" % empty))
+
+
+def page_requests(report: Dict[str, Any]) -> str:
+    counts = [[page_escape(row["door"]), page_escape(row["model"]), count_text(row["count"]),
+               "<span class=\"err\">%s</span>" % count_text(row["failed"]) if row["failed"] else "0"]
+              for row in report.get("requests") or []]
+    recent = [["<time datetime=\"%s\">%s UTC</time>" % (page_escape(entry["time"]),
+                                                         page_escape(entry["time"][11:19])),
+               page_escape(entry["door"]), page_escape(entry["model"]),
+               ("<span class=\"err\">%s</span>" if entry["error"] else "%s") % page_escape(entry["status"]),
+               "<span class=\"err\">%s</span>" % page_escape(entry["error"]) if entry["error"] else "",
+               millis_text(entry["first_token_ms"]), millis_text(entry["total_ms"]),
+               count_text(entry["input_tokens"]), count_text(entry["cached_tokens"]),
+               count_text(entry["output_tokens"]), page_escape(entry["process"] or "\u2013")]
+              for entry in report.get("recent_requests") or []]
+    return (page_table("Requests per door and model", ["Door", "Model", "Requests#", "Failed#"], counts,
+                       "None yet.")
+            + page_table("Last %d requests" % RECENT_REQUESTS,
+                         ["Time", "Door", "Model", "Status", "Error", "First token#", "Total#", "Input#",
+                          "Cached#", "Output#", "Process"], recent, "None yet."))
+
+
+def status_page(report: Optional[Dict[str, Any]], nonce: str) -> str:
+    """The page: the report rendered, or with report None the shell that asks for the key."""
+    if report is None:
+        body = ("<main id=\"page\" data-key=\"required\">%s<section><h2>API key</h2><form id=\"key-form\">"
+                "<input name=\"key\" type=\"password\" autocomplete=\"off\" placeholder=\"the proxy's --api-key\" "
+                "aria-label=\"API key\" required><button>Show status</button></form><p id=\"key-note\" "
+                "class=\"sub\">This proxy needs its key. It is kept in this tab only, never stored.</p>"
+                "</section></main>" % page_header({}))
+    else:
+        claude = report.get("claude") or {}
+        body = "<main id=\"page\">%s%s<div class=\"grid\">%s%s</div>%s</main>" % (
+            page_header(report), page_windows(report, time.time()),
+            page_facts("Claude Code", [("Path", claude.get("path") or "not found"),
+                                       ("Version", claude.get("version") or "\u2013"),
+                                       ("Probe", probe_text(claude)), ("Logged in", login_text(claude))]
+                       + ([("Problem", claude["problem"])] if claude.get("problem") else [])),
+            page_facts("Processes", [("Children", children_text(report)), ("Pool", pool_text(report))]),
+            page_requests(report))
+    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" "
+            "content=\"width=device-width,initial-scale=1\"><meta name=\"color-scheme\" content=\"light dark\">"
+            "<title>claude-max-proxy</title><style>%s</style></head><body>%s<script nonce=\"%s\">%s</script>"
+            "</body></html>" % (PAGE_STYLE, body, nonce,
+                                PAGE_SCRIPT % {"store": PAGE_KEY_STORE, "refresh": PAGE_REFRESH_SECONDS}))
 
 
 # ---------------------------------------------------------------------------
@@ -4331,6 +4685,14 @@ def route_path(target: str) -> str:
     return path
 
 
+def asked_model(body: Any) -> str:
+    """The model a request body names, fit for a log line (a client may send any text), or "-"."""
+    model = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model, str) or not model:
+        return "-"
+    return re.sub(r"[^A-Za-z0-9._:/@\[\]-]", "?", model[:100])
+
+
 ErrorReply = Callable[[ProxyError], Tuple[int, Dict[str, Any]]]  # an error as one API's status and body
 
 
@@ -4378,6 +4740,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.status_sent = 0
         self.model_name = "-"
         self.usage: Dict[str, Any] = {}
+        # What the access line and the status page tell of a turn besides its status.
+        self.door: Optional[str] = None          # chat, responses or messages: the first word of its path
+        self.error_code: Optional[str] = None
+        self.first_content: Optional[float] = None  # when the reply's first content went out
+        self.start: Optional[str] = None          # how its claude came: kept, warm or cold
         self.headers_sent = False
         self.error_reply: ErrorReply = openai_error_reply
         try:
@@ -4430,6 +4797,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             # Gone, or not reading (ClientStalled): logged as nginx does, whatever was sent.
             self.close_connection = True
             self.status_sent = 499
+            self.error_code = "client_gone"
         except ProxyError as error:
             self._send_error(error)
         except socket.timeout:
@@ -4447,9 +4815,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path = route_path(self.path)
         try:
             self._check_source()
-            # Every route but /health (and HEAD /, Claude Code's check of the connection, which
-            # sends no key) needs the key, with or without /v1 before it; browsers send CORS
-            # preflights without credentials.
+            # Every route but /health and / needs the key, with or without /v1 before it: the
+            # status page's shell asks for the key itself, and HEAD / is Claude Code's check of the
+            # connection, sent without one. Browsers send CORS preflights without credentials.
             if path not in ("/health", "/") and not (method == "OPTIONS" and self.server.config.cors):
                 self._authorize()
             handler = self._handler_for(path, method)
@@ -4470,7 +4838,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             "/responses": {"POST": self._responses},
             "/messages": {"POST": self._messages},
             "/messages/count_tokens": {"POST": self._count_tokens},
+            "/status": {"GET": self._status_report, "HEAD": self._status_report},
         }
+        if self.path.split("?", 1)[0] == "/":  # the page is at / alone, not at /v1
+            routes["/"] = {"GET": self._status_page, "HEAD": self._status_page}
         if path.startswith("/models/"):
             get_model = lambda: self._get_model(path[len("/models/"):])  # noqa: E731
             routes[path] = {"GET": get_model, "HEAD": get_model}
@@ -4518,6 +4889,33 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _health(self) -> None:
         self.send_json(200, self.server.health())
+
+    def _status_report(self) -> None:
+        self.send_json(200, self.server.status_report(), {"Cache-Control": "no-store"})
+
+    def _status_page(self) -> None:
+        """The page with the report, or only its shell when a key is set and none came with the
+        request: the shell asks for the key and fetches the page again with it."""
+        given = self.headers.get("Authorization") or self.headers.get("X-Api-Key")
+        report = None
+        if not self.server.config.api_key or given:
+            self._authorize()
+            report = self.server.status_report()
+        nonce = base64.b64encode(os.urandom(16)).decode("ascii")
+        body = status_page(report, nonce).encode("utf-8")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Security-Policy", PAGE_POLICY % nonce)
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self._common_headers()
+        self.end_headers()
+        self.headers_sent = True
+        self.status_sent = 200
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _list_models(self) -> None:
         self.send_json(200, {"object": "list", "data": [model_object(m) for m, _ in MODELS]})
@@ -4574,13 +4972,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _answer_turn(self, parse: Callable[[Any, Config], Tuple[Turn, Any]], door: Callable[..., Any]) -> None:
         """Read the body, translate it into a turn in a slot, and answer it through the door."""
         self.server.count_request()  # turns only: probes of /health are not served requests
+        self.door = route_path(self.path).split("/")[1]
         text = self._read_json_text()
         self.server.limits.check(self.server.config.no_extra_usage)
         # Parsed JSON can take many times its text: parsed only in a slot, so at most
         # --max-concurrent bodies take that room at once, and neither outlives the translation.
         with self.server.slot():
-            turn, options = parse(parse_json_text(text), self.server.config)
-            del text
+            body = parse_json_text(text)
+            self.model_name = asked_model(body)  # for the access line, should the translation fail
+            turn, options = parse(body, self.server.config)
+            del text, body
             self.model_name = turn.model
             claude = find_claude(self.server.config.claude_bin)
             if claude is None:
@@ -4633,6 +5034,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _send_error(self, error: ProxyError) -> None:
+        self.error_code = error.code or error.type
         if self.headers_sent:
             self.close_connection = True
             return
@@ -4756,12 +5158,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     def _log_access(self, method: str) -> None:
+        """The request's access line, and for a turn its record on the status page."""
         usage = self.usage or {}
-        log.info("%s %s %s %s model=%s input_tokens=%s cached_tokens=%s output_tokens=%s %.0fms",
+        total_ms = (time.monotonic() - self.started) * 1000
+        log.info("%s %s %s %s model=%s%s input_tokens=%s cached_tokens=%s output_tokens=%s %.0fms",
                  self.request_id, method, self.path.split("?", 1)[0], self.status_sent,
-                 self.model_name, usage.get("input_tokens", "-"),
-                 usage.get("cache_read_input_tokens", "-"), usage.get("output_tokens", "-"),
-                 (time.monotonic() - self.started) * 1000)
+                 self.model_name, " error=" + self.error_code if self.error_code else "",
+                 usage.get("input_tokens", "-"), usage.get("cache_read_input_tokens", "-"),
+                 usage.get("output_tokens", "-"), total_ms)
+        if self.door is None:
+            return
+        first = self.first_content
+        self.server.activity.record({
+            "time": utc_iso(time.time()), "door": self.door, "model": self.model_name,
+            "status": self.status_sent, "error": self.error_code,
+            "first_token_ms": round((first - self.started) * 1000) if first is not None else None,
+            "total_ms": round(total_ms), "input_tokens": usage.get("input_tokens"),
+            "cached_tokens": usage.get("cache_read_input_tokens"), "output_tokens": usage.get("output_tokens"),
+            "process": self.start})
 
 
 # ---------------------------------------------------------------------------
@@ -4832,6 +5246,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.started_at = time.time()
         self.requests_served = 0
         self.limits = UsageLimits()
+        self.activity = Activity()  # for the status page
         self.responses = ResponseStore()  # for previous_response_id and GET /v1/responses/{id}
         self._slots = threading.BoundedSemaphore(max(1, config.max_concurrent))
         self._children: Dict[int, ClaudeProcess] = {}
@@ -5028,6 +5443,11 @@ class ProxyServer(ThreadingHTTPServer):
             "pool": self.pool.stats(),
             "usage_limits": self.limits.health(),
         }
+
+    def status_report(self) -> Dict[str, Any]:
+        """What the status page shows, and its JSON twin carries: /health, the --no-extra-usage
+        guard, the requests per door and model, and the last ones (never their content)."""
+        return dict(self.health(), no_extra_usage=self.config.no_extra_usage, **self.activity.report())
 
     def shutdown_gracefully(self) -> None:
         """Kill every child and stop serving; call it from any thread but serve_forever's."""
@@ -5521,12 +5941,21 @@ def health_url(config: Config) -> str:
     return "http://%s:%d/health" % ("[%s]" % host if ":" in host else host, config.port)
 
 
-def fetch_health(url: str, timeout: float = 2.0) -> Optional[Dict[str, Any]]:
-    """The proxy's /health answer, or None when no claude-max-proxy answers there."""
+def status_url(config: Config) -> str:
+    return health_url(config).rsplit("/", 1)[0] + "/status"
+
+
+def fetch_health(url: str, timeout: float = 2.0, key: str = "") -> Optional[Dict[str, Any]]:
+    """The proxy's /health answer (or its status report, a superset, at /status with its key),
+    or None when no claude-max-proxy answers there."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via http_proxy
+    request = urllib.request.Request(url, headers={"Authorization": "Bearer " + key} if key else {})
     try:
-        with opener.open(url, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             health = json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as error:  # a refusal (401 without the key, 404 from an older proxy)
+        error.close()
+        return None
     except (OSError, ValueError, http.client.HTTPException):
         return None
     return health if isinstance(health, dict) and "pid" in health else None
@@ -5552,15 +5981,6 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def format_duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    parts = [(days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")]
-    shown = [(n, unit) for n, unit in parts if n][:2] or [(0, "s")]
-    return " ".join("%d%s" % pair for pair in shown)
-
-
 def describe_health(health: Dict[str, Any]) -> str:
     claude = health.get("claude") or {}
     return ("pid %s, up %s, version %s, %s requests served, %s of %s children active; claude %s"
@@ -5571,12 +5991,20 @@ def describe_health(health: Dict[str, Any]) -> str:
                else "NOT FOUND"))
 
 
+def text_bar(fill: Optional[float], width: int = 20) -> str:
+    """The status page's bar in ASCII, which every terminal shows."""
+    filled = round((fill or 0.0) * width)
+    return "[%s%s]" % ("#" * filled, "." * (width - filled))
+
+
 def describe_limits(health: Dict[str, Any]) -> List[str]:
-    """One line per usage window the running proxy knows of, reset times in UTC and local time."""
+    """Two lines per usage window the running proxy knows of: its state with reset times in UTC
+    and local time, and its bar with the reset counting down."""
     windows = (health.get("usage_limits") or {}).get("windows") or {}
     if not windows:
         return ["nothing reported yet (Claude Code reports it with answers on a subscription login)"]
     lines = []
+    now = time.time()
     for name, window in sorted(windows.items()):
         used = window.get("utilization")
         reset = window.get("resets_at_unix")
@@ -5586,7 +6014,29 @@ def describe_limits(health: Dict[str, Any]) -> List[str]:
             ", resets %s (local time %s)" % (window.get("resets_at"), time.strftime(
                 "%a %Y-%m-%d %H:%M %Z", time.localtime(reset))) if isinstance(reset, int) else "",
             ", EXTRA USAGE IN USE" if window.get("extra_usage_in_use") else ""))
+        fill = window_fill(window)
+        lines.append("  %s %s, %s" % (text_bar(fill), "%3d%% used" % round(fill * 100) if fill is not None
+                                       else "not near its limit", reset_text(window, now)))
     return lines
+
+
+def describe_activity(report: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """Who pays, the CLI, the processes and the requests served, as `status` prints them: the
+    status page's facts (the requests only from its twin, which takes the key)."""
+    payer, meaning, guard = billing_text(report)
+    claude = report.get("claude") or {}
+    if "requests" in report:
+        requests = "; ".join("%s %s: %d%s" % (row["door"], row["model"], row["count"],
+                                               " (%d failed)" % row["failed"] if row["failed"] else "")
+                             for row in report["requests"]) or "none yet"
+    else:
+        requests = ("per door and model only with the proxy's key (--api-key, %s or --api-key-file)"
+                    % PROXY_KEY_ENV)
+    return [("paying", "%s, %s; --no-extra-usage %s" % (payer, meaning, guard)),
+            ("claude", "probe %s, logged in %s%s" % (probe_text(claude), login_text(claude),
+                                                      "; " + claude["problem"] if claude.get("problem") else "")),
+            ("processes", "%s; %s" % (children_text(report), pool_text(report))),
+            ("requests", requests)]
 
 
 # -- the commands --------------------------------------------------------------
@@ -5654,6 +6104,19 @@ def uninstall(system: System, dry_run: bool) -> int:
     return 0
 
 
+def status_key(system: System, config: Config, manager: Optional[ServiceManager]) -> str:
+    """The key for the status report: the one given, else the installed service's key file."""
+    path = config.api_key_file or (manager.key_path if manager is not None else "")
+    if config.api_key or not path or not system.exists(os.path.expanduser(path)):
+        return config.api_key
+    keyed = with_setting(config, api_key_file=path)
+    try:
+        load_api_key_file(keyed)
+    except (OSError, ValueError):
+        return ""
+    return keyed.api_key
+
+
 def status(system: System, config: Config) -> int:
     manager = service_manager(system)
     if manager is None:
@@ -5664,13 +6127,16 @@ def status(system: System, config: Config) -> int:
         loaded, detail = manager.loaded()
         print("loaded:    %s" % ({True: "yes", False: "no"}.get(loaded, "unknown") + " (%s)" % detail))
     url = health_url(config)
-    health = fetch_health(url)
+    # Without the key, /health tells all but the requests.
+    health = fetch_health(status_url(config), key=status_key(system, config, manager)) or fetch_health(url)
     print("answering: %s" % ("yes, " + url if health else "no, nothing at " + url))
     if health is None:
         return 1
     print("           " + describe_health(health))
     for number, line in enumerate(describe_limits(health)):
         print("%s%s" % ("usage:     " if number == 0 else "           ", line))
+    for label, line in describe_activity(health):
+        print("%-11s%s" % (label + ":", line))
     return 0 if health.get("status") == "ok" else 1
 
 

@@ -5933,6 +5933,372 @@ class SubscriptionTest(ProxyTest):
 
 
 # ---------------------------------------------------------------------------
+# The status page at / and its JSON twin at /status
+# ---------------------------------------------------------------------------
+
+def status_report(port: int, headers: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    response = http_request(port, "GET", "/status", headers=headers)
+    assert response.status == 200, response.body
+    return response.json()
+
+
+def recorded(report: Dict[str, Any]) -> int:
+    return sum(row["count"] for row in report["requests"])
+
+
+def wait_for_records(port: int, count: int, headers: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """The status report once it has recorded `count` requests: a request's record follows its answer."""
+    report = wait_until(lambda: (lambda r: r if recorded(r) >= count else None)(status_report(port, headers)))
+    assert report is not None, "fewer than %d requests recorded" % count
+    return report
+
+
+def request_count(report: Dict[str, Any], door: str, model: str) -> Tuple[int, int]:
+    """(requests, failed) the report counts for a door and model."""
+    row = next((row for row in report["requests"] if (row["door"], row["model"]) == (door, model)), None)
+    return (row["count"], row["failed"]) if row else (0, 0)
+
+
+def count_cells(row: Dict[str, Any]) -> str:
+    """How the page's table shows one row of the twin's requests."""
+    return "<td>%s</td><td>%s</td><td class=\"n\">%d</td>" % (row["door"], row["model"], row["count"])
+
+
+RECORD_FIELDS = {"time", "door", "model", "status", "error", "first_token_ms", "total_ms", "input_tokens",
+                 "cached_tokens", "output_tokens", "process"}
+
+
+class StatusPageTest(ProxyTest):
+    """GET / and GET /status over HTTP, after real requests through the fake claude."""
+
+    def turns(self, tag: str) -> None:
+        """One request through each door, two of them streamed, and one the proxy refuses."""
+        self.assertEqual(self.say("chat %s" % tag).status, 200)
+        self.assertEqual(self.say("streamed %s" % tag, stream=True).status, 200)
+        self.assertEqual(self.request("POST", "/v1/messages", {
+            "model": "claude-opus-4", "max_tokens": 100, "stream": True,
+            "messages": [{"role": "user", "content": "messages %s" % tag}]}).status, 200)
+        self.assertEqual(self.request("POST", "/v1/responses", {
+            "model": "claude-sonnet-4", "input": "responses %s" % tag}).status, 200)
+        self.assertEqual(self.say("refused %s" % tag, model="gpt-nonesuch").status, 400)
+
+    def test_the_page_has_a_strict_policy_and_loads_nothing_from_elsewhere(self) -> None:
+        self.turns(marker())
+        page = self.request("GET", "/")
+        self.assertEqual(page.status, 200)
+        self.assertEqual(page.headers["Content-Type"], "text/html; charset=utf-8")
+        self.assertEqual(page.headers["Cache-Control"], "no-store")
+        self.assertEqual(page.headers["X-Content-Type-Options"], "nosniff")
+        policy = page.headers["Content-Security-Policy"]
+        self.assertIn("default-src 'none'", policy)
+        self.assertIn("connect-src 'self'", policy)
+        nonce = re.search(r"script-src 'nonce-([A-Za-z0-9+/=]+)'", policy).group(1)
+        text = page.body.decode("utf-8")
+        self.assertEqual(re.findall(r"<script[^>]*>", text), ['<script nonce="%s">' % nonce])
+        for reference in ("http://", "https://", "//", "src=", "href=", "url(", "@import"):
+            self.assertNotIn(reference, text)
+        self.assertLess(len(page.body), 24000, "a few KB, however many requests it lists")
+        self.assertNotEqual(self.request("GET", "/").headers["Content-Security-Policy"], policy,
+                            "a new nonce for every page")
+        self.assertEqual(self.request("HEAD", "/").body, b"")
+
+    def test_the_twin_counts_each_door_and_model_and_records_no_content(self) -> None:
+        before = status_report(self.running.port)
+        tag = marker()
+        self.turns(tag)
+        report = wait_for_records(self.running.port, recorded(before) + 5)
+        health = self.request("GET", "/health").json()
+        self.assertEqual(set(report) - {"requests", "recent_requests", "no_extra_usage"}, set(health))
+        self.assertIs(report["no_extra_usage"], False)
+        for door, model, added, failed in (("chat", "claude-sonnet-4", 2, 0), ("messages", "claude-opus-4", 1, 0),
+                                           ("responses", "claude-sonnet-4", 1, 0), ("chat", "gpt-nonesuch", 1, 1)):
+            counted, failures = request_count(report, door, model)
+            self.assertEqual((counted - request_count(before, door, model)[0],
+                              failures - request_count(before, door, model)[1]), (added, failed), (door, model))
+        recent = report["recent_requests"][:5]
+        for record in recent:
+            self.assertEqual(set(record), RECORD_FIELDS)
+            self.assertLessEqual(record["first_token_ms"] or 0, record["total_ms"])
+        answered = [r for r in recent if r["status"] == 200]
+        self.assertEqual(sorted(r["door"] for r in answered), ["chat", "chat", "messages", "responses"])
+        for record in answered:
+            self.assertEqual((record["error"], record["process"]), (None, "cold"))
+            self.assertEqual((record["input_tokens"], record["cached_tokens"], record["output_tokens"]), (10, 0, 7))
+            self.assertIsInstance(record["first_token_ms"], int)
+        refused = next(r for r in recent if r["status"] == 400)
+        self.assertEqual((refused["door"], refused["model"], refused["error"], refused["process"]),
+                         ("chat", "gpt-nonesuch", "model_not_found", None))
+        self.assertIsNone(refused["first_token_ms"])
+        self.assertNotIn(tag, json.dumps(report))
+        self.assertNotIn(tag, self.request("GET", "/").body.decode("utf-8"))
+
+    def test_the_page_shows_what_the_twin_carries(self) -> None:
+        self.running.server.limits.observe(limit_event("subscriber-warning-seven-day", resets_in=86400))
+        served = recorded(status_report(self.running.port))
+        self.turns(marker())
+        report = wait_for_records(self.running.port, served + 5)
+        page = self.request("GET", "/").body.decode("utf-8")
+        self.assertIn("claude-max-proxy <small>%s</small>" % proxy.__version__, page)
+        self.assertIn('<span class="pill ok">ok</span>', page)
+        self.assertIn("pid %d" % report["pid"], page)
+        self.assertIn("<b>weekly limit</b><span>81% used</span>", page)
+        self.assertIn('style="width:81.0%"', page)
+        self.assertRegex(page, r'data-reset="%d">resets in 23h 59m' % report["usage_limits"]["windows"]
+                         ["seven_day"]["resets_at_unix"])
+        self.assertIn("your plan</span> answers are within your subscription", page)
+        self.assertIn(FAKE.path, page)
+        self.assertIn("<dt>Probe</dt><dd>ok</dd>", page)
+        for row in report["requests"]:
+            self.assertIn(count_cells(row), page)
+        self.assertEqual(page.count("<time datetime="), len(report["recent_requests"]))
+        self.assertIn('<span class="err">model_not_found</span>', page)
+
+    def test_with_a_key_the_twin_needs_it_and_the_page_asks_for_it(self) -> None:
+        self.config.api_key = "page-key"
+        self.assertError(self.request("GET", "/status"), 401, "authentication_error", "invalid_api_key")
+        self.assertEqual(self.request("GET", "/status", headers={"X-Api-Key": "page-key"}).status, 200)
+        shell = self.request("GET", "/")
+        self.assertEqual(shell.status, 200)
+        text = shell.body.decode("utf-8")
+        self.assertIn('<form id="key-form">', text)
+        self.assertIn('type="password"', text)
+        self.assertIn("sessionStorage", text)
+        self.assertNotIn("localStorage", text)
+        self.assertNotIn("cookie", text.lower())
+        self.assertNotIn("Set-Cookie", shell.headers)
+        for secret in (FAKE.path, "pid ", "Last %d requests" % proxy.RECENT_REQUESTS):
+            self.assertNotIn(secret, text)
+        self.assertError(self.request("GET", "/", headers={"Authorization": "Bearer wrong"}),
+                         401, "authentication_error", "invalid_api_key")
+        page = self.request("GET", "/", headers={"Authorization": "Bearer page-key"}).body.decode("utf-8")
+        self.assertIn("Last %d requests" % proxy.RECENT_REQUESTS, page)
+        self.assertNotIn('id="key-form"', page)
+
+    def test_other_hosts_and_web_pages_are_refused_as_for_the_api(self) -> None:
+        for path in ("/", "/status"):
+            self.assertError(self.request("GET", path, headers={"Host": "evil.example"}),
+                             403, "permission_error", "host_not_allowed")
+            self.assertError(self.request("GET", path, headers={"Origin": "http://evil.example"}),
+                             403, "permission_error", "origin_not_allowed")
+
+    def test_the_page_is_at_slash_alone(self) -> None:
+        self.assertError(self.request("GET", "/v1"), 404, "not_found_error", "unknown_url")
+        self.assertError(self.request("POST", "/"), 405, "invalid_request_error", "method_not_allowed")
+
+    def test_a_failed_requests_access_line_names_its_error_code_and_the_model_asked_for(self) -> None:
+        logger = logging.getLogger("claude_max_proxy")
+        with self.assertLogs(logger, level="INFO") as logs:
+            refused = self.say("hi", model="gpt-nonesuch\nforged line").headers["X-Request-Id"]
+            answered = self.say("hi").headers["X-Request-Id"]
+            wait_until(lambda: all(any(rid in line for line in logs.output) for rid in (refused, answered)))
+        line = next(line for line in logs.output if refused in line)
+        self.assertRegex(line, r"%s POST /v1/chat/completions 400 model=gpt-nonesuch\?forged\?line "
+                               r"error=model_not_found input_tokens=- " % refused)
+        self.assertNotIn("error=", next(line for line in logs.output if answered in line))
+
+
+class StatusProcessTest(TestCase):
+    """Which process answered a turn: kept from its conversation's turn before, pre-started, or new."""
+
+    def test_records_tell_warm_kept_and_cold_turns_apart(self) -> None:
+        running_server = own_server(pool_size=2)
+        try:
+            warm_for(OWN_MODEL, pooled_by=running_server)
+            first = post_chat(running_server.port, {"messages": [user("first")]})
+            answer = first.json()["choices"][0]["message"]["content"]
+            post_chat(running_server.port, {"messages": [user("first"), {"role": "assistant", "content": answer},
+                                                         user("second")]})
+            post_chat(running_server.port, {"messages": [user("other")], "model": "claude-opus-4"})
+            report = wait_for_records(running_server.port, 3)
+            self.assertEqual([r["process"] for r in reversed(report["recent_requests"])], ["warm", "kept", "cold"])
+        finally:
+            running_server.stop()
+
+    def test_only_the_last_fifty_are_kept_and_all_are_counted(self) -> None:
+        activity = proxy.Activity()
+        for number in range(proxy.RECENT_REQUESTS + 10):
+            activity.record({"door": "chat", "model": "m", "error": None if number % 2 else "timeout",
+                             "status": number})
+        report = activity.report()
+        self.assertEqual(report["requests"], [{"door": "chat", "model": "m", "count": 60, "failed": 30}])
+        self.assertEqual([r["status"] for r in report["recent_requests"]], list(range(59, 9, -1)))
+
+    def test_models_past_the_hundredth_are_counted_together(self) -> None:
+        activity = proxy.Activity()
+        for number in range(proxy.COUNTED_MODELS + 20):
+            activity.record({"door": "chat", "model": "bogus-%03d" % number, "error": "model_not_found",
+                             "status": 400})
+        activity.record({"door": "chat", "model": "bogus-000", "error": None, "status": 200})
+        rows = {row["model"]: (row["count"], row["failed"]) for row in activity.report()["requests"]}
+        self.assertEqual(len(rows), proxy.COUNTED_MODELS + 1)
+        self.assertEqual(rows["bogus-000"], (2, 1))
+        self.assertEqual(rows[proxy.OTHER_MODELS], (20, 20))
+
+
+STATUS_HEALTH = {
+    "status": "degraded", "version": "0.1.0", "pid": 42, "uptime_s": 3725.0, "requests_served": 7,
+    "active_children": 1, "max_concurrent": 8, "no_extra_usage": True,
+    "problems": ["Claude Code is not logged in."],
+    "claude": {"found": True, "path": "/usr/bin/claude", "version": "2.1.197", "native": True, "probe": "ok",
+               "logged_in": False, "problem": "Claude Code is not logged in. Run `claude` once."},
+    "pool": {"size": 3, "max": 4, "hits": 5, "misses": 2, "conversations": 1, "continued": 6},
+    "usage_limits": {"extra_usage_in_use": True, "windows": {
+        "five_hour": {"status": "allowed_warning", "utilization": 0.5, "resets_at": "2026-01-01T00:00:00Z",
+                      "resets_at_unix": None, "extra_usage": "allowed", "extra_usage_in_use": True},
+        "seven_day": {"status": "rejected", "utilization": None, "resets_at": None, "resets_at_unix": None,
+                      "extra_usage": None, "extra_usage_in_use": False}}},
+    "requests": [{"door": "chat", "model": "claude-sonnet-4", "count": 5, "failed": 1},
+                 {"door": "messages", "model": "claude-opus-4", "count": 2, "failed": 0}],
+    "recent_requests": [],
+}
+
+
+class StatusCommandTest(TestCase):
+    """`status` prints the page's facts: bars, who pays, the CLI, the processes, the requests."""
+
+    def test_bars_and_facts_of_a_report(self) -> None:
+        health = copy.deepcopy(STATUS_HEALTH)
+        reset = int(time.time()) + 2 * 3600 + 90
+        health["usage_limits"]["windows"]["five_hour"]["resets_at_unix"] = reset
+        limits = proxy.describe_limits(health)
+        self.assertEqual(limits[1], "  [##########..........]  50% used, resets in 2h 1m")
+        self.assertEqual(limits[3], "  [####################] 100% used, reset time not reported")
+        activity = dict(proxy.describe_activity(health))
+        self.assertEqual(activity["paying"], "extra usage, answers are billed beyond your plan; --no-extra-usage "
+                                             "on: a request that extra usage would pay for is refused (403)")
+        self.assertEqual(activity["claude"],
+                         "probe ok, logged in no; Claude Code is not logged in. Run `claude` once.")
+        self.assertEqual(activity["processes"], "1 of 8 running; 2 pre-started waiting, 1 conversations kept "
+                                                "(pool of 4); 5 hits, 2 misses, 6 turns continued")
+        self.assertEqual(activity["requests"], "chat claude-sonnet-4: 5 (1 failed); messages claude-opus-4: 2")
+
+    def test_the_page_renders_the_same_report(self) -> None:
+        page = proxy.status_page(STATUS_HEALTH, "n0nce")
+        self.assertIn('<span class="pill degraded">degraded</span>', page)
+        self.assertIn("<h2>Needs attention</h2><p>Claude Code is not logged in.</p>", page)
+        self.assertIn("<dt>Logged in</dt><dd>no</dd>", page)
+        self.assertIn('<span class="pill warn">extra usage</span>', page)
+        self.assertIn("<b>5-hour session limit</b><span>50% used</span>", page)
+        self.assertIn('<i class="bad" style="width:100.0%">', page)
+        self.assertIn("up 1h 2m", page)
+        older = {key: value for key, value in STATUS_HEALTH.items() if key not in ("problems", "requests")}
+        older["claude"] = {"found": False, "path": None, "version": None, "native": None}
+        page = proxy.status_page(older, "n0nce")  # a /health without what newer proxies add
+        self.assertIn("Claude Code is not found", page)
+        self.assertIn("<dt>Probe</dt><dd>not found</dd><dt>Logged in</dt><dd>unknown</dd>", page)
+
+    def test_status_reads_the_twin_with_the_key_and_health_without(self) -> None:
+        running_server = RunningServer(api_key="status-key")
+        system = FakeSystem("linux")
+        self.addCleanup(shutil.rmtree, system.home, True)
+        try:
+            headers = {"Authorization": "Bearer status-key"}
+            http_request(running_server.port, "POST", "/v1/chat/completions",
+                         {"model": "claude-sonnet-4", "messages": [user("hi")]}, headers)
+            wait_for_records(running_server.port, 1, headers)
+            code, out = run_main("status", "--port", str(running_server.port), "--api-key", "status-key",
+                                 system=system)
+            self.assertEqual(code, 0, out)
+            self.assertIn("\nrequests:  chat claude-sonnet-4: 1\n", out)
+            self.assertIn("\npaying:    your plan, answers are within your subscription's limits; "
+                          "--no-extra-usage off", out)
+            self.assertIn("\nprocesses: 0 of 8 running; ", out)
+            code, out = run_main("status", "--port", str(running_server.port), system=system)
+            self.assertEqual(code, 0, out)
+            self.assertIn("\nrequests:  per door and model only with the proxy's key", out)
+            self.assertIn("--no-extra-usage unknown", out)
+            key_path = proxy.service_manager(system).key_path  # where `install --api-key` put it
+            os.makedirs(os.path.dirname(key_path))
+            with open(key_path, "w") as f:
+                f.write("status-key\n")
+            code, out = run_main("status", "--port", str(running_server.port), system=system)
+            self.assertIn("\nrequests:  chat claude-sonnet-4: 1\n", out, "the installed service's key is read")
+        finally:
+            running_server.stop()
+
+
+# Headless Chromium, from the distribution's packages (CI installs it; see .ci/run).
+CHROMIUM = next((path for path in map(shutil.which, ("chromium", "chromium-browser")) if path), None)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--virtual-time-budget=5000"]
+
+
+@unittest.skipUnless(CHROMIUM or IN_CI, "no chromium on PATH (Debian: apt-get install chromium)")
+class StatusPageBrowserTest(TestCase):
+    """The page in a real browser: its script runs under the page's policy, and it shows what the twin says."""
+
+    def browse(self, port: int, *flags: str) -> str:
+        """What Chromium prints for the page at / once its script ran for 5 s of virtual time."""
+        self.assertIsNotNone(CHROMIUM, "CI must install chromium")
+        profile = tempfile.mkdtemp(prefix="chromium-profile-")
+        self.addCleanup(shutil.rmtree, profile, True)
+        browser = subprocess.Popen([CHROMIUM] + CHROMIUM_FLAGS + ["--user-data-dir=" + profile] + list(flags)
+                                   + ["http://127.0.0.1:%d/" % port], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            out, _ = browser.communicate(timeout=90)
+        finally:
+            if browser.poll() is None:
+                os.killpg(browser.pid, signal.SIGKILL)
+                browser.wait()
+        return out.decode("utf-8", "replace")
+
+    def screenshot(self, port: int, name: str) -> None:
+        """Keep a picture of the page, in $CLAUDE_PROXY_SCREENSHOT_DIR when set (CI sets it)."""
+        folder = os.environ.get("CLAUDE_PROXY_SCREENSHOT_DIR") or tempfile.mkdtemp(prefix="status-page-")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            os.remove(path)  # a picture of an earlier run proves nothing
+        self.browse(port, "--screenshot=" + path, "--window-size=1280,900")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_the_page_shows_what_the_twin_says_after_real_requests(self) -> None:
+        running_server = RunningServer()
+        try:
+            port = running_server.port
+            running_server.server.limits.observe(limit_event("subscriber-warning-seven-day", resets_in=86400))
+            tag = marker()
+            for body in ({"model": "claude-sonnet-4", "messages": [user("first %s" % tag)]},
+                         {"model": "claude-sonnet-4", "stream": True, "messages": [user("second %s" % tag)]},
+                         {"model": "gpt-nonesuch", "messages": [user("third %s" % tag)]}):
+                http_request(port, "POST", "/v1/chat/completions", body)
+            report = wait_for_records(port, 3)
+            logger = logging.getLogger("claude_max_proxy")
+            with self.assertLogs(logger, level="INFO") as logs:
+                dom = self.browse(port, "--dump-dom")
+            fetched = [line for line in logs.output if re.search(r" GET / 200 ", line)]
+            self.assertGreaterEqual(len(fetched), 2, "the page's script fetched it again")
+            self.assertIn('<main id="page">', dom)
+            self.assertIn("<b>weekly limit</b><span>81% used</span>", dom)
+            self.assertRegex(dom, r'data-reset="\d+">resets in 23h 59m')
+            self.assertIn(report["claude"]["version"], dom)
+            self.assertIn("pid %d" % report["pid"], dom)
+            for row in report["requests"]:
+                self.assertIn(count_cells(row), dom)
+            times = re.findall(r'<time datetime="([^"]+)">([^<]+)</time>', dom)
+            self.assertEqual([iso for iso, _ in times], [r["time"] for r in report["recent_requests"]])
+            self.assertNotIn(tag, dom)
+            self.assertNotRegex(dom, r"<body[^>]*stale", "every fetch of the page succeeded")
+            self.screenshot(port, "status-page.png")
+        finally:
+            running_server.stop()
+
+    def test_with_a_key_the_page_shows_the_key_form(self) -> None:
+        running_server = RunningServer(api_key="browser-key")
+        try:
+            dom = self.browse(running_server.port, "--dump-dom")
+            self.assertIn('<main id="page" data-key="required">', dom)
+            self.assertIn('<form id="key-form">', dom)
+            self.assertNotIn("Last %d requests" % proxy.RECENT_REQUESTS, dom)
+            self.screenshot(running_server.port, "status-page-key.png")
+        finally:
+            running_server.stop()
+
+
+# ---------------------------------------------------------------------------
 # Running as a service: install, uninstall, status, doctor, on a fake System
 # ---------------------------------------------------------------------------
 
