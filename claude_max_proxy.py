@@ -44,7 +44,9 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import difflib
 import errno
+import functools
 import hashlib
 import http.client
 import hmac
@@ -73,7 +75,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, NoReturn, Optional, Tuple, Union
 
 try:
     import resource
@@ -163,14 +165,52 @@ def flag_attr(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def env_value(env: str, kind: Any, default: Any) -> Any:
-    """The default a flag takes from its environment variable, if set."""
+# What a value must be beyond its type, and how to say so: a port that does not exist, no
+# room for a single request, or a timeout that ends every request at once would start a
+# proxy that cannot work, so they are refused at the door with the flag's name.
+VALUE_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "--port": (lambda v: 0 <= v <= 65535, "a port from 1 to 65535 (0 picks a free one)"),
+    "--max-concurrent": (lambda v: v >= 1, "at least 1"),
+    "--max-connections": (lambda v: v >= 1, "at least 1"),
+    "--pool-size": (lambda v: v >= 0, "0 or more"),
+    "--pool-ttl": (lambda v: v > 0, "more than 0 seconds"),
+    "--queue-timeout": (lambda v: v > 0, "more than 0 seconds"),
+    "--timeout": (lambda v: v > 0, "more than 0 seconds"),
+    "--idle-timeout": (lambda v: v > 0, "more than 0 seconds"),
+    "--retry-budget": (lambda v: v >= 0, "0 seconds or more"),
+    "--max-body": (lambda v: v >= 1, "at least 1 byte"),
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def option_value(flag: str, kind: Any, raw: str) -> Any:
+    """A flag's value read from text (the command line or its environment variable), or
+    argparse.ArgumentTypeError saying what it must be."""
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a valid %s" % (raw, kind.__name__)) from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError("%r is not a finite number" % raw)
+    if flag == "--log-level":
+        value = value.lower()
+        if value not in LOG_LEVELS:
+            raise argparse.ArgumentTypeError("%r is not a log level: choose %s"
+                                             % (raw, ", ".join(LOG_LEVELS)))
+    rule = VALUE_RULES.get(flag)
+    if rule is not None and not rule[0](value):
+        raise argparse.ArgumentTypeError("%r: it must be %s" % (raw, rule[1]))
+    return value
+
+
+def env_value(flag: str, env: str, kind: Any, default: Any) -> Any:
+    """The default a flag takes from its environment variable, if set; checked as the flag is."""
     raw = os.environ.get(env)
     if raw is None or raw == "":
         return default
     if kind is bool:
         return raw.strip().lower() in ("1", "true", "yes", "on")
-    return kind(raw)
+    return option_value(flag, kind, raw)
 
 
 # The first argument may name a command; without one the proxy serves, so
@@ -186,9 +226,16 @@ COMMAND_HELP = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors in one line: the usage of twenty flags above it would bury it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, "%s: error: %s\n" % (self.prog, message))
+
+
 def build_arg_parser(command: str = "serve") -> argparse.ArgumentParser:
     """The parser of one command; every command takes the serve flags (port, claude-bin ...)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="claude_max_proxy.py" + ("" if command == "serve" else " " + command),
         description=COMMAND_HELP[command],
         epilog="Commands: serve (the default), doctor, install, uninstall, status; "
@@ -201,14 +248,15 @@ def build_arg_parser(command: str = "serve") -> argparse.ArgumentParser:
                             help="print what would be written and run, and change nothing")
     for flag, env, kind, default, help_text in OPTIONS:
         try:
-            value = env_value(env, kind, default)
-        except ValueError:
-            parser.error("%s=%r is not a valid %s" % (env, os.environ[env], kind.__name__))
+            value = env_value(flag, env, kind, default)
+        except argparse.ArgumentTypeError as error:
+            parser.error("environment variable %s=%s" % (env, error))
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=value,
                                 help="%s [env %s]" % (help_text, env))
         else:
-            parser.add_argument(flag, type=kind, default=value, metavar=flag_attr(flag).upper(),
+            checked = functools.partial(option_value, flag, kind)
+            parser.add_argument(flag, type=checked, default=value, metavar=flag_attr(flag).upper(),
                                 help="%s (default: %s) [env %s]" % (help_text, default or "off", env))
     return parser
 
@@ -227,7 +275,12 @@ def load_api_key_file(config: Config) -> None:
 
 
 def parse_command_line(argv: List[str]) -> Tuple[str, Config, bool]:
-    """The command, the server's settings, and whether --dry-run was given."""
+    """The command, the server's settings, and whether --dry-run was given. A first word that
+    is no command (`instal`) exits 2 naming the command it most looks like."""
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        build_arg_parser().error("unknown command %r; %s" % (argv[0], (
+            "did you mean %r?" % close[0]) if close else "the commands are " + ", ".join(COMMANDS)))
     command = argv[0] if argv and argv[0] in COMMANDS else "serve"
     rest = argv[1:] if argv[:1] == [command] else argv
     values = vars(build_arg_parser(command).parse_args(rest))

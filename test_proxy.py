@@ -6105,6 +6105,75 @@ class DoctorTest(TestCase):
                                 "every check still prints a line")
 
 
+class CommandLineChecksTest(TestCase):
+    """Flags and commands are checked before anything starts, in one line that names the fault."""
+
+    BAD_VALUES = [
+        (["--log-level", "verbose"], "--log-level", "CLAUDE_PROXY_LOG_LEVEL", "debug, info, warning, error"),
+        (["--max-concurrent", "0"], "--max-concurrent", "CLAUDE_PROXY_MAX_CONCURRENT", "at least 1"),
+        (["--max-connections", "0"], "--max-connections", "CLAUDE_PROXY_MAX_CONNECTIONS", "at least 1"),
+        (["--pool-size", "-1"], "--pool-size", "CLAUDE_PROXY_POOL_SIZE", "0 or more"),
+        (["--port", "70000"], "--port", "CLAUDE_PROXY_PORT", "from 1 to 65535"),
+        (["--port", "-1"], "--port", "CLAUDE_PROXY_PORT", "from 1 to 65535"),
+        (["--timeout", "0"], "--timeout", "CLAUDE_PROXY_TIMEOUT", "more than 0 seconds"),
+        (["--idle-timeout", "-5"], "--idle-timeout", "CLAUDE_PROXY_IDLE_TIMEOUT", "more than 0"),
+        (["--queue-timeout", "0"], "--queue-timeout", "CLAUDE_PROXY_QUEUE_TIMEOUT", "more than 0"),
+        (["--pool-ttl", "-1"], "--pool-ttl", "CLAUDE_PROXY_POOL_TTL", "more than 0"),
+        (["--retry-budget", "-1"], "--retry-budget", "CLAUDE_PROXY_RETRY_BUDGET", "0 seconds or more"),
+        (["--max-body", "0"], "--max-body", "CLAUDE_PROXY_MAX_BODY", "at least 1"),
+        (["--timeout", "nan"], "--timeout", "CLAUDE_PROXY_TIMEOUT", "not a finite number"),
+        (["--port", "eighty"], "--port", "CLAUDE_PROXY_PORT", "not a valid int"),
+    ]
+
+    def refused(self, argv: List[str], environ: Optional[Dict[str, str]] = None) -> str:
+        """What the command line says when it refuses argv; it must exit 2."""
+        stderr = io.StringIO()
+        with mock.patch.dict(os.environ, environ or {}), contextlib.redirect_stderr(stderr), \
+                self.assertRaises(SystemExit) as exited:
+            proxy.parse_command_line(argv)
+        self.assertEqual(exited.exception.code, 2)
+        return stderr.getvalue()
+
+    def test_a_value_the_proxy_cannot_work_with_is_refused_in_one_line_naming_the_flag(self) -> None:
+        for argv, flag, _env, says in self.BAD_VALUES:
+            for command in ([], ["install"]):
+                with self.subTest(argv=command + argv):
+                    said = self.refused(command + argv)
+                    self.assertEqual(said.count("\n"), 1, said)
+                    self.assertIn(flag, said)
+                    self.assertIn(says, said)
+
+    def test_the_environment_variables_are_checked_as_their_flags_are(self) -> None:
+        for argv, _flag, env, says in self.BAD_VALUES:
+            with self.subTest(env=env, value=argv[1]):
+                said = self.refused([], {env: argv[1]})
+                self.assertEqual(said.count("\n"), 1, said)
+                self.assertIn("%s=%r" % (env, argv[1]), said)
+                self.assertIn(says, said)
+
+    def test_good_values_pass_at_their_edges(self) -> None:
+        config = proxy.parse_command_line(
+            ["--port", "0", "--max-concurrent", "1", "--pool-size", "0", "--retry-budget", "0",
+             "--timeout", "0.5", "--log-level", "WARNING"])[1]
+        self.assertEqual((config.port, config.max_concurrent, config.pool_size, config.retry_budget,
+                          config.timeout, config.log_level), (0, 1, 0, 0.0, 0.5, "warning"))
+        with mock.patch.dict(os.environ, {"CLAUDE_PROXY_PORT": "65535", "CLAUDE_PROXY_LOG_LEVEL": "debug"}):
+            config = proxy.parse_command_line([])[1]
+        self.assertEqual((config.port, config.log_level), (65535, "debug"))
+
+    def test_a_mistyped_command_names_the_command_it_looks_like(self) -> None:
+        done = subprocess.run([sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "instal"],
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 2)
+        self.assertEqual(done.stderr, "claude_max_proxy.py: error: unknown command 'instal'; "
+                                      "did you mean 'install'?\n")
+        self.assertEqual(done.stdout, "")
+        said = self.refused(["stauts", "--port", "1"])
+        self.assertIn("did you mean 'status'?", said)
+        said = self.refused(["frobnicate"])
+        self.assertIn("unknown command 'frobnicate'; the commands are serve, doctor, install", said)
+
+
 class CommandLineTest(TestCase):
     def test_version_and_subcommand_help(self) -> None:
         script = os.path.join(HERE, "claude_max_proxy.py")
