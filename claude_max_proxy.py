@@ -41,6 +41,15 @@ handler, the server, then running as a service and main().
 
 from __future__ import annotations
 
+import sys
+
+# Before anything only a newer Python runs, so an older one says why instead of failing
+# somewhere below. (Python 3.6 stops at the __future__ line above: it cannot read it.)
+if sys.version_info < (3, 9):
+    sys.exit("claude-max-proxy needs Python 3.9 or newer, and %s is Python %d.%d.%d: run it "
+             "with a newer python3 (macOS's /usr/bin/python3 is 3.9)."
+             % ((sys.executable or "this",) + tuple(sys.version_info[:3])))
+
 import argparse
 import base64
 import binascii
@@ -67,7 +76,6 @@ import socket
 import socketserver
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -5584,11 +5592,8 @@ class Check(NamedTuple):
 
 
 def check_python(system: System, config: Config) -> Check:
-    version = "Python %d.%d.%d (%s)" % (sys.version_info[:3] + (system.python,))
-    if sys.version_info < (3, 9):
-        return Check("FAIL", version + " is too old", "run it with Python 3.9 or newer, "
-                     "such as macOS's /usr/bin/python3")
-    return Check("OK", version)
+    # An older Python never gets here: the module refuses it at the top.
+    return Check("OK", "Python %d.%d.%d (%s)" % (sys.version_info[:3] + (system.python,)))
 
 
 def check_claude(system: System, config: Config) -> Check:

@@ -6174,6 +6174,48 @@ class CommandLineChecksTest(TestCase):
         self.assertIn("unknown command 'frobnicate'; the commands are serve, doctor, install", said)
 
 
+def older_python(version: str) -> Optional[str]:
+    """A python of that minor version (such as "3.7"): pyenv's newest, else python3.7 on PATH."""
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        root = subprocess.run([pyenv, "root"], capture_output=True, text=True).stdout.strip()
+        folder = os.path.join(root, "versions")
+        found = sorted((name for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+                        if re.match(re.escape(version) + r"\.\d+$", name)),
+                       key=lambda name: int(name.rsplit(".", 1)[1]))
+        if found:
+            return os.path.join(folder, found[-1], "bin", "python3")
+    return shutil.which("python" + version)
+
+
+class OldPythonTest(TestCase):
+    """A Python older than 3.9 is refused at start in one line, not a traceback from deep inside."""
+
+    def run_with(self, version: str) -> subprocess.CompletedProcess:
+        python = older_python(version)
+        if python is None:
+            self.skipTest("no Python %s here (pyenv install %s)" % (version, version))
+        return subprocess.run([python, os.path.join(HERE, "claude_max_proxy.py"), "--version"],
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PYENV_VERSION=""))
+
+    def test_python_3_7_and_3_8_are_told_to_use_a_newer_python(self) -> None:
+        for version in ("3.7", "3.8"):
+            with self.subTest(version=version):
+                done = self.run_with(version)
+                self.assertEqual(done.returncode, 1)
+                self.assertEqual(done.stdout, "")
+                self.assertRegex(done.stderr, r"^claude-max-proxy needs Python 3\.9 or newer, and \S+ is "
+                                 r"Python %s\.\d+: run it with a newer python3 [^\n]*\n$" % re.escape(version))
+
+    def test_python_3_6_stops_at_the_line_it_cannot_read(self) -> None:
+        # It cannot get further: `from __future__ import annotations`, which every line after it
+        # relies on, is a SyntaxError there. The line it shows at least names the feature.
+        done = self.run_with("3.6")
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("SyntaxError: future feature annotations is not defined", done.stderr)
+
+
 class CommandLineTest(TestCase):
     def test_version_and_subcommand_help(self) -> None:
         script = os.path.join(HERE, "claude_max_proxy.py")
