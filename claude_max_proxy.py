@@ -360,6 +360,7 @@ MODEL_PREFIXES = ("openai/", "anthropic/", "claude-max/")
 # A full model id goes to the CLI's argv as it is: only what ids are made of, and not much of it.
 FULL_MODEL_ID = re.compile(r"^claude-[A-Za-z0-9._:\[\]-]{1,120}$", re.I)
 MODELS_CREATED = 1735689600  # 2025-01-01; the table has no real dates
+MODELS_CREATED_AT = "2025-01-01T00:00:00Z"  # the same, as Anthropic writes it
 
 
 def resolve_model(name: str, default: str) -> str:
@@ -380,14 +381,27 @@ def resolve_model(name: str, default: str) -> str:
         code="model_not_found", param="model")
 
 
-def model_object(model_id: str) -> Dict[str, Any]:
+def model_object(model_id: str, anthropic: bool = False) -> Dict[str, Any]:
+    """A model as GET /v1/models lists it: in Anthropic's shape to its clients, else OpenAI's."""
+    if anthropic:
+        return {"type": "model", "id": model_id,
+                "display_name": " ".join(word.capitalize() for word in model_id.split("-")),
+                "created_at": MODELS_CREATED_AT}
     return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "anthropic"}
 
 
-def find_model(model_id: str) -> Optional[Dict[str, Any]]:
+def model_list(anthropic: bool = False) -> Dict[str, Any]:
+    """GET /v1/models: every model of the table, in one page of the asking API's shape."""
+    data = [model_object(model_id, anthropic) for model_id, _alias in MODELS]
+    if anthropic:
+        return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+    return {"object": "list", "data": data}
+
+
+def find_model(model_id: str, anthropic: bool = False) -> Optional[Dict[str, Any]]:
     for known, _alias in MODELS:
         if known == model_id:
-            return model_object(known)
+            return model_object(known, anthropic)
     return None
 
 
@@ -4246,12 +4260,26 @@ def openai_error_reply(error: ProxyError) -> Tuple[int, Dict[str, Any]]:
     return error.status, error.body()
 
 
-def error_reply_for(target: str) -> ErrorReply:
+def anthropic_client(headers: Any) -> bool:
+    """Whether a request comes from an Anthropic client: its SDKs send anthropic-version with
+    every request, and a key as x-api-key (OpenAI's send neither)."""
+    return bool(headers.get("anthropic-version") or headers.get("x-api-key"))
+
+
+def shared_path(path: str) -> bool:
+    """A route both APIs have (GET /v1/models), answered in the shape of the client's API."""
+    return path == "/models" or path.startswith("/models/")
+
+
+def error_reply_for(target: str, headers: Any) -> ErrorReply:
     """How errors of a request go out: in Anthropic's shape on the Messages API's paths (its
-    clients read no other), in OpenAI's everywhere else."""
+    clients read no other) and to Anthropic's clients on the paths both APIs have, in OpenAI's
+    everywhere else."""
     path = route_path(target)
     messages = path == "/messages" or path.startswith("/messages/")
-    return MessagesDoor.error_reply if messages else openai_error_reply
+    if messages or (shared_path(path) and anthropic_client(headers)):
+        return MessagesDoor.error_reply
+    return openai_error_reply
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
@@ -4315,7 +4343,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             check_request_line(self.raw_requestline)
             if not super().parse_request():
                 return False
-            self.error_reply = error_reply_for(self.path)  # before anything about this request can fail
+            # Before anything about this request can fail:
+            self.error_reply = error_reply_for(self.path, self.headers)
             self.framing = body_framing(self.headers, self.request_version == "HTTP/1.0")
         except ProxyError as error:
             self._refuse(error)
@@ -4426,10 +4455,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(200, self.server.health())
 
     def _list_models(self) -> None:
-        self.send_json(200, {"object": "list", "data": [model_object(m) for m, _ in MODELS]})
+        self.send_json(200, model_list(anthropic_client(self.headers)))
 
     def _get_model(self, model_id: str) -> None:
-        model = find_model(model_id)
+        model = find_model(model_id, anthropic_client(self.headers))
         if model is None:
             raise ProxyError(404, "The model `%s` does not exist." % model_id,
                              code="model_not_found", param="model")

@@ -6174,6 +6174,53 @@ class CommandLineChecksTest(TestCase):
         self.assertIn("unknown command 'frobnicate'; the commands are serve, doctor, install", said)
 
 
+class AnthropicModelsTest(ProxyTest):
+    """GET /v1/models answers an Anthropic client (anthropic-version or x-api-key) in Anthropic's
+    shape, with its errors too; an OpenAI client keeps OpenAI's."""
+
+    ANTHROPIC = {"anthropic-version": "2023-06-01"}
+
+    def test_the_list_and_one_model_in_anthropic_shape(self) -> None:
+        for headers in (self.ANTHROPIC, {"x-api-key": "anything"}):
+            with self.subTest(headers=headers):
+                listing = self.request("GET", "/v1/models", headers=headers).json()
+                ids = [model_id for model_id, _alias in proxy.MODELS]
+                self.assertEqual(listing, {
+                    "data": [{"type": "model", "id": model_id, "display_name": mock.ANY,
+                              "created_at": "2025-01-01T00:00:00Z"} for model_id in ids],
+                    "has_more": False, "first_id": ids[0], "last_id": ids[-1]})
+                self.assertEqual(listing["data"][0]["display_name"], "Claude Opus 4")
+                one = self.request("GET", "/models/claude-sonnet-4", headers=headers).json()
+                self.assertEqual(one, {"type": "model", "id": "claude-sonnet-4",
+                                       "display_name": "Claude Sonnet 4",
+                                       "created_at": "2025-01-01T00:00:00Z"})
+
+    def test_an_unknown_model_is_an_anthropic_404_to_an_anthropic_client(self) -> None:
+        missing = self.request("GET", "/v1/models/gpt-5", headers=self.ANTHROPIC)
+        self.assertEqual(missing.status, 404)
+        self.assertEqual(missing.json()["type"], "error")
+        self.assertEqual(missing.json()["error"]["type"], "not_found_error")
+        self.assertIn("gpt-5", missing.json()["error"]["message"])
+
+    def test_openai_clients_keep_openais_shape(self) -> None:
+        listing = self.request("GET", "/v1/models").json()
+        self.assertEqual(listing["object"], "list")
+        self.assertEqual(listing["data"][0]["object"], "model")
+        self.assertError(self.request("GET", "/v1/models/gpt-5"), 404, "not_found_error", "model_not_found")
+
+    def test_the_anthropic_sdk_lists_and_retrieves_models(self) -> None:
+        if anthropic is None:
+            self.skipTest("the anthropic package is not installed (pip install anthropic)")
+        client = anthropic.Anthropic(base_url="http://127.0.0.1:%d" % self.running.port, api_key="x")
+        models = list(client.models.list())
+        self.assertEqual([model.id for model in models], [model_id for model_id, _ in proxy.MODELS])
+        self.assertEqual(models[1].display_name, "Claude Sonnet 4")
+        self.assertEqual(models[1].created_at.year, 2025)
+        self.assertEqual(client.models.retrieve("claude-haiku-4").display_name, "Claude Haiku 4")
+        with self.assertRaises(anthropic.NotFoundError):
+            client.models.retrieve("gpt-5")
+
+
 def older_python(version: str) -> Optional[str]:
     """A python of that minor version (such as "3.7"): pyenv's newest, else python3.7 on PATH."""
     pyenv = shutil.which("pyenv")
