@@ -5347,6 +5347,12 @@ class LaunchAgent:
     def unreachable(self) -> Optional[str]:
         return None  # every macOS login session has launchd; bootstrap says what goes wrong
 
+    def service_pid(self) -> Optional[int]:
+        """The pid launchd runs the service as, or None when it runs none now."""
+        ran = self.system.run(["launchctl", "print", self.service])
+        found = re.search(r"^\s*pid = (\d+)\s*$", ran.out, re.M)
+        return int(found.group(1)) if ran.code == 0 and found else None
+
     def loaded(self) -> Tuple[Optional[bool], str]:
         ran = self.system.run(["launchctl", "print", self.service])
         if ran.code == 127:
@@ -5422,6 +5428,13 @@ class SystemdUnit:
         loaded, detail = self.loaded()
         return detail if loaded is None else None
 
+    def service_pid(self) -> Optional[int]:
+        """The pid systemd runs the service as, or None when it runs none now."""
+        ran = self.system.run(["systemctl", "--user", "show", "--property", "MainPID", "--value",
+                               SYSTEMD_UNIT])
+        pid = ran.out.strip()
+        return int(pid) if ran.code == 0 and pid.isdigit() and pid != "0" else None
+
     def loaded(self) -> Tuple[Optional[bool], str]:
         ran = self.system.run(["systemctl", "--user", "is-active", SYSTEMD_UNIT])
         state = ran.out.strip()
@@ -5439,6 +5452,21 @@ def service_manager(system: System) -> Optional[ServiceManager]:
     if system.platform.startswith("linux"):
         return SystemdUnit(system)
     return None
+
+
+def without_a_manager(system: System, config: Config) -> str:
+    """What to do where systemctl --user cannot reach a user manager (su, sudo, cron, an ssh
+    login without one): get one, or run the proxy without it."""
+    config = with_setting(config, log_file=config.log_file
+                          or os.path.join(system.home, "claude-max-proxy.log"))
+    command = " ".join([shlex.quote(system.python), shlex.quote(system.script)]
+                       + [shlex.quote(arg) for arg in service_args(config)])
+    return ("systemctl --user needs your login session's user manager: log in as this user "
+            "directly (not su or sudo), and for one that lasts without a login run "
+            "`sudo loginctl enable-linger %s`, then install again. Or run the proxy without "
+            "a service: `nohup %s >/dev/null 2>&1 &`, and to start it at boot add "
+            "`@reboot %s` to `crontab -e`."
+            % (system.environ.get("USER") or "$USER", command, command))
 
 
 def required_manager(system: System) -> ServiceManager:
@@ -5486,6 +5514,24 @@ def port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def find_port_holder(port: int) -> str:
+    return ("find it with `lsof -nP -iTCP:%d -sTCP:LISTEN` and stop it, or choose another --port"
+            % port)
+
+
+def port_in_use(config: Config) -> str:
+    """Why the proxy cannot listen, when its port is taken: by claude-max-proxy already
+    (its /health says so), or by another program; and what to do."""
+    where = "%s:%d" % (config.host, config.port)
+    health = fetch_health(health_url(config))
+    if health is None:
+        return "%s is in use by another program: %s" % (where, find_port_holder(config.port))
+    return ("claude-max-proxy %s is already serving on %s (pid %s): use it, or stop it "
+            "(`%s uninstall` if install started it, else `kill %s`), or give this one "
+            "another --port" % (health.get("version"), where, health["pid"], self_command(),
+                                health["pid"]))
 
 
 def format_duration(seconds: float) -> str:
@@ -5540,9 +5586,13 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
     if claude is None:
         print("WARN  %s The service will still look in the usual install places."
               % claude_not_found(config.claude_bin).message)
-    problem = None if dry_run else manager.unreachable()
-    if problem:  # found before anything is written, so a failed install leaves nothing behind
-        raise ServiceError("cannot install the %s: %s. Nothing was written." % (manager.kind, problem))
+    problem = manager.unreachable()
+    if problem and dry_run:
+        print("WARN  the %s could not be installed here: %s. %s"
+              % (manager.kind, problem, without_a_manager(system, config)))
+    elif problem:  # found before anything is written, so a failed install leaves nothing behind
+        raise ServiceError("cannot install the %s: %s. Nothing was written. %s"
+                           % (manager.kind, problem, without_a_manager(system, config)))
     fresh = not system.exists(manager.path)
     config, key_actions = key_to_file(config, manager.key_path)
     try:
@@ -5565,6 +5615,15 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
     if health is None:
         print("FAIL  the %s is installed, but nothing answered %s within %g s. Look at %s, "
               "and run `%s doctor`." % (manager.kind, url, wait, manager.logs_hint, self_command()))
+        return 1
+    # A proxy started by hand answers too, while the service cannot bind its port.
+    service_pid = manager.service_pid()
+    if health["pid"] != service_pid:
+        print("FAIL  the %s is installed, but the claude-max-proxy answering %s is pid %s, not the "
+              "service (%s): one started by hand holds the port, so the service cannot listen. "
+              "Stop it (`kill %s`), and the service takes the port within a few seconds."
+              % (manager.kind, url, health["pid"], "pid %d" % service_pid if service_pid
+                 else "not running", health["pid"]))
         return 1
     print("OK    claude-max-proxy answers %s: %s" % (url, describe_health(health)))
     return 0
@@ -5689,9 +5748,7 @@ def check_port(system: System, config: Config) -> Check:
     health = fetch_health(health_url(config))
     if health is not None:
         return Check("OK", "%s is taken by claude-max-proxy itself (pid %s)" % (where, health["pid"]))
-    return Check("FAIL", where + " is taken by another program",
-                 "find it with `lsof -nP -iTCP:%d -sTCP:LISTEN` and stop it, or choose another "
-                 "--port" % config.port)
+    return Check("FAIL", where + " is taken by another program", find_port_holder(config.port))
 
 
 def check_service(system: System, config: Config) -> Check:
@@ -5781,7 +5838,10 @@ def main(argv: Optional[List[str]] = None, system: Optional[System] = None) -> i
     try:
         return serve(config)
     except OSError as error:
-        log.error("cannot listen on %s:%d: %s", config.host, config.port, error)
+        if error.errno == errno.EADDRINUSE:
+            log.error("cannot listen: %s", port_in_use(config))
+        else:
+            log.error("cannot listen on %s:%d: %s", config.host, config.port, error)
         return 1
 
 

@@ -5625,7 +5625,7 @@ class FakeSystem(proxy.System):
 
     def __init__(self, platform: str, loaded: bool = False, bus: bool = True,
                  auth: Tuple[int, str] = (0, LOGGED_IN),
-                 environ: Optional[Dict[str, str]] = None) -> None:
+                 environ: Optional[Dict[str, str]] = None, service_pid: Optional[int] = None) -> None:
         super().__init__(home=tempfile.mkdtemp(prefix="fake-home-"), platform=platform, uid=501,
                          environ=environ if environ is not None else {"PATH": "/usr/bin:/bin"},
                          python="/usr/bin/python3", script=self.SCRIPT)
@@ -5635,6 +5635,8 @@ class FakeSystem(proxy.System):
         self.auth = auth
         self.auth_env: Optional[Dict[str, str]] = None
         self.commands: List[List[str]] = []
+        # The service's pid while loaded: by default this process, whose test server answers.
+        self.service_pid = os.getpid() if service_pid is None else service_pid
 
     def run(self, argv: List[str], env: Optional[Dict[str, str]] = None,
             timeout: float = 30.0) -> proxy.Ran:
@@ -5646,8 +5648,8 @@ class FakeSystem(proxy.System):
             if self.unloading:  # launchd lets go of a label a moment after bootout returns
                 self.unloading -= 1
                 return proxy.Ran(0, "state = exiting\n", "")
-            return (proxy.Ran(0, "state = running\n", "") if self.loaded else
-                    proxy.Ran(113, "", "Could not find service \"com.claude-max-api\""))
+            return (proxy.Ran(0, "state = running\n\tpid = %d\n" % self.service_pid, "") if self.loaded
+                    else proxy.Ran(113, "", "Could not find service \"com.claude-max-api\""))
         if argv[:2] == ["launchctl", "bootout"]:
             self.loaded, self.unloading = False, 2
         if argv[:2] == ["launchctl", "bootstrap"]:
@@ -5656,6 +5658,10 @@ class FakeSystem(proxy.System):
             if not self.bus:
                 return proxy.Ran(1, "", "Failed to connect to bus: No medium found\n")
             return proxy.Ran(0, "active\n", "") if self.loaded else proxy.Ran(3, "inactive\n", "")
+        if argv[:3] == ["systemctl", "--user", "enable"]:
+            self.loaded = True
+        if argv[:4] == ["systemctl", "--user", "show", "--property"]:
+            return proxy.Ran(0, "%d\n" % (self.service_pid if self.loaded else 0), "")
         return proxy.Ran(0, "", "")
 
     def files(self) -> List[str]:
@@ -5751,7 +5757,8 @@ class ServiceTest(TestCase):
         self.assertEqual(system.commands, [
             ["launchctl", "print", "gui/501/com.claude-max-api"],  # loaded? no: nothing to boot out
             ["launchctl", "print", "gui/501/com.claude-max-api"],  # gone? yes
-            ["launchctl", "bootstrap", "gui/501", plist_path]])
+            ["launchctl", "bootstrap", "gui/501", plist_path],
+            ["launchctl", "print", "gui/501/com.claude-max-api"]])  # its pid: the one answering?
 
     def test_macos_reinstall_boots_the_loaded_agent_out_first(self) -> None:
         system = self.fake("darwin", loaded=True)
@@ -5762,7 +5769,7 @@ class ServiceTest(TestCase):
         # launchd still knows the label for a moment after bootout: bootstrap waits for it to go.
         self.assertEqual(system.commands, [
             print_, ["launchctl", "bootout", "gui/501/com.claude-max-api"], print_, print_, print_,
-            ["launchctl", "bootstrap", "gui/501", plist_path]])
+            ["launchctl", "bootstrap", "gui/501", plist_path], print_])
 
     def test_linux_install_writes_the_unit_and_enables_it(self) -> None:
         system = self.fake("linux")
@@ -5788,7 +5795,8 @@ class ServiceTest(TestCase):
             ["systemctl", "--user", "is-active", "claude-max-api.service"],
             ["systemctl", "--user", "daemon-reload"],
             ["systemctl", "--user", "try-restart", "claude-max-api.service"],
-            ["systemctl", "--user", "enable", "--now", "claude-max-api.service"]])
+            ["systemctl", "--user", "enable", "--now", "claude-max-api.service"],
+            ["systemctl", "--user", "show", "--property", "MainPID", "--value", "claude-max-api.service"]])
 
     def test_install_says_clearly_when_nothing_answers_in_time(self) -> None:
         for platform, hint in (("darwin", "Library/Logs/claude-max-api"), ("linux", "journalctl")):
@@ -5897,7 +5905,7 @@ class ServiceTest(TestCase):
             self.assertEqual(code, 1, out)
             self.assertRegex(out, r"FAIL  could not (create directory|write) %s/" % re.escape(system.home))
 
-    def test_dry_run_writes_nothing_and_runs_nothing(self) -> None:
+    def test_dry_run_writes_nothing_and_runs_nothing_but_a_question(self) -> None:
         for platform, shows in (("darwin", ["<key>ProgramArguments</key>", "<string>4567</string>",
                                             "would run launchctl bootstrap gui/501 "]),
                                 ("linux", ["ExecStart=/usr/bin/python3 ", " --port 4567",
@@ -5905,7 +5913,9 @@ class ServiceTest(TestCase):
             system = self.fake(platform)
             code, out = run_main("install", "--dry-run", "--port", "4567", system=system)
             self.assertEqual(code, 0, out)
-            self.assertEqual(system.commands, [])
+            # Only whether systemd's user manager answers, so that a dry run warns as install would fail.
+            self.assertEqual(system.commands, [] if platform == "darwin" else [
+                ["systemctl", "--user", "is-active", "claude-max-api.service"]])
             self.assertEqual(system.files() + system.dirs(), [])
             for text in shows:
                 self.assertIn(text, out)
@@ -6219,6 +6229,67 @@ class AnthropicModelsTest(ProxyTest):
         self.assertEqual(client.models.retrieve("claude-haiku-4").display_name, "Claude Haiku 4")
         with self.assertRaises(anthropic.NotFoundError):
             client.models.retrieve("gpt-5")
+
+
+class PortAndServiceTruthTest(ProxyTest):
+    """Who holds the port is said at start, and install reports OK only for its own service."""
+
+    def start(self, port: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "--port", str(port),
+                               "--claude-bin", FAKE.path, "--pool-size", "0"],
+                              capture_output=True, text=True, timeout=60)
+
+    def fake(self, platform: str, **kwargs: Any) -> FakeSystem:
+        system = FakeSystem(platform, **kwargs)
+        self.addCleanup(shutil.rmtree, system.home, True)
+        return system
+
+    def test_a_second_proxy_on_the_port_names_the_one_already_serving(self) -> None:
+        done = self.start(self.running.port)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("ERROR cannot listen: claude-max-proxy %s is already serving on 127.0.0.1:%d (pid %d): "
+                      "use it, or stop it" % (proxy.__version__, self.running.port, os.getpid()), done.stderr)
+        self.assertIn("`kill %d`), or give this one another --port" % os.getpid(), done.stderr)
+
+    def test_another_program_on_the_port_is_named_as_such_with_how_to_find_it(self) -> None:
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen(1)
+            port = other.getsockname()[1]
+            done = self.start(port)
+        self.assertEqual(done.returncode, 1)
+        self.assertIn("ERROR cannot listen: 127.0.0.1:%d is in use by another program: find it with "
+                      "`lsof -nP -iTCP:%d -sTCP:LISTEN`" % (port, port), done.stderr)
+
+    def test_install_is_no_ok_when_a_proxy_started_by_hand_answers_instead_of_the_service(self) -> None:
+        for platform in ("darwin", "linux"):
+            with self.subTest(platform=platform):
+                system = self.fake(platform, service_pid=1)  # the service's pid is not this process's
+                code, out = run_main("install", "--port", str(self.running.port), "--claude-bin", FAKE.path,
+                                     system=system)
+                self.assertEqual(code, 1, out)
+                self.assertNotIn("OK ", out)
+                self.assertIn("is pid %d, not the service (pid 1): one started by hand holds the port"
+                              % os.getpid(), out)
+                self.assertIn("Stop it (`kill %d`)" % os.getpid(), out)
+
+    def test_install_without_a_user_manager_says_what_to_do_instead_and_a_dry_run_warns(self) -> None:
+        system = self.fake("linux", bus=False, environ={"PATH": "/usr/bin:/bin", "USER": "ada"})
+        code, out = run_main("install", "--port", "4567", system=system)
+        self.assertEqual(code, 1)
+        self.assertIn("FAIL  cannot install the systemd user unit: Failed to connect to bus: No medium found. "
+                      "Nothing was written. systemctl --user needs your login session's user manager", out)
+        command = "/usr/bin/python3 '%s' --port 4567 --log-file %s/claude-max-proxy.log" % (
+            FakeSystem.SCRIPT, system.home)
+        for text in ("`sudo loginctl enable-linger ada`", "`nohup %s >/dev/null 2>&1 &`" % command,
+                     "`@reboot %s` to `crontab -e`" % command):
+            self.assertIn(text, out)
+        code, out = run_main("install", "--dry-run", "--port", "4567", system=system)
+        self.assertEqual(code, 0, out)
+        self.assertTrue(out.startswith("WARN  the systemd user unit could not be installed here: Failed to "
+                                       "connect to bus"), out)
+        self.assertIn("loginctl enable-linger", out.splitlines()[0])
+        self.assertEqual(system.files() + system.dirs(), [])
 
 
 def older_python(version: str) -> Optional[str]:
