@@ -1960,12 +1960,30 @@ OVERLOADED_STATUS = 529
 PROMPT_TOO_LONG = re.compile(r"prompt is too long|context.{0,20}(window|length).{0,20}exceed", re.I)
 
 
+# How Claude Code words a model Anthropic does not know (its error kind is model_not_found):
+# "There's an issue with the selected model (X). It may not exist or you may not have access
+# to it. Run --model to pick a different model." The last sentence is about the CLI's flag.
+SELECTED_MODEL = re.compile(r"issue with the selected model \((.{1,200}?)\)")
+
+
+def model_refused(message: str) -> ProxyError:
+    """A 404 model_not_found in the API's words, naming the model, for the CLI's message."""
+    named = SELECTED_MODEL.search(message)
+    return ProxyError(
+        404, "The model `%s` does not exist, or your Claude plan has no access to it. Use one of: "
+        "%s (GET /v1/models lists them), or another full claude-* model id your plan offers."
+        % (named.group(1) if named else "asked for", ", ".join(model_id for model_id, _ in MODELS)),
+        code="model_not_found", param="model")
+
+
 def upstream_error(status: Optional[int], message: str, kind: Optional[str] = None,
                    retry_after: Optional[float] = None) -> ProxyError:
     """The error for a failure the CLI reported from the Anthropic API."""
     if kind in AUTH_ERRORS or status == 401:
         return ProxyError(401, LOGIN_HELP + " (Claude Code said: %s)" % message,
                           code="authentication_failed")
+    if kind == "model_not_found" or SELECTED_MODEL.search(message):
+        return model_refused(message)
     refusal = extra_usage_refusal(message)
     if refusal is not None:
         return refusal

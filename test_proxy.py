@@ -6351,6 +6351,24 @@ class SkipSummaryTest(TestCase):
             self.assertEqual(load_client_requests(), requests[:1], "the variable still names another file")
 
 
+class ModelRefusedTest(TestCase):
+    # What Claude Code 2.1.197 says (an assistant event with error "model_not_found", then a result
+    # with api_error_status 404) when Anthropic answers 404 not_found_error for its --model.
+    SAID = ("There's an issue with the selected model (claude-nonexistent-9). It may not exist or you "
+            "may not have access to it. Run --model to pick a different model.")
+
+    def test_the_clis_words_for_an_unknown_model_become_a_404_model_not_found_naming_it(self) -> None:
+        for kind in ("model_not_found", None):
+            error = proxy.upstream_error(404, self.SAID, kind)
+            self.assertEqual((error.status, error.code, error.param), (404, "model_not_found", "model"))
+            self.assertTrue(error.message.startswith("The model `claude-nonexistent-9` does not exist, or "
+                                                     "your Claude plan has no access to it. Use one of: "
+                                                     "claude-opus-4, "), error.message)
+            self.assertNotIn("--model", error.message)
+        self.assertEqual(proxy.MessagesDoor.error_reply(error),
+                         (404, {"type": "error", "error": {"type": "not_found_error", "message": error.message}}))
+
+
 def older_python(version: str) -> Optional[str]:
     """A python of that minor version (such as "3.7"): pyenv's newest, else python3.7 on PATH."""
     pyenv = shutil.which("pyenv")
@@ -7563,6 +7581,9 @@ def unified_headers(text: str) -> Dict[str, str]:
     return headers
 
 
+UNKNOWN_MODEL = "claude-nonexistent"  # a model the fake Anthropic API does not know
+
+
 class FakeAnthropicHandler(BaseHTTPRequestHandler):
     """POST /v1/messages as the Anthropic API streams it to a subscriber; every request is kept.
 
@@ -7593,6 +7614,9 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         self.server.credentials.append((self.headers.get("x-api-key"), self.headers.get("Authorization")))
         text = last_user_text(body)
         self.limits = unified_headers(text)
+        if str(body.get("model")).startswith(UNKNOWN_MODEL):  # as Anthropic answers a model it has not
+            return self.send_json(404, {"type": "error", "error": {
+                "type": "not_found_error", "message": "model: %s" % body["model"]}})
         failure = re.search(r"HTTPERR(\d{3})", text)
         refusal = next((message for word, message in EXTRA_USAGE_400S.items() if word in text), None)
         if failure or "USAGE-OUT" in text:
@@ -7983,6 +8007,18 @@ class EndToEndTest(ProxyTest):
     def test_upstream_400_becomes_400(self) -> None:
         error = self.assertError(self.say("HTTPERR400"), 400, "invalid_request_error")
         self.assertIn("400", error["message"])
+
+    def test_a_model_anthropic_does_not_know_is_a_404_model_not_found_in_api_words(self) -> None:
+        model = UNKNOWN_MODEL + "-9"
+        error = self.assertError(self.say("hi", model=model), 404, "not_found_error", "model_not_found", "model")
+        self.assertIn("The model `%s` does not exist, or your Claude plan has no access to it." % model,
+                      error["message"])
+        self.assertNotIn("--model", error["message"])
+        answer = self.request("POST", "/v1/messages", {"model": model, "max_tokens": 100,
+                                                       "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(answer.status, 404)
+        self.assertEqual(answer.json()["error"]["type"], "not_found_error")
+        self.assertIn("The model `%s` does not exist" % model, answer.json()["error"]["message"])
 
     def test_upstream_401_fails_fast_as_401(self) -> None:
         started = time.monotonic()
