@@ -225,7 +225,8 @@ def env_value(flag: str, env: str, kind: Any, default: Any) -> Any:
 # `python3 claude_max_proxy.py --port 3456` keeps working as it always has.
 COMMANDS = ("serve", "doctor", "install", "uninstall", "status")
 COMMAND_HELP = {
-    "serve": "OpenAI-compatible HTTP API over the Claude Code CLI (your Claude subscription).",
+    "serve": "The OpenAI and Anthropic APIs (chat completions, Responses, Messages) over the Claude "
+             "Code CLI, on your Claude subscription.",
     "doctor": "Check everything the proxy needs and say how to fix what is wrong.",
     "install": "Run the proxy at login: a LaunchAgent on macOS, a systemd user unit on Linux. "
                "The serve flags given here go into it.",
@@ -5380,7 +5381,7 @@ class LaunchAgent:
 
 SYSTEMD_TEMPLATE = """\
 [Unit]
-Description=claude-max-proxy: an OpenAI-compatible API over the Claude Code CLI
+Description=claude-max-proxy: the OpenAI and Anthropic APIs over the Claude Code CLI
 After=network.target
 
 [Service]

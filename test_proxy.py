@@ -6369,6 +6369,67 @@ class ModelRefusedTest(TestCase):
                          (404, {"type": "error", "error": {"type": "not_found_error", "message": error.message}}))
 
 
+def readme_text() -> str:
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def markdown_anchors(text: str) -> List[str]:
+    """The #anchors GitHub gives the headings of a Markdown text (none inside code blocks): lower
+    case, punctuation but - and _ dropped, spaces made hyphens, a repeated one numbered."""
+    anchors: List[str] = []
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = re.match(r"^#{1,6} (.*)$", line)
+        if heading and not fenced:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            seen = anchors.count(slug) + sum(a.startswith(slug + "-") and a[len(slug) + 1:].isdigit()
+                                             for a in anchors)
+            anchors.append(slug if not seen else "%s-%d" % (slug, seen))
+    return anchors
+
+
+class ReadmeFirstScreenTest(TestCase):
+    """README: a newcomer's first screen, links that lead somewhere, and both APIs named."""
+
+    def test_every_link_to_a_section_names_a_heading_that_exists(self) -> None:
+        readme = readme_text()
+        anchors = markdown_anchors(readme)
+        links = re.findall(r"\]\(#([^)]+)\)", readme)
+        self.assertGreater(len(links), 10)
+        self.assertEqual([link for link in links if link not in anchors], [])
+        self.assertEqual(markdown_anchors("# A\n```\n# not a heading\n```\n## A, b!\n## A\n"),
+                         ["a", "a-b", "a-1"])
+
+    def test_the_first_screen_gets_a_client_answering(self) -> None:
+        readme = readme_text()
+        sections = [line[3:] for line in readme.splitlines() if line.startswith("## ")]
+        self.assertEqual(sections[:3], ["Quick start", "The billing truth", "Troubleshooting"])
+        self.assertEqual(sections[-2:], ["Test", "License"])
+        first = readme.split("\n## The billing truth", 1)[0]
+        for text in ("claude_max_proxy.py", "python3 claude_max_proxy.py --port 3456",
+                     "`http://127.0.0.1:3456/v1` for OpenAI clients", "`http://127.0.0.1:3456` for\n   Anthropic",
+                     'wire_api = "responses"', "extra-openai-models.yaml", "createOpenAICompatible",
+                     "OPENAI_API_BASE", "apiBase", "ANTHROPIC_BASE_URL=http://127.0.0.1:3456 claude"):
+            self.assertIn(text, first)
+        self.assertNotIn(".../", readme, "a placeholder for a command no one can run")
+        billing = readme.split("\n## The billing truth", 1)[1].split("\n## ", 1)[0]
+        for text in ("Use the Claude\n  Agent SDK with your Claude plan", "June 15, 2026", "paused",
+                     "third_party_needs_extra_usage", "--no-extra-usage", "x-claude-ratelimit-"):
+            self.assertIn(text, billing)
+
+    def test_help_and_the_service_name_both_apis(self) -> None:
+        self.assertIn("The OpenAI and Anthropic APIs", proxy.build_arg_parser().format_help())
+        self.assertIn("Description=claude-max-proxy: the OpenAI and Anthropic APIs over the Claude Code CLI",
+                      proxy.SYSTEMD_TEMPLATE)
+        with open(os.path.join(HERE, "claude_max_proxy.py"), encoding="utf-8") as f:
+            source = f.read()
+        for name, text in (("claude_max_proxy.py", source), ("README.md", readme_text())):
+            self.assertNotIn("OpenAI-compatible", text, name)
+
+
 def older_python(version: str) -> Optional[str]:
     """A python of that minor version (such as "3.7"): pyenv's newest, else python3.7 on PATH."""
     pyenv = shutil.which("pyenv")
