@@ -189,6 +189,9 @@ VALUE_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "--max-body": (lambda v: v >= 1, "at least 1 byte"),
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# What an on/off environment variable may say; anything else is more likely a typo than "off".
+SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+                "0": False, "false": False, "no": False, "off": False}
 
 
 def option_value(flag: str, kind: Any, raw: str) -> Any:
@@ -205,6 +208,11 @@ def option_value(flag: str, kind: Any, raw: str) -> Any:
         if value not in LOG_LEVELS:
             raise argparse.ArgumentTypeError("%r is not a log level: choose %s"
                                              % (raw, ", ".join(LOG_LEVELS)))
+    if flag == "--default-model":  # else every request that names no model would be a 400
+        try:
+            resolve_model(value, value)
+        except ProxyError as error:
+            raise argparse.ArgumentTypeError("%r: %s" % (raw, error.message)) from None
     rule = VALUE_RULES.get(flag)
     if rule is not None and not rule[0](value):
         raise argparse.ArgumentTypeError("%r: it must be %s" % (raw, rule[1]))
@@ -217,7 +225,10 @@ def env_value(flag: str, env: str, kind: Any, default: Any) -> Any:
     if raw is None or raw == "":
         return default
     if kind is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
+        if raw.strip().lower() not in SWITCH_WORDS:
+            raise argparse.ArgumentTypeError("%r is neither on (1, true, yes, on) nor off (0, false, "
+                                             "no, off)" % raw)
+        return SWITCH_WORDS[raw.strip().lower()]
     return option_value(flag, kind, raw)
 
 

@@ -6136,6 +6136,8 @@ class CommandLineChecksTest(TestCase):
         (["--max-body", "0"], "--max-body", "CLAUDE_PROXY_MAX_BODY", "at least 1"),
         (["--timeout", "nan"], "--timeout", "CLAUDE_PROXY_TIMEOUT", "not a finite number"),
         (["--port", "eighty"], "--port", "CLAUDE_PROXY_PORT", "not a valid int"),
+        (["--default-model", "gpt-4o"], "--default-model", "CLAUDE_PROXY_DEFAULT_MODEL",
+         "The model `gpt-4o` does not exist. Use one of: claude-opus-4"),
     ]
 
     def refused(self, argv: List[str], environ: Optional[Dict[str, str]] = None) -> str:
@@ -6164,12 +6166,20 @@ class CommandLineChecksTest(TestCase):
                 self.assertIn("%s=%r" % (env, argv[1]), said)
                 self.assertIn(says, said)
 
+    def test_an_on_off_variable_that_says_neither_is_refused(self) -> None:
+        said = self.refused([], {"CLAUDE_PROXY_FETCH_IMAGES": "maybe"})
+        self.assertIn("CLAUDE_PROXY_FETCH_IMAGES='maybe' is neither on (1, true, yes, on) nor off", said)
+        for word, value in (("0", False), ("off", False), ("No", False), ("1", True), ("TRUE", True)):
+            with mock.patch.dict(os.environ, {"CLAUDE_PROXY_FETCH_IMAGES": word}):
+                self.assertIs(proxy.parse_command_line([])[1].fetch_images, value, word)
+
     def test_good_values_pass_at_their_edges(self) -> None:
         config = proxy.parse_command_line(
             ["--port", "0", "--max-concurrent", "1", "--pool-size", "0", "--retry-budget", "0",
-             "--timeout", "0.5", "--log-level", "WARNING"])[1]
+             "--timeout", "0.5", "--log-level", "WARNING", "--default-model", "claude-sonnet-4-5-20250929"])[1]
         self.assertEqual((config.port, config.max_concurrent, config.pool_size, config.retry_budget,
-                          config.timeout, config.log_level), (0, 1, 0, 0.0, 0.5, "warning"))
+                          config.timeout, config.log_level, config.default_model),
+                         (0, 1, 0, 0.0, 0.5, "warning", "claude-sonnet-4-5-20250929"))
         with mock.patch.dict(os.environ, {"CLAUDE_PROXY_PORT": "65535", "CLAUDE_PROXY_LOG_LEVEL": "debug"}):
             config = proxy.parse_command_line([])[1]
         self.assertEqual((config.port, config.log_level), (65535, "debug"))
