@@ -5487,7 +5487,8 @@ def service_manager(system: System) -> Optional[ServiceManager]:
 def without_a_manager(system: System, config: Config) -> str:
     """What to do where systemctl --user cannot reach a user manager (su, sudo, cron, an ssh
     login without one): get one, or run the proxy without it."""
-    config = with_setting(config, log_file=config.log_file
+    keyed = bool(config.api_key)  # the key itself never: this line goes to a screen and a crontab
+    config = with_setting(config, api_key="", log_file=config.log_file
                           or os.path.join(system.home, "claude-max-proxy.log"))
     command = " ".join([shlex.quote(system.python), shlex.quote(system.script)]
                        + [shlex.quote(arg) for arg in service_args(config)])
@@ -5495,8 +5496,10 @@ def without_a_manager(system: System, config: Config) -> str:
             "directly (not su or sudo), and for one that lasts without a login run "
             "`sudo loginctl enable-linger %s`, then install again. Or run the proxy without "
             "a service: `nohup %s >/dev/null 2>&1 &`, and to start it at boot add "
-            "`@reboot %s` to `crontab -e`."
-            % (system.environ.get("USER") or "$USER", command, command))
+            "`@reboot %s` to `crontab -e`%s."
+            % (system.environ.get("USER") or "$USER", command, command,
+               ", each with --api-key-file naming a file only you can read that holds your key"
+               if keyed else ""))
 
 
 def required_manager(system: System) -> ServiceManager:

@@ -6303,6 +6303,10 @@ class PortAndServiceTruthTest(ProxyTest):
                                        "connect to bus"), out)
         self.assertIn("loginctl enable-linger", out.splitlines()[0])
         self.assertEqual(system.files() + system.dirs(), [])
+        code, out = run_main("install", "--port", "4567", "--api-key", "s3cret-key", system=system)
+        self.assertEqual(code, 1)
+        self.assertNotIn("s3cret-key", out, "a key shown on screen and put in a crontab")
+        self.assertIn("each with --api-key-file naming a file only you can read", out)
 
 
 class SkipSummaryRunner(unittest.TextTestRunner):
