@@ -5654,7 +5654,7 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
     if health["pid"] != service_pid:
         print("FAIL  the %s is installed, but the claude-max-proxy answering %s is pid %s, not the "
               "service (%s): one started by hand holds the port, so the service cannot listen. "
-              "Stop it (`kill %s`), and the service takes the port within a few seconds."
+              "Stop it (`kill %s`), and the service takes the port within about ten seconds."
               % (manager.kind, url, health["pid"], "pid %d" % service_pid if service_pid
                  else "not running", health["pid"]))
         return 1
