@@ -6252,11 +6252,6 @@ class PortAndServiceTruthTest(ProxyTest):
                                "--claude-bin", FAKE.path, "--pool-size", "0"],
                               capture_output=True, text=True, timeout=60)
 
-    def fake(self, platform: str, **kwargs: Any) -> FakeSystem:
-        system = FakeSystem(platform, **kwargs)
-        self.addCleanup(shutil.rmtree, system.home, True)
-        return system
-
     def test_a_second_proxy_on_the_port_names_the_one_already_serving(self) -> None:
         done = self.start(self.running.port)
         self.assertEqual(done.returncode, 1)
@@ -6277,7 +6272,8 @@ class PortAndServiceTruthTest(ProxyTest):
     def test_install_is_no_ok_when_a_proxy_started_by_hand_answers_instead_of_the_service(self) -> None:
         for platform in ("darwin", "linux"):
             with self.subTest(platform=platform):
-                system = self.fake(platform, service_pid=1)  # the service's pid is not this process's
+                system = FakeSystem(platform, service_pid=1)  # the service's pid is not this process's
+                self.addCleanup(shutil.rmtree, system.home, True)
                 code, out = run_main("install", "--port", str(self.running.port), "--claude-bin", FAKE.path,
                                      system=system)
                 self.assertEqual(code, 1, out)
@@ -6287,7 +6283,8 @@ class PortAndServiceTruthTest(ProxyTest):
                 self.assertIn("Stop it (`kill %d`)" % os.getpid(), out)
 
     def test_install_without_a_user_manager_says_what_to_do_instead_and_a_dry_run_warns(self) -> None:
-        system = self.fake("linux", bus=False, environ={"PATH": "/usr/bin:/bin", "USER": "ada"})
+        system = FakeSystem("linux", bus=False, environ={"PATH": "/usr/bin:/bin", "USER": "ada"})
+        self.addCleanup(shutil.rmtree, system.home, True)
         code, out = run_main("install", "--port", "4567", system=system)
         self.assertEqual(code, 1)
         self.assertIn("FAIL  cannot install the systemd user unit: Failed to connect to bus: No medium found. "
