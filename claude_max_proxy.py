@@ -41,11 +41,22 @@ page, the HTTP handler, the server, then running as a service and main().
 
 from __future__ import annotations
 
+import sys
+
+# Before anything only a newer Python runs, so an older one says why instead of failing
+# somewhere below. (Python 3.6 stops at the __future__ line above: it cannot read it.)
+if sys.version_info < (3, 9):
+    sys.exit("claude-max-proxy needs Python 3.9 or newer, and %s is Python %d.%d.%d: run it "
+             "with a newer python3 (macOS's /usr/bin/python3 is 3.9)."
+             % ((sys.executable or "this",) + tuple(sys.version_info[:3])))
+
 import argparse
 import base64
 import binascii
 import collections
+import difflib
 import errno
+import functools
 import hashlib
 import http.client
 import hmac
@@ -67,7 +78,6 @@ import socket
 import socketserver
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -76,7 +86,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, NoReturn, Optional, Tuple, Union
 
 try:
     import resource
@@ -187,21 +197,71 @@ def flag_attr(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def env_value(env: str, kind: Any, default: Any) -> Any:
-    """The default a flag takes from its environment variable, if set."""
+# What a value must be beyond its type, and how to say so: a port that does not exist, no
+# room for a single request, or a timeout that ends every request at once would start a
+# proxy that cannot work, so they are refused at the door with the flag's name.
+VALUE_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "--port": (lambda v: 0 <= v <= 65535, "a port from 1 to 65535 (0 picks a free one)"),
+    "--max-concurrent": (lambda v: v >= 1, "at least 1"),
+    "--max-connections": (lambda v: v >= 1, "at least 1"),
+    "--pool-size": (lambda v: v >= 0, "0 or more"),
+    "--pool-ttl": (lambda v: v > 0, "more than 0 seconds"),
+    "--queue-timeout": (lambda v: v > 0, "more than 0 seconds"),
+    "--timeout": (lambda v: v > 0, "more than 0 seconds"),
+    "--idle-timeout": (lambda v: v > 0, "more than 0 seconds"),
+    "--retry-budget": (lambda v: v >= 0, "0 seconds or more"),
+    "--max-body": (lambda v: v >= 1, "at least 1 byte"),
+}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# What an on/off environment variable may say; anything else is more likely a typo than "off".
+SWITCH_WORDS = {"1": True, "true": True, "yes": True, "on": True,
+                "0": False, "false": False, "no": False, "off": False}
+
+
+def option_value(flag: str, kind: Any, raw: str) -> Any:
+    """A flag's value read from text (the command line or its environment variable), or
+    argparse.ArgumentTypeError saying what it must be."""
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a valid %s" % (raw, kind.__name__)) from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError("%r is not a finite number" % raw)
+    if flag == "--log-level":
+        value = value.lower()
+        if value not in LOG_LEVELS:
+            raise argparse.ArgumentTypeError("%r is not a log level: choose %s"
+                                             % (raw, ", ".join(LOG_LEVELS)))
+    if flag == "--default-model":  # else every request that names no model would be a 400
+        try:
+            resolve_model(value, value)
+        except ProxyError as error:
+            raise argparse.ArgumentTypeError("%r: %s" % (raw, error.message)) from None
+    rule = VALUE_RULES.get(flag)
+    if rule is not None and not rule[0](value):
+        raise argparse.ArgumentTypeError("%r: it must be %s" % (raw, rule[1]))
+    return value
+
+
+def env_value(flag: str, env: str, kind: Any, default: Any) -> Any:
+    """The default a flag takes from its environment variable, if set; checked as the flag is."""
     raw = os.environ.get(env)
     if raw is None or raw == "":
         return default
     if kind is bool:
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    return kind(raw)
+        if raw.strip().lower() not in SWITCH_WORDS:
+            raise argparse.ArgumentTypeError("%r is neither on (1, true, yes, on) nor off (0, false, "
+                                             "no, off)" % raw)
+        return SWITCH_WORDS[raw.strip().lower()]
+    return option_value(flag, kind, raw)
 
 
 # The first argument may name a command; without one the proxy serves, so
 # `python3 claude_max_proxy.py --port 3456` keeps working as it always has.
 COMMANDS = ("serve", "doctor", "install", "uninstall", "status")
 COMMAND_HELP = {
-    "serve": "OpenAI-compatible HTTP API over the Claude Code CLI (your Claude subscription).",
+    "serve": "The OpenAI and Anthropic APIs (chat completions, Responses, Messages) over the Claude "
+             "Code CLI, on your Claude subscription.",
     "doctor": "Check everything the proxy needs and say how to fix what is wrong.",
     "install": "Run the proxy at login: a LaunchAgent on macOS, a systemd user unit on Linux. "
                "The serve flags given here go into it.",
@@ -210,9 +270,16 @@ COMMAND_HELP = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors in one line: the usage of twenty flags above it would bury it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, "%s: error: %s\n" % (self.prog, message))
+
+
 def build_arg_parser(command: str = "serve") -> argparse.ArgumentParser:
     """The parser of one command; every command takes the serve flags (port, claude-bin ...)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="claude_max_proxy.py" + ("" if command == "serve" else " " + command),
         description=COMMAND_HELP[command],
         epilog="Commands: serve (the default), doctor, install, uninstall, status; "
@@ -225,14 +292,15 @@ def build_arg_parser(command: str = "serve") -> argparse.ArgumentParser:
                             help="print what would be written and run, and change nothing")
     for flag, env, kind, default, help_text in OPTIONS:
         try:
-            value = env_value(env, kind, default)
-        except ValueError:
-            parser.error("%s=%r is not a valid %s" % (env, os.environ[env], kind.__name__))
+            value = env_value(flag, env, kind, default)
+        except argparse.ArgumentTypeError as error:
+            parser.error("environment variable %s=%s" % (env, error))
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=value,
                                 help="%s [env %s]" % (help_text, env))
         else:
-            parser.add_argument(flag, type=kind, default=value, metavar=flag_attr(flag).upper(),
+            checked = functools.partial(option_value, flag, kind)
+            parser.add_argument(flag, type=checked, default=value, metavar=flag_attr(flag).upper(),
                                 help="%s (default: %s) [env %s]" % (help_text, default or "off", env))
     return parser
 
@@ -251,7 +319,12 @@ def load_api_key_file(config: Config) -> None:
 
 
 def parse_command_line(argv: List[str]) -> Tuple[str, Config, bool]:
-    """The command, the server's settings, and whether --dry-run was given."""
+    """The command, the server's settings, and whether --dry-run was given. A first word that
+    is no command (`instal`) exits 2 naming the command it most looks like."""
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1)
+        build_arg_parser().error("unknown command %r; %s" % (argv[0], (
+            "did you mean %r?" % close[0]) if close else "the commands are " + ", ".join(COMMANDS)))
     command = argv[0] if argv and argv[0] in COMMANDS else "serve"
     rest = argv[1:] if argv[:1] == [command] else argv
     values = vars(build_arg_parser(command).parse_args(rest))
@@ -323,6 +396,7 @@ MODEL_PREFIXES = ("openai/", "anthropic/", "claude-max/")
 # A full model id goes to the CLI's argv as it is: only what ids are made of, and not much of it.
 FULL_MODEL_ID = re.compile(r"^claude-[A-Za-z0-9._:\[\]-]{1,120}$", re.I)
 MODELS_CREATED = 1735689600  # 2025-01-01; the table has no real dates
+MODELS_CREATED_AT = "2025-01-01T00:00:00Z"  # the same, as Anthropic writes it
 
 
 def resolve_model(name: str, default: str) -> str:
@@ -343,14 +417,27 @@ def resolve_model(name: str, default: str) -> str:
         code="model_not_found", param="model")
 
 
-def model_object(model_id: str) -> Dict[str, Any]:
+def model_object(model_id: str, anthropic: bool = False) -> Dict[str, Any]:
+    """A model as GET /v1/models lists it: in Anthropic's shape to its clients, else OpenAI's."""
+    if anthropic:
+        return {"type": "model", "id": model_id,
+                "display_name": " ".join(word.capitalize() for word in model_id.split("-")),
+                "created_at": MODELS_CREATED_AT}
     return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "anthropic"}
 
 
-def find_model(model_id: str) -> Optional[Dict[str, Any]]:
+def model_list(anthropic: bool = False) -> Dict[str, Any]:
+    """GET /v1/models: every model of the table, in one page of the asking API's shape."""
+    data = [model_object(model_id, anthropic) for model_id, _alias in MODELS]
+    if anthropic:
+        return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+    return {"object": "list", "data": data}
+
+
+def find_model(model_id: str, anthropic: bool = False) -> Optional[Dict[str, Any]]:
     for known, _alias in MODELS:
         if known == model_id:
-            return model_object(known)
+            return model_object(known, anthropic)
     return None
 
 
@@ -1937,6 +2024,22 @@ OVERLOADED_STATUS = 529
 PROMPT_TOO_LONG = re.compile(r"prompt is too long|context.{0,20}(window|length).{0,20}exceed", re.I)
 
 
+# How Claude Code words a model Anthropic does not know (its error kind is model_not_found):
+# "There's an issue with the selected model (X). It may not exist or you may not have access
+# to it. Run --model to pick a different model." The last sentence is about the CLI's flag.
+SELECTED_MODEL = re.compile(r"issue with the selected model \((.{1,200}?)\)")
+
+
+def model_refused(message: str) -> ProxyError:
+    """A 404 model_not_found in the API's words, naming the model, for the CLI's message."""
+    named = SELECTED_MODEL.search(message)
+    return ProxyError(
+        404, "The model `%s` does not exist, or your Claude plan has no access to it. Use one of: "
+        "%s (GET /v1/models lists them), or another full claude-* model id your plan offers."
+        % (named.group(1) if named else "asked for", ", ".join(model_id for model_id, _ in MODELS)),
+        code="model_not_found", param="model")
+
+
 def upstream_error(status: Optional[int], message: str, kind: Optional[str] = None,
                    retry_after: Optional[float] = None) -> ProxyError:
     """The error for a failure the CLI reported from the Anthropic API."""
@@ -1948,6 +2051,8 @@ def upstream_error(status: Optional[int], message: str, kind: Optional[str] = No
     if kind in AUTH_ERRORS or status == 401:
         return ProxyError(401, LOGIN_HELP + " (Claude Code said: %s)" % message,
                           code="authentication_failed")
+    if kind == "model_not_found" or SELECTED_MODEL.search(message):
+        return model_refused(message)
     refusal = extra_usage_refusal(message)
     if refusal is not None:
         return refusal
@@ -4700,12 +4805,26 @@ def openai_error_reply(error: ProxyError) -> Tuple[int, Dict[str, Any]]:
     return error.status, error.body()
 
 
-def error_reply_for(target: str) -> ErrorReply:
+def anthropic_client(headers: Any) -> bool:
+    """Whether a request comes from an Anthropic client: its SDKs send anthropic-version with
+    every request, and a key as x-api-key (OpenAI's send neither)."""
+    return bool(headers.get("anthropic-version") or headers.get("x-api-key"))
+
+
+def shared_path(path: str) -> bool:
+    """A route both APIs have (GET /v1/models), answered in the shape of the client's API."""
+    return path == "/models" or path.startswith("/models/")
+
+
+def error_reply_for(target: str, headers: Any) -> ErrorReply:
     """How errors of a request go out: in Anthropic's shape on the Messages API's paths (its
-    clients read no other), in OpenAI's everywhere else."""
+    clients read no other) and to Anthropic's clients on the paths both APIs have, in OpenAI's
+    everywhere else."""
     path = route_path(target)
     messages = path == "/messages" or path.startswith("/messages/")
-    return MessagesDoor.error_reply if messages else openai_error_reply
+    if messages or (shared_path(path) and anthropic_client(headers)):
+        return MessagesDoor.error_reply
+    return openai_error_reply
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
@@ -4774,7 +4893,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             check_request_line(self.raw_requestline)
             if not super().parse_request():
                 return False
-            self.error_reply = error_reply_for(self.path)  # before anything about this request can fail
+            # Before anything about this request can fail:
+            self.error_reply = error_reply_for(self.path, self.headers)
             self.framing = body_framing(self.headers, self.request_version == "HTTP/1.0")
         except ProxyError as error:
             self._refuse(error)
@@ -4918,10 +5038,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _list_models(self) -> None:
-        self.send_json(200, {"object": "list", "data": [model_object(m) for m, _ in MODELS]})
+        self.send_json(200, model_list(anthropic_client(self.headers)))
 
     def _get_model(self, model_id: str) -> None:
-        model = find_model(model_id)
+        model = find_model(model_id, anthropic_client(self.headers))
         if model is None:
             raise ProxyError(404, "The model `%s` does not exist." % model_id,
                              code="model_not_found", param="model")
@@ -5831,6 +5951,12 @@ class LaunchAgent:
     def unreachable(self) -> Optional[str]:
         return None  # every macOS login session has launchd; bootstrap says what goes wrong
 
+    def service_pid(self) -> Optional[int]:
+        """The pid launchd runs the service as, or None when it runs none now."""
+        ran = self.system.run(["launchctl", "print", self.service])
+        found = re.search(r"^\s*pid = (\d+)\s*$", ran.out, re.M)
+        return int(found.group(1)) if ran.code == 0 and found else None
+
     def loaded(self) -> Tuple[Optional[bool], str]:
         ran = self.system.run(["launchctl", "print", self.service])
         if ran.code == 127:
@@ -5840,7 +5966,7 @@ class LaunchAgent:
 
 SYSTEMD_TEMPLATE = """\
 [Unit]
-Description=claude-max-proxy: an OpenAI-compatible API over the Claude Code CLI
+Description=claude-max-proxy: the OpenAI and Anthropic APIs over the Claude Code CLI
 After=network.target
 
 [Service]
@@ -5906,6 +6032,13 @@ class SystemdUnit:
         loaded, detail = self.loaded()
         return detail if loaded is None else None
 
+    def service_pid(self) -> Optional[int]:
+        """The pid systemd runs the service as, or None when it runs none now."""
+        ran = self.system.run(["systemctl", "--user", "show", "--property", "MainPID", "--value",
+                               SYSTEMD_UNIT])
+        pid = ran.out.strip()
+        return int(pid) if ran.code == 0 and pid.isdigit() and pid != "0" else None
+
     def loaded(self) -> Tuple[Optional[bool], str]:
         ran = self.system.run(["systemctl", "--user", "is-active", SYSTEMD_UNIT])
         state = ran.out.strip()
@@ -5923,6 +6056,24 @@ def service_manager(system: System) -> Optional[ServiceManager]:
     if system.platform.startswith("linux"):
         return SystemdUnit(system)
     return None
+
+
+def without_a_manager(system: System, config: Config) -> str:
+    """What to do where systemctl --user cannot reach a user manager (su, sudo, cron, an ssh
+    login without one): get one, or run the proxy without it."""
+    keyed = bool(config.api_key)  # the key itself never: this line goes to a screen and a crontab
+    config = with_setting(config, api_key="", log_file=config.log_file
+                          or os.path.join(system.home, "claude-max-proxy.log"))
+    command = " ".join([shlex.quote(system.python), shlex.quote(system.script)]
+                       + [shlex.quote(arg) for arg in service_args(config)])
+    return ("systemctl --user needs your login session's user manager: log in as this user "
+            "directly (not su or sudo), and for one that lasts without a login run "
+            "`sudo loginctl enable-linger %s`, then install again. Or run the proxy without "
+            "a service: `nohup %s >/dev/null 2>&1 &`, and to start it at boot add "
+            "`@reboot %s` to `crontab -e`%s."
+            % (system.environ.get("USER") or "$USER", command, command,
+               ", each with --api-key-file naming a file only you can read that holds your key"
+               if keyed else ""))
 
 
 def required_manager(system: System) -> ServiceManager:
@@ -5979,6 +6130,24 @@ def port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def find_port_holder(port: int) -> str:
+    return ("find it with `lsof -nP -iTCP:%d -sTCP:LISTEN` and stop it, or choose another --port"
+            % port)
+
+
+def port_in_use(config: Config) -> str:
+    """Why the proxy cannot listen, when its port is taken: by claude-max-proxy already
+    (its /health says so), or by another program; and what to do."""
+    where = "%s:%d" % (config.host, config.port)
+    health = fetch_health(health_url(config))
+    if health is None:
+        return "%s is in use by another program: %s" % (where, find_port_holder(config.port))
+    return ("claude-max-proxy %s is already serving on %s (pid %s): use it, or stop it "
+            "(`%s uninstall` if install started it, else `kill %s`), or give this one "
+            "another --port" % (health.get("version"), where, health["pid"], self_command(),
+                                health["pid"]))
 
 
 def describe_health(health: Dict[str, Any]) -> str:
@@ -6054,9 +6223,13 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
     if claude is None:
         print("WARN  %s The service will still look in the usual install places."
               % claude_not_found(config.claude_bin).message)
-    problem = None if dry_run else manager.unreachable()
-    if problem:  # found before anything is written, so a failed install leaves nothing behind
-        raise ServiceError("cannot install the %s: %s. Nothing was written." % (manager.kind, problem))
+    problem = manager.unreachable()
+    if problem and dry_run:
+        print("WARN  the %s could not be installed here: %s. %s"
+              % (manager.kind, problem, without_a_manager(system, config)))
+    elif problem:  # found before anything is written, so a failed install leaves nothing behind
+        raise ServiceError("cannot install the %s: %s. Nothing was written. %s"
+                           % (manager.kind, problem, without_a_manager(system, config)))
     fresh = not system.exists(manager.path)
     config, key_actions = key_to_file(config, manager.key_path)
     try:
@@ -6079,6 +6252,15 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
     if health is None:
         print("FAIL  the %s is installed, but nothing answered %s within %g s. Look at %s, "
               "and run `%s doctor`." % (manager.kind, url, wait, manager.logs_hint, self_command()))
+        return 1
+    # A proxy started by hand answers too, while the service cannot bind its port.
+    service_pid = manager.service_pid()
+    if health["pid"] != service_pid:
+        print("FAIL  the %s is installed, but the claude-max-proxy answering %s is pid %s, not the "
+              "service (%s): one started by hand holds the port, so the service cannot listen. "
+              "Stop it (`kill %s`), and the service takes the port within about ten seconds."
+              % (manager.kind, url, health["pid"], "pid %d" % service_pid if service_pid
+                 else "not running", health["pid"]))
         return 1
     print("OK    claude-max-proxy answers %s: %s" % (url, describe_health(health)))
     return 0
@@ -6151,11 +6333,8 @@ class Check(NamedTuple):
 
 
 def check_python(system: System, config: Config) -> Check:
-    version = "Python %d.%d.%d (%s)" % (sys.version_info[:3] + (system.python,))
-    if sys.version_info < (3, 9):
-        return Check("FAIL", version + " is too old", "run it with Python 3.9 or newer, "
-                     "such as macOS's /usr/bin/python3")
-    return Check("OK", version)
+    # An older Python never gets here: the module refuses it at the top.
+    return Check("OK", "Python %d.%d.%d (%s)" % (sys.version_info[:3] + (system.python,)))
 
 
 def check_claude(system: System, config: Config) -> Check:
@@ -6222,9 +6401,7 @@ def check_port(system: System, config: Config) -> Check:
     health = fetch_health(health_url(config))
     if health is not None:
         return Check("OK", "%s is taken by claude-max-proxy itself (pid %s)" % (where, health["pid"]))
-    return Check("FAIL", where + " is taken by another program",
-                 "find it with `lsof -nP -iTCP:%d -sTCP:LISTEN` and stop it, or choose another "
-                 "--port" % config.port)
+    return Check("FAIL", where + " is taken by another program", find_port_holder(config.port))
 
 
 def check_service(system: System, config: Config) -> Check:
@@ -6314,7 +6491,10 @@ def main(argv: Optional[List[str]] = None, system: Optional[System] = None) -> i
     try:
         return serve(config)
     except OSError as error:
-        log.error("cannot listen on %s:%d: %s", config.host, config.port, error)
+        if error.errno == errno.EADDRINUSE:
+            log.error("cannot listen: %s", port_in_use(config))
+        else:
+            log.error("cannot listen on %s:%d: %s", config.host, config.port, error)
         return 1
 
 
