@@ -4952,7 +4952,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         # HEAD answers like GET; _send_json leaves the body out.
         routes: Dict[str, Dict[str, Callable[[], None]]] = {
             "/health": {"GET": self._health, "HEAD": self._health},
-            "/": {"HEAD": self._health},
             "/models": {"GET": self._list_models, "HEAD": self._list_models},
             "/chat/completions": {"POST": self._chat_completions},
             "/responses": {"POST": self._responses},
@@ -4961,6 +4960,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             "/status": {"GET": self._status_report, "HEAD": self._status_report},
         }
         if self.path.split("?", 1)[0] == "/":  # the page is at / alone, not at /v1
+            # HEAD / is also Claude Code's check of the connection: it answers 200 without a key.
             routes["/"] = {"GET": self._status_page, "HEAD": self._status_page}
         if path.startswith("/models/"):
             get_model = lambda: self._get_model(path[len("/models/"):])  # noqa: E731
