@@ -2455,11 +2455,12 @@ def text_deltas(*pieces: str) -> List[Dict[str, Any]]:
 
 
 def tool_use_events(call_id: str, name: str, *pieces: str) -> List[Dict[str, Any]]:
-    return [stream_event({"type": "content_block_start", "index": 1, "content_block": {
-        "type": "tool_use", "id": call_id, "name": name, "input": {}}})] + \
-        [stream_event({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta",
-                                                                            "partial_json": piece}})
-         for piece in pieces] + [stream_event({"type": "content_block_stop", "index": 1})]
+    """A tool_use block as the CLI streams it."""
+    return ([stream_event({"type": "content_block_start", "index": 0, "content_block": {
+        "type": "tool_use", "id": call_id, "name": name, "input": {}}})]
+            + [stream_event({"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "input_json_delta", "partial_json": piece}}) for piece in pieces]
+            + [stream_event({"type": "content_block_stop", "index": 0})])
 
 
 def message_end(stop_reason: str) -> List[Dict[str, Any]]:
@@ -3516,8 +3517,9 @@ STARTED_STREAM = [
                                        "content_block": {"type": "text", "text": ""}}},
     {"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
                                        "delta": {"type": "text_delta", "text": "partial "}}}]
-# Shapes the CLI never printed, but a changed CLI might (issue 8, item 7).
-MALFORMED_EVENTS = [
+# Lines the CLI never printed, but a changed CLI might (issue 8, item 7): odd shapes, and lines
+# that are not JSON objects at all.
+MALFORMED_LINES = [
     {"type": "system", "subtype": "api_retry", "attempt": "two", "max_retries": None,
      "retry_delay_ms": "soon", "error_status": "x", "error": 5},
     {"type": "stream_event", "event": {"type": "message_delta", "delta": "stop",
@@ -3616,7 +3618,7 @@ class MalformedOutputTest(TestCase):
         os.chmod(claude, 0o755)
         running_server = RunningServer(claude_bin=claude)
         self.addCleanup(running_server.stop)
-        for index, event in enumerate(MALFORMED_EVENTS):
+        for index, event in enumerate(MALFORMED_LINES):
             with self.subTest(index=index, event=event):
                 with open(os.path.join(folder, "lines.json"), "w") as f:
                     json.dump(STARTED_STREAM + [event], f)
@@ -4462,10 +4464,11 @@ class ReplyBlocksTest(TestCase):
             {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}},
             {"type": "tool_use", "id": "t2", "name": "get_time", "input": {}},
             {"type": "text", "text": "Done."}])
-        self.assertEqual(reply.blocks, reply.blocks, "reading the blocks changes nothing")
+        read = copy.deepcopy(reply.blocks)
         self.assertEqual(reply.text(), "Sure, checking.Done.")
         self.assertEqual(reply.thinking(), "Let me think.")
         self.assertEqual([call["id"] for call in reply.tool_calls()], ["t1", "t2"])
+        self.assertEqual(reply.blocks, read, "reading the blocks again changes nothing")
 
     def test_broken_arguments_give_an_empty_input(self) -> None:
         for pieces in (['{"city": "Par'], ["[1, 2]"], ["   "], ["null"]):
@@ -6293,12 +6296,14 @@ PDF_DATA_URL = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 tiny
 
 
 def sse_events(response: Response) -> List[Tuple[str, Dict[str, Any]]]:
-    """The (event name, data) pairs of an SSE body with `event:` lines."""
+    """(name, data) of each event of an SSE body, which must all be named events (no comments)."""
     events = []
     for frame in response.body.decode("utf-8").split("\n\n"):
-        lines = dict(line.split(": ", 1) for line in frame.split("\n") if ": " in line)
-        if "data" in lines:
-            events.append((lines.get("event", ""), json.loads(lines["data"])))
+        if frame:
+            name, data = frame.split("\n")
+            if not name.startswith("event: ") or not data.startswith("data: "):
+                raise AssertionError("not a named event: %r" % frame)
+            events.append((name[len("event: "):], json.loads(data[len("data: "):])))
     return events
 
 
@@ -6786,6 +6791,9 @@ class ResponsesDoorTest(ProxyTest):
             parsed = self.client().responses.parse(model="claude-sonnet-4", input="Give me a.",
                                                    text_format=Answer)
         self.assertEqual(parsed.output_parsed, Answer(a=1))
+
+
+# ---------------------------------------------------------------------------
 # Door: Anthropic Messages
 # ---------------------------------------------------------------------------
 
@@ -6796,20 +6804,7 @@ except ImportError:
 
 MESSAGES_WEATHER_TOOL = {"name": "get_weather", "description": "Current weather for a city.",
                          "input_schema": WEATHER_TOOL["function"]["parameters"]}
-PDF_DATA = base64.b64encode(b"%PDF-1.4 a fake pdf").decode("ascii")
 FAKE_SIGNATURE = "fake-signature-abc123"  # the recorded thinking block's
-
-
-def sse_events(response: Response) -> List[Tuple[str, Dict[str, Any]]]:
-    """(name, data) of each event of an SSE body, which must all be named events (no comments)."""
-    events = []
-    for frame in response.body.decode("utf-8").split("\n\n"):
-        if frame:
-            name, data = frame.split("\n")
-            if not name.startswith("event: ") or not data.startswith("data: "):
-                raise AssertionError("not a named event: %r" % frame)
-            events.append((name[len("event: "):], json.loads(data[len("data: "):])))
-    return events
 
 
 def streamed_content(events: List[Tuple[str, Dict[str, Any]]]) -> List[Dict[str, Any]]:
@@ -8204,7 +8199,7 @@ class RealClientsTest(ProxyTest):
 
 
 # ---------------------------------------------------------------------------
-# Benchmark: `python3 test_proxy.py bench` (never part of the test run)
+# Beside the plain path: the CLI's probe, transcripts, the reply's corners, read-back, the pool's room
 # ---------------------------------------------------------------------------
 
 class NativeSupportTest(TestCase):
@@ -8273,19 +8268,6 @@ class SessionTranscriptTest(TestCase):
         self.assertEqual(proxy.remove_abandoned_workdirs(root, projects), 1)
         self.assertFalse(os.path.exists(left))
         self.assertTrue(os.path.exists(kept) and os.path.exists(mine))
-
-
-def stream_event(event: Dict[str, Any]) -> Dict[str, Any]:
-    return {"type": "stream_event", "event": event}
-
-
-def tool_use_events(call_id: str, name: str, *pieces: str) -> List[Dict[str, Any]]:
-    """A tool_use block as the CLI streams it."""
-    return ([stream_event({"type": "content_block_start", "index": 0, "content_block": {
-        "type": "tool_use", "id": call_id, "name": name, "input": {}}})]
-            + [stream_event({"type": "content_block_delta", "index": 0,
-                             "delta": {"type": "input_json_delta", "partial_json": piece}}) for piece in pieces]
-            + [stream_event({"type": "content_block_stop", "index": 0})])
 
 
 def tool_result_event(call_id: str, content: Any, is_error: bool = False) -> Dict[str, Any]:
@@ -8448,6 +8430,10 @@ class PoolRoomTest(TestCase):
                 created[0].closed or any(w.process is created[0] for w in pool._idle))))
         self.assertLessEqual(pool.stats()["size"], 1)
 
+
+# ---------------------------------------------------------------------------
+# Benchmark: `python3 test_proxy.py bench` (never part of the test run)
+# ---------------------------------------------------------------------------
 
 BENCH_BODY = {"model": "claude-sonnet-4", "stream": True,
               "messages": [system("You are a benchmark."), user("Say hello.")]}
