@@ -2978,44 +2978,48 @@ class StoredResponse(NamedTuple):
 
 
 class ResponseStore:
-    """The newest responses, by id: at most `count` of them, and `size` bytes of their JSON;
-    the least recently used go first. In memory: they go with the proxy."""
+    """The newest responses, by id: at most `count` of them, and `size` bytes in all; the least
+    recently used go first. In memory: they go with the proxy.
+
+    Each is held as its compact JSON, the only copy, so the bytes counted are the bytes held:
+    parsed, the same conversation takes about nine times its JSON's size, which a cap on the
+    text would not see. `get` parses a fresh copy that nobody else holds or changes.
+    """
 
     def __init__(self, count: int = RESPONSE_STORE_COUNT, size: int = RESPONSE_STORE_BYTES) -> None:
         self.count = count
         self.size = size
-        self._entries: Dict[str, Tuple[StoredResponse, int]] = {}  # oldest first
+        self._entries: Dict[str, bytes] = {}  # oldest first
         self._bytes = 0
         self._lock = threading.Lock()
 
     def put(self, entry: StoredResponse) -> None:
-        size = len(json.dumps([entry.response, entry.messages], ensure_ascii=False))
-        if size > self.size:
+        data = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        if len(data) > self.size:
             log.info("response %s is not kept: its conversation is larger than the store (%d bytes)",
                      entry.response["id"], self.size)
             return
         with self._lock:
-            _, replaced = self._entries.pop(entry.response["id"], (None, 0))
-            self._entries[entry.response["id"]] = (entry, size)
-            self._bytes += size - replaced
+            replaced = self._entries.pop(entry.response["id"], b"")
+            self._entries[entry.response["id"]] = data
+            self._bytes += len(data) - len(replaced)
             while len(self._entries) > self.count or self._bytes > self.size:
-                _, dropped = self._entries.pop(next(iter(self._entries)))
-                self._bytes -= dropped
+                self._bytes -= len(self._entries.pop(next(iter(self._entries))))
 
     def get(self, response_id: str) -> Optional[StoredResponse]:
         with self._lock:
-            found = self._entries.pop(response_id, None)
-            if found is None:
+            data = self._entries.pop(response_id, None)
+            if data is None:
                 return None
-            self._entries[response_id] = found  # the most recently used now
-            return found[0]
+            self._entries[response_id] = data  # the most recently used now
+        return StoredResponse(*json.loads(data))
 
     def delete(self, response_id: str) -> bool:
         with self._lock:
-            found = self._entries.pop(response_id, None)
-            if found is not None:
-                self._bytes -= found[1]
-            return found is not None
+            data = self._entries.pop(response_id, None)
+            if data is not None:
+                self._bytes -= len(data)
+            return data is not None
 
 
 class ResponsesOptions(NamedTuple):

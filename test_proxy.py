@@ -21,6 +21,7 @@ import contextlib
 import copy
 import errno
 import fcntl
+import gc
 import http.client
 import importlib
 import io
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import unittest
 import warnings
 from unittest import mock
@@ -3978,6 +3980,54 @@ class SecretsTest(TestCase):
 def remote_images(count: int) -> Dict[str, Any]:
     return {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.com/%d.png" % i}} for i in range(count)]}]}
+
+
+class ResponseStoreMemoryTest(TestCase):
+    """The Responses store's cap is on the memory it holds (issue 15: a cap on the JSON text let
+    parsed conversations take nine times as much, and a fresh proxy grew by 500 MB)."""
+
+    @staticmethod
+    def conversation(n: int) -> List[Dict[str, Any]]:
+        """A conversation as a request brings it: freshly parsed, small strings in many dicts."""
+        said = "conversation %03d: a few words, a few words, a few words" % n
+        return json.loads(json.dumps([{"role": ("user", "assistant")[i % 2], "content": [
+            {"type": "text", "text": "turn %d of %s" % (i, said)}]} for i in range(200)]))
+
+    def fill(self, store: "proxy.ResponseStore", entries: int) -> int:
+        """Put `entries` responses, each with its own conversation; the memory it took, in bytes."""
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(entries):
+                store.put(proxy.StoredResponse({"id": "resp_%d" % n, "object": "response", "output": []},
+                                               ["Rules."], self.conversation(n), ["msg_%d" % n]))
+            gc.collect()
+            return tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+
+    def test_the_bytes_counted_are_the_bytes_held(self) -> None:
+        store = proxy.ResponseStore(count=1000)
+        held = self.fill(store, 20)
+        one = len(json.dumps(self.conversation(0), separators=(",", ":")))
+        self.assertGreaterEqual(store._bytes, 20 * one)
+        self.assertLess(held, store._bytes * 1.1 + 64 * 1024, "held %d bytes, counted %d" % (held, store._bytes))
+        got = store.get("resp_3")
+        self.assertEqual(got.messages, self.conversation(3))
+        got.messages.clear()  # a copy: changing it changes nothing kept
+        self.assertEqual(store.get("resp_3").messages, self.conversation(3))
+        self.assertTrue(store.delete("resp_3"))
+        self.assertIsNone(store.get("resp_3"))
+
+    def test_the_cap_bounds_the_memory_held(self) -> None:
+        sized = proxy.ResponseStore(count=1000)
+        self.fill(sized, 1)
+        store = proxy.ResponseStore(count=1000, size=sized._bytes * 5 + 100)  # room for five
+        held = self.fill(store, 20)
+        self.assertLessEqual(store._bytes, store.size)
+        self.assertLess(held, store.size * 1.1 + 64 * 1024)
+        self.assertEqual([n for n in range(20) if store.get("resp_%d" % n)], [15, 16, 17, 18, 19])
 
 
 class ImageBudgetTest(TestCase):
