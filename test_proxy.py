@@ -3767,7 +3767,8 @@ class Daemon:
     """claude_max_proxy.py in a process of its own, as users run it. Its log goes to
     a file: its stderr, or with `log_file` its own --log-file (stderr then kept apart)."""
 
-    def __init__(self, *flags: str, log_file: bool = False) -> None:
+    def __init__(self, *flags: str, log_file: bool = False, python: Tuple[str, ...] = ()) -> None:
+        """`python`: what the interpreter runs instead of claude_max_proxy.py (e.g. `-c`, code)."""
         fd, self.log_path = tempfile.mkstemp(prefix="claude-proxy-log-")
         os.close(fd)
         fd, self.stderr_path = tempfile.mkstemp(prefix="claude-proxy-stderr-")
@@ -3776,7 +3777,8 @@ class Daemon:
             flags += ("--log-file", self.log_path)
         with open(self.stderr_path if log_file else self.log_path, "w") as stderr:
             self.process = subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "claude_max_proxy.py"), "--port", "0"] + list(flags),
+                [sys.executable] + list(python or [os.path.join(HERE, "claude_max_proxy.py")]) + ["--port", "0"]
+                + list(flags),
                 stdin=subprocess.DEVNULL, stderr=stderr)
         self.port = self._wait_for_port()
 
@@ -8718,37 +8720,98 @@ def bench_agent_loop(rows: List[Tuple[str, str]], turns: int = 10) -> None:
         upstream.stop()
 
 
-def bench_big_bodies(rows: List[Tuple[str, str]], clients: int = 4) -> None:
-    """Section 6: four concurrent bodies of --max-body with as many JSON values as are taken."""
-    daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "0")
-    padding = ["x" * 36] * 240000  # ~9.6 MB of small values, just under the value cap
-    body = json.dumps({"model": "claude-sonnet-4", "messages": [user("hi")], "metadata": {"pad": padding}})
-    peak = [0.0]
-    done = threading.Event()
+class ImageServer:
+    """Serves `size` bytes of PNG-typed noise at any path, on loopback, for the image burst."""
 
-    def sample() -> None:
-        while not done.wait(0.02):
-            peak[0] = max(peak[0], rss_mb(daemon.process.pid))
+    def __init__(self, size: int) -> None:
+        image = b"\x89PNG" + os.urandom(size - 4)  # noise: base64 of it cannot be compressed away
 
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(image)))
+                self.end_headers()
+                self.wfile.write(image)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d/" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# The proxy fetches images only from public addresses: the image burst's proxy lets loopback be one.
+LOOPBACK_IMAGES = ("import sys; sys.path.insert(0, %r); import claude_max_proxy as proxy; "
+                   "proxy.is_public_address = lambda address: True; sys.argv[0] = proxy.__file__; "
+                   "sys.exit(proxy.main())" % HERE)
+
+
+def bench_post(port: int, path: str, body: bytes) -> int:
+    """The status of one POST, 0 if it failed; the bench's requests may take long under load."""
     try:
-        wait_for_warm(daemon, 0.5)
+        return http_request(port, "POST", path, body,
+                            conn=http.client.HTTPConnection("127.0.0.1", port, timeout=300)).status
+    except (OSError, http.client.HTTPException):
+        return 0
+
+
+def memory_burst(rows: List[Tuple[str, str]], label: str, send: Callable[[int], List[int]], clients: int,
+                 *flags: str, python: Tuple[str, ...] = ()) -> None:
+    """A fresh proxy's RSS idle, at its high-water mark and 2 s after `clients` threads each ran
+    `send(port)` (the statuses of its requests) at once. The proxy's own: its children are other processes."""
+    daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "0", *flags, python=python)
+    statuses: List[int] = []
+    try:
+        time.sleep(1.0)  # started, nothing to pre-start
         idle = rss_mb(daemon.process.pid)
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        threads = [threading.Thread(target=http_request, args=(daemon.port, "POST", "/v1/chat/completions",
-                                                               body.encode())) for _ in range(clients)]
+        threads = [threading.Thread(target=lambda: statuses.extend(send(daemon.port))) for _ in range(clients)]
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(120)
-        done.set()
-        sampler.join()
+            thread.join(300)
         time.sleep(2.0)
         after = rss_mb(daemon.process.pid)
+        peak = stop_for_peak_rss_mb(daemon)
     finally:
-        daemon.stop()
-    rows.append(("6. proxy RSS: idle / peak with %d concurrent 9.6 MB bodies / 2 s after" % clients,
-                 "%.0f / %.0f / %.0f MB" % (idle, peak[0], after)))
+        daemon.close()
+    failed = sum(status != 200 for status in statuses)
+    rows.append(("6. proxy RSS idle / peak / 2 s after: %s" % label, "%.0f / %.0f / %.0f MB%s" % (
+        idle, peak, after, " (%d of %d requests failed)" % (failed, len(statuses)) if failed else "")))
+
+
+def bench_memory(rows: List[Tuple[str, str]]) -> None:
+    """Section 6: the proxy's memory through bursts of the largest requests it takes, and after."""
+    padding = ["x" * 36] * 240000  # ~9.6 MB of small values, just under the value cap
+    many_values = json.dumps({"model": "claude-sonnet-4", "messages": [user("hi")],
+                              "metadata": {"pad": padding}}).encode()
+    long_prompt = json.dumps({"model": "claude-sonnet-4", "messages": [user("x" * (9 * proxy.MIB))]}).encode()
+
+    def send(body: bytes) -> Callable[[int], List[int]]:
+        return lambda port: [bench_post(port, "/v1/chat/completions", body)]
+
+    memory_burst(rows, "4 concurrent 9.6 MB bodies of 240,000 values", send(many_values), 4)
+    memory_burst(rows, "4 concurrent 9 MB prompts", send(long_prompt), 4)
+    images = ImageServer(2 * proxy.MIB)
+    try:
+        fetched = json.dumps({"model": "claude-sonnet-4", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What are these?"}] + [
+            {"type": "image_url", "image_url": {"url": images.url + "%d.png" % i}} for i in range(10)]}]})
+        memory_burst(rows, "4 concurrent requests of 10 fetched 2 MiB images", send(fetched.encode()), 4,
+                     "--fetch-images", python=("-c", LOOPBACK_IMAGES))
+    finally:
+        images.stop()
+
+    def fill_store(port: int) -> List[int]:  # 90 MB of conversations for a 64 MiB store
+        return [bench_post(port, "/v1/responses", json.dumps({
+            "model": "claude-sonnet-4", "input": "%d %s" % (n, "y" * (3 * proxy.MIB // 2))}).encode())
+            for n in range(60)]
+    memory_burst(rows, "the Responses store filled with 60 conversations of 1.5 MB", fill_store, 1)
 
 
 def claude_version_of(claude: str) -> str:
@@ -8797,16 +8860,18 @@ def bench_load(rows: List[Tuple[str, str]], clients: int = 64, each: int = 5) ->
                  "%.1f MB / %.1f MB" % (peak[0], high_water)))
 
 
-def bench() -> int:
-    """Print the performance table README shows; about two minutes on 2 cores."""
+BENCH_SECTIONS = {"overhead": bench_overhead, "real": bench_real_cli, "load": bench_load,
+                  "agent": bench_agent_loop, "memory": bench_memory}
+
+
+def bench(sections: List[str]) -> int:
+    """Print the performance table README shows, of the named sections (all by default);
+    about five minutes on 2 cores."""
     setUpModule()
     rows: List[Tuple[str, str]] = []
     try:
-        bench_overhead(rows)
-        bench_real_cli(rows)
-        bench_load(rows)
-        bench_agent_loop(rows)
-        bench_big_bodies(rows)
+        for name in sections or list(BENCH_SECTIONS):
+            BENCH_SECTIONS[name](rows)
     finally:
         tearDownModule()
     print("Machine: %d CPUs, %s, Python %s, %s" % (
@@ -8821,6 +8886,6 @@ def bench() -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["bench"]:
-        sys.exit(bench())
+    if sys.argv[1:2] == ["bench"] and set(sys.argv[2:]) <= set(BENCH_SECTIONS):
+        sys.exit(bench(sys.argv[2:]))
     unittest.main()
