@@ -2982,8 +2982,9 @@ class ResponseStore:
     recently used go first. In memory: they go with the proxy.
 
     Each is held as its compact JSON, the only copy, so the bytes counted are the bytes held:
-    parsed, the same conversation takes about nine times its JSON's size, which a cap on the
-    text would not see. `get` parses a fresh copy that nobody else holds or changes.
+    parsed, the same conversation takes several times its JSON's size (nine times, of many
+    small values), which a cap on the text would not see. `get` parses a fresh copy that
+    nobody else holds or changes.
     """
 
     def __init__(self, count: int = RESPONSE_STORE_COUNT, size: int = RESPONSE_STORE_BYTES) -> None:
