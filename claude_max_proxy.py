@@ -1134,7 +1134,7 @@ class ClaudeProcess:
         self.bridge = ToolBridge([])      # serves the client's tools to it (see Exchange)
         self.open_calls: List[str] = []   # calls it waits on the client's results for, while kept
         self._outbox: List[memoryview] = []
-        self._partial = b""                # the start of a line not ended yet
+        self._partial: List[bytes] = []    # the pieces of a line not ended yet, joined once it ends
         self._read: List[Dict[str, Any]] = []  # events read and not handed out yet
         self._stdout_open = True
         self._stderr_open = True
@@ -1209,13 +1209,24 @@ class ClaudeProcess:
                         self._take(os.read(key.fd, 65536))
 
     def _take(self, data: bytes) -> None:
-        """Keep the events of what stdout gave; end-of-file ends the last line too."""
+        """Keep the events of what stdout gave; end-of-file ends the last line too.
+
+        Linear in a line's length: a read that does not end the line is only set aside.
+        (Adding each read to what came before copied a long line over and over: a 20 MB
+        line took seconds, while every other stream waited on the lock.)"""
         if not data:
             self._stdout_open = False
-            lines, self._partial = [self._partial], b""
+            lines, self._partial = [b"".join(self._partial)], []
+        elif b"\n" not in data:
+            self.last_output = time.monotonic()
+            self._partial.append(data)
+            return
         else:
             self.last_output = time.monotonic()
-            *lines, self._partial = (self._partial + data).split(b"\n")
+            pieces = data.split(b"\n")
+            pieces[0] = b"".join(self._partial + pieces[:1])
+            *lines, last = pieces
+            self._partial = [last]
         for line in lines:
             event = parse_event_line(line)
             if event is not None:

@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import unittest
 import warnings
 from unittest import mock
@@ -3812,6 +3813,30 @@ class Daemon:
         for path in (self.log_path, self.stderr_path):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+class OutputReadingTest(TestCase):
+    """Reading the CLI's output costs work in proportion to what it printed, however long a line."""
+
+    def test_a_read_that_does_not_end_a_long_line_copies_none_of_what_came_before(self) -> None:
+        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "60"), tuple(os.environ.items())))
+        self.addCleanup(process.close)
+        piece = b"x" * 65536
+        process._take(b'{"type": "assistant", "text": "')
+        for _ in range(64):  # 4 MiB of one line so far
+            process._take(piece)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+        process._take(piece)  # counted in bytes allocated, not in time: a copy of the line is 4 MiB
+        allocated = tracemalloc.get_traced_memory()[1] - before
+        tracemalloc.stop()
+        self.assertLess(allocated, len(piece), "one read copied the line's 4 MiB before it")
+        process._take(b'"}\n{"type": "result"')
+        process._take(b"}")
+        process._take(b"")  # end of file ends the last line
+        self.assertEqual(process._read, [{"type": "assistant", "text": "x" * (65 * len(piece))},
+                                         {"type": "result"}])
 
 
 class ShutdownTest(TestCase):
