@@ -3912,10 +3912,12 @@ class SseWriter:
             self.handler.start_stream()
 
 
-def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
+def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler", slot: "Slot") -> None:
     """Run the exchange and answer through the door: a stream of its frames, or its whole
     response once the reply is complete. A failure once the stream has begun is the
-    stream's last frame; before, it is the handler's to answer with its status."""
+    stream's last frame; before, it is the handler's to answer with its status. The slot
+    is given back once the reply is complete, before its last bytes go out and before
+    the process exits."""
     stream = SseWriter(handler) if door.stream else None
     try:
         for event in exchange.events():
@@ -3933,8 +3935,10 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
         except ProxyError as error:  # a reply the door cannot read back is not kept; the answer stands
             log.warning("%s not kept for its next turn: %s", handler.request_id, error.message)
             echo = None
-        # Kept before the answer ends: a client may come back with the next turn at once.
+        # Kept, and the slot given back, before the answer ends: a client may come back with
+        # the next turn at once, while a process not kept still takes its time to exit.
         exchange.keep(echo)
+        slot.release()
         if stream is not None:
             stream.frames(last)
             stream.end()
@@ -4435,7 +4439,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.server.limits.check(self.server.config.no_extra_usage)
         # Parsed JSON can take many times its text: parsed only in a slot, so at most
         # --max-concurrent bodies take that room at once, and neither outlives the translation.
-        with self.server.slot():
+        with self.server.slot() as slot:
             turn, options = parse(parse_json_text(text), self.server.config)
             del text
             self.model_name = turn.model
@@ -4447,7 +4451,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(503, "This Claude Code (%s) cannot take a conversation natively: %s. %s"
                                  % (claude, problem, UPGRADE_HELP), code="claude_unsupported")
             door = door(turn, options)
-            answer_turn(door, Exchange(self.server, turn, claude, self.connection, door.stream), self)
+            answer_turn(door, Exchange(self.server, turn, claude, self.connection, door.stream), self, slot)
 
     # -- response writing ------------------------------------------------------
 
@@ -4898,16 +4902,24 @@ class Slot:
     def __init__(self, semaphore: threading.BoundedSemaphore, timeout: float) -> None:
         self.semaphore = semaphore
         self.timeout = timeout
+        self.held = False
 
     def __enter__(self) -> "Slot":
         if not self.semaphore.acquire(timeout=self.timeout):
             raise ProxyError(429, "Too many requests at once: every one of the proxy's claude slots "
                              "stayed busy for %g s (--max-concurrent, --queue-timeout)."
                              % self.timeout, code="too_many_requests", headers={"Retry-After": "5"})
+        self.held = True
         return self
 
+    def release(self) -> None:
+        """Give the place back, once: a finished turn does so early, before its process exits."""
+        if self.held:
+            self.held = False
+            self.semaphore.release()
+
     def __exit__(self, *exc: Any) -> None:
-        self.semaphore.release()
+        self.release()
 
 
 def startup_warnings(config: Config) -> List[str]:

@@ -1462,6 +1462,7 @@ def main():
         failed = turn.run()
         save(conversation=conversation, answered=time.time())
     save(finished=time.time())
+    time.sleep(float(os.environ.get("FAKE_CLAUDE_LINGER") or 0))  # a CLI slow to exit (writing its files)
     finish(1 if failed else 0)
 
 
@@ -3837,6 +3838,22 @@ class OutputReadingTest(TestCase):
         process._take(b"")  # end of file ends the last line
         self.assertEqual(process._read, [{"type": "assistant", "text": "x" * (65 * len(piece))},
                                          {"type": "result"}])
+
+
+class SlotReleaseTest(TestCase):
+    """A --max-concurrent slot is held while Claude answers, not while a finished CLI exits."""
+
+    def test_the_next_request_gets_the_slot_while_the_last_cli_is_still_exiting(self) -> None:
+        running = RunningServer(max_concurrent=1, queue_timeout=0)  # a held slot is a 429 at once
+        self.addCleanup(running.stop)
+        os.environ["FAKE_CLAUDE_LINGER"] = "30"  # killed after the proxy's grace of a second
+        self.addCleanup(os.environ.pop, "FAKE_CLAUDE_LINGER")
+        tag = marker()
+        first = post_chat(running.port, {"messages": [user("first " + tag)]})
+        self.assertEqual(first.status, 200, first.body)
+        second = post_chat(running.port, {"messages": [user("second " + marker())]})
+        self.assertEqual(second.status, 200, second.body)
+        self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]), "the lingering CLI was not reaped")
 
 
 class ShutdownTest(TestCase):
