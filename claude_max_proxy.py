@@ -73,7 +73,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple, Union
 
 try:
     import resource
@@ -277,6 +277,7 @@ def invalid(message: str, param: Optional[str] = None, code: Optional[str] = Non
 
 
 UPGRADE_HELP = "npm install -g @anthropic-ai/claude-code@latest (the proxy is tested with 2.1.197)"
+NOT_LOGGED_IN = "Claude Code is not logged in: run `claude` and /login"
 LOGIN_HELP = ("Claude Code is not logged in. Run `claude` once in a terminal on this machine, "
               "log in with your Claude subscription (/login), then retry.")
 
@@ -1354,6 +1355,24 @@ def binary_identity(path: str) -> Optional[Tuple[int, int, int]]:
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
+# The pause after a background thread's failure (the pool's, the probe's), doubled after each
+# one that follows, up to the second: bounded work while something is wrong, soon back after.
+RETRY_PAUSES = (5.0, 300.0)
+_faults_logged: Set[Tuple[str, str]] = set()
+_faults_lock = threading.Lock()
+
+
+def log_fault(where: str, error: Exception) -> None:
+    """Log an unexpected exception of a background thread, which goes on: at ERROR with its
+    traceback, once for each distinct fault (a retry that fails alike says nothing new)."""
+    fault = (where, "%s: %s" % (type(error).__name__, error))
+    with _faults_lock:
+        if fault in _faults_logged:
+            return
+        _faults_logged.add(fault)
+    log.error("%s failed, and is tried again: %s", where, fault[1], exc_info=error)
+
+
 PoolKey = Union[Launch, str]  # a Launch to start a process for, or a kept conversation's key
 
 
@@ -1480,18 +1499,33 @@ class WarmPool:
     # -- the background thread ---------------------------------------------------
 
     def _keep(self) -> None:
+        """Start what is wanted and retire what is done, until the pool closes. A fault of
+        its own is logged and its key tried again after a pause (RETRY_PAUSES): the thread
+        must not end, or nothing would be pre-started again."""
+        pause = RETRY_PAUSES[0]
         while True:
-            with self._changed:
-                if not self._wanted and not self._closed:
-                    self._changed.wait(self._time_to_next_check())
-                if self._closed:
-                    return
-                doomed = self._retire(time.monotonic())
-                key = self._reserve_next(doomed)
-            for warm in doomed:
-                warm.process.close()
-            if key is not None:
-                self._start(key)
+            key: Optional[Launch] = None
+            try:
+                with self._changed:
+                    if not self._wanted and not self._closed:
+                        self._changed.wait(self._time_to_next_check())
+                    if self._closed:
+                        return
+                    doomed = self._retire(time.monotonic())
+                    key = self._reserve_next(doomed)
+                for warm in doomed:
+                    warm.process.close()
+                if key is not None:
+                    self._start(key)
+                pause = RETRY_PAUSES[0]
+            except Exception as error:
+                log_fault("the warm pool", error)
+                with self._changed:
+                    if key is not None:
+                        self._wanted.insert(0, key)
+                    if not self._closed:
+                        self._changed.wait(pause)
+                pause = min(pause * 2, RETRY_PAUSES[1])
 
     def _time_to_next_check(self) -> Optional[float]:
         if not self._idle:
@@ -1588,71 +1622,164 @@ def claude_version(path: str) -> Optional[str]:
 # The proxy relies on Claude Code's control protocol (initialize, mcp_set_servers and the MCP
 # messages that follow), first there in the 2.1 releases; an older CLI gets a clear error.
 PROBE_TIMEOUT = 20.0
-_native: Dict[Tuple[str, float], Optional[str]] = {}
-_probing: List[Tuple[str, float]] = []
-_probing_lock = threading.Lock()
 
 
-def native_problem(path: str, wait: bool = True) -> Optional[str]:
-    """Why this `claude` cannot take a conversation natively, or None when it can (or, without
-    `wait`, when that is not known yet: it is then found out in the background, and a
-    problem logged). Probed again only when the file changes (an upgrade): a process that is
-    told a system prompt and a tool must ask for the tool, before any prompt, so nothing
-    reaches Anthropic."""
+class ProbeResult(NamedTuple):
+    """What one probe of a `claude` found."""
+
+    problem: Optional[str]              # why it cannot take a conversation; None when it can
+    lasting: bool = False               # the binary's own problem (too old): it stays until the file changes
+    logged_in: Optional[bool] = None    # as its initialize answer says; None when unknown
+
+
+class Probe:
+    """The probes of one `claude` file: none yet (pending), or the latest result. A failure
+    that is not the binary's (a timeout on a loaded machine, a failed start), or a CLI not
+    logged in yet, is probed again once its pause has passed, the pause doubling from
+    RETRY_PAUSES[0] up to RETRY_PAUSES[1]."""
+
+    def __init__(self) -> None:
+        self.result: Optional[ProbeResult] = None
+        self.running = False
+        self.pause = RETRY_PAUSES[0]
+        self.retry_at = 0.0
+
+    @property
+    def state(self) -> str:
+        if self.result is None:
+            return "pending"
+        return "ok" if self.result.problem is None else "failed"
+
+    @staticmethod
+    def passing(result: ProbeResult) -> bool:
+        """Whether what the result found wrong may right itself, the binary unchanged."""
+        return not result.lasting and (result.problem is not None or result.logged_in is False)
+
+    def due(self, now: float) -> bool:
+        """Whether a probe should start now (the caller then sets `running`)."""
+        if self.running:
+            return False
+        return self.result is None or self.passing(self.result) and now >= self.retry_at
+
+    def done(self, result: ProbeResult, now: float) -> None:
+        self.result, self.running = result, False
+        if self.passing(result):
+            self.retry_at = now + self.pause
+            self.pause = min(self.pause * 2, RETRY_PAUSES[1])
+        else:
+            self.pause = RETRY_PAUSES[0]
+
+
+_probes: Dict[Tuple[str, float], Probe] = {}
+_probes_lock = threading.Lock()
+
+
+def claude_probe(path: str, wait: bool = True) -> Probe:
+    """The probe of this `claude`, started when due: the first time, again when the file changes
+    (an upgrade), and after a passing failure once its pause is over. With `wait` a due probe
+    runs here; without, in the background (a problem is logged), and the Probe says what is
+    known so far. A process that is told a system prompt and a tool must ask for the tool,
+    before any prompt, so nothing reaches Anthropic."""
     try:
         key = (path, os.stat(path).st_mtime)
     except OSError:
-        return "not found"
-    if key in _native:
-        return _native[key]
-    if wait:
-        _native[key] = probe_native(path)
-        return _native[key]
-    with _probing_lock:
-        if key in _probing:
-            return None
-        _probing.append(key)
-    threading.Thread(target=probe_and_report, args=(key,), name="probe", daemon=True).start()
-    return None
+        probe = Probe()
+        probe.result = ProbeResult("not found", lasting=True)
+        return probe
+    with _probes_lock:
+        probe = _probes.setdefault(key, Probe())
+        due = probe.due(time.monotonic())
+        probe.running = probe.running or due
+    if due and wait:
+        run_probe(path, probe)
+    elif due:
+        threading.Thread(target=run_probe, args=(path, probe), name="probe", daemon=True).start()
+    return probe
 
 
-def probe_and_report(key: Tuple[str, float]) -> None:
-    problem = _native[key] = probe_native(key[0])
-    if problem is not None:
+def run_probe(path: str, probe: Probe) -> None:
+    """Probe and record the result; a fault of the proxy's own is logged and retried like a timeout."""
+    try:
+        result = probe_native(path)
+    except Exception as error:
+        log_fault("the probe of %s" % path, error)
+        result = ProbeResult("the proxy's own check failed (%s); see its log" % error)
+    now = time.monotonic()
+    with _probes_lock:
+        probe.done(result, now)
+    if result.lasting:
         log.warning("%s cannot take a conversation natively (%s); requests will fail until it is "
-                    "upgraded: %s", key[0], problem, UPGRADE_HELP)
+                    "upgraded: %s", path, result.problem, UPGRADE_HELP)
+    elif result.problem is not None:
+        log.warning("the check of %s failed (%s); tried again after %g s", path, result.problem,
+                    probe.retry_at - now)
+    elif result.logged_in is False:
+        log.warning(NOT_LOGGED_IN)
 
 
-def probe_native(path: str) -> Optional[str]:
+def logged_in(initialize: Dict[str, Any]) -> Optional[bool]:
+    """Whether the CLI has a login, from its initialize answer's `account`: a logged-out CLI
+    says tokenSource "none" with no apiKeySource (checked with 2.1.197 and an empty config)."""
+    account = initialize.get("account")
+    if not isinstance(account, dict):
+        return None
+    return account.get("tokenSource") not in (None, "none") or bool(account.get("apiKeySource")) or \
+        account.get("apiProvider") not in (None, "firstParty")  # Bedrock, Vertex: their own credentials
+
+
+def unsupported(claude: str, result: ProbeResult) -> str:
+    return "This Claude Code (%s) cannot take a conversation natively: %s. Upgrade it: %s" % (
+        claude, result.problem, UPGRADE_HELP)
+
+
+def claude_problems(claude: str, probe: Probe) -> List[str]:
+    """What the probe found wrong with this `claude`, each with its fix."""
+    result = probe.result
+    if result is None:
+        return []
+    if result.lasting:
+        return [unsupported(claude, result)]
+    if result.problem is not None:
+        return ["The proxy could not check Claude Code (%s): %s. It tries again within %d s; if "
+                "that fails too, run `claude` in a terminal to see why." % (
+                    claude, result.problem, max(0, math.ceil(probe.retry_at - time.monotonic())))]
+    return [NOT_LOGGED_IN] if result.logged_in is False else []
+
+
+def probe_native(path: str) -> ProbeResult:
     tool = native_tool("probe", "", None, "probe")
     turn = Turn("probe", "haiku", Conversation("probe", [], [tool]))
     try:
         process = start_claude(cli_launch(path, turn, Config(), []))
     except ProxyError as error:
-        return error.message
+        return ProbeResult(error.message)
     process.bridge = ToolBridge([tool])
     process.send(opening_lines(turn))
     deadline = time.monotonic() + PROBE_TIMEOUT
     timeout = ProxyError(504, "it did not ask for the tools within %g s" % PROBE_TIMEOUT)
     answered: List[str] = []
+    login: Optional[bool] = None
     try:
         for event in process.events(lambda: (deadline, timeout)):
             if event.get("type") == "control_response":
                 response = event.get("response") if isinstance(event.get("response"), dict) else {}
                 if response.get("subtype") != "success":
-                    return "it refused %s: %s" % (response.get("request_id"), str(response.get("error"))[:200])
+                    return ProbeResult("it refused %s: %s" % (response.get("request_id"),
+                                                               str(response.get("error"))[:200]), True)
                 answered.append(str(response.get("request_id")))
+                if response.get("request_id") == "initialize" and isinstance(response.get("response"), dict):
+                    login = logged_in(response["response"])
             request = event.get("request") if isinstance(event.get("request"), dict) else {}
             message = request.get("message") if isinstance(request.get("message"), dict) else {}
             line = process.bridge.answer(event)
             if line:
                 process.send(line)
             if message.get("method") == "tools/list" and {"initialize", "tools"} <= set(answered):
-                return None
-        return "it exited (code %s) without asking for the tools: %s" % (
-            process.close(), process.stderr_text()[-300:] or "nothing on stderr")
+                return ProbeResult(None, logged_in=login)
+        return ProbeResult("it exited (code %s) without asking for the tools: %s" % (
+            process.close(), process.stderr_text()[-300:] or "nothing on stderr"), True)
     except ProxyError as error:
-        return error.message
+        return ProbeResult(error.message)  # a timeout: a loaded machine may start it slowly
     finally:
         process.close()
 
@@ -4446,10 +4573,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             claude = find_claude(self.server.config.claude_bin)
             if claude is None:
                 raise claude_not_found(self.server.config.claude_bin)
-            problem = native_problem(claude, wait=False)  # probed in the background, again after an upgrade
-            if problem is not None:
-                raise ProxyError(503, "This Claude Code (%s) cannot take a conversation natively: %s. %s"
-                                 % (claude, problem, UPGRADE_HELP), code="claude_unsupported")
+            # Probed in the background, again after an upgrade or a passing failure; only a CLI
+            # that cannot do it is refused (a request finds out any other trouble for itself).
+            probe = claude_probe(claude, wait=False).result
+            if probe is not None and probe.lasting:
+                raise ProxyError(503, unsupported(claude, probe), code="claude_unsupported")
             door = door(turn, options)
             answer_turn(door, Exchange(self.server, turn, claude, self.connection, door.stream), self, slot)
 
@@ -4719,7 +4847,7 @@ class ProxyServer(ThreadingHTTPServer):
         self._prewarm_default()
         claude = find_claude(config.claude_bin)
         if claude is not None:
-            native_problem(claude, wait=False)  # before a request needs to know
+            claude_probe(claude, wait=False)  # before a request needs to know
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks DNS for our fully qualified name, which can
@@ -4874,13 +5002,22 @@ class ProxyServer(ThreadingHTTPServer):
             self.requests_served += 1
 
     def health(self) -> Dict[str, Any]:
+        """What the proxy knows of itself; `problems` says what is wrong, each with its fix."""
         claude = find_claude(self.config.claude_bin)
+        probe = None if claude is None else claude_probe(claude, wait=False)  # asking retries one due
+        result = None if probe is None else probe.result
+        problems = [claude_not_found(self.config.claude_bin).message] if claude is None else \
+            claude_problems(claude, probe)
         return {
-            "status": "ok" if claude else "degraded",
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
             "version": __version__,
             "claude": {"found": claude is not None, "path": claude,
                        "version": claude_version(claude) if claude else None,
-                       "native": None if claude is None else native_problem(claude, wait=False) is None},
+                       "probe": None if probe is None else probe.state,
+                       "problem": None if result is None else result.problem,
+                       "native": None if result is None else not result.lasting,
+                       "logged_in": None if result is None else result.logged_in},
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "requests_served": self.requests_served,
@@ -5567,17 +5704,42 @@ def check_claude(system: System, config: Config) -> Check:
         return Check("FAIL", "claude (`%s`) not found on PATH or in %s"
                      % (config.claude_bin, ", ".join(CLAUDE_INSTALL_DIRS)),
                      "npm install -g @anthropic-ai/claude-code, or pass --claude-bin /full/path")
-    problem = native_problem(claude)
-    if problem is not None:
+    version = claude_version(claude) or "(version unknown)"
+    health = fetch_health(health_url(config))
+    seen = (health or {}).get("claude")
+    if isinstance(seen, dict) and seen.get("probe"):
+        # The running proxy's probe is the one its requests stand on: one run here could pass
+        # while the proxy's timed out.
+        by = "checked by the running proxy, pid %s" % health["pid"]
+        if seen["probe"] == "failed":
+            return Check("FAIL", "claude %s at %s failed the running proxy's check (pid %s): %s" % (
+                seen.get("version"), seen.get("path"), health["pid"], seen.get("problem")),
+                UPGRADE_HELP if seen.get("native") is False else
+                "run `claude` in a terminal to see why; the proxy checks again by itself")
+        if seen["probe"] == "pending":
+            return Check("WARN", "claude %s at %s is still being checked by the running proxy (pid %s)"
+                         % (seen.get("version"), seen.get("path"), health["pid"]),
+                         "run doctor again in a moment")
+        return Check("OK", "claude %s at %s (%s)" % (seen.get("version"), seen.get("path"), by))
+    result = claude_probe(claude).result or ProbeResult("another check of it is under way")
+    if result.lasting:
         return Check("FAIL", "claude %s at %s does not speak the control protocol the proxy needs: %s"
-                     % (claude_version(claude) or "(version unknown)", claude, problem), UPGRADE_HELP)
-    return Check("OK", "claude %s at %s" % (claude_version(claude) or "(version unknown)", claude))
+                     % (version, claude, result.problem), UPGRADE_HELP)
+    if result.problem is not None:
+        return Check("FAIL", "claude %s at %s could not be checked: %s" % (version, claude, result.problem),
+                     "run `claude` in a terminal to see why")
+    return Check("OK", "claude %s at %s" % (version, claude))
 
 
 def check_login(system: System, config: Config) -> Check:
     claude = find_claude(config.claude_bin)
     if claude is None:
         return Check("FAIL", "login not checked: claude not found", "install claude first")
+    health = fetch_health(health_url(config))
+    if health is not None and (health.get("claude") or {}).get("logged_in") is False:
+        return Check("FAIL", "Claude Code is not logged in (its claude told the running proxy, pid %s, "
+                     "at its check)" % health["pid"], "run `claude` in a terminal as this user and "
+                     "/login with your Claude subscription; the running proxy sees it within minutes")
     # Asked with the environment the proxy gives claude: a stray API key that the
     # proxy strips must not make it look logged in.
     ran = system.run([claude, "auth", "status", "--json"], env=cli_env(config, base=system.environ),
@@ -5659,10 +5821,13 @@ def check_health(system: System, config: Config) -> Check:
         return Check("FAIL" if installed else "WARN", "nothing answers %s" % url,
                      ("see %s" % manager.logs_hint) if installed else
                      "start it: `%s --port %d`, or install it" % (self_command(), config.port))
-    if health.get("status") != "ok":
+    if not (health.get("claude") or {}).get("found", True):
         return Check("FAIL", "the running proxy cannot find claude: %s" % describe_health(health),
                      "re-run `%s install` from a shell where `claude` works, or pass "
                      "--claude-bin /full/path/to/claude" % self_command())
+    if health.get("status") != "ok":
+        return Check("FAIL", "the running proxy answers %s but is degraded: %s" % (
+            url, " ".join(health.get("problems") or [describe_health(health)])))
     if (health.get("usage_limits") or {}).get("extra_usage_in_use"):
         return Check("WARN", "the proxy answers %s, and Claude Code reports extra usage in use, billed "
                      "beyond your plan: %s" % (url, "; ".join(describe_limits(health))),

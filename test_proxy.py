@@ -369,6 +369,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if "--version" in ARGV:
     print("2.1.197 (Claude Code)")
     sys.exit(0)
+time.sleep(float(os.environ.get("FAKE_CLAUDE_SLOW_START") or 0))  # a loaded machine
+# No credentials (an empty config, no token): initialize says so and every turn is refused, as 2.1.197 does.
+LOGGED_OUT = bool(os.environ.get("FAKE_CLAUDE_LOGGED_OUT"))
 
 with open(os.path.join(HERE, "recorded.json")) as f:
     RECORDED = {name: [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -648,6 +651,8 @@ def answer_control(request_id, request):
             save(initialize=request)
         answer = shape("control-initialize", "control_response")["response"]["response"]
         answer["pid"] = os.getpid()
+        if LOGGED_OUT:
+            answer["account"] = {"tokenSource": "none", "apiProvider": "firstParty"}
         respond(request_id, answer)
     elif subtype == "apply_flag_settings":
         settings = request.get("settings") or {}
@@ -1246,8 +1251,8 @@ class Turn:
     def run(self):
         """Answer; returns True when the result was an error (the exit code at EOF)."""
         spec, mode = self.spec, self.mode
-        if mode in ("not-logged-in", "upstream-400"):
-            for event in RECORDED[mode]:
+        if LOGGED_OUT or mode in ("not-logged-in", "upstream-400"):
+            for event in RECORDED["not-logged-in" if LOGGED_OUT else mode]:
                 emit(stamp(event))
             finish(1)
         if mode in ("rate-limited-429-retrying", "upstream-401-retrying"):
@@ -2731,7 +2736,9 @@ class RoutesTest(ProxyTest):
         health = response.json()
         self.assertEqual(health["status"], "ok")
         self.assertEqual(health["claude"], {"found": True, "path": FAKE.path,
-                                            "version": "2.1.197 (Claude Code)", "native": True})
+                                            "version": "2.1.197 (Claude Code)", "probe": "ok",
+                                            "problem": None, "native": True, "logged_in": True})
+        self.assertEqual(health["problems"], [])
         self.assertEqual(health["version"], proxy.__version__)
 
     def test_requests_served_counts_chat_completions_not_probes(self) -> None:
@@ -3854,6 +3861,139 @@ class SlotReleaseTest(TestCase):
         second = post_chat(running.port, {"messages": [user("second " + marker())]})
         self.assertEqual(second.status, 200, second.body)
         self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]), "the lingering CLI was not reaped")
+
+
+def own_claude(test: unittest.TestCase) -> str:
+    """A copy of the fake CLI at a path of its own: a file the proxy has never probed."""
+    path = os.path.join(FAKE.dir, "claude-%s" % marker())
+    shutil.copy(FAKE.path, path)
+    test.addCleanup(os.unlink, path)
+    return path
+
+
+def set_env(test: unittest.TestCase, name: str, value: str) -> None:
+    """An environment variable for the proxy's children, until the test ends (or unset_env)."""
+    os.environ[name] = value
+    test.addCleanup(unset_env, name)
+
+
+def unset_env(name: str) -> None:
+    os.environ.pop(name, None)
+
+
+class ProbeTest(TestCase):
+    """The probe of the CLI at start says what is wrong on /health and in doctor, and a probe
+    that failed for a passing reason (a slow start, a fault of its own) is tried again."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        pauses = mock.patch.object(proxy, "RETRY_PAUSES", (0.2, 0.4))
+        pauses.start()
+        self.addCleanup(pauses.stop)
+
+    def server(self, claude: str) -> RunningServer:
+        running = RunningServer(claude_bin=claude)
+        self.addCleanup(running.stop)
+        return running
+
+    def health(self, running: RunningServer) -> Dict[str, Any]:
+        return http_request(running.port, "GET", "/health").json()
+
+    def test_a_probe_that_timed_out_says_degraded_and_is_tried_again_until_it_passes(self) -> None:
+        claude = own_claude(self)
+        set_env(self, "FAKE_CLAUDE_SLOW_START", "30")
+        timeout = mock.patch.object(proxy, "PROBE_TIMEOUT", 0.5)
+        timeout.start()
+        self.addCleanup(timeout.stop)
+        with self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            running = self.server(claude)
+            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "failed"))
+        self.assertIn("the check of %s failed" % claude, "\n".join(logs.output))
+        health = self.health(running)
+        self.assertEqual(health["status"], "degraded")
+        self.assertIn("did not ask for the tools within 0.5 s", health["claude"]["problem"])
+        self.assertIsNone(health["claude"]["logged_in"])
+        self.assertEqual(len(health["problems"]), 1)
+        self.assertIn("The proxy could not check Claude Code (%s)" % claude, health["problems"][0])
+        self.assertIn("run `claude` in a terminal", health["problems"][0])
+        # doctor asks the running proxy: a probe of its own would pass (it waits long enough)
+        check = proxy.check_claude(proxy.System(), proxy.Config(claude_bin=claude, port=running.port))
+        self.assertEqual(check.level, "FAIL")
+        self.assertIn("failed the running proxy's check", check.message)
+        unset_env("FAKE_CLAUDE_SLOW_START")  # the machine is no longer loaded
+        self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "ok"),
+                        "the failed probe was never tried again")
+        health = self.health(running)
+        self.assertEqual((health["status"], health["problems"], health["claude"]["logged_in"]),
+                         ("ok", [], True))
+        self.assertEqual(post_chat(running.port, {"messages": [user("hi")]}).status, 200)
+        check = proxy.check_claude(proxy.System(), proxy.Config(claude_bin=claude, port=running.port))
+        self.assertEqual(check.level, "OK", check.message)
+        self.assertIn("checked by the running proxy", check.message)
+
+    def test_a_cli_not_logged_in_is_found_at_start_and_its_requests_still_get_its_401(self) -> None:
+        claude = own_claude(self)
+        set_env(self, "FAKE_CLAUDE_LOGGED_OUT", "1")
+        with self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            running = self.server(claude)
+            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["logged_in"] is False))
+        self.assertIn(proxy.NOT_LOGGED_IN, "\n".join(logs.output))
+        health = self.health(running)
+        self.assertEqual((health["status"], health["problems"]), ("degraded", [proxy.NOT_LOGGED_IN]))
+        self.assertEqual((health["claude"]["probe"], health["claude"]["native"]), ("ok", True))
+        self.assertIn("run `claude` and /login", health["problems"][0])
+        response = post_chat(running.port, {"messages": [user("hi")]})
+        self.assertEqual(response.status, 401, response.body)
+        self.assertIn("/login", response.json()["error"]["message"])
+        check = proxy.check_login(proxy.System(), proxy.Config(claude_bin=claude, port=running.port))
+        self.assertEqual(check.level, "FAIL")
+        self.assertIn("not logged in", check.message)
+        unset_env("FAKE_CLAUDE_LOGGED_OUT")  # the user ran /login
+        self.assertTrue(wait_until(lambda: self.health(running)["claude"]["logged_in"] is True, 10.0),
+                        "the login is never looked at again")
+        self.assertEqual(self.health(running)["status"], "ok")
+
+    def test_a_fault_in_the_probe_itself_is_logged_and_the_probe_tried_again(self) -> None:
+        claude = own_claude(self)
+        fault = RuntimeError("probe fault " + marker())
+        real = proxy.probe_native
+        calls = []
+
+        def failing_once(path: str) -> proxy.ProbeResult:
+            calls.append(path)
+            if len(calls) == 1:
+                raise fault
+            return real(path)
+        with mock.patch.object(proxy, "probe_native", failing_once), \
+                self.expect_error_log(re.escape(str(fault))):
+            running = self.server(claude)
+            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "failed"))
+            self.assertIn("the proxy's own check failed", self.health(running)["claude"]["problem"])
+            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "ok"))
+        self.assertEqual(len(calls), 2)
+
+
+class PoolFaultTest(TestCase):
+    """A fault in the warm pool's thread is logged, and the pool goes on pre-starting."""
+
+    def test_the_pool_recovers_from_a_fault_of_its_own(self) -> None:
+        fault = RuntimeError("pool fault " + marker())
+        real = proxy.start_claude
+        failed = []
+
+        def failing_once_in_the_pool(launch: proxy.Launch, lifeline: Any = None) -> proxy.ClaudeProcess:
+            if threading.current_thread().name == "warm-pool" and not failed:
+                failed.append(launch)
+                raise fault
+            return real(launch, lifeline)
+        with mock.patch.object(proxy, "RETRY_PAUSES", (0.2, 0.4)), \
+                mock.patch.object(proxy, "start_claude", failing_once_in_the_pool), \
+                self.expect_error_log(re.escape(str(fault))):
+            running = RunningServer(pool_size=1)
+            self.addCleanup(running.stop)
+            self.assertTrue(wait_until(lambda: failed))
+            self.assertTrue(wait_until(lambda: running.server.pool.stats()["size"] == 1),
+                            "nothing was pre-started after the fault")
 
 
 class ShutdownTest(TestCase):
@@ -7692,7 +7832,7 @@ class EndToEndTest(ProxyTest):
 
     def test_the_real_cli_passes_the_probe(self) -> None:
         # Fails when the CLI stops taking initialize and mcp_set_servers on stdin.
-        self.assertIsNone(proxy.native_problem(real_claude()))
+        self.assertEqual(proxy.claude_probe(real_claude()).result, proxy.ProbeResult(None, logged_in=True))
 
     def test_structured_output_through_the_real_cli(self) -> None:
         tag = marker()
@@ -8272,7 +8412,7 @@ class NativeSupportTest(TestCase):
         self.assertIn("control protocol", check.message)
 
     def test_the_fake_passes_the_probe(self) -> None:
-        self.assertIsNone(proxy.native_problem(FAKE.path))
+        self.assertEqual(proxy.claude_probe(FAKE.path).result, proxy.ProbeResult(None, logged_in=True))
 
 
 class SessionTranscriptTest(TestCase):
