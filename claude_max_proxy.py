@@ -4098,11 +4098,13 @@ class ClientConnection(io.RawIOBase):
     own, so a client that stops reading a stream frees its slot and its claude.
     """
 
-    def __init__(self, sock: socket.socket, read_seconds: float, write_seconds: float) -> None:
+    def __init__(self, sock: socket.socket, read_seconds: float, write_seconds: float,
+                 first_heard: Callable[[], None]) -> None:
         super().__init__()
         self.sock = sock
         self.read_seconds = read_seconds
         self.write_seconds = write_seconds
+        self.first_heard: Optional[Callable[[], None]] = first_heard  # called at the first byte ever
         self.received = 0
         self.deadline = 0.0
 
@@ -4125,6 +4127,9 @@ class ClientConnection(io.RawIOBase):
         count = self.sock.recv_into(buffer)
         if count and not self.received:
             self.deadline = time.monotonic() + self.read_seconds
+            if self.first_heard is not None:
+                self.first_heard()
+                self.first_heard = None
         self.received += count
         return count
 
@@ -4355,7 +4360,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.connection = self.request
         # Nagle's algorithm would hold each small answer back ~40 ms for the client's ACK.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.client = ClientConnection(self.connection, self.timeout, self.write_timeout)
+        self.client = ClientConnection(self.connection, self.timeout, self.write_timeout,
+                                       lambda: self.server.heard_from(self.connection))
         self.rfile = io.BufferedReader(self.client)
         self.wfile = self.client
 
@@ -4831,6 +4837,9 @@ class ProxyServer(ThreadingHTTPServer):
             log.warning("at most %d connections at once (not %d): the open-file limit is %s",
                         self.max_connections, config.max_connections, open_file_limit())
         self.connections = 0
+        # Connections that have not sent a byte yet, oldest first: at the cap they give way
+        # to a new one, so that a pile of silent ones cannot lock everyone out.
+        self._silent: Dict[socket.socket, None] = {}
         self._accept_failing = False
         self._too_many = refusal_bytes(ProxyError(
             503, "The proxy has %d connections open already (--max-connections); retry shortly."
@@ -4875,27 +4884,53 @@ class ProxyServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
-            admitted = self.connections < self.max_connections
+            silent = None if self.connections < self.max_connections else self._silent_one()
+            admitted = self.connections < self.max_connections or silent is not None
             if admitted:
-                self.connections += 1
+                self.connections += 1  # one over the cap until the silent one's thread ends
+                self._silent[request] = None
+        if silent is not None:
+            log.debug("closed a connection that sent nothing, to make room for a new one")
+            try:
+                silent.shutdown(socket.SHUT_RDWR)  # its handler reads end-of-file and ends
+            except OSError:
+                pass
         if not admitted:
             self._refuse_connection(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._connection_closed()
+            self._connection_closed(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._connection_closed()
+            self._connection_closed(request)
 
-    def _connection_closed(self) -> None:
+    def _silent_one(self) -> Optional[socket.socket]:
+        """The oldest connection that has sent nothing, taken out of the list; None if none has."""
+        for sock in self._silent:
+            # Not sock.recv(MSG_PEEK): on a socket with a timeout, Python waits for data first.
+            with selectors.DefaultSelector() as selector:
+                selector.register(sock, selectors.EVENT_READ)
+                if selector.select(0):
+                    continue  # its first bytes (or its close) just came: its handler sees them now
+            del self._silent[sock]
+            return sock
+        return None
+
+    def heard_from(self, request: socket.socket) -> None:
+        """A connection sent its first byte: a request of its own is on its way."""
+        with self._lock:
+            self._silent.pop(request, None)
+
+    def _connection_closed(self, request: socket.socket) -> None:
         with self._lock:
             self.connections -= 1
+            self._silent.pop(request, None)
 
     def _refuse_connection(self, request: socket.socket) -> None:
         """A 503 at once, from the accepting thread, without waiting on the client in any way."""

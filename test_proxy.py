@@ -3104,7 +3104,9 @@ class HttpHardeningTest(ProxyTest):
         running = RunningServer(max_connections=2)
         idle = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(2)]
         try:
-            self.assertTrue(wait_until(lambda: running.server.connections == 2))
+            for sock in idle:
+                sock.sendall(b"GET /health HTTP/1.1\r\n")  # begun: a request that has not ended yet
+            self.assertTrue(wait_until(lambda: running.server.connections == 2 and not running.server._silent))
             extra = socket.create_connection(("127.0.0.1", running.port), timeout=10)
             try:
                 answer, closed = read_until_closed(extra)
@@ -3994,6 +3996,29 @@ class PoolFaultTest(TestCase):
             self.assertTrue(wait_until(lambda: failed))
             self.assertTrue(wait_until(lambda: running.server.pool.stats()["size"] == 1),
                             "nothing was pre-started after the fault")
+
+
+class SilentConnectionTest(TestCase):
+    """At the connection cap, connections that never sent a byte give way to new ones."""
+
+    def test_connections_that_send_nothing_make_room_at_once_oldest_first(self) -> None:
+        running = RunningServer(max_connections=3)
+        self.addCleanup(running.stop)
+        silent = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(3)]
+        for sock in silent:
+            self.addCleanup(sock.close)
+        self.assertTrue(wait_until(lambda: running.server.connections == 3))
+        self.assertEqual(http_request(running.port, "GET", "/health").status, 200)
+        self.assertEqual(silent[0].recv(1), b"", "the oldest silent connection was not closed")
+        self.assertTrue(wait_until(lambda: running.server.connections == 2))
+        silent.append(socket.create_connection(("127.0.0.1", running.port), timeout=10))
+        self.addCleanup(silent[-1].close)
+        self.assertTrue(wait_until(lambda: running.server.connections == 3))
+        response = post_chat(running.port, {"messages": [user("hi")]})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(silent[1].recv(1), b"")
+        silent[2].sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")  # still served
+        self.assertIn(b"200 OK", silent[2].recv(65536))
 
 
 class ShutdownTest(TestCase):
