@@ -956,6 +956,19 @@ def write_private(path: str, text: str) -> None:
         f.write(text)
 
 
+def remove_tree(path: str) -> bool:
+    """Remove a directory that holds a conversation; False, and a warning naming what stays,
+    when it cannot be (one already gone is removed)."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("could not remove %s, which holds a conversation: %s", path, error)
+        return False
+    return True
+
+
 def remove_abandoned_workdirs(root: Optional[str] = None, projects: Optional[str] = None) -> int:
     """Remove the children's directories, and the session transcripts named after them, of
     proxies that died without cleaning up (kill -9, a crash): they hold conversations.
@@ -979,8 +992,7 @@ def remove_abandoned_workdirs(root: Optional[str] = None, projects: Optional[str
                     entry.stat(follow_symlinks=False).st_uid == os.getuid()
             except OSError:
                 continue
-            if ours:
-                shutil.rmtree(entry.path, ignore_errors=True)
+            if ours and remove_tree(entry.path):
                 removed += 1
     return removed
 
@@ -1317,9 +1329,9 @@ class ClaudeProcess:
         self._remove_files()
 
     def _remove_files(self) -> None:
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        remove_tree(self.workdir)
         if self.session_path is not None:
-            shutil.rmtree(os.path.dirname(self.session_path), ignore_errors=True)
+            remove_tree(os.path.dirname(self.session_path))
 
     def _exited(self) -> bool:
         """Whether the child has exited, without reaping it where the OS has waitid

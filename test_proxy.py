@@ -4021,6 +4021,52 @@ class SilentConnectionTest(TestCase):
         self.assertIn(b"200 OK", silent[2].recv(65536))
 
 
+def failing_rmdir(name: str) -> Any:
+    """os.rmdir, refusing (as a permission or an immutable flag would) the directory named `name`."""
+    real = os.rmdir
+
+    def rmdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.path.basename(os.fsdecode(path)) == name:
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+        real(path, *args, **kwargs)
+    return mock.patch.object(os, "rmdir", rmdir)
+
+
+class RemovalFailureTest(TestCase):
+    """A conversation's files that cannot be removed are named in the log, never counted as gone."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.config_dir = tempfile.mkdtemp(prefix="claude-config-")
+        self.addCleanup(shutil.rmtree, self.config_dir, True)
+
+    def test_a_transcript_that_cannot_be_removed_is_logged(self) -> None:
+        env = dict(os.environ, CLAUDE_CONFIG_DIR=self.config_dir)
+        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "30"), tuple(env.items()),
+                                                   ("0f8fad5b-d9cb-469f-a165-70867728950e", "{}\n")))
+        project = os.path.dirname(process.session_path)
+        with failing_rmdir(os.path.basename(project)), self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            process.close()
+        self.assertIn("could not remove %s, which holds a conversation" % project, "\n".join(logs.output))
+        self.assertTrue(os.path.isdir(project))
+        self.assertFalse(os.path.exists(process.workdir))
+
+    def test_an_abandoned_directory_that_cannot_be_removed_is_not_counted_as_removed(self) -> None:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        root = tempfile.mkdtemp(prefix="sweep-root-")
+        self.addCleanup(shutil.rmtree, root, True)
+        stuck = os.path.join(root, "claude-proxy-%d-stuck" % dead.pid)
+        gone = os.path.join(root, "claude-proxy-%d-gone" % dead.pid)
+        os.makedirs(stuck)
+        os.makedirs(gone)
+        with failing_rmdir(os.path.basename(stuck)), self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            self.assertEqual(proxy.remove_abandoned_workdirs(root, os.path.join(self.config_dir, "projects")), 1)
+        self.assertIn("could not remove %s" % stuck, "\n".join(logs.output))
+        self.assertTrue(os.path.isdir(stuck))
+        self.assertFalse(os.path.exists(gone))
+
+
 class ShutdownTest(TestCase):
     def test_in_process_shutdown_kills_every_child(self) -> None:
         running = RunningServer()
