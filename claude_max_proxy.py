@@ -925,7 +925,8 @@ def claude_not_found(name: str) -> ProxyError:
 
 
 class ClientGone(Exception):
-    """The HTTP client hung up; its child must die now."""
+    """The HTTP client hung up; its child must die now. Raised only for the client's own
+    connection (see ClientConnection): any other connection's failure is the proxy's."""
 
 
 WORKDIR_PREFIX = "claude-proxy-"
@@ -1098,14 +1099,19 @@ def parse_event_line(line: bytes) -> Optional[Dict[str, Any]]:
     return event if isinstance(event, dict) else None
 
 
-def client_closed(client: socket.socket) -> bool:
-    """True when a readable client socket is readable because the peer closed it."""
+def client_reset(client: socket.socket) -> bool:
+    """True when a readable client socket is readable because the client reset the connection.
+
+    End-of-file alone is no sign the client is gone: one that shuts down its sending side
+    after its request (HTTP/1.0 clients, `nc -q`) still reads the answer, and no portable
+    call tells that from a full close until a write to it fails (see ClientConnection)."""
     try:
-        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
         return False
     except OSError:
         return True
+    return False
 
 
 class ClaudeProcess:
@@ -1169,9 +1175,10 @@ class ClaudeProcess:
 
         next_deadline() gives the earliest moment to give up and the error to raise
         then; it is asked again after every read, so callers can move it. When
-        `client` is given, a client that closes its connection raises ClientGone
-        at once, even while the CLI is silent. With `tick`, None is yielded after
-        each `tick` seconds in which the CLI printed nothing.
+        `client` is given, a client that resets its connection raises ClientGone
+        at once, even while the CLI is silent (one that closes it is found out by the
+        next write to it). With `tick`, None is yielded after each `tick` seconds in
+        which the CLI printed nothing.
         """
         out, err, stdin = self.popen.stdout, self.popen.stderr, self.popen.stdin
         quiet_since = time.monotonic()
@@ -1208,9 +1215,10 @@ class ClaudeProcess:
                             selector.unregister(stdin)
                             writing = False
                     elif key.fileobj is client:
-                        if client_closed(client):
+                        if client_reset(client):
                             raise ClientGone()
-                        selector.unregister(client)  # a pipelined request; not ours to read
+                        # A pipelined request (not ours to read), or a half-close: it still reads.
+                        selector.unregister(client)
                     elif key.fileobj is err:
                         data = os.read(key.fd, 65536)
                         if data:
@@ -4097,7 +4105,7 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler", slot: "S
 # HTTP handler
 # ---------------------------------------------------------------------------
 
-class ClientStalled(ConnectionError):
+class ClientStalled(ClientGone):
     """The client read nothing of the answer for a whole write timeout: taken as gone."""
 
 
@@ -4136,7 +4144,12 @@ class ClientConnection(io.RawIOBase):
         if remaining <= 0:
             raise socket.timeout("the request did not arrive in time")
         self.sock.settimeout(remaining)
-        count = self.sock.recv_into(buffer)
+        try:
+            count = self.sock.recv_into(buffer)
+        except socket.timeout:
+            raise
+        except OSError as error:  # a reset
+            raise ClientGone(str(error)) from error
         if count and not self.received:
             self.deadline = time.monotonic() + self.read_seconds
             if self.first_heard is not None:
@@ -4151,6 +4164,8 @@ class ClientConnection(io.RawIOBase):
             self.sock.sendall(data)
         except socket.timeout:
             raise ClientStalled("the client read nothing for %g s" % self.write_seconds)
+        except OSError as error:  # a reset, a broken pipe: the client closed its end
+            raise ClientGone(str(error)) from error
         return len(data)
 
 
@@ -4433,7 +4448,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         try:
             self._route(method)
-        except (ClientGone, ConnectionError):
+        except ClientGone:
             # Gone, or not reading (ClientStalled): logged as nginx does, whatever was sent.
             self.close_connection = True
             self.status_sent = 499
@@ -4617,13 +4632,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.status_sent = 200
 
     def write_chunk(self, data: bytes) -> None:
-        try:
-            if self.chunked:
-                data = b"%x\r\n%s\r\n" % (len(data), data)
-            if data:
-                self.wfile.write(data)
-        except OSError:
-            raise ClientGone()
+        if self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if data:
+            self.wfile.write(data)
 
     def send_json(self, status: int, payload: Any, headers: Optional[Dict[str, str]] = None) -> None:
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
@@ -4648,7 +4660,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             status, body = self.error_reply(error)
             self.send_json(status, body, error.headers)
-        except OSError:
+        except ClientGone:
             self.close_connection = True
 
     def _common_headers(self) -> None:
@@ -4959,7 +4971,7 @@ class ProxyServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, socket.timeout)):
+        if isinstance(error, (ClientGone, socket.timeout)):
             log.debug("client %s went away: %s", client_address, error)
         else:
             log.exception("error while serving %s", client_address)

@@ -36,6 +36,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -3704,13 +3705,15 @@ class ProcessLifecycleTest(ProxyTest):
         self.assertNotIn("finished", FAKE.run_for(tag))
         self.assertTrue(wait_until(lambda: self.running.server.active_children() == []))
 
-    def test_client_disconnect_while_waiting_for_a_non_stream_answer_kills_the_child(self) -> None:
+    def test_client_reset_while_waiting_for_a_non_stream_answer_kills_the_child(self) -> None:
+        # A close without a reset may be a half-close (see ClientGoneTest): found out by a write.
         tag = marker()
         sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
         body = json.dumps({"messages": [user("[[fake:hang]] " + tag)]}).encode()
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         run = FAKE.run_for(tag, field="grandchild")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
         sock.close()
         self.assertTrue(pid_gone(run["pid"]))
         self.assertTrue(pid_gone(run["grandchild"]))
@@ -4061,10 +4064,52 @@ class RemovalFailureTest(TestCase):
         os.makedirs(stuck)
         os.makedirs(gone)
         with failing_rmdir(os.path.basename(stuck)), self.assertLogs("claude_max_proxy", "WARNING") as logs:
-            self.assertEqual(proxy.remove_abandoned_workdirs(root, os.path.join(self.config_dir, "projects")), 1)
+            removed = proxy.remove_abandoned_workdirs(root, os.path.join(self.config_dir, "projects"))
+        self.assertEqual(removed, 1)
         self.assertIn("could not remove %s" % stuck, "\n".join(logs.output))
         self.assertTrue(os.path.isdir(stuck))
         self.assertFalse(os.path.exists(gone))
+
+
+class ClientGoneTest(ProxyTest):
+    """Only the client's own connection says it is gone: a reset, or a write that fails. One
+    that shuts down its sending side after its request (HTTP/1.0 clients, `nc -q`) still
+    gets its answer."""
+
+    def half_closed_request(self, version: str, body: Dict[str, Any]) -> Response:
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=20)
+        self.addCleanup(sock.close)
+        data = json.dumps(body).encode()
+        sock.sendall(b"POST /v1/chat/completions %s\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
+                     % (version.encode(), len(data), data))
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return parse_raw_response(received)
+            received += chunk
+
+    def test_a_half_closed_client_gets_its_whole_answer(self) -> None:
+        response = self.half_closed_request("HTTP/1.1", {"messages": [user("[[fake:slow]] " + marker())]})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(response.json()["choices"][0]["message"]["content"],
+                         "one two three four five six seven eight")
+
+    def test_a_half_closed_http_1_0_client_gets_its_whole_stream(self) -> None:
+        response = self.half_closed_request("HTTP/1.0", {"messages": [user("[[fake:slow]] " + marker())],
+                                                         "stream": True})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(stream_text(response), "one two three four five six seven eight")
+        self.assertEqual(response.frames()[-1], "[DONE]")
+
+    def test_a_connection_error_that_is_not_the_client_s_is_a_500_and_logged(self) -> None:
+        # Filed as the client gone, it was a 499 with nothing sent and nothing logged.
+        refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        with mock.patch.object(proxy, "find_claude", side_effect=refused), \
+                self.expect_error_log("internal error"):
+            response = self.say("hi")
+        self.assertError(response, 500, "server_error", "internal_error")
 
 
 class ShutdownTest(TestCase):
