@@ -5734,6 +5734,8 @@ def status(system: System, config: Config) -> int:
     if health is None:
         return 1
     print("           " + describe_health(health))
+    for problem in health.get("problems") or []:
+        print("problem:   " + problem)
     for number, line in enumerate(describe_limits(health)):
         print("%s%s" % ("usage:     " if number == 0 else "           ", line))
     return 0 if health.get("status") == "ok" else 1
