@@ -4118,13 +4118,11 @@ class ClientConnection(io.RawIOBase):
     own, so a client that stops reading a stream frees its slot and its claude.
     """
 
-    def __init__(self, sock: socket.socket, read_seconds: float, write_seconds: float,
-                 first_heard: Callable[[], None]) -> None:
+    def __init__(self, sock: socket.socket, read_seconds: float, write_seconds: float) -> None:
         super().__init__()
         self.sock = sock
         self.read_seconds = read_seconds
         self.write_seconds = write_seconds
-        self.first_heard: Optional[Callable[[], None]] = first_heard  # called at the first byte ever
         self.received = 0
         self.deadline = 0.0
 
@@ -4152,9 +4150,6 @@ class ClientConnection(io.RawIOBase):
             raise ClientGone(str(error)) from error
         if count and not self.received:
             self.deadline = time.monotonic() + self.read_seconds
-            if self.first_heard is not None:
-                self.first_heard()
-                self.first_heard = None
         self.received += count
         return count
 
@@ -4387,8 +4382,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.connection = self.request
         # Nagle's algorithm would hold each small answer back ~40 ms for the client's ACK.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.client = ClientConnection(self.connection, self.timeout, self.write_timeout,
-                                       lambda: self.server.heard_from(self.connection))
+        self.client = ClientConnection(self.connection, self.timeout, self.write_timeout)
         self.rfile = io.BufferedReader(self.client)
         self.wfile = self.client
 
@@ -4407,6 +4401,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if not self.raw_requestline:
                 self.close_connection = True  # the client closed the connection between requests
                 return
+            self.server.heard_from(self.connection)
             if not self.parse_request():
                 return
             method = getattr(self, "do_" + self.command, None)
@@ -4861,8 +4856,8 @@ class ProxyServer(ThreadingHTTPServer):
             log.warning("at most %d connections at once (not %d): the open-file limit is %s",
                         self.max_connections, config.max_connections, open_file_limit())
         self.connections = 0
-        # Connections that have not sent a byte yet, oldest first: at the cap they give way
-        # to a new one, so that a pile of silent ones cannot lock everyone out.
+        # Connections that have not sent a request line yet, oldest first: at the cap they give
+        # way to a new one, so that a pile of silent ones cannot lock everyone out.
         self._silent: Dict[socket.socket, None] = {}
         self._accept_failing = False
         self._too_many = refusal_bytes(ProxyError(
@@ -4914,7 +4909,7 @@ class ProxyServer(ThreadingHTTPServer):
                 self.connections += 1  # one over the cap until the silent one's thread ends
                 self._silent[request] = None
         if silent is not None:
-            log.debug("closed a connection that sent nothing, to make room for a new one")
+            log.debug("closed a connection that sent no request line, to make room for a new one")
             try:
                 silent.shutdown(socket.SHUT_RDWR)  # its handler reads end-of-file and ends
             except OSError:
@@ -4935,19 +4930,20 @@ class ProxyServer(ThreadingHTTPServer):
             self._connection_closed(request)
 
     def _silent_one(self) -> Optional[socket.socket]:
-        """The oldest connection that has sent nothing, taken out of the list; None if none has."""
+        """The oldest connection that has sent no request line, taken out of the list; None if none
+        is waiting for its line (one whose bytes have just come is left to its handler)."""
         for sock in self._silent:
             # Not sock.recv(MSG_PEEK): on a socket with a timeout, Python waits for data first.
             with selectors.DefaultSelector() as selector:
                 selector.register(sock, selectors.EVENT_READ)
                 if selector.select(0):
-                    continue  # its first bytes (or its close) just came: its handler sees them now
+                    continue  # bytes (or its close) just came: its handler reads them now
             del self._silent[sock]
             return sock
         return None
 
     def heard_from(self, request: socket.socket) -> None:
-        """A connection sent its first byte: a request of its own is on its way."""
+        """A connection sent a request line: it no longer gives way at the cap."""
         with self._lock:
             self._silent.pop(request, None)
 
