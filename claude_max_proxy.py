@@ -1686,8 +1686,6 @@ class Probe:
         if self.passing(result):
             self.retry_at = now + self.pause
             self.pause = min(self.pause * 2, RETRY_PAUSES[1])
-        else:
-            self.pause = RETRY_PAUSES[0]
 
 
 _probes: Dict[Tuple[str, float], Probe] = {}

@@ -3959,6 +3959,26 @@ class ProbeTest(TestCase):
                         "the login is never looked at again")
         self.assertEqual(self.health(running)["status"], "ok")
 
+    def test_a_passing_failure_is_retried_after_a_pause_that_doubles_up_to_a_cap(self) -> None:
+        probe = proxy.Probe()  # pauses of 0.2 s doubling up to 0.4 s here (setUp)
+        self.assertTrue(probe.due(100.0))
+        retry_at = 100.0
+        for pause in (0.2, 0.4, 0.4):
+            probe.done(proxy.ProbeResult("it did not ask for the tools within 20 s"), retry_at)
+            self.assertEqual(probe.state, "failed")
+            self.assertFalse(probe.due(retry_at + pause - 0.01))
+            self.assertTrue(probe.due(retry_at + pause))
+            retry_at += pause
+        probe.done(proxy.ProbeResult(None, logged_in=False), retry_at)  # passes, not logged in yet
+        self.assertEqual(probe.state, "ok")
+        self.assertFalse(probe.due(retry_at + 0.39))
+        self.assertTrue(probe.due(retry_at + 0.4), "a login is looked for again too")
+        probe.done(proxy.ProbeResult(None, logged_in=True), retry_at)
+        self.assertFalse(probe.due(retry_at + 3600.0), "a CLI that passed, logged in, is not probed again")
+        lasting = proxy.Probe()
+        lasting.done(proxy.ProbeResult("it refused initialize", lasting=True), 0.0)
+        self.assertFalse(lasting.due(3600.0), "a CLI too old is probed again only once it changes")
+
     def test_a_fault_in_the_probe_itself_is_logged_and_the_probe_tried_again(self) -> None:
         claude = own_claude(self)
         fault = RuntimeError("probe fault " + marker())
@@ -3980,26 +4000,29 @@ class ProbeTest(TestCase):
 
 
 class PoolFaultTest(TestCase):
-    """A fault in the warm pool's thread is logged, and the pool goes on pre-starting."""
+    """A fault in the warm pool's thread is logged (once, however often it recurs), and the pool
+    goes on pre-starting."""
 
     def test_the_pool_recovers_from_a_fault_of_its_own(self) -> None:
         fault = RuntimeError("pool fault " + marker())
         real = proxy.start_claude
         failed = []
 
-        def failing_once_in_the_pool(launch: proxy.Launch, lifeline: Any = None) -> proxy.ClaudeProcess:
-            if threading.current_thread().name == "warm-pool" and not failed:
+        def failing_twice_in_the_pool(launch: proxy.Launch, lifeline: Any = None) -> proxy.ClaudeProcess:
+            if threading.current_thread().name == "warm-pool" and len(failed) < 2:
                 failed.append(launch)
                 raise fault
             return real(launch, lifeline)
         with mock.patch.object(proxy, "RETRY_PAUSES", (0.2, 0.4)), \
-                mock.patch.object(proxy, "start_claude", failing_once_in_the_pool), \
-                self.expect_error_log(re.escape(str(fault))):
+                mock.patch.object(proxy, "start_claude", failing_twice_in_the_pool):
             running = RunningServer(pool_size=1)
             self.addCleanup(running.stop)
-            self.assertTrue(wait_until(lambda: failed))
             self.assertTrue(wait_until(lambda: running.server.pool.stats()["size"] == 1),
                             "nothing was pre-started after the fault")
+        self.assertEqual(len(failed), 2)
+        logged = ERRORS.take(re.escape(str(fault)))
+        self.assertEqual(len(logged), 1, "the same fault is logged once: %s" % logged)
+        self.assertIn("the warm pool failed", logged[0])
 
 
 class SilentConnectionTest(TestCase):
