@@ -1671,7 +1671,7 @@ class Probe:
         return "ok" if self.result.problem is None else "failed"
 
     @staticmethod
-    def passing(result: ProbeResult) -> bool:
+    def transient(result: ProbeResult) -> bool:
         """Whether what the result found wrong may right itself, the binary unchanged."""
         return not result.lasting and (result.problem is not None or result.logged_in is False)
 
@@ -1679,11 +1679,11 @@ class Probe:
         """Whether a probe should start now (the caller then sets `running`)."""
         if self.running:
             return False
-        return self.result is None or self.passing(self.result) and now >= self.retry_at
+        return self.result is None or self.transient(self.result) and now >= self.retry_at
 
     def done(self, result: ProbeResult, now: float) -> None:
         self.result, self.running = result, False
-        if self.passing(result):
+        if self.transient(result):
             self.retry_at = now + self.pause
             self.pause = min(self.pause * 2, RETRY_PAUSES[1])
 
@@ -1694,7 +1694,7 @@ _probes_lock = threading.Lock()
 
 def claude_probe(path: str, wait: bool = True) -> Probe:
     """The probe of this `claude`, started when due: the first time, again when the file changes
-    (an upgrade), and after a passing failure once its pause is over. With `wait` a due probe
+    (an upgrade), and after a transient failure once its pause is over. With `wait` a due probe
     runs here; without, in the background (a problem is logged), and the Probe says what is
     known so far. A process that is told a system prompt and a tool must ask for the tool,
     before any prompt, so nothing reaches Anthropic."""
@@ -4599,7 +4599,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             claude = find_claude(self.server.config.claude_bin)
             if claude is None:
                 raise claude_not_found(self.server.config.claude_bin)
-            # Probed in the background, again after an upgrade or a passing failure; only a CLI
+            # Probed in the background, again after an upgrade or a transient failure; only a CLI
             # that cannot do it is refused (a request finds out any other trouble for itself).
             probe = claude_probe(claude, wait=False).result
             if probe is not None and probe.lasting:

@@ -3959,7 +3959,7 @@ class ProbeTest(TestCase):
                         "the login is never looked at again")
         self.assertEqual(self.health(running)["status"], "ok")
 
-    def test_a_passing_failure_is_retried_after_a_pause_that_doubles_up_to_a_cap(self) -> None:
+    def test_a_transient_failure_is_retried_after_a_pause_that_doubles_up_to_a_cap(self) -> None:
         probe = proxy.Probe()  # pauses of 0.2 s doubling up to 0.4 s here (setUp)
         self.assertTrue(probe.due(100.0))
         retry_at = 100.0
