@@ -4933,7 +4933,10 @@ class ProxyServer(ThreadingHTTPServer):
         for sock in self._silent:
             # Not sock.recv(MSG_PEEK): on a socket with a timeout, Python waits for data first.
             with selectors.DefaultSelector() as selector:
-                selector.register(sock, selectors.EVENT_READ)
+                try:
+                    selector.register(sock, selectors.EVENT_READ)
+                except (ValueError, OSError):
+                    continue  # its handler has just closed it, and ends
                 if selector.select(0):
                     continue  # bytes (or its close) just came: its handler reads them now
             del self._silent[sock]
