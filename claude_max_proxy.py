@@ -1689,25 +1689,28 @@ class Probe:
 
 
 _probes: Dict[Tuple[str, float], Probe] = {}
-_probes_lock = threading.Lock()
+_probes_changed = threading.Condition()  # a probe ended
 
 
 def claude_probe(path: str, wait: bool = True) -> Probe:
     """The probe of this `claude`, started when due: the first time, again when the file changes
     (an upgrade), and after a transient failure once its pause is over. With `wait` a due probe
-    runs here; without, in the background (a problem is logged), and the Probe says what is
-    known so far. A process that is told a system prompt and a tool must ask for the tool,
-    before any prompt, so nothing reaches Anthropic."""
+    runs here, one running elsewhere is waited for, and the result is there on return; without,
+    it runs in the background (a problem is logged), and the Probe says what is known so far.
+    A process that is told a system prompt and a tool must ask for the tool, before any prompt,
+    so nothing reaches Anthropic."""
     try:
         key = (path, os.stat(path).st_mtime)
     except OSError:
         probe = Probe()
         probe.result = ProbeResult("not found", lasting=True)
         return probe
-    with _probes_lock:
+    with _probes_changed:
         probe = _probes.setdefault(key, Probe())
         due = probe.due(time.monotonic())
         probe.running = probe.running or due
+        while wait and not due and probe.running:
+            _probes_changed.wait()  # bounded by PROBE_TIMEOUT
     if due and wait:
         run_probe(path, probe)
     elif due:
@@ -1723,8 +1726,9 @@ def run_probe(path: str, probe: Probe) -> None:
         log_fault("the probe of %s" % path, error)
         result = ProbeResult("the proxy's own check failed (%s); see its log" % error)
     now = time.monotonic()
-    with _probes_lock:
+    with _probes_changed:
         probe.done(result, now)
+        _probes_changed.notify_all()
     if result.lasting:
         log.warning("%s cannot take a conversation natively (%s); requests will fail until it is "
                     "upgraded: %s", path, result.problem, UPGRADE_HELP)
@@ -5779,11 +5783,11 @@ def check_claude(system: System, config: Config) -> Check:
                          % (seen.get("version"), seen.get("path"), health["pid"]),
                          "run doctor again in a moment")
         return Check("OK", "claude %s at %s (%s)" % (seen.get("version"), seen.get("path"), by))
-    result = claude_probe(claude).result or ProbeResult("another check of it is under way")
-    if result.lasting:
+    result = claude_probe(claude).result  # waited for: never None here
+    if result is not None and result.lasting:
         return Check("FAIL", "claude %s at %s does not speak the control protocol the proxy needs: %s"
                      % (version, claude, result.problem), UPGRADE_HELP)
-    if result.problem is not None:
+    if result is not None and result.problem is not None:
         return Check("FAIL", "claude %s at %s could not be checked: %s" % (version, claude, result.problem),
                      "run `claude` in a terminal to see why")
     return Check("OK", "claude %s at %s" % (version, claude))
