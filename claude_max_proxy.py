@@ -86,7 +86,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, NoReturn, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, NoReturn, Optional, Set, Tuple, Union
 
 try:
     import resource
@@ -374,6 +374,7 @@ def invalid(message: str, param: Optional[str] = None, code: Optional[str] = Non
 
 
 UPGRADE_HELP = "npm install -g @anthropic-ai/claude-code@latest (the proxy is tested with 2.1.197)"
+NOT_LOGGED_IN = "Claude Code is not logged in: run `claude` and /login"
 LOGIN_HELP = ("Claude Code is not logged in. Run `claude` once in a terminal on this machine, "
               "log in with your Claude subscription (/login), then retry.")
 
@@ -1061,7 +1062,8 @@ def claude_not_found(name: str) -> ProxyError:
 
 
 class ClientGone(Exception):
-    """The HTTP client hung up; its child must die now."""
+    """The HTTP client hung up; its child must die now. Raised only for the client's own
+    connection (see ClientConnection): any other connection's failure is the proxy's."""
 
 
 WORKDIR_PREFIX = "claude-proxy-"
@@ -1092,6 +1094,19 @@ def write_private(path: str, text: str) -> None:
         f.write(text)
 
 
+def remove_tree(path: str) -> bool:
+    """Remove a directory that holds a conversation; False, and a warning naming what stays,
+    when it cannot be (one already gone is removed)."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("could not remove %s, which holds a conversation: %s", path, error)
+        return False
+    return True
+
+
 def remove_abandoned_workdirs(root: Optional[str] = None, projects: Optional[str] = None) -> int:
     """Remove the children's directories, and the session transcripts named after them, of
     proxies that died without cleaning up (kill -9, a crash): they hold conversations.
@@ -1115,8 +1130,7 @@ def remove_abandoned_workdirs(root: Optional[str] = None, projects: Optional[str
                     entry.stat(follow_symlinks=False).st_uid == os.getuid()
             except OSError:
                 continue
-            if ours:
-                shutil.rmtree(entry.path, ignore_errors=True)
+            if ours and remove_tree(entry.path):
                 removed += 1
     return removed
 
@@ -1223,14 +1237,19 @@ def parse_event_line(line: bytes) -> Optional[Dict[str, Any]]:
     return event if isinstance(event, dict) else None
 
 
-def client_closed(client: socket.socket) -> bool:
-    """True when a readable client socket is readable because the peer closed it."""
+def client_reset(client: socket.socket) -> bool:
+    """True when a readable client socket is readable because the client reset the connection.
+
+    End-of-file alone is no sign the client is gone: one that shuts down its sending side
+    after its request (HTTP/1.0 clients, `nc -q`) still reads the answer, and no portable
+    call tells that from a full close until a write to it fails (see ClientConnection)."""
     try:
-        return client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
         return False
     except OSError:
         return True
+    return False
 
 
 class ClaudeProcess:
@@ -1273,7 +1292,7 @@ class ClaudeProcess:
         self.bridge = ToolBridge([])      # serves the client's tools to it (see Exchange)
         self.open_calls: List[str] = []   # calls it waits on the client's results for, while kept
         self._outbox: List[memoryview] = []
-        self._partial = b""                # the start of a line not ended yet
+        self._partial: List[bytes] = []    # the pieces of a line not ended yet, joined once it ends
         self._read: List[Dict[str, Any]] = []  # events read and not handed out yet
         self._stdout_open = True
         self._stderr_open = True
@@ -1295,9 +1314,10 @@ class ClaudeProcess:
 
         next_deadline() gives the earliest moment to give up and the error to raise
         then; it is asked again after every read, so callers can move it. When
-        `client` is given, a client that closes its connection raises ClientGone
-        at once, even while the CLI is silent. With `tick`, None is yielded after
-        each `tick` seconds in which the CLI printed nothing.
+        `client` is given, a client that resets its connection raises ClientGone
+        at once, even while the CLI is silent (one that closes it is found out by the
+        next write to it). With `tick`, None is yielded after each `tick` seconds in
+        which the CLI printed nothing.
         """
         out, err, stdin = self.popen.stdout, self.popen.stderr, self.popen.stdin
         quiet_since = time.monotonic()
@@ -1334,9 +1354,10 @@ class ClaudeProcess:
                             selector.unregister(stdin)
                             writing = False
                     elif key.fileobj is client:
-                        if client_closed(client):
+                        if client_reset(client):
                             raise ClientGone()
-                        selector.unregister(client)  # a pipelined request; not ours to read
+                        # A pipelined request (not ours to read), or a half-close: it still reads.
+                        selector.unregister(client)
                     elif key.fileobj is err:
                         data = os.read(key.fd, 65536)
                         if data:
@@ -1348,13 +1369,24 @@ class ClaudeProcess:
                         self._take(os.read(key.fd, 65536))
 
     def _take(self, data: bytes) -> None:
-        """Keep the events of what stdout gave; end-of-file ends the last line too."""
+        """Keep the events of what stdout gave; end-of-file ends the last line too.
+
+        Linear in a line's length: a read that does not end the line is only set aside.
+        (Adding each read to what came before copied a long line over and over: a 20 MB
+        line took seconds, while every other stream waited on the lock.)"""
         if not data:
             self._stdout_open = False
-            lines, self._partial = [self._partial], b""
+            lines, self._partial = [b"".join(self._partial)], []
+        elif b"\n" not in data:
+            self.last_output = time.monotonic()
+            self._partial.append(data)
+            return
         else:
             self.last_output = time.monotonic()
-            *lines, self._partial = (self._partial + data).split(b"\n")
+            pieces = data.split(b"\n")
+            pieces[0] = b"".join(self._partial + pieces[:1])
+            *lines, last = pieces
+            self._partial = [last]
         for line in lines:
             event = parse_event_line(line)
             if event is not None:
@@ -1444,9 +1476,9 @@ class ClaudeProcess:
         self._remove_files()
 
     def _remove_files(self) -> None:
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        remove_tree(self.workdir)
         if self.session_path is not None:
-            shutil.rmtree(os.path.dirname(self.session_path), ignore_errors=True)
+            remove_tree(os.path.dirname(self.session_path))
 
     def _exited(self) -> bool:
         """Whether the child has exited, without reaping it where the OS has waitid
@@ -1480,6 +1512,24 @@ def binary_identity(path: str) -> Optional[Tuple[int, int, int]]:
     except OSError:
         return None
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+# The pause after a background thread's failure (the pool's, the probe's), doubled after each
+# one that follows, up to the second: bounded work while something is wrong, soon back after.
+RETRY_PAUSES = (5.0, 300.0)
+_faults_logged: Set[Tuple[str, str]] = set()
+_faults_lock = threading.Lock()
+
+
+def log_fault(where: str, error: Exception) -> None:
+    """Log an unexpected exception of a background thread, which goes on: at ERROR with its
+    traceback, once for each distinct fault (a retry that fails alike says nothing new)."""
+    fault = (where, "%s: %s" % (type(error).__name__, error))
+    with _faults_lock:
+        if fault in _faults_logged:
+            return
+        _faults_logged.add(fault)
+    log.error("%s failed, and is tried again: %s", where, fault[1], exc_info=error)
 
 
 PoolKey = Union[Launch, str]  # a Launch to start a process for, or a kept conversation's key
@@ -1608,18 +1658,33 @@ class WarmPool:
     # -- the background thread ---------------------------------------------------
 
     def _keep(self) -> None:
+        """Start what is wanted and retire what is done, until the pool closes. A fault of
+        its own is logged and its key tried again after a pause (RETRY_PAUSES): the thread
+        must not end, or nothing would be pre-started again."""
+        pause = RETRY_PAUSES[0]
         while True:
-            with self._changed:
-                if not self._wanted and not self._closed:
-                    self._changed.wait(self._time_to_next_check())
-                if self._closed:
-                    return
-                doomed = self._retire(time.monotonic())
-                key = self._reserve_next(doomed)
-            for warm in doomed:
-                warm.process.close()
-            if key is not None:
-                self._start(key)
+            key: Optional[Launch] = None
+            try:
+                with self._changed:
+                    if not self._wanted and not self._closed:
+                        self._changed.wait(self._time_to_next_check())
+                    if self._closed:
+                        return
+                    doomed = self._retire(time.monotonic())
+                    key = self._reserve_next(doomed)
+                for warm in doomed:
+                    warm.process.close()
+                if key is not None:
+                    self._start(key)
+                pause = RETRY_PAUSES[0]
+            except Exception as error:
+                log_fault("the warm pool", error)
+                with self._changed:
+                    if key is not None:
+                        self._wanted.insert(0, key)
+                    if not self._closed:
+                        self._changed.wait(pause)
+                pause = min(pause * 2, RETRY_PAUSES[1])
 
     def _time_to_next_check(self) -> Optional[float]:
         if not self._idle:
@@ -1716,71 +1781,166 @@ def claude_version(path: str) -> Optional[str]:
 # The proxy relies on Claude Code's control protocol (initialize, mcp_set_servers and the MCP
 # messages that follow), first there in the 2.1 releases; an older CLI gets a clear error.
 PROBE_TIMEOUT = 20.0
-_native: Dict[Tuple[str, float], Optional[str]] = {}
-_probing: List[Tuple[str, float]] = []
-_probing_lock = threading.Lock()
 
 
-def native_problem(path: str, wait: bool = True) -> Optional[str]:
-    """Why this `claude` cannot take a conversation natively, or None when it can (or, without
-    `wait`, when that is not known yet: it is then found out in the background, and a
-    problem logged). Probed again only when the file changes (an upgrade): a process that is
-    told a system prompt and a tool must ask for the tool, before any prompt, so nothing
-    reaches Anthropic."""
+class ProbeResult(NamedTuple):
+    """What one probe of a `claude` found."""
+
+    problem: Optional[str]              # why it cannot take a conversation; None when it can
+    lasting: bool = False               # the binary's own problem (too old): it stays until the file changes
+    logged_in: Optional[bool] = None    # as its initialize answer says; None when unknown
+
+
+class Probe:
+    """The probes of one `claude` file: none yet (pending), or the latest result. A failure
+    that is not the binary's (a timeout on a loaded machine, a failed start), or a CLI not
+    logged in yet, is probed again once its pause has passed, the pause doubling from
+    RETRY_PAUSES[0] up to RETRY_PAUSES[1]."""
+
+    def __init__(self) -> None:
+        self.result: Optional[ProbeResult] = None
+        self.running = False
+        self.pause = RETRY_PAUSES[0]
+        self.retry_at = 0.0
+
+    @property
+    def state(self) -> str:
+        if self.result is None:
+            return "pending"
+        return "ok" if self.result.problem is None else "failed"
+
+    @staticmethod
+    def transient(result: ProbeResult) -> bool:
+        """Whether what the result found wrong may right itself, the binary unchanged."""
+        return not result.lasting and (result.problem is not None or result.logged_in is False)
+
+    def due(self, now: float) -> bool:
+        """Whether a probe should start now (the caller then sets `running`)."""
+        if self.running:
+            return False
+        return self.result is None or self.transient(self.result) and now >= self.retry_at
+
+    def done(self, result: ProbeResult, now: float) -> None:
+        self.result, self.running = result, False
+        if self.transient(result):
+            self.retry_at = now + self.pause
+            self.pause = min(self.pause * 2, RETRY_PAUSES[1])
+
+
+_probes: Dict[Tuple[str, float], Probe] = {}
+_probes_changed = threading.Condition()  # a probe ended
+
+
+def claude_probe(path: str, wait: bool = True) -> Probe:
+    """The probe of this `claude`, started when due: the first time, again when the file changes
+    (an upgrade), and after a transient failure once its pause is over. With `wait` a due probe
+    runs here, one running elsewhere is waited for, and the result is there on return; without,
+    it runs in the background (a problem is logged), and the Probe says what is known so far.
+    A process that is told a system prompt and a tool must ask for the tool, before any prompt,
+    so nothing reaches Anthropic."""
     try:
         key = (path, os.stat(path).st_mtime)
     except OSError:
-        return "not found"
-    if key in _native:
-        return _native[key]
-    if wait:
-        _native[key] = probe_native(path)
-        return _native[key]
-    with _probing_lock:
-        if key in _probing:
-            return None
-        _probing.append(key)
-    threading.Thread(target=probe_and_report, args=(key,), name="probe", daemon=True).start()
-    return None
+        probe = Probe()
+        probe.result = ProbeResult("not found", lasting=True)
+        return probe
+    with _probes_changed:
+        probe = _probes.setdefault(key, Probe())
+        due = probe.due(time.monotonic())
+        probe.running = probe.running or due
+        while wait and not due and probe.running:
+            _probes_changed.wait()  # bounded by PROBE_TIMEOUT
+    if due and wait:
+        run_probe(path, probe)
+    elif due:
+        threading.Thread(target=run_probe, args=(path, probe), name="probe", daemon=True).start()
+    return probe
 
 
-def probe_and_report(key: Tuple[str, float]) -> None:
-    problem = _native[key] = probe_native(key[0])
-    if problem is not None:
+def run_probe(path: str, probe: Probe) -> None:
+    """Probe and record the result; a fault of the proxy's own is logged and retried like a timeout."""
+    try:
+        result = probe_native(path)
+    except Exception as error:
+        log_fault("the probe of %s" % path, error)
+        result = ProbeResult("the proxy's own check failed (%s); see its log" % error)
+    now = time.monotonic()
+    with _probes_changed:
+        probe.done(result, now)
+        _probes_changed.notify_all()
+    if result.lasting:
         log.warning("%s cannot take a conversation natively (%s); requests will fail until it is "
-                    "upgraded: %s", key[0], problem, UPGRADE_HELP)
+                    "upgraded: %s", path, result.problem, UPGRADE_HELP)
+    elif result.problem is not None:
+        log.warning("the check of %s failed (%s); tried again after %g s", path, result.problem,
+                    probe.retry_at - now)
+    elif result.logged_in is False:
+        log.warning(NOT_LOGGED_IN)
 
 
-def probe_native(path: str) -> Optional[str]:
+def logged_in(initialize: Dict[str, Any]) -> Optional[bool]:
+    """Whether the CLI has a login, from its initialize answer's `account`: a logged-out CLI
+    says tokenSource "none" with no apiKeySource (checked with 2.1.197 and an empty config)."""
+    account = initialize.get("account")
+    if not isinstance(account, dict):
+        return None
+    return account.get("tokenSource") not in (None, "none") or bool(account.get("apiKeySource")) or \
+        account.get("apiProvider") not in (None, "firstParty")  # Bedrock, Vertex: their own credentials
+
+
+def unsupported(claude: str, result: ProbeResult) -> str:
+    return "This Claude Code (%s) cannot take a conversation natively: %s. Upgrade it: %s" % (
+        claude, result.problem, UPGRADE_HELP)
+
+
+def claude_problems(claude: str, probe: Probe) -> List[str]:
+    """What the probe found wrong with this `claude`, each with its fix."""
+    result = probe.result
+    if result is None:
+        return []
+    if result.lasting:
+        return [unsupported(claude, result)]
+    if result.problem is not None:
+        return ["The proxy could not check Claude Code (%s): %s. It tries again within %d s; if "
+                "that fails too, run `claude` in a terminal to see why." % (
+                    claude, result.problem, max(0, math.ceil(probe.retry_at - time.monotonic())))]
+    return [NOT_LOGGED_IN] if result.logged_in is False else []
+
+
+def probe_native(path: str) -> ProbeResult:
     tool = native_tool("probe", "", None, "probe")
     turn = Turn("probe", "haiku", Conversation("probe", [], [tool]))
     try:
         process = start_claude(cli_launch(path, turn, Config(), []))
     except ProxyError as error:
-        return error.message
+        return ProbeResult(error.message)
     process.bridge = ToolBridge([tool])
     process.send(opening_lines(turn))
     deadline = time.monotonic() + PROBE_TIMEOUT
     timeout = ProxyError(504, "it did not ask for the tools within %g s" % PROBE_TIMEOUT)
     answered: List[str] = []
+    login: Optional[bool] = None
     try:
         for event in process.events(lambda: (deadline, timeout)):
             if event.get("type") == "control_response":
                 response = event.get("response") if isinstance(event.get("response"), dict) else {}
                 if response.get("subtype") != "success":
-                    return "it refused %s: %s" % (response.get("request_id"), str(response.get("error"))[:200])
+                    return ProbeResult("it refused %s: %s" % (response.get("request_id"),
+                                                               str(response.get("error"))[:200]), True)
                 answered.append(str(response.get("request_id")))
+                if response.get("request_id") == "initialize" and isinstance(response.get("response"), dict):
+                    login = logged_in(response["response"])
             request = event.get("request") if isinstance(event.get("request"), dict) else {}
             message = request.get("message") if isinstance(request.get("message"), dict) else {}
             line = process.bridge.answer(event)
             if line:
                 process.send(line)
             if message.get("method") == "tools/list" and {"initialize", "tools"} <= set(answered):
-                return None
-        return "it exited (code %s) without asking for the tools: %s" % (
-            process.close(), process.stderr_text()[-300:] or "nothing on stderr")
+                return ProbeResult(None, logged_in=login)
+        return ProbeResult("it exited (code %s) without asking for the tools: %s" % (
+            process.close(), process.stderr_text()[-300:] or "nothing on stderr"), True)
     except ProxyError as error:
-        return error.message
+        return ProbeResult(error.message)  # a timeout: a loaded machine may start it slowly
     finally:
         process.close()
 
@@ -4172,10 +4332,12 @@ class SseWriter:
             self.handler.start_stream()
 
 
-def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
+def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler", slot: "Slot") -> None:
     """Run the exchange and answer through the door: a stream of its frames, or its whole
     response once the reply is complete. A failure once the stream has begun is the
-    stream's last frame; before, it is the handler's to answer with its status."""
+    stream's last frame; before, it is the handler's to answer with its status. The slot
+    is given back once the reply is complete, before its last bytes go out and before
+    the process exits."""
     stream = SseWriter(handler) if door.stream else None
     try:
         for event in exchange.events():
@@ -4196,8 +4358,10 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler") -> None:
         except ProxyError as error:  # a reply the door cannot read back is not kept; the answer stands
             log.warning("%s not kept for its next turn: %s", handler.request_id, error.message)
             echo = None
-        # Kept before the answer ends: a client may come back with the next turn at once.
+        # Kept, and the slot given back, before the answer ends: a client may come back with
+        # the next turn at once, while a process not kept still takes its time to exit.
         exchange.keep(echo)
+        slot.release()
         if stream is not None:
             stream.frames(last)
             stream.end()
@@ -4560,7 +4724,7 @@ def status_page(report: Optional[Dict[str, Any]], nonce: str) -> str:
 # HTTP handler
 # ---------------------------------------------------------------------------
 
-class ClientStalled(ConnectionError):
+class ClientStalled(ClientGone):
     """The client read nothing of the answer for a whole write timeout: taken as gone."""
 
 
@@ -4597,7 +4761,12 @@ class ClientConnection(io.RawIOBase):
         if remaining <= 0:
             raise socket.timeout("the request did not arrive in time")
         self.sock.settimeout(remaining)
-        count = self.sock.recv_into(buffer)
+        try:
+            count = self.sock.recv_into(buffer)
+        except socket.timeout:
+            raise
+        except OSError as error:  # a reset
+            raise ClientGone(str(error)) from error
         if count and not self.received:
             self.deadline = time.monotonic() + self.read_seconds
         self.received += count
@@ -4609,6 +4778,8 @@ class ClientConnection(io.RawIOBase):
             self.sock.sendall(data)
         except socket.timeout:
             raise ClientStalled("the client read nothing for %g s" % self.write_seconds)
+        except OSError as error:  # a reset, a broken pipe: the client closed its end
+            raise ClientGone(str(error)) from error
         return len(data)
 
 
@@ -4876,6 +5047,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if not self.raw_requestline:
                 self.close_connection = True  # the client closed the connection between requests
                 return
+            self.server.heard_from(self.connection)
             if not self.parse_request():
                 return
             method = getattr(self, "do_" + self.command, None)
@@ -4918,7 +5090,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         try:
             self._route(method)
-        except (ClientGone, ConnectionError):
+        except ClientGone:
             # Gone, or not reading (ClientStalled): logged as nginx does, whatever was sent.
             self.close_connection = True
             self.status_sent = 499
@@ -5102,7 +5274,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.server.limits.check(self.server.config.no_extra_usage)
         # Parsed JSON can take many times its text: parsed only in a slot, so at most
         # --max-concurrent bodies take that room at once, and neither outlives the translation.
-        with self.server.slot():
+        with self.server.slot() as slot:
             body = parse_json_text(text)
             self.model_name = asked_model(body)  # for the access line, should the translation fail
             turn, options = parse(body, self.server.config)
@@ -5111,12 +5283,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
             claude = find_claude(self.server.config.claude_bin)
             if claude is None:
                 raise claude_not_found(self.server.config.claude_bin)
-            problem = native_problem(claude, wait=False)  # probed in the background, again after an upgrade
-            if problem is not None:
-                raise ProxyError(503, "This Claude Code (%s) cannot take a conversation natively: %s. %s"
-                                 % (claude, problem, UPGRADE_HELP), code="claude_unsupported")
+            # Probed in the background, again after an upgrade or a transient failure; only a CLI
+            # that cannot do it is refused (a request finds out any other trouble for itself).
+            probe = claude_probe(claude, wait=False).result
+            if probe is not None and probe.lasting:
+                raise ProxyError(503, unsupported(claude, probe), code="claude_unsupported")
             door = door(turn, options)
-            answer_turn(door, Exchange(self.server, turn, claude, self.connection, door.stream), self)
+            answer_turn(door, Exchange(self.server, turn, claude, self.connection, door.stream), self, slot)
 
     # -- response writing ------------------------------------------------------
 
@@ -5136,13 +5309,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.status_sent = 200
 
     def write_chunk(self, data: bytes) -> None:
-        try:
-            if self.chunked:
-                data = b"%x\r\n%s\r\n" % (len(data), data)
-            if data:
-                self.wfile.write(data)
-        except OSError:
-            raise ClientGone()
+        if self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if data:
+            self.wfile.write(data)
 
     def send_json(self, status: int, payload: Any, headers: Optional[Dict[str, str]] = None) -> None:
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
@@ -5168,7 +5338,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             status, body = self.error_reply(error)
             self.send_json(status, body, error.headers)
-        except OSError:
+        except ClientGone:
             self.close_connection = True
 
     def _common_headers(self) -> None:
@@ -5406,6 +5576,9 @@ class ProxyServer(ThreadingHTTPServer):
             log.warning("at most %d connections at once (not %d): the open-file limit is %s",
                         self.max_connections, config.max_connections, open_file_limit())
         self.connections = 0
+        # Connections that have not sent a request line yet, oldest first: at the cap they give
+        # way to a new one, so that a pile of silent ones cannot lock everyone out.
+        self._silent: Dict[socket.socket, None] = {}
         self._accept_failing = False
         self._too_many = refusal_bytes(ProxyError(
             503, "The proxy has %d connections open already (--max-connections); retry shortly."
@@ -5422,7 +5595,7 @@ class ProxyServer(ThreadingHTTPServer):
         self._prewarm_default()
         claude = find_claude(config.claude_bin)
         if claude is not None:
-            native_problem(claude, wait=False)  # before a request needs to know
+            claude_probe(claude, wait=False)  # before a request needs to know
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks DNS for our fully qualified name, which can
@@ -5450,27 +5623,57 @@ class ProxyServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._lock:
-            admitted = self.connections < self.max_connections
+            silent = None if self.connections < self.max_connections else self._silent_one()
+            admitted = self.connections < self.max_connections or silent is not None
             if admitted:
-                self.connections += 1
+                self.connections += 1  # one over the cap until the silent one's thread ends
+                self._silent[request] = None
+        if silent is not None:
+            log.debug("closed a connection that sent no request line, to make room for a new one")
+            try:
+                silent.shutdown(socket.SHUT_RDWR)  # its handler reads end-of-file and ends
+            except OSError:
+                pass
         if not admitted:
             self._refuse_connection(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._connection_closed()
+            self._connection_closed(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._connection_closed()
+            self._connection_closed(request)
 
-    def _connection_closed(self) -> None:
+    def _silent_one(self) -> Optional[socket.socket]:
+        """The oldest connection that has sent no request line, taken out of the list; None if none
+        is waiting for its line (one whose bytes have just come is left to its handler)."""
+        for sock in self._silent:
+            # Not sock.recv(MSG_PEEK): on a socket with a timeout, Python waits for data first.
+            with selectors.DefaultSelector() as selector:
+                try:
+                    selector.register(sock, selectors.EVENT_READ)
+                except (ValueError, OSError):
+                    continue  # its handler has just closed it, and ends
+                if selector.select(0):
+                    continue  # bytes (or its close) just came: its handler reads them now
+            del self._silent[sock]
+            return sock
+        return None
+
+    def heard_from(self, request: socket.socket) -> None:
+        """A connection sent a request line: it no longer gives way at the cap."""
+        with self._lock:
+            self._silent.pop(request, None)
+
+    def _connection_closed(self, request: socket.socket) -> None:
         with self._lock:
             self.connections -= 1
+            self._silent.pop(request, None)
 
     def _refuse_connection(self, request: socket.socket) -> None:
         """A 503 at once, from the accepting thread, without waiting on the client in any way."""
@@ -5487,7 +5690,7 @@ class ProxyServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, socket.timeout)):
+        if isinstance(error, (ClientGone, socket.timeout)):
             log.debug("client %s went away: %s", client_address, error)
         else:
             log.exception("error while serving %s", client_address)
@@ -5577,13 +5780,22 @@ class ProxyServer(ThreadingHTTPServer):
             self.requests_served += 1
 
     def health(self) -> Dict[str, Any]:
+        """What the proxy knows of itself; `problems` says what is wrong, each with its fix."""
         claude = find_claude(self.config.claude_bin)
+        probe = None if claude is None else claude_probe(claude, wait=False)  # asking retries one due
+        result = None if probe is None else probe.result
+        problems = [claude_not_found(self.config.claude_bin).message] if claude is None else \
+            claude_problems(claude, probe)
         return {
-            "status": "ok" if claude else "degraded",
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
             "version": __version__,
             "claude": {"found": claude is not None, "path": claude,
                        "version": claude_version(claude) if claude else None,
-                       "native": None if claude is None else native_problem(claude, wait=False) is None},
+                       "probe": None if probe is None else probe.state,
+                       "problem": None if result is None else result.problem,
+                       "native": None if result is None else not result.lasting,
+                       "logged_in": None if result is None else result.logged_in},
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "requests_served": self.requests_served,
@@ -5610,16 +5822,24 @@ class Slot:
     def __init__(self, semaphore: threading.BoundedSemaphore, timeout: float) -> None:
         self.semaphore = semaphore
         self.timeout = timeout
+        self.held = False
 
     def __enter__(self) -> "Slot":
         if not self.semaphore.acquire(timeout=self.timeout):
             raise ProxyError(429, "Too many requests at once: every one of the proxy's claude slots "
                              "stayed busy for %g s (--max-concurrent, --queue-timeout)."
                              % self.timeout, code="too_many_requests", headers={"Retry-After": "5"})
+        self.held = True
         return self
 
+    def release(self) -> None:
+        """Give the place back, once: a finished turn does so early, before its process exits."""
+        if self.held:
+            self.held = False
+            self.semaphore.release()
+
     def __exit__(self, *exc: Any) -> None:
-        self.semaphore.release()
+        self.release()
 
 
 def startup_warnings(config: Config) -> List[str]:
@@ -6345,6 +6565,8 @@ def status(system: System, config: Config) -> int:
     if health is None:
         return 1
     print("           " + describe_health(health))
+    for problem in health.get("problems") or []:
+        print("problem:   " + problem)
     for number, line in enumerate(describe_limits(health)):
         print("%s%s" % ("usage:     " if number == 0 else "           ", line))
     for label, line in describe_activity(health):
@@ -6373,17 +6595,42 @@ def check_claude(system: System, config: Config) -> Check:
         return Check("FAIL", "claude (`%s`) not found on PATH or in %s"
                      % (config.claude_bin, ", ".join(CLAUDE_INSTALL_DIRS)),
                      "npm install -g @anthropic-ai/claude-code, or pass --claude-bin /full/path")
-    problem = native_problem(claude)
-    if problem is not None:
+    version = claude_version(claude) or "(version unknown)"
+    health = fetch_health(health_url(config))
+    seen = (health or {}).get("claude")
+    if isinstance(seen, dict) and seen.get("probe"):
+        # The running proxy's probe is the one its requests stand on: one run here could pass
+        # while the proxy's timed out.
+        by = "checked by the running proxy, pid %s" % health["pid"]
+        if seen["probe"] == "failed":
+            return Check("FAIL", "claude %s at %s failed the running proxy's check (pid %s): %s" % (
+                seen.get("version"), seen.get("path"), health["pid"], seen.get("problem")),
+                UPGRADE_HELP if seen.get("native") is False else
+                "run `claude` in a terminal to see why; the proxy checks again by itself")
+        if seen["probe"] == "pending":
+            return Check("WARN", "claude %s at %s is still being checked by the running proxy (pid %s)"
+                         % (seen.get("version"), seen.get("path"), health["pid"]),
+                         "run doctor again in a moment")
+        return Check("OK", "claude %s at %s (%s)" % (seen.get("version"), seen.get("path"), by))
+    result = claude_probe(claude).result  # waited for: never None here
+    if result is not None and result.lasting:
         return Check("FAIL", "claude %s at %s does not speak the control protocol the proxy needs: %s"
-                     % (claude_version(claude) or "(version unknown)", claude, problem), UPGRADE_HELP)
-    return Check("OK", "claude %s at %s" % (claude_version(claude) or "(version unknown)", claude))
+                     % (version, claude, result.problem), UPGRADE_HELP)
+    if result is not None and result.problem is not None:
+        return Check("FAIL", "claude %s at %s could not be checked: %s" % (version, claude, result.problem),
+                     "run `claude` in a terminal to see why")
+    return Check("OK", "claude %s at %s" % (version, claude))
 
 
 def check_login(system: System, config: Config) -> Check:
     claude = find_claude(config.claude_bin)
     if claude is None:
         return Check("FAIL", "login not checked: claude not found", "install claude first")
+    health = fetch_health(health_url(config))
+    if health is not None and (health.get("claude") or {}).get("logged_in") is False:
+        return Check("FAIL", "Claude Code is not logged in (its claude told the running proxy, pid %s, "
+                     "at its check)" % health["pid"], "run `claude` in a terminal as this user and "
+                     "/login with your Claude subscription; the running proxy sees it within minutes")
     # Asked with the environment the proxy gives claude: a stray API key that the
     # proxy strips must not make it look logged in.
     ran = system.run([claude, "auth", "status", "--json"], env=cli_env(config, base=system.environ),
@@ -6463,10 +6710,13 @@ def check_health(system: System, config: Config) -> Check:
         return Check("FAIL" if installed else "WARN", "nothing answers %s" % url,
                      ("see %s" % manager.logs_hint) if installed else
                      "start it: `%s --port %d`, or install it" % (self_command(), config.port))
-    if health.get("status") != "ok":
+    if not (health.get("claude") or {}).get("found", True):
         return Check("FAIL", "the running proxy cannot find claude: %s" % describe_health(health),
                      "re-run `%s install` from a shell where `claude` works, or pass "
                      "--claude-bin /full/path/to/claude" % self_command())
+    if health.get("status") != "ok":
+        return Check("FAIL", "the running proxy answers %s but is degraded: %s" % (
+            url, " ".join(health.get("problems") or [describe_health(health)])))
     if (health.get("usage_limits") or {}).get("extra_usage_in_use"):
         return Check("WARN", "the proxy answers %s, and Claude Code reports extra usage in use, billed "
                      "beyond your plan: %s" % (url, "; ".join(describe_limits(health))),

@@ -35,10 +35,12 @@ import platform
 import plistlib
 import re
 import select
+import selectors
 import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -378,6 +380,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if "--version" in ARGV:
     print("2.1.197 (Claude Code)")
     sys.exit(0)
+time.sleep(float(os.environ.get("FAKE_CLAUDE_SLOW_START") or 0))  # a loaded machine
+# No credentials (an empty config, no token): initialize says so and every turn is refused, as 2.1.197 does.
+LOGGED_OUT = bool(os.environ.get("FAKE_CLAUDE_LOGGED_OUT"))
 
 with open(os.path.join(HERE, "recorded.json")) as f:
     RECORDED = {name: [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -657,6 +662,8 @@ def answer_control(request_id, request):
             save(initialize=request)
         answer = shape("control-initialize", "control_response")["response"]["response"]
         answer["pid"] = os.getpid()
+        if LOGGED_OUT:
+            answer["account"] = {"tokenSource": "none", "apiProvider": "firstParty"}
         respond(request_id, answer)
     elif subtype == "apply_flag_settings":
         settings = request.get("settings") or {}
@@ -1292,8 +1299,8 @@ class Turn:
     def run(self):
         """Answer; returns True when the result was an error (the exit code at EOF)."""
         spec, mode = self.spec, self.mode
-        if mode in ("not-logged-in", "upstream-400"):
-            for event in RECORDED[mode]:
+        if LOGGED_OUT or mode in ("not-logged-in", "upstream-400"):
+            for event in RECORDED["not-logged-in" if LOGGED_OUT else mode]:
                 emit(stamp(event))
             finish(1)
         if mode in ("rate-limited-429-retrying", "upstream-401-retrying"):
@@ -1520,6 +1527,7 @@ def main():
         failed = turn.run()
         save(conversation=conversation, answered=time.time())
     save(finished=time.time())
+    time.sleep(float(os.environ.get("FAKE_CLAUDE_LINGER") or 0))  # a CLI slow to exit (writing its files)
     finish(1 if failed else 0)
 
 
@@ -2821,7 +2829,9 @@ class RoutesTest(ProxyTest):
         health = response.json()
         self.assertEqual(health["status"], "ok")
         self.assertEqual(health["claude"], {"found": True, "path": FAKE.path,
-                                            "version": "2.1.197 (Claude Code)", "native": True})
+                                            "version": "2.1.197 (Claude Code)", "probe": "ok",
+                                            "problem": None, "native": True, "logged_in": True})
+        self.assertEqual(health["problems"], [])
         self.assertEqual(health["version"], proxy.__version__)
 
     def test_requests_served_counts_chat_completions_not_probes(self) -> None:
@@ -3188,7 +3198,9 @@ class HttpHardeningTest(ProxyTest):
         running = RunningServer(max_connections=2)
         idle = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(2)]
         try:
-            self.assertTrue(wait_until(lambda: running.server.connections == 2))
+            for sock in idle:
+                sock.sendall(b"GET /health HTTP/1.1\r\n")  # a request line: a request not ended yet
+            self.assertTrue(wait_until(lambda: running.server.connections == 2 and not running.server._silent))
             extra = socket.create_connection(("127.0.0.1", running.port), timeout=10)
             try:
                 answer, closed = read_until_closed(extra)
@@ -4033,13 +4045,15 @@ class ProcessLifecycleTest(ProxyTest):
         self.assertNotIn("finished", FAKE.run_for(tag))
         self.assertTrue(wait_until(lambda: self.running.server.active_children() == []))
 
-    def test_client_disconnect_while_waiting_for_a_non_stream_answer_kills_the_child(self) -> None:
+    def test_client_reset_while_waiting_for_a_non_stream_answer_kills_the_child(self) -> None:
+        # A close without a reset may be a half-close (see ClientGoneTest): found out by a write.
         tag = marker()
         sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
         body = json.dumps({"messages": [user("[[fake:hang]] " + tag)]}).encode()
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         run = FAKE.run_for(tag, field="grandchild")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
         sock.close()
         self.assertTrue(pid_gone(run["pid"]))
         self.assertTrue(pid_gone(run["grandchild"]))
@@ -4154,6 +4168,322 @@ class Daemon:
         for path in (self.log_path, self.stderr_path):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+class OutputReadingTest(TestCase):
+    """Reading the CLI's output costs work in proportion to what it printed, however long a line."""
+
+    def test_a_read_that_does_not_end_a_long_line_copies_none_of_what_came_before(self) -> None:
+        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "60"), tuple(os.environ.items())))
+        self.addCleanup(process.close)
+        piece = b"x" * 65536
+        process._take(b'{"type": "assistant", "text": "')
+        for _ in range(64):  # 4 MiB of one line so far
+            process._take(piece)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+        process._take(piece)  # counted in bytes allocated, not in time: a copy of the line is 4 MiB
+        allocated = tracemalloc.get_traced_memory()[1] - before
+        tracemalloc.stop()
+        self.assertLess(allocated, len(piece), "one read copied the line's 4 MiB before it")
+        process._take(b'"}\n{"type": "result"')
+        process._take(b"}")
+        process._take(b"")  # end of file ends the last line
+        self.assertEqual(process._read, [{"type": "assistant", "text": "x" * (65 * len(piece))},
+                                         {"type": "result"}])
+
+
+class SlotReleaseTest(TestCase):
+    """A --max-concurrent slot is held while Claude answers, not while a finished CLI exits."""
+
+    def test_the_next_request_gets_the_slot_while_the_last_cli_is_still_exiting(self) -> None:
+        running = RunningServer(max_concurrent=1, queue_timeout=0)  # a held slot is a 429 at once
+        self.addCleanup(running.stop)
+        os.environ["FAKE_CLAUDE_LINGER"] = "30"  # killed after the proxy's grace of a second
+        self.addCleanup(os.environ.pop, "FAKE_CLAUDE_LINGER")
+        tag = marker()
+        first = post_chat(running.port, {"messages": [user("first " + tag)]})
+        self.assertEqual(first.status, 200, first.body)
+        second = post_chat(running.port, {"messages": [user("second " + marker())]})
+        self.assertEqual(second.status, 200, second.body)
+        self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]), "the lingering CLI was not reaped")
+
+
+def own_claude(test: unittest.TestCase) -> str:
+    """A copy of the fake CLI at a path of its own: a file the proxy has never probed."""
+    path = os.path.join(FAKE.dir, "claude-%s" % marker())
+    shutil.copy(FAKE.path, path)
+    test.addCleanup(os.unlink, path)
+    return path
+
+
+def set_env(test: unittest.TestCase, name: str, value: str) -> None:
+    """An environment variable for the proxy's children, until the test ends (or unset_env)."""
+    os.environ[name] = value
+    test.addCleanup(unset_env, name)
+
+
+def unset_env(name: str) -> None:
+    os.environ.pop(name, None)
+
+
+class ProbeTest(TestCase):
+    """The probe of the CLI at start says what is wrong on /health and in doctor, and a probe
+    that failed for a passing reason (a slow start, a fault of its own) is tried again."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        pauses = mock.patch.object(proxy, "RETRY_PAUSES", (0.2, 0.4))
+        pauses.start()
+        self.addCleanup(pauses.stop)
+
+    def server(self, claude: str) -> RunningServer:
+        running = RunningServer(claude_bin=claude)
+        self.addCleanup(running.stop)
+        return running
+
+    def health(self, running: RunningServer) -> Dict[str, Any]:
+        return http_request(running.port, "GET", "/health").json()
+
+    def test_a_probe_that_timed_out_says_degraded_and_is_tried_again_until_it_passes(self) -> None:
+        claude = own_claude(self)
+        set_env(self, "FAKE_CLAUDE_SLOW_START", "30")
+        timeout = mock.patch.object(proxy, "PROBE_TIMEOUT", 0.5)
+        timeout.start()
+        self.addCleanup(timeout.stop)
+        with self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            running = self.server(claude)
+            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "failed"))
+        self.assertIn("the check of %s failed" % claude, "\n".join(logs.output))
+        health = self.health(running)
+        self.assertEqual(health["status"], "degraded")
+        self.assertIn("did not ask for the tools within 0.5 s", health["claude"]["problem"])
+        self.assertIsNone(health["claude"]["logged_in"])
+        self.assertEqual(len(health["problems"]), 1)
+        self.assertIn("The proxy could not check Claude Code (%s)" % claude, health["problems"][0])
+        self.assertIn("run `claude` in a terminal", health["problems"][0])
+        # doctor asks the running proxy: a probe of its own would pass (it waits long enough)
+        check = proxy.check_claude(proxy.System(), proxy.Config(claude_bin=claude, port=running.port))
+        self.assertEqual(check.level, "FAIL")
+        self.assertIn("failed the running proxy's check", check.message)
+        unset_env("FAKE_CLAUDE_SLOW_START")  # the machine is no longer loaded
+        self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "ok"),
+                        "the failed probe was never tried again")
+        health = self.health(running)
+        self.assertEqual((health["status"], health["problems"], health["claude"]["logged_in"]),
+                         ("ok", [], True))
+        self.assertEqual(post_chat(running.port, {"messages": [user("hi")]}).status, 200)
+        check = proxy.check_claude(proxy.System(), proxy.Config(claude_bin=claude, port=running.port))
+        self.assertEqual(check.level, "OK", check.message)
+        self.assertIn("checked by the running proxy", check.message)
+
+    def test_a_cli_not_logged_in_is_found_at_start_and_its_requests_still_get_its_401(self) -> None:
+        claude = own_claude(self)
+        set_env(self, "FAKE_CLAUDE_LOGGED_OUT", "1")
+        with self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            running = self.server(claude)
+            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["logged_in"] is False))
+        self.assertIn(proxy.NOT_LOGGED_IN, "\n".join(logs.output))
+        health = self.health(running)
+        self.assertEqual((health["status"], health["problems"]), ("degraded", [proxy.NOT_LOGGED_IN]))
+        self.assertEqual((health["claude"]["probe"], health["claude"]["native"]), ("ok", True))
+        self.assertIn("run `claude` and /login", health["problems"][0])
+        response = post_chat(running.port, {"messages": [user("hi")]})
+        self.assertEqual(response.status, 401, response.body)
+        self.assertIn("/login", response.json()["error"]["message"])
+        check = proxy.check_login(proxy.System(), proxy.Config(claude_bin=claude, port=running.port))
+        self.assertEqual(check.level, "FAIL")
+        self.assertIn("not logged in", check.message)
+        unset_env("FAKE_CLAUDE_LOGGED_OUT")  # the user ran /login
+        self.assertTrue(wait_until(lambda: self.health(running)["claude"]["logged_in"] is True, 10.0),
+                        "the login is never looked at again")
+        self.assertEqual(self.health(running)["status"], "ok")
+
+    def test_a_transient_failure_is_retried_after_a_pause_that_doubles_up_to_a_cap(self) -> None:
+        probe = proxy.Probe()  # pauses of 0.2 s doubling up to 0.4 s here (setUp)
+        self.assertTrue(probe.due(100.0))
+        retry_at = 100.0
+        for pause in (0.2, 0.4, 0.4):
+            probe.done(proxy.ProbeResult("it did not ask for the tools within 20 s"), retry_at)
+            self.assertEqual(probe.state, "failed")
+            self.assertFalse(probe.due(retry_at + pause - 0.01))
+            self.assertTrue(probe.due(retry_at + pause))
+            retry_at += pause
+        probe.done(proxy.ProbeResult(None, logged_in=False), retry_at)  # passes, not logged in yet
+        self.assertEqual(probe.state, "ok")
+        self.assertFalse(probe.due(retry_at + 0.39))
+        self.assertTrue(probe.due(retry_at + 0.4), "a login is looked for again too")
+        probe.done(proxy.ProbeResult(None, logged_in=True), retry_at)
+        self.assertFalse(probe.due(retry_at + 3600.0), "a CLI that passed, logged in, is not probed again")
+        lasting = proxy.Probe()
+        lasting.done(proxy.ProbeResult("it refused initialize", lasting=True), 0.0)
+        self.assertFalse(lasting.due(3600.0), "a CLI too old is probed again only once it changes")
+
+    def test_a_fault_in_the_probe_itself_is_logged_and_the_probe_tried_again(self) -> None:
+        claude = own_claude(self)
+        fault = RuntimeError("probe fault " + marker())
+        real = proxy.probe_native
+        calls = []
+
+        def failing_once(path: str) -> proxy.ProbeResult:
+            calls.append(path)
+            if len(calls) == 1:
+                raise fault
+            return real(path)
+        with mock.patch.object(proxy, "probe_native", failing_once), \
+                self.expect_error_log(re.escape(str(fault))):
+            running = self.server(claude)
+            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "failed"))
+            self.assertIn("the proxy's own check failed", self.health(running)["claude"]["problem"])
+            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "ok"))
+        self.assertEqual(len(calls), 2)
+
+
+class PoolFaultTest(TestCase):
+    """A fault in the warm pool's thread is logged (once, however often it recurs), and the pool
+    goes on pre-starting."""
+
+    def test_the_pool_recovers_from_a_fault_of_its_own(self) -> None:
+        fault = RuntimeError("pool fault " + marker())
+        real = proxy.start_claude
+        failed = []
+
+        def failing_twice_in_the_pool(launch: proxy.Launch, lifeline: Any = None) -> proxy.ClaudeProcess:
+            if threading.current_thread().name == "warm-pool" and len(failed) < 2:
+                failed.append(launch)
+                raise fault
+            return real(launch, lifeline)
+        with mock.patch.object(proxy, "RETRY_PAUSES", (0.2, 0.4)), \
+                mock.patch.object(proxy, "start_claude", failing_twice_in_the_pool):
+            running = RunningServer(pool_size=1)
+            self.addCleanup(running.stop)
+            self.assertTrue(wait_until(lambda: running.server.pool.stats()["size"] == 1),
+                            "nothing was pre-started after the fault")
+        self.assertEqual(len(failed), 2)
+        logged = ERRORS.take(re.escape(str(fault)))
+        self.assertEqual(len(logged), 1, "the same fault is logged once: %s" % logged)
+        self.assertIn("the warm pool failed", logged[0])
+
+
+class SilentConnectionTest(TestCase):
+    """At the connection cap, connections that have sent no request line give way to new ones."""
+
+    @staticmethod
+    def all_read(running: RunningServer) -> bool:
+        """Whether the proxy has read every byte its connections without a request line sent."""
+        with selectors.DefaultSelector() as selector:
+            for sock in list(running.server._silent):
+                selector.register(sock, selectors.EVENT_READ)
+            return not selector.select(0)
+
+    def test_connections_without_a_request_line_make_room_at_once_oldest_first(self) -> None:
+        running = RunningServer(max_connections=3)
+        self.addCleanup(running.stop)
+        silent = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(3)]
+        for sock in silent:
+            self.addCleanup(sock.close)
+        silent[0].sendall(b"GET /hea")  # a line begun but never ended counts as none
+        self.assertTrue(wait_until(lambda: running.server.connections == 3 and self.all_read(running)))
+        self.assertEqual(http_request(running.port, "GET", "/health").status, 200)
+        self.assertEqual(silent[0].recv(1), b"", "the oldest silent connection was not closed")
+        self.assertTrue(wait_until(lambda: running.server.connections == 2))
+        silent.append(socket.create_connection(("127.0.0.1", running.port), timeout=10))
+        self.addCleanup(silent[-1].close)
+        self.assertTrue(wait_until(lambda: running.server.connections == 3))
+        response = post_chat(running.port, {"messages": [user("hi")]})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(silent[1].recv(1), b"")
+        silent[2].sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")  # still served
+        self.assertIn(b"200 OK", silent[2].recv(65536))
+
+
+def failing_rmdir(name: str) -> Any:
+    """os.rmdir, refusing (as a permission or an immutable flag would) the directory named `name`."""
+    real = os.rmdir
+
+    def rmdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.path.basename(os.fsdecode(path)) == name:
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+        real(path, *args, **kwargs)
+    return mock.patch.object(os, "rmdir", rmdir)
+
+
+class RemovalFailureTest(TestCase):
+    """A conversation's files that cannot be removed are named in the log, never counted as gone."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.config_dir = tempfile.mkdtemp(prefix="claude-config-")
+        self.addCleanup(shutil.rmtree, self.config_dir, True)
+
+    def test_a_transcript_that_cannot_be_removed_is_logged(self) -> None:
+        env = dict(os.environ, CLAUDE_CONFIG_DIR=self.config_dir)
+        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "30"), tuple(env.items()),
+                                                   ("0f8fad5b-d9cb-469f-a165-70867728950e", "{}\n")))
+        project = os.path.dirname(process.session_path)
+        with failing_rmdir(os.path.basename(project)), self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            process.close()
+        self.assertIn("could not remove %s, which holds a conversation" % project, "\n".join(logs.output))
+        self.assertTrue(os.path.isdir(project))
+        self.assertFalse(os.path.exists(process.workdir))
+
+    def test_an_abandoned_directory_that_cannot_be_removed_is_not_counted_as_removed(self) -> None:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        root = tempfile.mkdtemp(prefix="sweep-root-")
+        self.addCleanup(shutil.rmtree, root, True)
+        stuck = os.path.join(root, "claude-proxy-%d-stuck" % dead.pid)
+        gone = os.path.join(root, "claude-proxy-%d-gone" % dead.pid)
+        os.makedirs(stuck)
+        os.makedirs(gone)
+        with failing_rmdir(os.path.basename(stuck)), self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            removed = proxy.remove_abandoned_workdirs(root, os.path.join(self.config_dir, "projects"))
+        self.assertEqual(removed, 1)
+        self.assertIn("could not remove %s" % stuck, "\n".join(logs.output))
+        self.assertTrue(os.path.isdir(stuck))
+        self.assertFalse(os.path.exists(gone))
+
+
+class ClientGoneTest(ProxyTest):
+    """Only the client's own connection says it is gone: a reset, or a write that fails. One
+    that shuts down its sending side after its request (HTTP/1.0 clients, `nc -q`) still
+    gets its answer."""
+
+    def half_closed_request(self, version: str, body: Dict[str, Any]) -> Response:
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=20)
+        self.addCleanup(sock.close)
+        data = json.dumps(body).encode()
+        sock.sendall(b"POST /v1/chat/completions %s\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
+                     % (version.encode(), len(data), data))
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return parse_raw_response(received)
+            received += chunk
+
+    def test_a_half_closed_client_gets_its_whole_answer(self) -> None:
+        response = self.half_closed_request("HTTP/1.1", {"messages": [user("[[fake:slow]] " + marker())]})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(response.json()["choices"][0]["message"]["content"],
+                         "one two three four five six seven eight")
+
+    def test_a_half_closed_http_1_0_client_gets_its_whole_stream(self) -> None:
+        response = self.half_closed_request("HTTP/1.0", {"messages": [user("[[fake:slow]] " + marker())],
+                                                         "stream": True})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(stream_text(response), "one two three four five six seven eight")
+        self.assertEqual(response.frames()[-1], "[DONE]")
+
+    def test_a_connection_error_that_is_not_the_client_s_is_a_500_and_logged(self) -> None:
+        # Filed as the client gone, it was a 499 with nothing sent and nothing logged.
+        refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        with mock.patch.object(proxy, "find_claude", side_effect=refused), \
+                self.expect_error_log("internal error"):
+            response = self.say("hi")
+        self.assertError(response, 500, "server_error", "internal_error")
 
 
 class ShutdownTest(TestCase):
@@ -8866,7 +9196,7 @@ class EndToEndTest(ProxyTest):
 
     def test_the_real_cli_passes_the_probe(self) -> None:
         # Fails when the CLI stops taking initialize and mcp_set_servers on stdin.
-        self.assertIsNone(proxy.native_problem(real_claude()))
+        self.assertEqual(proxy.claude_probe(real_claude()).result, proxy.ProbeResult(None, logged_in=True))
 
     def test_structured_output_through_the_real_cli(self) -> None:
         tag = marker()
@@ -9955,7 +10285,7 @@ class NativeSupportTest(TestCase):
         self.assertIn("control protocol", check.message)
 
     def test_the_fake_passes_the_probe(self) -> None:
-        self.assertIsNone(proxy.native_problem(FAKE.path))
+        self.assertEqual(proxy.claude_probe(FAKE.path).result, proxy.ProbeResult(None, logged_in=True))
 
 
 class SessionTranscriptTest(TestCase):
