@@ -1237,19 +1237,22 @@ def parse_event_line(line: bytes) -> Optional[Dict[str, Any]]:
     return event if isinstance(event, dict) else None
 
 
-def client_reset(client: socket.socket) -> bool:
-    """True when a readable client socket is readable because the client reset the connection.
+def client_left(client: socket.socket, may_half_close: bool) -> bool:
+    """True when a readable client socket is readable because the client left: it reset the
+    connection, or closed it while it keeps connections alive.
 
-    End-of-file alone is no sign the client is gone: one that shuts down its sending side
-    after its request (HTTP/1.0 clients, `nc -q`) still reads the answer, and no portable
-    call tells that from a full close until a write to it fails (see ClientConnection)."""
+    A client that asked to close the connection after this request (HTTP/1.0, `Connection:
+    close`) may shut down its sending side once the request is sent (`nc -q`, some HTTP/1.0
+    clients) and still read the answer: its end-of-file is no sign it is gone, and no portable
+    call tells that from a full close until a write to it fails (see ClientConnection). A
+    keep-alive client never half-closes, so its end-of-file means it hung up."""
     try:
-        client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        data = client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
         return False
     except OSError:
         return True
-    return False
+    return data == b"" and not may_half_close
 
 
 class ClaudeProcess:
@@ -1308,16 +1311,16 @@ class ClaudeProcess:
             self._outbox.append(memoryview(data))  # slices of a view copy nothing, however long
 
     def events(self, next_deadline: Callable[[], Tuple[float, ProxyError]],
-               client: Optional[socket.socket] = None,
-               tick: Optional[float] = None) -> Iterator[Optional[Dict[str, Any]]]:
+               client: Optional[socket.socket] = None, tick: Optional[float] = None,
+               may_half_close: bool = False) -> Iterator[Optional[Dict[str, Any]]]:
         """Yield each JSON object the CLI prints, until its stdout closes.
 
         next_deadline() gives the earliest moment to give up and the error to raise
         then; it is asked again after every read, so callers can move it. When
-        `client` is given, a client that resets its connection raises ClientGone
-        at once, even while the CLI is silent (one that closes it is found out by the
-        next write to it). With `tick`, None is yielded after each `tick` seconds in
-        which the CLI printed nothing.
+        `client` is given, a client that leaves (see client_left) raises ClientGone
+        at once, even while the CLI is silent (one that may only have half-closed is
+        found out by the next write to it). With `tick`, None is yielded after each
+        `tick` seconds in which the CLI printed nothing.
         """
         out, err, stdin = self.popen.stdout, self.popen.stderr, self.popen.stdin
         quiet_since = time.monotonic()
@@ -1354,7 +1357,7 @@ class ClaudeProcess:
                             selector.unregister(stdin)
                             writing = False
                     elif key.fileobj is client:
-                        if client_reset(client):
+                        if client_left(client, may_half_close):
                             raise ClientGone()
                         # A pipelined request (not ours to read), or a half-close: it still reads.
                         selector.unregister(client)
@@ -2657,11 +2660,13 @@ class Exchange:
     """
 
     def __init__(self, server: "ProxyServer", turn: Turn, claude: str,
-                 client: Optional[socket.socket] = None, streaming: bool = True) -> None:
+                 client: Optional[socket.socket] = None, streaming: bool = True,
+                 may_half_close: bool = False) -> None:
         self.server = server
         self.turn = turn
         self.claude = claude
         self.client = client
+        self.may_half_close = may_half_close
         self.answer = Answer(turn, server.config.retry_budget, streaming)
         self.reply = ReplyBlocks()
         self.process: Optional[ClaudeProcess] = None
@@ -2673,7 +2678,8 @@ class Exchange:
         """The reply's events as they come, and None after each KEEPALIVE_INTERVAL of silence."""
         try:
             process = self._begin()
-            for event in process.events(self._deadlines(process), self.client, KEEPALIVE_INTERVAL):
+            for event in process.events(self._deadlines(process), self.client, KEEPALIVE_INTERVAL,
+                                        self.may_half_close):
                 if event is None:
                     yield None
                     continue
@@ -5289,7 +5295,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if probe is not None and probe.lasting:
                 raise ProxyError(503, unsupported(claude, probe), code="claude_unsupported")
             door = door(turn, options)
-            answer_turn(door, Exchange(self.server, turn, claude, self.connection, door.stream), self, slot)
+            # close_connection is set when the request asked to close the connection after it.
+            exchange = Exchange(self.server, turn, claude, self.connection, door.stream, self.close_connection)
+            answer_turn(door, exchange, self, slot)
 
     # -- response writing ------------------------------------------------------
 

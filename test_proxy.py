@@ -4045,18 +4045,21 @@ class ProcessLifecycleTest(ProxyTest):
         self.assertNotIn("finished", FAKE.run_for(tag))
         self.assertTrue(wait_until(lambda: self.running.server.active_children() == []))
 
-    def test_client_reset_while_waiting_for_a_non_stream_answer_kills_the_child(self) -> None:
-        # A close without a reset may be a half-close (see ClientGoneTest): found out by a write.
-        tag = marker()
-        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
-        body = json.dumps({"messages": [user("[[fake:hang]] " + tag)]}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        run = FAKE.run_for(tag, field="grandchild")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
-        sock.close()
-        self.assertTrue(pid_gone(run["pid"]))
-        self.assertTrue(pid_gone(run["grandchild"]))
+    def test_client_gone_while_waiting_for_a_non_stream_answer_kills_the_child(self) -> None:
+        # A keep-alive client's close (or a reset by any client) while the CLI is silent; a
+        # client that asked to close the connection may only have half-closed (ClientGoneTest).
+        for reset, close in ((False, b""), (True, b""), (True, b"Connection: close\r\n")):
+            tag = marker()
+            sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+            body = json.dumps({"messages": [user("[[fake:hang]] " + tag)]}).encode()
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n%s"
+                         b"Content-Length: %d\r\n\r\n%s" % (close, len(body), body))
+            run = FAKE.run_for(tag, field="grandchild")
+            if reset:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            self.assertTrue(pid_gone(run["pid"]), (reset, close))
+            self.assertTrue(pid_gone(run["grandchild"]), (reset, close))
 
     def test_requests_beyond_max_concurrent_wait_then_get_429(self) -> None:
         running = RunningServer(max_concurrent=1, queue_timeout=0.3)
@@ -4446,16 +4449,16 @@ class RemovalFailureTest(TestCase):
 
 
 class ClientGoneTest(ProxyTest):
-    """Only the client's own connection says it is gone: a reset, or a write that fails. One
-    that shuts down its sending side after its request (HTTP/1.0 clients, `nc -q`) still
-    gets its answer."""
+    """A client that asked to close the connection after its request may shut down its sending
+    side once it is sent (HTTP/1.0 clients, `nc -q`) and still gets its answer; a keep-alive
+    client's end-of-file means it is gone (ProcessLifecycleTest)."""
 
     def half_closed_request(self, version: str, body: Dict[str, Any]) -> Response:
         sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=20)
         self.addCleanup(sock.close)
         data = json.dumps(body).encode()
-        sock.sendall(b"POST /v1/chat/completions %s\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
-                     % (version.encode(), len(data), data))
+        sock.sendall(b"POST /v1/chat/completions %s\r\nHost: localhost\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (version.encode(), len(data), data))
         sock.shutdown(socket.SHUT_WR)
         received = b""
         while True:
