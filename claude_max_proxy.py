@@ -5805,6 +5805,7 @@ class ProxyServer(ThreadingHTTPServer):
                        "native": None if result is None else not result.lasting,
                        "logged_in": None if result is None else result.logged_in},
             "pid": os.getpid(),
+            "ppid": os.getppid(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "requests_served": self.requests_served,
             "active_children": len(self.active_children()),
@@ -6511,9 +6512,10 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
         print("FAIL  the %s is installed, but nothing answered %s within %g s. Look at %s, "
               "and run `%s doctor`." % (manager.kind, url, wait, manager.logs_hint, self_command()))
         return 1
-    # A proxy started by hand answers too, while the service cannot bind its port.
+    # A proxy started by hand answers too, while the service cannot bind its port. The service
+    # manager may know the proxy's parent instead (a python3 that is a shim starting the real one).
     service_pid = manager.service_pid()
-    if health["pid"] != service_pid:
+    if service_pid is None or service_pid not in (health["pid"], health.get("ppid")):
         print("FAIL  the %s is installed, but the claude-max-proxy answering %s is pid %s, not the "
               "service (%s): one started by hand holds the port, so the service cannot listen. "
               "Stop it (`kill %s`), and the service takes the port within about ten seconds."

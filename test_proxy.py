@@ -70,8 +70,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Trimmed of what neither the proxy nor the fake reads, which was a third of their size: the init
 # line's catalogue (slash_commands, skills, agents, plugins, memory_paths, settings flags), the
 # result's costs, timings and modelUsage, usage's server_tool_use, cache_creation and iterations,
-# an assistant message's stop_details, the initialize response's commands, models, agents, account
-# and output styles, and the MCP client's clientInfo. Every other field is as the CLI printed it.
+# an assistant message's stop_details, the initialize response's commands, models, agents and
+# output styles, and the MCP client's clientInfo. Every other field is as the CLI printed it.
 RECORDED = {
     'not-logged-in': r'''{"type":"system","subtype":"init","cwd":"/private/tmp/claude-proxy-x1y2","session_id":"eafa6b10-7849-442d-beb9-9b5e3342d723","tools":[],"mcp_servers":[],"model":"claude-opus-4-8[1m]","apiKeySource":"none","uuid":"b9753bec-3e98-48a3-924b-5654a7130a3f"}
 {"type":"assistant","message":{"id":"c59470cf-2b45-4cd8-8652-e483d2c51a97","container":null,"model":"<synthetic>","role":"assistant","stop_reason":"stop_sequence","stop_sequence":"","type":"message","usage":{"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"service_tier":null,"inference_geo":null,"speed":null},"content":[{"type":"text","text":"Not logged in · Please run /login"}],"context_management":null},"parent_tool_use_id":null,"session_id":"eafa6b10-7849-442d-beb9-9b5e3342d723","uuid":"a928a365-1e1b-4cea-bc3e-d9c1bb9c9350","error":"authentication_failed"}
@@ -228,7 +228,7 @@ RECORDED = {
 {"type":"assistant","message":{"id":"1e21c33b-d1bb-48e9-a441-fe994368cc49","container":null,"model":"<synthetic>","role":"assistant","stop_reason":"stop_sequence","stop_sequence":"","type":"message","usage":{"input_tokens":0,"output_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"service_tier":null,"inference_geo":null,"speed":null},"content":[{"type":"text","text":"API Error: 400 Extra usage is required for long context requests."}],"context_management":null},"parent_tool_use_id":null,"session_id":"cec88c9d-73b9-4f9e-99a8-4f7ef7e5afb8","uuid":"bd53f693-faa6-4be1-9d9b-01d0ef221bd3","error":"unknown"}
 {"type":"result","subtype":"success","is_error":true,"api_error_status":400,"num_turns":1,"result":"API Error: 400 Extra usage is required for long context requests.","stop_reason":"stop_sequence","session_id":"cec88c9d-73b9-4f9e-99a8-4f7ef7e5afb8","usage":{"input_tokens":0,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"output_tokens":0,"service_tier":"standard","inference_geo":"","speed":"standard"},"permission_denials":[],"uuid":"52821d4f-5fdd-451f-9756-7dccd845d5a9"}''',
     # q1-warm-init: control_response to an Agent-SDK initialize
-    'control-initialize': r'''{"type": "control_response", "response": {"subtype": "success", "request_id": "init1", "response": {"pid": 5816}}}''',
+    'control-initialize': r'''{"type": "control_response", "response": {"subtype": "success", "request_id": "init1", "response": {"account": {"tokenSource": "CLAUDE_CODE_OAUTH_TOKEN", "apiProvider": "firstParty"}, "pid": 5816}}}''',
     # q1-warm-init: mcp_set_servers answer, MCP handshake, one text turn
     'mcp-warm-text': r'''{"type": "control_response", "response": {"subtype": "success", "request_id": "set1", "response": {"added": ["p"], "removed": [], "errors": {}}}}
 {"type": "control_request", "request_id": "c0435212-d7a2-4705-b125-27ecb634d1e5", "request": {"subtype": "mcp_message", "server_name": "p", "message": {"method": "initialize", "params": {"protocolVersion": "2025-11-25", "capabilities": {}}, "jsonrpc": "2.0", "id": 0}}}
@@ -7413,15 +7413,28 @@ class PortAndServiceTruthTest(ProxyTest):
     def test_install_is_no_ok_when_a_proxy_started_by_hand_answers_instead_of_the_service(self) -> None:
         for platform in ("darwin", "linux"):
             with self.subTest(platform=platform):
-                system = FakeSystem(platform, service_pid=1)  # the service's pid is not this process's
+                other = 2 ** 30  # the service's pid is neither this process's nor its parent's
+                system = FakeSystem(platform, service_pid=other)
                 self.addCleanup(shutil.rmtree, system.home, True)
                 code, out = run_main("install", "--port", str(self.running.port), "--claude-bin", FAKE.path,
                                      system=system)
                 self.assertEqual(code, 1, out)
                 self.assertNotIn("OK ", out)
-                self.assertIn("is pid %d, not the service (pid 1): one started by hand holds the port"
-                              % os.getpid(), out)
+                self.assertIn("is pid %d, not the service (pid %d): one started by hand holds the port"
+                              % (os.getpid(), other), out)
                 self.assertIn("Stop it (`kill %d`)" % os.getpid(), out)
+
+    def test_install_is_ok_when_the_service_runs_the_proxy_through_a_python_that_starts_it(self) -> None:
+        # macOS's /usr/bin/python3 may be a shim whose child is the real Python: launchd then knows
+        # the shim's pid, the proxy's parent.
+        for platform in ("darwin", "linux"):
+            with self.subTest(platform=platform):
+                system = FakeSystem(platform, service_pid=os.getppid())
+                self.addCleanup(shutil.rmtree, system.home, True)
+                code, out = run_main("install", "--port", str(self.running.port), "--claude-bin", FAKE.path,
+                                     system=system)
+                self.assertEqual(code, 0, out)
+                self.assertIn("OK    claude-max-proxy answers", out)
 
     def test_install_without_a_user_manager_says_what_to_do_instead_and_a_dry_run_warns(self) -> None:
         system = FakeSystem("linux", bus=False, environ={"PATH": "/usr/bin:/bin", "USER": "ada"})
