@@ -7342,8 +7342,12 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
 
         usage = {"input_tokens": 12, "output_tokens": 1, "cache_creation_input_tokens": 0,
                  "cache_read_input_tokens": 0}
-        event({"type": "message_start", "message": {  # each message its own id, as Anthropic gives
-            "id": "msg_fake_%d" % len(self.server.requests), "type": "message", "role": "assistant",
+        # Each reply its own id, tool ids and signatures, as Anthropic gives them: the CLI merges
+        # assistant messages that share an id, and requests may overlap, so nothing is numbered
+        # from the shared request list.
+        reply = os.urandom(8).hex()
+        event({"type": "message_start", "message": {
+            "id": "msg_fake_" + reply, "type": "message", "role": "assistant",
             "model": body.get("model"),
             "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
         blocks: List[Tuple[str, Any]] = []
@@ -7363,10 +7367,10 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
             if kind == "thinking":
                 start: Dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
                 deltas = [{"type": "thinking_delta", "thinking": value},
-                          {"type": "signature_delta", "signature": "sig"}]
+                          {"type": "signature_delta", "signature": "sig_%s_%d" % (reply, index)}]
             elif kind == "tool_use":
                 arguments = json.dumps(value[1])
-                start = {"type": "tool_use", "id": "toolu_e2e_%d_%d" % (len(self.server.requests), index),
+                start = {"type": "tool_use", "id": "toolu_e2e_%s_%d" % (reply, index),
                          "name": value[0], "input": {}}
                 deltas = [{"type": "input_json_delta", "partial_json": arguments[i:i + 6]}
                           for i in range(0, len(arguments), 6)]
