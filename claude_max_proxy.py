@@ -717,8 +717,9 @@ def session_transcript(messages: List[Dict[str, Any]]) -> str:
     """Messages as the session file `claude --resume` reads: one JSON line each, chained by uuid.
 
     Only what the CLI needs (type, uuid, parentUuid, timestamp, message; a message id
-    for assistants, without which it merges or drops them). Consecutive user messages
-    are one line already (MessageList), as the CLI would otherwise alter their text.
+    for assistants, without which it merges or drops them, and the model of one that
+    names it, without which it drops signed thinking). Consecutive user messages are
+    one line already (MessageList), as the CLI would otherwise alter their text.
     """
     lines, parent = [], None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
@@ -727,6 +728,8 @@ def session_transcript(messages: List[Dict[str, Any]]) -> str:
         body: Dict[str, Any] = {"role": message["role"], "content": message["content"]}
         if message["role"] == "assistant":
             body = dict({"id": "msg_%024d" % index}, **body)
+            if "model" in message:
+                body["model"] = message["model"]
         lines.append(json.dumps({"parentUuid": parent, "type": message["role"], "uuid": entry_id,
                                  "timestamp": stamp, "message": body}, ensure_ascii=False))
         parent = entry_id
@@ -1957,6 +1960,7 @@ class Reply:
         self.done = False
         self.completed = False          # the CLI printed its result: the turn ended by itself
         self.stop_reason: Optional[str] = None
+        self.model: Optional[str] = None  # the model that answered, as Anthropic named it
         self.usage: Dict[str, int] = {}
         self.calls: List[str] = []      # ids of the client's tools Claude called
         self.emitted = False            # some answer went out, so the result's text repeats it
@@ -2009,6 +2013,8 @@ class Reply:
             self.retry_since = self.retry_error = None
             message = event.get("message")
             self._add_usage(message.get("usage") if isinstance(message, dict) else None)
+            model = message.get("model") if isinstance(message, dict) else None
+            self.model = model if isinstance(model, str) else self.model
         elif kind == "message_delta":
             self._add_usage(event.get("usage"))
             delta = event.get("delta")
@@ -2320,6 +2326,111 @@ def tool_results(message: Dict[str, Any]) -> Optional[Dict[str, Dict[str, Any]]]
     return {block["tool_use_id"]: block for block in content}
 
 
+class BoundedStore:
+    """Values by key: at most `count` of them, and `size` bytes of their JSON (as the caller
+    measured it); the least recently used go first. In memory: they go with the proxy."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.count = count
+        self.size = size
+        self._entries: Dict[str, Tuple[Any, int]] = {}  # oldest first
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def keep(self, key: str, value: Any, size: int) -> bool:
+        """Keep a value of `size` bytes, in place of any under its key; False (nothing kept,
+        nothing lost) when it is larger than the whole store."""
+        if size > self.size:
+            return False
+        with self._lock:
+            _, replaced = self._entries.pop(key, (None, 0))
+            self._entries[key] = (value, size)
+            self._bytes += size - replaced
+            while len(self._entries) > self.count or self._bytes > self.size:
+                _, dropped = self._entries.pop(next(iter(self._entries)))
+                self._bytes -= dropped
+        return True
+
+    def get(self, key: str) -> Any:
+        """The value under `key`, now the most recently used, or None."""
+        with self._lock:
+            found = self._entries.pop(key, None)
+            if found is None:
+                return None
+            self._entries[key] = found  # the most recently used now
+            return found[0]
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            found = self._entries.pop(key, None)
+            if found is not None:
+                self._bytes -= found[1]
+            return found is not None
+
+
+# Thinking kept for tool loops resumed cold (ThinkingStore). An entry is one reply's thinking
+# before a call: a few KB, up to the thinking budget. A thousand covers the loops a busy
+# proxy has under way at once (an entry matters only until its loop's next turn); the
+# bytes cap the worst case of many long ones.
+THINKING_STORE_COUNT = 1000
+THINKING_STORE_BYTES = 16 * MIB
+
+
+class ThinkingStore(BoundedStore):
+    """Claude's recent thinking blocks, with their signatures and the model that gave them, by the
+    id of the tool call they came before (a BoundedStore).
+
+    Chat and Responses clients cannot send thinking back (they have no place for its
+    signature), so a tool loop whose kept process is gone resumes with tool_use blocks
+    alone, which Anthropic may refuse while thinking is on. restore() puts the thinking
+    back where it stood, so a resumed history is the one the kept process would have sent.
+    And a resumed CLI drops signed thinking from an assistant message unless the message
+    names the model it runs (signatures are the model's): restore() names the model that
+    gave it, for thinking a client sent back too.
+    """
+
+    def __init__(self, count: int = THINKING_STORE_COUNT, size: int = THINKING_STORE_BYTES) -> None:
+        super().__init__(count, size)
+
+    def put(self, model: Optional[str], blocks: List[Dict[str, Any]]) -> None:
+        """Keep a reply's thinking: each run of thinking blocks under the call that follows it
+        (one larger than the store is not kept: a resume goes without it, as it would anyway)."""
+        thinking: List[Dict[str, Any]] = []
+        for block in blocks:
+            if block["type"] == "thinking":
+                thinking.append(block)
+            elif block["type"] == "tool_use" and thinking and model is not None:
+                self.keep(block["id"], (model, thinking), len(json.dumps(thinking, ensure_ascii=False)))
+                thinking = []
+
+    def restore(self, messages: List[Dict[str, Any]], insert: bool) -> List[Dict[str, Any]]:
+        """The messages for a transcript: an assistant message with a kept call names the model
+        that gave it ("model"), and with `insert`, one that holds no thinking gets the kept
+        thinking back, before the text that leads up to its call, as Claude gave it. Thinking
+        a message holds is the client's as it is; the list given is not changed."""
+        restored = []
+        for message in messages:
+            content = message["content"]
+            if message["role"] != "assistant":
+                restored.append(message)
+                continue
+            add = insert and not any(b["type"] in ("thinking", "redacted_thinking") for b in content)
+            model: Optional[str] = None
+            blocks: List[Dict[str, Any]] = []
+            for block in content:
+                kept = self.get(block["id"]) if block["type"] == "tool_use" else None
+                if kept is not None:
+                    model = kept[0]
+                if kept is not None and add:
+                    at = len(blocks)
+                    while at and blocks[at - 1]["type"] == "text":
+                        at -= 1
+                    blocks[at:at] = kept[1]
+                blocks.append(block)
+            restored.append(message if model is None else dict(message, content=blocks, model=model))
+        return restored
+
+
 KEEPALIVE_INTERVAL = 15.0  # seconds of silence after which a stream shows it is alive
 
 
@@ -2336,11 +2447,15 @@ class Exchange:
     """
 
     def __init__(self, server: "ProxyServer", turn: Turn, claude: str,
-                 client: Optional[socket.socket] = None, streaming: bool = True) -> None:
+                 client: Optional[socket.socket] = None, streaming: bool = True,
+                 restore_thinking: bool = False) -> None:
         self.server = server
         self.turn = turn
         self.claude = claude
         self.client = client
+        # The client cannot send thinking back: the ThinkingStore puts it back in a history
+        # this turn resumes.
+        self.restore_thinking = restore_thinking
         self.answer = Answer(turn, server.config.retry_budget, streaming)
         self.reply = ReplyBlocks()
         self.process: Optional[ClaudeProcess] = None
@@ -2384,11 +2499,12 @@ class Exchange:
         if kept is not None:
             self.server.discard(kept)  # the client did not bring back what it waits for
         config = self.server.config
+        messages = self.server.thinking.restore(conversation.messages, insert=self.restore_thinking)
         interrupted = bool(history) and any(block["type"] == "tool_result" for block in newest["content"])
         if interrupted:
-            process = self.server.spawn(cli_launch(self.claude, self.turn, config, conversation.messages, True))
+            process = self.server.spawn(cli_launch(self.claude, self.turn, config, messages, True))
         else:
-            process = self.server.spawn(cli_launch(self.claude, self.turn, config, history))
+            process = self.server.spawn(cli_launch(self.claude, self.turn, config, messages[:-1]))
         self.process = process
         process.bridge = ToolBridge(conversation.tools)
         process.send(opening_lines(self.turn, tools_on_stdin=not interrupted)
@@ -2433,9 +2549,13 @@ class Exchange:
     def keep(self, echo: Optional[List[Dict[str, Any]]]) -> None:
         """Keep the process for its conversation's next turn, which will hold `echo` as this
         reply (the reply as the client got it), when the turn ended well and there is room;
-        else finish() ends it once the answer is out."""
+        else finish() ends it once the answer is out. The reply's thinking is kept too, for a
+        turn that resumes the conversation without this process (ThinkingStore)."""
+        if not self.ended_well:
+            return
+        self.server.thinking.put(self.answer.reply.model, self.reply.blocks)
         process = self.process
-        if process is None or not self.ended_well or not echo or process.closed:
+        if process is None or not echo or process.closed:
             return
         messages = self.turn.conversation.messages + [{"role": "assistant", "content": echo}]
         process.open_calls = [] if self.answer.reply.completed else list(self.answer.reply.calls)
@@ -2826,6 +2946,8 @@ def chat_usage(usage: Dict[str, int]) -> Dict[str, Any]:
 class ChatDoor:
     """OpenAI chat completions: a request in, chunks or a completion out, errors in OpenAI's shape."""
 
+    returns_thinking = False  # a chat message has no place for a signature (see ThinkingStore)
+
     def __init__(self, turn: Turn, options: ChatOptions) -> None:
         self.turn = turn
         self.options = options
@@ -2977,45 +3099,17 @@ class StoredResponse(NamedTuple):
     item_ids: List[str]             # ids of its input and output items, earlier turns' too
 
 
-class ResponseStore:
-    """The newest responses, by id: at most `count` of them, and `size` bytes of their JSON;
-    the least recently used go first. In memory: they go with the proxy."""
+class ResponseStore(BoundedStore):
+    """The newest responses, by id (a BoundedStore of StoredResponse)."""
 
     def __init__(self, count: int = RESPONSE_STORE_COUNT, size: int = RESPONSE_STORE_BYTES) -> None:
-        self.count = count
-        self.size = size
-        self._entries: Dict[str, Tuple[StoredResponse, int]] = {}  # oldest first
-        self._bytes = 0
-        self._lock = threading.Lock()
+        super().__init__(count, size)
 
     def put(self, entry: StoredResponse) -> None:
         size = len(json.dumps([entry.response, entry.messages], ensure_ascii=False))
-        if size > self.size:
+        if not self.keep(entry.response["id"], entry, size):
             log.info("response %s is not kept: its conversation is larger than the store (%d bytes)",
                      entry.response["id"], self.size)
-            return
-        with self._lock:
-            _, replaced = self._entries.pop(entry.response["id"], (None, 0))
-            self._entries[entry.response["id"]] = (entry, size)
-            self._bytes += size - replaced
-            while len(self._entries) > self.count or self._bytes > self.size:
-                _, dropped = self._entries.pop(next(iter(self._entries)))
-                self._bytes -= dropped
-
-    def get(self, response_id: str) -> Optional[StoredResponse]:
-        with self._lock:
-            found = self._entries.pop(response_id, None)
-            if found is None:
-                return None
-            self._entries[response_id] = found  # the most recently used now
-            return found[0]
-
-    def delete(self, response_id: str) -> bool:
-        with self._lock:
-            found = self._entries.pop(response_id, None)
-            if found is not None:
-                self._bytes -= found[1]
-            return found is not None
 
 
 class ResponsesOptions(NamedTuple):
@@ -3302,6 +3396,10 @@ class ResponsesDoor:
     the summary), text a message, a tool call a function_call whose call_id is Claude's id.
     The items the client got make the conversation its next request continues.
     """
+
+    # Only a reasoning item sealed with its signature (reasoning.encrypted_content) comes back
+    # as thinking; a message that holds one is the client's as it is (ThinkingStore.restore).
+    returns_thinking = False
 
     def __init__(self, turn: Turn, options: ResponsesOptions) -> None:
         self.turn = turn
@@ -3742,6 +3840,8 @@ class MessagesDoor:
     message_start first with empty content, each block opened by content_block_start with
     the next index, a thinking block's signature in one signature_delta before its stop.
     """
+
+    returns_thinking = True  # thinking blocks come back with their signatures, as the client got them
 
     def __init__(self, turn: Turn, options: MessagesOptions) -> None:
         self.turn = turn
@@ -4436,7 +4536,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(503, "This Claude Code (%s) cannot take a conversation natively: %s. %s"
                                  % (claude, problem, UPGRADE_HELP), code="claude_unsupported")
             door = door(turn, options)
-            answer_turn(door, Exchange(self.server, turn, claude, self.connection, door.stream), self)
+            answer_turn(door, Exchange(self.server, turn, claude, self.connection, door.stream,
+                                       restore_thinking=not door.returns_thinking), self)
 
     # -- response writing ------------------------------------------------------
 
@@ -4679,6 +4780,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.requests_served = 0
         self.limits = UsageLimits()
         self.responses = ResponseStore()  # for previous_response_id and GET /v1/responses/{id}
+        self.thinking = ThinkingStore()  # for tool loops resumed cold
         self._slots = threading.BoundedSemaphore(max(1, config.max_concurrent))
         self._children: Dict[int, ClaudeProcess] = {}
         self._lock = threading.Lock()

@@ -7363,20 +7363,31 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
             blocks.append(("tool_use", ("StructuredOutput", {"a": 1})))
         else:
             blocks.append(("text", said[-1] if said else os.environ.get("FAKE_UPSTREAM_REPLY", UPSTREAM_REPLY)))
+        # The reply as a message, kept before it streams: a test reads it once its answer is back.
+        content: List[Dict[str, Any]] = []
         for index, (kind, value) in enumerate(blocks):
             if kind == "thinking":
-                start: Dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
-                deltas = [{"type": "thinking_delta", "thinking": value},
-                          {"type": "signature_delta", "signature": "sig_%s_%d" % (reply, index)}]
+                content.append({"type": "thinking", "thinking": value, "signature": "sig_%s_%d" % (reply, index)})
             elif kind == "tool_use":
-                arguments = json.dumps(value[1])
-                start = {"type": "tool_use", "id": "toolu_e2e_%s_%d" % (reply, index),
-                         "name": value[0], "input": {}}
+                content.append({"type": "tool_use", "id": "toolu_e2e_%s_%d" % (reply, index), "name": value[0],
+                                "input": value[1]})
+            else:
+                content.append({"type": "text", "text": value})
+        self.server.replies.append(content)
+        for index, block in enumerate(content):
+            if block["type"] == "thinking":
+                start: Dict[str, Any] = dict(block, thinking="", signature="")
+                deltas = [{"type": "thinking_delta", "thinking": block["thinking"]},
+                          {"type": "signature_delta", "signature": block["signature"]}]
+            elif block["type"] == "tool_use":
+                arguments = json.dumps(block["input"])
+                start = dict(block, input={})
                 deltas = [{"type": "input_json_delta", "partial_json": arguments[i:i + 6]}
                           for i in range(0, len(arguments), 6)]
             else:
                 start = {"type": "text", "text": ""}
-                deltas = [{"type": "text_delta", "text": value[i:i + 8]} for i in range(0, len(value), 8)]
+                deltas = [{"type": "text_delta", "text": block["text"][i:i + 8]}
+                          for i in range(0, len(block["text"]), 8)]
             event({"type": "content_block_start", "index": index, "content_block": start})
             for delta in deltas:
                 event({"type": "content_block_delta", "index": index, "delta": delta})
@@ -7472,7 +7483,9 @@ class FakeUpstream:
         self.server.daemon_threads = True
         self.requests: List[Dict[str, Any]] = []
         self.credentials: List[Tuple[Optional[str], Optional[str]]] = []  # (x-api-key, Authorization)
+        self.replies: List[List[Dict[str, Any]]] = []  # the content of each message it answered
         self.server.requests = self.requests
+        self.server.replies = self.replies
         self.server.credentials = self.credentials
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.home = tempfile.mkdtemp(prefix="claude-home-")
@@ -7489,8 +7502,8 @@ class FakeUpstream:
 
 
 @unittest.skipIf(real_claude() is None and not IN_CI, "the real claude CLI is not installed")
-class EndToEndTest(ProxyTest):
-    """The proxy driving the real CLI, which talks to FakeAnthropicHandler."""
+class RealCliTest(ProxyTest):
+    """Base: the proxy driving the real CLI, which talks to FakeAnthropicHandler."""
 
     # A pool, as users run it: conversations are kept between their turns.
     settings = {"retry_budget": 1.5, "idle_timeout": 60.0, "timeout": 90.0, "pool_size": 2}
@@ -7524,6 +7537,10 @@ class EndToEndTest(ProxyTest):
 
     def reached_upstream(self, tag: str) -> bool:
         return any(tag in json.dumps(body) for body in self.upstream.requests)
+
+
+class EndToEndTest(RealCliTest):
+    """The proxy driving the real CLI, which talks to FakeAnthropicHandler."""
 
     def test_answer_and_what_reached_anthropic(self) -> None:
         tag = marker()
@@ -8210,6 +8227,161 @@ class RealClientsTest(ProxyTest):
 # ---------------------------------------------------------------------------
 # Benchmark: `python3 test_proxy.py bench` (never part of the test run)
 # ---------------------------------------------------------------------------
+
+class ThinkingStoreTest(TestCase):
+    """The thinking a chat or Responses client cannot send back, kept by the calls it came before."""
+
+    def thinking(self, text: str) -> Dict[str, Any]:
+        return {"type": "thinking", "thinking": text, "signature": "sig-" + text}
+
+    def call(self, call_id: str) -> Dict[str, Any]:
+        return {"type": "tool_use", "id": call_id, "name": "get_weather", "input": {"city": call_id}}
+
+    def test_each_run_of_thinking_is_kept_under_the_call_after_it(self) -> None:
+        store = proxy.ThinkingStore()
+        store.put("claude-x", [self.thinking("a"), self.thinking("b"), self.call("x"), text("then"),
+                               self.thinking("c"), self.call("y"), self.call("z"), self.thinking("after")])
+        self.assertEqual(store.get("x"), ("claude-x", [self.thinking("a"), self.thinking("b")]),
+                         "two blocks, two signatures")
+        self.assertEqual(store.get("y"), ("claude-x", [self.thinking("c")]))
+        self.assertIsNone(store.get("z"), "no thinking came right before it")
+        self.assertIsNone(store.get("nothing"))
+        store.put(None, [self.thinking("d"), self.call("w")])
+        self.assertIsNone(store.get("w"), "without the model that gave it, the CLI would drop it")
+
+    def test_restore_puts_thinking_back_where_claude_gave_it_and_names_the_model(self) -> None:
+        store = proxy.ThinkingStore()
+        store.put("claude-x", [self.thinking("a"), text("Let me look."), self.call("x")])
+        store.put("claude-y", [self.thinking("b"), self.call("y"), self.thinking("c"), self.call("z")])
+        question = {"role": "user", "content": [text("weather?")]}
+        history = [question,
+                   {"role": "assistant", "content": [text("Let me look."), self.call("x")]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": []}]},
+                   {"role": "assistant", "content": [self.call("y"), self.call("z")]},
+                   {"role": "user", "content": [text("and?")]},
+                   {"role": "assistant", "content": [text("No calls, nothing kept.")]}]
+        sent = copy.deepcopy(history)
+        restored = store.restore(history, insert=True)
+        self.assertEqual(restored[1], {"role": "assistant", "model": "claude-x", "content": [
+            self.thinking("a"), text("Let me look."), self.call("x")]})
+        self.assertEqual(restored[3], {"role": "assistant", "model": "claude-y", "content": [
+            self.thinking("b"), self.call("y"), self.thinking("c"), self.call("z")]})
+        self.assertEqual(restored[5], history[5])
+        self.assertEqual(restored[0::2], sent[0::2], "user messages as they were")
+        self.assertEqual(history, sent, "the client's messages are not changed")
+        self.assertEqual(store.restore(history, insert=False)[1], dict(history[1], model="claude-x"),
+                         "a client that sends thinking back gets nothing added")
+
+    def test_a_message_that_holds_thinking_is_the_clients_as_it_is(self) -> None:
+        store = proxy.ThinkingStore()
+        store.put("claude-x", [self.thinking("kept"), self.call("x")])
+        own = {"role": "assistant", "content": [self.thinking("the client's"), self.call("x")]}
+        redacted = {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "d"}, self.call("x")]}
+        for message in (own, redacted):
+            self.assertEqual(store.restore([message], insert=True), [dict(message, model="claude-x")])
+
+    def test_the_store_keeps_the_newest_within_its_bounds(self) -> None:
+        store = proxy.ThinkingStore(count=2)
+        store.put("m", [self.thinking("a"), self.call("a")])
+        store.put("m", [self.thinking("b"), self.call("b")])
+        self.assertIsNotNone(store.get("a"))  # now the most recently used
+        store.put("m", [self.thinking("c"), self.call("c")])
+        self.assertEqual([store.get(call_id) is not None for call_id in "abc"], [True, False, True])
+        one = len(json.dumps([self.thinking("a")]))
+        store = proxy.ThinkingStore(size=2 * one)
+        for call_id in "abc":
+            store.put("m", [self.thinking(call_id), self.call(call_id)])
+        self.assertEqual([store.get(call_id) is not None for call_id in "abc"], [False, True, True])
+        store.put("m", [self.thinking("long" * one), self.call("d")])  # larger than the whole store
+        self.assertIsNone(store.get("d"))
+        self.assertEqual([store.get(call_id) is not None for call_id in "bc"], [True, True], "nothing else lost")
+
+    def test_the_transcript_names_the_model_a_message_names(self) -> None:
+        history = [{"role": "user", "content": [text("q")]},
+                   {"role": "assistant", "model": "claude-x", "content": [self.thinking("a"), self.call("x")]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": []}]},
+                   {"role": "assistant", "content": [text("plain")]}]
+        entries = [json.loads(line)["message"] for line in proxy.session_transcript(history).splitlines()]
+        self.assertEqual(entries[1]["model"], "claude-x")
+        self.assertEqual(entries[1]["content"], history[1]["content"])
+        self.assertNotIn("model", entries[3])
+
+    def test_the_bounds_are_stated(self) -> None:
+        store = proxy.ThinkingStore()
+        self.assertEqual((store.count, store.size), (proxy.THINKING_STORE_COUNT, proxy.THINKING_STORE_BYTES))
+
+
+class ColdResumeThinkingTest(RealCliTest):
+    """A tool loop with thinking on whose process is gone: nothing is kept (no pool), so every
+    turn resumes its history cold, as after the pool evicted or lost the process."""
+
+    settings = dict(RealCliTest.settings, pool_size=0)
+
+    def sent(self, tag: str) -> List[List[Dict[str, Any]]]:
+        return [without_cache_marks(body["messages"]) for body in self.upstream.requests if tag in json.dumps(body)]
+
+    def reply_with(self, call_id: str) -> List[Dict[str, Any]]:
+        """The content of the upstream reply that made this call."""
+        return next(reply for reply in self.upstream.replies if any(b.get("id") == call_id for b in reply))
+
+    def test_a_chat_tool_loop_resumed_cold_sends_its_thinking_back_in_place(self) -> None:
+        # Fails without the ThinkingStore: the resumed history holds the tool_use alone.
+        tag = marker()
+        messages: List[Dict[str, Any]] = [user("%s THINK\nCALL:get_weather {\"city\": \"Oslo\"}" % tag)]
+        first = self.chat(*messages, tools=[WEATHER_TOOL], reasoning_effort="medium")
+        self.assertEqual(first.status, 200, first.body)
+        message = first.json()["choices"][0]["message"]
+        call = message["tool_calls"][0]
+        self.assertEqual(message["reasoning_content"], "Let me think about this.")
+        messages += [message, {"role": "tool", "tool_call_id": call["id"], "content": "SAY:Sunny."}]
+        second = self.chat(*messages, tools=[WEATHER_TOOL], reasoning_effort="medium")
+        self.assertEqual(second.status, 200, second.body)
+        self.assertEqual(second.json()["choices"][0]["message"]["content"], "Sunny.")
+        sent = self.sent(tag)
+        self.assertEqual(len(sent), 2)
+        reply = self.reply_with(call["id"])
+        self.assertEqual([b["type"] for b in reply], ["thinking", "tool_use"])
+        self.assertEqual(sent[1][1], {"role": "assistant", "content": reply},
+                         "the thinking block with its signature, right before its tool_use, as Claude gave it")
+        self.assertEqual(self.running.server.health()["pool"]["continued"], 0, "the turn was resumed cold")
+
+    def test_a_responses_tool_loop_resumed_cold_sends_its_thinking_back_in_place(self) -> None:
+        tag = marker()
+        items: List[Dict[str, Any]] = [user("%s THINK\nCALL:get_weather {\"city\": \"Oslo\"}" % tag)]
+        body = {"model": "claude-sonnet-4", "tools": [RESPONSES_WEATHER_TOOL], "reasoning": {"effort": "medium"},
+                "store": False}
+        first = self.request("POST", "/v1/responses", dict(body, input=items))
+        self.assertEqual(first.status, 200, first.body)
+        output = first.json()["output"]
+        self.assertEqual([item["type"] for item in output], ["reasoning", "function_call"])
+        self.assertNotIn("encrypted_content", output[0], "nothing the client could send the signature back in")
+        items += output + [{"type": "function_call_output", "call_id": output[1]["call_id"], "output": "SAY:Sunny."}]
+        second = self.request("POST", "/v1/responses", dict(body, input=items))
+        self.assertEqual(second.status, 200, second.body)
+        sent = self.sent(tag)
+        self.assertEqual(sent[1][1], {"role": "assistant", "content": self.reply_with(output[1]["call_id"])})
+
+    def test_the_messages_door_passes_the_clients_thinking_on_unchanged(self) -> None:
+        # Anthropic clients send thinking back themselves: what they send is what Claude gets,
+        # and a client that leaves it out gets nothing added. Fails when the transcript names no
+        # model for the message: a resumed CLI drops signed thinking from such messages.
+        for keeps_thinking in (True, False):
+            tag = marker()
+            body = {"model": "claude-sonnet-4", "max_tokens": 2048, "tools": [MESSAGES_WEATHER_TOOL],
+                    "thinking": {"type": "enabled", "budget_tokens": 1024}}
+            messages: List[Dict[str, Any]] = [
+                {"role": "user", "content": "%s THINK\nCALL:get_weather {\"city\": \"Oslo\"}" % tag}]
+            first = self.request("POST", "/v1/messages", dict(body, messages=messages))
+            self.assertEqual(first.status, 200, first.body)
+            content = first.json()["content"]
+            self.assertEqual([b["type"] for b in content], ["thinking", "tool_use"])
+            sent_back = content if keeps_thinking else content[1:]
+            messages += [{"role": "assistant", "content": sent_back}, {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": content[1]["id"], "content": [text("SAY:Sunny.")]}]}]
+            second = self.request("POST", "/v1/messages", dict(body, messages=messages))
+            self.assertEqual(second.status, 200, second.body)
+            self.assertEqual(self.sent(tag)[1][1], {"role": "assistant", "content": sent_back}, keeps_thinking)
+
 
 class NativeSupportTest(TestCase):
     """A `claude` too old for the control protocol is found out at start and named, not run blind."""
