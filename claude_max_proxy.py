@@ -2377,8 +2377,8 @@ THINKING_STORE_BYTES = 16 * MIB
 
 
 class ThinkingStore(BoundedStore):
-    """Claude's recent thinking blocks, with their signatures and the model that gave them, by the
-    id of the tool call they came before (a BoundedStore).
+    """Claude's recent thinking blocks (a BoundedStore): each run of them by the id of the tool
+    call it came before, and the model that gave each block by its signature.
 
     Chat and Responses clients cannot send thinking back (they have no place for its
     signature), so a tool loop whose kept process is gone resumes with tool_use blocks
@@ -2393,42 +2393,50 @@ class ThinkingStore(BoundedStore):
         super().__init__(count, size)
 
     def put(self, model: Optional[str], blocks: List[Dict[str, Any]]) -> None:
-        """Keep a reply's thinking: each run of thinking blocks under the call that follows it
-        (one larger than the store is not kept: a resume goes without it, as it would anyway)."""
+        """Keep a reply's thinking, given the model that gave it (without one, a resumed CLI
+        would drop it anyway). A run larger than the store is not kept: a resume goes without
+        it, as it would anyway."""
+        if model is None:
+            return
         thinking: List[Dict[str, Any]] = []
         for block in blocks:
-            if block["type"] == "thinking":
+            if block["type"] == "thinking" and block["signature"]:
                 thinking.append(block)
-            elif block["type"] == "tool_use" and thinking and model is not None:
-                self.keep(block["id"], (model, thinking), len(json.dumps(thinking, ensure_ascii=False)))
+                self.keep("signature:" + block["signature"], model, len(block["signature"]) + len(model))
+            elif block["type"] == "tool_use" and thinking:
+                self.keep("call:" + block["id"], thinking, len(json.dumps(thinking, ensure_ascii=False)))
                 thinking = []
 
     def restore(self, messages: List[Dict[str, Any]], insert: bool) -> List[Dict[str, Any]]:
-        """The messages for a transcript: an assistant message with a kept call names the model
-        that gave it ("model"), and with `insert`, one that holds no thinking gets the kept
-        thinking back, before the text that leads up to its call, as Claude gave it. Thinking
-        a message holds is the client's as it is; the list given is not changed."""
+        """The messages for a transcript: with `insert`, an assistant message that holds no
+        thinking gets its calls' kept thinking back, each run before the text that leads up to
+        its call, as Claude gave it; and one whose thinking is kept names the model that gave
+        it ("model"). Thinking a message holds is the client's as it is; the list given is not
+        changed."""
         restored = []
         for message in messages:
             content = message["content"]
             if message["role"] != "assistant":
                 restored.append(message)
                 continue
-            add = insert and not any(b["type"] in ("thinking", "redacted_thinking") for b in content)
-            model: Optional[str] = None
-            blocks: List[Dict[str, Any]] = []
-            for block in content:
-                kept = self.get(block["id"]) if block["type"] == "tool_use" else None
-                if kept is not None:
-                    model = kept[0]
-                if kept is not None and add:
-                    at = len(blocks)
-                    while at and blocks[at - 1]["type"] == "text":
-                        at -= 1
-                    blocks[at:at] = kept[1]
-                blocks.append(block)
-            restored.append(message if model is None else dict(message, content=blocks, model=model))
+            if insert and not any(b["type"] in ("thinking", "redacted_thinking") for b in content):
+                content = self._with_thinking(content)
+            models = [self.get("signature:" + b["signature"]) for b in content if b["type"] == "thinking"]
+            model = next((model for model in models if model is not None), None)
+            restored.append(message if model is None else dict(message, content=content, model=model))
         return restored
+
+    def _with_thinking(self, content: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        blocks: List[Dict[str, Any]] = []
+        for block in content:
+            thinking = self.get("call:" + block["id"]) if block["type"] == "tool_use" else None
+            if thinking is not None:
+                at = len(blocks)
+                while at and blocks[at - 1]["type"] == "text":
+                    at -= 1
+                blocks[at:at] = thinking
+            blocks.append(block)
+        return blocks
 
 
 KEEPALIVE_INTERVAL = 15.0  # seconds of silence after which a stream shows it is alive
