@@ -736,13 +736,32 @@ def session_transcript(messages: List[Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# A resumed interrupted turn ends with a prompt of the CLI's (CLAUDE_CODE_RESUME_PROMPT), which
+# it joins to a text that ends the turn with a newline between, once: the next request has the
+# text without it, and the prompt cache misses from there. So a text after the turn's tool
+# results goes as that prompt, and Claude gets it as the client sent it, then and later. An
+# environment string holds no NUL and is bounded (128 KiB on Linux): a longer text stays put.
+RESUME_PROMPT_LIMIT = 64 * 1024
+
+
+def interrupted_turn(history: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], str]:
+    """(the history to resume, the prompt that ends it) for a turn resumed with its tool results:
+    a text right after the results is the prompt when it can be one; else the prompt is blank."""
+    content = history[-1]["content"]
+    last = content[-1]
+    if len(content) >= 2 and content[-2]["type"] == "tool_result" and last["type"] == "text" \
+            and "\x00" not in last["text"] and len(last["text"].encode("utf-8")) <= RESUME_PROMPT_LIMIT:
+        return history[:-1] + [dict(history[-1], content=content[:-1])], last["text"]
+    return history, " "  # blank: nothing is added to the client's turn
+
+
 def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, Any]],
                interrupted: bool = False) -> Launch:
     """The process for a turn; `history` is resumed from a transcript.
 
     Its newest user message comes on stdin, unless `interrupted`: then `history` ends
     with that message, which holds tool results, and the CLI takes the turn up at start
-    as an interrupted one. No stdin message can hold results for calls of a resumed
+    as an interrupted one (see interrupted_turn). No stdin message can hold results for calls of a resumed
     history (the CLI would drop the calls), while this sends exactly what a process
     that waited on the calls would (see ToolBridge).
     """
@@ -767,6 +786,8 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
     ]
     session = None
     env = cli_env(config, turn)
+    if interrupted:
+        history, env["CLAUDE_CODE_RESUME_PROMPT"] = interrupted_turn(history)
     if history:
         transcript = session_transcript(history)
         # Named after what it holds, so equal histories start equal Launches (the pool's key).
@@ -777,7 +798,6 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
         # The turn starts before stdin could register the tools, so they are named here.
         argv += ["--mcp-config", json.dumps({"mcpServers": {MCP_SERVER: {"type": "sdk", "name": MCP_SERVER}}})]
         env["CLAUDE_CODE_RESUME_INTERRUPTED_TURN"] = "1"
-        env["CLAUDE_CODE_RESUME_PROMPT"] = " "  # blank: nothing is added to the client's turn
     return Launch(tuple(argv), tuple(sorted(env.items())), session)
 
 

@@ -7657,8 +7657,8 @@ class EndToEndTest(RealCliTest):
                  "input": json.loads(call["function"]["arguments"])} for call in calls])
             expected = [{"tool_use_id": call["id"], "type": "tool_result", "content": [
                 {"type": "text", "text": text}]} for call, text in zip(calls, ("rain", "SAY:Rain and sun."))]
-            if note:  # the CLI ends a text it merges with a newline; nothing else is added
-                expected.append({"type": "text", "text": note + "\n"})
+            if note:  # as the client sent it: nothing is added
+                expected.append({"type": "text", "text": note})
             self.assertEqual(last[2:], [{"role": "user", "content": expected}])
 
     def test_a_prompt_too_long_is_a_400_context_length_exceeded_and_never_compacted(self) -> None:
@@ -8674,10 +8674,7 @@ class FidelityPropertyTest(RealCliTest):
             self.assertEqual(self.comparable(client, got), client.reference(items), "turn %d" % number)
             self.assertThinkingBeforeCalls(got)
             if previous is not None and items[:len(previous[0])] == previous[0]:
-                # Not byte for byte where a turn resumed tool results with text after them: the CLI
-                # sent that text with a newline added, and keeps it without one (a cache miss there).
-                self.assertEqual(self.without_resume_newlines(got[:len(previous[1])]),
-                                 self.without_resume_newlines(previous[1]), "turn %d extends the one before" % number)
+                self.assertEqual(got[:len(previous[1])], previous[1], "turn %d extends the one before" % number)
             kept, calls, answered = client.answer(response, stream)
             self.assertEqual(([call.name for call in calls], answered), (names, "" if called else said))
             client.entries.append(("assistant", (kept, calls)))
@@ -8704,19 +8701,35 @@ class FidelityPropertyTest(RealCliTest):
             entries[index] = ("user", [part if part is IMAGE else part + " (edited)" for part in entries[index][1]])
 
     @staticmethod
-    def without_resume_newlines(messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """The messages less the newline the CLI ends a text with when it resumes a turn of tool
-        results with text after them (test_tool_results_without_a_kept_process_resume_the_interrupted_turn);
-        the generated texts end with none."""
-        return [dict(message, content=[text(b["text"][:-1]) if b["type"] == "text" and b["text"].endswith("\n")
-                                       else b for b in message["content"]])
-                if any(b["type"] == "tool_result" for b in message["content"]) else message for message in messages]
+    def comparable(client: DoorClient, got: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """What Claude got as the client's translation reads: thinking left out where the client
+        cannot send it back (assertThinkingBeforeCalls checks it)."""
+        return [dict(message, content=[b for b in message["content"]
+                                       if b["type"] != "thinking" or client.sends_thinking_back]) for message in got]
 
-    def comparable(self, client: DoorClient, got: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """What Claude got as the client's translation reads: without the CLI's resume newlines, and
-        thinking left out where the client cannot send it back (assertThinkingBeforeCalls checks it)."""
-        return self.without_resume_newlines([dict(message, content=[
-            b for b in message["content"] if b["type"] != "thinking" or client.sends_thinking_back]) for message in got])
+    def test_text_after_resumed_tool_results_reaches_claude_as_sent_and_the_next_turn_extends_it(self) -> None:
+        # Found by the property test: the CLI's own resume prompt, joined to that text, added a newline
+        # to it in that request only, and the next turn's request no longer extended it.
+        for then in ("SAY:Done.", "CALL:get_weather {\"city\": \"Rome\"}"):
+            tag = marker()
+            call = {"id": "call_" + tag, "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}}
+            messages = [{"role": "system", "content": tag}, user("weather?"),
+                        {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": call["id"], "content": "rain"}, user("Be brief.\n" + then)]
+            first = self.chat(*messages, tools=[WEATHER_TOOL])
+            self.assertEqual(first.status, 200, first.body)
+            message = first.json()["choices"][0]["message"]
+            messages.append({key: message[key] for key in ("role", "content", "tool_calls") if key in message})
+            messages += [{"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "SAY:ok"}] \
+                if message.get("tool_calls") else [user("SAY:ok")]
+            second = self.chat(*messages, tools=[WEATHER_TOOL])
+            self.assertEqual(second.status, 200, second.body)
+            sent = [as_claude_got_them(body) for body in self.upstream.requests if tag in json.dumps(body["system"])]
+            self.assertEqual(len(sent), 2)
+            self.assertEqual(sent[0][2], {"role": "user", "content": [result_block(call["id"], "rain"),
+                                                                      text("Be brief.\n" + then)]})
+            self.assertEqual(sent[1][:3], sent[0], then)
 
     def assertThinkingBeforeCalls(self, got: List[Dict[str, Any]]) -> None:
         """Each assistant message that calls tools starts with the thinking of the reply that made
@@ -8727,6 +8740,28 @@ class FidelityPropertyTest(RealCliTest):
                 reply = next(r for r in self.upstream.replies if any(b.get("id") == calls[0] for b in r))
                 thinking = [b for b in reply if b["type"] == "thinking"]
                 self.assertEqual(message["content"][:len(thinking)], thinking)
+
+
+class InterruptedTurnTest(TestCase):
+    """A turn resumed with its tool results: a text after them ends it as the CLI's resume prompt."""
+
+    def history(self, *after: Dict[str, Any]) -> List[Dict[str, Any]]:
+        return [{"role": "user", "content": [text("q")]},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "x", "name": "f", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": []}] + list(after)}]
+
+    def test_a_text_after_the_results_is_the_prompt(self) -> None:
+        history = self.history(text("Be brief."))
+        self.assertEqual(proxy.interrupted_turn(history), (self.history(), "Be brief."))
+        launch = proxy.cli_launch("claude", chat_turn()[0], config(), history, interrupted=True)
+        self.assertEqual(dict(launch.env)["CLAUDE_CODE_RESUME_PROMPT"], "Be brief.")
+        self.assertNotIn("Be brief.", launch.session[1], "not in the transcript too")
+
+    def test_anything_else_stays_in_the_history_and_the_prompt_is_blank(self) -> None:
+        for after in ([], [text("a"), text("b")], [text("a"), PNG_BLOCK], [text("nul \x00")],
+                      [text("x" * (proxy.RESUME_PROMPT_LIMIT + 1))]):
+            history = self.history(*after)
+            self.assertEqual(proxy.interrupted_turn(history), (history, " "), str(after)[:60])
 
 
 class NativeSupportTest(TestCase):
