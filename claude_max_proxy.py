@@ -737,10 +737,11 @@ def session_transcript(messages: List[Dict[str, Any]]) -> str:
 
 
 # A resumed interrupted turn ends with a prompt of the CLI's (CLAUDE_CODE_RESUME_PROMPT), which
-# it joins to a text that ends the turn with a newline between, once: the next request has the
-# text without it, and the prompt cache misses from there. So a text after the turn's tool
-# results goes as that prompt, and Claude gets it as the client sent it, then and later. An
-# environment string holds no NUL and is bounded (128 KiB on Linux): a longer text stays put.
+# it joins to a text that ends the turn with a newline between: in that request, and not in the
+# next one when the tool loop goes on, which then no longer extends it (the prompt cache misses).
+# So a text after the turn's tool results goes as that prompt, and Claude gets it as the client
+# sent it, then and later. An environment string holds no NUL and is bounded (128 KiB on Linux):
+# a longer text stays in the transcript.
 RESUME_PROMPT_LIMIT = 64 * 1024
 
 
@@ -761,9 +762,9 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
 
     Its newest user message comes on stdin, unless `interrupted`: then `history` ends
     with that message, which holds tool results, and the CLI takes the turn up at start
-    as an interrupted one (see interrupted_turn). No stdin message can hold results for calls of a resumed
-    history (the CLI would drop the calls), while this sends exactly what a process
-    that waited on the calls would (see ToolBridge).
+    as an interrupted one (see interrupted_turn). No stdin message can hold results for
+    calls of a resumed history (the CLI would drop the calls), while this sends exactly
+    what a process that waited on the calls would (see ToolBridge).
     """
     argv = [
         claude, "-p",
@@ -2481,7 +2482,7 @@ class Exchange:
         self.turn = turn
         self.claude = claude
         self.client = client
-        # The client cannot send thinking back: the ThinkingStore puts it back in a history
+        # The client cannot send thinking back, so the ThinkingStore puts it back in a history
         # this turn resumes.
         self.restore_thinking = restore_thinking
         self.answer = Answer(turn, server.config.retry_budget, streaming)
