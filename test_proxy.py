@@ -8402,7 +8402,7 @@ CLI_DATE_REMINDER = re.compile(
     r"relevant to your tasks\. You should not respond to this context unless it is highly relevant to "
     r"your task\.\n</system-reminder>\n\n?")  # a blank line after it before a text, one before an image
 # CI runs these seeds; FIDELITY_SEED=n runs that one instead, to replay a failure it printed.
-FIDELITY_SEEDS = (1, 2)
+FIDELITY_SEEDS = (1, 2, 3)
 FIDELITY_TURNS = 6  # per conversation: each seed holds one conversation on each door
 IMAGE = object()  # an image in a generated user turn (PNG_1PX)
 PNG_BLOCK = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}
