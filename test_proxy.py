@@ -8540,6 +8540,10 @@ class ResponsesClient(DoorClient):
         # Some clients ask for reasoning sealed with its signature, and send it back; others cannot.
         self.sealed = thinking and rng.random() < 0.5
         self.sends_thinking_back = self.sealed
+        # Some send only what is new since the response they continue (previous_response_id).
+        self.chained = rng.random() < 0.5
+        self.sent: List[Dict[str, Any]] = []
+        self.previous: Optional[Tuple[str, List[Dict[str, Any]]]] = None  # a response, and its items
 
     def user(self, parts: List[Any]) -> List[Dict[str, Any]]:
         return [{"role": "user", "content": [
@@ -8553,7 +8557,10 @@ class ResponsesClient(DoorClient):
     def body(self, items: List[Dict[str, Any]], stream: bool) -> Dict[str, Any]:
         body: Dict[str, Any] = {"model": "claude-sonnet-4", "instructions": "Talk " + self.tag, "input": items,
                                 "tools": [RESPONSES_WEATHER_TOOL, dict(RESPONSES_WEATHER_TOOL, name="get_time")],
-                                "stream": stream, "store": False}
+                                "stream": stream, "store": self.chained}
+        self.sent = items
+        if self.chained and self.previous is not None and items[:len(self.previous[1])] == self.previous[1]:
+            body.update(input=items[len(self.previous[1]):], previous_response_id=self.previous[0])
         if self.thinking:
             body["reasoning"] = {"effort": "medium"}
         if self.sealed:
@@ -8564,6 +8571,7 @@ class ResponsesClient(DoorClient):
         whole = next(e["response"] for _, e in sse_events(response) if e["type"] == "response.completed") \
             if stream else response.json()
         output = whole["output"]
+        self.previous = (whole["id"], self.sent + output)
         calls = [Call(i["call_id"], i["name"], json.loads(i["arguments"])) for i in output
                  if i["type"] == "function_call"]
         said = "".join(p["text"] for i in output if i["type"] == "message" for p in i["content"])
@@ -8625,8 +8633,8 @@ class MessagesClient(DoorClient):
 class FidelityPropertyTest(RealCliTest):
     """Claude gets exactly the client's conversation, in its order, on every door: generated
     conversations (plain turns, several user messages in a row, images, tool rounds with
-    parallel calls, thinking, a client that edits or drops an earlier message), each turn
-    built from the proxy's real answers. For each turn, the messages Anthropic gets equal the
+    parallel calls, thinking, a client that edits or drops an earlier message, a Responses
+    client that continues a stored response), each turn built from the proxy's real answers. For each turn, the messages Anthropic gets equal the
     door's translation of the client's; when the client's history extends the one before,
     the request to Anthropic extends the one before (the prompt cache hits)."""
 
