@@ -2399,7 +2399,8 @@ THINKING_STORE_BYTES = 16 * MIB
 
 class ThinkingStore(BoundedStore):
     """Claude's recent thinking blocks (a BoundedStore): each run of them by the id of the tool
-    call it came before, and the model that gave each block by its signature.
+    call it came before, the model that gave each block by its signature, and the model each
+    --model value last ran as.
 
     Chat and Responses clients cannot send thinking back (they have no place for its
     signature), so a tool loop whose kept process is gone resumes with tool_use blocks
@@ -2407,18 +2408,21 @@ class ThinkingStore(BoundedStore):
     back where it stood, so a resumed history is the one the kept process would have sent.
     And a resumed CLI drops signed thinking from an assistant message unless the message
     names the model it runs (signatures are the model's): restore() names the model that
-    gave it, for thinking a client sent back too.
+    gave it, for thinking a client sent back too; thinking it never saw (given before a
+    restart) is taken for the model the CLI runs now, when that is known. If that is
+    wrong, Anthropic refuses the signature and the CLI asks again without the thinking.
     """
 
     def __init__(self, count: int = THINKING_STORE_COUNT, size: int = THINKING_STORE_BYTES) -> None:
         super().__init__(count, size)
 
-    def put(self, model: Optional[str], blocks: List[Dict[str, Any]]) -> None:
-        """Keep a reply's thinking, given the model that gave it (without one, a resumed CLI
-        would drop it anyway). A run larger than the store is not kept: a resume goes without
-        it, as it would anyway."""
+    def put(self, cli_model: str, model: Optional[str], blocks: List[Dict[str, Any]]) -> None:
+        """Keep a reply's thinking, given the --model it ran with and the model that gave it
+        (without one, a resumed CLI would drop it anyway). A run larger than the store is not
+        kept: a resume goes without it, as it would anyway."""
         if model is None:
             return
+        self.keep("runs:" + cli_model, model, len(cli_model) + len(model))
         thinking: List[Dict[str, Any]] = []
         for block in blocks:
             if block["type"] == "thinking" and block["signature"]:
@@ -2428,12 +2432,15 @@ class ThinkingStore(BoundedStore):
                 self.keep("call:" + block["id"], thinking, len(json.dumps(thinking, ensure_ascii=False)))
                 thinking = []
 
-    def restore(self, messages: List[Dict[str, Any]], insert: bool) -> List[Dict[str, Any]]:
-        """The messages for a transcript: with `insert`, an assistant message that holds no
-        thinking gets its calls' kept thinking back, each run before the text that leads up to
-        its call, as Claude gave it; and one whose thinking is kept names the model that gave
-        it ("model"). Thinking a message holds is the client's as it is; the list given is not
-        changed."""
+    def restore(self, messages: List[Dict[str, Any]], insert: bool, cli_model: str) -> List[Dict[str, Any]]:
+        """The messages for a transcript resumed with this --model: with `insert`, an assistant
+        message that holds no thinking gets its calls' kept thinking back, each run before the
+        text that leads up to its call, as Claude gave it; and one that holds thinking names
+        the model that gave it ("model"). Thinking a message holds is the client's as it is;
+        the list given is not changed."""
+        # A full id is the model the CLI runs (less its context size, as in claude-opus-4-8[1m]).
+        runs = self.get("runs:" + cli_model) or (
+            re.sub(r"\[\d+m\]", "", cli_model, flags=re.I) if cli_model.startswith("claude-") else None)
         restored = []
         for message in messages:
             content = message["content"]
@@ -2442,8 +2449,9 @@ class ThinkingStore(BoundedStore):
                 continue
             if insert and not any(b["type"] in ("thinking", "redacted_thinking") for b in content):
                 content = self._with_thinking(content)
-            models = [self.get("signature:" + b["signature"]) for b in content if b["type"] == "thinking"]
-            model = next((model for model in models if model is not None), None)
+            signed = [b["signature"] for b in content if b["type"] == "thinking" and b["signature"]]
+            models = [self.get("signature:" + signature) for signature in signed]
+            model = next((model for model in models if model is not None), runs if signed else None)
             restored.append(message if model is None else dict(message, content=content, model=model))
         return restored
 
@@ -2528,7 +2536,8 @@ class Exchange:
         if kept is not None:
             self.server.discard(kept)  # the client did not bring back what it waits for
         config = self.server.config
-        messages = self.server.thinking.restore(conversation.messages, insert=self.restore_thinking)
+        messages = self.server.thinking.restore(conversation.messages, self.restore_thinking,
+                                                self.turn.cli_model)
         interrupted = bool(history) and any(block["type"] == "tool_result" for block in newest["content"])
         if interrupted:
             process = self.server.spawn(cli_launch(self.claude, self.turn, config, messages, True))
@@ -2582,7 +2591,7 @@ class Exchange:
         turn that resumes the conversation without this process (ThinkingStore)."""
         if not self.ended_well:
             return
-        self.server.thinking.put(self.answer.reply.model, self.reply.blocks)
+        self.server.thinking.put(self.turn.cli_model, self.answer.reply.model, self.reply.blocks)
         process = self.process
         if process is None or not echo or process.closed:
             return

@@ -8240,20 +8240,22 @@ class ThinkingStoreTest(TestCase):
 
     def test_each_run_of_thinking_is_kept_under_the_call_after_it(self) -> None:
         store = proxy.ThinkingStore()
-        store.put("claude-x", [self.thinking("a"), self.thinking("b"), self.call("x"), text("then"),
-                               self.thinking("c"), self.call("y"), self.call("z"), self.thinking("after")])
+        store.put("sonnet", "claude-x", [self.thinking("a"), self.thinking("b"), self.call("x"), text("then"),
+                                         self.thinking("c"), self.call("y"), self.call("z"), self.thinking("after")])
         self.assertEqual(store.get("call:x"), [self.thinking("a"), self.thinking("b")], "two blocks, two signatures")
         self.assertEqual(store.get("call:y"), [self.thinking("c")])
         self.assertIsNone(store.get("call:z"), "no thinking came right before it")
         self.assertEqual([store.get("signature:sig-" + name) for name in ("a", "c", "after", "other")],
                          ["claude-x", "claude-x", "claude-x", None])
-        store.put(None, [self.thinking("d"), self.call("w")])
-        self.assertIsNone(store.get("call:w"), "without the model that gave it, the CLI would drop it")
+        self.assertEqual(store.get("runs:sonnet"), "claude-x")
+        store.put("opus", None, [self.thinking("d"), self.call("w")])
+        self.assertEqual([store.get(key) for key in ("call:w", "runs:opus")], [None, None],
+                         "without the model that gave it, the CLI would drop it")
 
     def test_restore_puts_thinking_back_where_claude_gave_it_and_names_the_model(self) -> None:
         store = proxy.ThinkingStore()
-        store.put("claude-x", [self.thinking("a"), text("Let me look."), self.call("x")])
-        store.put("claude-y", [self.thinking("b"), self.call("y"), self.thinking("c"), self.call("z")])
+        store.put("sonnet", "claude-x", [self.thinking("a"), text("Let me look."), self.call("x")])
+        store.put("sonnet", "claude-y", [self.thinking("b"), self.call("y"), self.thinking("c"), self.call("z")])
         question = {"role": "user", "content": [text("weather?")]}
         history = [question,
                    {"role": "assistant", "content": [text("Let me look."), self.call("x")]},
@@ -8262,7 +8264,7 @@ class ThinkingStoreTest(TestCase):
                    {"role": "user", "content": [text("and?")]},
                    {"role": "assistant", "content": [text("No calls, nothing kept.")]}]
         sent = copy.deepcopy(history)
-        restored = store.restore(history, insert=True)
+        restored = store.restore(history, True, "sonnet")
         self.assertEqual(restored[1], {"role": "assistant", "model": "claude-x", "content": [
             self.thinking("a"), text("Let me look."), self.call("x")]})
         self.assertEqual(restored[3], {"role": "assistant", "model": "claude-y", "content": [
@@ -8270,36 +8272,43 @@ class ThinkingStoreTest(TestCase):
         self.assertEqual(restored[5], history[5])
         self.assertEqual(restored[0::2], sent[0::2], "user messages as they were")
         self.assertEqual(history, sent, "the client's messages are not changed")
-        self.assertEqual(store.restore(history, insert=False), history,
+        self.assertEqual(store.restore(history, False, "sonnet"), history,
                          "a client that sends thinking back gets nothing added")
 
     def test_thinking_a_client_sends_back_is_its_own_and_names_the_model_that_gave_it(self) -> None:
         store = proxy.ThinkingStore()
-        store.put("claude-x", [self.thinking("kept"), self.call("x")])
-        store.put("claude-y", [self.thinking("plain"), text("An answer without calls.")])
-        own = {"role": "assistant", "content": [self.thinking("the client's"), self.call("x")]}
-        redacted = {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "d"}, self.call("x")]}
-        for message in (own, redacted):
-            self.assertEqual(store.restore([message], insert=True), [message], "nothing known of it")
+        store.put("sonnet", "claude-x", [self.thinking("kept"), self.call("x")])
+        store.put("sonnet", "claude-y", [self.thinking("plain"), text("An answer without calls.")])
         for insert in (True, False):
             for message, model in (({"role": "assistant", "content": [self.thinking("kept"), self.call("x")]},
                                     "claude-x"),
                                    ({"role": "assistant", "content": [self.thinking("plain"), text("An answer.")]},
                                     "claude-y")):
-                self.assertEqual(store.restore([message], insert), [dict(message, model=model)])
+                self.assertEqual(store.restore([message], insert, "opus"), [dict(message, model=model)])
+        redacted = {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "d"}, self.call("x")]}
+        self.assertEqual(store.restore([redacted], True, "sonnet"), [redacted], "nothing signed to name")
+
+    def test_thinking_it_never_saw_is_taken_for_the_model_the_cli_runs_when_that_is_known(self) -> None:
+        store = proxy.ThinkingStore()
+        unseen = {"role": "assistant", "content": [self.thinking("from before a restart"), self.call("x")]}
+        self.assertEqual(store.restore([unseen], False, "sonnet"), [unseen], "an alias: not known yet")
+        self.assertEqual(store.restore([unseen], False, "claude-opus-4-8[1m]"),
+                         [dict(unseen, model="claude-opus-4-8")], "a full id is the model")
+        store.put("sonnet", "claude-sonnet-5", [text("Any answer teaches what the alias runs as.")])
+        self.assertEqual(store.restore([unseen], False, "sonnet"), [dict(unseen, model="claude-sonnet-5")])
 
     def test_the_store_keeps_the_newest_within_its_bounds(self) -> None:
-        store = proxy.ThinkingStore(count=2)
-        store.put("m", [self.thinking("a"), self.call("a")])  # two entries: the run, and its signature
-        store.put("m", [self.thinking("b"), self.call("b")])
+        store = proxy.ThinkingStore(count=3)
+        store.put("s", "m", [self.thinking("a"), self.call("a")])  # three entries: --model, signature, run
+        store.put("s", "m", [self.thinking("b"), self.call("b")])
         self.assertEqual([store.get(key) is not None for key in ("call:a", "signature:sig-a", "call:b")],
                          [False, False, True])
         one = len(json.dumps([self.thinking("a")])) + len("sig-a") + 1
-        store = proxy.ThinkingStore(size=2 * one)
+        store = proxy.ThinkingStore(size=2 * one + len("sm"))
         for call_id in "abc":
-            store.put("m", [self.thinking(call_id), self.call(call_id)])
+            store.put("s", "m", [self.thinking(call_id), self.call(call_id)])
         self.assertEqual([store.get("call:" + call_id) is not None for call_id in "abc"], [False, True, True])
-        store.put("m", [self.thinking("long" * one), self.call("d")])  # larger than the whole store
+        store.put("s", "m", [self.thinking("long" * one), self.call("d")])  # larger than the whole store
         self.assertIsNone(store.get("call:d"))
         self.assertEqual([store.get("call:" + call_id) is not None for call_id in "bc"], [True, True],
                          "nothing else lost")
@@ -8389,6 +8398,21 @@ class ColdResumeThinkingTest(RealCliTest):
             second = self.request("POST", "/v1/messages", dict(body, messages=messages))
             self.assertEqual(second.status, 200, second.body)
             self.assertEqual(self.sent(tag)[1][1], {"role": "assistant", "content": sent_back}, keeps_thinking)
+
+    def test_thinking_the_proxy_never_saw_is_kept_for_the_model_the_client_named(self) -> None:
+        # As after a restart: the store knows nothing of it, but a full model id is the model the CLI
+        # runs, so the message names it and the resumed CLI keeps the thinking.
+        tag = marker()
+        thinking = {"type": "thinking", "thinking": "Earlier.", "signature": "sig-from-before-" + tag}
+        call = {"type": "tool_use", "id": "toolu_before_" + tag, "name": "get_weather", "input": {"city": "Oslo"}}
+        response = self.request("POST", "/v1/messages", {
+            "model": "claude-sonnet-4-5-20250929", "max_tokens": 2048, "tools": [MESSAGES_WEATHER_TOOL],
+            "thinking": {"type": "enabled", "budget_tokens": 1024}, "messages": [
+                {"role": "user", "content": "weather? " + tag}, {"role": "assistant", "content": [thinking, call]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"],
+                                              "content": "SAY:Sunny."}]}]})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(self.sent(tag)[0][1], {"role": "assistant", "content": [thinking, call]})
 
 
 # ---------------------------------------------------------------------------
