@@ -8329,8 +8329,8 @@ class ThinkingStoreTest(TestCase):
 
 
 class ColdResumeThinkingTest(RealCliTest):
-    """A tool loop with thinking on whose process is gone: nothing is kept (no pool), so every
-    turn resumes its history cold, as after the pool evicted or lost the process."""
+    """Thinking in a history whose process is gone: nothing is kept (no pool), so every turn
+    resumes its history cold, as after the pool evicted or lost the process, or a restart."""
 
     settings = dict(RealCliTest.settings, pool_size=0)
 
