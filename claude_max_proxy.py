@@ -834,8 +834,9 @@ def session_transcript(messages: List[Dict[str, Any]]) -> str:
     """Messages as the session file `claude --resume` reads: one JSON line each, chained by uuid.
 
     Only what the CLI needs (type, uuid, parentUuid, timestamp, message; a message id
-    for assistants, without which it merges or drops them). Consecutive user messages
-    are one line already (MessageList), as the CLI would otherwise alter their text.
+    for assistants, without which it merges or drops them, and the model of one that
+    names it, without which it drops signed thinking). Consecutive user messages are
+    one line already (MessageList), as the CLI would otherwise alter their text.
     A system message is an attachment line per text block: the message of an asynchronous
     hook, which the CLI sends on as it is, as a system message after the user's (with the
     mid-conversation-system beta; without it, in <system-reminder> tags in the user's).
@@ -852,6 +853,8 @@ def session_transcript(messages: List[Dict[str, Any]]) -> str:
         body: Dict[str, Any] = {"role": message["role"], "content": message["content"]}
         if message["role"] == "assistant":
             body = dict({"id": "msg_%024d" % index}, **body)
+            if "model" in message:
+                body["model"] = message["model"]
         entries.append({"type": message["role"], "message": body})
     for index, entry in enumerate(entries):
         entry_id = str(uuid.UUID(int=index + 1))
@@ -861,15 +864,36 @@ def session_transcript(messages: List[Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# A resumed interrupted turn ends with a prompt of the CLI's (CLAUDE_CODE_RESUME_PROMPT), which
+# it joins to a text that ends the turn with a newline between: in that request, and not in the
+# next one when the tool loop goes on, which then no longer extends it (the prompt cache misses).
+# So a text after the turn's tool results goes as that prompt, and Claude gets it as the client
+# sent it, then and later. An environment string holds no NUL and is bounded (128 KiB on Linux):
+# a longer text stays in the transcript.
+RESUME_PROMPT_LIMIT = 64 * 1024
+
+
+def interrupted_turn(history: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], str]:
+    """(the history to resume, the prompt that ends it) for a turn resumed with its tool results:
+    a text right after the results is the prompt when it can be one; else the prompt is blank."""
+    content = history[-1]["content"]
+    last = content[-1]
+    if len(content) >= 2 and content[-2]["type"] == "tool_result" and last["type"] == "text" \
+            and "\x00" not in last["text"] and len(last["text"].encode("utf-8")) <= RESUME_PROMPT_LIMIT:
+        return history[:-1] + [dict(history[-1], content=content[:-1])], last["text"]
+    return history, " "  # blank: nothing is added to the client's turn
+
+
 def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, Any]],
                interrupted: bool = False) -> Launch:
     """The process for a turn; `history` is resumed from a transcript.
 
     Its newest user message comes on stdin, unless `interrupted`: then `history` ends
     with that message (which holds tool results, or follows nothing but system messages),
-    and the CLI takes the turn up at start as an interrupted one. No stdin message can
-    hold results for calls of a resumed history (the CLI would drop the calls), while
-    this sends exactly what a process that waited on the calls would (see ToolBridge).
+    and the CLI takes the turn up at start as an interrupted one (see interrupted_turn). No
+    stdin message can hold results for calls of a resumed history (the CLI would drop the
+    calls), while this sends exactly what a process that waited on the calls would (see
+    ToolBridge).
     """
     argv = [
         claude, "-p",
@@ -894,6 +918,8 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
     ]
     session = None
     env = cli_env(config, turn)
+    if interrupted:
+        history, env["CLAUDE_CODE_RESUME_PROMPT"] = interrupted_turn(history)
     if history:
         transcript = session_transcript(history)
         # Named after what it holds, so equal histories start equal Launches (the pool's key).
@@ -904,7 +930,6 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
         # The turn starts before stdin could register the tools, so they are named here.
         argv += ["--mcp-config", json.dumps({"mcpServers": {MCP_SERVER: {"type": "sdk", "name": MCP_SERVER}}})]
         env["CLAUDE_CODE_RESUME_INTERRUPTED_TURN"] = "1"
-        env["CLAUDE_CODE_RESUME_PROMPT"] = " "  # blank: nothing is added to the client's turn
     return Launch(tuple(argv), tuple(sorted(env.items())), session)
 
 
@@ -2282,6 +2307,7 @@ class Reply:
         self.done = False
         self.completed = False          # the CLI printed its result: the turn ended by itself
         self.stop_reason: Optional[str] = None
+        self.model: Optional[str] = None  # the model that answered, as Anthropic named it
         self.usage: Dict[str, int] = {}
         self.calls: List[str] = []      # ids of the client's tools Claude called
         self.emitted = False            # some answer went out, so the result's text repeats it
@@ -2334,6 +2360,8 @@ class Reply:
             self.retry_since = self.retry_error = None
             message = event.get("message")
             self._add_usage(message.get("usage") if isinstance(message, dict) else None)
+            model = message.get("model") if isinstance(message, dict) else None
+            self.model = model if isinstance(model, str) else self.model
         elif kind == "message_delta":
             self._add_usage(event.get("usage"))
             delta = event.get("delta")
@@ -2644,6 +2672,130 @@ def split_newest(messages: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], 
     return messages[:last] + messages[last + 1:], messages[last]
 
 
+class BoundedStore:
+    """Values by key: at most `count` of them, and `size` bytes in all (each value's size as the
+    caller gives it: the bytes of the compact JSON it holds); the least recently used go first.
+    In memory: they go with the proxy."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.count = count
+        self.size = size
+        self._entries: Dict[str, Tuple[Any, int]] = {}  # oldest first
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def keep(self, key: str, value: Any, size: int) -> bool:
+        """Keep a value of `size` bytes, in place of any under its key; False (nothing kept,
+        nothing lost) when it is larger than the whole store."""
+        if size > self.size:
+            return False
+        with self._lock:
+            _, replaced = self._entries.pop(key, (None, 0))
+            self._entries[key] = (value, size)
+            self._bytes += size - replaced
+            while len(self._entries) > self.count or self._bytes > self.size:
+                _, dropped = self._entries.pop(next(iter(self._entries)))
+                self._bytes -= dropped
+        return True
+
+    def get(self, key: str) -> Any:
+        """The value under `key`, now the most recently used, or None."""
+        with self._lock:
+            found = self._entries.pop(key, None)
+            if found is None:
+                return None
+            self._entries[key] = found  # the most recently used now
+            return found[0]
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            found = self._entries.pop(key, None)
+            if found is not None:
+                self._bytes -= found[1]
+            return found is not None
+
+
+# Thinking kept for tool loops resumed cold (ThinkingStore). An entry is one reply's thinking
+# before a call: a few KB, up to the thinking budget. A thousand covers the loops a busy
+# proxy has under way at once (an entry matters only until its loop's next turn); the
+# bytes cap the worst case of many long ones.
+THINKING_STORE_COUNT = 1000
+THINKING_STORE_BYTES = 16 * MIB
+
+
+class ThinkingStore(BoundedStore):
+    """Claude's recent thinking blocks (a BoundedStore): each run of them by the id of the tool
+    call it came before, the model that gave each block by its signature, and the model each
+    --model value last ran as.
+
+    Chat and Responses clients cannot send thinking back (they have no place for its
+    signature), so a tool loop whose kept process is gone resumes with tool_use blocks
+    alone, which Anthropic may refuse while thinking is on. restore() puts the thinking
+    back where it stood, so a resumed history is the one the kept process would have sent.
+    And a resumed CLI drops signed thinking from an assistant message unless the message
+    names the model it runs (signatures are the model's): restore() names the model that
+    gave it, for thinking a client sent back too; thinking it never saw (given before a
+    restart) is taken for the model the CLI runs now, when that is known. If that is
+    wrong, Anthropic refuses the signature and the CLI asks again without the thinking.
+    """
+
+    def __init__(self, count: int = THINKING_STORE_COUNT, size: int = THINKING_STORE_BYTES) -> None:
+        super().__init__(count, size)
+
+    def put(self, cli_model: str, model: Optional[str], blocks: List[Dict[str, Any]]) -> None:
+        """Keep a reply's thinking, given the --model it ran with and the model that gave it
+        (without one, a resumed CLI would drop it anyway). A run larger than the store is not
+        kept: a resume goes without it, as it would anyway."""
+        if model is None:
+            return
+        self.keep("runs:" + cli_model, model, len(cli_model) + len(model))
+        thinking: List[Dict[str, Any]] = []
+        for block in blocks:
+            if block["type"] == "thinking" and block["signature"]:
+                thinking.append(block)
+                self.keep("signature:" + block["signature"], model, len(block["signature"]) + len(model))
+            elif block["type"] == "tool_use" and thinking:
+                data = json.dumps(thinking, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+                self.keep("call:" + block["id"], data, len(data))  # held as counted (see ResponseStore)
+                thinking = []
+
+    def restore(self, messages: List[Dict[str, Any]], insert: bool, cli_model: str) -> List[Dict[str, Any]]:
+        """The messages for a transcript resumed with this --model: with `insert`, an assistant
+        message that holds no thinking gets its calls' kept thinking back, each run before the
+        text that leads up to its call, as Claude gave it; and one that holds thinking names
+        the model that gave it ("model"). Thinking a message holds is the client's as it is;
+        the list given is not changed."""
+        # A full id is the model the CLI runs (less its context size, as in claude-opus-4-8[1m]).
+        runs = self.get("runs:" + cli_model) or (
+            re.sub(r"\[\d+m\]", "", cli_model, flags=re.I) if cli_model.startswith("claude-") else None)
+        restored = []
+        for message in messages:
+            content = message["content"]
+            if message["role"] != "assistant":
+                restored.append(message)
+                continue
+            if insert and not any(b["type"] in ("thinking", "redacted_thinking") for b in content):
+                content = self._with_thinking(content)
+            signed = [b["signature"] for b in content if b["type"] == "thinking" and b["signature"]]
+            models = [self.get("signature:" + signature) for signature in signed]
+            model = next((model for model in models if model is not None), runs if signed else None)
+            restored.append(message if model is None else dict(message, content=content, model=model))
+        return restored
+
+    def _with_thinking(self, content: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        blocks: List[Dict[str, Any]] = []
+        for block in content:
+            data = self.get("call:" + block["id"]) if block["type"] == "tool_use" else None
+            if data is not None:
+                thinking = json.loads(data)
+                at = len(blocks)
+                while at and blocks[at - 1]["type"] == "text":
+                    at -= 1
+                blocks[at:at] = thinking
+            blocks.append(block)
+        return blocks
+
+
 KEEPALIVE_INTERVAL = 15.0  # seconds of silence after which a stream shows it is alive
 
 
@@ -2661,12 +2813,15 @@ class Exchange:
 
     def __init__(self, server: "ProxyServer", turn: Turn, claude: str,
                  client: Optional[socket.socket] = None, streaming: bool = True,
-                 may_half_close: bool = False) -> None:
+                 may_half_close: bool = False, restore_thinking: bool = False) -> None:
         self.server = server
         self.turn = turn
         self.claude = claude
         self.client = client
         self.may_half_close = may_half_close
+        # The client cannot send thinking back, so the ThinkingStore puts it back in a history
+        # this turn resumes.
+        self.restore_thinking = restore_thinking
         self.answer = Answer(turn, server.config.retry_budget, streaming)
         self.reply = ReplyBlocks()
         self.process: Optional[ClaudeProcess] = None
@@ -2713,8 +2868,11 @@ class Exchange:
         if kept is not None:
             self.server.discard(kept)  # the client did not bring back what it waits for
         config = self.server.config
+        messages = self.server.thinking.restore(conversation.messages, self.restore_thinking,
+                                                self.turn.cli_model)
+        history = split_newest(messages)[0]  # with its thinking back
         interrupted = bool(history) and any(block["type"] == "tool_result" for block in newest["content"])
-        whole = conversation.messages
+        whole = messages
         if not interrupted and history and all(message["role"] == "system" for message in history):
             # A transcript of system messages alone is no conversation: the CLI would take it for
             # an interrupted turn and answer that. Ended by the newest message, it is one, and the
@@ -2767,9 +2925,13 @@ class Exchange:
     def keep(self, echo: Optional[List[Dict[str, Any]]]) -> None:
         """Keep the process for its conversation's next turn, which will hold `echo` as this
         reply (the reply as the client got it), when the turn ended well and there is room;
-        else finish() ends it once the answer is out."""
+        else finish() ends it once the answer is out. The reply's thinking is kept too, for a
+        turn that resumes the conversation without this process (ThinkingStore)."""
+        if not self.ended_well:
+            return
+        self.server.thinking.put(self.turn.cli_model, self.answer.reply.model, self.reply.blocks)
         process = self.process
-        if process is None or not self.ended_well or not echo or process.closed:
+        if process is None or not echo or process.closed:
             return
         messages = self.turn.conversation.messages + [{"role": "assistant", "content": echo}]
         process.open_calls = [] if self.answer.reply.completed else list(self.answer.reply.calls)
@@ -3177,6 +3339,8 @@ def chat_usage(usage: Dict[str, int]) -> Dict[str, Any]:
 class ChatDoor:
     """OpenAI chat completions: a request in, chunks or a completion out, errors in OpenAI's shape."""
 
+    returns_thinking = False  # a chat message has no place for a signature (see ThinkingStore)
+
     def __init__(self, turn: Turn, options: ChatOptions) -> None:
         self.turn = turn
         self.options = options
@@ -3328,9 +3492,8 @@ class StoredResponse(NamedTuple):
     item_ids: List[str]             # ids of its input and output items, earlier turns' too
 
 
-class ResponseStore:
-    """The newest responses, by id: at most `count` of them, and `size` bytes in all; the least
-    recently used go first. In memory: they go with the proxy.
+class ResponseStore(BoundedStore):
+    """The newest responses, by id (a BoundedStore).
 
     Each is held as its compact JSON, the only copy, so the bytes counted are the bytes held:
     parsed, the same conversation takes several times its JSON's size (nine times, of many
@@ -3339,39 +3502,17 @@ class ResponseStore:
     """
 
     def __init__(self, count: int = RESPONSE_STORE_COUNT, size: int = RESPONSE_STORE_BYTES) -> None:
-        self.count = count
-        self.size = size
-        self._entries: Dict[str, bytes] = {}  # oldest first
-        self._bytes = 0
-        self._lock = threading.Lock()
+        super().__init__(count, size)
 
     def put(self, entry: StoredResponse) -> None:
         data = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        if len(data) > self.size:
+        if not self.keep(entry.response["id"], data, len(data)):
             log.info("response %s is not kept: its conversation is larger than the store (%d bytes)",
                      entry.response["id"], self.size)
-            return
-        with self._lock:
-            replaced = self._entries.pop(entry.response["id"], b"")
-            self._entries[entry.response["id"]] = data
-            self._bytes += len(data) - len(replaced)
-            while len(self._entries) > self.count or self._bytes > self.size:
-                self._bytes -= len(self._entries.pop(next(iter(self._entries))))
 
     def get(self, response_id: str) -> Optional[StoredResponse]:
-        with self._lock:
-            data = self._entries.pop(response_id, None)
-            if data is None:
-                return None
-            self._entries[response_id] = data  # the most recently used now
-        return StoredResponse(*json.loads(data))
-
-    def delete(self, response_id: str) -> bool:
-        with self._lock:
-            data = self._entries.pop(response_id, None)
-            if data is not None:
-                self._bytes -= len(data)
-            return data is not None
+        data = super().get(response_id)
+        return None if data is None else StoredResponse(*json.loads(data))
 
 
 class ResponsesOptions(NamedTuple):
@@ -3659,6 +3800,10 @@ class ResponsesDoor:
     the summary), text a message, a tool call a function_call whose call_id is Claude's id.
     The items the client got make the conversation its next request continues.
     """
+
+    # Only a reasoning item sealed with its signature (reasoning.encrypted_content) comes back
+    # as thinking; a message that holds one is the client's as it is (ThinkingStore.restore).
+    returns_thinking = False
 
     def __init__(self, turn: Turn, options: ResponsesOptions) -> None:
         self.turn = turn
@@ -4179,6 +4324,8 @@ class MessagesDoor:
     message_start first with empty content, each block opened by content_block_start with
     the next index, a thinking block's signature in one signature_delta before its stop.
     """
+
+    returns_thinking = True  # thinking blocks come back with their signatures, as the client got them
 
     def __init__(self, turn: Turn, options: MessagesOptions) -> None:
         self.turn = turn
@@ -5296,7 +5443,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(503, unsupported(claude, probe), code="claude_unsupported")
             door = door(turn, options)
             # close_connection is set when the request asked to close the connection after it.
-            exchange = Exchange(self.server, turn, claude, self.connection, door.stream, self.close_connection)
+            exchange = Exchange(self.server, turn, claude, self.connection, door.stream, self.close_connection,
+                                restore_thinking=not door.returns_thinking)
             answer_turn(door, exchange, self, slot)
 
     # -- response writing ------------------------------------------------------
@@ -5575,6 +5723,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.limits = UsageLimits()
         self.activity = Activity()  # for the status page
         self.responses = ResponseStore()  # for previous_response_id and GET /v1/responses/{id}
+        self.thinking = ThinkingStore()  # for tool loops resumed cold
         self._slots = threading.BoundedSemaphore(max(1, config.max_concurrent))
         self._children: Dict[int, ClaudeProcess] = {}
         self._lock = threading.Lock()

@@ -33,6 +33,7 @@ import lzma
 import os
 import platform
 import plistlib
+import random
 import re
 import select
 import selectors
@@ -52,7 +53,7 @@ import warnings
 import zlib
 from unittest import mock
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import claude_max_proxy as proxy
 
@@ -8861,8 +8862,12 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
 
         usage = {"input_tokens": 12, "output_tokens": 1, "cache_creation_input_tokens": 0,
                  "cache_read_input_tokens": 0}
-        event({"type": "message_start", "message": {  # each message its own id, as Anthropic gives
-            "id": "msg_fake_%d" % len(self.server.requests), "type": "message", "role": "assistant",
+        # Each reply its own id, tool ids and signatures, as Anthropic gives them: the CLI merges
+        # assistant messages that share an id, and requests may overlap, so nothing is numbered
+        # from the shared request list.
+        reply = os.urandom(8).hex()
+        event({"type": "message_start", "message": {
+            "id": "msg_fake_" + reply, "type": "message", "role": "assistant",
             "model": body.get("model"),
             "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}})
         blocks: List[Tuple[str, Any]] = []
@@ -8878,20 +8883,31 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
             blocks.append(("tool_use", ("StructuredOutput", {"a": 1})))
         else:
             blocks.append(("text", said[-1] if said else os.environ.get("FAKE_UPSTREAM_REPLY", UPSTREAM_REPLY)))
+        # The reply as a message, kept before it streams: a test reads it once its answer is back.
+        content: List[Dict[str, Any]] = []
         for index, (kind, value) in enumerate(blocks):
             if kind == "thinking":
-                start: Dict[str, Any] = {"type": "thinking", "thinking": "", "signature": ""}
-                deltas = [{"type": "thinking_delta", "thinking": value},
-                          {"type": "signature_delta", "signature": "sig"}]
+                content.append({"type": "thinking", "thinking": value, "signature": "sig_%s_%d" % (reply, index)})
             elif kind == "tool_use":
-                arguments = json.dumps(value[1])
-                start = {"type": "tool_use", "id": "toolu_e2e_%d_%d" % (len(self.server.requests), index),
-                         "name": value[0], "input": {}}
+                content.append({"type": "tool_use", "id": "toolu_e2e_%s_%d" % (reply, index), "name": value[0],
+                                "input": value[1]})
+            else:
+                content.append({"type": "text", "text": value})
+        self.server.replies.append(content)
+        for index, block in enumerate(content):
+            if block["type"] == "thinking":
+                start: Dict[str, Any] = dict(block, thinking="", signature="")
+                deltas = [{"type": "thinking_delta", "thinking": block["thinking"]},
+                          {"type": "signature_delta", "signature": block["signature"]}]
+            elif block["type"] == "tool_use":
+                arguments = json.dumps(block["input"])
+                start = dict(block, input={})
                 deltas = [{"type": "input_json_delta", "partial_json": arguments[i:i + 6]}
                           for i in range(0, len(arguments), 6)]
             else:
                 start = {"type": "text", "text": ""}
-                deltas = [{"type": "text_delta", "text": value[i:i + 8]} for i in range(0, len(value), 8)]
+                deltas = [{"type": "text_delta", "text": block["text"][i:i + 8]}
+                          for i in range(0, len(block["text"]), 8)]
             event({"type": "content_block_start", "index": index, "content_block": start})
             for delta in deltas:
                 event({"type": "content_block_delta", "index": index, "delta": delta})
@@ -8987,7 +9003,9 @@ class FakeUpstream:
         self.server.daemon_threads = True
         self.requests: List[Dict[str, Any]] = []
         self.credentials: List[Tuple[Optional[str], Optional[str]]] = []  # (x-api-key, Authorization)
+        self.replies: List[List[Dict[str, Any]]] = []  # the content of each message it answered
         self.server.requests = self.requests
+        self.server.replies = self.replies
         self.server.credentials = self.credentials
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.home = tempfile.mkdtemp(prefix="claude-home-")
@@ -9005,8 +9023,8 @@ class FakeUpstream:
 
 @unittest.skipIf(real_claude() is None and not IN_CI,
                  "the real claude CLI is not installed (npm install -g @anthropic-ai/claude-code)")
-class EndToEndTest(ProxyTest):
-    """The proxy driving the real CLI, which talks to FakeAnthropicHandler."""
+class RealCliTest(ProxyTest):
+    """Base: the proxy driving the real CLI, which talks to FakeAnthropicHandler."""
 
     # A pool, as users run it: conversations are kept between their turns.
     settings = {"retry_budget": 1.5, "idle_timeout": 60.0, "timeout": 90.0, "pool_size": 2}
@@ -9040,6 +9058,10 @@ class EndToEndTest(ProxyTest):
 
     def reached_upstream(self, tag: str) -> bool:
         return any(tag in json.dumps(body) for body in self.upstream.requests)
+
+
+class EndToEndTest(RealCliTest):
+    """The proxy driving the real CLI, which talks to FakeAnthropicHandler."""
 
     def test_answer_and_what_reached_anthropic(self) -> None:
         tag = marker()
@@ -9155,8 +9177,8 @@ class EndToEndTest(ProxyTest):
                  "input": json.loads(call["function"]["arguments"])} for call in calls])
             expected = [{"tool_use_id": call["id"], "type": "tool_result", "content": [
                 {"type": "text", "text": text}]} for call, text in zip(calls, ("rain", "SAY:Rain and sun."))]
-            if note:  # the CLI ends a text it merges with a newline; nothing else is added
-                expected.append({"type": "text", "text": note + "\n"})
+            if note:  # as the client sent it: nothing is added
+                expected.append({"type": "text", "text": note})
             self.assertEqual(last[2:], [{"role": "user", "content": expected}])
 
     def test_a_prompt_starting_with_a_slash_reaches_anthropic_unchanged(self) -> None:
@@ -10277,6 +10299,574 @@ class RealClientsTest(ProxyTest):
 # ---------------------------------------------------------------------------
 # Beside the plain path: the CLI's probe, transcripts, the reply's corners, read-back, the pool's room
 # ---------------------------------------------------------------------------
+
+class ThinkingStoreTest(TestCase):
+    """The thinking a chat or Responses client cannot send back, kept by the calls it came before."""
+
+    def thinking(self, text: str) -> Dict[str, Any]:
+        return {"type": "thinking", "thinking": text, "signature": "sig-" + text}
+
+    def call(self, call_id: str) -> Dict[str, Any]:
+        return {"type": "tool_use", "id": call_id, "name": "get_weather", "input": {"city": call_id}}
+
+    def test_each_run_of_thinking_is_kept_under_the_call_after_it(self) -> None:
+        store = proxy.ThinkingStore()
+        store.put("sonnet", "claude-x", [self.thinking("a"), self.thinking("b"), self.call("x"), text("then"),
+                                         self.thinking("c"), self.call("y"), self.call("z"), self.thinking("after")])
+        self.assertEqual(json.loads(store.get("call:x")), [self.thinking("a"), self.thinking("b")],
+                         "two blocks, two signatures")
+        self.assertEqual(json.loads(store.get("call:y")), [self.thinking("c")])
+        self.assertIsNone(store.get("call:z"), "no thinking came right before it")
+        self.assertEqual([store.get("signature:sig-" + name) for name in ("a", "c", "after", "other")],
+                         ["claude-x", "claude-x", "claude-x", None])
+        self.assertEqual(store.get("runs:sonnet"), "claude-x")
+        store.put("opus", None, [self.thinking("d"), self.call("w")])
+        self.assertEqual([store.get(key) for key in ("call:w", "runs:opus")], [None, None],
+                         "without the model that gave it, the CLI would drop it")
+
+    def test_restore_puts_thinking_back_where_claude_gave_it_and_names_the_model(self) -> None:
+        store = proxy.ThinkingStore()
+        store.put("sonnet", "claude-x", [self.thinking("a"), text("Let me look."), self.call("x")])
+        store.put("sonnet", "claude-y", [self.thinking("b"), self.call("y"), self.thinking("c"), self.call("z")])
+        question = {"role": "user", "content": [text("weather?")]}
+        history = [question,
+                   {"role": "assistant", "content": [text("Let me look."), self.call("x")]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": []}]},
+                   {"role": "assistant", "content": [self.call("y"), self.call("z")]},
+                   {"role": "user", "content": [text("and?")]},
+                   {"role": "assistant", "content": [text("No calls, nothing kept.")]}]
+        sent = copy.deepcopy(history)
+        restored = store.restore(history, True, "sonnet")
+        self.assertEqual(restored[1], {"role": "assistant", "model": "claude-x", "content": [
+            self.thinking("a"), text("Let me look."), self.call("x")]})
+        self.assertEqual(restored[3], {"role": "assistant", "model": "claude-y", "content": [
+            self.thinking("b"), self.call("y"), self.thinking("c"), self.call("z")]})
+        self.assertEqual(restored[5], history[5])
+        self.assertEqual(restored[0::2], sent[0::2], "user messages as they were")
+        self.assertEqual(history, sent, "the client's messages are not changed")
+        self.assertEqual(store.restore(history, False, "sonnet"), history,
+                         "a client that sends thinking back gets nothing added")
+
+    def test_thinking_a_client_sends_back_is_its_own_and_names_the_model_that_gave_it(self) -> None:
+        store = proxy.ThinkingStore()
+        store.put("sonnet", "claude-x", [self.thinking("kept"), self.call("x")])
+        store.put("sonnet", "claude-y", [self.thinking("plain"), text("An answer without calls.")])
+        for insert in (True, False):
+            for message, model in (({"role": "assistant", "content": [self.thinking("kept"), self.call("x")]},
+                                    "claude-x"),
+                                   ({"role": "assistant", "content": [self.thinking("plain"), text("An answer.")]},
+                                    "claude-y")):
+                self.assertEqual(store.restore([message], insert, "opus"), [dict(message, model=model)])
+        redacted = {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "d"}, self.call("x")]}
+        self.assertEqual(store.restore([redacted], True, "sonnet"), [redacted], "nothing signed to name")
+
+    def test_thinking_it_never_saw_is_taken_for_the_model_the_cli_runs_when_that_is_known(self) -> None:
+        store = proxy.ThinkingStore()
+        unseen = {"role": "assistant", "content": [self.thinking("from before a restart"), self.call("x")]}
+        self.assertEqual(store.restore([unseen], False, "sonnet"), [unseen], "an alias: not known yet")
+        self.assertEqual(store.restore([unseen], False, "claude-opus-4-8[1m]"),
+                         [dict(unseen, model="claude-opus-4-8")], "a full id is the model")
+        store.put("sonnet", "claude-sonnet-5", [text("Any answer teaches what the alias runs as.")])
+        self.assertEqual(store.restore([unseen], False, "sonnet"), [dict(unseen, model="claude-sonnet-5")])
+
+    def test_the_store_keeps_the_newest_within_its_bounds(self) -> None:
+        store = proxy.ThinkingStore(count=3)
+        store.put("s", "m", [self.thinking("a"), self.call("a")])  # three entries: --model, signature, run
+        store.put("s", "m", [self.thinking("b"), self.call("b")])
+        self.assertEqual([store.get(key) is not None for key in ("call:a", "signature:sig-a", "call:b")],
+                         [False, False, True])
+        one = len(json.dumps([self.thinking("a")])) + len("sig-a") + 1
+        store = proxy.ThinkingStore(size=2 * one + len("sm"))
+        for call_id in "abc":
+            store.put("s", "m", [self.thinking(call_id), self.call(call_id)])
+        self.assertEqual([store.get("call:" + call_id) is not None for call_id in "abc"], [False, True, True])
+        store.put("s", "m", [self.thinking("long" * one), self.call("d")])  # larger than the whole store
+        self.assertIsNone(store.get("call:d"))
+        self.assertEqual([store.get("call:" + call_id) is not None for call_id in "bc"], [True, True],
+                         "nothing else lost")
+
+    def test_the_transcript_names_the_model_a_message_names(self) -> None:
+        history = [{"role": "user", "content": [text("q")]},
+                   {"role": "assistant", "model": "claude-x", "content": [self.thinking("a"), self.call("x")]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": []}]},
+                   {"role": "assistant", "content": [text("plain")]}]
+        entries = [json.loads(line)["message"] for line in proxy.session_transcript(history).splitlines()]
+        self.assertEqual(entries[1]["model"], "claude-x")
+        self.assertEqual(entries[1]["content"], history[1]["content"])
+        self.assertNotIn("model", entries[3])
+
+    def test_the_bounds_are_stated(self) -> None:
+        store = proxy.ThinkingStore()
+        self.assertEqual((store.count, store.size), (proxy.THINKING_STORE_COUNT, proxy.THINKING_STORE_BYTES))
+
+
+class ColdResumeThinkingTest(RealCliTest):
+    """Thinking in a history whose process is gone: nothing is kept (no pool), so every turn
+    resumes its history cold, as after the pool evicted or lost the process, or a restart."""
+
+    settings = dict(RealCliTest.settings, pool_size=0)
+
+    def sent(self, tag: str) -> List[List[Dict[str, Any]]]:
+        return [without_cache_marks(body["messages"]) for body in self.upstream.requests if tag in json.dumps(body)]
+
+    def reply_with(self, call_id: str) -> List[Dict[str, Any]]:
+        """The content of the upstream reply that made this call."""
+        return next(reply for reply in self.upstream.replies if any(b.get("id") == call_id for b in reply))
+
+    def test_a_chat_tool_loop_resumed_cold_sends_its_thinking_back_in_place(self) -> None:
+        # Fails without the ThinkingStore: the resumed history holds the tool_use alone.
+        tag = marker()
+        messages: List[Dict[str, Any]] = [user("%s THINK\nCALL:get_weather {\"city\": \"Oslo\"}" % tag)]
+        first = self.chat(*messages, tools=[WEATHER_TOOL], reasoning_effort="medium")
+        self.assertEqual(first.status, 200, first.body)
+        message = first.json()["choices"][0]["message"]
+        call = message["tool_calls"][0]
+        self.assertEqual(message["reasoning_content"], "Let me think about this.")
+        messages += [message, {"role": "tool", "tool_call_id": call["id"], "content": "SAY:Sunny."}]
+        second = self.chat(*messages, tools=[WEATHER_TOOL], reasoning_effort="medium")
+        self.assertEqual(second.status, 200, second.body)
+        self.assertEqual(second.json()["choices"][0]["message"]["content"], "Sunny.")
+        sent = self.sent(tag)
+        self.assertEqual(len(sent), 2)
+        reply = self.reply_with(call["id"])
+        self.assertEqual([b["type"] for b in reply], ["thinking", "tool_use"])
+        self.assertEqual(sent[1][1], {"role": "assistant", "content": reply},
+                         "the thinking block with its signature, right before its tool_use, as Claude gave it")
+        self.assertEqual(self.running.server.health()["pool"]["continued"], 0, "the turn was resumed cold")
+
+    def test_a_responses_tool_loop_resumed_cold_sends_its_thinking_back_in_place(self) -> None:
+        tag = marker()
+        items: List[Dict[str, Any]] = [user("%s THINK\nCALL:get_weather {\"city\": \"Oslo\"}" % tag)]
+        body = {"model": "claude-sonnet-4", "tools": [RESPONSES_WEATHER_TOOL], "reasoning": {"effort": "medium"},
+                "store": False}
+        first = self.request("POST", "/v1/responses", dict(body, input=items))
+        self.assertEqual(first.status, 200, first.body)
+        output = first.json()["output"]
+        self.assertEqual([item["type"] for item in output], ["reasoning", "function_call"])
+        self.assertNotIn("encrypted_content", output[0], "nothing the client could send the signature back in")
+        items += output + [{"type": "function_call_output", "call_id": output[1]["call_id"], "output": "SAY:Sunny."}]
+        second = self.request("POST", "/v1/responses", dict(body, input=items))
+        self.assertEqual(second.status, 200, second.body)
+        sent = self.sent(tag)
+        self.assertEqual(sent[1][1], {"role": "assistant", "content": self.reply_with(output[1]["call_id"])})
+
+    def test_the_messages_door_passes_the_clients_thinking_on_unchanged(self) -> None:
+        # Anthropic clients send thinking back themselves: what they send is what Claude gets,
+        # and a client that leaves it out gets nothing added. Fails when the transcript names no
+        # model for the message: a resumed CLI drops signed thinking from such messages.
+        for keeps_thinking in (True, False):
+            tag = marker()
+            body = {"model": "claude-sonnet-4", "max_tokens": 2048, "tools": [MESSAGES_WEATHER_TOOL],
+                    "thinking": {"type": "enabled", "budget_tokens": 1024}}
+            messages: List[Dict[str, Any]] = [
+                {"role": "user", "content": "%s THINK\nCALL:get_weather {\"city\": \"Oslo\"}" % tag}]
+            first = self.request("POST", "/v1/messages", dict(body, messages=messages))
+            self.assertEqual(first.status, 200, first.body)
+            content = first.json()["content"]
+            self.assertEqual([b["type"] for b in content], ["thinking", "tool_use"])
+            sent_back = content if keeps_thinking else content[1:]
+            messages += [{"role": "assistant", "content": sent_back}, {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": content[1]["id"], "content": [text("SAY:Sunny.")]}]}]
+            second = self.request("POST", "/v1/messages", dict(body, messages=messages))
+            self.assertEqual(second.status, 200, second.body)
+            self.assertEqual(self.sent(tag)[1][1], {"role": "assistant", "content": sent_back}, keeps_thinking)
+
+    def test_thinking_the_proxy_never_saw_is_kept_for_the_model_the_client_named(self) -> None:
+        # As after a restart: the store knows nothing of it, but a full model id is the model the CLI
+        # runs, so the message names it and the resumed CLI keeps the thinking.
+        tag = marker()
+        thinking = {"type": "thinking", "thinking": "Earlier.", "signature": "sig-from-before-" + tag}
+        call = {"type": "tool_use", "id": "toolu_before_" + tag, "name": "get_weather", "input": {"city": "Oslo"}}
+        response = self.request("POST", "/v1/messages", {
+            "model": "claude-sonnet-4-5-20250929", "max_tokens": 2048, "tools": [MESSAGES_WEATHER_TOOL],
+            "thinking": {"type": "enabled", "budget_tokens": 1024}, "messages": [
+                {"role": "user", "content": "weather? " + tag}, {"role": "assistant", "content": [thinking, call]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"],
+                                              "content": "SAY:Sunny."}]}]})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(self.sent(tag)[0][1], {"role": "assistant", "content": [thinking, call]})
+
+
+# ---------------------------------------------------------------------------
+# Fidelity as a property: generated conversations on every door, through the real CLI
+# ---------------------------------------------------------------------------
+
+# The context reminder the CLI puts first in the first user message of every request it sends.
+CLI_DATE_REMINDER = re.compile(
+    r"<system-reminder>\nAs you answer the user's questions, you can use the following context:\n"
+    r"# currentDate\nToday's date is \d{4}-\d\d-\d\d\.\n\n      IMPORTANT: this context may or may not be "
+    r"relevant to your tasks\. You should not respond to this context unless it is highly relevant to "
+    r"your task\.\n</system-reminder>\n\n?")  # a blank line after it before a text, one before an image
+# CI runs these seeds; FIDELITY_SEED=n runs that one instead, to replay a failure it printed.
+FIDELITY_SEEDS = (1, 2, 3)
+FIDELITY_TURNS = 6  # per conversation: each seed holds one conversation on each door
+IMAGE = object()  # an image in a generated user turn (PNG_1PX)
+PNG_BLOCK = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}
+PNG_DATA_URL = "data:image/png;base64," + PNG_1PX
+WORDS = ("apple", "river", "cloud", "stone", "maple", "comet", "harbor", "violet")
+CITIES = ("Oslo", "Rome", "Lima", "Pune")
+
+
+def as_claude_got_them(body: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The messages of a request the CLI sent, less what it adds of its own: its cache marks, and
+    its date reminder, which must stand first in the first message (and nowhere else)."""
+    messages = without_cache_marks(body["messages"])
+    first = messages[0]["content"]
+    if not (first[0]["type"] == "text" and CLI_DATE_REMINDER.fullmatch(first[0]["text"])):
+        raise AssertionError("the CLI's reminder is not where it always was: %r" % first[0])
+    if "<system-reminder>" in json.dumps(first[1:] + messages[1:]):
+        raise AssertionError("the CLI added a reminder of its own elsewhere")
+    return [dict(messages[0], content=first[1:])] + messages[1:]
+
+
+def one_message_per_role(pairs: List[Tuple[str, List[Dict[str, Any]]]]) -> List[Dict[str, Any]]:
+    """(role, blocks) in order as Anthropic takes them: a run of one role is one message, and a
+    user message holds its tool results first."""
+    messages: List[Dict[str, Any]] = []
+    for role, blocks in pairs:
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += blocks
+        elif blocks:
+            messages.append({"role": role, "content": list(blocks)})
+    for message in messages:
+        content = message["content"]
+        message["content"] = [b for b in content if b["type"] == "tool_result"] + \
+            [b for b in content if b["type"] != "tool_result"]
+    return messages
+
+
+def result_block(call_id: str, output: str) -> Dict[str, Any]:
+    return {"type": "tool_result", "tool_use_id": call_id, "content": [text(output)]}
+
+
+class Call(NamedTuple):
+    id: str
+    name: str
+    input: Dict[str, Any]
+
+
+class DoorClient:
+    """One generated conversation through one door, as a client of that API holds it: user turns
+    and tool results (kept abstract, so an earlier one can be edited), and the proxy's answers
+    as the client got them. Each door says how it writes a turn, reads an answer, and what
+    Anthropic must get for its items (a reference translation of its own, not the proxy's)."""
+
+    path = ""
+    sends_thinking_back = True  # else the test leaves thinking out of what it compares
+
+    def __init__(self, tag: str, thinking: bool, rng: random.Random) -> None:
+        self.tag = tag
+        self.thinking = thinking
+        self.rng = rng
+        # ("user", [text or IMAGE, ...]) | ("results", ([Call], [output], note or "")) |
+        # ("assistant", (items as the client got them, [Call]))
+        self.entries: List[Tuple[str, Any]] = []
+
+    def items(self) -> List[Dict[str, Any]]:
+        items: List[Dict[str, Any]] = []
+        for kind, value in self.entries:
+            items += self.user(value) if kind == "user" else self.results(*value) if kind == "results" \
+                else value[0]
+        return items
+
+    def user(self, parts: List[Any]) -> List[Dict[str, Any]]:
+        raise NotImplementedError
+
+    def results(self, calls: List[Call], outputs: List[str], note: str) -> List[Dict[str, Any]]:
+        raise NotImplementedError
+
+    def body(self, items: List[Dict[str, Any]], stream: bool) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def answer(self, response: Response, stream: bool) -> Tuple[List[Dict[str, Any]], List[Call], str]:
+        """(the items the client keeps of the answer, the calls it must run, the answer's text)."""
+        raise NotImplementedError
+
+    def reference(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        raise NotImplementedError
+
+
+class ChatClient(DoorClient):
+    path = "/v1/chat/completions"
+    sends_thinking_back = False
+
+    def user(self, parts: List[Any]) -> List[Dict[str, Any]]:
+        if parts == [parts[0]] and parts[0] is not IMAGE:
+            return [user(parts[0])]
+        return [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": PNG_DATA_URL}} if part is IMAGE else
+            {"type": "text", "text": part} for part in parts]}]
+
+    def results(self, calls: List[Call], outputs: List[str], note: str) -> List[Dict[str, Any]]:
+        return [{"role": "tool", "tool_call_id": call.id, "content": output}
+                for call, output in zip(calls, outputs)] + [user(note)] * bool(note)
+
+    def body(self, items: List[Dict[str, Any]], stream: bool) -> Dict[str, Any]:
+        body = {"model": "claude-sonnet-4", "messages": [{"role": "system", "content": "Talk " + self.tag}] + items,
+                "tools": [WEATHER_TOOL, TIME_TOOL], "stream": stream}
+        return dict(body, reasoning_effort="medium") if self.thinking else body
+
+    def answer(self, response: Response, stream: bool) -> Tuple[List[Dict[str, Any]], List[Call], str]:
+        message = stream_message(response) if stream else response.json()["choices"][0]["message"]
+        message = {key: message[key] for key in ("role", "content", "tool_calls") if key in message}
+        calls = [Call(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                 for c in message.get("tool_calls") or []]
+        return [message], calls, message["content"] or ""
+
+    def reference(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        pairs = []
+        for item in items:
+            if item["role"] == "user":
+                parts = [text(item["content"])] if isinstance(item["content"], str) else item["content"]
+                pairs.append(("user", [PNG_BLOCK if p["type"] == "image_url" else text(p["text"]) for p in parts]))
+            elif item["role"] == "tool":
+                pairs.append(("user", [result_block(item["tool_call_id"], item["content"])]))
+            else:
+                pairs.append(("assistant", [text(item["content"])] * bool(item["content"]) + [
+                    {"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
+                     "input": json.loads(c["function"]["arguments"])} for c in item.get("tool_calls") or []]))
+        return one_message_per_role(pairs)
+
+
+class ResponsesClient(DoorClient):
+    path = "/v1/responses"
+
+    def __init__(self, tag: str, thinking: bool, rng: random.Random) -> None:
+        super().__init__(tag, thinking, rng)
+        # Some clients ask for reasoning sealed with its signature, and send it back; others cannot.
+        self.sealed = thinking and rng.random() < 0.5
+        self.sends_thinking_back = self.sealed
+        # Some send only what is new since the response they continue (previous_response_id).
+        self.chained = rng.random() < 0.5
+        self.sent: List[Dict[str, Any]] = []
+        self.previous: Optional[Tuple[str, List[Dict[str, Any]]]] = None  # a response, and its items
+
+    def user(self, parts: List[Any]) -> List[Dict[str, Any]]:
+        return [{"role": "user", "content": [
+            {"type": "input_image", "image_url": PNG_DATA_URL} if part is IMAGE else
+            {"type": "input_text", "text": part} for part in parts]}]
+
+    def results(self, calls: List[Call], outputs: List[str], note: str) -> List[Dict[str, Any]]:
+        return [{"type": "function_call_output", "call_id": call.id, "output": output}
+                for call, output in zip(calls, outputs)] + self.user([note]) * bool(note)
+
+    def body(self, items: List[Dict[str, Any]], stream: bool) -> Dict[str, Any]:
+        body: Dict[str, Any] = {"model": "claude-sonnet-4", "instructions": "Talk " + self.tag, "input": items,
+                                "tools": [RESPONSES_WEATHER_TOOL, dict(RESPONSES_WEATHER_TOOL, name="get_time")],
+                                "stream": stream, "store": self.chained}
+        self.sent = items
+        if self.chained and self.previous is not None and items[:len(self.previous[1])] == self.previous[1]:
+            body.update(input=items[len(self.previous[1]):], previous_response_id=self.previous[0])
+        if self.thinking:
+            body["reasoning"] = {"effort": "medium"}
+        if self.sealed:
+            body["include"] = ["reasoning.encrypted_content"]
+        return body
+
+    def answer(self, response: Response, stream: bool) -> Tuple[List[Dict[str, Any]], List[Call], str]:
+        whole = next(e["response"] for _, e in sse_events(response) if e["type"] == "response.completed") \
+            if stream else response.json()
+        output = whole["output"]
+        self.previous = (whole["id"], self.sent + output)
+        calls = [Call(i["call_id"], i["name"], json.loads(i["arguments"])) for i in output
+                 if i["type"] == "function_call"]
+        said = "".join(p["text"] for i in output if i["type"] == "message" for p in i["content"])
+        return output, calls, said
+
+    def reference(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        pairs = []
+        for item in items:
+            kind = item.get("type", "message")
+            if kind == "message" and item["role"] == "user":
+                pairs.append(("user", [PNG_BLOCK if p["type"] == "input_image" else text(p["text"])
+                                       for p in item["content"]]))
+            elif kind == "message":
+                pairs.append(("assistant", [text(p["text"]) for p in item["content"]]))
+            elif kind == "function_call":
+                pairs.append(("assistant", [{"type": "tool_use", "id": item["call_id"], "name": item["name"],
+                                             "input": json.loads(item["arguments"])}]))
+            elif kind == "function_call_output":
+                pairs.append(("user", [result_block(item["call_id"], item["output"])]))
+            elif "encrypted_content" in item:  # reasoning, sealed: Claude's thinking again
+                pairs.append(("assistant", [{"type": "thinking", "thinking": item["summary"][0]["text"],
+                                             "signature": item["encrypted_content"].split(":", 1)[1]}]))
+        return one_message_per_role(pairs)
+
+
+class MessagesClient(DoorClient):
+    path = "/v1/messages"
+
+    def user(self, parts: List[Any]) -> List[Dict[str, Any]]:
+        if parts == [parts[0]] and parts[0] is not IMAGE:
+            return [user(parts[0])]
+        return [{"role": "user", "content": [PNG_BLOCK if part is IMAGE else text(part) for part in parts]}]
+
+    def results(self, calls: List[Call], outputs: List[str], note: str) -> List[Dict[str, Any]]:
+        return [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": output}
+                                             for call, output in zip(calls, outputs)] + [text(note)] * bool(note)}]
+
+    def body(self, items: List[Dict[str, Any]], stream: bool) -> Dict[str, Any]:
+        body = {"model": "claude-sonnet-4", "max_tokens": 2048, "system": "Talk " + self.tag, "messages": items,
+                "tools": [MESSAGES_WEATHER_TOOL, dict(MESSAGES_WEATHER_TOOL, name="get_time")], "stream": stream}
+        return dict(body, thinking={"type": "enabled", "budget_tokens": 1024}) if self.thinking else body
+
+    def answer(self, response: Response, stream: bool) -> Tuple[List[Dict[str, Any]], List[Call], str]:
+        content = streamed_content(sse_events(response)) if stream else response.json()["content"]
+        calls = [Call(b["id"], b["name"], b["input"]) for b in content if b["type"] == "tool_use"]
+        return [{"role": "assistant", "content": content}], calls, \
+            "".join(b["text"] for b in content if b["type"] == "text")
+
+    def reference(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        def block(b: Dict[str, Any]) -> Dict[str, Any]:
+            if b["type"] == "tool_result":
+                return result_block(b["tool_use_id"], b["content"])
+            return {key: b[key] for key in ("type", "id", "name", "input", "text", "thinking", "signature", "source")
+                    if key in b}
+        return one_message_per_role([(item["role"], [text(item["content"])] if isinstance(item["content"], str)
+                                      else [block(b) for b in item["content"]]) for item in items])
+
+
+class FidelityPropertyTest(RealCliTest):
+    """Claude gets exactly the client's conversation, in its order, on every door: generated
+    conversations (plain turns, several user messages in a row, images, tool rounds with
+    parallel calls, thinking, a client that edits or drops an earlier message, a Responses
+    client that continues a stored response), each turn built from the proxy's real answers. For each turn, the messages Anthropic gets equal the
+    door's translation of the client's; when the client's history extends the one before,
+    the request to Anthropic extends the one before (the prompt cache hits)."""
+
+    maxDiff = None
+
+    def test_claude_gets_the_clients_conversation_on_every_door(self) -> None:
+        chosen = os.environ.get("FIDELITY_SEED")
+        for seed in [int(chosen)] if chosen else FIDELITY_SEEDS:
+            for door in (ChatClient, ResponsesClient, MessagesClient):
+                with self.subTest("FIDELITY_SEED=%d replays this" % seed, door=door.path):
+                    rng = random.Random("%d %s" % (seed, door.path))
+                    self.converse(door(marker(), rng.random() < 0.5, rng))
+
+    def converse(self, client: DoorClient) -> None:
+        rng = client.rng
+        calls: List[Call] = []
+        previous: Optional[Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]] = None  # items, what Claude got
+        for number in range(FIDELITY_TURNS):
+            if number and rng.random() < 0.3:
+                self.edit_or_drop(client, rng)
+            think = "THINK\n" if client.thinking and rng.random() < 0.6 else ""
+            said = "%s%d" % (rng.choice(WORDS), number)
+            called = rng.random() < 0.4
+            directive, names = self.call_lines(rng) if called else ("SAY:" + said, [])
+            if calls:
+                outputs = ["%s in %s" % (rng.choice(WORDS), call.input.get("city")) for call in calls]
+                outputs[-1] += "\n" + think + directive
+                client.entries.append(("results", (calls, outputs, rng.choice(["", "", "Also, be brief."]))))
+            else:
+                kind = rng.choice(["plain", "several", "image"])
+                for _ in range(rng.randint(1, 2) if kind == "several" else 0):
+                    client.entries.append(("user", ["%s first" % rng.choice(WORDS)]))
+                parts: List[Any] = ["Look %s\n%s%s" % (rng.choice(WORDS), think, directive)]
+                if kind == "image":
+                    parts.insert(rng.randint(0, 1), IMAGE)
+                client.entries.append(("user", parts))
+            items = client.items()
+            stream = rng.random() < 0.5
+            before = len(self.upstream.requests)
+            response = self.request("POST", client.path, client.body(items, stream))
+            self.assertEqual(response.status, 200, response.body[:2000])
+            sent = [body for body in self.upstream.requests[before:] if client.tag in json.dumps(body["system"])]
+            self.assertEqual(len(sent), 1, "one request to Anthropic for turn %d" % number)
+            got = as_claude_got_them(sent[0])
+            self.assertEqual(self.comparable(client, got), client.reference(items), "turn %d" % number)
+            self.assertThinkingBeforeCalls(got)
+            if previous is not None and items[:len(previous[0])] == previous[0]:
+                self.assertEqual(got[:len(previous[1])], previous[1], "turn %d extends the one before" % number)
+            kept, calls, answered = client.answer(response, stream)
+            self.assertEqual(([call.name for call in calls], answered), (names, "" if called else said))
+            client.entries.append(("assistant", (kept, calls)))
+            previous = (items, got)
+
+    @staticmethod
+    def call_lines(rng: random.Random) -> Tuple[str, List[str]]:
+        """Lines that make the fake upstream call one tool, or two at once; and their names."""
+        names = rng.choice([["get_weather"], ["get_time"], ["get_weather", "get_time"]])
+        return "\n".join("CALL:%s %s" % (name, json.dumps({"city": rng.choice(CITIES)})) for name in names), names
+
+    @staticmethod
+    def edit_or_drop(client: DoorClient, rng: random.Random) -> None:
+        """Change an earlier user turn's text, or drop an earlier user turn and its plain answer."""
+        entries = client.entries
+        users = [i for i, (kind, _) in enumerate(entries[:-1]) if kind == "user"]
+        pairs = [i for i in users if i + 2 < len(entries) and entries[i + 1][0] == "assistant"
+                 and not entries[i + 1][1][1]]
+        if pairs and rng.random() < 0.5:
+            first = rng.choice(pairs)
+            del entries[first:first + 2]
+        elif users:
+            index = rng.choice(users)
+            entries[index] = ("user", [part if part is IMAGE else part + " (edited)" for part in entries[index][1]])
+
+    @staticmethod
+    def comparable(client: DoorClient, got: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """What Claude got as the client's translation reads: thinking left out where the client
+        cannot send it back (assertThinkingBeforeCalls checks it)."""
+        return [dict(message, content=[b for b in message["content"]
+                                       if b["type"] != "thinking" or client.sends_thinking_back]) for message in got]
+
+    def test_text_after_resumed_tool_results_reaches_claude_as_sent_and_the_next_turn_extends_it(self) -> None:
+        # Found by the property test: the CLI's own resume prompt, joined to that text, added a newline
+        # to it in that request only, and the next turn's request no longer extended it.
+        for then in ("SAY:Done.", "CALL:get_weather {\"city\": \"Rome\"}"):
+            tag = marker()
+            call = {"id": "call_" + tag, "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}}
+            messages = [{"role": "system", "content": tag}, user("weather?"),
+                        {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": call["id"], "content": "rain"}, user("Be brief.\n" + then)]
+            first = self.chat(*messages, tools=[WEATHER_TOOL])
+            self.assertEqual(first.status, 200, first.body)
+            message = first.json()["choices"][0]["message"]
+            messages.append({key: message[key] for key in ("role", "content", "tool_calls") if key in message})
+            messages += [{"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "SAY:ok"}] \
+                if message.get("tool_calls") else [user("SAY:ok")]
+            second = self.chat(*messages, tools=[WEATHER_TOOL])
+            self.assertEqual(second.status, 200, second.body)
+            sent = [as_claude_got_them(body) for body in self.upstream.requests if tag in json.dumps(body["system"])]
+            self.assertEqual(len(sent), 2)
+            self.assertEqual(sent[0][2], {"role": "user", "content": [result_block(call["id"], "rain"),
+                                                                      text("Be brief.\n" + then)]})
+            self.assertEqual(sent[1][:3], sent[0], then)
+
+    def assertThinkingBeforeCalls(self, got: List[Dict[str, Any]]) -> None:
+        """Each assistant message that calls tools starts with the thinking of the reply that made
+        the calls, signatures and all, whether its process was kept or the history resumed."""
+        for message in got:
+            calls = [b["id"] for b in message["content"] if b["type"] == "tool_use"]
+            if message["role"] == "assistant" and calls:
+                reply = next(r for r in self.upstream.replies if any(b.get("id") == calls[0] for b in r))
+                thinking = [b for b in reply if b["type"] == "thinking"]
+                self.assertEqual(message["content"][:len(thinking)], thinking)
+
+
+class InterruptedTurnTest(TestCase):
+    """A turn resumed with its tool results: a text after them ends it as the CLI's resume prompt."""
+
+    def history(self, *after: Dict[str, Any]) -> List[Dict[str, Any]]:
+        return [{"role": "user", "content": [text("q")]},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "x", "name": "f", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": []}] + list(after)}]
+
+    def test_a_text_after_the_results_is_the_prompt(self) -> None:
+        history = self.history(text("Be brief."))
+        self.assertEqual(proxy.interrupted_turn(history), (self.history(), "Be brief."))
+        launch = proxy.cli_launch("claude", chat_turn()[0], config(), history, interrupted=True)
+        self.assertEqual(dict(launch.env)["CLAUDE_CODE_RESUME_PROMPT"], "Be brief.")
+        self.assertNotIn("Be brief.", launch.session[1], "not in the transcript too")
+
+    def test_anything_else_stays_in_the_history_and_the_prompt_is_blank(self) -> None:
+        for after in ([], [text("a"), text("b")], [text("a"), PNG_BLOCK], [text("nul \x00")],
+                      [text("x" * (proxy.RESUME_PROMPT_LIMIT + 1))]):
+            history = self.history(*after)
+            self.assertEqual(proxy.interrupted_turn(history), (history, " "), str(after)[:60])
+
 
 class NativeSupportTest(TestCase):
     """A `claude` too old for the control protocol is found out at start and named, not run blind."""
