@@ -9283,7 +9283,8 @@ class EndToEndTest(RealCliTest):
             self.assertEqual(len(sent), 1, "one request, straight on from the results")
             self.assertEqual(sent[0][-1]["content"], [
                 {"tool_use_id": call["id"], "type": "tool_result", "content": [text(result)]}, text(note)])
-            messages += [message, {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "SAY:Wet."}]
+            messages += [message, {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"],
+                                   "content": "SAY:Wet."}]
             response = self.chat(*messages, tools=[WEATHER_TOOL])
             self.assertEqual(response.status, 200, response.body)
             self.assertEqual(response.json()["choices"][0]["message"]["content"], "Wet.")
