@@ -864,12 +864,27 @@ def session_transcript(messages: List[Dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def not_a_command(content: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The blocks of the user turn the CLI answers, such that it sends them to Claude.
+
+    Claude Code runs a turn whose last block is a text starting with "/" as one of its own
+    commands (/compact, a skill; any other name such as /2024 answers "Unknown command")
+    instead of sending it to Claude: a turn on stdin, and one it takes up from a transcript at
+    start alike. It looks at the last block only, and drops empty text blocks before it asks
+    Anthropic: an empty text after such a prompt keeps it the user's text, and Anthropic
+    still gets exactly the client's blocks."""
+    if content and content[-1]["type"] == "text" and content[-1]["text"].startswith("/"):
+        return content + [text_block("")]
+    return content
+
+
 # A resumed interrupted turn ends with a prompt of the CLI's (CLAUDE_CODE_RESUME_PROMPT), which
 # it joins to a text that ends the turn with a newline between: in that request, and not in the
 # next one when the tool loop goes on, which then no longer extends it (the prompt cache misses).
 # So a text after the turn's tool results goes as that prompt, and Claude gets it as the client
 # sent it, then and later. An environment string holds no NUL and is bounded (128 KiB on Linux):
-# a longer text stays in the transcript.
+# a longer text stays in the transcript. So does a text starting with "/": as that prompt, the
+# CLI would run it as one of its commands (see not_a_command, which keeps it the user's there).
 RESUME_PROMPT_LIMIT = 64 * 1024
 
 
@@ -879,7 +894,8 @@ def interrupted_turn(history: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]
     content = history[-1]["content"]
     last = content[-1]
     if len(content) >= 2 and content[-2]["type"] == "tool_result" and last["type"] == "text" \
-            and "\x00" not in last["text"] and len(last["text"].encode("utf-8")) <= RESUME_PROMPT_LIMIT:
+            and "\x00" not in last["text"] and len(last["text"].encode("utf-8")) <= RESUME_PROMPT_LIMIT \
+            and not last["text"].startswith("/"):
         return history[:-1] + [dict(history[-1], content=content[:-1])], last["text"]
     return history, " "  # blank: nothing is added to the client's turn
 
@@ -920,6 +936,7 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
     env = cli_env(config, turn)
     if interrupted:
         history, env["CLAUDE_CODE_RESUME_PROMPT"] = interrupted_turn(history)
+        history = history[:-1] + [dict(history[-1], content=not_a_command(history[-1]["content"]))]
     if history:
         transcript = session_transcript(history)
         # Named after what it holds, so equal histories start equal Launches (the pool's key).
@@ -938,16 +955,8 @@ def stdin_line(message: Dict[str, Any]) -> bytes:
 
 
 def user_line(content: List[Dict[str, Any]]) -> bytes:
-    """A user turn on stdin; content as a list of blocks, as a resumed history holds it too.
-
-    Claude Code runs a turn whose last block is a text starting with "/" as one of its own
-    commands (/compact, a skill; any other name such as /2024 answers "Unknown command")
-    instead of sending it to Claude. It looks at the last block only, and drops empty text
-    blocks before it asks Anthropic: an empty text after such a prompt keeps it the user's
-    text, and Anthropic still gets exactly the client's blocks."""
-    if content and content[-1]["type"] == "text" and content[-1]["text"].startswith("/"):
-        content = content + [text_block("")]
-    return stdin_line({"type": "user", "message": {"role": "user", "content": content},
+    """A user turn on stdin; content as a list of blocks, as a resumed history holds it too."""
+    return stdin_line({"type": "user", "message": {"role": "user", "content": not_a_command(content)},
                        "parent_tool_use_id": None})
 
 

@@ -1486,11 +1486,16 @@ class InterruptedTurn(Turn):
 
     def run(self):
         self.emit_init()
-        emit(stamp(t["status"]))
         prompt = "".join(texts(self.line))
+        command = cli_command(prompt)
+        if command is not None:  # the resume prompt is a prompt like any: it may name a command
+            return self.unknown_command(command)
+        emit(stamp(t["status"]))
+        last = self.conversation[-1]
+        # Empty texts are dropped before Anthropic hears of them.
+        last["content"] = [b for b in as_blocks(last["content"]) if b.get("type") != "text" or b.get("text")]
         if prompt.strip():  # a blank prompt adds nothing to the client's turn
-            last = self.conversation[-1]
-            last["content"] = as_blocks(last["content"]) + [{"type": "text", "text": prompt}]
+            last["content"] = last["content"] + [{"type": "text", "text": prompt}]
         send_upstream(self.conversation)
         results = [b for b in as_blocks(self.conversation[-1]["content"]) if b.get("type") == "tool_result"]
         after = pieces(self.spec.get("after_calls") or quoted(results))
@@ -3454,6 +3459,41 @@ class SlashPromptTest(ProxyTest):
                 self.assertEqual([m["content"][0]["text"] if isinstance(m["content"], list) else m["content"]
                                   for m in sent],
                                  ["/2024 was a good year", "It was.", "/5", "Five.", "/_x " + tag])
+
+    def sent_with(self, tag: str) -> List[Dict[str, Any]]:
+        """The messages of the newest upstream request that held `tag` (a run started with
+        nothing on stdin but its settings is found by what it sent)."""
+        found = wait_until(lambda: next((run["requests"][-1]["messages"] for run in FAKE.runs()
+                                         if tag in json.dumps(run.get("requests", []))), None), 10.0)
+        if found is None:
+            raise AssertionError("no fake claude run sent %r upstream" % tag)
+        return found
+
+    def test_a_prompt_the_cli_takes_up_at_start_reaches_claude_unchanged(self) -> None:
+        # After tool results with no process kept (see interrupted_turn), and after nothing but
+        # system entries (see Exchange._begin), the CLI takes the newest text up at start.
+        for prompt in self.PROMPTS:
+            with self.subTest(prompt=prompt):
+                tag = marker()
+                call = {"id": "call_" + tag, "type": "function", "function": {"name": "get_weather",
+                                                                             "arguments": "{}"}}
+                response = self.chat(user("weather? " + tag), {"role": "assistant", "content": None,
+                                                               "tool_calls": [call]},
+                                     {"role": "tool", "tool_call_id": call["id"], "content": "rain"}, user(prompt),
+                                     tools=[WEATHER_TOOL])
+                self.assertEqual(response.status, 200, response.body)
+                self.assertNotIn("Unknown command", response.body.decode())
+                sent = self.sent_with(tag)
+                self.assertEqual(sent[-1]["content"][-1], text(prompt), "exactly the client's text, nothing added")
+                tag = marker()
+                response = self.request("POST", "/v1/messages", {
+                    "model": "claude-sonnet-4", "max_tokens": 64,
+                    "messages": [user(prompt), {"role": "system", "content": "Agents " + tag}]})
+                self.assertEqual(response.status, 200, response.body)
+                self.assertNotIn("Unknown command", response.body.decode())
+                sent = self.sent_with(tag)
+                self.assertEqual([(m["role"], m["content"]) for m in sent],
+                                 [("user", [text(prompt)]), ("system", "Agents " + tag)])
 
 
 def every_path(value: Any, path: Tuple[Any, ...] = ()) -> Iterator[Tuple[Any, ...]]:
@@ -9223,6 +9263,50 @@ class EndToEndTest(RealCliTest):
                          [text("/2024 was a good year " + tag), text("/5"), text("/compact")])
         self.assertEqual(self.running.server.health()["pool"]["continued"] - before, 2)
 
+    def test_a_slash_text_after_tool_results_reaches_anthropic_unchanged_then_and_later(self) -> None:
+        # Resumed with its results (no process kept), the turn ends with the text after them (see
+        # interrupted_turn): the CLI must not take it for one of its commands there either, and
+        # the tool loop that goes on in that process must extend the request.
+        for note in ("/2024 was a good year", "/compact"):
+            tag = marker()
+            call = {"id": "call_" + tag, "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}}
+            result = "rain\nCALL:get_weather {\"city\": \"Rome\"}"
+            messages = [user("weather? " + tag), {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": call["id"], "content": result}, user(note)]
+            response = self.chat(*messages, tools=[WEATHER_TOOL])
+            self.assertEqual(response.status, 200, response.body)
+            message = response.json()["choices"][0]["message"]
+            self.assertEqual([c["function"]["name"] for c in message.get("tool_calls") or []], ["get_weather"],
+                             message["content"])
+            sent = [without_cache_marks(body["messages"]) for body in self.upstream.requests if tag in json.dumps(body)]
+            self.assertEqual(len(sent), 1, "one request, straight on from the results")
+            self.assertEqual(sent[0][-1]["content"], [
+                {"tool_use_id": call["id"], "type": "tool_result", "content": [text(result)]}, text(note)])
+            messages += [message, {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"],
+                                   "content": "SAY:Wet."}]
+            response = self.chat(*messages, tools=[WEATHER_TOOL])
+            self.assertEqual(response.status, 200, response.body)
+            self.assertEqual(response.json()["choices"][0]["message"]["content"], "Wet.")
+            sent = [without_cache_marks(body["messages"]) for body in self.upstream.requests if tag in json.dumps(body)]
+            self.assertEqual(len(sent), 2)
+            self.assertEqual(sent[1][:len(sent[0])], sent[0], "the next request must extend the first")
+
+    def test_a_slash_prompt_after_nothing_but_system_entries_reaches_anthropic_unchanged(self) -> None:
+        # Such a turn starts the CLI as an interrupted one, its prompt in the transcript (see
+        # Exchange._begin): the CLI must not take it for one of its commands there either.
+        for prompt in ("/2024 was a good year", "/compact"):
+            tag = marker()
+            response = self.request("POST", "/v1/messages", {
+                "model": "claude-sonnet-4", "max_tokens": 100,
+                "messages": [user(prompt), {"role": "system", "content": "Agents " + tag}]})
+            self.assertEqual(response.status, 200, response.body)
+            self.assertEqual(response.json()["content"], [text(UPSTREAM_REPLY)], prompt)
+            sent = without_cache_marks(self.upstream_request_for(tag)["messages"])
+            self.assertEqual([(m["role"], [b for b in m["content"] if "currentDate" not in b.get("text", "")]
+                               if isinstance(m["content"], list) else m["content"]) for m in sent],
+                             [("user", [text(prompt)]), ("system", "Agents " + tag)])  # (the CLI's date aside)
+
     def test_a_prompt_too_long_is_a_400_context_length_exceeded_and_never_compacted(self) -> None:
         # Without DISABLE_AUTO_COMPACT the CLI would summarize the client's history and go on.
         for history in ([], [user("earlier"), {"role": "assistant", "content": "reply"}]):
@@ -10862,10 +10946,19 @@ class InterruptedTurnTest(TestCase):
         self.assertNotIn("Be brief.", launch.session[1], "not in the transcript too")
 
     def test_anything_else_stays_in_the_history_and_the_prompt_is_blank(self) -> None:
-        for after in ([], [text("a"), text("b")], [text("a"), PNG_BLOCK], [text("nul \x00")],
+        for after in ([], [text("a"), text("b")], [text("a"), PNG_BLOCK], [text("nul \x00")], [text("/compact")],
                       [text("x" * (proxy.RESUME_PROMPT_LIMIT + 1))]):
             history = self.history(*after)
             self.assertEqual(proxy.interrupted_turn(history), (history, " "), str(after)[:60])
+
+    def test_a_text_starting_with_a_slash_ends_the_transcript_followed_by_an_empty_text(self) -> None:
+        # The CLI would run it as one of its commands, as the prompt or as the turn's last block.
+        for history in (self.history(text("/compact")), [{"role": "system", "content": [text("Agents.")]},
+                                                         {"role": "user", "content": [text("/2024")]}]):
+            launch = proxy.cli_launch("claude", chat_turn()[0], config(), history, interrupted=True)
+            self.assertEqual(dict(launch.env)["CLAUDE_CODE_RESUME_PROMPT"], " ")
+            last = json.loads(launch.session[1].splitlines()[-1])
+            self.assertEqual(last["message"]["content"], history[-1]["content"] + [text("")])
 
 
 class NativeSupportTest(TestCase):
