@@ -39,12 +39,11 @@ out), the doors (one pair of translators per API), answering a turn, the status
 page, the HTTP handler, the server, then running as a service and main().
 """
 
-from __future__ import annotations
-
 import sys
 
 # Before anything only a newer Python runs, so an older one says why instead of failing
-# somewhere below. (Python 3.6 stops at the __future__ line above: it cannot read it.)
+# somewhere below. So that Python 3.6 gets this far, the module has no syntax newer than 3.6
+# (no `from __future__ import annotations`: its type hints are ones 3.9 evaluates as they are).
 if sys.version_info < (3, 9):
     sys.exit("claude-max-proxy needs Python 3.9 or newer, and %s is Python %d.%d.%d: run it "
              "with a newer python3 (macOS's /usr/bin/python3 is 3.9)."
