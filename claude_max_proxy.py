@@ -905,7 +905,7 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
 
     Its newest user message comes on stdin, unless `interrupted`: then `history` ends
     with that message (which holds tool results, or follows nothing but system messages),
-    and the CLI takes the turn up at start as an interrupted one (see interrupted_turn). No
+    or with system messages after it, and the CLI takes the turn up at start as an interrupted one (see interrupted_turn). No
     stdin message can hold results for calls of a resumed history (the CLI would drop the
     calls), while this sends exactly what a process that waited on the calls would (see
     ToolBridge).
@@ -934,8 +934,10 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
     session = None
     env = cli_env(config, turn)
     if interrupted:
-        history, env["CLAUDE_CODE_RESUME_PROMPT"] = interrupted_turn(history)
-        history = history[:-1] + [dict(history[-1], content=not_a_command(history[-1]["content"]))]
+        # The turn is its newest user message; system entries after it stay after it.
+        last = max(index for index, message in enumerate(history) if message["role"] == "user")
+        head, env["CLAUDE_CODE_RESUME_PROMPT"] = interrupted_turn(history[:last + 1])
+        history = head[:-1] + [dict(head[-1], content=not_a_command(head[-1]["content"]))] + history[last + 1:]
     if history:
         transcript = session_transcript(history)
         # Named after what it holds, so equal histories start equal Launches (the pool's key).
@@ -1553,6 +1555,7 @@ def binary_identity(path: str) -> Optional[Tuple[int, int, int]]:
 # The pause after a background thread's failure (the pool's, the probe's), doubled after each
 # one that follows, up to the second: bounded work while something is wrong, soon back after.
 RETRY_PAUSES = (5.0, 300.0)
+FAULTS_REMEMBERED = 100  # a fault whose text changes each time (a pid, a path) is not kept forever
 _faults_logged: Set[Tuple[str, str]] = set()
 _faults_lock = threading.Lock()
 
@@ -1564,6 +1567,8 @@ def log_fault(where: str, error: Exception) -> None:
     with _faults_lock:
         if fault in _faults_logged:
             return
+        if len(_faults_logged) >= FAULTS_REMEMBERED:
+            _faults_logged.clear()
         _faults_logged.add(fault)
     log.error("%s failed, and is tried again: %s", where, fault[1], exc_info=error)
 

@@ -10944,6 +10944,17 @@ class InterruptedTurnTest(TestCase):
             history = self.history(*after)
             self.assertEqual(proxy.interrupted_turn(history), (history, " "), str(after)[:60])
 
+    def test_system_entries_after_the_results_stay_after_the_turn_whose_text_is_the_prompt(self) -> None:
+        # Claude Code sends "The user sent a new message while you were working" right after results.
+        entry = {"role": "system", "content": [text("Hooks said so.")]}
+        history = self.history(text("Be brief.")) + [entry]
+        launch = proxy.cli_launch("claude", chat_turn()[0], config(), history, interrupted=True)
+        self.assertEqual(dict(launch.env)["CLAUDE_CODE_RESUME_PROMPT"], "Be brief.")
+        lines = [json.loads(line) for line in launch.session[1].splitlines()]
+        self.assertEqual(lines[-1]["attachment"]["response"], {"systemMessage": "Hooks said so."},
+                         "the entry as it was, last, and no empty one")
+        self.assertEqual(lines[-2]["message"]["content"], self.history()[-1]["content"])
+
     def test_a_text_starting_with_a_slash_ends_the_transcript_followed_by_an_empty_text(self) -> None:
         # The CLI would run it as one of its commands, as the prompt or as the turn's last block.
         for history in (self.history(text("/compact")), [{"role": "system", "content": [text("Agents.")]},
