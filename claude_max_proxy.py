@@ -139,7 +139,8 @@ OPTIONS: List[Tuple[str, str, Any, Any, str]] = [
     ("--default-model", "CLAUDE_PROXY_DEFAULT_MODEL", str, "claude-sonnet-4",
      "model used when a request names none"),
     ("--api-key", "CLAUDE_PROXY_API_KEY", str, "",
-     "when set, every request but /health needs 'Authorization: Bearer KEY'"),
+     "when set, every request but /health, HEAD / and the status page's key form needs it, as "
+     "'Authorization: Bearer KEY' or 'x-api-key: KEY'"),
     ("--api-key-file", "CLAUDE_PROXY_API_KEY_FILE", str, "",
      "read --api-key from this file instead, which keeps it out of `ps` (install writes one, owner-only)"),
     ("--max-concurrent", "CLAUDE_PROXY_MAX_CONCURRENT", int, 8,
@@ -905,10 +906,10 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
 
     Its newest user message comes on stdin, unless `interrupted`: then `history` ends
     with that message (which holds tool results, or follows nothing but system messages),
-    or with system messages after it, and the CLI takes the turn up at start as an interrupted one (see interrupted_turn). No
-    stdin message can hold results for calls of a resumed history (the CLI would drop the
-    calls), while this sends exactly what a process that waited on the calls would (see
-    ToolBridge).
+    or with system messages after it, and the CLI takes the turn up at start as an
+    interrupted one (see interrupted_turn). No stdin message can hold results for calls of
+    a resumed history (the CLI would drop the calls), while this sends exactly what a
+    process that waited on the calls would (see ToolBridge).
     """
     argv = [
         claude, "-p",
@@ -4649,9 +4650,9 @@ def children_text(report: Dict[str, Any]) -> str:
 def pool_text(report: Dict[str, Any]) -> str:
     pool = report.get("pool") or {}
     kept = pool.get("conversations") or 0
-    return ("%d pre-started waiting, %d conversations kept (pool of %s); %s hits, %s misses, "
-            "%s turns continued" % ((pool.get("size") or 0) - kept, kept, pool.get("max"), pool.get("hits"),
-                                    pool.get("misses"), pool.get("continued")))
+    return ("%d pre-started waiting, %d conversation%s kept (pool of %s); %s hits, %s misses, "
+            "%s turns continued" % ((pool.get("size") or 0) - kept, kept, "" if kept == 1 else "s",
+                                    pool.get("max"), pool.get("hits"), pool.get("misses"), pool.get("continued")))
 
 
 def degraded_reasons(report: Dict[str, Any]) -> List[str]:
@@ -4740,7 +4741,7 @@ PAGE_SCRIPT = """
   }
   function prepare() {
     document.querySelectorAll("time[datetime]").forEach(function (t) {
-      t.textContent = new Date(t.dateTime).toLocaleTimeString();
+      t.textContent = new Date(t.dateTime).toLocaleTimeString([], {timeZoneName: "short"});
     });
     var form = document.getElementById("key-form");
     if (form) form.onsubmit = function (event) {
@@ -4867,7 +4868,7 @@ def status_page(report: Optional[Dict[str, Any]], nonce: str) -> str:
         body = ("<main id=\"page\" data-key=\"required\">%s<section><h2>API key</h2><form id=\"key-form\">"
                 "<input name=\"key\" type=\"password\" autocomplete=\"off\" placeholder=\"the proxy's --api-key\" "
                 "aria-label=\"API key\" required><button>Show status</button></form><p id=\"key-note\" "
-                "class=\"sub\">This proxy needs its key. It is kept in this tab only, never stored.</p>"
+                "class=\"sub\">This proxy needs its key. It is kept in this tab only, and gone when the tab closes.</p>"
                 "</section></main>" % page_header({}))
     else:
         claude = report.get("claude") or {}
@@ -5180,8 +5181,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # Seconds one write may wait for a client that reads nothing before it counts as gone.
     write_timeout = 30
     server_version = "claude-max-proxy/" + __version__
-    sys_version = ""
     server: "ProxyServer"
+
+    def version_string(self) -> str:
+        return self.server_version  # without the Python version, which says nothing a client needs
 
     # -- connection and framing ------------------------------------------------
 
@@ -6078,8 +6081,9 @@ def serve(config: Config) -> int:
     # four signals end the proxy the same way, taking every child with it.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(signum, on_signal)
-    log.info("claude-max-proxy %s listening on http://%s:%d/v1", __version__,
-             config.host, server.port)
+    base = "http://%s:%d" % ("[%s]" % config.host if ":" in config.host else config.host, server.port)
+    log.info("claude-max-proxy %s listening: OpenAI clients %s/v1, Anthropic clients %s, status page %s/",
+             __version__, base, base, base)
     try:
         server.serve_forever()
     finally:
@@ -6817,6 +6821,10 @@ def check_login(system: System, config: Config) -> Check:
         return Check("WARN", "could not tell whether Claude Code is logged in: `claude auth "
                      "status` exited %d and said %s" % (ran.code, said),
                      "run `claude` in a terminal and check that it answers")
+    if not auth.get("loggedIn") and health is not None and (health.get("claude") or {}).get("logged_in"):
+        return Check("OK", "Claude Code is logged in, as the running proxy's claude told it (pid %s); "
+                     "`claude auth status` here says not, so this shell's environment differs from the "
+                     "proxy's (a CLAUDE_CODE_OAUTH_TOKEN given to the proxy alone, say)" % health["pid"])
     if not auth.get("loggedIn"):
         return Check("FAIL", "Claude Code is not logged in (%s)" % how,
                      "run `claude` in a terminal as this user and /login with your Claude "

@@ -2832,6 +2832,7 @@ class RoutesTest(ProxyTest):
     def test_health_reports_the_cli_and_its_version(self) -> None:
         response = self.request("GET", "/health")
         self.assertEqual(response.status, 200)
+        self.assertEqual(response.headers["Server"], "claude-max-proxy/" + proxy.__version__)
         health = response.json()
         self.assertEqual(health["status"], "ok")
         self.assertEqual(health["claude"], {"found": True, "path": FAKE.path,
@@ -4185,7 +4186,8 @@ class Daemon:
         while time.monotonic() < deadline:
             with open(self.log_path) as f:
                 text = f.read()
-            found = re.search(r"listening on http://127\.0\.0\.1:(\d+)/v1", text)
+            found = re.search(r"listening: OpenAI clients http://127\.0\.0\.1:(\d+)/v1, Anthropic clients "
+                              r"http://127\.0\.0\.1:\1, status page http://127\.0\.0\.1:\1/$", text, re.M)
             if found:
                 return int(found.group(1))
             if self.process.poll() is not None:
@@ -6663,7 +6665,7 @@ class StatusCommandTest(TestCase):
                                              "on: a request that extra usage would pay for is refused (403)")
         self.assertEqual(activity["claude"],
                          "probe ok, logged in no; Claude Code is not logged in. Run `claude` once.")
-        self.assertEqual(activity["processes"], "1 of 8 running; 2 pre-started waiting, 1 conversations kept "
+        self.assertEqual(activity["processes"], "1 of 8 running; 2 pre-started waiting, 1 conversation kept "
                                                 "(pool of 4); 5 hits, 2 misses, 6 turns continued")
         self.assertEqual(activity["requests"], "chat claude-sonnet-4: 5 (1 failed); messages claude-opus-4: 2")
 
@@ -7245,10 +7247,18 @@ class DoctorTest(TestCase):
         self.assertIn("fix: npm install -g @anthropic-ai/claude-code", out)
 
     def test_not_logged_in_fails_and_says_how_it_was_judged(self) -> None:
-        code, out = self.doctor(self.healthy_system(auth=(1, NOT_LOGGED_IN)))
+        # No proxy answers: `claude auth status` alone judges.
+        code, out = self.doctor(self.healthy_system(auth=(1, NOT_LOGGED_IN)), port=free_port())
         self.assertEqual(code, 1)
         self.assertIn("FAIL  Claude Code is not logged in (judged by `claude auth status`", out)
         self.assertIn("/login", out)
+
+    def test_a_proxy_whose_claude_is_logged_in_is_believed_over_this_shell(self) -> None:
+        # A CLAUDE_CODE_OAUTH_TOKEN given to the proxy alone: its claude is logged in, this shell's not.
+        code, out = self.doctor(self.healthy_system(auth=(1, NOT_LOGGED_IN)))
+        self.assertEqual(code, 0, out)
+        self.assertIn("OK    Claude Code is logged in, as the running proxy's claude told it (pid %d); "
+                      "`claude auth status` here says not" % os.getpid(), out)
 
     def test_login_by_api_key_warns_about_billing(self) -> None:
         auth = json.dumps({"loggedIn": True, "authMethod": "api_key", "apiKeySource": "apiKeyHelper"})
@@ -7622,7 +7632,8 @@ class ReadmeFirstScreenTest(TestCase):
         for text in ("claude_max_proxy.py", "python3 claude_max_proxy.py --port 3456",
                      "`http://127.0.0.1:3456/v1` for OpenAI clients", "`http://127.0.0.1:3456` for\n   Anthropic",
                      'wire_api = "responses"', "extra-openai-models.yaml", "createOpenAICompatible",
-                     "OPENAI_API_BASE", "apiBase", "ANTHROPIC_BASE_URL=http://127.0.0.1:3456 claude"):
+                     "OPENAI_API_BASE", "apiBase",
+                     "ANTHROPIC_BASE_URL=http://127.0.0.1:3456 ANTHROPIC_API_KEY=<your --api-key, or any word> claude"):
             self.assertIn(text, first)
         self.assertNotIn(".../", readme, "a placeholder for a command no one can run")
         billing = readme.split("\n## The billing truth", 1)[1].split("\n## ", 1)[0]
