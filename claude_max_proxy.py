@@ -1328,8 +1328,7 @@ class ClaudeProcess:
         self.started = time.monotonic()
         self.last_output = self.started
         self.stderr_tail = b""
-        self.bridge = ToolBridge([])      # serves the client's tools to it (see Exchange)
-        self.open_calls: List[str] = []   # calls it waits on the client's results for, while kept
+        self.session: Optional["Session"] = None  # the conversation it holds (see Exchange)
         self._outbox: List[memoryview] = []
         self._partial: List[bytes] = []    # the pieces of a line not ended yet, joined once it ends
         self._read: List[Dict[str, Any]] = []  # events read and not handed out yet
@@ -1956,7 +1955,7 @@ def probe_native(path: str) -> ProbeResult:
         process = start_claude(cli_launch(path, turn, Config(), []))
     except ProxyError as error:
         return ProbeResult(error.message)
-    process.bridge = ToolBridge([tool])
+    bridge = ToolBridge([tool])
     process.send(opening_lines(turn))
     deadline = time.monotonic() + PROBE_TIMEOUT
     timeout = ProxyError(504, "it did not ask for the tools within %g s" % PROBE_TIMEOUT)
@@ -1974,7 +1973,7 @@ def probe_native(path: str) -> ProbeResult:
                     login = logged_in(response["response"])
             request = event.get("request") if isinstance(event.get("request"), dict) else {}
             message = request.get("message") if isinstance(request.get("message"), dict) else {}
-            line = process.bridge.answer(event)
+            line = bridge.answer(event)
             if line:
                 process.send(line)
             if message.get("method") == "tools/list" and {"initialize", "tools"} <= set(answered):
@@ -2086,11 +2085,8 @@ class UsageLimits:
         self._windows: Dict[str, LimitWindow] = {}
         self._lock = threading.Lock()
 
-    def observe(self, event: Dict[str, Any]) -> None:
-        """Take in a CLI event; all but rate_limit_event lines pass untouched."""
-        window = rate_limit_info(event)
-        if window is None:
-            return
+    def record(self, window: LimitWindow) -> None:
+        """Take in the latest report on a window (see rate_limit_info)."""
         with self._lock:
             billed_before = any(w.bills_extra() for w in self._current(time.time()))
             self._windows[window.name] = window
@@ -2207,15 +2203,66 @@ def extra_usage_refusal(message: str) -> Optional[ProxyError]:
 
 
 # ---------------------------------------------------------------------------
-# The core run: CLI events in, reply events out
+# The CLI session: CLI events in, typed reply events out
 # ---------------------------------------------------------------------------
 
-# What every door turns into its own wire format. A reply is a sequence of these,
-# in order; text and thinking come as deltas, a tool call as its start and then
-# the pieces of its JSON arguments.
-ReplyEvent = Tuple[str, Any]
-# ("text", str) | ("thinking", str) | ("signature", str)
-# | ("tool_call", {"id", "name"}) | ("tool_arguments", str)
+# A session says what happens in order, as these typed events. A reply is a sequence of
+# content blocks, each opened (BlockStart), given in pieces (BlockDelta) and closed with the
+# whole block (BlockStop), in index order, one open at a time; End closes the turn with its
+# Outcome. Send carries bytes for the CLI's stdin (the answers to its control requests) and
+# Limits a report on a usage window: those are for the runtime, the rest for the door.
+
+
+class BlockStart(NamedTuple):
+    """A content block opens: {"type": "text"}, {"type": "thinking"}, or {"type": "tool_use",
+    "id", "name"}, a call of one of the client's tools."""
+    index: int
+    block: Dict[str, Any]
+
+
+class BlockDelta(NamedTuple):
+    """A piece of the open block: its text, its thinking, or a piece of its call's JSON arguments."""
+    index: int
+    kind: str  # the block's type
+    piece: str
+
+
+class BlockStop(NamedTuple):
+    """The block is whole: the native block, thinking with its signature, a call with its input."""
+    index: int
+    block: Dict[str, Any]
+
+
+class Outcome(NamedTuple):
+    """How a reply ended: the one value a door's last frames and whole answers are made of."""
+    stop_reason: str                # Anthropic's, or stop_sequence; end_turn when it gave none,
+                                    # and after the CLI's own StructuredOutput call
+    stop_sequence: Optional[str]    # the stop sequence that cut the text
+    usage: Dict[str, int]           # Anthropic's usage fields, totals of the turn
+    blocks: List[Dict[str, Any]]    # the reply as the client got it, as native content blocks
+    model: Optional[str]            # the model that answered, as Anthropic named it
+
+    @property
+    def calls(self) -> List[Dict[str, Any]]:
+        """The calls of the client's tools, as tool_use blocks."""
+        return [block for block in self.blocks if block["type"] == "tool_use"]
+
+
+class End(NamedTuple):
+    outcome: Outcome
+
+
+class Send(NamedTuple):
+    """Lines for the CLI's stdin."""
+    data: bytes
+
+
+class Limits(NamedTuple):
+    """The CLI's report on one usage window (a rate_limit_event)."""
+    window: LimitWindow
+
+
+SessionEvent = Union[BlockStart, BlockDelta, BlockStop, End, Send, Limits]
 
 STRUCTURED_OUTPUT_TOOL = "StructuredOutput"  # how the CLI asks Claude for a schema's answer
 # How a run ends when Claude gave no answer matching the schema: out of retries, or of turns.
@@ -2224,7 +2271,6 @@ AUTH_ERRORS = ("authentication_failed", "oauth_org_not_allowed")
 RATE_LIMIT_STATUS = 429
 OVERLOADED_STATUS = 529
 PROMPT_TOO_LONG = re.compile(r"prompt is too long|context.{0,20}(window|length).{0,20}exceed", re.I)
-
 
 # How Claude Code words a model Anthropic does not know (its error kind is model_not_found):
 # "There's an issue with the selected model (X). It may not exist or you may not have access
@@ -2291,373 +2337,6 @@ CLI_DELTAS = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "th
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
-class Reply:
-    """What one CLI turn says, event by event. Pure: no I/O, no clock but `now`.
-
-    feed() takes each CLI event and returns the reply events it adds; it raises
-    ProxyError when the CLI reports a failure. An event of an unknown kind or shape
-    is passed over: the CLI's output is not ours to trust. `done` is set by the
-    `result` event; earlier by the end of a message that called the client's tools
-    (the CLI then waits for their results, which the client brings next time), and
-    by the first max_tokens stop when `stop_at_max_tokens` (the CLI would go on past
-    the limit by itself). A call of a tool the client did not offer is not the
-    client's to run: the CLI answers it (with an error) and Claude goes on, so it is
-    passed over. With `structured`, the answer is the input of the CLI's
-    StructuredOutput tool, streamed as text, and free text is dropped; with
-    `hold_structured` (a whole answer) each attempt is held until the CLI has
-    checked it against the schema, so a refused one is dropped and the CLI's next
-    try counts.
-    """
-
-    def __init__(self, retry_budget: float, stop_at_max_tokens: bool = False,
-                 structured: bool = False, tool_names: Optional[List[str]] = None,
-                 hold_structured: bool = False) -> None:
-        self.retry_budget = retry_budget
-        self.stop_at_max_tokens = stop_at_max_tokens
-        self.structured = structured
-        self.tool_names = tool_names
-        self.hold_structured = hold_structured
-        self.answered_by_cli = False    # the CLI answered a client call itself (a policy denied it)
-        self.done = False
-        self.completed = False          # the CLI printed its result: the turn ended by itself
-        self.stop_reason: Optional[str] = None
-        self.model: Optional[str] = None  # the model that answered, as Anthropic named it
-        self.usage: Dict[str, int] = {}
-        self.calls: List[str] = []      # ids of the client's tools Claude called
-        self.emitted = False            # some answer went out, so the result's text repeats it
-        self.error_kind: Optional[str] = None
-        self.retry_since: Optional[float] = None
-        self.retry_error: Optional[ProxyError] = None
-        self._block: Optional[str] = None   # kind of the content block being streamed
-        self._arguments = False             # the current call's arguments have begun
-        self._structured_ids: List[str] = []
-        self._held: List[ReplyEvent] = []   # a structured attempt the CLI has not checked yet
-
-    def retry_deadline(self) -> Optional[Tuple[float, ProxyError]]:
-        """When the CLI has retried too long, and the error to give then."""
-        if self.retry_since is None or self.retry_error is None:
-            return None
-        return self.retry_since + self.retry_budget, self.retry_error
-
-    def feed(self, event: Any, now: Optional[float] = None) -> List[ReplyEvent]:
-        if not isinstance(event, dict):
-            return []
-        kind = event.get("type")
-        if kind == "stream_event" and isinstance(event.get("event"), dict):
-            return self._stream_event(event["event"])
-        if kind == "assistant" and isinstance(event.get("error"), str):
-            # The CLI's synthetic failure notice ("Not logged in", "API Error: ..."):
-            # remember it for the result. Real answers came as deltas already.
-            self.error_kind = event["error"]
-        elif kind == "user":
-            return self._user(event)
-        elif kind == "system" and event.get("subtype") == "api_retry":
-            self._retry(event, time.monotonic() if now is None else now)
-        elif kind == "result":
-            return self._result(event)
-        return []
-
-    # -- the message as it streams -------------------------------------------------
-
-    def _stream_event(self, event: Dict[str, Any]) -> List[ReplyEvent]:
-        kind = event.get("type")
-        if kind == "content_block_start":
-            return self._block_start(event.get("content_block"))
-        if kind == "content_block_delta" and isinstance(event.get("delta"), dict):
-            return self._block_delta(event["delta"])
-        if kind == "content_block_stop":
-            block, self._block = self._block, None
-            if block == "tool_use" and not self._arguments:
-                return [("tool_arguments", "{}")]  # a call without arguments streams none
-        elif kind == "message_start":
-            # Claude is answering, so any retrying before this has succeeded.
-            self.retry_since = self.retry_error = None
-            message = event.get("message")
-            self._add_usage(message.get("usage") if isinstance(message, dict) else None)
-            model = message.get("model") if isinstance(message, dict) else None
-            self.model = model if isinstance(model, str) else self.model
-        elif kind == "message_delta":
-            self._add_usage(event.get("usage"))
-            delta = event.get("delta")
-            stop = delta.get("stop_reason") if isinstance(delta, dict) else None
-            if isinstance(stop, str):
-                self.stop_reason = stop
-            if stop == "tool_use" and self.calls or stop == "max_tokens" and self.stop_at_max_tokens:
-                self.done = True
-        return []
-
-    def _block_start(self, block: Any) -> List[ReplyEvent]:
-        kind = block.get("type") if isinstance(block, dict) else None
-        self._block = kind if isinstance(kind, str) else None
-        if kind != "tool_use":
-            return []
-        name, call_id = block.get("name"), block.get("id")
-        if not isinstance(name, str) or not isinstance(call_id, str):
-            self._block = None
-            return []
-        if name == STRUCTURED_OUTPUT_TOOL and self.structured:
-            self._block = "structured"
-            self._structured_ids.append(call_id)
-            return []
-        if self.tool_names is not None and name not in self.tool_names:
-            self._block = None  # not the client's: the CLI answers it itself
-            return []
-        self.calls.append(call_id)
-        self.emitted = True
-        self._arguments = False
-        return [("tool_call", {"id": call_id, "name": name})]
-
-    def _block_delta(self, delta: Dict[str, Any]) -> List[ReplyEvent]:
-        kind = delta.get("type")
-        # Only a string names a delta kind (a list would not even hash).
-        field, out = CLI_DELTAS.get(kind, (None, None)) if isinstance(kind, str) else (None, None)
-        value = delta.get(field) if field else None
-        if not isinstance(value, str) or not value:
-            return []
-        if kind == "input_json_delta":
-            if self._block == "structured" and self.hold_structured:
-                self._held.append(("text", value))
-                return []
-            if self._block == "structured":
-                out = "text"  # the structured answer streams as the reply's text
-            elif self._block != "tool_use":
-                return []
-            self._arguments = True
-        elif kind == "text_delta" and self.structured:
-            return []  # only the structured answer counts
-        if out == "text" or out == "tool_arguments":
-            self.emitted = True
-        return [(out, value)]
-
-    def _add_usage(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            self.usage.update((name, count(usage[name])) for name in USAGE_FIELDS if name in usage)
-
-    # -- whole messages and the result ---------------------------------------------
-
-    def _user(self, event: Dict[str, Any]) -> List[ReplyEvent]:
-        """A tool result the CLI made itself: its verdict on its own StructuredOutput call (a
-        refusal means it asks again), or its answer to a client call it would not wait on."""
-        message = event.get("message")
-        content = message.get("content") if isinstance(message, dict) else None
-        released: List[ReplyEvent] = []
-        for block in content if isinstance(content, list) else []:
-            call_id = block.get("tool_use_id") if isinstance(block, dict) else None
-            if call_id in self.calls:
-                self.answered_by_cli = True
-            if call_id not in self._structured_ids:
-                continue
-            self._structured_ids.remove(call_id)
-            held, self._held = self._held, []
-            if not block.get("is_error"):
-                released += held
-            elif self.emitted:
-                raise ProxyError(502, "Claude's structured answer did not match the requested "
-                                 "schema, and part of it was already sent.",
-                                 code="invalid_structured_output")
-        self.emitted = self.emitted or bool(released)
-        return released
-
-    def _retry(self, event: Dict[str, Any], now: float) -> None:
-        status = status_code(event.get("error_status"))
-        error = event.get("error") if isinstance(event.get("error"), str) else None
-        # No status: no answer came at all (the connection closed, or could not be made).
-        answer = "answered %d (%s)" % (status, error) if status is not None else \
-            "gave no answer: the connection closed or failed (%s)" % error
-        message = "the Anthropic API %s; Claude Code was retrying (attempt %s of %s)" % (
-            answer, count(event.get("attempt")), count(event.get("max_retries")))
-        failure = upstream_error(status, message, error,
-                                 retry_after=count(event.get("retry_delay_ms")) / 1000.0 or None)
-        if failure.status == 401 or status == 403:
-            raise failure  # a bad login never heals by retrying
-        if self.retry_since is None:
-            self.retry_since = now
-        self.retry_error = failure
-
-    def _result(self, event: Dict[str, Any]) -> List[ReplyEvent]:
-        subtype = event.get("subtype")
-        if self.error_kind == "max_output_tokens" and self.emitted:
-            # The CLI continued past the output limit three times and gave up; what
-            # was written stands, cut off, as a max_tokens stop.
-            self.error_kind, self.stop_reason = None, "max_tokens"
-        elif self.structured and subtype in STRUCTURED_FAILURES and not self.calls:
-            raise ProxyError(502, "Claude did not produce JSON matching the requested schema, "
-                             "even after being asked again.", code="invalid_structured_output")
-        elif event.get("is_error") is True or self.error_kind or subtype not in (None, "success"):
-            raise self._failure(event)
-        self.done = self.completed = True
-        if isinstance(event.get("stop_reason"), str) and self.stop_reason != "max_tokens":
-            self.stop_reason = event["stop_reason"]
-        self._add_usage(event.get("usage"))
-        if self.structured and not self.emitted and "structured_output" in event:
-            self.emitted = True
-            return [("text", json.dumps(event["structured_output"], ensure_ascii=False))]
-        if not self.emitted and not self.structured and isinstance(event.get("result"), str) \
-                and event["result"]:
-            self.emitted = True
-            return [("text", event["result"])]
-        return []
-
-    def _failure(self, event: Dict[str, Any]) -> ProxyError:
-        message = event.get("result") if isinstance(event.get("result"), str) else ""
-        errors = event.get("errors")
-        if not message and isinstance(errors, list):
-            message = ", ".join(str(error) for error in errors if error)
-        message = message or "Claude Code reported %s" % str(event.get("subtype"))[:100]
-        if "not logged in" in message.lower():
-            return ProxyError(401, LOGIN_HELP, code="not_logged_in")
-        return upstream_error(status_code(event.get("api_error_status")), message, self.error_kind)
-
-
-def held_back(text: str, markers: List[str]) -> int:
-    """Length of the longest end of `text` that could be the start of a marker."""
-    longest = 0
-    for marker in markers:
-        for size in range(min(len(marker) - 1, len(text)), longest, -1):
-            if text.endswith(marker[:size]):
-                longest = size
-                break
-    return longest
-
-
-class StopFilter:
-    """Cuts the text at the first stop sequence, even one split across deltas: an end of
-    the text that may turn into one is held until the next delta tells."""
-
-    def __init__(self, stops: List[str]) -> None:
-        self.stops = stops
-        self.held = ""
-        self.hit: Optional[str] = None  # the stop sequence that ended the text
-
-    def feed(self, text: str) -> str:
-        text = self.held + text
-        found = [(i, stop) for stop, i in ((stop, text.find(stop)) for stop in self.stops) if i >= 0]
-        if found:
-            at, self.hit = min(found)
-            self.held = ""
-            return text[:at]
-        keep = held_back(text, self.stops)
-        self.held = text[len(text) - keep:]
-        return text[:len(text) - keep]
-
-    def flush(self) -> str:
-        held, self.held = self.held, ""
-        return held
-
-
-class Answer:
-    """The reply events a client gets: the Reply's, cut at the first stop sequence,
-    with at most one tool call when parallel calls are off."""
-
-    def __init__(self, turn: Turn, retry_budget: float, streaming: bool = True) -> None:
-        self.reply = Reply(retry_budget, stop_at_max_tokens=turn.max_tokens is not None,
-                           structured=turn.json_schema is not None,
-                           tool_names=[tool["name"] for tool in turn.conversation.tools],
-                           hold_structured=not streaming)
-        self.stop = StopFilter(turn.stops) if turn.stops else None
-        self.single_call = not turn.parallel_tool_calls
-        self.calls = 0
-        self.done = False
-
-    @property
-    def stop_sequence(self) -> Optional[str]:
-        return self.stop.hit if self.stop is not None else None
-
-    @property
-    def stop_reason(self) -> Optional[str]:
-        return "stop_sequence" if self.stop_sequence is not None else self.reply.stop_reason
-
-    @property
-    def whole(self) -> bool:
-        """Every call Claude made reached the client, which can bring all their results back."""
-        return not self.single_call or self.calls <= 1
-
-    def feed(self, event: Dict[str, Any]) -> List[ReplyEvent]:
-        events: List[ReplyEvent] = []
-        for kind, value in self.reply.feed(event):
-            if self.stop_sequence is not None:
-                break
-            if kind == "text" and self.stop is not None:
-                value = self.stop.feed(value)
-            elif kind != "text":
-                events += self._held_text()  # text held for a possible stop sequence goes first
-            if kind == "tool_call":
-                self.calls += 1
-            if self.single_call and self.calls > 1 and kind in ("tool_call", "tool_arguments"):
-                continue  # parallel calls are off: the first call alone goes out
-            if value:
-                events.append((kind, value))
-        if (self.reply.done or self.stop_sequence is not None) and not self.done:
-            self.done = True
-            if self.stop_sequence is None:
-                events += self._held_text()
-        return events
-
-    def _held_text(self) -> List[ReplyEvent]:
-        held = self.stop.flush() if self.stop is not None else ""
-        return [("text", held)] if held else []
-
-
-class ReplyBlocks:
-    """The reply as the native content blocks of an assistant message, built from its events.
-
-    Whole (non-streaming) answers are made from it, and so is the turn the client
-    will send back, for which the conversation's process is kept (see Exchange).
-    Text comes in many small deltas: each block keeps its parts and joins them once.
-    """
-
-    def __init__(self) -> None:
-        self._done: List[Dict[str, Any]] = []
-        self._block: Optional[Dict[str, Any]] = None
-        self._parts: List[str] = []
-        self._signature: List[str] = []
-
-    def add(self, event: ReplyEvent) -> None:
-        kind, value = event
-        if kind == "signature":
-            self._signature.append(value)
-            return
-        block_type = "tool_use" if kind in ("tool_call", "tool_arguments") else kind
-        # Thinking after its block's signature is the next thinking block, with a signature of its own.
-        if kind == "tool_call" or self._block is None or self._block["type"] != block_type \
-                or kind == "thinking" and self._signature:
-            self._close()
-            self._block = ({"type": "tool_use", "id": value["id"], "name": value["name"]}
-                           if kind == "tool_call" else {"type": block_type})
-        if kind != "tool_call":
-            self._parts.append(value)
-
-    @property
-    def blocks(self) -> List[Dict[str, Any]]:
-        self._close()
-        return self._done
-
-    def _close(self) -> None:
-        block, self._block = self._block, None
-        if block is None:
-            return
-        joined, self._parts = "".join(self._parts), []
-        if block["type"] == "tool_use":
-            try:
-                arguments = json.loads(joined) if joined.strip() else {}
-            except ValueError:
-                arguments = None
-            block["input"] = arguments if isinstance(arguments, dict) else {}
-        else:
-            block[block["type"]] = joined
-        if block["type"] == "thinking":
-            block["signature"], self._signature = "".join(self._signature), []
-        self._done.append(block)
-
-    def text(self) -> str:
-        return "".join(b["text"] for b in self.blocks if b["type"] == "text")
-
-    def thinking(self) -> str:
-        return "".join(b["thinking"] for b in self.blocks if b["type"] == "thinking")
-
-    def tool_calls(self) -> List[Dict[str, Any]]:
-        return [b for b in self.blocks if b["type"] == "tool_use"]
-
 
 def conversation_key(turn: Turn, messages: List[Dict[str, Any]]) -> str:
     """What a kept process holds: its settings and the conversation so far. A turn whose
@@ -2684,6 +2363,385 @@ def split_newest(messages: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], 
     it sends them after the newest one, where the client put them."""
     last = max(index for index, message in enumerate(messages) if message["role"] == "user")
     return messages[:last] + messages[last + 1:], messages[last]
+
+
+def held_back(text: str, markers: List[str]) -> int:
+    """Length of the longest end of `text` that could be the start of a marker."""
+    longest = 0
+    for marker in markers:
+        for size in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:size]):
+                longest = size
+                break
+    return longest
+
+
+# A session's states. NEW: started, no turn yet. ANSWERING: a turn is under way. A turn ends in
+# one of three. WAITING: Claude called the client's tools and the CLI waits for their results,
+# which the client's next request brings. IDLE: Claude answered, and the CLI waits for the next
+# user message. CUT: the proxy ended the turn short (a stop sequence, the output cap, a call beyond
+# the one allowed, a call of the client's that the CLI answered itself): the CLI's conversation is
+# no longer the client's, and its process must end. Only a WAITING or IDLE session goes on.
+NEW, ANSWERING, WAITING, IDLE, CUT = "new", "answering", "waiting", "idle", "cut"
+
+
+class Session:
+    """One `claude` process's conversation, as a state machine in the manner of h11: pure, no
+    I/O, no clock but the `now` it is given.
+
+    begin() starts a turn and gives the bytes for the CLI's stdin; receive() takes each JSON
+    object the CLI prints and gives the typed events it makes, the last of them End; it raises
+    ProxyError when the CLI reports a failure. What the CLI prints is not ours to trust: an
+    event of an unknown kind or shape is passed over.
+
+    The reply the client gets is Claude's, less what is not the client's: a call of a tool the
+    client did not offer (the CLI answers it, and Claude goes on), the CLI's own StructuredOutput
+    call (with a schema, its input is the answer, streamed as text, and free text is dropped;
+    held until the CLI has checked it when the answer goes out whole, so a refused attempt is
+    dropped), text from the first stop sequence on (even one split across deltas), and calls
+    after the first when parallel calls are off. The turn ends with the CLI's `result`; or when
+    Claude has called the client's tools (the CLI waits for their results), or stopped at
+    max_tokens with an output cap (the CLI would go on by itself), or hit a stop sequence.
+    """
+
+    def __init__(self, tools: List[Dict[str, Any]]) -> None:
+        self.bridge = ToolBridge(tools)
+        self.state = NEW
+        self.open_calls: List[str] = []  # what a WAITING session waits on the results of
+
+    def continues(self, newest: Dict[str, Any]) -> bool:
+        """Whether this session, after its last turn, takes `newest` as the next: results for
+        exactly the calls it waits on, or a user message after an answer."""
+        results = tool_results(newest)
+        if self.state == WAITING:
+            return results is not None and set(results) == set(self.open_calls)
+        return self.state == IDLE and results is None
+
+    def begin(self, turn: Turn, newest: Dict[str, Any], retry_budget: float, whole: bool = False,
+              interrupted: bool = False) -> bytes:
+        """Start a turn whose newest message is `newest`; the bytes to write to the CLI's stdin.
+        A new session is told the turn's settings first; an `interrupted` one has its turn in
+        the transcript it resumes (see cli_launch). `whole`: the answer goes out in one piece."""
+        if self.state == NEW:
+            data = opening_lines(turn, tools_on_stdin=not interrupted) + \
+                (b"" if interrupted else user_line(newest["content"]))
+        elif self.state == WAITING:
+            data = self.bridge.give_results(tool_results(newest) or {})
+        else:
+            data = user_line(newest["content"])
+        self.state = ANSWERING
+        self.open_calls = []
+        self.retry_budget = retry_budget
+        self.cap_stops = turn.max_tokens is not None
+        self.structured = turn.json_schema is not None
+        self.hold_structured = self.structured and whole
+        self.tool_names = [tool["name"] for tool in turn.conversation.tools]
+        self.stops = turn.stops
+        self.single_call = not turn.parallel_tool_calls
+        # Read from the CLI:
+        self.stop_reason: Optional[str] = None
+        self.model: Optional[str] = None
+        self.usage: Dict[str, int] = {}
+        self.calls: List[str] = []          # ids of the client's tools Claude called
+        self.completed = False              # the CLI printed its result: the turn ended by itself
+        self.answered_by_cli = False        # the CLI answered a call of the client's itself
+        self.error_kind: Optional[str] = None
+        self.retry_since: Optional[float] = None
+        self.retry_error: Optional[ProxyError] = None
+        self._source: Optional[str] = None  # the type of the CLI's content block streaming now
+        self._arguments = False             # the streaming call's arguments have begun
+        self._structured_ids: List[str] = []
+        self._attempt: List[str] = []       # a structured answer the CLI has not checked yet
+        self._done = False
+        # Given to the client:
+        self.emitted = False                # some answer went out, so the result's text repeats it
+        self.calls_out = 0                  # calls that reached the stop filter
+        self.stop_hit: Optional[str] = None
+        self._unsure = ""                   # text that may be the start of a stop sequence
+        self._blocks: List[Dict[str, Any]] = []
+        self._open: Optional[Dict[str, Any]] = None
+        self._parts: List[str] = []
+        self._signature: List[str] = []
+        return data
+
+    def retry_deadline(self) -> Optional[Tuple[float, ProxyError]]:
+        """When the CLI has retried the API too long, and the error to give then."""
+        if self.retry_since is None or self.retry_error is None:
+            return None
+        return self.retry_since + self.retry_budget, self.retry_error
+
+    def receive(self, event: Any, now: float) -> List[SessionEvent]:
+        """The events one JSON object the CLI printed makes; none once the turn has ended."""
+        if self.state != ANSWERING or not isinstance(event, dict):
+            return []
+        answer = self.bridge.answer(event)
+        if answer is not None:
+            return [Send(answer)] if answer else []
+        window = rate_limit_info(event)
+        if window is not None:
+            return [Limits(window)]
+        return self._give(self._read(event, now))
+
+    # -- what the CLI says: pieces of the reply ------------------------------------
+    # A piece is (kind, value): ("text" | "thinking" | "signature" | "tool_arguments", str)
+    # or ("tool_call", {"id", "name"}).
+
+    def _read(self, event: Dict[str, Any], now: float) -> List[Tuple[str, Any]]:
+        kind = event.get("type")
+        if kind == "stream_event" and isinstance(event.get("event"), dict):
+            return self._stream_event(event["event"])
+        if kind == "assistant" and isinstance(event.get("error"), str):
+            # The CLI's synthetic failure notice ("Not logged in", "API Error: ..."):
+            # remember it for the result. Real answers came as deltas already.
+            self.error_kind = event["error"]
+        elif kind == "user":
+            return self._user(event)
+        elif kind == "system" and event.get("subtype") == "api_retry":
+            self._retry(event, now)
+        elif kind == "result":
+            return self._result(event)
+        return []
+
+    def _stream_event(self, event: Dict[str, Any]) -> List[Tuple[str, Any]]:
+        kind = event.get("type")
+        if kind == "content_block_start":
+            return self._block_start(event.get("content_block"))
+        if kind == "content_block_delta" and isinstance(event.get("delta"), dict):
+            return self._block_delta(event["delta"])
+        if kind == "content_block_stop":
+            source, self._source = self._source, None
+            if source == "tool_use" and not self._arguments:
+                return [("tool_arguments", "{}")]  # a call without arguments streams none
+        elif kind == "message_start":
+            # Claude is answering, so any retrying before this has succeeded.
+            self.retry_since = self.retry_error = None
+            message = event.get("message")
+            self._add_usage(message.get("usage") if isinstance(message, dict) else None)
+            model = message.get("model") if isinstance(message, dict) else None
+            self.model = model if isinstance(model, str) else self.model
+        elif kind == "message_delta":
+            self._add_usage(event.get("usage"))
+            delta = event.get("delta")
+            stop = delta.get("stop_reason") if isinstance(delta, dict) else None
+            if isinstance(stop, str):
+                self.stop_reason = stop
+            if stop == "tool_use" and self.calls or stop == "max_tokens" and self.cap_stops:
+                self._done = True
+        return []
+
+    def _block_start(self, block: Any) -> List[Tuple[str, Any]]:
+        kind = block.get("type") if isinstance(block, dict) else None
+        self._source = kind if isinstance(kind, str) else None
+        if kind != "tool_use":
+            return []
+        name, call_id = block.get("name"), block.get("id")
+        if not isinstance(name, str) or not isinstance(call_id, str):
+            self._source = None
+            return []
+        if name == STRUCTURED_OUTPUT_TOOL and self.structured:
+            self._source = "structured"
+            self._structured_ids.append(call_id)
+            return []
+        if name not in self.tool_names:
+            self._source = None  # not the client's: the CLI answers it itself
+            return []
+        self.calls.append(call_id)
+        self.emitted = True
+        self._arguments = False
+        return [("tool_call", {"id": call_id, "name": name})]
+
+    def _block_delta(self, delta: Dict[str, Any]) -> List[Tuple[str, Any]]:
+        kind = delta.get("type")
+        # Only a string names a delta kind (a list would not even hash).
+        field, out = CLI_DELTAS.get(kind, (None, None)) if isinstance(kind, str) else (None, None)
+        value = delta.get(field) if field else None
+        if not isinstance(value, str) or not value:
+            return []
+        if kind == "input_json_delta":
+            if self._source == "structured" and self.hold_structured:
+                self._attempt.append(value)
+                return []
+            if self._source == "structured":
+                out = "text"  # the structured answer streams as the reply's text
+            elif self._source != "tool_use":
+                return []
+            self._arguments = True
+        elif kind == "text_delta" and self.structured:
+            return []  # only the structured answer counts
+        if out == "text" or out == "tool_arguments":
+            self.emitted = True
+        return [(out, value)]
+
+    def _add_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.usage.update((name, count(usage[name])) for name in USAGE_FIELDS if name in usage)
+
+    def _user(self, event: Dict[str, Any]) -> List[Tuple[str, Any]]:
+        """A tool result the CLI made itself: its verdict on its own StructuredOutput call (a
+        refusal means it asks again), or its answer to a client call it would not wait on."""
+        message = event.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
+        released: List[Tuple[str, Any]] = []
+        for block in content if isinstance(content, list) else []:
+            call_id = block.get("tool_use_id") if isinstance(block, dict) else None
+            if call_id in self.calls:
+                self.answered_by_cli = True
+            if call_id not in self._structured_ids:
+                continue
+            self._structured_ids.remove(call_id)
+            attempt, self._attempt = self._attempt, []
+            if not block.get("is_error"):
+                released += [("text", piece) for piece in attempt]
+            elif self.emitted:
+                raise ProxyError(502, "Claude's structured answer did not match the requested "
+                                 "schema, and part of it was already sent.",
+                                 code="invalid_structured_output")
+        self.emitted = self.emitted or bool(released)
+        return released
+
+    def _retry(self, event: Dict[str, Any], now: float) -> None:
+        status = status_code(event.get("error_status"))
+        error = event.get("error") if isinstance(event.get("error"), str) else None
+        # No status: no answer came at all (the connection closed, or could not be made).
+        answer = "answered %d (%s)" % (status, error) if status is not None else \
+            "gave no answer: the connection closed or failed (%s)" % error
+        message = "the Anthropic API %s; Claude Code was retrying (attempt %s of %s)" % (
+            answer, count(event.get("attempt")), count(event.get("max_retries")))
+        failure = upstream_error(status, message, error,
+                                 retry_after=count(event.get("retry_delay_ms")) / 1000.0 or None)
+        if failure.status == 401 or status == 403:
+            raise failure  # a bad login never heals by retrying
+        if self.retry_since is None:
+            self.retry_since = now
+        self.retry_error = failure
+
+    def _result(self, event: Dict[str, Any]) -> List[Tuple[str, Any]]:
+        subtype = event.get("subtype")
+        if self.error_kind == "max_output_tokens" and self.emitted:
+            # The CLI continued past the output limit three times and gave up; what
+            # was written stands, cut off, as a max_tokens stop.
+            self.error_kind, self.stop_reason = None, "max_tokens"
+        elif self.structured and subtype in STRUCTURED_FAILURES and not self.calls:
+            raise ProxyError(502, "Claude did not produce JSON matching the requested schema, "
+                             "even after being asked again.", code="invalid_structured_output")
+        elif event.get("is_error") is True or self.error_kind or subtype not in (None, "success"):
+            raise self._failure(event)
+        self._done = self.completed = True
+        if isinstance(event.get("stop_reason"), str) and self.stop_reason != "max_tokens":
+            self.stop_reason = event["stop_reason"]
+        self._add_usage(event.get("usage"))
+        if self.structured and not self.emitted and "structured_output" in event:
+            self.emitted = True
+            return [("text", json.dumps(event["structured_output"], ensure_ascii=False))]
+        if not self.emitted and not self.structured and isinstance(event.get("result"), str) \
+                and event["result"]:
+            self.emitted = True
+            return [("text", event["result"])]
+        return []
+
+    def _failure(self, event: Dict[str, Any]) -> ProxyError:
+        message = event.get("result") if isinstance(event.get("result"), str) else ""
+        errors = event.get("errors")
+        if not message and isinstance(errors, list):
+            message = ", ".join(str(error) for error in errors if error)
+        message = message or "Claude Code reported %s" % str(event.get("subtype"))[:100]
+        if "not logged in" in message.lower():
+            return ProxyError(401, LOGIN_HELP, code="not_logged_in")
+        return upstream_error(status_code(event.get("api_error_status")), message, self.error_kind)
+
+    # -- what the client gets: blocks ------------------------------------------------
+
+    def _give(self, pieces: List[Tuple[str, Any]]) -> List[SessionEvent]:
+        """The client's events for pieces of the reply, and the turn's end when it has come."""
+        events: List[SessionEvent] = []
+        for kind, value in pieces:
+            if self.stop_hit is not None:
+                break
+            if kind == "text" and self.stops:
+                value = self._cut_at_stop(value)
+            elif kind != "text":
+                events += self._add("text", self._unsure)  # held text goes before what follows it
+                self._unsure = ""
+            if kind == "tool_call":
+                self.calls_out += 1
+            if self.single_call and self.calls_out > 1 and kind in ("tool_call", "tool_arguments"):
+                continue  # parallel calls are off: the first call alone goes out
+            events += self._add(kind, value)
+        if (self._done or self.stop_hit is not None) and self.state == ANSWERING:
+            if self.stop_hit is None:
+                events += self._add("text", self._unsure)
+            events += self._close()
+            self.state = self._ending()
+            events.append(End(self._outcome()))
+        return events
+
+    def _cut_at_stop(self, text: str) -> str:
+        """The text up to the first stop sequence; an end that may turn into one is held back."""
+        text = self._unsure + text
+        found = [(at, stop) for stop, at in ((stop, text.find(stop)) for stop in self.stops) if at >= 0]
+        if found:
+            at, self.stop_hit = min(found)
+            self._unsure = ""
+            return text[:at]
+        unsure = held_back(text, self.stops)
+        self._unsure = text[len(text) - unsure:]
+        return text[:len(text) - unsure]
+
+    def _add(self, kind: str, value: Any) -> List[SessionEvent]:
+        if not value:
+            return []
+        if kind == "signature":
+            self._signature.append(value)
+            return []
+        block_type = "tool_use" if kind in ("tool_call", "tool_arguments") else kind
+        events: List[SessionEvent] = []
+        # Thinking after its block's signature is the next thinking block, with a signature of its own.
+        if kind == "tool_call" or self._open is None or self._open["type"] != block_type \
+                or kind == "thinking" and self._signature:
+            events += self._close()
+            self._open = ({"type": "tool_use", "id": value["id"], "name": value["name"]} if kind == "tool_call"
+                          else {"type": block_type})
+            events.append(BlockStart(len(self._blocks), dict(self._open)))
+        if kind != "tool_call":
+            self._parts.append(value)
+            events.append(BlockDelta(len(self._blocks), block_type, value))
+        return events
+
+    def _close(self) -> List[SessionEvent]:
+        block, self._open = self._open, None
+        if block is None:
+            return []
+        joined, self._parts = "".join(self._parts), []
+        if block["type"] == "tool_use":
+            try:
+                arguments = json.loads(joined) if joined.strip() else {}
+            except ValueError:
+                arguments = None
+            block["input"] = arguments if isinstance(arguments, dict) else {}
+        else:
+            block[block["type"]] = joined
+        if block["type"] == "thinking":
+            block["signature"], self._signature = "".join(self._signature), []
+        self._blocks.append(block)
+        return [BlockStop(len(self._blocks) - 1, block)]
+
+    def _ending(self) -> str:
+        """The state a turn that has ended leaves the session in."""
+        whole = not self.single_call or self.calls_out <= 1
+        if self.stop_hit is not None or not whole or self.answered_by_cli:
+            return CUT
+        if self.completed:
+            return IDLE
+        if self.calls and self.stop_reason == "tool_use":
+            self.open_calls = list(self.calls)
+            return WAITING
+        return CUT
+
+    def _outcome(self) -> Outcome:
+        reason = "stop_sequence" if self.stop_hit is not None else self.stop_reason or "end_turn"
+        if reason == "tool_use" and not self.calls_out:
+            reason = "end_turn"  # the CLI's own StructuredOutput call: the answer is text
+        return Outcome(reason, self.stop_hit, dict(self.usage), self._blocks, self.model)
 
 
 class BoundedStore:
@@ -2814,9 +2872,9 @@ KEEPALIVE_INTERVAL = 15.0  # seconds of silence after which a stream shows it is
 
 
 class Exchange:
-    """One turn through one `claude` process: from the turn to the reply's events.
+    """One turn through one `claude` process: from the turn to the session's events.
 
-    A conversation's process is kept between its turns (finish): when a reply ends
+    A conversation's process is kept between its turns (keep): when a reply ends
     with calls to the client's tools, the CLI waits for their results, and after
     an answer, for the next user message. A request that continues exactly that
     conversation takes the process back, so its turn is warm and its prompt a strict
@@ -2826,62 +2884,60 @@ class Exchange:
     """
 
     def __init__(self, server: "ProxyServer", turn: Turn, claude: str,
-                 client: Optional[socket.socket] = None, streaming: bool = True,
+                 client: Optional[socket.socket] = None, whole: bool = False,
                  may_half_close: bool = False, restore_thinking: bool = False) -> None:
         self.server = server
         self.turn = turn
         self.claude = claude
         self.client = client
+        self.whole = whole
         self.may_half_close = may_half_close
         # The client cannot send thinking back, so the ThinkingStore puts it back in a history
         # this turn resumes.
         self.restore_thinking = restore_thinking
-        self.answer = Answer(turn, server.config.retry_budget, streaming)
-        self.reply = ReplyBlocks()
         self.process: Optional[ClaudeProcess] = None
+        self.session: Optional[Session] = None
         # How its process came: "kept" (its conversation's, from the turn before), "warm"
         # (pre-started by the pool) or "cold" (started for it); None until it has one.
         self.start: Optional[str] = None
 
-    def events(self) -> Iterator[Optional[ReplyEvent]]:
-        """The reply's events as they come, and None after each KEEPALIVE_INTERVAL of silence."""
+    def events(self) -> Iterator[Optional[SessionEvent]]:
+        """The reply's block events as they come, then End; None after each KEEPALIVE_INTERVAL
+        of silence. A turn cut short ends its process before End is given, or the CLI would go
+        on spending the subscription on text nobody reads."""
         try:
-            process = self._begin()
-            for event in process.events(self._deadlines(process), self.client, KEEPALIVE_INTERVAL,
-                                        self.may_half_close):
-                if event is None:
+            process, session = self._begin()
+            for line in process.events(self._deadlines(process, session), self.client, KEEPALIVE_INTERVAL,
+                                       self.may_half_close):
+                if line is None:
                     yield None
                     continue
-                answer = process.bridge.answer(event)
-                if answer is not None:
-                    process.send(answer)
-                    continue
-                self.server.limits.observe(event)
-                for reply_event in self.answer.feed(event):
-                    self.reply.add(reply_event)
-                    yield reply_event
-                if self.answer.done:
-                    if not self.ended_well:
-                        # Cut short (a stop sequence, max_tokens): stopped before the answer goes
-                        # out, or the CLI goes on spending the subscription on text nobody reads.
-                        self._end()
+                for event in session.receive(line, time.monotonic()):
+                    if isinstance(event, Send):
+                        process.send(event.data)
+                    elif isinstance(event, Limits):
+                        self.server.limits.record(event.window)
+                    else:
+                        if isinstance(event, End) and session.state == CUT:
+                            self._end()
+                        yield event
+                if session.state != ANSWERING:
                     return
             raise self._no_result(process)
         except ProxyError as error:
             raise self.server.limits.explain(error)
 
-    def _begin(self) -> ClaudeProcess:
+    def _begin(self) -> Tuple[ClaudeProcess, Session]:
         conversation = self.turn.conversation
         history, newest = split_newest(conversation.messages)
-        results = tool_results(newest)
+        budget = self.server.config.retry_budget
         kept = self.server.take_kept(conversation_key(self.turn, history), self.claude)
-        if kept is not None and set(kept.open_calls) == set(results or ()):
-            self.process, self.start = kept, "kept"
-            kept.send(kept.bridge.give_results(results) if results else user_line(newest["content"]))
-            return kept
+        if kept is not None and kept.session is not None and kept.session.continues(newest):
+            self.process, self.session, self.start = kept, kept.session, "kept"
+            kept.send(kept.session.begin(self.turn, newest, budget, self.whole))
+            return kept, kept.session
         if kept is not None:
             self.server.discard(kept)  # the client did not bring back what it waits for
-        config = self.server.config
         messages = self.server.thinking.restore(conversation.messages, self.restore_thinking,
                                                 self.turn.cli_model)
         history = split_newest(messages)[0]  # with its thinking back
@@ -2893,31 +2949,29 @@ class Exchange:
             # CLI takes that message up as its first prompt (with the system messages after it).
             interrupted, whole = True, history + [newest]
         asked = time.monotonic()
-        process = self.server.spawn(cli_launch(self.claude, self.turn, config, whole if interrupted else history,
-                                               interrupted))
+        process = self.server.spawn(cli_launch(self.claude, self.turn, self.server.config,
+                                               whole if interrupted else history, interrupted))
         self.process, self.start = process, "warm" if process.started < asked else "cold"
-        process.bridge = ToolBridge(conversation.tools)
-        process.send(opening_lines(self.turn, tools_on_stdin=not interrupted)
-                     + (b"" if interrupted else user_line(newest["content"])))
-        return process
+        self.session = process.session = Session(conversation.tools)
+        process.send(self.session.begin(self.turn, newest, budget, self.whole, interrupted))
+        return process, self.session
 
-    def _deadlines(self, process: "ClaudeProcess") -> Callable[[], Tuple[float, ProxyError]]:
+    def _deadlines(self, process: ClaudeProcess, session: Session) -> Callable[[], Tuple[float, ProxyError]]:
         config = self.server.config
         total = (time.monotonic() + config.timeout,
                  ProxyError(504, "Claude did not finish within %g s (--timeout)." % config.timeout,
                             code="timeout"))
         idle = ProxyError(504, "Claude Code printed nothing for %g s (--idle-timeout)."
                           % config.idle_timeout, code="idle_timeout")
-        reply = self.answer.reply
 
         def next_deadline() -> Tuple[float, ProxyError]:  # asked after every read: keep it cheap
             earliest = min(total, (process.last_output + config.idle_timeout, idle),
                            key=lambda pair: pair[0])
-            retry = reply.retry_deadline()
+            retry = session.retry_deadline()
             return earliest if retry is None or earliest[0] <= retry[0] else retry
         return next_deadline
 
-    def _no_result(self, process: "ClaudeProcess") -> ProxyError:
+    def _no_result(self, process: ClaudeProcess) -> ProxyError:
         if self.server.closing:
             return ProxyError(503, "The proxy is shutting down.", code="shutting_down")
         code = process.close(grace=2.0)
@@ -2927,28 +2981,18 @@ class Exchange:
             % (code, ("Its last output: " + tail) if tail else "It printed nothing on stderr."),
             code="cli_failed")
 
-    @property
-    def ended_well(self) -> bool:
-        """The turn ended as Claude meant it to, with all of it sent: an answer, or calls
-        of the client's tools that the CLI now waits on."""
-        reply, answer = self.answer.reply, self.answer
-        return answer.done and answer.stop_sequence is None and answer.whole and \
-            not reply.answered_by_cli and \
-            (reply.completed or bool(reply.calls) and reply.stop_reason == "tool_use")
-
-    def keep(self, echo: Optional[List[Dict[str, Any]]]) -> None:
+    def keep(self, outcome: Outcome, echo: Optional[List[Dict[str, Any]]]) -> None:
         """Keep the process for its conversation's next turn, which will hold `echo` as this
-        reply (the reply as the client got it), when the turn ended well and there is room;
+        reply (the reply as the client got it), when the session may go on and there is room;
         else finish() ends it once the answer is out. The reply's thinking is kept too, for a
         turn that resumes the conversation without this process (ThinkingStore)."""
-        if not self.ended_well:
+        if self.session is None or self.session.state not in (WAITING, IDLE):
             return
-        self.server.thinking.put(self.turn.cli_model, self.answer.reply.model, self.reply.blocks)
+        self.server.thinking.put(self.turn.cli_model, outcome.model, outcome.blocks)
         process = self.process
         if process is None or not echo or process.closed:
             return
         messages = self.turn.conversation.messages + [{"role": "assistant", "content": echo}]
-        process.open_calls = [] if self.answer.reply.completed else list(self.answer.reply.calls)
         if self.server.keep(conversation_key(self.turn, messages), process):
             self.process = None
 
@@ -2961,7 +3005,7 @@ class Exchange:
         if process is not None:
             self.server.release(process)
             # A turn that ended by itself may be writing Claude Code's own files: a moment for that.
-            process.close(grace=1.0 if self.answer.reply.completed else 0.0)
+            process.close(grace=1.0 if self.session is not None and self.session.completed else 0.0)
 
 
 # ---------------------------------------------------------------------------
@@ -3129,7 +3173,6 @@ CHAT_FINISH_REASONS = {
     "end_turn": "stop",
     "stop_sequence": "stop",
     "pause_turn": "stop",
-    "tool_use": "stop",  # the CLI's own StructuredOutput call; calls of the client's tools are tool_calls
     "max_tokens": "length",
     "model_context_window_exceeded": "length",
     "refusal": "content_filter",
@@ -3364,39 +3407,39 @@ class ChatDoor:
         self.calls = -1  # index of the current tool call
         self.started = False
 
-    # -- streaming: reply events -> chunks ------------------------------------------
+    # -- streaming: session events -> chunks -----------------------------------------
 
-    def events(self, event: ReplyEvent) -> List[Frame]:
+    def encode(self, event: SessionEvent) -> List[Frame]:
         return [self._chunk(delta) for delta in self._deltas(event)]
 
-    def _deltas(self, event: ReplyEvent) -> List[Dict[str, Any]]:
-        kind, value = event
-        if kind == "text":
-            return [{"content": value}]
-        if kind == "thinking":
-            return [{"reasoning_content": value}] if self.options.want_reasoning else []
+    def _deltas(self, event: SessionEvent) -> List[Dict[str, Any]]:
         legacy = self.options.legacy_functions
-        if kind == "tool_call":
+        if isinstance(event, BlockStart) and event.block["type"] == "tool_use":
             self.calls += 1
+            name = event.block["name"]
             if legacy:
-                return [{"function_call": {"name": value["name"], "arguments": ""}}] if self.calls == 0 else []
-            return [{"tool_calls": [{"index": self.calls, "id": value["id"], "type": "function",
-                                     "function": {"name": value["name"], "arguments": ""}}]}]
-        if kind == "tool_arguments":
-            if legacy:
-                return [{"function_call": {"arguments": value}}] if self.calls == 0 else []
-            return [{"tool_calls": [{"index": self.calls, "function": {"arguments": value}}]}]
-        return []  # signatures: chat has no place for them
+                return [{"function_call": {"name": name, "arguments": ""}}] if self.calls == 0 else []
+            return [{"tool_calls": [{"index": self.calls, "id": event.block["id"], "type": "function",
+                                     "function": {"name": name, "arguments": ""}}]}]
+        if not isinstance(event, BlockDelta):
+            return []  # a block's end: chunks have no event for it
+        if event.kind == "text":
+            return [{"content": event.piece}]
+        if event.kind == "thinking":
+            return [{"reasoning_content": event.piece}] if self.options.want_reasoning else []
+        if legacy:
+            return [{"function_call": {"arguments": event.piece}}] if self.calls == 0 else []
+        return [{"tool_calls": [{"index": self.calls, "function": {"arguments": event.piece}}]}]
 
     def keepalive(self) -> List[Frame]:
         return []  # chat has no event for a silence: an SSE comment
 
-    def end(self, exchange: Exchange) -> List[Frame]:
+    def end(self, outcome: Outcome) -> List[Frame]:
         frames = [] if self.started else [self._chunk({"content": ""})]
-        frames.append(self._chunk({}, self._finish_reason(exchange)))
+        frames.append(self._chunk({}, self._finish_reason(outcome)))
         if self.options.include_usage:
             frames.append((None, self._envelope("chat.completion.chunk", choices=[],
-                                                usage=chat_usage(exchange.answer.reply.usage))))
+                                                usage=chat_usage(outcome.usage))))
         return frames + [(None, "[DONE]")]
 
     def failure(self, error: ProxyError) -> List[Frame]:
@@ -3414,17 +3457,19 @@ class ChatDoor:
 
     # -- whole: the completion ------------------------------------------------------
 
-    def response(self, exchange: Exchange) -> Dict[str, Any]:
-        return self._envelope("chat.completion", usage=chat_usage(exchange.answer.reply.usage), choices=[
-            {"index": 0, "logprobs": None, "finish_reason": self._finish_reason(exchange),
-             "message": self._message(exchange.reply)}])
+    def response(self, outcome: Outcome) -> Dict[str, Any]:
+        return self._envelope("chat.completion", usage=chat_usage(outcome.usage), choices=[
+            {"index": 0, "logprobs": None, "finish_reason": self._finish_reason(outcome),
+             "message": self._message(outcome)}])
 
-    def _message(self, reply: ReplyBlocks) -> Dict[str, Any]:
-        calls = reply.tool_calls()
-        message: Dict[str, Any] = {"role": "assistant", "content": reply.text() or (None if calls else ""),
+    def _message(self, outcome: Outcome) -> Dict[str, Any]:
+        calls = outcome.calls
+        text = "".join(block["text"] for block in outcome.blocks if block["type"] == "text")
+        thinking = "".join(block["thinking"] for block in outcome.blocks if block["type"] == "thinking")
+        message: Dict[str, Any] = {"role": "assistant", "content": text or (None if calls else ""),
                                    "refusal": None}
-        if self.options.want_reasoning and reply.thinking():
-            message["reasoning_content"] = reply.thinking()
+        if self.options.want_reasoning and thinking:
+            message["reasoning_content"] = thinking
         arguments = [json.dumps(call["input"], ensure_ascii=False) for call in calls]
         if calls and self.options.legacy_functions:
             message["function_call"] = {"name": calls[0]["name"], "arguments": arguments[0]}
@@ -3433,17 +3478,20 @@ class ChatDoor:
                 "name": call["name"], "arguments": args}} for call, args in zip(calls, arguments)]
         return message
 
-    def echo(self, exchange: Exchange) -> List[Dict[str, Any]]:
+    def echo(self, outcome: Outcome) -> List[Dict[str, Any]]:
         """This reply as the client will send it back: the message it got, read as the door reads
         an assistant message (one text, no thinking, the first call alone for legacy functions)."""
-        message = self._message(exchange.reply)
+        message = self._message(outcome)
         return [text_block(message["content"])] * bool(message["content"]) + \
             assistant_calls(message, "echo", [])
 
-    def _finish_reason(self, exchange: Exchange) -> str:
-        if exchange.answer.calls:
+    def stored(self, echo: Optional[List[Dict[str, Any]]] = None) -> None:
+        return None  # a completion is not stored
+
+    def _finish_reason(self, outcome: Outcome) -> str:
+        if outcome.calls:
             return "function_call" if self.options.legacy_functions else "tool_calls"
-        return CHAT_FINISH_REASONS.get(exchange.answer.stop_reason or "end_turn", "stop")
+        return CHAT_FINISH_REASONS.get(outcome.stop_reason, "stop")
 
     def _envelope(self, kind: str, **fields: Any) -> Dict[str, Any]:
         return dict({"id": self.id, "object": kind, "created": self.created, "model": self.turn.model,
@@ -3535,7 +3583,7 @@ class ResponsesOptions(NamedTuple):
     want_reasoning: bool            # thinking goes out as reasoning items
     sealed_reasoning: bool          # with its signature in encrypted_content (include asks for it)
     settings: Dict[str, Any]        # the request's settings, repeated in each response object
-    store: Optional[ResponseStore]  # where the response is kept; None with store: false
+    store: bool                     # the response is kept (for previous_response_id and GET)
     system: List[str]               # the input's system and developer messages, for the next turn
     item_ids: List[str]             # ids of the input's items, earlier turns' too
 
@@ -3590,7 +3638,7 @@ def parse_responses_request(body: Any, config: Config, responses: Optional[Respo
     return turn, ResponsesOptions(
         stream=stream, want_reasoning=want_reasoning,
         sealed_reasoning=want_reasoning and "reasoning.encrypted_content" in include,
-        settings=settings, store=responses if store else None, system=system, item_ids=item_ids)
+        settings=settings, store=store, system=system, item_ids=item_ids)
 
 
 def previous_response(response_id: Any, responses: Optional[ResponseStore]) -> Optional[StoredResponse]:
@@ -3828,30 +3876,30 @@ class ResponsesDoor:
         self.sequence = 0
         self.started = False
         self.output: List[Dict[str, Any]] = []   # the items so far, the one streaming last
-        self.read_back: Optional[List[Dict[str, Any]]] = None  # the output as the next request holds it
         self.parts: List[str] = []               # the streaming item's text or arguments
-        self.signature: List[str] = []
+        self.signature = ""                      # of the streaming reasoning item, once its block is whole
         self.open = False                        # the last item is streaming
+        self.final: Optional[Dict[str, Any]] = None  # the response object, once finished or failed
 
-    # -- streaming: reply events -> typed events ---------------------------------------
+    # -- streaming: session events -> typed events -------------------------------------
 
-    def events(self, event: ReplyEvent) -> List[Frame]:
-        kind, value = event
-        if kind in ("thinking", "signature") and not self.options.want_reasoning:
+    def encode(self, event: SessionEvent) -> List[Frame]:
+        if not isinstance(event, (BlockStart, BlockDelta, BlockStop)):
+            return []
+        kind = event.kind if isinstance(event, BlockDelta) else event.block["type"]
+        if kind == "thinking" and not self.options.want_reasoning:
             return []
         frames = self._begin()
-        current = self.output[-1]["type"] if self.open else None
-        if kind == "signature":
-            self.signature += [value] if current == "reasoning" else []
-            return frames
-        if kind == "tool_call" or kind != "tool_arguments" and current != OUTPUT_ITEM_TYPES[kind] \
-                or kind == "thinking" and self.signature:
-            frames += self._close("completed") + self._open(kind, value)
-        if kind != "tool_call" and self.open:
-            self.parts.append(value)
+        if isinstance(event, BlockStart):
+            # The item before is done now (its status is known once the next one begins, or at the end).
+            frames += self._close("completed") + self._open(event.block)
+        elif isinstance(event, BlockDelta):
+            self.parts.append(event.piece)
             extra = {"logprobs": []} if kind == "text" else {}
-            frames.append(self._event(DELTA_EVENTS[self.output[-1]["type"]], delta=value, **extra,
+            frames.append(self._event(DELTA_EVENTS[self.output[-1]["type"]], delta=event.piece, **extra,
                                       **self._place()))
+        elif kind == "thinking":
+            self.signature = event.block["signature"]
         return frames
 
     def _begin(self) -> List[Frame]:
@@ -3862,21 +3910,21 @@ class ResponsesDoor:
         return [self._event("response.created", response=response),
                 self._event("response.in_progress", response=response)]
 
-    def _open(self, kind: str, value: Any) -> List[Frame]:
-        self.open, self.parts, self.signature = True, [], []
-        if kind == "tool_call":
-            item = self._function_call(value["id"], value["name"], "", "in_progress")
-        elif kind == "thinking":
+    def _open(self, block: Dict[str, Any]) -> List[Frame]:
+        self.open, self.parts, self.signature = True, [], ""
+        if block["type"] == "tool_use":
+            item = self._function_call(block["id"], block["name"], "", "in_progress")
+        elif block["type"] == "thinking":
             item = self._reasoning("", "")
         else:
             item = self._message("", "in_progress")
         self.output.append(item)
         frames = [self._event("response.output_item.added", output_index=len(self.output) - 1,
-                              item=dict(item, content=[]) if kind == "text" else item)]
-        if kind == "text":
+                              item=dict(item, content=[]) if block["type"] == "text" else item)]
+        if block["type"] == "text":
             frames.append(self._event("response.content_part.added", part=output_text_part(""),
                                       **self._place()))
-        elif kind == "thinking":
+        elif block["type"] == "thinking":
             frames.append(self._event("response.reasoning_summary_part.added", part=summary_part(""),
                                       **self._place()))
         return frames
@@ -3892,7 +3940,7 @@ class ResponsesDoor:
             frames = [self._event("response.output_text.done", text=joined, logprobs=[], **place),
                       self._event("response.content_part.done", part=item["content"][0], **place)]
         elif item["type"] == "reasoning":
-            item = self._reasoning(joined, "".join(self.signature), item["id"])
+            item = self._reasoning(joined, self.signature, item["id"])
             frames = [self._event("response.reasoning_summary_text.done", text=joined, **place),
                       self._event("response.reasoning_summary_part.done", part=summary_part(joined), **place)]
         else:
@@ -3915,19 +3963,16 @@ class ResponsesDoor:
     def keepalive(self) -> List[Frame]:
         return []  # the Responses API has no event for a silence: an SSE comment
 
-    def end(self, exchange: Exchange) -> List[Frame]:
-        status, incomplete = self._outcome(exchange)
+    def end(self, outcome: Outcome) -> List[Frame]:
+        status, incomplete = self._status(outcome)
         frames = self._begin() + self._close("incomplete" if incomplete else "completed")
-        response = self._finished(status, incomplete, exchange)
-        return frames + [self._event("response.%s" % status, response=response)]
+        return frames + [self._event("response.%s" % status, response=self._finished(status, incomplete, outcome))]
 
     def failure(self, error: ProxyError) -> List[Frame]:
         frames = self._begin() + self._close("incomplete")
-        response = self._response("failed", self.output, None,
-                                  error={"code": responses_error_code(error), "message": error.message})
-        # Kept for GET; a request continuing it continues the conversation before the failed reply.
-        self._keep(response, [])
-        return frames + [self._event("response.failed", response=response)]
+        self.final = self._response("failed", self.output, None,
+                                    error={"code": responses_error_code(error), "message": error.message})
+        return frames + [self._event("response.failed", response=self.final)]
 
     def _event(self, kind: str, **fields: Any) -> Frame:
         payload = dict({"type": kind, "sequence_number": self.sequence}, **fields)
@@ -3936,9 +3981,9 @@ class ResponsesDoor:
 
     # -- whole: the response object ---------------------------------------------------
 
-    def response(self, exchange: Exchange) -> Dict[str, Any]:
-        status, incomplete = self._outcome(exchange)
-        for block in exchange.reply.blocks:
+    def response(self, outcome: Outcome) -> Dict[str, Any]:
+        status, incomplete = self._status(outcome)
+        for block in outcome.blocks:
             if block["type"] == "text":
                 self.output.append(self._message(block["text"], "completed"))
             elif block["type"] == "thinking" and self.options.want_reasoning:
@@ -3948,32 +3993,19 @@ class ResponsesDoor:
                     block["input"], ensure_ascii=False), "completed"))
         if incomplete and self.output and self.output[-1]["type"] != "reasoning":
             self.output[-1]["status"] = "incomplete"  # the item the limit cut
-        return self._finished(status, incomplete, exchange)
+        return self._finished(status, incomplete, outcome)
 
-    def _outcome(self, exchange: Exchange) -> Tuple[str, Optional[Dict[str, str]]]:
-        reason = RESPONSES_INCOMPLETE.get(exchange.answer.stop_reason or "end_turn")
+    @staticmethod
+    def _status(outcome: Outcome) -> Tuple[str, Optional[Dict[str, str]]]:
+        reason = RESPONSES_INCOMPLETE.get(outcome.stop_reason)
         return ("incomplete", {"reason": reason}) if reason else ("completed", None)
 
-    def _finished(self, status: str, incomplete: Optional[Dict[str, str]],
-                  exchange: Exchange) -> Dict[str, Any]:
-        response = self._response(status, self.output, responses_usage(exchange.answer.reply.usage),
-                                  incomplete_details=incomplete)
-        self.read_back = self._read_back()
-        self._keep(response, self.read_back or [])
-        return response
+    def _finished(self, status: str, incomplete: Optional[Dict[str, str]], outcome: Outcome) -> Dict[str, Any]:
+        self.final = self._response(status, self.output, responses_usage(outcome.usage),
+                                    incomplete_details=incomplete)
+        return self.final
 
-    def _keep(self, response: Dict[str, Any], reply: List[Dict[str, Any]]) -> None:
-        """Keep the response with its conversation, for previous_response_id and GET."""
-        if self.options.store is None:
-            return
-        messages = self.turn.conversation.messages + [{"role": "assistant", "content": reply}] * bool(reply)
-        item_ids = self.options.item_ids + [item["id"] for item in self.output]
-        self.options.store.put(StoredResponse(response, self.options.system, messages, item_ids))
-
-    def echo(self, exchange: Exchange) -> Optional[List[Dict[str, Any]]]:
-        return self.read_back  # read once, when the response was finished
-
-    def _read_back(self) -> Optional[List[Dict[str, Any]]]:
+    def echo(self, outcome: Outcome) -> Optional[List[Dict[str, Any]]]:
         """The output items as the client will send them back, read as the door reads input items;
         None when they cannot be read back (arguments cut short)."""
         native = MessageList()
@@ -3984,6 +4016,16 @@ class ResponsesDoor:
         except ProxyError:
             return None
         return native.messages[0]["content"] if native.messages else []
+
+    def stored(self, echo: Optional[List[Dict[str, Any]]] = None) -> Optional[StoredResponse]:
+        """The response to keep with its conversation, for previous_response_id and GET: the
+        final one, with `echo`, the reply as the next request holds it (none after a failure:
+        a request continuing a failed response continues the conversation before it)."""
+        if not self.options.store or self.final is None:
+            return None
+        messages = self.turn.conversation.messages + [{"role": "assistant", "content": echo}] * bool(echo)
+        item_ids = self.options.item_ids + [item["id"] for item in self.output]
+        return StoredResponse(self.final, self.options.system, messages, item_ids)
 
     # -- items and the response object --------------------------------------------------
 
@@ -4037,6 +4079,9 @@ MESSAGES_BLOCKS = {"user": ("text", "image", "document", "tool_result"),
 TOOL_RESULT_BLOCKS = ("text", "image")  # what an MCP tool result can carry back to the CLI
 MESSAGES_TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 MESSAGES_THINKING = {"enabled": True, "adaptive": True, "disabled": False}
+# A block's type -> (the field holding a piece of it, the delta that carries the piece).
+MESSAGES_DELTAS = {"text": ("text", "text_delta"), "thinking": ("thinking", "thinking_delta"),
+                   "tool_use": ("partial_json", "input_json_delta")}
 MESSAGES_STOP_REASONS = ("end_turn", "max_tokens", "stop_sequence", "tool_use", "pause_turn", "refusal",
                          "model_context_window_exceeded")
 # Anthropic's error types by status; its SDKs pick the exception by status alone.
@@ -4346,39 +4391,38 @@ class MessagesDoor:
         self.stream = options.stream
         self.id = random_id("msg_")
         self.started = False
-        self.index = -1                      # index of the newest content block
-        self.block: Optional[str] = None     # type of the open content block
-        self.signature: List[str] = []       # of the open thinking block, sent when it closes
 
-    # -- streaming: reply events -> events ------------------------------------------
+    # -- streaming: session events -> events -----------------------------------------
 
-    def events(self, event: ReplyEvent) -> List[Frame]:
-        kind, value = event
-        if kind == "signature":
-            self.signature.append(value)
-            return []
-        frames = self._start()
-        block = "tool_use" if kind in ("tool_call", "tool_arguments") else kind
-        if kind == "tool_call" or block != self.block or kind == "thinking" and self.signature:
-            frames += self._close()
-            frames.append(self._open(block, value))
-        if kind != "tool_call":
-            field, delta = {"text": ("text", "text_delta"), "thinking": ("thinking", "thinking_delta"),
-                            "tool_arguments": ("partial_json", "input_json_delta")}[kind]
-            frames.append(self._delta({"type": delta, field: value}))
-        return frames
+    def encode(self, event: SessionEvent) -> List[Frame]:
+        if isinstance(event, BlockStart):
+            block = event.block
+            if block["type"] == "tool_use":
+                content = dict(block, input={})
+            else:
+                content = dict(block, **{block["type"]: ""}, **({"signature": ""} if block["type"] == "thinking" else {}))
+            return self._start() + [("content_block_start", {"type": "content_block_start", "index": event.index,
+                                                              "content_block": content})]
+        if isinstance(event, BlockDelta):
+            field, delta = MESSAGES_DELTAS[event.kind]
+            return [self._delta(event.index, {"type": delta, field: event.piece})]
+        if isinstance(event, BlockStop):
+            signature = event.block.get("signature") if event.block["type"] == "thinking" else None
+            frames = [self._delta(event.index, {"type": "signature_delta", "signature": signature})] * bool(signature)
+            return frames + [("content_block_stop", {"type": "content_block_stop", "index": event.index})]
+        return []
 
     def keepalive(self) -> List[Frame]:
         """A ping while Claude is silent; the stream starts with the message if it has not yet."""
         return self._start() or [("ping", {"type": "ping"})]
 
-    def end(self, exchange: Exchange) -> List[Frame]:
-        return self._start() + self._close() + [
+    def end(self, outcome: Outcome) -> List[Frame]:
+        return self._start() + [
             ("message_delta", {"type": "message_delta",
-                               "delta": {"stop_reason": self._stop_reason(exchange),
-                                         "stop_sequence": exchange.answer.stop_sequence},
+                               "delta": {"stop_reason": self._stop_reason(outcome),
+                                         "stop_sequence": outcome.stop_sequence},
                                # totals, which the SDKs put in place of message_start's zeros
-                               "usage": messages_usage(exchange.answer.reply.usage)}),
+                               "usage": messages_usage(outcome.usage)}),
             ("message_stop", {"type": "message_stop"})]
 
     def failure(self, error: ProxyError) -> List[Frame]:
@@ -4391,50 +4435,31 @@ class MessagesDoor:
         return [("message_start", {"type": "message_start", "message": self._message(
             [], None, None, messages_usage({}))}), ("ping", {"type": "ping"})]
 
-    def _open(self, block: str, value: Any) -> Frame:
-        self.index += 1
-        self.block = block
-        content: Dict[str, Any] = {"type": block, block: ""}
-        if block == "thinking":
-            content["signature"] = ""
-        elif block == "tool_use":
-            content = {"type": "tool_use", "id": value["id"], "name": value["name"], "input": {}}
-        return "content_block_start", {"type": "content_block_start", "index": self.index,
-                                       "content_block": content}
-
-    def _close(self) -> List[Frame]:
-        if self.block is None:
-            return []
-        frames = []
-        if self.block == "thinking" and self.signature:
-            frames.append(self._delta({"type": "signature_delta", "signature": "".join(self.signature)}))
-            self.signature = []
-        self.block = None
-        return frames + [("content_block_stop", {"type": "content_block_stop", "index": self.index})]
-
-    def _delta(self, delta: Dict[str, Any]) -> Frame:
-        return "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
+    @staticmethod
+    def _delta(index: int, delta: Dict[str, Any]) -> Frame:
+        return "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
 
     # -- whole: the message -----------------------------------------------------------
 
-    def response(self, exchange: Exchange) -> Dict[str, Any]:
-        return self._message(exchange.reply.blocks, self._stop_reason(exchange), exchange.answer.stop_sequence,
-                             messages_usage(exchange.answer.reply.usage))
+    def response(self, outcome: Outcome) -> Dict[str, Any]:
+        return self._message(outcome.blocks, self._stop_reason(outcome), outcome.stop_sequence,
+                             messages_usage(outcome.usage))
 
-    def echo(self, exchange: Exchange) -> List[Dict[str, Any]]:
+    def echo(self, outcome: Outcome) -> List[Dict[str, Any]]:
         """This reply as the client will send it back: its content as it is (thinking with its
         signature too), read as the door reads an assistant message."""
         native = MessageList()
-        native.add("assistant", messages_blocks(exchange.reply.blocks, "echo", MESSAGES_BLOCKS["assistant"],
-                                                None))
+        native.add("assistant", messages_blocks(outcome.blocks, "echo", MESSAGES_BLOCKS["assistant"], None))
         return native.messages[0]["content"] if native.messages else []
 
-    def _stop_reason(self, exchange: Exchange) -> str:
-        if exchange.answer.calls:
+    def stored(self, echo: Optional[List[Dict[str, Any]]] = None) -> None:
+        return None  # a message is not stored
+
+    @staticmethod
+    def _stop_reason(outcome: Outcome) -> str:
+        if outcome.calls:
             return "tool_use"
-        reason = exchange.answer.stop_reason
-        # tool_use without the client's calls was the CLI's own StructuredOutput call: the answer is text.
-        return reason if reason in MESSAGES_STOP_REASONS and reason != "tool_use" else "end_turn"
+        return outcome.stop_reason if outcome.stop_reason in MESSAGES_STOP_REASONS else "end_turn"
 
     def _message(self, content: List[Dict[str, Any]], stop_reason: Optional[str], stop_sequence: Optional[str],
                  usage: Dict[str, int]) -> Dict[str, Any]:
@@ -4506,28 +4531,33 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler", slot: "S
     is given back once the reply is complete, before its last bytes go out and before
     the process exits."""
     stream = SseWriter(handler) if door.stream else None
+    outcome: Optional[Outcome] = None
     try:
         for event in exchange.events():
-            if stream is None:
-                continue
-            if event is None:
-                # The client, and any proxy between, see the answer is coming.
-                stream.keepalive(door.keepalive())
-            else:
-                frames = door.events(event)
+            if isinstance(event, End):
+                outcome = event.outcome  # the last event
+            elif event is None:
+                if stream is not None:  # the client, and any proxy between, see the answer is coming
+                    stream.keepalive(door.keepalive())
+            elif stream is not None:
+                frames = door.encode(event)
                 stream.frames(frames)
                 if frames and handler.first_content is None:  # the time to first token, as the client saw it
                     handler.first_content = time.monotonic()
-        handler.usage = exchange.answer.reply.usage
-        last = door.end(exchange) if stream is not None else door.response(exchange)
+        assert outcome is not None  # the events end with End, or raise
+        handler.usage = outcome.usage
+        last = door.end(outcome) if stream is not None else door.response(outcome)
         try:
-            echo = door.echo(exchange)
+            echo = door.echo(outcome)
         except ProxyError as error:  # a reply the door cannot read back is not kept; the answer stands
             log.warning("%s not kept for its next turn: %s", handler.request_id, error.message)
             echo = None
         # Kept, and the slot given back, before the answer ends: a client may come back with
         # the next turn at once, while a process not kept still takes its time to exit.
-        exchange.keep(echo)
+        stored = door.stored(echo)
+        if stored is not None:
+            handler.server.responses.put(stored)
+        exchange.keep(outcome, echo)
         slot.release()
         if stream is not None:
             stream.frames(last)
@@ -4540,7 +4570,11 @@ def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler", slot: "S
             raise
         log.warning("%s failed mid-stream: %s", handler.request_id, error.message)
         handler.error_code = error.code or error.type  # its status went out as 200 already
-        stream.frames(door.failure(error))
+        frames = door.failure(error)
+        stored = door.stored()
+        if stored is not None:
+            handler.server.responses.put(stored)
+        stream.frames(frames)
         stream.end()
     finally:
         handler.start = exchange.start
@@ -5459,7 +5493,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(503, unsupported(claude, probe), code="claude_unsupported")
             door = door(turn, options)
             # close_connection is set when the request asked to close the connection after it.
-            exchange = Exchange(self.server, turn, claude, self.connection, door.stream, self.close_connection,
+            exchange = Exchange(self.server, turn, claude, self.connection, not door.stream, self.close_connection,
                                 restore_thinking=not door.returns_thinking)
             answer_turn(door, exchange, self, slot)
 

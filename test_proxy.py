@@ -6200,6 +6200,13 @@ class GenerationControlTest(ProxyTest):
 # Subscription usage: windows, extra usage, Anthropic's refusals
 # ---------------------------------------------------------------------------
 
+def observe(limits: "proxy.UsageLimits", event: Dict[str, Any]) -> None:
+    """Have `limits` take in a CLI event, as a session reads it."""
+    window = proxy.rate_limit_info(event)
+    if window is not None:
+        limits.record(window)
+
+
 def limit_event(name: str, resets_in: Optional[float] = 3600.0, **changes: Any) -> Dict[str, Any]:
     """The recorded rate_limit_event of run `name`, its resets `resets_in` s from now, fields changed."""
     event = next(e for e in recorded_events(name) if e["type"] == "rate_limit_event")
@@ -6257,15 +6264,15 @@ class UsageLimitsTest(TestCase):
                                                        resetsAt=resets))
             self.assertIsNone(window.resets_at, resets)
         limits = proxy.UsageLimits()
-        limits.observe({"type": "rate_limit_event", "rate_limit_info": {"status": "rejected"}})
+        observe(limits, {"type": "rate_limit_event", "rate_limit_info": {"status": "rejected"}})
         self.assertIsNone(refusal(limits), "a rejection without a reset time must not refuse for ever")
 
     def test_headers_and_health_hold_the_latest_report_of_each_window(self) -> None:
         limits = proxy.UsageLimits()
         self.assertEqual(limits.headers(), {})
-        limits.observe(limit_event("subscriber-rate-limit-event", resets_in=7200, status="allowed_warning"))
-        limits.observe(limit_event("subscriber-rate-limit-event", resets_in=3600))
-        limits.observe(limit_event("subscriber-warning-seven-day", resets_in=86400))
+        observe(limits, limit_event("subscriber-rate-limit-event", resets_in=7200, status="allowed_warning"))
+        observe(limits, limit_event("subscriber-rate-limit-event", resets_in=3600))
+        observe(limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
         five, week = int(time.time() + 3600), int(time.time() + 86400)
         headers = limits.headers()
         self.assertEqual(headers["x-claude-ratelimit-status"], "allowed_warning")
@@ -6282,29 +6289,29 @@ class UsageLimitsTest(TestCase):
         self.assertEqual((seven["status"], seven["utilization"]), ("allowed_warning", 0.81))
         self.assertEqual(seven["resets_at"],
                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seven["resets_at_unix"])))
-        limits.observe(limit_event("subscriber-warning-seven-day", resets_in=-1))
+        observe(limits, limit_event("subscriber-warning-seven-day", resets_in=-1))
         self.assertEqual(sorted(limits.health()["windows"]), ["five_hour"],
                          "a report past its reset is dropped")
 
     def test_a_used_up_window_refuses_until_its_reset(self) -> None:
         limits = proxy.UsageLimits()
-        limits.observe(limit_event("subscriber-overage-in-use", resets_in=1800))  # extra usage pays: served
+        observe(limits, limit_event("subscriber-overage-in-use", resets_in=1800))  # extra usage pays: served
         self.assertIsNone(refusal(limits))
-        limits.observe(limit_event("subscriber-overage-in-use", resets_in=1800, overageStatus="rejected",
+        observe(limits, limit_event("subscriber-overage-in-use", resets_in=1800, overageStatus="rejected",
                                    isUsingOverage=False, overageInUse=False))
         error = refusal(limits)
         self.assertEqual((error.status, error.code), (429, "usage_limit_reached"))
         self.assertIn(int(error.headers["Retry-After"]), range(1795, 1801))
         self.assertIn("5-hour session limit (five_hour)", error.message)
         self.assertIn(proxy.utc_iso(time.time() + 1800)[:15], error.message)
-        limits.observe(limit_event("subscriber-overage-in-use", resets_in=-1, overageStatus="rejected"))
+        observe(limits, limit_event("subscriber-overage-in-use", resets_in=-1, overageStatus="rejected"))
         self.assertIsNone(refusal(limits), "past the reset the request goes through")
 
     def test_no_extra_usage_refuses_while_extra_usage_is_billed(self) -> None:
         for name in ("subscriber-overage-in-use", "subscriber-rate-limit-event"):
             limits = proxy.UsageLimits()
             changes = {} if name == "subscriber-overage-in-use" else {"overageInUse": True}
-            limits.observe(limit_event(name, **changes))
+            observe(limits, limit_event(name, **changes))
             self.assertTrue(limits.health()["extra_usage_in_use"])
             self.assertEqual(limits.headers()["x-claude-ratelimit-extra-usage"], "in_use")
             self.assertIsNone(refusal(limits, no_extra_usage=False))
@@ -6313,23 +6320,23 @@ class UsageLimitsTest(TestCase):
                              (403, "permission_error", "extra_usage_refused"))
             self.assertIn("--no-extra-usage", error.message)
         limits = proxy.UsageLimits()
-        limits.observe(limit_event("subscriber-rate-limit-event"))
+        observe(limits, limit_event("subscriber-rate-limit-event"))
         self.assertIsNone(refusal(limits, no_extra_usage=True), "no extra usage reported, nothing refused")
 
     def test_extra_usage_starting_is_logged_once(self) -> None:
         limits = proxy.UsageLimits()
         logger = logging.getLogger("claude_max_proxy")
         with self.assertLogs(logger, "WARNING") as logs:
-            limits.observe(limit_event("subscriber-rate-limit-event"))
-            limits.observe(limit_event("subscriber-overage-in-use"))
-            limits.observe(limit_event("subscriber-overage-in-use"))
+            observe(limits, limit_event("subscriber-rate-limit-event"))
+            observe(limits, limit_event("subscriber-overage-in-use"))
+            observe(limits, limit_event("subscriber-overage-in-use"))
             logger.warning("end")
         self.assertEqual(len(logs.records), 2, logs.output)
         self.assertIn("extra usage has started", logs.output[0])
 
     def test_an_upstream_session_limit_429_names_the_window_and_its_reset(self) -> None:
         limits = proxy.UsageLimits()
-        limits.observe(limit_event("subscriber-session-limit-429", resets_in=600))
+        observe(limits, limit_event("subscriber-session-limit-429", resets_in=600))
         upstream = cli_failure("subscriber-session-limit-429")
         self.assertEqual((upstream.status, upstream.code), (429, "rate_limit_exceeded"))
         error = limits.explain(upstream)
@@ -6380,7 +6387,7 @@ class SubscriptionTest(ProxyTest):
 
     def test_a_used_up_window_is_a_429_before_any_claude_starts(self) -> None:
         cue = FAKE.script("used-up", rate_limit="subscriber-rate-limit-event", resets_in=900)
-        self.running.server.limits.observe(limit_event("subscriber-overage-in-use", resets_in=900,
+        observe(self.running.server.limits, limit_event("subscriber-overage-in-use", resets_in=900,
                                                        overageStatus="rejected", isUsingOverage=False,
                                                        overageInUse=False))
         tag = marker()
@@ -6419,8 +6426,8 @@ class SubscriptionTest(ProxyTest):
             self.assertEqual(response.json()["error"]["code"], code)
 
     def test_status_shows_each_window_with_its_reset_in_utc_and_local_time(self) -> None:
-        self.running.server.limits.observe(limit_event("subscriber-warning-seven-day", resets_in=86400))
-        self.running.server.limits.observe(limit_event("subscriber-overage-in-use", resets_in=3600))
+        observe(self.running.server.limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
+        observe(self.running.server.limits, limit_event("subscriber-overage-in-use", resets_in=3600))
         code, out = run_main("status", "--port", str(self.running.port), system=FakeSystem("linux"))
         self.assertEqual(code, 0, out)
         reset = int(time.time() + 86400)
@@ -6530,7 +6537,7 @@ class StatusPageTest(ProxyTest):
         self.assertNotIn(tag, self.request("GET", "/").body.decode("utf-8"))
 
     def test_the_page_shows_what_the_twin_carries(self) -> None:
-        self.running.server.limits.observe(limit_event("subscriber-warning-seven-day", resets_in=86400))
+        observe(self.running.server.limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
         served = recorded(status_report(self.running.port))
         self.turns(marker())
         report = wait_for_records(self.running.port, served + 5)
@@ -6756,7 +6763,7 @@ class StatusPageBrowserTest(TestCase):
         running_server = RunningServer()
         try:
             port = running_server.port
-            running_server.server.limits.observe(limit_event("subscriber-warning-seven-day", resets_in=86400))
+            observe(running_server.server.limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
             tag = marker()
             for body in ({"model": "claude-sonnet-4", "messages": [user("first %s" % tag)]},
                          {"model": "claude-sonnet-4", "stream": True, "messages": [user("second %s" % tag)]},
