@@ -3588,12 +3588,13 @@ class ResponsesOptions(NamedTuple):
     item_ids: List[str]             # ids of the input's items, earlier turns' too
 
 
-def parse_responses_request(body: Any, config: Config, responses: Optional[ResponseStore] = None,
+def parse_responses_request(body: Any, config: Config,
+                            find_response: Optional[Callable[[str], Optional[StoredResponse]]] = None,
                             fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None
                             ) -> Tuple[Turn, ResponsesOptions]:
     """Validate a Responses API body into a Turn; a 400 names the bad param.
 
-    `responses` holds the responses a previous_response_id may name (the server's store);
+    `find_response` finds a response a previous_response_id may name (in the proxy's store);
     `fetch` loads remote images (only with --fetch-images); tests pass a fake.
     """
     model, cli_model = request_fields(body, config, RESPONSES_FIELDS, RESPONSES_IGNORED_FIELDS)
@@ -3612,7 +3613,7 @@ def parse_responses_request(body: Any, config: Config, responses: Optional[Respo
     include = body.get("include") or []
     if not isinstance(include, list):
         raise invalid("`include` must be an array.", "include", "invalid_type")
-    previous = previous_response(body.get("previous_response_id"), responses)
+    previous = previous_response(body.get("previous_response_id"), find_response)
     tools, echoed_tools, tool_choice = responses_tools(body)
     parallel = optional_bool(body, "parallel_tool_calls", True)
     effort, thinking, summary = responses_reasoning(body.get("reasoning"))
@@ -3641,12 +3642,13 @@ def parse_responses_request(body: Any, config: Config, responses: Optional[Respo
         settings=settings, store=store, system=system, item_ids=item_ids)
 
 
-def previous_response(response_id: Any, responses: Optional[ResponseStore]) -> Optional[StoredResponse]:
+def previous_response(response_id: Any, find_response: Optional[Callable[[str], Optional[StoredResponse]]]
+                      ) -> Optional[StoredResponse]:
     if response_id is None:
         return None
     if not isinstance(response_id, str):
         raise invalid("`previous_response_id` must be a string.", "previous_response_id", "invalid_type")
-    found = responses.get(response_id) if responses is not None else None
+    found = find_response(response_id) if find_response is not None else None
     if found is None:
         raise invalid("Previous response with id '%s' not found. The proxy keeps the last %d responses "
                       "in memory (not those sent with store: false, nor across restarts); send the whole "
@@ -5457,7 +5459,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._answer_turn(parse_chat_request, ChatDoor)
 
     def _responses(self) -> None:
-        self._answer_turn(lambda body, config: parse_responses_request(body, config, self.server.responses),
+        self._answer_turn(lambda body, config: parse_responses_request(body, config, self.server.responses.get),
                           ResponsesDoor)
 
     def _messages(self) -> None:

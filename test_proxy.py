@@ -7926,7 +7926,7 @@ class ResponsesDoorTest(ProxyTest):
     def assertInvalid(self, body: Dict[str, Any], param: str, code: Optional[str] = None,
                       responses: Optional[Any] = None) -> proxy.ProxyError:
         with self.assertRaises(proxy.ProxyError) as caught:
-            proxy.parse_responses_request(dict({"model": "claude-sonnet-4"}, **body), config(), responses)
+            proxy.parse_responses_request(dict({"model": "claude-sonnet-4"}, **body), config(), responses and responses.get)
         self.assertEqual((caught.exception.status, caught.exception.param), (400, param),
                          caught.exception.message)
         if code is not None:
@@ -8052,7 +8052,7 @@ class ResponsesDoorTest(ProxyTest):
         store.put(proxy.StoredResponse({"id": "resp_1"}, ["Rules."], earlier, ["msg_in", "msg_out"]))
         turn, options = proxy.parse_responses_request(
             {"model": "claude-sonnet-4", "previous_response_id": "resp_1", "instructions": "Now.",
-             "input": [{"type": "item_reference", "id": "msg_out"}, user("more")]}, config(), store)
+             "input": [{"type": "item_reference", "id": "msg_out"}, user("more")]}, config(), store.get)
         self.assertEqual(turn.conversation.messages, earlier + [
             {"role": "user", "content": [{"type": "text", "text": "more"}]}])
         self.assertEqual(turn.conversation.system, "Now.\n\nRules.")
