@@ -118,6 +118,120 @@ class EscapedControls(logging.Filter):
 log.addFilter(EscapedControls())
 
 
+# ===========================================================================
+# FOUNDATIONS: configuration, errors, models
+# ===========================================================================
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+# Error types by status (the SDKs map errors by status alone); any other 4xx is an
+# invalid_request_error, any 5xx a server_error.
+ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    402: "insufficient_quota",  # OpenAI's type for a quota that is spent
+    408: "timeout_error",
+    429: "rate_limit_error",
+}
+
+
+class ProxyError(Exception):
+    """Every failure a client sees: an HTTP status and an OpenAI error body."""
+
+    def __init__(self, status: int, message: str, code: Optional[str] = None,
+                 param: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    @property
+    def type(self) -> str:
+        return ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ProxyError:
+    return ProxyError(400, message, code=code or "invalid_value", param=param)
+
+
+UPGRADE_HELP = "npm install -g @anthropic-ai/claude-code@latest (the proxy is tested with 2.1.197)"
+NOT_LOGGED_IN = "Claude Code is not logged in: run `claude` and /login"
+LOGIN_HELP = ("Claude Code is not logged in. Run `claude` once in a terminal on this machine, "
+              "log in with your Claude subscription (/login), then retry.")
+
+
+# ---------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------
+
+# One table drives both the name mapping and GET /v1/models: the OpenAI-side id
+# and the CLI alias it stands for. The CLI resolves an alias to the newest model
+# of that family; a full id such as "claude-opus-4" would go upstream verbatim
+# and be rejected, hence the mapping.
+MODELS: List[Tuple[str, str]] = [
+    ("claude-opus-4", "opus"),
+    ("claude-sonnet-4", "sonnet"),
+    ("claude-haiku-4", "haiku"),
+    ("claude-fable", "fable"),
+]
+MODEL_PREFIXES = ("openai/", "anthropic/", "claude-max/")
+# A full model id goes to the CLI's argv as it is: only what ids are made of, and not much of it.
+FULL_MODEL_ID = re.compile(r"^claude-[A-Za-z0-9._:\[\]-]{1,120}$", re.I)
+MODELS_CREATED = 1735689600  # 2025-01-01; the table has no real dates
+MODELS_CREATED_AT = "2025-01-01T00:00:00Z"  # the same, as Anthropic writes it
+
+
+def resolve_model(name: str, default: str) -> str:
+    """The CLI --model value for an OpenAI model name, or a 400 naming the choices."""
+    requested = name.strip() or default
+    bare = requested
+    for prefix in MODEL_PREFIXES:
+        if bare.lower().startswith(prefix):
+            bare = bare[len(prefix):]
+    for model_id, alias in MODELS:
+        if bare.lower() in (model_id, alias):
+            return alias
+    if FULL_MODEL_ID.match(bare):
+        return bare  # a full id such as claude-sonnet-4-5-20250929: the CLI takes it as is
+    raise ProxyError(
+        400, "The model `%s` does not exist. Use one of: %s, or a full claude-* model id."
+        % (requested[:200], ", ".join(model_id for model_id, _ in MODELS)),
+        code="model_not_found", param="model")
+
+
+def model_object(model_id: str, anthropic: bool = False) -> Dict[str, Any]:
+    """A model as GET /v1/models lists it: in Anthropic's shape to its clients, else OpenAI's."""
+    if anthropic:
+        return {"type": "model", "id": model_id,
+                "display_name": " ".join(word.capitalize() for word in model_id.split("-")),
+                "created_at": MODELS_CREATED_AT}
+    return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "anthropic"}
+
+
+def model_list(anthropic: bool = False) -> Dict[str, Any]:
+    """GET /v1/models: every model of the table, in one page of the asking API's shape."""
+    data = [model_object(model_id, anthropic) for model_id, _alias in MODELS]
+    if anthropic:
+        return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+    return {"object": "list", "data": data}
+
+
+def find_model(model_id: str, anthropic: bool = False) -> Optional[Dict[str, Any]]:
+    for known, _alias in MODELS:
+        if known == model_id:
+            return model_object(known, anthropic)
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------
@@ -181,6 +295,10 @@ OPTIONS: List[Tuple[str, str, Any, Any, str]] = [
 ]
 
 
+def flag_attr(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
 class Config:
     """Settings for one server; attribute names follow the flags."""
 
@@ -191,10 +309,6 @@ class Config:
             if not hasattr(self, name):
                 raise TypeError("unknown setting %r" % name)
             setattr(self, name, value)
-
-
-def flag_attr(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
 
 
 # What a value must be beyond its type, and how to say so: a port that does not exist, no
@@ -332,115 +446,10 @@ def parse_command_line(argv: List[str]) -> Tuple[str, Config, bool]:
     return command, Config(**values), dry_run
 
 
-# ---------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------
-
-# Error types by status (the SDKs map errors by status alone); any other 4xx is an
-# invalid_request_error, any 5xx a server_error.
-ERROR_TYPES = {
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    402: "insufficient_quota",  # OpenAI's type for a quota that is spent
-    408: "timeout_error",
-    429: "rate_limit_error",
-}
-
-
-class ProxyError(Exception):
-    """Every failure a client sees: an HTTP status and an OpenAI error body."""
-
-    def __init__(self, status: int, message: str, code: Optional[str] = None,
-                 param: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
-        self.headers = headers or {}
-
-    @property
-    def type(self) -> str:
-        return ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
-
-    def body(self) -> Dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
-
-
-def invalid(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ProxyError:
-    return ProxyError(400, message, code=code or "invalid_value", param=param)
-
-
-UPGRADE_HELP = "npm install -g @anthropic-ai/claude-code@latest (the proxy is tested with 2.1.197)"
-NOT_LOGGED_IN = "Claude Code is not logged in: run `claude` and /login"
-LOGIN_HELP = ("Claude Code is not logged in. Run `claude` once in a terminal on this machine, "
-              "log in with your Claude subscription (/login), then retry.")
-
-
-# ---------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------
-
-# One table drives both the name mapping and GET /v1/models: the OpenAI-side id
-# and the CLI alias it stands for. The CLI resolves an alias to the newest model
-# of that family; a full id such as "claude-opus-4" would go upstream verbatim
-# and be rejected, hence the mapping.
-MODELS: List[Tuple[str, str]] = [
-    ("claude-opus-4", "opus"),
-    ("claude-sonnet-4", "sonnet"),
-    ("claude-haiku-4", "haiku"),
-    ("claude-fable", "fable"),
-]
-MODEL_PREFIXES = ("openai/", "anthropic/", "claude-max/")
-# A full model id goes to the CLI's argv as it is: only what ids are made of, and not much of it.
-FULL_MODEL_ID = re.compile(r"^claude-[A-Za-z0-9._:\[\]-]{1,120}$", re.I)
-MODELS_CREATED = 1735689600  # 2025-01-01; the table has no real dates
-MODELS_CREATED_AT = "2025-01-01T00:00:00Z"  # the same, as Anthropic writes it
-
-
-def resolve_model(name: str, default: str) -> str:
-    """The CLI --model value for an OpenAI model name, or a 400 naming the choices."""
-    requested = name.strip() or default
-    bare = requested
-    for prefix in MODEL_PREFIXES:
-        if bare.lower().startswith(prefix):
-            bare = bare[len(prefix):]
-    for model_id, alias in MODELS:
-        if bare.lower() in (model_id, alias):
-            return alias
-    if FULL_MODEL_ID.match(bare):
-        return bare  # a full id such as claude-sonnet-4-5-20250929: the CLI takes it as is
-    raise ProxyError(
-        400, "The model `%s` does not exist. Use one of: %s, or a full claude-* model id."
-        % (requested[:200], ", ".join(model_id for model_id, _ in MODELS)),
-        code="model_not_found", param="model")
-
-
-def model_object(model_id: str, anthropic: bool = False) -> Dict[str, Any]:
-    """A model as GET /v1/models lists it: in Anthropic's shape to its clients, else OpenAI's."""
-    if anthropic:
-        return {"type": "model", "id": model_id,
-                "display_name": " ".join(word.capitalize() for word in model_id.split("-")),
-                "created_at": MODELS_CREATED_AT}
-    return {"id": model_id, "object": "model", "created": MODELS_CREATED, "owned_by": "anthropic"}
-
-
-def model_list(anthropic: bool = False) -> Dict[str, Any]:
-    """GET /v1/models: every model of the table, in one page of the asking API's shape."""
-    data = [model_object(model_id, anthropic) for model_id, _alias in MODELS]
-    if anthropic:
-        return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
-    return {"object": "list", "data": data}
-
-
-def find_model(model_id: str, anthropic: bool = False) -> Optional[Dict[str, Any]]:
-    for known, _alias in MODELS:
-        if known == model_id:
-            return model_object(known, anthropic)
-    return None
-
+# ===========================================================================
+# 1. THE PROTOCOL (pure): the conversation, the CLI's form of it, and the CLI session
+# A turn in, bytes for the CLI's stdin out; the CLI's lines in, typed block events out.
+# ===========================================================================
 
 # ---------------------------------------------------------------------------
 # The native conversation
@@ -531,6 +540,7 @@ class MessageList:
                 self._results += 1
             else:
                 content.append(block)
+
 
 def text_block(text: str) -> Dict[str, Any]:
     return {"type": "text", "text": text}
@@ -654,6 +664,28 @@ IMAGE_FETCH_TIMEOUT = 15.0
 ImageLoader = Callable[[str, str], Dict[str, Any]]  # (URL, param) -> image block
 
 
+def fetch_within_budget(fetch: Callable[[str, int], Tuple[str, bytes]], url: str, param: str,
+                        fetched: List[int]) -> Tuple[str, bytes]:
+    """One remote image, refused when it would pass the request's count or total bytes;
+    `fetched` counts [images, bytes] so far. The download itself stops at what is left."""
+    if fetched[0] >= IMAGE_FETCH_MAX_COUNT:
+        raise invalid("%s: a request may hold at most %d remote images (--fetch-images); send the "
+                      "others inline as data: URLs." % (param, IMAGE_FETCH_MAX_COUNT),
+                      param + ".image_url", "too_many_images")
+    left = IMAGE_FETCH_TOTAL_LIMIT - fetched[1]
+    try:
+        media_type, raw = fetch(url, min(IMAGE_FETCH_LIMIT, left))
+    except ProxyError as error:
+        if error.code == "image_too_large" and left < IMAGE_FETCH_LIMIT:
+            raise invalid("%s: the remote images of one request may hold %d bytes in all; this one "
+                          "goes past that." % (param, IMAGE_FETCH_TOTAL_LIMIT),
+                          param + ".image_url", "images_too_large")
+        raise
+    fetched[0] += 1
+    fetched[1] += len(raw)
+    return media_type, raw
+
+
 def image_loader(config: Config, fetch: Callable[[str, int], Tuple[str, bytes]]) -> ImageLoader:
     """Turns one request's image URLs into image blocks, in order; keeps the count and bytes fetched."""
     fetched = [0, 0]  # images, bytes
@@ -678,64 +710,6 @@ def image_loader(config: Config, fetch: Callable[[str, int], Tuple[str, bytes]])
                           param + ".image_url", "unsupported_image_type")
         return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
     return load
-
-
-def fetch_within_budget(fetch: Callable[[str, int], Tuple[str, bytes]], url: str, param: str,
-                        fetched: List[int]) -> Tuple[str, bytes]:
-    """One remote image, refused when it would pass the request's count or total bytes;
-    `fetched` counts [images, bytes] so far. The download itself stops at what is left."""
-    if fetched[0] >= IMAGE_FETCH_MAX_COUNT:
-        raise invalid("%s: a request may hold at most %d remote images (--fetch-images); send the "
-                      "others inline as data: URLs." % (param, IMAGE_FETCH_MAX_COUNT),
-                      param + ".image_url", "too_many_images")
-    left = IMAGE_FETCH_TOTAL_LIMIT - fetched[1]
-    try:
-        media_type, raw = fetch(url, min(IMAGE_FETCH_LIMIT, left))
-    except ProxyError as error:
-        if error.code == "image_too_large" and left < IMAGE_FETCH_LIMIT:
-            raise invalid("%s: the remote images of one request may hold %d bytes in all; this one "
-                          "goes past that." % (param, IMAGE_FETCH_TOTAL_LIMIT),
-                          param + ".image_url", "images_too_large")
-        raise
-    fetched[0] += 1
-    fetched[1] += len(raw)
-    return media_type, raw
-
-
-def fetch_image(url: str, limit: int = IMAGE_FETCH_LIMIT,
-                allow: Optional[Callable[[str], bool]] = None) -> Tuple[str, bytes]:
-    """(media type, bytes) of a remote image, for --fetch-images.
-
-    Only public addresses are fetched, and the connection goes to the very
-    address that was checked, so DNS cannot swap in a private one afterwards.
-    Redirects are not followed. Size (`limit` bytes) and total time are capped.
-    """
-    allow = allow or is_public_address
-    deadline = time.monotonic() + IMAGE_FETCH_TIMEOUT
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host, secure = parts.hostname or "", parts.scheme.lower() == "https"
-        port = parts.port or (443 if secure else 80)
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        if not all(allow(info[4][0]) for info in infos):
-            raise invalid("Images are only fetched from public addresses; %s is not one." % host,
-                          code="image_url_not_allowed")
-        connection = pinned_connection(host, infos[0][4][0], port, secure)
-        try:
-            connection.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
-                               headers={"Host": host if parts.port is None else "%s:%d" % (host, port),
-                                        "User-Agent": "claude-max-proxy"})
-            response = connection.getresponse()
-            if response.status != 200:
-                raise invalid("Fetching %s gave HTTP %d." % (url, response.status),
-                              code="image_fetch_failed")
-            raw = read_before(response, deadline, limit)
-        finally:
-            connection.close()
-    except (OSError, ValueError, http.client.HTTPException) as error:  # UnicodeError is a ValueError
-        raise invalid("Fetching %s failed: %s" % (url, error), code="image_fetch_failed")
-    media_type = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
-    return media_type, raw
 
 
 def read_before(response: http.client.HTTPResponse, deadline: float, limit: int) -> bytes:
@@ -780,6 +754,42 @@ def is_public_address(address: str) -> bool:
         if inner is not None and not is_public_address(str(inner)):
             return False
     return ip.is_global and not ip.is_multicast
+
+
+def fetch_image(url: str, limit: int = IMAGE_FETCH_LIMIT,
+                allow: Optional[Callable[[str], bool]] = None) -> Tuple[str, bytes]:
+    """(media type, bytes) of a remote image, for --fetch-images.
+
+    Only public addresses are fetched, and the connection goes to the very
+    address that was checked, so DNS cannot swap in a private one afterwards.
+    Redirects are not followed. Size (`limit` bytes) and total time are capped.
+    """
+    allow = allow or is_public_address
+    deadline = time.monotonic() + IMAGE_FETCH_TIMEOUT
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, secure = parts.hostname or "", parts.scheme.lower() == "https"
+        port = parts.port or (443 if secure else 80)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not all(allow(info[4][0]) for info in infos):
+            raise invalid("Images are only fetched from public addresses; %s is not one." % host,
+                          code="image_url_not_allowed")
+        connection = pinned_connection(host, infos[0][4][0], port, secure)
+        try:
+            connection.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                               headers={"Host": host if parts.port is None else "%s:%d" % (host, port),
+                                        "User-Agent": "claude-max-proxy"})
+            response = connection.getresponse()
+            if response.status != 200:
+                raise invalid("Fetching %s gave HTTP %d." % (url, response.status),
+                              code="image_fetch_failed")
+            raw = read_before(response, deadline, limit)
+        finally:
+            connection.close()
+    except (OSError, ValueError, http.client.HTTPException) as error:  # UnicodeError is a ValueError
+        raise invalid("Fetching %s failed: %s" % (url, error), code="image_fetch_failed")
+    media_type = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+    return media_type, raw
 
 
 # ---------------------------------------------------------------------------
@@ -1071,922 +1081,6 @@ class ToolBridge:
 
 
 # ---------------------------------------------------------------------------
-# The claude process
-# ---------------------------------------------------------------------------
-
-# Where installers put `claude`; a LaunchAgent's PATH holds none of them.
-CLAUDE_INSTALL_DIRS = ("~/.local/bin", "~/.claude/local", "/opt/homebrew/bin", "/usr/local/bin",
-                       "~/.npm-global/bin", "~/.bun/bin")
-
-
-def find_claude(name: str) -> Optional[str]:
-    """Absolute path of the CLI, looked up on PATH and then the usual install places."""
-    if os.sep in name:
-        path = os.path.expanduser(name)
-        return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
-    search = os.pathsep.join([os.environ.get("PATH", "")] +
-                             [os.path.expanduser(d) for d in CLAUDE_INSTALL_DIRS])
-    return shutil.which(name, path=search)
-
-
-def claude_not_found(name: str) -> ProxyError:
-    return ProxyError(
-        503, "The Claude Code CLI (`%s`) was not found. Install it with "
-        "`npm install -g @anthropic-ai/claude-code` (or Anthropic's installer), run `claude` once "
-        "to log in, or point --claude-bin / CLAUDE_BIN at it." % name,
-        code="claude_not_found")
-
-
-class ClientGone(Exception):
-    """The HTTP client hung up; its child must die now. Raised only for the client's own
-    connection (see ClientConnection): any other connection's failure is the proxy's."""
-
-
-WORKDIR_PREFIX = "claude-proxy-"
-
-
-def new_workdir() -> str:
-    """A private directory for one child, named after this proxy's pid so that a
-    later proxy can tell it was left behind (see remove_abandoned_workdirs)."""
-    return tempfile.mkdtemp(prefix="%s%d-" % (WORKDIR_PREFIX, os.getpid()))
-
-
-def claude_config_dir(env: Dict[str, str]) -> str:
-    """Where the CLI keeps its state, sessions included."""
-    return env.get("CLAUDE_CONFIG_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".claude")
-
-
-def session_file(workdir: str, env: Dict[str, str], session_id: str) -> str:
-    """Where `claude --resume ID`, run in `workdir`, looks for the session: a directory named
-    after the real path of its working directory (/private/var/... on macOS)."""
-    project = re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(workdir))
-    return os.path.join(claude_config_dir(env), "projects", project, session_id + ".jsonl")
-
-
-def write_private(path: str, text: str) -> None:
-    """A file only this user can read: it holds a conversation."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def remove_tree(path: str) -> bool:
-    """Remove a directory that holds a conversation; False, and a warning naming what stays,
-    when it cannot be (one already gone is removed)."""
-    try:
-        shutil.rmtree(path)
-    except FileNotFoundError:
-        pass
-    except OSError as error:
-        log.warning("could not remove %s, which holds a conversation: %s", path, error)
-        return False
-    return True
-
-
-def remove_abandoned_workdirs(root: Optional[str] = None, projects: Optional[str] = None) -> int:
-    """Remove the children's directories, and the session transcripts named after them, of
-    proxies that died without cleaning up (kill -9, a crash): they hold conversations.
-    Returns how many went."""
-    removed = 0
-    for directory, owner in (
-            (root or tempfile.gettempdir(), re.compile(r"%s(\d+)-" % re.escape(WORKDIR_PREFIX))),
-            # a transcript's directory is the working directory's real path, with '-' for '/' and '_'
-            (projects or os.path.join(claude_config_dir(dict(os.environ)), "projects"),
-             re.compile(r".*-%s(\d+)-" % re.escape(WORKDIR_PREFIX)))):
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            continue
-        for entry in entries:
-            match = owner.match(entry.name)
-            if not match or process_exists(int(match.group(1))):
-                continue
-            try:
-                ours = entry.is_dir(follow_symlinks=False) and \
-                    entry.stat(follow_symlinks=False).st_uid == os.getuid()
-            except OSError:
-                continue
-            if ours and remove_tree(entry.path):
-                removed += 1
-    return removed
-
-
-def process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # another user's
-    return True
-
-
-# The lifeline's whole program (see Lifeline). It runs as `python -I -S -c`: no site, no user paths.
-LIFELINE_SOURCE = r"""
-import os, signal
-groups, pending = set(), b""
-while True:
-    data = os.read(0, 4096)
-    if not data:
-        break
-    *lines, pending = (pending + data).split(b"\n")
-    for line in lines:
-        (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
-for group in groups:
-    try:
-        os.killpg(group, signal.SIGKILL)
-    except OSError:
-        pass
-"""
-
-
-class Lifeline:
-    """Ties the life of every `claude` child to the proxy's, however the proxy ends (kill -9 too).
-
-    A small process of its own learns each child's process group on a pipe (+PGID
-    when it starts, -PGID before it is reaped, so a reused pid is never named) and
-    kills every group still listed when the pipe reaches end-of-file, which the
-    kernel brings about when the proxy dies. It works alike on Linux and macOS.
-    PR_SET_PDEATHSIG would not do: it is Linux-only and fires when the *thread*
-    that started the child exits (request threads do); a preexec_fn is unsafe in a
-    threaded server. A child costs two short writes.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._process: Optional[subprocess.Popen] = None
-        try:
-            # A session of its own: a Ctrl-C meant for the proxy must not end it first.
-            self._process = subprocess.Popen([sys.executable, "-I", "-S", "-c", LIFELINE_SOURCE],
-                                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                             start_new_session=True)
-        except OSError as error:
-            log.warning("children will outlive the proxy if it is killed: no lifeline (%s)", error)
-
-    def hold(self, group: int) -> None:
-        self._send(b"+%d\n" % group)
-
-    def drop(self, group: int) -> None:
-        self._send(b"-%d\n" % group)
-
-    def close(self) -> None:
-        """End the lifeline (it kills any group still held); the proxy's own shutdown is done."""
-        with self._lock:
-            self._end()
-
-    def _send(self, line: bytes) -> None:
-        with self._lock:
-            if self._process is None:
-                return
-            try:
-                os.write(self._process.stdin.fileno(), line)  # shorter than PIPE_BUF: one atomic write
-            except OSError as error:
-                log.warning("children will outlive the proxy if it is killed: the lifeline "
-                            "(pid %d) is gone (%s)", self._process.pid, error)
-                self._end()
-
-    def _end(self) -> None:
-        process, self._process = self._process, None
-        if process is None:
-            return
-        try:
-            process.stdin.close()
-        except OSError:
-            pass
-        try:
-            process.wait(5.0)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def parse_event_line(line: bytes) -> Optional[Dict[str, Any]]:
-    """A CLI output line as a JSON object; anything else (banners, blank lines, and JSON nested
-    deeper than Python's parser goes) is None."""
-    line = line.strip()
-    if not line.startswith(b"{"):
-        return None
-    try:
-        event = json.loads(line)
-    except (ValueError, RecursionError):
-        return None
-    return event if isinstance(event, dict) else None
-
-
-def client_left(client: socket.socket, may_half_close: bool) -> bool:
-    """True when a readable client socket is readable because the client left: it reset the
-    connection, or closed it while it keeps connections alive.
-
-    A client that asked to close the connection after this request (HTTP/1.0, `Connection:
-    close`) may shut down its sending side once the request is sent (`nc -q`, some HTTP/1.0
-    clients) and still read the answer: its end-of-file is no sign it is gone, and no portable
-    call tells that from a full close until a write to it fails (see ClientConnection). A
-    keep-alive client never half-closes, so its end-of-file means it hung up."""
-    try:
-        data = client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    return data == b"" and not may_half_close
-
-
-class ClaudeProcess:
-    """One `claude -p` child in its own process group and throwaway directory.
-
-    send() queues lines for its stdin, events() writes them as the CLI reads and
-    yields what it prints as JSON events, and close() reaps it, closes its pipes
-    and removes its directory and session transcript. Its stdin stays open: the
-    CLI answers one turn after another of one conversation, and a process is kept
-    between turns (see Exchange), so what events() read but did not hand out yet
-    waits for the next call. Only the thread that serves its turn calls those;
-    any thread may call terminate(), which leaves the pipes alone.
-    """
-
-    STDERR_TAIL = 4096
-    KILL_WAIT = 5.0  # how long terminate() waits for a killed child to go; one stuck in the kernel stays
-
-    def __init__(self, launch: Launch, lifeline: Optional[Lifeline] = None) -> None:
-        self.workdir = new_workdir()
-        self.session_path: Optional[str] = None
-        try:
-            if launch.session:
-                self.session_path = session_file(self.workdir, dict(launch.env), launch.session[0])
-                write_private(self.session_path, launch.session[1])
-            self.popen = subprocess.Popen(
-                list(launch.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, cwd=self.workdir, env=dict(launch.env),
-                start_new_session=True, bufsize=0)
-        except BaseException:
-            self._remove_files()
-            raise
-        self.pid = self.popen.pid
-        self.lifeline = lifeline
-        if lifeline is not None:
-            lifeline.hold(self.pid)  # its group is named after it
-        os.set_blocking(self.popen.stdin.fileno(), False)  # writes wait in events(), under the timeouts
-        self.started = time.monotonic()
-        self.last_output = self.started
-        self.stderr_tail = b""
-        self.session: Optional["Session"] = None  # the conversation it holds (see Exchange)
-        self._outbox: List[memoryview] = []
-        self._partial: List[bytes] = []    # the pieces of a line not ended yet, joined once it ends
-        self._read: List[Dict[str, Any]] = []  # events read and not handed out yet
-        self._stdout_open = True
-        self._stderr_open = True
-        self._lock = threading.Lock()
-        self._reaped = False
-        self.closed = False
-
-    def send(self, data: bytes) -> None:
-        """Queue lines for stdin (none, for a turn that needs none); events() writes them as the
-        CLI takes them. A turn starts now: a pre-started or kept process may have waited long."""
-        self.last_output = time.monotonic()
-        if data:
-            self._outbox.append(memoryview(data))  # slices of a view copy nothing, however long
-
-    def events(self, next_deadline: Callable[[], Tuple[float, ProxyError]],
-               client: Optional[socket.socket] = None, tick: Optional[float] = None,
-               may_half_close: bool = False) -> Iterator[Optional[Dict[str, Any]]]:
-        """Yield each JSON object the CLI prints, until its stdout closes.
-
-        next_deadline() gives the earliest moment to give up and the error to raise
-        then; it is asked again after every read, so callers can move it. When
-        `client` is given, a client that leaves (see client_left) raises ClientGone
-        at once, even while the CLI is silent (one that may only have half-closed is
-        found out by the next write to it). With `tick`, None is yielded after each
-        `tick` seconds in which the CLI printed nothing.
-        """
-        out, err, stdin = self.popen.stdout, self.popen.stderr, self.popen.stdin
-        quiet_since = time.monotonic()
-        with selectors.DefaultSelector() as selector:
-            selector.register(out, selectors.EVENT_READ)
-            if self._stderr_open:
-                selector.register(err, selectors.EVENT_READ)
-            if client is not None:
-                selector.register(client, selectors.EVENT_READ)
-            writing = False
-            while True:
-                while self._read:
-                    yield self._read.pop(0)
-                if not self._stdout_open:
-                    return
-                if self._outbox and not writing and not stdin.closed:
-                    selector.register(stdin, selectors.EVENT_WRITE)
-                    writing = True
-                deadline, error = next_deadline()
-                now = time.monotonic()
-                if deadline <= now:
-                    raise error
-                wait = deadline - now
-                if tick is not None:
-                    wait = min(wait, max(0.0, max(self.last_output, quiet_since) + tick - now))
-                ready = selector.select(min(wait, 3600.0))
-                now = time.monotonic()
-                if tick is not None and now >= max(self.last_output, quiet_since) + tick:
-                    quiet_since = now
-                    yield None
-                for key, _ in ready:
-                    if key.fileobj is stdin:
-                        if self._write_some():
-                            selector.unregister(stdin)
-                            writing = False
-                    elif key.fileobj is client:
-                        if client_left(client, may_half_close):
-                            raise ClientGone()
-                        # A pipelined request (not ours to read), or a half-close: it still reads.
-                        selector.unregister(client)
-                    elif key.fileobj is err:
-                        data = os.read(key.fd, 65536)
-                        if data:
-                            self._keep_stderr(data)
-                        else:
-                            self._stderr_open = False
-                            selector.unregister(err)
-                    else:
-                        self._take(os.read(key.fd, 65536))
-
-    def _take(self, data: bytes) -> None:
-        """Keep the events of what stdout gave; end-of-file ends the last line too.
-
-        Linear in a line's length: a read that does not end the line is only set aside.
-        (Adding each read to what came before copied a long line over and over: a 20 MB
-        line took seconds, while every other stream waited on the lock.)"""
-        if not data:
-            self._stdout_open = False
-            lines, self._partial = [b"".join(self._partial)], []
-        elif b"\n" not in data:
-            self.last_output = time.monotonic()
-            self._partial.append(data)
-            return
-        else:
-            self.last_output = time.monotonic()
-            pieces = data.split(b"\n")
-            pieces[0] = b"".join(self._partial + pieces[:1])
-            *lines, last = pieces
-            self._partial = [last]
-        for line in lines:
-            event = parse_event_line(line)
-            if event is not None:
-                self._read.append(event)
-
-    def _write_some(self) -> bool:
-        """Write what stdin takes now; True once the queue is empty."""
-        try:
-            while self._outbox:
-                written = os.write(self.popen.stdin.fileno(), self._outbox[0])
-                self._outbox[0] = self._outbox[0][written:]
-                if self._outbox[0]:
-                    return False
-                self._outbox.pop(0)
-        except BlockingIOError:
-            return False
-        except OSError:
-            self._outbox = []  # it died; events() sees its stdout close
-        return True
-
-    def _keep_stderr(self, data: bytes) -> None:
-        self.stderr_tail = (self.stderr_tail + data)[-self.STDERR_TAIL:]
-
-    def _drain_stderr(self) -> None:
-        """Keep what is still in the stderr pipe, without waiting for more."""
-        fd = self.popen.stderr.fileno()
-        os.set_blocking(fd, False)  # a grandchild may hold the pipe open: never wait on it
-        try:
-            while True:
-                data = os.read(fd, 65536)
-                if not data:
-                    break
-                self._keep_stderr(data)
-        except OSError:
-            pass
-
-    def stderr_text(self) -> str:
-        return self.stderr_tail.decode("utf-8", "replace").strip()
-
-    def alive(self) -> bool:
-        return not self._exited()
-
-    def close(self, grace: float = 0.0) -> Optional[int]:
-        """Close its stdin, give the child `grace` seconds to exit by itself, then kill what
-        is left of its group, reap it and clean up. Returns its exit code (negative: a signal)."""
-        with self._lock:
-            if self.closed:
-                return self.popen.returncode
-            self.closed = True
-        if grace <= 0:
-            # Killed before its stdin closes: at end-of-input a CLI waiting on tool calls would
-            # answer them itself, with an error, and send that upstream.
-            self.terminate()
-        try:
-            self.popen.stdin.close()  # the CLI ends once its input does
-        except OSError:
-            pass
-        deadline = time.monotonic() + grace
-        while not self._exited() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self._drain_stderr()
-        self.terminate()
-        for pipe in (self.popen.stdout, self.popen.stderr):
-            try:
-                pipe.close()
-            except OSError:
-                pass
-        return self.popen.returncode
-
-    def terminate(self) -> None:
-        """Kill the child and everything it started, reap it, remove its files."""
-        with self._lock:
-            if self._reaped:
-                return
-            self._reaped = True
-        try:
-            os.killpg(self.pid, signal.SIGKILL)  # the leader is not reaped yet: its pid is still ours
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.lifeline is not None:
-            self.lifeline.drop(self.pid)  # before the reap frees the pid for another process
-        try:
-            self.popen.wait(self.KILL_WAIT)
-        except subprocess.TimeoutExpired:  # never hang a request or the shutdown on it
-            log.error("claude pid %d did not exit within %g s of SIGKILL; left behind",
-                      self.pid, self.KILL_WAIT)
-        self._remove_files()
-
-    def _remove_files(self) -> None:
-        remove_tree(self.workdir)
-        if self.session_path is not None:
-            remove_tree(os.path.dirname(self.session_path))
-
-    def _exited(self) -> bool:
-        """Whether the child has exited, without reaping it where the OS has waitid
-        (Linux; macOS from Python 3.13), so that its pid, which names the process group
-        we kill, cannot be reused yet. Elsewhere poll() reaps, leaving a tiny window."""
-        if self.popen.returncode is not None:
-            return True
-        if hasattr(os, "waitid"):
-            try:
-                return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-            except ChildProcessError:
-                return True
-        return self.popen.poll() is not None  # no waitid (macOS): poll reaps
-
-
-def start_claude(launch: Launch, lifeline: Optional[Lifeline] = None) -> ClaudeProcess:
-    """A new process for a request, or a 503 when the CLI cannot be started."""
-    try:
-        return ClaudeProcess(launch, lifeline)
-    except OSError as error:
-        missing = isinstance(error, FileNotFoundError) and error.filename == launch.argv[0]
-        raise ProxyError(503, "Could not start %s: %s" % (launch.argv[0], error),
-                         code="claude_not_found" if missing else "cli_start_failed")
-
-
-def binary_identity(path: str) -> Optional[Tuple[int, int, int]]:
-    """What tells a replaced (upgraded) `claude` from the one a pre-started process runs:
-    installers write a new file, or point the symlink at one, and os.stat follows symlinks."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
-
-
-# The pause after a background thread's failure (the pool's, the probe's), doubled after each
-# one that follows, up to the second: bounded work while something is wrong, soon back after.
-RETRY_PAUSES = (5.0, 300.0)
-FAULTS_REMEMBERED = 100  # a fault whose text changes each time (a pid, a path) is not kept forever
-_faults_logged: Set[Tuple[str, str]] = set()
-_faults_lock = threading.Lock()
-
-
-def log_fault(where: str, error: Exception) -> None:
-    """Log an unexpected exception of a background thread, which goes on: at ERROR with its
-    traceback, once for each distinct fault (a retry that fails alike says nothing new)."""
-    fault = (where, "%s: %s" % (type(error).__name__, error))
-    with _faults_lock:
-        if fault in _faults_logged:
-            return
-        if len(_faults_logged) >= FAULTS_REMEMBERED:
-            _faults_logged.clear()
-        _faults_logged.add(fault)
-    log.error("%s failed, and is tried again: %s", where, fault[1], exc_info=error)
-
-
-PoolKey = Union[Launch, str]  # a Launch to start a process for, or a kept conversation's key
-
-
-class Warm:
-    """A process waiting on stdin, the key it waits under, and its binary."""
-
-    def __init__(self, key: PoolKey, process: ClaudeProcess, binary: Optional[Tuple[int, int, int]]) -> None:
-        self.key = key
-        self.process = process
-        self.binary = binary
-        self.born = time.monotonic()
-
-
-class WarmPool:
-    """`claude` processes waiting for a turn, so a request skips the CLI's start-up.
-
-    The CLI spends ~0.7 s starting, then waits on stdin; one started early with
-    the argv and environment of a turn (its Launch) answers that turn within tens
-    of milliseconds, the turn itself coming on stdin. Every request for a Launch that
-    resumes no history queues a replacement for it. A process that has answered a
-    turn may wait too, kept under its conversation's key for the turn that continues
-    it (keep()).
-
-    At most `size` processes wait at once; when full, the least recently used
-    key gives way. A process that waited `ttl` seconds is retired; a Launch's is
-    replaced if it was used within the last `ttl` seconds. One background thread
-    starts and retires processes; a request's thread only takes or keeps one.
-    """
-
-    CHECK_INTERVAL = 5.0  # how long a warm process that died by itself may stay unreaped
-
-    def __init__(self, size: int, ttl: float, lifeline: Optional[Lifeline] = None) -> None:
-        self.size = max(0, size)
-        self.ttl = ttl
-        self.lifeline = lifeline
-        self.hits = 0
-        self.misses = 0
-        self.continued = 0  # turns a kept conversation's process answered
-        self._idle: List[Warm] = []  # oldest first
-        self._wanted: List[Launch] = []  # keys to start a process for, in order
-        self._last_used: Dict[PoolKey, float] = {}  # keys used within the last ttl
-        self._closed = False
-        self._changed = threading.Condition()
-        self._keeper: Optional[threading.Thread] = None
-        if self.size:
-            self._keeper = threading.Thread(target=self._keep, name="warm-pool", daemon=True)
-            self._keeper.start()
-
-    # -- used by requests --------------------------------------------------------
-
-    def take(self, key: PoolKey, claude: str) -> Optional[ClaudeProcess]:
-        """A live process waiting under this key and running the `claude` that is there now,
-        or None; for a Launch, a replacement is queued either way. Nothing is started ahead for
-        a Launch that resumes a history: it would serve only a retry of that very turn."""
-        if not self.size or isinstance(key, Launch) and key.session:
-            return None
-        binary = binary_identity(claude)
-        found: Optional[ClaudeProcess] = None
-        unfit: List[ClaudeProcess] = []
-        with self._changed:
-            if self._closed:
-                return None
-            for warm in [warm for warm in self._idle if warm.key == key]:
-                self._idle.remove(warm)
-                if warm.binary == binary and warm.process.alive():
-                    found = warm.process
-                    break
-                unfit.append(warm.process)
-            if isinstance(key, Launch):
-                self.hits += found is not None
-                self.misses += found is None
-                self._want(key)
-            else:
-                self.continued += found is not None
-        for process in unfit:
-            process.close()  # died while waiting, or runs a replaced claude; the request starts anew
-        return found
-
-    def keep(self, key: str, process: ClaudeProcess) -> bool:
-        """Let a process that answered a turn wait for the one continuing its conversation;
-        False when there is no room (the caller ends it)."""
-        with self._changed:
-            if not self.size or self._closed:
-                return False
-            self._last_used[key] = time.monotonic()
-            doomed: List[Warm] = []
-            if not self._make_room(key, doomed):
-                return False
-            self._idle.append(Warm(key, process, binary_identity(process.popen.args[0])))
-            self._changed.notify()
-        for warm in doomed:
-            warm.process.close()
-        return True
-
-    def prewarm(self, key: Launch) -> None:
-        """Start a process for a key no request has used yet (the default one, at start-up)."""
-        if self.size:
-            with self._changed:
-                self._want(key)
-
-    def stats(self) -> Dict[str, int]:
-        with self._changed:
-            return {"size": len(self._idle), "max": self.size, "hits": self.hits,
-                    "misses": self.misses, "conversations": sum(not isinstance(w.key, Launch) for w in self._idle),
-                    "continued": self.continued}
-
-    def close(self) -> None:
-        """Kill every waiting process; one being started is killed as soon as it exists."""
-        with self._changed:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._changed.notify()
-        for warm in idle:
-            warm.process.close()
-        if self._keeper is not None and self._keeper is not threading.current_thread():
-            self._keeper.join(5.0)
-
-    def _want(self, key: Launch) -> None:
-        self._last_used[key] = time.monotonic()
-        self._wanted.append(key)
-        del self._wanted[:-self.size]  # a burst of requests must not queue more than can wait
-        self._changed.notify()
-
-    # -- the background thread ---------------------------------------------------
-
-    def _keep(self) -> None:
-        """Start what is wanted and retire what is done, until the pool closes. A fault of
-        its own is logged and its key tried again after a pause (RETRY_PAUSES): the thread
-        must not end, or nothing would be pre-started again."""
-        pause = RETRY_PAUSES[0]
-        while True:
-            key: Optional[Launch] = None
-            try:
-                with self._changed:
-                    if not self._wanted and not self._closed:
-                        self._changed.wait(self._time_to_next_check())
-                    if self._closed:
-                        return
-                    doomed = self._retire(time.monotonic())
-                    key = self._reserve_next(doomed)
-                for warm in doomed:
-                    warm.process.close()
-                if key is not None:
-                    self._start(key)
-                pause = RETRY_PAUSES[0]
-            except Exception as error:
-                log_fault("the warm pool", error)
-                with self._changed:
-                    if key is not None:
-                        self._wanted.insert(0, key)
-                    if not self._closed:
-                        self._changed.wait(pause)
-                pause = min(pause * 2, RETRY_PAUSES[1])
-
-    def _time_to_next_check(self) -> Optional[float]:
-        if not self._idle:
-            return None  # nothing waits, so nothing can expire or die
-        expires = self._idle[0].born + self.ttl - time.monotonic()
-        return max(0.0, min(expires, self.CHECK_INTERVAL))
-
-    def _retire(self, now: float) -> List[Warm]:
-        """Take out processes that died or waited ttl; queue the expired ones' keys still in use."""
-        self._last_used = {key: used for key, used in self._last_used.items() if now - used < self.ttl}
-        kept: List[Warm] = []
-        retired: List[Warm] = []
-        for warm in self._idle:
-            if not warm.process.alive():
-                retired.append(warm)  # not replaced: a CLI that dies at start would just die again
-            elif now - warm.born >= self.ttl:
-                retired.append(warm)
-                if isinstance(warm.key, Launch) and warm.key in self._last_used:
-                    self._wanted.append(warm.key)
-            else:
-                kept.append(warm)
-        self._idle = kept
-        return retired
-
-    def _reserve_next(self, doomed: List[Warm]) -> Optional[Launch]:
-        """The next wanted key there is room for, evicting into `doomed` when full."""
-        while self._wanted:
-            key = self._wanted.pop(0)
-            if self._make_room(key, doomed):
-                return key
-        return None
-
-    def _make_room(self, key: PoolKey, doomed: List[Warm]) -> bool:
-        """Make a place for `key`, moving what gives way into `doomed`; False when nothing may.
-
-        Kept conversations hold at most size - 1 places (the one place, at size 1), so a
-        pre-started process can always wait too: clients that never continue a conversation
-        would otherwise fill the pool with theirs. A new conversation takes the place of the
-        oldest kept one; otherwise the least recently used key gives way, if any is older."""
-        never = float("-inf")
-        kept = [warm for warm in self._idle if not isinstance(warm.key, Launch)]
-        if not isinstance(key, Launch) and len(kept) >= max(1, self.size - 1):
-            candidates = kept
-        elif len(self._idle) < self.size:
-            return True
-        else:
-            used = self._last_used.get(key, never)
-            candidates = [warm for warm in self._idle if self._last_used.get(warm.key, never) < used]
-        if not candidates:
-            return False  # every waiting process is for a key used at least as lately
-        victim = min(candidates, key=lambda warm: self._last_used.get(warm.key, never))
-        self._idle.remove(victim)
-        doomed.append(victim)
-        return True
-
-    def _start(self, key: Launch) -> None:
-        process: Optional[ClaudeProcess] = None
-        binary = binary_identity(key.argv[0])  # before the start: a later replacement counts as one
-        try:
-            process = start_claude(key, self.lifeline)
-        except ProxyError as error:
-            log.warning("nothing pre-started: %s", error.message)
-        doomed: List[Warm] = []
-        with self._changed:
-            # A conversation kept while it started may have taken the place made for it.
-            if process is not None and not self._closed and self._make_room(key, doomed):
-                self._idle.append(Warm(key, process, binary))
-                process = None
-        for warm in doomed:
-            warm.process.close()
-        if process is not None:
-            process.close()  # the pool closed, or filled, while it started
-
-
-_versions: Dict[Tuple[str, float], Optional[str]] = {}
-
-
-def claude_version(path: str) -> Optional[str]:
-    """`claude --version`, asked again only when the file at `path` changes (an upgrade)."""
-    try:
-        key = (path, os.stat(path).st_mtime)
-    except OSError:
-        return None
-    if key not in _versions:
-        try:
-            done = subprocess.run([path, "--version"], capture_output=True, timeout=15,
-                                  env=cli_env(Config()), stdin=subprocess.DEVNULL)
-            _versions[key] = done.stdout.decode("utf-8", "replace").strip() or None
-        except (OSError, subprocess.SubprocessError):
-            _versions[key] = None
-    return _versions[key]
-
-
-# The proxy relies on Claude Code's control protocol (initialize, mcp_set_servers and the MCP
-# messages that follow), first there in the 2.1 releases; an older CLI gets a clear error.
-PROBE_TIMEOUT = 20.0
-
-
-class ProbeResult(NamedTuple):
-    """What one probe of a `claude` found."""
-
-    problem: Optional[str]              # why it cannot take a conversation; None when it can
-    lasting: bool = False               # the binary's own problem (too old): it stays until the file changes
-    logged_in: Optional[bool] = None    # as its initialize answer says; None when unknown
-
-
-class Probe:
-    """The probes of one `claude` file: none yet (pending), or the latest result. A failure
-    that is not the binary's (a timeout on a loaded machine, a failed start), or a CLI not
-    logged in yet, is probed again once its pause has passed, the pause doubling from
-    RETRY_PAUSES[0] up to RETRY_PAUSES[1]."""
-
-    def __init__(self) -> None:
-        self.result: Optional[ProbeResult] = None
-        self.running = False
-        self.pause = RETRY_PAUSES[0]
-        self.retry_at = 0.0
-
-    @property
-    def state(self) -> str:
-        if self.result is None:
-            return "pending"
-        return "ok" if self.result.problem is None else "failed"
-
-    @staticmethod
-    def transient(result: ProbeResult) -> bool:
-        """Whether what the result found wrong may right itself, the binary unchanged."""
-        return not result.lasting and (result.problem is not None or result.logged_in is False)
-
-    def due(self, now: float) -> bool:
-        """Whether a probe should start now (the caller then sets `running`)."""
-        if self.running:
-            return False
-        return self.result is None or self.transient(self.result) and now >= self.retry_at
-
-    def done(self, result: ProbeResult, now: float) -> None:
-        self.result, self.running = result, False
-        if self.transient(result):
-            self.retry_at = now + self.pause
-            self.pause = min(self.pause * 2, RETRY_PAUSES[1])
-
-
-_probes: Dict[Tuple[str, float], Probe] = {}
-_probes_changed = threading.Condition()  # a probe ended
-
-
-def claude_probe(path: str, wait: bool = True) -> Probe:
-    """The probe of this `claude`, started when due: the first time, again when the file changes
-    (an upgrade), and after a transient failure once its pause is over. With `wait` a due probe
-    runs here, one running elsewhere is waited for, and the result is there on return; without,
-    it runs in the background (a problem is logged), and the Probe says what is known so far.
-    A process that is told a system prompt and a tool must ask for the tool, before any prompt,
-    so nothing reaches Anthropic."""
-    try:
-        key = (path, os.stat(path).st_mtime)
-    except OSError:
-        probe = Probe()
-        probe.result = ProbeResult("not found", lasting=True)
-        return probe
-    with _probes_changed:
-        probe = _probes.setdefault(key, Probe())
-        due = probe.due(time.monotonic())
-        probe.running = probe.running or due
-        while wait and not due and probe.running:
-            _probes_changed.wait()  # bounded by PROBE_TIMEOUT
-    if due and wait:
-        run_probe(path, probe)
-    elif due:
-        threading.Thread(target=run_probe, args=(path, probe), name="probe", daemon=True).start()
-    return probe
-
-
-def run_probe(path: str, probe: Probe) -> None:
-    """Probe and record the result; a fault of the proxy's own is logged and retried like a timeout."""
-    try:
-        result = probe_native(path)
-    except Exception as error:
-        log_fault("the probe of %s" % path, error)
-        result = ProbeResult("the proxy's own check failed (%s); see its log" % error)
-    now = time.monotonic()
-    with _probes_changed:
-        probe.done(result, now)
-        _probes_changed.notify_all()
-    if result.lasting:
-        log.warning("%s cannot take a conversation natively (%s); requests will fail until it is "
-                    "upgraded: %s", path, result.problem, UPGRADE_HELP)
-    elif result.problem is not None:
-        log.warning("the check of %s failed (%s); tried again after %g s", path, result.problem,
-                    probe.retry_at - now)
-    elif result.logged_in is False:
-        log.warning(NOT_LOGGED_IN)
-
-
-def logged_in(initialize: Dict[str, Any]) -> Optional[bool]:
-    """Whether the CLI has a login, from its initialize answer's `account`: a logged-out CLI
-    says tokenSource "none" with no apiKeySource (checked with 2.1.197 and an empty config)."""
-    account = initialize.get("account")
-    if not isinstance(account, dict):
-        return None
-    return account.get("tokenSource") not in (None, "none") or bool(account.get("apiKeySource")) or \
-        account.get("apiProvider") not in (None, "firstParty")  # Bedrock, Vertex: their own credentials
-
-
-def unsupported(claude: str, result: ProbeResult) -> str:
-    return "This Claude Code (%s) cannot take a conversation natively: %s. Upgrade it: %s" % (
-        claude, result.problem, UPGRADE_HELP)
-
-
-def claude_problems(claude: str, probe: Probe) -> List[str]:
-    """What the probe found wrong with this `claude`, each with its fix."""
-    result = probe.result
-    if result is None:
-        return []
-    if result.lasting:
-        return [unsupported(claude, result)]
-    if result.problem is not None:
-        return ["The proxy could not check Claude Code (%s): %s. It tries again within %d s; if "
-                "that fails too, run `claude` in a terminal to see why." % (
-                    claude, result.problem, max(0, math.ceil(probe.retry_at - time.monotonic())))]
-    return [NOT_LOGGED_IN] if result.logged_in is False else []
-
-
-def probe_native(path: str) -> ProbeResult:
-    tool = native_tool("probe", "", None, "probe")
-    turn = Turn("probe", "haiku", Conversation("probe", [], [tool]))
-    try:
-        process = start_claude(cli_launch(path, turn, Config(), []))
-    except ProxyError as error:
-        return ProbeResult(error.message)
-    bridge = ToolBridge([tool])
-    process.send(opening_lines(turn))
-    deadline = time.monotonic() + PROBE_TIMEOUT
-    timeout = ProxyError(504, "it did not ask for the tools within %g s" % PROBE_TIMEOUT)
-    answered: List[str] = []
-    login: Optional[bool] = None
-    try:
-        for event in process.events(lambda: (deadline, timeout)):
-            if event.get("type") == "control_response":
-                response = event.get("response") if isinstance(event.get("response"), dict) else {}
-                if response.get("subtype") != "success":
-                    return ProbeResult("it refused %s: %s" % (response.get("request_id"),
-                                                               str(response.get("error"))[:200]), True)
-                answered.append(str(response.get("request_id")))
-                if response.get("request_id") == "initialize" and isinstance(response.get("response"), dict):
-                    login = logged_in(response["response"])
-            request = event.get("request") if isinstance(event.get("request"), dict) else {}
-            message = request.get("message") if isinstance(request.get("message"), dict) else {}
-            line = bridge.answer(event)
-            if line:
-                process.send(line)
-            if message.get("method") == "tools/list" and {"initialize", "tools"} <= set(answered):
-                return ProbeResult(None, logged_in=login)
-        return ProbeResult("it exited (code %s) without asking for the tools: %s" % (
-            process.close(), process.stderr_text()[-300:] or "nothing on stderr"), True)
-    except ProxyError as error:
-        return ProbeResult(error.message)  # a timeout: a loaded machine may start it slowly
-    finally:
-        process.close()
-
-
-# ---------------------------------------------------------------------------
 # Subscription usage: plan windows, extra usage, and Anthropic's refusals
 # ---------------------------------------------------------------------------
 
@@ -2032,6 +1126,16 @@ class LimitWindow(NamedTuple):
         return "%s (%s)" % (WINDOW_NAMES.get(self.name, self.name.replace("_", " ") + " limit"), self.name)
 
 
+def report_token(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value) else None
+
+
+def report_number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
 def rate_limit_info(event: Dict[str, Any]) -> Optional[LimitWindow]:
     """The window a `rate_limit_event` reports on; None for any other event, or a malformed one.
 
@@ -2049,16 +1153,6 @@ def rate_limit_info(event: Dict[str, Any]) -> Optional[LimitWindow]:
         extra_usage_in_use=info.get("isUsingOverage") is True or info.get("overageInUse") is True)
 
 
-def report_token(value: Any) -> Optional[str]:
-    return value if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value) else None
-
-
-def report_number(value: Any) -> Optional[float]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def utc_iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
@@ -2071,108 +1165,6 @@ def limit_reached(window: LimitWindow, now: float, said: str = "") -> ProxyError
         "Requests succeed again after that time.%s" % (window.title(), utc_iso(window.resets_at),
                                                       " Claude Code said: " + said if said else ""),
         code="usage_limit_reached", headers={"Retry-After": str(max(1, math.ceil(window.resets_at - now)))})
-
-
-class UsageLimits:
-    """The latest report on each usage window, shared by every request of one server.
-
-    It feeds the response headers, /health and `status`, and decides two refusals before
-    a claude starts: a window used up with no extra usage to fall back on (429 until its
-    reset), and with --no-extra-usage, extra usage being spent or about to be (403).
-    """
-
-    def __init__(self) -> None:
-        self._windows: Dict[str, LimitWindow] = {}
-        self._lock = threading.Lock()
-
-    def record(self, window: LimitWindow) -> None:
-        """Take in the latest report on a window (see rate_limit_info)."""
-        with self._lock:
-            billed_before = any(w.bills_extra() for w in self._current(time.time()))
-            self._windows[window.name] = window
-        if window.bills_extra() and not billed_before:
-            log.warning("extra usage has started: Claude Code reports answers billed beyond your plan "
-                        "(%s, extra usage %s)%s", window.title(), window.extra_usage or "status unknown",
-                        self._until(window))
-
-    def check(self, no_extra_usage: bool) -> None:
-        """Raise the refusal a new request gets now, if any."""
-        now = time.time()
-        with self._lock:
-            windows = self._current(now)
-        used_up = [w for w in windows if w.refuses()]
-        if used_up:  # the request must wait for the last of them
-            raise limit_reached(max(used_up, key=lambda w: w.resets_at or 0), now)
-        billing = [w for w in windows if w.bills_extra()]
-        if no_extra_usage and billing:
-            raise ProxyError(
-                403, "Refused by --no-extra-usage: Claude Code reports that extra usage, billed beyond "
-                "your plan, is in use for your Claude %s%s. Wait until then, or restart the proxy "
-                "without --no-extra-usage to pay for it." % (billing[0].title(), self._until(billing[0])),
-                code="extra_usage_refused")
-
-    def explain(self, error: ProxyError) -> ProxyError:
-        """An upstream 429 while a window is used up becomes that window's 429."""
-        if error.status != 429:
-            return error
-        now = time.time()
-        with self._lock:
-            used_up = [w for w in self._current(now) if w.used_up()]
-            if not used_up:
-                return error
-            window = max(used_up, key=lambda w: w.resets_at or 0)
-            # Refused although extra usage was reported available: it is not, until the reset.
-            self._windows[window.name] = window._replace(extra_usage="rejected", extra_usage_in_use=False)
-        return limit_reached(window, now, error.message)
-
-    def headers(self) -> Dict[str, str]:
-        """The state for every response: the most constraining window, then each one."""
-        with self._lock:
-            windows = sorted(self._current(time.time()), key=lambda w: w.name)
-        if not windows:
-            return {}
-        worst = max(windows, key=lambda w: (STATUS_RANK.get(w.status, 0), w.utilization or 0))
-        extra = "in_use" if any(w.bills_extra() for w in windows) else \
-            next((w.extra_usage for w in [worst] + windows if w.extra_usage), None)
-        headers = self._window_headers(RATELIMIT_HEADER, worst)
-        headers[RATELIMIT_HEADER + "window"] = worst.name
-        if extra:
-            headers[RATELIMIT_HEADER + "extra-usage"] = extra
-        for window in windows:
-            prefix = RATELIMIT_HEADER + window.name.replace("_", "-") + "-"
-            headers.update(self._window_headers(prefix, window))
-        return headers
-
-    def health(self) -> Dict[str, Any]:
-        with self._lock:
-            windows = sorted(self._current(time.time()), key=lambda w: w.name)
-        return {
-            "extra_usage_in_use": any(w.bills_extra() for w in windows),
-            "windows": {w.name: {
-                "status": w.status, "utilization": w.utilization,
-                "resets_at": utc_iso(w.resets_at) if w.resets_at else None,
-                "resets_at_unix": int(w.resets_at) if w.resets_at else None,
-                "extra_usage": w.extra_usage, "extra_usage_in_use": w.bills_extra()} for w in windows},
-        }
-
-    def _current(self, now: float) -> List[LimitWindow]:
-        """The windows whose reports still hold; a report past its reset is forgotten."""
-        for name in [name for name, w in self._windows.items() if not w.current(now)]:
-            del self._windows[name]
-        return list(self._windows.values())
-
-    @staticmethod
-    def _window_headers(prefix: str, window: LimitWindow) -> Dict[str, str]:
-        headers = {prefix + "status": window.status}
-        if window.resets_at:
-            headers[prefix + "reset"] = "%d" % window.resets_at
-        if window.utilization is not None:
-            headers[prefix + "utilization"] = "%g" % window.utilization
-        return headers
-
-    @staticmethod
-    def _until(window: LimitWindow) -> str:
-        return " until %s (UTC)" % utc_iso(window.resets_at) if window.resets_at else ""
 
 
 # Anthropic's 400s about extra usage that users of subscription proxies report, told apart by
@@ -2335,7 +1327,6 @@ CLI_DELTAS = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "th
               "signature_delta": ("signature", "signature"),
               "input_json_delta": ("partial_json", "tool_arguments")}
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
-
 
 
 def conversation_key(turn: Turn, messages: List[Dict[str, Any]]) -> str:
@@ -2744,269 +1735,9 @@ class Session:
         return Outcome(reason, self.stop_hit, dict(self.usage), self._blocks, self.model)
 
 
-class BoundedStore:
-    """Values by key: at most `count` of them, and `size` bytes in all (each value's size as the
-    caller gives it: the bytes of the compact JSON it holds); the least recently used go first.
-    In memory: they go with the proxy."""
-
-    def __init__(self, count: int, size: int) -> None:
-        self.count = count
-        self.size = size
-        self._entries: Dict[str, Tuple[Any, int]] = {}  # oldest first
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def keep(self, key: str, value: Any, size: int) -> bool:
-        """Keep a value of `size` bytes, in place of any under its key; False (nothing kept,
-        nothing lost) when it is larger than the whole store."""
-        if size > self.size:
-            return False
-        with self._lock:
-            _, replaced = self._entries.pop(key, (None, 0))
-            self._entries[key] = (value, size)
-            self._bytes += size - replaced
-            while len(self._entries) > self.count or self._bytes > self.size:
-                _, dropped = self._entries.pop(next(iter(self._entries)))
-                self._bytes -= dropped
-        return True
-
-    def get(self, key: str) -> Any:
-        """The value under `key`, now the most recently used, or None."""
-        with self._lock:
-            found = self._entries.pop(key, None)
-            if found is None:
-                return None
-            self._entries[key] = found  # the most recently used now
-            return found[0]
-
-    def delete(self, key: str) -> bool:
-        with self._lock:
-            found = self._entries.pop(key, None)
-            if found is not None:
-                self._bytes -= found[1]
-            return found is not None
-
-
-# Thinking kept for tool loops resumed cold (ThinkingStore). An entry is one reply's thinking
-# before a call: a few KB, up to the thinking budget. A thousand covers the loops a busy
-# proxy has under way at once (an entry matters only until its loop's next turn); the
-# bytes cap the worst case of many long ones.
-THINKING_STORE_COUNT = 1000
-THINKING_STORE_BYTES = 16 * MIB
-
-
-class ThinkingStore(BoundedStore):
-    """Claude's recent thinking blocks (a BoundedStore): each run of them by the id of the tool
-    call it came before, the model that gave each block by its signature, and the model each
-    --model value last ran as.
-
-    Chat and Responses clients cannot send thinking back (they have no place for its
-    signature), so a tool loop whose kept process is gone resumes with tool_use blocks
-    alone, which Anthropic may refuse while thinking is on. restore() puts the thinking
-    back where it stood, so a resumed history is the one the kept process would have sent.
-    And a resumed CLI drops signed thinking from an assistant message unless the message
-    names the model it runs (signatures are the model's): restore() names the model that
-    gave it, for thinking a client sent back too; thinking it never saw (given before a
-    restart) is taken for the model the CLI runs now, when that is known. If that is
-    wrong, Anthropic refuses the signature and the CLI asks again without the thinking.
-    """
-
-    def __init__(self, count: int = THINKING_STORE_COUNT, size: int = THINKING_STORE_BYTES) -> None:
-        super().__init__(count, size)
-
-    def put(self, cli_model: str, model: Optional[str], blocks: List[Dict[str, Any]]) -> None:
-        """Keep a reply's thinking, given the --model it ran with and the model that gave it
-        (without one, a resumed CLI would drop it anyway). A run larger than the store is not
-        kept: a resume goes without it, as it would anyway."""
-        if model is None:
-            return
-        self.keep("runs:" + cli_model, model, len(cli_model) + len(model))
-        thinking: List[Dict[str, Any]] = []
-        for block in blocks:
-            if block["type"] == "thinking" and block["signature"]:
-                thinking.append(block)
-                self.keep("signature:" + block["signature"], model, len(block["signature"]) + len(model))
-            elif block["type"] == "tool_use" and thinking:
-                data = json.dumps(thinking, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-                self.keep("call:" + block["id"], data, len(data))  # held as counted (see ResponseStore)
-                thinking = []
-
-    def restore(self, messages: List[Dict[str, Any]], insert: bool, cli_model: str) -> List[Dict[str, Any]]:
-        """The messages for a transcript resumed with this --model: with `insert`, an assistant
-        message that holds no thinking gets its calls' kept thinking back, each run before the
-        text that leads up to its call, as Claude gave it; and one that holds thinking names
-        the model that gave it ("model"). Thinking a message holds is the client's as it is;
-        the list given is not changed."""
-        # A full id is the model the CLI runs (less its context size, as in claude-opus-4-8[1m]).
-        runs = self.get("runs:" + cli_model) or (
-            re.sub(r"\[\d+m\]", "", cli_model, flags=re.I) if cli_model.startswith("claude-") else None)
-        restored = []
-        for message in messages:
-            content = message["content"]
-            if message["role"] != "assistant":
-                restored.append(message)
-                continue
-            if insert and not any(b["type"] in ("thinking", "redacted_thinking") for b in content):
-                content = self._with_thinking(content)
-            signed = [b["signature"] for b in content if b["type"] == "thinking" and b["signature"]]
-            models = [self.get("signature:" + signature) for signature in signed]
-            model = next((model for model in models if model is not None), runs if signed else None)
-            restored.append(message if model is None else dict(message, content=content, model=model))
-        return restored
-
-    def _with_thinking(self, content: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        blocks: List[Dict[str, Any]] = []
-        for block in content:
-            data = self.get("call:" + block["id"]) if block["type"] == "tool_use" else None
-            if data is not None:
-                thinking = json.loads(data)
-                at = len(blocks)
-                while at and blocks[at - 1]["type"] == "text":
-                    at -= 1
-                blocks[at:at] = thinking
-            blocks.append(block)
-        return blocks
-
-
-KEEPALIVE_INTERVAL = 15.0  # seconds of silence after which a stream shows it is alive
-
-
-class Exchange:
-    """One turn through one `claude` process: from the turn to the session's events.
-
-    A conversation's process is kept between its turns (keep): when a reply ends
-    with calls to the client's tools, the CLI waits for their results, and after
-    an answer, for the next user message. A request that continues exactly that
-    conversation takes the process back, so its turn is warm and its prompt a strict
-    extension of the previous one: the prompt cache hits all of it. Any other turn
-    starts a process (a pre-started one when the pool has it) that resumes the
-    history from a session transcript.
-    """
-
-    def __init__(self, server: "ProxyServer", turn: Turn, claude: str,
-                 client: Optional[socket.socket] = None, whole: bool = False,
-                 may_half_close: bool = False, restore_thinking: bool = False) -> None:
-        self.server = server
-        self.turn = turn
-        self.claude = claude
-        self.client = client
-        self.whole = whole
-        self.may_half_close = may_half_close
-        # The client cannot send thinking back, so the ThinkingStore puts it back in a history
-        # this turn resumes.
-        self.restore_thinking = restore_thinking
-        self.process: Optional[ClaudeProcess] = None
-        self.session: Optional[Session] = None
-        # How its process came: "kept" (its conversation's, from the turn before), "warm"
-        # (pre-started by the pool) or "cold" (started for it); None until it has one.
-        self.start: Optional[str] = None
-
-    def events(self) -> Iterator[Optional[SessionEvent]]:
-        """The reply's block events as they come, then End; None after each KEEPALIVE_INTERVAL
-        of silence. A turn cut short ends its process before End is given, or the CLI would go
-        on spending the subscription on text nobody reads."""
-        try:
-            process, session = self._begin()
-            for line in process.events(self._deadlines(process, session), self.client, KEEPALIVE_INTERVAL,
-                                       self.may_half_close):
-                if line is None:
-                    yield None
-                    continue
-                for event in session.receive(line, time.monotonic()):
-                    if isinstance(event, Send):
-                        process.send(event.data)
-                    elif isinstance(event, Limits):
-                        self.server.limits.record(event.window)
-                    else:
-                        if isinstance(event, End) and session.state == CUT:
-                            self._end()
-                        yield event
-                if session.state != ANSWERING:
-                    return
-            raise self._no_result(process)
-        except ProxyError as error:
-            raise self.server.limits.explain(error)
-
-    def _begin(self) -> Tuple[ClaudeProcess, Session]:
-        conversation = self.turn.conversation
-        history, newest = split_newest(conversation.messages)
-        budget = self.server.config.retry_budget
-        kept = self.server.take_kept(conversation_key(self.turn, history), self.claude)
-        if kept is not None and kept.session is not None and kept.session.continues(newest):
-            self.process, self.session, self.start = kept, kept.session, "kept"
-            kept.send(kept.session.begin(self.turn, newest, budget, self.whole))
-            return kept, kept.session
-        if kept is not None:
-            self.server.discard(kept)  # the client did not bring back what it waits for
-        messages = self.server.thinking.restore(conversation.messages, self.restore_thinking,
-                                                self.turn.cli_model)
-        history = split_newest(messages)[0]  # with its thinking back
-        interrupted = bool(history) and any(block["type"] == "tool_result" for block in newest["content"])
-        whole = messages
-        if not interrupted and history and all(message["role"] == "system" for message in history):
-            # A transcript of system messages alone is no conversation: the CLI would take it for
-            # an interrupted turn and answer that. Ended by the newest message, it is one, and the
-            # CLI takes that message up as its first prompt (with the system messages after it).
-            interrupted, whole = True, history + [newest]
-        asked = time.monotonic()
-        process = self.server.spawn(cli_launch(self.claude, self.turn, self.server.config,
-                                               whole if interrupted else history, interrupted))
-        self.process, self.start = process, "warm" if process.started < asked else "cold"
-        self.session = process.session = Session(conversation.tools)
-        process.send(self.session.begin(self.turn, newest, budget, self.whole, interrupted))
-        return process, self.session
-
-    def _deadlines(self, process: ClaudeProcess, session: Session) -> Callable[[], Tuple[float, ProxyError]]:
-        config = self.server.config
-        total = (time.monotonic() + config.timeout,
-                 ProxyError(504, "Claude did not finish within %g s (--timeout)." % config.timeout,
-                            code="timeout"))
-        idle = ProxyError(504, "Claude Code printed nothing for %g s (--idle-timeout)."
-                          % config.idle_timeout, code="idle_timeout")
-
-        def next_deadline() -> Tuple[float, ProxyError]:  # asked after every read: keep it cheap
-            earliest = min(total, (process.last_output + config.idle_timeout, idle),
-                           key=lambda pair: pair[0])
-            retry = session.retry_deadline()
-            return earliest if retry is None or earliest[0] <= retry[0] else retry
-        return next_deadline
-
-    def _no_result(self, process: ClaudeProcess) -> ProxyError:
-        if self.server.closing:
-            return ProxyError(503, "The proxy is shutting down.", code="shutting_down")
-        code = process.close(grace=2.0)
-        tail = process.stderr_text()[-1000:]
-        return ProxyError(
-            502, "Claude Code exited (code %s) without an answer. %s"
-            % (code, ("Its last output: " + tail) if tail else "It printed nothing on stderr."),
-            code="cli_failed")
-
-    def keep(self, outcome: Outcome, echo: Optional[List[Dict[str, Any]]]) -> None:
-        """Keep the process for its conversation's next turn, which will hold `echo` as this
-        reply (the reply as the client got it), when the session may go on and there is room;
-        else finish() ends it once the answer is out. The reply's thinking is kept too, for a
-        turn that resumes the conversation without this process (ThinkingStore)."""
-        if self.session is None or self.session.state not in (WAITING, IDLE):
-            return
-        self.server.thinking.put(self.turn.cli_model, outcome.model, outcome.blocks)
-        process = self.process
-        if process is None or not echo or process.closed:
-            return
-        messages = self.turn.conversation.messages + [{"role": "assistant", "content": echo}]
-        if self.server.keep(conversation_key(self.turn, messages), process):
-            self.process = None
-
-    def finish(self) -> None:
-        """End the process unless it was kept; called however the turn went."""
-        self._end()
-
-    def _end(self) -> None:
-        process, self.process = self.process, None
-        if process is not None:
-            self.server.release(process)
-            # A turn that ended by itself may be writing Claude Code's own files: a moment for that.
-            process.close(grace=1.0 if self.session is not None and self.session.completed else 0.0)
-
+# ===========================================================================
+# 2. THE DOORS (pure): each API's request into a turn, the session's events into its frames
+# ===========================================================================
 
 # ---------------------------------------------------------------------------
 # The doors: what they share
@@ -3018,6 +1749,14 @@ class Exchange:
 Frame = Tuple[Optional[str], Any]
 
 
+def request_model(body: Dict[str, Any], config: Config) -> Tuple[str, str]:
+    """(the model as the client named it, the CLI's --model for it)."""
+    model = body.get("model") or ""
+    if not isinstance(model, str):
+        raise invalid("`model` must be a string.", "model", "invalid_type")
+    return model or config.default_model, resolve_model(model, config.default_model)
+
+
 def request_fields(body: Any, config: Config, known: frozenset, ignored: frozenset) -> Tuple[str, str]:
     """(the model as the client named it, the CLI's --model for it) of a request body, checked to be
     an object; fields it neither knows nor ignores are named in the debug log."""
@@ -3027,14 +1766,6 @@ def request_fields(body: Any, config: Config, known: frozenset, ignored: frozens
     if unknown:
         log.debug("ignoring request fields: %s", ", ".join(unknown))
     return request_model(body, config)
-
-
-def request_model(body: Dict[str, Any], config: Config) -> Tuple[str, str]:
-    """(the model as the client named it, the CLI's --model for it)."""
-    model = body.get("model") or ""
-    if not isinstance(model, str):
-        raise invalid("`model` must be a string.", "model", "invalid_type")
-    return model or config.default_model, resolve_model(model, config.default_model)
 
 
 def optional_bool(body: Dict[str, Any], name: str, default: bool) -> bool:
@@ -3101,14 +1832,16 @@ def stop_list(value: Any, param: str, most: Optional[int] = None) -> List[str]:
     return [stop for stop in stops if stop]
 
 
-def chosen_tools(tools: List[Dict[str, Any]], choice: Any, param: str) -> Tuple[List[Dict[str, Any]], str]:
-    """(the tools Claude may call, the tool choice as a Turn takes it) under a client's tool choice."""
-    choice, allowed = parse_tool_choice(choice, [tool["name"] for tool in tools], param)
-    if allowed is not None:
-        tools = [tool for tool in tools if tool["name"] in allowed]
-    if choice == "none":
-        tools = []  # not offered at all, so Claude cannot call them
-    return tools, choice
+def named_tool(choice: Any, names: List[str], param: str) -> str:
+    name = None
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else choice.get("name")
+    if not isinstance(name, str):
+        raise invalid("`%s` must be \"auto\", \"none\", \"required\" or name a function." % param, param)
+    if name not in names:
+        raise invalid("`%s` names %r, which is not among the tools offered." % (param, name), param)
+    return name
 
 
 def parse_tool_choice(choice: Any, names: List[str], param: str) -> Tuple[str, Optional[List[str]]]:
@@ -3130,16 +1863,14 @@ def parse_tool_choice(choice: Any, names: List[str], param: str) -> Tuple[str, O
     return named_tool(choice, names, param), None
 
 
-def named_tool(choice: Any, names: List[str], param: str) -> str:
-    name = None
-    if isinstance(choice, dict):
-        function = choice.get("function")
-        name = function.get("name") if isinstance(function, dict) else choice.get("name")
-    if not isinstance(name, str):
-        raise invalid("`%s` must be \"auto\", \"none\", \"required\" or name a function." % param, param)
-    if name not in names:
-        raise invalid("`%s` names %r, which is not among the tools offered." % (param, name), param)
-    return name
+def chosen_tools(tools: List[Dict[str, Any]], choice: Any, param: str) -> Tuple[List[Dict[str, Any]], str]:
+    """(the tools Claude may call, the tool choice as a Turn takes it) under a client's tool choice."""
+    choice, allowed = parse_tool_choice(choice, [tool["name"] for tool in tools], param)
+    if allowed is not None:
+        tools = [tool for tool in tools if tool["name"] in allowed]
+    if choice == "none":
+        tools = []  # not offered at all, so Claude cannot call them
+    return tools, choice
 
 
 def all_input_tokens(usage: Dict[str, int]) -> int:
@@ -3151,6 +1882,58 @@ def all_input_tokens(usage: Dict[str, int]) -> int:
 def random_id(prefix: str) -> str:
     """A fresh id for something the proxy answers (a completion, a response, an output item)."""
     return prefix + uuid.uuid4().hex[:24]
+
+
+MAX_JSON_DEPTH = 100
+
+
+def json_problem(value: Any) -> Optional[str]:
+    """Why a parsed body could not be written out again for the CLI, or None.
+
+    Deep nesting would hit the recursion limit in json.dumps, and a lone UTF-16
+    surrogate (a bare \\ud800 escape) is no text that UTF-8 can carry. One walk,
+    without recursion, finds both.
+    """
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "holds a lone UTF-16 surrogate escape, which is not valid text"
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return "nests deeper than %d levels" % MAX_JSON_DEPTH
+            children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def refuse_constant(name: str) -> Any:
+    """NaN and Infinity, which Python's json takes and JSON has not (nor the CLI)."""
+    raise ValueError("%s is not a JSON value" % name)
+
+
+def parse_json_text(text: bytes) -> Any:
+    """A request body's JSON, or a 400 saying why it is none the CLI could be given."""
+    try:
+        body = json.loads(text.decode("utf-8"), parse_constant=refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise invalid("The request body is not valid JSON: %s" % error, code="invalid_json")
+    problem = json_problem(body)
+    if problem:
+        raise invalid("The request body %s." % problem, code="invalid_json")
+    return body
+
+
+def asked_model(body: Any) -> str:
+    """The model a request body names, fit for a log line (a client may send any text), or "-"."""
+    model = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model, str) or not model:
+        return "-"
+    return re.sub(r"[^A-Za-z0-9._:/@\[\]-]", "?", model[:100])
 
 
 # ---------------------------------------------------------------------------
@@ -3187,40 +1970,6 @@ class ChatOptions(NamedTuple):
     want_reasoning: bool     # thinking goes out as reasoning_content
 
 
-def parse_chat_request(body: Any, config: Config,
-                       fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None
-                       ) -> Tuple[Turn, ChatOptions]:
-    """Validate an OpenAI chat completion body into a Turn; a 400 names the bad param.
-
-    `fetch` loads remote images (only with --fetch-images); tests pass a fake.
-    """
-    model, cli_model = request_fields(body, config, CHAT_FIELDS, CHAT_IGNORED_FIELDS)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("`messages` must be a non-empty array.", "messages",
-                      "invalid_type" if not isinstance(messages, list) else "empty_array")
-    stream = optional_bool(body, "stream", False)
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise invalid("`stream_options` must be an object.", "stream_options", "invalid_type")
-    if body.get("n") not in (None, 1):
-        raise invalid("Only n=1 is supported: the Claude Code CLI gives one answer per request.",
-                      "n", "unsupported_value")
-    tools, tool_choice, parallel, legacy = chat_tools(body)
-    effort, thinking, asked = chat_reasoning(body)
-    conversation = chat_conversation(messages, tools, image_loader(config, fetch or fetch_image))
-    turn = Turn(model=model, cli_model=cli_model, conversation=conversation,
-                tool_choice=tool_choice, parallel_tool_calls=parallel,
-                json_schema=chat_response_format(body.get("response_format")),
-                max_tokens=parse_max_tokens(body, ("max_completion_tokens", "max_tokens")),
-                stops=stop_list(body.get("stop"), "stop", 4), effort=effort, thinking=thinking)
-    # Thinking goes out as reasoning_content unless turned off: agents keep a stream alive
-    # by its deltas (the convention of DeepSeek, vLLM and OpenRouter; others ignore it).
-    want_reasoning = asked or not (config.hide_reasoning or body.get("include_reasoning") is False)
-    return turn, ChatOptions(stream=stream, include_usage=bool(stream and options.get("include_usage")),
-                             legacy_functions=legacy, want_reasoning=thinking and want_reasoning)
-
-
 def chat_reasoning(body: Dict[str, Any]) -> Tuple[Optional[str], bool, bool]:
     """(effort level, thinking on, reasoning asked for explicitly)."""
     effort = body.get("reasoning_effort")
@@ -3247,45 +1996,6 @@ def chat_response_format(response_format: Any) -> Optional[Dict[str, Any]]:
                               "response_format.json_schema.schema")
     raise invalid("`response_format.type` must be \"text\", \"json_object\" or \"json_schema\".",
                   "response_format")
-
-
-def chat_conversation(messages: List[Any], tools: List[Dict[str, Any]],
-                      load_image: ImageLoader) -> Conversation:
-    """OpenAI chat messages as a native conversation.
-
-    System and developer messages make the system prompt; tool (and legacy
-    function) messages become tool_result blocks of a user message; assistant
-    tool calls become tool_use blocks. Consecutive user messages (OpenClaw ends
-    each turn with two) are one user turn, answered as a whole.
-    """
-    system: List[str] = []
-    native = MessageList()
-    legacy_ids: List[str] = []  # legacy function calls carry no ids: they are numbered in order
-    for index, message in enumerate(messages):
-        param = "messages[%d]" % index
-        if not isinstance(message, dict):
-            raise invalid("%s must be an object." % param, param, "invalid_type")
-        role = message.get("role")
-        content = message.get("content")
-        if role in ("system", "developer"):
-            system.append("".join(b["text"] for b in chat_blocks(content, param, ("text",), load_image)))
-        elif role == "user":
-            native.add("user", chat_blocks(content, param, ("text", "image_url", "file"), load_image))
-        elif role == "assistant":
-            native.add("assistant", chat_blocks(content, param, ("text", "refusal"), load_image, nullable=True)
-                       + assistant_calls(message, param, legacy_ids))
-        elif role in ("tool", "function"):
-            native.add("user", [chat_tool_result(message, param, legacy_ids, load_image)])
-        else:
-            raise invalid("%s.role must be one of system, developer, user, assistant, tool, function; "
-                          "got %r." % (param, role), param + ".role")
-    if not native.messages:
-        raise invalid("`messages` holds only system messages; add a user message.", "messages")
-    if native.messages[-1]["role"] != "user":
-        raise invalid("The conversation must end with a user or tool message: Claude Code cannot "
-                      "continue a partial assistant message (a prefill).", "messages", "unsupported_value")
-    return Conversation("\n\n".join(s for s in system if s.strip()) or DEFAULT_SYSTEM_PROMPT,
-                        native.messages, tools)
 
 
 def chat_blocks(content: Any, param: str, kinds: Tuple[str, ...],
@@ -3357,6 +2067,45 @@ def chat_tool_result(message: Dict[str, Any], param: str, legacy_ids: List[str],
                                                   ("text", "image_url"), load_image))
 
 
+def chat_conversation(messages: List[Any], tools: List[Dict[str, Any]],
+                      load_image: ImageLoader) -> Conversation:
+    """OpenAI chat messages as a native conversation.
+
+    System and developer messages make the system prompt; tool (and legacy
+    function) messages become tool_result blocks of a user message; assistant
+    tool calls become tool_use blocks. Consecutive user messages (OpenClaw ends
+    each turn with two) are one user turn, answered as a whole.
+    """
+    system: List[str] = []
+    native = MessageList()
+    legacy_ids: List[str] = []  # legacy function calls carry no ids: they are numbered in order
+    for index, message in enumerate(messages):
+        param = "messages[%d]" % index
+        if not isinstance(message, dict):
+            raise invalid("%s must be an object." % param, param, "invalid_type")
+        role = message.get("role")
+        content = message.get("content")
+        if role in ("system", "developer"):
+            system.append("".join(b["text"] for b in chat_blocks(content, param, ("text",), load_image)))
+        elif role == "user":
+            native.add("user", chat_blocks(content, param, ("text", "image_url", "file"), load_image))
+        elif role == "assistant":
+            native.add("assistant", chat_blocks(content, param, ("text", "refusal"), load_image, nullable=True)
+                       + assistant_calls(message, param, legacy_ids))
+        elif role in ("tool", "function"):
+            native.add("user", [chat_tool_result(message, param, legacy_ids, load_image)])
+        else:
+            raise invalid("%s.role must be one of system, developer, user, assistant, tool, function; "
+                          "got %r." % (param, role), param + ".role")
+    if not native.messages:
+        raise invalid("`messages` holds only system messages; add a user message.", "messages")
+    if native.messages[-1]["role"] != "user":
+        raise invalid("The conversation must end with a user or tool message: Claude Code cannot "
+                      "continue a partial assistant message (a prefill).", "messages", "unsupported_value")
+    return Conversation("\n\n".join(s for s in system if s.strip()) or DEFAULT_SYSTEM_PROMPT,
+                        native.messages, tools)
+
+
 def chat_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, bool, bool]:
     """(native tools offered, tool choice, parallel calls allowed, legacy functions API)."""
     legacy = body.get("tools") is None and body.get("functions") is not None
@@ -3384,6 +2133,40 @@ def chat_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, bool, b
                                  "function_call" if legacy else "tool_choice")
     parallel = not legacy and body.get("parallel_tool_calls") is not False
     return tools, choice, parallel, legacy
+
+
+def parse_chat_request(body: Any, config: Config,
+                       fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None
+                       ) -> Tuple[Turn, ChatOptions]:
+    """Validate an OpenAI chat completion body into a Turn; a 400 names the bad param.
+
+    `fetch` loads remote images (only with --fetch-images); tests pass a fake.
+    """
+    model, cli_model = request_fields(body, config, CHAT_FIELDS, CHAT_IGNORED_FIELDS)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("`messages` must be a non-empty array.", "messages",
+                      "invalid_type" if not isinstance(messages, list) else "empty_array")
+    stream = optional_bool(body, "stream", False)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise invalid("`stream_options` must be an object.", "stream_options", "invalid_type")
+    if body.get("n") not in (None, 1):
+        raise invalid("Only n=1 is supported: the Claude Code CLI gives one answer per request.",
+                      "n", "unsupported_value")
+    tools, tool_choice, parallel, legacy = chat_tools(body)
+    effort, thinking, asked = chat_reasoning(body)
+    conversation = chat_conversation(messages, tools, image_loader(config, fetch or fetch_image))
+    turn = Turn(model=model, cli_model=cli_model, conversation=conversation,
+                tool_choice=tool_choice, parallel_tool_calls=parallel,
+                json_schema=chat_response_format(body.get("response_format")),
+                max_tokens=parse_max_tokens(body, ("max_completion_tokens", "max_tokens")),
+                stops=stop_list(body.get("stop"), "stop", 4), effort=effort, thinking=thinking)
+    # Thinking goes out as reasoning_content unless turned off: agents keep a stream alive
+    # by its deltas (the convention of DeepSeek, vLLM and OpenRouter; others ignore it).
+    want_reasoning = asked or not (config.hide_reasoning or body.get("include_reasoning") is False)
+    return turn, ChatOptions(stream=stream, include_usage=bool(stream and options.get("include_usage")),
+                             legacy_functions=legacy, want_reasoning=thinking and want_reasoning)
 
 
 def chat_usage(usage: Dict[str, int]) -> Dict[str, Any]:
@@ -3554,29 +2337,6 @@ class StoredResponse(NamedTuple):
     item_ids: List[str]             # ids of its input and output items, earlier turns' too
 
 
-class ResponseStore(BoundedStore):
-    """The newest responses, by id (a BoundedStore).
-
-    Each is held as its compact JSON, the only copy, so the bytes counted are the bytes held:
-    parsed, the same conversation takes several times its JSON's size (nine times, of many
-    small values), which a cap on the text would not see. `get` parses a fresh copy that
-    nobody else holds or changes.
-    """
-
-    def __init__(self, count: int = RESPONSE_STORE_COUNT, size: int = RESPONSE_STORE_BYTES) -> None:
-        super().__init__(count, size)
-
-    def put(self, entry: StoredResponse) -> None:
-        data = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        if not self.keep(entry.response["id"], data, len(data)):
-            log.info("response %s is not kept: its conversation is larger than the store (%d bytes)",
-                     entry.response["id"], self.size)
-
-    def get(self, response_id: str) -> Optional[StoredResponse]:
-        data = super().get(response_id)
-        return None if data is None else StoredResponse(*json.loads(data))
-
-
 class ResponsesOptions(NamedTuple):
     """How the Responses door answers, beside the Turn it asks for."""
     stream: bool
@@ -3586,60 +2346,6 @@ class ResponsesOptions(NamedTuple):
     store: bool                     # the response is kept (for previous_response_id and GET)
     system: List[str]               # the input's system and developer messages, for the next turn
     item_ids: List[str]             # ids of the input's items, earlier turns' too
-
-
-def parse_responses_request(body: Any, config: Config,
-                            find_response: Optional[Callable[[str], Optional[StoredResponse]]] = None,
-                            fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None
-                            ) -> Tuple[Turn, ResponsesOptions]:
-    """Validate a Responses API body into a Turn; a 400 names the bad param.
-
-    `find_response` finds a response a previous_response_id may name (in the proxy's store);
-    `fetch` loads remote images (only with --fetch-images); tests pass a fake.
-    """
-    model, cli_model = request_fields(body, config, RESPONSES_FIELDS, RESPONSES_IGNORED_FIELDS)
-    for name in RESPONSES_UNSUPPORTED_FIELDS:
-        if body.get(name) is not None:
-            raise invalid("`%s` is not supported: send the whole conversation in `input`, or continue a "
-                          "response with `previous_response_id`." % name, name, "unsupported_parameter")
-    if body.get("background") is True:
-        raise invalid("Background responses are not supported: Claude answers while the request waits.",
-                      "background", "unsupported_value")
-    stream = optional_bool(body, "stream", False)
-    store = optional_bool(body, "store", True)
-    instructions = body.get("instructions")
-    if instructions is not None and not isinstance(instructions, str):
-        raise invalid("`instructions` must be a string.", "instructions", "invalid_type")
-    include = body.get("include") or []
-    if not isinstance(include, list):
-        raise invalid("`include` must be an array.", "include", "invalid_type")
-    previous = previous_response(body.get("previous_response_id"), find_response)
-    tools, echoed_tools, tool_choice = responses_tools(body)
-    parallel = optional_bool(body, "parallel_tool_calls", True)
-    effort, thinking, summary = responses_reasoning(body.get("reasoning"))
-    json_schema, text_format = responses_text_format(body.get("text"))
-    conversation, system, item_ids = responses_conversation(
-        body.get("input"), instructions, previous, tools, image_loader(config, fetch or fetch_image))
-    max_tokens = parse_max_tokens(body, ("max_output_tokens",))
-    turn = Turn(model=model, cli_model=cli_model, conversation=conversation, tool_choice=tool_choice,
-                parallel_tool_calls=parallel, json_schema=json_schema, max_tokens=max_tokens,
-                effort=effort, thinking=thinking)
-    metadata = body.get("metadata")
-    settings = {
-        "instructions": instructions, "max_output_tokens": max_tokens, "model": model,
-        "parallel_tool_calls": parallel, "previous_response_id": previous and previous.response["id"],
-        "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": summary},
-        "store": store, "text": {"format": text_format}, "tool_choice": body.get("tool_choice") or "auto",
-        "tools": echoed_tools, "truncation": "disabled",
-        "metadata": {key: value for key, value in metadata.items() if isinstance(value, str)}
-        if isinstance(metadata, dict) else {},
-    }
-    # Thinking goes out as reasoning summaries unless turned off, as the chat door sends it.
-    want_reasoning = thinking and (summary is not None or not config.hide_reasoning)
-    return turn, ResponsesOptions(
-        stream=stream, want_reasoning=want_reasoning,
-        sealed_reasoning=want_reasoning and "reasoning.encrypted_content" in include,
-        settings=settings, store=store, system=system, item_ids=item_ids)
 
 
 def previous_response(response_id: Any, find_response: Optional[Callable[[str], Optional[StoredResponse]]]
@@ -3717,6 +2423,66 @@ def responses_text_format(text: Any) -> Tuple[Optional[Dict[str, Any]], Dict[str
     raise invalid("`text.format.type` must be \"text\", \"json_object\" or \"json_schema\".", "text.format")
 
 
+def responses_blocks(content: Any, param: str, kinds: Tuple[str, ...],
+                     load_image: ImageLoader) -> List[Dict[str, Any]]:
+    """The native blocks of a message's content (or a function output): a string or an array of parts."""
+    def block(kind: str, part: Dict[str, Any], part_param: str) -> Dict[str, Any]:
+        if kind == "input_image":
+            if not isinstance(part.get("image_url"), str):
+                raise invalid("%s.image_url must be a URL (uploaded file ids are not supported)."
+                              % part_param, part_param + ".image_url", "invalid_type")
+            return load_image(part["image_url"], part_param)
+        if kind == "input_file":
+            return document_block(part.get("file_data"), part_param + ".file_data")
+        return text_block(string_field(part, "refusal" if kind == "refusal" else "text", part_param))
+    return content_blocks(content, param, kinds, block)
+
+
+def thinking_blocks(item: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """A reasoning item from an earlier answer: Claude's thinking block again when it carries the
+    signature the proxy gave it, else nothing. Anthropic refuses thinking without its signature,
+    and OpenAI's own encrypted reasoning means nothing to Claude."""
+    sealed = item.get("encrypted_content")
+    if not isinstance(sealed, str) or not sealed.startswith(THINKING_SIGNATURE_MARK):
+        return []
+    summary = item.get("summary") if isinstance(item.get("summary"), list) else []
+    thinking = "".join(part["text"] for part in summary
+                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return [{"type": "thinking", "thinking": thinking, "signature": sealed[len(THINKING_SIGNATURE_MARK):]}]
+
+
+def responses_item(item: Dict[str, Any], param: str,
+                   load_image: ImageLoader) -> Tuple[str, List[Dict[str, Any]]]:
+    """One input item as (role, native blocks); role "system" for system and developer messages."""
+    kind = item.get("type", "message")  # the Agents SDK sends messages without a type
+    if kind == "message":
+        role = item.get("role")
+        kinds = named_entry({"user": ("input_text", "input_image", "input_file"), "system": ("input_text",),
+                             "developer": ("input_text",),
+                             "assistant": ("output_text", "refusal", "input_text")}, role)
+        if kinds is None:
+            raise invalid("%s.role must be one of user, assistant, system, developer; got %r."
+                          % (param, role), param + ".role")
+        blocks = responses_blocks(item.get("content"), param + ".content", kinds, load_image)
+        return ("system" if role == "developer" else role), blocks
+    if kind == "function_call":
+        if not isinstance(item.get("call_id"), str) or not isinstance(item.get("name"), str):
+            raise invalid("%s must have a call_id and a name." % param, param, "invalid_type")
+        return "assistant", [{"type": "tool_use", "id": tool_id(item["call_id"]), "name": item["name"],
+                              "input": tool_input(item.get("arguments"), param + ".arguments")}]
+    if kind == "function_call_output":
+        if not isinstance(item.get("call_id"), str):
+            raise invalid("%s.call_id must name the call this output answers." % param,
+                          param + ".call_id", "invalid_type")
+        output = item.get("output")
+        return "user", [tool_result_block(tool_id(item["call_id"]), responses_blocks(
+            "" if output is None else output, param + ".output", ("input_text", "input_image"), load_image))]
+    if kind == "reasoning":
+        return "assistant", thinking_blocks(item)
+    raise invalid("%s has type %r; the proxy takes message, function_call, function_call_output, reasoning "
+                  "and item_reference items." % (param, kind), param + ".type", "unsupported_item_type")
+
+
 def responses_conversation(items: Any, instructions: Optional[str], previous: Optional[StoredResponse],
                            tools: List[Dict[str, Any]], load_image: ImageLoader
                            ) -> Tuple[Conversation, List[str], List[str]]:
@@ -3762,64 +2528,64 @@ def responses_conversation(items: Any, instructions: Optional[str], previous: Op
     return Conversation(prompt or DEFAULT_SYSTEM_PROMPT, native.messages, tools), system, item_ids
 
 
-def responses_item(item: Dict[str, Any], param: str,
-                   load_image: ImageLoader) -> Tuple[str, List[Dict[str, Any]]]:
-    """One input item as (role, native blocks); role "system" for system and developer messages."""
-    kind = item.get("type", "message")  # the Agents SDK sends messages without a type
-    if kind == "message":
-        role = item.get("role")
-        kinds = named_entry({"user": ("input_text", "input_image", "input_file"), "system": ("input_text",),
-                             "developer": ("input_text",),
-                             "assistant": ("output_text", "refusal", "input_text")}, role)
-        if kinds is None:
-            raise invalid("%s.role must be one of user, assistant, system, developer; got %r."
-                          % (param, role), param + ".role")
-        blocks = responses_blocks(item.get("content"), param + ".content", kinds, load_image)
-        return ("system" if role == "developer" else role), blocks
-    if kind == "function_call":
-        if not isinstance(item.get("call_id"), str) or not isinstance(item.get("name"), str):
-            raise invalid("%s must have a call_id and a name." % param, param, "invalid_type")
-        return "assistant", [{"type": "tool_use", "id": tool_id(item["call_id"]), "name": item["name"],
-                              "input": tool_input(item.get("arguments"), param + ".arguments")}]
-    if kind == "function_call_output":
-        if not isinstance(item.get("call_id"), str):
-            raise invalid("%s.call_id must name the call this output answers." % param,
-                          param + ".call_id", "invalid_type")
-        output = item.get("output")
-        return "user", [tool_result_block(tool_id(item["call_id"]), responses_blocks(
-            "" if output is None else output, param + ".output", ("input_text", "input_image"), load_image))]
-    if kind == "reasoning":
-        return "assistant", thinking_blocks(item)
-    raise invalid("%s has type %r; the proxy takes message, function_call, function_call_output, reasoning "
-                  "and item_reference items." % (param, kind), param + ".type", "unsupported_item_type")
+def parse_responses_request(body: Any, config: Config,
+                            find_response: Optional[Callable[[str], Optional[StoredResponse]]] = None,
+                            fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None
+                            ) -> Tuple[Turn, ResponsesOptions]:
+    """Validate a Responses API body into a Turn; a 400 names the bad param.
+
+    `find_response` finds a response a previous_response_id may name (in the proxy's store);
+    `fetch` loads remote images (only with --fetch-images); tests pass a fake.
+    """
+    model, cli_model = request_fields(body, config, RESPONSES_FIELDS, RESPONSES_IGNORED_FIELDS)
+    for name in RESPONSES_UNSUPPORTED_FIELDS:
+        if body.get(name) is not None:
+            raise invalid("`%s` is not supported: send the whole conversation in `input`, or continue a "
+                          "response with `previous_response_id`." % name, name, "unsupported_parameter")
+    if body.get("background") is True:
+        raise invalid("Background responses are not supported: Claude answers while the request waits.",
+                      "background", "unsupported_value")
+    stream = optional_bool(body, "stream", False)
+    store = optional_bool(body, "store", True)
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise invalid("`instructions` must be a string.", "instructions", "invalid_type")
+    include = body.get("include") or []
+    if not isinstance(include, list):
+        raise invalid("`include` must be an array.", "include", "invalid_type")
+    previous = previous_response(body.get("previous_response_id"), find_response)
+    tools, echoed_tools, tool_choice = responses_tools(body)
+    parallel = optional_bool(body, "parallel_tool_calls", True)
+    effort, thinking, summary = responses_reasoning(body.get("reasoning"))
+    json_schema, text_format = responses_text_format(body.get("text"))
+    conversation, system, item_ids = responses_conversation(
+        body.get("input"), instructions, previous, tools, image_loader(config, fetch or fetch_image))
+    max_tokens = parse_max_tokens(body, ("max_output_tokens",))
+    turn = Turn(model=model, cli_model=cli_model, conversation=conversation, tool_choice=tool_choice,
+                parallel_tool_calls=parallel, json_schema=json_schema, max_tokens=max_tokens,
+                effort=effort, thinking=thinking)
+    metadata = body.get("metadata")
+    settings = {
+        "instructions": instructions, "max_output_tokens": max_tokens, "model": model,
+        "parallel_tool_calls": parallel, "previous_response_id": previous and previous.response["id"],
+        "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": summary},
+        "store": store, "text": {"format": text_format}, "tool_choice": body.get("tool_choice") or "auto",
+        "tools": echoed_tools, "truncation": "disabled",
+        "metadata": {key: value for key, value in metadata.items() if isinstance(value, str)}
+        if isinstance(metadata, dict) else {},
+    }
+    # Thinking goes out as reasoning summaries unless turned off, as the chat door sends it.
+    want_reasoning = thinking and (summary is not None or not config.hide_reasoning)
+    return turn, ResponsesOptions(
+        stream=stream, want_reasoning=want_reasoning,
+        sealed_reasoning=want_reasoning and "reasoning.encrypted_content" in include,
+        settings=settings, store=store, system=system, item_ids=item_ids)
 
 
-def responses_blocks(content: Any, param: str, kinds: Tuple[str, ...],
-                     load_image: ImageLoader) -> List[Dict[str, Any]]:
-    """The native blocks of a message's content (or a function output): a string or an array of parts."""
-    def block(kind: str, part: Dict[str, Any], part_param: str) -> Dict[str, Any]:
-        if kind == "input_image":
-            if not isinstance(part.get("image_url"), str):
-                raise invalid("%s.image_url must be a URL (uploaded file ids are not supported)."
-                              % part_param, part_param + ".image_url", "invalid_type")
-            return load_image(part["image_url"], part_param)
-        if kind == "input_file":
-            return document_block(part.get("file_data"), part_param + ".file_data")
-        return text_block(string_field(part, "refusal" if kind == "refusal" else "text", part_param))
-    return content_blocks(content, param, kinds, block)
-
-
-def thinking_blocks(item: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """A reasoning item from an earlier answer: Claude's thinking block again when it carries the
-    signature the proxy gave it, else nothing. Anthropic refuses thinking without its signature,
-    and OpenAI's own encrypted reasoning means nothing to Claude."""
-    sealed = item.get("encrypted_content")
-    if not isinstance(sealed, str) or not sealed.startswith(THINKING_SIGNATURE_MARK):
-        return []
-    summary = item.get("summary") if isinstance(item.get("summary"), list) else []
-    thinking = "".join(part["text"] for part in summary
-                       if isinstance(part, dict) and isinstance(part.get("text"), str))
-    return [{"type": "thinking", "thinking": thinking, "signature": sealed[len(THINKING_SIGNATURE_MARK):]}]
+def response_not_found(response_id: str) -> ProxyError:
+    """GET or DELETE of /v1/responses/{id} for an id the store does not hold."""
+    return ProxyError(404, "No response found with id '%s'." % response_id, param="response_id",
+                      code="response_not_found")
 
 
 def responses_usage(usage: Dict[str, int]) -> Dict[str, Any]:
@@ -4115,34 +2881,6 @@ def messages_list(body: Dict[str, Any]) -> List[Any]:
     return messages
 
 
-def parse_messages_request(body: Any, config: Config,
-                           fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None
-                           ) -> Tuple[Turn, MessagesOptions]:
-    """Validate an Anthropic Messages body into a Turn; a 400 names the bad param.
-
-    `fetch` loads remote images (only with --fetch-images); tests pass a fake.
-    """
-    model, cli_model = request_fields(body, config, MESSAGES_FIELDS, MESSAGES_IGNORED_FIELDS)
-    if body.get("max_tokens") is None:
-        raise invalid("`max_tokens` is required, as on the Anthropic API.", "max_tokens",
-                      "missing_required_field")
-    messages = messages_list(body)
-    if body.get("mcp_servers"):
-        raise invalid("`mcp_servers` is not supported: Claude Code cannot connect to a client's remote MCP "
-                      "servers. Offer their tools as custom tools instead.", "mcp_servers", "unsupported_value")
-    tools, tool_choice, parallel = messages_tools(body)
-    effort, json_schema = messages_output_config(body.get("output_config"))
-    load_image = image_loader(config, fetch or fetch_image)
-    conversation = Conversation(messages_system(body.get("system"), load_image) or DEFAULT_SYSTEM_PROMPT,
-                                messages_conversation(messages, load_image), tools)
-    turn = Turn(model=model, cli_model=cli_model, conversation=conversation,
-                tool_choice=tool_choice, parallel_tool_calls=parallel, json_schema=json_schema,
-                max_tokens=parse_max_tokens(body, ("max_tokens",)),
-                stops=stop_list(body.get("stop_sequences"), "stop_sequences"), effort=effort,
-                thinking=messages_thinking(body.get("thinking")))
-    return turn, MessagesOptions(stream=optional_bool(body, "stream", False))
-
-
 def messages_thinking(thinking: Any) -> bool:
     """Whether Claude thinks: as on the Messages API, only when asked. How long is the CLI's
     to decide (its models think adaptively), so a budget_tokens changes nothing."""
@@ -4167,6 +2905,20 @@ def messages_output_config(output_config: Any) -> Tuple[Optional[str], Optional[
     if not isinstance(output_format, dict) or output_format.get("type") != "json_schema":
         raise invalid("`output_config.format.type` must be \"json_schema\".", "output_config.format")
     return effort, json_schema_of(output_format.get("schema"), "output_config.format.schema")
+
+
+def messages_tool_choice(choice: Any, names: List[str]) -> Tuple[str, bool]:
+    """("auto" | "none" | "required" | the one tool to call, parallel calls allowed)."""
+    if choice is None:
+        return "auto", True
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    chosen = named_entry(MESSAGES_TOOL_CHOICES, kind)
+    if chosen is None and kind != "tool":
+        raise invalid("`tool_choice.type` must be \"auto\", \"any\", \"tool\" or \"none\".", "tool_choice.type")
+    parallel = not optional_bool(choice, "disable_parallel_tool_use", False)
+    if kind == "tool":
+        return named_tool(choice, names, "tool_choice"), parallel
+    return chosen, parallel
 
 
 def messages_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, bool]:
@@ -4194,18 +2946,11 @@ def messages_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, boo
     return tools, choice, parallel
 
 
-def messages_tool_choice(choice: Any, names: List[str]) -> Tuple[str, bool]:
-    """("auto" | "none" | "required" | the one tool to call, parallel calls allowed)."""
-    if choice is None:
-        return "auto", True
-    kind = choice.get("type") if isinstance(choice, dict) else None
-    chosen = named_entry(MESSAGES_TOOL_CHOICES, kind)
-    if chosen is None and kind != "tool":
-        raise invalid("`tool_choice.type` must be \"auto\", \"any\", \"tool\" or \"none\".", "tool_choice.type")
-    parallel = not optional_bool(choice, "disable_parallel_tool_use", False)
-    if kind == "tool":
-        return named_tool(choice, names, "tool_choice"), parallel
-    return chosen, parallel
+def messages_blocks(content: Any, param: str, kinds: Tuple[str, ...],
+                    load_image: Optional[ImageLoader]) -> List[Dict[str, Any]]:
+    """Content (a string or an array of blocks) as native blocks of the kinds allowed here."""
+    return content_blocks(content, param, kinds, lambda _kind, block, block_param: messages_block(
+        block, block_param, load_image))
 
 
 def messages_system(system: Any, load_image: ImageLoader) -> str:
@@ -4260,37 +3005,32 @@ def messages_conversation(messages: List[Any], load_image: ImageLoader) -> List[
     return native.messages
 
 
-def messages_blocks(content: Any, param: str, kinds: Tuple[str, ...],
-                    load_image: Optional[ImageLoader]) -> List[Dict[str, Any]]:
-    """Content (a string or an array of blocks) as native blocks of the kinds allowed here."""
-    return content_blocks(content, param, kinds, lambda _kind, block, block_param: messages_block(
-        block, block_param, load_image))
+def parse_messages_request(body: Any, config: Config,
+                           fetch: Optional[Callable[[str, int], Tuple[str, bytes]]] = None
+                           ) -> Tuple[Turn, MessagesOptions]:
+    """Validate an Anthropic Messages body into a Turn; a 400 names the bad param.
 
-
-def messages_block(block: Dict[str, Any], param: str, load_image: Optional[ImageLoader]) -> Dict[str, Any]:
-    """One block as Claude takes it: only its own fields (no cache_control, no citations; the CLI
-    places its own cache breakpoints)."""
-    kind = block["type"]
-    if kind == "text":
-        return text_block(string_field(block, "text", param))
-    if kind == "image":
-        return messages_image(block.get("source"), param, load_image)
-    if kind == "document":
-        return messages_document(block, param)
-    if kind == "tool_use":
-        return {"type": "tool_use", "id": tool_id(string_field(block, "id", param)),
-                "name": string_field(block, "name", param),
-                "input": tool_input(block.get("input"), param + ".input")}
-    if kind == "tool_result":
-        content = block.get("content")
-        return tool_result_block(tool_id(string_field(block, "tool_use_id", param)),
-                                 "" if content is None else messages_blocks(
-                                     content, param + ".content", TOOL_RESULT_BLOCKS, load_image),
-                                 optional_bool(block, "is_error", False))
-    if kind == "thinking":
-        return {"type": "thinking", "thinking": string_field(block, "thinking", param),
-                "signature": string_field(block, "signature", param)}
-    return {"type": "redacted_thinking", "data": string_field(block, "data", param)}
+    `fetch` loads remote images (only with --fetch-images); tests pass a fake.
+    """
+    model, cli_model = request_fields(body, config, MESSAGES_FIELDS, MESSAGES_IGNORED_FIELDS)
+    if body.get("max_tokens") is None:
+        raise invalid("`max_tokens` is required, as on the Anthropic API.", "max_tokens",
+                      "missing_required_field")
+    messages = messages_list(body)
+    if body.get("mcp_servers"):
+        raise invalid("`mcp_servers` is not supported: Claude Code cannot connect to a client's remote MCP "
+                      "servers. Offer their tools as custom tools instead.", "mcp_servers", "unsupported_value")
+    tools, tool_choice, parallel = messages_tools(body)
+    effort, json_schema = messages_output_config(body.get("output_config"))
+    load_image = image_loader(config, fetch or fetch_image)
+    conversation = Conversation(messages_system(body.get("system"), load_image) or DEFAULT_SYSTEM_PROMPT,
+                                messages_conversation(messages, load_image), tools)
+    turn = Turn(model=model, cli_model=cli_model, conversation=conversation,
+                tool_choice=tool_choice, parallel_tool_calls=parallel, json_schema=json_schema,
+                max_tokens=parse_max_tokens(body, ("max_tokens",)),
+                stops=stop_list(body.get("stop_sequences"), "stop_sequences"), effort=effort,
+                thinking=messages_thinking(body.get("thinking")))
+    return turn, MessagesOptions(stream=optional_bool(body, "stream", False))
 
 
 def messages_image(source: Any, param: str, load_image: Optional[ImageLoader]) -> Dict[str, Any]:
@@ -4323,6 +3063,32 @@ def messages_document(block: Dict[str, Any], param: str) -> Dict[str, Any]:
         if isinstance(block.get(name), str):
             document[name] = block[name]
     return document
+
+
+def messages_block(block: Dict[str, Any], param: str, load_image: Optional[ImageLoader]) -> Dict[str, Any]:
+    """One block as Claude takes it: only its own fields (no cache_control, no citations; the CLI
+    places its own cache breakpoints)."""
+    kind = block["type"]
+    if kind == "text":
+        return text_block(string_field(block, "text", param))
+    if kind == "image":
+        return messages_image(block.get("source"), param, load_image)
+    if kind == "document":
+        return messages_document(block, param)
+    if kind == "tool_use":
+        return {"type": "tool_use", "id": tool_id(string_field(block, "id", param)),
+                "name": string_field(block, "name", param),
+                "input": tool_input(block.get("input"), param + ".input")}
+    if kind == "tool_result":
+        content = block.get("content")
+        return tool_result_block(tool_id(string_field(block, "tool_use_id", param)),
+                                 "" if content is None else messages_blocks(
+                                     content, param + ".content", TOOL_RESULT_BLOCKS, load_image),
+                                 optional_bool(block, "is_error", False))
+    if kind == "thinking":
+        return {"type": "thinking", "thinking": string_field(block, "thinking", param),
+                "signature": string_field(block, "signature", param)}
+    return {"type": "redacted_thinking", "data": string_field(block, "data", param)}
 
 
 def messages_usage(usage: Dict[str, int]) -> Dict[str, int]:
@@ -4486,120 +3252,1560 @@ class MessagesDoor:
         return MessagesDoor.error_status(error), MessagesDoor.error_body(error)
 
 
+# ===========================================================================
+# 3. THE RUNTIME (I/O): claude processes, the pool, probes, limits, stores, the exchange
+# The runtime moves bytes and holds what outlives a request; the Runner owns every child.
+# It ends with the Core, the proxy in memory, which the edge below calls.
+# ===========================================================================
+
 # ---------------------------------------------------------------------------
-# Answering a turn: the exchange's events through a door, streamed or whole
+# The claude process
 # ---------------------------------------------------------------------------
 
-class SseWriter:
-    """Server-Sent Events on the handler's connection: one frame per HTTP chunk, written
-    as it comes, and the door's keepalive frames (or a comment) while Claude is silent."""
+# Where installers put `claude`; a LaunchAgent's PATH holds none of them.
+CLAUDE_INSTALL_DIRS = ("~/.local/bin", "~/.claude/local", "/opt/homebrew/bin", "/usr/local/bin",
+                       "~/.npm-global/bin", "~/.bun/bin")
 
-    def __init__(self, handler: "ProxyHandler") -> None:
-        self.handler = handler
+
+def find_claude(name: str) -> Optional[str]:
+    """Absolute path of the CLI, looked up on PATH and then the usual install places."""
+    if os.sep in name:
+        path = os.path.expanduser(name)
+        return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+    search = os.pathsep.join([os.environ.get("PATH", "")] +
+                             [os.path.expanduser(d) for d in CLAUDE_INSTALL_DIRS])
+    return shutil.which(name, path=search)
+
+
+def claude_not_found(name: str) -> ProxyError:
+    return ProxyError(
+        503, "The Claude Code CLI (`%s`) was not found. Install it with "
+        "`npm install -g @anthropic-ai/claude-code` (or Anthropic's installer), run `claude` once "
+        "to log in, or point --claude-bin / CLAUDE_BIN at it." % name,
+        code="claude_not_found")
+
+
+class ClientGone(Exception):
+    """The HTTP client hung up; its child must die now. Raised only for the client's own
+    connection (see ClientConnection): any other connection's failure is the proxy's."""
+
+
+WORKDIR_PREFIX = "claude-proxy-"
+
+
+def new_workdir() -> str:
+    """A private directory for one child, named after this proxy's pid so that a
+    later proxy can tell it was left behind (see remove_abandoned_workdirs)."""
+    return tempfile.mkdtemp(prefix="%s%d-" % (WORKDIR_PREFIX, os.getpid()))
+
+
+def claude_config_dir(env: Dict[str, str]) -> str:
+    """Where the CLI keeps its state, sessions included."""
+    return env.get("CLAUDE_CONFIG_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".claude")
+
+
+def session_file(workdir: str, env: Dict[str, str], session_id: str) -> str:
+    """Where `claude --resume ID`, run in `workdir`, looks for the session: a directory named
+    after the real path of its working directory (/private/var/... on macOS)."""
+    project = re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(workdir))
+    return os.path.join(claude_config_dir(env), "projects", project, session_id + ".jsonl")
+
+
+def write_private(path: str, text: str) -> None:
+    """A file only this user can read: it holds a conversation."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def remove_tree(path: str) -> bool:
+    """Remove a directory that holds a conversation; False, and a warning naming what stays,
+    when it cannot be (one already gone is removed)."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("could not remove %s, which holds a conversation: %s", path, error)
+        return False
+    return True
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's
+    return True
+
+
+def remove_abandoned_workdirs(root: Optional[str] = None, projects: Optional[str] = None) -> int:
+    """Remove the children's directories, and the session transcripts named after them, of
+    proxies that died without cleaning up (kill -9, a crash): they hold conversations.
+    Returns how many went."""
+    removed = 0
+    for directory, owner in (
+            (root or tempfile.gettempdir(), re.compile(r"%s(\d+)-" % re.escape(WORKDIR_PREFIX))),
+            # a transcript's directory is the working directory's real path, with '-' for '/' and '_'
+            (projects or os.path.join(claude_config_dir(dict(os.environ)), "projects"),
+             re.compile(r".*-%s(\d+)-" % re.escape(WORKDIR_PREFIX)))):
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            match = owner.match(entry.name)
+            if not match or process_exists(int(match.group(1))):
+                continue
+            try:
+                ours = entry.is_dir(follow_symlinks=False) and \
+                    entry.stat(follow_symlinks=False).st_uid == os.getuid()
+            except OSError:
+                continue
+            if ours and remove_tree(entry.path):
+                removed += 1
+    return removed
+
+
+# The lifeline's whole program (see Lifeline). It runs as `python -I -S -c`: no site, no user paths.
+LIFELINE_SOURCE = r"""
+import os, signal
+groups, pending = set(), b""
+while True:
+    data = os.read(0, 4096)
+    if not data:
+        break
+    *lines, pending = (pending + data).split(b"\n")
+    for line in lines:
+        (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
+
+
+class Lifeline:
+    """Ties the life of every `claude` child to the proxy's, however the proxy ends (kill -9 too).
+
+    A small process of its own learns each child's process group on a pipe (+PGID
+    when it starts, -PGID before it is reaped, so a reused pid is never named) and
+    kills every group still listed when the pipe reaches end-of-file, which the
+    kernel brings about when the proxy dies. It works alike on Linux and macOS.
+    PR_SET_PDEATHSIG would not do: it is Linux-only and fires when the *thread*
+    that started the child exits (request threads do); a preexec_fn is unsafe in a
+    threaded server. A child costs two short writes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: Optional[subprocess.Popen] = None
+        try:
+            # A session of its own: a Ctrl-C meant for the proxy must not end it first.
+            self._process = subprocess.Popen([sys.executable, "-I", "-S", "-c", LIFELINE_SOURCE],
+                                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                             start_new_session=True)
+        except OSError as error:
+            log.warning("children will outlive the proxy if it is killed: no lifeline (%s)", error)
+
+    def hold(self, group: int) -> None:
+        self._send(b"+%d\n" % group)
+
+    def drop(self, group: int) -> None:
+        self._send(b"-%d\n" % group)
+
+    def close(self) -> None:
+        """End the lifeline (it kills any group still held); the proxy's own shutdown is done."""
+        with self._lock:
+            self._end()
+
+    def _send(self, line: bytes) -> None:
+        with self._lock:
+            if self._process is None:
+                return
+            try:
+                os.write(self._process.stdin.fileno(), line)  # shorter than PIPE_BUF: one atomic write
+            except OSError as error:
+                log.warning("children will outlive the proxy if it is killed: the lifeline "
+                            "(pid %d) is gone (%s)", self._process.pid, error)
+                self._end()
+
+    def _end(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(5.0)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def parse_event_line(line: bytes) -> Optional[Dict[str, Any]]:
+    """A CLI output line as a JSON object; anything else (banners, blank lines, and JSON nested
+    deeper than Python's parser goes) is None."""
+    line = line.strip()
+    if not line.startswith(b"{"):
+        return None
+    try:
+        event = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def client_left(client: socket.socket, may_half_close: bool) -> bool:
+    """True when a readable client socket is readable because the client left: it reset the
+    connection, or closed it while it keeps connections alive.
+
+    A client that asked to close the connection after this request (HTTP/1.0, `Connection:
+    close`) may shut down its sending side once the request is sent (`nc -q`, some HTTP/1.0
+    clients) and still read the answer: its end-of-file is no sign it is gone, and no portable
+    call tells that from a full close until a write to it fails (see ClientConnection). A
+    keep-alive client never half-closes, so its end-of-file means it hung up."""
+    try:
+        data = client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return data == b"" and not may_half_close
+
+
+class ClaudeProcess:
+    """One `claude -p` child in its own process group and throwaway directory.
+
+    send() queues lines for its stdin, events() writes them as the CLI reads and
+    yields what it prints as JSON events, and close() reaps it, closes its pipes
+    and removes its directory and session transcript. Its stdin stays open: the
+    CLI answers one turn after another of one conversation, and a process is kept
+    between turns (see Exchange), so what events() read but did not hand out yet
+    waits for the next call. Only the thread that serves its turn calls those;
+    any thread may call terminate(), which leaves the pipes alone.
+    """
+
+    STDERR_TAIL = 4096
+    KILL_WAIT = 5.0  # how long terminate() waits for a killed child to go; one stuck in the kernel stays
+
+    def __init__(self, launch: Launch, lifeline: Optional[Lifeline] = None) -> None:
+        self.workdir = new_workdir()
+        self.session_path: Optional[str] = None
+        try:
+            if launch.session:
+                self.session_path = session_file(self.workdir, dict(launch.env), launch.session[0])
+                write_private(self.session_path, launch.session[1])
+            self.popen = subprocess.Popen(
+                list(launch.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, cwd=self.workdir, env=dict(launch.env),
+                start_new_session=True, bufsize=0)
+        except BaseException:
+            self._remove_files()
+            raise
+        self.pid = self.popen.pid
+        self.lifeline = lifeline
+        if lifeline is not None:
+            lifeline.hold(self.pid)  # its group is named after it
+        os.set_blocking(self.popen.stdin.fileno(), False)  # writes wait in events(), under the timeouts
+        self.started = time.monotonic()
+        self.last_output = self.started
+        self.stderr_tail = b""
+        self.session: Optional["Session"] = None  # the conversation it holds (see Exchange)
+        self._outbox: List[memoryview] = []
+        self._partial: List[bytes] = []    # the pieces of a line not ended yet, joined once it ends
+        self._read: List[Dict[str, Any]] = []  # events read and not handed out yet
+        self._stdout_open = True
+        self._stderr_open = True
+        self._lock = threading.Lock()
+        self._reaped = False
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        """Queue lines for stdin (none, for a turn that needs none); events() writes them as the
+        CLI takes them. A turn starts now: a pre-started or kept process may have waited long."""
+        self.last_output = time.monotonic()
+        if data:
+            self._outbox.append(memoryview(data))  # slices of a view copy nothing, however long
+
+    def events(self, next_deadline: Callable[[], Tuple[float, ProxyError]],
+               client: Optional[socket.socket] = None, tick: Optional[float] = None,
+               may_half_close: bool = False) -> Iterator[Optional[Dict[str, Any]]]:
+        """Yield each JSON object the CLI prints, until its stdout closes.
+
+        next_deadline() gives the earliest moment to give up and the error to raise
+        then; it is asked again after every read, so callers can move it. When
+        `client` is given, a client that leaves (see client_left) raises ClientGone
+        at once, even while the CLI is silent (one that may only have half-closed is
+        found out by the next write to it). With `tick`, None is yielded after each
+        `tick` seconds in which the CLI printed nothing.
+        """
+        out, err, stdin = self.popen.stdout, self.popen.stderr, self.popen.stdin
+        quiet_since = time.monotonic()
+        with selectors.DefaultSelector() as selector:
+            selector.register(out, selectors.EVENT_READ)
+            if self._stderr_open:
+                selector.register(err, selectors.EVENT_READ)
+            if client is not None:
+                selector.register(client, selectors.EVENT_READ)
+            writing = False
+            while True:
+                while self._read:
+                    yield self._read.pop(0)
+                if not self._stdout_open:
+                    return
+                if self._outbox and not writing and not stdin.closed:
+                    selector.register(stdin, selectors.EVENT_WRITE)
+                    writing = True
+                deadline, error = next_deadline()
+                now = time.monotonic()
+                if deadline <= now:
+                    raise error
+                wait = deadline - now
+                if tick is not None:
+                    wait = min(wait, max(0.0, max(self.last_output, quiet_since) + tick - now))
+                ready = selector.select(min(wait, 3600.0))
+                now = time.monotonic()
+                if tick is not None and now >= max(self.last_output, quiet_since) + tick:
+                    quiet_since = now
+                    yield None
+                for key, _ in ready:
+                    if key.fileobj is stdin:
+                        if self._write_some():
+                            selector.unregister(stdin)
+                            writing = False
+                    elif key.fileobj is client:
+                        if client_left(client, may_half_close):
+                            raise ClientGone()
+                        # A pipelined request (not ours to read), or a half-close: it still reads.
+                        selector.unregister(client)
+                    elif key.fileobj is err:
+                        data = os.read(key.fd, 65536)
+                        if data:
+                            self._keep_stderr(data)
+                        else:
+                            self._stderr_open = False
+                            selector.unregister(err)
+                    else:
+                        self._take(os.read(key.fd, 65536))
+
+    def _take(self, data: bytes) -> None:
+        """Keep the events of what stdout gave; end-of-file ends the last line too.
+
+        Linear in a line's length: a read that does not end the line is only set aside.
+        (Adding each read to what came before copied a long line over and over: a 20 MB
+        line took seconds, while every other stream waited on the lock.)"""
+        if not data:
+            self._stdout_open = False
+            lines, self._partial = [b"".join(self._partial)], []
+        elif b"\n" not in data:
+            self.last_output = time.monotonic()
+            self._partial.append(data)
+            return
+        else:
+            self.last_output = time.monotonic()
+            pieces = data.split(b"\n")
+            pieces[0] = b"".join(self._partial + pieces[:1])
+            *lines, last = pieces
+            self._partial = [last]
+        for line in lines:
+            event = parse_event_line(line)
+            if event is not None:
+                self._read.append(event)
+
+    def _write_some(self) -> bool:
+        """Write what stdin takes now; True once the queue is empty."""
+        try:
+            while self._outbox:
+                written = os.write(self.popen.stdin.fileno(), self._outbox[0])
+                self._outbox[0] = self._outbox[0][written:]
+                if self._outbox[0]:
+                    return False
+                self._outbox.pop(0)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self._outbox = []  # it died; events() sees its stdout close
+        return True
+
+    def _keep_stderr(self, data: bytes) -> None:
+        self.stderr_tail = (self.stderr_tail + data)[-self.STDERR_TAIL:]
+
+    def _drain_stderr(self) -> None:
+        """Keep what is still in the stderr pipe, without waiting for more."""
+        fd = self.popen.stderr.fileno()
+        os.set_blocking(fd, False)  # a grandchild may hold the pipe open: never wait on it
+        try:
+            while True:
+                data = os.read(fd, 65536)
+                if not data:
+                    break
+                self._keep_stderr(data)
+        except OSError:
+            pass
+
+    def stderr_text(self) -> str:
+        return self.stderr_tail.decode("utf-8", "replace").strip()
+
+    def alive(self) -> bool:
+        return not self._exited()
+
+    def close(self, grace: float = 0.0) -> Optional[int]:
+        """Close its stdin, give the child `grace` seconds to exit by itself, then kill what
+        is left of its group, reap it and clean up. Returns its exit code (negative: a signal)."""
+        with self._lock:
+            if self.closed:
+                return self.popen.returncode
+            self.closed = True
+        if grace <= 0:
+            # Killed before its stdin closes: at end-of-input a CLI waiting on tool calls would
+            # answer them itself, with an error, and send that upstream.
+            self.terminate()
+        try:
+            self.popen.stdin.close()  # the CLI ends once its input does
+        except OSError:
+            pass
+        deadline = time.monotonic() + grace
+        while not self._exited() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._drain_stderr()
+        self.terminate()
+        for pipe in (self.popen.stdout, self.popen.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        return self.popen.returncode
+
+    def terminate(self) -> None:
+        """Kill the child and everything it started, reap it, remove its files."""
+        with self._lock:
+            if self._reaped:
+                return
+            self._reaped = True
+        try:
+            os.killpg(self.pid, signal.SIGKILL)  # the leader is not reaped yet: its pid is still ours
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.lifeline is not None:
+            self.lifeline.drop(self.pid)  # before the reap frees the pid for another process
+        try:
+            self.popen.wait(self.KILL_WAIT)
+        except subprocess.TimeoutExpired:  # never hang a request or the shutdown on it
+            log.error("claude pid %d did not exit within %g s of SIGKILL; left behind",
+                      self.pid, self.KILL_WAIT)
+        self._remove_files()
+
+    def _remove_files(self) -> None:
+        remove_tree(self.workdir)
+        if self.session_path is not None:
+            remove_tree(os.path.dirname(self.session_path))
+
+    def _exited(self) -> bool:
+        """Whether the child has exited, without reaping it where the OS has waitid
+        (Linux; macOS from Python 3.13), so that its pid, which names the process group
+        we kill, cannot be reused yet. Elsewhere poll() reaps, leaving a tiny window."""
+        if self.popen.returncode is not None:
+            return True
+        if hasattr(os, "waitid"):
+            try:
+                return os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+            except ChildProcessError:
+                return True
+        return self.popen.poll() is not None  # no waitid (macOS): poll reaps
+
+
+def start_claude(launch: Launch, lifeline: Optional[Lifeline] = None) -> ClaudeProcess:
+    """A new process for a request, or a 503 when the CLI cannot be started."""
+    try:
+        return ClaudeProcess(launch, lifeline)
+    except OSError as error:
+        missing = isinstance(error, FileNotFoundError) and error.filename == launch.argv[0]
+        raise ProxyError(503, "Could not start %s: %s" % (launch.argv[0], error),
+                         code="claude_not_found" if missing else "cli_start_failed")
+
+
+# ---------------------------------------------------------------------------
+# The pool: processes pre-started for a turn, and kept for a conversation's next
+# ---------------------------------------------------------------------------
+
+def binary_identity(path: str) -> Optional[Tuple[int, int, int]]:
+    """What tells a replaced (upgraded) `claude` from the one a pre-started process runs:
+    installers write a new file, or point the symlink at one, and os.stat follows symlinks."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+# The pause after a background thread's failure (the pool's, the probe's), doubled after each
+# one that follows, up to the second: bounded work while something is wrong, soon back after.
+RETRY_PAUSES = (5.0, 300.0)
+FAULTS_REMEMBERED = 100  # a fault whose text changes each time (a pid, a path) is not kept forever
+_faults_logged: Set[Tuple[str, str]] = set()
+_faults_lock = threading.Lock()
+
+
+def log_fault(where: str, error: Exception) -> None:
+    """Log an unexpected exception of a background thread, which goes on: at ERROR with its
+    traceback, once for each distinct fault (a retry that fails alike says nothing new)."""
+    fault = (where, "%s: %s" % (type(error).__name__, error))
+    with _faults_lock:
+        if fault in _faults_logged:
+            return
+        if len(_faults_logged) >= FAULTS_REMEMBERED:
+            _faults_logged.clear()
+        _faults_logged.add(fault)
+    log.error("%s failed, and is tried again: %s", where, fault[1], exc_info=error)
+
+
+PoolKey = Union[Launch, str]  # a Launch to start a process for, or a kept conversation's key
+
+
+class Warm:
+    """A process waiting on stdin, the key it waits under, and its binary."""
+
+    def __init__(self, key: PoolKey, process: ClaudeProcess, binary: Optional[Tuple[int, int, int]]) -> None:
+        self.key = key
+        self.process = process
+        self.binary = binary
+        self.born = time.monotonic()
+
+
+class WarmPool:
+    """`claude` processes waiting for a turn, so a request skips the CLI's start-up.
+
+    The CLI spends ~0.7 s starting, then waits on stdin; one started early with
+    the argv and environment of a turn (its Launch) answers that turn within tens
+    of milliseconds, the turn itself coming on stdin. Every request for a Launch that
+    resumes no history queues a replacement for it. A process that has answered a
+    turn may wait too, kept under its conversation's key for the turn that continues
+    it (keep()).
+
+    At most `size` processes wait at once; when full, the least recently used
+    key gives way. A process that waited `ttl` seconds is retired; a Launch's is
+    replaced if it was used within the last `ttl` seconds. One background thread
+    starts and retires processes; a request's thread only takes or keeps one.
+    """
+
+    CHECK_INTERVAL = 5.0  # how long a warm process that died by itself may stay unreaped
+
+    def __init__(self, size: int, ttl: float, lifeline: Optional[Lifeline] = None) -> None:
+        self.size = max(0, size)
+        self.ttl = ttl
+        self.lifeline = lifeline
+        self.hits = 0
+        self.misses = 0
+        self.continued = 0  # turns a kept conversation's process answered
+        self._idle: List[Warm] = []  # oldest first
+        self._wanted: List[Launch] = []  # keys to start a process for, in order
+        self._last_used: Dict[PoolKey, float] = {}  # keys used within the last ttl
+        self._closed = False
+        self._changed = threading.Condition()
+        self._keeper: Optional[threading.Thread] = None
+        if self.size:
+            self._keeper = threading.Thread(target=self._keep, name="warm-pool", daemon=True)
+            self._keeper.start()
+
+    # -- used by requests --------------------------------------------------------
+
+    def take(self, key: PoolKey, claude: str) -> Optional[ClaudeProcess]:
+        """A live process waiting under this key and running the `claude` that is there now,
+        or None; for a Launch, a replacement is queued either way. Nothing is started ahead for
+        a Launch that resumes a history: it would serve only a retry of that very turn."""
+        if not self.size or isinstance(key, Launch) and key.session:
+            return None
+        binary = binary_identity(claude)
+        found: Optional[ClaudeProcess] = None
+        unfit: List[ClaudeProcess] = []
+        with self._changed:
+            if self._closed:
+                return None
+            for warm in [warm for warm in self._idle if warm.key == key]:
+                self._idle.remove(warm)
+                if warm.binary == binary and warm.process.alive():
+                    found = warm.process
+                    break
+                unfit.append(warm.process)
+            if isinstance(key, Launch):
+                self.hits += found is not None
+                self.misses += found is None
+                self._want(key)
+            else:
+                self.continued += found is not None
+        for process in unfit:
+            process.close()  # died while waiting, or runs a replaced claude; the request starts anew
+        return found
+
+    def keep(self, key: str, process: ClaudeProcess) -> bool:
+        """Let a process that answered a turn wait for the one continuing its conversation;
+        False when there is no room (the caller ends it)."""
+        with self._changed:
+            if not self.size or self._closed:
+                return False
+            self._last_used[key] = time.monotonic()
+            doomed: List[Warm] = []
+            if not self._make_room(key, doomed):
+                return False
+            self._idle.append(Warm(key, process, binary_identity(process.popen.args[0])))
+            self._changed.notify()
+        for warm in doomed:
+            warm.process.close()
+        return True
+
+    def prewarm(self, key: Launch) -> None:
+        """Start a process for a key no request has used yet (the default one, at start-up)."""
+        if self.size:
+            with self._changed:
+                self._want(key)
+
+    def stats(self) -> Dict[str, int]:
+        with self._changed:
+            return {"size": len(self._idle), "max": self.size, "hits": self.hits,
+                    "misses": self.misses, "conversations": sum(not isinstance(w.key, Launch) for w in self._idle),
+                    "continued": self.continued}
+
+    def close(self) -> None:
+        """Kill every waiting process; one being started is killed as soon as it exists."""
+        with self._changed:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._changed.notify()
+        for warm in idle:
+            warm.process.close()
+        if self._keeper is not None and self._keeper is not threading.current_thread():
+            self._keeper.join(5.0)
+
+    def _want(self, key: Launch) -> None:
+        self._last_used[key] = time.monotonic()
+        self._wanted.append(key)
+        del self._wanted[:-self.size]  # a burst of requests must not queue more than can wait
+        self._changed.notify()
+
+    # -- the background thread ---------------------------------------------------
+
+    def _keep(self) -> None:
+        """Start what is wanted and retire what is done, until the pool closes. A fault of
+        its own is logged and its key tried again after a pause (RETRY_PAUSES): the thread
+        must not end, or nothing would be pre-started again."""
+        pause = RETRY_PAUSES[0]
+        while True:
+            key: Optional[Launch] = None
+            try:
+                with self._changed:
+                    if not self._wanted and not self._closed:
+                        self._changed.wait(self._time_to_next_check())
+                    if self._closed:
+                        return
+                    doomed = self._retire(time.monotonic())
+                    key = self._reserve_next(doomed)
+                for warm in doomed:
+                    warm.process.close()
+                if key is not None:
+                    self._start(key)
+                pause = RETRY_PAUSES[0]
+            except Exception as error:
+                log_fault("the warm pool", error)
+                with self._changed:
+                    if key is not None:
+                        self._wanted.insert(0, key)
+                    if not self._closed:
+                        self._changed.wait(pause)
+                pause = min(pause * 2, RETRY_PAUSES[1])
+
+    def _time_to_next_check(self) -> Optional[float]:
+        if not self._idle:
+            return None  # nothing waits, so nothing can expire or die
+        expires = self._idle[0].born + self.ttl - time.monotonic()
+        return max(0.0, min(expires, self.CHECK_INTERVAL))
+
+    def _retire(self, now: float) -> List[Warm]:
+        """Take out processes that died or waited ttl; queue the expired ones' keys still in use."""
+        self._last_used = {key: used for key, used in self._last_used.items() if now - used < self.ttl}
+        kept: List[Warm] = []
+        retired: List[Warm] = []
+        for warm in self._idle:
+            if not warm.process.alive():
+                retired.append(warm)  # not replaced: a CLI that dies at start would just die again
+            elif now - warm.born >= self.ttl:
+                retired.append(warm)
+                if isinstance(warm.key, Launch) and warm.key in self._last_used:
+                    self._wanted.append(warm.key)
+            else:
+                kept.append(warm)
+        self._idle = kept
+        return retired
+
+    def _reserve_next(self, doomed: List[Warm]) -> Optional[Launch]:
+        """The next wanted key there is room for, evicting into `doomed` when full."""
+        while self._wanted:
+            key = self._wanted.pop(0)
+            if self._make_room(key, doomed):
+                return key
+        return None
+
+    def _make_room(self, key: PoolKey, doomed: List[Warm]) -> bool:
+        """Make a place for `key`, moving what gives way into `doomed`; False when nothing may.
+
+        Kept conversations hold at most size - 1 places (the one place, at size 1), so a
+        pre-started process can always wait too: clients that never continue a conversation
+        would otherwise fill the pool with theirs. A new conversation takes the place of the
+        oldest kept one; otherwise the least recently used key gives way, if any is older."""
+        never = float("-inf")
+        kept = [warm for warm in self._idle if not isinstance(warm.key, Launch)]
+        if not isinstance(key, Launch) and len(kept) >= max(1, self.size - 1):
+            candidates = kept
+        elif len(self._idle) < self.size:
+            return True
+        else:
+            used = self._last_used.get(key, never)
+            candidates = [warm for warm in self._idle if self._last_used.get(warm.key, never) < used]
+        if not candidates:
+            return False  # every waiting process is for a key used at least as lately
+        victim = min(candidates, key=lambda warm: self._last_used.get(warm.key, never))
+        self._idle.remove(victim)
+        doomed.append(victim)
+        return True
+
+    def _start(self, key: Launch) -> None:
+        process: Optional[ClaudeProcess] = None
+        binary = binary_identity(key.argv[0])  # before the start: a later replacement counts as one
+        try:
+            process = start_claude(key, self.lifeline)
+        except ProxyError as error:
+            log.warning("nothing pre-started: %s", error.message)
+        doomed: List[Warm] = []
+        with self._changed:
+            # A conversation kept while it started may have taken the place made for it.
+            if process is not None and not self._closed and self._make_room(key, doomed):
+                self._idle.append(Warm(key, process, binary))
+                process = None
+        for warm in doomed:
+            warm.process.close()
+        if process is not None:
+            process.close()  # the pool closed, or filled, while it started
+
+
+# ---------------------------------------------------------------------------
+# Probes: whether a `claude` can take a conversation, and is logged in
+# ---------------------------------------------------------------------------
+
+# The proxy relies on Claude Code's control protocol (initialize, mcp_set_servers and the MCP
+# messages that follow), first there in the 2.1 releases; an older CLI gets a clear error.
+PROBE_TIMEOUT = 20.0
+
+
+class ProbeResult(NamedTuple):
+    """What one probe of a `claude` found."""
+
+    problem: Optional[str]              # why it cannot take a conversation; None when it can
+    lasting: bool = False               # the binary's own problem (too old): it stays until the file changes
+    logged_in: Optional[bool] = None    # as its initialize answer says; None when unknown
+
+
+class Probe:
+    """The probes of one `claude` file: none yet (pending), or the latest result. A failure
+    that is not the binary's (a timeout on a loaded machine, a failed start), or a CLI not
+    logged in yet, is probed again once its pause has passed, the pause doubling from
+    RETRY_PAUSES[0] up to RETRY_PAUSES[1]."""
+
+    def __init__(self) -> None:
+        self.result: Optional[ProbeResult] = None
+        self.running = False
+        self.pause = RETRY_PAUSES[0]
+        self.retry_at = 0.0
+
+    @property
+    def state(self) -> str:
+        if self.result is None:
+            return "pending"
+        return "ok" if self.result.problem is None else "failed"
+
+    @staticmethod
+    def transient(result: ProbeResult) -> bool:
+        """Whether what the result found wrong may right itself, the binary unchanged."""
+        return not result.lasting and (result.problem is not None or result.logged_in is False)
+
+    def due(self, now: float) -> bool:
+        """Whether a probe should start now (the caller then sets `running`)."""
+        if self.running:
+            return False
+        return self.result is None or self.transient(self.result) and now >= self.retry_at
+
+    def done(self, result: ProbeResult, now: float) -> None:
+        self.result, self.running = result, False
+        if self.transient(result):
+            self.retry_at = now + self.pause
+            self.pause = min(self.pause * 2, RETRY_PAUSES[1])
+
+
+def logged_in(initialize: Dict[str, Any]) -> Optional[bool]:
+    """Whether the CLI has a login, from its initialize answer's `account`: a logged-out CLI
+    says tokenSource "none" with no apiKeySource (checked with 2.1.197 and an empty config)."""
+    account = initialize.get("account")
+    if not isinstance(account, dict):
+        return None
+    return account.get("tokenSource") not in (None, "none") or bool(account.get("apiKeySource")) or \
+        account.get("apiProvider") not in (None, "firstParty")  # Bedrock, Vertex: their own credentials
+
+
+def unsupported(claude: str, result: ProbeResult) -> str:
+    return "This Claude Code (%s) cannot take a conversation natively: %s. Upgrade it: %s" % (
+        claude, result.problem, UPGRADE_HELP)
+
+
+def claude_problems(claude: str, probe: Probe) -> List[str]:
+    """What the probe found wrong with this `claude`, each with its fix."""
+    result = probe.result
+    if result is None:
+        return []
+    if result.lasting:
+        return [unsupported(claude, result)]
+    if result.problem is not None:
+        return ["The proxy could not check Claude Code (%s): %s. It tries again within %d s; if "
+                "that fails too, run `claude` in a terminal to see why." % (
+                    claude, result.problem, max(0, math.ceil(probe.retry_at - time.monotonic())))]
+    return [NOT_LOGGED_IN] if result.logged_in is False else []
+
+
+def probe_native(path: str) -> ProbeResult:
+    tool = native_tool("probe", "", None, "probe")
+    turn = Turn("probe", "haiku", Conversation("probe", [], [tool]))
+    try:
+        process = start_claude(cli_launch(path, turn, Config(), []))
+    except ProxyError as error:
+        return ProbeResult(error.message)
+    bridge = ToolBridge([tool])
+    process.send(opening_lines(turn))
+    deadline = time.monotonic() + PROBE_TIMEOUT
+    timeout = ProxyError(504, "it did not ask for the tools within %g s" % PROBE_TIMEOUT)
+    answered: List[str] = []
+    login: Optional[bool] = None
+    try:
+        for event in process.events(lambda: (deadline, timeout)):
+            if event.get("type") == "control_response":
+                response = event.get("response") if isinstance(event.get("response"), dict) else {}
+                if response.get("subtype") != "success":
+                    return ProbeResult("it refused %s: %s" % (response.get("request_id"),
+                                                               str(response.get("error"))[:200]), True)
+                answered.append(str(response.get("request_id")))
+                if response.get("request_id") == "initialize" and isinstance(response.get("response"), dict):
+                    login = logged_in(response["response"])
+            request = event.get("request") if isinstance(event.get("request"), dict) else {}
+            message = request.get("message") if isinstance(request.get("message"), dict) else {}
+            line = bridge.answer(event)
+            if line:
+                process.send(line)
+            if message.get("method") == "tools/list" and {"initialize", "tools"} <= set(answered):
+                return ProbeResult(None, logged_in=login)
+        return ProbeResult("it exited (code %s) without asking for the tools: %s" % (
+            process.close(), process.stderr_text()[-300:] or "nothing on stderr"), True)
+    except ProxyError as error:
+        return ProbeResult(error.message)  # a timeout: a loaded machine may start it slowly
+    finally:
+        process.close()
+
+
+class Probes:
+    """What the proxy knows of each `claude` file, by its path and modification time (an
+    upgrade is a new file): the probe of whether it can take a conversation, and its version.
+
+    probe() starts a probe when due: the first time, again when the file changes, and after a
+    transient failure once its pause is over. With `wait` a due probe runs in the caller's
+    thread, one running elsewhere is waited for, and the result is there on return; without,
+    it runs in the background (a problem is logged), and the Probe says what is known so far.
+    """
+
+    def __init__(self) -> None:
+        self._probes: Dict[Tuple[str, float], Probe] = {}
+        self._versions: Dict[Tuple[str, float], Optional[str]] = {}
+        self._changed = threading.Condition()  # a probe ended
+
+    def probe(self, path: str, wait: bool = True) -> Probe:
+        try:
+            key = (path, os.stat(path).st_mtime)
+        except OSError:
+            probe = Probe()
+            probe.result = ProbeResult("not found", lasting=True)
+            return probe
+        with self._changed:
+            probe = self._probes.setdefault(key, Probe())
+            due = probe.due(time.monotonic())
+            probe.running = probe.running or due
+            while wait and not due and probe.running:
+                self._changed.wait()  # bounded by PROBE_TIMEOUT
+        if due and wait:
+            self._run(path, probe)
+        elif due:
+            threading.Thread(target=self._run, args=(path, probe), name="probe", daemon=True).start()
+        return probe
+
+    def version(self, path: str) -> Optional[str]:
+        """`claude --version`, asked again only when the file changes."""
+        try:
+            key = (path, os.stat(path).st_mtime)
+        except OSError:
+            return None
+        if key not in self._versions:
+            try:
+                done = subprocess.run([path, "--version"], capture_output=True, timeout=15,
+                                      env=cli_env(Config()), stdin=subprocess.DEVNULL)
+                self._versions[key] = done.stdout.decode("utf-8", "replace").strip() or None
+            except (OSError, subprocess.SubprocessError):
+                self._versions[key] = None
+        return self._versions[key]
+
+    def _run(self, path: str, probe: Probe) -> None:
+        """Probe and record the result; a fault of the proxy's own is logged and retried like a timeout."""
+        try:
+            result = probe_native(path)
+        except Exception as error:
+            log_fault("the probe of %s" % path, error)
+            result = ProbeResult("the proxy's own check failed (%s); see its log" % error)
+        now = time.monotonic()
+        with self._changed:
+            probe.done(result, now)
+            self._changed.notify_all()
+        if result.lasting:
+            log.warning("%s cannot take a conversation natively (%s); requests will fail until it is "
+                        "upgraded: %s", path, result.problem, UPGRADE_HELP)
+        elif result.problem is not None:
+            log.warning("the check of %s failed (%s); tried again after %g s", path, result.problem,
+                        probe.retry_at - now)
+        elif result.logged_in is False:
+            log.warning(NOT_LOGGED_IN)
+
+
+# ---------------------------------------------------------------------------
+# The runner: the slots, the pool, the lifeline and the probes, for the core
+# ---------------------------------------------------------------------------
+
+class Slot:
+    """A place among --max-concurrent running children; a 429 when none frees in time."""
+
+    def __init__(self, semaphore: threading.BoundedSemaphore, timeout: float) -> None:
+        self.semaphore = semaphore
+        self.timeout = timeout
+        self.held = False
+
+    def __enter__(self) -> "Slot":
+        if not self.semaphore.acquire(timeout=self.timeout):
+            raise ProxyError(429, "Too many requests at once: every one of the proxy's claude slots "
+                             "stayed busy for %g s (--max-concurrent, --queue-timeout)."
+                             % self.timeout, code="too_many_requests", headers={"Retry-After": "5"})
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        """Give the place back, once: a finished turn does so early, before its process exits."""
+        if self.held:
+            self.held = False
+            self.semaphore.release()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class Runner:
+    """The runtime under the core: every `claude` child of the proxy and what starts, keeps and
+    ends them: the --max-concurrent slots, the pool of pre-started and kept processes, the
+    lifeline that takes the children with the proxy, and the probes of the `claude` binary.
+
+    Built inert; open() starts it once the port is the proxy's (a proxy that cannot start
+    touches nothing), close() ends every child. Requests' threads call the rest.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.probes = Probes()
+        self.lifeline: Optional[Lifeline] = None
+        self.pool = WarmPool(0, config.pool_ttl)  # open() replaces it with the configured one
+        self._slots = threading.BoundedSemaphore(max(1, config.max_concurrent))
+        self._children: Dict[int, ClaudeProcess] = {}
+        self._lock = threading.Lock()
+        self._closing = False
+
+    def open(self) -> None:
+        """Clean up after proxies that did not exit cleanly, then pre-start what a first turn of
+        the default model needs and probe the `claude` there, before a request needs either."""
+        abandoned = remove_abandoned_workdirs()
+        if abandoned:
+            log.info("removed %d working directories left by proxies that did not exit cleanly", abandoned)
+        self.lifeline = Lifeline()
+        self.pool = WarmPool(self.config.pool_size, self.config.pool_ttl, self.lifeline)
+        claude = find_claude(self.config.claude_bin)
+        if claude is None:
+            return
+        self.probes.probe(claude, wait=False)
+        try:
+            cli_model = resolve_model("", self.config.default_model)
+        except ProxyError as error:
+            log.warning("nothing pre-started: %s", error.message)
+            return
+        turn = Turn(self.config.default_model, cli_model, Conversation(DEFAULT_SYSTEM_PROMPT, [], []))
+        self.pool.prewarm(cli_launch(claude, turn, self.config, []))
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def slot(self) -> Slot:
+        return Slot(self._slots, self.config.queue_timeout)
+
+    def claude(self) -> str:
+        """The `claude` a turn runs; a 503 when it is not there, or is probed unable to take a
+        conversation (the probe runs in the background, again after an upgrade or a transient
+        failure: a request finds out any other trouble for itself)."""
+        claude = find_claude(self.config.claude_bin)
+        if claude is None:
+            raise claude_not_found(self.config.claude_bin)
+        probe = self.probes.probe(claude, wait=False).result
+        if probe is not None and probe.lasting:
+            raise ProxyError(503, unsupported(claude, probe), code="claude_unsupported")
+        return claude
+
+    def start(self, launch: Launch) -> Tuple[ClaudeProcess, str]:
+        """A process for a turn and how it came: "warm" (pre-started by the pool), or "cold"."""
+        process = self.pool.take(launch, launch.argv[0])
+        start = "warm" if process is not None else "cold"
+        if process is None:
+            process = start_claude(launch, self.lifeline)
+        log.debug("claude pid %d (%s)", process.pid, start)
+        return self._adopt(process), start
+
+    def take_kept(self, key: str, claude: str) -> Optional[ClaudeProcess]:
+        """The kept process of the conversation a turn continues, if it is still there."""
+        process = self.pool.take(key, claude)
+        if process is None:
+            return None
+        log.debug("claude pid %d (continues its conversation)", process.pid)
+        return self._adopt(process)
+
+    def keep(self, key: str, process: ClaudeProcess) -> bool:
+        """Let a process wait for its conversation's next turn; False when there is no room
+        (the caller ends it)."""
+        self._release(process)  # first: once in the pool, another request may take it
+        return self.pool.keep(key, process)
+
+    def end(self, process: ClaudeProcess, grace: float = 0.0) -> None:
+        """End a process a turn had, giving it `grace` seconds to exit by itself."""
+        self._release(process)
+        process.close(grace)
+
+    def active_children(self) -> List[int]:
+        with self._lock:
+            return sorted(self._children)
+
+    def report(self) -> Dict[str, Any]:
+        """The `claude` there and what its probe found, the children and the pool, for /health;
+        `problems` says what is wrong with the `claude`, each with its fix. Asking retries a
+        probe that is due."""
+        claude = find_claude(self.config.claude_bin)
+        probe = None if claude is None else self.probes.probe(claude, wait=False)
+        result = None if probe is None else probe.result
+        problems = [claude_not_found(self.config.claude_bin).message] if claude is None else \
+            claude_problems(claude, probe)
+        return {
+            "problems": problems,
+            "claude": {"found": claude is not None, "path": claude,
+                       "version": self.probes.version(claude) if claude else None,
+                       "probe": None if probe is None else probe.state,
+                       "problem": None if result is None else result.problem,
+                       "native": None if result is None else not result.lasting,
+                       "logged_in": None if result is None else result.logged_in},
+            "active_children": len(self.active_children()),
+            "max_concurrent": self.config.max_concurrent,
+            "pool": self.pool.stats(),
+        }
+
+    def close(self) -> None:
+        """End every child: the pool's at once, the requests' by a signal (each request's thread
+        still reads its process, and closes it); no process starts after."""
+        with self._lock:
+            self._closing = True
+            children = list(self._children.values())
+        self.pool.close()
+        for process in children:
+            process.terminate()
+        if self.lifeline is not None:
+            self.lifeline.close()
+
+    def _adopt(self, process: ClaudeProcess) -> ClaudeProcess:
+        with self._lock:
+            if not self._closing:
+                self._children[process.pid] = process
+                return process
+        process.close()
+        raise ProxyError(503, "The proxy is shutting down.", code="shutting_down")
+
+    def _release(self, process: ClaudeProcess) -> None:
+        with self._lock:
+            if self._children.get(process.pid) is process:  # its pid may be a new child's already
+                del self._children[process.pid]
+
+
+# ---------------------------------------------------------------------------
+# Usage limits: what the CLI reported of each plan window
+# ---------------------------------------------------------------------------
+
+class UsageLimits:
+    """The latest report on each usage window, shared by every request of one server.
+
+    It feeds the response headers, /health and `status`, and decides two refusals before
+    a claude starts: a window used up with no extra usage to fall back on (429 until its
+    reset), and with --no-extra-usage, extra usage being spent or about to be (403).
+    """
+
+    def __init__(self) -> None:
+        self._windows: Dict[str, LimitWindow] = {}
+        self._lock = threading.Lock()
+
+    def record(self, window: LimitWindow) -> None:
+        """Take in the latest report on a window (see rate_limit_info)."""
+        with self._lock:
+            billed_before = any(w.bills_extra() for w in self._current(time.time()))
+            self._windows[window.name] = window
+        if window.bills_extra() and not billed_before:
+            log.warning("extra usage has started: Claude Code reports answers billed beyond your plan "
+                        "(%s, extra usage %s)%s", window.title(), window.extra_usage or "status unknown",
+                        self._until(window))
+
+    def check(self, no_extra_usage: bool) -> None:
+        """Raise the refusal a new request gets now, if any."""
+        now = time.time()
+        with self._lock:
+            windows = self._current(now)
+        used_up = [w for w in windows if w.refuses()]
+        if used_up:  # the request must wait for the last of them
+            raise limit_reached(max(used_up, key=lambda w: w.resets_at or 0), now)
+        billing = [w for w in windows if w.bills_extra()]
+        if no_extra_usage and billing:
+            raise ProxyError(
+                403, "Refused by --no-extra-usage: Claude Code reports that extra usage, billed beyond "
+                "your plan, is in use for your Claude %s%s. Wait until then, or restart the proxy "
+                "without --no-extra-usage to pay for it." % (billing[0].title(), self._until(billing[0])),
+                code="extra_usage_refused")
+
+    def explain(self, error: ProxyError) -> ProxyError:
+        """An upstream 429 while a window is used up becomes that window's 429."""
+        if error.status != 429:
+            return error
+        now = time.time()
+        with self._lock:
+            used_up = [w for w in self._current(now) if w.used_up()]
+            if not used_up:
+                return error
+            window = max(used_up, key=lambda w: w.resets_at or 0)
+            # Refused although extra usage was reported available: it is not, until the reset.
+            self._windows[window.name] = window._replace(extra_usage="rejected", extra_usage_in_use=False)
+        return limit_reached(window, now, error.message)
+
+    def headers(self) -> Dict[str, str]:
+        """The state for every response: the most constraining window, then each one."""
+        with self._lock:
+            windows = sorted(self._current(time.time()), key=lambda w: w.name)
+        if not windows:
+            return {}
+        worst = max(windows, key=lambda w: (STATUS_RANK.get(w.status, 0), w.utilization or 0))
+        extra = "in_use" if any(w.bills_extra() for w in windows) else \
+            next((w.extra_usage for w in [worst] + windows if w.extra_usage), None)
+        headers = self._window_headers(RATELIMIT_HEADER, worst)
+        headers[RATELIMIT_HEADER + "window"] = worst.name
+        if extra:
+            headers[RATELIMIT_HEADER + "extra-usage"] = extra
+        for window in windows:
+            prefix = RATELIMIT_HEADER + window.name.replace("_", "-") + "-"
+            headers.update(self._window_headers(prefix, window))
+        return headers
+
+    def health(self) -> Dict[str, Any]:
+        with self._lock:
+            windows = sorted(self._current(time.time()), key=lambda w: w.name)
+        return {
+            "extra_usage_in_use": any(w.bills_extra() for w in windows),
+            "windows": {w.name: {
+                "status": w.status, "utilization": w.utilization,
+                "resets_at": utc_iso(w.resets_at) if w.resets_at else None,
+                "resets_at_unix": int(w.resets_at) if w.resets_at else None,
+                "extra_usage": w.extra_usage, "extra_usage_in_use": w.bills_extra()} for w in windows},
+        }
+
+    def _current(self, now: float) -> List[LimitWindow]:
+        """The windows whose reports still hold; a report past its reset is forgotten."""
+        for name in [name for name, w in self._windows.items() if not w.current(now)]:
+            del self._windows[name]
+        return list(self._windows.values())
+
+    @staticmethod
+    def _window_headers(prefix: str, window: LimitWindow) -> Dict[str, str]:
+        headers = {prefix + "status": window.status}
+        if window.resets_at:
+            headers[prefix + "reset"] = "%d" % window.resets_at
+        if window.utilization is not None:
+            headers[prefix + "utilization"] = "%g" % window.utilization
+        return headers
+
+    @staticmethod
+    def _until(window: LimitWindow) -> str:
+        return " until %s (UTC)" % utc_iso(window.resets_at) if window.resets_at else ""
+
+
+# ---------------------------------------------------------------------------
+# Stores: responses for previous_response_id, thinking for cold resumes
+# ---------------------------------------------------------------------------
+
+class BoundedStore:
+    """Values by key: at most `count` of them, and `size` bytes in all (each value's size as the
+    caller gives it: the bytes of the compact JSON it holds); the least recently used go first.
+    In memory: they go with the proxy."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.count = count
+        self.size = size
+        self._entries: Dict[str, Tuple[Any, int]] = {}  # oldest first
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def keep(self, key: str, value: Any, size: int) -> bool:
+        """Keep a value of `size` bytes, in place of any under its key; False (nothing kept,
+        nothing lost) when it is larger than the whole store."""
+        if size > self.size:
+            return False
+        with self._lock:
+            _, replaced = self._entries.pop(key, (None, 0))
+            self._entries[key] = (value, size)
+            self._bytes += size - replaced
+            while len(self._entries) > self.count or self._bytes > self.size:
+                _, dropped = self._entries.pop(next(iter(self._entries)))
+                self._bytes -= dropped
+        return True
+
+    def get(self, key: str) -> Any:
+        """The value under `key`, now the most recently used, or None."""
+        with self._lock:
+            found = self._entries.pop(key, None)
+            if found is None:
+                return None
+            self._entries[key] = found  # the most recently used now
+            return found[0]
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            found = self._entries.pop(key, None)
+            if found is not None:
+                self._bytes -= found[1]
+            return found is not None
+
+
+# Thinking kept for tool loops resumed cold (ThinkingStore). An entry is one reply's thinking
+# before a call: a few KB, up to the thinking budget. A thousand covers the loops a busy
+# proxy has under way at once (an entry matters only until its loop's next turn); the
+# bytes cap the worst case of many long ones.
+THINKING_STORE_COUNT = 1000
+THINKING_STORE_BYTES = 16 * MIB
+
+
+class ThinkingStore(BoundedStore):
+    """Claude's recent thinking blocks (a BoundedStore): each run of them by the id of the tool
+    call it came before, the model that gave each block by its signature, and the model each
+    --model value last ran as.
+
+    Chat and Responses clients cannot send thinking back (they have no place for its
+    signature), so a tool loop whose kept process is gone resumes with tool_use blocks
+    alone, which Anthropic may refuse while thinking is on. restore() puts the thinking
+    back where it stood, so a resumed history is the one the kept process would have sent.
+    And a resumed CLI drops signed thinking from an assistant message unless the message
+    names the model it runs (signatures are the model's): restore() names the model that
+    gave it, for thinking a client sent back too; thinking it never saw (given before a
+    restart) is taken for the model the CLI runs now, when that is known. If that is
+    wrong, Anthropic refuses the signature and the CLI asks again without the thinking.
+    """
+
+    def __init__(self, count: int = THINKING_STORE_COUNT, size: int = THINKING_STORE_BYTES) -> None:
+        super().__init__(count, size)
+
+    def put(self, cli_model: str, model: Optional[str], blocks: List[Dict[str, Any]]) -> None:
+        """Keep a reply's thinking, given the --model it ran with and the model that gave it
+        (without one, a resumed CLI would drop it anyway). A run larger than the store is not
+        kept: a resume goes without it, as it would anyway."""
+        if model is None:
+            return
+        self.keep("runs:" + cli_model, model, len(cli_model) + len(model))
+        thinking: List[Dict[str, Any]] = []
+        for block in blocks:
+            if block["type"] == "thinking" and block["signature"]:
+                thinking.append(block)
+                self.keep("signature:" + block["signature"], model, len(block["signature"]) + len(model))
+            elif block["type"] == "tool_use" and thinking:
+                data = json.dumps(thinking, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+                self.keep("call:" + block["id"], data, len(data))  # held as counted (see ResponseStore)
+                thinking = []
+
+    def restore(self, messages: List[Dict[str, Any]], insert: bool, cli_model: str) -> List[Dict[str, Any]]:
+        """The messages for a transcript resumed with this --model: with `insert`, an assistant
+        message that holds no thinking gets its calls' kept thinking back, each run before the
+        text that leads up to its call, as Claude gave it; and one that holds thinking names
+        the model that gave it ("model"). Thinking a message holds is the client's as it is;
+        the list given is not changed."""
+        # A full id is the model the CLI runs (less its context size, as in claude-opus-4-8[1m]).
+        runs = self.get("runs:" + cli_model) or (
+            re.sub(r"\[\d+m\]", "", cli_model, flags=re.I) if cli_model.startswith("claude-") else None)
+        restored = []
+        for message in messages:
+            content = message["content"]
+            if message["role"] != "assistant":
+                restored.append(message)
+                continue
+            if insert and not any(b["type"] in ("thinking", "redacted_thinking") for b in content):
+                content = self._with_thinking(content)
+            signed = [b["signature"] for b in content if b["type"] == "thinking" and b["signature"]]
+            models = [self.get("signature:" + signature) for signature in signed]
+            model = next((model for model in models if model is not None), runs if signed else None)
+            restored.append(message if model is None else dict(message, content=content, model=model))
+        return restored
+
+    def _with_thinking(self, content: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        blocks: List[Dict[str, Any]] = []
+        for block in content:
+            data = self.get("call:" + block["id"]) if block["type"] == "tool_use" else None
+            if data is not None:
+                thinking = json.loads(data)
+                at = len(blocks)
+                while at and blocks[at - 1]["type"] == "text":
+                    at -= 1
+                blocks[at:at] = thinking
+            blocks.append(block)
+        return blocks
+
+
+class ResponseStore(BoundedStore):
+    """The newest responses, by id (a BoundedStore).
+
+    Each is held as its compact JSON, the only copy, so the bytes counted are the bytes held:
+    parsed, the same conversation takes several times its JSON's size (nine times, of many
+    small values), which a cap on the text would not see. `get` parses a fresh copy that
+    nobody else holds or changes.
+    """
+
+    def __init__(self, count: int = RESPONSE_STORE_COUNT, size: int = RESPONSE_STORE_BYTES) -> None:
+        super().__init__(count, size)
+
+    def put(self, entry: StoredResponse) -> None:
+        data = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        if not self.keep(entry.response["id"], data, len(data)):
+            log.info("response %s is not kept: its conversation is larger than the store (%d bytes)",
+                     entry.response["id"], self.size)
+
+    def get(self, response_id: str) -> Optional[StoredResponse]:
+        data = super().get(response_id)
+        return None if data is None else StoredResponse(*json.loads(data))
+
+
+# ---------------------------------------------------------------------------
+# The exchange: one turn through one claude process
+# ---------------------------------------------------------------------------
+
+KEEPALIVE_INTERVAL = 15.0  # seconds of silence after which a stream shows it is alive
+
+
+class Exchange:
+    """One turn through one `claude` process: from the turn to the session's events.
+
+    A conversation's process is kept between its turns (keep): when a reply ends
+    with calls to the client's tools, the CLI waits for their results, and after
+    an answer, for the next user message. A request that continues exactly that
+    conversation takes the process back, so its turn is warm and its prompt a strict
+    extension of the previous one: the prompt cache hits all of it. Any other turn
+    starts a process (a pre-started one when the pool has it) that resumes the
+    history from a session transcript.
+    """
+
+    def __init__(self, runner: Runner, limits: "UsageLimits", thinking: "ThinkingStore", turn: Turn,
+                 claude: str, client: Optional[socket.socket] = None, whole: bool = False,
+                 may_half_close: bool = False, restore_thinking: bool = False) -> None:
+        self.runner = runner
+        self.config = runner.config
+        self.limits = limits
+        self.thinking = thinking
+        self.turn = turn
+        self.claude = claude
+        self.client = client
+        self.whole = whole
+        self.may_half_close = may_half_close
+        # The client cannot send thinking back, so the ThinkingStore puts it back in a history
+        # this turn resumes.
+        self.restore_thinking = restore_thinking
+        self.process: Optional[ClaudeProcess] = None
+        self.session: Optional[Session] = None
+        # How its process came: "kept" (its conversation's, from the turn before), "warm"
+        # (pre-started by the pool) or "cold" (started for it); None until it has one.
+        self.start: Optional[str] = None
+
+    def events(self) -> Iterator[Optional[SessionEvent]]:
+        """The reply's block events as they come, then End; None after each KEEPALIVE_INTERVAL
+        of silence. A turn cut short ends its process before End is given, or the CLI would go
+        on spending the subscription on text nobody reads."""
+        try:
+            process, session = self._begin()
+            for line in process.events(self._deadlines(process, session), self.client, KEEPALIVE_INTERVAL,
+                                       self.may_half_close):
+                if line is None:
+                    yield None
+                    continue
+                for event in session.receive(line, time.monotonic()):
+                    if isinstance(event, Send):
+                        process.send(event.data)
+                    elif isinstance(event, Limits):
+                        self.limits.record(event.window)
+                    else:
+                        if isinstance(event, End) and session.state == CUT:
+                            self._end()
+                        yield event
+                if session.state != ANSWERING:
+                    return
+            raise self._no_result(process)
+        except ProxyError as error:
+            raise self.limits.explain(error)
+
+    def _begin(self) -> Tuple[ClaudeProcess, Session]:
+        conversation = self.turn.conversation
+        history, newest = split_newest(conversation.messages)
+        budget = self.config.retry_budget
+        kept = self.runner.take_kept(conversation_key(self.turn, history), self.claude)
+        if kept is not None and kept.session is not None and kept.session.continues(newest):
+            self.process, self.session, self.start = kept, kept.session, "kept"
+            kept.send(kept.session.begin(self.turn, newest, budget, self.whole))
+            return kept, kept.session
+        if kept is not None:
+            self.runner.end(kept)  # the client did not bring back what it waits for
+        messages = self.thinking.restore(conversation.messages, self.restore_thinking,
+                                                self.turn.cli_model)
+        history = split_newest(messages)[0]  # with its thinking back
+        interrupted = bool(history) and any(block["type"] == "tool_result" for block in newest["content"])
+        whole = messages
+        if not interrupted and history and all(message["role"] == "system" for message in history):
+            # A transcript of system messages alone is no conversation: the CLI would take it for
+            # an interrupted turn and answer that. Ended by the newest message, it is one, and the
+            # CLI takes that message up as its first prompt (with the system messages after it).
+            interrupted, whole = True, history + [newest]
+        process, self.start = self.runner.start(cli_launch(self.claude, self.turn, self.config,
+                                                           whole if interrupted else history, interrupted))
+        self.process = process
+        self.session = process.session = Session(conversation.tools)
+        process.send(self.session.begin(self.turn, newest, budget, self.whole, interrupted))
+        return process, self.session
+
+    def _deadlines(self, process: ClaudeProcess, session: Session) -> Callable[[], Tuple[float, ProxyError]]:
+        config = self.config
+        total = (time.monotonic() + config.timeout,
+                 ProxyError(504, "Claude did not finish within %g s (--timeout)." % config.timeout,
+                            code="timeout"))
+        idle = ProxyError(504, "Claude Code printed nothing for %g s (--idle-timeout)."
+                          % config.idle_timeout, code="idle_timeout")
+
+        def next_deadline() -> Tuple[float, ProxyError]:  # asked after every read: keep it cheap
+            earliest = min(total, (process.last_output + config.idle_timeout, idle),
+                           key=lambda pair: pair[0])
+            retry = session.retry_deadline()
+            return earliest if retry is None or earliest[0] <= retry[0] else retry
+        return next_deadline
+
+    def _no_result(self, process: ClaudeProcess) -> ProxyError:
+        if self.runner.closing:
+            return ProxyError(503, "The proxy is shutting down.", code="shutting_down")
+        code = process.close(grace=2.0)
+        tail = process.stderr_text()[-1000:]
+        return ProxyError(
+            502, "Claude Code exited (code %s) without an answer. %s"
+            % (code, ("Its last output: " + tail) if tail else "It printed nothing on stderr."),
+            code="cli_failed")
+
+    def keep(self, outcome: Outcome, echo: Optional[List[Dict[str, Any]]]) -> None:
+        """Keep the process for its conversation's next turn, which will hold `echo` as this
+        reply (the reply as the client got it), when the session may go on and there is room;
+        else finish() ends it once the answer is out. The reply's thinking is kept too, for a
+        turn that resumes the conversation without this process (ThinkingStore)."""
+        if self.session is None or self.session.state not in (WAITING, IDLE):
+            return
+        self.thinking.put(self.turn.cli_model, outcome.model, outcome.blocks)
+        process = self.process
+        if process is None or not echo or process.closed:
+            return
+        messages = self.turn.conversation.messages + [{"role": "assistant", "content": echo}]
+        if self.runner.keep(conversation_key(self.turn, messages), process):
+            self.process = None
+
+    def finish(self) -> None:
+        """End the process unless it was kept; called however the turn went."""
+        self._end()
+
+    def _end(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            # A turn that ended by itself may be writing Claude Code's own files: a moment for that.
+            self.runner.end(process, grace=1.0 if self.session is not None and self.session.completed else 0.0)
+
+
+# ---------------------------------------------------------------------------
+# The core: a turn from a request body to a door's answer, in memory
+# ---------------------------------------------------------------------------
+
+class Sink:
+    """Where the core writes one request's answer; the edge gives one per request (HttpSink).
+
+    frames() writes a door's frames as one stream, begun by the first write; keepalive() shows
+    a silent stream is alive (with the door's frames, or its own when it has none); end() ends
+    the stream; whole() writes a complete answer, status 200, instead of a stream. `started`:
+    something of a stream went out, so a failure can only be its last frame. `connection` is the
+    client's socket, watched for the client leaving (None: it is not), and `may_half_close`
+    says the client may shut its side after the request and still read the answer.
+    """
+
+    connection: Optional[socket.socket] = None
+    may_half_close = False
 
     @property
     def started(self) -> bool:
-        return self.handler.headers_sent
+        raise NotImplementedError
 
     def frames(self, frames: List[Frame]) -> None:
-        for name, payload in frames:
-            data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-            self._write(("event: %s\ndata: %s\n\n" % (name, data)) if name else "data: %s\n\n" % data)
+        raise NotImplementedError
 
     def keepalive(self, frames: List[Frame]) -> None:
-        """The door's frames for a silence, or a comment when it has none."""
-        if frames:
-            self.frames(frames)
-        else:
-            self._write(": keep-alive\n\n")
+        raise NotImplementedError
 
     def end(self) -> None:
-        self._begin()
-        self.handler.write_chunk(b"")
+        raise NotImplementedError
 
-    def _write(self, text: str) -> None:
-        self._begin()
-        self.handler.write_chunk(text.encode("utf-8"))
-
-    def _begin(self) -> None:
-        if not self.handler.headers_sent:
-            self.handler.start_stream()
+    def whole(self, payload: Dict[str, Any]) -> None:
+        raise NotImplementedError
 
 
-def answer_turn(door: Any, exchange: Exchange, handler: "ProxyHandler", slot: "Slot") -> None:
-    """Run the exchange and answer through the door: a stream of its frames, or its whole
-    response once the reply is complete. A failure once the stream has begun is the
-    stream's last frame; before, it is the handler's to answer with its status. The slot
-    is given back once the reply is complete, before its last bytes go out and before
-    the process exits."""
-    stream = SseWriter(handler) if door.stream else None
-    outcome: Optional[Outcome] = None
-    try:
-        for event in exchange.events():
-            if isinstance(event, End):
-                outcome = event.outcome  # the last event
-            elif event is None:
-                if stream is not None:  # the client, and any proxy between, see the answer is coming
-                    stream.keepalive(door.keepalive())
-            elif stream is not None:
-                frames = door.encode(event)
-                stream.frames(frames)
-                if frames and handler.first_content is None:  # the time to first token, as the client saw it
-                    handler.first_content = time.monotonic()
-        assert outcome is not None  # the events end with End, or raise
-        handler.usage = outcome.usage
-        last = door.end(outcome) if stream is not None else door.response(outcome)
-        try:
-            echo = door.echo(outcome)
-        except ProxyError as error:  # a reply the door cannot read back is not kept; the answer stands
-            log.warning("%s not kept for its next turn: %s", handler.request_id, error.message)
-            echo = None
-        # Kept, and the slot given back, before the answer ends: a client may come back with
-        # the next turn at once, while a process not kept still takes its time to exit.
-        stored = door.stored(echo)
-        if stored is not None:
-            handler.server.responses.put(stored)
-        exchange.keep(outcome, echo)
-        slot.release()
-        if stream is not None:
-            stream.frames(last)
-            stream.end()
-        else:
-            handler.first_content = time.monotonic()  # all of it goes out at once
-            handler.send_json(200, last)
-    except ProxyError as error:
-        if stream is None or not stream.started:
-            raise
-        log.warning("%s failed mid-stream: %s", handler.request_id, error.message)
-        handler.error_code = error.code or error.type  # its status went out as 200 already
-        frames = door.failure(error)
-        stored = door.stored()
-        if stored is not None:
-            handler.server.responses.put(stored)
-        stream.frames(frames)
-        stream.end()
-    finally:
-        handler.start = exchange.start
-        exchange.finish()  # ends the process unless it was kept above
+class TurnRecord:
+    """What a request's access line and the status page tell of its turn, filled in by the core
+    as it goes (never the content): the door, the model, the usage, when the first content went
+    out, how its process came (kept, warm or cold) and the error's code."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.door: Optional[str] = None
+        self.model = "-"
+        self.usage: Dict[str, Any] = {}
+        self.first_content: Optional[float] = None
+        self.start: Optional[str] = None
+        self.error: Optional[str] = None
 
 
-# ---------------------------------------------------------------------------
-# The status page (GET /) and its JSON twin (GET /status)
-# ---------------------------------------------------------------------------
-
-# What a user asks of a local proxy first: is it up, how much of the plan is left and who
-# pays, is Claude Code ready, did the last requests work. The page shows what /health holds
-# and what the proxy served, never what was said: a request's record holds what its access-log
-# line holds, and a page or twin shows nothing more.
 RECENT_REQUESTS = 50
 # Failed requests may name any model: past this many rows, new names are counted together.
 COUNTED_MODELS = 100
 OTHER_MODELS = "(others)"
-PAGE_REFRESH_SECONDS = 5
-# The page loads nothing from anywhere: its one script carries the nonce, its style is inline.
-PAGE_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-%s'; connect-src 'self'; "
-               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-PAGE_KEY_STORE = "claude-max-proxy-key"  # the sessionStorage entry: the key lives in its tab only
 
 
 class Activity:
@@ -4627,6 +4833,172 @@ class Activity:
             return {"requests": [{"door": door, "model": model, "count": count, "failed": failed}
                                  for (door, model), (count, failed) in sorted(self._counts.items())],
                     "recent_requests": list(self._recent)}
+
+
+class Core:
+    """The proxy in memory, below the HTTP edge and above nothing but its runner: it answers a
+    door's turn, counts a Messages body's tokens, and keeps what outlives a request (usage
+    limits, stored responses, thinking for cold resumes, the activity the status page shows).
+
+    answer() is the one path of a turn: read and check the body, parse it in a --max-concurrent
+    slot, find the `claude`, run the exchange, and write the door's frames to the sink.
+    """
+
+    def __init__(self, config: Config, runner: Runner) -> None:
+        self.config = config
+        self.runner = runner
+        self.started_at = time.time()
+        self.requests_served = 0
+        self.limits = UsageLimits()
+        self.activity = Activity()  # for the status page
+        self.responses = ResponseStore()  # for previous_response_id and GET /v1/responses/{id}
+        self.thinking = ThinkingStore()  # for tool loops resumed cold
+        self._lock = threading.Lock()
+        # Each door: how its body becomes a turn, and the door that answers it.
+        self.doors: Dict[str, Tuple[Callable[[Any, Config], Tuple[Turn, Any]], Callable[..., Any]]] = {
+            "chat": (parse_chat_request, ChatDoor),
+            "responses": (functools.partial(parse_responses_request, find_response=self.responses.get),
+                          ResponsesDoor),
+            "messages": (parse_messages_request, MessagesDoor),
+        }
+
+    def answer(self, door_name: str, read_body: Callable[[], bytes], sink: Sink, record: TurnRecord) -> None:
+        """Answer one request of a door (chat, responses or messages) into the sink. A ProxyError
+        before the sink has started is the caller's to answer with its status; after, the
+        stream's last frame says it."""
+        with self._lock:
+            self.requests_served += 1  # turns only: probes of /health are not served requests
+        record.door = door_name
+        text = read_body()
+        self.limits.check(self.config.no_extra_usage)
+        parse, door_type = self.doors[door_name]
+        # Parsed JSON can take many times its text: parsed only in a slot, so at most
+        # --max-concurrent bodies take that room at once, and neither outlives the translation.
+        with self.runner.slot() as slot:
+            body = parse_json_text(text)
+            record.model = asked_model(body)  # for the access line, should the translation fail
+            turn, options = parse(body, self.config)
+            del text, body
+            record.model = turn.model
+            claude = self.runner.claude()
+            door = door_type(turn, options)
+            exchange = Exchange(self.runner, self.limits, self.thinking, turn, claude, sink.connection,
+                                not door.stream, sink.may_half_close, restore_thinking=not door.returns_thinking)
+            self._run(door, exchange, sink, slot, record)
+
+    def _run(self, door: Any, exchange: Exchange, sink: Sink, slot: Slot, record: TurnRecord) -> None:
+        """Run the exchange and answer through the door: a stream of its frames, or its whole
+        response once the reply is complete. The slot is given back once the reply is complete,
+        before its last bytes go out and before the process exits."""
+        outcome: Optional[Outcome] = None
+        try:
+            for event in exchange.events():
+                if isinstance(event, End):
+                    outcome = event.outcome  # the last event
+                elif event is None:
+                    if door.stream:  # the client, and any proxy between, see the answer is coming
+                        sink.keepalive(door.keepalive())
+                elif door.stream:
+                    frames = door.encode(event)
+                    sink.frames(frames)
+                    if frames and record.first_content is None:  # the time to first token, as the client saw it
+                        record.first_content = time.monotonic()
+            assert outcome is not None  # the events end with End, or raise
+            record.usage = outcome.usage
+            last = door.end(outcome) if door.stream else door.response(outcome)
+            try:
+                echo = door.echo(outcome)
+            except ProxyError as error:  # a reply the door cannot read back is not kept; the answer stands
+                log.warning("%s not kept for its next turn: %s", record.request_id, error.message)
+                echo = None
+            # Kept, and the slot given back, before the answer ends: a client may come back with
+            # the next turn at once, while a process not kept still takes its time to exit.
+            self._store(door.stored(echo))
+            exchange.keep(outcome, echo)
+            slot.release()
+            if door.stream:
+                sink.frames(last)
+                sink.end()
+            else:
+                record.first_content = time.monotonic()  # all of it goes out at once
+                sink.whole(last)
+        except ProxyError as error:
+            if not door.stream or not sink.started:
+                raise
+            log.warning("%s failed mid-stream: %s", record.request_id, error.message)
+            record.error = error.code or error.type  # its status went out as 200 already
+            frames = door.failure(error)
+            self._store(door.stored())
+            sink.frames(frames)
+            sink.end()
+        finally:
+            record.start = exchange.start
+            exchange.finish()  # ends the process unless it was kept above
+
+    def _store(self, stored: Optional[StoredResponse]) -> None:
+        if stored is not None:
+            self.responses.put(stored)
+
+    def count_tokens(self, read_body: Callable[[], bytes]) -> int:
+        """An estimate of a Messages body's input tokens (see estimate_input_tokens)."""
+        text = read_body()
+        with self.runner.slot():  # parsed in a slot, as a turn's body is (see answer)
+            return estimate_input_tokens(parse_json_text(text), self.config)
+
+    def stored_response(self, response_id: str) -> Dict[str, Any]:
+        stored = self.responses.get(response_id)
+        if stored is None:
+            raise response_not_found(response_id)
+        return stored.response
+
+    def delete_response(self, response_id: str) -> None:
+        if not self.responses.delete(response_id):
+            raise response_not_found(response_id)
+
+    def health(self) -> Dict[str, Any]:
+        """What the proxy knows of itself; `problems` says what is wrong, each with its fix."""
+        runtime = self.runner.report()
+        return {
+            "status": "degraded" if runtime["problems"] else "ok",
+            "problems": runtime["problems"],
+            "version": __version__,
+            "claude": runtime["claude"],
+            "pid": os.getpid(),
+            "ppid": os.getppid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "requests_served": self.requests_served,
+            "active_children": runtime["active_children"],
+            "max_concurrent": runtime["max_concurrent"],
+            "pool": runtime["pool"],
+            "usage_limits": self.limits.health(),
+        }
+
+    def status_report(self) -> Dict[str, Any]:
+        """What the status page shows, and its JSON twin carries: /health, the --no-extra-usage
+        guard, the requests per door and model, and the last ones (never their content)."""
+        return dict(self.health(), no_extra_usage=self.config.no_extra_usage, **self.activity.report())
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+# ===========================================================================
+# 4. THE EDGE (HTTP): the status page, the handler, the server
+# ===========================================================================
+
+# ---------------------------------------------------------------------------
+# The status page (GET /) and its JSON twin (GET /status)
+# ---------------------------------------------------------------------------
+
+# What a user asks of a local proxy first: is it up, how much of the plan is left and who
+# pays, is Claude Code ready, did the last requests work. The page shows what /health holds
+# and what the proxy served, never what was said: a request's record holds what its access-log
+# line holds, and a page or twin shows nothing more.
+PAGE_REFRESH_SECONDS = 5
+# The page loads nothing from anywhere: its one script carries the nonce, its style is inline.
+PAGE_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'nonce-%s'; connect-src 'self'; "
+               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+PAGE_KEY_STORE = "claude-max-proxy-key"  # the sessionStorage entry: the key lives in its tab only
 
 
 def format_duration(seconds: float) -> str:
@@ -5117,50 +5489,6 @@ def json_value_count(text: bytes) -> int:
     return 1 + sum(bare.count(mark) for mark in (b",", b":", b"[", b"{"))
 
 
-MAX_JSON_DEPTH = 100
-
-
-def json_problem(value: Any) -> Optional[str]:
-    """Why a parsed body could not be written out again for the CLI, or None.
-
-    Deep nesting would hit the recursion limit in json.dumps, and a lone UTF-16
-    surrogate (a bare \\ud800 escape) is no text that UTF-8 can carry. One walk,
-    without recursion, finds both.
-    """
-    stack = [(value, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, str):
-            if not value.isascii():
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    return "holds a lone UTF-16 surrogate escape, which is not valid text"
-        elif isinstance(value, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                return "nests deeper than %d levels" % MAX_JSON_DEPTH
-            children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
-            stack.extend((child, depth + 1) for child in children)
-    return None
-
-
-def refuse_constant(name: str) -> Any:
-    """NaN and Infinity, which Python's json takes and JSON has not (nor the CLI)."""
-    raise ValueError("%s is not a JSON value" % name)
-
-
-def parse_json_text(text: bytes) -> Any:
-    """A request body's JSON, or a 400 saying why it is none the CLI could be given."""
-    try:
-        body = json.loads(text.decode("utf-8"), parse_constant=refuse_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise invalid("The request body is not valid JSON: %s" % error, code="invalid_json")
-    problem = json_problem(body)
-    if problem:
-        raise invalid("The request body %s." % problem, code="invalid_json")
-    return body
-
-
 def route_path(target: str) -> str:
     """The route a request target names: no query string, no /v1 before it, no slash after it."""
     path = "/" + target.split("?", 1)[0].strip("/")
@@ -5169,12 +5497,80 @@ def route_path(target: str) -> str:
     return path
 
 
-def asked_model(body: Any) -> str:
-    """The model a request body names, fit for a log line (a client may send any text), or "-"."""
-    model = body.get("model") if isinstance(body, dict) else None
-    if not isinstance(model, str) or not model:
-        return "-"
-    return re.sub(r"[^A-Za-z0-9._:/@\[\]-]", "?", model[:100])
+# The routes: a path (after /v1, which may be left out) -> method -> the name of the handler's
+# method that answers it (ProxyHandler._<name>). HEAD answers like GET, without the body.
+ROUTES: Dict[str, Dict[str, str]] = {
+    "/health": {"GET": "health", "HEAD": "health"},
+    "/models": {"GET": "list_models", "HEAD": "list_models"},
+    "/models/{id}": {"GET": "get_model", "HEAD": "get_model"},
+    "/chat/completions": {"POST": "chat_completions"},
+    "/responses": {"POST": "responses"},
+    "/responses/{id}": {"GET": "get_response", "HEAD": "get_response", "DELETE": "delete_response"},
+    "/messages": {"POST": "messages"},
+    "/messages/count_tokens": {"POST": "count_tokens"},
+    "/status": {"GET": "status_report", "HEAD": "status_report"},
+    # The page is at / alone, not at /v1. HEAD / is also Claude Code's check of the connection.
+    "/": {"GET": "status_page", "HEAD": "status_page"},
+}
+BODY_READERS = ("chat_completions", "responses", "messages", "count_tokens")  # the rest have no body
+
+
+def find_route(path: str, page: bool) -> Tuple[Optional[Dict[str, str]], Optional[str]]:
+    """A route's methods and its {id} argument for a path from route_path; (None, None) when no
+    route has it. `page`: the request's target was / itself, where the status page is. A model id
+    may hold slashes; a response id may not."""
+    if path == "/" and not page:
+        return None, None
+    if path in ROUTES:
+        return ROUTES[path], None
+    for prefix, slashes in (("/models/", True), ("/responses/", False)):
+        argument = path[len(prefix):]
+        if path.startswith(prefix) and argument and (slashes or "/" not in argument):
+            return ROUTES[prefix + "{id}"], argument
+    return None, None
+
+
+class HttpSink(Sink):
+    """The core's Sink on a handler's connection: Server-Sent Events, one frame per HTTP chunk,
+    written as it comes; or one JSON body."""
+
+    def __init__(self, handler: "ProxyHandler") -> None:
+        self.handler = handler
+        self.connection = handler.connection
+
+    @property
+    def may_half_close(self) -> bool:  # type: ignore[override]
+        return self.handler.close_connection  # set when the request asked to close the connection after it
+
+    @property
+    def started(self) -> bool:
+        return self.handler.headers_sent
+
+    def frames(self, frames: List[Frame]) -> None:
+        for name, payload in frames:
+            data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+            self._write(("event: %s\ndata: %s\n\n" % (name, data)) if name else "data: %s\n\n" % data)
+
+    def keepalive(self, frames: List[Frame]) -> None:
+        if frames:
+            self.frames(frames)
+        else:
+            self._write(": keep-alive\n\n")
+
+    def end(self) -> None:
+        self._begin()
+        self.handler.write_chunk(b"")
+
+    def whole(self, payload: Dict[str, Any]) -> None:
+        self.handler.send_json(200, payload)
+
+    def _write(self, text: str) -> None:
+        self._begin()
+        self.handler.write_chunk(text.encode("utf-8"))
+
+    def _begin(self) -> None:
+        if not self.handler.headers_sent:
+            self.handler.start_stream()
 
 
 ErrorReply = Callable[[ProxyError], Tuple[int, Dict[str, Any]]]  # an error as one API's status and body
@@ -5238,13 +5634,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.started = time.monotonic()
         self.request_id = "req_" + uuid.uuid4().hex[:16]
         self.status_sent = 0
-        self.model_name = "-"
-        self.usage: Dict[str, Any] = {}
-        # What the access line and the status page tell of a turn besides its status.
-        self.door: Optional[str] = None          # chat, responses or messages: the first word of its path
-        self.error_code: Optional[str] = None
-        self.first_content: Optional[float] = None  # when the reply's first content went out
-        self.start: Optional[str] = None          # how its claude came: kept, warm or cold
+        self.record = TurnRecord(self.request_id)  # what the access line tells besides the status
         self.headers_sent = False
         self.error_reply: ErrorReply = openai_error_reply
         try:
@@ -5299,7 +5689,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             # Gone, or not reading (ClientStalled): logged as nginx does, whatever was sent.
             self.close_connection = True
             self.status_sent = 499
-            self.error_code = "client_gone"
+            self.record.error = "client_gone"
         except ProxyError as error:
             self._send_error(error)
         except socket.timeout:
@@ -5322,50 +5712,30 @@ class ProxyHandler(BaseHTTPRequestHandler):
             # connection, sent without one. Browsers send CORS preflights without credentials.
             if path not in ("/health", "/") and not (method == "OPTIONS" and self.server.config.cors):
                 self._authorize()
-            handler = self._handler_for(path, method)
+            name, argument = self._route_for(path, method)
         except ProxyError:
             self._discard_body()  # an unread body would be taken for the next request
             raise
-        if handler not in (self._chat_completions, self._responses, self._messages, self._count_tokens):
+        if name not in BODY_READERS:
             self._discard_body()
-        handler()
+        getattr(self, "_" + name)(*(() if argument is None else (argument,)))
 
-    def _handler_for(self, path: str, method: str) -> Callable[[], None]:
-        # HEAD answers like GET; _send_json leaves the body out.
-        routes: Dict[str, Dict[str, Callable[[], None]]] = {
-            "/health": {"GET": self._health, "HEAD": self._health},
-            "/models": {"GET": self._list_models, "HEAD": self._list_models},
-            "/chat/completions": {"POST": self._chat_completions},
-            "/responses": {"POST": self._responses},
-            "/messages": {"POST": self._messages},
-            "/messages/count_tokens": {"POST": self._count_tokens},
-            "/status": {"GET": self._status_report, "HEAD": self._status_report},
-        }
-        if self.path.split("?", 1)[0] == "/":  # the page is at / alone, not at /v1
-            # HEAD / is also Claude Code's check of the connection: it answers 200 without a key.
-            routes["/"] = {"GET": self._status_page, "HEAD": self._status_page}
-        if path.startswith("/models/"):
-            get_model = lambda: self._get_model(path[len("/models/"):])  # noqa: E731
-            routes[path] = {"GET": get_model, "HEAD": get_model}
-        if path.startswith("/responses/") and "/" not in path[len("/responses/"):]:
-            response_id = path[len("/responses/"):]
-            get_response = lambda: self._get_response(response_id)  # noqa: E731
-            routes[path] = {"GET": get_response, "HEAD": get_response,
-                            "DELETE": lambda: self._delete_response(response_id)}
+    def _route_for(self, path: str, method: str) -> Tuple[str, Optional[str]]:
+        """The route's handler (a ROUTES name) and its path argument; a 404 or 405 when none."""
         if path == "/embeddings":
             raise ProxyError(404, "Claude offers no embeddings model, so the proxy has no /v1/embeddings; "
                              "use an embeddings provider of its own (or turn off the client's memory "
                              "search).", code="embeddings_not_supported")
-        methods = routes.get(path)
+        methods, argument = find_route(path, page=self.path.split("?", 1)[0] == "/")
         if methods is None:
             raise ProxyError(404, "Unknown path %s %s." % (method, self.path), code="unknown_url")
         if method == "OPTIONS" and self.server.config.cors:
-            return self._preflight
+            return "preflight", None
         if method not in methods:
             raise ProxyError(405, "Method %s is not allowed on %s; use %s."
                              % (method, self.path, ", ".join(methods)),
                              code="method_not_allowed", headers={"Allow": ", ".join(methods)})
-        return methods[method]
+        return methods[method], argument
 
     def _check_source(self) -> None:
         """Refuse web pages the user did not allow, before any work (see request_source_error)."""
@@ -5390,10 +5760,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- simple routes -------------------------------------------------------
 
     def _health(self) -> None:
-        self.send_json(200, self.server.health())
+        self.send_json(200, self.server.core.health())
 
     def _status_report(self) -> None:
-        self.send_json(200, self.server.status_report(), {"Cache-Control": "no-store"})
+        self.send_json(200, self.server.core.status_report(), {"Cache-Control": "no-store"})
 
     def _status_page(self) -> None:
         """The page with the report, or only its shell when a key is set and none came with the
@@ -5402,7 +5772,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         report = None
         if not self.server.config.api_key or given:
             self._authorize()
-            report = self.server.status_report()
+            report = self.server.core.status_report()
         nonce = base64.b64encode(os.urandom(16)).decode("ascii")
         body = status_page(report, nonce).encode("utf-8")
         self.send_response(200)
@@ -5430,16 +5800,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(200, model)
 
     def _get_response(self, response_id: str) -> None:
-        stored = self.server.responses.get(response_id)
-        if stored is None:
-            raise ProxyError(404, "No response found with id '%s'." % response_id, param="response_id",
-                             code="response_not_found")
-        self.send_json(200, stored.response)
+        self.send_json(200, self.server.core.stored_response(response_id))
 
     def _delete_response(self, response_id: str) -> None:
-        if not self.server.responses.delete(response_id):
-            raise ProxyError(404, "No response found with id '%s'." % response_id, param="response_id",
-                             code="response_not_found")
+        self.server.core.delete_response(response_id)
         self.send_json(200, {"id": response_id, "object": "response", "deleted": True})
 
     def _preflight(self) -> None:
@@ -5456,48 +5820,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- turns: each door's requests --------------------------------------------
 
     def _chat_completions(self) -> None:
-        self._answer_turn(parse_chat_request, ChatDoor)
+        self._answer_turn("chat")
 
     def _responses(self) -> None:
-        self._answer_turn(lambda body, config: parse_responses_request(body, config, self.server.responses.get),
-                          ResponsesDoor)
+        self._answer_turn("responses")
 
     def _messages(self) -> None:
-        self._answer_turn(parse_messages_request, MessagesDoor)
+        self._answer_turn("messages")
+
+    def _answer_turn(self, door: str) -> None:
+        self.server.core.answer(door, self._read_json_text, HttpSink(self), self.record)
 
     def _count_tokens(self) -> None:
-        text = self._read_json_text()
-        with self.server.slot():  # parsed in a slot, as a turn's body is (see _answer_turn)
-            tokens = estimate_input_tokens(parse_json_text(text), self.server.config)
+        tokens = self.server.core.count_tokens(self._read_json_text)
         self.send_json(200, {"input_tokens": tokens}, headers={ESTIMATE_HEADER: "true"})
-
-    def _answer_turn(self, parse: Callable[[Any, Config], Tuple[Turn, Any]], door: Callable[..., Any]) -> None:
-        """Read the body, translate it into a turn in a slot, and answer it through the door."""
-        self.server.count_request()  # turns only: probes of /health are not served requests
-        self.door = route_path(self.path).split("/")[1]
-        text = self._read_json_text()
-        self.server.limits.check(self.server.config.no_extra_usage)
-        # Parsed JSON can take many times its text: parsed only in a slot, so at most
-        # --max-concurrent bodies take that room at once, and neither outlives the translation.
-        with self.server.slot() as slot:
-            body = parse_json_text(text)
-            self.model_name = asked_model(body)  # for the access line, should the translation fail
-            turn, options = parse(body, self.server.config)
-            del text, body
-            self.model_name = turn.model
-            claude = find_claude(self.server.config.claude_bin)
-            if claude is None:
-                raise claude_not_found(self.server.config.claude_bin)
-            # Probed in the background, again after an upgrade or a transient failure; only a CLI
-            # that cannot do it is refused (a request finds out any other trouble for itself).
-            probe = claude_probe(claude, wait=False).result
-            if probe is not None and probe.lasting:
-                raise ProxyError(503, unsupported(claude, probe), code="claude_unsupported")
-            door = door(turn, options)
-            # close_connection is set when the request asked to close the connection after it.
-            exchange = Exchange(self.server, turn, claude, self.connection, not door.stream, self.close_connection,
-                                restore_thinking=not door.returns_thinking)
-            answer_turn(door, exchange, self, slot)
 
     # -- response writing ------------------------------------------------------
 
@@ -5537,7 +5873,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _send_error(self, error: ProxyError) -> None:
-        self.error_code = error.code or error.type
+        self.record.error = error.code or error.type
         if self.headers_sent:
             self.close_connection = True
             return
@@ -5551,7 +5887,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _common_headers(self) -> None:
         self.send_header("X-Request-Id", self.request_id)
-        for name, value in self.server.limits.headers().items():
+        for name, value in self.server.core.limits.headers().items():
             self.send_header(name, value)
         self._cors_headers()
         if self.close_connection:
@@ -5662,23 +5998,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _log_access(self, method: str) -> None:
         """The request's access line, and for a turn its record on the status page."""
-        usage = self.usage or {}
+        record = self.record
+        usage = record.usage or {}
         total_ms = (time.monotonic() - self.started) * 1000
         log.info("%s %s %s %s model=%s%s input_tokens=%s cached_tokens=%s output_tokens=%s %.0fms",
                  self.request_id, method, self.path.split("?", 1)[0], self.status_sent,
-                 self.model_name, " error=" + self.error_code if self.error_code else "",
+                 record.model, " error=" + record.error if record.error else "",
                  usage.get("input_tokens", "-"), usage.get("cache_read_input_tokens", "-"),
                  usage.get("output_tokens", "-"), total_ms)
-        if self.door is None:
+        if record.door is None:
             return
-        first = self.first_content
-        self.server.activity.record({
-            "time": utc_iso(time.time()), "door": self.door, "model": self.model_name,
-            "status": self.status_sent, "error": self.error_code,
+        first = record.first_content
+        self.server.core.activity.record({
+            "time": utc_iso(time.time()), "door": record.door, "model": record.model,
+            "status": self.status_sent, "error": record.error,
             "first_token_ms": round((first - self.started) * 1000) if first is not None else None,
             "total_ms": round(total_ms), "input_tokens": usage.get("input_tokens"),
             "cached_tokens": usage.get("cache_read_input_tokens"), "output_tokens": usage.get("output_tokens"),
-            "process": self.start})
+            "process": record.start})
 
 
 # ---------------------------------------------------------------------------
@@ -5759,7 +6096,9 @@ def refusal_bytes(error: ProxyError) -> bytes:
 
 
 class ProxyServer(ThreadingHTTPServer):
-    """The HTTP server, its limits on connections and children, and every live `claude` child."""
+    """The HTTP edge: the listening socket, its limits on connections, and a handler thread per
+    connection, each answering through the core (by default a new Core on a new Runner). The
+    core's runtime is opened once the port is the server's, and closed by shutdown_gracefully()."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -5768,18 +6107,10 @@ class ProxyServer(ThreadingHTTPServer):
     # Seconds to wait before accepting again when accept() found no file or memory left.
     accept_backoff = 0.5
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, core: Optional[Core] = None) -> None:
         self.config = config
-        self.started_at = time.time()
-        self.requests_served = 0
-        self.limits = UsageLimits()
-        self.activity = Activity()  # for the status page
-        self.responses = ResponseStore()  # for previous_response_id and GET /v1/responses/{id}
-        self.thinking = ThinkingStore()  # for tool loops resumed cold
-        self._slots = threading.BoundedSemaphore(max(1, config.max_concurrent))
-        self._children: Dict[int, ClaudeProcess] = {}
+        self.core = core if core is not None else Core(config, Runner(config))
         self._lock = threading.Lock()
-        self._closing = False
         self.max_connections = connection_cap(config, open_file_limit())
         if self.max_connections < config.max_connections:
             log.warning("at most %d connections at once (not %d): the open-file limit is %s",
@@ -5795,16 +6126,7 @@ class ProxyServer(ThreadingHTTPServer):
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.address_family = family
         super().__init__((config.host, config.port), ProxyHandler)
-        # Once the port is ours: a proxy that cannot start touches nothing.
-        abandoned = remove_abandoned_workdirs()
-        if abandoned:
-            log.info("removed %d working directories left by proxies that did not exit cleanly", abandoned)
-        self.lifeline = Lifeline()
-        self.pool = WarmPool(config.pool_size, config.pool_ttl, self.lifeline)
-        self._prewarm_default()
-        claude = find_claude(config.claude_bin)
-        if claude is not None:
-            claude_probe(claude, wait=False)  # before a request needs to know
+        self.core.runner.open()  # once the port is ours: a proxy that cannot start touches nothing
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks DNS for our fully qualified name, which can
@@ -5908,148 +6230,10 @@ class ProxyServer(ThreadingHTTPServer):
     def port(self) -> int:
         return self.server_address[1]
 
-    @property
-    def closing(self) -> bool:
-        return self._closing
-
-    # -- children --------------------------------------------------------------
-
-    def slot(self) -> "Slot":
-        return Slot(self._slots, self.config.queue_timeout)
-
-    def spawn(self, launch: Launch) -> ClaudeProcess:
-        """A process for a turn: a pre-started one when the pool has it, else a new one."""
-        process = self.pool.take(launch, launch.argv[0])
-        warm = process is not None
-        if process is None:
-            process = start_claude(launch, self.lifeline)
-        log.debug("claude pid %d (%s)", process.pid, "warm" if warm else "cold")
-        return self._adopt(process)
-
-    def take_kept(self, key: str, claude: str) -> Optional[ClaudeProcess]:
-        """The kept process of the conversation a turn continues, if it is still there."""
-        process = self.pool.take(key, claude)
-        if process is None:
-            return None
-        log.debug("claude pid %d (continues its conversation)", process.pid)
-        return self._adopt(process)
-
-    def _adopt(self, process: ClaudeProcess) -> ClaudeProcess:
-        with self._lock:
-            if not self._closing:
-                self._children[process.pid] = process
-                return process
-        process.close()
-        raise ProxyError(503, "The proxy is shutting down.", code="shutting_down")
-
-    def keep(self, key: str, process: ClaudeProcess) -> bool:
-        """Let a process wait for its conversation's next turn; False when there is no room."""
-        self.release(process)  # first: once in the pool, another request may take it
-        return self.pool.keep(key, process)
-
-    def discard(self, process: ClaudeProcess) -> None:
-        self.release(process)
-        process.close()
-
-    def _prewarm_default(self) -> None:
-        """Warm what a first turn of the default model needs (its prompt and tools come on stdin)."""
-        claude = find_claude(self.config.claude_bin)
-        if claude is None:
-            return
-        try:
-            cli_model = resolve_model("", self.config.default_model)
-        except ProxyError as error:
-            log.warning("nothing pre-started: %s", error.message)
-            return
-        turn = Turn(self.config.default_model, cli_model, Conversation(DEFAULT_SYSTEM_PROMPT, [], []))
-        self.pool.prewarm(cli_launch(claude, turn, self.config, []))
-
-    def release(self, process: ClaudeProcess) -> None:
-        with self._lock:
-            if self._children.get(process.pid) is process:  # its pid may be a new child's already
-                del self._children[process.pid]
-
-    def active_children(self) -> List[int]:
-        with self._lock:
-            return sorted(self._children)
-
-    def kill_children(self) -> None:
-        with self._lock:
-            self._closing = True
-            children = list(self._children.values())
-        self.pool.close()
-        for process in children:
-            process.terminate()  # its request's thread still reads it, and closes it
-        self.lifeline.close()
-
-    # -- status ----------------------------------------------------------------
-
-    def count_request(self) -> None:
-        with self._lock:
-            self.requests_served += 1
-
-    def health(self) -> Dict[str, Any]:
-        """What the proxy knows of itself; `problems` says what is wrong, each with its fix."""
-        claude = find_claude(self.config.claude_bin)
-        probe = None if claude is None else claude_probe(claude, wait=False)  # asking retries one due
-        result = None if probe is None else probe.result
-        problems = [claude_not_found(self.config.claude_bin).message] if claude is None else \
-            claude_problems(claude, probe)
-        return {
-            "status": "degraded" if problems else "ok",
-            "problems": problems,
-            "version": __version__,
-            "claude": {"found": claude is not None, "path": claude,
-                       "version": claude_version(claude) if claude else None,
-                       "probe": None if probe is None else probe.state,
-                       "problem": None if result is None else result.problem,
-                       "native": None if result is None else not result.lasting,
-                       "logged_in": None if result is None else result.logged_in},
-            "pid": os.getpid(),
-            "ppid": os.getppid(),
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "requests_served": self.requests_served,
-            "active_children": len(self.active_children()),
-            "max_concurrent": self.config.max_concurrent,
-            "pool": self.pool.stats(),
-            "usage_limits": self.limits.health(),
-        }
-
-    def status_report(self) -> Dict[str, Any]:
-        """What the status page shows, and its JSON twin carries: /health, the --no-extra-usage
-        guard, the requests per door and model, and the last ones (never their content)."""
-        return dict(self.health(), no_extra_usage=self.config.no_extra_usage, **self.activity.report())
-
     def shutdown_gracefully(self) -> None:
-        """Kill every child and stop serving; call it from any thread but serve_forever's."""
-        self.kill_children()
+        """End every child and stop serving; call it from any thread but serve_forever's."""
+        self.core.close()
         self.shutdown()
-
-
-class Slot:
-    """A place among --max-concurrent running children; a 429 when none frees in time."""
-
-    def __init__(self, semaphore: threading.BoundedSemaphore, timeout: float) -> None:
-        self.semaphore = semaphore
-        self.timeout = timeout
-        self.held = False
-
-    def __enter__(self) -> "Slot":
-        if not self.semaphore.acquire(timeout=self.timeout):
-            raise ProxyError(429, "Too many requests at once: every one of the proxy's claude slots "
-                             "stayed busy for %g s (--max-concurrent, --queue-timeout)."
-                             % self.timeout, code="too_many_requests", headers={"Retry-After": "5"})
-        self.held = True
-        return self
-
-    def release(self) -> None:
-        """Give the place back, once: a finished turn does so early, before its process exits."""
-        if self.held:
-            self.held = False
-            self.semaphore.release()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 def startup_warnings(config: Config) -> List[str]:
@@ -6123,10 +6307,14 @@ def serve(config: Config) -> int:
     try:
         server.serve_forever()
     finally:
-        server.kill_children()
+        server.core.close()
         server.server_close()
     return 0
 
+
+# ===========================================================================
+# SERVICE COMMANDS: install, uninstall, status, doctor, and main()
+# ===========================================================================
 
 # ---------------------------------------------------------------------------
 # Running as a service: install, uninstall, status, doctor
@@ -6298,6 +6486,14 @@ class AwaitGone:
 Action = Union[WriteFile, MakeDir, RemoveFile, Run, AwaitGone]
 
 
+def apply_action(system: System, action: Action) -> None:
+    """One step; a file that cannot be written (a read-only home, say) stops it with a FAIL line."""
+    try:
+        action.apply(system)
+    except OSError as error:
+        raise ServiceError("could not %s: %s" % (action.describe(), error))
+
+
 def perform(system: System, actions: List[Action], dry_run: bool) -> None:
     for action in actions:
         if dry_run:
@@ -6307,14 +6503,6 @@ def perform(system: System, actions: List[Action], dry_run: bool) -> None:
         else:
             print(action.describe())
             apply_action(system, action)
-
-
-def apply_action(system: System, action: Action) -> None:
-    """One step; a file that cannot be written (a read-only home, say) stops it with a FAIL line."""
-    try:
-        action.apply(system)
-    except OSError as error:
-        raise ServiceError("could not %s: %s" % (action.describe(), error))
 
 
 # -- what the service runs -------------------------------------------------
@@ -6598,6 +6786,10 @@ def find_port_holder(port: int) -> str:
             % port)
 
 
+def self_command() -> str:
+    return "python3 %s" % os.path.basename(__file__)
+
+
 def port_in_use(config: Config) -> str:
     """Why the proxy cannot listen, when its port is taken: by claude-max-proxy already
     (its /health says so), or by another program; and what to do."""
@@ -6677,6 +6869,15 @@ def removal_actions(system: System, manager: ServiceManager) -> List[Action]:
     return manager.uninstall_actions() + key
 
 
+def with_absolute_paths(config: Config) -> Config:
+    """A service starts in /, so paths given relative to here must be made absolute."""
+    claude_bin = config.claude_bin
+    absolute = {name: os.path.abspath(getattr(config, name))
+                for name in ("log_file", "api_key_file") if getattr(config, name)}
+    return with_setting(config, claude_bin=os.path.abspath(claude_bin) if os.sep in claude_bin
+                        else claude_bin, **absolute)
+
+
 def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_WAIT) -> int:
     manager = required_manager(system)
     config = with_absolute_paths(config)
@@ -6728,15 +6929,6 @@ def install(system: System, config: Config, dry_run: bool, wait: float = HEALTH_
     return 0
 
 
-def with_absolute_paths(config: Config) -> Config:
-    """A service starts in /, so paths given relative to here must be made absolute."""
-    claude_bin = config.claude_bin
-    absolute = {name: os.path.abspath(getattr(config, name))
-                for name in ("log_file", "api_key_file") if getattr(config, name)}
-    return with_setting(config, claude_bin=os.path.abspath(claude_bin) if os.sep in claude_bin
-                        else claude_bin, **absolute)
-
-
 def uninstall(system: System, dry_run: bool) -> int:
     manager = required_manager(system)
     if not system.exists(manager.path):
@@ -6786,10 +6978,6 @@ def status(system: System, config: Config) -> int:
     return 0 if health.get("status") == "ok" else 1
 
 
-def self_command() -> str:
-    return "python3 %s" % os.path.basename(__file__)
-
-
 class Check(NamedTuple):
     level: str  # OK, WARN or FAIL
     message: str
@@ -6807,7 +6995,8 @@ def check_claude(system: System, config: Config) -> Check:
         return Check("FAIL", "claude (`%s`) not found on PATH or in %s"
                      % (config.claude_bin, ", ".join(CLAUDE_INSTALL_DIRS)),
                      "npm install -g @anthropic-ai/claude-code, or pass --claude-bin /full/path")
-    version = claude_version(claude) or "(version unknown)"
+    probes = Probes()  # this process's own, for when no proxy runs
+    version = probes.version(claude) or "(version unknown)"
     health = fetch_health(health_url(config))
     seen = (health or {}).get("claude")
     if isinstance(seen, dict) and seen.get("probe"):
@@ -6824,7 +7013,7 @@ def check_claude(system: System, config: Config) -> Check:
                          % (seen.get("version"), seen.get("path"), health["pid"]),
                          "run doctor again in a moment")
         return Check("OK", "claude %s at %s (%s)" % (seen.get("version"), seen.get("path"), by))
-    result = claude_probe(claude).result  # waited for: never None here
+    result = probes.probe(claude).result  # waited for: never None here
     if result is not None and result.lasting:
         return Check("FAIL", "claude %s at %s does not speak the control protocol the proxy needs: %s"
                      % (version, claude, result.problem), UPGRADE_HELP)

@@ -3291,7 +3291,7 @@ class HttpHardeningTest(ProxyTest):
                 client.close()
         finally:
             server.socket = listening
-            server.kill_children()
+            server.core.close()
             server.server_close()
         self.assertEqual(len(attempts), 3)
         for before, after in zip(attempts, attempts[1:]):
@@ -3398,7 +3398,7 @@ class HttpHardeningTest(ProxyTest):
                 self.assertTrue(wait_until(lambda: any(" 499 " in line for line in logs.output)))
         finally:
             sock.close()
-        self.assertTrue(wait_until(lambda: self.running.server.active_children() == []))
+        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []))
         line = next(line for line in logs.output if " 499 " in line)
         self.assertIn("POST /v1/chat/completions 499 model=", line)
 
@@ -3982,7 +3982,7 @@ class CliFailureTest(ProxyTest):
             del os.environ["FAKE_CLAUDE_DEAF"]
         self.assertError(response, 504, "server_error", "idle_timeout")
         self.assertLess(time.monotonic() - started, 10)
-        self.assertTrue(wait_until(lambda: self.running.server.active_children() == []))
+        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []))
 
     def test_total_timeout_is_504(self) -> None:
         self.config.timeout = 0.6
@@ -4026,7 +4026,7 @@ class MalformedOutputTest(TestCase):
                     "data: " + f for f in frames[:-2]).encode())), "partial ")
                 error = json.loads(frames[-2])["error"]
                 self.assertEqual(set(error), {"message", "type", "param", "code"})
-                self.assertTrue(wait_until(lambda: running_server.server.active_children() == []))
+                self.assertTrue(wait_until(lambda: running_server.server.core.runner.active_children() == []))
 
 
 def open_stream(port: int, text: str) -> socket.socket:
@@ -4085,7 +4085,7 @@ class ProcessLifecycleTest(ProxyTest):
         self.assertTrue(pid_gone(run["pid"]), "child outlived its client")
         self.assertTrue(pid_gone(run["grandchild"]))
         self.assertNotIn("finished", FAKE.run_for(tag))
-        self.assertTrue(wait_until(lambda: self.running.server.active_children() == []))
+        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []))
 
     def test_client_gone_while_waiting_for_a_non_stream_answer_kills_the_child(self) -> None:
         # A keep-alive client's close (or a reset by any client) while the CLI is silent; a
@@ -4112,7 +4112,7 @@ class ProcessLifecycleTest(ProxyTest):
             response = post_chat(running.port, {"messages": [user("second")]})
             self.assertError(response, 429, "rate_limit_error", "too_many_requests")
             self.assertEqual(response.headers["Retry-After"], "5")
-            self.assertEqual(len(running.server.active_children()), 1)
+            self.assertEqual(len(running.server.core.runner.active_children()), 1)
             holder.close()
             self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]))
             running.server.config.queue_timeout = 5
@@ -4408,7 +4408,7 @@ class PoolFaultTest(TestCase):
                 mock.patch.object(proxy, "start_claude", failing_twice_in_the_pool):
             running = RunningServer(pool_size=1)
             self.addCleanup(running.stop)
-            self.assertTrue(wait_until(lambda: running.server.pool.stats()["size"] == 1),
+            self.assertTrue(wait_until(lambda: running.server.core.runner.pool.stats()["size"] == 1),
                             "nothing was pre-started after the fault")
         self.assertEqual(len(failed), 2)
         logged = ERRORS.take(re.escape(str(fault)))
@@ -4878,9 +4878,14 @@ def warm_for(model: str = "sonnet", pooled_by: Optional[RunningServer] = None,
 
 
 def in_pool(running_server: RunningServer, pid: int) -> bool:
-    pool = running_server.server.pool
+    pool = running_server.server.core.runner.pool
     with pool._changed:
         return any(warm.process.pid == pid for warm in pool._idle)
+
+
+def probe_run(run: Dict[str, Any]) -> bool:
+    """Whether a fake claude run was a server's probe (see proxy.probe_native), not a turn's."""
+    return (run.get("initialize") or {}).get("systemPrompt") == "probe"
 
 
 def alive_runs(since: float) -> List[Dict[str, Any]]:
@@ -4911,12 +4916,12 @@ class WarmPoolTest(ProxyTest):
     settings = dict(ProxyTest.settings, pool_size=2, pool_ttl=300.0)
 
     def pool(self, running_server: Optional[RunningServer] = None) -> Dict[str, int]:
-        return (running_server or self.running).server.health()["pool"]
+        return (running_server or self.running).server.core.health()["pool"]
 
     def test_a_pre_started_process_serves_a_turn_with_any_system_prompt(self) -> None:
         self.assertEqual(self.chat(system("You are pool test " + marker()), user("first")).status, 200)
         warm = warm_for(pooled_by=self.running)
-        self.assertTrue(wait_until(lambda: self.running.server.active_children() == []),
+        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []),
                         "a waiting process must not count as a running request")
         self.assertEqual(argv_value(warm["argv"], "--system-prompt"), "")
         before = self.pool()
@@ -5003,7 +5008,7 @@ class WarmPoolTest(ProxyTest):
                     body["reasoning_effort"] = effort
                 self.assertEqual(post_chat(running_server.port, body).json()["choices"][0]["finish_reason"],
                                  "tool_calls")
-                self.assertTrue(wait_until(lambda: running_server.server.active_children() == []))
+                self.assertTrue(wait_until(lambda: running_server.server.core.runner.active_children() == []))
                 self.assertLessEqual(self.pool(running_server)["size"], 2)
                 self.assertTrue(wait_until(lambda: len(alive_runs(started)) <= 2),
                                 [run["pid"] for run in alive_runs(started)])
@@ -5033,7 +5038,7 @@ class WarmPoolTest(ProxyTest):
             self.assertNotIn("answered", FAKE.run_for(tag), "its tool call was never answered")
             time.sleep(3.0)  # two more TTLs: an unused key must not be warmed again
             self.assertEqual(waiting_runs(OWN_MODEL), [])
-            self.assertEqual(len([run for run in FAKE.runs() if run["spawned"] >= started
+            self.assertEqual(len([run for run in FAKE.runs() if run["spawned"] >= started and not probe_run(run)
                                   and argv_value(run["argv"], "--model") == OWN_MODEL]), 2,
                              "only the request's own process and the one replacement")
         finally:
@@ -5082,7 +5087,7 @@ class WarmPoolTest(ProxyTest):
         for pid in (kept["pid"], warm["pid"]):
             self.assertTrue(pid_gone(pid))
         self.assertFalse(os.path.exists(kept["cwd"]))
-        self.assertEqual(running_server.server.health()["pool"]["size"], 0)
+        self.assertEqual(running_server.server.core.health()["pool"]["size"], 0)
 
 
 class ConfigurationTest(TestCase):
@@ -5856,7 +5861,7 @@ class ConversationTest(ProxyTest):
     TOOLS = [WEATHER_TOOL, TIME_TOOL]
 
     def continued(self) -> int:
-        return self.running.server.health()["pool"]["continued"]
+        return self.running.server.core.health()["pool"]["continued"]
 
     def assertExtends(self, later: Dict[str, Any], earlier: Dict[str, Any]) -> None:
         """The later upstream request is the earlier one plus new messages, byte for byte."""
@@ -5924,7 +5929,7 @@ class ConversationTest(ProxyTest):
 
     def test_the_process_is_kept_before_the_answer_reaches_the_client(self) -> None:
         # A client whose tool answers at once must find the process kept, however slow keeping is.
-        pool = self.running.server.pool
+        pool = self.running.server.core.runner.pool
         keep = pool.keep
 
         def slow_keep(key: str, process: "proxy.ClaudeProcess") -> bool:
@@ -6018,7 +6023,7 @@ class ConversationTest(ProxyTest):
         sock.close()
         self.assertTrue(pid_gone(run["pid"]), "the continued process outlived its client")
         self.assertNotIn("finished", FAKE.run_for(tag))
-        self.assertTrue(wait_until(lambda: self.running.server.active_children() == []))
+        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []))
         self.assertFalse(in_pool(self.running, run["pid"]))
 
 
@@ -6368,7 +6373,7 @@ class SubscriptionTest(ProxyTest):
 
     def setUp(self) -> None:
         super().setUp()
-        self.running.server.limits = proxy.UsageLimits()  # each test starts knowing nothing
+        self.running.server.core.limits = proxy.UsageLimits()  # each test starts knowing nothing
 
     def test_reports_reach_health_and_the_headers_of_every_answer(self) -> None:
         self.assertNotIn("x-claude-ratelimit-status", self.say("hi").headers)
@@ -6387,7 +6392,7 @@ class SubscriptionTest(ProxyTest):
 
     def test_a_used_up_window_is_a_429_before_any_claude_starts(self) -> None:
         cue = FAKE.script("used-up", rate_limit="subscriber-rate-limit-event", resets_in=900)
-        observe(self.running.server.limits, limit_event("subscriber-overage-in-use", resets_in=900,
+        observe(self.running.server.core.limits, limit_event("subscriber-overage-in-use", resets_in=900,
                                                        overageStatus="rejected", isUsingOverage=False,
                                                        overageInUse=False))
         tag = marker()
@@ -6426,8 +6431,8 @@ class SubscriptionTest(ProxyTest):
             self.assertEqual(response.json()["error"]["code"], code)
 
     def test_status_shows_each_window_with_its_reset_in_utc_and_local_time(self) -> None:
-        observe(self.running.server.limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
-        observe(self.running.server.limits, limit_event("subscriber-overage-in-use", resets_in=3600))
+        observe(self.running.server.core.limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
+        observe(self.running.server.core.limits, limit_event("subscriber-overage-in-use", resets_in=3600))
         code, out = run_main("status", "--port", str(self.running.port), system=FakeSystem("linux"))
         self.assertEqual(code, 0, out)
         reset = int(time.time() + 86400)
@@ -6537,7 +6542,7 @@ class StatusPageTest(ProxyTest):
         self.assertNotIn(tag, self.request("GET", "/").body.decode("utf-8"))
 
     def test_the_page_shows_what_the_twin_carries(self) -> None:
-        observe(self.running.server.limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
+        observe(self.running.server.core.limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
         served = recorded(status_report(self.running.port))
         self.turns(marker())
         report = wait_for_records(self.running.port, served + 5)
@@ -6763,7 +6768,7 @@ class StatusPageBrowserTest(TestCase):
         running_server = RunningServer()
         try:
             port = running_server.port
-            observe(running_server.server.limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
+            observe(running_server.server.core.limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
             tag = marker()
             for body in ({"model": "claude-sonnet-4", "messages": [user("first %s" % tag)]},
                          {"model": "claude-sonnet-4", "stream": True, "messages": [user("second %s" % tag)]},
@@ -7185,7 +7190,7 @@ class ServiceTest(TestCase):
         system = self.fake("darwin")
         self.install(system)
         system.loaded = True
-        self.running.server.count_request()
+        self.running.server.core.requests_served += 1
         code, out = run_main("status", "--port", str(self.running.port), system=system)
         self.assertEqual(code, 0, out)
         self.assertIn("installed: yes, " + os.path.join(system.home, "Library/LaunchAgents"), out)
@@ -8220,13 +8225,13 @@ class ResponsesDoorTest(ProxyTest):
         call = final["output"][1]
         self.assertEqual((call["name"], json.loads(call["arguments"]), call["status"]),
                          ("get_weather", {"city": "Paris"}, "completed"))
-        continued = self.running.server.pool.continued
+        continued = self.running.server.core.runner.pool.continued
         second = self.respond(tools=[RESPONSES_WEATHER_TOOL], input=[question] + final["output"] + [
             {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny, 21 C"}])
         self.assertEqual(second.status, 200, second.body)
         # The process that called the tool got its result (a new one would resume, not quote it).
         self.assertEqual(second.json()["output"][0]["content"][0]["text"], "Tool results: sunny, 21 C")
-        self.assertEqual(self.running.server.pool.continued, continued + 1)
+        self.assertEqual(self.running.server.core.runner.pool.continued, continued + 1)
         run = FAKE.run_for(tag, "tool_calls")
         self.assertEqual(run["tool_calls"][0]["answer"]["response"]["mcp_response"]["result"]["content"],
                          [{"type": "text", "text": "sunny, 21 C"}])
@@ -8245,12 +8250,12 @@ class ResponsesDoorTest(ProxyTest):
         self.assertEqual(output[0]["summary"], [{"type": "summary_text", "text": "Hmm, a greeting."}])
         self.assertTrue(output[0]["encrypted_content"].startswith("claude-thinking-signature:"))
         # Sent back, the reasoning item is Claude's signed thinking again: the kept process continues.
-        continued = self.running.server.pool.continued
+        continued = self.running.server.core.runner.pool.continued
         again = self.respond(input=[{"role": "user", "content": cue}] + output + [user("And now?")],
                              reasoning={"effort": "low", "summary": "auto"},
                              include=["reasoning.encrypted_content"])
         self.assertEqual(again.status, 200, again.body)
-        self.assertEqual(self.running.server.pool.continued, continued + 1)
+        self.assertEqual(self.running.server.core.runner.pool.continued, continued + 1)
         hidden = self.respond(input=cue, reasoning={"effort": "none"})
         self.assertEqual([item["type"] for item in hidden.json()["output"]], ["message"])
 
@@ -8659,7 +8664,7 @@ class MessagesDoorTest(ProxyTest):
             run = FAKE.run_for(tag, field="answered")
             self.assertEqual(run["tool_calls"][0]["answer"]["response"]["mcp_response"]["result"],
                              {"content": [{"type": "text", "text": "sunny, 21 C"}]})
-            self.assertEqual(running_server.server.health()["pool"]["continued"], 1)
+            self.assertEqual(running_server.server.core.health()["pool"]["continued"], 1)
         finally:
             running_server.stop()
 
@@ -8782,7 +8787,7 @@ class MessagesDoorTest(ProxyTest):
                                                                "content": "-3 C"}]}]
                     final = client.messages.create(messages=messages, **fields)
                     self.assertEqual(final.content[0].text, "Tool results: -3 C")
-            self.assertEqual(running_server.server.health()["pool"]["continued"], 2)
+            self.assertEqual(running_server.server.core.health()["pool"]["continued"], 2)
             image = FAKE.run_for(cue)["messages"][0]["message"]["content"][1]
             self.assertEqual(image["source"]["data"], PNG_1PX)
         finally:
@@ -9095,7 +9100,7 @@ class RealCliTest(ProxyTest):
 
     def setUp(self) -> None:
         super().setUp()
-        self.running.server.limits = proxy.UsageLimits()  # each test starts knowing nothing
+        self.running.server.core.limits = proxy.UsageLimits()  # each test starts knowing nothing
 
     @classmethod
     def tearDownClass(cls) -> None:
@@ -9184,7 +9189,7 @@ class EndToEndTest(RealCliTest):
         # Fails when the CLI stops waiting on tools/call for the client's results (parked calls).
         tag = marker()
         tools = [WEATHER_TOOL, TIME_TOOL]
-        before = self.running.server.health()["pool"]["continued"]
+        before = self.running.server.core.health()["pool"]["continued"]
         messages: List[Dict[str, Any]] = [{"role": "system", "content": "You are terse."},
                                           user("%s\nCALL:get_weather {\"city\": \"Oslo\"}" % tag)]
         results = ["SAY:It is sunny.", None, "CALL:get_time {\"city\": \"Rome\"}\nCALL:get_weather {\"city\": \"Rome\"}",
@@ -9205,7 +9210,7 @@ class EndToEndTest(RealCliTest):
         for earlier, later in zip(sent, sent[1:]):
             self.assertEqual(later[:len(earlier)], earlier, "each request must extend the one before")
         self.assertEqual([len(m) for m in sent], [1, 3, 5, 7])
-        self.assertEqual(self.running.server.health()["pool"]["continued"] - before, 3,
+        self.assertEqual(self.running.server.core.health()["pool"]["continued"] - before, 3,
                          "turns 2-4 continue the first turn's process")
 
     def test_tool_results_without_a_kept_process_resume_the_interrupted_turn(self) -> None:
@@ -9262,7 +9267,7 @@ class EndToEndTest(RealCliTest):
 
     def test_slash_prompts_in_a_kept_conversation_extend_each_request_byte_for_byte(self) -> None:
         tag = marker()
-        before = self.running.server.health()["pool"]["continued"]
+        before = self.running.server.core.health()["pool"]["continued"]
         messages = [user("/2024 was a good year " + tag)]
         for prompt in ("/5", "/compact"):
             response = self.chat(*messages)
@@ -9276,7 +9281,7 @@ class EndToEndTest(RealCliTest):
             self.assertEqual(later[:len(earlier)], earlier, "each request must extend the one before")
         self.assertEqual([m["content"][-1] for m in sent[-1] if m["role"] == "user"],
                          [text("/2024 was a good year " + tag), text("/5"), text("/compact")])
-        self.assertEqual(self.running.server.health()["pool"]["continued"] - before, 2)
+        self.assertEqual(self.running.server.core.health()["pool"]["continued"] - before, 2)
 
     def test_a_slash_text_after_tool_results_reaches_anthropic_unchanged_then_and_later(self) -> None:
         # Resumed with its results (no process kept), the turn ends with the text after them (see
@@ -9333,7 +9338,7 @@ class EndToEndTest(RealCliTest):
 
     def test_the_real_cli_passes_the_probe(self) -> None:
         # Fails when the CLI stops taking initialize and mcp_set_servers on stdin.
-        self.assertEqual(proxy.claude_probe(real_claude()).result, proxy.ProbeResult(None, logged_in=True))
+        self.assertEqual(proxy.Probes().probe(real_claude()).result, proxy.ProbeResult(None, logged_in=True))
 
     def test_structured_output_through_the_real_cli(self) -> None:
         tag = marker()
@@ -9419,7 +9424,7 @@ class EndToEndTest(RealCliTest):
         running_server = RunningServer(**dict(self.settings, pool_size=2))
 
         def pool() -> Dict[str, int]:
-            return running_server.server.health()["pool"]
+            return running_server.server.core.health()["pool"]
 
         try:
             for prompt in ("You are terse.", "You are kind."):  # any system prompt: it comes on stdin
@@ -10042,7 +10047,7 @@ class ClientRuns:
         return FAKE.script("client-" + marker(), **spec)
 
     def continued(self) -> int:
-        return self.test.running.server.health()["pool"]["continued"]
+        return self.test.running.server.core.health()["pool"]["continued"]
 
     def tool_loop(self, cue: str, continued_before: int, tools: List[str],
                   calls: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
@@ -10531,7 +10536,7 @@ class ColdResumeThinkingTest(RealCliTest):
         self.assertEqual([b["type"] for b in reply], ["thinking", "tool_use"])
         self.assertEqual(sent[1][1], {"role": "assistant", "content": reply},
                          "the thinking block with its signature, right before its tool_use, as Claude gave it")
-        self.assertEqual(self.running.server.health()["pool"]["continued"], 0, "the turn was resumed cold")
+        self.assertEqual(self.running.server.core.health()["pool"]["continued"], 0, "the turn was resumed cold")
 
     def test_a_responses_tool_loop_resumed_cold_sends_its_thinking_back_in_place(self) -> None:
         tag = marker()
@@ -10999,7 +11004,7 @@ class NativeSupportTest(TestCase):
         with self.assertLogs("claude_max_proxy", "WARNING") as logs:  # the probe starts with the server
             running_server = RunningServer(claude_bin=old)
             self.addCleanup(running_server.stop)
-            self.assertTrue(wait_until(lambda: running_server.server.health()["claude"]["native"] is False))
+            self.assertTrue(wait_until(lambda: running_server.server.core.health()["claude"]["native"] is False))
         self.assertIn("cannot take a conversation natively", "\n".join(logs.output))
         response = post_chat(running_server.port, {"messages": [user("hi")]})
         self.assertEqual(response.status, 503, response.body)
@@ -11010,7 +11015,7 @@ class NativeSupportTest(TestCase):
         self.assertIn("control protocol", check.message)
 
     def test_the_fake_passes_the_probe(self) -> None:
-        self.assertEqual(proxy.claude_probe(FAKE.path).result, proxy.ProbeResult(None, logged_in=True))
+        self.assertEqual(proxy.Probes().probe(FAKE.path).result, proxy.ProbeResult(None, logged_in=True))
 
 
 class SessionTranscriptTest(TestCase):
@@ -11162,7 +11167,7 @@ class EchoTest(ProxyTest):
             answer = stream_text(response) if stream else response.json()["choices"][0]["message"]["content"]
             self.assertTrue(answer.startswith("Hello from fake"), answer)
             self.assertIn("not kept for its next turn", "\n".join(logs.output))
-            self.assertEqual(self.running.server.health()["pool"]["conversations"], 0)
+            self.assertEqual(self.running.server.core.health()["pool"]["conversations"], 0)
 
 
 class PoolRoomTest(TestCase):
@@ -11171,7 +11176,7 @@ class PoolRoomTest(TestCase):
         self.addCleanup(running_server.stop)
 
         def pool() -> Dict[str, int]:
-            return running_server.server.health()["pool"]
+            return running_server.server.core.health()["pool"]
 
         for n in range(4):  # four one-off conversations, each kept after its answer
             self.assertTrue(wait_until(lambda: pool()["size"] - pool()["conversations"] == 1, timeout=10),
@@ -11538,7 +11543,7 @@ def bench_memory(rows: List[Tuple[str, str]]) -> None:
 
 
 def claude_version_of(claude: str) -> str:
-    return (proxy.claude_version(claude) or "?").split()[0]
+    return (proxy.Probes().version(claude) or "?").split()[0]
 
 
 def bench_load(rows: List[Tuple[str, str]], clients: int = 64, each: int = 5) -> None:
