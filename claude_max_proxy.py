@@ -3533,7 +3533,7 @@ class ClaudeProcess:
         if data:
             self._outbox.append(memoryview(data))  # slices of a view copy nothing, however long
 
-    def events(self, next_deadline: Callable[[], Tuple[float, ProxyError]],
+    def output(self, next_deadline: Callable[[], Tuple[float, ProxyError]],
                client: Optional[socket.socket] = None, tick: Optional[float] = None,
                may_half_close: bool = False) -> Iterator[Optional[Dict[str, Any]]]:
         """Yield each JSON object the CLI prints, until its stdout closes.
@@ -3808,10 +3808,10 @@ class WarmPool:
         self._last_used: Dict[PoolKey, float] = {}  # keys used within the last ttl
         self._closed = False
         self._changed = threading.Condition()
-        self._keeper: Optional[threading.Thread] = None
+        self._maintainer: Optional[threading.Thread] = None
         if self.size:
-            self._keeper = threading.Thread(target=self._keep, name="warm-pool", daemon=True)
-            self._keeper.start()
+            self._maintainer = threading.Thread(target=self._maintain, name="warm-pool", daemon=True)
+            self._maintainer.start()
 
     # -- used by requests --------------------------------------------------------
 
@@ -3851,7 +3851,7 @@ class WarmPool:
                 return False
             self._last_used[key] = time.monotonic()
             doomed: List[Warm] = []
-            if not self._make_room(key, doomed):
+            if not self._room_for_kept(doomed):
                 return False
             self._idle.append(Warm(key, process, binary_identity(process.popen.args[0])))
             self._changed.notify()
@@ -3879,8 +3879,8 @@ class WarmPool:
             self._changed.notify()
         for warm in idle:
             warm.process.close()
-        if self._keeper is not None and self._keeper is not threading.current_thread():
-            self._keeper.join(5.0)
+        if self._maintainer is not None and self._maintainer is not threading.current_thread():
+            self._maintainer.join(5.0)
 
     def _want(self, key: Launch) -> None:
         self._last_used[key] = time.monotonic()
@@ -3890,7 +3890,7 @@ class WarmPool:
 
     # -- the background thread ---------------------------------------------------
 
-    def _keep(self) -> None:
+    def _maintain(self) -> None:
         """Start what is wanted and retire what is done, until the pool closes. A fault of
         its own is logged and its key tried again after a pause (RETRY_PAUSES): the thread
         must not end, or nothing would be pre-started again."""
@@ -3946,29 +3946,41 @@ class WarmPool:
         """The next wanted key there is room for, evicting into `doomed` when full."""
         while self._wanted:
             key = self._wanted.pop(0)
-            if self._make_room(key, doomed):
+            if self._room_for_started(key, doomed):
                 return key
         return None
 
-    def _make_room(self, key: PoolKey, doomed: List[Warm]) -> bool:
-        """Make a place for `key`, moving what gives way into `doomed`; False when nothing may.
+    # Two policies, one per kind of waiting process. Kept conversations hold at most size - 1
+    # places (the one place, at size 1), so a pre-started process can always wait too: clients
+    # that never continue a conversation would otherwise fill the pool with theirs. A pre-started
+    # process never takes a kept one's place: a conversation's process holds its warm prompt
+    # cache, a pre-started one saves only the CLI's start.
 
-        Kept conversations hold at most size - 1 places (the one place, at size 1), so a
-        pre-started process can always wait too: clients that never continue a conversation
-        would otherwise fill the pool with theirs. A new conversation takes the place of the
-        oldest kept one; otherwise the least recently used key gives way, if any is older."""
-        never = float("-inf")
+    def _room_for_kept(self, doomed: List[Warm]) -> bool:
+        """Make a place for a conversation just kept, moving what gives way into `doomed`: past
+        its share, the least recently used kept one; in a full pool, the least recently used
+        pre-started one."""
         kept = [warm for warm in self._idle if not isinstance(warm.key, Launch)]
-        if not isinstance(key, Launch) and len(kept) >= max(1, self.size - 1):
-            candidates = kept
-        elif len(self._idle) < self.size:
+        if len(kept) >= max(1, self.size - 1):
+            return self._evict(kept, doomed)
+        if len(self._idle) < self.size:
             return True
-        else:
-            used = self._last_used.get(key, never)
-            candidates = [warm for warm in self._idle if self._last_used.get(warm.key, never) < used]
+        return self._evict([warm for warm in self._idle if isinstance(warm.key, Launch)], doomed)
+
+    def _room_for_started(self, key: Launch, doomed: List[Warm]) -> bool:
+        """Make a place for a process pre-started for `key`: in a full pool, a pre-started one
+        for a key used less lately gives way; False when none does."""
+        if len(self._idle) < self.size:
+            return True
+        used = self._last_used.get(key, float("-inf"))
+        return self._evict([warm for warm in self._idle if isinstance(warm.key, Launch)
+                            and self._last_used.get(warm.key, float("-inf")) < used], doomed)
+
+    def _evict(self, candidates: List[Warm], doomed: List[Warm]) -> bool:
+        """Move the least recently used of `candidates` into `doomed`; False when there is none."""
         if not candidates:
-            return False  # every waiting process is for a key used at least as lately
-        victim = min(candidates, key=lambda warm: self._last_used.get(warm.key, never))
+            return False
+        victim = min(candidates, key=lambda warm: self._last_used.get(warm.key, float("-inf")))
         self._idle.remove(victim)
         doomed.append(victim)
         return True
@@ -3983,7 +3995,7 @@ class WarmPool:
         doomed: List[Warm] = []
         with self._changed:
             # A conversation kept while it started may have taken the place made for it.
-            if process is not None and not self._closed and self._make_room(key, doomed):
+            if process is not None and not self._closed and self._room_for_started(key, doomed):
                 self._idle.append(Warm(key, process, binary))
                 process = None
         for warm in doomed:
@@ -4088,7 +4100,7 @@ def probe_native(path: str) -> ProbeResult:
     answered: List[str] = []
     login: Optional[bool] = None
     try:
-        for event in process.events(lambda: (deadline, timeout)):
+        for event in process.output(lambda: (deadline, timeout)):
             if event.get("type") == "control_response":
                 response = event.get("response") if isinstance(event.get("response"), dict) else {}
                 if response.get("subtype") != "success":
@@ -4472,7 +4484,7 @@ class BoundedStore:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def keep(self, key: str, value: Any, size: int) -> bool:
+    def add(self, key: str, value: Any, size: int) -> bool:
         """Keep a value of `size` bytes, in place of any under its key; False (nothing kept,
         nothing lost) when it is larger than the whole store."""
         if size > self.size:
@@ -4536,15 +4548,15 @@ class ThinkingStore(BoundedStore):
         kept: a resume goes without it, as it would anyway."""
         if model is None:
             return
-        self.keep("runs:" + cli_model, model, len(cli_model) + len(model))
+        self.add("runs:" + cli_model, model, len(cli_model) + len(model))
         thinking: List[Dict[str, Any]] = []
         for block in blocks:
             if block["type"] == "thinking" and block["signature"]:
                 thinking.append(block)
-                self.keep("signature:" + block["signature"], model, len(block["signature"]) + len(model))
+                self.add("signature:" + block["signature"], model, len(block["signature"]) + len(model))
             elif block["type"] == "tool_use" and thinking:
                 data = json.dumps(thinking, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-                self.keep("call:" + block["id"], data, len(data))  # held as counted (see ResponseStore)
+                self.add("call:" + block["id"], data, len(data))  # held as counted (see ResponseStore)
                 thinking = []
 
     def restore(self, messages: List[Dict[str, Any]], insert: bool, cli_model: str) -> List[Dict[str, Any]]:
@@ -4598,7 +4610,7 @@ class ResponseStore(BoundedStore):
 
     def put(self, entry: StoredResponse) -> None:
         data = json.dumps(entry, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        if not self.keep(entry.response["id"], data, len(data)):
+        if not self.add(entry.response["id"], data, len(data)):
             log.info("response %s is not kept: its conversation is larger than the store (%d bytes)",
                      entry.response["id"], self.size)
 
@@ -4653,7 +4665,7 @@ class Exchange:
         on spending the subscription on text nobody reads."""
         try:
             process, session = self._begin()
-            for line in process.events(self._deadlines(process, session), self.client, KEEPALIVE_INTERVAL,
+            for line in process.output(self._deadlines(process, session), self.client, KEEPALIVE_INTERVAL,
                                        self.may_half_close):
                 if line is None:
                     yield None

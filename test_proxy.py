@@ -4908,6 +4908,86 @@ def tool_turn_script(name: str, **spec: Any) -> str:
     return FAKE.script(name, **spec)
 
 
+class StandIn:
+    """A waiting process, as the pool sees one: alive until closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.popen = type("Popen", (), {"args": ["/nonexistent/claude"]})()
+
+    def alive(self) -> bool:
+        return not self.closed
+
+    def close(self, grace: float = 0.0) -> None:
+        self.closed = True
+
+
+class PoolPoliciesTest(TestCase):
+    """The pool's two policies, in memory: what gives way when a conversation is kept, and when a
+    process is pre-started for a turn's launch."""
+
+    def pool(self, size: int) -> "proxy.WarmPool":
+        pool = proxy.WarmPool(size, 300.0)
+        self.addCleanup(pool.close)
+        return pool
+
+    def waiting(self, pool: "proxy.WarmPool", key: Any, used: float) -> StandIn:
+        process = StandIn()
+        with pool._changed:
+            pool._idle.append(proxy.Warm(key, process, None))
+            pool._last_used[key] = used
+        return process
+
+    @staticmethod
+    def launch(name: str) -> "proxy.Launch":
+        return proxy.Launch(("claude", name), ())
+
+    def test_a_new_conversation_past_its_share_takes_the_oldest_kept_ones_place_never_a_pre_started_one(self) -> None:
+        pool = self.pool(3)
+        now = time.monotonic()
+        started = self.waiting(pool, self.launch("a"), now - 100)  # used longest ago of all
+        oldest = self.waiting(pool, "conversation:1", now - 50)
+        newer = self.waiting(pool, "conversation:2", now - 10)
+        self.assertTrue(pool.keep("conversation:3", StandIn()))
+        self.assertEqual((started.closed, oldest.closed, newer.closed), (False, True, False))
+        self.assertEqual(pool.stats()["conversations"], 2)
+
+    def test_a_kept_conversation_within_its_share_takes_a_pre_started_place_in_a_full_pool(self) -> None:
+        pool = self.pool(3)
+        now = time.monotonic()
+        first = self.waiting(pool, self.launch("a"), now - 20)
+        second = self.waiting(pool, self.launch("b"), now - 30)
+        kept = self.waiting(pool, "conversation:1", now - 90)
+        self.assertTrue(pool.keep("conversation:2", StandIn()))
+        self.assertEqual((first.closed, second.closed, kept.closed), (False, True, False),
+                         "the least recently used pre-started process gives way")
+
+    def test_at_size_one_a_kept_conversation_takes_the_pre_started_place(self) -> None:
+        pool = self.pool(1)
+        started = self.waiting(pool, self.launch("a"), time.monotonic())
+        self.assertTrue(pool.keep("conversation:1", StandIn()))
+        self.assertTrue(started.closed)
+
+    def test_a_pre_started_process_never_takes_a_kept_conversations_place(self) -> None:
+        pool = self.pool(2)
+        now = time.monotonic()
+        kept = self.waiting(pool, "conversation:1", now - 100)
+        older = self.waiting(pool, self.launch("a"), now - 50)
+        doomed: List[Any] = []
+        with pool._changed:
+            pool._last_used[self.launch("b")] = now
+            self.assertTrue(pool._room_for_started(self.launch("b"), doomed))
+        self.assertEqual([warm.process for warm in doomed], [older])
+        with pool._changed:
+            pool._idle.append(proxy.Warm(self.launch("b"), StandIn(), None))
+            pool._last_used[self.launch("c")] = now - 1  # used less lately than b, more than the kept one
+            self.assertFalse(pool._room_for_started(self.launch("c"), doomed), "nothing used less lately")
+            pool._idle = [warm for warm in pool._idle if warm.key == "conversation:1"]
+            pool._idle.append(proxy.Warm("conversation:2", StandIn(), None))
+            self.assertFalse(pool._room_for_started(self.launch("c"), doomed), "only kept ones wait")
+        self.assertFalse(kept.closed)
+
+
 class WarmPoolTest(ProxyTest):
     """Processes started ahead of time; the fake records when each was started and when it was asked.
 
