@@ -2828,6 +2828,117 @@ class ResponseTranslationTest(TestCase):
 # Over HTTP, against the fake CLI
 # ---------------------------------------------------------------------------
 
+class RecordingSink(proxy.Sink):
+    """A Sink in memory: the frames, keepalives and end of a stream, or the whole answer."""
+
+    def __init__(self) -> None:
+        self.written: List[Any] = []
+        self.ended = False
+        self.answer: Optional[Dict[str, Any]] = None
+
+    @property
+    def started(self) -> bool:
+        return bool(self.written)
+
+    def frames(self, frames: List[Any]) -> None:
+        self.written.extend(frames)
+
+    def keepalive(self, frames: List[Any]) -> None:
+        self.written.extend(frames or [("keepalive", "")])
+
+    def end(self) -> None:
+        self.ended = True
+
+    def whole(self, payload: Dict[str, Any]) -> None:
+        self.answer = payload
+
+
+class CoreTest(TestCase):
+    """The core in memory, under no server: a body in, a door's answer out into a sink, against the
+    fake claude; what outlives the request stays in the core."""
+
+    def setUp(self) -> None:
+        config = proxy.Config(claude_bin=FAKE.path, pool_size=0, default_model="claude-sonnet-4")
+        runner = proxy.Runner(config)
+        runner.open()
+        self.addCleanup(runner.close)
+        self.core = proxy.Core(config, runner)
+
+    def answer(self, door: str, body: Dict[str, Any]) -> Tuple[RecordingSink, "proxy.TurnRecord"]:
+        sink, record = RecordingSink(), proxy.TurnRecord("req_test")
+        self.core.answer(door, lambda: json.dumps(body).encode("utf-8"), sink, record)
+        return sink, record
+
+    def test_a_streamed_turn_writes_the_doors_frames_and_ends_the_stream(self) -> None:
+        sink, record = self.answer("chat", {"model": "claude-opus-4", "stream": True,
+                                            "messages": [user("hello " + marker())]})
+        self.assertTrue(sink.ended)
+        self.assertIsNone(sink.answer)
+        chunks = [payload for _, payload in sink.written]
+        self.assertEqual(chunks[-1], "[DONE]")
+        text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks[:-1]
+                       if chunk["choices"])
+        self.assertEqual(text, "Hello from fake (claude-opus-4-8, 1 msgs) ")
+        self.assertEqual((record.door, record.model, record.start, record.error),
+                         ("chat", "claude-opus-4", "cold", None))
+        self.assertEqual(record.usage["output_tokens"], 7)
+        self.assertIsNotNone(record.first_content)
+        self.assertEqual(self.core.requests_served, 1)
+
+    def test_a_whole_answer_goes_out_at_once_and_a_stored_response_stays_in_the_core(self) -> None:
+        sink, record = self.answer("responses", {"model": "claude-opus-4", "input": "hello " + marker()})
+        self.assertEqual(sink.written, [])
+        self.assertFalse(sink.ended)
+        response = sink.answer
+        self.assertEqual((response["object"], response["status"]), ("response", "completed"))
+        self.assertEqual(self.core.stored_response(response["id"]), response)
+        self.core.delete_response(response["id"])
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.core.stored_response(response["id"])
+        self.assertEqual((caught.exception.status, caught.exception.code), (404, "response_not_found"))
+
+    def test_a_refusal_before_the_stream_is_raised_and_nothing_is_written(self) -> None:
+        for body, status, code in (
+                ({"model": "claude-opus-4", "messages": "hi"}, 400, None),
+                ({"model": "claude-opus-4", "messages": [user("hi")], "n": 2}, 400, None)):
+            sink = RecordingSink()
+            with self.assertRaises(proxy.ProxyError) as caught:
+                self.core.answer("chat", lambda: json.dumps(body).encode("utf-8"), sink, proxy.TurnRecord("r"))
+            self.assertEqual(caught.exception.status, status)
+            self.assertEqual((sink.written, sink.ended, sink.answer), ([], False, None))
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.core.answer("messages", lambda: b"{not json", RecordingSink(), proxy.TurnRecord("r"))
+        self.assertEqual(caught.exception.code, "invalid_json")
+        self.assertEqual(self.core.runner.active_children(), [])
+
+    def test_tokens_are_counted_without_a_process(self) -> None:
+        body = {"model": "claude-opus-4", "messages": [user("x" * 2500)]}
+        self.assertGreater(self.core.count_tokens(lambda: json.dumps(body).encode("utf-8")), 1000)
+        self.assertEqual(self.core.runner.active_children(), [])
+
+
+class RouteTableTest(TestCase):
+    """Which route a path names, with /v1 before it or not."""
+
+    def test_paths_find_their_routes_and_arguments(self) -> None:
+        self.assertEqual(proxy.find_route("/chat/completions", page=False), (proxy.ROUTES["/chat/completions"], None))
+        self.assertEqual(proxy.find_route("/models/anthropic/claude-opus-4", page=False),
+                         (proxy.ROUTES["/models/{id}"], "anthropic/claude-opus-4"))
+        self.assertEqual(proxy.find_route("/responses/resp_1", page=False),
+                         (proxy.ROUTES["/responses/{id}"], "resp_1"))
+        self.assertEqual(proxy.find_route("/responses/resp_1/input_items", page=False), (None, None))
+        self.assertEqual(proxy.find_route("/", page=True), (proxy.ROUTES["/"], None))
+        self.assertEqual(proxy.find_route("/", page=False), (None, None), "the page is not at /v1")
+        self.assertEqual(proxy.find_route("/models/", page=False), (None, None))
+        self.assertEqual(proxy.route_path("/v1/models/x?beta=true"), "/models/x")
+
+    def test_every_route_has_its_handler_and_only_turns_read_a_body(self) -> None:
+        for methods in proxy.ROUTES.values():
+            for method, name in methods.items():
+                self.assertTrue(callable(getattr(proxy.ProxyHandler, "_" + name, None)), name)
+                self.assertEqual(name in proxy.BODY_READERS, method == "POST", name)
+
+
 class RoutesTest(ProxyTest):
     def test_health_reports_the_cli_and_its_version(self) -> None:
         response = self.request("GET", "/health")
