@@ -32,11 +32,28 @@ Other commands of the same file run it as a service and check on it::
     python3 claude_max_proxy.py status      # installed, loaded, answering; pid, uptime, counters
     python3 claude_max_proxy.py uninstall
 
-The module reads top to bottom in the order a request flows: configuration,
-errors, models, the native conversation and the CLI's form of it, the ``claude``
-process and pool, subscription usage, the core run (CLI events in, reply events
-out), the doors (one pair of translators per API), answering a turn, the status
-page, the HTTP handler, the server, then running as a service and main().
+The design, and the order of this file. A request passes each layer once, top to bottom,
+and nothing calls up: each part uses only what is above it.
+
+FOUNDATIONS   Errors (ProxyError), Models (the name table), Configuration (Config, flags).
+1. PROTOCOL   Pure. The native conversation (Turn, Conversation, content blocks, images);
+              the CLI's form of it (Launch argv and transcript, stdin lines, ToolBridge);
+              what the CLI reports of plan windows (LimitWindow) and refusals; and the CLI
+              session (Session), a state machine in the manner of h11: begin() turns a turn
+              into stdin bytes, receive() turns each line the CLI prints into typed events
+              (BlockStart, BlockDelta, BlockStop, End with one Outcome; Send, Limits for the
+              runtime), and its state says whether the session may take a given next turn.
+2. DOORS      Pure. One per API (ChatDoor, ResponsesDoor, MessagesDoor): parse_*_request()
+              turns a body into a Turn; the door encodes session events and the one Outcome
+              into its frames or its whole response, and reads the reply back for the next turn.
+3. RUNTIME    I/O. ClaudeProcess moves bytes; the WarmPool pre-starts processes and keeps a
+              conversation's for its next turn; Probes check the `claude` binary; the Runner
+              owns them all, with the slots and the lifeline. UsageLimits and the stores keep
+              what outlives a request. An Exchange runs one turn through one process. The Core
+              is the proxy in memory: answer(door, body, sink) is the one path of a turn.
+4. EDGE       HTTP only. The status page, ProxyHandler (framing, Host/Origin and key, the
+              ROUTES table, SSE through HttpSink), ProxyServer (connections) and serve().
+SERVICE       install, uninstall, status and doctor; main().
 """
 
 import sys
@@ -93,6 +110,17 @@ except ImportError:  # not a POSIX system: the open-file limit stays as it is
     resource = None  # type: ignore[assignment]
 
 __version__ = "0.1.0"
+__all__ = [
+    "Config", "ProxyError", "parse_command_line",                                # foundations
+    "Turn", "Conversation", "Session", "BlockStart", "BlockDelta", "BlockStop",  # protocol
+    "End", "Send", "Limits", "Outcome",
+    "parse_chat_request", "parse_responses_request", "parse_messages_request",   # doors
+    "ChatDoor", "ResponsesDoor", "MessagesDoor",
+    "ClaudeProcess", "WarmPool", "Probes", "Runner", "Exchange", "Core", "Sink",  # runtime
+    "TurnRecord",
+    "ProxyHandler", "ProxyServer", "serve",                                      # edge
+    "main",                                                                      # service
+]
 
 log = logging.getLogger("claude_max_proxy")
 
@@ -1081,7 +1109,7 @@ class ToolBridge:
 
 
 # ---------------------------------------------------------------------------
-# Subscription usage: plan windows, extra usage, and Anthropic's refusals
+# Subscription usage as the CLI reports it: plan windows, extra usage, Anthropic's refusals
 # ---------------------------------------------------------------------------
 
 # A subscription is metered in windows (five_hour, seven_day, seven_day_opus, ...); past a
