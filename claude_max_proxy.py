@@ -3510,11 +3510,11 @@ def client_left(client: socket.socket, may_half_close: bool) -> bool:
 class ClaudeProcess:
     """One `claude -p` child in its own process group and throwaway directory.
 
-    send() queues lines for its stdin, events() writes them as the CLI reads and
+    send() queues lines for its stdin, output() writes them as the CLI reads and
     yields what it prints as JSON events, and close() reaps it, closes its pipes
     and removes its directory and session transcript. Its stdin stays open: the
     CLI answers one turn after another of one conversation, and a process is kept
-    between turns (see Exchange), so what events() read but did not hand out yet
+    between turns (see Exchange), so what output() read but did not hand out yet
     waits for the next call. Only the thread that serves its turn calls those;
     any thread may call terminate(), which leaves the pipes alone.
     """
@@ -3540,11 +3540,10 @@ class ClaudeProcess:
         self.lifeline = lifeline
         if lifeline is not None:
             lifeline.hold(self.pid)  # its group is named after it
-        os.set_blocking(self.popen.stdin.fileno(), False)  # writes wait in events(), under the timeouts
+        os.set_blocking(self.popen.stdin.fileno(), False)  # writes wait in output(), under the timeouts
         self.started = time.monotonic()
         self.last_output = self.started
         self.stderr_tail = b""
-        self.session: Optional["Session"] = None  # the conversation it holds (see Exchange)
         self._outbox: List[memoryview] = []
         self._partial: List[bytes] = []    # the pieces of a line not ended yet, joined once it ends
         self._read: List[Dict[str, Any]] = []  # events read and not handed out yet
@@ -3555,7 +3554,7 @@ class ClaudeProcess:
         self.closed = False
 
     def send(self, data: bytes) -> None:
-        """Queue lines for stdin (none, for a turn that needs none); events() writes them as the
+        """Queue lines for stdin (none, for a turn that needs none); output() writes them as the
         CLI takes them. A turn starts now: a pre-started or kept process may have waited long."""
         self.last_output = time.monotonic()
         if data:
@@ -3658,7 +3657,7 @@ class ClaudeProcess:
         except BlockingIOError:
             return False
         except OSError:
-            self._outbox = []  # it died; events() sees its stdout close
+            self._outbox = []  # it died; output() sees its stdout close
         return True
 
     def _keep_stderr(self, data: bytes) -> None:
@@ -3797,12 +3796,15 @@ PoolKey = Union[Launch, str]  # a Launch to start a process for, or a kept conve
 
 
 class Warm:
-    """A process waiting on stdin, the key it waits under, and its binary."""
+    """A process waiting on stdin, the key it waits under, its binary, and for a kept
+    conversation the session it holds."""
 
-    def __init__(self, key: PoolKey, process: ClaudeProcess, binary: Optional[Tuple[int, int, int]]) -> None:
+    def __init__(self, key: PoolKey, process: ClaudeProcess, binary: Optional[Tuple[int, int, int]],
+                 session: Optional[Session] = None) -> None:
         self.key = key
         self.process = process
         self.binary = binary
+        self.session = session
         self.born = time.monotonic()
 
 
@@ -3843,14 +3845,14 @@ class WarmPool:
 
     # -- used by requests --------------------------------------------------------
 
-    def take(self, key: PoolKey, claude: str) -> Optional[ClaudeProcess]:
+    def take(self, key: PoolKey, claude: str) -> Optional[Warm]:
         """A live process waiting under this key and running the `claude` that is there now,
         or None; for a Launch, a replacement is queued either way. Nothing is started ahead for
         a Launch that resumes a history: it would serve only a retry of that very turn."""
         if not self.size or isinstance(key, Launch) and key.session:
             return None
         binary = binary_identity(claude)
-        found: Optional[ClaudeProcess] = None
+        found: Optional[Warm] = None
         unfit: List[ClaudeProcess] = []
         with self._changed:
             if self._closed:
@@ -3858,7 +3860,7 @@ class WarmPool:
             for warm in [warm for warm in self._idle if warm.key == key]:
                 self._idle.remove(warm)
                 if warm.binary == binary and warm.process.alive():
-                    found = warm.process
+                    found = warm
                     break
                 unfit.append(warm.process)
             if isinstance(key, Launch):
@@ -3871,9 +3873,9 @@ class WarmPool:
             process.close()  # died while waiting, or runs a replaced claude; the request starts anew
         return found
 
-    def keep(self, key: str, process: ClaudeProcess) -> bool:
-        """Let a process that answered a turn wait for the one continuing its conversation;
-        False when there is no room (the caller ends it)."""
+    def keep(self, key: str, process: ClaudeProcess, session: Session) -> bool:
+        """Let a process that answered a turn, and its session, wait for the turn continuing
+        its conversation; False when there is no room (the caller ends it)."""
         with self._changed:
             if not self.size or self._closed:
                 return False
@@ -3881,7 +3883,7 @@ class WarmPool:
             doomed: List[Warm] = []
             if not self._room_for_kept(doomed):
                 return False
-            self._idle.append(Warm(key, process, binary_identity(process.popen.args[0])))
+            self._idle.append(Warm(key, process, binary_identity(process.popen.args[0]), session))
             self._changed.notify()
         for warm in doomed:
             warm.process.close()
@@ -4312,26 +4314,25 @@ class Runner:
 
     def start(self, launch: Launch) -> Tuple[ClaudeProcess, str]:
         """A process for a turn and how it came: "warm" (pre-started by the pool), or "cold"."""
-        process = self.pool.take(launch, launch.argv[0])
-        start = "warm" if process is not None else "cold"
-        if process is None:
-            process = start_claude(launch, self.lifeline)
+        warm = self.pool.take(launch, launch.argv[0])
+        start = "warm" if warm is not None else "cold"
+        process = warm.process if warm is not None else start_claude(launch, self.lifeline)
         log.debug("claude pid %d (%s)", process.pid, start)
         return self._adopt(process), start
 
-    def take_kept(self, key: str, claude: str) -> Optional[ClaudeProcess]:
-        """The kept process of the conversation a turn continues, if it is still there."""
-        process = self.pool.take(key, claude)
-        if process is None:
+    def take_kept(self, key: str, claude: str) -> Optional[Tuple[ClaudeProcess, Session]]:
+        """The kept process, and its session, of the conversation a turn continues, if still there."""
+        warm = self.pool.take(key, claude)
+        if warm is None or warm.session is None:
             return None
-        log.debug("claude pid %d (continues its conversation)", process.pid)
-        return self._adopt(process)
+        log.debug("claude pid %d (continues its conversation)", warm.process.pid)
+        return self._adopt(warm.process), warm.session
 
-    def keep(self, key: str, process: ClaudeProcess) -> bool:
-        """Let a process wait for its conversation's next turn; False when there is no room
-        (the caller ends it)."""
+    def keep(self, key: str, process: ClaudeProcess, session: Session) -> bool:
+        """Let a process and its session wait for their conversation's next turn; False when
+        there is no room (the caller ends the process)."""
         self._release(process)  # first: once in the pool, another request may take it
-        return self.pool.keep(key, process)
+        return self.pool.keep(key, process, session)
 
     def end(self, process: ClaudeProcess, grace: float = 0.0) -> None:
         """End a process a turn had, giving it `grace` seconds to exit by itself."""
@@ -4718,12 +4719,13 @@ class Exchange:
         history, newest = split_newest(conversation.messages)
         budget = self.config.retry_budget
         kept = self.runner.take_kept(conversation_key(self.turn, history), self.claude)
-        if kept is not None and kept.session is not None and kept.session.continues(newest):
-            self.process, self.session, self.start = kept, kept.session, "kept"
-            kept.send(kept.session.begin(self.turn, newest, budget, self.whole))
-            return kept, kept.session
+        if kept is not None and kept[1].continues(newest):
+            (process, session), self.start = kept, "kept"
+            self.process, self.session = process, session
+            process.send(session.begin(self.turn, newest, budget, self.whole))
+            return process, session
         if kept is not None:
-            self.runner.end(kept)  # the client did not bring back what it waits for
+            self.runner.end(kept[0])  # the client did not bring back what it waits for
         messages = self.thinking.restore(conversation.messages, self.restore_thinking,
                                                 self.turn.cli_model)
         history = split_newest(messages)[0]  # with its thinking back
@@ -4737,7 +4739,7 @@ class Exchange:
         process, self.start = self.runner.start(cli_launch(self.claude, self.turn, self.config,
                                                            whole if interrupted else history, interrupted))
         self.process = process
-        self.session = process.session = Session(conversation.tools)
+        self.session = Session(conversation.tools)
         process.send(self.session.begin(self.turn, newest, budget, self.whole, interrupted))
         return process, self.session
 
@@ -4778,7 +4780,7 @@ class Exchange:
         if process is None or not echo or process.closed:
             return
         messages = self.turn.conversation.messages + [{"role": "assistant", "content": echo}]
-        if self.runner.keep(conversation_key(self.turn, messages), process):
+        if self.runner.keep(conversation_key(self.turn, messages), process, self.session):
             self.process = None
 
     def finish(self) -> None:

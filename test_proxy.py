@@ -5059,7 +5059,7 @@ class PoolPoliciesTest(TestCase):
         started = self.waiting(pool, self.launch("a"), now - 100)  # used longest ago of all
         oldest = self.waiting(pool, "conversation:1", now - 50)
         newer = self.waiting(pool, "conversation:2", now - 10)
-        self.assertTrue(pool.keep("conversation:3", StandIn()))
+        self.assertTrue(pool.keep("conversation:3", StandIn(), proxy.Session([])))
         self.assertEqual((started.closed, oldest.closed, newer.closed), (False, True, False))
         self.assertEqual(pool.stats()["conversations"], 2)
 
@@ -5069,14 +5069,14 @@ class PoolPoliciesTest(TestCase):
         first = self.waiting(pool, self.launch("a"), now - 20)
         second = self.waiting(pool, self.launch("b"), now - 30)
         kept = self.waiting(pool, "conversation:1", now - 90)
-        self.assertTrue(pool.keep("conversation:2", StandIn()))
+        self.assertTrue(pool.keep("conversation:2", StandIn(), proxy.Session([])))
         self.assertEqual((first.closed, second.closed, kept.closed), (False, True, False),
                          "the least recently used pre-started process gives way")
 
     def test_at_size_one_a_kept_conversation_takes_the_pre_started_place(self) -> None:
         pool = self.pool(1)
         started = self.waiting(pool, self.launch("a"), time.monotonic())
-        self.assertTrue(pool.keep("conversation:1", StandIn()))
+        self.assertTrue(pool.keep("conversation:1", StandIn(), proxy.Session([])))
         self.assertTrue(started.closed)
 
     def test_a_pre_started_process_never_takes_a_kept_conversations_place(self) -> None:
@@ -6123,9 +6123,9 @@ class ConversationTest(ProxyTest):
         pool = self.running.server.core.runner.pool
         keep = pool.keep
 
-        def slow_keep(key: str, process: "proxy.ClaudeProcess") -> bool:
+        def slow_keep(key: str, process: "proxy.ClaudeProcess", session: "proxy.Session") -> bool:
             time.sleep(0.3)
-            return keep(key, process)
+            return keep(key, process, session)
         tag = marker()
         messages = [user(tool_turn_script("loop-quick") + " " + tag)]
         for stream in (False, True):
@@ -11395,7 +11395,7 @@ class PoolRoomTest(TestCase):
             pool.prewarm(proxy.Launch(("sleep", "60"), tuple(os.environ.items())))
             self.assertTrue(started.wait(10))
             kept = proxy.ClaudeProcess(proxy.Launch(("sleep", "60"), tuple(os.environ.items())))
-            self.assertTrue(pool.keep("conversation:x", kept))
+            self.assertTrue(pool.keep("conversation:x", kept, proxy.Session([])))
             go_on.set()
             # The start is over once its process waits in the pool or was closed.
             self.assertTrue(wait_until(lambda: created and (
