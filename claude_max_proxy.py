@@ -4667,7 +4667,7 @@ class Exchange:
     history from a session transcript.
     """
 
-    def __init__(self, runner: Runner, limits: "UsageLimits", thinking: "ThinkingStore", turn: Turn,
+    def __init__(self, runner: Runner, limits: UsageLimits, thinking: ThinkingStore, turn: Turn,
                  claude: str, client: Optional[socket.socket] = None, whole: bool = False,
                  may_half_close: bool = False, restore_thinking: bool = False) -> None:
         self.runner = runner
