@@ -2405,15 +2405,53 @@ def tool_call_request(request_id: str, call_id: str, message_id: int) -> Dict[st
         "_meta": {"claudecode/toolUseId": call_id, "progressToken": message_id}})
 
 
+# A session without a process: recorded CLI events in, the session's events out.
+
+def new_session(whole: bool = False, retry_budget: float = 20.0, **body: Any) -> "proxy.Session":
+    """A session that has begun the turn of a chat request with `body`, as Exchange begins one
+    (the bytes it gives for the CLI's stdin are not wanted here)."""
+    turn = chat_turn(**body)[0]
+    session = proxy.Session(turn.conversation.tools)
+    session.begin(turn, proxy.split_newest(turn.conversation.messages)[1], retry_budget, whole)
+    return session
+
+
+def received(session: "proxy.Session", events: List[Any], now: float = 100.0) -> List[Any]:
+    """The session's events for CLI events read in order (none come once its turn has ended)."""
+    return [out for event in events for out in session.receive(event, now)]
+
+
+def outcome_of(events: List[Any]) -> "proxy.Outcome":
+    """The outcome of the one End among a session's events."""
+    ends = [event.outcome for event in events if isinstance(event, proxy.End)]
+    if len(ends) != 1:
+        raise AssertionError("%d End events in %r" % (len(ends), events))
+    return ends[0]
+
+
+def pieces(events: List[Any]) -> List[Tuple[str, str]]:
+    """(kind, piece) of each BlockDelta: the reply as the client gets it, piece by piece."""
+    return [(event.kind, event.piece) for event in events if isinstance(event, proxy.BlockDelta)]
+
+
+def text_message(value: str) -> Dict[str, Any]:
+    """A native user message holding text: a turn's newest message."""
+    return {"role": "user", "content": [text(value)]}
+
+
+def results_message(*call_ids: str) -> Dict[str, Any]:
+    """A native user message holding the results of these calls alone."""
+    return {"role": "user", "content": [proxy.tool_result_block(call_id, "ok") for call_id in call_ids]}
+
+
 class UpstreamFailureTest(TestCase):
     """What the real CLI 2.1.197 prints when the Anthropic API refuses or never answers, as the client hears it."""
 
     def failure(self, events: List[Dict[str, Any]]) -> proxy.ProxyError:
-        reply = proxy.Reply(1.0)
+        session = new_session(retry_budget=1.0)
         with self.assertRaises(proxy.ProxyError) as caught:
-            for event in events:
-                reply.feed(event, now=0.0)
-            deadline = reply.retry_deadline()
+            received(session, events, now=0.0)
+            deadline = session.retry_deadline()
             if deadline is not None:
                 raise deadline[1]
         return caught.exception
@@ -2538,17 +2576,6 @@ class ToolBridgeTest(TestCase):
         self.assertEqual(self.bridge.give_results({"x": proxy.tool_result_block("x", "r")}), b"")
 
 
-def merged(events: List[Tuple[str, Any]]) -> List[Tuple[str, Any]]:
-    """Reply events with consecutive deltas of one kind joined, to compare whole runs."""
-    out: List[Tuple[str, Any]] = []
-    for kind, value in events:
-        if out and out[-1][0] == kind and isinstance(value, str):
-            out[-1] = (kind, out[-1][1] + value)
-        else:
-            out.append((kind, value))
-    return out
-
-
 def stream_event(event: Dict[str, Any]) -> Dict[str, Any]:
     return {"type": "stream_event", "event": event}
 
@@ -2636,22 +2663,17 @@ MALFORMED_CONTEXTS = [
 
 
 class ResponseTranslationTest(TestCase):
-    """Reply: the CLI's events (recorded runs, and shapes no run has) -> reply events or a ProxyError."""
+    """Session: the CLI's events (recorded runs, and shapes no run has) -> block events and an End, or a ProxyError."""
 
-    def feed_all(self, name: str, reply: Optional["proxy.Reply"] = None,
-                 events: Optional[List[Dict[str, Any]]] = None) -> Tuple["proxy.Reply", List[Tuple[str, Any]]]:
-        reply = reply or proxy.Reply(retry_budget=20)
-        out: List[Tuple[str, Any]] = []
-        for event in recorded_events(name) if events is None else events:
-            out += reply.feed(event, now=100.0)
-            if reply.done:
-                break  # as Exchange does: nothing after `done` is read
-        return reply, merged(out)
+    def feed_all(self, name: str, session: Optional["proxy.Session"] = None,
+                 events: Optional[List[Dict[str, Any]]] = None) -> Tuple["proxy.Session", List[Any]]:
+        session = session or new_session()
+        return session, received(session, recorded_events(name) if events is None else events)
 
-    def failure(self, name: str, reply: Optional["proxy.Reply"] = None,
+    def failure(self, name: str, session: Optional["proxy.Session"] = None,
                 events: Optional[List[Dict[str, Any]]] = None) -> "proxy.ProxyError":
         with self.assertRaises(proxy.ProxyError) as caught:
-            self.feed_all(name, reply, events)
+            self.feed_all(name, session, events)
         return caught.exception
 
     def test_recorded_answers_give_their_text_once(self) -> None:
@@ -2663,39 +2685,49 @@ class ResponseTranslationTest(TestCase):
                     "subscriber-overage-in-use": ("hi", 125, 1),
                     "subscriber-warning-seven-day": ("hi", 12, 1)}
         for name, (said, prompt, output) in expected.items():
-            reply, events = self.feed_all(name)
-            self.assertEqual(events, [("text", said)], name)
-            self.assertTrue(reply.done and reply.completed, name)
-            self.assertEqual(reply.stop_reason, "end_turn", name)
-            self.assertEqual((reply.usage["input_tokens"], reply.usage["output_tokens"]), (prompt, output), name)
-            self.assertEqual(reply.calls, [], name)
-        reply, _ = self.feed_all("subscriber-rate-limit-event")
-        self.assertEqual(reply.usage, {"input_tokens": 123, "output_tokens": 1, "cache_read_input_tokens": 7,
-                                       "cache_creation_input_tokens": 3})
+            session, events = self.feed_all(name)
+            outcome = outcome_of(events)
+            self.assertEqual(outcome.blocks, [{"type": "text", "text": said}], name)
+            self.assertTrue(session.completed, name)
+            self.assertEqual(session.state, proxy.IDLE, name)
+            self.assertEqual(outcome.stop_reason, "end_turn", name)
+            self.assertEqual((outcome.usage["input_tokens"], outcome.usage["output_tokens"]), (prompt, output), name)
+            self.assertEqual(outcome.calls, [], name)
+        _, events = self.feed_all("subscriber-rate-limit-event")
+        self.assertEqual(outcome_of(events).usage, {"input_tokens": 123, "output_tokens": 1,
+                                                    "cache_read_input_tokens": 7, "cache_creation_input_tokens": 3})
 
     def test_recorded_thinking_comes_with_its_signature_before_the_text(self) -> None:
         _, events = self.feed_all("thinking")
-        self.assertEqual(events, [("thinking", "Let me think about this. The user wants a reply."),
-                                  ("signature", "fake-signature-abc123"), ("text", "Hello from the fake model.")])
+        self.assertEqual(outcome_of(events).blocks, [
+            {"type": "thinking", "thinking": "Let me think about this. The user wants a reply.",
+             "signature": "fake-signature-abc123"},
+            {"type": "text", "text": "Hello from the fake model."}])
+        self.assertLess(max(i for i, e in enumerate(events) if isinstance(e, proxy.BlockStop)
+                            and e.block["type"] == "thinking"),
+                        min(i for i, e in enumerate(events) if isinstance(e, proxy.BlockStart)
+                            and e.block["type"] == "text"), "the thinking is whole before the text begins")
 
     def test_recorded_structured_output_streams_as_text(self) -> None:
-        reply = proxy.Reply(20, structured=True)
-        pieces = [e for event in recorded_events("json-schema-success") for e in reply.feed(event)]
-        self.assertEqual(pieces, [("text", '{"a'), ("text", '": '), ("text", "1}")], "progressively")
-        self.assertTrue(reply.completed)
-        self.assertEqual(reply.calls, [], "the CLI's StructuredOutput call is not the client's")
-        error = self.failure("json-schema-error-max-turns", proxy.Reply(20, structured=True))
+        json_object = {"type": "json_object"}
+        session, events = self.feed_all("json-schema-success", new_session(response_format=json_object))
+        self.assertEqual(pieces(events), [("text", '{"a'), ("text", '": '), ("text", "1}")], "progressively")
+        self.assertTrue(session.completed)
+        self.assertEqual((session.calls, outcome_of(events).calls), ([], []),
+                         "the CLI's StructuredOutput call is not the client's")
+        error = self.failure("json-schema-error-max-turns", new_session(response_format=json_object))
         self.assertEqual((error.status, error.code), (502, "invalid_structured_output"))
 
     def test_recorded_continuation_past_max_tokens(self) -> None:
-        capped, events = self.feed_all("max-tokens-continued", proxy.Reply(20, stop_at_max_tokens=True))
-        self.assertEqual(events, [("text", "Hello from the fake model.")])
-        self.assertTrue(capped.done)
+        capped, events = self.feed_all("max-tokens-continued", new_session(max_tokens=50))
+        outcome = outcome_of(events)
+        self.assertEqual(outcome.blocks, [{"type": "text", "text": "Hello from the fake model."}])
         self.assertFalse(capped.completed, "the run was cut short, not finished")
-        self.assertEqual(capped.stop_reason, "max_tokens")
-        whole, events = self.feed_all("max-tokens-continued")
-        self.assertEqual(events, [("text", "Hello from the fake model." * 2)])
-        self.assertEqual(whole.stop_reason, "end_turn")
+        self.assertEqual(capped.state, proxy.CUT, "the CLI would go on by itself")
+        self.assertEqual(outcome.stop_reason, "max_tokens")
+        _, events = self.feed_all("max-tokens-continued")
+        self.assertEqual(outcome_of(events).blocks, [{"type": "text", "text": "Hello from the fake model." * 2}])
+        self.assertEqual(outcome_of(events).stop_reason, "end_turn")
 
     def test_output_limit_after_text_is_a_max_tokens_stop_not_an_error(self) -> None:
         # After three automatic continuations the CLI gives up with a synthetic assistant line
@@ -2703,33 +2735,38 @@ class ResponseTranslationTest(TestCase):
         events = recorded_events("not-logged-in")
         events[1]["error"] = "max_output_tokens"
         events[2]["result"] = "API Error: Claude's response exceeded the 64000 output token maximum."
-        reply, out = self.feed_all("", events=[events[0], MESSAGE_START] + text_deltas("Hello ") + events[1:])
-        self.assertEqual(out, [("text", "Hello ")])
-        self.assertEqual((reply.done, reply.stop_reason), (True, "max_tokens"))
+        _, out = self.feed_all("", events=[events[0], MESSAGE_START] + text_deltas("Hello ") + events[1:])
+        outcome = outcome_of(out)
+        self.assertEqual(outcome.blocks, [{"type": "text", "text": "Hello "}])
+        self.assertEqual(outcome.stop_reason, "max_tokens")
 
     def test_recorded_tool_calls(self) -> None:
-        reply, events = self.feed_all("tool-denied")
-        self.assertEqual(events, [("tool_call", {"id": "toolu_01_0", "name": "get_weather"}),
-                                  ("tool_arguments", '{"city": "Paris"}')])
-        self.assertEqual((reply.calls, reply.stop_reason, reply.done, reply.completed),
-                         (["toolu_01_0"], "tool_use", True, False))
-        reply, events = self.feed_all("tool-denied-parallel")
-        self.assertEqual(events, [("tool_call", {"id": "toolu_02_0", "name": "get_weather"}),
-                                  ("tool_arguments", '{"city": "Paris"}'),
-                                  ("tool_call", {"id": "toolu_02_1", "name": "get_weather"}),
-                                  ("tool_arguments", '{"city": "Rome"}'),
-                                  ("tool_call", {"id": "toolu_02_2", "name": "lookup_user"}),
-                                  ("tool_arguments", '{"id": 7}')])
-        self.assertEqual(reply.calls, ["toolu_02_0", "toolu_02_1", "toolu_02_2"])
-        parked, events = self.feed_all("tool-parked")
-        self.assertEqual(events[0], ("tool_call", {"id": "toolu_01_0", "name": "get_weather"}))
-        self.assertTrue(parked.done, "the reply ends with the calls, while the CLI waits on them")
-        # The same run read on (the client's results came back): the second message answers.
-        rest = recorded_events("tool-parked")
-        cut = next(i for i, e in enumerate(rest) if e["type"] == "user")
-        reply, events = self.feed_all("", events=rest[cut:])
-        self.assertEqual(events, [("text", "It is sunny in Paris.")])
-        self.assertTrue(reply.completed)
+        # The CLI refused to run the call itself (no permission): the turn is over for that process.
+        session, events = self.feed_all("tool-denied", new_session(tools=[WEATHER_TOOL]))
+        self.assertEqual(outcome_of(events).blocks, [{"type": "tool_use", "id": "toolu_01_0", "name": "get_weather",
+                                                      "input": {"city": "Paris"}}])
+        self.assertEqual((session.calls, outcome_of(events).stop_reason, session.completed, session.state),
+                         (["toolu_01_0"], "tool_use", False, proxy.CUT))
+        session, events = self.feed_all("tool-denied-parallel", new_session(tools=PARALLEL_TOOLS))
+        self.assertEqual([(call["id"], call["name"], call["input"]) for call in outcome_of(events).calls],
+                         [("toolu_02_0", "get_weather", {"city": "Paris"}), ("toolu_02_1", "get_weather", {"city": "Rome"}),
+                          ("toolu_02_2", "lookup_user", {"id": 7})])
+        self.assertEqual(session.calls, ["toolu_02_0", "toolu_02_1", "toolu_02_2"])
+        # A call the CLI waits on: the turn ends with it, and the client's result goes on with it.
+        run = recorded_events("tool-parked")
+        parked = new_session(tools=[WEATHER_TOOL])
+        for at, event in enumerate(run):
+            events = parked.receive(event, 100.0)
+            if parked.state != proxy.ANSWERING:
+                break
+        self.assertEqual(outcome_of(events).calls[0]["id"], "toolu_01_0")
+        self.assertEqual((parked.state, parked.open_calls), (proxy.WAITING, ["toolu_01_0"]))
+        answer = parked.begin(chat_turn(tools=[WEATHER_TOOL])[0], results_message("toolu_01_0"), 20.0)
+        self.assertEqual(stdin_lines(answer)[0]["response"]["response"]["mcp_response"]["result"]["content"],
+                         [{"type": "text", "text": "ok"}], "the result answers the CLI's waiting tools/call")
+        events = received(parked, run[at + 1:])
+        self.assertEqual(outcome_of(events).blocks, [{"type": "text", "text": "It is sunny in Paris."}])
+        self.assertEqual(parked.state, proxy.IDLE)
 
     def test_recorded_failures(self) -> None:
         expected = {"not-logged-in": (401, "not_logged_in"), "upstream-400": (400, "upstream_error"),
@@ -2746,8 +2783,9 @@ class ResponseTranslationTest(TestCase):
         self.assertIn("fake status 400", self.failure("upstream-400").message)
         self.assertIn("No conversation found", self.failure("resume-not-found").message)
         for name in ("control-initialize", "control-misc", "tool-stream-closed"):
-            reply, events = self.feed_all(name)
-            self.assertEqual((events, reply.done), ([], False), name)
+            session, events = self.feed_all(name)
+            self.assertEqual([e for e in events if not isinstance(e, proxy.Send)], [], name)
+            self.assertEqual(session.state, proxy.ANSWERING, name)
 
     def test_a_prompt_too_long_is_a_400_context_length_exceeded(self) -> None:
         # Issue 8 item 6: OpenAI answers 400 context_length_exceeded; a 5xx would be retried.
@@ -2763,44 +2801,47 @@ class ResponseTranslationTest(TestCase):
             self.assertEqual(self.failure("", events=events).code, "context_length_exceeded")
 
     def test_rate_limit_retries_set_a_deadline_within_the_budget(self) -> None:
-        reply, _ = self.feed_all("rate-limited-429-retrying", proxy.Reply(retry_budget=20))
-        when, error = reply.retry_deadline()
+        session, _ = self.feed_all("rate-limited-429-retrying", new_session(retry_budget=20))
+        when, error = session.retry_deadline()
         self.assertEqual(when, 120.0)
         self.assertEqual(error.status, 429)
         self.assertEqual(error.headers["Retry-After"], "2", "the CLI's last retry delay")
 
     def test_a_retry_that_succeeded_does_not_count_against_the_budget(self) -> None:
-        reply = proxy.Reply(retry_budget=1)
-        reply.feed(recorded_events("rate-limited-429-retrying")[1], now=100.0)
-        self.assertIsNotNone(reply.retry_deadline())
-        for event in recorded_events("stream-partial-success")[:3]:  # ... message_start
-            reply.feed(event, now=500.0)
-        self.assertIsNone(reply.retry_deadline())
+        session = new_session(retry_budget=1)
+        session.receive(recorded_events("rate-limited-429-retrying")[1], 100.0)
+        self.assertIsNotNone(session.retry_deadline())
+        received(session, recorded_events("stream-partial-success")[:3], now=500.0)  # ... message_start
+        self.assertIsNone(session.retry_deadline())
 
     def test_malformed_events_are_passed_over_or_a_502(self) -> None:
         outcomes = set()
         for context in MALFORMED_CONTEXTS:
-            for structured in (False, True):
+            for structured in ({}, {"response_format": {"type": "json_object"}}):
                 for event in MALFORMED_EVENTS:
-                    reply = proxy.Reply(20, stop_at_max_tokens=True, structured=structured)
-                    for before in copy.deepcopy(context):
-                        reply.feed(before, now=1.0)
+                    session = new_session(max_tokens=50, tools=[WEATHER_TOOL], **structured)
+                    received(session, copy.deepcopy(context), now=1.0)
                     try:
-                        events = reply.feed(copy.deepcopy(event), now=1.0)
-                        reply.retry_deadline()
+                        events = session.receive(copy.deepcopy(event), 1.0)
+                        session.retry_deadline()
                     except proxy.ProxyError as error:
                         self.assertEqual(error.status, 502, (event, error.message))
                         self.assertIsInstance(error.message, str)
                         outcomes.add("502")
                         continue
-                    for kind, value in events:
-                        self.assertIn(kind, ("text", "thinking", "signature", "tool_call", "tool_arguments"))
-                        self.assertTrue(isinstance(value, str) or kind == "tool_call", (event, value))
-                    json.dumps(reply.usage)
-                    self.assertTrue(all(isinstance(v, int) and 0 <= v < 10 ** 15 for v in reply.usage.values()),
-                                    (event, reply.usage))
-                    if reply.retry_deadline() is not None:
-                        when, error = reply.retry_deadline()
+                    for out in events:
+                        self.assertIsInstance(out, (proxy.BlockStart, proxy.BlockDelta, proxy.BlockStop, proxy.End,
+                                                    proxy.Send), event)
+                        if isinstance(out, proxy.BlockDelta):
+                            self.assertIn(out.kind, ("text", "thinking", "tool_use"))
+                            self.assertIsInstance(out.piece, str, event)
+                        if isinstance(out, proxy.End):
+                            json.dumps(out.outcome._asdict())
+                    json.dumps(session.usage)
+                    self.assertTrue(all(isinstance(v, int) and 0 <= v < 10 ** 15 for v in session.usage.values()),
+                                    (event, session.usage))
+                    if session.retry_deadline() is not None:
+                        when, error = session.retry_deadline()
                         self.assertEqual(when, 21.0)
                         self.assertIn(error.status, (429, 502, 503), event)
                         int(error.headers.get("Retry-After", "1"))
@@ -2811,9 +2852,9 @@ class ResponseTranslationTest(TestCase):
         run = recorded_events("stream-partial-success")
         noise = [e for e in MALFORMED_EVENTS if not isinstance(e, dict) or e.get("type") != "result"]
         noisy = [e for event in run for e in [event] + copy.deepcopy(noise)]
-        reply, events = self.feed_all("", events=noisy)
-        self.assertEqual(events, [("text", "Hello from fake (claude-sonnet-5, 1 msgs) ")])
-        self.assertTrue(reply.completed)
+        session, events = self.feed_all("", events=noisy)
+        self.assertEqual(outcome_of(events).blocks, [{"type": "text", "text": "Hello from fake (claude-sonnet-5, 1 msgs) "}])
+        self.assertTrue(session.completed)
 
     def test_upstream_statuses_map_to_openai_errors(self) -> None:
         self.assertEqual(proxy.upstream_error(529, "x").status, 503)
