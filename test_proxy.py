@@ -2749,8 +2749,8 @@ class ResponseTranslationTest(TestCase):
                          (["toolu_01_0"], "tool_use", False, proxy.CUT))
         session, events = self.feed_all("tool-denied-parallel", new_session(tools=PARALLEL_TOOLS))
         self.assertEqual([(call["id"], call["name"], call["input"]) for call in outcome_of(events).calls],
-                         [("toolu_02_0", "get_weather", {"city": "Paris"}), ("toolu_02_1", "get_weather", {"city": "Rome"}),
-                          ("toolu_02_2", "lookup_user", {"id": 7})])
+                         [("toolu_02_0", "get_weather", {"city": "Paris"}),
+                          ("toolu_02_1", "get_weather", {"city": "Rome"}), ("toolu_02_2", "lookup_user", {"id": 7})])
         self.assertEqual(session.calls, ["toolu_02_0", "toolu_02_1", "toolu_02_2"])
         # A call the CLI waits on: the turn ends with it, and the client's result goes on with it.
         run = recorded_events("tool-parked")
@@ -2853,7 +2853,8 @@ class ResponseTranslationTest(TestCase):
         noise = [e for e in MALFORMED_EVENTS if not isinstance(e, dict) or e.get("type") != "result"]
         noisy = [e for event in run for e in [event] + copy.deepcopy(noise)]
         session, events = self.feed_all("", events=noisy)
-        self.assertEqual(outcome_of(events).blocks, [{"type": "text", "text": "Hello from fake (claude-sonnet-5, 1 msgs) "}])
+        self.assertEqual(outcome_of(events).blocks,
+                         [{"type": "text", "text": "Hello from fake (claude-sonnet-5, 1 msgs) "}])
         self.assertTrue(session.completed)
 
     def test_upstream_statuses_map_to_openai_errors(self) -> None:
@@ -5224,8 +5225,8 @@ def thinking_events(signature: str, *pieces: str) -> List[Dict[str, Any]]:
     """A thinking block as the CLI streams it: its pieces, then its signature."""
     return [stream_event({"type": "content_block_start", "index": 0,
                           "content_block": {"type": "thinking", "thinking": "", "signature": ""}})] \
-        + [stream_event({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": piece}})
-           for piece in pieces] \
+        + [stream_event({"type": "content_block_delta", "index": 0,
+                         "delta": {"type": "thinking_delta", "thinking": piece}}) for piece in pieces] \
         + [stream_event({"type": "content_block_delta", "index": 0,
                          "delta": {"type": "signature_delta", "signature": signature}}),
            stream_event({"type": "content_block_stop", "index": 0})]
@@ -5585,8 +5586,8 @@ class ChatDoorTest(TestCase):
             self.assertEqual("".join(c["function"]["arguments"] for c in pieces), arguments)
         self.assertEqual(deltas[0]["role"], "assistant")
         self.assertEqual(deltas[-1], {})
-        self.assertEqual(door.end(replay("tool-denied", tools=[WEATHER_TOOL]).outcome)[-2][1]["choices"][0]["finish_reason"],
-                         "tool_calls")
+        ended = door.end(replay("tool-denied", tools=[WEATHER_TOOL]).outcome)
+        self.assertEqual(ended[-2][1]["choices"][0]["finish_reason"], "tool_calls")
 
     def test_legacy_function_call_deltas(self) -> None:
         body = {"functions": [t["function"] for t in PARALLEL_TOOLS], "stream": True}
@@ -5655,7 +5656,8 @@ class ChatDoorTest(TestCase):
         self.assertNotIn("tool_calls", legacy["message"])
         self.assertEqual(legacy["finish_reason"], "function_call")
         said = tool_reply_events("Checking.", (("toolu_9", "get_weather", ['{"city": "Oslo"}']),))
-        message = chat_door(tools=PARALLEL_TOOLS).response(replay(said, tools=[WEATHER_TOOL]).outcome)["choices"][0]["message"]
+        message = chat_door(tools=PARALLEL_TOOLS).response(
+            replay(said, tools=[WEATHER_TOOL]).outcome)["choices"][0]["message"]
         self.assertEqual(message["content"], "Checking.")
 
     def test_echo_is_the_reply_as_the_client_sends_it_back(self) -> None:
@@ -8071,7 +8073,8 @@ def sse_events(response: Response) -> List[Tuple[str, Dict[str, Any]]]:
 REPLY_RUN = [stream_event({"type": "message_start", "message": {"model": "claude-sonnet-5", "usage": {
     "input_tokens": 3, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20, "output_tokens": 1}}})] \
     + thinking_events("sig-1", "Let me ", "think.") + text_deltas("Checking", " now.") \
-    + tool_use_events("toolu_1", "get_weather", '{"city"', ': "Paris"}') + tool_use_events("toolu_2", "get_time", "{}") \
+    + tool_use_events("toolu_1", "get_weather", '{"city"', ': "Paris"}') \
+    + tool_use_events("toolu_2", "get_time", "{}") \
     + [stream_event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}})]
 REPLY_TOOLS = [WEATHER_TOOL, TIME_TOOL]
 
