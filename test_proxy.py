@@ -2405,15 +2405,53 @@ def tool_call_request(request_id: str, call_id: str, message_id: int) -> Dict[st
         "_meta": {"claudecode/toolUseId": call_id, "progressToken": message_id}})
 
 
+# A session without a process: recorded CLI events in, the session's events out.
+
+def new_session(whole: bool = False, retry_budget: float = 20.0, **body: Any) -> "proxy.Session":
+    """A session that has begun the turn of a chat request with `body`, as Exchange begins one
+    (the bytes it gives for the CLI's stdin are not wanted here)."""
+    turn = chat_turn(**body)[0]
+    session = proxy.Session(turn.conversation.tools)
+    session.begin(turn, proxy.split_newest(turn.conversation.messages)[1], retry_budget, whole)
+    return session
+
+
+def received(session: "proxy.Session", events: List[Any], now: float = 100.0) -> List[Any]:
+    """The session's events for CLI events read in order (none come once its turn has ended)."""
+    return [out for event in events for out in session.receive(event, now)]
+
+
+def outcome_of(events: List[Any]) -> "proxy.Outcome":
+    """The outcome of the one End among a session's events."""
+    ends = [event.outcome for event in events if isinstance(event, proxy.End)]
+    if len(ends) != 1:
+        raise AssertionError("%d End events in %r" % (len(ends), events))
+    return ends[0]
+
+
+def pieces(events: List[Any]) -> List[Tuple[str, str]]:
+    """(kind, piece) of each BlockDelta: the reply as the client gets it, piece by piece."""
+    return [(event.kind, event.piece) for event in events if isinstance(event, proxy.BlockDelta)]
+
+
+def text_message(value: str) -> Dict[str, Any]:
+    """A native user message holding text: a turn's newest message."""
+    return {"role": "user", "content": [text(value)]}
+
+
+def results_message(*call_ids: str) -> Dict[str, Any]:
+    """A native user message holding the results of these calls alone."""
+    return {"role": "user", "content": [proxy.tool_result_block(call_id, "ok") for call_id in call_ids]}
+
+
 class UpstreamFailureTest(TestCase):
     """What the real CLI 2.1.197 prints when the Anthropic API refuses or never answers, as the client hears it."""
 
     def failure(self, events: List[Dict[str, Any]]) -> proxy.ProxyError:
-        reply = proxy.Reply(1.0)
+        session = new_session(retry_budget=1.0)
         with self.assertRaises(proxy.ProxyError) as caught:
-            for event in events:
-                reply.feed(event, now=0.0)
-            deadline = reply.retry_deadline()
+            received(session, events, now=0.0)
+            deadline = session.retry_deadline()
             if deadline is not None:
                 raise deadline[1]
         return caught.exception
@@ -2538,17 +2576,6 @@ class ToolBridgeTest(TestCase):
         self.assertEqual(self.bridge.give_results({"x": proxy.tool_result_block("x", "r")}), b"")
 
 
-def merged(events: List[Tuple[str, Any]]) -> List[Tuple[str, Any]]:
-    """Reply events with consecutive deltas of one kind joined, to compare whole runs."""
-    out: List[Tuple[str, Any]] = []
-    for kind, value in events:
-        if out and out[-1][0] == kind and isinstance(value, str):
-            out[-1] = (kind, out[-1][1] + value)
-        else:
-            out.append((kind, value))
-    return out
-
-
 def stream_event(event: Dict[str, Any]) -> Dict[str, Any]:
     return {"type": "stream_event", "event": event}
 
@@ -2636,22 +2663,17 @@ MALFORMED_CONTEXTS = [
 
 
 class ResponseTranslationTest(TestCase):
-    """Reply: the CLI's events (recorded runs, and shapes no run has) -> reply events or a ProxyError."""
+    """Session: the CLI's events (recorded runs, and shapes no run has) -> block events and an End, or a ProxyError."""
 
-    def feed_all(self, name: str, reply: Optional["proxy.Reply"] = None,
-                 events: Optional[List[Dict[str, Any]]] = None) -> Tuple["proxy.Reply", List[Tuple[str, Any]]]:
-        reply = reply or proxy.Reply(retry_budget=20)
-        out: List[Tuple[str, Any]] = []
-        for event in recorded_events(name) if events is None else events:
-            out += reply.feed(event, now=100.0)
-            if reply.done:
-                break  # as Exchange does: nothing after `done` is read
-        return reply, merged(out)
+    def feed_all(self, name: str, session: Optional["proxy.Session"] = None,
+                 events: Optional[List[Dict[str, Any]]] = None) -> Tuple["proxy.Session", List[Any]]:
+        session = session or new_session()
+        return session, received(session, recorded_events(name) if events is None else events)
 
-    def failure(self, name: str, reply: Optional["proxy.Reply"] = None,
+    def failure(self, name: str, session: Optional["proxy.Session"] = None,
                 events: Optional[List[Dict[str, Any]]] = None) -> "proxy.ProxyError":
         with self.assertRaises(proxy.ProxyError) as caught:
-            self.feed_all(name, reply, events)
+            self.feed_all(name, session, events)
         return caught.exception
 
     def test_recorded_answers_give_their_text_once(self) -> None:
@@ -2663,39 +2685,49 @@ class ResponseTranslationTest(TestCase):
                     "subscriber-overage-in-use": ("hi", 125, 1),
                     "subscriber-warning-seven-day": ("hi", 12, 1)}
         for name, (said, prompt, output) in expected.items():
-            reply, events = self.feed_all(name)
-            self.assertEqual(events, [("text", said)], name)
-            self.assertTrue(reply.done and reply.completed, name)
-            self.assertEqual(reply.stop_reason, "end_turn", name)
-            self.assertEqual((reply.usage["input_tokens"], reply.usage["output_tokens"]), (prompt, output), name)
-            self.assertEqual(reply.calls, [], name)
-        reply, _ = self.feed_all("subscriber-rate-limit-event")
-        self.assertEqual(reply.usage, {"input_tokens": 123, "output_tokens": 1, "cache_read_input_tokens": 7,
-                                       "cache_creation_input_tokens": 3})
+            session, events = self.feed_all(name)
+            outcome = outcome_of(events)
+            self.assertEqual(outcome.blocks, [{"type": "text", "text": said}], name)
+            self.assertTrue(session.completed, name)
+            self.assertEqual(session.state, proxy.IDLE, name)
+            self.assertEqual(outcome.stop_reason, "end_turn", name)
+            self.assertEqual((outcome.usage["input_tokens"], outcome.usage["output_tokens"]), (prompt, output), name)
+            self.assertEqual(outcome.calls, [], name)
+        _, events = self.feed_all("subscriber-rate-limit-event")
+        self.assertEqual(outcome_of(events).usage, {"input_tokens": 123, "output_tokens": 1,
+                                                    "cache_read_input_tokens": 7, "cache_creation_input_tokens": 3})
 
     def test_recorded_thinking_comes_with_its_signature_before_the_text(self) -> None:
         _, events = self.feed_all("thinking")
-        self.assertEqual(events, [("thinking", "Let me think about this. The user wants a reply."),
-                                  ("signature", "fake-signature-abc123"), ("text", "Hello from the fake model.")])
+        self.assertEqual(outcome_of(events).blocks, [
+            {"type": "thinking", "thinking": "Let me think about this. The user wants a reply.",
+             "signature": "fake-signature-abc123"},
+            {"type": "text", "text": "Hello from the fake model."}])
+        self.assertLess(max(i for i, e in enumerate(events) if isinstance(e, proxy.BlockStop)
+                            and e.block["type"] == "thinking"),
+                        min(i for i, e in enumerate(events) if isinstance(e, proxy.BlockStart)
+                            and e.block["type"] == "text"), "the thinking is whole before the text begins")
 
     def test_recorded_structured_output_streams_as_text(self) -> None:
-        reply = proxy.Reply(20, structured=True)
-        pieces = [e for event in recorded_events("json-schema-success") for e in reply.feed(event)]
-        self.assertEqual(pieces, [("text", '{"a'), ("text", '": '), ("text", "1}")], "progressively")
-        self.assertTrue(reply.completed)
-        self.assertEqual(reply.calls, [], "the CLI's StructuredOutput call is not the client's")
-        error = self.failure("json-schema-error-max-turns", proxy.Reply(20, structured=True))
+        json_object = {"type": "json_object"}
+        session, events = self.feed_all("json-schema-success", new_session(response_format=json_object))
+        self.assertEqual(pieces(events), [("text", '{"a'), ("text", '": '), ("text", "1}")], "progressively")
+        self.assertTrue(session.completed)
+        self.assertEqual((session.calls, outcome_of(events).calls), ([], []),
+                         "the CLI's StructuredOutput call is not the client's")
+        error = self.failure("json-schema-error-max-turns", new_session(response_format=json_object))
         self.assertEqual((error.status, error.code), (502, "invalid_structured_output"))
 
     def test_recorded_continuation_past_max_tokens(self) -> None:
-        capped, events = self.feed_all("max-tokens-continued", proxy.Reply(20, stop_at_max_tokens=True))
-        self.assertEqual(events, [("text", "Hello from the fake model.")])
-        self.assertTrue(capped.done)
+        capped, events = self.feed_all("max-tokens-continued", new_session(max_tokens=50))
+        outcome = outcome_of(events)
+        self.assertEqual(outcome.blocks, [{"type": "text", "text": "Hello from the fake model."}])
         self.assertFalse(capped.completed, "the run was cut short, not finished")
-        self.assertEqual(capped.stop_reason, "max_tokens")
-        whole, events = self.feed_all("max-tokens-continued")
-        self.assertEqual(events, [("text", "Hello from the fake model." * 2)])
-        self.assertEqual(whole.stop_reason, "end_turn")
+        self.assertEqual(capped.state, proxy.CUT, "the CLI would go on by itself")
+        self.assertEqual(outcome.stop_reason, "max_tokens")
+        _, events = self.feed_all("max-tokens-continued")
+        self.assertEqual(outcome_of(events).blocks, [{"type": "text", "text": "Hello from the fake model." * 2}])
+        self.assertEqual(outcome_of(events).stop_reason, "end_turn")
 
     def test_output_limit_after_text_is_a_max_tokens_stop_not_an_error(self) -> None:
         # After three automatic continuations the CLI gives up with a synthetic assistant line
@@ -2703,33 +2735,38 @@ class ResponseTranslationTest(TestCase):
         events = recorded_events("not-logged-in")
         events[1]["error"] = "max_output_tokens"
         events[2]["result"] = "API Error: Claude's response exceeded the 64000 output token maximum."
-        reply, out = self.feed_all("", events=[events[0], MESSAGE_START] + text_deltas("Hello ") + events[1:])
-        self.assertEqual(out, [("text", "Hello ")])
-        self.assertEqual((reply.done, reply.stop_reason), (True, "max_tokens"))
+        _, out = self.feed_all("", events=[events[0], MESSAGE_START] + text_deltas("Hello ") + events[1:])
+        outcome = outcome_of(out)
+        self.assertEqual(outcome.blocks, [{"type": "text", "text": "Hello "}])
+        self.assertEqual(outcome.stop_reason, "max_tokens")
 
     def test_recorded_tool_calls(self) -> None:
-        reply, events = self.feed_all("tool-denied")
-        self.assertEqual(events, [("tool_call", {"id": "toolu_01_0", "name": "get_weather"}),
-                                  ("tool_arguments", '{"city": "Paris"}')])
-        self.assertEqual((reply.calls, reply.stop_reason, reply.done, reply.completed),
-                         (["toolu_01_0"], "tool_use", True, False))
-        reply, events = self.feed_all("tool-denied-parallel")
-        self.assertEqual(events, [("tool_call", {"id": "toolu_02_0", "name": "get_weather"}),
-                                  ("tool_arguments", '{"city": "Paris"}'),
-                                  ("tool_call", {"id": "toolu_02_1", "name": "get_weather"}),
-                                  ("tool_arguments", '{"city": "Rome"}'),
-                                  ("tool_call", {"id": "toolu_02_2", "name": "lookup_user"}),
-                                  ("tool_arguments", '{"id": 7}')])
-        self.assertEqual(reply.calls, ["toolu_02_0", "toolu_02_1", "toolu_02_2"])
-        parked, events = self.feed_all("tool-parked")
-        self.assertEqual(events[0], ("tool_call", {"id": "toolu_01_0", "name": "get_weather"}))
-        self.assertTrue(parked.done, "the reply ends with the calls, while the CLI waits on them")
-        # The same run read on (the client's results came back): the second message answers.
-        rest = recorded_events("tool-parked")
-        cut = next(i for i, e in enumerate(rest) if e["type"] == "user")
-        reply, events = self.feed_all("", events=rest[cut:])
-        self.assertEqual(events, [("text", "It is sunny in Paris.")])
-        self.assertTrue(reply.completed)
+        # The CLI refused to run the call itself (no permission): the turn is over for that process.
+        session, events = self.feed_all("tool-denied", new_session(tools=[WEATHER_TOOL]))
+        self.assertEqual(outcome_of(events).blocks, [{"type": "tool_use", "id": "toolu_01_0", "name": "get_weather",
+                                                      "input": {"city": "Paris"}}])
+        self.assertEqual((session.calls, outcome_of(events).stop_reason, session.completed, session.state),
+                         (["toolu_01_0"], "tool_use", False, proxy.CUT))
+        session, events = self.feed_all("tool-denied-parallel", new_session(tools=PARALLEL_TOOLS))
+        self.assertEqual([(call["id"], call["name"], call["input"]) for call in outcome_of(events).calls],
+                         [("toolu_02_0", "get_weather", {"city": "Paris"}),
+                          ("toolu_02_1", "get_weather", {"city": "Rome"}), ("toolu_02_2", "lookup_user", {"id": 7})])
+        self.assertEqual(session.calls, ["toolu_02_0", "toolu_02_1", "toolu_02_2"])
+        # A call the CLI waits on: the turn ends with it, and the client's result goes on with it.
+        run = recorded_events("tool-parked")
+        parked = new_session(tools=[WEATHER_TOOL])
+        for at, event in enumerate(run):
+            events = parked.receive(event, 100.0)
+            if parked.state != proxy.ANSWERING:
+                break
+        self.assertEqual(outcome_of(events).calls[0]["id"], "toolu_01_0")
+        self.assertEqual((parked.state, parked.open_calls), (proxy.WAITING, ["toolu_01_0"]))
+        answer = parked.begin(chat_turn(tools=[WEATHER_TOOL])[0], results_message("toolu_01_0"), 20.0)
+        self.assertEqual(stdin_lines(answer)[0]["response"]["response"]["mcp_response"]["result"]["content"],
+                         [{"type": "text", "text": "ok"}], "the result answers the CLI's waiting tools/call")
+        events = received(parked, run[at + 1:])
+        self.assertEqual(outcome_of(events).blocks, [{"type": "text", "text": "It is sunny in Paris."}])
+        self.assertEqual(parked.state, proxy.IDLE)
 
     def test_recorded_failures(self) -> None:
         expected = {"not-logged-in": (401, "not_logged_in"), "upstream-400": (400, "upstream_error"),
@@ -2746,8 +2783,9 @@ class ResponseTranslationTest(TestCase):
         self.assertIn("fake status 400", self.failure("upstream-400").message)
         self.assertIn("No conversation found", self.failure("resume-not-found").message)
         for name in ("control-initialize", "control-misc", "tool-stream-closed"):
-            reply, events = self.feed_all(name)
-            self.assertEqual((events, reply.done), ([], False), name)
+            session, events = self.feed_all(name)
+            self.assertEqual([e for e in events if not isinstance(e, proxy.Send)], [], name)
+            self.assertEqual(session.state, proxy.ANSWERING, name)
 
     def test_a_prompt_too_long_is_a_400_context_length_exceeded(self) -> None:
         # Issue 8 item 6: OpenAI answers 400 context_length_exceeded; a 5xx would be retried.
@@ -2763,44 +2801,47 @@ class ResponseTranslationTest(TestCase):
             self.assertEqual(self.failure("", events=events).code, "context_length_exceeded")
 
     def test_rate_limit_retries_set_a_deadline_within_the_budget(self) -> None:
-        reply, _ = self.feed_all("rate-limited-429-retrying", proxy.Reply(retry_budget=20))
-        when, error = reply.retry_deadline()
+        session, _ = self.feed_all("rate-limited-429-retrying", new_session(retry_budget=20))
+        when, error = session.retry_deadline()
         self.assertEqual(when, 120.0)
         self.assertEqual(error.status, 429)
         self.assertEqual(error.headers["Retry-After"], "2", "the CLI's last retry delay")
 
     def test_a_retry_that_succeeded_does_not_count_against_the_budget(self) -> None:
-        reply = proxy.Reply(retry_budget=1)
-        reply.feed(recorded_events("rate-limited-429-retrying")[1], now=100.0)
-        self.assertIsNotNone(reply.retry_deadline())
-        for event in recorded_events("stream-partial-success")[:3]:  # ... message_start
-            reply.feed(event, now=500.0)
-        self.assertIsNone(reply.retry_deadline())
+        session = new_session(retry_budget=1)
+        session.receive(recorded_events("rate-limited-429-retrying")[1], 100.0)
+        self.assertIsNotNone(session.retry_deadline())
+        received(session, recorded_events("stream-partial-success")[:3], now=500.0)  # ... message_start
+        self.assertIsNone(session.retry_deadline())
 
     def test_malformed_events_are_passed_over_or_a_502(self) -> None:
         outcomes = set()
         for context in MALFORMED_CONTEXTS:
-            for structured in (False, True):
+            for structured in ({}, {"response_format": {"type": "json_object"}}):
                 for event in MALFORMED_EVENTS:
-                    reply = proxy.Reply(20, stop_at_max_tokens=True, structured=structured)
-                    for before in copy.deepcopy(context):
-                        reply.feed(before, now=1.0)
+                    session = new_session(max_tokens=50, tools=[WEATHER_TOOL], **structured)
+                    received(session, copy.deepcopy(context), now=1.0)
                     try:
-                        events = reply.feed(copy.deepcopy(event), now=1.0)
-                        reply.retry_deadline()
+                        events = session.receive(copy.deepcopy(event), 1.0)
+                        session.retry_deadline()
                     except proxy.ProxyError as error:
                         self.assertEqual(error.status, 502, (event, error.message))
                         self.assertIsInstance(error.message, str)
                         outcomes.add("502")
                         continue
-                    for kind, value in events:
-                        self.assertIn(kind, ("text", "thinking", "signature", "tool_call", "tool_arguments"))
-                        self.assertTrue(isinstance(value, str) or kind == "tool_call", (event, value))
-                    json.dumps(reply.usage)
-                    self.assertTrue(all(isinstance(v, int) and 0 <= v < 10 ** 15 for v in reply.usage.values()),
-                                    (event, reply.usage))
-                    if reply.retry_deadline() is not None:
-                        when, error = reply.retry_deadline()
+                    for out in events:
+                        self.assertIsInstance(out, (proxy.BlockStart, proxy.BlockDelta, proxy.BlockStop, proxy.End,
+                                                    proxy.Send), event)
+                        if isinstance(out, proxy.BlockDelta):
+                            self.assertIn(out.kind, ("text", "thinking", "tool_use"))
+                            self.assertIsInstance(out.piece, str, event)
+                        if isinstance(out, proxy.End):
+                            json.dumps(out.outcome._asdict())
+                    json.dumps(session.usage)
+                    self.assertTrue(all(isinstance(v, int) and 0 <= v < 10 ** 15 for v in session.usage.values()),
+                                    (event, session.usage))
+                    if session.retry_deadline() is not None:
+                        when, error = session.retry_deadline()
                         self.assertEqual(when, 21.0)
                         self.assertIn(error.status, (429, 502, 503), event)
                         int(error.headers.get("Retry-After", "1"))
@@ -2811,9 +2852,10 @@ class ResponseTranslationTest(TestCase):
         run = recorded_events("stream-partial-success")
         noise = [e for e in MALFORMED_EVENTS if not isinstance(e, dict) or e.get("type") != "result"]
         noisy = [e for event in run for e in [event] + copy.deepcopy(noise)]
-        reply, events = self.feed_all("", events=noisy)
-        self.assertEqual(events, [("text", "Hello from fake (claude-sonnet-5, 1 msgs) ")])
-        self.assertTrue(reply.completed)
+        session, events = self.feed_all("", events=noisy)
+        self.assertEqual(outcome_of(events).blocks,
+                         [{"type": "text", "text": "Hello from fake (claude-sonnet-5, 1 msgs) "}])
+        self.assertTrue(session.completed)
 
     def test_upstream_statuses_map_to_openai_errors(self) -> None:
         self.assertEqual(proxy.upstream_error(529, "x").status, 503)
@@ -5354,52 +5396,36 @@ PARALLEL_TOOLS = [WEATHER_TOOL, LOOKUP_TOOL]  # what the recording tool-denied-p
 PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
 
-class StopFilterTest(TestCase):
-    def run_filter(self, stops: List[str], deltas: List[str]) -> Tuple[str, Optional[str]]:
-        stop = proxy.StopFilter(stops)
-        out = "".join(stop.feed(d) for d in deltas)
-        if stop.hit is None:
-            out += stop.flush()
-        return out, stop.hit
-
-    def test_a_stop_split_across_deltas_is_caught_and_never_emitted(self) -> None:
-        self.assertEqual(self.run_filter(["END"], ["one two E", "N", "D three"]), ("one two ", "END"))
-
-    def test_the_earliest_of_several_stops_wins(self) -> None:
-        self.assertEqual(self.run_filter(["zzz", "\n\n"], ["a\n", "\nb zzz"]), ("a", "\n\n"))
-        self.assertEqual(self.run_filter(["bc", "abcd"], ["xab", "cd"]), ("x", "abcd"), "the one that starts first")
-
-    def test_a_near_miss_is_released(self) -> None:
-        self.assertEqual(self.run_filter(["END"], ["the EN", "d"]), ("the ENd", None))
-        stop = proxy.StopFilter(["END"])
-        self.assertEqual(stop.feed("x EN"), "x ")
-        self.assertEqual(stop.flush(), "EN")
-        self.assertEqual(stop.flush(), "")
-        self.assertIsNone(stop.hit)
-
-
 class Replayed:
-    """What an Exchange holds after a turn, without a process: CLI events through a ToolBridge
-    (which takes the control requests, as Exchange does), the Answer and the ReplyBlocks."""
+    """A turn without a process: recorded CLI events through a Session to the turn's end."""
 
-    def __init__(self, turn: "proxy.Turn", events: List[Dict[str, Any]]) -> None:
-        self.answer = proxy.Answer(turn, 20.0)
-        self.reply = proxy.ReplyBlocks()
-        self.events: List[Tuple[str, Any]] = []
-        bridge = proxy.ToolBridge(turn.conversation.tools)
-        for event in events:
-            if bridge.answer(event) is not None:
-                continue
-            for reply_event in self.answer.feed(event):
-                self.reply.add(reply_event)
-                self.events.append(reply_event)
-            if self.answer.done:
-                break
+    def __init__(self, session: "proxy.Session", events: List[Any]) -> None:
+        self.session = session
+        self.events = events
+        self.outcome = outcome_of(events)
+
+    def frames(self, door: Any) -> List[Tuple[Optional[str], Any]]:
+        """What the door streams of this turn, as answer_turn streams it: each event, then the end."""
+        return [frame for event in self.events if not isinstance(event, proxy.End)
+                for frame in door.encode(event)] + door.end(self.outcome)
 
 
-def replay(name_or_events: Any, **body: Any) -> Replayed:
+def replay(name_or_events: Any, whole: bool = False, **body: Any) -> Replayed:
+    """A recorded run (or CLI events) as the turn of a chat request with `body`."""
     events = recorded_events(name_or_events) if isinstance(name_or_events, str) else name_or_events
-    return Replayed(chat_turn(**body)[0], events)
+    session = new_session(whole, **body)
+    return Replayed(session, received(session, events))
+
+
+def thinking_events(signature: str, *pieces: str) -> List[Dict[str, Any]]:
+    """A thinking block as the CLI streams it: its pieces, then its signature."""
+    return [stream_event({"type": "content_block_start", "index": 0,
+                          "content_block": {"type": "thinking", "thinking": "", "signature": ""}})] \
+        + [stream_event({"type": "content_block_delta", "index": 0,
+                         "delta": {"type": "thinking_delta", "thinking": piece}}) for piece in pieces] \
+        + [stream_event({"type": "content_block_delta", "index": 0,
+                         "delta": {"type": "signature_delta", "signature": signature}}),
+           stream_event({"type": "content_block_stop", "index": 0})]
 
 
 def tool_reply_events(text_: str = "", calls: Tuple[Tuple[str, str, List[str]], ...] = ()) -> List[Dict[str, Any]]:
@@ -5413,91 +5439,247 @@ def tool_reply_events(text_: str = "", calls: Tuple[Tuple[str, str, List[str]], 
         ([] if calls else [result_event(text_)])
 
 
-class AnswerTest(TestCase):
-    """Answer: the reply events a client gets (stop sequences, single calls) and their stop reason."""
+def tool_result_event(call_id: str, content: Any, is_error: bool = False) -> Dict[str, Any]:
+    """The `user` line the CLI prints for a tool result it made itself."""
+    return {"type": "user", "message": {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": call_id, "content": content, "is_error": is_error}]}}
+
+
+class SessionTest(TestCase):
+    """Session: what the client gets of the CLI's events (stop sequences, single calls, the CLI's
+    own calls, structured answers), as blocks, and the state the turn leaves the session in."""
+
+    # -- stop sequences --------------------------------------------------------------
+
+    def cut(self, stops: List[str], deltas: List[str]) -> Tuple[str, Optional[str]]:
+        """(the text the client gets, the stop sequence that cut it) of an answer in these deltas."""
+        events = received(new_session(stop=stops), [MESSAGE_START] + text_deltas(*deltas) + message_end("end_turn")
+                          + [result_event("".join(deltas))])
+        return "".join(piece for _, piece in pieces(events)), outcome_of(events).stop_sequence
+
+    def test_a_stop_split_across_deltas_is_caught_and_never_emitted(self) -> None:
+        self.assertEqual(self.cut(["END"], ["one two E", "N", "D three"]), ("one two ", "END"))
+
+    def test_the_earliest_of_several_stops_wins(self) -> None:
+        self.assertEqual(self.cut(["zzz", "\n\n"], ["a\n", "\nb zzz"]), ("a", "\n\n"))
+        self.assertEqual(self.cut(["bc", "abcd"], ["xab", "cd"]), ("x", "abcd"), "the one that starts first")
+
+    def test_a_near_miss_is_released(self) -> None:
+        self.assertEqual(self.cut(["END"], ["the EN", "d"]), ("the ENd", None))
+        session = new_session(stop=["END"])
+        self.assertEqual(pieces(received(session, [MESSAGE_START] + text_deltas("x EN"))), [("text", "x ")])
+        events = received(session, message_end("end_turn") + [result_event("x EN")])
+        self.assertEqual(pieces(events), [("text", "EN")], "held, then given at the end")
+        self.assertIsNone(outcome_of(events).stop_sequence)
 
     def test_a_stop_sequence_across_deltas_ends_the_answer(self) -> None:
         ran = replay("stream-partial-success", stop=["fake (c"])
-        self.assertEqual(merged(ran.events), [("text", "Hello from ")])
-        self.assertEqual((ran.answer.stop_sequence, ran.answer.stop_reason), ("fake (c", "stop_sequence"))
-        self.assertTrue(ran.answer.done)
-        self.assertFalse(ran.answer.reply.completed, "it ended before the CLI's result")
-        self.assertEqual(ran.reply.text(), "Hello from ")
+        self.assertEqual(ran.outcome.blocks, [{"type": "text", "text": "Hello from "}])
+        self.assertEqual((ran.outcome.stop_sequence, ran.outcome.stop_reason), ("fake (c", "stop_sequence"))
+        self.assertFalse(ran.session.completed, "it ended before the CLI's result")
+        self.assertEqual(ran.session.state, proxy.CUT)
 
     def test_held_text_is_flushed_at_the_end_and_before_a_tool_call(self) -> None:
         ran = replay("stream-partial-success", stop=["msgs) X"])
-        self.assertEqual(merged(ran.events), [("text", "Hello from fake (claude-sonnet-5, 1 msgs) ")])
-        self.assertIsNone(ran.answer.stop_sequence)
-        self.assertEqual(ran.answer.stop_reason, "end_turn")
+        self.assertEqual(ran.outcome.blocks, [{"type": "text", "text": "Hello from fake (claude-sonnet-5, 1 msgs) "}])
+        self.assertIsNone(ran.outcome.stop_sequence)
+        self.assertEqual(ran.outcome.stop_reason, "end_turn")
         ran = replay(tool_reply_events("Let me check", (("toolu_1", "get_weather", ['{"city"', ': "Oslo"}']),)),
                      stop=["check!"], tools=[WEATHER_TOOL])
-        self.assertEqual(merged(ran.events), [("text", "Let me check"),
-                                              ("tool_call", {"id": "toolu_1", "name": "get_weather"}),
-                                              ("tool_arguments", '{"city": "Oslo"}')])
-        first_call = [kind for kind, _ in ran.events].index("tool_call")
-        self.assertEqual(ran.events[first_call - 1], ("text", "check"), "held back, then sent before the call")
-        self.assertEqual((ran.answer.stop_reason, ran.answer.calls), ("tool_use", 1))
+        self.assertEqual(ran.outcome.blocks, [
+            {"type": "text", "text": "Let me check"},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}])
+        call = next(i for i, event in enumerate(ran.events) if isinstance(event, proxy.BlockStart)
+                    and event.block["type"] == "tool_use")
+        self.assertEqual(ran.events[call - 2:call], [proxy.BlockDelta(0, "text", "check"),
+                                                    proxy.BlockStop(0, {"type": "text", "text": "Let me check"})],
+                         "held back, then sent before the call")
+        self.assertEqual((ran.outcome.stop_reason, len(ran.outcome.calls)), ("tool_use", 1))
 
-    def test_only_the_first_call_goes_out_when_parallel_calls_are_off(self) -> None:
-        ran = replay("tool-denied-parallel", tools=PARALLEL_TOOLS, parallel_tool_calls=False)
-        self.assertEqual(merged(ran.events), [("tool_call", {"id": "toolu_02_0", "name": "get_weather"}),
-                                              ("tool_arguments", '{"city": "Paris"}')])
-        self.assertEqual([b["id"] for b in ran.reply.tool_calls()], ["toolu_02_0"])
-        self.assertFalse(ran.answer.whole, "the CLI waits on calls the client never saw")
-        parallel = replay("tool-denied-parallel", tools=PARALLEL_TOOLS)
-        self.assertEqual(len(parallel.reply.tool_calls()), 3)
-        self.assertTrue(parallel.answer.whole)
-
-    def test_stop_reasons(self) -> None:
-        self.assertEqual(replay("stream-partial-success").answer.stop_reason, "end_turn")
-        self.assertEqual(replay("max-tokens-continued", max_tokens=100).answer.stop_reason, "max_tokens")
-        self.assertEqual(replay("tool-denied", tools=[WEATHER_TOOL]).answer.stop_reason, "tool_use")
-        refusal = tool_reply_events("No.")
-        refusal[-3]["event"]["delta"]["stop_reason"] = "refusal"
-        refusal[-1]["stop_reason"] = "refusal"
-        self.assertEqual(replay(refusal).answer.stop_reason, "refusal")
-
-    def test_structured_output_streams_as_the_answer(self) -> None:
-        ran = replay("json-schema-success", response_format={"type": "json_object"})
-        self.assertEqual(ran.reply.text(), '{"a": 1}')
-        self.assertEqual(ran.answer.calls, 0)
-
-
-class ReplyBlocksTest(TestCase):
-    def blocks(self, *events: Tuple[str, Any]) -> "proxy.ReplyBlocks":
-        reply = proxy.ReplyBlocks()
-        for event in events:
-            reply.add(event)
-        return reply
+    # -- blocks and stop reasons ------------------------------------------------------
 
     def test_deltas_join_into_blocks_in_order(self) -> None:
-        reply = self.blocks(("thinking", "Let me "), ("thinking", "think."), ("signature", "sig-"),
-                            ("signature", "1"), ("text", "Sure, "), ("text", "checking."),
-                            ("tool_call", {"id": "t1", "name": "get_weather"}), ("tool_arguments", '{"ci'),
-                            ("tool_arguments", 'ty": "Paris"}'), ("tool_call", {"id": "t2", "name": "get_time"}),
-                            ("text", "Done."))
-        self.assertEqual(reply.blocks, [
+        events = [MESSAGE_START] + thinking_events("sig-1", "Let me ", "think.") + text_deltas("Sure, ", "checking.") \
+            + tool_use_events("t1", "get_weather", '{"ci', 'ty": "Paris"}') + tool_use_events("t2", "get_time") \
+            + text_deltas("Done.") + message_end("end_turn") + [result_event("Done.")]
+        ran = replay(events, tools=[WEATHER_TOOL, TIME_TOOL])
+        self.assertEqual(ran.outcome.blocks, [
             {"type": "thinking", "thinking": "Let me think.", "signature": "sig-1"},
             {"type": "text", "text": "Sure, checking."},
             {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}},
             {"type": "tool_use", "id": "t2", "name": "get_time", "input": {}},
             {"type": "text", "text": "Done."}])
-        read = copy.deepcopy(reply.blocks)
-        self.assertEqual(reply.text(), "Sure, checking.Done.")
-        self.assertEqual(reply.thinking(), "Let me think.")
-        self.assertEqual([call["id"] for call in reply.tool_calls()], ["t1", "t2"])
-        self.assertEqual(reply.blocks, read, "reading the blocks again changes nothing")
+        self.assertEqual([event.block for event in ran.events if isinstance(event, proxy.BlockStop)],
+                         ran.outcome.blocks, "each block whole as it stops")
+        self.assertEqual([call["id"] for call in ran.outcome.calls], ["t1", "t2"])
 
     def test_broken_arguments_give_an_empty_input(self) -> None:
-        for pieces in (['{"city": "Par'], ["[1, 2]"], ["   "], ["null"]):
-            reply = self.blocks(("tool_call", {"id": "t", "name": "f"}), *[("tool_arguments", p) for p in pieces])
-            self.assertEqual(reply.tool_calls()[0]["input"], {}, pieces)
+        for arguments in (['{"city": "Par'], ["[1, 2]"], ["   "], ["null"]):
+            ran = replay([MESSAGE_START] + tool_use_events("t", "get_time", *arguments) + message_end("tool_use"),
+                         tools=[TIME_TOOL])
+            self.assertEqual(ran.outcome.calls[0]["input"], {}, arguments)
 
-    def test_a_recorded_thinking_run(self) -> None:
-        self.assertEqual(replay("thinking").reply.blocks, [
-            {"type": "thinking", "thinking": "Let me think about this. The user wants a reply.",
-             "signature": "fake-signature-abc123"},
-            {"type": "text", "text": "Hello from the fake model."}])
+    def test_thinking_blocks_in_a_row_keep_their_own_signatures(self) -> None:
+        # Around a StructuredOutput retry, say: Anthropic refuses a signature that does not match its block.
+        ran = replay([MESSAGE_START] + thinking_events("sig-1", "first") + thinking_events("sig-2", "second")
+                     + text_deltas("done") + message_end("end_turn") + [result_event("done")])
+        self.assertEqual(ran.outcome.blocks, [
+            {"type": "thinking", "thinking": "first", "signature": "sig-1"},
+            {"type": "thinking", "thinking": "second", "signature": "sig-2"},
+            {"type": "text", "text": "done"}])
+
+    def test_stop_reasons(self) -> None:
+        self.assertEqual(replay("stream-partial-success").outcome.stop_reason, "end_turn")
+        self.assertEqual(replay("max-tokens-continued", max_tokens=100).outcome.stop_reason, "max_tokens")
+        self.assertEqual(replay("tool-denied", tools=[WEATHER_TOOL]).outcome.stop_reason, "tool_use")
+        refusal = tool_reply_events("No.")
+        refusal[-3]["event"]["delta"]["stop_reason"] = "refusal"
+        refusal[-1]["stop_reason"] = "refusal"
+        self.assertEqual(replay(refusal).outcome.stop_reason, "refusal")
+
+    def test_structured_output_streams_as_the_answer(self) -> None:
+        ran = replay("json-schema-success", response_format={"type": "json_object"})
+        self.assertEqual(ran.outcome.blocks, [{"type": "text", "text": '{"a": 1}'}])
+        self.assertEqual((ran.outcome.calls, ran.outcome.stop_reason), ([], "end_turn"))
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def test_only_the_first_call_goes_out_when_parallel_calls_are_off(self) -> None:
+        ran = replay("tool-denied-parallel", tools=PARALLEL_TOOLS, parallel_tool_calls=False)
+        self.assertEqual(ran.outcome.blocks, [{"type": "tool_use", "id": "toolu_02_0", "name": "get_weather",
+                                               "input": {"city": "Paris"}}])
+        self.assertEqual(len(replay("tool-denied-parallel", tools=PARALLEL_TOOLS).outcome.calls), 3)
+        two = tool_reply_events("", (("toolu_1", "get_weather", ['{"city": "Oslo"}']),
+                                     ("toolu_2", "lookup_user", ['{"id": 7}'])))
+        self.assertEqual(replay(two, tools=PARALLEL_TOOLS, parallel_tool_calls=False).session.state, proxy.CUT,
+                         "the CLI waits on calls the client never saw")
+        self.assertEqual(replay(two, tools=PARALLEL_TOOLS).session.state, proxy.WAITING)
+
+    def test_a_call_of_a_tool_the_client_did_not_offer_is_passed_over(self) -> None:
+        session = new_session(tools=[WEATHER_TOOL])
+        out = received(session, tool_use_events("toolu_1", "Bash", '{"command": "ls"}') + [
+            tool_result_event("toolu_1", "No such tool available: Bash", is_error=True),
+            stream_event({"type": "content_block_start", "index": 1, "content_block": {"type": "text"}}),
+            stream_event({"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "ok"}})])
+        self.assertEqual(out, [proxy.BlockStart(0, {"type": "text"}), proxy.BlockDelta(0, "text", "ok")],
+                         "the CLI answered it; Claude goes on")
+        self.assertEqual(session.calls, [])
+        self.assertFalse(session.answered_by_cli)
+
+    def test_a_client_call_the_cli_answers_itself_ends_the_process_instead_of_keeping_it(self) -> None:
+        ran = replay(tool_use_events("toolu_1", "get_weather", '{"city": "Oslo"}') + [
+            tool_result_event("toolu_1", "Permission to use get_weather has been denied.", is_error=True),
+            stream_event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}})], tools=[WEATHER_TOOL])
+        self.assertTrue(ran.session.answered_by_cli)
+        self.assertEqual(ran.session.state, proxy.CUT, "its history is no longer the client's")
+        server = mock.Mock()
+        exchange = proxy.Exchange(server, chat_turn(tools=[WEATHER_TOOL])[0], "claude")
+        exchange.session, exchange.process = ran.session, mock.Mock(closed=False)
+        exchange.keep(ran.outcome, [text("echo")])
+        self.assertEqual((server.keep.call_count, server.thinking.put.call_count), (0, 0))
+        self.assertIsNotNone(exchange.process, "finish() ends it")
+
+    def test_a_call_without_arguments_gets_an_empty_object(self) -> None:
+        session = new_session(tools=[TIME_TOOL])
+        self.assertEqual(received(session, tool_use_events("toolu_1", "get_time")), [
+            proxy.BlockStart(0, {"type": "tool_use", "id": "toolu_1", "name": "get_time"}),
+            proxy.BlockDelta(0, "tool_use", "{}")])
+        session = new_session(tools=[TIME_TOOL])
+        self.assertEqual(pieces(received(session, tool_use_events("toolu_2", "get_time", '{"a"', ": 1}"))),
+                         [("tool_use", '{"a"'), ("tool_use", ": 1}")])
+
+    # -- structured answers ------------------------------------------------------------
+
+    def test_a_whole_structured_answer_waits_for_the_clis_check_and_a_refused_try_is_dropped(self) -> None:
+        for hold in (True, False):
+            session = new_session(hold, response_format={"type": "json_object"})
+            first = pieces(received(session, tool_use_events("toolu_1", "StructuredOutput", '{"a": "x"}')))
+            self.assertEqual(first, [] if hold else [("text", '{"a": "x"}')])
+            if hold:
+                self.assertEqual(received(session, [tool_result_event("toolu_1", "a must be a number", True)]), [])
+                out = received(session, tool_use_events("toolu_2", "StructuredOutput", '{"a": 1}') +
+                               [tool_result_event("toolu_2", "Structured output provided successfully")])
+                self.assertEqual(pieces(out), [("text", '{"a": 1}')])
+            else:  # a stream cannot take back what it sent
+                with self.assertRaises(proxy.ProxyError) as caught:
+                    received(session, [tool_result_event("toolu_1", "a must be a number", True)])
+                self.assertEqual(caught.exception.code, "invalid_structured_output")
+
+    def test_out_of_structured_retries_is_a_502_invalid_structured_output(self) -> None:
+        session = new_session(True, response_format={"type": "json_object"})
+        with self.assertRaises(proxy.ProxyError) as caught:
+            session.receive({"type": "result", "subtype": "error_max_structured_output_retries", "is_error": True}, 1.0)
+        self.assertEqual((caught.exception.status, caught.exception.code), (502, "invalid_structured_output"))
+
+    # -- the protocol: block events and states ----------------------------------------
+
+    def assertWellFormed(self, events: List[Any], where: Any) -> None:
+        """Blocks open, take their pieces and close in index order from 0, one at a time; End
+        comes last, once, with the blocks as they closed."""
+        closed: List[Dict[str, Any]] = []
+        open_block: Optional[Dict[str, Any]] = None
+        deltas = 0
+        for position, event in enumerate(events):
+            if isinstance(event, proxy.BlockStart):
+                self.assertIsNone(open_block, (where, "one block open at a time", event))
+                self.assertEqual(event.index, len(closed), (where, event))
+                open_block, deltas = event.block, 0
+            elif isinstance(event, proxy.BlockDelta):
+                self.assertIsNotNone(open_block, (where, "a piece of no block", event))
+                self.assertEqual((event.index, event.kind), (len(closed), open_block["type"]), (where, event))
+                deltas += 1
+            elif isinstance(event, proxy.BlockStop):
+                self.assertIsNotNone(open_block, (where, "a stop of no block", event))
+                self.assertEqual((event.index, event.block["type"]), (len(closed), open_block["type"]), (where, event))
+                self.assertGreater(deltas, 0, (where, "a block without pieces", event))
+                closed.append(event.block)
+                open_block = None
+            elif isinstance(event, proxy.End):
+                self.assertEqual(position, len(events) - 1, (where, "End is last"))
+                self.assertIsNone(open_block, (where, "End with a block open"))
+                self.assertEqual(event.outcome.blocks, closed, where)
+
+    def test_block_events_are_well_formed_over_every_recording(self) -> None:
+        bodies = [{}, {"tools": PARALLEL_TOOLS}, {"tools": PARALLEL_TOOLS, "parallel_tool_calls": False},
+                  {"response_format": {"type": "json_object"}}, {"max_tokens": 50}, {"stop": ["fake", "Paris"]}]
+        ended = set()
+        for name in RECORDED:
+            for body in bodies:
+                for whole in (False, True):
+                    session = new_session(whole, **body)
+                    events: List[Any] = []
+                    try:
+                        for event in recorded_events(name):
+                            events += session.receive(event, 100.0)
+                    except proxy.ProxyError:
+                        self.assertNotIn(proxy.End, map(type, events), (name, body))
+                    self.assertWellFormed(events, (name, body, whole))
+                    if proxy.End in map(type, events):
+                        ended.add(name)
+        self.assertLessEqual({"stream-partial-success", "thinking", "json-schema-success", "max-tokens-continued",
+                              "tool-denied", "tool-denied-parallel", "tool-parked", "mcp-warm-text"}, ended,
+                             "the runs with blocks are read to their end")
+
+    def test_a_session_continues_only_with_what_its_cli_waits_for(self) -> None:
+        two = tool_reply_events("", (("toolu_1", "get_weather", ['{"city": "Oslo"}']),
+                                     ("toolu_2", "lookup_user", ['{"id": 7}'])))
+        waiting = replay(two, tools=PARALLEL_TOOLS).session
+        self.assertEqual((waiting.state, waiting.open_calls), (proxy.WAITING, ["toolu_1", "toolu_2"]))
+        self.assertTrue(waiting.continues(results_message("toolu_2", "toolu_1")), "in any order")
+        for newest in (results_message("toolu_1"), results_message("toolu_1", "toolu_2", "toolu_3"),
+                       results_message("toolu_1", "toolu_3"), text_message("and?"),
+                       {"role": "user", "content": results_message("toolu_1", "toolu_2")["content"] + [text("and?")]}):
+            self.assertFalse(waiting.continues(newest), newest)
+        idle = replay("stream-partial-success").session
+        self.assertEqual(idle.state, proxy.IDLE)
+        self.assertTrue(idle.continues(text_message("more")))
+        self.assertFalse(idle.continues(results_message("toolu_1")))
+        for cut in (replay("stream-partial-success", stop=["fake"]).session,
+                    replay(two, tools=PARALLEL_TOOLS, parallel_tool_calls=False).session,
+                    replay("max-tokens-continued", max_tokens=50).session):
+            self.assertEqual(cut.state, proxy.CUT)
+            for newest in (text_message("more"), results_message("toolu_1"), results_message("toolu_1", "toolu_2")):
+                self.assertFalse(cut.continues(newest), newest)
 
 
 class ConversationKeyTest(TestCase):
@@ -5544,15 +5726,11 @@ def chunk_deltas(frames: List[Tuple[Optional[str], Any]]) -> List[Dict[str, Any]
 
 
 class ChatDoorTest(TestCase):
-    """Reply events -> OpenAI chat completion chunks and completions."""
-
-    def stream(self, door: "proxy.ChatDoor", ran: Replayed) -> List[Tuple[Optional[str], Any]]:
-        frames = [frame for event in ran.events for frame in door.events(event)]
-        return frames + door.end(ran)
+    """Session events and outcomes -> OpenAI chat completion chunks and completions."""
 
     def test_text_chunks(self) -> None:
         door = chat_door(stream=True)
-        frames = self.stream(door, replay("stream-partial-success"))
+        frames = replay("stream-partial-success").frames(door)
         self.assertTrue(all(name is None for name, _ in frames))
         self.assertEqual(frames[-1], (None, "[DONE]"))
         chunks = [payload for _, payload in frames[:-1]]
@@ -5570,24 +5748,24 @@ class ChatDoorTest(TestCase):
 
     def test_an_empty_answer_still_opens_with_the_role(self) -> None:
         door = chat_door(stream=True)
-        frames = door.end(replay([MESSAGE_START] + message_end("end_turn") + [result_event("")]))
+        frames = door.end(replay([MESSAGE_START] + message_end("end_turn") + [result_event("")]).outcome)
         self.assertEqual(chunk_deltas(frames), [{"role": "assistant", "content": ""}, {}])
 
     def test_reasoning_deltas_only_when_wanted(self) -> None:
         ran = replay("thinking")
-        shown = chunk_deltas(self.stream(chat_door(stream=True), ran))
+        shown = chunk_deltas(ran.frames(chat_door(stream=True)))
         self.assertEqual((shown[0]["role"], shown[0]["content"]), ("assistant", None))
         self.assertTrue(shown[0]["reasoning_content"])
         self.assertEqual("".join(d.get("reasoning_content") or "" for d in shown),
                          "Let me think about this. The user wants a reply.")
         self.assertFalse(any("signature" in json.dumps(d) for d in shown))
-        hidden = chunk_deltas(self.stream(chat_door(stream=True, include_reasoning=False), ran))
+        hidden = chunk_deltas(ran.frames(chat_door(stream=True, include_reasoning=False)))
         self.assertFalse(any("reasoning_content" in d for d in hidden))
         self.assertEqual("".join(d.get("content") or "" for d in hidden), "Hello from the fake model.")
 
     def test_tool_call_deltas(self) -> None:
         door = chat_door(stream=True, tools=PARALLEL_TOOLS)
-        deltas = chunk_deltas(self.stream(door, replay("tool-denied-parallel", tools=PARALLEL_TOOLS)))
+        deltas = chunk_deltas(replay("tool-denied-parallel", tools=PARALLEL_TOOLS).frames(door))
         calls = [d["tool_calls"] for d in deltas if "tool_calls" in d]
         self.assertTrue(all(len(c) == 1 for c in calls))
         calls = [c[0] for c in calls]
@@ -5604,13 +5782,13 @@ class ChatDoorTest(TestCase):
             self.assertEqual("".join(c["function"]["arguments"] for c in pieces), arguments)
         self.assertEqual(deltas[0]["role"], "assistant")
         self.assertEqual(deltas[-1], {})
-        self.assertEqual(door.end(replay("tool-denied", tools=[WEATHER_TOOL]))[-2][1]["choices"][0]["finish_reason"],
-                         "tool_calls")
+        ended = door.end(replay("tool-denied", tools=[WEATHER_TOOL]).outcome)
+        self.assertEqual(ended[-2][1]["choices"][0]["finish_reason"], "tool_calls")
 
     def test_legacy_function_call_deltas(self) -> None:
         body = {"functions": [t["function"] for t in PARALLEL_TOOLS], "stream": True}
         door = chat_door(**body)
-        frames = self.stream(door, replay("tool-denied-parallel", **body))
+        frames = replay("tool-denied-parallel", **body).frames(door)
         deltas = chunk_deltas(frames)
         calls = [d["function_call"] for d in deltas if "function_call" in d]
         self.assertEqual(calls[0], {"name": "get_weather", "arguments": ""})
@@ -5630,14 +5808,14 @@ class ChatDoorTest(TestCase):
                  (refusal, {}, "content_filter")]
         for run, body, finish in cases:
             ran = replay(run, **body)
-            completion = chat_door(**body).response(ran)
+            completion = chat_door(**body).response(ran.outcome)
             self.assertEqual(completion["choices"][0]["finish_reason"], finish, (run, body))
-            streamed = chat_door(stream=True, **body).end(ran)
+            streamed = chat_door(stream=True, **body).end(ran.outcome)
             self.assertEqual(streamed[-2][1]["choices"][0]["finish_reason"], finish, (run, body))
 
     def test_include_usage_adds_a_last_chunk(self) -> None:
         door = chat_door(stream=True, stream_options={"include_usage": True})
-        frames = self.stream(door, replay("subscriber-rate-limit-event"))
+        frames = replay("subscriber-rate-limit-event").frames(door)
         self.assertEqual(frames[-1], (None, "[DONE]"))
         usage_chunk = frames[-2][1]
         self.assertEqual(usage_chunk["choices"], [])
@@ -5647,7 +5825,7 @@ class ChatDoorTest(TestCase):
 
     def test_the_whole_completion(self) -> None:
         door = chat_door()
-        completion = door.response(replay("thinking"))
+        completion = door.response(replay("thinking").outcome)
         self.assertEqual(set(completion), {"id", "object", "created", "model", "system_fingerprint", "usage",
                                            "choices"})
         self.assertEqual(completion["object"], "chat.completion")
@@ -5656,25 +5834,26 @@ class ChatDoorTest(TestCase):
             "role": "assistant", "content": "Hello from the fake model.", "refusal": None,
             "reasoning_content": "Let me think about this. The user wants a reply."}}])
         self.assertEqual(completion["usage"]["completion_tokens"], 7)
-        hidden = chat_door(include_reasoning=False).response(replay("thinking"))["choices"][0]["message"]
+        hidden = chat_door(include_reasoning=False).response(replay("thinking").outcome)["choices"][0]["message"]
         self.assertNotIn("reasoning_content", hidden)
-        empty = door.response(replay([MESSAGE_START] + message_end("end_turn") + [result_event("")]))
+        empty = door.response(replay([MESSAGE_START] + message_end("end_turn") + [result_event("")]).outcome)
         self.assertEqual(empty["choices"][0]["message"]["content"], "")
 
     def test_tool_calls_in_the_whole_completion(self) -> None:
         message = chat_door(tools=PARALLEL_TOOLS).response(
-            replay("tool-denied-parallel", tools=PARALLEL_TOOLS))["choices"][0]["message"]
+            replay("tool-denied-parallel", tools=PARALLEL_TOOLS).outcome)["choices"][0]["message"]
         self.assertIsNone(message["content"], "content is null beside tool calls")
         self.assertEqual(message["tool_calls"][1], {"id": "toolu_02_1", "type": "function", "function": {
             "name": "get_weather", "arguments": '{"city": "Rome"}'}})
         self.assertEqual(len(message["tool_calls"]), 3)
         legacy = chat_door(functions=[WEATHER_TOOL["function"]]).response(
-            replay("tool-denied-parallel", functions=[t["function"] for t in PARALLEL_TOOLS]))["choices"][0]
+            replay("tool-denied-parallel", functions=[t["function"] for t in PARALLEL_TOOLS]).outcome)["choices"][0]
         self.assertEqual(legacy["message"]["function_call"], {"name": "get_weather", "arguments": '{"city": "Paris"}'})
         self.assertNotIn("tool_calls", legacy["message"])
         self.assertEqual(legacy["finish_reason"], "function_call")
         said = tool_reply_events("Checking.", (("toolu_9", "get_weather", ['{"city": "Oslo"}']),))
-        message = chat_door(tools=PARALLEL_TOOLS).response(replay(said, tools=[WEATHER_TOOL]))["choices"][0]["message"]
+        message = chat_door(tools=PARALLEL_TOOLS).response(
+            replay(said, tools=[WEATHER_TOOL]).outcome)["choices"][0]["message"]
         self.assertEqual(message["content"], "Checking.")
 
     def test_echo_is_the_reply_as_the_client_sends_it_back(self) -> None:
@@ -5693,7 +5872,7 @@ class ChatDoorTest(TestCase):
         for run, body, answered_by in cases:
             ran = replay(run, **body)
             door = chat_door(**body)
-            message = door.response(ran)["choices"][0]["message"]
+            message = door.response(ran.outcome)["choices"][0]["message"]
             message = json.loads(json.dumps(message))  # as the client stores and sends it
             after: List[Dict[str, Any]] = [user("thanks")]
             if answered_by == "tool":
@@ -5703,7 +5882,7 @@ class ChatDoorTest(TestCase):
                 after = [{"role": "function", "name": message["function_call"]["name"], "content": "ok"}]
             next_turn = chat_turn(messages=[user("hi"), message] + after, **body)[0]
             self.assertEqual(next_turn.conversation.messages[1],
-                             {"role": "assistant", "content": door.echo(ran)}, (run if isinstance(run, str) else
+                             {"role": "assistant", "content": door.echo(ran.outcome)}, (run if isinstance(run, str) else
                                                                                 "events", body))
 
 
@@ -6415,11 +6594,9 @@ def limit_event(name: str, resets_in: Optional[float] = 3600.0, **changes: Any) 
 
 
 def cli_failure(name: str) -> proxy.ProxyError:
-    """The error the translator raises for a recorded failed run."""
-    reply = proxy.Reply(retry_budget=5.0)
+    """The error a session raises for a recorded failed run."""
     try:
-        for event in recorded_events(name):
-            reply.feed(event)
+        received(new_session(retry_budget=5.0), recorded_events(name))
     except proxy.ProxyError as error:
         return error
     raise AssertionError("%s raised no error" % name)
@@ -8088,22 +8265,14 @@ def sse_events(response: Response) -> List[Tuple[str, Dict[str, Any]]]:
     return events
 
 
-class StubExchange:
-    """What a door reads of an Exchange once the reply is over: its blocks, stop reason and usage."""
-
-    def __init__(self, events: List[Tuple[str, Any]], stop_reason: str = "end_turn") -> None:
-        self.reply = proxy.ReplyBlocks()
-        for event in events:
-            self.reply.add(event)
-        usage = {"input_tokens": 3, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20,
-                 "output_tokens": 9}
-        self.answer = mock.Mock(stop_reason=stop_reason, reply=mock.Mock(usage=usage))
-
-
-REPLY_EVENTS = [("thinking", "Let me "), ("thinking", "think."), ("signature", "sig-1"), ("text", "Checking"),
-                ("text", " now."), ("tool_call", {"id": "toolu_1", "name": "get_weather"}),
-                ("tool_arguments", '{"city"'), ("tool_arguments", ': "Paris"}'),
-                ("tool_call", {"id": "toolu_2", "name": "get_time"}), ("tool_arguments", "{}")]
+# A reply in all its kinds of blocks, as the CLI streams it: thinking, text, two calls (one without arguments).
+REPLY_RUN = [stream_event({"type": "message_start", "message": {"model": "claude-sonnet-5", "usage": {
+    "input_tokens": 3, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20, "output_tokens": 1}}})] \
+    + thinking_events("sig-1", "Let me ", "think.") + text_deltas("Checking", " now.") \
+    + tool_use_events("toolu_1", "get_weather", '{"city"', ': "Paris"}') \
+    + tool_use_events("toolu_2", "get_time", "{}") \
+    + [stream_event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}})]
+REPLY_TOOLS = [WEATHER_TOOL, TIME_TOOL]
 
 
 needs_openai = unittest.skipIf(openai is None and not IN_CI,
@@ -8182,7 +8351,7 @@ class ResponsesDoorTest(ProxyTest):
                           turn.thinking), (300, False, "get_weather", "high", True))
         self.assertEqual(turn.json_schema, schema)
         self.assertTrue(options.stream and options.want_reasoning and options.sealed_reasoning)
-        self.assertIsNone(options.store)
+        self.assertIs(options.store, False)
         self.assertEqual(options.settings["text"]["format"]["name"], "P")
         self.assertEqual(options.settings["reasoning"], {"effort": "high", "summary": "auto"})
         self.assertEqual(options.settings["metadata"], {"run": "7"})
@@ -8280,9 +8449,8 @@ class ResponsesDoorTest(ProxyTest):
 
     def test_stream_events_follow_the_responses_api(self) -> None:
         door = self.door(True, include=["reasoning.encrypted_content"])
-        frames = [frame for event in REPLY_EVENTS for frame in door.events(event)]
-        exchange = StubExchange(REPLY_EVENTS, "tool_use")
-        frames += door.end(exchange)
+        ran = replay(REPLY_RUN, tools=REPLY_TOOLS)
+        frames = ran.frames(door)
         self.assertEqual([name for name, _ in frames], [
             "response.created", "response.in_progress",
             "response.output_item.added", "response.reasoning_summary_part.added",
@@ -8326,38 +8494,53 @@ class ResponsesDoorTest(ProxyTest):
             "input_tokens": 123, "input_tokens_details": {"cached_tokens": 100, "cache_write_tokens": 20},
             "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 132})
         # What the client sends back next turn reads as this very reply.
-        self.assertEqual(door.echo(exchange), exchange.reply.blocks)
+        self.assertEqual(door.echo(ran.outcome), ran.outcome.blocks)
 
     def test_whole_response_matches_the_stream(self) -> None:
-        exchange = StubExchange(REPLY_EVENTS, "tool_use")
-        streamed = self.door(True)
-        for event in REPLY_EVENTS:
-            streamed.events(event)
-        final = streamed.end(exchange)[-1][1]["response"]
+        ran = replay(REPLY_RUN, tools=REPLY_TOOLS)
+        final = ran.frames(self.door(True))[-1][1]["response"]
         door = self.door(False)
-        whole = door.response(exchange)
+        whole = door.response(ran.outcome)
         without_ids = lambda output: [dict(item, id=None) for item in output]  # noqa: E731
         self.assertEqual(without_ids(whole["output"]), without_ids(final["output"]))
         self.assertEqual(set(whole), set(final))
         self.assertNotIn("encrypted_content", whole["output"][0], "not asked for with include")
         # Without its signature, thinking does not come back: the echo has none.
-        self.assertEqual(door.echo(exchange), [b for b in exchange.reply.blocks if b["type"] != "thinking"])
+        self.assertEqual(door.echo(ran.outcome), [b for b in ran.outcome.blocks if b["type"] != "thinking"])
+
+    def test_text_after_hidden_thinking_is_a_new_message(self) -> None:
+        # Thinking the client does not see (--hide-reasoning) still ends the message before it:
+        # the text after it is an item of its own, streamed and whole alike.
+        ran = replay([MESSAGE_START] + text_deltas("Let me see.") + thinking_events("sig-1", "Hmm.")
+                     + text_deltas("Sunny.") + message_end("end_turn") + [result_event("Sunny.")])
+
+        def door(stream: bool) -> proxy.ResponsesDoor:
+            return proxy.ResponsesDoor(*proxy.parse_responses_request(
+                {"model": "claude-sonnet-4", "input": "hi", "stream": stream}, config(hide_reasoning=True)))
+        streamed = ran.frames(door(True))
+        self.assertEqual([p["item"]["type"] for name, p in streamed if name == "response.output_item.added"],
+                         ["message", "message"])
+        self.assertEqual([(p["output_index"], p["delta"]) for name, p in streamed
+                          if name == "response.output_text.delta"], [(0, "Let me see."), (1, "Sunny.")])
+        for output in (streamed[-1][1]["response"]["output"], door(False).response(ran.outcome)["output"]):
+            self.assertEqual([(item["type"], item["content"][0]["text"]) for item in output],
+                             [("message", "Let me see."), ("message", "Sunny.")])
 
     def test_output_limit_makes_an_incomplete_response(self) -> None:
-        events = [("text", "The first part")]
-        door = self.door(True)
-        frames = door.events(events[0]) + door.end(StubExchange(events, "max_tokens"))
+        ran = replay([MESSAGE_START] + text_deltas("The first part") + message_end("max_tokens"), max_tokens=50)
+        frames = ran.frames(self.door(True))
         self.assertEqual(frames[-1][0], "response.incomplete")
         response = frames[-1][1]["response"]
         self.assertEqual((response["status"], response["incomplete_details"]),
                          ("incomplete", {"reason": "max_output_tokens"}))
         self.assertEqual(response["output"][0]["status"], "incomplete")
-        whole = self.door(False).response(StubExchange(events, "max_tokens"))
+        whole = self.door(False).response(ran.outcome)
         self.assertEqual((whole["status"], whole["output"][0]["status"]), ("incomplete", "incomplete"))
 
     def test_a_failure_mid_stream_closes_the_items_and_fails_the_response(self) -> None:
         door = self.door(True)
-        frames = door.events(("text", "partial")) + door.failure(
+        started = received(new_session(), [MESSAGE_START] + text_deltas("partial")[:2])
+        frames = [frame for event in started for frame in door.encode(event)] + door.failure(
             proxy.ProxyError(502, "Claude Code exited", code="cli_failed"))
         self.assertEqual([name for name, _ in frames][4:], [
             "response.output_text.delta", "response.output_text.done", "response.content_part.done",
@@ -8736,11 +8919,14 @@ class MessagesDoorTest(ProxyTest):
         door = proxy.MessagesDoor(*self.parse(stream=True))
         self.assertEqual([name for name, _ in door.keepalive()], ["message_start", "ping"])
         self.assertEqual(door.keepalive(), [("ping", {"type": "ping"})], "the message starts once")
+        # Two thinking blocks in a row (around a StructuredOutput retry, say) stay two, each with its
+        # own signature: Anthropic refuses a signature that does not match its block.
+        run = [MESSAGE_START] + thinking_events("s1", "a") + thinking_events("s2", "b") + text_deltas("c") \
+            + tool_use_events("toolu_1", "get_weather", '{"x":', "1}") + tool_use_events("toolu_2", "get_time") \
+            + text_deltas("d")  # the turn goes on: the last block is still open
         frames: List[Tuple[str, Dict[str, Any]]] = []
-        for event in [("thinking", "a"), ("signature", "s1"), ("thinking", "b"), ("signature", "s2"),
-                      ("text", "c"), ("tool_call", {"id": "toolu_1", "name": "f"}), ("tool_arguments", '{"x":'),
-                      ("tool_arguments", "1}"), ("tool_call", {"id": "toolu_2", "name": "g"}), ("text", "d")]:
-            frames += door.events(event)
+        for event in received(new_session(tools=[WEATHER_TOOL, TIME_TOOL]), run):
+            frames += door.encode(event)
         self.assertNotIn("message_start", [name for name, _ in frames])
         self.assertEqual([(e["type"], e["index"]) for _, e in frames if e["type"] != "content_block_delta"], [
             ("content_block_start", 0), ("content_block_stop", 0), ("content_block_start", 1),
@@ -8753,8 +8939,8 @@ class MessagesDoorTest(ProxyTest):
         self.assertEqual(streamed_content(frames), [
             {"type": "thinking", "thinking": "a", "signature": "s1"},
             {"type": "thinking", "thinking": "b", "signature": "s2"}, {"type": "text", "text": "c"},
-            {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"x": 1}},
-            {"type": "tool_use", "id": "toolu_2", "name": "g", "input": {}}, {"type": "text", "text": "d"}])
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"x": 1}},
+            {"type": "tool_use", "id": "toolu_2", "name": "get_time", "input": {}}, {"type": "text", "text": "d"}])
 
     def test_errors_take_anthropics_types_and_statuses(self) -> None:
         for error, status, type_ in [
@@ -11249,101 +11435,6 @@ class SessionTranscriptTest(TestCase):
         self.assertEqual(proxy.remove_abandoned_workdirs(root, projects), 1)
         self.assertFalse(os.path.exists(left))
         self.assertTrue(os.path.exists(kept) and os.path.exists(mine))
-
-
-def tool_result_event(call_id: str, content: Any, is_error: bool = False) -> Dict[str, Any]:
-    """The `user` line the CLI prints for a tool result it made itself."""
-    return {"type": "user", "message": {"role": "user", "content": [
-        {"type": "tool_result", "tool_use_id": call_id, "content": content, "is_error": is_error}]}}
-
-
-class ReplyCornersTest(TestCase):
-    """What the CLI may do beside the plain path: calls it answers itself, calls without
-    arguments, a structured answer it refuses and asks again for, commands it would run."""
-
-    def feed(self, reply: "proxy.Reply", events: List[Dict[str, Any]]) -> List[Any]:
-        return [out for event in events for out in reply.feed(event)]
-
-    def test_a_call_of_a_tool_the_client_did_not_offer_is_passed_over(self) -> None:
-        reply = proxy.Reply(1.0, tool_names=["get_weather"])
-        out = self.feed(reply, tool_use_events("toolu_1", "Bash", '{"command": "ls"}') + [
-            tool_result_event("toolu_1", "No such tool available: Bash", is_error=True),
-            stream_event({"type": "content_block_start", "index": 1, "content_block": {"type": "text"}}),
-            stream_event({"type": "content_block_delta", "index": 1, "delta": {"type": "text_delta", "text": "ok"}})])
-        self.assertEqual(out, [("text", "ok")], "the CLI answered it; Claude goes on")
-        self.assertEqual(reply.calls, [])
-        self.assertFalse(reply.answered_by_cli)
-
-    def test_a_client_call_the_cli_answers_itself_ends_the_process_instead_of_keeping_it(self) -> None:
-        turn = proxy.Turn("m", "sonnet", proxy.Conversation("s", [{"role": "user", "content": [
-            {"type": "text", "text": "hi"}]}], [proxy.native_tool("get_weather", "", None, "tools[0]")]))
-        server = type("Server", (), {"config": proxy.Config()})()
-        exchange = proxy.Exchange(server, turn, "claude")
-        events = tool_use_events("toolu_1", "get_weather", '{"city": "Oslo"}') + [
-            tool_result_event("toolu_1", "Permission to use get_weather has been denied.", is_error=True),
-            stream_event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}})]
-        for event in events:
-            exchange.answer.feed(event)
-        self.assertTrue(exchange.answer.done)
-        self.assertTrue(exchange.answer.reply.answered_by_cli)
-        self.assertFalse(exchange.ended_well, "its history is no longer the client's")
-
-    def test_a_call_without_arguments_gets_an_empty_object(self) -> None:
-        reply = proxy.Reply(1.0, tool_names=["now"])
-        self.assertEqual(self.feed(reply, tool_use_events("toolu_1", "now")),
-                         [("tool_call", {"id": "toolu_1", "name": "now"}), ("tool_arguments", "{}")])
-        reply = proxy.Reply(1.0, tool_names=["now"])
-        self.assertEqual(self.feed(reply, tool_use_events("toolu_2", "now", '{"a"', ": 1}"))[1:],
-                         [("tool_arguments", '{"a"'), ("tool_arguments", ": 1}")])
-
-    def test_a_whole_structured_answer_waits_for_the_clis_check_and_a_refused_try_is_dropped(self) -> None:
-        for hold in (True, False):
-            reply = proxy.Reply(1.0, structured=True, hold_structured=hold)
-            first = self.feed(reply, tool_use_events("toolu_1", "StructuredOutput", '{"a": "x"}'))
-            self.assertEqual(first, [] if hold else [("text", '{"a": "x"}')])
-            if hold:
-                self.assertEqual(self.feed(reply, [tool_result_event("toolu_1", "a must be a number", True)]), [])
-                out = self.feed(reply, tool_use_events("toolu_2", "StructuredOutput", '{"a": 1}') +
-                                [tool_result_event("toolu_2", "Structured output provided successfully")])
-                self.assertEqual(out, [("text", '{"a": 1}')])
-            else:  # a stream cannot take back what it sent
-                with self.assertRaises(proxy.ProxyError) as caught:
-                    self.feed(reply, [tool_result_event("toolu_1", "a must be a number", True)])
-                self.assertEqual(caught.exception.code, "invalid_structured_output")
-
-    def test_out_of_structured_retries_is_a_502_invalid_structured_output(self) -> None:
-        reply = proxy.Reply(1.0, structured=True, hold_structured=True)
-        with self.assertRaises(proxy.ProxyError) as caught:
-            reply.feed({"type": "result", "subtype": "error_max_structured_output_retries", "is_error": True})
-        self.assertEqual((caught.exception.status, caught.exception.code), (502, "invalid_structured_output"))
-
-
-class ThinkingBlocksTest(TestCase):
-    """Two thinking blocks in a row (around a StructuredOutput retry) stay two, each with its own
-    signature: Anthropic refuses a signature that does not match its block."""
-
-    EVENTS = [("thinking", "first"), ("signature", "sig-1"), ("thinking", "second"), ("signature", "sig-2"),
-              ("text", "done")]
-
-    def test_the_reply_keeps_them_apart(self) -> None:
-        reply = proxy.ReplyBlocks()
-        for event in self.EVENTS:
-            reply.add(event)
-        self.assertEqual(reply.blocks, [
-            {"type": "thinking", "thinking": "first", "signature": "sig-1"},
-            {"type": "thinking", "thinking": "second", "signature": "sig-2"},
-            {"type": "text", "text": "done"}])
-
-    def test_the_messages_door_streams_them_apart(self) -> None:
-        turn, options = proxy.parse_messages_request({
-            "model": "claude-sonnet-4", "max_tokens": 100, "stream": True, "thinking": {"type": "adaptive"},
-            "messages": [{"role": "user", "content": "hi"}]}, proxy.Config())
-        door = proxy.MessagesDoor(turn, options)
-        frames = [frame for event in self.EVENTS for frame in door.events(event)]
-        starts = [payload["content_block"]["type"] for name, payload in frames if name == "content_block_start"]
-        signatures = [payload["delta"]["signature"] for name, payload in frames
-                      if name == "content_block_delta" and payload["delta"]["type"] == "signature_delta"]
-        self.assertEqual((starts, signatures), (["thinking", "thinking", "text"], ["sig-1", "sig-2"]))
 
 
 class EchoTest(ProxyTest):
