@@ -5572,11 +5572,11 @@ class SessionTest(TestCase):
             stream_event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}})], tools=[WEATHER_TOOL])
         self.assertTrue(ran.session.answered_by_cli)
         self.assertEqual(ran.session.state, proxy.CUT, "its history is no longer the client's")
-        server = mock.Mock()
-        exchange = proxy.Exchange(server, chat_turn(tools=[WEATHER_TOOL])[0], "claude")
+        runner, thinking = mock.Mock(), mock.Mock()
+        exchange = proxy.Exchange(runner, mock.Mock(), thinking, chat_turn(tools=[WEATHER_TOOL])[0], "claude")
         exchange.session, exchange.process = ran.session, mock.Mock(closed=False)
         exchange.keep(ran.outcome, [text("echo")])
-        self.assertEqual((server.keep.call_count, server.thinking.put.call_count), (0, 0))
+        self.assertEqual((runner.keep.call_count, thinking.put.call_count), (0, 0))
         self.assertIsNotNone(exchange.process, "finish() ends it")
 
     def test_a_call_without_arguments_gets_an_empty_object(self) -> None:
