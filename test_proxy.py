@@ -62,7 +62,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Real output of Claude Code 2.1.197 (one JSON event per line), recorded against a local
 # fake of the Anthropic API. The fake CLI below replays these shapes; the unit tests feed them
-# to the translator as they are. The last four were recorded the same way with --json-schema
+# through a Session as they are. The last four were recorded the same way with --json-schema
 # (the fake upstream calling the StructuredOutput tool, or not), with a thinking block, and with
 # an upstream reply cut at max_tokens (the CLI continues on its own). The subscriber-* ones ran
 # on a subscription login (CLAUDE_CODE_OAUTH_TOKEN, no API key) against a fake upstream sending
@@ -1541,6 +1541,10 @@ main()
 '''
 
 
+# ---------------------------------------------------------------------------
+# The harness: the fake on disk, a real server over loopback, the ERROR log watched
+# ---------------------------------------------------------------------------
+
 class FakeClaude:
     """The fake CLI on disk, its scripts, and what each run of it recorded."""
 
@@ -1847,7 +1851,7 @@ def marker() -> str:
 
 
 # ---------------------------------------------------------------------------
-# Pure translation, no process
+# Protocol: models, the native conversation and the images it may fetch
 # ---------------------------------------------------------------------------
 
 def config(**settings: Any) -> proxy.Config:
@@ -1905,322 +1909,113 @@ class ModelTest(TestCase):
         self.assertIsNone(proxy.find_model("opus"))
 
 
-def chat_turn(settings: Optional[Dict[str, Any]] = None, fetch: Any = None,
-              **body: Any) -> Tuple["proxy.Turn", "proxy.ChatOptions"]:
-    """parse_chat_request of a body (one user message unless given), with a fake image fetch."""
-    body.setdefault("messages", [user("hi")])
-    return proxy.parse_chat_request(body, config(**(settings or {})),
-                                    fetch=fetch or (lambda url, limit: ("image/png", b"\x89PNG " + url.encode())))
+def remote_images(count: int) -> Dict[str, Any]:
+    return {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/%d.png" % i}} for i in range(count)]}]}
 
 
-def weather_call(call_id: str = "call_1", arguments: str = '{"city": "Paris"}') -> Dict[str, Any]:
-    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+class ImageBudgetTest(TestCase):
+    """With --fetch-images, one request may fetch only so many images and so many bytes."""
 
+    def setUp(self) -> None:
+        super().setUp()
+        self.limits: List[int] = []
 
-PDF_DATA = base64.b64encode(b"%PDF-1.4 fake").decode("ascii")
+    def fetch(self, size: int) -> Callable[[str, int], Tuple[str, bytes]]:
+        """A fetch of `size`-byte images that, like fetch_image, stops at the limit it is given."""
+        def fake(url: str, limit: int) -> Tuple[str, bytes]:
+            self.limits.append(limit)
+            if size > limit:
+                raise proxy.invalid("The image is larger than %d bytes." % limit, code="image_too_large")
+            return "image/png", b"\x89PNG" + b"x" * (size - 4)
+        return fake
 
-# What the real clients' requests (../shared/clients) are refused with: every other chat request
-# there must be accepted, so a new refusal of something a real client sends fails the test.
-CLIENT_REFUSALS = {
-    "oa-error_bad_model": ("model_not_found", "model"),
-    "edge-n_2": ("unsupported_value", "n"),
-    "edge-input_audio_part": ("unsupported_content_type", "messages[0].content[0].type"),
-    "edge-image_in_system": ("unsupported_content_type", "messages[0].content[0].type"),
-    "edge-remote_image_url": ("image_url_not_allowed", "messages[0].content[1].image_url"),
-    "edge-custom_tool_type": ("unsupported_tool_type", "tools[0].type"),
-    "edge-json_schema_root_array": ("invalid_value", "response_format.json_schema.schema"),
-    "edge-last_msg_assistant_prefill": ("unsupported_value", "messages"),
-    "edge-max_tokens_zero": ("invalid_type", "max_tokens"),
-    "edge-stop_5": ("invalid_value", "stop"),
-}
+    def parse(self, body: Dict[str, Any], size: int) -> "proxy.Turn":
+        return proxy.parse_chat_request(body, config(fetch_images=True), fetch=self.fetch(size))[0]
 
-
-class CountedBlock(dict):
-    """A content block that counts how often the translation looks into it."""
-
-    reads = 0
-
-    def __getitem__(self, key: Any) -> Any:
-        CountedBlock.reads += 1
-        return dict.__getitem__(self, key)
-
-
-class ChatRequestCase(TestCase):
-    """Helpers for the tests of parse_chat_request."""
-
-    def parse(self, **body: Any) -> "proxy.Turn":
-        return chat_turn(**body)[0]
-
-    def messages(self, *messages: Dict[str, Any], **body: Any) -> List[Dict[str, Any]]:
-        return self.parse(messages=list(messages), **body).conversation.messages
-
-    def rejects(self, param: Optional[str], code: Optional[str] = None, settings: Any = None,
-                **body: Any) -> "proxy.ProxyError":
+    def test_a_request_may_fetch_at_most_the_image_count(self) -> None:
+        most = proxy.IMAGE_FETCH_MAX_COUNT
+        blocks = self.parse(remote_images(most), 100).conversation.messages[0]["content"]
+        self.assertEqual([block["type"] for block in blocks], ["image"] * most)
+        self.limits = []
         with self.assertRaises(proxy.ProxyError) as caught:
-            chat_turn(settings, **body)
+            self.parse(remote_images(most + 1), 100)
         error = caught.exception
-        self.assertEqual((error.status, error.param), (400, param), error.message)
-        if code is not None:
-            self.assertEqual(error.code, code, error.message)
-        return error
+        self.assertEqual((error.status, error.code), (400, "too_many_images"))
+        self.assertEqual(error.param, "messages[0].content[%d].image_url" % most)
+        self.assertEqual(len(self.limits), most, "nothing is fetched past the count")
 
-
-class RequestTranslationTest(ChatRequestCase):
-    """OpenAI chat messages -> a native conversation."""
-
-    def test_validation_names_the_bad_param(self) -> None:
+    def test_a_request_may_fetch_at_most_the_total_bytes_and_downloads_stop_there(self) -> None:
+        total, size = proxy.IMAGE_FETCH_TOTAL_LIMIT, 10 * proxy.MIB
         with self.assertRaises(proxy.ProxyError) as caught:
-            proxy.parse_chat_request([], config())
-        self.assertEqual((caught.exception.status, caught.exception.param), (400, None))
-        self.rejects("model", "invalid_type", model=5)
-        self.rejects("messages", "empty_array", messages=[])
-        self.rejects("messages", "invalid_type", messages="hi")
-        self.rejects("messages[1]", "invalid_type", messages=[user("x"), "hi"])
-        self.rejects("messages[0].role", messages=[{"role": "robot", "content": "x"}])
-        self.rejects("messages[0].content", "invalid_type", messages=[{"role": "user", "content": 5}])
-        self.rejects("messages[0].content[0].type", "unsupported_content_type",
-                     messages=[{"role": "user", "content": [{"type": "audio"}]}])
-        self.rejects("messages[0].content[0].text", "invalid_type",
-                     messages=[{"role": "user", "content": [{"type": "text", "text": 1}]}])
-        self.rejects("stream", "invalid_type", stream="yes")
-        self.rejects("stream_options", "invalid_type", stream_options=[1])
-        self.rejects("messages", messages=[{"role": "system", "content": "only rules"}])
+            self.parse(remote_images(3), size)
+        error = caught.exception
+        self.assertEqual((error.status, error.code), (400, "images_too_large"))
+        self.assertEqual(error.param, "messages[0].content[2].image_url")
+        self.assertEqual(self.limits, [proxy.IMAGE_FETCH_LIMIT, total - size, total - 2 * size],
+                         "each download may take only what the request has left")
+        self.limits = []
+        with self.assertRaises(proxy.ProxyError) as caught:  # one image alone keeps its own limit
+            self.parse(remote_images(1), proxy.IMAGE_FETCH_LIMIT + 1)
+        self.assertEqual(caught.exception.code, "image_too_large")
 
-    def test_odd_types_are_400s_not_crashes(self) -> None:
-        self.rejects("model", model="claude\x00-opus")
-        self.rejects("reasoning_effort", reasoning_effort=["high"])
-        self.rejects("reasoning_effort", reasoning={"effort": {}})
-        self.rejects("messages[1].tool_calls[0]", messages=[user("x"), {"role": "assistant", "tool_calls": [
-            {"id": ["x"], "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, user("y")])
-        self.rejects("messages[1].tool_calls", messages=[user("x"), {"role": "assistant", "tool_calls": 5}])
-        self.rejects("messages[2].name", messages=[
-            user("x"), {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},
-            {"role": "function", "name": ["f"], "content": "r"}])
-        self.rejects("messages[1].tool_call_id", messages=[user("x"), {"role": "tool", "content": "y"}])
-        self.rejects("tools", "invalid_type", tools={"a": 1})
-        self.rejects("tools[0]", "invalid_type", tools=[5])
-        self.rejects("tools[0]", "invalid_type", tools=[{"type": "function"}])
-        self.rejects("tools[0].function.parameters", tools=[{"type": "function", "function": {
-            "name": "f", "parameters": {"type": "array"}}}])
-        self.rejects("response_format", response_format={"type": "xml"})
 
-    def test_n_above_one_is_refused_rather_than_answered_once(self) -> None:
-        error = self.rejects("n", "unsupported_value", n=2)
-        self.assertIn("n=1", error.message)
-        self.assertEqual(self.parse(n=1).conversation.messages[-1]["content"], [text("hi")])
+PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
-    def test_unknown_and_ignored_fields_are_accepted(self) -> None:
-        turn = self.parse(messages=[user("hi")], temperature=0.2, seed=1, user="u-1",
-                          some_future_field={"x": 1})
-        self.assertEqual(turn.conversation.messages, [{"role": "user", "content": [text("hi")]}])
 
-    def test_system_and_developer_messages_join_in_order(self) -> None:
-        turn = self.parse(messages=[{"role": "system", "content": "Be terse."}, user("hi"),
-                                    {"role": "developer", "content": [text("Use "), text("French.")]}])
-        self.assertEqual(turn.conversation.system, "Be terse.\n\nUse French.")
-        self.assertEqual(turn.system_prompt, "Be terse.\n\nUse French.")
-        self.assertEqual(turn.conversation.messages, [{"role": "user", "content": [text("hi")]}])
+class ImageFetchTest(TestCase):
+    """fetch_image against a local server: refused as private, served when allowed."""
 
-    def test_no_system_message_gives_the_neutral_prompt(self) -> None:
-        self.assertEqual(self.parse().system_prompt, proxy.DEFAULT_SYSTEM_PROMPT)
-        self.assertEqual(self.parse(messages=[{"role": "system", "content": "  "}, user("hi")]).system_prompt,
-                         proxy.DEFAULT_SYSTEM_PROMPT)
+    @classmethod
+    def setUpClass(cls) -> None:
+        class Images(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
 
-    def test_history_becomes_native_messages_with_the_newest_user_turn_last(self) -> None:
-        turn = self.parse(messages=[
-            {"role": "system", "content": "SYSTEM-RULES"}, user("first question"),
-            {"role": "assistant", "content": "first answer"},
-            {"role": "user", "content": [text("second "), text("question")]}])
-        self.assertEqual(turn.conversation.messages, [
-            {"role": "user", "content": [text("first question")]},
-            {"role": "assistant", "content": [text("first answer")]},
-            {"role": "user", "content": [text("second "), text("question")]}])
-        self.assertNotIn("SYSTEM-RULES", json.dumps(turn.conversation.messages))
+            def do_GET(self) -> None:
+                body = base64.b64decode(PNG_1PX)
+                self.send_response(200 if self.path == "/cat.png" else 404)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
-    def test_consecutive_user_messages_are_one_turn_answered_as_a_whole(self) -> None:
-        # OpenClaw ends every turn with two user messages: the prompt, then a block of context.
-        turn = self.parse(messages=[user("earlier"), {"role": "assistant", "content": "ok"},
-                                    user("Summarize the notes."), user("<context>notes</context>"),
-                                    {"role": "user", "content": ""}])
-        newest = turn.conversation.messages[-1]
-        self.assertEqual(newest, {"role": "user", "content": [text("Summarize the notes."),
-                                                              text("<context>notes</context>")]})
-        self.assertEqual([m["role"] for m in turn.conversation.messages], ["user", "assistant", "user"])
-        self.assertEqual(turn.system_prompt, proxy.DEFAULT_SYSTEM_PROMPT, "nothing says: answer the last one")
-        # Both go to the CLI as the one newest turn.
-        line = json.loads(proxy.user_line(newest["content"]))
-        self.assertEqual(line["message"]["content"], newest["content"])
+        cls.images = ThreadingHTTPServer(("127.0.0.1", 0), Images)
+        threading.Thread(target=cls.images.serve_forever, daemon=True).start()
+        cls.base = "http://127.0.0.1:%d" % cls.images.server_port
 
-    def test_empty_and_null_contents_make_no_empty_blocks(self) -> None:
-        messages = self.messages(user("q"), {"role": "assistant", "content": None}, user(" "), user("r"))
-        self.assertEqual(messages, [{"role": "user", "content": [text("q"), text("r")]}])
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.images.shutdown()
+        cls.images.server_close()
 
-    def test_tool_calls_and_results_become_tool_use_and_tool_result_blocks(self) -> None:
-        messages = self.messages(
-            user("Weather in Paris and Rome?"),
-            {"role": "assistant", "content": "Looking.", "tool_calls": [
-                weather_call("call_1"), weather_call("call.2/x", '{"city": "Rome", "units": ["C"]}')]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
-            {"role": "tool", "tool_call_id": "call.2/x", "content": [text("rain"), text(" 12C")]},
-            user("And tomorrow?"),
-            tools=[WEATHER_TOOL])
-        self.assertEqual(messages[1], {"role": "assistant", "content": [
-            text("Looking."),
-            {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
-            {"type": "tool_use", "id": "call_2_x", "name": "get_weather",
-             "input": {"city": "Rome", "units": ["C"]}}]})
-        results = messages[2]["content"]
-        self.assertEqual(results, [
-            {"tool_use_id": "call_1", "type": "tool_result", "content": [text("sunny")]},
-            {"tool_use_id": "call_2_x", "type": "tool_result", "content": [text("rain"), text(" 12C")]},
-            text("And tomorrow?")])
-        # The CLI writes tool results with the keys in this order; a resumed history must match
-        # a live one byte for byte, or the prompt cache misses.
-        self.assertEqual([list(block) for block in results[:2]], [["tool_use_id", "type", "content"]] * 2)
-        self.assertEqual(len(messages), 3)
+    def test_loopback_and_private_addresses_are_refused(self) -> None:
+        with self.assertRaises(proxy.ProxyError) as caught:
+            proxy.fetch_image(self.base + "/cat.png")
+        self.assertEqual(caught.exception.code, "image_url_not_allowed")
+        for address in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "fd00::1",
+                        "64:ff9b::a00:1", "2002:a00:1::1", "::127.0.0.1", "::ffff:10.0.0.1"):
+            self.assertFalse(proxy.is_public_address(address), address)
+        self.assertTrue(proxy.is_public_address("8.8.8.8"))
 
-    def test_tool_results_come_first_in_their_user_message(self) -> None:
-        messages = self.messages(
-            user("q"), {"role": "assistant", "tool_calls": [weather_call("a"), weather_call("b")]},
-            user("note between"), {"role": "tool", "tool_call_id": "a", "content": "A"},
-            {"role": "tool", "tool_call_id": "b", "content": ""}, user("after"))
-        self.assertEqual([b["type"] for b in messages[2]["content"]],
-                         ["tool_result", "tool_result", "text", "text"])
-        self.assertEqual([b.get("tool_use_id") for b in messages[2]["content"][:2]], ["a", "b"])
-        self.assertEqual(messages[2]["content"][1]["content"], [], "an empty result holds no empty text")
-
-    def test_invalid_tool_arguments_are_a_400(self) -> None:
-        for arguments in ("{not json", "[1, 2]", '"text"', "3"):
-            self.rejects("messages[1].tool_calls[0].function.arguments", "invalid_tool_arguments",
-                         messages=[user("q"), {"role": "assistant", "tool_calls": [weather_call("c", arguments)]},
-                                   {"role": "tool", "tool_call_id": "c", "content": "r"}])
-        for arguments in ("", None, {"city": "Oslo"}):
-            call = weather_call("c")
-            call["function"]["arguments"] = arguments
-            messages = self.messages(user("q"), {"role": "assistant", "tool_calls": [call]},
-                                     {"role": "tool", "tool_call_id": "c", "content": "r"})
-            self.assertEqual(messages[1]["content"][0]["input"], arguments or {})
-
-    def test_legacy_functions_and_function_messages(self) -> None:
-        turn, options = chat_turn(functions=[WEATHER_TOOL["function"]], function_call={"name": "get_weather"},
-                                  messages=[user("q"), {"role": "assistant", "content": None, "function_call": {
-                                      "name": "get_weather", "arguments": '{"city": "Oslo"}'}},
-                                            {"role": "function", "name": "get_weather", "content": "snow"}])
-        self.assertTrue(options.legacy_functions)
-        self.assertFalse(turn.parallel_tool_calls, "the functions API makes one call at a time")
-        self.assertEqual([t["name"] for t in turn.conversation.tools], ["get_weather"])
-        self.assertEqual(turn.tool_choice, "get_weather")
-        self.assertIn("you must call the tool `get_weather`", turn.system_prompt)
-        self.assertEqual(turn.conversation.messages[1:], [
-            {"role": "assistant", "content": [{"type": "tool_use", "id": "call_function_0",
-                                               "name": "get_weather", "input": {"city": "Oslo"}}]},
-            {"role": "user", "content": [{"tool_use_id": "call_function_0", "type": "tool_result",
-                                          "content": [text("snow")]}]}])
-        self.rejects("messages[1]", messages=[user("q"), {"role": "function", "name": "f", "content": "r"}])
-        self.rejects("messages[1].function_call", messages=[user("q"), {"role": "assistant",
-                                                                        "function_call": "f"}, user("r")])
-
-    def test_assistant_refusal_parts_are_text(self) -> None:
-        messages = self.messages(user("q"), {"role": "assistant", "content": [
-            {"type": "refusal", "refusal": "I can't help with that."}, text(" Sorry.")]}, user("ok"))
-        self.assertEqual(messages[1]["content"], [text("I can't help with that."), text(" Sorry.")])
-        self.rejects("messages[1].content[0].refusal", messages=[user("q"), {"role": "assistant", "content": [
-            {"type": "refusal", "refusal": None}]}, user("ok")])
-
-    def test_pdf_file_parts_are_documents_other_files_are_refused(self) -> None:
-        pdf = {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64," + PDF_DATA}}
-        messages = self.messages({"role": "user", "content": [text("Read this."), pdf]})
-        self.assertEqual(messages[0]["content"][1], {"type": "document", "source": {
-            "type": "base64", "media_type": "application/pdf", "data": PDF_DATA}})
-        for file in ({"file_data": "data:text/plain;base64," + PDF_DATA}, {"file_id": "file-abc"}, None,
-                     {"file_data": "data:application/pdf;base64,%%%"}):
+    def test_an_allowed_address_is_fetched_with_its_media_type(self) -> None:
+        media_type, raw = proxy.fetch_image(self.base + "/cat.png", allow=lambda address: True)
+        self.assertEqual((media_type, raw), ("image/png", base64.b64decode(PNG_1PX)))
+        with self.assertRaises(proxy.ProxyError) as caught:  # the limit a request's budget leaves
+            proxy.fetch_image(self.base + "/cat.png", limit=10, allow=lambda address: True)
+        self.assertEqual(caught.exception.code, "image_too_large")
+        with self.assertRaises(proxy.ProxyError) as caught:
+            proxy.fetch_image(self.base + "/missing.png", allow=lambda address: True)
+        self.assertIn("404", caught.exception.message)
+        for bad in ("http://127.0.0.1:99999/x.png", "http://%s.example/x.png" % ("a" * 70)):
             with self.assertRaises(proxy.ProxyError) as caught:
-                self.parse(messages=[{"role": "user", "content": [{"type": "file", "file": file}]}])
-            error = caught.exception
-            self.assertEqual(error.status, 400)
-            self.assertIn(error.code, ("unsupported_file", "invalid_image"), file)
-            self.assertTrue(error.param.startswith("messages[0].content[0].file"), error.param)
-        self.rejects("messages[1].content[0].type", "unsupported_content_type",
-                     messages=[user("q"), {"role": "assistant", "content": [pdf]}, user("r")])
+                proxy.fetch_image(bad, allow=lambda address: True)
+            self.assertEqual(caught.exception.code, "image_fetch_failed")
 
-    def test_audio_parts_are_refused_naming_the_type(self) -> None:
-        error = self.rejects("messages[0].content[0].type", "unsupported_content_type", messages=[
-            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}])
-        self.assertIn("input_audio", error.message)
 
-    def test_a_prefill_is_refused(self) -> None:
-        self.rejects("messages", "unsupported_value",
-                     messages=[user("Write a haiku."), {"role": "assistant", "content": "Autumn"}])
-        self.rejects("messages", "unsupported_value",
-                     messages=[user("q"), {"role": "assistant", "tool_calls": [weather_call()]}])
-
-    def test_every_real_clients_chat_request_is_accepted_or_refused_as_expected(self) -> None:
-        requests = [r for r in load_client_requests()
-                    if r["head"][0].startswith("POST /v1/chat/completions ")]
-        self.assertGreater(len(requests), 100)
-        refused = {}
-        for request in requests:
-            try:
-                turn, _ = proxy.parse_chat_request(request["body"], config())
-            except proxy.ProxyError as error:
-                self.assertEqual(error.status, 400, request["client"])
-                refused[request["client"]] = (error.code, error.param)
-                continue
-            messages = turn.conversation.messages
-            self.assertEqual(messages[-1]["role"], "user", request["client"])
-            self.assertTrue(all(a["role"] != b["role"] for a, b in zip(messages, messages[1:])),
-                            "%s: roles must alternate" % request["client"])
-            json.dumps(messages)  # a native conversation is plain JSON
-        self.assertEqual(refused, CLIENT_REFUSALS)
-
-    def test_openclaws_turn_keeps_both_user_messages_and_its_thinking(self) -> None:
-        requests = [r for r in load_client_requests() if r["client"] == "oc-C-thinking"]
-        turn, options = proxy.parse_chat_request(requests[0]["body"], config())
-        last_users = []
-        for message in reversed(requests[0]["body"]["messages"]):
-            if message["role"] != "user":
-                break
-            last_users.insert(0, message)
-        self.assertGreaterEqual(len(last_users), 2, "OpenClaw ends a turn with two user messages")
-        self.assertEqual(len(turn.conversation.messages[-1]["content"]), len(last_users))
-        self.assertTrue(turn.thinking and options.want_reasoning)
-        self.assertEqual(turn.max_tokens, requests[0]["body"].get("max_completion_tokens"))
-
-    def test_a_long_conversation_translates_in_linear_work(self) -> None:
-        # Issue 8 item 4: each message was appended to one transcript string by copying all of it
-        # (160k messages: 21.7 s). No timing here: a native conversation keeps one block per
-        # message, and the very string the client sent, so no text was ever joined or copied.
-        # Joining history text again (into one block, or with +=) gives fewer blocks and new
-        # strings, and fails both checks.
-        count = 160000
-        texts = ["message %d" % i for i in range(count)]
-        body = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
-        body += [user("and one more"), user("the context")]
-        messages = self.parse(messages=body).conversation.messages
-        self.assertEqual(len(messages), count + 1)
-        self.assertTrue(all(len(m["content"]) == 1 for m in messages[:-1]))
-        self.assertTrue(all(m["content"][0]["text"] is t for m, t in zip(messages, texts)),
-                        "the client's strings are kept, not copied")
-        self.assertEqual(messages[-1]["content"], [text("and one more"), text("the context")])
-
-    def test_merging_messages_looks_at_each_block_a_bounded_number_of_times(self) -> None:
-        # The structural form of the same check, for the one place messages are merged: MessageList.
-        # Many tool results in a row (an agent's parallel calls answered one tool message each) and
-        # many user messages in a row each land in one message. A merge that rescans or copies the
-        # message so far reads each block once per later block: N*N/2 reads, not ~N.
-        for kind in ("text", "tool_result"):
-            for count in (1000, 4000):
-                native = proxy.MessageList()
-                native.add("assistant", [text("calls")])
-                CountedBlock.reads = 0
-                for i in range(count):
-                    block = CountedBlock(type=kind, text="t%d" % i) if kind == "text" else \
-                        CountedBlock(proxy.tool_result_block("c%d" % i, "r"))
-                    native.add("user", [block])
-                self.assertEqual(len(native.messages[-1]["content"]), count)
-                self.assertLess(CountedBlock.reads, 10 * count,
-                                "%d %s blocks took %d reads" % (count, kind, CountedBlock.reads))
-
+# ---------------------------------------------------------------------------
+# Protocol: the conversation as the CLI takes it: argv, transcript, stdin, the interrupted turn
+# ---------------------------------------------------------------------------
 
 def stdin_lines(data: bytes) -> List[Dict[str, Any]]:
     return [json.loads(line) for line in data.decode("utf-8").splitlines()]
@@ -2235,6 +2030,20 @@ HISTORY = [{"role": "user", "content": [text("Weather in Paris?")]},
 
 # A response schema past what one argument may hold on Linux (128 KiB).
 SCHEMA_200K = {"type": "object", "description": "d" * 200 * 1024, "properties": {"answer": {"type": "string"}}}
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+def chat_turn(settings: Optional[Dict[str, Any]] = None, fetch: Any = None,
+              **body: Any) -> Tuple["proxy.Turn", "proxy.ChatOptions"]:
+    """parse_chat_request of a body (one user message unless given), with a fake image fetch."""
+    body.setdefault("messages", [user("hi")])
+    return proxy.parse_chat_request(body, config(**(settings or {})),
+                                    fetch=fetch or (lambda url, limit: ("image/png", b"\x89PNG " + url.encode())))
 
 
 class CliLaunchTest(TestCase):
@@ -2388,6 +2197,158 @@ class CliLaunchTest(TestCase):
         self.assertIn("é".encode("utf-8"), proxy.user_line([text("é")]), "UTF-8, not escapes")
 
 
+def run_of(pid: int, requests: int) -> Dict[str, Any]:
+    """The run of this pid once it has recorded this many upstream requests."""
+    found = wait_until(lambda: next((run for run in FAKE.runs()
+                                     if run["pid"] == pid and len(run.get("requests", [])) >= requests), None), 10.0)
+    if found is None:
+        raise AssertionError("pid %d never made %d upstream requests" % (pid, requests))
+    return found
+
+
+class SlashPromptTest(ProxyTest):
+    """A prompt starting with "/" is text for Claude on every door, never a command the CLI
+    answers itself (the fake CLI runs such a prompt as the real one does: see cli_command)."""
+
+    settings = dict(ProxyTest.settings, pool_size=2, pool_ttl=300.0)  # conversations are kept
+    PROMPTS = ("/2024 was a good year", "/5", "/-x", "/:x", "/_x", "/compact", "/x.y")
+
+    def ask(self, door: str, blocks: List[str], history: Tuple[Dict[str, Any], ...] = ()) -> Response:
+        """One user message of these texts, after `history` (chat messages), through `door`."""
+        if door == "responses":
+            items = [{"role": m["role"], "content": m["content"]} for m in history]
+            return self.request("POST", "/v1/responses", {"model": "claude-sonnet-4", "input": items + [
+                {"role": "user", "content": [{"type": "input_text", "text": t} for t in blocks]}]})
+        message = {"role": "user", "content": [text(t) for t in blocks]}
+        if door == "messages":
+            return self.request("POST", "/v1/messages", {"model": "claude-sonnet-4", "max_tokens": 64,
+                                                         "messages": list(history) + [message]})
+        return self.chat(*history, message)
+
+    def test_the_newest_prompt_reaches_claude_unchanged_on_every_door(self) -> None:
+        for door in ("chat", "responses", "messages"):
+            for prompt in self.PROMPTS:
+                with self.subTest(door=door, prompt=prompt):
+                    tag = marker()
+                    response = self.ask(door, [tag, prompt])
+                    self.assertEqual(response.status, 200, response.body)
+                    self.assertNotIn("Unknown command", response.body.decode())
+                    sent = FAKE.run_for(tag, "requests")["requests"][-1]["messages"]
+                    self.assertEqual(sent[-1]["content"], [text(tag), text(prompt)],
+                                     "exactly the client's blocks, nothing added")
+
+    def test_a_prompt_alone_on_a_kept_conversation_reaches_claude_unchanged(self) -> None:
+        tag = marker()
+        history = [user("hello " + tag)]
+        for prompt in ("/5", "/2024 was a good year"):
+            response = self.chat(*history)
+            self.assertEqual(response.status, 200, response.body)
+            history += [response.json()["choices"][0]["message"], user(prompt)]
+        response = self.chat(*history)
+        self.assertEqual(response.status, 200, response.body)
+        self.assertNotIn("Unknown command", response.body.decode())
+        run = run_of(FAKE.run_for(tag)["pid"], 3)  # one process answered all three turns
+        self.assertEqual([m["content"] for m in run["requests"][-1]["messages"] if m["role"] == "user"],
+                         [[text("hello " + tag)], [text("/5")], [text("/2024 was a good year")]])
+
+    def test_slash_prompts_in_earlier_turns_reach_claude_unchanged(self) -> None:
+        for door in ("chat", "responses", "messages"):
+            with self.subTest(door=door):
+                tag = marker()
+                history = (user("/2024 was a good year"), {"role": "assistant", "content": "It was."},
+                           user("/5"), {"role": "assistant", "content": "Five."})
+                response = self.ask(door, ["/_x " + tag], history)
+                self.assertEqual(response.status, 200, response.body)
+                sent = FAKE.run_for("/_x " + tag, "requests")["requests"][-1]["messages"]
+                self.assertEqual([m["content"][0]["text"] if isinstance(m["content"], list) else m["content"]
+                                  for m in sent],
+                                 ["/2024 was a good year", "It was.", "/5", "Five.", "/_x " + tag])
+
+    def sent_with(self, tag: str) -> List[Dict[str, Any]]:
+        """The messages of the newest upstream request that held `tag` (a run started with
+        nothing on stdin but its settings is found by what it sent)."""
+        found = wait_until(lambda: next((run["requests"][-1]["messages"] for run in FAKE.runs()
+                                         if tag in json.dumps(run.get("requests", []))), None), 10.0)
+        if found is None:
+            raise AssertionError("no fake claude run sent %r upstream" % tag)
+        return found
+
+    def test_a_prompt_the_cli_takes_up_at_start_reaches_claude_unchanged(self) -> None:
+        # After tool results with no process kept (see interrupted_turn), and after nothing but
+        # system entries (see Exchange._begin), the CLI takes the newest text up at start.
+        for prompt in self.PROMPTS:
+            with self.subTest(prompt=prompt):
+                tag = marker()
+                call = {"id": "call_" + tag, "type": "function", "function": {"name": "get_weather",
+                                                                             "arguments": "{}"}}
+                response = self.chat(user("weather? " + tag), {"role": "assistant", "content": None,
+                                                               "tool_calls": [call]},
+                                     {"role": "tool", "tool_call_id": call["id"], "content": "rain"}, user(prompt),
+                                     tools=[WEATHER_TOOL])
+                self.assertEqual(response.status, 200, response.body)
+                self.assertNotIn("Unknown command", response.body.decode())
+                sent = self.sent_with(tag)
+                self.assertEqual(sent[-1]["content"][-1], text(prompt), "exactly the client's text, nothing added")
+                tag = marker()
+                response = self.request("POST", "/v1/messages", {
+                    "model": "claude-sonnet-4", "max_tokens": 64,
+                    "messages": [user(prompt), {"role": "system", "content": "Agents " + tag}]})
+                self.assertEqual(response.status, 200, response.body)
+                self.assertNotIn("Unknown command", response.body.decode())
+                sent = self.sent_with(tag)
+                self.assertEqual([(m["role"], m["content"]) for m in sent],
+                                 [("user", [text(prompt)]), ("system", "Agents " + tag)])
+
+
+PNG_BLOCK = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}
+
+
+class InterruptedTurnTest(TestCase):
+    """A turn resumed with its tool results: a text after them ends it as the CLI's resume prompt."""
+
+    def history(self, *after: Dict[str, Any]) -> List[Dict[str, Any]]:
+        return [{"role": "user", "content": [text("q")]},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "x", "name": "f", "input": {}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": []}] + list(after)}]
+
+    def test_a_text_after_the_results_is_the_prompt(self) -> None:
+        history = self.history(text("Be brief."))
+        self.assertEqual(proxy.interrupted_turn(history), (self.history(), "Be brief."))
+        launch = proxy.cli_launch("claude", chat_turn()[0], config(), history, interrupted=True)
+        self.assertEqual(dict(launch.env)["CLAUDE_CODE_RESUME_PROMPT"], "Be brief.")
+        self.assertNotIn("Be brief.", launch.session[1], "not in the transcript too")
+
+    def test_anything_else_stays_in_the_history_and_the_prompt_is_blank(self) -> None:
+        for after in ([], [text("a"), text("b")], [text("a"), PNG_BLOCK], [text("nul \x00")], [text("/compact")],
+                      [text("x" * (proxy.RESUME_PROMPT_LIMIT + 1))]):
+            history = self.history(*after)
+            self.assertEqual(proxy.interrupted_turn(history), (history, " "), str(after)[:60])
+
+    def test_system_entries_after_the_results_stay_after_the_turn_whose_text_is_the_prompt(self) -> None:
+        # Claude Code sends "The user sent a new message while you were working" right after results.
+        entry = {"role": "system", "content": [text("Hooks said so.")]}
+        history = self.history(text("Be brief.")) + [entry]
+        launch = proxy.cli_launch("claude", chat_turn()[0], config(), history, interrupted=True)
+        self.assertEqual(dict(launch.env)["CLAUDE_CODE_RESUME_PROMPT"], "Be brief.")
+        lines = [json.loads(line) for line in launch.session[1].splitlines()]
+        self.assertEqual(lines[-1]["attachment"]["response"], {"systemMessage": "Hooks said so."},
+                         "the entry as it was, last, and no empty one")
+        self.assertEqual(lines[-2]["message"]["content"], self.history()[-1]["content"])
+
+    def test_a_text_starting_with_a_slash_ends_the_transcript_followed_by_an_empty_text(self) -> None:
+        # The CLI would run it as one of its commands, as the prompt or as the turn's last block.
+        for history in (self.history(text("/compact")), [{"role": "system", "content": [text("Agents.")]},
+                                                         {"role": "user", "content": [text("/2024")]}]):
+            launch = proxy.cli_launch("claude", chat_turn()[0], config(), history, interrupted=True)
+            self.assertEqual(dict(launch.env)["CLAUDE_CODE_RESUME_PROMPT"], " ")
+            last = json.loads(launch.session[1].splitlines()[-1])
+            self.assertEqual(last["message"]["content"], history[-1]["content"] + [text("")])
+
+
+# ---------------------------------------------------------------------------
+# Protocol: the CLI session: CLI events in, typed reply events out
+# ---------------------------------------------------------------------------
+
 def mcp_request(request_id: str, method: str, message_id: Optional[int] = None,
                 params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     message: Dict[str, Any] = {"method": method, "jsonrpc": "2.0"}
@@ -2406,7 +2367,6 @@ def tool_call_request(request_id: str, call_id: str, message_id: int) -> Dict[st
 
 
 # A session without a process: recorded CLI events in, the session's events out.
-
 def new_session(whole: bool = False, retry_budget: float = 20.0, **body: Any) -> "proxy.Session":
     """A session that has begun the turn of a chat request with `body`, as Exchange begins one
     (the bytes it gives for the CLI's stdin are not wanted here)."""
@@ -2444,7 +2404,7 @@ def results_message(*call_ids: str) -> Dict[str, Any]:
     return {"role": "user", "content": [proxy.tool_result_block(call_id, "ok") for call_id in call_ids]}
 
 
-class UpstreamFailureTest(TestCase):
+class SessionFailureTest(TestCase):
     """What the real CLI 2.1.197 prints when the Anthropic API refuses or never answers, as the client hears it."""
 
     def failure(self, events: List[Dict[str, Any]]) -> proxy.ProxyError:
@@ -2662,7 +2622,13 @@ MALFORMED_CONTEXTS = [
 ]
 
 
-class ResponseTranslationTest(TestCase):
+LOOKUP_TOOL = {"type": "function", "function": {
+    "name": "lookup_user", "description": "Find a user by id.",
+    "parameters": {"type": "object", "properties": {"id": {"type": "integer"}}}}}
+PARALLEL_TOOLS = [WEATHER_TOOL, LOOKUP_TOOL]  # what the recording tool-denied-parallel calls
+
+
+class SessionRecordingsTest(TestCase):
     """Session: the CLI's events (recorded runs, and shapes no run has) -> block events and an End, or a ProxyError."""
 
     def feed_all(self, name: str, session: Optional["proxy.Session"] = None,
@@ -2866,2534 +2832,9 @@ class ResponseTranslationTest(TestCase):
         self.assertEqual(proxy.upstream_error(None, "x", "rate_limit").headers, {"Retry-After": "30"})
 
 
-# ---------------------------------------------------------------------------
-# Over HTTP, against the fake CLI
-# ---------------------------------------------------------------------------
-
-class RecordingSink(proxy.Sink):
-    """A Sink in memory: the frames, keepalives and end of a stream, or the whole answer."""
-
-    def __init__(self) -> None:
-        self.written: List[Any] = []
-        self.ended = False
-        self.answer: Optional[Dict[str, Any]] = None
-
-    @property
-    def started(self) -> bool:
-        return bool(self.written)
-
-    def frames(self, frames: List[Any]) -> None:
-        self.written.extend(frames)
-
-    def keepalive(self, frames: List[Any]) -> None:
-        self.written.extend(frames or [("keepalive", "")])
-
-    def end(self) -> None:
-        self.ended = True
-
-    def whole(self, payload: Dict[str, Any]) -> None:
-        self.answer = payload
-
-
-class CoreTest(TestCase):
-    """The core in memory, under no server: a body in, a door's answer out into a sink, against the
-    fake claude; what outlives the request stays in the core."""
-
-    def setUp(self) -> None:
-        config = proxy.Config(claude_bin=FAKE.path, pool_size=0, default_model="claude-sonnet-4")
-        runner = proxy.Runner(config)
-        runner.open()
-        self.addCleanup(runner.close)
-        self.core = proxy.Core(config, runner)
-
-    def answer(self, door: str, body: Dict[str, Any]) -> Tuple[RecordingSink, "proxy.TurnRecord"]:
-        sink, record = RecordingSink(), proxy.TurnRecord("req_test")
-        self.core.answer(door, lambda: json.dumps(body).encode("utf-8"), sink, record)
-        return sink, record
-
-    def test_a_streamed_turn_writes_the_doors_frames_and_ends_the_stream(self) -> None:
-        sink, record = self.answer("chat", {"model": "claude-opus-4", "stream": True,
-                                            "messages": [user("hello " + marker())]})
-        self.assertTrue(sink.ended)
-        self.assertIsNone(sink.answer)
-        chunks = [payload for _, payload in sink.written]
-        self.assertEqual(chunks[-1], "[DONE]")
-        text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks[:-1]
-                       if chunk["choices"])
-        self.assertEqual(text, "Hello from fake (claude-opus-4-8, 1 msgs) ")
-        self.assertEqual((record.door, record.model, record.start, record.error),
-                         ("chat", "claude-opus-4", "cold", None))
-        self.assertEqual(record.usage["output_tokens"], 7)
-        self.assertIsNotNone(record.first_content)
-        self.assertEqual(self.core.requests_served, 1)
-
-    def test_a_whole_answer_goes_out_at_once_and_a_stored_response_stays_in_the_core(self) -> None:
-        sink, record = self.answer("responses", {"model": "claude-opus-4", "input": "hello " + marker()})
-        self.assertEqual(sink.written, [])
-        self.assertFalse(sink.ended)
-        response = sink.answer
-        self.assertEqual((response["object"], response["status"]), ("response", "completed"))
-        self.assertEqual(self.core.stored_response(response["id"]), response)
-        self.core.delete_response(response["id"])
-        with self.assertRaises(proxy.ProxyError) as caught:
-            self.core.stored_response(response["id"])
-        self.assertEqual((caught.exception.status, caught.exception.code), (404, "response_not_found"))
-
-    def test_a_refusal_before_the_stream_is_raised_and_nothing_is_written(self) -> None:
-        for body, status, code in (
-                ({"model": "claude-opus-4", "messages": "hi"}, 400, None),
-                ({"model": "claude-opus-4", "messages": [user("hi")], "n": 2}, 400, None)):
-            sink = RecordingSink()
-            with self.assertRaises(proxy.ProxyError) as caught:
-                self.core.answer("chat", lambda: json.dumps(body).encode("utf-8"), sink, proxy.TurnRecord("r"))
-            self.assertEqual(caught.exception.status, status)
-            self.assertEqual((sink.written, sink.ended, sink.answer), ([], False, None))
-        with self.assertRaises(proxy.ProxyError) as caught:
-            self.core.answer("messages", lambda: b"{not json", RecordingSink(), proxy.TurnRecord("r"))
-        self.assertEqual(caught.exception.code, "invalid_json")
-        self.assertEqual(self.core.runner.active_children(), [])
-
-    def test_tokens_are_counted_without_a_process(self) -> None:
-        body = {"model": "claude-opus-4", "messages": [user("x" * 2500)]}
-        self.assertGreater(self.core.count_tokens(lambda: json.dumps(body).encode("utf-8")), 1000)
-        self.assertEqual(self.core.runner.active_children(), [])
-
-
-class RouteTableTest(TestCase):
-    """Which route a path names, with /v1 before it or not."""
-
-    def test_paths_find_their_routes_and_arguments(self) -> None:
-        self.assertEqual(proxy.find_route("/chat/completions", page=False), (proxy.ROUTES["/chat/completions"], None))
-        self.assertEqual(proxy.find_route("/models/anthropic/claude-opus-4", page=False),
-                         (proxy.ROUTES["/models/{id}"], "anthropic/claude-opus-4"))
-        self.assertEqual(proxy.find_route("/responses/resp_1", page=False),
-                         (proxy.ROUTES["/responses/{id}"], "resp_1"))
-        self.assertEqual(proxy.find_route("/responses/resp_1/input_items", page=False), (None, None))
-        self.assertEqual(proxy.find_route("/", page=True), (proxy.ROUTES["/"], None))
-        self.assertEqual(proxy.find_route("/", page=False), (None, None), "the page is not at /v1")
-        self.assertEqual(proxy.find_route("/models/", page=False), (None, None))
-        self.assertEqual(proxy.route_path("/v1/models/x?beta=true"), "/models/x")
-
-    def test_every_route_has_its_handler_and_only_turns_read_a_body(self) -> None:
-        for methods in proxy.ROUTES.values():
-            for method, name in methods.items():
-                self.assertTrue(callable(getattr(proxy.ProxyHandler, "_" + name, None)), name)
-                self.assertEqual(name in proxy.BODY_READERS, method == "POST", name)
-
-
-class RoutesTest(ProxyTest):
-    def test_health_reports_the_cli_and_its_version(self) -> None:
-        response = self.request("GET", "/health")
-        self.assertEqual(response.status, 200)
-        self.assertEqual(response.headers["Server"], "claude-max-proxy/" + proxy.__version__)
-        health = response.json()
-        self.assertEqual(health["status"], "ok")
-        self.assertEqual(health["claude"], {"found": True, "path": FAKE.path,
-                                            "version": "2.1.197 (Claude Code)", "probe": "ok",
-                                            "problem": None, "native": True, "logged_in": True})
-        self.assertEqual(health["problems"], [])
-        self.assertEqual(health["version"], proxy.__version__)
-
-    def test_requests_served_counts_chat_completions_not_probes(self) -> None:
-        before = self.request("GET", "/health").json()["requests_served"]
-        self.request("GET", "/health")
-        self.request("GET", "/v1/models")
-        self.assertEqual(self.say("hi").status, 200)
-        self.assertEqual(self.request("GET", "/health").json()["requests_served"], before + 1)
-
-    def test_models_list_and_one_model(self) -> None:
-        listing = self.request("GET", "/v1/models").json()
-        self.assertEqual(listing["object"], "list")
-        self.assertEqual([m["id"] for m in listing["data"]], [m for m, _ in proxy.MODELS])
-        for model in listing["data"]:
-            self.assertEqual(set(model), {"id", "object", "created", "owned_by"})
-            self.assertEqual(model["object"], "model")
-        one = self.request("GET", "/v1/models/claude-opus-4")
-        self.assertEqual(one.status, 200)
-        self.assertEqual(one.json()["id"], "claude-opus-4")
-        self.assertError(self.request("GET", "/v1/models/gpt-5"), 404, "not_found_error",
-                         "model_not_found")
-
-    def test_unknown_path_is_404_and_wrong_method_405(self) -> None:
-        self.assertError(self.request("GET", "/v1/nothing-here"), 404, "not_found_error")
-        response = self.request("GET", "/v1/chat/completions")
-        self.assertError(response, 405, "invalid_request_error", "method_not_allowed")
-        self.assertEqual(response.headers["Allow"], "POST")
-        head = self.request("HEAD", "/health")
-        self.assertEqual((head.status, head.body), (200, b""))
-        self.assertGreater(int(head.headers["Content-Length"]), 0)
-        self.assertError(self.request("DELETE", "/v1/models"), 405, "invalid_request_error")
-
-    def test_options_without_cors_is_not_allowed(self) -> None:
-        response = self.request("OPTIONS", "/v1/chat/completions")
-        self.assertEqual(response.status, 405)
-        self.assertIsNone(response.headers["Access-Control-Allow-Origin"])
-
-    def test_cors_preflight_and_headers_when_enabled(self) -> None:
-        self.config.cors = "http://localhost:8080"
-        self.config.api_key = "k"
-        preflight = self.request("OPTIONS", "/v1/chat/completions", headers={
-            "Origin": "http://localhost:8080", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type"})
-        self.assertEqual(preflight.status, 204)
-        self.assertEqual(preflight.headers["Access-Control-Allow-Origin"], "http://localhost:8080")
-        self.assertIn("POST", preflight.headers["Access-Control-Allow-Methods"])
-        self.assertIn("authorization", preflight.headers["Access-Control-Allow-Headers"])
-        models = self.request("GET", "/v1/models", headers={"Authorization": "Bearer k"})
-        self.assertEqual(models.headers["Access-Control-Allow-Origin"], "http://localhost:8080")
-
-    def test_api_key_is_required_on_v1_when_set(self) -> None:
-        self.config.api_key = "s3cret"
-        self.assertError(self.request("GET", "/v1/models"), 401, "authentication_error",
-                         "invalid_api_key")
-        self.assertError(self.request("GET", "/v1/models", headers={"Authorization": "Bearer nope"}),
-                         401, "authentication_error")
-        self.assertError(self.say("hi"), 401, "authentication_error")
-        ok = self.request("GET", "/v1/models", headers={"Authorization": "Bearer s3cret"})
-        self.assertEqual(ok.status, 200)
-        self.assertEqual(self.request("GET", "/health").status, 200)
-
-    def test_bad_bodies_get_400s_with_param(self) -> None:
-        error = self.assertError(self.request("POST", "/v1/chat/completions", b"{not json"), 400,
-                                 "invalid_request_error", "invalid_json")
-        self.assertIn("JSON", error["message"])
-        self.assertError(self.request("POST", "/v1/chat/completions", [1, 2]), 400,
-                         "invalid_request_error")
-        self.assertError(self.request("POST", "/v1/chat/completions", {"model": "claude-opus-4"}),
-                         400, "invalid_request_error", param="messages")
-        self.assertError(self.say("hi", model="gpt-4o"), 400, "invalid_request_error",
-                         "model_not_found", "model")
-        self.assertError(self.request("POST", "/v1/chat/completions", b"\xff\xfe"), 400,
-                         "invalid_request_error", "invalid_json")
-
-    def test_api_key_also_guards_paths_without_v1(self) -> None:
-        self.config.api_key = "s3cret"
-        for path in ("/chat/completions", "//chat/completions", "/models"):
-            self.assertError(self.request("POST" if "chat" in path else "GET", path,
-                                          {"messages": [user("x")]}), 401, "authentication_error")
-
-    def test_hostile_bodies_are_400s(self) -> None:
-        deep = b"[" * 100000 + b"]" * 100000
-        self.assertError(self.request("POST", "/v1/chat/completions", deep), 400,
-                         "invalid_request_error", "invalid_json")
-        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
-        try:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n-1\r\nxx\r\n")
-            self.assertIn(b" 400 ", sock.recv(65536).split(b"\r\n")[0] + b" ")
-        finally:
-            sock.close()
-
-    def test_json_nested_too_deep_to_write_out_again_is_a_400(self) -> None:
-        # Written as text: json.dumps of it here would itself run out of stack under a test
-        # runner (pytest, python -m unittest) deeper than `python3 test_proxy.py`.
-        depth = sys.getrecursionlimit() - 30
-        schema = '{"type": "array", "items": ' * depth + '{"type": "string"}' + "}" * depth
-        body = ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", '
-                '"function": {"name": "deep", "parameters": %s}}]}' % schema).encode()
-        response = self.request("POST", "/v1/chat/completions", body)
-        self.assertError(response, 400, "invalid_request_error", "invalid_json")
-        nested: Any = []
-        for _ in range(proxy.MAX_JSON_DEPTH - 1):
-            nested = {"k": nested}
-        self.assertIsNone(proxy.json_problem(nested))  # exactly the limit
-        self.assertIn("deeper", proxy.json_problem([nested]))
-
-    def test_a_lone_surrogate_escape_is_a_400_not_a_crash(self) -> None:
-        for body in (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
-                     b'{"messages": [{"role": "system", "content": "\\udfff"}, '
-                     b'{"role": "user", "content": "hi"}]}',
-                     b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
-                     b'"function": {"name": "f", "parameters": {"\\ud800": {}}}}]}'):
-            error = self.assertError(self.request("POST", "/v1/chat/completions", body), 400,
-                                     "invalid_request_error", "invalid_json")
-            self.assertIn("surrogate", error["message"])
-        emoji = self.say("a pair is fine: \ud83d\ude00")
-        self.assertEqual(emoji.status, 200, emoji.body)
-
-    def test_a_body_on_a_get_does_not_break_keep_alive(self) -> None:
-        conn = self.connect()
-        try:
-            self.assertEqual(self.request("GET", "/v1/models", b'{"x": 1}', conn=conn).status, 200)
-            self.assertEqual(self.request("GET", "/health", b'{"y": 2}', conn=conn).status, 200)
-            self.assertEqual(self.request("POST", "/v1/chat/completions",
-                                          {"messages": [user("hi")]}, conn=conn).status, 200)
-        finally:
-            conn.close()
-
-    def test_body_over_the_limit_is_413(self) -> None:
-        self.config.max_body = 1000
-        self.assertError(self.say("x" * 2000), 413, "invalid_request_error", "request_too_large")
-        self.assertEqual(self.say("small").status, 200)
-
-    def test_chunked_request_bodies_are_read(self) -> None:
-        conn = self.connect()
-        body = json.dumps({"model": "claude-haiku-4", "messages": [user("chunked")]}).encode()
-        conn.putrequest("POST", "/v1/chat/completions")
-        conn.putheader("Content-Type", "application/json")
-        conn.putheader("Transfer-Encoding", "chunked")
-        conn.endheaders()
-        for i in range(0, len(body), 10):
-            piece = body[i:i + 10]
-            conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
-        conn.send(b"0\r\n\r\n")
-        response = conn.getresponse()
-        self.assertEqual(response.status, 200, response.read())
-        conn.close()
-
-    def test_a_body_that_stops_arriving_is_a_408_and_the_connection_closes(self) -> None:
-        saved = proxy.ProxyHandler.timeout
-        proxy.ProxyHandler.timeout = 0.5
-        self.addCleanup(setattr, proxy.ProxyHandler, "timeout", saved)
-        for head, partial in ((b"Content-Length: 100", b'{"messages": '),
-                              (b"Transfer-Encoding: chunked", b'64\r\n{"messages": ')):
-            sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
-            try:
-                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n%s\r\n\r\n%s"
-                             % (head, partial))
-                raw = http.client.HTTPResponse(sock)
-                raw.begin()
-                response = Response(raw.status, raw.headers, raw.read())
-                self.assertError(response, 408, "timeout_error", "request_timeout")
-                self.assertEqual(response.headers["Connection"], "close")
-                self.assertEqual(sock.recv(1), b"", "the server must close the connection")
-            finally:
-                sock.close()
-
-    def test_a_client_that_hangs_up_mid_chunk_gets_no_answer(self) -> None:
-        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
-        try:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n64\r\n{\"messages\": ")
-            sock.shutdown(socket.SHUT_WR)
-            self.assertEqual(sock.recv(65536), b"", "a gone client is not sent a 400 for its short body")
-        finally:
-            sock.close()
-
-    def test_keep_alive_serves_several_requests_on_one_connection(self) -> None:
-        conn = self.connect()
-        try:
-            for _ in range(3):
-                response = self.request("POST", "/v1/chat/completions",
-                                        {"messages": [user("again")]}, conn=conn)
-                self.assertEqual(response.status, 200)
-            self.assertEqual(self.request("GET", "/v1/models", conn=conn).status, 200)
-        finally:
-            conn.close()
-
-
-def raw_exchange(port: int, data: bytes) -> Tuple[bytes, bool]:
-    """Send raw bytes; everything the server answers, and whether it then closed the connection."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    try:
-        sock.sendall(data)
-        return read_until_closed(sock)
-    finally:
-        sock.close()
-
-
-def read_until_closed(sock: socket.socket) -> Tuple[bytes, bool]:
-    """What the server sends until it closes (True), or until 3 s of silence (False)."""
-    received = b""
-    sock.settimeout(3)
-    try:
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return received, True
-            received += data
-    except ConnectionResetError:  # a close with our bytes unread arrives as a reset
-        return received, True
-    except socket.timeout:
-        return received, False
-
-
-def parse_raw_response(raw: bytes) -> Response:
-    reader = http.client.HTTPResponse(FakeSocket(raw))
-    reader.begin()
-    return Response(reader.status, reader.headers, reader.read())
-
-
-class FakeSocket:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def makefile(self, mode: str) -> io.BufferedReader:
-        return io.BufferedReader(io.BytesIO(self.data))
-
-
-# 157 requests as real clients (SDKs, agents, OpenClaw ...) sent them to this proxy: one JSON
-# object a line, with `client`, `head` (request line and headers) and `body`; kept beside the
-# repository (../shared/clients), where CI has it too.
-def load_client_requests() -> List[Dict[str, Any]]:
-    """The 157 requests real clients sent (CLIENT_REQUESTS, at the end of this file), or those of
-    the JSON-lines file CLAUDE_PROXY_CLIENT_REQUESTS names: each {"client", "head", "body"}."""
-    path = os.environ.get("CLAUDE_PROXY_CLIENT_REQUESTS")
-    if path:
-        with open(path, "rb") as f:
-            lines = f.read()
-    else:
-        lines = lzma.decompress(base64.b64decode(CLIENT_REQUESTS))
-    return [json.loads(line) for line in lines.decode("utf-8").splitlines()]
-
-
-class HttpHardeningTest(ProxyTest):
-    """The HTTP edge under attack: web pages, floods, slow and broken clients, framing tricks."""
-
-    def assertRefused(self, raw: bytes, status: int, code: str) -> None:
-        """`raw` gets exactly one answer, an OpenAI error with a status line, and a closed connection."""
-        answer, closed = raw_exchange(self.running.port, raw)
-        self.assertTrue(answer.startswith(b"HTTP/1.1 %d " % status), answer[:200])
-        self.assertEqual(answer.count(b"HTTP/1.1 "), 1, "a smuggled second request was answered")
-        self.assertError(parse_raw_response(answer), status,
-                         "server_error" if status >= 500 else "invalid_request_error", code)
-        self.assertTrue(closed, "the connection must close after a framing error")
-
-    # -- 1. web pages ------------------------------------------------------------
-
-    def test_foreign_hosts_and_origins_are_refused_before_any_work(self) -> None:
-        tag = marker()
-        body = {"messages": [user("hi " + tag)]}
-        host = "127.0.0.1:%d" % self.running.port
-        rebinding = self.request("POST", "/v1/chat/completions", body, headers={
-            "Host": "evil.example:%d" % self.running.port, "Content-Type": "text/plain"})
-        self.assertError(rebinding, 403, "permission_error", "host_not_allowed")
-        page = self.request("POST", "/v1/chat/completions", body, headers={
-            "Host": host, "Origin": "http://evil.example", "Content-Type": "text/plain"})
-        self.assertError(page, 403, "permission_error", "origin_not_allowed")
-        self.config.cors = "https://good.example"
-        other = self.request("POST", "/v1/chat/completions", body, headers={
-            "Host": host, "Origin": "https://other.example"})
-        self.assertError(other, 403, "permission_error", "origin_not_allowed")
-        self.assertError(self.request("GET", "/health", headers={"Origin": "https://other.example"}),
-                         403, "permission_error", "origin_not_allowed")
-        self.assertEqual([run for run in FAKE.runs() if tag in run.get("stdin", "")], [])
-        good = self.request("POST", "/v1/chat/completions", body, headers={
-            "Host": host, "Origin": "https://good.example"})
-        self.assertEqual(good.status, 200, good.body)
-        self.config.allow_host = "proxy.lan, other.lan"
-        named = self.request("GET", "/v1/models", headers={"Host": "Proxy.LAN:%d" % self.running.port})
-        self.assertEqual(named.status, 200, named.body)
-
-    def test_hosts_that_name_this_server(self) -> None:
-        settings = config(host="127.0.0.1")
-        for host in ("127.0.0.1:3456", "localhost", "LOCALHOST.:80", "127.0.0.2", "[::1]:3456",
-                     "app.localhost:3456", "192.0.2.7:3456", None):
-            self.assertIsNone(proxy.request_source_error(host, None, settings, "192.0.2.7"), host)
-        for host in ("evil.example:3456", "localhost.evil.example", "127.0.0.1.nip.io", "", "a b",
-                     "[::1", "user@localhost", "192.0.2.8"):
-            error = proxy.request_source_error(host, None, settings, "192.0.2.7")
-            self.assertEqual(error.code if error else None, "host_not_allowed", host)
-        self.assertIsNone(proxy.request_source_error("anything.example", None, config(allow_host="*"),
-                                                     "127.0.0.1"))
-        self.assertIsNone(proxy.request_source_error("localhost", "null", config(cors="*"),
-                                                     "127.0.0.1"))
-        self.assertIsNotNone(proxy.request_source_error("localhost", "null", settings, "127.0.0.1"))
-
-    def test_every_real_client_request_passes_the_host_and_origin_check(self) -> None:
-        conn = self.connect()
-        try:
-            for request in load_client_requests():
-                conn.putrequest("GET", "/v1/models", skip_host=True, skip_accept_encoding=True)
-                for line in request["head"][1:]:
-                    name, value = line.split(":", 1)
-                    if name.lower() == "host":
-                        value = "127.0.0.1:%d" % self.running.port  # as the client would send it
-                    if name.lower() not in ("content-length", "connection"):
-                        conn.putheader(name, value.strip())
-                conn.endheaders()
-                response = conn.getresponse()
-                response.read()
-                self.assertEqual(response.status, 200, (request["client"], request["head"]))
-        finally:
-            conn.close()
-
-    # -- 2. memory before admission ------------------------------------------------
-
-    def test_a_flood_of_tiny_json_values_is_refused_before_it_is_parsed(self) -> None:
-        flood = json.dumps({"messages": [user("hi")], "metadata": [{}] * 300000}).encode()
-        self.assertError(self.request("POST", "/v1/chat/completions", flood), 413,
-                         "invalid_request_error", "too_many_json_values")
-        self.assertEqual(proxy.json_value_count(b'{"a": "[,:{\\"\\\\", "b": [1, {"c": null}]}'), 9)  # keys too
-
-    def test_real_client_bodies_are_far_below_the_json_value_cap(self) -> None:
-        for request in load_client_requests():
-            if request["body"] is not None:
-                count = proxy.json_value_count(json.dumps(request["body"]).encode())
-                self.assertLess(count, proxy.MAX_JSON_VALUES // 100, request["client"])
-
-    def test_a_long_agent_history_with_big_tool_schemas_is_accepted(self) -> None:
-        schema = {"type": "object", "additionalProperties": False, "required": ["p0"], "properties": {
-            "p%d" % i: {"type": "string", "description": "d" * 40, "enum": ["a", "b", "c"]}
-            for i in range(40)}}
-        tools = [{"type": "function", "function": {"name": "tool_%d" % i, "parameters": schema}}
-                 for i in range(100)]
-        messages: List[Dict[str, Any]] = []
-        for i in range(250):
-            call = {"id": "call_%d" % i, "type": "function",
-                    "function": {"name": "tool_1", "arguments": json.dumps({"p0": "a"})}}
-            messages += [user("question %d" % i), {"role": "assistant", "content": None, "tool_calls": [call]},
-                         {"role": "tool", "tool_call_id": "call_%d" % i, "content": "result"},
-                         {"role": "assistant", "content": [{"type": "text", "text": "answer"}]}]
-        messages.append(user("and now?"))
-        response = self.chat(*messages, tools=tools)
-        self.assertEqual(response.status, 200, response.body[:300])
-
-    def test_a_body_is_parsed_only_once_it_has_a_slot(self) -> None:
-        running = RunningServer(max_concurrent=1, queue_timeout=0.3)
-        try:
-            tag = marker()
-            cue = FAKE.script("slot-holder", text=["start "] + ["more "] * 60, delay=0.25)
-            holder = open_stream(running.port, cue + " " + tag)
-            # Not JSON at all: a parse before admission would answer 400 at once.
-            waiting = http_request(running.port, "POST", "/v1/chat/completions", b"{not json")
-            self.assertError(waiting, 429, "rate_limit_error", "too_many_requests")
-            holder.close()
-        finally:
-            running.stop()
-
-    # -- 3. connections and files ----------------------------------------------------
-
-    def test_connections_over_the_cap_get_a_503_and_a_close_at_once(self) -> None:
-        running = RunningServer(max_connections=2)
-        idle = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(2)]
-        try:
-            for sock in idle:
-                sock.sendall(b"GET /health HTTP/1.1\r\n")  # a request line: a request not ended yet
-            self.assertTrue(wait_until(lambda: running.server.connections == 2 and not running.server._silent))
-            extra = socket.create_connection(("127.0.0.1", running.port), timeout=10)
-            try:
-                answer, closed = read_until_closed(extra)
-            finally:
-                extra.close()
-            self.assertTrue(closed)
-            response = parse_raw_response(answer)
-            self.assertError(response, 503, "server_error", "too_many_connections")
-            self.assertEqual(response.headers["Connection"], "close")
-            for sock in idle:
-                sock.close()
-            self.assertTrue(wait_until(lambda: running.server.connections == 0))
-            self.assertEqual(http_request(running.port, "GET", "/health").status, 200)
-        finally:
-            for sock in idle:
-                sock.close()
-            running.stop()
-
-    def test_the_cap_stays_below_the_open_file_limit(self) -> None:
-        settings = config(max_connections=256, max_concurrent=8, pool_size=2)
-        self.assertEqual(proxy.connection_cap(settings, None), 256)
-        self.assertEqual(proxy.connection_cap(settings, 100000), 256)
-        capped = proxy.connection_cap(settings, 256)
-        self.assertLess(capped + proxy.FILES_PER_CHILD * 10, 256)
-        self.assertGreaterEqual(proxy.connection_cap(settings, 10), 1)
-
-    def test_the_soft_open_file_limit_is_raised_toward_the_hard_one(self) -> None:
-        import resource
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        if hard != resource.RLIM_INFINITY and hard <= 64:
-            self.skipTest("the hard open-file limit %d leaves nothing to raise (ulimit -Hn)" % hard)
-        code = ("import resource, claude_max_proxy as p\n"
-                "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
-                "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
-                "p.raise_open_file_limit()\n"
-                "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n")
-        done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
-                              timeout=30)
-        self.assertEqual(done.returncode, 0, done.stderr)
-        expected = proxy.OPEN_MAX if hard == resource.RLIM_INFINITY else min(hard, proxy.OPEN_MAX)
-        self.assertEqual(int(done.stdout), expected)
-
-    def test_a_request_sent_a_byte_at_a_time_still_has_one_deadline(self) -> None:
-        saved = proxy.ProxyHandler.timeout
-        proxy.ProxyHandler.timeout = 1.0
-        self.addCleanup(setattr, proxy.ProxyHandler, "timeout", saved)
-        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
-        try:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
-            # A byte every 0.1 s, each well within the 1 s any one read may wait, for up to 10 s.
-            for _ in range(100):
-                if select.select([sock], [], [], 0.1)[0]:
-                    break
-                sock.sendall(b"a")
-            answer, closed = read_until_closed(sock)
-        finally:
-            sock.close()
-        self.assertTrue(closed)
-        self.assertError(parse_raw_response(answer), 408, "timeout_error", "request_timeout")
-
-    def test_accept_without_free_files_backs_off_and_logs_once(self) -> None:
-        server = proxy.ProxyServer(proxy.Config(host="127.0.0.1", port=0, claude_bin=FAKE.path, pool_size=0))
-        server.accept_backoff = 0.05
-        attempts: List[float] = []
-
-        class OutOfFiles:
-            def accept(self) -> Any:
-                attempts.append(time.monotonic())
-                raise OSError(errno.EMFILE, "Too many open files")
-
-        listening = server.socket
-        logger = logging.getLogger("claude_max_proxy")
-        try:
-            with self.assertLogs(logger, level="WARNING") as logs:
-                server.socket = OutOfFiles()
-                for _ in range(3):
-                    server._handle_request_noblock()  # what serve_forever calls when a connection waits
-                server.socket = listening
-                client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-                server._handle_request_noblock()
-                client.close()
-        finally:
-            server.socket = listening
-            server.core.close()
-            server.server_close()
-        self.assertEqual(len(attempts), 3)
-        for before, after in zip(attempts, attempts[1:]):
-            self.assertGreaterEqual(after - before, 0.05, "accept must back off, not spin")
-        self.assertEqual([line.split(":", 2)[2] for line in logs.output],
-                         ["cannot accept connections: [Errno %d] Too many open files; retrying every 0.05 s"
-                          % errno.EMFILE, "accepting connections again"])
-
-    # -- 8. framing ---------------------------------------------------------------
-
-    def test_content_length_is_digits_only_and_said_once(self) -> None:
-        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-        body = json.dumps({"messages": [user("hi")]}).encode()
-        for lengths in (b"Content-Length: +1_0\r\n", b"Content-Length: 1 0\r\n", b"Content-Length: -1\r\n",
-                        b"Content-Length: 0x10\r\n", b"Content-Length: \xd9\xa1\r\n",
-                        b"Content-Length: %d\r\nContent-Length: 5\r\n" % len(body),
-                        b"Content-Length: 5\r\nContent-Length: 5\r\n",
-                        b"Content-Length : %d\r\n" % len(body)):
-            with self.subTest(lengths):
-                self.assertRefused(head + lengths + b"\r\n" + body, 400, "invalid_header")
-
-    def test_a_second_content_length_cannot_smuggle_a_request(self) -> None:
-        smuggled = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"
-        self.assertRefused(b"GET /health HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n"
-                           b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled), 400, "invalid_header")
-
-    def test_transfer_encoding_is_exactly_chunked_and_never_with_a_length(self) -> None:
-        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-        chunked = b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-        self.assertRefused(head + b"Transfer-Encoding: chunked\r\nContent-Length: 5" + chunked, 400,
-                           "invalid_header")
-        for coding in (b"xchunked", b"chunked, gzip", b"gzip, chunked", b"identity", b"chunked\r\n"
-                       b"Transfer-Encoding: chunked"):
-            with self.subTest(coding):
-                self.assertRefused(head + b"Transfer-Encoding: " + coding + chunked, 501,
-                                   "unsupported_transfer_encoding")
-        self.assertRefused(b"POST /v1/chat/completions HTTP/1.0\r\nHost: localhost\r\n"
-                           b"Transfer-Encoding: chunked" + chunked, 400, "invalid_header")
-
-    def test_chunk_sizes_are_strict_hex_and_each_chunk_ends_with_crlf(self) -> None:
-        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
-        for chunks in (b"0x5\r\nhello\r\n0\r\n\r\n", b"+5\r\nhello\r\n0\r\n\r\n", b" 5\r\nhello\r\n0\r\n\r\n",
-                       b"5\nhello\r\n0\r\n\r\n", b"5\r\nhelloXY0\r\n\r\n", b"5\r\nhello\n0\r\n\r\n",
-                       b"1" * 17 + b"\r\n"):
-            with self.subTest(chunks):
-                self.assertRefused(head + chunks, 400, "invalid_body")
-        body = json.dumps({"messages": [user("chunked")]}).encode()
-        chunks = b"%x;name=value\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(body), body)
-        closing = head.replace(b"1.1\r\n", b"1.1\r\nConnection: close\r\n")
-        answer, _closed = raw_exchange(self.running.port, closing + chunks)
-        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:300])
-
-    def test_malformed_request_lines_are_answered_with_a_status_line(self) -> None:
-        for line, status, code in ((b"GET /health HTTP/2.0", 505, "http_version_not_supported"),
-                                   (b"GET /health HTTP/0.9", 505, "http_version_not_supported"),
-                                   (b"GET /health", 400, "invalid_request_line"),
-                                   (b"GET  /health HTTP/1.1", 400, "invalid_request_line"),
-                                   (b"GET /health HTTP/1.1 extra", 400, "invalid_request_line"),
-                                   (b"GET /he\x01lth HTTP/1.1", 400, "invalid_request_line"),
-                                   (b"\x16\x03\x01\x02\x00\x01", 400, "invalid_request_line"),
-                                   (b"GET /" + b"a" * 70000 + b" HTTP/1.1", 414, "request_line_too_long")):
-            with self.subTest(line[:40]):
-                self.assertRefused(line + b"\r\nHost: localhost\r\n\r\n", status, code)
-        for header in (b"No colon here", b" folded: value"):
-            with self.subTest(header):
-                self.assertRefused(b"GET /health HTTP/1.1\r\nHost: localhost\r\n%s\r\n\r\n" % header, 400,
-                                   "invalid_header")
-
-    # -- 9. Nagle ------------------------------------------------------------------
-
-    def test_accepted_connections_send_without_nagle_delay(self) -> None:
-        seen: List[int] = []
-        original = proxy.ProxyHandler.setup
-
-        def setup(handler: proxy.ProxyHandler) -> None:
-            original(handler)
-            seen.append(handler.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-
-        proxy.ProxyHandler.setup = setup  # type: ignore[method-assign]
-        self.addCleanup(setattr, proxy.ProxyHandler, "setup", original)
-        self.assertEqual(self.request("GET", "/health").status, 200)
-        self.assertEqual(len(seen), 1)
-        self.assertTrue(seen[0], "TCP_NODELAY is off on the accepted socket")
-
-    # -- 10. a client that stops reading ---------------------------------------------
-
-    def test_a_client_that_stops_reading_a_stream_frees_its_slot_and_is_logged_499(self) -> None:
-        saved = proxy.ProxyHandler.write_timeout
-        proxy.ProxyHandler.write_timeout = 0.5
-        self.addCleanup(setattr, proxy.ProxyHandler, "write_timeout", saved)
-        tag = marker()
-        cue = FAKE.script("flood", text=["x" * 10000] * 1000)  # ~10 MB of frames
-        body = json.dumps({"messages": [user(cue + " " + tag)], "stream": True}).encode()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
-        logger = logging.getLogger("claude_max_proxy")
-        try:
-            with self.assertLogs(logger, level="INFO") as logs:
-                sock.connect(("127.0.0.1", self.running.port))
-                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-                run = FAKE.run_for(tag)  # and then never read a byte
-                self.assertTrue(pid_gone(run["pid"]), "the child outlived a client that stopped reading")
-                self.assertTrue(wait_until(lambda: any(" 499 " in line for line in logs.output)))
-        finally:
-            sock.close()
-        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []))
-        line = next(line for line in logs.output if " 499 " in line)
-        self.assertIn("POST /v1/chat/completions 499 model=", line)
-
-
-class SlashPromptTest(ProxyTest):
-    """A prompt starting with "/" is text for Claude on every door, never a command the CLI
-    answers itself (the fake CLI runs such a prompt as the real one does: see cli_command)."""
-
-    settings = dict(ProxyTest.settings, pool_size=2, pool_ttl=300.0)  # conversations are kept
-    PROMPTS = ("/2024 was a good year", "/5", "/-x", "/:x", "/_x", "/compact", "/x.y")
-
-    def ask(self, door: str, blocks: List[str], history: Tuple[Dict[str, Any], ...] = ()) -> Response:
-        """One user message of these texts, after `history` (chat messages), through `door`."""
-        if door == "responses":
-            items = [{"role": m["role"], "content": m["content"]} for m in history]
-            return self.request("POST", "/v1/responses", {"model": "claude-sonnet-4", "input": items + [
-                {"role": "user", "content": [{"type": "input_text", "text": t} for t in blocks]}]})
-        message = {"role": "user", "content": [text(t) for t in blocks]}
-        if door == "messages":
-            return self.request("POST", "/v1/messages", {"model": "claude-sonnet-4", "max_tokens": 64,
-                                                         "messages": list(history) + [message]})
-        return self.chat(*history, message)
-
-    def test_the_newest_prompt_reaches_claude_unchanged_on_every_door(self) -> None:
-        for door in ("chat", "responses", "messages"):
-            for prompt in self.PROMPTS:
-                with self.subTest(door=door, prompt=prompt):
-                    tag = marker()
-                    response = self.ask(door, [tag, prompt])
-                    self.assertEqual(response.status, 200, response.body)
-                    self.assertNotIn("Unknown command", response.body.decode())
-                    sent = FAKE.run_for(tag, "requests")["requests"][-1]["messages"]
-                    self.assertEqual(sent[-1]["content"], [text(tag), text(prompt)],
-                                     "exactly the client's blocks, nothing added")
-
-    def test_a_prompt_alone_on_a_kept_conversation_reaches_claude_unchanged(self) -> None:
-        tag = marker()
-        history = [user("hello " + tag)]
-        for prompt in ("/5", "/2024 was a good year"):
-            response = self.chat(*history)
-            self.assertEqual(response.status, 200, response.body)
-            history += [response.json()["choices"][0]["message"], user(prompt)]
-        response = self.chat(*history)
-        self.assertEqual(response.status, 200, response.body)
-        self.assertNotIn("Unknown command", response.body.decode())
-        run = run_of(FAKE.run_for(tag)["pid"], 3)  # one process answered all three turns
-        self.assertEqual([m["content"] for m in run["requests"][-1]["messages"] if m["role"] == "user"],
-                         [[text("hello " + tag)], [text("/5")], [text("/2024 was a good year")]])
-
-    def test_slash_prompts_in_earlier_turns_reach_claude_unchanged(self) -> None:
-        for door in ("chat", "responses", "messages"):
-            with self.subTest(door=door):
-                tag = marker()
-                history = (user("/2024 was a good year"), {"role": "assistant", "content": "It was."},
-                           user("/5"), {"role": "assistant", "content": "Five."})
-                response = self.ask(door, ["/_x " + tag], history)
-                self.assertEqual(response.status, 200, response.body)
-                sent = FAKE.run_for("/_x " + tag, "requests")["requests"][-1]["messages"]
-                self.assertEqual([m["content"][0]["text"] if isinstance(m["content"], list) else m["content"]
-                                  for m in sent],
-                                 ["/2024 was a good year", "It was.", "/5", "Five.", "/_x " + tag])
-
-    def sent_with(self, tag: str) -> List[Dict[str, Any]]:
-        """The messages of the newest upstream request that held `tag` (a run started with
-        nothing on stdin but its settings is found by what it sent)."""
-        found = wait_until(lambda: next((run["requests"][-1]["messages"] for run in FAKE.runs()
-                                         if tag in json.dumps(run.get("requests", []))), None), 10.0)
-        if found is None:
-            raise AssertionError("no fake claude run sent %r upstream" % tag)
-        return found
-
-    def test_a_prompt_the_cli_takes_up_at_start_reaches_claude_unchanged(self) -> None:
-        # After tool results with no process kept (see interrupted_turn), and after nothing but
-        # system entries (see Exchange._begin), the CLI takes the newest text up at start.
-        for prompt in self.PROMPTS:
-            with self.subTest(prompt=prompt):
-                tag = marker()
-                call = {"id": "call_" + tag, "type": "function", "function": {"name": "get_weather",
-                                                                             "arguments": "{}"}}
-                response = self.chat(user("weather? " + tag), {"role": "assistant", "content": None,
-                                                               "tool_calls": [call]},
-                                     {"role": "tool", "tool_call_id": call["id"], "content": "rain"}, user(prompt),
-                                     tools=[WEATHER_TOOL])
-                self.assertEqual(response.status, 200, response.body)
-                self.assertNotIn("Unknown command", response.body.decode())
-                sent = self.sent_with(tag)
-                self.assertEqual(sent[-1]["content"][-1], text(prompt), "exactly the client's text, nothing added")
-                tag = marker()
-                response = self.request("POST", "/v1/messages", {
-                    "model": "claude-sonnet-4", "max_tokens": 64,
-                    "messages": [user(prompt), {"role": "system", "content": "Agents " + tag}]})
-                self.assertEqual(response.status, 200, response.body)
-                self.assertNotIn("Unknown command", response.body.decode())
-                sent = self.sent_with(tag)
-                self.assertEqual([(m["role"], m["content"]) for m in sent],
-                                 [("user", [text(prompt)]), ("system", "Agents " + tag)])
-
-
-def every_path(value: Any, path: Tuple[Any, ...] = ()) -> Iterator[Tuple[Any, ...]]:
-    """The path (keys and indices) of every value inside a JSON value, the value itself aside."""
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, inner in items:
-        yield path + (key,)
-        yield from every_path(inner, path + (key,))
-
-
-def replaced(value: Any, path: Tuple[Any, ...], new: Any) -> Any:
-    """A deep copy of a JSON value with the value at `path` replaced."""
-    copied = copy.deepcopy(value)
-    holder = copied
-    for key in path[:-1]:
-        holder = holder[key]
-    holder[path[-1]] = new
-    return copied
-
-
-WRONG_TYPES = ({}, [], 1, True, None, "x")
-
-
-class WrongTypesTest(ProxyTest):
-    """Every field of a full request of each door, given each JSON type in turn: a client's
-    mistake is a 4xx in the door's own error shape, never a 500 (nor an ERROR record)."""
-
-    def bodies(self) -> Dict[str, List[Dict[str, Any]]]:
-        png = "data:image/png;base64," + PNG_1PX
-        weather = {"type": "object", "properties": {"city": {"type": "string"}}}
-        chat = {
-            "model": "claude-sonnet-4", "stream": False, "stream_options": {"include_usage": True}, "n": 1,
-            "messages": [
-                {"role": "system", "content": "Be brief."},
-                {"role": "developer", "content": [{"type": "text", "text": "Be kind."}]},
-                {"role": "user", "content": [{"type": "text", "text": "hi"},
-                                             {"type": "image_url", "image_url": {"url": png}},
-                                             {"type": "file", "file": {"file_data": PDF_DATA_URL}}]},
-                {"role": "assistant", "content": None, "tool_calls": [{
-                    "id": "call_1", "type": "function",
-                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
-                {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]},
-                {"role": "user", "content": "and now?"}],
-            "tools": [{"type": "function", "function": {"name": "get_weather", "description": "d",
-                                                        "parameters": weather}}],
-            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
-            "parallel_tool_calls": True, "max_tokens": 100, "stop": ["END"], "reasoning_effort": "low",
-            "include_reasoning": True,
-            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": weather}}}
-        legacy = {
-            "messages": [{"role": "user", "content": "hi"},
-                         {"role": "assistant", "content": "", "function_call": {"name": "get_weather",
-                                                                               "arguments": "{}"}},
-                         {"role": "function", "name": "get_weather", "content": "sunny"}],
-            "functions": [{"name": "get_weather", "parameters": weather}], "function_call": "auto",
-            "reasoning": {"effort": "low"}, "max_completion_tokens": 10, "stop": "END",
-            "response_format": {"type": "json_object"}}
-        responses = {
-            "model": "claude-sonnet-4", "instructions": "Be brief.", "stream": False, "store": False,
-            "include": ["reasoning.encrypted_content"],
-            "input": [
-                {"role": "developer", "content": "Be kind."},
-                {"type": "message", "role": "user", "content": [
-                    {"type": "input_text", "text": "hi"}, {"type": "input_image", "image_url": png},
-                    {"type": "input_file", "file_data": PDF_DATA_URL}]},
-                {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "hm"}],
-                 "encrypted_content": "x"},
-                {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather",
-                 "arguments": "{}"},
-                {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_text",
-                                                                                  "text": "sunny"}]},
-                {"role": "assistant", "content": [{"type": "output_text", "text": "ok"}]},
-                {"role": "user", "content": "and now?"}],
-            "tools": [{"type": "function", "name": "get_weather", "description": "d", "parameters": weather,
-                       "strict": True}, {"type": "web_search"}],
-            "tool_choice": {"type": "function", "name": "get_weather"}, "parallel_tool_calls": True,
-            "reasoning": {"effort": "low", "summary": "auto"}, "max_output_tokens": 100,
-            "text": {"format": {"type": "json_schema", "name": "a", "schema": weather}}, "metadata": {"a": "b"}}
-        allowed = {"input": "hi", "tools": responses["tools"][:1], "text": {"format": {"type": "text"}},
-                   "tool_choice": {"type": "allowed_tools", "mode": "auto",
-                                   "tools": [{"type": "function", "name": "get_weather"}]}}
-        messages = {
-            "model": "claude-sonnet-4", "max_tokens": 100, "stream": False,
-            "system": [{"type": "text", "text": "Be brief."}],
-            "messages": [
-                {"role": "user", "content": [
-                    {"type": "text", "text": "hi"},
-                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}},
-                    {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
-                                                    "data": PDF_DATA}, "title": "t", "context": "c"},
-                    {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "hey"}}]},
-                {"role": "assistant", "content": [
-                    {"type": "thinking", "thinking": "hm", "signature": "sig"},
-                    {"type": "redacted_thinking", "data": "x"}, {"type": "text", "text": "ok"},
-                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
-                {"role": "user", "content": [
-                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sun"}],
-                     "is_error": False}, {"type": "text", "text": "and now?"}]}],
-            "tools": [{"name": "get_weather", "description": "d", "input_schema": weather}],
-            "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
-            "thinking": {"type": "enabled", "budget_tokens": 1024}, "stop_sequences": ["END"],
-            "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": weather}}}
-        plain = {"model": "claude-sonnet-4", "max_tokens": 10, "system": "Be brief.",
-                 "tool_choice": {"type": "auto"}, "tools": messages["tools"],
-                 "messages": [{"role": "user", "content": "hi"}]}
-        return {"chat": [chat, legacy], "responses": [responses, allowed], "messages": [messages, plain]}
-
-    PARSE = {"chat": proxy.parse_chat_request, "responses": proxy.parse_responses_request,
-             "messages": proxy.parse_messages_request}
-    PATHS = {"chat": "/v1/chat/completions", "responses": "/v1/responses", "messages": "/v1/messages"}
-
-    def assertDoorError(self, door: str, response: Response, status: int) -> None:
-        self.assertEqual(response.status, status, response.body)
-        body = response.json()
-        if door == "messages":
-            self.assertEqual((set(body), body["type"], set(body["error"])),
-                             ({"type", "error"}, "error", {"type", "message"}))
-            self.assertEqual(body["error"]["type"], proxy.MESSAGES_ERROR_TYPES[status])
-        else:
-            self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
-            self.assertEqual(body["error"]["type"], "invalid_request_error")
-
-    def test_every_field_of_every_door_given_a_wrong_type_is_a_4xx_in_the_door_shape(self) -> None:
-        for door, bodies in self.bodies().items():
-            for body in bodies:
-                self.PARSE[door](body, config())  # the full request itself is good
-                for path in every_path(body):
-                    for wrong in WRONG_TYPES:
-                        mutated = replaced(body, path, wrong)
-                        with self.subTest(door=door, path=path, value=wrong):
-                            try:
-                                self.PARSE[door](mutated, config())
-                                continue  # still a good request
-                            except proxy.ProxyError as error:
-                                self.assertTrue(400 <= error.status < 500, error.message)
-                                status = error.status
-                            self.assertDoorError(door, self.request("POST", self.PATHS[door], mutated), status)
-
-
-class DuplicateToolTest(ProxyTest):
-    """Two tools of one name would reach Anthropic, which refuses them: each door says so first."""
-
-    def test_a_tool_name_offered_twice_is_a_400_naming_it_on_every_door(self) -> None:
-        schema = {"type": "object", "properties": {}}
-        chat = [{"type": "function", "function": {"name": name, "parameters": schema}}
-                for name in ("get_weather", "get_time", "get_weather")]
-        responses = [{"type": "function", "name": name, "parameters": schema}
-                     for name in ("get_weather", "get_time", "get_weather")]
-        messages = [{"name": name, "input_schema": schema} for name in ("get_weather", "get_time", "get_weather")]
-        for path, body, param in [
-                ("/v1/chat/completions", {"messages": [user("hi")], "tools": chat}, "tools[2].function.name"),
-                ("/v1/chat/completions", {"messages": [user("hi")], "functions": [t["function"] for t in chat]},
-                 "functions[2].name"),
-                ("/v1/responses", {"input": "hi", "tools": [{"type": "web_search"}] + responses}, "tools[3].name"),
-                ("/v1/messages", {"max_tokens": 9, "messages": [user("hi")], "tools": messages}, "tools[2].name")]:
-            with self.subTest(path=path, param=param):
-                response = self.request("POST", path, dict(body, model="claude-sonnet-4"))
-                self.assertEqual(response.status, 400, response.body)
-                if path == "/v1/messages":
-                    self.assertEqual(response.json()["error"]["type"], "invalid_request_error")
-                    message = response.json()["error"]["message"]
-                else:
-                    error = self.assertError(response, 400, "invalid_request_error", "duplicate_tool_name", param)
-                    message = error["message"]
-                self.assertIn("'get_weather'", message)
-                self.assertIn(param, message)
-
-
-class LogForgingTest(ProxyTest):
-    """Nothing a request or the CLI sends can forge a log line, at any level."""
-
-    def test_a_newline_in_a_field_name_the_cli_output_or_a_path_is_escaped_in_the_log(self) -> None:
-        logger = logging.getLogger("claude_max_proxy")
-        with self.assertLogs(logger, level="DEBUG") as logs:
-            answered = self.chat(user("hi " + marker()), **{"x\nFAKE 1": 1, "y\u2028FAKE 2": 2})
-            cue = FAKE.script("crash-forging", text=[], crash=3, stderr="it broke\r\nFAKE 3")
-            refused = self.say(cue)  # a 502 whose message holds the CLI's stderr, logged as a warning
-            missing = self.request("GET", "/v1/models/a%0AFAKE%0D%0AFAKE", None)
-        self.assertEqual((answered.status, refused.status, missing.status), (200, 502, 404), refused.body)
-        lines = "\n".join(logs.output).splitlines()
-        self.assertEqual([line for line in lines if "FAKE" in line and not line.startswith(
-            ("DEBUG:claude_max_proxy:", "INFO:claude_max_proxy:", "WARNING:claude_max_proxy:"))], [])
-        said = "\n".join(logs.output)
-        for escaped in ("x\\nFAKE 1", "y\\u2028FAKE 2", "it broke\\r\\nFAKE 3"):
-            self.assertIn(escaped, said)
-
-
-class CompletionTest(ProxyTest):
-    def test_non_stream_answer_has_the_exact_openai_shape(self) -> None:
-        response = self.say("hello " + marker(), model="claude-opus-4")
-        self.assertEqual(response.status, 200, response.body)
-        self.assertEqual(response.headers["Content-Type"], "application/json")
-        body = response.json()
-        self.assertRegex(body["id"], r"^chatcmpl-[0-9a-f]{24}$")
-        self.assertEqual(body["object"], "chat.completion")
-        self.assertIsInstance(body["created"], int)
-        self.assertLessEqual(abs(body["created"] - time.time()), 60)
-        self.assertEqual(body["model"], "claude-opus-4")
-        self.assertEqual(len(body["choices"]), 1)
-        choice = body["choices"][0]
-        self.assertEqual(choice["index"], 0)
-        self.assertEqual(choice["finish_reason"], "stop")
-        self.assertEqual(choice["message"]["role"], "assistant")
-        self.assertEqual(choice["message"]["content"], "Hello from fake (claude-opus-4-8, 1 msgs) ")
-        self.assertEqual(body["usage"], {"prompt_tokens": 10, "completion_tokens": 7,
-                                         "total_tokens": 17,
-                                         "prompt_tokens_details": {"cached_tokens": 0}})
-
-    def test_what_the_cli_receives(self) -> None:
-        tag = marker()
-        response = self.chat({"role": "system", "content": "You are terse."},
-                             user("what is 2+2? " + tag), model="openai/claude-opus-4")
-        self.assertEqual(response.status, 200)
-        run = FAKE.run_for(tag)
-        argv = run["argv"]
-        self.assertEqual(argv_value(argv, "--model"), "opus")
-        # The system prompt comes on stdin (initialize), so any pre-started process can serve it.
-        self.assertEqual(argv_value(argv, "--system-prompt"), "")
-        self.assertEqual(run["initialize"]["systemPrompt"], "You are terse.")
-        self.assertEqual(run["requests"][0]["system"], "You are terse.")
-        self.assertEqual(argv_value(argv, "--tools"), "")
-        self.assertEqual(argv_value(argv, "--output-format"), "stream-json")
-        self.assertNotIn("--bare", argv)
-        self.assertNotIn("--resume", argv, "a first turn has no history to resume")
-        self.assertFalse(any(tag in arg or "terse" in arg for arg in argv), "the prompt must not be in argv")
-        self.assertEqual(run["messages"][0]["message"]["content"],
-                         [{"type": "text", "text": "what is 2+2? " + tag}])
-        self.assertNotIn("ANTHROPIC_API_KEY", run["env"])
-        self.assertNotIn("ANTHROPIC_AUTH_TOKEN", run["env"])
-        self.assertEqual(run["env"]["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1")
-        self.assertTrue(os.path.basename(run["cwd"]).startswith("claude-proxy-"))
-        self.assertNotEqual(os.path.realpath(run["cwd"]), os.path.realpath(os.getcwd()))
-        self.assertTrue(wait_until(lambda: not os.path.exists(run["cwd"])),
-                        "the throwaway directory must be removed")
-        self.assertTrue(pid_gone(run["pid"]))
-
-    def test_allow_api_key_passes_the_key(self) -> None:
-        self.config.allow_api_key = True
-        tag = marker()
-        self.assertEqual(self.say(tag).status, 200)
-        self.assertEqual(FAKE.run_for(tag)["env"]["ANTHROPIC_API_KEY"], "sk-ant-test-must-not-leak")
-
-    def test_long_conversations_are_resumed_from_a_session_file(self) -> None:
-        tag = marker()
-        history = []
-        for i in range(300):
-            history += [user("question %d %s" % (i, "x" * 1000)),
-                        {"role": "assistant", "content": "answer %d" % i}]
-        response = self.chat(*history, user("final " + tag))
-        self.assertEqual(response.status, 200, response.body)
-        run = FAKE.run_for(tag, field="requests")
-        self.assertEqual(len(run["history"]), 600)
-        self.assertEqual(run["history"][-1], {"role": "assistant", "content": [
-            {"type": "text", "text": "answer 299"}]})
-        self.assertLess(len(run["stdin"]), 10000, "the history comes from the transcript, not stdin")
-        self.assertEqual(run["messages"][0]["message"]["content"], [{"type": "text", "text": "final " + tag}])
-        self.assertEqual(len(run["requests"][0]["messages"]), 601)
-
-    def test_a_system_prompt_larger_than_an_argument_may_be_works(self) -> None:
-        tag = marker()
-        rules = "Rule: be kind. " * 20000  # 300 KB; Linux takes at most 128 KiB in one argument
-        response = self.chat({"role": "system", "content": rules}, user(tag))
-        self.assertEqual(response.status, 200, response.body[:300])
-        run = FAKE.run_for(tag, field="requests")
-        self.assertEqual(run["requests"][0]["system"], rules)
-        self.assertFalse(any("Rule: be kind" in arg for arg in run["argv"]))
-
-    def test_usage_counts_cached_prompt_tokens(self) -> None:
-        cue = FAKE.script("cached", usage={"input_tokens": 5, "cache_read_input_tokens": 1000,
-                                           "cache_creation_input_tokens": 50, "output_tokens": 12})
-        usage = self.say(cue).json()["usage"]
-        self.assertEqual(usage, {"prompt_tokens": 1055, "completion_tokens": 12,
-                                 "total_tokens": 1067,
-                                 "prompt_tokens_details": {"cached_tokens": 1000}})
-
-    def test_max_tokens_stop_is_finish_reason_length(self) -> None:
-        cue = FAKE.script("cut-off", text=["It was a dark "], stop_reason="max_tokens")
-        self.assertEqual(self.say(cue).json()["choices"][0]["finish_reason"], "length")
-
-    def test_non_json_lines_from_the_cli_are_ignored(self) -> None:
-        response = self.say("[[fake:garbage]]")
-        self.assertEqual(response.status, 200)
-        self.assertTrue(response.json()["choices"][0]["message"]["content"].startswith("Hello"))
-
-    def test_empty_model_uses_the_default(self) -> None:
-        self.config.default_model = "claude-haiku-4"
-        tag = marker()
-        response = self.say(tag, model="")
-        self.assertEqual(response.json()["model"], "claude-haiku-4")
-        argv = FAKE.run_for(tag)["argv"]
-        self.assertEqual(argv_value(argv, "--model"), "haiku")
-
-
-class StreamTest(ProxyTest):
-    def stream(self, text: str, **fields: Any) -> Response:
-        return self.say(text, stream=True, **fields)
-
-    def test_stream_frames_follow_openai(self) -> None:
-        response = self.stream("hi")
-        self.assertEqual(response.status, 200)
-        self.assertTrue(response.headers["Content-Type"].startswith("text/event-stream"))
-        self.assertEqual(response.headers["Transfer-Encoding"], "chunked")
-        frames = response.frames()
-        self.assertEqual(frames[-1], "[DONE]")
-        chunks = response.chunks()
-        self.assertEqual(len({(c["id"], c["created"], c["model"]) for c in chunks}), 1)
-        for chunk in chunks:
-            self.assertEqual(chunk["object"], "chat.completion.chunk")
-            self.assertNotIn("usage", chunk)
-        self.assertEqual(chunks[0]["choices"][0]["delta"], {"role": "assistant", "content": "Hello "})
-        deltas = [c["choices"][0]["delta"] for c in chunks]
-        self.assertEqual([d for d in deltas[1:-1] if "role" in d], [])
-        self.assertEqual("".join(d.get("content", "") for d in deltas),
-                         "Hello from fake (claude-sonnet-5, 1 msgs) ")
-        self.assertEqual(len(chunks), 7)  # one per CLI text delta, then the finish
-        self.assertEqual(chunks[-1]["choices"][0], {"index": 0, "delta": {}, "logprobs": None,
-                                                    "finish_reason": "stop"})
-        self.assertTrue(all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1]))
-
-    def test_an_http_1_0_client_gets_a_plain_stream_ended_by_the_close(self) -> None:
-        body = json.dumps({"messages": [user("hi")], "stream": True}).encode()
-        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
-        try:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
-                         % (len(body), body))
-            received = b""
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                received += data
-        finally:
-            sock.close()
-        head, _, payload = received.partition(b"\r\n\r\n")
-        self.assertNotIn(b"Transfer-Encoding", head)
-        self.assertTrue(payload.startswith(b"data: {"), payload[:40])
-        self.assertTrue(payload.endswith(b"data: [DONE]\n\n"))
-
-    def test_include_usage_adds_a_usage_chunk(self) -> None:
-        chunks = self.stream("hi", stream_options={"include_usage": True}).chunks()
-        for chunk in chunks[:-1]:
-            self.assertIn("usage", chunk)
-            self.assertIsNone(chunk["usage"])
-        self.assertEqual(chunks[-1]["choices"], [])
-        self.assertEqual(chunks[-1]["usage"]["total_tokens"], 17)
-        self.assertEqual(chunks[-2]["choices"][0]["finish_reason"], "stop")
-
-    def test_frames_are_flushed_as_the_cli_prints_them(self) -> None:
-        tag = marker()
-        sock = open_stream(self.running.port, "[[fake:slow]] " + tag)
-        try:
-            self.assertNotIn("finished", FAKE.run_for(tag),
-                             "the first frame came only after the CLI finished")
-            received = b""
-            while b"[DONE]" not in received:
-                data = sock.recv(65536)
-                self.assertTrue(data, "stream ended without [DONE]")
-                received += data
-            self.assertIn(b"eight", received)
-        finally:
-            sock.close()
-
-    def test_a_silent_cli_gets_keepalive_comments_then_its_answer(self) -> None:
-        cue = FAKE.script("silent-first", text=["late ", "answer"], delay=0.8)
-        with mock.patch.object(proxy, "KEEPALIVE_INTERVAL", 0.1):
-            response = self.stream(cue)
-        body = response.body.decode()
-        self.assertIn(": keep-alive\n\n", body)
-        self.assertLess(body.index(": keep-alive"), body.index("late "))
-        self.assertEqual(stream_text(response), "late answer")
-        self.assertEqual(response.frames()[-1], "[DONE]")
-
-    def test_empty_answer_still_streams_role_and_finish(self) -> None:
-        cue = FAKE.script("empty", text=[])
-        chunks = self.stream(cue).chunks()
-        self.assertEqual(chunks[0]["choices"][0]["delta"], {"role": "assistant", "content": ""})
-        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
-
-    def test_error_before_any_text_is_a_plain_http_error(self) -> None:
-        self.assertError(self.stream("[[fake:not-logged-in]]"), 401, "authentication_error")
-
-    def test_error_after_the_stream_started_is_an_error_frame_then_done(self) -> None:
-        response = self.stream("[[fake:crash-midstream]]")
-        self.assertEqual(response.status, 200)
-        frames = response.frames()
-        self.assertEqual(frames[-1], "[DONE]")
-        error = json.loads(frames[-2])["error"]
-        self.assertEqual(set(error), {"message", "type", "param", "code"})
-        self.assertEqual(error["code"], "cli_failed")
-        self.assertIn("midway", error["message"])
-        self.assertEqual(stream_text(response), "partial answer ")
-
-
-# A `claude` that prints a few given lines once it has a user turn, then exits without a result.
-LINES_CLAUDE = r"""
-import json, os, sys
-if "--version" in sys.argv:
-    print("2.1.197 (Claude Code)")
-    sys.exit(0)
-for line in sys.stdin:
-    if json.loads(line).get("type") == "user":
-        break
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lines.json")) as f:
-    for out in json.load(f):
-        print(out if isinstance(out, str) else json.dumps(out), flush=True)
-"""
-STARTED_STREAM = [
-    {"type": "stream_event", "event": {"type": "message_start", "message": {"usage": {"input_tokens": 3}}}},
-    {"type": "stream_event", "event": {"type": "content_block_start", "index": 0,
-                                       "content_block": {"type": "text", "text": ""}}},
-    {"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
-                                       "delta": {"type": "text_delta", "text": "partial "}}}]
-# Lines the CLI never printed, but a changed CLI might (issue 8, item 7): odd shapes, and lines
-# that are not JSON objects at all.
-MALFORMED_LINES = [
-    {"type": "system", "subtype": "api_retry", "attempt": "two", "max_retries": None,
-     "retry_delay_ms": "soon", "error_status": "x", "error": 5},
-    {"type": "stream_event", "event": {"type": "message_delta", "delta": "stop",
-                                       "usage": {"output_tokens": "many", "input_tokens": [1]}}},
-    {"type": "stream_event", "event": {"type": "content_block_start", "content_block": "text"}},
-    {"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": 7}}},
-    {"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": ["text_delta"]}}},
-    {"type": "stream_event", "event": ["not", "an", "object"]},
-    {"type": "assistant", "message": None, "error": ["x"]},
-    {"type": "user", "message": {"content": "text, not blocks"}},
-    {"type": "rate_limit_event", "rate_limit_info": "none"},
-    {"type": "result", "subtype": 3, "is_error": "yes", "errors": "not a list", "usage": {"output_tokens": "1"}},
-    {"type": "result", "subtype": "success", "is_error": True, "errors": [None, {"a": 1}], "api_error_status": "500"},
-    "[1, 2, 3]", "{broken json",
-    '{"a": ' * 3000 + "1" + "}" * 3000,  # nested deeper than Python's JSON parser goes
-]
-
-
-class CliFailureTest(ProxyTest):
-    def test_not_logged_in_is_401_with_login_help(self) -> None:
-        error = self.assertError(self.say("[[fake:not-logged-in]]"), 401, "authentication_error")
-        self.assertIn("/login", error["message"])
-
-    def test_upstream_400_is_400(self) -> None:
-        error = self.assertError(self.say("[[fake:upstream-400]]"), 400, "invalid_request_error")
-        self.assertIn("fake status 400", error["message"])
-
-    def test_authentication_retries_fail_fast_and_kill_the_child(self) -> None:
-        tag = marker()
-        started = time.monotonic()
-        self.assertError(self.say("[[fake:upstream-401-retrying]] " + tag), 401,
-                         "authentication_error")
-        self.assertLess(time.monotonic() - started, 5, "must not wait out the CLI's retries")
-        self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]))
-
-    def test_rate_limit_retries_beyond_the_budget_are_429_with_retry_after(self) -> None:
-        tag = marker()
-        response = self.say("[[fake:rate-limited-429-retrying]] " + tag)
-        self.assertError(response, 429, "rate_limit_error", "rate_limit_exceeded")
-        self.assertTrue(response.headers["Retry-After"].isdigit())
-        self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]))
-
-    def test_overload_retries_beyond_the_budget_are_503(self) -> None:
-        response = self.say("[[fake:overloaded-529-retrying]]")
-        self.assertError(response, 503, "server_error", "overloaded")
-        self.assertIsNotNone(response.headers["Retry-After"])
-
-    def test_exit_without_result_is_502_with_stderr(self) -> None:
-        error = self.assertError(self.say("[[fake:crash]]"), 502, "server_error", "cli_failed")
-        self.assertIn("fake crash: boom", error["message"])
-        self.assertIn("code 3", error["message"])
-
-    def test_silent_cli_hits_the_idle_timeout(self) -> None:
-        self.config.idle_timeout = 1.5
-        tag = marker()
-        error = self.assertError(self.say("[[fake:hang]] " + tag), 504, "server_error", "idle_timeout")
-        self.assertIn("--idle-timeout", error["message"])
-        run = FAKE.run_for(tag, field="grandchild")
-        self.assertTrue(pid_gone(run["pid"]))
-        self.assertTrue(pid_gone(run["grandchild"]), "the child's own children must die too")
-
-    def test_a_cli_that_never_reads_its_stdin_is_still_timed_out(self) -> None:
-        self.config.idle_timeout = 0.5
-        os.environ["FAKE_CLAUDE_DEAF"] = "1"
-        try:
-            started = time.monotonic()
-            # far more than a pipe holds, so writing it all would block for ever
-            response = self.say("x" * 2000000)
-        finally:
-            del os.environ["FAKE_CLAUDE_DEAF"]
-        self.assertError(response, 504, "server_error", "idle_timeout")
-        self.assertLess(time.monotonic() - started, 10)
-        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []))
-
-    def test_total_timeout_is_504(self) -> None:
-        self.config.timeout = 0.6
-        error = self.assertError(self.say("[[fake:slow]]"), 504, "server_error", "timeout")
-        self.assertIn("--timeout", error["message"])
-
-    def test_missing_cli_is_503_with_install_help_and_health_says_so(self) -> None:
-        self.config.claude_bin = "/nonexistent/claude"
-        error = self.assertError(self.say("hi"), 503, "server_error", "claude_not_found")
-        self.assertIn("npm install -g @anthropic-ai/claude-code", error["message"])
-        health = self.request("GET", "/health").json()
-        self.assertEqual(health["status"], "degraded")
-        self.assertFalse(health["claude"]["found"])
-
-
-class MalformedOutputTest(TestCase):
-    """Output of shapes the CLI never printed ends the answer cleanly: never a 500, a hang or an ERROR log."""
-
-    def test_malformed_events_mid_stream_end_with_an_error_frame_and_done(self) -> None:
-        folder = tempfile.mkdtemp(prefix="lines-claude-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        claude = os.path.join(folder, "claude")
-        with open(claude, "w") as f:
-            f.write("#!%s\n%s" % (sys.executable, LINES_CLAUDE))
-        os.chmod(claude, 0o755)
-        running_server = RunningServer(claude_bin=claude)
-        self.addCleanup(running_server.stop)
-        for index, event in enumerate(MALFORMED_LINES):
-            with self.subTest(index=index, event=event):
-                with open(os.path.join(folder, "lines.json"), "w") as f:
-                    json.dump(STARTED_STREAM + [event], f)
-                body = {"messages": [user("hi")]}
-                whole = post_chat(running_server.port, body)
-                self.assertEqual(whole.status, 502, whole.body)
-                self.assertEqual(set(whole.json()["error"]), {"message", "type", "param", "code"})
-                streamed = post_chat(running_server.port, dict(body, stream=True))
-                self.assertEqual(streamed.status, 200)
-                frames = streamed.frames()
-                self.assertEqual(frames[-1], "[DONE]")
-                self.assertEqual(stream_text(Response(200, streamed.headers, "\n".join(
-                    "data: " + f for f in frames[:-2]).encode())), "partial ")
-                error = json.loads(frames[-2])["error"]
-                self.assertEqual(set(error), {"message", "type", "param", "code"})
-                self.assertTrue(wait_until(lambda: running_server.server.core.runner.active_children() == []))
-
-
-def open_stream(port: int, text: str) -> socket.socket:
-    """Start a streaming request on a raw socket and return it once the first frame is in."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    body = json.dumps({"messages": [user(text)], "stream": True}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    received = b""
-    while b"data:" not in received:
-        data = sock.recv(4096)
-        if not data:
-            raise AssertionError("stream closed early: %r" % received)
-        received += data
-    return sock
-
-
-def post_chat(port: int, body: Dict[str, Any]) -> Response:
-    return http_request(port, "POST", "/v1/chat/completions", body)
-
-
-class ProcessLifecycleTest(ProxyTest):
-    def test_a_childs_directory_is_named_after_the_proxy_and_removed_after_it(self) -> None:
-        tag = marker()
-        self.assertEqual(self.say(tag).status, 200)
-        cwd = FAKE.run_for(tag)["cwd"]
-        self.assertEqual(os.path.dirname(cwd), tempfile.gettempdir())
-        self.assertTrue(os.path.basename(cwd).startswith("claude-proxy-%d-" % os.getpid()), cwd)
-        self.assertTrue(wait_until(lambda: not os.path.exists(cwd)))
-
-    def test_directories_left_by_a_dead_proxy_are_removed_when_a_proxy_starts(self) -> None:
-        dead = subprocess.Popen(["true"])
-        dead.wait()
-        left = tempfile.mkdtemp(prefix="claude-proxy-%d-" % dead.pid)
-        with open(os.path.join(left, "system-prompt.txt"), "w") as f:
-            f.write("a private system prompt")
-        kept = [tempfile.mkdtemp(prefix="claude-proxy-%d-" % os.getpid()),  # a live proxy's
-                tempfile.mkdtemp(prefix="claude-proxy-")]  # named by no proxy
-        link = os.path.join(tempfile.gettempdir(), "claude-proxy-%d-link" % dead.pid)
-        os.symlink(kept[1], link)  # never followed out of the temp dir
-        try:
-            RunningServer().stop()
-            self.assertFalse(os.path.exists(left), "a dead proxy's directory must go")
-            for path in kept + [link]:
-                self.assertTrue(os.path.lexists(path), path)
-        finally:
-            for path in kept:
-                shutil.rmtree(path, ignore_errors=True)
-            os.unlink(link)
-
-    def test_client_disconnect_mid_stream_kills_the_child_at_once(self) -> None:
-        tag = marker()
-        sock = open_stream(self.running.port, "[[fake:slow]] " + tag)
-        run = FAKE.run_for(tag, field="grandchild")
-        sock.close()
-        self.assertTrue(pid_gone(run["pid"]), "child outlived its client")
-        self.assertTrue(pid_gone(run["grandchild"]))
-        self.assertNotIn("finished", FAKE.run_for(tag))
-        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []))
-
-    def test_client_gone_while_waiting_for_a_non_stream_answer_kills_the_child(self) -> None:
-        # A keep-alive client's close (or a reset by any client) while the CLI is silent; a
-        # client that asked to close the connection may only have half-closed (ClientGoneTest).
-        for reset, close in ((False, b""), (True, b""), (True, b"Connection: close\r\n")):
-            tag = marker()
-            sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
-            body = json.dumps({"messages": [user("[[fake:hang]] " + tag)]}).encode()
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n%s"
-                         b"Content-Length: %d\r\n\r\n%s" % (close, len(body), body))
-            run = FAKE.run_for(tag, field="grandchild")
-            if reset:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
-            self.assertTrue(pid_gone(run["pid"]), (reset, close))
-            self.assertTrue(pid_gone(run["grandchild"]), (reset, close))
-
-    def test_requests_beyond_max_concurrent_wait_then_get_429(self) -> None:
-        running = RunningServer(max_concurrent=1, queue_timeout=0.3)
-        try:
-            tag = marker()
-            cue = FAKE.script("slow-holder", text=["start "] + ["more "] * 60, delay=0.25)
-            holder = open_stream(running.port, cue + " " + tag)
-            response = post_chat(running.port, {"messages": [user("second")]})
-            self.assertError(response, 429, "rate_limit_error", "too_many_requests")
-            self.assertEqual(response.headers["Retry-After"], "5")
-            self.assertEqual(len(running.server.core.runner.active_children()), 1)
-            holder.close()
-            self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]))
-            running.server.config.queue_timeout = 5
-            self.assertEqual(post_chat(running.port, {"messages": [user("third")]}).status, 200)
-        finally:
-            running.stop()
-
-    def test_concurrent_requests_each_get_their_own_answer(self) -> None:
-        results: Dict[int, Any] = {}
-
-        def ask(i: int) -> None:
-            cue = FAKE.script("answer-%d" % i, text=["answer ", "number ", str(i)])
-            results[i] = self.say(cue, stream=(i % 2 == 0))
-
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(30)
-        for i, response in results.items():
-            self.assertEqual(response.status, 200)
-            if i % 2 == 0:
-                text = stream_text(response)
-            else:
-                text = response.json()["choices"][0]["message"]["content"]
-            self.assertEqual(text, "answer number %d" % i)
-        self.assertEqual(len(results), 8)
-
-    def test_access_log_has_one_line_per_request_without_the_prompt(self) -> None:
-        logger = logging.getLogger("claude_max_proxy")
-        with self.assertLogs(logger, level="INFO") as logs:
-            chat_id = self.say("very private prompt words").headers["X-Request-Id"]
-            models_id = self.request("GET", "/v1/models").headers["X-Request-Id"]
-            # A line is written just after its response went out. Other servers of
-            # this suite log to the same logger, so lines are told apart by request id.
-            wait_until(lambda: all(any(rid in line for line in logs.output)
-                                   for rid in (chat_id, models_id)))
-        chat = [line for line in logs.output if chat_id in line]
-        self.assertEqual(len(chat), 1)
-        self.assertRegex(chat[0], r"%s POST /v1/chat/completions 200 model=claude-sonnet-4 "
-                                  r"input_tokens=10 cached_tokens=0 output_tokens=7 \d+ms" % chat_id)
-        self.assertEqual(len([line for line in logs.output if models_id in line]), 1)
-        self.assertFalse(any("private prompt" in line for line in logs.output))
-
-
-class Daemon:
-    """claude_max_proxy.py in a process of its own, as users run it. Its log goes to
-    a file: its stderr, or with `log_file` its own --log-file (stderr then kept apart)."""
-
-    def __init__(self, *flags: str, log_file: bool = False, python: Tuple[str, ...] = ()) -> None:
-        """`python`: what the interpreter runs instead of claude_max_proxy.py (e.g. `-c`, code)."""
-        fd, self.log_path = tempfile.mkstemp(prefix="claude-proxy-log-")
-        os.close(fd)
-        fd, self.stderr_path = tempfile.mkstemp(prefix="claude-proxy-stderr-")
-        os.close(fd)
-        if log_file:
-            flags += ("--log-file", self.log_path)
-        with open(self.stderr_path if log_file else self.log_path, "w") as stderr:
-            self.process = subprocess.Popen(
-                [sys.executable] + list(python or [os.path.join(HERE, "claude_max_proxy.py")]) + ["--port", "0"]
-                + list(flags),
-                stdin=subprocess.DEVNULL, stderr=stderr)
-        self.port = self._wait_for_port()
-
-    def stderr(self) -> str:
-        with open(self.stderr_path) as f:
-            return f.read()
-
-    def _wait_for_port(self, timeout: float = 15.0) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with open(self.log_path) as f:
-                text = f.read()
-            found = re.search(r"listening: OpenAI clients http://127\.0\.0\.1:(\d+)/v1, Anthropic clients "
-                              r"http://127\.0\.0\.1:\1, status page http://127\.0\.0\.1:\1/$", text, re.M)
-            if found:
-                return int(found.group(1))
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.02)
-        self.close()
-        raise AssertionError("the proxy did not start listening: %s" % text)
-
-    def health(self) -> Dict[str, Any]:
-        return http_request(self.port, "GET", "/health").json()
-
-    def stop(self, signum: int = signal.SIGTERM) -> int:
-        """A signal (SIGTERM, as launchd sends it, by default); the exit code."""
-        self.process.send_signal(signum)
-        try:
-            return self.process.wait(10)
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        for path in (self.log_path, self.stderr_path):
-            if os.path.exists(path):
-                os.unlink(path)
-
-
-class OutputReadingTest(TestCase):
-    """Reading the CLI's output costs work in proportion to what it printed, however long a line."""
-
-    def test_a_read_that_does_not_end_a_long_line_copies_none_of_what_came_before(self) -> None:
-        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "60"), tuple(os.environ.items())))
-        self.addCleanup(process.close)
-        piece = b"x" * 65536
-        process._take(b'{"type": "assistant", "text": "')
-        for _ in range(64):  # 4 MiB of one line so far
-            process._take(piece)
-        tracing = tracemalloc.is_tracing()  # PYTHONTRACEMALLOC may have started it
-        if not tracing:
-            tracemalloc.start()
-            self.addCleanup(tracemalloc.stop)
-        tracemalloc.reset_peak()
-        before = tracemalloc.get_traced_memory()[0]
-        process._take(piece)  # counted in bytes allocated, not in time: a copy of the line is 4 MiB
-        allocated = tracemalloc.get_traced_memory()[1] - before
-        if not tracing:
-            tracemalloc.stop()
-        self.assertLess(allocated, len(piece), "one read copied the line's 4 MiB before it")
-        process._take(b'"}\n{"type": "result"')
-        process._take(b"}")
-        process._take(b"")  # end of file ends the last line
-        self.assertEqual(process._read, [{"type": "assistant", "text": "x" * (65 * len(piece))},
-                                         {"type": "result"}])
-
-
-class SlotReleaseTest(TestCase):
-    """A --max-concurrent slot is held while Claude answers, not while a finished CLI exits."""
-
-    def test_the_next_request_gets_the_slot_while_the_last_cli_is_still_exiting(self) -> None:
-        running = RunningServer(max_concurrent=1, queue_timeout=0)  # a held slot is a 429 at once
-        self.addCleanup(running.stop)
-        os.environ["FAKE_CLAUDE_LINGER"] = "30"  # killed after the proxy's grace of a second
-        self.addCleanup(os.environ.pop, "FAKE_CLAUDE_LINGER")
-        tag = marker()
-        first = post_chat(running.port, {"messages": [user("first " + tag)]})
-        self.assertEqual(first.status, 200, first.body)
-        second = post_chat(running.port, {"messages": [user("second " + marker())]})
-        self.assertEqual(second.status, 200, second.body)
-        self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]), "the lingering CLI was not reaped")
-
-
-def own_claude(test: unittest.TestCase) -> str:
-    """A copy of the fake CLI at a path of its own: a file the proxy has never probed."""
-    path = os.path.join(FAKE.dir, "claude-%s" % marker())
-    shutil.copy(FAKE.path, path)
-    test.addCleanup(os.unlink, path)
-    return path
-
-
-def set_env(test: unittest.TestCase, name: str, value: str) -> None:
-    """An environment variable for the proxy's children, until the test ends (or unset_env)."""
-    os.environ[name] = value
-    test.addCleanup(unset_env, name)
-
-
-def unset_env(name: str) -> None:
-    os.environ.pop(name, None)
-
-
-class ProbeTest(TestCase):
-    """The probe of the CLI at start says what is wrong on /health and in doctor, and a probe
-    that failed for a passing reason (a slow start, a fault of its own) is tried again."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        pauses = mock.patch.object(proxy, "RETRY_PAUSES", (0.2, 0.4))
-        pauses.start()
-        self.addCleanup(pauses.stop)
-
-    def server(self, claude: str) -> RunningServer:
-        running = RunningServer(claude_bin=claude)
-        self.addCleanup(running.stop)
-        return running
-
-    def health(self, running: RunningServer) -> Dict[str, Any]:
-        return http_request(running.port, "GET", "/health").json()
-
-    def test_a_probe_that_timed_out_says_degraded_and_is_tried_again_until_it_passes(self) -> None:
-        claude = own_claude(self)
-        set_env(self, "FAKE_CLAUDE_SLOW_START", "30")
-        timeout = mock.patch.object(proxy, "PROBE_TIMEOUT", 0.5)
-        timeout.start()
-        self.addCleanup(timeout.stop)
-        with self.assertLogs("claude_max_proxy", "WARNING") as logs:
-            running = self.server(claude)
-            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "failed"))
-        self.assertIn("the check of %s failed" % claude, "\n".join(logs.output))
-        health = self.health(running)
-        self.assertEqual(health["status"], "degraded")
-        self.assertIn("did not ask for the tools within 0.5 s", health["claude"]["problem"])
-        self.assertIsNone(health["claude"]["logged_in"])
-        self.assertEqual(len(health["problems"]), 1)
-        self.assertIn("The proxy could not check Claude Code (%s)" % claude, health["problems"][0])
-        self.assertIn("run `claude` in a terminal", health["problems"][0])
-        # doctor asks the running proxy: a probe of its own would pass (it waits long enough)
-        check = proxy.check_claude(proxy.System(), proxy.Config(claude_bin=claude, port=running.port))
-        self.assertEqual(check.level, "FAIL")
-        self.assertIn("failed the running proxy's check", check.message)
-        unset_env("FAKE_CLAUDE_SLOW_START")  # the machine is no longer loaded
-        self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "ok"),
-                        "the failed probe was never tried again")
-        health = self.health(running)
-        self.assertEqual((health["status"], health["problems"], health["claude"]["logged_in"]),
-                         ("ok", [], True))
-        self.assertEqual(post_chat(running.port, {"messages": [user("hi")]}).status, 200)
-        check = proxy.check_claude(proxy.System(), proxy.Config(claude_bin=claude, port=running.port))
-        self.assertEqual(check.level, "OK", check.message)
-        self.assertIn("checked by the running proxy", check.message)
-
-    def test_a_cli_not_logged_in_is_found_at_start_and_its_requests_still_get_its_401(self) -> None:
-        claude = own_claude(self)
-        set_env(self, "FAKE_CLAUDE_LOGGED_OUT", "1")
-        with self.assertLogs("claude_max_proxy", "WARNING") as logs:
-            running = self.server(claude)
-            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["logged_in"] is False))
-        self.assertIn(proxy.NOT_LOGGED_IN, "\n".join(logs.output))
-        health = self.health(running)
-        self.assertEqual((health["status"], health["problems"]), ("degraded", [proxy.NOT_LOGGED_IN]))
-        self.assertEqual((health["claude"]["probe"], health["claude"]["native"]), ("ok", True))
-        self.assertIn("run `claude` and /login", health["problems"][0])
-        response = post_chat(running.port, {"messages": [user("hi")]})
-        self.assertEqual(response.status, 401, response.body)
-        self.assertIn("/login", response.json()["error"]["message"])
-        check = proxy.check_login(proxy.System(), proxy.Config(claude_bin=claude, port=running.port))
-        self.assertEqual(check.level, "FAIL")
-        self.assertIn("not logged in", check.message)
-        unset_env("FAKE_CLAUDE_LOGGED_OUT")  # the user ran /login
-        self.assertTrue(wait_until(lambda: self.health(running)["claude"]["logged_in"] is True, 10.0),
-                        "the login is never looked at again")
-        self.assertEqual(self.health(running)["status"], "ok")
-
-    def test_a_transient_failure_is_retried_after_a_pause_that_doubles_up_to_a_cap(self) -> None:
-        probe = proxy.Probe()  # pauses of 0.2 s doubling up to 0.4 s here (setUp)
-        self.assertTrue(probe.due(100.0))
-        retry_at = 100.0
-        for pause in (0.2, 0.4, 0.4):
-            probe.done(proxy.ProbeResult("it did not ask for the tools within 20 s"), retry_at)
-            self.assertEqual(probe.state, "failed")
-            self.assertFalse(probe.due(retry_at + pause - 0.01))
-            self.assertTrue(probe.due(retry_at + pause))
-            retry_at += pause
-        probe.done(proxy.ProbeResult(None, logged_in=False), retry_at)  # passes, not logged in yet
-        self.assertEqual(probe.state, "ok")
-        self.assertFalse(probe.due(retry_at + 0.39))
-        self.assertTrue(probe.due(retry_at + 0.4), "a login is looked for again too")
-        probe.done(proxy.ProbeResult(None, logged_in=True), retry_at)
-        self.assertFalse(probe.due(retry_at + 3600.0), "a CLI that passed, logged in, is not probed again")
-        lasting = proxy.Probe()
-        lasting.done(proxy.ProbeResult("it refused initialize", lasting=True), 0.0)
-        self.assertFalse(lasting.due(3600.0), "a CLI too old is probed again only once it changes")
-
-    def test_a_fault_in_the_probe_itself_is_logged_and_the_probe_tried_again(self) -> None:
-        claude = own_claude(self)
-        fault = RuntimeError("probe fault " + marker())
-        real = proxy.probe_native
-        calls = []
-
-        def failing_once(path: str) -> proxy.ProbeResult:
-            calls.append(path)
-            if len(calls) == 1:
-                raise fault
-            return real(path)
-        with mock.patch.object(proxy, "probe_native", failing_once), \
-                self.expect_error_log(re.escape(str(fault))):
-            running = self.server(claude)
-            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "failed"))
-            self.assertIn("the proxy's own check failed", self.health(running)["claude"]["problem"])
-            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "ok"))
-        self.assertEqual(len(calls), 2)
-
-
-class PoolFaultTest(TestCase):
-    """A fault in the warm pool's thread is logged (once, however often it recurs), and the pool
-    goes on pre-starting."""
-
-    def test_the_pool_recovers_from_a_fault_of_its_own(self) -> None:
-        fault = RuntimeError("pool fault " + marker())
-        real = proxy.start_claude
-        failed = []
-
-        def failing_twice_in_the_pool(launch: proxy.Launch, lifeline: Any = None) -> proxy.ClaudeProcess:
-            if threading.current_thread().name == "warm-pool" and len(failed) < 2:
-                failed.append(launch)
-                raise fault
-            return real(launch, lifeline)
-        with mock.patch.object(proxy, "RETRY_PAUSES", (0.2, 0.4)), \
-                mock.patch.object(proxy, "start_claude", failing_twice_in_the_pool):
-            running = RunningServer(pool_size=1)
-            self.addCleanup(running.stop)
-            self.assertTrue(wait_until(lambda: running.server.core.runner.pool.stats()["size"] == 1),
-                            "nothing was pre-started after the fault")
-        self.assertEqual(len(failed), 2)
-        logged = ERRORS.take(re.escape(str(fault)))
-        self.assertEqual(len(logged), 1, "the same fault is logged once: %s" % logged)
-        self.assertIn("the warm pool failed", logged[0])
-
-
-class SilentConnectionTest(TestCase):
-    """At the connection cap, connections that have sent no request line give way to new ones."""
-
-    @staticmethod
-    def all_read(running: RunningServer) -> bool:
-        """Whether the proxy has read every byte its connections without a request line sent."""
-        with selectors.DefaultSelector() as selector:
-            for sock in list(running.server._silent):
-                selector.register(sock, selectors.EVENT_READ)
-            return not selector.select(0)
-
-    def test_connections_without_a_request_line_make_room_at_once_oldest_first(self) -> None:
-        running = RunningServer(max_connections=3)
-        self.addCleanup(running.stop)
-        silent = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(3)]
-        for sock in silent:
-            self.addCleanup(sock.close)
-        silent[0].sendall(b"GET /hea")  # a line begun but never ended counts as none
-        self.assertTrue(wait_until(lambda: running.server.connections == 3 and self.all_read(running)))
-        self.assertEqual(http_request(running.port, "GET", "/health").status, 200)
-        self.assertEqual(silent[0].recv(1), b"", "the oldest silent connection was not closed")
-        self.assertTrue(wait_until(lambda: running.server.connections == 2))
-        silent.append(socket.create_connection(("127.0.0.1", running.port), timeout=10))
-        self.addCleanup(silent[-1].close)
-        self.assertTrue(wait_until(lambda: running.server.connections == 3))
-        response = post_chat(running.port, {"messages": [user("hi")]})
-        self.assertEqual(response.status, 200, response.body)
-        self.assertEqual(silent[1].recv(1), b"")
-        silent[2].sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")  # still served
-        self.assertIn(b"200 OK", silent[2].recv(65536))
-
-
-def failing_rmdir(name: str) -> Any:
-    """os.rmdir, refusing (as a permission or an immutable flag would) the directory named `name`."""
-    real = os.rmdir
-
-    def rmdir(path: Any, *args: Any, **kwargs: Any) -> None:
-        if os.path.basename(os.fsdecode(path)) == name:
-            raise PermissionError(errno.EPERM, "Operation not permitted", path)
-        real(path, *args, **kwargs)
-    return mock.patch.object(os, "rmdir", rmdir)
-
-
-class RemovalFailureTest(TestCase):
-    """A conversation's files that cannot be removed are named in the log, never counted as gone."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.config_dir = tempfile.mkdtemp(prefix="claude-config-")
-        self.addCleanup(shutil.rmtree, self.config_dir, True)
-
-    def test_a_transcript_that_cannot_be_removed_is_logged(self) -> None:
-        env = dict(os.environ, CLAUDE_CONFIG_DIR=self.config_dir)
-        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "30"), tuple(env.items()),
-                                                   ("0f8fad5b-d9cb-469f-a165-70867728950e", "{}\n")))
-        project = os.path.dirname(process.session_path)
-        with failing_rmdir(os.path.basename(project)), self.assertLogs("claude_max_proxy", "WARNING") as logs:
-            process.close()
-        self.assertIn("could not remove %s, which holds a conversation" % project, "\n".join(logs.output))
-        self.assertTrue(os.path.isdir(project))
-        self.assertFalse(os.path.exists(process.workdir))
-
-    def test_an_abandoned_directory_that_cannot_be_removed_is_not_counted_as_removed(self) -> None:
-        dead = subprocess.Popen(["true"])
-        dead.wait()
-        root = tempfile.mkdtemp(prefix="sweep-root-")
-        self.addCleanup(shutil.rmtree, root, True)
-        stuck = os.path.join(root, "claude-proxy-%d-stuck" % dead.pid)
-        gone = os.path.join(root, "claude-proxy-%d-gone" % dead.pid)
-        os.makedirs(stuck)
-        os.makedirs(gone)
-        with failing_rmdir(os.path.basename(stuck)), self.assertLogs("claude_max_proxy", "WARNING") as logs:
-            removed = proxy.remove_abandoned_workdirs(root, os.path.join(self.config_dir, "projects"))
-        self.assertEqual(removed, 1)
-        self.assertIn("could not remove %s" % stuck, "\n".join(logs.output))
-        self.assertTrue(os.path.isdir(stuck))
-        self.assertFalse(os.path.exists(gone))
-
-
-class ClientGoneTest(ProxyTest):
-    """A client that asked to close the connection after its request may shut down its sending
-    side once it is sent (HTTP/1.0 clients, `nc -q`) and still gets its answer; a keep-alive
-    client's end-of-file means it is gone (ProcessLifecycleTest)."""
-
-    def half_closed_request(self, version: str, body: Dict[str, Any]) -> Response:
-        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=20)
-        self.addCleanup(sock.close)
-        data = json.dumps(body).encode()
-        sock.sendall(b"POST /v1/chat/completions %s\r\nHost: localhost\r\nConnection: close\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (version.encode(), len(data), data))
-        sock.shutdown(socket.SHUT_WR)
-        received = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return parse_raw_response(received)
-            received += chunk
-
-    def test_a_half_closed_client_gets_its_whole_answer(self) -> None:
-        response = self.half_closed_request("HTTP/1.1", {"messages": [user("[[fake:slow]] " + marker())]})
-        self.assertEqual(response.status, 200, response.body)
-        self.assertEqual(response.json()["choices"][0]["message"]["content"],
-                         "one two three four five six seven eight")
-
-    def test_a_half_closed_http_1_0_client_gets_its_whole_stream(self) -> None:
-        response = self.half_closed_request("HTTP/1.0", {"messages": [user("[[fake:slow]] " + marker())],
-                                                         "stream": True})
-        self.assertEqual(response.status, 200, response.body)
-        self.assertEqual(stream_text(response), "one two three four five six seven eight")
-        self.assertEqual(response.frames()[-1], "[DONE]")
-
-    def test_a_connection_error_that_is_not_the_client_s_is_a_500_and_logged(self) -> None:
-        # Filed as the client gone, it was a 499 with nothing sent and nothing logged.
-        refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
-        with mock.patch.object(proxy, "find_claude", side_effect=refused), \
-                self.expect_error_log("internal error"):
-            response = self.say("hi")
-        self.assertError(response, 500, "server_error", "internal_error")
-
-
-class ShutdownTest(TestCase):
-    def test_in_process_shutdown_kills_every_child(self) -> None:
-        running = RunningServer()
-        tag = marker()
-        sock = open_stream(running.port, "[[fake:slow]] " + tag)
-        run = FAKE.run_for(tag, field="grandchild")
-        running.stop()
-        self.assertFalse(running.thread.is_alive())
-        self.assertTrue(pid_gone(run["pid"]))
-        self.assertTrue(pid_gone(run["grandchild"]))
-        sock.close()
-
-    def test_sigterm_stops_the_daemon_with_exit_0_and_no_child_left(self) -> None:
-        # fable: a model no other server here warms, so its pre-started processes are the daemon's
-        daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "2", "--default-model", "claude-fable")
-        try:
-            tag = marker()
-            sock = open_stream(daemon.port, "[[fake:slow]] " + tag)
-            run = FAKE.run_for(tag, field="grandchild")
-            warm = warm_for("fable")
-            self.assertEqual(daemon.stop(), 0)
-            for pid in (run["pid"], run["grandchild"], warm["pid"]):
-                self.assertTrue(pid_gone(pid))
-            self.assertEqual(waiting_runs("fable"), [])
-            sock.close()
-        finally:
-            daemon.close()
-
-    def test_a_hangup_ends_the_daemon_and_its_children_too(self) -> None:
-        # Children run in sessions of their own: the terminal's hangup never reaches them.
-        for signum in (signal.SIGHUP, signal.SIGQUIT):
-            daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "0")
-            try:
-                tag = marker()
-                sock = open_stream(daemon.port, "[[fake:slow]] " + tag)
-                run = FAKE.run_for(tag, field="grandchild")
-                self.assertEqual(daemon.stop(signum), 0)
-                self.assertTrue(pid_gone(run["pid"]) and pid_gone(run["grandchild"]), signum)
-                sock.close()
-            finally:
-                daemon.close()
-
-
-class WithoutWaitid:
-    """The os module as macOS shows it to Python before 3.13: no os.waitid."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "waitid":
-            raise AttributeError(name)
-        return getattr(os, name)
-
-
-class ChildLifeTest(TestCase):
-    """Children end with the proxy however it ends, and a child that will not end cannot hang it."""
-
-    def test_a_daemon_killed_with_sigkill_takes_its_running_and_waiting_children_along(self) -> None:
-        daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "2", "--default-model", "claude-fable")
-        try:
-            tag = marker()
-            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
-            body = json.dumps({"messages": [user("[[fake:hang]] " + tag)]}).encode()
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            run = FAKE.run_for(tag, field="grandchild")  # silent: it never notices its stdout is gone
-            warm = warm_for("fable")
-            daemon.process.kill()
-            daemon.process.wait()
-            for pid in (run["pid"], run["grandchild"], warm["pid"]):
-                self.assertTrue(pid_gone(pid), "pid %d outlived the killed proxy" % pid)
-            sock.close()
-        finally:
-            daemon.close()
-
-    def test_a_child_that_does_not_die_is_logged_and_left_behind_without_a_hang(self) -> None:
-        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "60"), tuple(os.environ.items()), ()))
-        self.addCleanup(process.popen.wait)
-        self.addCleanup(os.kill, process.pid, signal.SIGKILL)
-        closer = threading.Thread(target=process.close)
-        with mock.patch.object(proxy.os, "killpg"), mock.patch.object(process, "KILL_WAIT", 0.2), \
-                self.expect_error_log(r"claude pid %d did not exit" % process.pid):
-            closer.start()
-            closer.join(30)  # not a timing: without the bound close() never returns
-            self.assertFalse(closer.is_alive(), "close() hangs on a child that does not die")
-        self.assertIsNone(process.popen.returncode)
-        self.assertFalse(os.path.exists(process.workdir))
-
-    def test_without_os_waitid_the_child_is_watched_by_poll(self) -> None:
-        # The branch macOS takes (os.waitid arrived there in Python 3.13); poll() reaps.
-        reader = proxy.Launch((sys.executable, "-c", "import sys; sys.stdin.read()"),
-                              tuple(os.environ.items()), ())
-        with mock.patch.object(proxy, "os", WithoutWaitid()):
-            process = proxy.ClaudeProcess(reader)
-            self.assertTrue(process.alive())
-            process.popen.stdin.close()  # it reads to the end and exits 0
-            self.assertTrue(wait_until(lambda: not process.alive()))
-            self.assertEqual(process.popen.returncode, 0, "poll() reaped it")
-            self.assertEqual(process.close(), 0)
-        self.assertFalse(os.path.exists(process.workdir))
-
-
-class SecretsTest(TestCase):
-    """The proxy's API key stays out of `ps` and of the children; its log is the owner's alone."""
-
-    def test_the_proxys_own_key_never_reaches_the_cli(self) -> None:
-        base = {"CLAUDE_PROXY_API_KEY": "proxy-key", "HOME": "/h"}
-        self.assertNotIn("CLAUDE_PROXY_API_KEY", proxy.cli_env(config(allow_api_key=True), base=base))
-        running_server = RunningServer()
-        try:
-            tag = marker()
-            with mock.patch.dict(os.environ, {"CLAUDE_PROXY_API_KEY": "proxy-key"}):
-                self.assertEqual(post_chat(running_server.port, {"messages": [user(tag)]}).status, 200)
-            self.assertNotIn("CLAUDE_PROXY_API_KEY", FAKE.run_for(tag)["env"])
-        finally:
-            running_server.stop()
-
-    def test_the_key_is_read_from_the_api_key_file(self) -> None:
-        folder = tempfile.mkdtemp(prefix="proxy-key-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        key_path = os.path.join(folder, "api-key")
-        with open(key_path, "w") as f:
-            f.write("s3cret-from-file\n")
-        daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "0", "--api-key-file", key_path)
-        try:
-            self.assertEqual(http_request(daemon.port, "GET", "/v1/models").status, 401)
-            self.assertEqual(http_request(daemon.port, "GET", "/v1/models",
-                                          headers={"Authorization": "Bearer s3cret-from-file"}).status, 200)
-        finally:
-            daemon.close()
-        for settings, problem in (({"api_key": "k"}, "not both"), ({}, "holds no key")):
-            with open(key_path, "w") as f:
-                f.write("\n")
-            with self.assertRaisesRegex(ValueError, problem):
-                proxy.load_api_key_file(config(api_key_file=key_path, **settings))
-
-    def test_log_files_are_owner_only_from_the_start_and_after_rotation(self) -> None:
-        folder = tempfile.mkdtemp(prefix="proxy-logs-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        self.addCleanup(os.umask, os.umask(0o022))  # the usual umask: new files readable by all
-        path = os.path.join(folder, "proxy.log")
-        with open(path, "w") as f:
-            f.write("left by an older version\n")
-        os.chmod(path, 0o644)
-        handler = proxy.log_handler(path, max_bytes=2048)
-        logger = logging.getLogger("private-log-test")
-        logger.propagate = False
-        logger.addHandler(handler)
-        try:
-            self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
-            for number in range(100):
-                logger.warning("line %03d %s", number, "x" * 80)
-        finally:
-            logger.removeHandler(handler)
-            handler.close()
-        names = sorted(os.listdir(folder))
-        self.assertEqual(names, ["proxy.log", "proxy.log.1", "proxy.log.2", "proxy.log.3"])
-        for name in names:
-            self.assertEqual(os.stat(os.path.join(folder, name)).st_mode & 0o777, 0o600, name)
-
-
-def remote_images(count: int) -> Dict[str, Any]:
-    return {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "https://example.com/%d.png" % i}} for i in range(count)]}]}
-
-
-class ResponseStoreMemoryTest(TestCase):
-    """The Responses store's cap is on the memory it holds (issue 15: a cap on the JSON text let
-    parsed conversations take nine times as much, and a fresh proxy grew by 500 MB)."""
-
-    @staticmethod
-    def conversation(n: int) -> List[Dict[str, Any]]:
-        """A conversation as a request brings it: freshly parsed, small strings in many dicts."""
-        said = "conversation %03d: a few words, a few words, a few words" % n
-        return json.loads(json.dumps([{"role": ("user", "assistant")[i % 2], "content": [
-            {"type": "text", "text": "turn %d of %s" % (i, said)}]} for i in range(200)]))
-
-    def fill(self, store: "proxy.ResponseStore", entries: int) -> int:
-        """Put `entries` responses, each with its own conversation; the memory it took, in bytes."""
-        gc.collect()
-        tracemalloc.start()
-        try:
-            before = tracemalloc.get_traced_memory()[0]
-            for n in range(entries):
-                store.put(proxy.StoredResponse({"id": "resp_%d" % n, "object": "response", "output": []},
-                                               ["Rules."], self.conversation(n), ["msg_%d" % n]))
-            gc.collect()
-            return tracemalloc.get_traced_memory()[0] - before
-        finally:
-            tracemalloc.stop()
-
-    def test_the_bytes_counted_are_the_bytes_held(self) -> None:
-        store = proxy.ResponseStore(count=1000)
-        held = self.fill(store, 20)
-        one = len(json.dumps(self.conversation(0), separators=(",", ":")))
-        self.assertGreaterEqual(store._bytes, 20 * one)
-        self.assertLess(held, store._bytes * 1.1 + 64 * 1024, "held %d bytes, counted %d" % (held, store._bytes))
-        got = store.get("resp_3")
-        self.assertEqual(got.messages, self.conversation(3))
-        got.messages.clear()  # a copy: changing it changes nothing kept
-        self.assertEqual(store.get("resp_3").messages, self.conversation(3))
-        self.assertTrue(store.delete("resp_3"))
-        self.assertIsNone(store.get("resp_3"))
-
-    def test_the_cap_bounds_the_memory_held(self) -> None:
-        sized = proxy.ResponseStore(count=1000)
-        self.fill(sized, 1)
-        store = proxy.ResponseStore(count=1000, size=sized._bytes * 5 + 100)  # room for five
-        held = self.fill(store, 20)
-        self.assertLessEqual(store._bytes, store.size)
-        self.assertLess(held, store.size * 1.1 + 64 * 1024)
-        self.assertEqual([n for n in range(20) if store.get("resp_%d" % n)], [15, 16, 17, 18, 19])
-
-
-# Frees a burst's large blocks with small ones kept between them, and prints how many more freed
-# bytes glibc's malloc holds than before (mallinfo2's fordblks): what the process keeps for nothing.
-MALLOC_BURST = r"""
-import ctypes, sys
-sys.path.insert(0, sys.argv[1])
-import claude_max_proxy as proxy
-if sys.argv[2] == "returnable":
-    proxy.keep_large_blocks_returnable()
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-libc = ctypes.CDLL(None)
-if not hasattr(libc, "mallinfo2"):
-    print("no mallinfo2")
-    sys.exit(0)
-libc.mallinfo2.restype = MallInfo2
-before = libc.mallinfo2().fordblks
-body = bytearray(16 << 20)  # a large body, mapped on its own (no free room holds it), then freed
-del body
-blocks, kept = [], []
-for _ in range(64):  # a burst of 1 MiB lines and images, and small things that outlive it
-    blocks.append(bytearray(1 << 20))
-    kept.append(bytearray(1024))
-del blocks
-print(libc.mallinfo2().fordblks - before)
-"""
-
-
-class ReturnedMemoryTest(TestCase):
-    """After a burst of large requests the proxy gives the memory back (issue 15: ten fetched
-    images left it 180 MB above idle, on glibc, whose malloc kept the freed blocks)."""
-
-    def held_after_burst(self, mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", MALLOC_BURST, HERE, mode], capture_output=True,
-                             text=True, check=True).stdout.strip()
-        if out == "no mallinfo2":
-            self.skipTest("not glibc 2.33 or later")
-        return int(out)
-
-    @unittest.skipUnless(sys.platform.startswith("linux"), "glibc's malloc; macOS's gives large blocks back")
-    def test_large_blocks_freed_after_a_burst_go_back_to_the_system(self) -> None:
-        self.assertLess(self.held_after_burst("returnable"), 4 << 20)
-
-    def test_the_server_sets_it_up_and_elsewhere_it_is_a_no_op(self) -> None:
-        with mock.patch.object(proxy, "keep_large_blocks_returnable") as setup, \
-                mock.patch.object(proxy, "ProxyServer"), mock.patch.object(proxy.signal, "signal"):
-            proxy.serve(proxy.Config())
-        setup.assert_called_once_with()
-        with mock.patch.object(sys, "platform", "darwin"):
-            proxy.keep_large_blocks_returnable()  # nothing to do, nothing raised
-
-
-class ImageBudgetTest(TestCase):
-    """With --fetch-images, one request may fetch only so many images and so many bytes."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.limits: List[int] = []
-
-    def fetch(self, size: int) -> Callable[[str, int], Tuple[str, bytes]]:
-        """A fetch of `size`-byte images that, like fetch_image, stops at the limit it is given."""
-        def fake(url: str, limit: int) -> Tuple[str, bytes]:
-            self.limits.append(limit)
-            if size > limit:
-                raise proxy.invalid("The image is larger than %d bytes." % limit, code="image_too_large")
-            return "image/png", b"\x89PNG" + b"x" * (size - 4)
-        return fake
-
-    def parse(self, body: Dict[str, Any], size: int) -> "proxy.Turn":
-        return proxy.parse_chat_request(body, config(fetch_images=True), fetch=self.fetch(size))[0]
-
-    def test_a_request_may_fetch_at_most_the_image_count(self) -> None:
-        most = proxy.IMAGE_FETCH_MAX_COUNT
-        blocks = self.parse(remote_images(most), 100).conversation.messages[0]["content"]
-        self.assertEqual([block["type"] for block in blocks], ["image"] * most)
-        self.limits = []
-        with self.assertRaises(proxy.ProxyError) as caught:
-            self.parse(remote_images(most + 1), 100)
-        error = caught.exception
-        self.assertEqual((error.status, error.code), (400, "too_many_images"))
-        self.assertEqual(error.param, "messages[0].content[%d].image_url" % most)
-        self.assertEqual(len(self.limits), most, "nothing is fetched past the count")
-
-    def test_a_request_may_fetch_at_most_the_total_bytes_and_downloads_stop_there(self) -> None:
-        total, size = proxy.IMAGE_FETCH_TOTAL_LIMIT, 10 * proxy.MIB
-        with self.assertRaises(proxy.ProxyError) as caught:
-            self.parse(remote_images(3), size)
-        error = caught.exception
-        self.assertEqual((error.status, error.code), (400, "images_too_large"))
-        self.assertEqual(error.param, "messages[0].content[2].image_url")
-        self.assertEqual(self.limits, [proxy.IMAGE_FETCH_LIMIT, total - size, total - 2 * size],
-                         "each download may take only what the request has left")
-        self.limits = []
-        with self.assertRaises(proxy.ProxyError) as caught:  # one image alone keeps its own limit
-            self.parse(remote_images(1), proxy.IMAGE_FETCH_LIMIT + 1)
-        self.assertEqual(caught.exception.code, "image_too_large")
-
-
-def system(text: str) -> Dict[str, Any]:
-    return {"role": "system", "content": text}
-
-
-def waiting_runs(model: str) -> List[Dict[str, Any]]:
-    """Fake claude processes for this --model that are alive and have had nothing on stdin yet:
-    pre-started ones (a turn's system prompt, tools and settings all come on stdin)."""
-    return [run for run in FAKE.runs()
-            if "stdin" not in run and argv_value(run["argv"], "--model") == model and not exited(run["pid"])]
-
-
-def thinks(run: Dict[str, Any]) -> bool:
-    """Whether the process was started with thinking on (the one setting besides the model in argv/env)."""
-    return run["env_settings"]["MAX_THINKING_TOKENS"] != "0"
-
-
-def warm_for(model: str = "sonnet", pooled_by: Optional[RunningServer] = None,
-             thinking: bool = True) -> Dict[str, Any]:
-    """A waiting fake process for this --model (and thinking), once there is one.
-
-    With `pooled_by`, also once that server's pool holds it: the fake records itself
-    while the pool's own thread may not yet have put it in."""
-    found = wait_until(lambda: next((run for run in waiting_runs(model) if thinks(run) == thinking
-                                     and (pooled_by is None or in_pool(pooled_by, run["pid"]))), None), 10.0)
-    if found is None:
-        raise AssertionError("no pre-started process for --model %s" % model)
-    return found
-
-
-def in_pool(running_server: RunningServer, pid: int) -> bool:
-    pool = running_server.server.core.runner.pool
-    with pool._changed:
-        return any(warm.process.pid == pid for warm in pool._idle)
-
-
-def probe_run(run: Dict[str, Any]) -> bool:
-    """Whether a fake claude run was a server's probe (see proxy.probe_native), not a turn's."""
-    return (run.get("initialize") or {}).get("systemPrompt") == "probe"
-
-
-def alive_runs(since: float) -> List[Dict[str, Any]]:
-    """Fake claude processes started since then that have not exited, waiting or not."""
-    return [run for run in FAKE.runs() if run["spawned"] >= since and not exited(run["pid"])]
-
-
-# A test's own server gets a default model the class server never uses, so the
-# processes it starts are told apart from the class server's by their --model.
-OWN_MODEL = "haiku"
-
-
-def own_server(**settings: Any) -> RunningServer:
-    return RunningServer(default_model="claude-haiku-4", **settings)
-
-
-def tool_turn_script(name: str, **spec: Any) -> str:
-    """A fake behaviour whose first message calls get_weather for Paris (then `spec`'s answer)."""
-    spec.setdefault("calls", [{"name": "get_weather", "arguments": {"city": "Paris"}}])
-    return FAKE.script(name, **spec)
-
-
-class StandIn:
-    """A waiting process, as the pool sees one: alive until closed."""
-
-    def __init__(self) -> None:
-        self.closed = False
-        self.popen = type("Popen", (), {"args": ["/nonexistent/claude"]})()
-
-    def alive(self) -> bool:
-        return not self.closed
-
-    def close(self, grace: float = 0.0) -> None:
-        self.closed = True
-
-
-class PoolPoliciesTest(TestCase):
-    """The pool's two policies, in memory: what gives way when a conversation is kept, and when a
-    process is pre-started for a turn's launch."""
-
-    def pool(self, size: int) -> "proxy.WarmPool":
-        pool = proxy.WarmPool(size, 300.0)
-        self.addCleanup(pool.close)
-        return pool
-
-    def waiting(self, pool: "proxy.WarmPool", key: Any, used: float) -> StandIn:
-        process = StandIn()
-        with pool._changed:
-            pool._idle.append(proxy.Warm(key, process, None))
-            pool._last_used[key] = used
-        return process
-
-    @staticmethod
-    def launch(name: str) -> "proxy.Launch":
-        return proxy.Launch(("claude", name), ())
-
-    def test_a_new_conversation_past_its_share_takes_the_oldest_kept_ones_place_never_a_pre_started_one(self) -> None:
-        pool = self.pool(3)
-        now = time.monotonic()
-        started = self.waiting(pool, self.launch("a"), now - 100)  # used longest ago of all
-        oldest = self.waiting(pool, "conversation:1", now - 50)
-        newer = self.waiting(pool, "conversation:2", now - 10)
-        self.assertTrue(pool.keep("conversation:3", StandIn(), proxy.Session([])))
-        self.assertEqual((started.closed, oldest.closed, newer.closed), (False, True, False))
-        self.assertEqual(pool.stats()["conversations"], 2)
-
-    def test_a_kept_conversation_within_its_share_takes_a_pre_started_place_in_a_full_pool(self) -> None:
-        pool = self.pool(3)
-        now = time.monotonic()
-        first = self.waiting(pool, self.launch("a"), now - 20)
-        second = self.waiting(pool, self.launch("b"), now - 30)
-        kept = self.waiting(pool, "conversation:1", now - 90)
-        self.assertTrue(pool.keep("conversation:2", StandIn(), proxy.Session([])))
-        self.assertEqual((first.closed, second.closed, kept.closed), (False, True, False),
-                         "the least recently used pre-started process gives way")
-
-    def test_at_size_one_a_kept_conversation_takes_the_pre_started_place(self) -> None:
-        pool = self.pool(1)
-        started = self.waiting(pool, self.launch("a"), time.monotonic())
-        self.assertTrue(pool.keep("conversation:1", StandIn(), proxy.Session([])))
-        self.assertTrue(started.closed)
-
-    def test_a_pre_started_process_never_takes_a_kept_conversations_place(self) -> None:
-        pool = self.pool(2)
-        now = time.monotonic()
-        kept = self.waiting(pool, "conversation:1", now - 100)
-        older = self.waiting(pool, self.launch("a"), now - 50)
-        doomed: List[Any] = []
-        with pool._changed:
-            pool._last_used[self.launch("b")] = now
-            self.assertTrue(pool._room_for_started(self.launch("b"), doomed))
-        self.assertEqual([warm.process for warm in doomed], [older])
-        with pool._changed:
-            pool._idle.append(proxy.Warm(self.launch("b"), StandIn(), None))
-            pool._last_used[self.launch("c")] = now - 1  # used less lately than b, more than the kept one
-            self.assertFalse(pool._room_for_started(self.launch("c"), doomed), "nothing used less lately")
-            pool._idle = [warm for warm in pool._idle if warm.key == "conversation:1"]
-            pool._idle.append(proxy.Warm("conversation:2", StandIn(), None))
-            self.assertFalse(pool._room_for_started(self.launch("c"), doomed), "only kept ones wait")
-        self.assertFalse(kept.closed)
-
-
-class WarmPoolTest(ProxyTest):
-    """Processes started ahead of time; the fake records when each was started and when it was asked.
-
-    A pre-started process is keyed by model and thinking only: the rest of a turn comes on stdin."""
-
-    settings = dict(ProxyTest.settings, pool_size=2, pool_ttl=300.0)
-
-    def pool(self, running_server: Optional[RunningServer] = None) -> Dict[str, int]:
-        return (running_server or self.running).server.core.health()["pool"]
-
-    def test_a_pre_started_process_serves_a_turn_with_any_system_prompt(self) -> None:
-        self.assertEqual(self.chat(system("You are pool test " + marker()), user("first")).status, 200)
-        warm = warm_for(pooled_by=self.running)
-        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []),
-                        "a waiting process must not count as a running request")
-        self.assertEqual(argv_value(warm["argv"], "--system-prompt"), "")
-        before = self.pool()
-        asked_at = time.time()
-        tag, prompt = marker(), "You are another pool test " + marker()
-        response = self.chat(system(prompt), user("second " + tag))
-        self.assertEqual(response.status, 200, response.body)
-        self.assertIn("Hello from fake", response.json()["choices"][0]["message"]["content"])
-        run = FAKE.run_for(tag, field="requests")
-        self.assertEqual(run["pid"], warm["pid"])
-        self.assertLess(run["spawned"], asked_at)
-        self.assertGreaterEqual(run["received"], asked_at)
-        self.assertEqual(run["initialize"]["systemPrompt"], prompt)
-        self.assertEqual(run["requests"][0]["system"], prompt)
-        self.assertEqual(self.pool()["hits"], before["hits"] + 1)
-        self.assertEqual(self.pool()["misses"], before["misses"])
-        self.assertTrue(run["cwd"].startswith(tempfile.gettempdir()))
-        self.assertNotEqual(warm_for()["pid"], run["pid"], "a replacement, never a reuse")
-
-    def test_different_models_or_thinking_do_not_share_processes(self) -> None:
-        running_server = own_server(pool_size=6)  # room for all: nothing is evicted
-        try:
-            warm = warm_for(OWN_MODEL, pooled_by=running_server)
-            other_model, no_thinking = marker(), marker()
-            post_chat(running_server.port, {"messages": [user(other_model)], "model": "claude-opus-4"})
-            post_chat(running_server.port, {"messages": [user(no_thinking)], "reasoning_effort": "none"})
-            self.assertFalse(exited(warm["pid"]))
-            self.assertNotIn("stdin", [run for run in FAKE.runs() if run["pid"] == warm["pid"]][0],
-                             "another model or thinking setting must not take this process")
-            for tag, wanted_model, thinking in ((other_model, "opus", True), (no_thinking, OWN_MODEL, False)):
-                run = FAKE.run_for(tag)
-                self.assertNotEqual(run["pid"], warm["pid"])
-                self.assertEqual(argv_value(run["argv"], "--model"), wanted_model)
-                self.assertEqual(thinks(run), thinking)
-            self.assertEqual(self.pool(running_server)["hits"], 0)
-        finally:
-            running_server.stop()
-
-    def test_a_warm_process_that_died_is_skipped_and_the_request_starts_cold(self) -> None:
-        self.chat(user("first"))
-        warm = warm_for(pooled_by=self.running)
-        os.kill(warm["pid"], signal.SIGKILL)
-        self.assertTrue(wait_until(lambda: exit_finished(warm["pid"])))
-        before = self.pool()
-        asked_at = time.time()
-        tag = marker()
-        response = self.chat(user(tag))
-        self.assertEqual(response.status, 200, response.body)
-        run = FAKE.run_for(tag)
-        self.assertNotEqual(run["pid"], warm["pid"])
-        self.assertGreaterEqual(run["spawned"], asked_at)
-        self.assertEqual(self.pool()["misses"], before["misses"] + 1)
-        self.assertTrue(pid_gone(warm["pid"]), "the dead process must be reaped, not left a zombie")
-
-    def test_health_reports_the_pool(self) -> None:
-        pool = self.request("GET", "/health").json()["pool"]
-        self.assertEqual(set(pool), {"size", "max", "hits", "misses", "conversations", "continued"})
-        self.assertEqual(pool["max"], 2)
-        self.assertLessEqual(pool["size"], 2)
-        self.assertLessEqual(pool["conversations"], pool["size"])
-
-    def test_the_default_model_is_warmed_at_start(self) -> None:
-        running_server = own_server(pool_size=1)
-        try:
-            warm = warm_for(OWN_MODEL, pooled_by=running_server)
-            tag = marker()
-            self.assertEqual(post_chat(running_server.port, {"messages": [user(tag)]}).status, 200)
-            self.assertEqual(FAKE.run_for(tag)["pid"], warm["pid"])
-            self.assertEqual(self.pool(running_server)["hits"], 1)
-        finally:
-            running_server.stop()
-
-    def test_the_pool_never_holds_more_than_its_size_kept_conversations_included(self) -> None:
-        started = time.time()
-        running_server = own_server(pool_size=2)
-        try:
-            tags = []
-            for model, effort in (("claude-haiku-4", None), ("claude-opus-4", None), ("claude-haiku-4", "none"),
-                                  ("claude-opus-4", "none")):
-                tags.append(marker())
-                cue = tool_turn_script("pool-bound")  # each conversation waits on its tool call
-                body = {"model": model, "messages": [user(cue + " " + tags[-1])], "tools": [WEATHER_TOOL]}
-                if effort:
-                    body["reasoning_effort"] = effort
-                self.assertEqual(post_chat(running_server.port, body).json()["choices"][0]["finish_reason"],
-                                 "tool_calls")
-                self.assertTrue(wait_until(lambda: running_server.server.core.runner.active_children() == []))
-                self.assertLessEqual(self.pool(running_server)["size"], 2)
-                self.assertTrue(wait_until(lambda: len(alive_runs(started)) <= 2),
-                                [run["pid"] for run in alive_runs(started)])
-            # The least recently used gave way: the newest conversation is still kept.
-            last = FAKE.run_for(tags[-1])
-            self.assertFalse(exited(last["pid"]))
-            for tag in tags[:2]:
-                self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]))
-        finally:
-            running_server.stop()
-
-    def test_an_idle_warm_process_and_a_kept_conversation_are_retired_after_the_ttl(self) -> None:
-        started = time.time()
-        running_server = own_server(pool_size=2, pool_ttl=1.5)
-        try:
-            warm_for(OWN_MODEL, pooled_by=running_server)  # the request takes it
-            tag = marker()
-            body = {"messages": [user(tool_turn_script("ttl-call") + " " + tag)], "tools": [WEATHER_TOOL]}
-            self.assertEqual(post_chat(running_server.port, body).json()["choices"][0]["finish_reason"],
-                             "tool_calls")
-            kept = FAKE.run_for(tag, field="tool_calls")
-            self.assertEqual(self.pool(running_server)["conversations"], 1, "kept before the answer went out")
-            warm = warm_for(OWN_MODEL)
-            self.assertTrue(pid_gone(kept["pid"]), "a conversation nobody continued outlived --pool-ttl")
-            self.assertTrue(pid_gone(warm["pid"]), "an idle process outlived --pool-ttl")
-            self.assertTrue(wait_until(lambda: self.pool(running_server)["size"] == 0))
-            self.assertNotIn("answered", FAKE.run_for(tag), "its tool call was never answered")
-            time.sleep(3.0)  # two more TTLs: an unused key must not be warmed again
-            self.assertEqual(waiting_runs(OWN_MODEL), [])
-            self.assertEqual(len([run for run in FAKE.runs() if run["spawned"] >= started and not probe_run(run)
-                                  and argv_value(run["argv"], "--model") == OWN_MODEL]), 2,
-                             "only the request's own process and the one replacement")
-        finally:
-            running_server.stop()
-
-    def test_the_idle_timeout_counts_from_the_request_not_from_the_spawn(self) -> None:
-        running_server = own_server(pool_size=1, idle_timeout=1.0)
-        try:
-            warm = warm_for(OWN_MODEL, pooled_by=running_server)
-            time.sleep(2.0)  # twice the idle timeout, spent waiting on stdin
-            tag = marker()
-            response = post_chat(running_server.port, {"messages": [system("x"), user(tag)]})
-            self.assertEqual(response.status, 200, response.body)
-            self.assertEqual(FAKE.run_for(tag)["pid"], warm["pid"])
-        finally:
-            running_server.stop()
-
-    def test_a_warm_process_of_a_replaced_claude_is_not_handed_out(self) -> None:
-        folder = tempfile.mkdtemp(prefix="claude-upgrade-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        claude = os.path.join(folder, "claude")
-        os.symlink(os.path.join(FAKE.dir, "recorded.json"), os.path.join(folder, "recorded.json"))
-        shutil.copy(FAKE.path, claude)
-        running_server = own_server(pool_size=1, claude_bin=claude)
-        try:
-            warm = warm_for(OWN_MODEL, pooled_by=running_server)
-            shutil.copy(FAKE.path, claude + ".new")  # an upgrade writes a new file in its place
-            os.replace(claude + ".new", claude)
-            tag = marker()
-            self.assertEqual(post_chat(running_server.port, {"messages": [user(tag)]}).status, 200)
-            self.assertNotEqual(FAKE.run_for(tag)["pid"], warm["pid"], "the old binary answered")
-            self.assertTrue(pid_gone(warm["pid"]))
-            self.assertEqual((self.pool(running_server)["hits"], self.pool(running_server)["misses"]), (0, 1))
-        finally:
-            running_server.stop()
-
-    def test_no_waiting_or_kept_process_outlives_the_server(self) -> None:
-        running_server = own_server(pool_size=2)
-        tag = marker()
-        body = {"messages": [user(tool_turn_script("outlive-call") + " " + tag)], "tools": [WEATHER_TOOL]}
-        self.assertEqual(post_chat(running_server.port, body).status, 200)
-        kept = FAKE.run_for(tag, field="tool_calls")
-        warm = warm_for(OWN_MODEL, pooled_by=running_server)
-        self.assertTrue(wait_until(lambda: in_pool(running_server, kept["pid"])))
-        running_server.stop()
-        for pid in (kept["pid"], warm["pid"]):
-            self.assertTrue(pid_gone(pid))
-        self.assertFalse(os.path.exists(kept["cwd"]))
-        self.assertEqual(running_server.server.core.health()["pool"]["size"], 0)
-
-
-class ConfigurationTest(TestCase):
-    def test_flags_take_defaults_from_the_environment(self) -> None:
-        saved = dict(os.environ)
-        try:
-            os.environ.update({"CLAUDE_PROXY_PORT": "4567", "CLAUDE_BIN": "/x/claude",
-                               "CLAUDE_PROXY_ALLOW_API_KEY": "1"})
-            command, cfg, dry_run = proxy.parse_command_line([])
-            self.assertEqual((command, dry_run), ("serve", False))
-            self.assertEqual((cfg.port, cfg.claude_bin, cfg.allow_api_key), (4567, "/x/claude", True))
-            self.assertEqual(proxy.parse_command_line(["--port", "9"])[1].port, 9)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-
-    def test_help_documents_every_flag(self) -> None:
-        text = proxy.build_arg_parser().format_help()
-        for flag, env, _kind, _default, _help in proxy.OPTIONS:
-            self.assertIn(flag, text)
-            self.assertIn(env, text)
-
-    def test_readme_documents_every_flag_model_and_the_test_command(self) -> None:
-        with open(os.path.join(HERE, "README.md")) as f:
-            readme = f.read()
-        for flag, env, _kind, _default, _help in proxy.OPTIONS:
-            self.assertTrue("`%s`" % flag in readme, flag)
-            self.assertTrue("`%s`" % env in readme, env)
-        for model_id, alias in proxy.MODELS:
-            self.assertTrue("| `%s` | `%s` |" % (model_id, alias) in readme, model_id)
-        self.assertIn("python3 test_proxy.py", readme)
-        self.assertIn("python3 claude_max_proxy.py --port 3456", readme)
-
-    def test_public_bind_without_key_warns_loudly(self) -> None:
-        self.assertTrue(any("!!!" in w for w in proxy.startup_warnings(config(host="0.0.0.0"))))
-        self.assertFalse(any("!!!" in w for w in proxy.startup_warnings(
-            config(host="0.0.0.0", api_key="k"))))
-        self.assertFalse(any("!!!" in w for w in proxy.startup_warnings(config())))
-
-    def test_api_key_in_environment_is_reported(self) -> None:
-        warnings_ = proxy.startup_warnings(config(claude_bin=FAKE.path))
-        self.assertTrue(any("ANTHROPIC_API_KEY" in w and "removed" in w for w in warnings_))
-
-    def test_launch_agent_plist_is_valid_and_runs_system_python(self) -> None:
-        with open(os.path.join(HERE, "com.claude-max-api.plist"), "rb") as f:
-            plist = plistlib.load(f)
-        self.assertEqual(plist["Label"], "com.claude-max-api")
-        self.assertEqual(plist["ProgramArguments"][0], "/usr/bin/python3")
-        self.assertTrue(plist["ProgramArguments"][1].endswith("claude_max_proxy.py"))
-        self.assertTrue(plist["RunAtLoad"])
-        self.assertTrue(plist["KeepAlive"])
-        path = plist["EnvironmentVariables"]["PATH"].split(":")
-        for wanted in ("/.local/bin", "/opt/homebrew/bin", "/usr/local/bin", "/.claude/local"):
-            self.assertTrue(any(p.endswith(wanted) for p in path), wanted)
-        self.assertIn("Library/Logs", plist["StandardErrorPath"])
-
-
-# ---------------------------------------------------------------------------
-# Agent-grade requests: tools, images, structured output, generation controls
-# ---------------------------------------------------------------------------
-
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather for a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}
 TIME_TOOL = {"type": "function", "function": {
     "name": "get_time", "description": "Local time in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
-LOOKUP_TOOL = {"type": "function", "function": {
-    "name": "lookup_user", "description": "Find a user by id.",
-    "parameters": {"type": "object", "properties": {"id": {"type": "integer"}}}}}
-PARALLEL_TOOLS = [WEATHER_TOOL, LOOKUP_TOOL]  # what the recording tool-denied-parallel calls
-PNG_1PX = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
 
 class Replayed:
@@ -5716,6 +3157,894 @@ class ConversationKeyTest(TestCase):
         self.assertRegex(key, r"^conversation:[0-9a-f]{64}$")
 
 
+# ---------------------------------------------------------------------------
+# Protocol: subscription usage: windows, extra usage, Anthropic's refusals
+# ---------------------------------------------------------------------------
+
+def observe(limits: "proxy.UsageLimits", event: Dict[str, Any]) -> None:
+    """Have `limits` take in a CLI event, as a session reads it."""
+    window = proxy.rate_limit_info(event)
+    if window is not None:
+        limits.record(window)
+
+
+def limit_event(name: str, resets_in: Optional[float] = 3600.0, **changes: Any) -> Dict[str, Any]:
+    """The recorded rate_limit_event of run `name`, its resets `resets_in` s from now, fields changed."""
+    event = next(e for e in recorded_events(name) if e["type"] == "rate_limit_event")
+    info = event["rate_limit_info"]
+    for key in ("resetsAt", "overageResetsAt"):
+        if key in info and resets_in is not None:
+            info[key] = int(time.time() + resets_in)
+    info.update(changes)
+    return event
+
+
+def cli_failure(name: str) -> proxy.ProxyError:
+    """The error a session raises for a recorded failed run."""
+    try:
+        received(new_session(retry_budget=5.0), recorded_events(name))
+    except proxy.ProxyError as error:
+        return error
+    raise AssertionError("%s raised no error" % name)
+
+
+def refusal(limits: "proxy.UsageLimits", no_extra_usage: bool = False) -> Optional[proxy.ProxyError]:
+    try:
+        limits.check(no_extra_usage)
+    except proxy.ProxyError as error:
+        return error
+    return None
+
+
+class UsageLimitsTest(TestCase):
+    def test_recorded_reports_are_read(self) -> None:
+        allowed = proxy.rate_limit_info(recorded_events("subscriber-rate-limit-event")[-2])
+        self.assertEqual(allowed, proxy.LimitWindow("five_hour", "allowed", 1795651764.0, None, "allowed",
+                                                    False))
+        extra = proxy.rate_limit_info(limit_event("subscriber-overage-in-use", resets_in=None))
+        self.assertEqual((extra.status, extra.extra_usage, extra.extra_usage_in_use),
+                         ("rejected", "allowed", True))
+        weekly = proxy.rate_limit_info(limit_event("subscriber-warning-seven-day", resets_in=None))
+        self.assertEqual((weekly.name, weekly.status, weekly.utilization),
+                         ("seven_day", "allowed_warning", 0.81))
+        self.assertIsNone(proxy.rate_limit_info(recorded_events("subscriber-rate-limit-event")[-1]))
+
+    def test_malformed_reports_are_ignored_and_never_raise(self) -> None:
+        for info in (None, [], "rejected", {}, {"status": 3}, {"status": "rejected\r\nX-Evil: 1"},
+                     {"status": ""}):
+            event = {"type": "rate_limit_event", "rate_limit_info": info}
+            self.assertIsNone(proxy.rate_limit_info(event), info)
+        odd = proxy.rate_limit_info({"type": "rate_limit_event", "rate_limit_info": {
+            "status": "allowed", "resetsAt": "soon", "utilization": float("nan"), "rateLimitType": ["x"],
+            "overageStatus": "a b", "isUsingOverage": "yes", "somethingNew": {"nested": 1}}})
+        self.assertEqual(odd, proxy.LimitWindow("plan", "allowed", None, None, None, False))
+        for resets in (True, float("inf"), 10 ** 400 // 10 ** 390, -5):
+            window = proxy.rate_limit_info(limit_event("subscriber-rate-limit-event", resets_in=None,
+                                                       resetsAt=resets))
+            self.assertIsNone(window.resets_at, resets)
+        limits = proxy.UsageLimits()
+        observe(limits, {"type": "rate_limit_event", "rate_limit_info": {"status": "rejected"}})
+        self.assertIsNone(refusal(limits), "a rejection without a reset time must not refuse for ever")
+
+    def test_headers_and_health_hold_the_latest_report_of_each_window(self) -> None:
+        limits = proxy.UsageLimits()
+        self.assertEqual(limits.headers(), {})
+        observe(limits, limit_event("subscriber-rate-limit-event", resets_in=7200, status="allowed_warning"))
+        observe(limits, limit_event("subscriber-rate-limit-event", resets_in=3600))
+        observe(limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
+        five, week = int(time.time() + 3600), int(time.time() + 86400)
+        headers = limits.headers()
+        self.assertEqual(headers["x-claude-ratelimit-status"], "allowed_warning")
+        self.assertEqual(headers["x-claude-ratelimit-window"], "seven_day")
+        self.assertEqual(headers["x-claude-ratelimit-utilization"], "0.81")
+        self.assertEqual(headers["x-claude-ratelimit-five-hour-status"], "allowed")
+        self.assertAlmostEqual(int(headers["x-claude-ratelimit-five-hour-reset"]), five, delta=2)
+        self.assertAlmostEqual(int(headers["x-claude-ratelimit-seven-day-reset"]), week, delta=2)
+        self.assertEqual(headers["x-claude-ratelimit-extra-usage"], "allowed")
+        health = limits.health()
+        self.assertFalse(health["extra_usage_in_use"])
+        self.assertEqual(sorted(health["windows"]), ["five_hour", "seven_day"])
+        seven = health["windows"]["seven_day"]
+        self.assertEqual((seven["status"], seven["utilization"]), ("allowed_warning", 0.81))
+        self.assertEqual(seven["resets_at"],
+                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seven["resets_at_unix"])))
+        observe(limits, limit_event("subscriber-warning-seven-day", resets_in=-1))
+        self.assertEqual(sorted(limits.health()["windows"]), ["five_hour"],
+                         "a report past its reset is dropped")
+
+    def test_a_used_up_window_refuses_until_its_reset(self) -> None:
+        limits = proxy.UsageLimits()
+        observe(limits, limit_event("subscriber-overage-in-use", resets_in=1800))  # extra usage pays: served
+        self.assertIsNone(refusal(limits))
+        observe(limits, limit_event("subscriber-overage-in-use", resets_in=1800, overageStatus="rejected",
+                                   isUsingOverage=False, overageInUse=False))
+        error = refusal(limits)
+        self.assertEqual((error.status, error.code), (429, "usage_limit_reached"))
+        self.assertIn(int(error.headers["Retry-After"]), range(1795, 1801))
+        self.assertIn("5-hour session limit (five_hour)", error.message)
+        self.assertIn(proxy.utc_iso(time.time() + 1800)[:15], error.message)
+        observe(limits, limit_event("subscriber-overage-in-use", resets_in=-1, overageStatus="rejected"))
+        self.assertIsNone(refusal(limits), "past the reset the request goes through")
+
+    def test_no_extra_usage_refuses_while_extra_usage_is_billed(self) -> None:
+        for name in ("subscriber-overage-in-use", "subscriber-rate-limit-event"):
+            limits = proxy.UsageLimits()
+            changes = {} if name == "subscriber-overage-in-use" else {"overageInUse": True}
+            observe(limits, limit_event(name, **changes))
+            self.assertTrue(limits.health()["extra_usage_in_use"])
+            self.assertEqual(limits.headers()["x-claude-ratelimit-extra-usage"], "in_use")
+            self.assertIsNone(refusal(limits, no_extra_usage=False))
+            error = refusal(limits, no_extra_usage=True)
+            self.assertEqual((error.status, error.type, error.code),
+                             (403, "permission_error", "extra_usage_refused"))
+            self.assertIn("--no-extra-usage", error.message)
+        limits = proxy.UsageLimits()
+        observe(limits, limit_event("subscriber-rate-limit-event"))
+        self.assertIsNone(refusal(limits, no_extra_usage=True), "no extra usage reported, nothing refused")
+
+    def test_extra_usage_starting_is_logged_once(self) -> None:
+        limits = proxy.UsageLimits()
+        logger = logging.getLogger("claude_max_proxy")
+        with self.assertLogs(logger, "WARNING") as logs:
+            observe(limits, limit_event("subscriber-rate-limit-event"))
+            observe(limits, limit_event("subscriber-overage-in-use"))
+            observe(limits, limit_event("subscriber-overage-in-use"))
+            logger.warning("end")
+        self.assertEqual(len(logs.records), 2, logs.output)
+        self.assertIn("extra usage has started", logs.output[0])
+
+    def test_an_upstream_session_limit_429_names_the_window_and_its_reset(self) -> None:
+        limits = proxy.UsageLimits()
+        observe(limits, limit_event("subscriber-session-limit-429", resets_in=600))
+        upstream = cli_failure("subscriber-session-limit-429")
+        self.assertEqual((upstream.status, upstream.code), (429, "rate_limit_exceeded"))
+        error = limits.explain(upstream)
+        self.assertEqual((error.status, error.code), (429, "usage_limit_reached"))
+        self.assertIn(int(error.headers["Retry-After"]), range(595, 601))
+        self.assertIn("five_hour", error.message)
+        self.assertIn("You've hit your session limit", error.message)
+        other = cli_failure("upstream-400")
+        self.assertIs(limits.explain(other), other)
+        self.assertEqual(refusal(limits).code, "usage_limit_reached", "the next request is refused early")
+
+    def test_the_extra_usage_400s_get_their_own_status_and_code(self) -> None:
+        expected = {
+            "subscriber-extra-usage-400": (403, "permission_error", "third_party_needs_extra_usage",
+                                           "Third-party apps now draw from your extra usage"),
+            "subscriber-out-of-extra-usage-400": (402, "insufficient_quota", "extra_usage_exhausted",
+                                                  "You're out of extra usage"),
+            "subscriber-long-context-400": (400, "invalid_request_error", "long_context_needs_extra_usage",
+                                            "Extra usage is required for long context requests")}
+        for name, (status, type_, code, said) in expected.items():
+            error = cli_failure(name)
+            self.assertEqual((error.status, error.type, error.code), (status, type_, code), name)
+            self.assertIn(said, error.message, "Anthropic's own words stay in the message")
+        self.assertEqual(cli_failure("upstream-400").code, "upstream_error")
+
+
+# ---------------------------------------------------------------------------
+# Doors: what every door shares
+# ---------------------------------------------------------------------------
+
+def every_path(value: Any, path: Tuple[Any, ...] = ()) -> Iterator[Tuple[Any, ...]]:
+    """The path (keys and indices) of every value inside a JSON value, the value itself aside."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        yield path + (key,)
+        yield from every_path(inner, path + (key,))
+
+
+def replaced(value: Any, path: Tuple[Any, ...], new: Any) -> Any:
+    """A deep copy of a JSON value with the value at `path` replaced."""
+    copied = copy.deepcopy(value)
+    holder = copied
+    for key in path[:-1]:
+        holder = holder[key]
+    holder[path[-1]] = new
+    return copied
+
+
+WRONG_TYPES = ({}, [], 1, True, None, "x")
+
+
+PDF_DATA = base64.b64encode(b"%PDF-1.4 fake").decode("ascii")
+
+
+PDF_DATA_URL = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 tiny").decode()
+
+
+class WrongTypesTest(ProxyTest):
+    """Every field of a full request of each door, given each JSON type in turn: a client's
+    mistake is a 4xx in the door's own error shape, never a 500 (nor an ERROR record)."""
+
+    def bodies(self) -> Dict[str, List[Dict[str, Any]]]:
+        png = "data:image/png;base64," + PNG_1PX
+        weather = {"type": "object", "properties": {"city": {"type": "string"}}}
+        chat = {
+            "model": "claude-sonnet-4", "stream": False, "stream_options": {"include_usage": True}, "n": 1,
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "developer", "content": [{"type": "text", "text": "Be kind."}]},
+                {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                             {"type": "image_url", "image_url": {"url": png}},
+                                             {"type": "file", "file": {"file_data": PDF_DATA_URL}}]},
+                {"role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]},
+                {"role": "user", "content": "and now?"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "description": "d",
+                                                        "parameters": weather}}],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "parallel_tool_calls": True, "max_tokens": 100, "stop": ["END"], "reasoning_effort": "low",
+            "include_reasoning": True,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": weather}}}
+        legacy = {
+            "messages": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": "", "function_call": {"name": "get_weather",
+                                                                               "arguments": "{}"}},
+                         {"role": "function", "name": "get_weather", "content": "sunny"}],
+            "functions": [{"name": "get_weather", "parameters": weather}], "function_call": "auto",
+            "reasoning": {"effort": "low"}, "max_completion_tokens": 10, "stop": "END",
+            "response_format": {"type": "json_object"}}
+        responses = {
+            "model": "claude-sonnet-4", "instructions": "Be brief.", "stream": False, "store": False,
+            "include": ["reasoning.encrypted_content"],
+            "input": [
+                {"role": "developer", "content": "Be kind."},
+                {"type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": "hi"}, {"type": "input_image", "image_url": png},
+                    {"type": "input_file", "file_data": PDF_DATA_URL}]},
+                {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "hm"}],
+                 "encrypted_content": "x"},
+                {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "get_weather",
+                 "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_text",
+                                                                                  "text": "sunny"}]},
+                {"role": "assistant", "content": [{"type": "output_text", "text": "ok"}]},
+                {"role": "user", "content": "and now?"}],
+            "tools": [{"type": "function", "name": "get_weather", "description": "d", "parameters": weather,
+                       "strict": True}, {"type": "web_search"}],
+            "tool_choice": {"type": "function", "name": "get_weather"}, "parallel_tool_calls": True,
+            "reasoning": {"effort": "low", "summary": "auto"}, "max_output_tokens": 100,
+            "text": {"format": {"type": "json_schema", "name": "a", "schema": weather}}, "metadata": {"a": "b"}}
+        allowed = {"input": "hi", "tools": responses["tools"][:1], "text": {"format": {"type": "text"}},
+                   "tool_choice": {"type": "allowed_tools", "mode": "auto",
+                                   "tools": [{"type": "function", "name": "get_weather"}]}}
+        messages = {
+            "model": "claude-sonnet-4", "max_tokens": 100, "stream": False,
+            "system": [{"type": "text", "text": "Be brief."}],
+            "messages": [
+                {"role": "user", "content": [
+                    {"type": "text", "text": "hi"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}},
+                    {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                                    "data": PDF_DATA}, "title": "t", "context": "c"},
+                    {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "hey"}}]},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "hm", "signature": "sig"},
+                    {"type": "redacted_thinking", "data": "x"}, {"type": "text", "text": "ok"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sun"}],
+                     "is_error": False}, {"type": "text", "text": "and now?"}]}],
+            "tools": [{"name": "get_weather", "description": "d", "input_schema": weather}],
+            "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
+            "thinking": {"type": "enabled", "budget_tokens": 1024}, "stop_sequences": ["END"],
+            "output_config": {"effort": "low", "format": {"type": "json_schema", "schema": weather}}}
+        plain = {"model": "claude-sonnet-4", "max_tokens": 10, "system": "Be brief.",
+                 "tool_choice": {"type": "auto"}, "tools": messages["tools"],
+                 "messages": [{"role": "user", "content": "hi"}]}
+        return {"chat": [chat, legacy], "responses": [responses, allowed], "messages": [messages, plain]}
+
+    PARSE = {"chat": proxy.parse_chat_request, "responses": proxy.parse_responses_request,
+             "messages": proxy.parse_messages_request}
+    PATHS = {"chat": "/v1/chat/completions", "responses": "/v1/responses", "messages": "/v1/messages"}
+
+    def assertDoorError(self, door: str, response: Response, status: int) -> None:
+        self.assertEqual(response.status, status, response.body)
+        body = response.json()
+        if door == "messages":
+            self.assertEqual((set(body), body["type"], set(body["error"])),
+                             ({"type", "error"}, "error", {"type", "message"}))
+            self.assertEqual(body["error"]["type"], proxy.MESSAGES_ERROR_TYPES[status])
+        else:
+            self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
+            self.assertEqual(body["error"]["type"], "invalid_request_error")
+
+    def test_every_field_of_every_door_given_a_wrong_type_is_a_4xx_in_the_door_shape(self) -> None:
+        for door, bodies in self.bodies().items():
+            for body in bodies:
+                self.PARSE[door](body, config())  # the full request itself is good
+                for path in every_path(body):
+                    for wrong in WRONG_TYPES:
+                        mutated = replaced(body, path, wrong)
+                        with self.subTest(door=door, path=path, value=wrong):
+                            try:
+                                self.PARSE[door](mutated, config())
+                                continue  # still a good request
+                            except proxy.ProxyError as error:
+                                self.assertTrue(400 <= error.status < 500, error.message)
+                                status = error.status
+                            self.assertDoorError(door, self.request("POST", self.PATHS[door], mutated), status)
+
+
+class DuplicateToolTest(ProxyTest):
+    """Two tools of one name would reach Anthropic, which refuses them: each door says so first."""
+
+    def test_a_tool_name_offered_twice_is_a_400_naming_it_on_every_door(self) -> None:
+        schema = {"type": "object", "properties": {}}
+        chat = [{"type": "function", "function": {"name": name, "parameters": schema}}
+                for name in ("get_weather", "get_time", "get_weather")]
+        responses = [{"type": "function", "name": name, "parameters": schema}
+                     for name in ("get_weather", "get_time", "get_weather")]
+        messages = [{"name": name, "input_schema": schema} for name in ("get_weather", "get_time", "get_weather")]
+        for path, body, param in [
+                ("/v1/chat/completions", {"messages": [user("hi")], "tools": chat}, "tools[2].function.name"),
+                ("/v1/chat/completions", {"messages": [user("hi")], "functions": [t["function"] for t in chat]},
+                 "functions[2].name"),
+                ("/v1/responses", {"input": "hi", "tools": [{"type": "web_search"}] + responses}, "tools[3].name"),
+                ("/v1/messages", {"max_tokens": 9, "messages": [user("hi")], "tools": messages}, "tools[2].name")]:
+            with self.subTest(path=path, param=param):
+                response = self.request("POST", path, dict(body, model="claude-sonnet-4"))
+                self.assertEqual(response.status, 400, response.body)
+                if path == "/v1/messages":
+                    self.assertEqual(response.json()["error"]["type"], "invalid_request_error")
+                    message = response.json()["error"]["message"]
+                else:
+                    error = self.assertError(response, 400, "invalid_request_error", "duplicate_tool_name", param)
+                    message = error["message"]
+                self.assertIn("'get_weather'", message)
+                self.assertIn(param, message)
+
+
+# ---------------------------------------------------------------------------
+# Door: OpenAI chat completions
+# ---------------------------------------------------------------------------
+
+def weather_call(call_id: str = "call_1", arguments: str = '{"city": "Paris"}') -> Dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
+
+
+# What the real clients' requests (../shared/clients) are refused with: every other chat request
+# there must be accepted, so a new refusal of something a real client sends fails the test.
+CLIENT_REFUSALS = {
+    "oa-error_bad_model": ("model_not_found", "model"),
+    "edge-n_2": ("unsupported_value", "n"),
+    "edge-input_audio_part": ("unsupported_content_type", "messages[0].content[0].type"),
+    "edge-image_in_system": ("unsupported_content_type", "messages[0].content[0].type"),
+    "edge-remote_image_url": ("image_url_not_allowed", "messages[0].content[1].image_url"),
+    "edge-custom_tool_type": ("unsupported_tool_type", "tools[0].type"),
+    "edge-json_schema_root_array": ("invalid_value", "response_format.json_schema.schema"),
+    "edge-last_msg_assistant_prefill": ("unsupported_value", "messages"),
+    "edge-max_tokens_zero": ("invalid_type", "max_tokens"),
+    "edge-stop_5": ("invalid_value", "stop"),
+}
+
+
+class CountedBlock(dict):
+    """A content block that counts how often the translation looks into it."""
+
+    reads = 0
+
+    def __getitem__(self, key: Any) -> Any:
+        CountedBlock.reads += 1
+        return dict.__getitem__(self, key)
+
+
+class ChatRequestCase(TestCase):
+    """Helpers for the tests of parse_chat_request."""
+
+    def parse(self, **body: Any) -> "proxy.Turn":
+        return chat_turn(**body)[0]
+
+    def messages(self, *messages: Dict[str, Any], **body: Any) -> List[Dict[str, Any]]:
+        return self.parse(messages=list(messages), **body).conversation.messages
+
+    def rejects(self, param: Optional[str], code: Optional[str] = None, settings: Any = None,
+                **body: Any) -> "proxy.ProxyError":
+        with self.assertRaises(proxy.ProxyError) as caught:
+            chat_turn(settings, **body)
+        error = caught.exception
+        self.assertEqual((error.status, error.param), (400, param), error.message)
+        if code is not None:
+            self.assertEqual(error.code, code, error.message)
+        return error
+
+
+# 157 requests as real clients (SDKs, agents, OpenClaw ...) sent them to this proxy: one JSON
+# object a line, with `client`, `head` (request line and headers) and `body`; kept beside the
+# repository (../shared/clients), where CI has it too.
+def load_client_requests() -> List[Dict[str, Any]]:
+    """The 157 requests real clients sent (CLIENT_REQUESTS, at the end of this file), or those of
+    the JSON-lines file CLAUDE_PROXY_CLIENT_REQUESTS names: each {"client", "head", "body"}."""
+    path = os.environ.get("CLAUDE_PROXY_CLIENT_REQUESTS")
+    if path:
+        with open(path, "rb") as f:
+            lines = f.read()
+    else:
+        lines = lzma.decompress(base64.b64decode(CLIENT_REQUESTS))
+    return [json.loads(line) for line in lines.decode("utf-8").splitlines()]
+
+
+class ChatRequestTest(ChatRequestCase):
+    """OpenAI chat messages -> a native conversation."""
+
+    def test_validation_names_the_bad_param(self) -> None:
+        with self.assertRaises(proxy.ProxyError) as caught:
+            proxy.parse_chat_request([], config())
+        self.assertEqual((caught.exception.status, caught.exception.param), (400, None))
+        self.rejects("model", "invalid_type", model=5)
+        self.rejects("messages", "empty_array", messages=[])
+        self.rejects("messages", "invalid_type", messages="hi")
+        self.rejects("messages[1]", "invalid_type", messages=[user("x"), "hi"])
+        self.rejects("messages[0].role", messages=[{"role": "robot", "content": "x"}])
+        self.rejects("messages[0].content", "invalid_type", messages=[{"role": "user", "content": 5}])
+        self.rejects("messages[0].content[0].type", "unsupported_content_type",
+                     messages=[{"role": "user", "content": [{"type": "audio"}]}])
+        self.rejects("messages[0].content[0].text", "invalid_type",
+                     messages=[{"role": "user", "content": [{"type": "text", "text": 1}]}])
+        self.rejects("stream", "invalid_type", stream="yes")
+        self.rejects("stream_options", "invalid_type", stream_options=[1])
+        self.rejects("messages", messages=[{"role": "system", "content": "only rules"}])
+
+    def test_odd_types_are_400s_not_crashes(self) -> None:
+        self.rejects("model", model="claude\x00-opus")
+        self.rejects("reasoning_effort", reasoning_effort=["high"])
+        self.rejects("reasoning_effort", reasoning={"effort": {}})
+        self.rejects("messages[1].tool_calls[0]", messages=[user("x"), {"role": "assistant", "tool_calls": [
+            {"id": ["x"], "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, user("y")])
+        self.rejects("messages[1].tool_calls", messages=[user("x"), {"role": "assistant", "tool_calls": 5}])
+        self.rejects("messages[2].name", messages=[
+            user("x"), {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},
+            {"role": "function", "name": ["f"], "content": "r"}])
+        self.rejects("messages[1].tool_call_id", messages=[user("x"), {"role": "tool", "content": "y"}])
+        self.rejects("tools", "invalid_type", tools={"a": 1})
+        self.rejects("tools[0]", "invalid_type", tools=[5])
+        self.rejects("tools[0]", "invalid_type", tools=[{"type": "function"}])
+        self.rejects("tools[0].function.parameters", tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "array"}}}])
+        self.rejects("response_format", response_format={"type": "xml"})
+
+    def test_n_above_one_is_refused_rather_than_answered_once(self) -> None:
+        error = self.rejects("n", "unsupported_value", n=2)
+        self.assertIn("n=1", error.message)
+        self.assertEqual(self.parse(n=1).conversation.messages[-1]["content"], [text("hi")])
+
+    def test_unknown_and_ignored_fields_are_accepted(self) -> None:
+        turn = self.parse(messages=[user("hi")], temperature=0.2, seed=1, user="u-1",
+                          some_future_field={"x": 1})
+        self.assertEqual(turn.conversation.messages, [{"role": "user", "content": [text("hi")]}])
+
+    def test_system_and_developer_messages_join_in_order(self) -> None:
+        turn = self.parse(messages=[{"role": "system", "content": "Be terse."}, user("hi"),
+                                    {"role": "developer", "content": [text("Use "), text("French.")]}])
+        self.assertEqual(turn.conversation.system, "Be terse.\n\nUse French.")
+        self.assertEqual(turn.system_prompt, "Be terse.\n\nUse French.")
+        self.assertEqual(turn.conversation.messages, [{"role": "user", "content": [text("hi")]}])
+
+    def test_no_system_message_gives_the_neutral_prompt(self) -> None:
+        self.assertEqual(self.parse().system_prompt, proxy.DEFAULT_SYSTEM_PROMPT)
+        self.assertEqual(self.parse(messages=[{"role": "system", "content": "  "}, user("hi")]).system_prompt,
+                         proxy.DEFAULT_SYSTEM_PROMPT)
+
+    def test_history_becomes_native_messages_with_the_newest_user_turn_last(self) -> None:
+        turn = self.parse(messages=[
+            {"role": "system", "content": "SYSTEM-RULES"}, user("first question"),
+            {"role": "assistant", "content": "first answer"},
+            {"role": "user", "content": [text("second "), text("question")]}])
+        self.assertEqual(turn.conversation.messages, [
+            {"role": "user", "content": [text("first question")]},
+            {"role": "assistant", "content": [text("first answer")]},
+            {"role": "user", "content": [text("second "), text("question")]}])
+        self.assertNotIn("SYSTEM-RULES", json.dumps(turn.conversation.messages))
+
+    def test_consecutive_user_messages_are_one_turn_answered_as_a_whole(self) -> None:
+        # OpenClaw ends every turn with two user messages: the prompt, then a block of context.
+        turn = self.parse(messages=[user("earlier"), {"role": "assistant", "content": "ok"},
+                                    user("Summarize the notes."), user("<context>notes</context>"),
+                                    {"role": "user", "content": ""}])
+        newest = turn.conversation.messages[-1]
+        self.assertEqual(newest, {"role": "user", "content": [text("Summarize the notes."),
+                                                              text("<context>notes</context>")]})
+        self.assertEqual([m["role"] for m in turn.conversation.messages], ["user", "assistant", "user"])
+        self.assertEqual(turn.system_prompt, proxy.DEFAULT_SYSTEM_PROMPT, "nothing says: answer the last one")
+        # Both go to the CLI as the one newest turn.
+        line = json.loads(proxy.user_line(newest["content"]))
+        self.assertEqual(line["message"]["content"], newest["content"])
+
+    def test_empty_and_null_contents_make_no_empty_blocks(self) -> None:
+        messages = self.messages(user("q"), {"role": "assistant", "content": None}, user(" "), user("r"))
+        self.assertEqual(messages, [{"role": "user", "content": [text("q"), text("r")]}])
+
+    def test_tool_calls_and_results_become_tool_use_and_tool_result_blocks(self) -> None:
+        messages = self.messages(
+            user("Weather in Paris and Rome?"),
+            {"role": "assistant", "content": "Looking.", "tool_calls": [
+                weather_call("call_1"), weather_call("call.2/x", '{"city": "Rome", "units": ["C"]}')]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "call.2/x", "content": [text("rain"), text(" 12C")]},
+            user("And tomorrow?"),
+            tools=[WEATHER_TOOL])
+        self.assertEqual(messages[1], {"role": "assistant", "content": [
+            text("Looking."),
+            {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "call_2_x", "name": "get_weather",
+             "input": {"city": "Rome", "units": ["C"]}}]})
+        results = messages[2]["content"]
+        self.assertEqual(results, [
+            {"tool_use_id": "call_1", "type": "tool_result", "content": [text("sunny")]},
+            {"tool_use_id": "call_2_x", "type": "tool_result", "content": [text("rain"), text(" 12C")]},
+            text("And tomorrow?")])
+        # The CLI writes tool results with the keys in this order; a resumed history must match
+        # a live one byte for byte, or the prompt cache misses.
+        self.assertEqual([list(block) for block in results[:2]], [["tool_use_id", "type", "content"]] * 2)
+        self.assertEqual(len(messages), 3)
+
+    def test_tool_results_come_first_in_their_user_message(self) -> None:
+        messages = self.messages(
+            user("q"), {"role": "assistant", "tool_calls": [weather_call("a"), weather_call("b")]},
+            user("note between"), {"role": "tool", "tool_call_id": "a", "content": "A"},
+            {"role": "tool", "tool_call_id": "b", "content": ""}, user("after"))
+        self.assertEqual([b["type"] for b in messages[2]["content"]],
+                         ["tool_result", "tool_result", "text", "text"])
+        self.assertEqual([b.get("tool_use_id") for b in messages[2]["content"][:2]], ["a", "b"])
+        self.assertEqual(messages[2]["content"][1]["content"], [], "an empty result holds no empty text")
+
+    def test_invalid_tool_arguments_are_a_400(self) -> None:
+        for arguments in ("{not json", "[1, 2]", '"text"', "3"):
+            self.rejects("messages[1].tool_calls[0].function.arguments", "invalid_tool_arguments",
+                         messages=[user("q"), {"role": "assistant", "tool_calls": [weather_call("c", arguments)]},
+                                   {"role": "tool", "tool_call_id": "c", "content": "r"}])
+        for arguments in ("", None, {"city": "Oslo"}):
+            call = weather_call("c")
+            call["function"]["arguments"] = arguments
+            messages = self.messages(user("q"), {"role": "assistant", "tool_calls": [call]},
+                                     {"role": "tool", "tool_call_id": "c", "content": "r"})
+            self.assertEqual(messages[1]["content"][0]["input"], arguments or {})
+
+    def test_legacy_functions_and_function_messages(self) -> None:
+        turn, options = chat_turn(functions=[WEATHER_TOOL["function"]], function_call={"name": "get_weather"},
+                                  messages=[user("q"), {"role": "assistant", "content": None, "function_call": {
+                                      "name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+                                            {"role": "function", "name": "get_weather", "content": "snow"}])
+        self.assertTrue(options.legacy_functions)
+        self.assertFalse(turn.parallel_tool_calls, "the functions API makes one call at a time")
+        self.assertEqual([t["name"] for t in turn.conversation.tools], ["get_weather"])
+        self.assertEqual(turn.tool_choice, "get_weather")
+        self.assertIn("you must call the tool `get_weather`", turn.system_prompt)
+        self.assertEqual(turn.conversation.messages[1:], [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "call_function_0",
+                                               "name": "get_weather", "input": {"city": "Oslo"}}]},
+            {"role": "user", "content": [{"tool_use_id": "call_function_0", "type": "tool_result",
+                                          "content": [text("snow")]}]}])
+        self.rejects("messages[1]", messages=[user("q"), {"role": "function", "name": "f", "content": "r"}])
+        self.rejects("messages[1].function_call", messages=[user("q"), {"role": "assistant",
+                                                                        "function_call": "f"}, user("r")])
+
+    def test_assistant_refusal_parts_are_text(self) -> None:
+        messages = self.messages(user("q"), {"role": "assistant", "content": [
+            {"type": "refusal", "refusal": "I can't help with that."}, text(" Sorry.")]}, user("ok"))
+        self.assertEqual(messages[1]["content"], [text("I can't help with that."), text(" Sorry.")])
+        self.rejects("messages[1].content[0].refusal", messages=[user("q"), {"role": "assistant", "content": [
+            {"type": "refusal", "refusal": None}]}, user("ok")])
+
+    def test_pdf_file_parts_are_documents_other_files_are_refused(self) -> None:
+        pdf = {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64," + PDF_DATA}}
+        messages = self.messages({"role": "user", "content": [text("Read this."), pdf]})
+        self.assertEqual(messages[0]["content"][1], {"type": "document", "source": {
+            "type": "base64", "media_type": "application/pdf", "data": PDF_DATA}})
+        for file in ({"file_data": "data:text/plain;base64," + PDF_DATA}, {"file_id": "file-abc"}, None,
+                     {"file_data": "data:application/pdf;base64,%%%"}):
+            with self.assertRaises(proxy.ProxyError) as caught:
+                self.parse(messages=[{"role": "user", "content": [{"type": "file", "file": file}]}])
+            error = caught.exception
+            self.assertEqual(error.status, 400)
+            self.assertIn(error.code, ("unsupported_file", "invalid_image"), file)
+            self.assertTrue(error.param.startswith("messages[0].content[0].file"), error.param)
+        self.rejects("messages[1].content[0].type", "unsupported_content_type",
+                     messages=[user("q"), {"role": "assistant", "content": [pdf]}, user("r")])
+
+    def test_audio_parts_are_refused_naming_the_type(self) -> None:
+        error = self.rejects("messages[0].content[0].type", "unsupported_content_type", messages=[
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}])
+        self.assertIn("input_audio", error.message)
+
+    def test_a_prefill_is_refused(self) -> None:
+        self.rejects("messages", "unsupported_value",
+                     messages=[user("Write a haiku."), {"role": "assistant", "content": "Autumn"}])
+        self.rejects("messages", "unsupported_value",
+                     messages=[user("q"), {"role": "assistant", "tool_calls": [weather_call()]}])
+
+    def test_every_real_clients_chat_request_is_accepted_or_refused_as_expected(self) -> None:
+        requests = [r for r in load_client_requests()
+                    if r["head"][0].startswith("POST /v1/chat/completions ")]
+        self.assertGreater(len(requests), 100)
+        refused = {}
+        for request in requests:
+            try:
+                turn, _ = proxy.parse_chat_request(request["body"], config())
+            except proxy.ProxyError as error:
+                self.assertEqual(error.status, 400, request["client"])
+                refused[request["client"]] = (error.code, error.param)
+                continue
+            messages = turn.conversation.messages
+            self.assertEqual(messages[-1]["role"], "user", request["client"])
+            self.assertTrue(all(a["role"] != b["role"] for a, b in zip(messages, messages[1:])),
+                            "%s: roles must alternate" % request["client"])
+            json.dumps(messages)  # a native conversation is plain JSON
+        self.assertEqual(refused, CLIENT_REFUSALS)
+
+    def test_openclaws_turn_keeps_both_user_messages_and_its_thinking(self) -> None:
+        requests = [r for r in load_client_requests() if r["client"] == "oc-C-thinking"]
+        turn, options = proxy.parse_chat_request(requests[0]["body"], config())
+        last_users = []
+        for message in reversed(requests[0]["body"]["messages"]):
+            if message["role"] != "user":
+                break
+            last_users.insert(0, message)
+        self.assertGreaterEqual(len(last_users), 2, "OpenClaw ends a turn with two user messages")
+        self.assertEqual(len(turn.conversation.messages[-1]["content"]), len(last_users))
+        self.assertTrue(turn.thinking and options.want_reasoning)
+        self.assertEqual(turn.max_tokens, requests[0]["body"].get("max_completion_tokens"))
+
+    def test_a_long_conversation_translates_in_linear_work(self) -> None:
+        # Issue 8 item 4: each message was appended to one transcript string by copying all of it
+        # (160k messages: 21.7 s). No timing here: a native conversation keeps one block per
+        # message, and the very string the client sent, so no text was ever joined or copied.
+        # Joining history text again (into one block, or with +=) gives fewer blocks and new
+        # strings, and fails both checks.
+        count = 160000
+        texts = ["message %d" % i for i in range(count)]
+        body = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(texts)]
+        body += [user("and one more"), user("the context")]
+        messages = self.parse(messages=body).conversation.messages
+        self.assertEqual(len(messages), count + 1)
+        self.assertTrue(all(len(m["content"]) == 1 for m in messages[:-1]))
+        self.assertTrue(all(m["content"][0]["text"] is t for m, t in zip(messages, texts)),
+                        "the client's strings are kept, not copied")
+        self.assertEqual(messages[-1]["content"], [text("and one more"), text("the context")])
+
+    def test_merging_messages_looks_at_each_block_a_bounded_number_of_times(self) -> None:
+        # The structural form of the same check, for the one place messages are merged: MessageList.
+        # Many tool results in a row (an agent's parallel calls answered one tool message each) and
+        # many user messages in a row each land in one message. A merge that rescans or copies the
+        # message so far reads each block once per later block: N*N/2 reads, not ~N.
+        for kind in ("text", "tool_result"):
+            for count in (1000, 4000):
+                native = proxy.MessageList()
+                native.add("assistant", [text("calls")])
+                CountedBlock.reads = 0
+                for i in range(count):
+                    block = CountedBlock(type=kind, text="t%d" % i) if kind == "text" else \
+                        CountedBlock(proxy.tool_result_block("c%d" % i, "r"))
+                    native.add("user", [block])
+                self.assertEqual(len(native.messages[-1]["content"]), count)
+                self.assertLess(CountedBlock.reads, 10 * count,
+                                "%d %s blocks took %d reads" % (count, kind, CountedBlock.reads))
+
+
+class CompletionTest(ProxyTest):
+    def test_non_stream_answer_has_the_exact_openai_shape(self) -> None:
+        response = self.say("hello " + marker(), model="claude-opus-4")
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        body = response.json()
+        self.assertRegex(body["id"], r"^chatcmpl-[0-9a-f]{24}$")
+        self.assertEqual(body["object"], "chat.completion")
+        self.assertIsInstance(body["created"], int)
+        self.assertLessEqual(abs(body["created"] - time.time()), 60)
+        self.assertEqual(body["model"], "claude-opus-4")
+        self.assertEqual(len(body["choices"]), 1)
+        choice = body["choices"][0]
+        self.assertEqual(choice["index"], 0)
+        self.assertEqual(choice["finish_reason"], "stop")
+        self.assertEqual(choice["message"]["role"], "assistant")
+        self.assertEqual(choice["message"]["content"], "Hello from fake (claude-opus-4-8, 1 msgs) ")
+        self.assertEqual(body["usage"], {"prompt_tokens": 10, "completion_tokens": 7,
+                                         "total_tokens": 17,
+                                         "prompt_tokens_details": {"cached_tokens": 0}})
+
+    def test_what_the_cli_receives(self) -> None:
+        tag = marker()
+        response = self.chat({"role": "system", "content": "You are terse."},
+                             user("what is 2+2? " + tag), model="openai/claude-opus-4")
+        self.assertEqual(response.status, 200)
+        run = FAKE.run_for(tag)
+        argv = run["argv"]
+        self.assertEqual(argv_value(argv, "--model"), "opus")
+        # The system prompt comes on stdin (initialize), so any pre-started process can serve it.
+        self.assertEqual(argv_value(argv, "--system-prompt"), "")
+        self.assertEqual(run["initialize"]["systemPrompt"], "You are terse.")
+        self.assertEqual(run["requests"][0]["system"], "You are terse.")
+        self.assertEqual(argv_value(argv, "--tools"), "")
+        self.assertEqual(argv_value(argv, "--output-format"), "stream-json")
+        self.assertNotIn("--bare", argv)
+        self.assertNotIn("--resume", argv, "a first turn has no history to resume")
+        self.assertFalse(any(tag in arg or "terse" in arg for arg in argv), "the prompt must not be in argv")
+        self.assertEqual(run["messages"][0]["message"]["content"],
+                         [{"type": "text", "text": "what is 2+2? " + tag}])
+        self.assertNotIn("ANTHROPIC_API_KEY", run["env"])
+        self.assertNotIn("ANTHROPIC_AUTH_TOKEN", run["env"])
+        self.assertEqual(run["env"]["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"], "1")
+        self.assertTrue(os.path.basename(run["cwd"]).startswith("claude-proxy-"))
+        self.assertNotEqual(os.path.realpath(run["cwd"]), os.path.realpath(os.getcwd()))
+        self.assertTrue(wait_until(lambda: not os.path.exists(run["cwd"])),
+                        "the throwaway directory must be removed")
+        self.assertTrue(pid_gone(run["pid"]))
+
+    def test_allow_api_key_passes_the_key(self) -> None:
+        self.config.allow_api_key = True
+        tag = marker()
+        self.assertEqual(self.say(tag).status, 200)
+        self.assertEqual(FAKE.run_for(tag)["env"]["ANTHROPIC_API_KEY"], "sk-ant-test-must-not-leak")
+
+    def test_long_conversations_are_resumed_from_a_session_file(self) -> None:
+        tag = marker()
+        history = []
+        for i in range(300):
+            history += [user("question %d %s" % (i, "x" * 1000)),
+                        {"role": "assistant", "content": "answer %d" % i}]
+        response = self.chat(*history, user("final " + tag))
+        self.assertEqual(response.status, 200, response.body)
+        run = FAKE.run_for(tag, field="requests")
+        self.assertEqual(len(run["history"]), 600)
+        self.assertEqual(run["history"][-1], {"role": "assistant", "content": [
+            {"type": "text", "text": "answer 299"}]})
+        self.assertLess(len(run["stdin"]), 10000, "the history comes from the transcript, not stdin")
+        self.assertEqual(run["messages"][0]["message"]["content"], [{"type": "text", "text": "final " + tag}])
+        self.assertEqual(len(run["requests"][0]["messages"]), 601)
+
+    def test_a_system_prompt_larger_than_an_argument_may_be_works(self) -> None:
+        tag = marker()
+        rules = "Rule: be kind. " * 20000  # 300 KB; Linux takes at most 128 KiB in one argument
+        response = self.chat({"role": "system", "content": rules}, user(tag))
+        self.assertEqual(response.status, 200, response.body[:300])
+        run = FAKE.run_for(tag, field="requests")
+        self.assertEqual(run["requests"][0]["system"], rules)
+        self.assertFalse(any("Rule: be kind" in arg for arg in run["argv"]))
+
+    def test_usage_counts_cached_prompt_tokens(self) -> None:
+        cue = FAKE.script("cached", usage={"input_tokens": 5, "cache_read_input_tokens": 1000,
+                                           "cache_creation_input_tokens": 50, "output_tokens": 12})
+        usage = self.say(cue).json()["usage"]
+        self.assertEqual(usage, {"prompt_tokens": 1055, "completion_tokens": 12,
+                                 "total_tokens": 1067,
+                                 "prompt_tokens_details": {"cached_tokens": 1000}})
+
+    def test_max_tokens_stop_is_finish_reason_length(self) -> None:
+        cue = FAKE.script("cut-off", text=["It was a dark "], stop_reason="max_tokens")
+        self.assertEqual(self.say(cue).json()["choices"][0]["finish_reason"], "length")
+
+    def test_non_json_lines_from_the_cli_are_ignored(self) -> None:
+        response = self.say("[[fake:garbage]]")
+        self.assertEqual(response.status, 200)
+        self.assertTrue(response.json()["choices"][0]["message"]["content"].startswith("Hello"))
+
+    def test_empty_model_uses_the_default(self) -> None:
+        self.config.default_model = "claude-haiku-4"
+        tag = marker()
+        response = self.say(tag, model="")
+        self.assertEqual(response.json()["model"], "claude-haiku-4")
+        argv = FAKE.run_for(tag)["argv"]
+        self.assertEqual(argv_value(argv, "--model"), "haiku")
+
+
+def open_stream(port: int, text: str) -> socket.socket:
+    """Start a streaming request on a raw socket and return it once the first frame is in."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    body = json.dumps({"messages": [user(text)], "stream": True}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    received = b""
+    while b"data:" not in received:
+        data = sock.recv(4096)
+        if not data:
+            raise AssertionError("stream closed early: %r" % received)
+        received += data
+    return sock
+
+
+class StreamTest(ProxyTest):
+    def stream(self, text: str, **fields: Any) -> Response:
+        return self.say(text, stream=True, **fields)
+
+    def test_stream_frames_follow_openai(self) -> None:
+        response = self.stream("hi")
+        self.assertEqual(response.status, 200)
+        self.assertTrue(response.headers["Content-Type"].startswith("text/event-stream"))
+        self.assertEqual(response.headers["Transfer-Encoding"], "chunked")
+        frames = response.frames()
+        self.assertEqual(frames[-1], "[DONE]")
+        chunks = response.chunks()
+        self.assertEqual(len({(c["id"], c["created"], c["model"]) for c in chunks}), 1)
+        for chunk in chunks:
+            self.assertEqual(chunk["object"], "chat.completion.chunk")
+            self.assertNotIn("usage", chunk)
+        self.assertEqual(chunks[0]["choices"][0]["delta"], {"role": "assistant", "content": "Hello "})
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        self.assertEqual([d for d in deltas[1:-1] if "role" in d], [])
+        self.assertEqual("".join(d.get("content", "") for d in deltas),
+                         "Hello from fake (claude-sonnet-5, 1 msgs) ")
+        self.assertEqual(len(chunks), 7)  # one per CLI text delta, then the finish
+        self.assertEqual(chunks[-1]["choices"][0], {"index": 0, "delta": {}, "logprobs": None,
+                                                    "finish_reason": "stop"})
+        self.assertTrue(all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1]))
+
+    def test_an_http_1_0_client_gets_a_plain_stream_ended_by_the_close(self) -> None:
+        body = json.dumps({"messages": [user("hi")], "stream": True}).encode()
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        try:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+            received = b""
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += data
+        finally:
+            sock.close()
+        head, _, payload = received.partition(b"\r\n\r\n")
+        self.assertNotIn(b"Transfer-Encoding", head)
+        self.assertTrue(payload.startswith(b"data: {"), payload[:40])
+        self.assertTrue(payload.endswith(b"data: [DONE]\n\n"))
+
+    def test_include_usage_adds_a_usage_chunk(self) -> None:
+        chunks = self.stream("hi", stream_options={"include_usage": True}).chunks()
+        for chunk in chunks[:-1]:
+            self.assertIn("usage", chunk)
+            self.assertIsNone(chunk["usage"])
+        self.assertEqual(chunks[-1]["choices"], [])
+        self.assertEqual(chunks[-1]["usage"]["total_tokens"], 17)
+        self.assertEqual(chunks[-2]["choices"][0]["finish_reason"], "stop")
+
+    def test_frames_are_flushed_as_the_cli_prints_them(self) -> None:
+        tag = marker()
+        sock = open_stream(self.running.port, "[[fake:slow]] " + tag)
+        try:
+            self.assertNotIn("finished", FAKE.run_for(tag),
+                             "the first frame came only after the CLI finished")
+            received = b""
+            while b"[DONE]" not in received:
+                data = sock.recv(65536)
+                self.assertTrue(data, "stream ended without [DONE]")
+                received += data
+            self.assertIn(b"eight", received)
+        finally:
+            sock.close()
+
+    def test_a_silent_cli_gets_keepalive_comments_then_its_answer(self) -> None:
+        cue = FAKE.script("silent-first", text=["late ", "answer"], delay=0.8)
+        with mock.patch.object(proxy, "KEEPALIVE_INTERVAL", 0.1):
+            response = self.stream(cue)
+        body = response.body.decode()
+        self.assertIn(": keep-alive\n\n", body)
+        self.assertLess(body.index(": keep-alive"), body.index("late "))
+        self.assertEqual(stream_text(response), "late answer")
+        self.assertEqual(response.frames()[-1], "[DONE]")
+
+    def test_empty_answer_still_streams_role_and_finish(self) -> None:
+        cue = FAKE.script("empty", text=[])
+        chunks = self.stream(cue).chunks()
+        self.assertEqual(chunks[0]["choices"][0]["delta"], {"role": "assistant", "content": ""})
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
+
+    def test_error_before_any_text_is_a_plain_http_error(self) -> None:
+        self.assertError(self.stream("[[fake:not-logged-in]]"), 401, "authentication_error")
+
+    def test_error_after_the_stream_started_is_an_error_frame_then_done(self) -> None:
+        response = self.stream("[[fake:crash-midstream]]")
+        self.assertEqual(response.status, 200)
+        frames = response.frames()
+        self.assertEqual(frames[-1], "[DONE]")
+        error = json.loads(frames[-2])["error"]
+        self.assertEqual(set(error), {"message", "type", "param", "code"})
+        self.assertEqual(error["code"], "cli_failed")
+        self.assertIn("midway", error["message"])
+        self.assertEqual(stream_text(response), "partial answer ")
+
+
 def chat_door(**body: Any) -> "proxy.ChatDoor":
     return proxy.ChatDoor(*chat_turn(**body))
 
@@ -5886,7 +4215,7 @@ class ChatDoorTest(TestCase):
                                                                                 "events", body))
 
 
-class AgentRequestTranslationTest(ChatRequestCase):
+class ChatAgentRequestTest(ChatRequestCase):
     """Tools, images, structured output and generation controls of a chat request -> Turn."""
 
     def test_only_function_tools_are_offered(self) -> None:
@@ -6063,56 +4392,6 @@ class AgentRequestTranslationTest(ChatRequestCase):
         self.assertEqual(base64.b64decode(source["data"]), b"\x89PNG https://example.com/cat.png")
 
 
-class ImageFetchTest(TestCase):
-    """fetch_image against a local server: refused as private, served when allowed."""
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        class Images(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                body = base64.b64decode(PNG_1PX)
-                self.send_response(200 if self.path == "/cat.png" else 404)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        cls.images = ThreadingHTTPServer(("127.0.0.1", 0), Images)
-        threading.Thread(target=cls.images.serve_forever, daemon=True).start()
-        cls.base = "http://127.0.0.1:%d" % cls.images.server_port
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.images.shutdown()
-        cls.images.server_close()
-
-    def test_loopback_and_private_addresses_are_refused(self) -> None:
-        with self.assertRaises(proxy.ProxyError) as caught:
-            proxy.fetch_image(self.base + "/cat.png")
-        self.assertEqual(caught.exception.code, "image_url_not_allowed")
-        for address in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "fd00::1",
-                        "64:ff9b::a00:1", "2002:a00:1::1", "::127.0.0.1", "::ffff:10.0.0.1"):
-            self.assertFalse(proxy.is_public_address(address), address)
-        self.assertTrue(proxy.is_public_address("8.8.8.8"))
-
-    def test_an_allowed_address_is_fetched_with_its_media_type(self) -> None:
-        media_type, raw = proxy.fetch_image(self.base + "/cat.png", allow=lambda address: True)
-        self.assertEqual((media_type, raw), ("image/png", base64.b64decode(PNG_1PX)))
-        with self.assertRaises(proxy.ProxyError) as caught:  # the limit a request's budget leaves
-            proxy.fetch_image(self.base + "/cat.png", limit=10, allow=lambda address: True)
-        self.assertEqual(caught.exception.code, "image_too_large")
-        with self.assertRaises(proxy.ProxyError) as caught:
-            proxy.fetch_image(self.base + "/missing.png", allow=lambda address: True)
-        self.assertIn("404", caught.exception.message)
-        for bad in ("http://127.0.0.1:99999/x.png", "http://%s.example/x.png" % ("a" * 70)):
-            with self.assertRaises(proxy.ProxyError) as caught:
-                proxy.fetch_image(bad, allow=lambda address: True)
-            self.assertEqual(caught.exception.code, "image_fetch_failed")
-
-
 def answer_of(response: Response, stream: bool) -> Tuple[Optional[str], List[Dict[str, Any]], str]:
     """(content, tool_calls as the client sends them back, finish_reason) of a chat answer."""
     if not stream:
@@ -6138,6 +4417,12 @@ def assistant(content: Optional[str], calls: Optional[List[Dict[str, Any]]] = No
 
 def tool_message(call: Dict[str, Any], content: str) -> Dict[str, Any]:
     return {"role": "tool", "tool_call_id": call["id"], "content": content}
+
+
+def tool_turn_script(name: str, **spec: Any) -> str:
+    """A fake behaviour whose first message calls get_weather for Paris (then `spec`'s answer)."""
+    spec.setdefault("calls", [{"name": "get_weather", "arguments": {"city": "Paris"}}])
+    return FAKE.script(name, **spec)
 
 
 class ToolCallingTest(ProxyTest):
@@ -6213,188 +4498,6 @@ class ToolCallingTest(ProxyTest):
                  if "function_call" in c["choices"][0]["delta"]]
         self.assertEqual(names[0], "get_weather")
         self.assertEqual(streamed[-1]["choices"][0]["finish_reason"], "function_call")
-
-
-def run_of(pid: int, requests: int) -> Dict[str, Any]:
-    """The run of this pid once it has recorded this many upstream requests."""
-    found = wait_until(lambda: next((run for run in FAKE.runs()
-                                     if run["pid"] == pid and len(run.get("requests", [])) >= requests), None), 10.0)
-    if found is None:
-        raise AssertionError("pid %d never made %d upstream requests" % (pid, requests))
-    return found
-
-
-class ConversationTest(ProxyTest):
-    """A conversation's process is kept between its turns and continues it; anything else resumes."""
-
-    settings = dict(ProxyTest.settings, pool_size=4, pool_ttl=300.0)
-    TOOLS = [WEATHER_TOOL, TIME_TOOL]
-
-    def continued(self) -> int:
-        return self.running.server.core.health()["pool"]["continued"]
-
-    def assertExtends(self, later: Dict[str, Any], earlier: Dict[str, Any]) -> None:
-        """The later upstream request is the earlier one plus new messages, byte for byte."""
-        count = len(earlier["messages"])
-        self.assertGreater(len(later["messages"]), count)
-        self.assertEqual([json.dumps(m) for m in later["messages"][:count]],
-                         [json.dumps(m) for m in earlier["messages"]])
-        self.assertEqual(json.dumps([later["system"], later["tools"]]), json.dumps([earlier["system"], earlier["tools"]]))
-
-    def agent_loop(self, stream: bool) -> None:
-        tag = marker()
-        cue = tool_turn_script("loop-weather", text_before="Let me check. ", after_calls=["It is sunny ", "in Paris."])
-        before = self.continued()
-        messages = [user("Weather in Paris? %s %s" % (cue, tag))]
-        content, calls, finish = answer_of(self.chat(*messages, tools=self.TOOLS, stream=stream), stream)
-        self.assertEqual((content, finish), ("Let me check. ", "tool_calls"))
-        run = FAKE.run_for(tag, field="tool_calls")
-        self.assertEqual([c["id"] for c in calls], [run["tool_calls"][0]["tool_use_id"]], "Claude's own ids")
-        self.assertEqual(json.loads(calls[0]["function"]["arguments"]), {"city": "Paris"})
-        self.assertNotIn("answer", run["tool_calls"][0], "the call waits for the client's result")
-
-        messages += [assistant(content, calls), tool_message(calls[0], "sunny, 21 C")]
-        content, calls2, finish = answer_of(self.chat(*messages, tools=self.TOOLS, stream=stream), stream)
-        self.assertEqual((content, calls2, finish), ("It is sunny in Paris.", [], "stop"))
-        second = run_of(run["pid"], 2)
-        self.assertEqual(second["tool_calls"][0]["answer"]["response"]["mcp_response"]["result"],
-                         {"content": [{"type": "text", "text": "sunny, 21 C"}]})
-        self.assertExtends(second["requests"][1], second["requests"][0])
-
-        # OpenClaw's shape: the prompt, then a block of context, as two user messages.
-        third_cue = FAKE.script("loop-tomorrow", text=["Tomorrow ", "too."])
-        messages += [assistant(content), user("And tomorrow? " + third_cue), user("<context>Paris</context>")]
-        content, _, finish = answer_of(self.chat(*messages, tools=self.TOOLS, stream=stream), stream)
-        self.assertEqual((content, finish), ("Tomorrow too.", "stop"))
-        third = run_of(run["pid"], 3)
-        self.assertExtends(third["requests"][2], third["requests"][1])
-        self.assertEqual(len(third["messages"]), 2, "one stdin user line for the two user messages")
-        self.assertEqual([b["text"] for b in third["messages"][1]["message"]["content"]],
-                         ["And tomorrow? " + third_cue, "<context>Paris</context>"])
-        self.assertEqual([r["pid"] for r in FAKE.runs() if tag in r.get("stdin", "")], [run["pid"]],
-                         "one process for the whole conversation")
-        self.assertNotIn("--resume", run["argv"])
-        self.assertEqual(self.continued(), before + 2)
-
-    def test_an_agent_loop_continues_one_process(self) -> None:
-        self.agent_loop(stream=False)
-
-    def test_an_agent_loop_continues_one_process_streaming(self) -> None:
-        self.agent_loop(stream=True)
-
-    def test_parallel_calls_answered_in_one_request_continue_the_process(self) -> None:
-        tag = marker()
-        cue = tool_turn_script("loop-two", calls=[{"name": "get_weather", "arguments": {"city": "Rome"}},
-                                                  {"name": "get_time", "arguments": {"city": "Rome"}}])
-        messages = [user(cue + " " + tag)]
-        content, calls, finish = answer_of(self.chat(*messages, tools=self.TOOLS), False)
-        self.assertEqual((len(calls), finish), (2, "tool_calls"))
-        messages += [assistant(content, calls), tool_message(calls[0], "rain"), tool_message(calls[1], "noon")]
-        content, _, finish = answer_of(self.chat(*messages, tools=self.TOOLS), False)
-        self.assertEqual((content, finish), ("Tool results: rain | noon", "stop"))
-        run = run_of(FAKE.run_for(tag)["pid"], 2)
-        self.assertEqual([b["type"] for b in run["requests"][1]["messages"][-1]["content"]],
-                         ["tool_result", "tool_result"])
-        self.assertExtends(run["requests"][1], run["requests"][0])
-
-    def test_the_process_is_kept_before_the_answer_reaches_the_client(self) -> None:
-        # A client whose tool answers at once must find the process kept, however slow keeping is.
-        pool = self.running.server.core.runner.pool
-        keep = pool.keep
-
-        def slow_keep(key: str, process: "proxy.ClaudeProcess", session: "proxy.Session") -> bool:
-            time.sleep(0.3)
-            return keep(key, process, session)
-        tag = marker()
-        messages = [user(tool_turn_script("loop-quick") + " " + tag)]
-        for stream in (False, True):
-            with mock.patch.object(pool, "keep", slow_keep):
-                content, calls, _ = answer_of(self.chat(*messages, tools=self.TOOLS, stream=stream), stream)
-            run = FAKE.run_for(tag, field="tool_calls")
-            self.assertTrue(in_pool(self.running, run["pid"]))
-            answered = messages + [assistant(content, calls), tool_message(calls[0], "ok")]
-            self.assertEqual(self.chat(*answered, tools=self.TOOLS).status, 200)
-            self.assertEqual(run_of(run["pid"], 2)["pid"], run["pid"])
-            tag = marker()
-            messages = [user(tool_turn_script("loop-quick") + " " + tag)]
-
-    def test_two_trailing_user_messages_are_one_turn(self) -> None:
-        tag = marker()
-        response = self.chat(user("Summarize this. " + tag), user("<context>a long text</context>"))
-        self.assertEqual(response.status, 200, response.body)
-        run = FAKE.run_for(tag, field="requests")
-        self.assertEqual(len(run["messages"]), 1)
-        self.assertEqual(len(run["requests"]), 1)
-        self.assertEqual([b["text"] for b in run["requests"][0]["messages"][0]["content"]],
-                         ["Summarize this. " + tag, "<context>a long text</context>"])
-        self.assertNotIn("only the last", run["requests"][0]["system"])
-
-    def first_turn(self, **fields: Any) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-        tag = marker()
-        messages = [user("Hello " + tag)]
-        response = self.chat(*messages, **fields)
-        self.assertEqual(response.status, 200, response.body)
-        return messages + [assistant(response.json()["choices"][0]["message"]["content"])], FAKE.run_for(tag)
-
-    def test_a_turn_that_does_not_continue_the_kept_conversation_is_resumed_by_a_new_process(self) -> None:
-        variants = {"unchanged": ({}, {}), "edited history": ({}, {"edit": True}),
-                    "other tools": ({"tools": [WEATHER_TOOL]}, {"tools": [WEATHER_TOOL, TIME_TOOL]}),
-                    "other model": ({}, {"model": "claude-opus-4"}),
-                    "other max_tokens": ({"max_tokens": 100}, {"max_tokens": 200})}
-        for name, (first_fields, second_fields) in variants.items():
-            with self.subTest(name):
-                messages, first = self.first_turn(**first_fields)
-                second_fields = dict(first_fields, **second_fields)
-                if second_fields.pop("edit", False):
-                    messages[-1] = assistant("An answer the client made up.")
-                tag = marker()
-                response = self.chat(*messages, user("Next " + tag), **second_fields)
-                self.assertEqual(response.status, 200, response.body)
-                run = FAKE.run_for(tag, field="requests")
-                if name == "unchanged":
-                    self.assertEqual(run["pid"], first["pid"])
-                    continue
-                self.assertNotEqual(run["pid"], first["pid"])
-                self.assertEqual(run["history"], [
-                    {"role": "user", "content": [{"type": "text", "text": messages[0]["content"]}]},
-                    {"role": "assistant", "content": [{"type": "text", "text": messages[1]["content"]}]}])
-                self.assertEqual(run["session_file_mode"], 0o600)
-                self.assertTrue(run["session_file"].startswith(proxy.claude_config_dir(dict(os.environ))))
-                self.assertEqual(run["messages"][0]["message"]["content"], [{"type": "text", "text": "Next " + tag}])
-
-    def test_a_session_file_is_private_and_removed_with_its_process(self) -> None:
-        running_server = own_server(pool_size=2)
-        try:
-            tag = marker()
-            body = {"messages": [user("earlier"), assistant("said"), user(tag)]}
-            self.assertEqual(post_chat(running_server.port, body).status, 200)
-            run = FAKE.run_for(tag, field="history")
-            self.assertTrue(run["session_file_present"])
-            self.assertEqual(run["session_file_mode"], 0o600)
-            self.assertEqual(os.stat(os.path.dirname(run["session_file"])).st_mode & 0o777, 0o700)
-        finally:
-            running_server.stop()
-        self.assertTrue(pid_gone(run["pid"]))
-        self.assertFalse(os.path.exists(run["session_file"]))
-        self.assertFalse(os.path.exists(os.path.dirname(run["session_file"])))
-
-    def test_a_client_that_leaves_a_continued_turn_leaves_no_process(self) -> None:
-        tag = marker()
-        cue = tool_turn_script("loop-slow", after_calls=["slow "] * 40, delay=0.1)
-        messages = [user(cue + " " + tag)]
-        content, calls, _ = answer_of(self.chat(*messages, tools=self.TOOLS), False)
-        run = FAKE.run_for(tag, field="tool_calls")
-        body = json.dumps({"messages": messages + [assistant(content, calls), tool_message(calls[0], "ok")],
-                           "tools": self.TOOLS, "stream": True}).encode()
-        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(body), body))
-        self.assertIn(b"slow", sock.recv(65536) + sock.recv(65536))
-        sock.close()
-        self.assertTrue(pid_gone(run["pid"]), "the continued process outlived its client")
-        self.assertNotIn("finished", FAKE.run_for(tag))
-        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []))
-        self.assertFalse(in_pool(self.running, run["pid"]))
 
 
 class ImageRequestTest(ProxyTest):
@@ -6571,169 +4674,2981 @@ class GenerationControlTest(ProxyTest):
         self.assertNotIn("metadata-secret", recorded)
 
 
+class EchoTest(ProxyTest):
+    settings = dict(ProxyTest.settings, pool_size=2)
+
+    def test_a_reply_the_door_cannot_read_back_is_answered_and_not_kept(self) -> None:
+        failing = mock.patch.object(proxy.ChatDoor, "echo", side_effect=proxy.invalid("unreadable", "echo"))
+        for stream in (False, True):
+            with failing, self.assertLogs("claude_max_proxy", "WARNING") as logs:
+                response = self.say("hello %s" % marker(), stream=stream)
+            self.assertEqual(response.status, 200, response.body)
+            answer = stream_text(response) if stream else response.json()["choices"][0]["message"]["content"]
+            self.assertTrue(answer.startswith("Hello from fake"), answer)
+            self.assertIn("not kept for its next turn", "\n".join(logs.output))
+            self.assertEqual(self.running.server.core.health()["pool"]["conversations"], 0)
+
+
 # ---------------------------------------------------------------------------
-# Subscription usage: windows, extra usage, Anthropic's refusals
+# Door: OpenAI Responses
 # ---------------------------------------------------------------------------
 
-def observe(limits: "proxy.UsageLimits", event: Dict[str, Any]) -> None:
-    """Have `limits` take in a CLI event, as a session reads it."""
-    window = proxy.rate_limit_info(event)
-    if window is not None:
-        limits.record(window)
+RESPONSES_WEATHER_TOOL = {"type": "function", "name": "get_weather",
+                          "description": WEATHER_TOOL["function"]["description"],
+                          "parameters": WEATHER_TOOL["function"]["parameters"], "strict": False}
 
 
-def limit_event(name: str, resets_in: Optional[float] = 3600.0, **changes: Any) -> Dict[str, Any]:
-    """The recorded rate_limit_event of run `name`, its resets `resets_in` s from now, fields changed."""
-    event = next(e for e in recorded_events(name) if e["type"] == "rate_limit_event")
-    info = event["rate_limit_info"]
-    for key in ("resetsAt", "overageResetsAt"):
-        if key in info and resets_in is not None:
-            info[key] = int(time.time() + resets_in)
-    info.update(changes)
-    return event
+def sse_events(response: Response) -> List[Tuple[str, Dict[str, Any]]]:
+    """(name, data) of each event of an SSE body, which must all be named events (no comments)."""
+    events = []
+    for frame in response.body.decode("utf-8").split("\n\n"):
+        if frame:
+            name, data = frame.split("\n")
+            if not name.startswith("event: ") or not data.startswith("data: "):
+                raise AssertionError("not a named event: %r" % frame)
+            events.append((name[len("event: "):], json.loads(data[len("data: "):])))
+    return events
 
 
-def cli_failure(name: str) -> proxy.ProxyError:
-    """The error a session raises for a recorded failed run."""
-    try:
-        received(new_session(retry_budget=5.0), recorded_events(name))
-    except proxy.ProxyError as error:
+# A reply in all its kinds of blocks, as the CLI streams it: thinking, text, two calls (one without arguments).
+REPLY_RUN = [stream_event({"type": "message_start", "message": {"model": "claude-sonnet-5", "usage": {
+    "input_tokens": 3, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20, "output_tokens": 1}}})] \
+    + thinking_events("sig-1", "Let me ", "think.") + text_deltas("Checking", " now.") \
+    + tool_use_events("toolu_1", "get_weather", '{"city"', ': "Paris"}') \
+    + tool_use_events("toolu_2", "get_time", "{}") \
+    + [stream_event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}})]
+REPLY_TOOLS = [WEATHER_TOOL, TIME_TOOL]
+
+
+try:
+    import openai
+except ImportError:
+    openai = None  # type: ignore[assignment]
+
+
+needs_openai = unittest.skipIf(openai is None and not IN_CI,
+                               "the openai package is not installed (pip install openai)")
+
+
+class ResponsesDoorTest(ProxyTest):
+    settings = dict(ProxyTest.settings, pool_size=2)  # a conversation's process is kept between turns
+
+    # -- the request translated -----------------------------------------------------
+
+    def parse(self, **body: Any) -> Tuple[proxy.Turn, Any]:
+        body.setdefault("model", "claude-sonnet-4")
+        return proxy.parse_responses_request(body, config())
+
+    def assertInvalid(self, body: Dict[str, Any], param: str, code: Optional[str] = None,
+                      responses: Optional[Any] = None) -> proxy.ProxyError:
+        with self.assertRaises(proxy.ProxyError) as caught:
+            proxy.parse_responses_request(dict({"model": "claude-sonnet-4"}, **body), config(), responses and responses.get)
+        self.assertEqual((caught.exception.status, caught.exception.param), (400, param),
+                         caught.exception.message)
+        if code is not None:
+            self.assertEqual(caught.exception.code, code)
+        return caught.exception
+
+    def test_input_items_become_the_native_conversation(self) -> None:
+        turn, options = self.parse(instructions="Be brief.", tools=[RESPONSES_WEATHER_TOOL], input=[
+            {"type": "message", "id": "msg_dev", "role": "developer",
+             "content": [{"type": "input_text", "text": "You are a coding agent."}]},
+            {"role": "user", "content": "Weather in Paris?"},  # the Agents SDK's messages have no type
+            {"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "And this:"},
+                {"type": "input_image", "image_url": "data:image/png;base64," + PNG_1PX, "detail": "auto"},
+                {"type": "input_file", "filename": "a.pdf", "file_data": PDF_DATA_URL}]},
+            {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "OpenAI's"}],
+             "encrypted_content": "gAAAAB-openai-own"},
+            {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+             "content": [{"type": "output_text", "text": "Checking.", "annotations": []}]},
+            {"type": "function_call", "id": "fc_1", "call_id": "call 1", "name": "get_weather",
+             "arguments": "{\"city\":\"Paris\"}", "status": "completed"},
+            {"type": "function_call_output", "call_id": "call 1", "output": "21 C"},
+            {"role": "user", "content": [{"type": "input_text", "text": "Thanks"}]}])
+        conversation = turn.conversation
+        self.assertEqual(conversation.system, "Be brief.\n\nYou are a coding agent.")
+        self.assertEqual(conversation.tools, [{"name": "get_weather",
+                                               "description": "Current weather for a city.",
+                                               "input_schema": RESPONSES_WEATHER_TOOL["parameters"]}])
+        pdf = base64.b64encode(b"%PDF-1.4 tiny").decode()
+        self.assertEqual(conversation.messages, [
+            {"role": "user", "content": [
+                {"type": "text", "text": "Weather in Paris?"}, {"type": "text", "text": "And this:"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}},
+                {"type": "document",
+                 "source": {"type": "base64", "media_type": "application/pdf", "data": pdf}}]},
+            {"role": "assistant", "content": [  # OpenAI's own reasoning item is left out
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [
+                {"tool_use_id": "call_1", "type": "tool_result",
+                 "content": [{"type": "text", "text": "21 C"}]},
+                {"type": "text", "text": "Thanks"}]}])
+        self.assertEqual(options.system, ["You are a coding agent."], "instructions are not carried over")
+        self.assertEqual(options.item_ids, ["msg_dev", "rs_1", "msg_1", "fc_1"])
+
+    def test_settings_reach_the_turn_and_the_response(self) -> None:
+        schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+        turn, options = self.parse(
+            input="hi", max_output_tokens=300, parallel_tool_calls=False, tools=[RESPONSES_WEATHER_TOOL],
+            tool_choice={"type": "function", "name": "get_weather"}, metadata={"run": "7"},
+            reasoning={"effort": "high", "summary": "auto"}, include=["reasoning.encrypted_content"],
+            text={"format": {"type": "json_schema", "name": "P", "schema": schema, "strict": True}},
+            truncation="auto", prompt_cache_key="k", temperature=0.2, store=False, stream=True)
+        self.assertEqual(turn.conversation.messages,
+                         [{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+        self.assertEqual((turn.max_tokens, turn.parallel_tool_calls, turn.tool_choice, turn.effort,
+                          turn.thinking), (300, False, "get_weather", "high", True))
+        self.assertEqual(turn.json_schema, schema)
+        self.assertTrue(options.stream and options.want_reasoning and options.sealed_reasoning)
+        self.assertIs(options.store, False)
+        self.assertEqual(options.settings["text"]["format"]["name"], "P")
+        self.assertEqual(options.settings["reasoning"], {"effort": "high", "summary": "auto"})
+        self.assertEqual(options.settings["metadata"], {"run": "7"})
+        self.assertEqual(self.parse(input="hi", text={"format": {"type": "json_object"}})[0].json_schema,
+                         {"type": "object"})
+        # The Agents SDK sends effort "none": no thinking, so no reasoning items either.
+        turn, options = self.parse(input="hi", reasoning={"effort": "none"}, text={"verbosity": "low"})
+        self.assertFalse(turn.thinking or options.want_reasoning)
+        self.assertIsNone(turn.json_schema)
+        two_tools = [RESPONSES_WEATHER_TOOL, dict(RESPONSES_WEATHER_TOOL, name="b")]
+        allowed = self.parse(input="hi", tools=two_tools,
+                             tool_choice={"type": "allowed_tools", "mode": "required",
+                                          "tools": [{"type": "function", "name": "b"}]})[0]
+        self.assertEqual(([t["name"] for t in allowed.conversation.tools], allowed.tool_choice),
+                         (["b"], "required"))
+        self.assertEqual(self.parse(input="hi", tools=[RESPONSES_WEATHER_TOOL], tool_choice="none")[0]
+                         .conversation.tools, [])
+
+    def test_hosted_tools_are_left_out_and_other_tool_types_refused(self) -> None:
+        # What the Codex CLI offers on every request (R10): functions, a namespace, web_search.
+        turn, options = self.parse(input="hi", tools=[
+            RESPONSES_WEATHER_TOOL, {"type": "web_search", "external_web_access": False},
+            {"type": "web_search_preview_2025_03_11"},
+            {"type": "namespace", "name": "multi_agent_v1",
+             "tools": [dict(RESPONSES_WEATHER_TOOL, name="x")]}])
+        self.assertEqual([tool["name"] for tool in turn.conversation.tools], ["get_weather"])
+        self.assertEqual([tool["type"] for tool in options.settings["tools"]], ["function"])
+        for kind in ("custom", "local_shell", None):
+            error = self.assertInvalid({"input": "hi",
+                                        "tools": [RESPONSES_WEATHER_TOOL, {"type": kind, "name": "f"}]},
+                                       "tools[1].type", "unsupported_tool_type")
+            self.assertIn(repr(kind), error.message)
+
+    def test_bad_requests_are_400s_naming_the_param(self) -> None:
+        self.assertInvalid({}, "input")
+        self.assertInvalid({"input": []}, "input", "empty_array")
+        self.assertInvalid({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0].type",
+                           "unsupported_item_type")
+        self.assertInvalid({"input": [{"role": "tool", "content": "x"}]}, "input[0].role")
+        self.assertInvalid({"input": [user("hi"), {"role": "assistant", "content": "Sure"}]}, "input",
+                           "unsupported_value")
+        self.assertInvalid({"input": [{"role": "system", "content": "only rules"}]}, "input")
+        self.assertInvalid({"input": [{"role": "user",
+                                       "content": [{"type": "input_image", "file_id": "f"}]}]},
+                           "input[0].content[0].image_url")
+        self.assertInvalid({"input": [{"type": "function_call", "call_id": "c", "name": "f",
+                                       "arguments": "{"}]}, "input[0].arguments", "invalid_tool_arguments")
+        self.assertInvalid({"input": [{"type": "item_reference", "id": "msg_1"}, user("hi")]}, "input[0].id",
+                           "item_not_found")
+        self.assertInvalid({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format")
+        self.assertInvalid({"input": "hi", "reasoning": {"effort": "huge"}}, "reasoning.effort")
+        self.assertInvalid({"input": "hi", "conversation": "conv_1"}, "conversation", "unsupported_parameter")
+        self.assertInvalid({"input": "hi", "tool_choice": {"type": "function", "name": "nope"}},
+                           "tool_choice")
+        error = self.assertInvalid({"input": "hi", "previous_response_id": "resp_gone"},
+                                   "previous_response_id", "previous_response_not_found")
+        self.assertIn("resp_gone", error.message)
+
+    def test_previous_response_continues_its_conversation(self) -> None:
+        store = proxy.ResponseStore()
+        earlier = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                   {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}]
+        store.put(proxy.StoredResponse({"id": "resp_1"}, ["Rules."], earlier, ["msg_in", "msg_out"]))
+        turn, options = proxy.parse_responses_request(
+            {"model": "claude-sonnet-4", "previous_response_id": "resp_1", "instructions": "Now.",
+             "input": [{"type": "item_reference", "id": "msg_out"}, user("more")]}, config(), store.get)
+        self.assertEqual(turn.conversation.messages, earlier + [
+            {"role": "user", "content": [{"type": "text", "text": "more"}]}])
+        self.assertEqual(turn.conversation.system, "Now.\n\nRules.")
+        self.assertEqual(options.settings["previous_response_id"], "resp_1")
+        self.assertEqual(earlier[1]["content"], [{"type": "text", "text": "Hello."}],
+                         "the stored conversation is unchanged")
+
+    def test_the_store_keeps_the_newest_within_its_bounds(self) -> None:
+        store = proxy.ResponseStore(count=2, size=380)
+
+        def put(response_id: str, text: str = "x") -> None:
+            store.put(proxy.StoredResponse({"id": response_id}, [], [{"role": "user", "content": text}], []))
+        put("a"), put("b")
+        self.assertIsNotNone(store.get("a"))  # now the most recently used
+        put("c")
+        self.assertEqual([r is not None for r in map(store.get, "abc")], [True, False, True])
+        put("big", "y" * 300)  # only room for it alone
+        self.assertEqual([r is not None for r in map(store.get, ["a", "c", "big"])], [False, False, True])
+        put("huge", "z" * 500)  # larger than the whole store: not kept, nothing else lost
+        self.assertIsNone(store.get("huge"))
+        self.assertIsNotNone(store.get("big"))
+
+    # -- the reply translated --------------------------------------------------------
+
+    def door(self, stream: bool, **body: Any) -> proxy.ResponsesDoor:
+        body.setdefault("input", "hi")
+        turn, options = self.parse(stream=stream, tools=[RESPONSES_WEATHER_TOOL], **body)
+        return proxy.ResponsesDoor(turn, options)
+
+    def test_stream_events_follow_the_responses_api(self) -> None:
+        door = self.door(True, include=["reasoning.encrypted_content"])
+        ran = replay(REPLY_RUN, tools=REPLY_TOOLS)
+        frames = ran.frames(door)
+        self.assertEqual([name for name, _ in frames], [
+            "response.created", "response.in_progress",
+            "response.output_item.added", "response.reasoning_summary_part.added",
+            "response.reasoning_summary_text.delta", "response.reasoning_summary_text.delta",
+            "response.reasoning_summary_text.done", "response.reasoning_summary_part.done",
+            "response.output_item.done",
+            "response.output_item.added", "response.content_part.added",
+            "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
+            "response.content_part.done", "response.output_item.done",
+            "response.output_item.added", "response.function_call_arguments.delta",
+            "response.function_call_arguments.delta", "response.function_call_arguments.done",
+            "response.output_item.done",
+            "response.output_item.added", "response.function_call_arguments.delta",
+            "response.function_call_arguments.done", "response.output_item.done",
+            "response.completed"])
+        payloads = [payload for _, payload in frames]
+        self.assertEqual([p["sequence_number"] for p in payloads], list(range(len(frames))))
+        self.assertTrue(all(p["type"] == name for name, p in frames))
+        added = [p for p in payloads if p["type"] == "response.output_item.added"]
+        done = [p for p in payloads if p["type"] == "response.output_item.done"]
+        self.assertEqual([p["output_index"] for p in added], [0, 1, 2, 3])
+        self.assertEqual([(p["item"]["id"], p["item"].get("call_id")) for p in added],
+                         [(p["item"]["id"], p["item"].get("call_id")) for p in done])
+        for payload in payloads:
+            if "item_id" in payload:
+                self.assertEqual(payload["item_id"], added[payload["output_index"]]["item"]["id"])
+        final = payloads[-1]["response"]
+        self.assertEqual(final["id"], payloads[0]["response"]["id"])
+        self.assertTrue(final["id"].startswith("resp_"))
+        self.assertEqual((final["status"], payloads[0]["response"]["status"]), ("completed", "in_progress"))
+        self.assertEqual(final["output"], [p["item"] for p in done])
+        self.assertEqual(final["output"][0]["summary"], [{"type": "summary_text", "text": "Let me think."}])
+        self.assertEqual(final["output"][0]["encrypted_content"], "claude-thinking-signature:sig-1")
+        self.assertEqual(final["output"][1]["content"], [
+            {"type": "output_text", "annotations": [], "logprobs": [], "text": "Checking now."}])
+        self.assertEqual(final["output"][2], dict(added[2]["item"], status="completed",
+                                                  arguments='{"city": "Paris"}'))
+        self.assertRegex(final["output"][2]["id"], "^fc_")
+        self.assertEqual(final["output"][2]["call_id"], "toolu_1")
+        self.assertEqual(final["usage"], {
+            "input_tokens": 123, "input_tokens_details": {"cached_tokens": 100, "cache_write_tokens": 20},
+            "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 132})
+        # What the client sends back next turn reads as this very reply.
+        self.assertEqual(door.echo(ran.outcome), ran.outcome.blocks)
+
+    def test_whole_response_matches_the_stream(self) -> None:
+        ran = replay(REPLY_RUN, tools=REPLY_TOOLS)
+        final = ran.frames(self.door(True))[-1][1]["response"]
+        door = self.door(False)
+        whole = door.response(ran.outcome)
+        without_ids = lambda output: [dict(item, id=None) for item in output]  # noqa: E731
+        self.assertEqual(without_ids(whole["output"]), without_ids(final["output"]))
+        self.assertEqual(set(whole), set(final))
+        self.assertNotIn("encrypted_content", whole["output"][0], "not asked for with include")
+        # Without its signature, thinking does not come back: the echo has none.
+        self.assertEqual(door.echo(ran.outcome), [b for b in ran.outcome.blocks if b["type"] != "thinking"])
+
+    def test_text_after_hidden_thinking_is_a_new_message(self) -> None:
+        # Thinking the client does not see (--hide-reasoning) still ends the message before it:
+        # the text after it is an item of its own, streamed and whole alike.
+        ran = replay([MESSAGE_START] + text_deltas("Let me see.") + thinking_events("sig-1", "Hmm.")
+                     + text_deltas("Sunny.") + message_end("end_turn") + [result_event("Sunny.")])
+
+        def door(stream: bool) -> proxy.ResponsesDoor:
+            return proxy.ResponsesDoor(*proxy.parse_responses_request(
+                {"model": "claude-sonnet-4", "input": "hi", "stream": stream}, config(hide_reasoning=True)))
+        streamed = ran.frames(door(True))
+        self.assertEqual([p["item"]["type"] for name, p in streamed if name == "response.output_item.added"],
+                         ["message", "message"])
+        self.assertEqual([(p["output_index"], p["delta"]) for name, p in streamed
+                          if name == "response.output_text.delta"], [(0, "Let me see."), (1, "Sunny.")])
+        for output in (streamed[-1][1]["response"]["output"], door(False).response(ran.outcome)["output"]):
+            self.assertEqual([(item["type"], item["content"][0]["text"]) for item in output],
+                             [("message", "Let me see."), ("message", "Sunny.")])
+
+    def test_output_limit_makes_an_incomplete_response(self) -> None:
+        ran = replay([MESSAGE_START] + text_deltas("The first part") + message_end("max_tokens"), max_tokens=50)
+        frames = ran.frames(self.door(True))
+        self.assertEqual(frames[-1][0], "response.incomplete")
+        response = frames[-1][1]["response"]
+        self.assertEqual((response["status"], response["incomplete_details"]),
+                         ("incomplete", {"reason": "max_output_tokens"}))
+        self.assertEqual(response["output"][0]["status"], "incomplete")
+        whole = self.door(False).response(ran.outcome)
+        self.assertEqual((whole["status"], whole["output"][0]["status"]), ("incomplete", "incomplete"))
+
+    def test_a_failure_mid_stream_closes_the_items_and_fails_the_response(self) -> None:
+        door = self.door(True)
+        started = received(new_session(), [MESSAGE_START] + text_deltas("partial")[:2])
+        frames = [frame for event in started for frame in door.encode(event)] + door.failure(
+            proxy.ProxyError(502, "Claude Code exited", code="cli_failed"))
+        self.assertEqual([name for name, _ in frames][4:], [
+            "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+            "response.output_item.done", "response.failed"])
+        response = frames[-1][1]["response"]
+        self.assertEqual((response["status"], response["error"], response["usage"]),
+                         ("failed", {"code": "server_error", "message": "Claude Code exited"}, None))
+        self.assertEqual(response["output"][0]["status"], "incomplete")
+        too_long = proxy.ProxyError(400, "long", code="context_length_exceeded")
+        self.assertEqual(proxy.responses_error_code(too_long), "context_length_exceeded")
+        self.assertEqual(proxy.responses_error_code(proxy.ProxyError(403, "no")), "invalid_prompt")
+        self.assertEqual(proxy.responses_error_code(proxy.ProxyError(429, "later")), "rate_limit_exceeded")
+
+    # -- over HTTP, against the fake CLI -------------------------------------------------
+
+    def respond(self, **body: Any) -> Response:
+        body.setdefault("model", "claude-sonnet-4")
+        return self.request("POST", "/v1/responses", body)
+
+    def test_text_answer_whole_and_streamed(self) -> None:
+        response = self.respond(input="hi")
+        self.assertEqual(response.status, 200, response.body)
+        body = response.json()
+        self.assertEqual((body["object"], body["status"], body["model"], body["error"]),
+                         ("response", "completed", "claude-sonnet-4", None))
+        self.assertEqual([item["type"] for item in body["output"]], ["message"])
+        self.assertEqual(body["output"][0]["content"][0]["text"],
+                         "Hello from fake (claude-sonnet-5, 1 msgs) ")
+        self.assertEqual((body["usage"]["input_tokens"], body["usage"]["output_tokens"]), (10, 7))
+        streamed = self.respond(input="hi", stream=True)
+        self.assertTrue(streamed.headers["Content-Type"].startswith("text/event-stream"))
+        events = sse_events(streamed)
+        self.assertNotIn("[DONE]", streamed.frames())
+        self.assertEqual([name for name, _ in events], [data["type"] for _, data in events])
+        self.assertEqual([data["sequence_number"] for _, data in events], list(range(len(events))))
+        names = [name for name, _ in events]
+        self.assertEqual(names[:4] + names[-4:], [
+            "response.created", "response.in_progress", "response.output_item.added",
+            "response.content_part.added", "response.output_text.done", "response.content_part.done",
+            "response.output_item.done", "response.completed"])
+        self.assertEqual("".join(data["delta"] for name, data in events
+                                 if name == "response.output_text.delta"),
+                         "Hello from fake (claude-sonnet-5, 1 msgs) ")
+        final = events[-1][1]["response"]
+        self.assertEqual(final["output"][0]["content"], body["output"][0]["content"])
+        self.assertEqual(final["usage"], body["usage"])
+
+    def test_tool_round_trip_continues_the_same_process(self) -> None:
+        tag = marker()
+        cue = FAKE.script("responses-calls", text_before=["Let me check."],
+                          calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
+        question = {"role": "user", "content": "Weather in Paris? %s %s" % (cue, tag)}
+        first = self.respond(input=[question], tools=[RESPONSES_WEATHER_TOOL], stream=True)
+        final = sse_events(first)[-1][1]["response"]
+        self.assertEqual([item["type"] for item in final["output"]], ["message", "function_call"])
+        call = final["output"][1]
+        self.assertEqual((call["name"], json.loads(call["arguments"]), call["status"]),
+                         ("get_weather", {"city": "Paris"}, "completed"))
+        continued = self.running.server.core.runner.pool.continued
+        second = self.respond(tools=[RESPONSES_WEATHER_TOOL], input=[question] + final["output"] + [
+            {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny, 21 C"}])
+        self.assertEqual(second.status, 200, second.body)
+        # The process that called the tool got its result (a new one would resume, not quote it).
+        self.assertEqual(second.json()["output"][0]["content"][0]["text"], "Tool results: sunny, 21 C")
+        self.assertEqual(self.running.server.core.runner.pool.continued, continued + 1)
+        run = FAKE.run_for(tag, "tool_calls")
+        self.assertEqual(run["tool_calls"][0]["answer"]["response"]["mcp_response"]["result"]["content"],
+                         [{"type": "text", "text": "sunny, 21 C"}])
+
+    def test_reasoning_summaries_stream_and_come_back_as_thinking(self) -> None:
+        cue = FAKE.script("responses-thinks", thinking=["Hmm, ", "a greeting."], text=["Hi!"])
+        response = self.respond(input=cue, stream=True, reasoning={"effort": "low", "summary": "auto"},
+                                include=["reasoning.encrypted_content"])
+        events = sse_events(response)
+        self.assertEqual([name for name, _ in events][2:8], [
+            "response.output_item.added", "response.reasoning_summary_part.added",
+            "response.reasoning_summary_text.delta", "response.reasoning_summary_text.delta",
+            "response.reasoning_summary_text.done", "response.reasoning_summary_part.done"])
+        output = events[-1][1]["response"]["output"]
+        self.assertEqual([item["type"] for item in output], ["reasoning", "message"])
+        self.assertEqual(output[0]["summary"], [{"type": "summary_text", "text": "Hmm, a greeting."}])
+        self.assertTrue(output[0]["encrypted_content"].startswith("claude-thinking-signature:"))
+        # Sent back, the reasoning item is Claude's signed thinking again: the kept process continues.
+        continued = self.running.server.core.runner.pool.continued
+        again = self.respond(input=[{"role": "user", "content": cue}] + output + [user("And now?")],
+                             reasoning={"effort": "low", "summary": "auto"},
+                             include=["reasoning.encrypted_content"])
+        self.assertEqual(again.status, 200, again.body)
+        self.assertEqual(self.running.server.core.runner.pool.continued, continued + 1)
+        hidden = self.respond(input=cue, reasoning={"effort": "none"})
+        self.assertEqual([item["type"] for item in hidden.json()["output"]], ["message"])
+
+    def test_json_schema_through_text_format(self) -> None:
+        tag = marker()  # the fake's recorded structured answer is {"a": 1}
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+        response = self.respond(input="Give me a. " + tag, text={"format": {
+            "type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(json.loads(response.json()["output"][0]["content"][0]["text"]), {"a": 1})
+        self.assertEqual(response.json()["text"]["format"]["name"], "answer")
+        self.assertEqual(FAKE.run_for(tag, "initialize")["initialize"]["jsonSchema"], schema)
+
+    def test_max_output_tokens_makes_an_incomplete_response(self) -> None:
+        cue = FAKE.script("responses-long", text=["The first ", "part"], stop_reason="max_tokens",
+                          usage={"output_tokens": 20}, **{"continue": ["MORE"], "continue_delay": 30})
+        body = self.respond(input=cue, max_output_tokens=20).json()
+        self.assertEqual((body["status"], body["incomplete_details"], body["max_output_tokens"]),
+                         ("incomplete", {"reason": "max_output_tokens"}, 20))
+        self.assertEqual(body["output"][0]["content"][0]["text"], "The first part")
+        events = sse_events(self.respond(input=cue, max_output_tokens=20, stream=True))
+        self.assertEqual(events[-1][0], "response.incomplete")
+        self.assertEqual(events[-2][1]["item"]["status"], "incomplete")
+
+    def test_previous_response_id_continues_a_stored_response(self) -> None:
+        first = self.respond(input="hi", instructions="Be kind.").json()
+        stored = self.request("GET", "/v1/responses/" + first["id"])
+        self.assertEqual((stored.status, stored.json()), (200, first))
+        second = self.respond(input="and again?", instructions="Be kind.", previous_response_id=first["id"],
+                              stream=True)
+        final = sse_events(second)[-1][1]["response"]
+        self.assertEqual(final["previous_response_id"], first["id"])
+        # The process of the first turn answers the second: its second turn.
+        self.assertEqual(final["output"][0]["content"][0]["text"],
+                         "Hello from fake (claude-sonnet-5, 2 msgs) ")
+        self.assertEqual(self.request("GET", "/v1/responses/" + final["id"]).json(), final)
+        self.assertError(self.respond(input="x", previous_response_id="resp_unknown"), 400,
+                         "invalid_request_error", "previous_response_not_found", "previous_response_id")
+        self.assertError(self.request("GET", "/v1/responses/resp_unknown"), 404, "not_found_error")
+
+    def test_store_false_keeps_nothing(self) -> None:
+        body = self.respond(input="hi", store=False).json()
+        self.assertFalse(body["store"])
+        self.assertEqual(self.request("GET", "/v1/responses/" + body["id"]).status, 404)
+        self.assertError(self.respond(input="x", previous_response_id=body["id"]), 400,
+                         "invalid_request_error", "previous_response_not_found")
+
+    def test_errors_before_and_after_the_stream_started(self) -> None:
+        self.assertError(self.respond(input=[{"type": "computer_call"}]), 400, "invalid_request_error",
+                         "unsupported_item_type", "input[0].type")
+        self.assertError(self.respond(input="[[fake:not-logged-in]]", stream=True), 401,
+                         "authentication_error")
+        response = self.respond(input="[[fake:crash-midstream]]", stream=True)
+        self.assertEqual(response.status, 200)
+        events = sse_events(response)
+        self.assertEqual([name for name, _ in events][-3:], [
+            "response.content_part.done", "response.output_item.done", "response.failed"])
+        failed = events[-1][1]["response"]
+        self.assertEqual((failed["status"], failed["error"]["code"]), ("failed", "server_error"))
+        self.assertIn("midway", failed["error"]["message"])
+        self.assertEqual(failed["output"][0]["content"][0]["text"], "partial answer ")
+
+    def test_embeddings_are_a_404_that_says_why(self) -> None:
+        error = self.assertError(self.request("POST", "/v1/embeddings", {"model": "x", "input": "hi"}),
+                                 404, "not_found_error", "embeddings_not_supported")
+        self.assertIn("no embeddings model", error["message"])
+
+    # -- the official openai SDK -----------------------------------------------------------
+
+    def client(self) -> Any:
+        return openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.running.port,
+                             api_key="not-needed", max_retries=0)
+
+    @needs_openai
+    def test_sdk_create_whole_and_streamed(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            response = self.client().responses.create(model="claude-sonnet-4", input="hi",
+                                                      instructions="Be brief.")
+            self.assertEqual(response.output_text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
+            self.assertEqual((response.status, response.usage.total_tokens), ("completed", 17))
+            response.model_dump()
+            self.assertEqual(self.client().responses.retrieve(response.id).output_text, response.output_text)
+            events = list(self.client().responses.create(model="claude-sonnet-4", input="hi", stream=True))
+            for event in events:
+                event.model_dump()
+        self.assertEqual(events[0].type, "response.created")
+        self.assertEqual(events[-1].type, "response.completed")
+        self.assertEqual(events[-1].response.output_text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
+
+    @needs_openai
+    def test_sdk_stream_helpers_and_a_function_call_loop(self) -> None:
+        cue = FAKE.script("responses-sdk-calls", after_calls=["Sunny ", "in Paris."],
+                          calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
+        question = [{"role": "user", "content": "Weather in Paris? " + cue}]
+        client = self.client()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with client.responses.stream(model="claude-sonnet-4", input=question,
+                                         tools=[dict(RESPONSES_WEATHER_TOOL, strict=True)]) as stream:
+                kinds = [event.type for event in stream]
+                first = stream.get_final_response()
+            self.assertIn("response.function_call_arguments.delta", kinds)
+            self.assertIn("response.function_call_arguments.done", kinds)
+            call = first.output[0]
+            self.assertEqual((call.type, call.name, json.loads(call.arguments)),
+                             ("function_call", "get_weather", {"city": "Paris"}))
+            result = [{"type": "function_call_output", "call_id": call.call_id, "output": "21 C"}]
+            with client.responses.stream(model="claude-sonnet-4", input=result, previous_response_id=first.id,
+                                         tools=[dict(RESPONSES_WEATHER_TOOL, strict=True)]) as stream:
+                deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+                final = stream.get_final_response()
+        self.assertEqual("".join(deltas), "Sunny in Paris.")
+        self.assertEqual(final.output_text, "Sunny in Paris.")
+
+    @needs_openai
+    def test_sdk_parse_with_a_pydantic_model(self) -> None:
+        import pydantic
+
+        class Answer(pydantic.BaseModel):  # the fake's recorded structured answer is {"a": 1}
+            a: int
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            parsed = self.client().responses.parse(model="claude-sonnet-4", input="Give me a.",
+                                                   text_format=Answer)
+        self.assertEqual(parsed.output_parsed, Answer(a=1))
+
+
+# ---------------------------------------------------------------------------
+# Door: Anthropic Messages
+# ---------------------------------------------------------------------------
+
+class ModelRefusedTest(TestCase):
+    # What Claude Code 2.1.197 says (an assistant event with error "model_not_found", then a result
+    # with api_error_status 404) when Anthropic answers 404 not_found_error for its --model.
+    SAID = ("There's an issue with the selected model (claude-nonexistent-9). It may not exist or you "
+            "may not have access to it. Run --model to pick a different model.")
+
+    def test_the_clis_words_for_an_unknown_model_become_a_404_model_not_found_naming_it(self) -> None:
+        for kind in ("model_not_found", None):
+            error = proxy.upstream_error(404, self.SAID, kind)
+            self.assertEqual((error.status, error.code, error.param), (404, "model_not_found", "model"))
+            self.assertTrue(error.message.startswith("The model `claude-nonexistent-9` does not exist, or "
+                                                     "your Claude plan has no access to it. Use one of: "
+                                                     "claude-opus-4, "), error.message)
+            self.assertNotIn("--model", error.message)
+        self.assertEqual(proxy.MessagesDoor.error_reply(error),
+                         (404, {"type": "error", "error": {"type": "not_found_error", "message": error.message}}))
+
+
+try:
+    import anthropic
+except ImportError:
+    anthropic = None  # type: ignore[assignment]
+
+MESSAGES_WEATHER_TOOL = {"name": "get_weather", "description": "Current weather for a city.",
+                         "input_schema": WEATHER_TOOL["function"]["parameters"]}
+FAKE_SIGNATURE = "fake-signature-abc123"  # the recorded thinking block's
+
+
+def streamed_content(events: List[Tuple[str, Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """The content blocks a stream builds, as the anthropic SDK accumulates them."""
+    blocks: List[Dict[str, Any]] = []
+    for _, event in events:
+        if event["type"] == "content_block_start":
+            blocks.append(dict(event["content_block"], partial=""))
+        elif event["type"] == "content_block_delta":
+            block, delta = blocks[event["index"]], event["delta"]
+            field = {"text_delta": "text", "thinking_delta": "thinking", "signature_delta": "signature",
+                     "input_json_delta": "partial"}[delta["type"]]
+            value = delta["partial_json" if field == "partial" else field]
+            block[field] = value if field == "signature" else block[field] + value
+    for block in blocks:
+        partial = block.pop("partial")
+        if block["type"] == "tool_use":
+            block["input"] = json.loads(partial) if partial else {}
+    return blocks
+
+
+class MessagesDoorTest(ProxyTest):
+    """POST /v1/messages in Anthropic's shapes, against the fake CLI."""
+
+    def parse(self, **fields: Any) -> Tuple[proxy.Turn, proxy.MessagesOptions]:
+        body: Dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": [user("hi")]}
+        body.update(fields)
+        return proxy.parse_messages_request(body, config())
+
+    def rejects(self, param: Optional[str], **fields: Any) -> proxy.ProxyError:
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.parse(**fields)
+        error = caught.exception
+        self.assertEqual((error.status, error.param), (400, param), error.message)
         return error
-    raise AssertionError("%s raised no error" % name)
+
+    def messages(self, *messages: Any, **fields: Any) -> Response:
+        body: Dict[str, Any] = {"model": "claude-sonnet-4", "max_tokens": 1024, "messages": list(messages)}
+        body.update(fields)
+        return self.request("POST", "/v1/messages", body)
+
+    def assertAnthropicError(self, response: Response, status: int, type_: str) -> str:
+        self.assertEqual(response.status, status, response.body)
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        body = response.json()
+        self.assertEqual(set(body), {"type", "error"})
+        self.assertEqual(body["type"], "error")
+        self.assertEqual(set(body["error"]), {"type", "message"})
+        self.assertEqual(body["error"]["type"], type_)
+        self.assertTrue(body["error"]["message"])
+        return body["error"]["message"]
+
+    # -- the request, translated --------------------------------------------------
+
+    def test_a_request_becomes_the_native_turn(self) -> None:
+        turn, options = self.parse(
+            system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}},
+                    {"type": "text", "text": "Be kind."}],
+            messages=[
+                {"role": "user", "content": [
+                    {"type": "text", "text": "Look:"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}},
+                    {"type": "document", "title": "Doc",
+                     "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_DATA}},
+                    {"type": "document",
+                     "source": {"type": "text", "media_type": "text/plain", "data": "notes"}}]},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "Hm.", "signature": "sig"},
+                    {"type": "redacted_thinking", "data": "opaque"},
+                    {"type": "text", "text": "Let me check.", "citations": None},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                     "content": [{"type": "text", "text": "no data"}]},
+                    {"type": "text", "text": "And?"}]},
+                {"role": "user", "content": "Well?"}],
+            tools=[dict(MESSAGES_WEATHER_TOOL, cache_control={"type": "ephemeral"})],
+            tool_choice={"type": "any", "disable_parallel_tool_use": True}, stop_sequences=["END", ""],
+            thinking={"type": "enabled", "budget_tokens": 2000}, output_config={"effort": "low"},
+            metadata={"user_id": "u1"}, temperature=0.2, top_p=0.9, top_k=5, stream=True)
+        self.assertTrue(options.stream)
+        self.assertEqual((turn.model, turn.cli_model, turn.max_tokens, turn.stops, turn.thinking, turn.effort),
+                         ("claude-sonnet-4-5", "claude-sonnet-4-5", 1024, ["END"], True, "low"))
+        self.assertEqual((turn.tool_choice, turn.parallel_tool_calls, turn.json_schema),
+                         ("required", False, None))
+        self.assertEqual(turn.conversation.system, "Be brief.\n\nBe kind.")
+        self.assertEqual(turn.conversation.tools, [MESSAGES_WEATHER_TOOL])
+        self.assertEqual(turn.conversation.messages, [
+            {"role": "user", "content": [
+                {"type": "text", "text": "Look:"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}},
+                {"type": "document", "title": "Doc",
+                 "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_DATA}},
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "notes"}}]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "Hm.", "signature": "sig"},
+                {"type": "redacted_thinking", "data": "opaque"},
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+            {"role": "user", "content": [
+                {"tool_use_id": "toolu_1", "type": "tool_result", "is_error": True,
+                 "content": [{"type": "text", "text": "no data"}]},
+                {"type": "text", "text": "And?"}, {"type": "text", "text": "Well?"}]}])
+
+    def test_thinking_choices_and_structured_output(self) -> None:
+        self.assertFalse(self.parse()[0].thinking, "as on the Messages API, Claude thinks only when asked")
+        self.assertFalse(self.parse(thinking={"type": "disabled"})[0].thinking)
+        self.assertTrue(self.parse(thinking={"type": "adaptive"})[0].thinking)
+        self.rejects("thinking.type", thinking={"type": "deep"})
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+        turn = self.parse(output_config={"effort": "max",
+                                         "format": {"type": "json_schema", "schema": schema}})[0]
+        self.assertEqual((turn.effort, turn.json_schema), ("max", schema))
+        self.assertEqual(self.parse(system="  ")[0].conversation.system, proxy.DEFAULT_SYSTEM_PROMPT)
+
+    def test_tool_choices(self) -> None:
+        tools = [MESSAGES_WEATHER_TOOL]
+        turn = self.parse(tools=tools, tool_choice={"type": "tool", "name": "get_weather"})[0]
+        self.assertEqual((turn.tool_choice, turn.parallel_tool_calls), ("get_weather", True))
+        self.assertEqual(self.parse(tools=tools, tool_choice={"type": "none"})[0].conversation.tools, [])
+        self.assertEqual(self.parse(tools=tools, tool_choice={"type": "auto"})[0].tool_choice, "auto")
+        self.rejects("tool_choice", tools=tools, tool_choice={"type": "tool", "name": "get_time"})
+        self.rejects("tool_choice.type", tools=tools, tool_choice="any")
+
+    def test_what_claude_code_cannot_do_is_a_400_that_says_so(self) -> None:
+        self.assertIn("required", self.rejects("max_tokens", max_tokens=None).message)
+        self.rejects("max_tokens", max_tokens=0)
+        error = self.rejects("tools[1].type", tools=[MESSAGES_WEATHER_TOOL,
+                                                     {"type": "web_search_20250305", "name": "web_search"}])
+        self.assertIn("web_search_20250305", error.message)
+        self.rejects("tools[0].input_schema",
+                     tools=[dict(MESSAGES_WEATHER_TOOL, input_schema={"type": "array"})])
+        self.assertIn("prefill", self.rejects("messages", messages=[
+            user("hi"), {"role": "assistant", "content": "Sure, "}]).message)
+        self.rejects("messages[0].role", messages=[{"role": "developer", "content": "x"}, user("hi")])
+        self.rejects("messages[0].content[0].type", messages=[{"role": "user", "content": [
+            {"type": "tool_use", "id": "t", "name": "n", "input": {}}]}])
+        self.rejects("messages[0].content[0].image_url", messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]}])
+        self.rejects("messages[0].content[0].source", messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "file", "file_id": "file_1"}}]}])
+        self.rejects("messages[0].content[0].text", messages=[{"role": "user", "content": [{"type": "text"}]}])
+        self.rejects("stop_sequences", stop_sequences="END")
+        self.rejects("mcp_servers", mcp_servers=[{"type": "url", "url": "https://example.com", "name": "x"}])
+
+    def test_reply_events_become_numbered_blocks(self) -> None:
+        door = proxy.MessagesDoor(*self.parse(stream=True))
+        self.assertEqual([name for name, _ in door.keepalive()], ["message_start", "ping"])
+        self.assertEqual(door.keepalive(), [("ping", {"type": "ping"})], "the message starts once")
+        # Two thinking blocks in a row (around a StructuredOutput retry, say) stay two, each with its
+        # own signature: Anthropic refuses a signature that does not match its block.
+        run = [MESSAGE_START] + thinking_events("s1", "a") + thinking_events("s2", "b") + text_deltas("c") \
+            + tool_use_events("toolu_1", "get_weather", '{"x":', "1}") + tool_use_events("toolu_2", "get_time") \
+            + text_deltas("d")  # the turn goes on: the last block is still open
+        frames: List[Tuple[str, Dict[str, Any]]] = []
+        for event in received(new_session(tools=[WEATHER_TOOL, TIME_TOOL]), run):
+            frames += door.encode(event)
+        self.assertNotIn("message_start", [name for name, _ in frames])
+        self.assertEqual([(e["type"], e["index"]) for _, e in frames if e["type"] != "content_block_delta"], [
+            ("content_block_start", 0), ("content_block_stop", 0), ("content_block_start", 1),
+            ("content_block_stop", 1), ("content_block_start", 2), ("content_block_stop", 2),
+            ("content_block_start", 3), ("content_block_stop", 3), ("content_block_start", 4),
+            ("content_block_stop", 4), ("content_block_start", 5)])
+        self.assertEqual([e["delta"] for _, e in frames if e.get("delta", {}).get("type") == "signature_delta"],
+                         [{"type": "signature_delta", "signature": "s1"}, {"type": "signature_delta", "signature": "s2"}],
+                         "each block's own, once, whole, before its stop")
+        self.assertEqual(streamed_content(frames), [
+            {"type": "thinking", "thinking": "a", "signature": "s1"},
+            {"type": "thinking", "thinking": "b", "signature": "s2"}, {"type": "text", "text": "c"},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"x": 1}},
+            {"type": "tool_use", "id": "toolu_2", "name": "get_time", "input": {}}, {"type": "text", "text": "d"}])
+
+    def test_errors_take_anthropics_types_and_statuses(self) -> None:
+        for error, status, type_ in [
+                (proxy.invalid("bad"), 400, "invalid_request_error"),
+                (proxy.ProxyError(401, "who?"), 401, "authentication_error"),
+                (proxy.ProxyError(404, "where?"), 404, "not_found_error"),
+                (proxy.ProxyError(413, "big"), 413, "request_too_large"),
+                (proxy.ProxyError(429, "slow down"), 429, "rate_limit_error"),
+                (proxy.ProxyError(502, "died"), 502, "api_error"),
+                (proxy.ProxyError(503, "Claude is overloaded", code="overloaded"), 529, "overloaded_error"),
+                (proxy.ProxyError(504, "late"), 504, "timeout_error")]:
+            self.assertEqual(proxy.MessagesDoor.error_reply(error),
+                             (status, {"type": "error", "error": {"type": type_, "message": error.message}}))
+
+    # -- the answer, over HTTP ----------------------------------------------------
+
+    def test_a_text_answer(self) -> None:
+        tag = marker()
+        response = self.messages(user("hi " + tag), model="claude-opus-4-1",
+                                 metadata={"user_id": "secret-user"})
+        self.assertEqual(response.status, 200, response.body)
+        body = response.json()
+        self.assertRegex(body.pop("id"), r"^msg_[0-9a-f]{24}$")
+        self.assertEqual(body, {
+            "type": "message", "role": "assistant", "model": "claude-opus-4-1",
+            "content": [{"type": "text", "text": "Hello from fake (claude-opus-4-1, 1 msgs) "}],
+            "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 10, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                      "output_tokens": 7}})
+        run = FAKE.run_for(tag)
+        self.assertEqual(run["flag_settings"]["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "1024")
+        self.assertEqual(run["env"]["MAX_THINKING_TOKENS"], "0", "thinking was not asked for")
+        self.assertNotIn("secret-user", json.dumps([run["argv"], run["stdin"]]))
+
+    def test_thinking_text_and_a_tool_call_as_one_message(self) -> None:
+        cue = FAKE.script("messages-calls", thinking=["Let me ", "think."], text_before=["Let me check."],
+                          calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
+        response = self.messages(user("Weather in Paris? " + cue), tools=[MESSAGES_WEATHER_TOOL],
+                                 thinking={"type": "enabled", "budget_tokens": 2000})
+        body = response.json()
+        self.assertEqual(body["stop_reason"], "tool_use", body)
+        call_id = body["content"][2]["id"]
+        self.assertRegex(call_id, r"^toolu_")
+        self.assertEqual(body["content"], [
+            {"type": "thinking", "thinking": "Let me think.", "signature": FAKE_SIGNATURE},
+            {"type": "text", "text": "Let me check."},
+            {"type": "tool_use", "id": call_id, "name": "get_weather", "input": {"city": "Paris"}}])
+
+    def test_a_streamed_tool_call_whose_result_continues_the_same_process(self) -> None:
+        running_server = RunningServer(**dict(self.settings, pool_size=1))
+        try:
+            cue = FAKE.script("messages-calls-streamed", thinking=["Let me ", "think."],
+                              text_before=["Let me ", "check."],
+                              calls=[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}])
+            tag = marker()
+            question = user("Weather in Paris? %s %s" % (cue, tag))
+            fields = {"model": "claude-sonnet-4", "max_tokens": 1024, "tools": [MESSAGES_WEATHER_TOOL],
+                      "thinking": {"type": "adaptive"}}
+            response = http_request(running_server.port, "POST", "/v1/messages",
+                                    dict(fields, messages=[question], stream=True))
+            self.assertEqual(response.status, 200, response.body)
+            self.assertEqual(response.headers["Content-Type"], "text/event-stream; charset=utf-8")
+            events = sse_events(response)
+            for name, event in events:
+                self.assertEqual(name, event["type"])
+            names = [name for name, _ in events]
+            self.assertEqual(names[:2], ["message_start", "ping"])
+            self.assertEqual(names[-2:], ["message_delta", "message_stop"])
+            start = events[0][1]["message"]
+            self.assertEqual((start["content"], start["stop_reason"], start["role"]), ([], None, "assistant"))
+            self.assertEqual(set(start["usage"]), {"input_tokens", "output_tokens",
+                                                   "cache_creation_input_tokens", "cache_read_input_tokens"})
+            blocks = [(e["index"], e["content_block"]["type"]) for _, e in events
+                      if e["type"] == "content_block_start"]
+            self.assertEqual(blocks, [(0, "thinking"), (1, "text"), (2, "tool_use")])
+            stops = [e["index"] for _, e in events if e["type"] == "content_block_stop"]
+            self.assertEqual(stops, [0, 1, 2])
+            thinking = [e for _, e in events if e.get("index") == 0]
+            self.assertEqual([e["delta"]["type"] for e in thinking if e["type"] == "content_block_delta"],
+                             ["thinking_delta", "thinking_delta", "signature_delta"],
+                             "the signature comes once, whole, last")
+            self.assertEqual(events[-2][1]["delta"], {"stop_reason": "tool_use", "stop_sequence": None})
+            self.assertEqual(events[-2][1]["usage"]["output_tokens"], 7)
+            content = streamed_content(events)
+            call_id = content[2]["id"]
+            self.assertEqual(content, [
+                {"type": "thinking", "thinking": "Let me think.", "signature": FAKE_SIGNATURE},
+                {"type": "text", "text": "Let me check."},
+                {"type": "tool_use", "id": call_id, "name": "get_weather",
+                 "input": {"city": "Paris", "unit": "C"}}])
+            # The client sends the content back as it got it, with the result: the waiting process goes on.
+            result = {"type": "tool_result", "tool_use_id": call_id, "content": "sunny, 21 C"}
+            final = http_request(running_server.port, "POST", "/v1/messages", dict(fields, messages=[
+                question, {"role": "assistant", "content": content}, {"role": "user", "content": [result]}]))
+            self.assertEqual(final.status, 200, final.body)
+            self.assertEqual(final.json()["content"], [{"type": "text", "text": "Tool results: sunny, 21 C"}])
+            self.assertEqual(final.json()["stop_reason"], "end_turn")
+            run = FAKE.run_for(tag, field="answered")
+            self.assertEqual(run["tool_calls"][0]["answer"]["response"]["mcp_response"]["result"],
+                             {"content": [{"type": "text", "text": "sunny, 21 C"}]})
+            self.assertEqual(running_server.server.core.health()["pool"]["continued"], 1)
+        finally:
+            running_server.stop()
+
+    def test_stop_sequences(self) -> None:
+        cue = FAKE.script("messages-stop", text=["one two E", "N", "D three "] + ["four "] * 10, delay=0.1)
+        body = self.messages(user(cue), stop_sequences=["END", "never"]).json()
+        self.assertEqual((body["content"], body["stop_reason"], body["stop_sequence"]),
+                         ([{"type": "text", "text": "one two "}], "stop_sequence", "END"))
+        events = sse_events(self.messages(user(cue), stop_sequences=["END"], stream=True))
+        self.assertEqual(streamed_content(events), [{"type": "text", "text": "one two "}])
+        self.assertEqual(events[-2][1]["delta"], {"stop_reason": "stop_sequence", "stop_sequence": "END"})
+
+    def test_silence_is_filled_with_pings(self) -> None:
+        with mock.patch.object(proxy, "KEEPALIVE_INTERVAL", 0.05):
+            response = self.messages(user("[[fake:slow]]"), stream=True)
+        names = [name for name, _ in sse_events(response)]  # no comments: every line is a named event
+        self.assertGreater(names.count("ping"), 1)
+        self.assertEqual(names[0], "message_start")
+        self.assertEqual(names.count("message_start"), 1)
+        self.assertEqual(streamed_content(sse_events(response)),
+                         [{"type": "text", "text": "one two three four five six seven eight"}])
+
+    def test_errors_in_anthropics_shape(self) -> None:
+        self.assertIn("max_tokens", self.assertAnthropicError(
+            self.request("POST", "/v1/messages", {"model": "claude-sonnet-4", "messages": [user("hi")]}),
+            400, "invalid_request_error"))
+        self.assertAnthropicError(self.messages(user("hi"), model="gpt-4o"), 400, "invalid_request_error")
+        self.assertAnthropicError(self.request("POST", "/v1/messages", b"{nope"), 400, "invalid_request_error")
+        self.assertAnthropicError(self.request("GET", "/v1/messages"), 405, "invalid_request_error")
+        self.assertAnthropicError(self.request("POST", "/v1/messages/batches"), 404, "not_found_error")
+        self.assertIn("/login", self.assertAnthropicError(self.messages(user("[[fake:not-logged-in]]")),
+                                                          401, "authentication_error"))
+        self.assertAnthropicError(self.messages(user("[[fake:overloaded-529-retrying]]")),
+                                  529, "overloaded_error")
+        # Other routes keep OpenAI's shape.
+        self.assertError(self.say("hi", model="gpt-4o"), 400, "invalid_request_error", "model_not_found")
+        self.assertError(self.request("POST", "/v1/messagesx"), 404, "not_found_error")
+
+    def test_a_failure_mid_stream_is_an_error_event(self) -> None:
+        events = sse_events(self.messages(user("[[fake:crash-midstream]]"), stream=True))
+        self.assertEqual(events[0][0], "message_start")
+        self.assertEqual(events[-1][0], "error")
+        self.assertEqual(events[-1][1]["error"]["type"], "api_error")
+        self.assertIn("midway", events[-1][1]["error"]["message"])
+        self.assertNotIn("message_stop", [name for name, _ in events])
+
+    def test_the_key_by_x_api_key_or_bearer_and_any_anthropic_headers(self) -> None:
+        self.config.api_key = "sekrit"
+        message = self.assertAnthropicError(self.messages(user("hi")), 401, "authentication_error")
+        self.assertIn("x-api-key", message)
+        self.assertAnthropicError(self.request("POST", "/v1/messages", {}, headers={"X-Api-Key": "wrong"}),
+                                  401, "authentication_error")
+        body = {"model": "claude-sonnet-4", "max_tokens": 100, "messages": [user("hi")]}
+        for headers in ({"X-Api-Key": "sekrit", "anthropic-version": "2023-06-01"},
+                        {"Authorization": "Bearer sekrit", "anthropic-version": "2026-10-21"}):
+            for path in ("/v1/messages", "/v1/messages?beta=true"):
+                response = self.request("POST", path, body, headers=dict(headers, **{
+                    "anthropic-beta": "interleaved-thinking-2025-05-14,context-1m-2025-08-07"}))
+                self.assertEqual(response.status, 200, (headers, path, response.body))
+                self.assertEqual(response.json()["type"], "message")
+
+    # -- the official anthropic SDK -------------------------------------------------
+
+    def client(self) -> Any:
+        if anthropic is None:
+            if IN_CI:
+                raise AssertionError("CI must have the anthropic package")
+            self.skipTest("the anthropic package is not installed (pip install anthropic)")
+        return anthropic.Anthropic(base_url="http://127.0.0.1:%d" % self.running.port, api_key="not-needed")
+
+    def test_sdk_create_and_stream(self) -> None:
+        client = self.client()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            message = client.messages.create(model="claude-sonnet-4", max_tokens=100,
+                                              messages=[{"role": "user", "content": "hi"}])
+            self.assertEqual(message.content[0].text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
+            self.assertEqual((message.stop_reason, message.usage.output_tokens), ("end_turn", 7))
+            events = list(client.messages.create(model="claude-sonnet-4", max_tokens=100, stream=True,
+                                                 messages=[{"role": "user", "content": "hi"}]))
+            self.assertEqual([e.type for e in events][0], "message_start")
+            self.assertEqual([e.type for e in events][-1], "message_stop")
+            cue = FAKE.script("sdk-messages-thinks", thinking=["Hmm."], text=["Yes."])
+            with client.messages.stream(model="claude-sonnet-4", max_tokens=100,
+                                        thinking={"type": "enabled", "budget_tokens": 1024},
+                                        messages=[{"role": "user", "content": cue}]) as stream:
+                self.assertEqual("".join(stream.text_stream), "Yes.")
+                final = stream.get_final_message()
+            self.assertEqual([block.type for block in final.content], ["thinking", "text"])
+            self.assertEqual((final.content[0].thinking, final.content[0].signature), ("Hmm.", FAKE_SIGNATURE))
+            self.assertEqual((final.stop_reason, final.usage.input_tokens, final.usage.output_tokens),
+                             ("end_turn", 10, 7))
+
+    def test_sdk_tools_and_images(self) -> None:
+        self.client()
+        running_server = RunningServer(**dict(self.settings, pool_size=1))
+        try:
+            client = anthropic.Anthropic(base_url="http://127.0.0.1:%d" % running_server.port, api_key="x")
+            cue = FAKE.script("sdk-messages-calls",
+                              calls=[{"name": "get_weather", "arguments": {"city": "Oslo"}}])
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                for stream in (False, True):
+                    messages: List[Any] = [{"role": "user", "content": [
+                        {"type": "text", "text": "Weather here? " + cue},
+                        {"type": "image",
+                         "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}]}]
+                    fields = dict(model="claude-sonnet-4", max_tokens=100, tools=[MESSAGES_WEATHER_TOOL])
+                    if stream:
+                        with client.messages.stream(messages=messages, **fields) as events:
+                            first = events.get_final_message()
+                    else:
+                        first = client.messages.create(messages=messages, **fields)
+                    self.assertEqual(first.stop_reason, "tool_use")
+                    call = first.content[-1]
+                    self.assertEqual((call.type, call.name, call.input),
+                                     ("tool_use", "get_weather", {"city": "Oslo"}))
+                    messages += [{"role": "assistant", "content": first.content},
+                                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                                               "content": "-3 C"}]}]
+                    final = client.messages.create(messages=messages, **fields)
+                    self.assertEqual(final.content[0].text, "Tool results: -3 C")
+            self.assertEqual(running_server.server.core.health()["pool"]["continued"], 2)
+            image = FAKE.run_for(cue)["messages"][0]["message"]["content"][1]
+            self.assertEqual(image["source"]["data"], PNG_1PX)
+        finally:
+            running_server.stop()
+
+    def test_sdk_errors(self) -> None:
+        client = self.client()
+        with self.assertRaises(anthropic.BadRequestError):
+            client.messages.create(model="gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+        with self.assertRaises(anthropic.AuthenticationError):
+            client.messages.create(model="claude-sonnet-4", max_tokens=10,
+                                   messages=[{"role": "user", "content": "[[fake:not-logged-in]]"}])
+        with self.assertRaises(anthropic.APIStatusError) as mid:
+            with client.messages.stream(model="claude-sonnet-4", max_tokens=10, messages=[
+                    {"role": "user", "content": "[[fake:crash-midstream]]"}]) as stream:
+                stream.get_final_message()
+        self.assertIn("midway", str(mid.exception.body))
 
 
-def refusal(limits: "proxy.UsageLimits", no_extra_usage: bool = False) -> Optional[proxy.ProxyError]:
+# The issues name the clients users run through the proxy; .ci/run installs them (pip into both
+# test venvs, npm once into the folder CLAUDE_PROXY_NODE_CLIENTS names) and each one runs here
+# against the fake claude. A client that is not installed skips its test, except in CI, where it
+# fails. OpenClaw is not run: it needs Node >= 24 and 647 MB; every request it sends is replayed
+# from its recording instead (load_client_requests, see HttpHardeningTest). The clients of the Responses
+# and Anthropic Messages doors get classes of their own beside RealClientsTest, one per client
+# family, built on the same helpers (client_library, no_warnings, ClientRuns).
+NODE_CLIENTS = os.environ.get("CLAUDE_PROXY_NODE_CLIENTS", "")
+# LiteLLM 1.110 warns when its first call imports its GitHub Copilot module (pydantic on its
+# ReadOnly TypedDicts), whoever answers.
+# langchain-openai before 1.3.4 (3.9 gets 0.3) dumps the SDK's parsed completion, which warns on its
+# `parsed` field (langchain-ai/langchain#37723).
+LANGCHAIN_OWN_WARNING = (r"Pydantic serializer warnings:\s+PydanticSerializationUnexpectedValue\(Expected `none` "
+                         r"- serialized value may not be as expected \[field_name='parsed'")
+LITELLM_OWN_WARNING = r"Items? .* on TypedDict class '\w+' (is|are) using the `ReadOnly` qualifier"
+WEATHER_RESULT = "18C and sunny in %s"
+
+
+# The package pip installs for a module a real-client test imports, where the names differ.
+PIP_NAMES = {"agents": "openai-agents", "pydantic_ai": "pydantic-ai-slim[openai]",
+             "langchain_openai": "langchain-openai", "langchain_core": "langchain-openai"}
+
+
+def client_library(test: unittest.TestCase, name: str) -> Any:
+    """The installed client library `name` (imported outside no_warnings: an import may warn about
+    the library's own dependencies); the test skips without it, and fails in CI."""
     try:
-        limits.check(no_extra_usage)
-    except proxy.ProxyError as error:
-        return error
-    return None
+        return importlib.import_module(name)
+    except ImportError as error:
+        if IN_CI:
+            raise AssertionError("CI must have the %s client installed (.ci/run): %s" % (name, error))
+        test.skipTest("the %s client is not installed (pip install %s)"
+                      % (name, PIP_NAMES.get(name.split(".")[0], name)))
 
 
-class UsageLimitsTest(TestCase):
-    def test_recorded_reports_are_read(self) -> None:
-        allowed = proxy.rate_limit_info(recorded_events("subscriber-rate-limit-event")[-2])
-        self.assertEqual(allowed, proxy.LimitWindow("five_hour", "allowed", 1795651764.0, None, "allowed",
-                                                    False))
-        extra = proxy.rate_limit_info(limit_event("subscriber-overage-in-use", resets_in=None))
-        self.assertEqual((extra.status, extra.extra_usage, extra.extra_usage_in_use),
-                         ("rejected", "allowed", True))
-        weekly = proxy.rate_limit_info(limit_event("subscriber-warning-seven-day", resets_in=None))
-        self.assertEqual((weekly.name, weekly.status, weekly.utilization),
-                         ("seven_day", "allowed_warning", 0.81))
-        self.assertIsNone(proxy.rate_limit_info(recorded_events("subscriber-rate-limit-event")[-1]))
+@contextlib.contextmanager
+def no_warnings(*library_own: str) -> Iterator[None]:
+    """Any warning while a client runs fails the test (a field it could not parse, a deprecation
+    our answer set off), but those matching `library_own`: a client's own, whatever the answer."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for message in library_own:
+            warnings.filterwarnings("ignore", message)
+        yield
 
-    def test_malformed_reports_are_ignored_and_never_raise(self) -> None:
-        for info in (None, [], "rejected", {}, {"status": 3}, {"status": "rejected\r\nX-Evil: 1"},
-                     {"status": ""}):
-            event = {"type": "rate_limit_event", "rate_limit_info": info}
-            self.assertIsNone(proxy.rate_limit_info(event), info)
-        odd = proxy.rate_limit_info({"type": "rate_limit_event", "rate_limit_info": {
-            "status": "allowed", "resetsAt": "soon", "utilization": float("nan"), "rateLimitType": ["x"],
-            "overageStatus": "a b", "isUsingOverage": "yes", "somethingNew": {"nested": 1}}})
-        self.assertEqual(odd, proxy.LimitWindow("plan", "allowed", None, None, None, False))
-        for resets in (True, float("inf"), 10 ** 400 // 10 ** 390, -5):
-            window = proxy.rate_limit_info(limit_event("subscriber-rate-limit-event", resets_in=None,
-                                                       resetsAt=resets))
-            self.assertIsNone(window.resets_at, resets)
-        limits = proxy.UsageLimits()
-        observe(limits, {"type": "rate_limit_event", "rate_limit_info": {"status": "rejected"}})
-        self.assertIsNone(refusal(limits), "a rejection without a reset time must not refuse for ever")
 
-    def test_headers_and_health_hold_the_latest_report_of_each_window(self) -> None:
-        limits = proxy.UsageLimits()
-        self.assertEqual(limits.headers(), {})
-        observe(limits, limit_event("subscriber-rate-limit-event", resets_in=7200, status="allowed_warning"))
-        observe(limits, limit_event("subscriber-rate-limit-event", resets_in=3600))
-        observe(limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
-        five, week = int(time.time() + 3600), int(time.time() + 86400)
-        headers = limits.headers()
-        self.assertEqual(headers["x-claude-ratelimit-status"], "allowed_warning")
-        self.assertEqual(headers["x-claude-ratelimit-window"], "seven_day")
-        self.assertEqual(headers["x-claude-ratelimit-utilization"], "0.81")
-        self.assertEqual(headers["x-claude-ratelimit-five-hour-status"], "allowed")
-        self.assertAlmostEqual(int(headers["x-claude-ratelimit-five-hour-reset"]), five, delta=2)
-        self.assertAlmostEqual(int(headers["x-claude-ratelimit-seven-day-reset"]), week, delta=2)
-        self.assertEqual(headers["x-claude-ratelimit-extra-usage"], "allowed")
-        health = limits.health()
-        self.assertFalse(health["extra_usage_in_use"])
-        self.assertEqual(sorted(health["windows"]), ["five_hour", "seven_day"])
-        seven = health["windows"]["seven_day"]
-        self.assertEqual((seven["status"], seven["utilization"]), ("allowed_warning", 0.81))
-        self.assertEqual(seven["resets_at"],
-                         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seven["resets_at_unix"])))
-        observe(limits, limit_event("subscriber-warning-seven-day", resets_in=-1))
-        self.assertEqual(sorted(limits.health()["windows"]), ["five_hour"],
-                         "a report past its reset is dropped")
+def get_weather(city: str) -> str:
+    """Get the weather for a city."""
+    return WEATHER_RESULT % city
 
-    def test_a_used_up_window_refuses_until_its_reset(self) -> None:
-        limits = proxy.UsageLimits()
-        observe(limits, limit_event("subscriber-overage-in-use", resets_in=1800))  # extra usage pays: served
-        self.assertIsNone(refusal(limits))
-        observe(limits, limit_event("subscriber-overage-in-use", resets_in=1800, overageStatus="rejected",
-                                   isUsingOverage=False, overageInUse=False))
-        error = refusal(limits)
-        self.assertEqual((error.status, error.code), (429, "usage_limit_reached"))
-        self.assertIn(int(error.headers["Retry-After"]), range(1795, 1801))
-        self.assertIn("5-hour session limit (five_hour)", error.message)
-        self.assertIn(proxy.utc_iso(time.time() + 1800)[:15], error.message)
-        observe(limits, limit_event("subscriber-overage-in-use", resets_in=-1, overageStatus="rejected"))
-        self.assertIsNone(refusal(limits), "past the reset the request goes through")
 
-    def test_no_extra_usage_refuses_while_extra_usage_is_billed(self) -> None:
-        for name in ("subscriber-overage-in-use", "subscriber-rate-limit-event"):
-            limits = proxy.UsageLimits()
-            changes = {} if name == "subscriber-overage-in-use" else {"overageInUse": True}
-            observe(limits, limit_event(name, **changes))
-            self.assertTrue(limits.health()["extra_usage_in_use"])
-            self.assertEqual(limits.headers()["x-claude-ratelimit-extra-usage"], "in_use")
-            self.assertIsNone(refusal(limits, no_extra_usage=False))
-            error = refusal(limits, no_extra_usage=True)
-            self.assertEqual((error.status, error.type, error.code),
-                             (403, "permission_error", "extra_usage_refused"))
-            self.assertIn("--no-extra-usage", error.message)
-        limits = proxy.UsageLimits()
-        observe(limits, limit_event("subscriber-rate-limit-event"))
-        self.assertIsNone(refusal(limits, no_extra_usage=True), "no extra usage reported, nothing refused")
+def tool_names(run: Dict[str, Any]) -> List[str]:
+    """The tools the fake claude would have sent upstream last (the CLI's StructuredOutput too)."""
+    return sorted(tool["name"] for tool in run["requests"][-1]["tools"])
 
-    def test_extra_usage_starting_is_logged_once(self) -> None:
-        limits = proxy.UsageLimits()
+
+# What the real Claude Code 2.1.197 sent to a recording fake of the Anthropic API for `claude -p hi`,
+# the same with `--output-format stream-json --verbose`, a round of its Bash tool (with the request
+# that makes the session's title), and its interactive screen's /context (a count_tokens and a
+# one-token message), with its default tools: [{run, method, path, headers, body}], as zlib'd JSON
+# in base64. Strings past 200 characters are cut (its system prompt and
+# tool descriptions are nearly all of its 88 KB a request); every field and shape is whole.
+CLAUDE_CODE_REQUESTS = (
+    "eNrtXQlz28ix/itT3FSt5CJ46ZazeWVbdqI8HypLjl9q5ScNgSGJFQgwOCQxXv/318cMAIqgDu9a5c3rzWYlEeAcPd093T09/f38uZUWcWu/"
+    "NYt0GLfaranJJ0kAHxy9Oz6Bv2c6n8Bf3ct+d2qyTI9N9l9Dk+uf8rQw8HxidGDSrLX/ufUhM6n3bGziHL7gR7oIjOdHYXfQ6Xf6eztqzVzn"
+    "Jo111FZZcIGP1qEBHeeTNJmFvofN1r6ZwH8GvcFWb9Dfa/tJnMPXvf6UPvN6u15vpx3Ch2lk9KUJvHwSxhdhPLbPt7z+Zrv8LE8uTAxNFnGO"
+    "z7fp+UbZ6lTHMLGp4afw7W1vsNOepcl0lnu+9ifYRuYnM2O/3YcG2tMwgCbjS5i+zsMk9rJ5lpupfWUTB2hGoyS1jfb73mBzYcL4TfgezBle"
+    "2MBee3144drTsxkRImx9abeGSTBH8k6BIFFFn2RWZN6mt0trxgvT2v8ZljOJDLxVwGLAI5ohLgg8yeczfIIzhif0Y7/1Zzvo1EzDGFbyL6fx"
+    "s0zNk0LpOLsyqconRmFjP2bqX4XJcKJZm17wdYxP6I1REkXJFZBJWZrun8Y/KL9IU+j9QOfmND5JAj2HVgL4S4WZIjL1B0Cpzml8Giv65/DN"
+    "0bv3J8/enuxDs/CSbU1N9VwlKf2Ik1wNjUpNZC6BlipPcDQwUJ0BuVZMcxIiMWAlzRk2CURCktpXzWwCi5/qqPXlyydswtKQSVOnYuvZpQ4j"
+    "PYyM0sjoClvIYPZMp2f8WZJEMH1P8Urtqxc69yeejiJ6UcdzHOsFfEPnKkhMFv+Yq1GYK62mSWpUNjN+OAp97qKjXkXG5P8IzRUSz4x0EeXq"
+    "amJioIQdRaynRFIcTdBRaycwgmxfPVnHUby8nkXQ7L56D6LqJXE0V5nRaevLp7ab4UruAFasxDOMIpQDlvh95ftnloF/shLe6QWjp/g5jCmd"
+    "zxIQz5+spD9dvTT/RF6DaWv1gujFc2qrYRHCRJNYPXNDgPnbV5jQxwf/3bnnsq7q/DQuu48VqRPt5+Fluby4RBMTzTKSgUxdhflEZckov8Lv"
+    "mHgcxsakyPe4pBlxco2Hn2VZmOX8LV2AZk3Df5sA6A+SEebAByhQ8biN62riDDt2z9rqxckr5U+AbaAbAzKn40CZoPBJ2ejIyUbWgZUdFdl9"
+    "GRzmjuxBi46Mg1xNSrvdCkzmp+EsZ6X0WhexD+NWsbly9EjUBIYB7O+DbozMdVtNgR1DD9hoZkmgXmr8Vike8I2s4mlfzzRwUpiHIDc4IxqM"
+    "0qVcQRdhTnRsljWkewREBTKGsVpSX8opQ3yKMokaGqYWxrMiP8uAPlONlPmT+7U1yfNZtt/t/pKhCqdPO0k67gapHuVd0FI90FJd+3rbkTQZ"
+    "/mJ8pBnsEjOT4nSw2QUK3viz9UxlwAG5WtvwttRVkgbrqvaCSkY0YKRi1U+WI3fhPsDb0XKrJ/Y7pRYqlwrGBZ9NmxrLiiG9dsZPGtvEtYMx"
+    "0dLpiBi3bBr1PveHamfFiO2OdbPxdzPLwPRcJaBF0jCotWf13om+gGWcpcY3gYl9Q2/WZggyE8YhtgWKgdsapcD7U52DHHfU4Ugl0xB+D9o4"
+    "3uzWr7ZxewnjCQhznmE7U3p9plMay+E4Bh0a0Bgd7Zam3G6ZuEBt2gJWig2+gLs0Wkk6vCjg5wjZuQV7DFpdZ2F8NtT+xTgFuyRYptOxIVKj"
+    "oYU/4Rs18jj2rhroKFRlV6ClcXuEXRLkDUZMOwVsLiywoHA61biHIHtGx7hWYZZEupltD90jolRHnbaAdy/y1JjTlvJTA/s5DAp02XSWpDqd"
+    "qzF0514BZVmjO36aoU5HbUvNwgjBrpo75k/NLMEeQJ6THNuPSAktLB7MXCt+AbbYpACtGF+GsPJowKk1HV3peYbkIh1QEegpaJlb1syNGD7i"
+    "xmGdcKHMv4oQlh5fqdOlFEhQqDoIQubpo5o2GOkoM7T1WDX7XGeTJS378hoUPlNwCM9xnaaoF/H/qcmLFKcBLJkUOWgwUoye+ghjxU0ngJH5"
+    "eQI0n+FWnMF7YEVfGVhyHzaODHfRHEVoBJKjh0Bx6EqhTZ+p02LQ62+qcz84Z5IihyCdyiGggQdUGo/xy9jDNMxwv1c88446hq0xUlmOFt0a"
+    "LIK61I+nau0om5WXmwLIjWECNymoPJwaoOstKsq+gQSaov0Du3MSB5lam+prtd3Df9arloGThmB2f2nfvg+8AKFL27gz+dDgzT3gCm0Oa/zy"
+    "JNBGpCVi0+QyCX0Qw7cG1SEqYtxKMtgULwxIjt2YQXRAVYEghdkF/G61Rb0rT/1SZLn9CDQG9RuyRUps9gp1XYituZHAvEG22yqeTdu47HGg"
+    "06CJsL9Bu7lJL+u3Rr0VaDCO4HkWzQ/CDNXrMXx7mFyv6JH2q6rb2terjSjjFkjdsRzC4EoSoDGHLGHfghk3jeyG5nDMen9l8QIU2gtSrksq"
+    "4xgEJCjQLrKSiDMZojkKHlqB2zT6EqMClIchDu6oD3a/HiZgiaZoYpLRmtmW2BRLYuOBhZIrZ00xH3zAvdOtttryYFuJQDnA+NwiWf8wSnwr"
+    "Mv+GpvZBYmJUNxP0zsD385KRN4X9eaL4v/DRI2qLtEkSjxtnZa5BY7KmgwlWs9oHeXqj/qYOkjfqDTw8SD6CaK2Zzhi3rCfdLfWE/wef/qRQ"
+    "POdqy1IBVPFpa6OnQOMOdtXAvvPKDPFPWK/B/kZvNrWdgWIw652HGoEVL1hGwHYNGuOj0DFCo7A6dlhulsRkzTqd6zBgaglJRJMjak3Ru1VF"
+    "nIcRKBM0MQJUPeDuJB5QEiVAwYKBrtrBJQcHgXi9asyngSIfxezqQ3tt/DvmRrhRy8P01RGrNuJSMPjx6/+DCq/iXwpVWHdtFoIx1qw8ipQM"
+    "suZ5/+Q2VSRph535rpOY4Iy9HWROEp6sSC9ROwPn5DrNy2nWqRfG3hRMC6AcuuHg9aETRAYa6SXr3GaW9wxoG541DYc8d/syi5zCEZQ+A47S"
+    "DULDymQgtPdQTOnX2TKong5oYZbU0wsNSxqhQYHs8UsyRAPkMmQlW9KP16bScujFTkEFo7XD9vetJF+za4ftZ+vKuj4VgR0RsxxDKmv2Tw5/"
+    "0Fc6j6d7wobt7+9AlsMDa+EBNYbzOi2WxfTGsoUP3UpeAx8ve/jI3BiXciuV1dbnMtS1IbV563BUX7ttcdZZIGokfzxif7k3VQ5MFo7j43ns"
+    "L9EFI2U0h2JG0craHsfT7uiwG9D3Ff+wsV/UwTgqlEqwKsYT/GqYVt8CBT+GPWUtAfuPfEkmUmVVgA5rg+gEJgh98o5sNy56xI4YyYcdgUdN"
+    "rltNwfbN2EC/qXo8FnfHBp9XulcYszlz5IHPYYjuT/iLno5CsETsI/wdHeYwptDD2SzSqKeuwD035Yu8M5R/pmaMgaH0TGeZoU6KePkz9lhr"
+    "faPPmeZnl9ARrja55/bpYYPkvrdiyMFcEB6eewZmg29g/12YKHHRUo83aQT72GsTj/Gkpf/Fnbnc7NdRZV/hf8mJI8MZePXuJoluyxGqRfru"
+    "wxTAx7D+IcxuHKHypnBKnHEw1MUXsMHcxB11/uSct2zDTEyuZAaDiHAnG08plnv+pPYWBsADoNTEmk7nRXh2AS5uV/tT033ypPukM8mn0Tmw"
+    "9Bvwsjawiy61AJ0HvkZnB1jPDYxIjDPW14cggjDJwdZ2SRCdpmxm8qPPtxKKGnF/QStfvjge+z1J54yktQzD9tk8zmGWOIkonKKnrzPFy0V7"
+    "1DeaFg66ibtrAtati1f3hiB1l0RrX9EpG+sm9ExCIMMCkSgmcTevsjjfNjIrAvZYhhw6espuOcyQ+AN7c1GObBaBWRHpFGMZwwJD2JmzkiiC"
+    "jV5urQcOn4BVG9iQI60VE+0rlmWF1mwW9COUbCtKOdv1+O22ImmhKE2M0+4OizxP4i66atckMnfQdokPQO+iv3G0ehiw1wQh25aoaG7QHZe6"
+    "jSdxmgITOYf6qM0D2PX0DIZ+yf7oAiN01BGFpEotGs9xtmM6VpzoS+P63WfrFmxX6h6cKBPjwbA9DSlmUQKf2jAYWpeJi/nzAGPwU+5mOND6"
+    "uiHsGUdhbG7MeO3DyStvV+G5C0WMhzoz25tsltPQcBawBZ+2+MlpC7QYBVKmyI3BHIwPPAXh9timtyy6kgh4alCAb4qhnnK9wNQF2dNBo0fn"
+    "RrIy6lINj6MCsDhgM4c8YyLH6jgpf5N2ySm4lCf2AOF2e5U4/U6LlV5rEP26Itq3OhaDN9YxbFBF/M7VJAGasaGnjq2FpmGKuIk4stJZMnoe"
+    "Ae83d6sPt4/dUB+3qIxvqMjZmr1JsUWTY59PiN0BEZ7nNZqtD9IfvR7a2mxVLfW/tCC8bZMa4ScudrS8OvYEkQycKYYoh8a97LRIoFiNvC9i"
+    "G1uo6+6s8H1j0Hm+uZ6/m+ZupvoxHe9NiqmOPdRX5CpFegje8Npp6ygNpyhmrLYzUA1tSmbQNNWH6e6tlWbiES+lV2plZyjyVgKOuLnq4pke"
+    "azaOuaI4pIZCfg/fQ7JimId5UxjlHzoNNapNELWruE6DruJIOv8+BjkFfboBduO/DRKmaRA3p48TQcO9Ib6O0wlAN8XsW63ktDvdmqswYBrb"
+    "1zBDYEyJNWDsRwUe2L8J43CKmrFHY+Tf93q9nf7e3mBrc2ezt7eHmwz4geNJ/nu0dUO18hjv0K3gVIE/Olum1avUGA9PiXFByLdkfnW6okF5"
+    "8tnHJuYmpFnpd+JJX5H6xjmsrFnAY8aVR1d2XLmv4QiDPJgXAJaM07Fk3byBF4FnInr4nAWli+uZdWEXnWZdk/udNh1WpXjaCDYfuA5qirRV"
+    "k9vZZnvzJulIitv33ZycXXOnK1CdytEJBlmb6gomxCktsPBJZ0FhUSis2top2Qktg9LkQh7O8GiCxLVsvwPLQ8HFzAm4zbiig9aFA0IMr2VJ"
+    "hNYYvAq2+MJpIAdsJnebSpRC16jvF3zofaXHY9D0uD7lWTpRSXVYz3iwhfoXHMuzDMBt29BonFSWLu1e5FXRtt65U2zzJNdRo6hN7ymtQx38"
+    "pu+jJfebGri0qvMwAAKE/m+cToiJTZS69xuauSE8TGQmlZ1w07AXOr9byOo92KDS/QOdL+GtpWDeEWfBZNZDZ87GRINI+5TzyaffKGb2dB3z"
+    "KMjwoDggs25kbRDOSSxzPsE2GWGA2eD4MJHLqk0yHsnhH+kw6mCr50kUnHHv59w8n5yU7dP4kPfDGPYD9iRipCP1hB7P48XzcEBnzQYGHjUt"
+    "Kg+re9ieSPDYNBzNm/ySigIrUo7w/IdsRFqcpibAdn1IE7jPkHZdc5YkjA08T1x2UkzVkNabz8aomTMMXDREArkPXOvEZ9Xro6Ia1ZotD4D4"
+    "PGid+JM+sAx85xFNtRYLFFygxQNkBJMcP1a5LotTqsWQwed+9/b1P61vew0ekB+ij42OZ1r4Oe8kuNGwAJUZP24/DykGPZxX51XOT2fXee7c"
+    "jrJJstbWXrx+9uHgZWcagGXIpzlgZJyUgyozjmopRAsZR7SXwaL7jycuze5AmUVSel+cS+lGah2d01b3tOVlZqZTmoyNmpIZgIECDeQlcwC8"
+    "XVi7DM8NYcL4M8H/kseZgUHkwiKBzsA/farqdpoidd1Rz1QKrwDju5zhsYkN9wtWGbojGLMBUwO94SIvgLfnqlESbwlesYVhrkPKbq1WxiZ5"
+    "OSMFjYYsZEMp4SWbkHXkghv4BVpubIVpl6B/+AZlWc9mRpMbeb6w/Bh/Py/t13pf9Rk5k5u1wzlS47z52O2+cnUd5ivFCh/WRcSdTjIv0+nf"
+    "glzWsr/YtLbvW00LlvSYjKllMw93sB9+UMd4WQF/P1kUZpwASQ805kaTrR6G2/Js/x11mD/ioZL2m/OnTlsXxswwORCvfvAJ+IL0D4HH/TJ4"
+    "+dTmE15iPqEN59NpZueWKBf2YDMBL/lICJpCP/kMxCkeNwWoy4MhOq4ntckz4IBgOQTKS6sPGX2dIsYUIcpWtRY/MHART006NpyRF2JOwYkL"
+    "h5JtkWLet7FnBxnlUMCOhmr3KszMPdKSLIXvv3u8TXIDjV00Wlp2P8zQggF1j7oJJuEoXp4K+Zg0SFvG34vZHIM3sW1VrXXC2TweEgXWbfKR"
+    "Hpv9BavM3Tlh6wyJkbCUlM3cw1Jzu1S12ZXWWknBR9w/7MgfanItEdDZYDjLyuZx3+V4k4sMNRo8uDhn4YqsysODUoXjGtp+Ouoj5RjTmlea"
+    "Gl9pl/FG+oI7AeNXy7ygskHSxbQihwfEOzYvaGhA3cVkEPMeZa8TmObwN9lFFIxongaOxwYrym3CNJxMOXLcnSNfzmANTyf4plJ6ESRXeC5/"
+    "eGPMbcqyXOG4M2GhWfpegSJDRD7DZMSfmHBtphH862T5Nk2GI6JACA+IdFnZ4u3TIi5Ci15fGLVmbWEn3W0r2euLUQj71m0jqsx7bqk8yV/O"
+    "uF4UjIWlvb/Ses9H5Ms5Hpn1+6oYBeffkQKm+JX1CM9LG/y8DEnfjKGQk8etFjOkxKDX6yk8UclwY7UL3nGqDJOrE2sg4skVccccBkRnMMlo"
+    "lJm8OhVWa8bew4B38QrOnFg3SoA9RuEfwy9szFRAr5Dm2twgEYPTqslGxNQ6agjlAleto96haWyNVtQPlb9Oip1PbcoDTJ1TxmE1jocHU2hB"
+    "VmgWHimIDq+77fUrB9lpGuWDA88z3WitHMHH6AuMWQkeHbyydgclZWC2at/bOm1R2ir/6Pe8QY8ONGk2YH+DS+jubJXfp0MXHAzwv6K+6fTF"
+    "pmTendlWcdhDBByjj6/CGNkia7JL8FyGbhTzAQjGIuldTLbQfG+STSh7gowHEurDIUkpByzJuKolWS2mY9rU/HoXC05tjmodD3ZZQ+JwyiFU"
+    "ux7aIU8rA87eqqXMfEy4fTwxj6C7hoDHS7rOrOipva5DU01RF952HwpmQfeUg7DA62iTcIzK/Nr+BO6lXclRpOEgyaR8m8m90lZTWCFwmoEs"
+    "KElplj9VZjrL52wigNawubDBwpHfxuBrT/woIa0pBJTcOGpLatJtw94uK4BCpEv6D1XFcst9j/I6iC/jxZbQuUnIpb9VjXk3lcHteiIrpng0"
+    "1xDGwLRqgwkLYDDRZR8KT9h54s3VhpNjXE6wpYvUALeaWKdh0nBQB1oOvFw0CIGtsy7fJALLvL83UFcpbm587anrp7rheALj5CYNQj9vznRg"
+    "H0xdIveA+tVZhqz6FLcpzr6wKQ+ePW1BZs5uYeMX796+Onz/5uUBfHb0+tmH48Pnr18S68IwwUczzcOowmgpageUflpGMn5Rjc5pNwuvMbuB"
+    "ruFMMLgRc4SNNINd+lvGhl9HXs8uQvgu/hYn1lc9i40J4KNPTbq2Va18w5LdpYOXGrQSfH/d7S6zfAQbs5itvuvCqha1JwzXlHHHbpQkszKv"
+    "hm7slJ6djTqG8WVyAbTkV12irbvvfYn1KHR24TJv0Mow0cibcfTYHV0gu+vqGjMmO5NteJCot+9OyrRpfAeTADzXtrqiedF13IR8jEe7iRzp"
+    "+TFfV2tiS77HRoZvDHsMhnLRyi9mHbyHMJ0x8/283Wurje1e75ML5KZ402PhJkl16w2Ml6wpYPMO1THlRpR6BAPKOiSfjtwfzNTBZGoYdEf9"
+    "NWHbCXZN0DV5OidDOHR5BNauxMXtqOdVwYQH35hhjqAFwUbd5RYkhIeEOEKNUaby1N8GlTIExpjy/RqK01nLge6wQEt8yOThfFPbyAW6v5QQ"
+    "nAAN48KGrrBZThLD6y5xMk2KzHa2FifMwzyL9TYrMfoW8Wak7jSoFhihXKOvuPJxDHbQG75dvySmP6jaU5QL/BMLWvAnHBEmw8be7sZ3zs/P"
+    "kdVP48+nrTw5be1TlAyLUwCLp2x0Wt3ED2HumFpAt136/Nx2wM/ZPUjsGz/AK1+oF+zsV3WeJ+fqV/Ur/O55Hv2fPl7sFF85MRp6ha0IeJ7i"
+    "5L8+ntzmSZOV4YezEMi2DyJhh2ZzFxpu9q/Yxp+pLa/fo8uiyr5k5Yls4FlpthJ7ge275riIda9bypBCeSuOzBpSxOz3GjwQVAB8YOfadoVW"
+    "7uJpsnxcww/gYJTAVTewcVYkobXU2ymOsB5FRE6iaBeXA0E2s5uGLbbARTDaitIb0BbFbHdrKlVFLqijjA+AO+qY/3LuYb3gwlK5jCChMV2A"
+    "zo5MMOYj62pEj8enNIUVXjCKDO+XRNAyulISwLMEQJero2APxQDZGBRixrkejZocXOTslkM2eFxMOS3ZBvUyu9y38xK/dX8mOoEFXnExd/H0"
+    "FJiCD1ZYXsAVLOh0AJmGfE0cJ5UuKoN/nD9cnrbQ4Q2XnyEuSzXwFCzDGK+nYoB0rGNgE1eMxfEe8YmZJuiA8vWlhC4jxUjf+uZ5Gh/i/S/Y"
+    "ubiT0mR6RDYq+PMGdTVMQwOCg6mF5ZKuKjVy6337j2hSow2c2YvSQRI36k724jHRrCmv0mS8RrR34x7NaXOkQkEkM7pnmtqCG/GZW6cqoPK+"
+    "4CA2Vv1pzHIkbZnr5nz0Z+kwzKm+hnuHdtU8JwskaSDPTZLP36JsNSRrr+L9z0sGvluuRYo/THj+avK7JQfcQlh+vMrKAgM7Md6NOTyotEkp"
+    "SO7Q86N1EbAxEh2sg2ULZuAjlCFkA3amC8zHr9VDcIYZ7kf2rIjsCXeCTWVLqFNs8CSx5+45HefhUAIzw0hR/Ih5B9jv4Z2HNe52sKPp3dsr"
+    "N/uwZW28Ybq0rpG7ckq6ylkbD1nKE3TQbLkKboTKd9ULSLnlWsOAQgFO9Y+4MjDTHymxEATWpHwWNowSH3zDddsw79pYCAKHWEqwPV/8Di+x"
+    "IuHfUYhkifQHL4/ev3zx7OTlwb56XlbRsCSrcgvC1MZYatcK3arwvZusiHLeVFCAsBwTXTFXf8amPC40xEXJ/uJime7yA91kcjFSWuSqDBGS"
+    "/BVfoZnwqPZdpRo+9nJnvI8rTisPP2n4IFTAX2OTl0QDbdSkx4mxmrYivplL7nbIJoAlCRcVKnPDMImgqWbBypo1eNeB2sQ3qGBNVm9vA2vV"
+    "3PTZVxx6cGGbJq2A1HGTq8byMEVxnCfLcR7kBnyAzkVq98nhItdWewBJK1UHY4UMo8JKXdAFXSyh3NPR3PFQWRwBmuczOq6qpPmiSEapFjby"
+    "pVhj4GuLqutqcQPB2EQKtGPrDo/hPDfqXH8nDFttADcJaYnR6D5OViUAHBgsxYZ5QvucgmEJb3O1fkvuFHLFB7pqf/cGYq/kW7PgwfvHkydv"
+    "NGwOduNARchZ8ftPnizYCXQBzymrKl+nLJcUcAaLMwc+cqSZx5ThJoM8gZkZFHpFDsMsn+/VMigc8ZsKBTbb528xiYIf/jbr/C3fRivtsLsa"
+    "+w6MdFYSK2hCz27OQsfzd6N6ndWl+L21UIhDymFR7VnLg61PtSqm5dd99PLKK5JBCwvYotg9RxXdMMQT3sXslfSyfCMbQrWzjzvuJX6p9WKC"
+    "5/O7OqLmm6pF3qMfMteaiU2P7uSY1T7VG+dJXZg5OYeUb8c5qK7FjsIzHHoF34gLznxigmOt0m/qcD3YFP9ohq9M7i8XGqRPacv88P5120a1"
+    "8syWueQYrUsSYnOPK0Bn6pxDxedKjzVqe8xfYhNN23vNI43XGbCOpk2YeQXbKRd6LLCQU87FTLqzNLxE7Q0jKAsQcgbj4ovqzYsjm9qXqvPx"
+    "xOXz4nXear95JFVapCviXDALOjZAwpZXuhsNwnYL1ZBGQS3S8P6FvLDwnHU+qBcT3DtEiqP+iiA/sM8xxcKXT+LoY94JzbBTmlHsIFgFYh0A"
+    "jNlwvBJXuqM+HHMZIOvB1fLduBQcqIUD8CsoeQbrgtd5g5QG6WsO0tNZaZKSI0KXd5i0GDCjVC2NORMmOONIaXauuurcunnVZ+DrPB4D/asw"
+    "TQH5E0rsJqLSG7au7u2X8AaoOxZn2HTeRvc08BZR2QUvU1XaFgtP2u8/RBnfoGSTWr6kM9ffv/MbDM5UfQBng/k24kSUVfH/K/uK4se8dSV4"
+    "MMSR1Nplf1cEGEuysyuAlx3w2te8o1xXVIV2uZLlcu5xWeh1ijky0BPmFlHRcOd2Wo3c6HQD5cJLW0nuESO3RKOmo+Vo5Nl7K3h2tEhTe3mD"
+    "Mnrt3QtzbdOzcGvBvVr9pD7TOUC7bhi21QxMaJjml3O1NivS8gi0vCxa4M5xqaPCZOs2d4ovNVBAgpcU0RTc5oXrt7beRc8xikyEv4Yzgwkh"
+    "+OvtZ1tbg83B7u7K+gtvyyMQcJqo2nSdFGt0EdjDez3pYq0790rWXS9v7JJhojkroaKrJeeDzW1XydpVtjB56dzQ2OqmuOVc/uBHMARwdc5Z"
+    "1XeaC+o21gG4q0+O8T+4tzsOhOxJPfIDphuA7RC4OLllBs3WD9ZqgvfPsb3zdnm2b8//SS9lXZYCThj08RaR+vvxu7eW3dqUBELnqPipx1Vq"
+    "AnfZ1FV4sX9zKhtFQoep0bBrUtcd2JSAoc+7/NdUz84VeRs02KPbr1st6S6K5tkbMB31kup1Or1EKTGsParC0Rhasd+t1TCxF4+qK+31utRs"
+    "OjYGDDsYTuX0GRBjTiSfaDsskvuPeAG+ixdJ+GZrw91LzPR5BeIBPlljJTZQruzLunJTTROscoY4X/hF6dRbBWALt9CgsNg4pkwFoGLIdGpj"
+    "kjaok4WAKeEsBOWuhhapjvNo/pSzQnG27PPTzQdqHTO/ihh8CVAMnqMq2UTquEHT2Mph8NH/Xo3Oftbev3venvfp83b7y58eElkhIi/tePRp"
+    "mfxeL9tUS31vUxwcyxTYixeYVEl3+rLq0JlNlv2bt/SwFbrAgacsc3snAB9jG/Ok+BEDyBHmOs8pxNtR72p91e8O0ghdQAaBUujWT3lX54+R"
+    "+e6Kk33FdRyHPNNc5JxdjrKHWrcPyLOuernLmPq06EvjUTGFClufT2F4l6Fv4M/T1v5py9/cMhtb/Z1d+N+w3xv2Rhu97U3fH/qb/d2NYeD3"
+    "e7s7m7ujwc6gbwYbW3pzYyfobe319syop4fD01b7tKV9KglxVhS2VfrUCo/rSZsNM9TBwNvY0Vvept833rCnN729jY3NQdDr7+32BqetLxQH"
+    "0NdnVKMuw2IgHA63CFE1exOmN8P1KMl/nZ9VAFH4Isp3Vg/m+FjQ/cy1dYZwT/1efwsoS9cI99Fi58gMnxogRMsopE4ZIYoQisYTji2BWEw5"
+    "/k+SzPhc9mMB6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegS"
+    "gC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKA"
+    "LgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAu"
+    "AegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHo+o8H6BqO+sEWNOYN+8PA29za2fX2doINb2cn2OuPtB5uBf8JAF2oWuvwXH97+eygBs/VWv2m"
+    "AHl9CyCvdpXR4fGiZvbpwKOV/95gvlhq/nIav3j2+vU+QlGoz6euLj2nzxl/kqhJ6OE+6dGx3F/UFLiik1/nnG1X00H8FboZxvsIJdv9uVt1"
+    "BFsEayW0DOoWXgQ7bEERJ5dvcpUmlAWOxQTHOsXqjJmLUZdv27/NtcYNPFMoUb8/htXGaOPRMaxWtvtXezmfCh4RWkS7TKEFfs4cYddA3zEM"
+    "xDqbWT7oMODNrMpiy7F3qkyaYIX5kbshezPjyDVZVccj7aZMbOsZ2zuZtG5gFCZjTEHKFqxFOhrh3C48gMlMqw479T3uIlumt9nb3d70NvRg"
+    "z9scDoewn2z2PH/bbA/1bn9nT288aBcJGIwiaN2t9KvgYPlttFjOSsOksm3uOPNx3tcd2R302j0y+++5FckGI0iR/zlIkd9wexQIym8PQbmz"
+    "vS0QlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJB"
+    "KRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEp"
+    "EJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQ"
+    "lAJBKRCUAkEpEJR/EAjK3x087I8BQSm4X4L7Jbhf98H9+v8E6VVNVBPylKZAUROXQXNnHGwgBY5/F2dmYM4GZ71W+wZiCW2xC5gbt67Lkr1R"
+    "W5EbEGtNcmCHdtY4sPr42f5aWMy15xZDxZp4ZNThkT/pXVRoYXZm0jRJy+ob90OFE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0"
+    "AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQB"
+    "SxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFL"
+    "E7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFL+48HS7MjeTS8tAdhpd2FinYr6tm3"
+    "ASirLXX/fnhlXNuk1QiQI8XYpRi7FGOXYuxSjF2KsUsxdinGLsXYpRi7FGOXYuxSjF2KsUsxdinGLsXYpRi7FGOXYuxSjF2KsUsxdinGLsXY"
+    "pRj7//ti7HgoeAQy+IYLEN52rwM4htP6XVQdcwTwVt8w4dIcXNlBY2UnD6ThErUSQVNPXX10m6v9V5NT3gCF5MmqSkaYusAXrckJQnvGXvB0"
+    "GQdUtRH3Y/IrQDtgSICPZkkaYfMqUrQyI2gRuywLUn+HsVSp8C0VvqXC97ep8H1PfVbeFsSryTB+CriVcPIUTxhhxjBmkTkdRAqKXnT+Af5O"
+    "fgGl/qZGccIUTpxPHCmkoyN36e1vyVV12Y1y4TJXbdS619SzS7yyUeOljh+xwDen6B7ReWfW6D7BAw+DHAG6jdPQHtDYW3XIR24TKElGRbIz"
+    "U97UK+1dRmbQVgmBRNBF3ImOq7JeWGdb40lv62t9UVz+FfeH6QIjLo/NDaACmmaxjN9SgOc51r37dEuywTEQGnf3hcRdV3DG58RpmxSByej2"
+    "WhsmQFDaIhVBsHULQnT37lF7J3nAzZLbrzpJ9Xypni/V86V6vlTPl+r5Uj3/+6yeLwVapUCrFGiVAq1SoFUKtH7rAq1SW1Nqa0ptTamtKbU1"
+    "pbam1NaU2ppSW1Nqa0ptTamtKbU1pbam1NaU2ppSW1Nqa0ptTamtKbU1v4famvcvB7Xb293bNMEggJ/94c7u1obe06PdgR7sbG76QW8wHOid"
+    "jW2z5/dHG32z0dvbgt+2hv72TrDd29i6fzmojb1gdxgMfW+n3+t7m5tbm54e7Wx5vcGob/ROMBptbFM5qK+trdTlQXBxoT9UoaU2jdmj8dvv"
+    "bXr9PldY+gYlmO5Tc2mUJM0VlwSqTaDavhKq7RP8+3/uhBnL")
+
+
+def claude_code_requests() -> List[Dict[str, Any]]:
+    return json.loads(zlib.decompress(base64.b64decode("".join(CLAUDE_CODE_REQUESTS))))
+
+
+def roles_and_texts(turn: "proxy.Turn") -> List[Tuple[str, List[str]]]:
+    """Each native message of a turn as (role, its texts)."""
+    return [(message["role"], [block["text"] for block in message["content"]])
+            for message in turn.conversation.messages]
+
+
+def block_text(blocks: List[Dict[str, Any]]) -> str:
+    return "\n".join(b.get("text", "") if b.get("type") == "text" else
+                     block_text(b["content"]) if b.get("type") == "tool_result" and isinstance(b.get("content"), list)
+                     else b.get("content", "") if b.get("type") == "tool_result" else "" for b in blocks)
+
+
+class ClaudeCodeRequestsTest(ProxyTest):
+    """What Claude Code sends the Messages door (system entries inside messages, its tools,
+    betas, count_tokens), against the fake CLI."""
+
+    def parse(self, *messages: Any) -> "proxy.Turn":
+        return proxy.parse_messages_request({"model": "claude-sonnet-4-5", "max_tokens": 1024,
+                                             "messages": list(messages)}, config())[0]
+
+    def test_a_system_entry_after_a_user_message_stays_a_system_message_there(self) -> None:
+        turn = self.parse(user("hi"), {"role": "system", "content": "Agents: a, b."},
+                          {"role": "assistant", "content": "Hello."}, user("next"),
+                          {"role": "system", "content": [text("Skills: x."), text("More: y.")]})
+        self.assertEqual(roles_and_texts(turn), [("user", ["hi"]), ("system", ["Agents: a, b."]),
+                                                ("assistant", ["Hello."]), ("user", ["next"]),
+                                                ("system", ["Skills: x.", "More: y."])])
+
+    def test_a_system_entry_anywhere_else_goes_into_the_user_message_there_as_claude_code_puts_it(self) -> None:
+        # Before a user message the CLI would move it past that message: it stays in place, in the
+        # <system-reminder> tags Claude Code itself uses where no system message can stand.
+        turn = self.parse({"role": "system", "content": "First."}, user("hi"),
+                          {"role": "assistant", "content": "Hello."}, {"role": "system", "content": " Second\n"},
+                          user("next"))
+        self.assertEqual(roles_and_texts(turn), [
+            ("user", ["<system-reminder>\nFirst.\n</system-reminder>", "hi"]), ("assistant", ["Hello."]),
+            ("user", ["<system-reminder>\n Second\n\n</system-reminder>", "next"])])
+
+    def test_system_entries_are_checked_and_the_last_spoken_message_is_still_the_users(self) -> None:
+        for content, param in ((5, "messages[1].content"), ([{"type": "image", "source": {}}],
+                                                            "messages[1].content[0].type")):
+            with self.assertRaises(proxy.ProxyError) as caught:
+                self.parse(user("hi"), {"role": "system", "content": content})
+            self.assertEqual((caught.exception.status, caught.exception.param), (400, param))
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.parse(user("hi"), {"role": "system", "content": "x"}, {"role": "assistant", "content": "Sure, "})
+        self.assertIn("prefill", caught.exception.message)
+
+    def test_the_transcript_holds_a_system_message_as_a_hooks_message_in_the_chain(self) -> None:
+        lines = [json.loads(line) for line in proxy.session_transcript([
+            {"role": "user", "content": [text("hi")]},
+            {"role": "system", "content": [text("Agents."), text("Skills.")]},
+            {"role": "assistant", "content": [text("Hello.")]}]).splitlines()]
+        self.assertEqual([line["type"] for line in lines], ["user", "attachment", "attachment", "assistant"])
+        self.assertEqual([line["attachment"] for line in lines[1:3]], [
+            {"type": "async_hook_response", "response": {"systemMessage": "Agents."}},
+            {"type": "async_hook_response", "response": {"systemMessage": "Skills."}}])
+        self.assertEqual([line["parentUuid"] for line in lines], [None] + [line["uuid"] for line in lines[:-1]])
+
+    def test_system_entries_reach_the_cli_where_claude_code_put_them(self) -> None:
+        for conversation in (lambda tag: [user("hi"), {"role": "system", "content": "Agents " + tag}],
+                             lambda tag: [user("hi"), {"role": "system", "content": "Agents " + tag},
+                                          {"role": "assistant", "content": "Hello."}, user("next"),
+                                          {"role": "system", "content": "Skills " + tag}]):
+            tag = marker()
+            messages = conversation(tag)
+            response = self.request("POST", "/v1/messages?beta=true", {
+                "model": "claude-sonnet-4", "max_tokens": 100, "system": "You are terse " + tag,
+                "messages": messages})
+            self.assertEqual(response.status, 200, response.body)
+            sent = FAKE.run_for(tag, field="requests")["requests"][0]["messages"]
+            self.assertEqual([(m["role"], m["content"] if isinstance(m["content"], str) else block_text(m["content"]))
+                              for m in sent], [(m["role"], m["content"]) for m in messages])
+
+    def test_head_of_the_root_answers_without_the_key_as_claude_code_checks_the_connection(self) -> None:
+        running_server = RunningServer(api_key="sekrit")
+        try:
+            self.assertEqual(http_request(running_server.port, "HEAD", "/").status, 200)
+            self.assertEqual(http_request(running_server.port, "POST", "/v1/messages/count_tokens",
+                                          {"model": "claude-sonnet-4", "messages": [user("hi")]}).status, 401)
+        finally:
+            running_server.stop()
+
+    def test_every_request_claude_code_sends_is_answered(self) -> None:
+        # Replayed as recorded (path with ?beta=true, betas, metadata, context_management,
+        # cache_control everywhere, adaptive thinking, effort, a JSON schema for the title,
+        # HEAD /, count_tokens).
+        for recorded in claude_code_requests():
+            response = self.request(recorded["method"], recorded["path"], recorded.get("body"),
+                                    headers=recorded.get("headers"))
+            self.assertEqual(response.status, 200, (recorded["run"], recorded["path"], response.body[:500]))
+            if recorded["method"] == "HEAD":
+                continue
+            if "count_tokens" in recorded["path"]:
+                self.assertEqual(list(response.json()), ["input_tokens"])
+                continue
+            if not recorded["body"].get("stream"):
+                message = response.json()
+                self.assertEqual((message["type"], message["role"]), ("message", "assistant"))
+                self.assertIn(message["stop_reason"], ("end_turn", "max_tokens"))
+                continue
+            events = sse_events(response)
+            names = [name for name, _ in events]
+            self.assertEqual((names[0], names[-2], names[-1]), ("message_start", "message_delta", "message_stop"))
+            content = streamed_content(events)
+            self.assertTrue(content, recorded)
+            self.assertEqual(names.count("content_block_start"), len(content))
+            self.assertEqual(names.count("content_block_stop"), len(content))
+            self.assertIn(events[-2][1]["delta"]["stop_reason"], ("end_turn", "tool_use"))
+
+
+# Samples of what a request holds, for the count's estimate: prose, code, JSON, CJK.
+COUNT_SAMPLES = {
+    "prose": "The quick brown fox jumps over the lazy dog, and then it naps in the afternoon sun. " * 40,
+    "code": "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n" * 40,
+    "json": json.dumps([{"id": i, "name": "item-%d" % i, "tags": ["a", "b"], "ok": True} for i in range(60)]),
+    "cjk": "東京は日本の首都であり、世界最大の都市圏の一つです。" * 40,
+}
+# Claude's tokenizers take about 3.5 bytes of English or code per token, the newest up to a third
+# more tokens for the same text: at most 2.6 bytes a token. CJK takes about a token a character.
+FEWEST_BYTES_PER_TOKEN = 2.6
+
+
+def pdf_of(pages: int) -> str:
+    body = b"".join(b"%d 0 obj << /Type /Page /Parent 1 0 R >> endobj\n" % (i + 2) for i in range(pages))
+    return base64.b64encode(b"%PDF-1.4\n1 0 obj << /Type /Pages /Count " + b"%d" % pages + b" >> endobj\n"
+                            + body + b"%%EOF").decode("ascii")
+
+
+class CountTokensTest(ProxyTest):
+    """POST /v1/messages/count_tokens: an estimate that errs high, in Anthropic's shape."""
+
+    def count(self, *messages: Any, **fields: Any) -> Response:
+        body: Dict[str, Any] = {"model": "claude-sonnet-4", "messages": list(messages)}
+        body.update(fields)
+        return self.request("POST", "/v1/messages/count_tokens?beta=true", body,
+                            headers={"anthropic-beta": "token-counting-2024-11-01"})
+
+    def tokens(self, *messages: Any, **fields: Any) -> int:
+        response = self.count(*messages, **fields)
+        self.assertEqual(response.status, 200, response.body)
+        return response.json()["input_tokens"]
+
+    def test_the_answer_is_anthropics_shape_marked_as_an_estimate(self) -> None:
+        response = self.count(user("hi"), system="You are terse.", tools=[MESSAGES_WEATHER_TOOL])
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        self.assertEqual(response.headers[proxy.ESTIMATE_HEADER], "true")
+        body = response.json()
+        self.assertEqual(list(body), ["input_tokens"])
+        self.assertIsInstance(body["input_tokens"], int)
+        self.assertGreater(body["input_tokens"], self.tokens(user("hi")), "the system prompt and tools count")
+
+    def test_it_errs_high(self) -> None:
+        for name, sample in COUNT_SAMPLES.items():
+            most = len(sample.encode("utf-8")) / FEWEST_BYTES_PER_TOKEN
+            if name == "cjk":
+                most = len(sample)
+            self.assertGreater(self.tokens(user(sample)), most, name)
+            self.assertGreater(self.tokens(user("hi"), system=sample), most, name)
+        # An image counts as what Claude sees, however small or large its file.
+        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}
+        big = dict(image, source=dict(image["source"], data=base64.b64encode(os.urandom(300000)).decode()))
+        plain = self.tokens(user("hi"))
+        self.assertGreaterEqual(self.tokens({"role": "user", "content": [image, text("hi")]}) - plain, 1600)
+        self.assertLess(self.tokens({"role": "user", "content": [big, text("hi")]}) - plain, 10000)
+        three_pages = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                                      "data": pdf_of(3)}}
+        self.assertGreaterEqual(self.tokens({"role": "user", "content": [three_pages, text("hi")]}) - plain,
+                                3 * (1600 + 1500))
+
+    def test_what_claude_code_sends_is_counted(self) -> None:
+        recorded = next(entry["body"] for entry in claude_code_requests() if entry["run"] == "plain")
+        body = {name: value for name, value in recorded.items() if name not in ("max_tokens", "stream")}
+
+        def strings(value: Any) -> int:  # the bytes of every string Claude reads
+            if isinstance(value, str):
+                return len(value.encode("utf-8"))
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+            return sum(strings(item) for item in items)
+        read = strings([body["system"], body["messages"], body["tools"]])
+        self.assertGreater(self.tokens(**body), read / FEWEST_BYTES_PER_TOKEN)
+
+    def test_bad_input_is_a_400_in_anthropics_shape(self) -> None:
+        for response, param in ((self.count(), "messages"), (self.count({"role": "tool", "content": "x"}), "role"),
+                                (self.count(user("hi"), tools=[dict(MESSAGES_WEATHER_TOOL, input_schema=[])]),
+                                 "input_schema"),
+                                (self.request("POST", "/v1/messages/count_tokens", b"{"), "JSON")):
+            self.assertEqual(response.status, 400, response.body)
+            body = response.json()
+            self.assertEqual((body["type"], body["error"]["type"]), ("error", "invalid_request_error"))
+            self.assertIn(param, body["error"]["message"])
+
+    def test_the_anthropic_sdk_and_langchain_count_through_it(self) -> None:
+        if anthropic is None:
+            if IN_CI:
+                raise AssertionError("CI must have the anthropic package")
+            self.skipTest("the anthropic package is not installed")
+        base_url = "http://127.0.0.1:%d" % self.running.port
+        counted = anthropic.Anthropic(base_url=base_url, api_key="not-needed").messages.count_tokens(
+            model="claude-sonnet-4", system="You are terse.", messages=[{"role": "user", "content": "hello there"}])
+        self.assertEqual(counted.input_tokens, self.tokens(user("hello there"), system="You are terse."))
+        langchain_anthropic = client_library(self, "langchain_anthropic")
+        messages = importlib.import_module("langchain_core.messages")
+        model = langchain_anthropic.ChatAnthropic(model="claude-sonnet-4", base_url=base_url, api_key="not-needed")
+        with no_warnings(LANGCHAIN_OWN_WARNING):
+            tokens = model.get_num_tokens_from_messages([messages.SystemMessage("You are terse."),
+                                                         messages.HumanMessage("hello there")])
+        self.assertEqual(tokens, counted.input_tokens)
+
+
+# ---------------------------------------------------------------------------
+# Runtime: the claude process: its output, failures, probes, children and files
+# ---------------------------------------------------------------------------
+
+# A `claude` that prints a few given lines once it has a user turn, then exits without a result.
+LINES_CLAUDE = r"""
+import json, os, sys
+if "--version" in sys.argv:
+    print("2.1.197 (Claude Code)")
+    sys.exit(0)
+for line in sys.stdin:
+    if json.loads(line).get("type") == "user":
+        break
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "lines.json")) as f:
+    for out in json.load(f):
+        print(out if isinstance(out, str) else json.dumps(out), flush=True)
+"""
+STARTED_STREAM = [
+    {"type": "stream_event", "event": {"type": "message_start", "message": {"usage": {"input_tokens": 3}}}},
+    {"type": "stream_event", "event": {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}}},
+    {"type": "stream_event", "event": {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": "partial "}}}]
+# Lines the CLI never printed, but a changed CLI might (issue 8, item 7): odd shapes, and lines
+# that are not JSON objects at all.
+MALFORMED_LINES = [
+    {"type": "system", "subtype": "api_retry", "attempt": "two", "max_retries": None,
+     "retry_delay_ms": "soon", "error_status": "x", "error": 5},
+    {"type": "stream_event", "event": {"type": "message_delta", "delta": "stop",
+                                       "usage": {"output_tokens": "many", "input_tokens": [1]}}},
+    {"type": "stream_event", "event": {"type": "content_block_start", "content_block": "text"}},
+    {"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": 7}}},
+    {"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": ["text_delta"]}}},
+    {"type": "stream_event", "event": ["not", "an", "object"]},
+    {"type": "assistant", "message": None, "error": ["x"]},
+    {"type": "user", "message": {"content": "text, not blocks"}},
+    {"type": "rate_limit_event", "rate_limit_info": "none"},
+    {"type": "result", "subtype": 3, "is_error": "yes", "errors": "not a list", "usage": {"output_tokens": "1"}},
+    {"type": "result", "subtype": "success", "is_error": True, "errors": [None, {"a": 1}], "api_error_status": "500"},
+    "[1, 2, 3]", "{broken json",
+    '{"a": ' * 3000 + "1" + "}" * 3000,  # nested deeper than Python's JSON parser goes
+]
+
+
+class CliFailureTest(ProxyTest):
+    def test_not_logged_in_is_401_with_login_help(self) -> None:
+        error = self.assertError(self.say("[[fake:not-logged-in]]"), 401, "authentication_error")
+        self.assertIn("/login", error["message"])
+
+    def test_upstream_400_is_400(self) -> None:
+        error = self.assertError(self.say("[[fake:upstream-400]]"), 400, "invalid_request_error")
+        self.assertIn("fake status 400", error["message"])
+
+    def test_authentication_retries_fail_fast_and_kill_the_child(self) -> None:
+        tag = marker()
+        started = time.monotonic()
+        self.assertError(self.say("[[fake:upstream-401-retrying]] " + tag), 401,
+                         "authentication_error")
+        self.assertLess(time.monotonic() - started, 5, "must not wait out the CLI's retries")
+        self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]))
+
+    def test_rate_limit_retries_beyond_the_budget_are_429_with_retry_after(self) -> None:
+        tag = marker()
+        response = self.say("[[fake:rate-limited-429-retrying]] " + tag)
+        self.assertError(response, 429, "rate_limit_error", "rate_limit_exceeded")
+        self.assertTrue(response.headers["Retry-After"].isdigit())
+        self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]))
+
+    def test_overload_retries_beyond_the_budget_are_503(self) -> None:
+        response = self.say("[[fake:overloaded-529-retrying]]")
+        self.assertError(response, 503, "server_error", "overloaded")
+        self.assertIsNotNone(response.headers["Retry-After"])
+
+    def test_exit_without_result_is_502_with_stderr(self) -> None:
+        error = self.assertError(self.say("[[fake:crash]]"), 502, "server_error", "cli_failed")
+        self.assertIn("fake crash: boom", error["message"])
+        self.assertIn("code 3", error["message"])
+
+    def test_silent_cli_hits_the_idle_timeout(self) -> None:
+        self.config.idle_timeout = 1.5
+        tag = marker()
+        error = self.assertError(self.say("[[fake:hang]] " + tag), 504, "server_error", "idle_timeout")
+        self.assertIn("--idle-timeout", error["message"])
+        run = FAKE.run_for(tag, field="grandchild")
+        self.assertTrue(pid_gone(run["pid"]))
+        self.assertTrue(pid_gone(run["grandchild"]), "the child's own children must die too")
+
+    def test_a_cli_that_never_reads_its_stdin_is_still_timed_out(self) -> None:
+        self.config.idle_timeout = 0.5
+        os.environ["FAKE_CLAUDE_DEAF"] = "1"
+        try:
+            started = time.monotonic()
+            # far more than a pipe holds, so writing it all would block for ever
+            response = self.say("x" * 2000000)
+        finally:
+            del os.environ["FAKE_CLAUDE_DEAF"]
+        self.assertError(response, 504, "server_error", "idle_timeout")
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []))
+
+    def test_total_timeout_is_504(self) -> None:
+        self.config.timeout = 0.6
+        error = self.assertError(self.say("[[fake:slow]]"), 504, "server_error", "timeout")
+        self.assertIn("--timeout", error["message"])
+
+    def test_missing_cli_is_503_with_install_help_and_health_says_so(self) -> None:
+        self.config.claude_bin = "/nonexistent/claude"
+        error = self.assertError(self.say("hi"), 503, "server_error", "claude_not_found")
+        self.assertIn("npm install -g @anthropic-ai/claude-code", error["message"])
+        health = self.request("GET", "/health").json()
+        self.assertEqual(health["status"], "degraded")
+        self.assertFalse(health["claude"]["found"])
+
+
+def post_chat(port: int, body: Dict[str, Any]) -> Response:
+    return http_request(port, "POST", "/v1/chat/completions", body)
+
+
+class MalformedOutputTest(TestCase):
+    """Output of shapes the CLI never printed ends the answer cleanly: never a 500, a hang or an ERROR log."""
+
+    def test_malformed_events_mid_stream_end_with_an_error_frame_and_done(self) -> None:
+        folder = tempfile.mkdtemp(prefix="lines-claude-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        claude = os.path.join(folder, "claude")
+        with open(claude, "w") as f:
+            f.write("#!%s\n%s" % (sys.executable, LINES_CLAUDE))
+        os.chmod(claude, 0o755)
+        running_server = RunningServer(claude_bin=claude)
+        self.addCleanup(running_server.stop)
+        for index, event in enumerate(MALFORMED_LINES):
+            with self.subTest(index=index, event=event):
+                with open(os.path.join(folder, "lines.json"), "w") as f:
+                    json.dump(STARTED_STREAM + [event], f)
+                body = {"messages": [user("hi")]}
+                whole = post_chat(running_server.port, body)
+                self.assertEqual(whole.status, 502, whole.body)
+                self.assertEqual(set(whole.json()["error"]), {"message", "type", "param", "code"})
+                streamed = post_chat(running_server.port, dict(body, stream=True))
+                self.assertEqual(streamed.status, 200)
+                frames = streamed.frames()
+                self.assertEqual(frames[-1], "[DONE]")
+                self.assertEqual(stream_text(Response(200, streamed.headers, "\n".join(
+                    "data: " + f for f in frames[:-2]).encode())), "partial ")
+                error = json.loads(frames[-2])["error"]
+                self.assertEqual(set(error), {"message", "type", "param", "code"})
+                self.assertTrue(wait_until(lambda: running_server.server.core.runner.active_children() == []))
+
+
+class ProcessLifecycleTest(ProxyTest):
+    def test_a_childs_directory_is_named_after_the_proxy_and_removed_after_it(self) -> None:
+        tag = marker()
+        self.assertEqual(self.say(tag).status, 200)
+        cwd = FAKE.run_for(tag)["cwd"]
+        self.assertEqual(os.path.dirname(cwd), tempfile.gettempdir())
+        self.assertTrue(os.path.basename(cwd).startswith("claude-proxy-%d-" % os.getpid()), cwd)
+        self.assertTrue(wait_until(lambda: not os.path.exists(cwd)))
+
+    def test_directories_left_by_a_dead_proxy_are_removed_when_a_proxy_starts(self) -> None:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        left = tempfile.mkdtemp(prefix="claude-proxy-%d-" % dead.pid)
+        with open(os.path.join(left, "system-prompt.txt"), "w") as f:
+            f.write("a private system prompt")
+        kept = [tempfile.mkdtemp(prefix="claude-proxy-%d-" % os.getpid()),  # a live proxy's
+                tempfile.mkdtemp(prefix="claude-proxy-")]  # named by no proxy
+        link = os.path.join(tempfile.gettempdir(), "claude-proxy-%d-link" % dead.pid)
+        os.symlink(kept[1], link)  # never followed out of the temp dir
+        try:
+            RunningServer().stop()
+            self.assertFalse(os.path.exists(left), "a dead proxy's directory must go")
+            for path in kept + [link]:
+                self.assertTrue(os.path.lexists(path), path)
+        finally:
+            for path in kept:
+                shutil.rmtree(path, ignore_errors=True)
+            os.unlink(link)
+
+    def test_client_disconnect_mid_stream_kills_the_child_at_once(self) -> None:
+        tag = marker()
+        sock = open_stream(self.running.port, "[[fake:slow]] " + tag)
+        run = FAKE.run_for(tag, field="grandchild")
+        sock.close()
+        self.assertTrue(pid_gone(run["pid"]), "child outlived its client")
+        self.assertTrue(pid_gone(run["grandchild"]))
+        self.assertNotIn("finished", FAKE.run_for(tag))
+        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []))
+
+    def test_client_gone_while_waiting_for_a_non_stream_answer_kills_the_child(self) -> None:
+        # A keep-alive client's close (or a reset by any client) while the CLI is silent; a
+        # client that asked to close the connection may only have half-closed (ClientGoneTest).
+        for reset, close in ((False, b""), (True, b""), (True, b"Connection: close\r\n")):
+            tag = marker()
+            sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+            body = json.dumps({"messages": [user("[[fake:hang]] " + tag)]}).encode()
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n%s"
+                         b"Content-Length: %d\r\n\r\n%s" % (close, len(body), body))
+            run = FAKE.run_for(tag, field="grandchild")
+            if reset:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            self.assertTrue(pid_gone(run["pid"]), (reset, close))
+            self.assertTrue(pid_gone(run["grandchild"]), (reset, close))
+
+    def test_requests_beyond_max_concurrent_wait_then_get_429(self) -> None:
+        running = RunningServer(max_concurrent=1, queue_timeout=0.3)
+        try:
+            tag = marker()
+            cue = FAKE.script("slow-holder", text=["start "] + ["more "] * 60, delay=0.25)
+            holder = open_stream(running.port, cue + " " + tag)
+            response = post_chat(running.port, {"messages": [user("second")]})
+            self.assertError(response, 429, "rate_limit_error", "too_many_requests")
+            self.assertEqual(response.headers["Retry-After"], "5")
+            self.assertEqual(len(running.server.core.runner.active_children()), 1)
+            holder.close()
+            self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]))
+            running.server.config.queue_timeout = 5
+            self.assertEqual(post_chat(running.port, {"messages": [user("third")]}).status, 200)
+        finally:
+            running.stop()
+
+    def test_concurrent_requests_each_get_their_own_answer(self) -> None:
+        results: Dict[int, Any] = {}
+
+        def ask(i: int) -> None:
+            cue = FAKE.script("answer-%d" % i, text=["answer ", "number ", str(i)])
+            results[i] = self.say(cue, stream=(i % 2 == 0))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        for i, response in results.items():
+            self.assertEqual(response.status, 200)
+            if i % 2 == 0:
+                text = stream_text(response)
+            else:
+                text = response.json()["choices"][0]["message"]["content"]
+            self.assertEqual(text, "answer number %d" % i)
+        self.assertEqual(len(results), 8)
+
+    def test_access_log_has_one_line_per_request_without_the_prompt(self) -> None:
         logger = logging.getLogger("claude_max_proxy")
-        with self.assertLogs(logger, "WARNING") as logs:
-            observe(limits, limit_event("subscriber-rate-limit-event"))
-            observe(limits, limit_event("subscriber-overage-in-use"))
-            observe(limits, limit_event("subscriber-overage-in-use"))
-            logger.warning("end")
-        self.assertEqual(len(logs.records), 2, logs.output)
-        self.assertIn("extra usage has started", logs.output[0])
+        with self.assertLogs(logger, level="INFO") as logs:
+            chat_id = self.say("very private prompt words").headers["X-Request-Id"]
+            models_id = self.request("GET", "/v1/models").headers["X-Request-Id"]
+            # A line is written just after its response went out. Other servers of
+            # this suite log to the same logger, so lines are told apart by request id.
+            wait_until(lambda: all(any(rid in line for line in logs.output)
+                                   for rid in (chat_id, models_id)))
+        chat = [line for line in logs.output if chat_id in line]
+        self.assertEqual(len(chat), 1)
+        self.assertRegex(chat[0], r"%s POST /v1/chat/completions 200 model=claude-sonnet-4 "
+                                  r"input_tokens=10 cached_tokens=0 output_tokens=7 \d+ms" % chat_id)
+        self.assertEqual(len([line for line in logs.output if models_id in line]), 1)
+        self.assertFalse(any("private prompt" in line for line in logs.output))
 
-    def test_an_upstream_session_limit_429_names_the_window_and_its_reset(self) -> None:
-        limits = proxy.UsageLimits()
-        observe(limits, limit_event("subscriber-session-limit-429", resets_in=600))
-        upstream = cli_failure("subscriber-session-limit-429")
-        self.assertEqual((upstream.status, upstream.code), (429, "rate_limit_exceeded"))
-        error = limits.explain(upstream)
-        self.assertEqual((error.status, error.code), (429, "usage_limit_reached"))
-        self.assertIn(int(error.headers["Retry-After"]), range(595, 601))
-        self.assertIn("five_hour", error.message)
-        self.assertIn("You've hit your session limit", error.message)
-        other = cli_failure("upstream-400")
-        self.assertIs(limits.explain(other), other)
-        self.assertEqual(refusal(limits).code, "usage_limit_reached", "the next request is refused early")
 
-    def test_the_extra_usage_400s_get_their_own_status_and_code(self) -> None:
-        expected = {
-            "subscriber-extra-usage-400": (403, "permission_error", "third_party_needs_extra_usage",
-                                           "Third-party apps now draw from your extra usage"),
-            "subscriber-out-of-extra-usage-400": (402, "insufficient_quota", "extra_usage_exhausted",
-                                                  "You're out of extra usage"),
-            "subscriber-long-context-400": (400, "invalid_request_error", "long_context_needs_extra_usage",
-                                            "Extra usage is required for long context requests")}
-        for name, (status, type_, code, said) in expected.items():
-            error = cli_failure(name)
-            self.assertEqual((error.status, error.type, error.code), (status, type_, code), name)
-            self.assertIn(said, error.message, "Anthropic's own words stay in the message")
-        self.assertEqual(cli_failure("upstream-400").code, "upstream_error")
+class Daemon:
+    """claude_max_proxy.py in a process of its own, as users run it. Its log goes to
+    a file: its stderr, or with `log_file` its own --log-file (stderr then kept apart)."""
+
+    def __init__(self, *flags: str, log_file: bool = False, python: Tuple[str, ...] = ()) -> None:
+        """`python`: what the interpreter runs instead of claude_max_proxy.py (e.g. `-c`, code)."""
+        fd, self.log_path = tempfile.mkstemp(prefix="claude-proxy-log-")
+        os.close(fd)
+        fd, self.stderr_path = tempfile.mkstemp(prefix="claude-proxy-stderr-")
+        os.close(fd)
+        if log_file:
+            flags += ("--log-file", self.log_path)
+        with open(self.stderr_path if log_file else self.log_path, "w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable] + list(python or [os.path.join(HERE, "claude_max_proxy.py")]) + ["--port", "0"]
+                + list(flags),
+                stdin=subprocess.DEVNULL, stderr=stderr)
+        self.port = self._wait_for_port()
+
+    def stderr(self) -> str:
+        with open(self.stderr_path) as f:
+            return f.read()
+
+    def _wait_for_port(self, timeout: float = 15.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path) as f:
+                text = f.read()
+            found = re.search(r"listening: OpenAI clients http://127\.0\.0\.1:(\d+)/v1, Anthropic clients "
+                              r"http://127\.0\.0\.1:\1, status page http://127\.0\.0\.1:\1/$", text, re.M)
+            if found:
+                return int(found.group(1))
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.close()
+        raise AssertionError("the proxy did not start listening: %s" % text)
+
+    def health(self) -> Dict[str, Any]:
+        return http_request(self.port, "GET", "/health").json()
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        """A signal (SIGTERM, as launchd sends it, by default); the exit code."""
+        self.process.send_signal(signum)
+        try:
+            return self.process.wait(10)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for path in (self.log_path, self.stderr_path):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+class OutputReadingTest(TestCase):
+    """Reading the CLI's output costs work in proportion to what it printed, however long a line."""
+
+    def test_a_read_that_does_not_end_a_long_line_copies_none_of_what_came_before(self) -> None:
+        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "60"), tuple(os.environ.items())))
+        self.addCleanup(process.close)
+        piece = b"x" * 65536
+        process._take(b'{"type": "assistant", "text": "')
+        for _ in range(64):  # 4 MiB of one line so far
+            process._take(piece)
+        tracing = tracemalloc.is_tracing()  # PYTHONTRACEMALLOC may have started it
+        if not tracing:
+            tracemalloc.start()
+            self.addCleanup(tracemalloc.stop)
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        process._take(piece)  # counted in bytes allocated, not in time: a copy of the line is 4 MiB
+        allocated = tracemalloc.get_traced_memory()[1] - before
+        if not tracing:
+            tracemalloc.stop()
+        self.assertLess(allocated, len(piece), "one read copied the line's 4 MiB before it")
+        process._take(b'"}\n{"type": "result"')
+        process._take(b"}")
+        process._take(b"")  # end of file ends the last line
+        self.assertEqual(process._read, [{"type": "assistant", "text": "x" * (65 * len(piece))},
+                                         {"type": "result"}])
+
+
+class SlotReleaseTest(TestCase):
+    """A --max-concurrent slot is held while Claude answers, not while a finished CLI exits."""
+
+    def test_the_next_request_gets_the_slot_while_the_last_cli_is_still_exiting(self) -> None:
+        running = RunningServer(max_concurrent=1, queue_timeout=0)  # a held slot is a 429 at once
+        self.addCleanup(running.stop)
+        os.environ["FAKE_CLAUDE_LINGER"] = "30"  # killed after the proxy's grace of a second
+        self.addCleanup(os.environ.pop, "FAKE_CLAUDE_LINGER")
+        tag = marker()
+        first = post_chat(running.port, {"messages": [user("first " + tag)]})
+        self.assertEqual(first.status, 200, first.body)
+        second = post_chat(running.port, {"messages": [user("second " + marker())]})
+        self.assertEqual(second.status, 200, second.body)
+        self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]), "the lingering CLI was not reaped")
+
+
+def own_claude(test: unittest.TestCase) -> str:
+    """A copy of the fake CLI at a path of its own: a file the proxy has never probed."""
+    path = os.path.join(FAKE.dir, "claude-%s" % marker())
+    shutil.copy(FAKE.path, path)
+    test.addCleanup(os.unlink, path)
+    return path
+
+
+def unset_env(name: str) -> None:
+    os.environ.pop(name, None)
+
+
+def set_env(test: unittest.TestCase, name: str, value: str) -> None:
+    """An environment variable for the proxy's children, until the test ends (or unset_env)."""
+    os.environ[name] = value
+    test.addCleanup(unset_env, name)
+
+
+class ProbeTest(TestCase):
+    """The probe of the CLI at start says what is wrong on /health and in doctor, and a probe
+    that failed for a passing reason (a slow start, a fault of its own) is tried again."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        pauses = mock.patch.object(proxy, "RETRY_PAUSES", (0.2, 0.4))
+        pauses.start()
+        self.addCleanup(pauses.stop)
+
+    def server(self, claude: str) -> RunningServer:
+        running = RunningServer(claude_bin=claude)
+        self.addCleanup(running.stop)
+        return running
+
+    def health(self, running: RunningServer) -> Dict[str, Any]:
+        return http_request(running.port, "GET", "/health").json()
+
+    def test_a_probe_that_timed_out_says_degraded_and_is_tried_again_until_it_passes(self) -> None:
+        claude = own_claude(self)
+        set_env(self, "FAKE_CLAUDE_SLOW_START", "30")
+        timeout = mock.patch.object(proxy, "PROBE_TIMEOUT", 0.5)
+        timeout.start()
+        self.addCleanup(timeout.stop)
+        with self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            running = self.server(claude)
+            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "failed"))
+        self.assertIn("the check of %s failed" % claude, "\n".join(logs.output))
+        health = self.health(running)
+        self.assertEqual(health["status"], "degraded")
+        self.assertIn("did not ask for the tools within 0.5 s", health["claude"]["problem"])
+        self.assertIsNone(health["claude"]["logged_in"])
+        self.assertEqual(len(health["problems"]), 1)
+        self.assertIn("The proxy could not check Claude Code (%s)" % claude, health["problems"][0])
+        self.assertIn("run `claude` in a terminal", health["problems"][0])
+        # doctor asks the running proxy: a probe of its own would pass (it waits long enough)
+        check = proxy.check_claude(proxy.System(), proxy.Config(claude_bin=claude, port=running.port))
+        self.assertEqual(check.level, "FAIL")
+        self.assertIn("failed the running proxy's check", check.message)
+        unset_env("FAKE_CLAUDE_SLOW_START")  # the machine is no longer loaded
+        self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "ok"),
+                        "the failed probe was never tried again")
+        health = self.health(running)
+        self.assertEqual((health["status"], health["problems"], health["claude"]["logged_in"]),
+                         ("ok", [], True))
+        self.assertEqual(post_chat(running.port, {"messages": [user("hi")]}).status, 200)
+        check = proxy.check_claude(proxy.System(), proxy.Config(claude_bin=claude, port=running.port))
+        self.assertEqual(check.level, "OK", check.message)
+        self.assertIn("checked by the running proxy", check.message)
+
+    def test_a_cli_not_logged_in_is_found_at_start_and_its_requests_still_get_its_401(self) -> None:
+        claude = own_claude(self)
+        set_env(self, "FAKE_CLAUDE_LOGGED_OUT", "1")
+        with self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            running = self.server(claude)
+            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["logged_in"] is False))
+        self.assertIn(proxy.NOT_LOGGED_IN, "\n".join(logs.output))
+        health = self.health(running)
+        self.assertEqual((health["status"], health["problems"]), ("degraded", [proxy.NOT_LOGGED_IN]))
+        self.assertEqual((health["claude"]["probe"], health["claude"]["native"]), ("ok", True))
+        self.assertIn("run `claude` and /login", health["problems"][0])
+        response = post_chat(running.port, {"messages": [user("hi")]})
+        self.assertEqual(response.status, 401, response.body)
+        self.assertIn("/login", response.json()["error"]["message"])
+        check = proxy.check_login(proxy.System(), proxy.Config(claude_bin=claude, port=running.port))
+        self.assertEqual(check.level, "FAIL")
+        self.assertIn("not logged in", check.message)
+        unset_env("FAKE_CLAUDE_LOGGED_OUT")  # the user ran /login
+        self.assertTrue(wait_until(lambda: self.health(running)["claude"]["logged_in"] is True, 10.0),
+                        "the login is never looked at again")
+        self.assertEqual(self.health(running)["status"], "ok")
+
+    def test_a_transient_failure_is_retried_after_a_pause_that_doubles_up_to_a_cap(self) -> None:
+        probe = proxy.Probe()  # pauses of 0.2 s doubling up to 0.4 s here (setUp)
+        self.assertTrue(probe.due(100.0))
+        retry_at = 100.0
+        for pause in (0.2, 0.4, 0.4):
+            probe.done(proxy.ProbeResult("it did not ask for the tools within 20 s"), retry_at)
+            self.assertEqual(probe.state, "failed")
+            self.assertFalse(probe.due(retry_at + pause - 0.01))
+            self.assertTrue(probe.due(retry_at + pause))
+            retry_at += pause
+        probe.done(proxy.ProbeResult(None, logged_in=False), retry_at)  # passes, not logged in yet
+        self.assertEqual(probe.state, "ok")
+        self.assertFalse(probe.due(retry_at + 0.39))
+        self.assertTrue(probe.due(retry_at + 0.4), "a login is looked for again too")
+        probe.done(proxy.ProbeResult(None, logged_in=True), retry_at)
+        self.assertFalse(probe.due(retry_at + 3600.0), "a CLI that passed, logged in, is not probed again")
+        lasting = proxy.Probe()
+        lasting.done(proxy.ProbeResult("it refused initialize", lasting=True), 0.0)
+        self.assertFalse(lasting.due(3600.0), "a CLI too old is probed again only once it changes")
+
+    def test_a_fault_in_the_probe_itself_is_logged_and_the_probe_tried_again(self) -> None:
+        claude = own_claude(self)
+        fault = RuntimeError("probe fault " + marker())
+        real = proxy.probe_native
+        calls = []
+
+        def failing_once(path: str) -> proxy.ProbeResult:
+            calls.append(path)
+            if len(calls) == 1:
+                raise fault
+            return real(path)
+        with mock.patch.object(proxy, "probe_native", failing_once), \
+                self.expect_error_log(re.escape(str(fault))):
+            running = self.server(claude)
+            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "failed"))
+            self.assertIn("the proxy's own check failed", self.health(running)["claude"]["problem"])
+            self.assertTrue(wait_until(lambda: self.health(running)["claude"]["probe"] == "ok"))
+        self.assertEqual(len(calls), 2)
+
+
+def failing_rmdir(name: str) -> Any:
+    """os.rmdir, refusing (as a permission or an immutable flag would) the directory named `name`."""
+    real = os.rmdir
+
+    def rmdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.path.basename(os.fsdecode(path)) == name:
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+        real(path, *args, **kwargs)
+    return mock.patch.object(os, "rmdir", rmdir)
+
+
+class RemovalFailureTest(TestCase):
+    """A conversation's files that cannot be removed are named in the log, never counted as gone."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.config_dir = tempfile.mkdtemp(prefix="claude-config-")
+        self.addCleanup(shutil.rmtree, self.config_dir, True)
+
+    def test_a_transcript_that_cannot_be_removed_is_logged(self) -> None:
+        env = dict(os.environ, CLAUDE_CONFIG_DIR=self.config_dir)
+        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "30"), tuple(env.items()),
+                                                   ("0f8fad5b-d9cb-469f-a165-70867728950e", "{}\n")))
+        project = os.path.dirname(process.session_path)
+        with failing_rmdir(os.path.basename(project)), self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            process.close()
+        self.assertIn("could not remove %s, which holds a conversation" % project, "\n".join(logs.output))
+        self.assertTrue(os.path.isdir(project))
+        self.assertFalse(os.path.exists(process.workdir))
+
+    def test_an_abandoned_directory_that_cannot_be_removed_is_not_counted_as_removed(self) -> None:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        root = tempfile.mkdtemp(prefix="sweep-root-")
+        self.addCleanup(shutil.rmtree, root, True)
+        stuck = os.path.join(root, "claude-proxy-%d-stuck" % dead.pid)
+        gone = os.path.join(root, "claude-proxy-%d-gone" % dead.pid)
+        os.makedirs(stuck)
+        os.makedirs(gone)
+        with failing_rmdir(os.path.basename(stuck)), self.assertLogs("claude_max_proxy", "WARNING") as logs:
+            removed = proxy.remove_abandoned_workdirs(root, os.path.join(self.config_dir, "projects"))
+        self.assertEqual(removed, 1)
+        self.assertIn("could not remove %s" % stuck, "\n".join(logs.output))
+        self.assertTrue(os.path.isdir(stuck))
+        self.assertFalse(os.path.exists(gone))
+
+
+def waiting_runs(model: str) -> List[Dict[str, Any]]:
+    """Fake claude processes for this --model that are alive and have had nothing on stdin yet:
+    pre-started ones (a turn's system prompt, tools and settings all come on stdin)."""
+    return [run for run in FAKE.runs()
+            if "stdin" not in run and argv_value(run["argv"], "--model") == model and not exited(run["pid"])]
+
+
+def thinks(run: Dict[str, Any]) -> bool:
+    """Whether the process was started with thinking on (the one setting besides the model in argv/env)."""
+    return run["env_settings"]["MAX_THINKING_TOKENS"] != "0"
+
+
+def in_pool(running_server: RunningServer, pid: int) -> bool:
+    pool = running_server.server.core.runner.pool
+    with pool._changed:
+        return any(warm.process.pid == pid for warm in pool._idle)
+
+
+def warm_for(model: str = "sonnet", pooled_by: Optional[RunningServer] = None,
+             thinking: bool = True) -> Dict[str, Any]:
+    """A waiting fake process for this --model (and thinking), once there is one.
+
+    With `pooled_by`, also once that server's pool holds it: the fake records itself
+    while the pool's own thread may not yet have put it in."""
+    found = wait_until(lambda: next((run for run in waiting_runs(model) if thinks(run) == thinking
+                                     and (pooled_by is None or in_pool(pooled_by, run["pid"]))), None), 10.0)
+    if found is None:
+        raise AssertionError("no pre-started process for --model %s" % model)
+    return found
+
+
+class ShutdownTest(TestCase):
+    def test_in_process_shutdown_kills_every_child(self) -> None:
+        running = RunningServer()
+        tag = marker()
+        sock = open_stream(running.port, "[[fake:slow]] " + tag)
+        run = FAKE.run_for(tag, field="grandchild")
+        running.stop()
+        self.assertFalse(running.thread.is_alive())
+        self.assertTrue(pid_gone(run["pid"]))
+        self.assertTrue(pid_gone(run["grandchild"]))
+        sock.close()
+
+    def test_sigterm_stops_the_daemon_with_exit_0_and_no_child_left(self) -> None:
+        # fable: a model no other server here warms, so its pre-started processes are the daemon's
+        daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "2", "--default-model", "claude-fable")
+        try:
+            tag = marker()
+            sock = open_stream(daemon.port, "[[fake:slow]] " + tag)
+            run = FAKE.run_for(tag, field="grandchild")
+            warm = warm_for("fable")
+            self.assertEqual(daemon.stop(), 0)
+            for pid in (run["pid"], run["grandchild"], warm["pid"]):
+                self.assertTrue(pid_gone(pid))
+            self.assertEqual(waiting_runs("fable"), [])
+            sock.close()
+        finally:
+            daemon.close()
+
+    def test_a_hangup_ends_the_daemon_and_its_children_too(self) -> None:
+        # Children run in sessions of their own: the terminal's hangup never reaches them.
+        for signum in (signal.SIGHUP, signal.SIGQUIT):
+            daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "0")
+            try:
+                tag = marker()
+                sock = open_stream(daemon.port, "[[fake:slow]] " + tag)
+                run = FAKE.run_for(tag, field="grandchild")
+                self.assertEqual(daemon.stop(signum), 0)
+                self.assertTrue(pid_gone(run["pid"]) and pid_gone(run["grandchild"]), signum)
+                sock.close()
+            finally:
+                daemon.close()
+
+
+class WithoutWaitid:
+    """The os module as macOS shows it to Python before 3.13: no os.waitid."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "waitid":
+            raise AttributeError(name)
+        return getattr(os, name)
+
+
+class ChildLifeTest(TestCase):
+    """Children end with the proxy however it ends, and a child that will not end cannot hang it."""
+
+    def test_a_daemon_killed_with_sigkill_takes_its_running_and_waiting_children_along(self) -> None:
+        daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "2", "--default-model", "claude-fable")
+        try:
+            tag = marker()
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+            body = json.dumps({"messages": [user("[[fake:hang]] " + tag)]}).encode()
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            run = FAKE.run_for(tag, field="grandchild")  # silent: it never notices its stdout is gone
+            warm = warm_for("fable")
+            daemon.process.kill()
+            daemon.process.wait()
+            for pid in (run["pid"], run["grandchild"], warm["pid"]):
+                self.assertTrue(pid_gone(pid), "pid %d outlived the killed proxy" % pid)
+            sock.close()
+        finally:
+            daemon.close()
+
+    def test_a_child_that_does_not_die_is_logged_and_left_behind_without_a_hang(self) -> None:
+        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "60"), tuple(os.environ.items()), ()))
+        self.addCleanup(process.popen.wait)
+        self.addCleanup(os.kill, process.pid, signal.SIGKILL)
+        closer = threading.Thread(target=process.close)
+        with mock.patch.object(proxy.os, "killpg"), mock.patch.object(process, "KILL_WAIT", 0.2), \
+                self.expect_error_log(r"claude pid %d did not exit" % process.pid):
+            closer.start()
+            closer.join(30)  # not a timing: without the bound close() never returns
+            self.assertFalse(closer.is_alive(), "close() hangs on a child that does not die")
+        self.assertIsNone(process.popen.returncode)
+        self.assertFalse(os.path.exists(process.workdir))
+
+    def test_without_os_waitid_the_child_is_watched_by_poll(self) -> None:
+        # The branch macOS takes (os.waitid arrived there in Python 3.13); poll() reaps.
+        reader = proxy.Launch((sys.executable, "-c", "import sys; sys.stdin.read()"),
+                              tuple(os.environ.items()), ())
+        with mock.patch.object(proxy, "os", WithoutWaitid()):
+            process = proxy.ClaudeProcess(reader)
+            self.assertTrue(process.alive())
+            process.popen.stdin.close()  # it reads to the end and exits 0
+            self.assertTrue(wait_until(lambda: not process.alive()))
+            self.assertEqual(process.popen.returncode, 0, "poll() reaped it")
+            self.assertEqual(process.close(), 0)
+        self.assertFalse(os.path.exists(process.workdir))
+
+
+class SecretsTest(TestCase):
+    """The proxy's API key stays out of `ps` and of the children; its log is the owner's alone."""
+
+    def test_the_proxys_own_key_never_reaches_the_cli(self) -> None:
+        base = {"CLAUDE_PROXY_API_KEY": "proxy-key", "HOME": "/h"}
+        self.assertNotIn("CLAUDE_PROXY_API_KEY", proxy.cli_env(config(allow_api_key=True), base=base))
+        running_server = RunningServer()
+        try:
+            tag = marker()
+            with mock.patch.dict(os.environ, {"CLAUDE_PROXY_API_KEY": "proxy-key"}):
+                self.assertEqual(post_chat(running_server.port, {"messages": [user(tag)]}).status, 200)
+            self.assertNotIn("CLAUDE_PROXY_API_KEY", FAKE.run_for(tag)["env"])
+        finally:
+            running_server.stop()
+
+    def test_the_key_is_read_from_the_api_key_file(self) -> None:
+        folder = tempfile.mkdtemp(prefix="proxy-key-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        key_path = os.path.join(folder, "api-key")
+        with open(key_path, "w") as f:
+            f.write("s3cret-from-file\n")
+        daemon = Daemon("--claude-bin", FAKE.path, "--pool-size", "0", "--api-key-file", key_path)
+        try:
+            self.assertEqual(http_request(daemon.port, "GET", "/v1/models").status, 401)
+            self.assertEqual(http_request(daemon.port, "GET", "/v1/models",
+                                          headers={"Authorization": "Bearer s3cret-from-file"}).status, 200)
+        finally:
+            daemon.close()
+        for settings, problem in (({"api_key": "k"}, "not both"), ({}, "holds no key")):
+            with open(key_path, "w") as f:
+                f.write("\n")
+            with self.assertRaisesRegex(ValueError, problem):
+                proxy.load_api_key_file(config(api_key_file=key_path, **settings))
+
+    def test_log_files_are_owner_only_from_the_start_and_after_rotation(self) -> None:
+        folder = tempfile.mkdtemp(prefix="proxy-logs-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        self.addCleanup(os.umask, os.umask(0o022))  # the usual umask: new files readable by all
+        path = os.path.join(folder, "proxy.log")
+        with open(path, "w") as f:
+            f.write("left by an older version\n")
+        os.chmod(path, 0o644)
+        handler = proxy.log_handler(path, max_bytes=2048)
+        logger = logging.getLogger("private-log-test")
+        logger.propagate = False
+        logger.addHandler(handler)
+        try:
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+            for number in range(100):
+                logger.warning("line %03d %s", number, "x" * 80)
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
+        names = sorted(os.listdir(folder))
+        self.assertEqual(names, ["proxy.log", "proxy.log.1", "proxy.log.2", "proxy.log.3"])
+        for name in names:
+            self.assertEqual(os.stat(os.path.join(folder, name)).st_mode & 0o777, 0o600, name)
+
+
+class NativeSupportTest(TestCase):
+    """A `claude` too old for the control protocol is found out at start and named, not run blind."""
+
+    def test_a_cli_without_the_control_protocol_is_a_503_with_the_upgrade_to_make(self) -> None:
+        old = os.path.join(tempfile.mkdtemp(prefix="old-claude-"), "claude")
+        self.addCleanup(shutil.rmtree, os.path.dirname(old), True)
+        with open(old, "w") as f:
+            f.write("#!/bin/sh\n[ \"$1\" = --version ] && echo '1.0.0 (Claude Code)'\nexit 0\n")
+        os.chmod(old, 0o755)
+        with self.assertLogs("claude_max_proxy", "WARNING") as logs:  # the probe starts with the server
+            running_server = RunningServer(claude_bin=old)
+            self.addCleanup(running_server.stop)
+            self.assertTrue(wait_until(lambda: running_server.server.core.health()["claude"]["native"] is False))
+        self.assertIn("cannot take a conversation natively", "\n".join(logs.output))
+        response = post_chat(running_server.port, {"messages": [user("hi")]})
+        self.assertEqual(response.status, 503, response.body)
+        self.assertEqual(response.json()["error"]["code"], "claude_unsupported")
+        self.assertIn("npm install -g @anthropic-ai/claude-code@latest", response.json()["error"]["message"])
+        check = proxy.check_claude(proxy.System(), proxy.Config(claude_bin=old))
+        self.assertEqual(check.level, "FAIL")
+        self.assertIn("control protocol", check.message)
+
+    def test_the_fake_passes_the_probe(self) -> None:
+        self.assertEqual(proxy.Probes().probe(FAKE.path).result, proxy.ProbeResult(None, logged_in=True))
+
+
+class SessionTranscriptTest(TestCase):
+    """A resumed conversation's transcript is private, lives only as long as its process, and a
+    crashed proxy's are swept."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.config_dir = tempfile.mkdtemp(prefix="claude-config-")
+        self.addCleanup(shutil.rmtree, self.config_dir, True)
+
+    def test_the_transcript_is_written_owner_only_where_the_cli_looks_and_removed_with_the_process(self) -> None:
+        env = dict(os.environ, CLAUDE_CONFIG_DIR=self.config_dir)
+        session = ("5e55f00d-0000-4000-8000-000000000001", proxy.session_transcript([user("hi")]))
+        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "30"), tuple(env.items()), session))
+        path = process.session_path
+        project = os.path.dirname(path)
+        self.assertEqual(os.path.dirname(project), os.path.join(self.config_dir, "projects"))
+        self.assertEqual(os.path.basename(project),
+                         re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(process.workdir)))
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(project).st_mode & 0o777, 0o700)
+        with open(path) as f:
+            self.assertEqual(f.read(), session[1])
+        process.close()
+        self.assertFalse(os.path.exists(project))
+        self.assertFalse(os.path.exists(process.workdir))
+
+    def test_transcripts_of_a_dead_proxy_are_swept_and_those_of_live_ones_kept(self) -> None:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        root = tempfile.mkdtemp(prefix="sweep-root-")
+        self.addCleanup(shutil.rmtree, root, True)
+        projects = os.path.join(self.config_dir, "projects")
+        left = os.path.join(projects, "-private-tmp-claude-proxy-%d-ab-cd" % dead.pid)
+        kept = os.path.join(projects, "-private-tmp-claude-proxy-%d-ef" % os.getpid())
+        mine = os.path.join(projects, "-Users-me-src-app")  # the user's own projects are never touched
+        for path in (left, kept, mine):
+            os.makedirs(path)
+        self.assertEqual(proxy.remove_abandoned_workdirs(root, projects), 1)
+        self.assertFalse(os.path.exists(left))
+        self.assertTrue(os.path.exists(kept) and os.path.exists(mine))
+
+
+# ---------------------------------------------------------------------------
+# Runtime: the warm pool and the conversations it keeps
+# ---------------------------------------------------------------------------
+
+class PoolFaultTest(TestCase):
+    """A fault in the warm pool's thread is logged (once, however often it recurs), and the pool
+    goes on pre-starting."""
+
+    def test_the_pool_recovers_from_a_fault_of_its_own(self) -> None:
+        fault = RuntimeError("pool fault " + marker())
+        real = proxy.start_claude
+        failed = []
+
+        def failing_twice_in_the_pool(launch: proxy.Launch, lifeline: Any = None) -> proxy.ClaudeProcess:
+            if threading.current_thread().name == "warm-pool" and len(failed) < 2:
+                failed.append(launch)
+                raise fault
+            return real(launch, lifeline)
+        with mock.patch.object(proxy, "RETRY_PAUSES", (0.2, 0.4)), \
+                mock.patch.object(proxy, "start_claude", failing_twice_in_the_pool):
+            running = RunningServer(pool_size=1)
+            self.addCleanup(running.stop)
+            self.assertTrue(wait_until(lambda: running.server.core.runner.pool.stats()["size"] == 1),
+                            "nothing was pre-started after the fault")
+        self.assertEqual(len(failed), 2)
+        logged = ERRORS.take(re.escape(str(fault)))
+        self.assertEqual(len(logged), 1, "the same fault is logged once: %s" % logged)
+        self.assertIn("the warm pool failed", logged[0])
+
+
+def system(text: str) -> Dict[str, Any]:
+    return {"role": "system", "content": text}
+
+
+def probe_run(run: Dict[str, Any]) -> bool:
+    """Whether a fake claude run was a server's probe (see proxy.probe_native), not a turn's."""
+    return (run.get("initialize") or {}).get("systemPrompt") == "probe"
+
+
+def alive_runs(since: float) -> List[Dict[str, Any]]:
+    """Fake claude processes started since then that have not exited, waiting or not."""
+    return [run for run in FAKE.runs() if run["spawned"] >= since and not exited(run["pid"])]
+
+
+# A test's own server gets a default model the class server never uses, so the
+# processes it starts are told apart from the class server's by their --model.
+OWN_MODEL = "haiku"
+
+
+def own_server(**settings: Any) -> RunningServer:
+    return RunningServer(default_model="claude-haiku-4", **settings)
+
+
+class StandIn:
+    """A waiting process, as the pool sees one: alive until closed."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.popen = type("Popen", (), {"args": ["/nonexistent/claude"]})()
+
+    def alive(self) -> bool:
+        return not self.closed
+
+    def close(self, grace: float = 0.0) -> None:
+        self.closed = True
+
+
+class PoolPoliciesTest(TestCase):
+    """The pool's two policies, in memory: what gives way when a conversation is kept, and when a
+    process is pre-started for a turn's launch."""
+
+    def pool(self, size: int) -> "proxy.WarmPool":
+        pool = proxy.WarmPool(size, 300.0)
+        self.addCleanup(pool.close)
+        return pool
+
+    def waiting(self, pool: "proxy.WarmPool", key: Any, used: float) -> StandIn:
+        process = StandIn()
+        with pool._changed:
+            pool._idle.append(proxy.Warm(key, process, None))
+            pool._last_used[key] = used
+        return process
+
+    @staticmethod
+    def launch(name: str) -> "proxy.Launch":
+        return proxy.Launch(("claude", name), ())
+
+    def test_a_new_conversation_past_its_share_takes_the_oldest_kept_ones_place_never_a_pre_started_one(self) -> None:
+        pool = self.pool(3)
+        now = time.monotonic()
+        started = self.waiting(pool, self.launch("a"), now - 100)  # used longest ago of all
+        oldest = self.waiting(pool, "conversation:1", now - 50)
+        newer = self.waiting(pool, "conversation:2", now - 10)
+        self.assertTrue(pool.keep("conversation:3", StandIn(), proxy.Session([])))
+        self.assertEqual((started.closed, oldest.closed, newer.closed), (False, True, False))
+        self.assertEqual(pool.stats()["conversations"], 2)
+
+    def test_a_kept_conversation_within_its_share_takes_a_pre_started_place_in_a_full_pool(self) -> None:
+        pool = self.pool(3)
+        now = time.monotonic()
+        first = self.waiting(pool, self.launch("a"), now - 20)
+        second = self.waiting(pool, self.launch("b"), now - 30)
+        kept = self.waiting(pool, "conversation:1", now - 90)
+        self.assertTrue(pool.keep("conversation:2", StandIn(), proxy.Session([])))
+        self.assertEqual((first.closed, second.closed, kept.closed), (False, True, False),
+                         "the least recently used pre-started process gives way")
+
+    def test_at_size_one_a_kept_conversation_takes_the_pre_started_place(self) -> None:
+        pool = self.pool(1)
+        started = self.waiting(pool, self.launch("a"), time.monotonic())
+        self.assertTrue(pool.keep("conversation:1", StandIn(), proxy.Session([])))
+        self.assertTrue(started.closed)
+
+    def test_a_pre_started_process_never_takes_a_kept_conversations_place(self) -> None:
+        pool = self.pool(2)
+        now = time.monotonic()
+        kept = self.waiting(pool, "conversation:1", now - 100)
+        older = self.waiting(pool, self.launch("a"), now - 50)
+        doomed: List[Any] = []
+        with pool._changed:
+            pool._last_used[self.launch("b")] = now
+            self.assertTrue(pool._room_for_started(self.launch("b"), doomed))
+        self.assertEqual([warm.process for warm in doomed], [older])
+        with pool._changed:
+            pool._idle.append(proxy.Warm(self.launch("b"), StandIn(), None))
+            pool._last_used[self.launch("c")] = now - 1  # used less lately than b, more than the kept one
+            self.assertFalse(pool._room_for_started(self.launch("c"), doomed), "nothing used less lately")
+            pool._idle = [warm for warm in pool._idle if warm.key == "conversation:1"]
+            pool._idle.append(proxy.Warm("conversation:2", StandIn(), None))
+            self.assertFalse(pool._room_for_started(self.launch("c"), doomed), "only kept ones wait")
+        self.assertFalse(kept.closed)
+
+
+class WarmPoolTest(ProxyTest):
+    """Processes started ahead of time; the fake records when each was started and when it was asked.
+
+    A pre-started process is keyed by model and thinking only: the rest of a turn comes on stdin."""
+
+    settings = dict(ProxyTest.settings, pool_size=2, pool_ttl=300.0)
+
+    def pool(self, running_server: Optional[RunningServer] = None) -> Dict[str, int]:
+        return (running_server or self.running).server.core.health()["pool"]
+
+    def test_a_pre_started_process_serves_a_turn_with_any_system_prompt(self) -> None:
+        self.assertEqual(self.chat(system("You are pool test " + marker()), user("first")).status, 200)
+        warm = warm_for(pooled_by=self.running)
+        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []),
+                        "a waiting process must not count as a running request")
+        self.assertEqual(argv_value(warm["argv"], "--system-prompt"), "")
+        before = self.pool()
+        asked_at = time.time()
+        tag, prompt = marker(), "You are another pool test " + marker()
+        response = self.chat(system(prompt), user("second " + tag))
+        self.assertEqual(response.status, 200, response.body)
+        self.assertIn("Hello from fake", response.json()["choices"][0]["message"]["content"])
+        run = FAKE.run_for(tag, field="requests")
+        self.assertEqual(run["pid"], warm["pid"])
+        self.assertLess(run["spawned"], asked_at)
+        self.assertGreaterEqual(run["received"], asked_at)
+        self.assertEqual(run["initialize"]["systemPrompt"], prompt)
+        self.assertEqual(run["requests"][0]["system"], prompt)
+        self.assertEqual(self.pool()["hits"], before["hits"] + 1)
+        self.assertEqual(self.pool()["misses"], before["misses"])
+        self.assertTrue(run["cwd"].startswith(tempfile.gettempdir()))
+        self.assertNotEqual(warm_for()["pid"], run["pid"], "a replacement, never a reuse")
+
+    def test_different_models_or_thinking_do_not_share_processes(self) -> None:
+        running_server = own_server(pool_size=6)  # room for all: nothing is evicted
+        try:
+            warm = warm_for(OWN_MODEL, pooled_by=running_server)
+            other_model, no_thinking = marker(), marker()
+            post_chat(running_server.port, {"messages": [user(other_model)], "model": "claude-opus-4"})
+            post_chat(running_server.port, {"messages": [user(no_thinking)], "reasoning_effort": "none"})
+            self.assertFalse(exited(warm["pid"]))
+            self.assertNotIn("stdin", [run for run in FAKE.runs() if run["pid"] == warm["pid"]][0],
+                             "another model or thinking setting must not take this process")
+            for tag, wanted_model, thinking in ((other_model, "opus", True), (no_thinking, OWN_MODEL, False)):
+                run = FAKE.run_for(tag)
+                self.assertNotEqual(run["pid"], warm["pid"])
+                self.assertEqual(argv_value(run["argv"], "--model"), wanted_model)
+                self.assertEqual(thinks(run), thinking)
+            self.assertEqual(self.pool(running_server)["hits"], 0)
+        finally:
+            running_server.stop()
+
+    def test_a_warm_process_that_died_is_skipped_and_the_request_starts_cold(self) -> None:
+        self.chat(user("first"))
+        warm = warm_for(pooled_by=self.running)
+        os.kill(warm["pid"], signal.SIGKILL)
+        self.assertTrue(wait_until(lambda: exit_finished(warm["pid"])))
+        before = self.pool()
+        asked_at = time.time()
+        tag = marker()
+        response = self.chat(user(tag))
+        self.assertEqual(response.status, 200, response.body)
+        run = FAKE.run_for(tag)
+        self.assertNotEqual(run["pid"], warm["pid"])
+        self.assertGreaterEqual(run["spawned"], asked_at)
+        self.assertEqual(self.pool()["misses"], before["misses"] + 1)
+        self.assertTrue(pid_gone(warm["pid"]), "the dead process must be reaped, not left a zombie")
+
+    def test_health_reports_the_pool(self) -> None:
+        pool = self.request("GET", "/health").json()["pool"]
+        self.assertEqual(set(pool), {"size", "max", "hits", "misses", "conversations", "continued"})
+        self.assertEqual(pool["max"], 2)
+        self.assertLessEqual(pool["size"], 2)
+        self.assertLessEqual(pool["conversations"], pool["size"])
+
+    def test_the_default_model_is_warmed_at_start(self) -> None:
+        running_server = own_server(pool_size=1)
+        try:
+            warm = warm_for(OWN_MODEL, pooled_by=running_server)
+            tag = marker()
+            self.assertEqual(post_chat(running_server.port, {"messages": [user(tag)]}).status, 200)
+            self.assertEqual(FAKE.run_for(tag)["pid"], warm["pid"])
+            self.assertEqual(self.pool(running_server)["hits"], 1)
+        finally:
+            running_server.stop()
+
+    def test_the_pool_never_holds_more_than_its_size_kept_conversations_included(self) -> None:
+        started = time.time()
+        running_server = own_server(pool_size=2)
+        try:
+            tags = []
+            for model, effort in (("claude-haiku-4", None), ("claude-opus-4", None), ("claude-haiku-4", "none"),
+                                  ("claude-opus-4", "none")):
+                tags.append(marker())
+                cue = tool_turn_script("pool-bound")  # each conversation waits on its tool call
+                body = {"model": model, "messages": [user(cue + " " + tags[-1])], "tools": [WEATHER_TOOL]}
+                if effort:
+                    body["reasoning_effort"] = effort
+                self.assertEqual(post_chat(running_server.port, body).json()["choices"][0]["finish_reason"],
+                                 "tool_calls")
+                self.assertTrue(wait_until(lambda: running_server.server.core.runner.active_children() == []))
+                self.assertLessEqual(self.pool(running_server)["size"], 2)
+                self.assertTrue(wait_until(lambda: len(alive_runs(started)) <= 2),
+                                [run["pid"] for run in alive_runs(started)])
+            # The least recently used gave way: the newest conversation is still kept.
+            last = FAKE.run_for(tags[-1])
+            self.assertFalse(exited(last["pid"]))
+            for tag in tags[:2]:
+                self.assertTrue(pid_gone(FAKE.run_for(tag)["pid"]))
+        finally:
+            running_server.stop()
+
+    def test_an_idle_warm_process_and_a_kept_conversation_are_retired_after_the_ttl(self) -> None:
+        started = time.time()
+        running_server = own_server(pool_size=2, pool_ttl=1.5)
+        try:
+            warm_for(OWN_MODEL, pooled_by=running_server)  # the request takes it
+            tag = marker()
+            body = {"messages": [user(tool_turn_script("ttl-call") + " " + tag)], "tools": [WEATHER_TOOL]}
+            self.assertEqual(post_chat(running_server.port, body).json()["choices"][0]["finish_reason"],
+                             "tool_calls")
+            kept = FAKE.run_for(tag, field="tool_calls")
+            self.assertEqual(self.pool(running_server)["conversations"], 1, "kept before the answer went out")
+            warm = warm_for(OWN_MODEL)
+            self.assertTrue(pid_gone(kept["pid"]), "a conversation nobody continued outlived --pool-ttl")
+            self.assertTrue(pid_gone(warm["pid"]), "an idle process outlived --pool-ttl")
+            self.assertTrue(wait_until(lambda: self.pool(running_server)["size"] == 0))
+            self.assertNotIn("answered", FAKE.run_for(tag), "its tool call was never answered")
+            time.sleep(3.0)  # two more TTLs: an unused key must not be warmed again
+            self.assertEqual(waiting_runs(OWN_MODEL), [])
+            self.assertEqual(len([run for run in FAKE.runs() if run["spawned"] >= started and not probe_run(run)
+                                  and argv_value(run["argv"], "--model") == OWN_MODEL]), 2,
+                             "only the request's own process and the one replacement")
+        finally:
+            running_server.stop()
+
+    def test_the_idle_timeout_counts_from_the_request_not_from_the_spawn(self) -> None:
+        running_server = own_server(pool_size=1, idle_timeout=1.0)
+        try:
+            warm = warm_for(OWN_MODEL, pooled_by=running_server)
+            time.sleep(2.0)  # twice the idle timeout, spent waiting on stdin
+            tag = marker()
+            response = post_chat(running_server.port, {"messages": [system("x"), user(tag)]})
+            self.assertEqual(response.status, 200, response.body)
+            self.assertEqual(FAKE.run_for(tag)["pid"], warm["pid"])
+        finally:
+            running_server.stop()
+
+    def test_a_warm_process_of_a_replaced_claude_is_not_handed_out(self) -> None:
+        folder = tempfile.mkdtemp(prefix="claude-upgrade-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        claude = os.path.join(folder, "claude")
+        os.symlink(os.path.join(FAKE.dir, "recorded.json"), os.path.join(folder, "recorded.json"))
+        shutil.copy(FAKE.path, claude)
+        running_server = own_server(pool_size=1, claude_bin=claude)
+        try:
+            warm = warm_for(OWN_MODEL, pooled_by=running_server)
+            shutil.copy(FAKE.path, claude + ".new")  # an upgrade writes a new file in its place
+            os.replace(claude + ".new", claude)
+            tag = marker()
+            self.assertEqual(post_chat(running_server.port, {"messages": [user(tag)]}).status, 200)
+            self.assertNotEqual(FAKE.run_for(tag)["pid"], warm["pid"], "the old binary answered")
+            self.assertTrue(pid_gone(warm["pid"]))
+            self.assertEqual((self.pool(running_server)["hits"], self.pool(running_server)["misses"]), (0, 1))
+        finally:
+            running_server.stop()
+
+    def test_no_waiting_or_kept_process_outlives_the_server(self) -> None:
+        running_server = own_server(pool_size=2)
+        tag = marker()
+        body = {"messages": [user(tool_turn_script("outlive-call") + " " + tag)], "tools": [WEATHER_TOOL]}
+        self.assertEqual(post_chat(running_server.port, body).status, 200)
+        kept = FAKE.run_for(tag, field="tool_calls")
+        warm = warm_for(OWN_MODEL, pooled_by=running_server)
+        self.assertTrue(wait_until(lambda: in_pool(running_server, kept["pid"])))
+        running_server.stop()
+        for pid in (kept["pid"], warm["pid"]):
+            self.assertTrue(pid_gone(pid))
+        self.assertFalse(os.path.exists(kept["cwd"]))
+        self.assertEqual(running_server.server.core.health()["pool"]["size"], 0)
+
+
+class ConversationTest(ProxyTest):
+    """A conversation's process is kept between its turns and continues it; anything else resumes."""
+
+    settings = dict(ProxyTest.settings, pool_size=4, pool_ttl=300.0)
+    TOOLS = [WEATHER_TOOL, TIME_TOOL]
+
+    def continued(self) -> int:
+        return self.running.server.core.health()["pool"]["continued"]
+
+    def assertExtends(self, later: Dict[str, Any], earlier: Dict[str, Any]) -> None:
+        """The later upstream request is the earlier one plus new messages, byte for byte."""
+        count = len(earlier["messages"])
+        self.assertGreater(len(later["messages"]), count)
+        self.assertEqual([json.dumps(m) for m in later["messages"][:count]],
+                         [json.dumps(m) for m in earlier["messages"]])
+        self.assertEqual(json.dumps([later["system"], later["tools"]]), json.dumps([earlier["system"], earlier["tools"]]))
+
+    def agent_loop(self, stream: bool) -> None:
+        tag = marker()
+        cue = tool_turn_script("loop-weather", text_before="Let me check. ", after_calls=["It is sunny ", "in Paris."])
+        before = self.continued()
+        messages = [user("Weather in Paris? %s %s" % (cue, tag))]
+        content, calls, finish = answer_of(self.chat(*messages, tools=self.TOOLS, stream=stream), stream)
+        self.assertEqual((content, finish), ("Let me check. ", "tool_calls"))
+        run = FAKE.run_for(tag, field="tool_calls")
+        self.assertEqual([c["id"] for c in calls], [run["tool_calls"][0]["tool_use_id"]], "Claude's own ids")
+        self.assertEqual(json.loads(calls[0]["function"]["arguments"]), {"city": "Paris"})
+        self.assertNotIn("answer", run["tool_calls"][0], "the call waits for the client's result")
+
+        messages += [assistant(content, calls), tool_message(calls[0], "sunny, 21 C")]
+        content, calls2, finish = answer_of(self.chat(*messages, tools=self.TOOLS, stream=stream), stream)
+        self.assertEqual((content, calls2, finish), ("It is sunny in Paris.", [], "stop"))
+        second = run_of(run["pid"], 2)
+        self.assertEqual(second["tool_calls"][0]["answer"]["response"]["mcp_response"]["result"],
+                         {"content": [{"type": "text", "text": "sunny, 21 C"}]})
+        self.assertExtends(second["requests"][1], second["requests"][0])
+
+        # OpenClaw's shape: the prompt, then a block of context, as two user messages.
+        third_cue = FAKE.script("loop-tomorrow", text=["Tomorrow ", "too."])
+        messages += [assistant(content), user("And tomorrow? " + third_cue), user("<context>Paris</context>")]
+        content, _, finish = answer_of(self.chat(*messages, tools=self.TOOLS, stream=stream), stream)
+        self.assertEqual((content, finish), ("Tomorrow too.", "stop"))
+        third = run_of(run["pid"], 3)
+        self.assertExtends(third["requests"][2], third["requests"][1])
+        self.assertEqual(len(third["messages"]), 2, "one stdin user line for the two user messages")
+        self.assertEqual([b["text"] for b in third["messages"][1]["message"]["content"]],
+                         ["And tomorrow? " + third_cue, "<context>Paris</context>"])
+        self.assertEqual([r["pid"] for r in FAKE.runs() if tag in r.get("stdin", "")], [run["pid"]],
+                         "one process for the whole conversation")
+        self.assertNotIn("--resume", run["argv"])
+        self.assertEqual(self.continued(), before + 2)
+
+    def test_an_agent_loop_continues_one_process(self) -> None:
+        self.agent_loop(stream=False)
+
+    def test_an_agent_loop_continues_one_process_streaming(self) -> None:
+        self.agent_loop(stream=True)
+
+    def test_parallel_calls_answered_in_one_request_continue_the_process(self) -> None:
+        tag = marker()
+        cue = tool_turn_script("loop-two", calls=[{"name": "get_weather", "arguments": {"city": "Rome"}},
+                                                  {"name": "get_time", "arguments": {"city": "Rome"}}])
+        messages = [user(cue + " " + tag)]
+        content, calls, finish = answer_of(self.chat(*messages, tools=self.TOOLS), False)
+        self.assertEqual((len(calls), finish), (2, "tool_calls"))
+        messages += [assistant(content, calls), tool_message(calls[0], "rain"), tool_message(calls[1], "noon")]
+        content, _, finish = answer_of(self.chat(*messages, tools=self.TOOLS), False)
+        self.assertEqual((content, finish), ("Tool results: rain | noon", "stop"))
+        run = run_of(FAKE.run_for(tag)["pid"], 2)
+        self.assertEqual([b["type"] for b in run["requests"][1]["messages"][-1]["content"]],
+                         ["tool_result", "tool_result"])
+        self.assertExtends(run["requests"][1], run["requests"][0])
+
+    def test_the_process_is_kept_before_the_answer_reaches_the_client(self) -> None:
+        # A client whose tool answers at once must find the process kept, however slow keeping is.
+        pool = self.running.server.core.runner.pool
+        keep = pool.keep
+
+        def slow_keep(key: str, process: "proxy.ClaudeProcess", session: "proxy.Session") -> bool:
+            time.sleep(0.3)
+            return keep(key, process, session)
+        tag = marker()
+        messages = [user(tool_turn_script("loop-quick") + " " + tag)]
+        for stream in (False, True):
+            with mock.patch.object(pool, "keep", slow_keep):
+                content, calls, _ = answer_of(self.chat(*messages, tools=self.TOOLS, stream=stream), stream)
+            run = FAKE.run_for(tag, field="tool_calls")
+            self.assertTrue(in_pool(self.running, run["pid"]))
+            answered = messages + [assistant(content, calls), tool_message(calls[0], "ok")]
+            self.assertEqual(self.chat(*answered, tools=self.TOOLS).status, 200)
+            self.assertEqual(run_of(run["pid"], 2)["pid"], run["pid"])
+            tag = marker()
+            messages = [user(tool_turn_script("loop-quick") + " " + tag)]
+
+    def test_two_trailing_user_messages_are_one_turn(self) -> None:
+        tag = marker()
+        response = self.chat(user("Summarize this. " + tag), user("<context>a long text</context>"))
+        self.assertEqual(response.status, 200, response.body)
+        run = FAKE.run_for(tag, field="requests")
+        self.assertEqual(len(run["messages"]), 1)
+        self.assertEqual(len(run["requests"]), 1)
+        self.assertEqual([b["text"] for b in run["requests"][0]["messages"][0]["content"]],
+                         ["Summarize this. " + tag, "<context>a long text</context>"])
+        self.assertNotIn("only the last", run["requests"][0]["system"])
+
+    def first_turn(self, **fields: Any) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+        tag = marker()
+        messages = [user("Hello " + tag)]
+        response = self.chat(*messages, **fields)
+        self.assertEqual(response.status, 200, response.body)
+        return messages + [assistant(response.json()["choices"][0]["message"]["content"])], FAKE.run_for(tag)
+
+    def test_a_turn_that_does_not_continue_the_kept_conversation_is_resumed_by_a_new_process(self) -> None:
+        variants = {"unchanged": ({}, {}), "edited history": ({}, {"edit": True}),
+                    "other tools": ({"tools": [WEATHER_TOOL]}, {"tools": [WEATHER_TOOL, TIME_TOOL]}),
+                    "other model": ({}, {"model": "claude-opus-4"}),
+                    "other max_tokens": ({"max_tokens": 100}, {"max_tokens": 200})}
+        for name, (first_fields, second_fields) in variants.items():
+            with self.subTest(name):
+                messages, first = self.first_turn(**first_fields)
+                second_fields = dict(first_fields, **second_fields)
+                if second_fields.pop("edit", False):
+                    messages[-1] = assistant("An answer the client made up.")
+                tag = marker()
+                response = self.chat(*messages, user("Next " + tag), **second_fields)
+                self.assertEqual(response.status, 200, response.body)
+                run = FAKE.run_for(tag, field="requests")
+                if name == "unchanged":
+                    self.assertEqual(run["pid"], first["pid"])
+                    continue
+                self.assertNotEqual(run["pid"], first["pid"])
+                self.assertEqual(run["history"], [
+                    {"role": "user", "content": [{"type": "text", "text": messages[0]["content"]}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": messages[1]["content"]}]}])
+                self.assertEqual(run["session_file_mode"], 0o600)
+                self.assertTrue(run["session_file"].startswith(proxy.claude_config_dir(dict(os.environ))))
+                self.assertEqual(run["messages"][0]["message"]["content"], [{"type": "text", "text": "Next " + tag}])
+
+    def test_a_session_file_is_private_and_removed_with_its_process(self) -> None:
+        running_server = own_server(pool_size=2)
+        try:
+            tag = marker()
+            body = {"messages": [user("earlier"), assistant("said"), user(tag)]}
+            self.assertEqual(post_chat(running_server.port, body).status, 200)
+            run = FAKE.run_for(tag, field="history")
+            self.assertTrue(run["session_file_present"])
+            self.assertEqual(run["session_file_mode"], 0o600)
+            self.assertEqual(os.stat(os.path.dirname(run["session_file"])).st_mode & 0o777, 0o700)
+        finally:
+            running_server.stop()
+        self.assertTrue(pid_gone(run["pid"]))
+        self.assertFalse(os.path.exists(run["session_file"]))
+        self.assertFalse(os.path.exists(os.path.dirname(run["session_file"])))
+
+    def test_a_client_that_leaves_a_continued_turn_leaves_no_process(self) -> None:
+        tag = marker()
+        cue = tool_turn_script("loop-slow", after_calls=["slow "] * 40, delay=0.1)
+        messages = [user(cue + " " + tag)]
+        content, calls, _ = answer_of(self.chat(*messages, tools=self.TOOLS), False)
+        run = FAKE.run_for(tag, field="tool_calls")
+        body = json.dumps({"messages": messages + [assistant(content, calls), tool_message(calls[0], "ok")],
+                           "tools": self.TOOLS, "stream": True}).encode()
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        self.assertIn(b"slow", sock.recv(65536) + sock.recv(65536))
+        sock.close()
+        self.assertTrue(pid_gone(run["pid"]), "the continued process outlived its client")
+        self.assertNotIn("finished", FAKE.run_for(tag))
+        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []))
+        self.assertFalse(in_pool(self.running, run["pid"]))
+
+
+class PoolRoomTest(TestCase):
+    def test_conversations_nobody_continues_never_crowd_out_the_pre_started_process(self) -> None:
+        running_server = RunningServer(pool_size=2)
+        self.addCleanup(running_server.stop)
+
+        def pool() -> Dict[str, int]:
+            return running_server.server.core.health()["pool"]
+
+        for n in range(4):  # four one-off conversations, each kept after its answer
+            self.assertTrue(wait_until(lambda: pool()["size"] - pool()["conversations"] == 1, timeout=10),
+                            "a pre-started process waits again before request %d" % n)
+            response = post_chat(running_server.port, {"messages": [user("one-off %d %s" % (n, marker()))]})
+            self.assertEqual(response.status, 200, response.body)
+            self.assertLessEqual(pool()["conversations"], 1, "kept conversations leave a place free")
+        self.assertEqual(pool()["hits"], 4)
+
+    def test_a_conversation_kept_while_a_process_starts_never_overfills_the_pool(self) -> None:
+        pool = proxy.WarmPool(1, 300.0)
+        self.addCleanup(pool.close)
+        started = threading.Event()
+        go_on = threading.Event()
+        real_start = proxy.start_claude
+        created: List[Any] = []
+
+        def slow_start(launch: Any, lifeline: Any = None) -> Any:
+            started.set()
+            go_on.wait(10)
+            created.append(real_start(launch, lifeline))
+            return created[-1]
+
+        with mock.patch.object(proxy, "start_claude", slow_start):
+            pool.prewarm(proxy.Launch(("sleep", "60"), tuple(os.environ.items())))
+            self.assertTrue(started.wait(10))
+            kept = proxy.ClaudeProcess(proxy.Launch(("sleep", "60"), tuple(os.environ.items())))
+            self.assertTrue(pool.keep("conversation:x", kept, proxy.Session([])))
+            go_on.set()
+            # The start is over once its process waits in the pool or was closed.
+            self.assertTrue(wait_until(lambda: created and (
+                created[0].closed or any(w.process is created[0] for w in pool._idle))))
+        self.assertLessEqual(pool.stats()["size"], 1)
+
+
+# ---------------------------------------------------------------------------
+# Runtime: the core, its stores and the memory it gives back
+# ---------------------------------------------------------------------------
+
+class RecordingSink(proxy.Sink):
+    """A Sink in memory: the frames, keepalives and end of a stream, or the whole answer."""
+
+    def __init__(self) -> None:
+        self.written: List[Any] = []
+        self.ended = False
+        self.answer: Optional[Dict[str, Any]] = None
+
+    @property
+    def started(self) -> bool:
+        return bool(self.written)
+
+    def frames(self, frames: List[Any]) -> None:
+        self.written.extend(frames)
+
+    def keepalive(self, frames: List[Any]) -> None:
+        self.written.extend(frames or [("keepalive", "")])
+
+    def end(self) -> None:
+        self.ended = True
+
+    def whole(self, payload: Dict[str, Any]) -> None:
+        self.answer = payload
+
+
+class CoreTest(TestCase):
+    """The core in memory, under no server: a body in, a door's answer out into a sink, against the
+    fake claude; what outlives the request stays in the core."""
+
+    def setUp(self) -> None:
+        config = proxy.Config(claude_bin=FAKE.path, pool_size=0, default_model="claude-sonnet-4")
+        runner = proxy.Runner(config)
+        runner.open()
+        self.addCleanup(runner.close)
+        self.core = proxy.Core(config, runner)
+
+    def answer(self, door: str, body: Dict[str, Any]) -> Tuple[RecordingSink, "proxy.TurnRecord"]:
+        sink, record = RecordingSink(), proxy.TurnRecord("req_test")
+        self.core.answer(door, lambda: json.dumps(body).encode("utf-8"), sink, record)
+        return sink, record
+
+    def test_a_streamed_turn_writes_the_doors_frames_and_ends_the_stream(self) -> None:
+        sink, record = self.answer("chat", {"model": "claude-opus-4", "stream": True,
+                                            "messages": [user("hello " + marker())]})
+        self.assertTrue(sink.ended)
+        self.assertIsNone(sink.answer)
+        chunks = [payload for _, payload in sink.written]
+        self.assertEqual(chunks[-1], "[DONE]")
+        text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks[:-1]
+                       if chunk["choices"])
+        self.assertEqual(text, "Hello from fake (claude-opus-4-8, 1 msgs) ")
+        self.assertEqual((record.door, record.model, record.start, record.error),
+                         ("chat", "claude-opus-4", "cold", None))
+        self.assertEqual(record.usage["output_tokens"], 7)
+        self.assertIsNotNone(record.first_content)
+        self.assertEqual(self.core.requests_served, 1)
+
+    def test_a_whole_answer_goes_out_at_once_and_a_stored_response_stays_in_the_core(self) -> None:
+        sink, record = self.answer("responses", {"model": "claude-opus-4", "input": "hello " + marker()})
+        self.assertEqual(sink.written, [])
+        self.assertFalse(sink.ended)
+        response = sink.answer
+        self.assertEqual((response["object"], response["status"]), ("response", "completed"))
+        self.assertEqual(self.core.stored_response(response["id"]), response)
+        self.core.delete_response(response["id"])
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.core.stored_response(response["id"])
+        self.assertEqual((caught.exception.status, caught.exception.code), (404, "response_not_found"))
+
+    def test_a_refusal_before_the_stream_is_raised_and_nothing_is_written(self) -> None:
+        for body, status, code in (
+                ({"model": "claude-opus-4", "messages": "hi"}, 400, None),
+                ({"model": "claude-opus-4", "messages": [user("hi")], "n": 2}, 400, None)):
+            sink = RecordingSink()
+            with self.assertRaises(proxy.ProxyError) as caught:
+                self.core.answer("chat", lambda: json.dumps(body).encode("utf-8"), sink, proxy.TurnRecord("r"))
+            self.assertEqual(caught.exception.status, status)
+            self.assertEqual((sink.written, sink.ended, sink.answer), ([], False, None))
+        with self.assertRaises(proxy.ProxyError) as caught:
+            self.core.answer("messages", lambda: b"{not json", RecordingSink(), proxy.TurnRecord("r"))
+        self.assertEqual(caught.exception.code, "invalid_json")
+        self.assertEqual(self.core.runner.active_children(), [])
+
+    def test_tokens_are_counted_without_a_process(self) -> None:
+        body = {"model": "claude-opus-4", "messages": [user("x" * 2500)]}
+        self.assertGreater(self.core.count_tokens(lambda: json.dumps(body).encode("utf-8")), 1000)
+        self.assertEqual(self.core.runner.active_children(), [])
+
+
+class ResponseStoreMemoryTest(TestCase):
+    """The Responses store's cap is on the memory it holds (issue 15: a cap on the JSON text let
+    parsed conversations take nine times as much, and a fresh proxy grew by 500 MB)."""
+
+    @staticmethod
+    def conversation(n: int) -> List[Dict[str, Any]]:
+        """A conversation as a request brings it: freshly parsed, small strings in many dicts."""
+        said = "conversation %03d: a few words, a few words, a few words" % n
+        return json.loads(json.dumps([{"role": ("user", "assistant")[i % 2], "content": [
+            {"type": "text", "text": "turn %d of %s" % (i, said)}]} for i in range(200)]))
+
+    def fill(self, store: "proxy.ResponseStore", entries: int) -> int:
+        """Put `entries` responses, each with its own conversation; the memory it took, in bytes."""
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for n in range(entries):
+                store.put(proxy.StoredResponse({"id": "resp_%d" % n, "object": "response", "output": []},
+                                               ["Rules."], self.conversation(n), ["msg_%d" % n]))
+            gc.collect()
+            return tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+
+    def test_the_bytes_counted_are_the_bytes_held(self) -> None:
+        store = proxy.ResponseStore(count=1000)
+        held = self.fill(store, 20)
+        one = len(json.dumps(self.conversation(0), separators=(",", ":")))
+        self.assertGreaterEqual(store._bytes, 20 * one)
+        self.assertLess(held, store._bytes * 1.1 + 64 * 1024, "held %d bytes, counted %d" % (held, store._bytes))
+        got = store.get("resp_3")
+        self.assertEqual(got.messages, self.conversation(3))
+        got.messages.clear()  # a copy: changing it changes nothing kept
+        self.assertEqual(store.get("resp_3").messages, self.conversation(3))
+        self.assertTrue(store.delete("resp_3"))
+        self.assertIsNone(store.get("resp_3"))
+
+    def test_the_cap_bounds_the_memory_held(self) -> None:
+        sized = proxy.ResponseStore(count=1000)
+        self.fill(sized, 1)
+        store = proxy.ResponseStore(count=1000, size=sized._bytes * 5 + 100)  # room for five
+        held = self.fill(store, 20)
+        self.assertLessEqual(store._bytes, store.size)
+        self.assertLess(held, store.size * 1.1 + 64 * 1024)
+        self.assertEqual([n for n in range(20) if store.get("resp_%d" % n)], [15, 16, 17, 18, 19])
+
+
+# Frees a burst's large blocks with small ones kept between them, and prints how many more freed
+# bytes glibc's malloc holds than before (mallinfo2's fordblks): what the process keeps for nothing.
+MALLOC_BURST = r"""
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+import claude_max_proxy as proxy
+if sys.argv[2] == "returnable":
+    proxy.keep_large_blocks_returnable()
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+if not hasattr(libc, "mallinfo2"):
+    print("no mallinfo2")
+    sys.exit(0)
+libc.mallinfo2.restype = MallInfo2
+before = libc.mallinfo2().fordblks
+body = bytearray(16 << 20)  # a large body, mapped on its own (no free room holds it), then freed
+del body
+blocks, kept = [], []
+for _ in range(64):  # a burst of 1 MiB lines and images, and small things that outlive it
+    blocks.append(bytearray(1 << 20))
+    kept.append(bytearray(1024))
+del blocks
+print(libc.mallinfo2().fordblks - before)
+"""
+
+
+class ReturnedMemoryTest(TestCase):
+    """After a burst of large requests the proxy gives the memory back (issue 15: ten fetched
+    images left it 180 MB above idle, on glibc, whose malloc kept the freed blocks)."""
+
+    def held_after_burst(self, mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", MALLOC_BURST, HERE, mode], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        if out == "no mallinfo2":
+            self.skipTest("not glibc 2.33 or later")
+        return int(out)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "glibc's malloc; macOS's gives large blocks back")
+    def test_large_blocks_freed_after_a_burst_go_back_to_the_system(self) -> None:
+        self.assertLess(self.held_after_burst("returnable"), 4 << 20)
+
+    def test_the_server_sets_it_up_and_elsewhere_it_is_a_no_op(self) -> None:
+        with mock.patch.object(proxy, "keep_large_blocks_returnable") as setup, \
+                mock.patch.object(proxy, "ProxyServer"), mock.patch.object(proxy.signal, "signal"):
+            proxy.serve(proxy.Config())
+        setup.assert_called_once_with()
+        with mock.patch.object(sys, "platform", "darwin"):
+            proxy.keep_large_blocks_returnable()  # nothing to do, nothing raised
+
+
+LOGGED_IN = json.dumps({"loggedIn": True, "authMethod": "claude.ai", "apiProvider": "firstParty"},
+                       indent=2)
+
+
+class FakeSystem(proxy.System):
+    """A temporary home on a chosen platform; launchctl, systemctl and `claude auth
+    status` only answer as told and record what they were asked."""
+
+    SCRIPT = "/opt/claude max/claude_max_proxy.py"  # a space, as in real Mac folder names
+
+    def __init__(self, platform: str, loaded: bool = False, bus: bool = True,
+                 auth: Tuple[int, str] = (0, LOGGED_IN),
+                 environ: Optional[Dict[str, str]] = None, service_pid: Optional[int] = None) -> None:
+        super().__init__(home=tempfile.mkdtemp(prefix="fake-home-"), platform=platform, uid=501,
+                         environ=environ if environ is not None else {"PATH": "/usr/bin:/bin"},
+                         python="/usr/bin/python3", script=self.SCRIPT)
+        self.loaded = loaded
+        self.unloading = 0
+        self.bus = bus
+        self.auth = auth
+        self.auth_env: Optional[Dict[str, str]] = None
+        self.commands: List[List[str]] = []
+        # The service's pid while loaded: by default this process, whose test server answers.
+        self.service_pid = os.getpid() if service_pid is None else service_pid
+
+    def run(self, argv: List[str], env: Optional[Dict[str, str]] = None,
+            timeout: float = 30.0) -> proxy.Ran:
+        self.commands.append(list(argv))
+        if argv[1:3] == ["auth", "status"]:
+            self.auth_env = env
+            return proxy.Ran(self.auth[0], self.auth[1], "")
+        if argv[:2] == ["launchctl", "print"]:
+            if self.unloading:  # launchd lets go of a label a moment after bootout returns
+                self.unloading -= 1
+                return proxy.Ran(0, "state = exiting\n", "")
+            return (proxy.Ran(0, "state = running\n\tpid = %d\n" % self.service_pid, "") if self.loaded
+                    else proxy.Ran(113, "", "Could not find service \"com.claude-max-api\""))
+        if argv[:2] == ["launchctl", "bootout"]:
+            self.loaded, self.unloading = False, 2
+        if argv[:2] == ["launchctl", "bootstrap"]:
+            self.loaded = True
+        if argv[:3] == ["systemctl", "--user", "is-active"]:
+            if not self.bus:
+                return proxy.Ran(1, "", "Failed to connect to bus: No medium found\n")
+            return proxy.Ran(0, "active\n", "") if self.loaded else proxy.Ran(3, "inactive\n", "")
+        if argv[:3] == ["systemctl", "--user", "enable"]:
+            self.loaded = True
+        if argv[:4] == ["systemctl", "--user", "show", "--property"]:
+            return proxy.Ran(0, "%d\n" % (self.service_pid if self.loaded else 0), "")
+        return proxy.Ran(0, "", "")
+
+    def files(self) -> List[str]:
+        found = []
+        for top, _dirs, names in os.walk(self.home):
+            found += [os.path.relpath(os.path.join(top, name), self.home) for name in names]
+        return sorted(found)
+
+    def dirs(self) -> List[str]:
+        return sorted(os.path.relpath(top, self.home) for top, _d, _n in os.walk(self.home))[1:]
+
+
+def run_main(*argv: str, system: proxy.System) -> Tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = proxy.main(list(argv), system=system)
+    return code, out.getvalue()
 
 
 class SubscriptionTest(ProxyTest):
@@ -6809,8 +7724,833 @@ class SubscriptionTest(ProxyTest):
         self.assertRegex(out, r"5-hour session limit: rejected, resets .*EXTRA USAGE IN USE")
 
 
+class ThinkingStoreTest(TestCase):
+    """The thinking a chat or Responses client cannot send back, kept by the calls it came before."""
+
+    def thinking(self, text: str) -> Dict[str, Any]:
+        return {"type": "thinking", "thinking": text, "signature": "sig-" + text}
+
+    def call(self, call_id: str) -> Dict[str, Any]:
+        return {"type": "tool_use", "id": call_id, "name": "get_weather", "input": {"city": call_id}}
+
+    def test_each_run_of_thinking_is_kept_under_the_call_after_it(self) -> None:
+        store = proxy.ThinkingStore()
+        store.put("sonnet", "claude-x", [self.thinking("a"), self.thinking("b"), self.call("x"), text("then"),
+                                         self.thinking("c"), self.call("y"), self.call("z"), self.thinking("after")])
+        self.assertEqual(json.loads(store.get("call:x")), [self.thinking("a"), self.thinking("b")],
+                         "two blocks, two signatures")
+        self.assertEqual(json.loads(store.get("call:y")), [self.thinking("c")])
+        self.assertIsNone(store.get("call:z"), "no thinking came right before it")
+        self.assertEqual([store.get("signature:sig-" + name) for name in ("a", "c", "after", "other")],
+                         ["claude-x", "claude-x", "claude-x", None])
+        self.assertEqual(store.get("runs:sonnet"), "claude-x")
+        store.put("opus", None, [self.thinking("d"), self.call("w")])
+        self.assertEqual([store.get(key) for key in ("call:w", "runs:opus")], [None, None],
+                         "without the model that gave it, the CLI would drop it")
+
+    def test_restore_puts_thinking_back_where_claude_gave_it_and_names_the_model(self) -> None:
+        store = proxy.ThinkingStore()
+        store.put("sonnet", "claude-x", [self.thinking("a"), text("Let me look."), self.call("x")])
+        store.put("sonnet", "claude-y", [self.thinking("b"), self.call("y"), self.thinking("c"), self.call("z")])
+        question = {"role": "user", "content": [text("weather?")]}
+        history = [question,
+                   {"role": "assistant", "content": [text("Let me look."), self.call("x")]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": []}]},
+                   {"role": "assistant", "content": [self.call("y"), self.call("z")]},
+                   {"role": "user", "content": [text("and?")]},
+                   {"role": "assistant", "content": [text("No calls, nothing kept.")]}]
+        sent = copy.deepcopy(history)
+        restored = store.restore(history, True, "sonnet")
+        self.assertEqual(restored[1], {"role": "assistant", "model": "claude-x", "content": [
+            self.thinking("a"), text("Let me look."), self.call("x")]})
+        self.assertEqual(restored[3], {"role": "assistant", "model": "claude-y", "content": [
+            self.thinking("b"), self.call("y"), self.thinking("c"), self.call("z")]})
+        self.assertEqual(restored[5], history[5])
+        self.assertEqual(restored[0::2], sent[0::2], "user messages as they were")
+        self.assertEqual(history, sent, "the client's messages are not changed")
+        self.assertEqual(store.restore(history, False, "sonnet"), history,
+                         "a client that sends thinking back gets nothing added")
+
+    def test_thinking_a_client_sends_back_is_its_own_and_names_the_model_that_gave_it(self) -> None:
+        store = proxy.ThinkingStore()
+        store.put("sonnet", "claude-x", [self.thinking("kept"), self.call("x")])
+        store.put("sonnet", "claude-y", [self.thinking("plain"), text("An answer without calls.")])
+        for insert in (True, False):
+            for message, model in (({"role": "assistant", "content": [self.thinking("kept"), self.call("x")]},
+                                    "claude-x"),
+                                   ({"role": "assistant", "content": [self.thinking("plain"), text("An answer.")]},
+                                    "claude-y")):
+                self.assertEqual(store.restore([message], insert, "opus"), [dict(message, model=model)])
+        redacted = {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "d"}, self.call("x")]}
+        self.assertEqual(store.restore([redacted], True, "sonnet"), [redacted], "nothing signed to name")
+
+    def test_thinking_it_never_saw_is_taken_for_the_model_the_cli_runs_when_that_is_known(self) -> None:
+        store = proxy.ThinkingStore()
+        unseen = {"role": "assistant", "content": [self.thinking("from before a restart"), self.call("x")]}
+        self.assertEqual(store.restore([unseen], False, "sonnet"), [unseen], "an alias: not known yet")
+        self.assertEqual(store.restore([unseen], False, "claude-opus-4-8[1m]"),
+                         [dict(unseen, model="claude-opus-4-8")], "a full id is the model")
+        store.put("sonnet", "claude-sonnet-5", [text("Any answer teaches what the alias runs as.")])
+        self.assertEqual(store.restore([unseen], False, "sonnet"), [dict(unseen, model="claude-sonnet-5")])
+
+    def test_the_store_keeps_the_newest_within_its_bounds(self) -> None:
+        store = proxy.ThinkingStore(count=3)
+        store.put("s", "m", [self.thinking("a"), self.call("a")])  # three entries: --model, signature, run
+        store.put("s", "m", [self.thinking("b"), self.call("b")])
+        self.assertEqual([store.get(key) is not None for key in ("call:a", "signature:sig-a", "call:b")],
+                         [False, False, True])
+        one = len(json.dumps([self.thinking("a")])) + len("sig-a") + 1
+        store = proxy.ThinkingStore(size=2 * one + len("sm"))
+        for call_id in "abc":
+            store.put("s", "m", [self.thinking(call_id), self.call(call_id)])
+        self.assertEqual([store.get("call:" + call_id) is not None for call_id in "abc"], [False, True, True])
+        store.put("s", "m", [self.thinking("long" * one), self.call("d")])  # larger than the whole store
+        self.assertIsNone(store.get("call:d"))
+        self.assertEqual([store.get("call:" + call_id) is not None for call_id in "bc"], [True, True],
+                         "nothing else lost")
+
+    def test_the_transcript_names_the_model_a_message_names(self) -> None:
+        history = [{"role": "user", "content": [text("q")]},
+                   {"role": "assistant", "model": "claude-x", "content": [self.thinking("a"), self.call("x")]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": []}]},
+                   {"role": "assistant", "content": [text("plain")]}]
+        entries = [json.loads(line)["message"] for line in proxy.session_transcript(history).splitlines()]
+        self.assertEqual(entries[1]["model"], "claude-x")
+        self.assertEqual(entries[1]["content"], history[1]["content"])
+        self.assertNotIn("model", entries[3])
+
+    def test_the_bounds_are_stated(self) -> None:
+        store = proxy.ThinkingStore()
+        self.assertEqual((store.count, store.size), (proxy.THINKING_STORE_COUNT, proxy.THINKING_STORE_BYTES))
+
+
 # ---------------------------------------------------------------------------
-# The status page at / and its JSON twin at /status
+# Edge: the HTTP handler and the server: routes, hardening, connections
+# ---------------------------------------------------------------------------
+
+class RouteTableTest(TestCase):
+    """Which route a path names, with /v1 before it or not."""
+
+    def test_paths_find_their_routes_and_arguments(self) -> None:
+        self.assertEqual(proxy.find_route("/chat/completions", page=False), (proxy.ROUTES["/chat/completions"], None))
+        self.assertEqual(proxy.find_route("/models/anthropic/claude-opus-4", page=False),
+                         (proxy.ROUTES["/models/{id}"], "anthropic/claude-opus-4"))
+        self.assertEqual(proxy.find_route("/responses/resp_1", page=False),
+                         (proxy.ROUTES["/responses/{id}"], "resp_1"))
+        self.assertEqual(proxy.find_route("/responses/resp_1/input_items", page=False), (None, None))
+        self.assertEqual(proxy.find_route("/", page=True), (proxy.ROUTES["/"], None))
+        self.assertEqual(proxy.find_route("/", page=False), (None, None), "the page is not at /v1")
+        self.assertEqual(proxy.find_route("/models/", page=False), (None, None))
+        self.assertEqual(proxy.route_path("/v1/models/x?beta=true"), "/models/x")
+
+    def test_every_route_has_its_handler_and_only_turns_read_a_body(self) -> None:
+        for methods in proxy.ROUTES.values():
+            for method, name in methods.items():
+                self.assertTrue(callable(getattr(proxy.ProxyHandler, "_" + name, None)), name)
+                self.assertEqual(name in proxy.BODY_READERS, method == "POST", name)
+
+
+class RoutesTest(ProxyTest):
+    def test_health_reports_the_cli_and_its_version(self) -> None:
+        response = self.request("GET", "/health")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.headers["Server"], "claude-max-proxy/" + proxy.__version__)
+        health = response.json()
+        self.assertEqual(health["status"], "ok")
+        self.assertEqual(health["claude"], {"found": True, "path": FAKE.path,
+                                            "version": "2.1.197 (Claude Code)", "probe": "ok",
+                                            "problem": None, "native": True, "logged_in": True})
+        self.assertEqual(health["problems"], [])
+        self.assertEqual(health["version"], proxy.__version__)
+
+    def test_requests_served_counts_chat_completions_not_probes(self) -> None:
+        before = self.request("GET", "/health").json()["requests_served"]
+        self.request("GET", "/health")
+        self.request("GET", "/v1/models")
+        self.assertEqual(self.say("hi").status, 200)
+        self.assertEqual(self.request("GET", "/health").json()["requests_served"], before + 1)
+
+    def test_models_list_and_one_model(self) -> None:
+        listing = self.request("GET", "/v1/models").json()
+        self.assertEqual(listing["object"], "list")
+        self.assertEqual([m["id"] for m in listing["data"]], [m for m, _ in proxy.MODELS])
+        for model in listing["data"]:
+            self.assertEqual(set(model), {"id", "object", "created", "owned_by"})
+            self.assertEqual(model["object"], "model")
+        one = self.request("GET", "/v1/models/claude-opus-4")
+        self.assertEqual(one.status, 200)
+        self.assertEqual(one.json()["id"], "claude-opus-4")
+        self.assertError(self.request("GET", "/v1/models/gpt-5"), 404, "not_found_error",
+                         "model_not_found")
+
+    def test_unknown_path_is_404_and_wrong_method_405(self) -> None:
+        self.assertError(self.request("GET", "/v1/nothing-here"), 404, "not_found_error")
+        response = self.request("GET", "/v1/chat/completions")
+        self.assertError(response, 405, "invalid_request_error", "method_not_allowed")
+        self.assertEqual(response.headers["Allow"], "POST")
+        head = self.request("HEAD", "/health")
+        self.assertEqual((head.status, head.body), (200, b""))
+        self.assertGreater(int(head.headers["Content-Length"]), 0)
+        self.assertError(self.request("DELETE", "/v1/models"), 405, "invalid_request_error")
+
+    def test_options_without_cors_is_not_allowed(self) -> None:
+        response = self.request("OPTIONS", "/v1/chat/completions")
+        self.assertEqual(response.status, 405)
+        self.assertIsNone(response.headers["Access-Control-Allow-Origin"])
+
+    def test_cors_preflight_and_headers_when_enabled(self) -> None:
+        self.config.cors = "http://localhost:8080"
+        self.config.api_key = "k"
+        preflight = self.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://localhost:8080", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        self.assertEqual(preflight.status, 204)
+        self.assertEqual(preflight.headers["Access-Control-Allow-Origin"], "http://localhost:8080")
+        self.assertIn("POST", preflight.headers["Access-Control-Allow-Methods"])
+        self.assertIn("authorization", preflight.headers["Access-Control-Allow-Headers"])
+        models = self.request("GET", "/v1/models", headers={"Authorization": "Bearer k"})
+        self.assertEqual(models.headers["Access-Control-Allow-Origin"], "http://localhost:8080")
+
+    def test_api_key_is_required_on_v1_when_set(self) -> None:
+        self.config.api_key = "s3cret"
+        self.assertError(self.request("GET", "/v1/models"), 401, "authentication_error",
+                         "invalid_api_key")
+        self.assertError(self.request("GET", "/v1/models", headers={"Authorization": "Bearer nope"}),
+                         401, "authentication_error")
+        self.assertError(self.say("hi"), 401, "authentication_error")
+        ok = self.request("GET", "/v1/models", headers={"Authorization": "Bearer s3cret"})
+        self.assertEqual(ok.status, 200)
+        self.assertEqual(self.request("GET", "/health").status, 200)
+
+    def test_bad_bodies_get_400s_with_param(self) -> None:
+        error = self.assertError(self.request("POST", "/v1/chat/completions", b"{not json"), 400,
+                                 "invalid_request_error", "invalid_json")
+        self.assertIn("JSON", error["message"])
+        self.assertError(self.request("POST", "/v1/chat/completions", [1, 2]), 400,
+                         "invalid_request_error")
+        self.assertError(self.request("POST", "/v1/chat/completions", {"model": "claude-opus-4"}),
+                         400, "invalid_request_error", param="messages")
+        self.assertError(self.say("hi", model="gpt-4o"), 400, "invalid_request_error",
+                         "model_not_found", "model")
+        self.assertError(self.request("POST", "/v1/chat/completions", b"\xff\xfe"), 400,
+                         "invalid_request_error", "invalid_json")
+
+    def test_api_key_also_guards_paths_without_v1(self) -> None:
+        self.config.api_key = "s3cret"
+        for path in ("/chat/completions", "//chat/completions", "/models"):
+            self.assertError(self.request("POST" if "chat" in path else "GET", path,
+                                          {"messages": [user("x")]}), 401, "authentication_error")
+
+    def test_hostile_bodies_are_400s(self) -> None:
+        deep = b"[" * 100000 + b"]" * 100000
+        self.assertError(self.request("POST", "/v1/chat/completions", deep), 400,
+                         "invalid_request_error", "invalid_json")
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        try:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n-1\r\nxx\r\n")
+            self.assertIn(b" 400 ", sock.recv(65536).split(b"\r\n")[0] + b" ")
+        finally:
+            sock.close()
+
+    def test_json_nested_too_deep_to_write_out_again_is_a_400(self) -> None:
+        # Written as text: json.dumps of it here would itself run out of stack under a test
+        # runner (pytest, python -m unittest) deeper than `python3 test_proxy.py`.
+        depth = sys.getrecursionlimit() - 30
+        schema = '{"type": "array", "items": ' * depth + '{"type": "string"}' + "}" * depth
+        body = ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", '
+                '"function": {"name": "deep", "parameters": %s}}]}' % schema).encode()
+        response = self.request("POST", "/v1/chat/completions", body)
+        self.assertError(response, 400, "invalid_request_error", "invalid_json")
+        nested: Any = []
+        for _ in range(proxy.MAX_JSON_DEPTH - 1):
+            nested = {"k": nested}
+        self.assertIsNone(proxy.json_problem(nested))  # exactly the limit
+        self.assertIn("deeper", proxy.json_problem([nested]))
+
+    def test_a_lone_surrogate_escape_is_a_400_not_a_crash(self) -> None:
+        for body in (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}',
+                     b'{"messages": [{"role": "system", "content": "\\udfff"}, '
+                     b'{"role": "user", "content": "hi"}]}',
+                     b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
+                     b'"function": {"name": "f", "parameters": {"\\ud800": {}}}}]}'):
+            error = self.assertError(self.request("POST", "/v1/chat/completions", body), 400,
+                                     "invalid_request_error", "invalid_json")
+            self.assertIn("surrogate", error["message"])
+        emoji = self.say("a pair is fine: \ud83d\ude00")
+        self.assertEqual(emoji.status, 200, emoji.body)
+
+    def test_a_body_on_a_get_does_not_break_keep_alive(self) -> None:
+        conn = self.connect()
+        try:
+            self.assertEqual(self.request("GET", "/v1/models", b'{"x": 1}', conn=conn).status, 200)
+            self.assertEqual(self.request("GET", "/health", b'{"y": 2}', conn=conn).status, 200)
+            self.assertEqual(self.request("POST", "/v1/chat/completions",
+                                          {"messages": [user("hi")]}, conn=conn).status, 200)
+        finally:
+            conn.close()
+
+    def test_body_over_the_limit_is_413(self) -> None:
+        self.config.max_body = 1000
+        self.assertError(self.say("x" * 2000), 413, "invalid_request_error", "request_too_large")
+        self.assertEqual(self.say("small").status, 200)
+
+    def test_chunked_request_bodies_are_read(self) -> None:
+        conn = self.connect()
+        body = json.dumps({"model": "claude-haiku-4", "messages": [user("chunked")]}).encode()
+        conn.putrequest("POST", "/v1/chat/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        for i in range(0, len(body), 10):
+            piece = body[i:i + 10]
+            conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        conn.send(b"0\r\n\r\n")
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200, response.read())
+        conn.close()
+
+    def test_a_body_that_stops_arriving_is_a_408_and_the_connection_closes(self) -> None:
+        saved = proxy.ProxyHandler.timeout
+        proxy.ProxyHandler.timeout = 0.5
+        self.addCleanup(setattr, proxy.ProxyHandler, "timeout", saved)
+        for head, partial in ((b"Content-Length: 100", b'{"messages": '),
+                              (b"Transfer-Encoding: chunked", b'64\r\n{"messages": ')):
+            sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+            try:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n%s\r\n\r\n%s"
+                             % (head, partial))
+                raw = http.client.HTTPResponse(sock)
+                raw.begin()
+                response = Response(raw.status, raw.headers, raw.read())
+                self.assertError(response, 408, "timeout_error", "request_timeout")
+                self.assertEqual(response.headers["Connection"], "close")
+                self.assertEqual(sock.recv(1), b"", "the server must close the connection")
+            finally:
+                sock.close()
+
+    def test_a_client_that_hangs_up_mid_chunk_gets_no_answer(self) -> None:
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        try:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n64\r\n{\"messages\": ")
+            sock.shutdown(socket.SHUT_WR)
+            self.assertEqual(sock.recv(65536), b"", "a gone client is not sent a 400 for its short body")
+        finally:
+            sock.close()
+
+    def test_keep_alive_serves_several_requests_on_one_connection(self) -> None:
+        conn = self.connect()
+        try:
+            for _ in range(3):
+                response = self.request("POST", "/v1/chat/completions",
+                                        {"messages": [user("again")]}, conn=conn)
+                self.assertEqual(response.status, 200)
+            self.assertEqual(self.request("GET", "/v1/models", conn=conn).status, 200)
+        finally:
+            conn.close()
+
+
+def read_until_closed(sock: socket.socket) -> Tuple[bytes, bool]:
+    """What the server sends until it closes (True), or until 3 s of silence (False)."""
+    received = b""
+    sock.settimeout(3)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return received, True
+            received += data
+    except ConnectionResetError:  # a close with our bytes unread arrives as a reset
+        return received, True
+    except socket.timeout:
+        return received, False
+
+
+def raw_exchange(port: int, data: bytes) -> Tuple[bytes, bool]:
+    """Send raw bytes; everything the server answers, and whether it then closed the connection."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(data)
+        return read_until_closed(sock)
+    finally:
+        sock.close()
+
+
+class FakeSocket:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(io.BytesIO(self.data))
+
+
+def parse_raw_response(raw: bytes) -> Response:
+    reader = http.client.HTTPResponse(FakeSocket(raw))
+    reader.begin()
+    return Response(reader.status, reader.headers, reader.read())
+
+
+class HttpHardeningTest(ProxyTest):
+    """The HTTP edge under attack: web pages, floods, slow and broken clients, framing tricks."""
+
+    def assertRefused(self, raw: bytes, status: int, code: str) -> None:
+        """`raw` gets exactly one answer, an OpenAI error with a status line, and a closed connection."""
+        answer, closed = raw_exchange(self.running.port, raw)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 %d " % status), answer[:200])
+        self.assertEqual(answer.count(b"HTTP/1.1 "), 1, "a smuggled second request was answered")
+        self.assertError(parse_raw_response(answer), status,
+                         "server_error" if status >= 500 else "invalid_request_error", code)
+        self.assertTrue(closed, "the connection must close after a framing error")
+
+    # -- 1. web pages ------------------------------------------------------------
+
+    def test_foreign_hosts_and_origins_are_refused_before_any_work(self) -> None:
+        tag = marker()
+        body = {"messages": [user("hi " + tag)]}
+        host = "127.0.0.1:%d" % self.running.port
+        rebinding = self.request("POST", "/v1/chat/completions", body, headers={
+            "Host": "evil.example:%d" % self.running.port, "Content-Type": "text/plain"})
+        self.assertError(rebinding, 403, "permission_error", "host_not_allowed")
+        page = self.request("POST", "/v1/chat/completions", body, headers={
+            "Host": host, "Origin": "http://evil.example", "Content-Type": "text/plain"})
+        self.assertError(page, 403, "permission_error", "origin_not_allowed")
+        self.config.cors = "https://good.example"
+        other = self.request("POST", "/v1/chat/completions", body, headers={
+            "Host": host, "Origin": "https://other.example"})
+        self.assertError(other, 403, "permission_error", "origin_not_allowed")
+        self.assertError(self.request("GET", "/health", headers={"Origin": "https://other.example"}),
+                         403, "permission_error", "origin_not_allowed")
+        self.assertEqual([run for run in FAKE.runs() if tag in run.get("stdin", "")], [])
+        good = self.request("POST", "/v1/chat/completions", body, headers={
+            "Host": host, "Origin": "https://good.example"})
+        self.assertEqual(good.status, 200, good.body)
+        self.config.allow_host = "proxy.lan, other.lan"
+        named = self.request("GET", "/v1/models", headers={"Host": "Proxy.LAN:%d" % self.running.port})
+        self.assertEqual(named.status, 200, named.body)
+
+    def test_hosts_that_name_this_server(self) -> None:
+        settings = config(host="127.0.0.1")
+        for host in ("127.0.0.1:3456", "localhost", "LOCALHOST.:80", "127.0.0.2", "[::1]:3456",
+                     "app.localhost:3456", "192.0.2.7:3456", None):
+            self.assertIsNone(proxy.request_source_error(host, None, settings, "192.0.2.7"), host)
+        for host in ("evil.example:3456", "localhost.evil.example", "127.0.0.1.nip.io", "", "a b",
+                     "[::1", "user@localhost", "192.0.2.8"):
+            error = proxy.request_source_error(host, None, settings, "192.0.2.7")
+            self.assertEqual(error.code if error else None, "host_not_allowed", host)
+        self.assertIsNone(proxy.request_source_error("anything.example", None, config(allow_host="*"),
+                                                     "127.0.0.1"))
+        self.assertIsNone(proxy.request_source_error("localhost", "null", config(cors="*"),
+                                                     "127.0.0.1"))
+        self.assertIsNotNone(proxy.request_source_error("localhost", "null", settings, "127.0.0.1"))
+
+    def test_every_real_client_request_passes_the_host_and_origin_check(self) -> None:
+        conn = self.connect()
+        try:
+            for request in load_client_requests():
+                conn.putrequest("GET", "/v1/models", skip_host=True, skip_accept_encoding=True)
+                for line in request["head"][1:]:
+                    name, value = line.split(":", 1)
+                    if name.lower() == "host":
+                        value = "127.0.0.1:%d" % self.running.port  # as the client would send it
+                    if name.lower() not in ("content-length", "connection"):
+                        conn.putheader(name, value.strip())
+                conn.endheaders()
+                response = conn.getresponse()
+                response.read()
+                self.assertEqual(response.status, 200, (request["client"], request["head"]))
+        finally:
+            conn.close()
+
+    # -- 2. memory before admission ------------------------------------------------
+
+    def test_a_flood_of_tiny_json_values_is_refused_before_it_is_parsed(self) -> None:
+        flood = json.dumps({"messages": [user("hi")], "metadata": [{}] * 300000}).encode()
+        self.assertError(self.request("POST", "/v1/chat/completions", flood), 413,
+                         "invalid_request_error", "too_many_json_values")
+        self.assertEqual(proxy.json_value_count(b'{"a": "[,:{\\"\\\\", "b": [1, {"c": null}]}'), 9)  # keys too
+
+    def test_real_client_bodies_are_far_below_the_json_value_cap(self) -> None:
+        for request in load_client_requests():
+            if request["body"] is not None:
+                count = proxy.json_value_count(json.dumps(request["body"]).encode())
+                self.assertLess(count, proxy.MAX_JSON_VALUES // 100, request["client"])
+
+    def test_a_long_agent_history_with_big_tool_schemas_is_accepted(self) -> None:
+        schema = {"type": "object", "additionalProperties": False, "required": ["p0"], "properties": {
+            "p%d" % i: {"type": "string", "description": "d" * 40, "enum": ["a", "b", "c"]}
+            for i in range(40)}}
+        tools = [{"type": "function", "function": {"name": "tool_%d" % i, "parameters": schema}}
+                 for i in range(100)]
+        messages: List[Dict[str, Any]] = []
+        for i in range(250):
+            call = {"id": "call_%d" % i, "type": "function",
+                    "function": {"name": "tool_1", "arguments": json.dumps({"p0": "a"})}}
+            messages += [user("question %d" % i), {"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "tool_call_id": "call_%d" % i, "content": "result"},
+                         {"role": "assistant", "content": [{"type": "text", "text": "answer"}]}]
+        messages.append(user("and now?"))
+        response = self.chat(*messages, tools=tools)
+        self.assertEqual(response.status, 200, response.body[:300])
+
+    def test_a_body_is_parsed_only_once_it_has_a_slot(self) -> None:
+        running = RunningServer(max_concurrent=1, queue_timeout=0.3)
+        try:
+            tag = marker()
+            cue = FAKE.script("slot-holder", text=["start "] + ["more "] * 60, delay=0.25)
+            holder = open_stream(running.port, cue + " " + tag)
+            # Not JSON at all: a parse before admission would answer 400 at once.
+            waiting = http_request(running.port, "POST", "/v1/chat/completions", b"{not json")
+            self.assertError(waiting, 429, "rate_limit_error", "too_many_requests")
+            holder.close()
+        finally:
+            running.stop()
+
+    # -- 3. connections and files ----------------------------------------------------
+
+    def test_connections_over_the_cap_get_a_503_and_a_close_at_once(self) -> None:
+        running = RunningServer(max_connections=2)
+        idle = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(2)]
+        try:
+            for sock in idle:
+                sock.sendall(b"GET /health HTTP/1.1\r\n")  # a request line: a request not ended yet
+            self.assertTrue(wait_until(lambda: running.server.connections == 2 and not running.server._silent))
+            extra = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+            try:
+                answer, closed = read_until_closed(extra)
+            finally:
+                extra.close()
+            self.assertTrue(closed)
+            response = parse_raw_response(answer)
+            self.assertError(response, 503, "server_error", "too_many_connections")
+            self.assertEqual(response.headers["Connection"], "close")
+            for sock in idle:
+                sock.close()
+            self.assertTrue(wait_until(lambda: running.server.connections == 0))
+            self.assertEqual(http_request(running.port, "GET", "/health").status, 200)
+        finally:
+            for sock in idle:
+                sock.close()
+            running.stop()
+
+    def test_the_cap_stays_below_the_open_file_limit(self) -> None:
+        settings = config(max_connections=256, max_concurrent=8, pool_size=2)
+        self.assertEqual(proxy.connection_cap(settings, None), 256)
+        self.assertEqual(proxy.connection_cap(settings, 100000), 256)
+        capped = proxy.connection_cap(settings, 256)
+        self.assertLess(capped + proxy.FILES_PER_CHILD * 10, 256)
+        self.assertGreaterEqual(proxy.connection_cap(settings, 10), 1)
+
+    def test_the_soft_open_file_limit_is_raised_toward_the_hard_one(self) -> None:
+        import resource
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and hard <= 64:
+            self.skipTest("the hard open-file limit %d leaves nothing to raise (ulimit -Hn)" % hard)
+        code = ("import resource, claude_max_proxy as p\n"
+                "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+                "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+                "p.raise_open_file_limit()\n"
+                "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n")
+        done = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                              timeout=30)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        expected = proxy.OPEN_MAX if hard == resource.RLIM_INFINITY else min(hard, proxy.OPEN_MAX)
+        self.assertEqual(int(done.stdout), expected)
+
+    def test_a_request_sent_a_byte_at_a_time_still_has_one_deadline(self) -> None:
+        saved = proxy.ProxyHandler.timeout
+        proxy.ProxyHandler.timeout = 1.0
+        self.addCleanup(setattr, proxy.ProxyHandler, "timeout", saved)
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=10)
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            # A byte every 0.1 s, each well within the 1 s any one read may wait, for up to 10 s.
+            for _ in range(100):
+                if select.select([sock], [], [], 0.1)[0]:
+                    break
+                sock.sendall(b"a")
+            answer, closed = read_until_closed(sock)
+        finally:
+            sock.close()
+        self.assertTrue(closed)
+        self.assertError(parse_raw_response(answer), 408, "timeout_error", "request_timeout")
+
+    def test_accept_without_free_files_backs_off_and_logs_once(self) -> None:
+        server = proxy.ProxyServer(proxy.Config(host="127.0.0.1", port=0, claude_bin=FAKE.path, pool_size=0))
+        server.accept_backoff = 0.05
+        attempts: List[float] = []
+
+        class OutOfFiles:
+            def accept(self) -> Any:
+                attempts.append(time.monotonic())
+                raise OSError(errno.EMFILE, "Too many open files")
+
+        listening = server.socket
+        logger = logging.getLogger("claude_max_proxy")
+        try:
+            with self.assertLogs(logger, level="WARNING") as logs:
+                server.socket = OutOfFiles()
+                for _ in range(3):
+                    server._handle_request_noblock()  # what serve_forever calls when a connection waits
+                server.socket = listening
+                client = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+                server._handle_request_noblock()
+                client.close()
+        finally:
+            server.socket = listening
+            server.core.close()
+            server.server_close()
+        self.assertEqual(len(attempts), 3)
+        for before, after in zip(attempts, attempts[1:]):
+            self.assertGreaterEqual(after - before, 0.05, "accept must back off, not spin")
+        self.assertEqual([line.split(":", 2)[2] for line in logs.output],
+                         ["cannot accept connections: [Errno %d] Too many open files; retrying every 0.05 s"
+                          % errno.EMFILE, "accepting connections again"])
+
+    # -- 8. framing ---------------------------------------------------------------
+
+    def test_content_length_is_digits_only_and_said_once(self) -> None:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        body = json.dumps({"messages": [user("hi")]}).encode()
+        for lengths in (b"Content-Length: +1_0\r\n", b"Content-Length: 1 0\r\n", b"Content-Length: -1\r\n",
+                        b"Content-Length: 0x10\r\n", b"Content-Length: \xd9\xa1\r\n",
+                        b"Content-Length: %d\r\nContent-Length: 5\r\n" % len(body),
+                        b"Content-Length: 5\r\nContent-Length: 5\r\n",
+                        b"Content-Length : %d\r\n" % len(body)):
+            with self.subTest(lengths):
+                self.assertRefused(head + lengths + b"\r\n" + body, 400, "invalid_header")
+
+    def test_a_second_content_length_cannot_smuggle_a_request(self) -> None:
+        smuggled = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        self.assertRefused(b"GET /health HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(smuggled), smuggled), 400, "invalid_header")
+
+    def test_transfer_encoding_is_exactly_chunked_and_never_with_a_length(self) -> None:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+        chunked = b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        self.assertRefused(head + b"Transfer-Encoding: chunked\r\nContent-Length: 5" + chunked, 400,
+                           "invalid_header")
+        for coding in (b"xchunked", b"chunked, gzip", b"gzip, chunked", b"identity", b"chunked\r\n"
+                       b"Transfer-Encoding: chunked"):
+            with self.subTest(coding):
+                self.assertRefused(head + b"Transfer-Encoding: " + coding + chunked, 501,
+                                   "unsupported_transfer_encoding")
+        self.assertRefused(b"POST /v1/chat/completions HTTP/1.0\r\nHost: localhost\r\n"
+                           b"Transfer-Encoding: chunked" + chunked, 400, "invalid_header")
+
+    def test_chunk_sizes_are_strict_hex_and_each_chunk_ends_with_crlf(self) -> None:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+        for chunks in (b"0x5\r\nhello\r\n0\r\n\r\n", b"+5\r\nhello\r\n0\r\n\r\n", b" 5\r\nhello\r\n0\r\n\r\n",
+                       b"5\nhello\r\n0\r\n\r\n", b"5\r\nhelloXY0\r\n\r\n", b"5\r\nhello\n0\r\n\r\n",
+                       b"1" * 17 + b"\r\n"):
+            with self.subTest(chunks):
+                self.assertRefused(head + chunks, 400, "invalid_body")
+        body = json.dumps({"messages": [user("chunked")]}).encode()
+        chunks = b"%x;name=value\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n" % (len(body), body)
+        closing = head.replace(b"1.1\r\n", b"1.1\r\nConnection: close\r\n")
+        answer, _closed = raw_exchange(self.running.port, closing + chunks)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:300])
+
+    def test_malformed_request_lines_are_answered_with_a_status_line(self) -> None:
+        for line, status, code in ((b"GET /health HTTP/2.0", 505, "http_version_not_supported"),
+                                   (b"GET /health HTTP/0.9", 505, "http_version_not_supported"),
+                                   (b"GET /health", 400, "invalid_request_line"),
+                                   (b"GET  /health HTTP/1.1", 400, "invalid_request_line"),
+                                   (b"GET /health HTTP/1.1 extra", 400, "invalid_request_line"),
+                                   (b"GET /he\x01lth HTTP/1.1", 400, "invalid_request_line"),
+                                   (b"\x16\x03\x01\x02\x00\x01", 400, "invalid_request_line"),
+                                   (b"GET /" + b"a" * 70000 + b" HTTP/1.1", 414, "request_line_too_long")):
+            with self.subTest(line[:40]):
+                self.assertRefused(line + b"\r\nHost: localhost\r\n\r\n", status, code)
+        for header in (b"No colon here", b" folded: value"):
+            with self.subTest(header):
+                self.assertRefused(b"GET /health HTTP/1.1\r\nHost: localhost\r\n%s\r\n\r\n" % header, 400,
+                                   "invalid_header")
+
+    # -- 9. Nagle ------------------------------------------------------------------
+
+    def test_accepted_connections_send_without_nagle_delay(self) -> None:
+        seen: List[int] = []
+        original = proxy.ProxyHandler.setup
+
+        def setup(handler: proxy.ProxyHandler) -> None:
+            original(handler)
+            seen.append(handler.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        proxy.ProxyHandler.setup = setup  # type: ignore[method-assign]
+        self.addCleanup(setattr, proxy.ProxyHandler, "setup", original)
+        self.assertEqual(self.request("GET", "/health").status, 200)
+        self.assertEqual(len(seen), 1)
+        self.assertTrue(seen[0], "TCP_NODELAY is off on the accepted socket")
+
+    # -- 10. a client that stops reading ---------------------------------------------
+
+    def test_a_client_that_stops_reading_a_stream_frees_its_slot_and_is_logged_499(self) -> None:
+        saved = proxy.ProxyHandler.write_timeout
+        proxy.ProxyHandler.write_timeout = 0.5
+        self.addCleanup(setattr, proxy.ProxyHandler, "write_timeout", saved)
+        tag = marker()
+        cue = FAKE.script("flood", text=["x" * 10000] * 1000)  # ~10 MB of frames
+        body = json.dumps({"messages": [user(cue + " " + tag)], "stream": True}).encode()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        logger = logging.getLogger("claude_max_proxy")
+        try:
+            with self.assertLogs(logger, level="INFO") as logs:
+                sock.connect(("127.0.0.1", self.running.port))
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                run = FAKE.run_for(tag)  # and then never read a byte
+                self.assertTrue(pid_gone(run["pid"]), "the child outlived a client that stopped reading")
+                self.assertTrue(wait_until(lambda: any(" 499 " in line for line in logs.output)))
+        finally:
+            sock.close()
+        self.assertTrue(wait_until(lambda: self.running.server.core.runner.active_children() == []))
+        line = next(line for line in logs.output if " 499 " in line)
+        self.assertIn("POST /v1/chat/completions 499 model=", line)
+
+
+class LogForgingTest(ProxyTest):
+    """Nothing a request or the CLI sends can forge a log line, at any level."""
+
+    def test_a_newline_in_a_field_name_the_cli_output_or_a_path_is_escaped_in_the_log(self) -> None:
+        logger = logging.getLogger("claude_max_proxy")
+        with self.assertLogs(logger, level="DEBUG") as logs:
+            answered = self.chat(user("hi " + marker()), **{"x\nFAKE 1": 1, "y\u2028FAKE 2": 2})
+            cue = FAKE.script("crash-forging", text=[], crash=3, stderr="it broke\r\nFAKE 3")
+            refused = self.say(cue)  # a 502 whose message holds the CLI's stderr, logged as a warning
+            missing = self.request("GET", "/v1/models/a%0AFAKE%0D%0AFAKE", None)
+        self.assertEqual((answered.status, refused.status, missing.status), (200, 502, 404), refused.body)
+        lines = "\n".join(logs.output).splitlines()
+        self.assertEqual([line for line in lines if "FAKE" in line and not line.startswith(
+            ("DEBUG:claude_max_proxy:", "INFO:claude_max_proxy:", "WARNING:claude_max_proxy:"))], [])
+        said = "\n".join(logs.output)
+        for escaped in ("x\\nFAKE 1", "y\\u2028FAKE 2", "it broke\\r\\nFAKE 3"):
+            self.assertIn(escaped, said)
+
+
+class SilentConnectionTest(TestCase):
+    """At the connection cap, connections that have sent no request line give way to new ones."""
+
+    @staticmethod
+    def all_read(running: RunningServer) -> bool:
+        """Whether the proxy has read every byte its connections without a request line sent."""
+        with selectors.DefaultSelector() as selector:
+            for sock in list(running.server._silent):
+                selector.register(sock, selectors.EVENT_READ)
+            return not selector.select(0)
+
+    def test_connections_without_a_request_line_make_room_at_once_oldest_first(self) -> None:
+        running = RunningServer(max_connections=3)
+        self.addCleanup(running.stop)
+        silent = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(3)]
+        for sock in silent:
+            self.addCleanup(sock.close)
+        silent[0].sendall(b"GET /hea")  # a line begun but never ended counts as none
+        self.assertTrue(wait_until(lambda: running.server.connections == 3 and self.all_read(running)))
+        self.assertEqual(http_request(running.port, "GET", "/health").status, 200)
+        self.assertEqual(silent[0].recv(1), b"", "the oldest silent connection was not closed")
+        self.assertTrue(wait_until(lambda: running.server.connections == 2))
+        silent.append(socket.create_connection(("127.0.0.1", running.port), timeout=10))
+        self.addCleanup(silent[-1].close)
+        self.assertTrue(wait_until(lambda: running.server.connections == 3))
+        response = post_chat(running.port, {"messages": [user("hi")]})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(silent[1].recv(1), b"")
+        silent[2].sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")  # still served
+        self.assertIn(b"200 OK", silent[2].recv(65536))
+
+
+class ClientGoneTest(ProxyTest):
+    """A client that asked to close the connection after its request may shut down its sending
+    side once it is sent (HTTP/1.0 clients, `nc -q`) and still gets its answer; a keep-alive
+    client's end-of-file means it is gone (ProcessLifecycleTest)."""
+
+    def half_closed_request(self, version: str, body: Dict[str, Any]) -> Response:
+        sock = socket.create_connection(("127.0.0.1", self.running.port), timeout=20)
+        self.addCleanup(sock.close)
+        data = json.dumps(body).encode()
+        sock.sendall(b"POST /v1/chat/completions %s\r\nHost: localhost\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (version.encode(), len(data), data))
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return parse_raw_response(received)
+            received += chunk
+
+    def test_a_half_closed_client_gets_its_whole_answer(self) -> None:
+        response = self.half_closed_request("HTTP/1.1", {"messages": [user("[[fake:slow]] " + marker())]})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(response.json()["choices"][0]["message"]["content"],
+                         "one two three four five six seven eight")
+
+    def test_a_half_closed_http_1_0_client_gets_its_whole_stream(self) -> None:
+        response = self.half_closed_request("HTTP/1.0", {"messages": [user("[[fake:slow]] " + marker())],
+                                                         "stream": True})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(stream_text(response), "one two three four five six seven eight")
+        self.assertEqual(response.frames()[-1], "[DONE]")
+
+    def test_a_connection_error_that_is_not_the_client_s_is_a_500_and_logged(self) -> None:
+        # Filed as the client gone, it was a 499 with nothing sent and nothing logged.
+        refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        with mock.patch.object(proxy, "find_claude", side_effect=refused), \
+                self.expect_error_log("internal error"):
+            response = self.say("hi")
+        self.assertError(response, 500, "server_error", "internal_error")
+
+
+class AnthropicModelsTest(ProxyTest):
+    """GET /v1/models answers an Anthropic client (anthropic-version or x-api-key) in Anthropic's
+    shape, with its errors too; an OpenAI client keeps OpenAI's."""
+
+    ANTHROPIC = {"anthropic-version": "2023-06-01"}
+
+    def test_the_list_and_one_model_in_anthropic_shape(self) -> None:
+        for headers in (self.ANTHROPIC, {"x-api-key": "anything"}):
+            with self.subTest(headers=headers):
+                listing = self.request("GET", "/v1/models", headers=headers).json()
+                ids = [model_id for model_id, _alias in proxy.MODELS]
+                self.assertEqual(listing, {
+                    "data": [{"type": "model", "id": model_id, "display_name": mock.ANY,
+                              "created_at": "2025-01-01T00:00:00Z"} for model_id in ids],
+                    "has_more": False, "first_id": ids[0], "last_id": ids[-1]})
+                self.assertEqual(listing["data"][0]["display_name"], "Claude Opus 4")
+                one = self.request("GET", "/models/claude-sonnet-4", headers=headers).json()
+                self.assertEqual(one, {"type": "model", "id": "claude-sonnet-4",
+                                       "display_name": "Claude Sonnet 4",
+                                       "created_at": "2025-01-01T00:00:00Z"})
+
+    def test_an_unknown_model_is_an_anthropic_404_to_an_anthropic_client(self) -> None:
+        missing = self.request("GET", "/v1/models/gpt-5", headers=self.ANTHROPIC)
+        self.assertEqual(missing.status, 404)
+        self.assertEqual(missing.json()["type"], "error")
+        self.assertEqual(missing.json()["error"]["type"], "not_found_error")
+        self.assertIn("gpt-5", missing.json()["error"]["message"])
+
+    def test_openai_clients_keep_openais_shape(self) -> None:
+        listing = self.request("GET", "/v1/models").json()
+        self.assertEqual(listing["object"], "list")
+        self.assertEqual(listing["data"][0]["object"], "model")
+        self.assertError(self.request("GET", "/v1/models/gpt-5"), 404, "not_found_error", "model_not_found")
+
+    def test_the_anthropic_sdk_lists_and_retrieves_models(self) -> None:
+        if anthropic is None:
+            self.skipTest("the anthropic package is not installed (pip install anthropic)")
+        client = anthropic.Anthropic(base_url="http://127.0.0.1:%d" % self.running.port, api_key="x")
+        models = list(client.models.list())
+        self.assertEqual([model.id for model in models], [model_id for model_id, _ in proxy.MODELS])
+        self.assertEqual(models[1].display_name, "Claude Sonnet 4")
+        self.assertEqual(models[1].created_at.year, 2025)
+        self.assertEqual(client.models.retrieve("claude-haiku-4").display_name, "Claude Haiku 4")
+        with self.assertRaises(anthropic.NotFoundError):
+            client.models.retrieve("gpt-5")
+
+
+# ---------------------------------------------------------------------------
+# Edge: the status page at / and its JSON twin at /status
 # ---------------------------------------------------------------------------
 
 def status_report(port: int, headers: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
@@ -6974,7 +8714,7 @@ class StatusPageTest(ProxyTest):
         self.assertNotIn("error=", next(line for line in logs.output if answered in line))
 
 
-class StatusProcessTest(TestCase):
+class ActivityTest(TestCase):
     """Which process answered a turn: kept from its conversation's turn before, pre-started, or new."""
 
     def test_records_tell_warm_kept_and_cold_turns_apart(self) -> None:
@@ -7010,6 +8750,65 @@ class StatusProcessTest(TestCase):
         self.assertEqual(len(rows), proxy.COUNTED_MODELS + 1)
         self.assertEqual(rows["bogus-000"], (2, 1))
         self.assertEqual(rows[proxy.OTHER_MODELS], (20, 20))
+
+
+# ---------------------------------------------------------------------------
+# Service commands: install, uninstall, status, doctor, the command line
+# ---------------------------------------------------------------------------
+
+class ConfigurationTest(TestCase):
+    def test_flags_take_defaults_from_the_environment(self) -> None:
+        saved = dict(os.environ)
+        try:
+            os.environ.update({"CLAUDE_PROXY_PORT": "4567", "CLAUDE_BIN": "/x/claude",
+                               "CLAUDE_PROXY_ALLOW_API_KEY": "1"})
+            command, cfg, dry_run = proxy.parse_command_line([])
+            self.assertEqual((command, dry_run), ("serve", False))
+            self.assertEqual((cfg.port, cfg.claude_bin, cfg.allow_api_key), (4567, "/x/claude", True))
+            self.assertEqual(proxy.parse_command_line(["--port", "9"])[1].port, 9)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def test_help_documents_every_flag(self) -> None:
+        text = proxy.build_arg_parser().format_help()
+        for flag, env, _kind, _default, _help in proxy.OPTIONS:
+            self.assertIn(flag, text)
+            self.assertIn(env, text)
+
+    def test_readme_documents_every_flag_model_and_the_test_command(self) -> None:
+        with open(os.path.join(HERE, "README.md")) as f:
+            readme = f.read()
+        for flag, env, _kind, _default, _help in proxy.OPTIONS:
+            self.assertTrue("`%s`" % flag in readme, flag)
+            self.assertTrue("`%s`" % env in readme, env)
+        for model_id, alias in proxy.MODELS:
+            self.assertTrue("| `%s` | `%s` |" % (model_id, alias) in readme, model_id)
+        self.assertIn("python3 test_proxy.py", readme)
+        self.assertIn("python3 claude_max_proxy.py --port 3456", readme)
+
+    def test_public_bind_without_key_warns_loudly(self) -> None:
+        self.assertTrue(any("!!!" in w for w in proxy.startup_warnings(config(host="0.0.0.0"))))
+        self.assertFalse(any("!!!" in w for w in proxy.startup_warnings(
+            config(host="0.0.0.0", api_key="k"))))
+        self.assertFalse(any("!!!" in w for w in proxy.startup_warnings(config())))
+
+    def test_api_key_in_environment_is_reported(self) -> None:
+        warnings_ = proxy.startup_warnings(config(claude_bin=FAKE.path))
+        self.assertTrue(any("ANTHROPIC_API_KEY" in w and "removed" in w for w in warnings_))
+
+    def test_launch_agent_plist_is_valid_and_runs_system_python(self) -> None:
+        with open(os.path.join(HERE, "com.claude-max-api.plist"), "rb") as f:
+            plist = plistlib.load(f)
+        self.assertEqual(plist["Label"], "com.claude-max-api")
+        self.assertEqual(plist["ProgramArguments"][0], "/usr/bin/python3")
+        self.assertTrue(plist["ProgramArguments"][1].endswith("claude_max_proxy.py"))
+        self.assertTrue(plist["RunAtLoad"])
+        self.assertTrue(plist["KeepAlive"])
+        path = plist["EnvironmentVariables"]["PATH"].split(":")
+        for wanted in ("/.local/bin", "/opt/homebrew/bin", "/usr/local/bin", "/.claude/local"):
+            self.assertTrue(any(p.endswith(wanted) for p in path), wanted)
+        self.assertIn("Library/Logs", plist["StandardErrorPath"])
 
 
 STATUS_HEALTH = {
@@ -7094,162 +8893,13 @@ class StatusCommandTest(TestCase):
             running_server.stop()
 
 
-# Headless Chromium, from the distribution's packages (CI installs it; see .ci/run).
-CHROMIUM = next((path for path in map(shutil.which, ("chromium", "chromium-browser")) if path), None)
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--virtual-time-budget=5000"]
-
-
-@unittest.skipUnless(CHROMIUM or IN_CI, "no chromium on PATH (Debian: apt-get install chromium)")
-class StatusPageBrowserTest(TestCase):
-    """The page in a real browser: its script runs under the page's policy, and it shows what the twin says."""
-
-    def browse(self, port: int, *flags: str) -> str:
-        """What Chromium prints for the page at / once its script ran for 5 s of virtual time."""
-        self.assertIsNotNone(CHROMIUM, "CI must install chromium")
-        profile = tempfile.mkdtemp(prefix="chromium-profile-")
-        self.addCleanup(shutil.rmtree, profile, True)
-        browser = subprocess.Popen([CHROMIUM] + CHROMIUM_FLAGS + ["--user-data-dir=" + profile] + list(flags)
-                                   + ["http://127.0.0.1:%d/" % port], stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            out, _ = browser.communicate(timeout=90)
-        finally:
-            if browser.poll() is None:
-                os.killpg(browser.pid, signal.SIGKILL)
-                browser.wait()
-        return out.decode("utf-8", "replace")
-
-    def screenshot(self, port: int, name: str) -> None:
-        """Keep a picture of the page, in $CLAUDE_PROXY_SCREENSHOT_DIR when set (CI sets it)."""
-        folder = os.environ.get("CLAUDE_PROXY_SCREENSHOT_DIR") or tempfile.mkdtemp(prefix="status-page-")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            os.remove(path)  # a picture of an earlier run proves nothing
-        self.browse(port, "--screenshot=" + path, "--window-size=1280,900")
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
-
-    def test_the_page_shows_what_the_twin_says_after_real_requests(self) -> None:
-        running_server = RunningServer()
-        try:
-            port = running_server.port
-            observe(running_server.server.core.limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
-            tag = marker()
-            for body in ({"model": "claude-sonnet-4", "messages": [user("first %s" % tag)]},
-                         {"model": "claude-sonnet-4", "stream": True, "messages": [user("second %s" % tag)]},
-                         {"model": "gpt-nonesuch", "messages": [user("third %s" % tag)]}):
-                http_request(port, "POST", "/v1/chat/completions", body)
-            report = wait_for_records(port, 3)
-            logger = logging.getLogger("claude_max_proxy")
-            with self.assertLogs(logger, level="INFO") as logs:
-                dom = self.browse(port, "--dump-dom")
-            fetched = [line for line in logs.output if re.search(r" GET / 200 ", line)]
-            self.assertGreaterEqual(len(fetched), 2, "the page's script fetched it again")
-            self.assertIn('<main id="page">', dom)
-            self.assertIn("<b>weekly limit</b><span>81% used</span>", dom)
-            self.assertRegex(dom, r'data-reset="\d+">resets in 23h 59m')
-            self.assertIn(report["claude"]["version"], dom)
-            self.assertIn("pid %d" % report["pid"], dom)
-            for row in report["requests"]:
-                self.assertIn(count_cells(row), dom)
-            times = re.findall(r'<time datetime="([^"]+)">([^<]+)</time>', dom)
-            self.assertEqual([iso for iso, _ in times], [r["time"] for r in report["recent_requests"]])
-            self.assertNotIn(tag, dom)
-            self.assertNotRegex(dom, r"<body[^>]*stale", "every fetch of the page succeeded")
-            self.screenshot(port, "status-page.png")
-        finally:
-            running_server.stop()
-
-    def test_with_a_key_the_page_shows_the_key_form(self) -> None:
-        running_server = RunningServer(api_key="browser-key")
-        try:
-            dom = self.browse(running_server.port, "--dump-dom")
-            self.assertIn('<main id="page" data-key="required">', dom)
-            self.assertIn('<form id="key-form">', dom)
-            self.assertNotIn("Last %d requests" % proxy.RECENT_REQUESTS, dom)
-            self.screenshot(running_server.port, "status-page-key.png")
-        finally:
-            running_server.stop()
-
-
-# ---------------------------------------------------------------------------
-# Running as a service: install, uninstall, status, doctor, on a fake System
-# ---------------------------------------------------------------------------
-
 # The placeholders README documents for the repository's LaunchAgent.
 TEMPLATE_HOME = "/Users/YOUR_USER"
 TEMPLATE_SCRIPT = "/Users/YOUR_USER/claude-max-proxy/claude_max_proxy.py"
-LOGGED_IN = json.dumps({"loggedIn": True, "authMethod": "claude.ai", "apiProvider": "firstParty"},
-                       indent=2)
+
+
 NOT_LOGGED_IN = json.dumps({"loggedIn": False, "authMethod": "none", "apiProvider": "firstParty"},
                            indent=2)
-
-
-class FakeSystem(proxy.System):
-    """A temporary home on a chosen platform; launchctl, systemctl and `claude auth
-    status` only answer as told and record what they were asked."""
-
-    SCRIPT = "/opt/claude max/claude_max_proxy.py"  # a space, as in real Mac folder names
-
-    def __init__(self, platform: str, loaded: bool = False, bus: bool = True,
-                 auth: Tuple[int, str] = (0, LOGGED_IN),
-                 environ: Optional[Dict[str, str]] = None, service_pid: Optional[int] = None) -> None:
-        super().__init__(home=tempfile.mkdtemp(prefix="fake-home-"), platform=platform, uid=501,
-                         environ=environ if environ is not None else {"PATH": "/usr/bin:/bin"},
-                         python="/usr/bin/python3", script=self.SCRIPT)
-        self.loaded = loaded
-        self.unloading = 0
-        self.bus = bus
-        self.auth = auth
-        self.auth_env: Optional[Dict[str, str]] = None
-        self.commands: List[List[str]] = []
-        # The service's pid while loaded: by default this process, whose test server answers.
-        self.service_pid = os.getpid() if service_pid is None else service_pid
-
-    def run(self, argv: List[str], env: Optional[Dict[str, str]] = None,
-            timeout: float = 30.0) -> proxy.Ran:
-        self.commands.append(list(argv))
-        if argv[1:3] == ["auth", "status"]:
-            self.auth_env = env
-            return proxy.Ran(self.auth[0], self.auth[1], "")
-        if argv[:2] == ["launchctl", "print"]:
-            if self.unloading:  # launchd lets go of a label a moment after bootout returns
-                self.unloading -= 1
-                return proxy.Ran(0, "state = exiting\n", "")
-            return (proxy.Ran(0, "state = running\n\tpid = %d\n" % self.service_pid, "") if self.loaded
-                    else proxy.Ran(113, "", "Could not find service \"com.claude-max-api\""))
-        if argv[:2] == ["launchctl", "bootout"]:
-            self.loaded, self.unloading = False, 2
-        if argv[:2] == ["launchctl", "bootstrap"]:
-            self.loaded = True
-        if argv[:3] == ["systemctl", "--user", "is-active"]:
-            if not self.bus:
-                return proxy.Ran(1, "", "Failed to connect to bus: No medium found\n")
-            return proxy.Ran(0, "active\n", "") if self.loaded else proxy.Ran(3, "inactive\n", "")
-        if argv[:3] == ["systemctl", "--user", "enable"]:
-            self.loaded = True
-        if argv[:4] == ["systemctl", "--user", "show", "--property"]:
-            return proxy.Ran(0, "%d\n" % (self.service_pid if self.loaded else 0), "")
-        return proxy.Ran(0, "", "")
-
-    def files(self) -> List[str]:
-        found = []
-        for top, _dirs, names in os.walk(self.home):
-            found += [os.path.relpath(os.path.join(top, name), self.home) for name in names]
-        return sorted(found)
-
-    def dirs(self) -> List[str]:
-        return sorted(os.path.relpath(top, self.home) for top, _d, _n in os.walk(self.home))[1:]
-
-
-def run_main(*argv: str, system: proxy.System) -> Tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = proxy.main(list(argv), system=system)
-    return code, out.getvalue()
 
 
 def free_port() -> int:
@@ -7773,53 +9423,6 @@ class CommandLineChecksTest(TestCase):
         self.assertIn("unknown command 'frobnicate'; the commands are serve, doctor, install", said)
 
 
-class AnthropicModelsTest(ProxyTest):
-    """GET /v1/models answers an Anthropic client (anthropic-version or x-api-key) in Anthropic's
-    shape, with its errors too; an OpenAI client keeps OpenAI's."""
-
-    ANTHROPIC = {"anthropic-version": "2023-06-01"}
-
-    def test_the_list_and_one_model_in_anthropic_shape(self) -> None:
-        for headers in (self.ANTHROPIC, {"x-api-key": "anything"}):
-            with self.subTest(headers=headers):
-                listing = self.request("GET", "/v1/models", headers=headers).json()
-                ids = [model_id for model_id, _alias in proxy.MODELS]
-                self.assertEqual(listing, {
-                    "data": [{"type": "model", "id": model_id, "display_name": mock.ANY,
-                              "created_at": "2025-01-01T00:00:00Z"} for model_id in ids],
-                    "has_more": False, "first_id": ids[0], "last_id": ids[-1]})
-                self.assertEqual(listing["data"][0]["display_name"], "Claude Opus 4")
-                one = self.request("GET", "/models/claude-sonnet-4", headers=headers).json()
-                self.assertEqual(one, {"type": "model", "id": "claude-sonnet-4",
-                                       "display_name": "Claude Sonnet 4",
-                                       "created_at": "2025-01-01T00:00:00Z"})
-
-    def test_an_unknown_model_is_an_anthropic_404_to_an_anthropic_client(self) -> None:
-        missing = self.request("GET", "/v1/models/gpt-5", headers=self.ANTHROPIC)
-        self.assertEqual(missing.status, 404)
-        self.assertEqual(missing.json()["type"], "error")
-        self.assertEqual(missing.json()["error"]["type"], "not_found_error")
-        self.assertIn("gpt-5", missing.json()["error"]["message"])
-
-    def test_openai_clients_keep_openais_shape(self) -> None:
-        listing = self.request("GET", "/v1/models").json()
-        self.assertEqual(listing["object"], "list")
-        self.assertEqual(listing["data"][0]["object"], "model")
-        self.assertError(self.request("GET", "/v1/models/gpt-5"), 404, "not_found_error", "model_not_found")
-
-    def test_the_anthropic_sdk_lists_and_retrieves_models(self) -> None:
-        if anthropic is None:
-            self.skipTest("the anthropic package is not installed (pip install anthropic)")
-        client = anthropic.Anthropic(base_url="http://127.0.0.1:%d" % self.running.port, api_key="x")
-        models = list(client.models.list())
-        self.assertEqual([model.id for model in models], [model_id for model_id, _ in proxy.MODELS])
-        self.assertEqual(models[1].display_name, "Claude Sonnet 4")
-        self.assertEqual(models[1].created_at.year, 2025)
-        self.assertEqual(client.models.retrieve("claude-haiku-4").display_name, "Claude Haiku 4")
-        with self.assertRaises(anthropic.NotFoundError):
-            client.models.retrieve("gpt-5")
-
-
 class PortAndServiceTruthTest(ProxyTest):
     """Who holds the port is said at start, and install reports OK only for its own service."""
 
@@ -7949,24 +9552,6 @@ class SkipSummaryTest(TestCase):
             f.write(json.dumps(requests[0]) + "\n")
         with mock.patch.dict(os.environ, {"CLAUDE_PROXY_CLIENT_REQUESTS": path}):
             self.assertEqual(load_client_requests(), requests[:1], "the variable still names another file")
-
-
-class ModelRefusedTest(TestCase):
-    # What Claude Code 2.1.197 says (an assistant event with error "model_not_found", then a result
-    # with api_error_status 404) when Anthropic answers 404 not_found_error for its --model.
-    SAID = ("There's an issue with the selected model (claude-nonexistent-9). It may not exist or you "
-            "may not have access to it. Run --model to pick a different model.")
-
-    def test_the_clis_words_for_an_unknown_model_become_a_404_model_not_found_naming_it(self) -> None:
-        for kind in ("model_not_found", None):
-            error = proxy.upstream_error(404, self.SAID, kind)
-            self.assertEqual((error.status, error.code, error.param), (404, "model_not_found", "model"))
-            self.assertTrue(error.message.startswith("The model `claude-nonexistent-9` does not exist, or "
-                                                     "your Claude plan has no access to it. Use one of: "
-                                                     "claude-opus-4, "), error.message)
-            self.assertNotIn("--model", error.message)
-        self.assertEqual(proxy.MessagesDoor.error_reply(error),
-                         (404, {"type": "error", "error": {"type": "not_found_error", "message": error.message}}))
 
 
 def readme_text() -> str:
@@ -8127,1064 +9712,6 @@ class CommandLineTest(TestCase):
 
 
 # ---------------------------------------------------------------------------
-# The official openai SDK (installed by .ci/run; skipped elsewhere when absent)
-# ---------------------------------------------------------------------------
-
-try:
-    import openai
-except ImportError:
-    openai = None  # type: ignore[assignment]
-
-
-@unittest.skipIf(openai is None and not IN_CI, "the openai package is not installed (pip install openai)")
-class OpenAISdkTest(ProxyTest):
-    def client(self) -> Any:
-        return openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.running.port,
-                             api_key="not-needed", max_retries=0)
-
-    def test_sdk_parses_a_completion_without_warnings(self) -> None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            completion = self.client().chat.completions.create(
-                model="claude-opus-4", messages=[{"role": "user", "content": "hi"}])
-        self.assertEqual(completion.choices[0].message.content,
-                         "Hello from fake (claude-opus-4-8, 1 msgs) ")
-        self.assertEqual(completion.choices[0].finish_reason, "stop")
-        self.assertEqual(completion.usage.total_tokens, 17)
-        self.assertEqual(completion.usage.prompt_tokens_details.cached_tokens, 0)
-        self.assertEqual([str(w.message) for w in caught], [])
-
-    def test_sdk_streams_with_usage(self) -> None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            stream = self.client().chat.completions.create(
-                model="claude-sonnet-4", messages=[{"role": "user", "content": "hi"}],
-                stream=True, stream_options={"include_usage": True})
-            chunks = list(stream)
-        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        self.assertEqual(text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
-        self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
-        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "stop")
-        self.assertEqual(chunks[-1].usage.completion_tokens, 7)
-        self.assertEqual([str(w.message) for w in caught], [])
-
-    def test_sdk_raises_its_own_exception_for_each_error(self) -> None:
-        client = self.client()
-        with self.assertRaises(openai.AuthenticationError) as auth:
-            client.chat.completions.create(model="claude-opus-4", messages=[
-                {"role": "user", "content": "[[fake:not-logged-in]]"}])
-        self.assertIn("/login", auth.exception.message)
-        with self.assertRaises(openai.BadRequestError) as bad:
-            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
-        self.assertEqual(bad.exception.code, "model_not_found")
-        with self.assertRaises(openai.RateLimitError):
-            client.chat.completions.create(model="claude-opus-4", messages=[
-                {"role": "user", "content": "[[fake:rate-limited-429-retrying]]"}])
-        with self.assertRaises(openai.NotFoundError):
-            client.models.retrieve("gpt-5")
-
-    def test_sdk_sees_an_error_frame_mid_stream_as_an_api_error(self) -> None:
-        stream = self.client().chat.completions.create(
-            model="claude-opus-4", messages=[{"role": "user", "content": "[[fake:crash-midstream]]"}],
-            stream=True)
-        with self.assertRaises(openai.APIError) as caught:
-            for _ in stream:
-                pass
-        self.assertIn("midway", str(caught.exception))
-
-    def test_sdk_tool_loop_streaming_and_not(self) -> None:
-        client = self.client()
-        cue = tool_turn_script("sdk-calls", after_calls="Sunny.")
-        for stream in (False, True):
-            messages: List[Any] = [{"role": "user", "content": "Weather in Paris? " + cue}]
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                if stream:
-                    chunks = list(client.chat.completions.create(
-                        model="claude-opus-4", messages=messages, tools=[WEATHER_TOOL], stream=True))
-                    deltas = [c.choices[0].delta for c in chunks if c.choices]
-                    parts = [call for d in deltas for call in d.tool_calls or []]
-                    call_id, name = parts[0].id, parts[0].function.name
-                    arguments = "".join(p.function.arguments or "" for p in parts)
-                    self.assertEqual(chunks[-1].choices[0].finish_reason, "tool_calls")
-                    messages.append({"role": "assistant", "content": None, "tool_calls": [
-                        {"id": call_id, "type": "function",
-                         "function": {"name": name, "arguments": arguments}}]})
-                else:
-                    first = client.chat.completions.create(
-                        model="claude-opus-4", messages=messages, tools=[WEATHER_TOOL])
-                    self.assertEqual(first.choices[0].finish_reason, "tool_calls")
-                    call = first.choices[0].message.tool_calls[0]
-                    call_id, name, arguments = call.id, call.function.name, call.function.arguments
-                    messages.append(first.choices[0].message.model_dump(exclude_none=True))
-                self.assertEqual((name, json.loads(arguments)), ("get_weather", {"city": "Paris"}))
-                messages.append({"role": "tool", "tool_call_id": call_id, "content": "21 C"})
-                final = client.chat.completions.create(model="claude-opus-4", messages=messages,
-                                                       tools=[WEATHER_TOOL])
-            self.assertEqual(final.choices[0].message.content, "Sunny.")
-            self.assertEqual(final.choices[0].finish_reason, "stop")
-            self.assertEqual([str(w.message) for w in caught], [])
-
-    def test_sdk_reads_structured_output_and_reasoning(self) -> None:
-        cue = FAKE.script("sdk-structured", structured={"answer": 42})
-        completion = self.client().chat.completions.create(
-            model="claude-sonnet-4", messages=[{"role": "user", "content": cue}],
-            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {
-                "type": "object", "properties": {"answer": {"type": "integer"}}}}})
-        self.assertEqual(json.loads(completion.choices[0].message.content), {"answer": 42})
-        cue = FAKE.script("sdk-thinks", thinking=["Hmm."], text=["Yes."])
-        completion = self.client().chat.completions.create(
-            model="claude-sonnet-4", messages=[{"role": "user", "content": cue}], reasoning_effort="low")
-        self.assertEqual(completion.choices[0].message.content, "Yes.")
-        self.assertEqual(completion.choices[0].message.model_extra.get("reasoning_content"), "Hmm.")
-
-    def test_sdk_lists_models(self) -> None:
-        ids = [model.id for model in self.client().models.list()]
-        self.assertEqual(ids, [m for m, _ in proxy.MODELS])
-
-
-# ---------------------------------------------------------------------------
-# Door: OpenAI Responses
-# ---------------------------------------------------------------------------
-
-RESPONSES_WEATHER_TOOL = {"type": "function", "name": "get_weather",
-                          "description": WEATHER_TOOL["function"]["description"],
-                          "parameters": WEATHER_TOOL["function"]["parameters"], "strict": False}
-PDF_DATA_URL = "data:application/pdf;base64," + base64.b64encode(b"%PDF-1.4 tiny").decode()
-
-
-def sse_events(response: Response) -> List[Tuple[str, Dict[str, Any]]]:
-    """(name, data) of each event of an SSE body, which must all be named events (no comments)."""
-    events = []
-    for frame in response.body.decode("utf-8").split("\n\n"):
-        if frame:
-            name, data = frame.split("\n")
-            if not name.startswith("event: ") or not data.startswith("data: "):
-                raise AssertionError("not a named event: %r" % frame)
-            events.append((name[len("event: "):], json.loads(data[len("data: "):])))
-    return events
-
-
-# A reply in all its kinds of blocks, as the CLI streams it: thinking, text, two calls (one without arguments).
-REPLY_RUN = [stream_event({"type": "message_start", "message": {"model": "claude-sonnet-5", "usage": {
-    "input_tokens": 3, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 20, "output_tokens": 1}}})] \
-    + thinking_events("sig-1", "Let me ", "think.") + text_deltas("Checking", " now.") \
-    + tool_use_events("toolu_1", "get_weather", '{"city"', ': "Paris"}') \
-    + tool_use_events("toolu_2", "get_time", "{}") \
-    + [stream_event({"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 9}})]
-REPLY_TOOLS = [WEATHER_TOOL, TIME_TOOL]
-
-
-needs_openai = unittest.skipIf(openai is None and not IN_CI,
-                               "the openai package is not installed (pip install openai)")
-
-
-class ResponsesDoorTest(ProxyTest):
-    settings = dict(ProxyTest.settings, pool_size=2)  # a conversation's process is kept between turns
-
-    # -- the request translated -----------------------------------------------------
-
-    def parse(self, **body: Any) -> Tuple[proxy.Turn, Any]:
-        body.setdefault("model", "claude-sonnet-4")
-        return proxy.parse_responses_request(body, config())
-
-    def assertInvalid(self, body: Dict[str, Any], param: str, code: Optional[str] = None,
-                      responses: Optional[Any] = None) -> proxy.ProxyError:
-        with self.assertRaises(proxy.ProxyError) as caught:
-            proxy.parse_responses_request(dict({"model": "claude-sonnet-4"}, **body), config(), responses and responses.get)
-        self.assertEqual((caught.exception.status, caught.exception.param), (400, param),
-                         caught.exception.message)
-        if code is not None:
-            self.assertEqual(caught.exception.code, code)
-        return caught.exception
-
-    def test_input_items_become_the_native_conversation(self) -> None:
-        turn, options = self.parse(instructions="Be brief.", tools=[RESPONSES_WEATHER_TOOL], input=[
-            {"type": "message", "id": "msg_dev", "role": "developer",
-             "content": [{"type": "input_text", "text": "You are a coding agent."}]},
-            {"role": "user", "content": "Weather in Paris?"},  # the Agents SDK's messages have no type
-            {"type": "message", "role": "user", "content": [
-                {"type": "input_text", "text": "And this:"},
-                {"type": "input_image", "image_url": "data:image/png;base64," + PNG_1PX, "detail": "auto"},
-                {"type": "input_file", "filename": "a.pdf", "file_data": PDF_DATA_URL}]},
-            {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "OpenAI's"}],
-             "encrypted_content": "gAAAAB-openai-own"},
-            {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
-             "content": [{"type": "output_text", "text": "Checking.", "annotations": []}]},
-            {"type": "function_call", "id": "fc_1", "call_id": "call 1", "name": "get_weather",
-             "arguments": "{\"city\":\"Paris\"}", "status": "completed"},
-            {"type": "function_call_output", "call_id": "call 1", "output": "21 C"},
-            {"role": "user", "content": [{"type": "input_text", "text": "Thanks"}]}])
-        conversation = turn.conversation
-        self.assertEqual(conversation.system, "Be brief.\n\nYou are a coding agent.")
-        self.assertEqual(conversation.tools, [{"name": "get_weather",
-                                               "description": "Current weather for a city.",
-                                               "input_schema": RESPONSES_WEATHER_TOOL["parameters"]}])
-        pdf = base64.b64encode(b"%PDF-1.4 tiny").decode()
-        self.assertEqual(conversation.messages, [
-            {"role": "user", "content": [
-                {"type": "text", "text": "Weather in Paris?"}, {"type": "text", "text": "And this:"},
-                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}},
-                {"type": "document",
-                 "source": {"type": "base64", "media_type": "application/pdf", "data": pdf}}]},
-            {"role": "assistant", "content": [  # OpenAI's own reasoning item is left out
-                {"type": "text", "text": "Checking."},
-                {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}}]},
-            {"role": "user", "content": [
-                {"tool_use_id": "call_1", "type": "tool_result",
-                 "content": [{"type": "text", "text": "21 C"}]},
-                {"type": "text", "text": "Thanks"}]}])
-        self.assertEqual(options.system, ["You are a coding agent."], "instructions are not carried over")
-        self.assertEqual(options.item_ids, ["msg_dev", "rs_1", "msg_1", "fc_1"])
-
-    def test_settings_reach_the_turn_and_the_response(self) -> None:
-        schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
-        turn, options = self.parse(
-            input="hi", max_output_tokens=300, parallel_tool_calls=False, tools=[RESPONSES_WEATHER_TOOL],
-            tool_choice={"type": "function", "name": "get_weather"}, metadata={"run": "7"},
-            reasoning={"effort": "high", "summary": "auto"}, include=["reasoning.encrypted_content"],
-            text={"format": {"type": "json_schema", "name": "P", "schema": schema, "strict": True}},
-            truncation="auto", prompt_cache_key="k", temperature=0.2, store=False, stream=True)
-        self.assertEqual(turn.conversation.messages,
-                         [{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
-        self.assertEqual((turn.max_tokens, turn.parallel_tool_calls, turn.tool_choice, turn.effort,
-                          turn.thinking), (300, False, "get_weather", "high", True))
-        self.assertEqual(turn.json_schema, schema)
-        self.assertTrue(options.stream and options.want_reasoning and options.sealed_reasoning)
-        self.assertIs(options.store, False)
-        self.assertEqual(options.settings["text"]["format"]["name"], "P")
-        self.assertEqual(options.settings["reasoning"], {"effort": "high", "summary": "auto"})
-        self.assertEqual(options.settings["metadata"], {"run": "7"})
-        self.assertEqual(self.parse(input="hi", text={"format": {"type": "json_object"}})[0].json_schema,
-                         {"type": "object"})
-        # The Agents SDK sends effort "none": no thinking, so no reasoning items either.
-        turn, options = self.parse(input="hi", reasoning={"effort": "none"}, text={"verbosity": "low"})
-        self.assertFalse(turn.thinking or options.want_reasoning)
-        self.assertIsNone(turn.json_schema)
-        two_tools = [RESPONSES_WEATHER_TOOL, dict(RESPONSES_WEATHER_TOOL, name="b")]
-        allowed = self.parse(input="hi", tools=two_tools,
-                             tool_choice={"type": "allowed_tools", "mode": "required",
-                                          "tools": [{"type": "function", "name": "b"}]})[0]
-        self.assertEqual(([t["name"] for t in allowed.conversation.tools], allowed.tool_choice),
-                         (["b"], "required"))
-        self.assertEqual(self.parse(input="hi", tools=[RESPONSES_WEATHER_TOOL], tool_choice="none")[0]
-                         .conversation.tools, [])
-
-    def test_hosted_tools_are_left_out_and_other_tool_types_refused(self) -> None:
-        # What the Codex CLI offers on every request (R10): functions, a namespace, web_search.
-        turn, options = self.parse(input="hi", tools=[
-            RESPONSES_WEATHER_TOOL, {"type": "web_search", "external_web_access": False},
-            {"type": "web_search_preview_2025_03_11"},
-            {"type": "namespace", "name": "multi_agent_v1",
-             "tools": [dict(RESPONSES_WEATHER_TOOL, name="x")]}])
-        self.assertEqual([tool["name"] for tool in turn.conversation.tools], ["get_weather"])
-        self.assertEqual([tool["type"] for tool in options.settings["tools"]], ["function"])
-        for kind in ("custom", "local_shell", None):
-            error = self.assertInvalid({"input": "hi",
-                                        "tools": [RESPONSES_WEATHER_TOOL, {"type": kind, "name": "f"}]},
-                                       "tools[1].type", "unsupported_tool_type")
-            self.assertIn(repr(kind), error.message)
-
-    def test_bad_requests_are_400s_naming_the_param(self) -> None:
-        self.assertInvalid({}, "input")
-        self.assertInvalid({"input": []}, "input", "empty_array")
-        self.assertInvalid({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0].type",
-                           "unsupported_item_type")
-        self.assertInvalid({"input": [{"role": "tool", "content": "x"}]}, "input[0].role")
-        self.assertInvalid({"input": [user("hi"), {"role": "assistant", "content": "Sure"}]}, "input",
-                           "unsupported_value")
-        self.assertInvalid({"input": [{"role": "system", "content": "only rules"}]}, "input")
-        self.assertInvalid({"input": [{"role": "user",
-                                       "content": [{"type": "input_image", "file_id": "f"}]}]},
-                           "input[0].content[0].image_url")
-        self.assertInvalid({"input": [{"type": "function_call", "call_id": "c", "name": "f",
-                                       "arguments": "{"}]}, "input[0].arguments", "invalid_tool_arguments")
-        self.assertInvalid({"input": [{"type": "item_reference", "id": "msg_1"}, user("hi")]}, "input[0].id",
-                           "item_not_found")
-        self.assertInvalid({"input": "hi", "text": {"format": {"type": "xml"}}}, "text.format")
-        self.assertInvalid({"input": "hi", "reasoning": {"effort": "huge"}}, "reasoning.effort")
-        self.assertInvalid({"input": "hi", "conversation": "conv_1"}, "conversation", "unsupported_parameter")
-        self.assertInvalid({"input": "hi", "tool_choice": {"type": "function", "name": "nope"}},
-                           "tool_choice")
-        error = self.assertInvalid({"input": "hi", "previous_response_id": "resp_gone"},
-                                   "previous_response_id", "previous_response_not_found")
-        self.assertIn("resp_gone", error.message)
-
-    def test_previous_response_continues_its_conversation(self) -> None:
-        store = proxy.ResponseStore()
-        earlier = [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                   {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}]
-        store.put(proxy.StoredResponse({"id": "resp_1"}, ["Rules."], earlier, ["msg_in", "msg_out"]))
-        turn, options = proxy.parse_responses_request(
-            {"model": "claude-sonnet-4", "previous_response_id": "resp_1", "instructions": "Now.",
-             "input": [{"type": "item_reference", "id": "msg_out"}, user("more")]}, config(), store.get)
-        self.assertEqual(turn.conversation.messages, earlier + [
-            {"role": "user", "content": [{"type": "text", "text": "more"}]}])
-        self.assertEqual(turn.conversation.system, "Now.\n\nRules.")
-        self.assertEqual(options.settings["previous_response_id"], "resp_1")
-        self.assertEqual(earlier[1]["content"], [{"type": "text", "text": "Hello."}],
-                         "the stored conversation is unchanged")
-
-    def test_the_store_keeps_the_newest_within_its_bounds(self) -> None:
-        store = proxy.ResponseStore(count=2, size=380)
-
-        def put(response_id: str, text: str = "x") -> None:
-            store.put(proxy.StoredResponse({"id": response_id}, [], [{"role": "user", "content": text}], []))
-        put("a"), put("b")
-        self.assertIsNotNone(store.get("a"))  # now the most recently used
-        put("c")
-        self.assertEqual([r is not None for r in map(store.get, "abc")], [True, False, True])
-        put("big", "y" * 300)  # only room for it alone
-        self.assertEqual([r is not None for r in map(store.get, ["a", "c", "big"])], [False, False, True])
-        put("huge", "z" * 500)  # larger than the whole store: not kept, nothing else lost
-        self.assertIsNone(store.get("huge"))
-        self.assertIsNotNone(store.get("big"))
-
-    # -- the reply translated --------------------------------------------------------
-
-    def door(self, stream: bool, **body: Any) -> proxy.ResponsesDoor:
-        body.setdefault("input", "hi")
-        turn, options = self.parse(stream=stream, tools=[RESPONSES_WEATHER_TOOL], **body)
-        return proxy.ResponsesDoor(turn, options)
-
-    def test_stream_events_follow_the_responses_api(self) -> None:
-        door = self.door(True, include=["reasoning.encrypted_content"])
-        ran = replay(REPLY_RUN, tools=REPLY_TOOLS)
-        frames = ran.frames(door)
-        self.assertEqual([name for name, _ in frames], [
-            "response.created", "response.in_progress",
-            "response.output_item.added", "response.reasoning_summary_part.added",
-            "response.reasoning_summary_text.delta", "response.reasoning_summary_text.delta",
-            "response.reasoning_summary_text.done", "response.reasoning_summary_part.done",
-            "response.output_item.done",
-            "response.output_item.added", "response.content_part.added",
-            "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
-            "response.content_part.done", "response.output_item.done",
-            "response.output_item.added", "response.function_call_arguments.delta",
-            "response.function_call_arguments.delta", "response.function_call_arguments.done",
-            "response.output_item.done",
-            "response.output_item.added", "response.function_call_arguments.delta",
-            "response.function_call_arguments.done", "response.output_item.done",
-            "response.completed"])
-        payloads = [payload for _, payload in frames]
-        self.assertEqual([p["sequence_number"] for p in payloads], list(range(len(frames))))
-        self.assertTrue(all(p["type"] == name for name, p in frames))
-        added = [p for p in payloads if p["type"] == "response.output_item.added"]
-        done = [p for p in payloads if p["type"] == "response.output_item.done"]
-        self.assertEqual([p["output_index"] for p in added], [0, 1, 2, 3])
-        self.assertEqual([(p["item"]["id"], p["item"].get("call_id")) for p in added],
-                         [(p["item"]["id"], p["item"].get("call_id")) for p in done])
-        for payload in payloads:
-            if "item_id" in payload:
-                self.assertEqual(payload["item_id"], added[payload["output_index"]]["item"]["id"])
-        final = payloads[-1]["response"]
-        self.assertEqual(final["id"], payloads[0]["response"]["id"])
-        self.assertTrue(final["id"].startswith("resp_"))
-        self.assertEqual((final["status"], payloads[0]["response"]["status"]), ("completed", "in_progress"))
-        self.assertEqual(final["output"], [p["item"] for p in done])
-        self.assertEqual(final["output"][0]["summary"], [{"type": "summary_text", "text": "Let me think."}])
-        self.assertEqual(final["output"][0]["encrypted_content"], "claude-thinking-signature:sig-1")
-        self.assertEqual(final["output"][1]["content"], [
-            {"type": "output_text", "annotations": [], "logprobs": [], "text": "Checking now."}])
-        self.assertEqual(final["output"][2], dict(added[2]["item"], status="completed",
-                                                  arguments='{"city": "Paris"}'))
-        self.assertRegex(final["output"][2]["id"], "^fc_")
-        self.assertEqual(final["output"][2]["call_id"], "toolu_1")
-        self.assertEqual(final["usage"], {
-            "input_tokens": 123, "input_tokens_details": {"cached_tokens": 100, "cache_write_tokens": 20},
-            "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 132})
-        # What the client sends back next turn reads as this very reply.
-        self.assertEqual(door.echo(ran.outcome), ran.outcome.blocks)
-
-    def test_whole_response_matches_the_stream(self) -> None:
-        ran = replay(REPLY_RUN, tools=REPLY_TOOLS)
-        final = ran.frames(self.door(True))[-1][1]["response"]
-        door = self.door(False)
-        whole = door.response(ran.outcome)
-        without_ids = lambda output: [dict(item, id=None) for item in output]  # noqa: E731
-        self.assertEqual(without_ids(whole["output"]), without_ids(final["output"]))
-        self.assertEqual(set(whole), set(final))
-        self.assertNotIn("encrypted_content", whole["output"][0], "not asked for with include")
-        # Without its signature, thinking does not come back: the echo has none.
-        self.assertEqual(door.echo(ran.outcome), [b for b in ran.outcome.blocks if b["type"] != "thinking"])
-
-    def test_text_after_hidden_thinking_is_a_new_message(self) -> None:
-        # Thinking the client does not see (--hide-reasoning) still ends the message before it:
-        # the text after it is an item of its own, streamed and whole alike.
-        ran = replay([MESSAGE_START] + text_deltas("Let me see.") + thinking_events("sig-1", "Hmm.")
-                     + text_deltas("Sunny.") + message_end("end_turn") + [result_event("Sunny.")])
-
-        def door(stream: bool) -> proxy.ResponsesDoor:
-            return proxy.ResponsesDoor(*proxy.parse_responses_request(
-                {"model": "claude-sonnet-4", "input": "hi", "stream": stream}, config(hide_reasoning=True)))
-        streamed = ran.frames(door(True))
-        self.assertEqual([p["item"]["type"] for name, p in streamed if name == "response.output_item.added"],
-                         ["message", "message"])
-        self.assertEqual([(p["output_index"], p["delta"]) for name, p in streamed
-                          if name == "response.output_text.delta"], [(0, "Let me see."), (1, "Sunny.")])
-        for output in (streamed[-1][1]["response"]["output"], door(False).response(ran.outcome)["output"]):
-            self.assertEqual([(item["type"], item["content"][0]["text"]) for item in output],
-                             [("message", "Let me see."), ("message", "Sunny.")])
-
-    def test_output_limit_makes_an_incomplete_response(self) -> None:
-        ran = replay([MESSAGE_START] + text_deltas("The first part") + message_end("max_tokens"), max_tokens=50)
-        frames = ran.frames(self.door(True))
-        self.assertEqual(frames[-1][0], "response.incomplete")
-        response = frames[-1][1]["response"]
-        self.assertEqual((response["status"], response["incomplete_details"]),
-                         ("incomplete", {"reason": "max_output_tokens"}))
-        self.assertEqual(response["output"][0]["status"], "incomplete")
-        whole = self.door(False).response(ran.outcome)
-        self.assertEqual((whole["status"], whole["output"][0]["status"]), ("incomplete", "incomplete"))
-
-    def test_a_failure_mid_stream_closes_the_items_and_fails_the_response(self) -> None:
-        door = self.door(True)
-        started = received(new_session(), [MESSAGE_START] + text_deltas("partial")[:2])
-        frames = [frame for event in started for frame in door.encode(event)] + door.failure(
-            proxy.ProxyError(502, "Claude Code exited", code="cli_failed"))
-        self.assertEqual([name for name, _ in frames][4:], [
-            "response.output_text.delta", "response.output_text.done", "response.content_part.done",
-            "response.output_item.done", "response.failed"])
-        response = frames[-1][1]["response"]
-        self.assertEqual((response["status"], response["error"], response["usage"]),
-                         ("failed", {"code": "server_error", "message": "Claude Code exited"}, None))
-        self.assertEqual(response["output"][0]["status"], "incomplete")
-        too_long = proxy.ProxyError(400, "long", code="context_length_exceeded")
-        self.assertEqual(proxy.responses_error_code(too_long), "context_length_exceeded")
-        self.assertEqual(proxy.responses_error_code(proxy.ProxyError(403, "no")), "invalid_prompt")
-        self.assertEqual(proxy.responses_error_code(proxy.ProxyError(429, "later")), "rate_limit_exceeded")
-
-    # -- over HTTP, against the fake CLI -------------------------------------------------
-
-    def respond(self, **body: Any) -> Response:
-        body.setdefault("model", "claude-sonnet-4")
-        return self.request("POST", "/v1/responses", body)
-
-    def test_text_answer_whole_and_streamed(self) -> None:
-        response = self.respond(input="hi")
-        self.assertEqual(response.status, 200, response.body)
-        body = response.json()
-        self.assertEqual((body["object"], body["status"], body["model"], body["error"]),
-                         ("response", "completed", "claude-sonnet-4", None))
-        self.assertEqual([item["type"] for item in body["output"]], ["message"])
-        self.assertEqual(body["output"][0]["content"][0]["text"],
-                         "Hello from fake (claude-sonnet-5, 1 msgs) ")
-        self.assertEqual((body["usage"]["input_tokens"], body["usage"]["output_tokens"]), (10, 7))
-        streamed = self.respond(input="hi", stream=True)
-        self.assertTrue(streamed.headers["Content-Type"].startswith("text/event-stream"))
-        events = sse_events(streamed)
-        self.assertNotIn("[DONE]", streamed.frames())
-        self.assertEqual([name for name, _ in events], [data["type"] for _, data in events])
-        self.assertEqual([data["sequence_number"] for _, data in events], list(range(len(events))))
-        names = [name for name, _ in events]
-        self.assertEqual(names[:4] + names[-4:], [
-            "response.created", "response.in_progress", "response.output_item.added",
-            "response.content_part.added", "response.output_text.done", "response.content_part.done",
-            "response.output_item.done", "response.completed"])
-        self.assertEqual("".join(data["delta"] for name, data in events
-                                 if name == "response.output_text.delta"),
-                         "Hello from fake (claude-sonnet-5, 1 msgs) ")
-        final = events[-1][1]["response"]
-        self.assertEqual(final["output"][0]["content"], body["output"][0]["content"])
-        self.assertEqual(final["usage"], body["usage"])
-
-    def test_tool_round_trip_continues_the_same_process(self) -> None:
-        tag = marker()
-        cue = FAKE.script("responses-calls", text_before=["Let me check."],
-                          calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
-        question = {"role": "user", "content": "Weather in Paris? %s %s" % (cue, tag)}
-        first = self.respond(input=[question], tools=[RESPONSES_WEATHER_TOOL], stream=True)
-        final = sse_events(first)[-1][1]["response"]
-        self.assertEqual([item["type"] for item in final["output"]], ["message", "function_call"])
-        call = final["output"][1]
-        self.assertEqual((call["name"], json.loads(call["arguments"]), call["status"]),
-                         ("get_weather", {"city": "Paris"}, "completed"))
-        continued = self.running.server.core.runner.pool.continued
-        second = self.respond(tools=[RESPONSES_WEATHER_TOOL], input=[question] + final["output"] + [
-            {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny, 21 C"}])
-        self.assertEqual(second.status, 200, second.body)
-        # The process that called the tool got its result (a new one would resume, not quote it).
-        self.assertEqual(second.json()["output"][0]["content"][0]["text"], "Tool results: sunny, 21 C")
-        self.assertEqual(self.running.server.core.runner.pool.continued, continued + 1)
-        run = FAKE.run_for(tag, "tool_calls")
-        self.assertEqual(run["tool_calls"][0]["answer"]["response"]["mcp_response"]["result"]["content"],
-                         [{"type": "text", "text": "sunny, 21 C"}])
-
-    def test_reasoning_summaries_stream_and_come_back_as_thinking(self) -> None:
-        cue = FAKE.script("responses-thinks", thinking=["Hmm, ", "a greeting."], text=["Hi!"])
-        response = self.respond(input=cue, stream=True, reasoning={"effort": "low", "summary": "auto"},
-                                include=["reasoning.encrypted_content"])
-        events = sse_events(response)
-        self.assertEqual([name for name, _ in events][2:8], [
-            "response.output_item.added", "response.reasoning_summary_part.added",
-            "response.reasoning_summary_text.delta", "response.reasoning_summary_text.delta",
-            "response.reasoning_summary_text.done", "response.reasoning_summary_part.done"])
-        output = events[-1][1]["response"]["output"]
-        self.assertEqual([item["type"] for item in output], ["reasoning", "message"])
-        self.assertEqual(output[0]["summary"], [{"type": "summary_text", "text": "Hmm, a greeting."}])
-        self.assertTrue(output[0]["encrypted_content"].startswith("claude-thinking-signature:"))
-        # Sent back, the reasoning item is Claude's signed thinking again: the kept process continues.
-        continued = self.running.server.core.runner.pool.continued
-        again = self.respond(input=[{"role": "user", "content": cue}] + output + [user("And now?")],
-                             reasoning={"effort": "low", "summary": "auto"},
-                             include=["reasoning.encrypted_content"])
-        self.assertEqual(again.status, 200, again.body)
-        self.assertEqual(self.running.server.core.runner.pool.continued, continued + 1)
-        hidden = self.respond(input=cue, reasoning={"effort": "none"})
-        self.assertEqual([item["type"] for item in hidden.json()["output"]], ["message"])
-
-    def test_json_schema_through_text_format(self) -> None:
-        tag = marker()  # the fake's recorded structured answer is {"a": 1}
-        schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-        response = self.respond(input="Give me a. " + tag, text={"format": {
-            "type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
-        self.assertEqual(response.status, 200, response.body)
-        self.assertEqual(json.loads(response.json()["output"][0]["content"][0]["text"]), {"a": 1})
-        self.assertEqual(response.json()["text"]["format"]["name"], "answer")
-        self.assertEqual(FAKE.run_for(tag, "initialize")["initialize"]["jsonSchema"], schema)
-
-    def test_max_output_tokens_makes_an_incomplete_response(self) -> None:
-        cue = FAKE.script("responses-long", text=["The first ", "part"], stop_reason="max_tokens",
-                          usage={"output_tokens": 20}, **{"continue": ["MORE"], "continue_delay": 30})
-        body = self.respond(input=cue, max_output_tokens=20).json()
-        self.assertEqual((body["status"], body["incomplete_details"], body["max_output_tokens"]),
-                         ("incomplete", {"reason": "max_output_tokens"}, 20))
-        self.assertEqual(body["output"][0]["content"][0]["text"], "The first part")
-        events = sse_events(self.respond(input=cue, max_output_tokens=20, stream=True))
-        self.assertEqual(events[-1][0], "response.incomplete")
-        self.assertEqual(events[-2][1]["item"]["status"], "incomplete")
-
-    def test_previous_response_id_continues_a_stored_response(self) -> None:
-        first = self.respond(input="hi", instructions="Be kind.").json()
-        stored = self.request("GET", "/v1/responses/" + first["id"])
-        self.assertEqual((stored.status, stored.json()), (200, first))
-        second = self.respond(input="and again?", instructions="Be kind.", previous_response_id=first["id"],
-                              stream=True)
-        final = sse_events(second)[-1][1]["response"]
-        self.assertEqual(final["previous_response_id"], first["id"])
-        # The process of the first turn answers the second: its second turn.
-        self.assertEqual(final["output"][0]["content"][0]["text"],
-                         "Hello from fake (claude-sonnet-5, 2 msgs) ")
-        self.assertEqual(self.request("GET", "/v1/responses/" + final["id"]).json(), final)
-        self.assertError(self.respond(input="x", previous_response_id="resp_unknown"), 400,
-                         "invalid_request_error", "previous_response_not_found", "previous_response_id")
-        self.assertError(self.request("GET", "/v1/responses/resp_unknown"), 404, "not_found_error")
-
-    def test_store_false_keeps_nothing(self) -> None:
-        body = self.respond(input="hi", store=False).json()
-        self.assertFalse(body["store"])
-        self.assertEqual(self.request("GET", "/v1/responses/" + body["id"]).status, 404)
-        self.assertError(self.respond(input="x", previous_response_id=body["id"]), 400,
-                         "invalid_request_error", "previous_response_not_found")
-
-    def test_errors_before_and_after_the_stream_started(self) -> None:
-        self.assertError(self.respond(input=[{"type": "computer_call"}]), 400, "invalid_request_error",
-                         "unsupported_item_type", "input[0].type")
-        self.assertError(self.respond(input="[[fake:not-logged-in]]", stream=True), 401,
-                         "authentication_error")
-        response = self.respond(input="[[fake:crash-midstream]]", stream=True)
-        self.assertEqual(response.status, 200)
-        events = sse_events(response)
-        self.assertEqual([name for name, _ in events][-3:], [
-            "response.content_part.done", "response.output_item.done", "response.failed"])
-        failed = events[-1][1]["response"]
-        self.assertEqual((failed["status"], failed["error"]["code"]), ("failed", "server_error"))
-        self.assertIn("midway", failed["error"]["message"])
-        self.assertEqual(failed["output"][0]["content"][0]["text"], "partial answer ")
-
-    def test_embeddings_are_a_404_that_says_why(self) -> None:
-        error = self.assertError(self.request("POST", "/v1/embeddings", {"model": "x", "input": "hi"}),
-                                 404, "not_found_error", "embeddings_not_supported")
-        self.assertIn("no embeddings model", error["message"])
-
-    # -- the official openai SDK -----------------------------------------------------------
-
-    def client(self) -> Any:
-        return openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.running.port,
-                             api_key="not-needed", max_retries=0)
-
-    @needs_openai
-    def test_sdk_create_whole_and_streamed(self) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            response = self.client().responses.create(model="claude-sonnet-4", input="hi",
-                                                      instructions="Be brief.")
-            self.assertEqual(response.output_text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
-            self.assertEqual((response.status, response.usage.total_tokens), ("completed", 17))
-            response.model_dump()
-            self.assertEqual(self.client().responses.retrieve(response.id).output_text, response.output_text)
-            events = list(self.client().responses.create(model="claude-sonnet-4", input="hi", stream=True))
-            for event in events:
-                event.model_dump()
-        self.assertEqual(events[0].type, "response.created")
-        self.assertEqual(events[-1].type, "response.completed")
-        self.assertEqual(events[-1].response.output_text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
-
-    @needs_openai
-    def test_sdk_stream_helpers_and_a_function_call_loop(self) -> None:
-        cue = FAKE.script("responses-sdk-calls", after_calls=["Sunny ", "in Paris."],
-                          calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
-        question = [{"role": "user", "content": "Weather in Paris? " + cue}]
-        client = self.client()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            with client.responses.stream(model="claude-sonnet-4", input=question,
-                                         tools=[dict(RESPONSES_WEATHER_TOOL, strict=True)]) as stream:
-                kinds = [event.type for event in stream]
-                first = stream.get_final_response()
-            self.assertIn("response.function_call_arguments.delta", kinds)
-            self.assertIn("response.function_call_arguments.done", kinds)
-            call = first.output[0]
-            self.assertEqual((call.type, call.name, json.loads(call.arguments)),
-                             ("function_call", "get_weather", {"city": "Paris"}))
-            result = [{"type": "function_call_output", "call_id": call.call_id, "output": "21 C"}]
-            with client.responses.stream(model="claude-sonnet-4", input=result, previous_response_id=first.id,
-                                         tools=[dict(RESPONSES_WEATHER_TOOL, strict=True)]) as stream:
-                deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
-                final = stream.get_final_response()
-        self.assertEqual("".join(deltas), "Sunny in Paris.")
-        self.assertEqual(final.output_text, "Sunny in Paris.")
-
-    @needs_openai
-    def test_sdk_parse_with_a_pydantic_model(self) -> None:
-        import pydantic
-
-        class Answer(pydantic.BaseModel):  # the fake's recorded structured answer is {"a": 1}
-            a: int
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            parsed = self.client().responses.parse(model="claude-sonnet-4", input="Give me a.",
-                                                   text_format=Answer)
-        self.assertEqual(parsed.output_parsed, Answer(a=1))
-
-
-# ---------------------------------------------------------------------------
-# Door: Anthropic Messages
-# ---------------------------------------------------------------------------
-
-try:
-    import anthropic
-except ImportError:
-    anthropic = None  # type: ignore[assignment]
-
-MESSAGES_WEATHER_TOOL = {"name": "get_weather", "description": "Current weather for a city.",
-                         "input_schema": WEATHER_TOOL["function"]["parameters"]}
-FAKE_SIGNATURE = "fake-signature-abc123"  # the recorded thinking block's
-
-
-def streamed_content(events: List[Tuple[str, Dict[str, Any]]]) -> List[Dict[str, Any]]:
-    """The content blocks a stream builds, as the anthropic SDK accumulates them."""
-    blocks: List[Dict[str, Any]] = []
-    for _, event in events:
-        if event["type"] == "content_block_start":
-            blocks.append(dict(event["content_block"], partial=""))
-        elif event["type"] == "content_block_delta":
-            block, delta = blocks[event["index"]], event["delta"]
-            field = {"text_delta": "text", "thinking_delta": "thinking", "signature_delta": "signature",
-                     "input_json_delta": "partial"}[delta["type"]]
-            value = delta["partial_json" if field == "partial" else field]
-            block[field] = value if field == "signature" else block[field] + value
-    for block in blocks:
-        partial = block.pop("partial")
-        if block["type"] == "tool_use":
-            block["input"] = json.loads(partial) if partial else {}
-    return blocks
-
-
-class MessagesDoorTest(ProxyTest):
-    """POST /v1/messages in Anthropic's shapes, against the fake CLI."""
-
-    def parse(self, **fields: Any) -> Tuple[proxy.Turn, proxy.MessagesOptions]:
-        body: Dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 1024, "messages": [user("hi")]}
-        body.update(fields)
-        return proxy.parse_messages_request(body, config())
-
-    def rejects(self, param: Optional[str], **fields: Any) -> proxy.ProxyError:
-        with self.assertRaises(proxy.ProxyError) as caught:
-            self.parse(**fields)
-        error = caught.exception
-        self.assertEqual((error.status, error.param), (400, param), error.message)
-        return error
-
-    def messages(self, *messages: Any, **fields: Any) -> Response:
-        body: Dict[str, Any] = {"model": "claude-sonnet-4", "max_tokens": 1024, "messages": list(messages)}
-        body.update(fields)
-        return self.request("POST", "/v1/messages", body)
-
-    def assertAnthropicError(self, response: Response, status: int, type_: str) -> str:
-        self.assertEqual(response.status, status, response.body)
-        self.assertEqual(response.headers["Content-Type"], "application/json")
-        body = response.json()
-        self.assertEqual(set(body), {"type", "error"})
-        self.assertEqual(body["type"], "error")
-        self.assertEqual(set(body["error"]), {"type", "message"})
-        self.assertEqual(body["error"]["type"], type_)
-        self.assertTrue(body["error"]["message"])
-        return body["error"]["message"]
-
-    # -- the request, translated --------------------------------------------------
-
-    def test_a_request_becomes_the_native_turn(self) -> None:
-        turn, options = self.parse(
-            system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}},
-                    {"type": "text", "text": "Be kind."}],
-            messages=[
-                {"role": "user", "content": [
-                    {"type": "text", "text": "Look:"},
-                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}},
-                    {"type": "document", "title": "Doc",
-                     "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_DATA}},
-                    {"type": "document",
-                     "source": {"type": "text", "media_type": "text/plain", "data": "notes"}}]},
-                {"role": "assistant", "content": [
-                    {"type": "thinking", "thinking": "Hm.", "signature": "sig"},
-                    {"type": "redacted_thinking", "data": "opaque"},
-                    {"type": "text", "text": "Let me check.", "citations": None},
-                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
-                {"role": "user", "content": [
-                    {"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
-                     "content": [{"type": "text", "text": "no data"}]},
-                    {"type": "text", "text": "And?"}]},
-                {"role": "user", "content": "Well?"}],
-            tools=[dict(MESSAGES_WEATHER_TOOL, cache_control={"type": "ephemeral"})],
-            tool_choice={"type": "any", "disable_parallel_tool_use": True}, stop_sequences=["END", ""],
-            thinking={"type": "enabled", "budget_tokens": 2000}, output_config={"effort": "low"},
-            metadata={"user_id": "u1"}, temperature=0.2, top_p=0.9, top_k=5, stream=True)
-        self.assertTrue(options.stream)
-        self.assertEqual((turn.model, turn.cli_model, turn.max_tokens, turn.stops, turn.thinking, turn.effort),
-                         ("claude-sonnet-4-5", "claude-sonnet-4-5", 1024, ["END"], True, "low"))
-        self.assertEqual((turn.tool_choice, turn.parallel_tool_calls, turn.json_schema),
-                         ("required", False, None))
-        self.assertEqual(turn.conversation.system, "Be brief.\n\nBe kind.")
-        self.assertEqual(turn.conversation.tools, [MESSAGES_WEATHER_TOOL])
-        self.assertEqual(turn.conversation.messages, [
-            {"role": "user", "content": [
-                {"type": "text", "text": "Look:"},
-                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}},
-                {"type": "document", "title": "Doc",
-                 "source": {"type": "base64", "media_type": "application/pdf", "data": PDF_DATA}},
-                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "notes"}}]},
-            {"role": "assistant", "content": [
-                {"type": "thinking", "thinking": "Hm.", "signature": "sig"},
-                {"type": "redacted_thinking", "data": "opaque"},
-                {"type": "text", "text": "Let me check."},
-                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
-            {"role": "user", "content": [
-                {"tool_use_id": "toolu_1", "type": "tool_result", "is_error": True,
-                 "content": [{"type": "text", "text": "no data"}]},
-                {"type": "text", "text": "And?"}, {"type": "text", "text": "Well?"}]}])
-
-    def test_thinking_choices_and_structured_output(self) -> None:
-        self.assertFalse(self.parse()[0].thinking, "as on the Messages API, Claude thinks only when asked")
-        self.assertFalse(self.parse(thinking={"type": "disabled"})[0].thinking)
-        self.assertTrue(self.parse(thinking={"type": "adaptive"})[0].thinking)
-        self.rejects("thinking.type", thinking={"type": "deep"})
-        schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-        turn = self.parse(output_config={"effort": "max",
-                                         "format": {"type": "json_schema", "schema": schema}})[0]
-        self.assertEqual((turn.effort, turn.json_schema), ("max", schema))
-        self.assertEqual(self.parse(system="  ")[0].conversation.system, proxy.DEFAULT_SYSTEM_PROMPT)
-
-    def test_tool_choices(self) -> None:
-        tools = [MESSAGES_WEATHER_TOOL]
-        turn = self.parse(tools=tools, tool_choice={"type": "tool", "name": "get_weather"})[0]
-        self.assertEqual((turn.tool_choice, turn.parallel_tool_calls), ("get_weather", True))
-        self.assertEqual(self.parse(tools=tools, tool_choice={"type": "none"})[0].conversation.tools, [])
-        self.assertEqual(self.parse(tools=tools, tool_choice={"type": "auto"})[0].tool_choice, "auto")
-        self.rejects("tool_choice", tools=tools, tool_choice={"type": "tool", "name": "get_time"})
-        self.rejects("tool_choice.type", tools=tools, tool_choice="any")
-
-    def test_what_claude_code_cannot_do_is_a_400_that_says_so(self) -> None:
-        self.assertIn("required", self.rejects("max_tokens", max_tokens=None).message)
-        self.rejects("max_tokens", max_tokens=0)
-        error = self.rejects("tools[1].type", tools=[MESSAGES_WEATHER_TOOL,
-                                                     {"type": "web_search_20250305", "name": "web_search"}])
-        self.assertIn("web_search_20250305", error.message)
-        self.rejects("tools[0].input_schema",
-                     tools=[dict(MESSAGES_WEATHER_TOOL, input_schema={"type": "array"})])
-        self.assertIn("prefill", self.rejects("messages", messages=[
-            user("hi"), {"role": "assistant", "content": "Sure, "}]).message)
-        self.rejects("messages[0].role", messages=[{"role": "developer", "content": "x"}, user("hi")])
-        self.rejects("messages[0].content[0].type", messages=[{"role": "user", "content": [
-            {"type": "tool_use", "id": "t", "name": "n", "input": {}}]}])
-        self.rejects("messages[0].content[0].image_url", messages=[{"role": "user", "content": [
-            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]}])
-        self.rejects("messages[0].content[0].source", messages=[{"role": "user", "content": [
-            {"type": "image", "source": {"type": "file", "file_id": "file_1"}}]}])
-        self.rejects("messages[0].content[0].text", messages=[{"role": "user", "content": [{"type": "text"}]}])
-        self.rejects("stop_sequences", stop_sequences="END")
-        self.rejects("mcp_servers", mcp_servers=[{"type": "url", "url": "https://example.com", "name": "x"}])
-
-    def test_reply_events_become_numbered_blocks(self) -> None:
-        door = proxy.MessagesDoor(*self.parse(stream=True))
-        self.assertEqual([name for name, _ in door.keepalive()], ["message_start", "ping"])
-        self.assertEqual(door.keepalive(), [("ping", {"type": "ping"})], "the message starts once")
-        # Two thinking blocks in a row (around a StructuredOutput retry, say) stay two, each with its
-        # own signature: Anthropic refuses a signature that does not match its block.
-        run = [MESSAGE_START] + thinking_events("s1", "a") + thinking_events("s2", "b") + text_deltas("c") \
-            + tool_use_events("toolu_1", "get_weather", '{"x":', "1}") + tool_use_events("toolu_2", "get_time") \
-            + text_deltas("d")  # the turn goes on: the last block is still open
-        frames: List[Tuple[str, Dict[str, Any]]] = []
-        for event in received(new_session(tools=[WEATHER_TOOL, TIME_TOOL]), run):
-            frames += door.encode(event)
-        self.assertNotIn("message_start", [name for name, _ in frames])
-        self.assertEqual([(e["type"], e["index"]) for _, e in frames if e["type"] != "content_block_delta"], [
-            ("content_block_start", 0), ("content_block_stop", 0), ("content_block_start", 1),
-            ("content_block_stop", 1), ("content_block_start", 2), ("content_block_stop", 2),
-            ("content_block_start", 3), ("content_block_stop", 3), ("content_block_start", 4),
-            ("content_block_stop", 4), ("content_block_start", 5)])
-        self.assertEqual([e["delta"] for _, e in frames if e.get("delta", {}).get("type") == "signature_delta"],
-                         [{"type": "signature_delta", "signature": "s1"}, {"type": "signature_delta", "signature": "s2"}],
-                         "each block's own, once, whole, before its stop")
-        self.assertEqual(streamed_content(frames), [
-            {"type": "thinking", "thinking": "a", "signature": "s1"},
-            {"type": "thinking", "thinking": "b", "signature": "s2"}, {"type": "text", "text": "c"},
-            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"x": 1}},
-            {"type": "tool_use", "id": "toolu_2", "name": "get_time", "input": {}}, {"type": "text", "text": "d"}])
-
-    def test_errors_take_anthropics_types_and_statuses(self) -> None:
-        for error, status, type_ in [
-                (proxy.invalid("bad"), 400, "invalid_request_error"),
-                (proxy.ProxyError(401, "who?"), 401, "authentication_error"),
-                (proxy.ProxyError(404, "where?"), 404, "not_found_error"),
-                (proxy.ProxyError(413, "big"), 413, "request_too_large"),
-                (proxy.ProxyError(429, "slow down"), 429, "rate_limit_error"),
-                (proxy.ProxyError(502, "died"), 502, "api_error"),
-                (proxy.ProxyError(503, "Claude is overloaded", code="overloaded"), 529, "overloaded_error"),
-                (proxy.ProxyError(504, "late"), 504, "timeout_error")]:
-            self.assertEqual(proxy.MessagesDoor.error_reply(error),
-                             (status, {"type": "error", "error": {"type": type_, "message": error.message}}))
-
-    # -- the answer, over HTTP ----------------------------------------------------
-
-    def test_a_text_answer(self) -> None:
-        tag = marker()
-        response = self.messages(user("hi " + tag), model="claude-opus-4-1",
-                                 metadata={"user_id": "secret-user"})
-        self.assertEqual(response.status, 200, response.body)
-        body = response.json()
-        self.assertRegex(body.pop("id"), r"^msg_[0-9a-f]{24}$")
-        self.assertEqual(body, {
-            "type": "message", "role": "assistant", "model": "claude-opus-4-1",
-            "content": [{"type": "text", "text": "Hello from fake (claude-opus-4-1, 1 msgs) "}],
-            "stop_reason": "end_turn", "stop_sequence": None,
-            "usage": {"input_tokens": 10, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                      "output_tokens": 7}})
-        run = FAKE.run_for(tag)
-        self.assertEqual(run["flag_settings"]["env"]["CLAUDE_CODE_MAX_OUTPUT_TOKENS"], "1024")
-        self.assertEqual(run["env"]["MAX_THINKING_TOKENS"], "0", "thinking was not asked for")
-        self.assertNotIn("secret-user", json.dumps([run["argv"], run["stdin"]]))
-
-    def test_thinking_text_and_a_tool_call_as_one_message(self) -> None:
-        cue = FAKE.script("messages-calls", thinking=["Let me ", "think."], text_before=["Let me check."],
-                          calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])
-        response = self.messages(user("Weather in Paris? " + cue), tools=[MESSAGES_WEATHER_TOOL],
-                                 thinking={"type": "enabled", "budget_tokens": 2000})
-        body = response.json()
-        self.assertEqual(body["stop_reason"], "tool_use", body)
-        call_id = body["content"][2]["id"]
-        self.assertRegex(call_id, r"^toolu_")
-        self.assertEqual(body["content"], [
-            {"type": "thinking", "thinking": "Let me think.", "signature": FAKE_SIGNATURE},
-            {"type": "text", "text": "Let me check."},
-            {"type": "tool_use", "id": call_id, "name": "get_weather", "input": {"city": "Paris"}}])
-
-    def test_a_streamed_tool_call_whose_result_continues_the_same_process(self) -> None:
-        running_server = RunningServer(**dict(self.settings, pool_size=1))
-        try:
-            cue = FAKE.script("messages-calls-streamed", thinking=["Let me ", "think."],
-                              text_before=["Let me ", "check."],
-                              calls=[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}])
-            tag = marker()
-            question = user("Weather in Paris? %s %s" % (cue, tag))
-            fields = {"model": "claude-sonnet-4", "max_tokens": 1024, "tools": [MESSAGES_WEATHER_TOOL],
-                      "thinking": {"type": "adaptive"}}
-            response = http_request(running_server.port, "POST", "/v1/messages",
-                                    dict(fields, messages=[question], stream=True))
-            self.assertEqual(response.status, 200, response.body)
-            self.assertEqual(response.headers["Content-Type"], "text/event-stream; charset=utf-8")
-            events = sse_events(response)
-            for name, event in events:
-                self.assertEqual(name, event["type"])
-            names = [name for name, _ in events]
-            self.assertEqual(names[:2], ["message_start", "ping"])
-            self.assertEqual(names[-2:], ["message_delta", "message_stop"])
-            start = events[0][1]["message"]
-            self.assertEqual((start["content"], start["stop_reason"], start["role"]), ([], None, "assistant"))
-            self.assertEqual(set(start["usage"]), {"input_tokens", "output_tokens",
-                                                   "cache_creation_input_tokens", "cache_read_input_tokens"})
-            blocks = [(e["index"], e["content_block"]["type"]) for _, e in events
-                      if e["type"] == "content_block_start"]
-            self.assertEqual(blocks, [(0, "thinking"), (1, "text"), (2, "tool_use")])
-            stops = [e["index"] for _, e in events if e["type"] == "content_block_stop"]
-            self.assertEqual(stops, [0, 1, 2])
-            thinking = [e for _, e in events if e.get("index") == 0]
-            self.assertEqual([e["delta"]["type"] for e in thinking if e["type"] == "content_block_delta"],
-                             ["thinking_delta", "thinking_delta", "signature_delta"],
-                             "the signature comes once, whole, last")
-            self.assertEqual(events[-2][1]["delta"], {"stop_reason": "tool_use", "stop_sequence": None})
-            self.assertEqual(events[-2][1]["usage"]["output_tokens"], 7)
-            content = streamed_content(events)
-            call_id = content[2]["id"]
-            self.assertEqual(content, [
-                {"type": "thinking", "thinking": "Let me think.", "signature": FAKE_SIGNATURE},
-                {"type": "text", "text": "Let me check."},
-                {"type": "tool_use", "id": call_id, "name": "get_weather",
-                 "input": {"city": "Paris", "unit": "C"}}])
-            # The client sends the content back as it got it, with the result: the waiting process goes on.
-            result = {"type": "tool_result", "tool_use_id": call_id, "content": "sunny, 21 C"}
-            final = http_request(running_server.port, "POST", "/v1/messages", dict(fields, messages=[
-                question, {"role": "assistant", "content": content}, {"role": "user", "content": [result]}]))
-            self.assertEqual(final.status, 200, final.body)
-            self.assertEqual(final.json()["content"], [{"type": "text", "text": "Tool results: sunny, 21 C"}])
-            self.assertEqual(final.json()["stop_reason"], "end_turn")
-            run = FAKE.run_for(tag, field="answered")
-            self.assertEqual(run["tool_calls"][0]["answer"]["response"]["mcp_response"]["result"],
-                             {"content": [{"type": "text", "text": "sunny, 21 C"}]})
-            self.assertEqual(running_server.server.core.health()["pool"]["continued"], 1)
-        finally:
-            running_server.stop()
-
-    def test_stop_sequences(self) -> None:
-        cue = FAKE.script("messages-stop", text=["one two E", "N", "D three "] + ["four "] * 10, delay=0.1)
-        body = self.messages(user(cue), stop_sequences=["END", "never"]).json()
-        self.assertEqual((body["content"], body["stop_reason"], body["stop_sequence"]),
-                         ([{"type": "text", "text": "one two "}], "stop_sequence", "END"))
-        events = sse_events(self.messages(user(cue), stop_sequences=["END"], stream=True))
-        self.assertEqual(streamed_content(events), [{"type": "text", "text": "one two "}])
-        self.assertEqual(events[-2][1]["delta"], {"stop_reason": "stop_sequence", "stop_sequence": "END"})
-
-    def test_silence_is_filled_with_pings(self) -> None:
-        with mock.patch.object(proxy, "KEEPALIVE_INTERVAL", 0.05):
-            response = self.messages(user("[[fake:slow]]"), stream=True)
-        names = [name for name, _ in sse_events(response)]  # no comments: every line is a named event
-        self.assertGreater(names.count("ping"), 1)
-        self.assertEqual(names[0], "message_start")
-        self.assertEqual(names.count("message_start"), 1)
-        self.assertEqual(streamed_content(sse_events(response)),
-                         [{"type": "text", "text": "one two three four five six seven eight"}])
-
-    def test_errors_in_anthropics_shape(self) -> None:
-        self.assertIn("max_tokens", self.assertAnthropicError(
-            self.request("POST", "/v1/messages", {"model": "claude-sonnet-4", "messages": [user("hi")]}),
-            400, "invalid_request_error"))
-        self.assertAnthropicError(self.messages(user("hi"), model="gpt-4o"), 400, "invalid_request_error")
-        self.assertAnthropicError(self.request("POST", "/v1/messages", b"{nope"), 400, "invalid_request_error")
-        self.assertAnthropicError(self.request("GET", "/v1/messages"), 405, "invalid_request_error")
-        self.assertAnthropicError(self.request("POST", "/v1/messages/batches"), 404, "not_found_error")
-        self.assertIn("/login", self.assertAnthropicError(self.messages(user("[[fake:not-logged-in]]")),
-                                                          401, "authentication_error"))
-        self.assertAnthropicError(self.messages(user("[[fake:overloaded-529-retrying]]")),
-                                  529, "overloaded_error")
-        # Other routes keep OpenAI's shape.
-        self.assertError(self.say("hi", model="gpt-4o"), 400, "invalid_request_error", "model_not_found")
-        self.assertError(self.request("POST", "/v1/messagesx"), 404, "not_found_error")
-
-    def test_a_failure_mid_stream_is_an_error_event(self) -> None:
-        events = sse_events(self.messages(user("[[fake:crash-midstream]]"), stream=True))
-        self.assertEqual(events[0][0], "message_start")
-        self.assertEqual(events[-1][0], "error")
-        self.assertEqual(events[-1][1]["error"]["type"], "api_error")
-        self.assertIn("midway", events[-1][1]["error"]["message"])
-        self.assertNotIn("message_stop", [name for name, _ in events])
-
-    def test_the_key_by_x_api_key_or_bearer_and_any_anthropic_headers(self) -> None:
-        self.config.api_key = "sekrit"
-        message = self.assertAnthropicError(self.messages(user("hi")), 401, "authentication_error")
-        self.assertIn("x-api-key", message)
-        self.assertAnthropicError(self.request("POST", "/v1/messages", {}, headers={"X-Api-Key": "wrong"}),
-                                  401, "authentication_error")
-        body = {"model": "claude-sonnet-4", "max_tokens": 100, "messages": [user("hi")]}
-        for headers in ({"X-Api-Key": "sekrit", "anthropic-version": "2023-06-01"},
-                        {"Authorization": "Bearer sekrit", "anthropic-version": "2026-10-21"}):
-            for path in ("/v1/messages", "/v1/messages?beta=true"):
-                response = self.request("POST", path, body, headers=dict(headers, **{
-                    "anthropic-beta": "interleaved-thinking-2025-05-14,context-1m-2025-08-07"}))
-                self.assertEqual(response.status, 200, (headers, path, response.body))
-                self.assertEqual(response.json()["type"], "message")
-
-    # -- the official anthropic SDK -------------------------------------------------
-
-    def client(self) -> Any:
-        if anthropic is None:
-            if IN_CI:
-                raise AssertionError("CI must have the anthropic package")
-            self.skipTest("the anthropic package is not installed (pip install anthropic)")
-        return anthropic.Anthropic(base_url="http://127.0.0.1:%d" % self.running.port, api_key="not-needed")
-
-    def test_sdk_create_and_stream(self) -> None:
-        client = self.client()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            message = client.messages.create(model="claude-sonnet-4", max_tokens=100,
-                                              messages=[{"role": "user", "content": "hi"}])
-            self.assertEqual(message.content[0].text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
-            self.assertEqual((message.stop_reason, message.usage.output_tokens), ("end_turn", 7))
-            events = list(client.messages.create(model="claude-sonnet-4", max_tokens=100, stream=True,
-                                                 messages=[{"role": "user", "content": "hi"}]))
-            self.assertEqual([e.type for e in events][0], "message_start")
-            self.assertEqual([e.type for e in events][-1], "message_stop")
-            cue = FAKE.script("sdk-messages-thinks", thinking=["Hmm."], text=["Yes."])
-            with client.messages.stream(model="claude-sonnet-4", max_tokens=100,
-                                        thinking={"type": "enabled", "budget_tokens": 1024},
-                                        messages=[{"role": "user", "content": cue}]) as stream:
-                self.assertEqual("".join(stream.text_stream), "Yes.")
-                final = stream.get_final_message()
-            self.assertEqual([block.type for block in final.content], ["thinking", "text"])
-            self.assertEqual((final.content[0].thinking, final.content[0].signature), ("Hmm.", FAKE_SIGNATURE))
-            self.assertEqual((final.stop_reason, final.usage.input_tokens, final.usage.output_tokens),
-                             ("end_turn", 10, 7))
-
-    def test_sdk_tools_and_images(self) -> None:
-        self.client()
-        running_server = RunningServer(**dict(self.settings, pool_size=1))
-        try:
-            client = anthropic.Anthropic(base_url="http://127.0.0.1:%d" % running_server.port, api_key="x")
-            cue = FAKE.script("sdk-messages-calls",
-                              calls=[{"name": "get_weather", "arguments": {"city": "Oslo"}}])
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")
-                for stream in (False, True):
-                    messages: List[Any] = [{"role": "user", "content": [
-                        {"type": "text", "text": "Weather here? " + cue},
-                        {"type": "image",
-                         "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}]}]
-                    fields = dict(model="claude-sonnet-4", max_tokens=100, tools=[MESSAGES_WEATHER_TOOL])
-                    if stream:
-                        with client.messages.stream(messages=messages, **fields) as events:
-                            first = events.get_final_message()
-                    else:
-                        first = client.messages.create(messages=messages, **fields)
-                    self.assertEqual(first.stop_reason, "tool_use")
-                    call = first.content[-1]
-                    self.assertEqual((call.type, call.name, call.input),
-                                     ("tool_use", "get_weather", {"city": "Oslo"}))
-                    messages += [{"role": "assistant", "content": first.content},
-                                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
-                                                               "content": "-3 C"}]}]
-                    final = client.messages.create(messages=messages, **fields)
-                    self.assertEqual(final.content[0].text, "Tool results: -3 C")
-            self.assertEqual(running_server.server.core.health()["pool"]["continued"], 2)
-            image = FAKE.run_for(cue)["messages"][0]["message"]["content"][1]
-            self.assertEqual(image["source"]["data"], PNG_1PX)
-        finally:
-            running_server.stop()
-
-    def test_sdk_errors(self) -> None:
-        client = self.client()
-        with self.assertRaises(anthropic.BadRequestError):
-            client.messages.create(model="gpt-4o", max_tokens=10, messages=[{"role": "user", "content": "x"}])
-        with self.assertRaises(anthropic.AuthenticationError):
-            client.messages.create(model="claude-sonnet-4", max_tokens=10,
-                                   messages=[{"role": "user", "content": "[[fake:not-logged-in]]"}])
-        with self.assertRaises(anthropic.APIStatusError) as mid:
-            with client.messages.stream(model="claude-sonnet-4", max_tokens=10, messages=[
-                    {"role": "user", "content": "[[fake:crash-midstream]]"}]) as stream:
-                stream.get_final_message()
-        self.assertIn("midway", str(mid.exception.body))
-
-
-# ---------------------------------------------------------------------------
 # End to end: the real `claude` CLI against a local fake of the Anthropic API
 # ---------------------------------------------------------------------------
 
@@ -9223,6 +9750,15 @@ def unified_headers(text: str) -> Dict[str, str]:
 
 
 UNKNOWN_MODEL = "claude-nonexistent"  # a model the fake Anthropic API does not know
+
+
+def last_user_text(body: Dict[str, Any]) -> str:
+    """The text of the newest user message, tool results' text included."""
+    for message in reversed(body.get("messages") or []):
+        if message.get("role") == "user":
+            content = message.get("content")
+            return content if isinstance(content, str) else block_text(content)
+    return ""
 
 
 class FakeAnthropicHandler(BaseHTTPRequestHandler):
@@ -9359,21 +9895,6 @@ class FakeAnthropicHandler(BaseHTTPRequestHandler):
         event({"type": "message_stop"})
 
 
-def last_user_text(body: Dict[str, Any]) -> str:
-    """The text of the newest user message, tool results' text included."""
-    for message in reversed(body.get("messages") or []):
-        if message.get("role") == "user":
-            content = message.get("content")
-            return content if isinstance(content, str) else block_text(content)
-    return ""
-
-
-def block_text(blocks: List[Dict[str, Any]]) -> str:
-    return "\n".join(b.get("text", "") if b.get("type") == "text" else
-                     block_text(b["content"]) if b.get("type") == "tool_result" and isinstance(b.get("content"), list)
-                     else b.get("content", "") if b.get("type") == "tool_result" else "" for b in blocks)
-
-
 def without_cache_marks(value: Any) -> Any:
     """Messages as Anthropic got them, less the cache breakpoint the CLI moves to the newest block."""
     if isinstance(value, list):
@@ -9404,6 +9925,14 @@ def real_claude() -> Optional[str]:
     return shutil.which("claude")
 
 
+def set_environment(values: Dict[str, Optional[str]]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @contextlib.contextmanager
 def environment(**values: Optional[str]) -> Any:
     """os.environ with these variables set (None: removed) for the block's length."""
@@ -9413,14 +9942,6 @@ def environment(**values: Optional[str]) -> Any:
         yield
     finally:
         set_environment(saved)
-
-
-def set_environment(values: Dict[str, Optional[str]]) -> None:
-    for name, value in values.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 SUBSCRIPTION_TOKEN = "sk-ant-oat01-fake-subscription"  # the form `claude setup-token` gives
@@ -9879,538 +10400,558 @@ class EndToEndTest(RealCliTest):
         self.assertEqual(stream_text(response), UPSTREAM_REPLY)
 
 
-# ---------------------------------------------------------------------------
-# Real clients: the frameworks users point at the proxy, run for real
-# ---------------------------------------------------------------------------
+class ColdResumeThinkingTest(RealCliTest):
+    """Thinking in a history whose process is gone: nothing is kept (no pool), so every turn
+    resumes its history cold, as after the pool evicted or lost the process, or a restart."""
 
-# The issues name the clients users run through the proxy; .ci/run installs them (pip into both
-# test venvs, npm once into the folder CLAUDE_PROXY_NODE_CLIENTS names) and each one runs here
-# against the fake claude. A client that is not installed skips its test, except in CI, where it
-# fails. OpenClaw is not run: it needs Node >= 24 and 647 MB; every request it sends is replayed
-# from its recording instead (load_client_requests, see HttpHardeningTest). The clients of the Responses
-# and Anthropic Messages doors get classes of their own beside RealClientsTest, one per client
-# family, built on the same helpers (client_library, no_warnings, ClientRuns).
-NODE_CLIENTS = os.environ.get("CLAUDE_PROXY_NODE_CLIENTS", "")
-# LiteLLM 1.110 warns when its first call imports its GitHub Copilot module (pydantic on its
-# ReadOnly TypedDicts), whoever answers.
-# langchain-openai before 1.3.4 (3.9 gets 0.3) dumps the SDK's parsed completion, which warns on its
-# `parsed` field (langchain-ai/langchain#37723).
-LANGCHAIN_OWN_WARNING = (r"Pydantic serializer warnings:\s+PydanticSerializationUnexpectedValue\(Expected `none` "
-                         r"- serialized value may not be as expected \[field_name='parsed'")
-LITELLM_OWN_WARNING = r"Items? .* on TypedDict class '\w+' (is|are) using the `ReadOnly` qualifier"
-WEATHER_RESULT = "18C and sunny in %s"
+    settings = dict(RealCliTest.settings, pool_size=0)
 
+    def sent(self, tag: str) -> List[List[Dict[str, Any]]]:
+        return [without_cache_marks(body["messages"]) for body in self.upstream.requests if tag in json.dumps(body)]
 
-# The package pip installs for a module a real-client test imports, where the names differ.
-PIP_NAMES = {"agents": "openai-agents", "pydantic_ai": "pydantic-ai-slim[openai]",
-             "langchain_openai": "langchain-openai", "langchain_core": "langchain-openai"}
+    def reply_with(self, call_id: str) -> List[Dict[str, Any]]:
+        """The content of the upstream reply that made this call."""
+        return next(reply for reply in self.upstream.replies if any(b.get("id") == call_id for b in reply))
 
-
-def client_library(test: unittest.TestCase, name: str) -> Any:
-    """The installed client library `name` (imported outside no_warnings: an import may warn about
-    the library's own dependencies); the test skips without it, and fails in CI."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as error:
-        if IN_CI:
-            raise AssertionError("CI must have the %s client installed (.ci/run): %s" % (name, error))
-        test.skipTest("the %s client is not installed (pip install %s)"
-                      % (name, PIP_NAMES.get(name.split(".")[0], name)))
-
-
-@contextlib.contextmanager
-def no_warnings(*library_own: str) -> Iterator[None]:
-    """Any warning while a client runs fails the test (a field it could not parse, a deprecation
-    our answer set off), but those matching `library_own`: a client's own, whatever the answer."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for message in library_own:
-            warnings.filterwarnings("ignore", message)
-        yield
-
-
-def get_weather(city: str) -> str:
-    """Get the weather for a city."""
-    return WEATHER_RESULT % city
-
-
-def tool_names(run: Dict[str, Any]) -> List[str]:
-    """The tools the fake claude would have sent upstream last (the CLI's StructuredOutput too)."""
-    return sorted(tool["name"] for tool in run["requests"][-1]["tools"])
-
-
-# What the real Claude Code 2.1.197 sent to a recording fake of the Anthropic API for `claude -p hi`,
-# the same with `--output-format stream-json --verbose`, a round of its Bash tool (with the request
-# that makes the session's title), and its interactive screen's /context (a count_tokens and a
-# one-token message), with its default tools: [{run, method, path, headers, body}], as zlib'd JSON
-# in base64. Strings past 200 characters are cut (its system prompt and
-# tool descriptions are nearly all of its 88 KB a request); every field and shape is whole.
-CLAUDE_CODE_REQUESTS = (
-    "eNrtXQlz28ix/itT3FSt5CJ46ZazeWVbdqI8HypLjl9q5ScNgSGJFQgwOCQxXv/318cMAIqgDu9a5c3rzWYlEeAcPd093T09/f38uZUWcWu/"
-    "NYt0GLfaranJJ0kAHxy9Oz6Bv2c6n8Bf3ct+d2qyTI9N9l9Dk+uf8rQw8HxidGDSrLX/ufUhM6n3bGziHL7gR7oIjOdHYXfQ6Xf6eztqzVzn"
-    "Jo111FZZcIGP1qEBHeeTNJmFvofN1r6ZwH8GvcFWb9Dfa/tJnMPXvf6UPvN6u15vpx3Ch2lk9KUJvHwSxhdhPLbPt7z+Zrv8LE8uTAxNFnGO"
-    "z7fp+UbZ6lTHMLGp4afw7W1vsNOepcl0lnu+9ifYRuYnM2O/3YcG2tMwgCbjS5i+zsMk9rJ5lpupfWUTB2hGoyS1jfb73mBzYcL4TfgezBle"
-    "2MBee3144drTsxkRImx9abeGSTBH8k6BIFFFn2RWZN6mt0trxgvT2v8ZljOJDLxVwGLAI5ohLgg8yeczfIIzhif0Y7/1Zzvo1EzDGFbyL6fx"
-    "s0zNk0LpOLsyqconRmFjP2bqX4XJcKJZm17wdYxP6I1REkXJFZBJWZrun8Y/KL9IU+j9QOfmND5JAj2HVgL4S4WZIjL1B0Cpzml8Giv65/DN"
-    "0bv3J8/enuxDs/CSbU1N9VwlKf2Ik1wNjUpNZC6BlipPcDQwUJ0BuVZMcxIiMWAlzRk2CURCktpXzWwCi5/qqPXlyydswtKQSVOnYuvZpQ4j"
-    "PYyM0sjoClvIYPZMp2f8WZJEMH1P8Urtqxc69yeejiJ6UcdzHOsFfEPnKkhMFv+Yq1GYK62mSWpUNjN+OAp97qKjXkXG5P8IzRUSz4x0EeXq"
-    "amJioIQdRaynRFIcTdBRaycwgmxfPVnHUby8nkXQ7L56D6LqJXE0V5nRaevLp7ab4UruAFasxDOMIpQDlvh95ftnloF/shLe6QWjp/g5jCmd"
-    "zxIQz5+spD9dvTT/RF6DaWv1gujFc2qrYRHCRJNYPXNDgPnbV5jQxwf/3bnnsq7q/DQuu48VqRPt5+Fluby4RBMTzTKSgUxdhflEZckov8Lv"
-    "mHgcxsakyPe4pBlxco2Hn2VZmOX8LV2AZk3Df5sA6A+SEebAByhQ8biN62riDDt2z9rqxckr5U+AbaAbAzKn40CZoPBJ2ejIyUbWgZUdFdl9"
-    "GRzmjuxBi46Mg1xNSrvdCkzmp+EsZ6X0WhexD+NWsbly9EjUBIYB7O+DbozMdVtNgR1DD9hoZkmgXmr8Vike8I2s4mlfzzRwUpiHIDc4IxqM"
-    "0qVcQRdhTnRsljWkewREBTKGsVpSX8opQ3yKMokaGqYWxrMiP8uAPlONlPmT+7U1yfNZtt/t/pKhCqdPO0k67gapHuVd0FI90FJd+3rbkTQZ"
-    "/mJ8pBnsEjOT4nSw2QUK3viz9UxlwAG5WtvwttRVkgbrqvaCSkY0YKRi1U+WI3fhPsDb0XKrJ/Y7pRYqlwrGBZ9NmxrLiiG9dsZPGtvEtYMx"
-    "0dLpiBi3bBr1PveHamfFiO2OdbPxdzPLwPRcJaBF0jCotWf13om+gGWcpcY3gYl9Q2/WZggyE8YhtgWKgdsapcD7U52DHHfU4Ugl0xB+D9o4"
-    "3uzWr7ZxewnjCQhznmE7U3p9plMay+E4Bh0a0Bgd7Zam3G6ZuEBt2gJWig2+gLs0Wkk6vCjg5wjZuQV7DFpdZ2F8NtT+xTgFuyRYptOxIVKj"
-    "oYU/4Rs18jj2rhroKFRlV6ClcXuEXRLkDUZMOwVsLiywoHA61biHIHtGx7hWYZZEupltD90jolRHnbaAdy/y1JjTlvJTA/s5DAp02XSWpDqd"
-    "qzF0514BZVmjO36aoU5HbUvNwgjBrpo75k/NLMEeQJ6THNuPSAktLB7MXCt+AbbYpACtGF+GsPJowKk1HV3peYbkIh1QEegpaJlb1syNGD7i"
-    "xmGdcKHMv4oQlh5fqdOlFEhQqDoIQubpo5o2GOkoM7T1WDX7XGeTJS378hoUPlNwCM9xnaaoF/H/qcmLFKcBLJkUOWgwUoye+ghjxU0ngJH5"
-    "eQI0n+FWnMF7YEVfGVhyHzaODHfRHEVoBJKjh0Bx6EqhTZ+p02LQ62+qcz84Z5IihyCdyiGggQdUGo/xy9jDNMxwv1c88446hq0xUlmOFt0a"
-    "LIK61I+nau0om5WXmwLIjWECNymoPJwaoOstKsq+gQSaov0Du3MSB5lam+prtd3Df9arloGThmB2f2nfvg+8AKFL27gz+dDgzT3gCm0Oa/zy"
-    "JNBGpCVi0+QyCX0Qw7cG1SEqYtxKMtgULwxIjt2YQXRAVYEghdkF/G61Rb0rT/1SZLn9CDQG9RuyRUps9gp1XYituZHAvEG22yqeTdu47HGg"
-    "06CJsL9Bu7lJL+u3Rr0VaDCO4HkWzQ/CDNXrMXx7mFyv6JH2q6rb2terjSjjFkjdsRzC4EoSoDGHLGHfghk3jeyG5nDMen9l8QIU2gtSrksq"
-    "4xgEJCjQLrKSiDMZojkKHlqB2zT6EqMClIchDu6oD3a/HiZgiaZoYpLRmtmW2BRLYuOBhZIrZ00xH3zAvdOtttryYFuJQDnA+NwiWf8wSnwr"
-    "Mv+GpvZBYmJUNxP0zsD385KRN4X9eaL4v/DRI2qLtEkSjxtnZa5BY7KmgwlWs9oHeXqj/qYOkjfqDTw8SD6CaK2Zzhi3rCfdLfWE/wef/qRQ"
-    "POdqy1IBVPFpa6OnQOMOdtXAvvPKDPFPWK/B/kZvNrWdgWIw652HGoEVL1hGwHYNGuOj0DFCo7A6dlhulsRkzTqd6zBgaglJRJMjak3Ru1VF"
-    "nIcRKBM0MQJUPeDuJB5QEiVAwYKBrtrBJQcHgXi9asyngSIfxezqQ3tt/DvmRrhRy8P01RGrNuJSMPjx6/+DCq/iXwpVWHdtFoIx1qw8ipQM"
-    "suZ5/+Q2VSRph535rpOY4Iy9HWROEp6sSC9ROwPn5DrNy2nWqRfG3hRMC6AcuuHg9aETRAYa6SXr3GaW9wxoG541DYc8d/syi5zCEZQ+A47S"
-    "DULDymQgtPdQTOnX2TKong5oYZbU0wsNSxqhQYHs8UsyRAPkMmQlW9KP16bScujFTkEFo7XD9vetJF+za4ftZ+vKuj4VgR0RsxxDKmv2Tw5/"
-    "0Fc6j6d7wobt7+9AlsMDa+EBNYbzOi2WxfTGsoUP3UpeAx8ve/jI3BiXciuV1dbnMtS1IbV563BUX7ttcdZZIGokfzxif7k3VQ5MFo7j43ns"
-    "L9EFI2U0h2JG0craHsfT7uiwG9D3Ff+wsV/UwTgqlEqwKsYT/GqYVt8CBT+GPWUtAfuPfEkmUmVVgA5rg+gEJgh98o5sNy56xI4YyYcdgUdN"
-    "rltNwfbN2EC/qXo8FnfHBp9XulcYszlz5IHPYYjuT/iLno5CsETsI/wdHeYwptDD2SzSqKeuwD035Yu8M5R/pmaMgaH0TGeZoU6KePkz9lhr"
-    "faPPmeZnl9ARrja55/bpYYPkvrdiyMFcEB6eewZmg29g/12YKHHRUo83aQT72GsTj/Gkpf/Fnbnc7NdRZV/hf8mJI8MZePXuJoluyxGqRfru"
-    "wxTAx7D+IcxuHKHypnBKnHEw1MUXsMHcxB11/uSct2zDTEyuZAaDiHAnG08plnv+pPYWBsADoNTEmk7nRXh2AS5uV/tT033ypPukM8mn0Tmw"
-    "9Bvwsjawiy61AJ0HvkZnB1jPDYxIjDPW14cggjDJwdZ2SRCdpmxm8qPPtxKKGnF/QStfvjge+z1J54yktQzD9tk8zmGWOIkonKKnrzPFy0V7"
-    "1DeaFg66ibtrAtati1f3hiB1l0RrX9EpG+sm9ExCIMMCkSgmcTevsjjfNjIrAvZYhhw6espuOcyQ+AN7c1GObBaBWRHpFGMZwwJD2JmzkiiC"
-    "jV5urQcOn4BVG9iQI60VE+0rlmWF1mwW9COUbCtKOdv1+O22ImmhKE2M0+4OizxP4i66atckMnfQdokPQO+iv3G0ehiw1wQh25aoaG7QHZe6"
-    "jSdxmgITOYf6qM0D2PX0DIZ+yf7oAiN01BGFpEotGs9xtmM6VpzoS+P63WfrFmxX6h6cKBPjwbA9DSlmUQKf2jAYWpeJi/nzAGPwU+5mOND6"
-    "uiHsGUdhbG7MeO3DyStvV+G5C0WMhzoz25tsltPQcBawBZ+2+MlpC7QYBVKmyI3BHIwPPAXh9timtyy6kgh4alCAb4qhnnK9wNQF2dNBo0fn"
-    "RrIy6lINj6MCsDhgM4c8YyLH6jgpf5N2ySm4lCf2AOF2e5U4/U6LlV5rEP26Itq3OhaDN9YxbFBF/M7VJAGasaGnjq2FpmGKuIk4stJZMnoe"
-    "Ae83d6sPt4/dUB+3qIxvqMjZmr1JsUWTY59PiN0BEZ7nNZqtD9IfvR7a2mxVLfW/tCC8bZMa4ScudrS8OvYEkQycKYYoh8a97LRIoFiNvC9i"
-    "G1uo6+6s8H1j0Hm+uZ6/m+ZupvoxHe9NiqmOPdRX5CpFegje8Npp6ygNpyhmrLYzUA1tSmbQNNWH6e6tlWbiES+lV2plZyjyVgKOuLnq4pke"
-    "azaOuaI4pIZCfg/fQ7JimId5UxjlHzoNNapNELWruE6DruJIOv8+BjkFfboBduO/DRKmaRA3p48TQcO9Ib6O0wlAN8XsW63ktDvdmqswYBrb"
-    "1zBDYEyJNWDsRwUe2L8J43CKmrFHY+Tf93q9nf7e3mBrc2ezt7eHmwz4geNJ/nu0dUO18hjv0K3gVIE/Olum1avUGA9PiXFByLdkfnW6okF5"
-    "8tnHJuYmpFnpd+JJX5H6xjmsrFnAY8aVR1d2XLmv4QiDPJgXAJaM07Fk3byBF4FnInr4nAWli+uZdWEXnWZdk/udNh1WpXjaCDYfuA5qirRV"
-    "k9vZZnvzJulIitv33ZycXXOnK1CdytEJBlmb6gomxCktsPBJZ0FhUSis2top2Qktg9LkQh7O8GiCxLVsvwPLQ8HFzAm4zbiig9aFA0IMr2VJ"
-    "hNYYvAq2+MJpIAdsJnebSpRC16jvF3zofaXHY9D0uD7lWTpRSXVYz3iwhfoXHMuzDMBt29BonFSWLu1e5FXRtt65U2zzJNdRo6hN7ymtQx38"
-    "pu+jJfebGri0qvMwAAKE/m+cToiJTZS69xuauSE8TGQmlZ1w07AXOr9byOo92KDS/QOdL+GtpWDeEWfBZNZDZ87GRINI+5TzyaffKGb2dB3z"
-    "KMjwoDggs25kbRDOSSxzPsE2GWGA2eD4MJHLqk0yHsnhH+kw6mCr50kUnHHv59w8n5yU7dP4kPfDGPYD9iRipCP1hB7P48XzcEBnzQYGHjUt"
-    "Kg+re9ieSPDYNBzNm/ySigIrUo7w/IdsRFqcpibAdn1IE7jPkHZdc5YkjA08T1x2UkzVkNabz8aomTMMXDREArkPXOvEZ9Xro6Ia1ZotD4D4"
-    "PGid+JM+sAx85xFNtRYLFFygxQNkBJMcP1a5LotTqsWQwed+9/b1P61vew0ekB+ij42OZ1r4Oe8kuNGwAJUZP24/DykGPZxX51XOT2fXee7c"
-    "jrJJstbWXrx+9uHgZWcagGXIpzlgZJyUgyozjmopRAsZR7SXwaL7jycuze5AmUVSel+cS+lGah2d01b3tOVlZqZTmoyNmpIZgIECDeQlcwC8"
-    "XVi7DM8NYcL4M8H/kseZgUHkwiKBzsA/farqdpoidd1Rz1QKrwDju5zhsYkN9wtWGbojGLMBUwO94SIvgLfnqlESbwlesYVhrkPKbq1WxiZ5"
-    "OSMFjYYsZEMp4SWbkHXkghv4BVpubIVpl6B/+AZlWc9mRpMbeb6w/Bh/Py/t13pf9Rk5k5u1wzlS47z52O2+cnUd5ivFCh/WRcSdTjIv0+nf"
-    "glzWsr/YtLbvW00LlvSYjKllMw93sB9+UMd4WQF/P1kUZpwASQ805kaTrR6G2/Js/x11mD/ioZL2m/OnTlsXxswwORCvfvAJ+IL0D4HH/TJ4"
-    "+dTmE15iPqEN59NpZueWKBf2YDMBL/lICJpCP/kMxCkeNwWoy4MhOq4ntckz4IBgOQTKS6sPGX2dIsYUIcpWtRY/MHART006NpyRF2JOwYkL"
-    "h5JtkWLet7FnBxnlUMCOhmr3KszMPdKSLIXvv3u8TXIDjV00Wlp2P8zQggF1j7oJJuEoXp4K+Zg0SFvG34vZHIM3sW1VrXXC2TweEgXWbfKR"
-    "Hpv9BavM3Tlh6wyJkbCUlM3cw1Jzu1S12ZXWWknBR9w/7MgfanItEdDZYDjLyuZx3+V4k4sMNRo8uDhn4YqsysODUoXjGtp+Ouoj5RjTmlea"
-    "Gl9pl/FG+oI7AeNXy7ygskHSxbQihwfEOzYvaGhA3cVkEPMeZa8TmObwN9lFFIxongaOxwYrym3CNJxMOXLcnSNfzmANTyf4plJ6ESRXeC5/"
-    "eGPMbcqyXOG4M2GhWfpegSJDRD7DZMSfmHBtphH862T5Nk2GI6JACA+IdFnZ4u3TIi5Ci15fGLVmbWEn3W0r2euLUQj71m0jqsx7bqk8yV/O"
-    "uF4UjIWlvb/Ses9H5Ms5Hpn1+6oYBeffkQKm+JX1CM9LG/y8DEnfjKGQk8etFjOkxKDX6yk8UclwY7UL3nGqDJOrE2sg4skVccccBkRnMMlo"
-    "lJm8OhVWa8bew4B38QrOnFg3SoA9RuEfwy9szFRAr5Dm2twgEYPTqslGxNQ6agjlAleto96haWyNVtQPlb9Oip1PbcoDTJ1TxmE1jocHU2hB"
-    "VmgWHimIDq+77fUrB9lpGuWDA88z3WitHMHH6AuMWQkeHbyydgclZWC2at/bOm1R2ir/6Pe8QY8ONGk2YH+DS+jubJXfp0MXHAzwv6K+6fTF"
-    "pmTendlWcdhDBByjj6/CGNkia7JL8FyGbhTzAQjGIuldTLbQfG+STSh7gowHEurDIUkpByzJuKolWS2mY9rU/HoXC05tjmodD3ZZQ+JwyiFU"
-    "ux7aIU8rA87eqqXMfEy4fTwxj6C7hoDHS7rOrOipva5DU01RF952HwpmQfeUg7DA62iTcIzK/Nr+BO6lXclRpOEgyaR8m8m90lZTWCFwmoEs"
-    "KElplj9VZjrL52wigNawubDBwpHfxuBrT/woIa0pBJTcOGpLatJtw94uK4BCpEv6D1XFcst9j/I6iC/jxZbQuUnIpb9VjXk3lcHteiIrpng0"
-    "1xDGwLRqgwkLYDDRZR8KT9h54s3VhpNjXE6wpYvUALeaWKdh0nBQB1oOvFw0CIGtsy7fJALLvL83UFcpbm587anrp7rheALj5CYNQj9vznRg"
-    "H0xdIveA+tVZhqz6FLcpzr6wKQ+ePW1BZs5uYeMX796+Onz/5uUBfHb0+tmH48Pnr18S68IwwUczzcOowmgpageUflpGMn5Rjc5pNwuvMbuB"
-    "ruFMMLgRc4SNNINd+lvGhl9HXs8uQvgu/hYn1lc9i40J4KNPTbq2Va18w5LdpYOXGrQSfH/d7S6zfAQbs5itvuvCqha1JwzXlHHHbpQkszKv"
-    "hm7slJ6djTqG8WVyAbTkV12irbvvfYn1KHR24TJv0Mow0cibcfTYHV0gu+vqGjMmO5NteJCot+9OyrRpfAeTADzXtrqiedF13IR8jEe7iRzp"
-    "+TFfV2tiS77HRoZvDHsMhnLRyi9mHbyHMJ0x8/283Wurje1e75ML5KZ402PhJkl16w2Ml6wpYPMO1THlRpR6BAPKOiSfjtwfzNTBZGoYdEf9"
-    "NWHbCXZN0DV5OidDOHR5BNauxMXtqOdVwYQH35hhjqAFwUbd5RYkhIeEOEKNUaby1N8GlTIExpjy/RqK01nLge6wQEt8yOThfFPbyAW6v5QQ"
-    "nAAN48KGrrBZThLD6y5xMk2KzHa2FifMwzyL9TYrMfoW8Wak7jSoFhihXKOvuPJxDHbQG75dvySmP6jaU5QL/BMLWvAnHBEmw8be7sZ3zs/P"
-    "kdVP48+nrTw5be1TlAyLUwCLp2x0Wt3ED2HumFpAt136/Nx2wM/ZPUjsGz/AK1+oF+zsV3WeJ+fqV/Ur/O55Hv2fPl7sFF85MRp6ha0IeJ7i"
-    "5L8+ntzmSZOV4YezEMi2DyJhh2ZzFxpu9q/Yxp+pLa/fo8uiyr5k5Yls4FlpthJ7ge275riIda9bypBCeSuOzBpSxOz3GjwQVAB8YOfadoVW"
-    "7uJpsnxcww/gYJTAVTewcVYkobXU2ymOsB5FRE6iaBeXA0E2s5uGLbbARTDaitIb0BbFbHdrKlVFLqijjA+AO+qY/3LuYb3gwlK5jCChMV2A"
-    "zo5MMOYj62pEj8enNIUVXjCKDO+XRNAyulISwLMEQJero2APxQDZGBRixrkejZocXOTslkM2eFxMOS3ZBvUyu9y38xK/dX8mOoEFXnExd/H0"
-    "FJiCD1ZYXsAVLOh0AJmGfE0cJ5UuKoN/nD9cnrbQ4Q2XnyEuSzXwFCzDGK+nYoB0rGNgE1eMxfEe8YmZJuiA8vWlhC4jxUjf+uZ5Gh/i/S/Y"
-    "ubiT0mR6RDYq+PMGdTVMQwOCg6mF5ZKuKjVy6337j2hSow2c2YvSQRI36k724jHRrCmv0mS8RrR34x7NaXOkQkEkM7pnmtqCG/GZW6cqoPK+"
-    "4CA2Vv1pzHIkbZnr5nz0Z+kwzKm+hnuHdtU8JwskaSDPTZLP36JsNSRrr+L9z0sGvluuRYo/THj+avK7JQfcQlh+vMrKAgM7Md6NOTyotEkp"
-    "SO7Q86N1EbAxEh2sg2ULZuAjlCFkA3amC8zHr9VDcIYZ7kf2rIjsCXeCTWVLqFNs8CSx5+45HefhUAIzw0hR/Ih5B9jv4Z2HNe52sKPp3dsr"
-    "N/uwZW28Ybq0rpG7ckq6ylkbD1nKE3TQbLkKboTKd9ULSLnlWsOAQgFO9Y+4MjDTHymxEATWpHwWNowSH3zDddsw79pYCAKHWEqwPV/8Di+x"
-    "IuHfUYhkifQHL4/ev3zx7OTlwb56XlbRsCSrcgvC1MZYatcK3arwvZusiHLeVFCAsBwTXTFXf8amPC40xEXJ/uJime7yA91kcjFSWuSqDBGS"
-    "/BVfoZnwqPZdpRo+9nJnvI8rTisPP2n4IFTAX2OTl0QDbdSkx4mxmrYivplL7nbIJoAlCRcVKnPDMImgqWbBypo1eNeB2sQ3qGBNVm9vA2vV"
-    "3PTZVxx6cGGbJq2A1HGTq8byMEVxnCfLcR7kBnyAzkVq98nhItdWewBJK1UHY4UMo8JKXdAFXSyh3NPR3PFQWRwBmuczOq6qpPmiSEapFjby"
-    "pVhj4GuLqutqcQPB2EQKtGPrDo/hPDfqXH8nDFttADcJaYnR6D5OViUAHBgsxYZ5QvucgmEJb3O1fkvuFHLFB7pqf/cGYq/kW7PgwfvHkydv"
-    "NGwOduNARchZ8ftPnizYCXQBzymrKl+nLJcUcAaLMwc+cqSZx5ThJoM8gZkZFHpFDsMsn+/VMigc8ZsKBTbb528xiYIf/jbr/C3fRivtsLsa"
-    "+w6MdFYSK2hCz27OQsfzd6N6ndWl+L21UIhDymFR7VnLg61PtSqm5dd99PLKK5JBCwvYotg9RxXdMMQT3sXslfSyfCMbQrWzjzvuJX6p9WKC"
-    "5/O7OqLmm6pF3qMfMteaiU2P7uSY1T7VG+dJXZg5OYeUb8c5qK7FjsIzHHoF34gLznxigmOt0m/qcD3YFP9ohq9M7i8XGqRPacv88P5120a1"
-    "8syWueQYrUsSYnOPK0Bn6pxDxedKjzVqe8xfYhNN23vNI43XGbCOpk2YeQXbKRd6LLCQU87FTLqzNLxE7Q0jKAsQcgbj4ovqzYsjm9qXqvPx"
-    "xOXz4nXear95JFVapCviXDALOjZAwpZXuhsNwnYL1ZBGQS3S8P6FvLDwnHU+qBcT3DtEiqP+iiA/sM8xxcKXT+LoY94JzbBTmlHsIFgFYh0A"
-    "jNlwvBJXuqM+HHMZIOvB1fLduBQcqIUD8CsoeQbrgtd5g5QG6WsO0tNZaZKSI0KXd5i0GDCjVC2NORMmOONIaXauuurcunnVZ+DrPB4D/asw"
-    "TQH5E0rsJqLSG7au7u2X8AaoOxZn2HTeRvc08BZR2QUvU1XaFgtP2u8/RBnfoGSTWr6kM9ffv/MbDM5UfQBng/k24kSUVfH/K/uK4se8dSV4"
-    "MMSR1Nplf1cEGEuysyuAlx3w2te8o1xXVIV2uZLlcu5xWeh1ijky0BPmFlHRcOd2Wo3c6HQD5cJLW0nuESO3RKOmo+Vo5Nl7K3h2tEhTe3mD"
-    "Mnrt3QtzbdOzcGvBvVr9pD7TOUC7bhi21QxMaJjml3O1NivS8gi0vCxa4M5xqaPCZOs2d4ovNVBAgpcU0RTc5oXrt7beRc8xikyEv4Yzgwkh"
-    "+OvtZ1tbg83B7u7K+gtvyyMQcJqo2nSdFGt0EdjDez3pYq0790rWXS9v7JJhojkroaKrJeeDzW1XydpVtjB56dzQ2OqmuOVc/uBHMARwdc5Z"
-    "1XeaC+o21gG4q0+O8T+4tzsOhOxJPfIDphuA7RC4OLllBs3WD9ZqgvfPsb3zdnm2b8//SS9lXZYCThj08RaR+vvxu7eW3dqUBELnqPipx1Vq"
-    "AnfZ1FV4sX9zKhtFQoep0bBrUtcd2JSAoc+7/NdUz84VeRs02KPbr1st6S6K5tkbMB31kup1Or1EKTGsParC0Rhasd+t1TCxF4+qK+31utRs"
-    "OjYGDDsYTuX0GRBjTiSfaDsskvuPeAG+ixdJ+GZrw91LzPR5BeIBPlljJTZQruzLunJTTROscoY4X/hF6dRbBWALt9CgsNg4pkwFoGLIdGpj"
-    "kjaok4WAKeEsBOWuhhapjvNo/pSzQnG27PPTzQdqHTO/ihh8CVAMnqMq2UTquEHT2Mph8NH/Xo3Oftbev3venvfp83b7y58eElkhIi/tePRp"
-    "mfxeL9tUS31vUxwcyxTYixeYVEl3+rLq0JlNlv2bt/SwFbrAgacsc3snAB9jG/Ok+BEDyBHmOs8pxNtR72p91e8O0ghdQAaBUujWT3lX54+R"
-    "+e6Kk33FdRyHPNNc5JxdjrKHWrcPyLOuernLmPq06EvjUTGFClufT2F4l6Fv4M/T1v5py9/cMhtb/Z1d+N+w3xv2Rhu97U3fH/qb/d2NYeD3"
-    "e7s7m7ujwc6gbwYbW3pzYyfobe319syop4fD01b7tKV9KglxVhS2VfrUCo/rSZsNM9TBwNvY0Vvept833rCnN729jY3NQdDr7+32BqetLxQH"
-    "0NdnVKMuw2IgHA63CFE1exOmN8P1KMl/nZ9VAFH4Isp3Vg/m+FjQ/cy1dYZwT/1efwsoS9cI99Fi58gMnxogRMsopE4ZIYoQisYTji2BWEw5"
-    "/k+SzPhc9mMB6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegS"
-    "gC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKA"
-    "LgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHoEoAu"
-    "AegSgC4B6BKALgHoEoAuAegSgC4B6BKALgHo+o8H6BqO+sEWNOYN+8PA29za2fX2doINb2cn2OuPtB5uBf8JAF2oWuvwXH97+eygBs/VWv2m"
-    "AHl9CyCvdpXR4fGiZvbpwKOV/95gvlhq/nIav3j2+vU+QlGoz6euLj2nzxl/kqhJ6OE+6dGx3F/UFLiik1/nnG1X00H8FboZxvsIJdv9uVt1"
-    "BFsEayW0DOoWXgQ7bEERJ5dvcpUmlAWOxQTHOsXqjJmLUZdv27/NtcYNPFMoUb8/htXGaOPRMaxWtvtXezmfCh4RWkS7TKEFfs4cYddA3zEM"
-    "xDqbWT7oMODNrMpiy7F3qkyaYIX5kbshezPjyDVZVccj7aZMbOsZ2zuZtG5gFCZjTEHKFqxFOhrh3C48gMlMqw479T3uIlumt9nb3d70NvRg"
-    "z9scDoewn2z2PH/bbA/1bn9nT288aBcJGIwiaN2t9KvgYPlttFjOSsOksm3uOPNx3tcd2R302j0y+++5FckGI0iR/zlIkd9wexQIym8PQbmz"
-    "vS0QlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJB"
-    "KRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEp"
-    "EJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQlAJBKRCUAkEpEJQCQSkQ"
-    "lAJBKRCUAkEpEJR/EAjK3x087I8BQSm4X4L7Jbhf98H9+v8E6VVNVBPylKZAUROXQXNnHGwgBY5/F2dmYM4GZ71W+wZiCW2xC5gbt67Lkr1R"
-    "W5EbEGtNcmCHdtY4sPr42f5aWMy15xZDxZp4ZNThkT/pXVRoYXZm0jRJy+ob90OFE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0"
-    "AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQB"
-    "SxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFL"
-    "E7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFLE7A0AUsTsDQBSxOwNAFL+48HS7MjeTS8tAdhpd2FinYr6tm3"
-    "ASirLXX/fnhlXNuk1QiQI8XYpRi7FGOXYuxSjF2KsUsxdinGLsXYpRi7FGOXYuxSjF2KsUsxdinGLsXYpRi7FGOXYuxSjF2KsUsxdinGLsXY"
-    "pRj7//ti7HgoeAQy+IYLEN52rwM4htP6XVQdcwTwVt8w4dIcXNlBY2UnD6ThErUSQVNPXX10m6v9V5NT3gCF5MmqSkaYusAXrckJQnvGXvB0"
-    "GQdUtRH3Y/IrQDtgSICPZkkaYfMqUrQyI2gRuywLUn+HsVSp8C0VvqXC97ep8H1PfVbeFsSryTB+CriVcPIUTxhhxjBmkTkdRAqKXnT+Af5O"
-    "fgGl/qZGccIUTpxPHCmkoyN36e1vyVV12Y1y4TJXbdS619SzS7yyUeOljh+xwDen6B7ReWfW6D7BAw+DHAG6jdPQHtDYW3XIR24TKElGRbIz"
-    "U97UK+1dRmbQVgmBRNBF3ImOq7JeWGdb40lv62t9UVz+FfeH6QIjLo/NDaACmmaxjN9SgOc51r37dEuywTEQGnf3hcRdV3DG58RpmxSByej2"
-    "WhsmQFDaIhVBsHULQnT37lF7J3nAzZLbrzpJ9Xypni/V86V6vlTPl+r5Uj3/+6yeLwVapUCrFGiVAq1SoFUKtH7rAq1SW1Nqa0ptTamtKbU1"
-    "pbam1NaU2ppSW1Nqa0ptTamtKbU1pbam1NaU2ppSW1Nqa0ptTamtKbU1v4famvcvB7Xb293bNMEggJ/94c7u1obe06PdgR7sbG76QW8wHOid"
-    "jW2z5/dHG32z0dvbgt+2hv72TrDd29i6fzmojb1gdxgMfW+n3+t7m5tbm54e7Wx5vcGob/ROMBptbFM5qK+trdTlQXBxoT9UoaU2jdmj8dvv"
-    "bXr9PldY+gYlmO5Tc2mUJM0VlwSqTaDavhKq7RP8+3/uhBnL")
-
-
-def claude_code_requests() -> List[Dict[str, Any]]:
-    return json.loads(zlib.decompress(base64.b64decode("".join(CLAUDE_CODE_REQUESTS))))
-
-
-def roles_and_texts(turn: "proxy.Turn") -> List[Tuple[str, List[str]]]:
-    """Each native message of a turn as (role, its texts)."""
-    return [(message["role"], [block["text"] for block in message["content"]])
-            for message in turn.conversation.messages]
-
-
-class ClaudeCodeRequestsTest(ProxyTest):
-    """What Claude Code sends the Messages door (system entries inside messages, its tools,
-    betas, count_tokens), against the fake CLI."""
-
-    def parse(self, *messages: Any) -> "proxy.Turn":
-        return proxy.parse_messages_request({"model": "claude-sonnet-4-5", "max_tokens": 1024,
-                                             "messages": list(messages)}, config())[0]
-
-    def test_a_system_entry_after_a_user_message_stays_a_system_message_there(self) -> None:
-        turn = self.parse(user("hi"), {"role": "system", "content": "Agents: a, b."},
-                          {"role": "assistant", "content": "Hello."}, user("next"),
-                          {"role": "system", "content": [text("Skills: x."), text("More: y.")]})
-        self.assertEqual(roles_and_texts(turn), [("user", ["hi"]), ("system", ["Agents: a, b."]),
-                                                ("assistant", ["Hello."]), ("user", ["next"]),
-                                                ("system", ["Skills: x.", "More: y."])])
-
-    def test_a_system_entry_anywhere_else_goes_into_the_user_message_there_as_claude_code_puts_it(self) -> None:
-        # Before a user message the CLI would move it past that message: it stays in place, in the
-        # <system-reminder> tags Claude Code itself uses where no system message can stand.
-        turn = self.parse({"role": "system", "content": "First."}, user("hi"),
-                          {"role": "assistant", "content": "Hello."}, {"role": "system", "content": " Second\n"},
-                          user("next"))
-        self.assertEqual(roles_and_texts(turn), [
-            ("user", ["<system-reminder>\nFirst.\n</system-reminder>", "hi"]), ("assistant", ["Hello."]),
-            ("user", ["<system-reminder>\n Second\n\n</system-reminder>", "next"])])
-
-    def test_system_entries_are_checked_and_the_last_spoken_message_is_still_the_users(self) -> None:
-        for content, param in ((5, "messages[1].content"), ([{"type": "image", "source": {}}],
-                                                            "messages[1].content[0].type")):
-            with self.assertRaises(proxy.ProxyError) as caught:
-                self.parse(user("hi"), {"role": "system", "content": content})
-            self.assertEqual((caught.exception.status, caught.exception.param), (400, param))
-        with self.assertRaises(proxy.ProxyError) as caught:
-            self.parse(user("hi"), {"role": "system", "content": "x"}, {"role": "assistant", "content": "Sure, "})
-        self.assertIn("prefill", caught.exception.message)
-
-    def test_the_transcript_holds_a_system_message_as_a_hooks_message_in_the_chain(self) -> None:
-        lines = [json.loads(line) for line in proxy.session_transcript([
-            {"role": "user", "content": [text("hi")]},
-            {"role": "system", "content": [text("Agents."), text("Skills.")]},
-            {"role": "assistant", "content": [text("Hello.")]}]).splitlines()]
-        self.assertEqual([line["type"] for line in lines], ["user", "attachment", "attachment", "assistant"])
-        self.assertEqual([line["attachment"] for line in lines[1:3]], [
-            {"type": "async_hook_response", "response": {"systemMessage": "Agents."}},
-            {"type": "async_hook_response", "response": {"systemMessage": "Skills."}}])
-        self.assertEqual([line["parentUuid"] for line in lines], [None] + [line["uuid"] for line in lines[:-1]])
-
-    def test_system_entries_reach_the_cli_where_claude_code_put_them(self) -> None:
-        for conversation in (lambda tag: [user("hi"), {"role": "system", "content": "Agents " + tag}],
-                             lambda tag: [user("hi"), {"role": "system", "content": "Agents " + tag},
-                                          {"role": "assistant", "content": "Hello."}, user("next"),
-                                          {"role": "system", "content": "Skills " + tag}]):
-            tag = marker()
-            messages = conversation(tag)
-            response = self.request("POST", "/v1/messages?beta=true", {
-                "model": "claude-sonnet-4", "max_tokens": 100, "system": "You are terse " + tag,
-                "messages": messages})
-            self.assertEqual(response.status, 200, response.body)
-            sent = FAKE.run_for(tag, field="requests")["requests"][0]["messages"]
-            self.assertEqual([(m["role"], m["content"] if isinstance(m["content"], str) else block_text(m["content"]))
-                              for m in sent], [(m["role"], m["content"]) for m in messages])
-
-    def test_head_of_the_root_answers_without_the_key_as_claude_code_checks_the_connection(self) -> None:
-        running_server = RunningServer(api_key="sekrit")
-        try:
-            self.assertEqual(http_request(running_server.port, "HEAD", "/").status, 200)
-            self.assertEqual(http_request(running_server.port, "POST", "/v1/messages/count_tokens",
-                                          {"model": "claude-sonnet-4", "messages": [user("hi")]}).status, 401)
-        finally:
-            running_server.stop()
-
-    def test_every_request_claude_code_sends_is_answered(self) -> None:
-        # Replayed as recorded (path with ?beta=true, betas, metadata, context_management,
-        # cache_control everywhere, adaptive thinking, effort, a JSON schema for the title,
-        # HEAD /, count_tokens).
-        for recorded in claude_code_requests():
-            response = self.request(recorded["method"], recorded["path"], recorded.get("body"),
-                                    headers=recorded.get("headers"))
-            self.assertEqual(response.status, 200, (recorded["run"], recorded["path"], response.body[:500]))
-            if recorded["method"] == "HEAD":
-                continue
-            if "count_tokens" in recorded["path"]:
-                self.assertEqual(list(response.json()), ["input_tokens"])
-                continue
-            if not recorded["body"].get("stream"):
-                message = response.json()
-                self.assertEqual((message["type"], message["role"]), ("message", "assistant"))
-                self.assertIn(message["stop_reason"], ("end_turn", "max_tokens"))
-                continue
-            events = sse_events(response)
-            names = [name for name, _ in events]
-            self.assertEqual((names[0], names[-2], names[-1]), ("message_start", "message_delta", "message_stop"))
-            content = streamed_content(events)
-            self.assertTrue(content, recorded)
-            self.assertEqual(names.count("content_block_start"), len(content))
-            self.assertEqual(names.count("content_block_stop"), len(content))
-            self.assertIn(events[-2][1]["delta"]["stop_reason"], ("end_turn", "tool_use"))
-
-
-# Samples of what a request holds, for the count's estimate: prose, code, JSON, CJK.
-COUNT_SAMPLES = {
-    "prose": "The quick brown fox jumps over the lazy dog, and then it naps in the afternoon sun. " * 40,
-    "code": "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n" * 40,
-    "json": json.dumps([{"id": i, "name": "item-%d" % i, "tags": ["a", "b"], "ok": True} for i in range(60)]),
-    "cjk": "東京は日本の首都であり、世界最大の都市圏の一つです。" * 40,
-}
-# Claude's tokenizers take about 3.5 bytes of English or code per token, the newest up to a third
-# more tokens for the same text: at most 2.6 bytes a token. CJK takes about a token a character.
-FEWEST_BYTES_PER_TOKEN = 2.6
-
-
-def pdf_of(pages: int) -> str:
-    body = b"".join(b"%d 0 obj << /Type /Page /Parent 1 0 R >> endobj\n" % (i + 2) for i in range(pages))
-    return base64.b64encode(b"%PDF-1.4\n1 0 obj << /Type /Pages /Count " + b"%d" % pages + b" >> endobj\n"
-                            + body + b"%%EOF").decode("ascii")
-
-
-class CountTokensTest(ProxyTest):
-    """POST /v1/messages/count_tokens: an estimate that errs high, in Anthropic's shape."""
-
-    def count(self, *messages: Any, **fields: Any) -> Response:
-        body: Dict[str, Any] = {"model": "claude-sonnet-4", "messages": list(messages)}
-        body.update(fields)
-        return self.request("POST", "/v1/messages/count_tokens?beta=true", body,
-                            headers={"anthropic-beta": "token-counting-2024-11-01"})
-
-    def tokens(self, *messages: Any, **fields: Any) -> int:
-        response = self.count(*messages, **fields)
-        self.assertEqual(response.status, 200, response.body)
-        return response.json()["input_tokens"]
-
-    def test_the_answer_is_anthropics_shape_marked_as_an_estimate(self) -> None:
-        response = self.count(user("hi"), system="You are terse.", tools=[MESSAGES_WEATHER_TOOL])
-        self.assertEqual(response.status, 200, response.body)
-        self.assertEqual(response.headers["Content-Type"], "application/json")
-        self.assertEqual(response.headers[proxy.ESTIMATE_HEADER], "true")
-        body = response.json()
-        self.assertEqual(list(body), ["input_tokens"])
-        self.assertIsInstance(body["input_tokens"], int)
-        self.assertGreater(body["input_tokens"], self.tokens(user("hi")), "the system prompt and tools count")
-
-    def test_it_errs_high(self) -> None:
-        for name, sample in COUNT_SAMPLES.items():
-            most = len(sample.encode("utf-8")) / FEWEST_BYTES_PER_TOKEN
-            if name == "cjk":
-                most = len(sample)
-            self.assertGreater(self.tokens(user(sample)), most, name)
-            self.assertGreater(self.tokens(user("hi"), system=sample), most, name)
-        # An image counts as what Claude sees, however small or large its file.
-        image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}
-        big = dict(image, source=dict(image["source"], data=base64.b64encode(os.urandom(300000)).decode()))
-        plain = self.tokens(user("hi"))
-        self.assertGreaterEqual(self.tokens({"role": "user", "content": [image, text("hi")]}) - plain, 1600)
-        self.assertLess(self.tokens({"role": "user", "content": [big, text("hi")]}) - plain, 10000)
-        three_pages = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
-                                                      "data": pdf_of(3)}}
-        self.assertGreaterEqual(self.tokens({"role": "user", "content": [three_pages, text("hi")]}) - plain,
-                                3 * (1600 + 1500))
-
-    def test_what_claude_code_sends_is_counted(self) -> None:
-        recorded = next(entry["body"] for entry in claude_code_requests() if entry["run"] == "plain")
-        body = {name: value for name, value in recorded.items() if name not in ("max_tokens", "stream")}
-
-        def strings(value: Any) -> int:  # the bytes of every string Claude reads
-            if isinstance(value, str):
-                return len(value.encode("utf-8"))
-            items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-            return sum(strings(item) for item in items)
-        read = strings([body["system"], body["messages"], body["tools"]])
-        self.assertGreater(self.tokens(**body), read / FEWEST_BYTES_PER_TOKEN)
-
-    def test_bad_input_is_a_400_in_anthropics_shape(self) -> None:
-        for response, param in ((self.count(), "messages"), (self.count({"role": "tool", "content": "x"}), "role"),
-                                (self.count(user("hi"), tools=[dict(MESSAGES_WEATHER_TOOL, input_schema=[])]),
-                                 "input_schema"),
-                                (self.request("POST", "/v1/messages/count_tokens", b"{"), "JSON")):
-            self.assertEqual(response.status, 400, response.body)
-            body = response.json()
-            self.assertEqual((body["type"], body["error"]["type"]), ("error", "invalid_request_error"))
-            self.assertIn(param, body["error"]["message"])
-
-    def test_the_anthropic_sdk_and_langchain_count_through_it(self) -> None:
-        if anthropic is None:
-            if IN_CI:
-                raise AssertionError("CI must have the anthropic package")
-            self.skipTest("the anthropic package is not installed")
-        base_url = "http://127.0.0.1:%d" % self.running.port
-        counted = anthropic.Anthropic(base_url=base_url, api_key="not-needed").messages.count_tokens(
-            model="claude-sonnet-4", system="You are terse.", messages=[{"role": "user", "content": "hello there"}])
-        self.assertEqual(counted.input_tokens, self.tokens(user("hello there"), system="You are terse."))
-        langchain_anthropic = client_library(self, "langchain_anthropic")
-        messages = importlib.import_module("langchain_core.messages")
-        model = langchain_anthropic.ChatAnthropic(model="claude-sonnet-4", base_url=base_url, api_key="not-needed")
-        with no_warnings(LANGCHAIN_OWN_WARNING):
-            tokens = model.get_num_tokens_from_messages([messages.SystemMessage("You are terse."),
-                                                         messages.HumanMessage("hello there")])
-        self.assertEqual(tokens, counted.input_tokens)
-
-
-CLAUDE_CODE_SYSTEM = "You are a Claude agent, built on Anthropic's Claude Agent SDK."  # Claude Code's -p prompt
-AGENT_LISTING = "Available agent types for the Agent tool:"  # the system entry Claude Code sends in messages
-
-
-@unittest.skipIf(real_claude() is None and not IN_CI, "the real claude CLI is not installed")
-class ClaudeCodeClientTest(ProxyTest):
-    """The real `claude -p`, with its default tools, as a client of the Messages door (nothing but
-    ANTHROPIC_BASE_URL and the proxy's key set); the proxy drives the real CLI too, against
-    FakeAnthropicHandler."""
-
-    settings = {"retry_budget": 1.5, "idle_timeout": 60.0, "timeout": 90.0, "pool_size": 0,
-                "api_key": "sk-proxy-key-for-claude-code"}
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        claude = real_claude()
-        if claude is None:
-            raise AssertionError("CI must have the real claude CLI (npm install -g @anthropic-ai/claude-code)")
-        cls.claude = claude
-        cls.upstream = FakeUpstream()
-        cls.settings = dict(cls.settings, claude_bin=claude)
-        super().setUpClass()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        super().tearDownClass()
-        cls.upstream.stop()
-
-    def run_client(self, *args: str) -> Tuple[subprocess.CompletedProcess, str]:
-        """(the finished `claude -p ...` run, the directory it ran in), as a user runs it: its own
-        HOME, no subscription of its own, the proxy as its Anthropic API."""
-        cwd = os.path.realpath(tempfile.mkdtemp(prefix="claude-code-client-"))
-        home = tempfile.mkdtemp(prefix="claude-code-client-home-")
-        self.addCleanup(shutil.rmtree, cwd, True)
-        self.addCleanup(shutil.rmtree, home, True)
-        env = dict(os.environ, HOME=home, ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % self.running.port,
-                   ANTHROPIC_API_KEY=self.config.api_key, CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
-        for name in ("CLAUDE_CODE_OAUTH_TOKEN", "CLAUDECODE"):
-            env.pop(name, None)
-        run = subprocess.run([self.claude, "-p"] + list(args), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=180)
-        self.assertEqual(run.returncode, 0, (run.stdout[-2000:], run.stderr[-2000:]))
-        return run, cwd
-
-    def upstream_requests_for(self, tag: str) -> List[Dict[str, Any]]:
-        """The requests of the conversation that holds `tag` (Claude Code also has a title made
-        for it, in a request of its own without tools)."""
-        return [body for body in self.upstream.requests if tag in json.dumps(body["messages"])
-                and "Bash" in [tool["name"] for tool in body["tools"]]]
-
-    def assertReachedAsClaudeCodeSentIt(self, sent: Dict[str, Any], prompt: str) -> None:
-        """Claude Code's system prompt, tools and system entry reached Claude, the entry right after
-        the user's message as Claude Code put it, and no agent list of the proxy's CLI beside it."""
-        self.assertIn(CLAUDE_CODE_SYSTEM, [block["text"] for block in sent["system"]])
-        self.assertEqual([message["role"] for message in sent["messages"][:2]], ["user", "system"])
-        self.assertIn(prompt, block_text(sent["messages"][0]["content"]))
-        self.assertTrue(sent["messages"][1]["content"].startswith(AGENT_LISTING), sent["messages"][1])
-        self.assertEqual(json.dumps(sent["messages"]).count(AGENT_LISTING), 1)
-
-    def test_claude_p_answers_through_the_proxy(self) -> None:
-        prompt = "hi " + marker()
-        run, _ = self.run_client(prompt)
-        self.assertEqual(run.stdout.decode().strip(), UPSTREAM_REPLY)
-        self.assertReachedAsClaudeCodeSentIt(self.upstream_requests_for(prompt)[0], prompt)
-
-    def test_claude_p_streams_through_the_proxy(self) -> None:
-        prompt = "hi " + marker()
-        run, _ = self.run_client(prompt, "--output-format", "stream-json", "--verbose",
-                                 "--include-partial-messages")
-        events = [json.loads(line) for line in run.stdout.decode().splitlines() if line.strip()]
-        deltas = [event["event"]["delta"].get("text", "") for event in events if event["type"] == "stream_event"
-                  and event["event"]["type"] == "content_block_delta"]
-        self.assertGreater(len(deltas), 1, "the answer must arrive in pieces")
-        self.assertEqual("".join(deltas), UPSTREAM_REPLY)
-        self.assertEqual((events[-1]["type"], events[-1]["is_error"], events[-1]["result"]),
-                         ("result", False, UPSTREAM_REPLY))
-        self.assertReachedAsClaudeCodeSentIt(self.upstream_requests_for(prompt)[0], prompt)
-
-    def test_system_entries_reach_anthropic_where_the_client_put_them(self) -> None:
-        # After tool results (an interrupted turn, resumed), and before a user message (in the
-        # <system-reminder> tags Claude Code uses where no system message may stand).
+    def test_a_chat_tool_loop_resumed_cold_sends_its_thinking_back_in_place(self) -> None:
+        # Fails without the ThinkingStore: the resumed history holds the tool_use alone.
         tag = marker()
-        call = {"type": "tool_use", "id": "toolu_sys_1", "name": "get_weather", "input": {"city": "Paris"}}
-        messages = [user("weather? " + tag), {"role": "system", "content": "Agents " + tag},
-                    {"role": "assistant", "content": [call]},
-                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"],
-                                                  "content": "sunny"}]},
-                    {"role": "system", "content": "Skills " + tag}]
-        before_user = [user("hi " + tag), {"role": "assistant", "content": "Hello."},
-                       {"role": "system", "content": "Agents " + tag}, user("next " + tag)]
-        for sent, expected in (
-                (messages, [("user", ["weather? " + tag]), ("system", "Agents " + tag), ("assistant", ["tool_use"]),
-                            ("user", ["tool_result"]), ("system", "Skills " + tag)]),
-                (before_user, [("user", ["hi " + tag]), ("assistant", ["Hello."]),
-                               ("user", ["<system-reminder>\nAgents %s\n</system-reminder>" % tag, "next " + tag])])):
-            count = len(self.upstream.requests)
-            response = self.request("POST", "/v1/messages", {
-                "model": "claude-sonnet-4", "max_tokens": 100, "messages": sent, "tools": [MESSAGES_WEATHER_TOOL]},
-                headers={"X-Api-Key": self.config.api_key})
-            self.assertEqual(response.status, 200, response.body)
-            upstream = self.upstream.requests[count]["messages"]
-            self.assertEqual([(m["role"], m["content"] if isinstance(m["content"], str) else
-                               [b.get("text", b["type"]) for b in m["content"] if "currentDate" not in b.get("text", "")])
-                              for m in upstream], expected)  # (the CLI's own date reminder aside)
+        messages: List[Dict[str, Any]] = [user("%s THINK\nCALL:get_weather {\"city\": \"Oslo\"}" % tag)]
+        first = self.chat(*messages, tools=[WEATHER_TOOL], reasoning_effort="medium")
+        self.assertEqual(first.status, 200, first.body)
+        message = first.json()["choices"][0]["message"]
+        call = message["tool_calls"][0]
+        self.assertEqual(message["reasoning_content"], "Let me think about this.")
+        messages += [message, {"role": "tool", "tool_call_id": call["id"], "content": "SAY:Sunny."}]
+        second = self.chat(*messages, tools=[WEATHER_TOOL], reasoning_effort="medium")
+        self.assertEqual(second.status, 200, second.body)
+        self.assertEqual(second.json()["choices"][0]["message"]["content"], "Sunny.")
+        sent = self.sent(tag)
+        self.assertEqual(len(sent), 2)
+        reply = self.reply_with(call["id"])
+        self.assertEqual([b["type"] for b in reply], ["thinking", "tool_use"])
+        self.assertEqual(sent[1][1], {"role": "assistant", "content": reply},
+                         "the thinking block with its signature, right before its tool_use, as Claude gave it")
+        self.assertEqual(self.running.server.core.health()["pool"]["continued"], 0, "the turn was resumed cold")
 
-    def test_claude_code_runs_its_bash_tool_and_the_answer_comes_back(self) -> None:
-        # Claude calls Bash; the client's claude runs it in its own directory (pwd proves which
-        # directory ran it: the proxy's CLI runs in a directory of its own, and has no Bash).
-        command = {"command": "pwd > ran-here.txt", "description": "note where this ran " + marker()}
-        run, cwd = self.run_client("CALL:Bash " + json.dumps(command), "--allowedTools", "Bash",
-                                   "--output-format", "stream-json", "--verbose")
-        with open(os.path.join(cwd, "ran-here.txt")) as f:
-            self.assertEqual(f.read().strip(), cwd)
-        events = [json.loads(line) for line in run.stdout.decode().splitlines() if line.strip()]
-        self.assertEqual(events[-1]["result"], UPSTREAM_REPLY)
-        calls = [block for event in events if event["type"] == "assistant"
-                 for block in event["message"]["content"] if block["type"] == "tool_use"]
-        self.assertEqual([(call["name"], call["input"]) for call in calls], [("Bash", command)])
-        sent = self.upstream_requests_for(command["description"])
-        self.assertReachedAsClaudeCodeSentIt(sent[0], "CALL:Bash")
-        last = sent[-1]["messages"]
-        self.assertEqual([message["role"] for message in last], ["user", "system", "assistant", "user"])
-        self.assertEqual(last[2]["content"][-1]["id"], calls[0]["id"])
-        self.assertEqual([(block["type"], block["tool_use_id"]) for block in last[3]["content"]],
-                         [("tool_result", calls[0]["id"])])
+    def test_a_responses_tool_loop_resumed_cold_sends_its_thinking_back_in_place(self) -> None:
+        tag = marker()
+        items: List[Dict[str, Any]] = [user("%s THINK\nCALL:get_weather {\"city\": \"Oslo\"}" % tag)]
+        body = {"model": "claude-sonnet-4", "tools": [RESPONSES_WEATHER_TOOL], "reasoning": {"effort": "medium"},
+                "store": False}
+        first = self.request("POST", "/v1/responses", dict(body, input=items))
+        self.assertEqual(first.status, 200, first.body)
+        output = first.json()["output"]
+        self.assertEqual([item["type"] for item in output], ["reasoning", "function_call"])
+        self.assertNotIn("encrypted_content", output[0], "nothing the client could send the signature back in")
+        items += output + [{"type": "function_call_output", "call_id": output[1]["call_id"], "output": "SAY:Sunny."}]
+        second = self.request("POST", "/v1/responses", dict(body, input=items))
+        self.assertEqual(second.status, 200, second.body)
+        sent = self.sent(tag)
+        self.assertEqual(sent[1][1], {"role": "assistant", "content": self.reply_with(output[1]["call_id"])})
+
+    def test_the_messages_door_passes_the_clients_thinking_on_unchanged(self) -> None:
+        # Anthropic clients send thinking back themselves: what they send is what Claude gets,
+        # and a client that leaves it out gets nothing added. Fails when the transcript names no
+        # model for the message: a resumed CLI drops signed thinking from such messages.
+        for keeps_thinking in (True, False):
+            tag = marker()
+            body = {"model": "claude-sonnet-4", "max_tokens": 2048, "tools": [MESSAGES_WEATHER_TOOL],
+                    "thinking": {"type": "enabled", "budget_tokens": 1024}}
+            messages: List[Dict[str, Any]] = [
+                {"role": "user", "content": "%s THINK\nCALL:get_weather {\"city\": \"Oslo\"}" % tag}]
+            first = self.request("POST", "/v1/messages", dict(body, messages=messages))
+            self.assertEqual(first.status, 200, first.body)
+            content = first.json()["content"]
+            self.assertEqual([b["type"] for b in content], ["thinking", "tool_use"])
+            sent_back = content if keeps_thinking else content[1:]
+            messages += [{"role": "assistant", "content": sent_back}, {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": content[1]["id"], "content": [text("SAY:Sunny.")]}]}]
+            second = self.request("POST", "/v1/messages", dict(body, messages=messages))
+            self.assertEqual(second.status, 200, second.body)
+            self.assertEqual(self.sent(tag)[1][1], {"role": "assistant", "content": sent_back}, keeps_thinking)
+
+    def test_thinking_the_proxy_never_saw_is_kept_for_the_model_the_client_named(self) -> None:
+        # As after a restart: the store knows nothing of it, but a full model id is the model the CLI
+        # runs, so the message names it and the resumed CLI keeps the thinking.
+        tag = marker()
+        thinking = {"type": "thinking", "thinking": "Earlier.", "signature": "sig-from-before-" + tag}
+        call = {"type": "tool_use", "id": "toolu_before_" + tag, "name": "get_weather", "input": {"city": "Oslo"}}
+        response = self.request("POST", "/v1/messages", {
+            "model": "claude-sonnet-4-5-20250929", "max_tokens": 2048, "tools": [MESSAGES_WEATHER_TOOL],
+            "thinking": {"type": "enabled", "budget_tokens": 1024}, "messages": [
+                {"role": "user", "content": "weather? " + tag}, {"role": "assistant", "content": [thinking, call]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"],
+                                              "content": "SAY:Sunny."}]}]})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(self.sent(tag)[0][1], {"role": "assistant", "content": [thinking, call]})
+
+
+# The context reminder the CLI puts first in the first user message of every request it sends.
+CLI_DATE_REMINDER = re.compile(
+    r"<system-reminder>\nAs you answer the user's questions, you can use the following context:\n"
+    r"# currentDate\nToday's date is \d{4}-\d\d-\d\d\.\n\n      IMPORTANT: this context may or may not be "
+    r"relevant to your tasks\. You should not respond to this context unless it is highly relevant to "
+    r"your task\.\n</system-reminder>\n\n?")  # a blank line after it before a text, one before an image
+# CI runs these seeds; FIDELITY_SEED=n runs that one instead, to replay a failure it printed.
+FIDELITY_SEEDS = (1, 2, 3)
+FIDELITY_TURNS = 6  # per conversation: each seed holds one conversation on each door
+IMAGE = object()  # an image in a generated user turn (PNG_1PX)
+
+
+PNG_DATA_URL = "data:image/png;base64," + PNG_1PX
+WORDS = ("apple", "river", "cloud", "stone", "maple", "comet", "harbor", "violet")
+CITIES = ("Oslo", "Rome", "Lima", "Pune")
+
+
+def as_claude_got_them(body: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The messages of a request the CLI sent, less what it adds of its own: its cache marks, and
+    its date reminder, which must stand first in the first message (and nowhere else)."""
+    messages = without_cache_marks(body["messages"])
+    first = messages[0]["content"]
+    if not (first[0]["type"] == "text" and CLI_DATE_REMINDER.fullmatch(first[0]["text"])):
+        raise AssertionError("the CLI's reminder is not where it always was: %r" % first[0])
+    if "<system-reminder>" in json.dumps(first[1:] + messages[1:]):
+        raise AssertionError("the CLI added a reminder of its own elsewhere")
+    return [dict(messages[0], content=first[1:])] + messages[1:]
+
+
+def one_message_per_role(pairs: List[Tuple[str, List[Dict[str, Any]]]]) -> List[Dict[str, Any]]:
+    """(role, blocks) in order as Anthropic takes them: a run of one role is one message, and a
+    user message holds its tool results first."""
+    messages: List[Dict[str, Any]] = []
+    for role, blocks in pairs:
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += blocks
+        elif blocks:
+            messages.append({"role": role, "content": list(blocks)})
+    for message in messages:
+        content = message["content"]
+        message["content"] = [b for b in content if b["type"] == "tool_result"] + \
+            [b for b in content if b["type"] != "tool_result"]
+    return messages
+
+
+def result_block(call_id: str, output: str) -> Dict[str, Any]:
+    return {"type": "tool_result", "tool_use_id": call_id, "content": [text(output)]}
+
+
+class Call(NamedTuple):
+    id: str
+    name: str
+    input: Dict[str, Any]
+
+
+class DoorClient:
+    """One generated conversation through one door, as a client of that API holds it: user turns
+    and tool results (kept abstract, so an earlier one can be edited), and the proxy's answers
+    as the client got them. Each door says how it writes a turn, reads an answer, and what
+    Anthropic must get for its items (a reference translation of its own, not the proxy's)."""
+
+    path = ""
+    sends_thinking_back = True  # else the test leaves thinking out of what it compares
+
+    def __init__(self, tag: str, thinking: bool, rng: random.Random) -> None:
+        self.tag = tag
+        self.thinking = thinking
+        self.rng = rng
+        # ("user", [text or IMAGE, ...]) | ("results", ([Call], [output], note or "")) |
+        # ("assistant", (items as the client got them, [Call]))
+        self.entries: List[Tuple[str, Any]] = []
+
+    def items(self) -> List[Dict[str, Any]]:
+        items: List[Dict[str, Any]] = []
+        for kind, value in self.entries:
+            items += self.user(value) if kind == "user" else self.results(*value) if kind == "results" \
+                else value[0]
+        return items
+
+    def user(self, parts: List[Any]) -> List[Dict[str, Any]]:
+        raise NotImplementedError
+
+    def results(self, calls: List[Call], outputs: List[str], note: str) -> List[Dict[str, Any]]:
+        raise NotImplementedError
+
+    def body(self, items: List[Dict[str, Any]], stream: bool) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def answer(self, response: Response, stream: bool) -> Tuple[List[Dict[str, Any]], List[Call], str]:
+        """(the items the client keeps of the answer, the calls it must run, the answer's text)."""
+        raise NotImplementedError
+
+    def reference(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        raise NotImplementedError
+
+
+class ChatClient(DoorClient):
+    path = "/v1/chat/completions"
+    sends_thinking_back = False
+
+    def user(self, parts: List[Any]) -> List[Dict[str, Any]]:
+        if parts == [parts[0]] and parts[0] is not IMAGE:
+            return [user(parts[0])]
+        return [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": PNG_DATA_URL}} if part is IMAGE else
+            {"type": "text", "text": part} for part in parts]}]
+
+    def results(self, calls: List[Call], outputs: List[str], note: str) -> List[Dict[str, Any]]:
+        return [{"role": "tool", "tool_call_id": call.id, "content": output}
+                for call, output in zip(calls, outputs)] + [user(note)] * bool(note)
+
+    def body(self, items: List[Dict[str, Any]], stream: bool) -> Dict[str, Any]:
+        body = {"model": "claude-sonnet-4", "messages": [{"role": "system", "content": "Talk " + self.tag}] + items,
+                "tools": [WEATHER_TOOL, TIME_TOOL], "stream": stream}
+        return dict(body, reasoning_effort="medium") if self.thinking else body
+
+    def answer(self, response: Response, stream: bool) -> Tuple[List[Dict[str, Any]], List[Call], str]:
+        message = stream_message(response) if stream else response.json()["choices"][0]["message"]
+        message = {key: message[key] for key in ("role", "content", "tool_calls") if key in message}
+        calls = [Call(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                 for c in message.get("tool_calls") or []]
+        return [message], calls, message["content"] or ""
+
+    def reference(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        pairs = []
+        for item in items:
+            if item["role"] == "user":
+                parts = [text(item["content"])] if isinstance(item["content"], str) else item["content"]
+                pairs.append(("user", [PNG_BLOCK if p["type"] == "image_url" else text(p["text"]) for p in parts]))
+            elif item["role"] == "tool":
+                pairs.append(("user", [result_block(item["tool_call_id"], item["content"])]))
+            else:
+                pairs.append(("assistant", [text(item["content"])] * bool(item["content"]) + [
+                    {"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
+                     "input": json.loads(c["function"]["arguments"])} for c in item.get("tool_calls") or []]))
+        return one_message_per_role(pairs)
+
+
+class ResponsesClient(DoorClient):
+    path = "/v1/responses"
+
+    def __init__(self, tag: str, thinking: bool, rng: random.Random) -> None:
+        super().__init__(tag, thinking, rng)
+        # Some clients ask for reasoning sealed with its signature, and send it back; others cannot.
+        self.sealed = thinking and rng.random() < 0.5
+        self.sends_thinking_back = self.sealed
+        # Some send only what is new since the response they continue (previous_response_id).
+        self.chained = rng.random() < 0.5
+        self.sent: List[Dict[str, Any]] = []
+        self.previous: Optional[Tuple[str, List[Dict[str, Any]]]] = None  # a response, and its items
+
+    def user(self, parts: List[Any]) -> List[Dict[str, Any]]:
+        return [{"role": "user", "content": [
+            {"type": "input_image", "image_url": PNG_DATA_URL} if part is IMAGE else
+            {"type": "input_text", "text": part} for part in parts]}]
+
+    def results(self, calls: List[Call], outputs: List[str], note: str) -> List[Dict[str, Any]]:
+        return [{"type": "function_call_output", "call_id": call.id, "output": output}
+                for call, output in zip(calls, outputs)] + self.user([note]) * bool(note)
+
+    def body(self, items: List[Dict[str, Any]], stream: bool) -> Dict[str, Any]:
+        body: Dict[str, Any] = {"model": "claude-sonnet-4", "instructions": "Talk " + self.tag, "input": items,
+                                "tools": [RESPONSES_WEATHER_TOOL, dict(RESPONSES_WEATHER_TOOL, name="get_time")],
+                                "stream": stream, "store": self.chained}
+        self.sent = items
+        if self.chained and self.previous is not None and items[:len(self.previous[1])] == self.previous[1]:
+            body.update(input=items[len(self.previous[1]):], previous_response_id=self.previous[0])
+        if self.thinking:
+            body["reasoning"] = {"effort": "medium"}
+        if self.sealed:
+            body["include"] = ["reasoning.encrypted_content"]
+        return body
+
+    def answer(self, response: Response, stream: bool) -> Tuple[List[Dict[str, Any]], List[Call], str]:
+        whole = next(e["response"] for _, e in sse_events(response) if e["type"] == "response.completed") \
+            if stream else response.json()
+        output = whole["output"]
+        self.previous = (whole["id"], self.sent + output)
+        calls = [Call(i["call_id"], i["name"], json.loads(i["arguments"])) for i in output
+                 if i["type"] == "function_call"]
+        said = "".join(p["text"] for i in output if i["type"] == "message" for p in i["content"])
+        return output, calls, said
+
+    def reference(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        pairs = []
+        for item in items:
+            kind = item.get("type", "message")
+            if kind == "message" and item["role"] == "user":
+                pairs.append(("user", [PNG_BLOCK if p["type"] == "input_image" else text(p["text"])
+                                       for p in item["content"]]))
+            elif kind == "message":
+                pairs.append(("assistant", [text(p["text"]) for p in item["content"]]))
+            elif kind == "function_call":
+                pairs.append(("assistant", [{"type": "tool_use", "id": item["call_id"], "name": item["name"],
+                                             "input": json.loads(item["arguments"])}]))
+            elif kind == "function_call_output":
+                pairs.append(("user", [result_block(item["call_id"], item["output"])]))
+            elif "encrypted_content" in item:  # reasoning, sealed: Claude's thinking again
+                pairs.append(("assistant", [{"type": "thinking", "thinking": item["summary"][0]["text"],
+                                             "signature": item["encrypted_content"].split(":", 1)[1]}]))
+        return one_message_per_role(pairs)
+
+
+class MessagesClient(DoorClient):
+    path = "/v1/messages"
+
+    def user(self, parts: List[Any]) -> List[Dict[str, Any]]:
+        if parts == [parts[0]] and parts[0] is not IMAGE:
+            return [user(parts[0])]
+        return [{"role": "user", "content": [PNG_BLOCK if part is IMAGE else text(part) for part in parts]}]
+
+    def results(self, calls: List[Call], outputs: List[str], note: str) -> List[Dict[str, Any]]:
+        return [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": output}
+                                             for call, output in zip(calls, outputs)] + [text(note)] * bool(note)}]
+
+    def body(self, items: List[Dict[str, Any]], stream: bool) -> Dict[str, Any]:
+        body = {"model": "claude-sonnet-4", "max_tokens": 2048, "system": "Talk " + self.tag, "messages": items,
+                "tools": [MESSAGES_WEATHER_TOOL, dict(MESSAGES_WEATHER_TOOL, name="get_time")], "stream": stream}
+        return dict(body, thinking={"type": "enabled", "budget_tokens": 1024}) if self.thinking else body
+
+    def answer(self, response: Response, stream: bool) -> Tuple[List[Dict[str, Any]], List[Call], str]:
+        content = streamed_content(sse_events(response)) if stream else response.json()["content"]
+        calls = [Call(b["id"], b["name"], b["input"]) for b in content if b["type"] == "tool_use"]
+        return [{"role": "assistant", "content": content}], calls, \
+            "".join(b["text"] for b in content if b["type"] == "text")
+
+    def reference(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        def block(b: Dict[str, Any]) -> Dict[str, Any]:
+            if b["type"] == "tool_result":
+                return result_block(b["tool_use_id"], b["content"])
+            return {key: b[key] for key in ("type", "id", "name", "input", "text", "thinking", "signature", "source")
+                    if key in b}
+        return one_message_per_role([(item["role"], [text(item["content"])] if isinstance(item["content"], str)
+                                      else [block(b) for b in item["content"]]) for item in items])
+
+
+class FidelityPropertyTest(RealCliTest):
+    """Claude gets exactly the client's conversation, in its order, on every door: generated
+    conversations (plain turns, several user messages in a row, images, tool rounds with
+    parallel calls, thinking, a client that edits or drops an earlier message, a Responses
+    client that continues a stored response), each turn built from the proxy's real answers. For each turn, the messages Anthropic gets equal the
+    door's translation of the client's; when the client's history extends the one before,
+    the request to Anthropic extends the one before (the prompt cache hits)."""
+
+    maxDiff = None
+
+    def test_claude_gets_the_clients_conversation_on_every_door(self) -> None:
+        chosen = os.environ.get("FIDELITY_SEED")
+        for seed in [int(chosen)] if chosen else FIDELITY_SEEDS:
+            for door in (ChatClient, ResponsesClient, MessagesClient):
+                with self.subTest("FIDELITY_SEED=%d replays this" % seed, door=door.path):
+                    rng = random.Random("%d %s" % (seed, door.path))
+                    self.converse(door(marker(), rng.random() < 0.5, rng))
+
+    def converse(self, client: DoorClient) -> None:
+        rng = client.rng
+        calls: List[Call] = []
+        previous: Optional[Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]] = None  # items, what Claude got
+        for number in range(FIDELITY_TURNS):
+            if number and rng.random() < 0.3:
+                self.edit_or_drop(client, rng)
+            think = "THINK\n" if client.thinking and rng.random() < 0.6 else ""
+            said = "%s%d" % (rng.choice(WORDS), number)
+            called = rng.random() < 0.4
+            directive, names = self.call_lines(rng) if called else ("SAY:" + said, [])
+            if calls:
+                outputs = ["%s in %s" % (rng.choice(WORDS), call.input.get("city")) for call in calls]
+                outputs[-1] += "\n" + think + directive
+                client.entries.append(("results", (calls, outputs, rng.choice(["", "", "Also, be brief."]))))
+            else:
+                kind = rng.choice(["plain", "several", "image"])
+                for _ in range(rng.randint(1, 2) if kind == "several" else 0):
+                    client.entries.append(("user", ["%s first" % rng.choice(WORDS)]))
+                parts: List[Any] = ["Look %s\n%s%s" % (rng.choice(WORDS), think, directive)]
+                if kind == "image":
+                    parts.insert(rng.randint(0, 1), IMAGE)
+                client.entries.append(("user", parts))
+            items = client.items()
+            stream = rng.random() < 0.5
+            before = len(self.upstream.requests)
+            response = self.request("POST", client.path, client.body(items, stream))
+            self.assertEqual(response.status, 200, response.body[:2000])
+            sent = [body for body in self.upstream.requests[before:] if client.tag in json.dumps(body["system"])]
+            self.assertEqual(len(sent), 1, "one request to Anthropic for turn %d" % number)
+            got = as_claude_got_them(sent[0])
+            self.assertEqual(self.comparable(client, got), client.reference(items), "turn %d" % number)
+            self.assertThinkingBeforeCalls(got)
+            if previous is not None and items[:len(previous[0])] == previous[0]:
+                self.assertEqual(got[:len(previous[1])], previous[1], "turn %d extends the one before" % number)
+            kept, calls, answered = client.answer(response, stream)
+            self.assertEqual(([call.name for call in calls], answered), (names, "" if called else said))
+            client.entries.append(("assistant", (kept, calls)))
+            previous = (items, got)
+
+    @staticmethod
+    def call_lines(rng: random.Random) -> Tuple[str, List[str]]:
+        """Lines that make the fake upstream call one tool, or two at once; and their names."""
+        names = rng.choice([["get_weather"], ["get_time"], ["get_weather", "get_time"]])
+        return "\n".join("CALL:%s %s" % (name, json.dumps({"city": rng.choice(CITIES)})) for name in names), names
+
+    @staticmethod
+    def edit_or_drop(client: DoorClient, rng: random.Random) -> None:
+        """Change an earlier user turn's text, or drop an earlier user turn and its plain answer."""
+        entries = client.entries
+        users = [i for i, (kind, _) in enumerate(entries[:-1]) if kind == "user"]
+        pairs = [i for i in users if i + 2 < len(entries) and entries[i + 1][0] == "assistant"
+                 and not entries[i + 1][1][1]]
+        if pairs and rng.random() < 0.5:
+            first = rng.choice(pairs)
+            del entries[first:first + 2]
+        elif users:
+            index = rng.choice(users)
+            entries[index] = ("user", [part if part is IMAGE else part + " (edited)" for part in entries[index][1]])
+
+    @staticmethod
+    def comparable(client: DoorClient, got: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """What Claude got as the client's translation reads: thinking left out where the client
+        cannot send it back (assertThinkingBeforeCalls checks it)."""
+        return [dict(message, content=[b for b in message["content"]
+                                       if b["type"] != "thinking" or client.sends_thinking_back]) for message in got]
+
+    def test_text_after_resumed_tool_results_reaches_claude_as_sent_and_the_next_turn_extends_it(self) -> None:
+        # Found by the property test: the CLI's own resume prompt, joined to that text, added a newline
+        # to it in that request only, and the next turn's request no longer extended it.
+        for then in ("SAY:Done.", "CALL:get_weather {\"city\": \"Rome\"}"):
+            tag = marker()
+            call = {"id": "call_" + tag, "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}}
+            messages = [{"role": "system", "content": tag}, user("weather?"),
+                        {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": call["id"], "content": "rain"}, user("Be brief.\n" + then)]
+            first = self.chat(*messages, tools=[WEATHER_TOOL])
+            self.assertEqual(first.status, 200, first.body)
+            message = first.json()["choices"][0]["message"]
+            messages.append({key: message[key] for key in ("role", "content", "tool_calls") if key in message})
+            messages += [{"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "SAY:ok"}] \
+                if message.get("tool_calls") else [user("SAY:ok")]
+            second = self.chat(*messages, tools=[WEATHER_TOOL])
+            self.assertEqual(second.status, 200, second.body)
+            sent = [as_claude_got_them(body) for body in self.upstream.requests if tag in json.dumps(body["system"])]
+            self.assertEqual(len(sent), 2)
+            self.assertEqual(sent[0][2], {"role": "user", "content": [result_block(call["id"], "rain"),
+                                                                      text("Be brief.\n" + then)]})
+            self.assertEqual(sent[1][:3], sent[0], then)
+
+    def assertThinkingBeforeCalls(self, got: List[Dict[str, Any]]) -> None:
+        """Each assistant message that calls tools starts with the thinking of the reply that made
+        the calls, signatures and all, whether its process was kept or the history resumed."""
+        for message in got:
+            calls = [b["id"] for b in message["content"] if b["type"] == "tool_use"]
+            if message["role"] == "assistant" and calls:
+                reply = next(r for r in self.upstream.replies if any(b.get("id") == calls[0] for b in r))
+                thinking = [b for b in reply if b["type"] == "thinking"]
+                self.assertEqual(message["content"][:len(thinking)], thinking)
+
+
+# ---------------------------------------------------------------------------
+# End to end: the official SDKs and the clients users point at the proxy
+# ---------------------------------------------------------------------------
+
+@unittest.skipIf(openai is None and not IN_CI, "the openai package is not installed (pip install openai)")
+class OpenAISdkTest(ProxyTest):
+    def client(self) -> Any:
+        return openai.OpenAI(base_url="http://127.0.0.1:%d/v1" % self.running.port,
+                             api_key="not-needed", max_retries=0)
+
+    def test_sdk_parses_a_completion_without_warnings(self) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            completion = self.client().chat.completions.create(
+                model="claude-opus-4", messages=[{"role": "user", "content": "hi"}])
+        self.assertEqual(completion.choices[0].message.content,
+                         "Hello from fake (claude-opus-4-8, 1 msgs) ")
+        self.assertEqual(completion.choices[0].finish_reason, "stop")
+        self.assertEqual(completion.usage.total_tokens, 17)
+        self.assertEqual(completion.usage.prompt_tokens_details.cached_tokens, 0)
+        self.assertEqual([str(w.message) for w in caught], [])
+
+    def test_sdk_streams_with_usage(self) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stream = self.client().chat.completions.create(
+                model="claude-sonnet-4", messages=[{"role": "user", "content": "hi"}],
+                stream=True, stream_options={"include_usage": True})
+            chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        self.assertEqual(text, "Hello from fake (claude-sonnet-5, 1 msgs) ")
+        self.assertEqual(chunks[0].choices[0].delta.role, "assistant")
+        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "stop")
+        self.assertEqual(chunks[-1].usage.completion_tokens, 7)
+        self.assertEqual([str(w.message) for w in caught], [])
+
+    def test_sdk_raises_its_own_exception_for_each_error(self) -> None:
+        client = self.client()
+        with self.assertRaises(openai.AuthenticationError) as auth:
+            client.chat.completions.create(model="claude-opus-4", messages=[
+                {"role": "user", "content": "[[fake:not-logged-in]]"}])
+        self.assertIn("/login", auth.exception.message)
+        with self.assertRaises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(bad.exception.code, "model_not_found")
+        with self.assertRaises(openai.RateLimitError):
+            client.chat.completions.create(model="claude-opus-4", messages=[
+                {"role": "user", "content": "[[fake:rate-limited-429-retrying]]"}])
+        with self.assertRaises(openai.NotFoundError):
+            client.models.retrieve("gpt-5")
+
+    def test_sdk_sees_an_error_frame_mid_stream_as_an_api_error(self) -> None:
+        stream = self.client().chat.completions.create(
+            model="claude-opus-4", messages=[{"role": "user", "content": "[[fake:crash-midstream]]"}],
+            stream=True)
+        with self.assertRaises(openai.APIError) as caught:
+            for _ in stream:
+                pass
+        self.assertIn("midway", str(caught.exception))
+
+    def test_sdk_tool_loop_streaming_and_not(self) -> None:
+        client = self.client()
+        cue = tool_turn_script("sdk-calls", after_calls="Sunny.")
+        for stream in (False, True):
+            messages: List[Any] = [{"role": "user", "content": "Weather in Paris? " + cue}]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if stream:
+                    chunks = list(client.chat.completions.create(
+                        model="claude-opus-4", messages=messages, tools=[WEATHER_TOOL], stream=True))
+                    deltas = [c.choices[0].delta for c in chunks if c.choices]
+                    parts = [call for d in deltas for call in d.tool_calls or []]
+                    call_id, name = parts[0].id, parts[0].function.name
+                    arguments = "".join(p.function.arguments or "" for p in parts)
+                    self.assertEqual(chunks[-1].choices[0].finish_reason, "tool_calls")
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [
+                        {"id": call_id, "type": "function",
+                         "function": {"name": name, "arguments": arguments}}]})
+                else:
+                    first = client.chat.completions.create(
+                        model="claude-opus-4", messages=messages, tools=[WEATHER_TOOL])
+                    self.assertEqual(first.choices[0].finish_reason, "tool_calls")
+                    call = first.choices[0].message.tool_calls[0]
+                    call_id, name, arguments = call.id, call.function.name, call.function.arguments
+                    messages.append(first.choices[0].message.model_dump(exclude_none=True))
+                self.assertEqual((name, json.loads(arguments)), ("get_weather", {"city": "Paris"}))
+                messages.append({"role": "tool", "tool_call_id": call_id, "content": "21 C"})
+                final = client.chat.completions.create(model="claude-opus-4", messages=messages,
+                                                       tools=[WEATHER_TOOL])
+            self.assertEqual(final.choices[0].message.content, "Sunny.")
+            self.assertEqual(final.choices[0].finish_reason, "stop")
+            self.assertEqual([str(w.message) for w in caught], [])
+
+    def test_sdk_reads_structured_output_and_reasoning(self) -> None:
+        cue = FAKE.script("sdk-structured", structured={"answer": 42})
+        completion = self.client().chat.completions.create(
+            model="claude-sonnet-4", messages=[{"role": "user", "content": cue}],
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {
+                "type": "object", "properties": {"answer": {"type": "integer"}}}}})
+        self.assertEqual(json.loads(completion.choices[0].message.content), {"answer": 42})
+        cue = FAKE.script("sdk-thinks", thinking=["Hmm."], text=["Yes."])
+        completion = self.client().chat.completions.create(
+            model="claude-sonnet-4", messages=[{"role": "user", "content": cue}], reasoning_effort="low")
+        self.assertEqual(completion.choices[0].message.content, "Yes.")
+        self.assertEqual(completion.choices[0].message.model_extra.get("reasoning_content"), "Hmm.")
+
+    def test_sdk_lists_models(self) -> None:
+        ids = [model.id for model in self.client().models.list()]
+        self.assertEqual(ids, [m for m, _ in proxy.MODELS])
 
 
 class ClientRuns:
@@ -10778,724 +11319,223 @@ class RealClientsTest(ProxyTest):
 
 
 # ---------------------------------------------------------------------------
-# Beside the plain path: the CLI's probe, transcripts, the reply's corners, read-back, the pool's room
+# End to end: Claude Code as a client of the Messages door
 # ---------------------------------------------------------------------------
 
-class ThinkingStoreTest(TestCase):
-    """The thinking a chat or Responses client cannot send back, kept by the calls it came before."""
-
-    def thinking(self, text: str) -> Dict[str, Any]:
-        return {"type": "thinking", "thinking": text, "signature": "sig-" + text}
-
-    def call(self, call_id: str) -> Dict[str, Any]:
-        return {"type": "tool_use", "id": call_id, "name": "get_weather", "input": {"city": call_id}}
-
-    def test_each_run_of_thinking_is_kept_under_the_call_after_it(self) -> None:
-        store = proxy.ThinkingStore()
-        store.put("sonnet", "claude-x", [self.thinking("a"), self.thinking("b"), self.call("x"), text("then"),
-                                         self.thinking("c"), self.call("y"), self.call("z"), self.thinking("after")])
-        self.assertEqual(json.loads(store.get("call:x")), [self.thinking("a"), self.thinking("b")],
-                         "two blocks, two signatures")
-        self.assertEqual(json.loads(store.get("call:y")), [self.thinking("c")])
-        self.assertIsNone(store.get("call:z"), "no thinking came right before it")
-        self.assertEqual([store.get("signature:sig-" + name) for name in ("a", "c", "after", "other")],
-                         ["claude-x", "claude-x", "claude-x", None])
-        self.assertEqual(store.get("runs:sonnet"), "claude-x")
-        store.put("opus", None, [self.thinking("d"), self.call("w")])
-        self.assertEqual([store.get(key) for key in ("call:w", "runs:opus")], [None, None],
-                         "without the model that gave it, the CLI would drop it")
-
-    def test_restore_puts_thinking_back_where_claude_gave_it_and_names_the_model(self) -> None:
-        store = proxy.ThinkingStore()
-        store.put("sonnet", "claude-x", [self.thinking("a"), text("Let me look."), self.call("x")])
-        store.put("sonnet", "claude-y", [self.thinking("b"), self.call("y"), self.thinking("c"), self.call("z")])
-        question = {"role": "user", "content": [text("weather?")]}
-        history = [question,
-                   {"role": "assistant", "content": [text("Let me look."), self.call("x")]},
-                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": []}]},
-                   {"role": "assistant", "content": [self.call("y"), self.call("z")]},
-                   {"role": "user", "content": [text("and?")]},
-                   {"role": "assistant", "content": [text("No calls, nothing kept.")]}]
-        sent = copy.deepcopy(history)
-        restored = store.restore(history, True, "sonnet")
-        self.assertEqual(restored[1], {"role": "assistant", "model": "claude-x", "content": [
-            self.thinking("a"), text("Let me look."), self.call("x")]})
-        self.assertEqual(restored[3], {"role": "assistant", "model": "claude-y", "content": [
-            self.thinking("b"), self.call("y"), self.thinking("c"), self.call("z")]})
-        self.assertEqual(restored[5], history[5])
-        self.assertEqual(restored[0::2], sent[0::2], "user messages as they were")
-        self.assertEqual(history, sent, "the client's messages are not changed")
-        self.assertEqual(store.restore(history, False, "sonnet"), history,
-                         "a client that sends thinking back gets nothing added")
-
-    def test_thinking_a_client_sends_back_is_its_own_and_names_the_model_that_gave_it(self) -> None:
-        store = proxy.ThinkingStore()
-        store.put("sonnet", "claude-x", [self.thinking("kept"), self.call("x")])
-        store.put("sonnet", "claude-y", [self.thinking("plain"), text("An answer without calls.")])
-        for insert in (True, False):
-            for message, model in (({"role": "assistant", "content": [self.thinking("kept"), self.call("x")]},
-                                    "claude-x"),
-                                   ({"role": "assistant", "content": [self.thinking("plain"), text("An answer.")]},
-                                    "claude-y")):
-                self.assertEqual(store.restore([message], insert, "opus"), [dict(message, model=model)])
-        redacted = {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "d"}, self.call("x")]}
-        self.assertEqual(store.restore([redacted], True, "sonnet"), [redacted], "nothing signed to name")
-
-    def test_thinking_it_never_saw_is_taken_for_the_model_the_cli_runs_when_that_is_known(self) -> None:
-        store = proxy.ThinkingStore()
-        unseen = {"role": "assistant", "content": [self.thinking("from before a restart"), self.call("x")]}
-        self.assertEqual(store.restore([unseen], False, "sonnet"), [unseen], "an alias: not known yet")
-        self.assertEqual(store.restore([unseen], False, "claude-opus-4-8[1m]"),
-                         [dict(unseen, model="claude-opus-4-8")], "a full id is the model")
-        store.put("sonnet", "claude-sonnet-5", [text("Any answer teaches what the alias runs as.")])
-        self.assertEqual(store.restore([unseen], False, "sonnet"), [dict(unseen, model="claude-sonnet-5")])
-
-    def test_the_store_keeps_the_newest_within_its_bounds(self) -> None:
-        store = proxy.ThinkingStore(count=3)
-        store.put("s", "m", [self.thinking("a"), self.call("a")])  # three entries: --model, signature, run
-        store.put("s", "m", [self.thinking("b"), self.call("b")])
-        self.assertEqual([store.get(key) is not None for key in ("call:a", "signature:sig-a", "call:b")],
-                         [False, False, True])
-        one = len(json.dumps([self.thinking("a")])) + len("sig-a") + 1
-        store = proxy.ThinkingStore(size=2 * one + len("sm"))
-        for call_id in "abc":
-            store.put("s", "m", [self.thinking(call_id), self.call(call_id)])
-        self.assertEqual([store.get("call:" + call_id) is not None for call_id in "abc"], [False, True, True])
-        store.put("s", "m", [self.thinking("long" * one), self.call("d")])  # larger than the whole store
-        self.assertIsNone(store.get("call:d"))
-        self.assertEqual([store.get("call:" + call_id) is not None for call_id in "bc"], [True, True],
-                         "nothing else lost")
-
-    def test_the_transcript_names_the_model_a_message_names(self) -> None:
-        history = [{"role": "user", "content": [text("q")]},
-                   {"role": "assistant", "model": "claude-x", "content": [self.thinking("a"), self.call("x")]},
-                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": []}]},
-                   {"role": "assistant", "content": [text("plain")]}]
-        entries = [json.loads(line)["message"] for line in proxy.session_transcript(history).splitlines()]
-        self.assertEqual(entries[1]["model"], "claude-x")
-        self.assertEqual(entries[1]["content"], history[1]["content"])
-        self.assertNotIn("model", entries[3])
-
-    def test_the_bounds_are_stated(self) -> None:
-        store = proxy.ThinkingStore()
-        self.assertEqual((store.count, store.size), (proxy.THINKING_STORE_COUNT, proxy.THINKING_STORE_BYTES))
+CLAUDE_CODE_SYSTEM = "You are a Claude agent, built on Anthropic's Claude Agent SDK."  # Claude Code's -p prompt
+AGENT_LISTING = "Available agent types for the Agent tool:"  # the system entry Claude Code sends in messages
 
 
-class ColdResumeThinkingTest(RealCliTest):
-    """Thinking in a history whose process is gone: nothing is kept (no pool), so every turn
-    resumes its history cold, as after the pool evicted or lost the process, or a restart."""
+@unittest.skipIf(real_claude() is None and not IN_CI, "the real claude CLI is not installed")
+class ClaudeCodeClientTest(ProxyTest):
+    """The real `claude -p`, with its default tools, as a client of the Messages door (nothing but
+    ANTHROPIC_BASE_URL and the proxy's key set); the proxy drives the real CLI too, against
+    FakeAnthropicHandler."""
 
-    settings = dict(RealCliTest.settings, pool_size=0)
+    settings = {"retry_budget": 1.5, "idle_timeout": 60.0, "timeout": 90.0, "pool_size": 0,
+                "api_key": "sk-proxy-key-for-claude-code"}
 
-    def sent(self, tag: str) -> List[List[Dict[str, Any]]]:
-        return [without_cache_marks(body["messages"]) for body in self.upstream.requests if tag in json.dumps(body)]
+    @classmethod
+    def setUpClass(cls) -> None:
+        claude = real_claude()
+        if claude is None:
+            raise AssertionError("CI must have the real claude CLI (npm install -g @anthropic-ai/claude-code)")
+        cls.claude = claude
+        cls.upstream = FakeUpstream()
+        cls.settings = dict(cls.settings, claude_bin=claude)
+        super().setUpClass()
 
-    def reply_with(self, call_id: str) -> List[Dict[str, Any]]:
-        """The content of the upstream reply that made this call."""
-        return next(reply for reply in self.upstream.replies if any(b.get("id") == call_id for b in reply))
+    @classmethod
+    def tearDownClass(cls) -> None:
+        super().tearDownClass()
+        cls.upstream.stop()
 
-    def test_a_chat_tool_loop_resumed_cold_sends_its_thinking_back_in_place(self) -> None:
-        # Fails without the ThinkingStore: the resumed history holds the tool_use alone.
+    def run_client(self, *args: str) -> Tuple[subprocess.CompletedProcess, str]:
+        """(the finished `claude -p ...` run, the directory it ran in), as a user runs it: its own
+        HOME, no subscription of its own, the proxy as its Anthropic API."""
+        cwd = os.path.realpath(tempfile.mkdtemp(prefix="claude-code-client-"))
+        home = tempfile.mkdtemp(prefix="claude-code-client-home-")
+        self.addCleanup(shutil.rmtree, cwd, True)
+        self.addCleanup(shutil.rmtree, home, True)
+        env = dict(os.environ, HOME=home, ANTHROPIC_BASE_URL="http://127.0.0.1:%d" % self.running.port,
+                   ANTHROPIC_API_KEY=self.config.api_key, CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1")
+        for name in ("CLAUDE_CODE_OAUTH_TOKEN", "CLAUDECODE"):
+            env.pop(name, None)
+        run = subprocess.run([self.claude, "-p"] + list(args), cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=180)
+        self.assertEqual(run.returncode, 0, (run.stdout[-2000:], run.stderr[-2000:]))
+        return run, cwd
+
+    def upstream_requests_for(self, tag: str) -> List[Dict[str, Any]]:
+        """The requests of the conversation that holds `tag` (Claude Code also has a title made
+        for it, in a request of its own without tools)."""
+        return [body for body in self.upstream.requests if tag in json.dumps(body["messages"])
+                and "Bash" in [tool["name"] for tool in body["tools"]]]
+
+    def assertReachedAsClaudeCodeSentIt(self, sent: Dict[str, Any], prompt: str) -> None:
+        """Claude Code's system prompt, tools and system entry reached Claude, the entry right after
+        the user's message as Claude Code put it, and no agent list of the proxy's CLI beside it."""
+        self.assertIn(CLAUDE_CODE_SYSTEM, [block["text"] for block in sent["system"]])
+        self.assertEqual([message["role"] for message in sent["messages"][:2]], ["user", "system"])
+        self.assertIn(prompt, block_text(sent["messages"][0]["content"]))
+        self.assertTrue(sent["messages"][1]["content"].startswith(AGENT_LISTING), sent["messages"][1])
+        self.assertEqual(json.dumps(sent["messages"]).count(AGENT_LISTING), 1)
+
+    def test_claude_p_answers_through_the_proxy(self) -> None:
+        prompt = "hi " + marker()
+        run, _ = self.run_client(prompt)
+        self.assertEqual(run.stdout.decode().strip(), UPSTREAM_REPLY)
+        self.assertReachedAsClaudeCodeSentIt(self.upstream_requests_for(prompt)[0], prompt)
+
+    def test_claude_p_streams_through_the_proxy(self) -> None:
+        prompt = "hi " + marker()
+        run, _ = self.run_client(prompt, "--output-format", "stream-json", "--verbose",
+                                 "--include-partial-messages")
+        events = [json.loads(line) for line in run.stdout.decode().splitlines() if line.strip()]
+        deltas = [event["event"]["delta"].get("text", "") for event in events if event["type"] == "stream_event"
+                  and event["event"]["type"] == "content_block_delta"]
+        self.assertGreater(len(deltas), 1, "the answer must arrive in pieces")
+        self.assertEqual("".join(deltas), UPSTREAM_REPLY)
+        self.assertEqual((events[-1]["type"], events[-1]["is_error"], events[-1]["result"]),
+                         ("result", False, UPSTREAM_REPLY))
+        self.assertReachedAsClaudeCodeSentIt(self.upstream_requests_for(prompt)[0], prompt)
+
+    def test_system_entries_reach_anthropic_where_the_client_put_them(self) -> None:
+        # After tool results (an interrupted turn, resumed), and before a user message (in the
+        # <system-reminder> tags Claude Code uses where no system message may stand).
         tag = marker()
-        messages: List[Dict[str, Any]] = [user("%s THINK\nCALL:get_weather {\"city\": \"Oslo\"}" % tag)]
-        first = self.chat(*messages, tools=[WEATHER_TOOL], reasoning_effort="medium")
-        self.assertEqual(first.status, 200, first.body)
-        message = first.json()["choices"][0]["message"]
-        call = message["tool_calls"][0]
-        self.assertEqual(message["reasoning_content"], "Let me think about this.")
-        messages += [message, {"role": "tool", "tool_call_id": call["id"], "content": "SAY:Sunny."}]
-        second = self.chat(*messages, tools=[WEATHER_TOOL], reasoning_effort="medium")
-        self.assertEqual(second.status, 200, second.body)
-        self.assertEqual(second.json()["choices"][0]["message"]["content"], "Sunny.")
-        sent = self.sent(tag)
-        self.assertEqual(len(sent), 2)
-        reply = self.reply_with(call["id"])
-        self.assertEqual([b["type"] for b in reply], ["thinking", "tool_use"])
-        self.assertEqual(sent[1][1], {"role": "assistant", "content": reply},
-                         "the thinking block with its signature, right before its tool_use, as Claude gave it")
-        self.assertEqual(self.running.server.core.health()["pool"]["continued"], 0, "the turn was resumed cold")
-
-    def test_a_responses_tool_loop_resumed_cold_sends_its_thinking_back_in_place(self) -> None:
-        tag = marker()
-        items: List[Dict[str, Any]] = [user("%s THINK\nCALL:get_weather {\"city\": \"Oslo\"}" % tag)]
-        body = {"model": "claude-sonnet-4", "tools": [RESPONSES_WEATHER_TOOL], "reasoning": {"effort": "medium"},
-                "store": False}
-        first = self.request("POST", "/v1/responses", dict(body, input=items))
-        self.assertEqual(first.status, 200, first.body)
-        output = first.json()["output"]
-        self.assertEqual([item["type"] for item in output], ["reasoning", "function_call"])
-        self.assertNotIn("encrypted_content", output[0], "nothing the client could send the signature back in")
-        items += output + [{"type": "function_call_output", "call_id": output[1]["call_id"], "output": "SAY:Sunny."}]
-        second = self.request("POST", "/v1/responses", dict(body, input=items))
-        self.assertEqual(second.status, 200, second.body)
-        sent = self.sent(tag)
-        self.assertEqual(sent[1][1], {"role": "assistant", "content": self.reply_with(output[1]["call_id"])})
-
-    def test_the_messages_door_passes_the_clients_thinking_on_unchanged(self) -> None:
-        # Anthropic clients send thinking back themselves: what they send is what Claude gets,
-        # and a client that leaves it out gets nothing added. Fails when the transcript names no
-        # model for the message: a resumed CLI drops signed thinking from such messages.
-        for keeps_thinking in (True, False):
-            tag = marker()
-            body = {"model": "claude-sonnet-4", "max_tokens": 2048, "tools": [MESSAGES_WEATHER_TOOL],
-                    "thinking": {"type": "enabled", "budget_tokens": 1024}}
-            messages: List[Dict[str, Any]] = [
-                {"role": "user", "content": "%s THINK\nCALL:get_weather {\"city\": \"Oslo\"}" % tag}]
-            first = self.request("POST", "/v1/messages", dict(body, messages=messages))
-            self.assertEqual(first.status, 200, first.body)
-            content = first.json()["content"]
-            self.assertEqual([b["type"] for b in content], ["thinking", "tool_use"])
-            sent_back = content if keeps_thinking else content[1:]
-            messages += [{"role": "assistant", "content": sent_back}, {"role": "user", "content": [
-                {"type": "tool_result", "tool_use_id": content[1]["id"], "content": [text("SAY:Sunny.")]}]}]
-            second = self.request("POST", "/v1/messages", dict(body, messages=messages))
-            self.assertEqual(second.status, 200, second.body)
-            self.assertEqual(self.sent(tag)[1][1], {"role": "assistant", "content": sent_back}, keeps_thinking)
-
-    def test_thinking_the_proxy_never_saw_is_kept_for_the_model_the_client_named(self) -> None:
-        # As after a restart: the store knows nothing of it, but a full model id is the model the CLI
-        # runs, so the message names it and the resumed CLI keeps the thinking.
-        tag = marker()
-        thinking = {"type": "thinking", "thinking": "Earlier.", "signature": "sig-from-before-" + tag}
-        call = {"type": "tool_use", "id": "toolu_before_" + tag, "name": "get_weather", "input": {"city": "Oslo"}}
-        response = self.request("POST", "/v1/messages", {
-            "model": "claude-sonnet-4-5-20250929", "max_tokens": 2048, "tools": [MESSAGES_WEATHER_TOOL],
-            "thinking": {"type": "enabled", "budget_tokens": 1024}, "messages": [
-                {"role": "user", "content": "weather? " + tag}, {"role": "assistant", "content": [thinking, call]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"],
-                                              "content": "SAY:Sunny."}]}]})
-        self.assertEqual(response.status, 200, response.body)
-        self.assertEqual(self.sent(tag)[0][1], {"role": "assistant", "content": [thinking, call]})
-
-
-# ---------------------------------------------------------------------------
-# Fidelity as a property: generated conversations on every door, through the real CLI
-# ---------------------------------------------------------------------------
-
-# The context reminder the CLI puts first in the first user message of every request it sends.
-CLI_DATE_REMINDER = re.compile(
-    r"<system-reminder>\nAs you answer the user's questions, you can use the following context:\n"
-    r"# currentDate\nToday's date is \d{4}-\d\d-\d\d\.\n\n      IMPORTANT: this context may or may not be "
-    r"relevant to your tasks\. You should not respond to this context unless it is highly relevant to "
-    r"your task\.\n</system-reminder>\n\n?")  # a blank line after it before a text, one before an image
-# CI runs these seeds; FIDELITY_SEED=n runs that one instead, to replay a failure it printed.
-FIDELITY_SEEDS = (1, 2, 3)
-FIDELITY_TURNS = 6  # per conversation: each seed holds one conversation on each door
-IMAGE = object()  # an image in a generated user turn (PNG_1PX)
-PNG_BLOCK = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_1PX}}
-PNG_DATA_URL = "data:image/png;base64," + PNG_1PX
-WORDS = ("apple", "river", "cloud", "stone", "maple", "comet", "harbor", "violet")
-CITIES = ("Oslo", "Rome", "Lima", "Pune")
-
-
-def as_claude_got_them(body: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The messages of a request the CLI sent, less what it adds of its own: its cache marks, and
-    its date reminder, which must stand first in the first message (and nowhere else)."""
-    messages = without_cache_marks(body["messages"])
-    first = messages[0]["content"]
-    if not (first[0]["type"] == "text" and CLI_DATE_REMINDER.fullmatch(first[0]["text"])):
-        raise AssertionError("the CLI's reminder is not where it always was: %r" % first[0])
-    if "<system-reminder>" in json.dumps(first[1:] + messages[1:]):
-        raise AssertionError("the CLI added a reminder of its own elsewhere")
-    return [dict(messages[0], content=first[1:])] + messages[1:]
-
-
-def one_message_per_role(pairs: List[Tuple[str, List[Dict[str, Any]]]]) -> List[Dict[str, Any]]:
-    """(role, blocks) in order as Anthropic takes them: a run of one role is one message, and a
-    user message holds its tool results first."""
-    messages: List[Dict[str, Any]] = []
-    for role, blocks in pairs:
-        if messages and messages[-1]["role"] == role:
-            messages[-1]["content"] += blocks
-        elif blocks:
-            messages.append({"role": role, "content": list(blocks)})
-    for message in messages:
-        content = message["content"]
-        message["content"] = [b for b in content if b["type"] == "tool_result"] + \
-            [b for b in content if b["type"] != "tool_result"]
-    return messages
-
-
-def result_block(call_id: str, output: str) -> Dict[str, Any]:
-    return {"type": "tool_result", "tool_use_id": call_id, "content": [text(output)]}
-
-
-class Call(NamedTuple):
-    id: str
-    name: str
-    input: Dict[str, Any]
-
-
-class DoorClient:
-    """One generated conversation through one door, as a client of that API holds it: user turns
-    and tool results (kept abstract, so an earlier one can be edited), and the proxy's answers
-    as the client got them. Each door says how it writes a turn, reads an answer, and what
-    Anthropic must get for its items (a reference translation of its own, not the proxy's)."""
-
-    path = ""
-    sends_thinking_back = True  # else the test leaves thinking out of what it compares
-
-    def __init__(self, tag: str, thinking: bool, rng: random.Random) -> None:
-        self.tag = tag
-        self.thinking = thinking
-        self.rng = rng
-        # ("user", [text or IMAGE, ...]) | ("results", ([Call], [output], note or "")) |
-        # ("assistant", (items as the client got them, [Call]))
-        self.entries: List[Tuple[str, Any]] = []
-
-    def items(self) -> List[Dict[str, Any]]:
-        items: List[Dict[str, Any]] = []
-        for kind, value in self.entries:
-            items += self.user(value) if kind == "user" else self.results(*value) if kind == "results" \
-                else value[0]
-        return items
-
-    def user(self, parts: List[Any]) -> List[Dict[str, Any]]:
-        raise NotImplementedError
-
-    def results(self, calls: List[Call], outputs: List[str], note: str) -> List[Dict[str, Any]]:
-        raise NotImplementedError
-
-    def body(self, items: List[Dict[str, Any]], stream: bool) -> Dict[str, Any]:
-        raise NotImplementedError
-
-    def answer(self, response: Response, stream: bool) -> Tuple[List[Dict[str, Any]], List[Call], str]:
-        """(the items the client keeps of the answer, the calls it must run, the answer's text)."""
-        raise NotImplementedError
-
-    def reference(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        raise NotImplementedError
-
-
-class ChatClient(DoorClient):
-    path = "/v1/chat/completions"
-    sends_thinking_back = False
-
-    def user(self, parts: List[Any]) -> List[Dict[str, Any]]:
-        if parts == [parts[0]] and parts[0] is not IMAGE:
-            return [user(parts[0])]
-        return [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": PNG_DATA_URL}} if part is IMAGE else
-            {"type": "text", "text": part} for part in parts]}]
-
-    def results(self, calls: List[Call], outputs: List[str], note: str) -> List[Dict[str, Any]]:
-        return [{"role": "tool", "tool_call_id": call.id, "content": output}
-                for call, output in zip(calls, outputs)] + [user(note)] * bool(note)
-
-    def body(self, items: List[Dict[str, Any]], stream: bool) -> Dict[str, Any]:
-        body = {"model": "claude-sonnet-4", "messages": [{"role": "system", "content": "Talk " + self.tag}] + items,
-                "tools": [WEATHER_TOOL, TIME_TOOL], "stream": stream}
-        return dict(body, reasoning_effort="medium") if self.thinking else body
-
-    def answer(self, response: Response, stream: bool) -> Tuple[List[Dict[str, Any]], List[Call], str]:
-        message = stream_message(response) if stream else response.json()["choices"][0]["message"]
-        message = {key: message[key] for key in ("role", "content", "tool_calls") if key in message}
-        calls = [Call(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"]))
-                 for c in message.get("tool_calls") or []]
-        return [message], calls, message["content"] or ""
-
-    def reference(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        pairs = []
-        for item in items:
-            if item["role"] == "user":
-                parts = [text(item["content"])] if isinstance(item["content"], str) else item["content"]
-                pairs.append(("user", [PNG_BLOCK if p["type"] == "image_url" else text(p["text"]) for p in parts]))
-            elif item["role"] == "tool":
-                pairs.append(("user", [result_block(item["tool_call_id"], item["content"])]))
-            else:
-                pairs.append(("assistant", [text(item["content"])] * bool(item["content"]) + [
-                    {"type": "tool_use", "id": c["id"], "name": c["function"]["name"],
-                     "input": json.loads(c["function"]["arguments"])} for c in item.get("tool_calls") or []]))
-        return one_message_per_role(pairs)
-
-
-class ResponsesClient(DoorClient):
-    path = "/v1/responses"
-
-    def __init__(self, tag: str, thinking: bool, rng: random.Random) -> None:
-        super().__init__(tag, thinking, rng)
-        # Some clients ask for reasoning sealed with its signature, and send it back; others cannot.
-        self.sealed = thinking and rng.random() < 0.5
-        self.sends_thinking_back = self.sealed
-        # Some send only what is new since the response they continue (previous_response_id).
-        self.chained = rng.random() < 0.5
-        self.sent: List[Dict[str, Any]] = []
-        self.previous: Optional[Tuple[str, List[Dict[str, Any]]]] = None  # a response, and its items
-
-    def user(self, parts: List[Any]) -> List[Dict[str, Any]]:
-        return [{"role": "user", "content": [
-            {"type": "input_image", "image_url": PNG_DATA_URL} if part is IMAGE else
-            {"type": "input_text", "text": part} for part in parts]}]
-
-    def results(self, calls: List[Call], outputs: List[str], note: str) -> List[Dict[str, Any]]:
-        return [{"type": "function_call_output", "call_id": call.id, "output": output}
-                for call, output in zip(calls, outputs)] + self.user([note]) * bool(note)
-
-    def body(self, items: List[Dict[str, Any]], stream: bool) -> Dict[str, Any]:
-        body: Dict[str, Any] = {"model": "claude-sonnet-4", "instructions": "Talk " + self.tag, "input": items,
-                                "tools": [RESPONSES_WEATHER_TOOL, dict(RESPONSES_WEATHER_TOOL, name="get_time")],
-                                "stream": stream, "store": self.chained}
-        self.sent = items
-        if self.chained and self.previous is not None and items[:len(self.previous[1])] == self.previous[1]:
-            body.update(input=items[len(self.previous[1]):], previous_response_id=self.previous[0])
-        if self.thinking:
-            body["reasoning"] = {"effort": "medium"}
-        if self.sealed:
-            body["include"] = ["reasoning.encrypted_content"]
-        return body
-
-    def answer(self, response: Response, stream: bool) -> Tuple[List[Dict[str, Any]], List[Call], str]:
-        whole = next(e["response"] for _, e in sse_events(response) if e["type"] == "response.completed") \
-            if stream else response.json()
-        output = whole["output"]
-        self.previous = (whole["id"], self.sent + output)
-        calls = [Call(i["call_id"], i["name"], json.loads(i["arguments"])) for i in output
-                 if i["type"] == "function_call"]
-        said = "".join(p["text"] for i in output if i["type"] == "message" for p in i["content"])
-        return output, calls, said
-
-    def reference(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        pairs = []
-        for item in items:
-            kind = item.get("type", "message")
-            if kind == "message" and item["role"] == "user":
-                pairs.append(("user", [PNG_BLOCK if p["type"] == "input_image" else text(p["text"])
-                                       for p in item["content"]]))
-            elif kind == "message":
-                pairs.append(("assistant", [text(p["text"]) for p in item["content"]]))
-            elif kind == "function_call":
-                pairs.append(("assistant", [{"type": "tool_use", "id": item["call_id"], "name": item["name"],
-                                             "input": json.loads(item["arguments"])}]))
-            elif kind == "function_call_output":
-                pairs.append(("user", [result_block(item["call_id"], item["output"])]))
-            elif "encrypted_content" in item:  # reasoning, sealed: Claude's thinking again
-                pairs.append(("assistant", [{"type": "thinking", "thinking": item["summary"][0]["text"],
-                                             "signature": item["encrypted_content"].split(":", 1)[1]}]))
-        return one_message_per_role(pairs)
-
-
-class MessagesClient(DoorClient):
-    path = "/v1/messages"
-
-    def user(self, parts: List[Any]) -> List[Dict[str, Any]]:
-        if parts == [parts[0]] and parts[0] is not IMAGE:
-            return [user(parts[0])]
-        return [{"role": "user", "content": [PNG_BLOCK if part is IMAGE else text(part) for part in parts]}]
-
-    def results(self, calls: List[Call], outputs: List[str], note: str) -> List[Dict[str, Any]]:
-        return [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": output}
-                                             for call, output in zip(calls, outputs)] + [text(note)] * bool(note)}]
-
-    def body(self, items: List[Dict[str, Any]], stream: bool) -> Dict[str, Any]:
-        body = {"model": "claude-sonnet-4", "max_tokens": 2048, "system": "Talk " + self.tag, "messages": items,
-                "tools": [MESSAGES_WEATHER_TOOL, dict(MESSAGES_WEATHER_TOOL, name="get_time")], "stream": stream}
-        return dict(body, thinking={"type": "enabled", "budget_tokens": 1024}) if self.thinking else body
-
-    def answer(self, response: Response, stream: bool) -> Tuple[List[Dict[str, Any]], List[Call], str]:
-        content = streamed_content(sse_events(response)) if stream else response.json()["content"]
-        calls = [Call(b["id"], b["name"], b["input"]) for b in content if b["type"] == "tool_use"]
-        return [{"role": "assistant", "content": content}], calls, \
-            "".join(b["text"] for b in content if b["type"] == "text")
-
-    def reference(self, items: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        def block(b: Dict[str, Any]) -> Dict[str, Any]:
-            if b["type"] == "tool_result":
-                return result_block(b["tool_use_id"], b["content"])
-            return {key: b[key] for key in ("type", "id", "name", "input", "text", "thinking", "signature", "source")
-                    if key in b}
-        return one_message_per_role([(item["role"], [text(item["content"])] if isinstance(item["content"], str)
-                                      else [block(b) for b in item["content"]]) for item in items])
-
-
-class FidelityPropertyTest(RealCliTest):
-    """Claude gets exactly the client's conversation, in its order, on every door: generated
-    conversations (plain turns, several user messages in a row, images, tool rounds with
-    parallel calls, thinking, a client that edits or drops an earlier message, a Responses
-    client that continues a stored response), each turn built from the proxy's real answers. For each turn, the messages Anthropic gets equal the
-    door's translation of the client's; when the client's history extends the one before,
-    the request to Anthropic extends the one before (the prompt cache hits)."""
-
-    maxDiff = None
-
-    def test_claude_gets_the_clients_conversation_on_every_door(self) -> None:
-        chosen = os.environ.get("FIDELITY_SEED")
-        for seed in [int(chosen)] if chosen else FIDELITY_SEEDS:
-            for door in (ChatClient, ResponsesClient, MessagesClient):
-                with self.subTest("FIDELITY_SEED=%d replays this" % seed, door=door.path):
-                    rng = random.Random("%d %s" % (seed, door.path))
-                    self.converse(door(marker(), rng.random() < 0.5, rng))
-
-    def converse(self, client: DoorClient) -> None:
-        rng = client.rng
-        calls: List[Call] = []
-        previous: Optional[Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]] = None  # items, what Claude got
-        for number in range(FIDELITY_TURNS):
-            if number and rng.random() < 0.3:
-                self.edit_or_drop(client, rng)
-            think = "THINK\n" if client.thinking and rng.random() < 0.6 else ""
-            said = "%s%d" % (rng.choice(WORDS), number)
-            called = rng.random() < 0.4
-            directive, names = self.call_lines(rng) if called else ("SAY:" + said, [])
-            if calls:
-                outputs = ["%s in %s" % (rng.choice(WORDS), call.input.get("city")) for call in calls]
-                outputs[-1] += "\n" + think + directive
-                client.entries.append(("results", (calls, outputs, rng.choice(["", "", "Also, be brief."]))))
-            else:
-                kind = rng.choice(["plain", "several", "image"])
-                for _ in range(rng.randint(1, 2) if kind == "several" else 0):
-                    client.entries.append(("user", ["%s first" % rng.choice(WORDS)]))
-                parts: List[Any] = ["Look %s\n%s%s" % (rng.choice(WORDS), think, directive)]
-                if kind == "image":
-                    parts.insert(rng.randint(0, 1), IMAGE)
-                client.entries.append(("user", parts))
-            items = client.items()
-            stream = rng.random() < 0.5
-            before = len(self.upstream.requests)
-            response = self.request("POST", client.path, client.body(items, stream))
-            self.assertEqual(response.status, 200, response.body[:2000])
-            sent = [body for body in self.upstream.requests[before:] if client.tag in json.dumps(body["system"])]
-            self.assertEqual(len(sent), 1, "one request to Anthropic for turn %d" % number)
-            got = as_claude_got_them(sent[0])
-            self.assertEqual(self.comparable(client, got), client.reference(items), "turn %d" % number)
-            self.assertThinkingBeforeCalls(got)
-            if previous is not None and items[:len(previous[0])] == previous[0]:
-                self.assertEqual(got[:len(previous[1])], previous[1], "turn %d extends the one before" % number)
-            kept, calls, answered = client.answer(response, stream)
-            self.assertEqual(([call.name for call in calls], answered), (names, "" if called else said))
-            client.entries.append(("assistant", (kept, calls)))
-            previous = (items, got)
-
-    @staticmethod
-    def call_lines(rng: random.Random) -> Tuple[str, List[str]]:
-        """Lines that make the fake upstream call one tool, or two at once; and their names."""
-        names = rng.choice([["get_weather"], ["get_time"], ["get_weather", "get_time"]])
-        return "\n".join("CALL:%s %s" % (name, json.dumps({"city": rng.choice(CITIES)})) for name in names), names
-
-    @staticmethod
-    def edit_or_drop(client: DoorClient, rng: random.Random) -> None:
-        """Change an earlier user turn's text, or drop an earlier user turn and its plain answer."""
-        entries = client.entries
-        users = [i for i, (kind, _) in enumerate(entries[:-1]) if kind == "user"]
-        pairs = [i for i in users if i + 2 < len(entries) and entries[i + 1][0] == "assistant"
-                 and not entries[i + 1][1][1]]
-        if pairs and rng.random() < 0.5:
-            first = rng.choice(pairs)
-            del entries[first:first + 2]
-        elif users:
-            index = rng.choice(users)
-            entries[index] = ("user", [part if part is IMAGE else part + " (edited)" for part in entries[index][1]])
-
-    @staticmethod
-    def comparable(client: DoorClient, got: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """What Claude got as the client's translation reads: thinking left out where the client
-        cannot send it back (assertThinkingBeforeCalls checks it)."""
-        return [dict(message, content=[b for b in message["content"]
-                                       if b["type"] != "thinking" or client.sends_thinking_back]) for message in got]
-
-    def test_text_after_resumed_tool_results_reaches_claude_as_sent_and_the_next_turn_extends_it(self) -> None:
-        # Found by the property test: the CLI's own resume prompt, joined to that text, added a newline
-        # to it in that request only, and the next turn's request no longer extended it.
-        for then in ("SAY:Done.", "CALL:get_weather {\"city\": \"Rome\"}"):
-            tag = marker()
-            call = {"id": "call_" + tag, "type": "function",
-                    "function": {"name": "get_weather", "arguments": json.dumps({"city": "Oslo"})}}
-            messages = [{"role": "system", "content": tag}, user("weather?"),
-                        {"role": "assistant", "content": None, "tool_calls": [call]},
-                        {"role": "tool", "tool_call_id": call["id"], "content": "rain"}, user("Be brief.\n" + then)]
-            first = self.chat(*messages, tools=[WEATHER_TOOL])
-            self.assertEqual(first.status, 200, first.body)
-            message = first.json()["choices"][0]["message"]
-            messages.append({key: message[key] for key in ("role", "content", "tool_calls") if key in message})
-            messages += [{"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "SAY:ok"}] \
-                if message.get("tool_calls") else [user("SAY:ok")]
-            second = self.chat(*messages, tools=[WEATHER_TOOL])
-            self.assertEqual(second.status, 200, second.body)
-            sent = [as_claude_got_them(body) for body in self.upstream.requests if tag in json.dumps(body["system"])]
-            self.assertEqual(len(sent), 2)
-            self.assertEqual(sent[0][2], {"role": "user", "content": [result_block(call["id"], "rain"),
-                                                                      text("Be brief.\n" + then)]})
-            self.assertEqual(sent[1][:3], sent[0], then)
-
-    def assertThinkingBeforeCalls(self, got: List[Dict[str, Any]]) -> None:
-        """Each assistant message that calls tools starts with the thinking of the reply that made
-        the calls, signatures and all, whether its process was kept or the history resumed."""
-        for message in got:
-            calls = [b["id"] for b in message["content"] if b["type"] == "tool_use"]
-            if message["role"] == "assistant" and calls:
-                reply = next(r for r in self.upstream.replies if any(b.get("id") == calls[0] for b in r))
-                thinking = [b for b in reply if b["type"] == "thinking"]
-                self.assertEqual(message["content"][:len(thinking)], thinking)
-
-
-class InterruptedTurnTest(TestCase):
-    """A turn resumed with its tool results: a text after them ends it as the CLI's resume prompt."""
-
-    def history(self, *after: Dict[str, Any]) -> List[Dict[str, Any]]:
-        return [{"role": "user", "content": [text("q")]},
-                {"role": "assistant", "content": [{"type": "tool_use", "id": "x", "name": "f", "input": {}}]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": []}] + list(after)}]
-
-    def test_a_text_after_the_results_is_the_prompt(self) -> None:
-        history = self.history(text("Be brief."))
-        self.assertEqual(proxy.interrupted_turn(history), (self.history(), "Be brief."))
-        launch = proxy.cli_launch("claude", chat_turn()[0], config(), history, interrupted=True)
-        self.assertEqual(dict(launch.env)["CLAUDE_CODE_RESUME_PROMPT"], "Be brief.")
-        self.assertNotIn("Be brief.", launch.session[1], "not in the transcript too")
-
-    def test_anything_else_stays_in_the_history_and_the_prompt_is_blank(self) -> None:
-        for after in ([], [text("a"), text("b")], [text("a"), PNG_BLOCK], [text("nul \x00")], [text("/compact")],
-                      [text("x" * (proxy.RESUME_PROMPT_LIMIT + 1))]):
-            history = self.history(*after)
-            self.assertEqual(proxy.interrupted_turn(history), (history, " "), str(after)[:60])
-
-    def test_system_entries_after_the_results_stay_after_the_turn_whose_text_is_the_prompt(self) -> None:
-        # Claude Code sends "The user sent a new message while you were working" right after results.
-        entry = {"role": "system", "content": [text("Hooks said so.")]}
-        history = self.history(text("Be brief.")) + [entry]
-        launch = proxy.cli_launch("claude", chat_turn()[0], config(), history, interrupted=True)
-        self.assertEqual(dict(launch.env)["CLAUDE_CODE_RESUME_PROMPT"], "Be brief.")
-        lines = [json.loads(line) for line in launch.session[1].splitlines()]
-        self.assertEqual(lines[-1]["attachment"]["response"], {"systemMessage": "Hooks said so."},
-                         "the entry as it was, last, and no empty one")
-        self.assertEqual(lines[-2]["message"]["content"], self.history()[-1]["content"])
-
-    def test_a_text_starting_with_a_slash_ends_the_transcript_followed_by_an_empty_text(self) -> None:
-        # The CLI would run it as one of its commands, as the prompt or as the turn's last block.
-        for history in (self.history(text("/compact")), [{"role": "system", "content": [text("Agents.")]},
-                                                         {"role": "user", "content": [text("/2024")]}]):
-            launch = proxy.cli_launch("claude", chat_turn()[0], config(), history, interrupted=True)
-            self.assertEqual(dict(launch.env)["CLAUDE_CODE_RESUME_PROMPT"], " ")
-            last = json.loads(launch.session[1].splitlines()[-1])
-            self.assertEqual(last["message"]["content"], history[-1]["content"] + [text("")])
-
-
-class NativeSupportTest(TestCase):
-    """A `claude` too old for the control protocol is found out at start and named, not run blind."""
-
-    def test_a_cli_without_the_control_protocol_is_a_503_with_the_upgrade_to_make(self) -> None:
-        old = os.path.join(tempfile.mkdtemp(prefix="old-claude-"), "claude")
-        self.addCleanup(shutil.rmtree, os.path.dirname(old), True)
-        with open(old, "w") as f:
-            f.write("#!/bin/sh\n[ \"$1\" = --version ] && echo '1.0.0 (Claude Code)'\nexit 0\n")
-        os.chmod(old, 0o755)
-        with self.assertLogs("claude_max_proxy", "WARNING") as logs:  # the probe starts with the server
-            running_server = RunningServer(claude_bin=old)
-            self.addCleanup(running_server.stop)
-            self.assertTrue(wait_until(lambda: running_server.server.core.health()["claude"]["native"] is False))
-        self.assertIn("cannot take a conversation natively", "\n".join(logs.output))
-        response = post_chat(running_server.port, {"messages": [user("hi")]})
-        self.assertEqual(response.status, 503, response.body)
-        self.assertEqual(response.json()["error"]["code"], "claude_unsupported")
-        self.assertIn("npm install -g @anthropic-ai/claude-code@latest", response.json()["error"]["message"])
-        check = proxy.check_claude(proxy.System(), proxy.Config(claude_bin=old))
-        self.assertEqual(check.level, "FAIL")
-        self.assertIn("control protocol", check.message)
-
-    def test_the_fake_passes_the_probe(self) -> None:
-        self.assertEqual(proxy.Probes().probe(FAKE.path).result, proxy.ProbeResult(None, logged_in=True))
-
-
-class SessionTranscriptTest(TestCase):
-    """A resumed conversation's transcript is private, lives only as long as its process, and a
-    crashed proxy's are swept."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.config_dir = tempfile.mkdtemp(prefix="claude-config-")
-        self.addCleanup(shutil.rmtree, self.config_dir, True)
-
-    def test_the_transcript_is_written_owner_only_where_the_cli_looks_and_removed_with_the_process(self) -> None:
-        env = dict(os.environ, CLAUDE_CONFIG_DIR=self.config_dir)
-        session = ("5e55f00d-0000-4000-8000-000000000001", proxy.session_transcript([user("hi")]))
-        process = proxy.ClaudeProcess(proxy.Launch(("sleep", "30"), tuple(env.items()), session))
-        path = process.session_path
-        project = os.path.dirname(path)
-        self.assertEqual(os.path.dirname(project), os.path.join(self.config_dir, "projects"))
-        self.assertEqual(os.path.basename(project),
-                         re.sub(r"[^A-Za-z0-9]", "-", os.path.realpath(process.workdir)))
-        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
-        self.assertEqual(os.stat(project).st_mode & 0o777, 0o700)
-        with open(path) as f:
-            self.assertEqual(f.read(), session[1])
-        process.close()
-        self.assertFalse(os.path.exists(project))
-        self.assertFalse(os.path.exists(process.workdir))
-
-    def test_transcripts_of_a_dead_proxy_are_swept_and_those_of_live_ones_kept(self) -> None:
-        dead = subprocess.Popen(["true"])
-        dead.wait()
-        root = tempfile.mkdtemp(prefix="sweep-root-")
-        self.addCleanup(shutil.rmtree, root, True)
-        projects = os.path.join(self.config_dir, "projects")
-        left = os.path.join(projects, "-private-tmp-claude-proxy-%d-ab-cd" % dead.pid)
-        kept = os.path.join(projects, "-private-tmp-claude-proxy-%d-ef" % os.getpid())
-        mine = os.path.join(projects, "-Users-me-src-app")  # the user's own projects are never touched
-        for path in (left, kept, mine):
-            os.makedirs(path)
-        self.assertEqual(proxy.remove_abandoned_workdirs(root, projects), 1)
-        self.assertFalse(os.path.exists(left))
-        self.assertTrue(os.path.exists(kept) and os.path.exists(mine))
-
-
-class EchoTest(ProxyTest):
-    settings = dict(ProxyTest.settings, pool_size=2)
-
-    def test_a_reply_the_door_cannot_read_back_is_answered_and_not_kept(self) -> None:
-        failing = mock.patch.object(proxy.ChatDoor, "echo", side_effect=proxy.invalid("unreadable", "echo"))
-        for stream in (False, True):
-            with failing, self.assertLogs("claude_max_proxy", "WARNING") as logs:
-                response = self.say("hello %s" % marker(), stream=stream)
+        call = {"type": "tool_use", "id": "toolu_sys_1", "name": "get_weather", "input": {"city": "Paris"}}
+        messages = [user("weather? " + tag), {"role": "system", "content": "Agents " + tag},
+                    {"role": "assistant", "content": [call]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"],
+                                                  "content": "sunny"}]},
+                    {"role": "system", "content": "Skills " + tag}]
+        before_user = [user("hi " + tag), {"role": "assistant", "content": "Hello."},
+                       {"role": "system", "content": "Agents " + tag}, user("next " + tag)]
+        for sent, expected in (
+                (messages, [("user", ["weather? " + tag]), ("system", "Agents " + tag), ("assistant", ["tool_use"]),
+                            ("user", ["tool_result"]), ("system", "Skills " + tag)]),
+                (before_user, [("user", ["hi " + tag]), ("assistant", ["Hello."]),
+                               ("user", ["<system-reminder>\nAgents %s\n</system-reminder>" % tag, "next " + tag])])):
+            count = len(self.upstream.requests)
+            response = self.request("POST", "/v1/messages", {
+                "model": "claude-sonnet-4", "max_tokens": 100, "messages": sent, "tools": [MESSAGES_WEATHER_TOOL]},
+                headers={"X-Api-Key": self.config.api_key})
             self.assertEqual(response.status, 200, response.body)
-            answer = stream_text(response) if stream else response.json()["choices"][0]["message"]["content"]
-            self.assertTrue(answer.startswith("Hello from fake"), answer)
-            self.assertIn("not kept for its next turn", "\n".join(logs.output))
-            self.assertEqual(self.running.server.core.health()["pool"]["conversations"], 0)
+            upstream = self.upstream.requests[count]["messages"]
+            self.assertEqual([(m["role"], m["content"] if isinstance(m["content"], str) else
+                               [b.get("text", b["type"]) for b in m["content"] if "currentDate" not in b.get("text", "")])
+                              for m in upstream], expected)  # (the CLI's own date reminder aside)
 
-
-class PoolRoomTest(TestCase):
-    def test_conversations_nobody_continues_never_crowd_out_the_pre_started_process(self) -> None:
-        running_server = RunningServer(pool_size=2)
-        self.addCleanup(running_server.stop)
-
-        def pool() -> Dict[str, int]:
-            return running_server.server.core.health()["pool"]
-
-        for n in range(4):  # four one-off conversations, each kept after its answer
-            self.assertTrue(wait_until(lambda: pool()["size"] - pool()["conversations"] == 1, timeout=10),
-                            "a pre-started process waits again before request %d" % n)
-            response = post_chat(running_server.port, {"messages": [user("one-off %d %s" % (n, marker()))]})
-            self.assertEqual(response.status, 200, response.body)
-            self.assertLessEqual(pool()["conversations"], 1, "kept conversations leave a place free")
-        self.assertEqual(pool()["hits"], 4)
-
-    def test_a_conversation_kept_while_a_process_starts_never_overfills_the_pool(self) -> None:
-        pool = proxy.WarmPool(1, 300.0)
-        self.addCleanup(pool.close)
-        started = threading.Event()
-        go_on = threading.Event()
-        real_start = proxy.start_claude
-        created: List[Any] = []
-
-        def slow_start(launch: Any, lifeline: Any = None) -> Any:
-            started.set()
-            go_on.wait(10)
-            created.append(real_start(launch, lifeline))
-            return created[-1]
-
-        with mock.patch.object(proxy, "start_claude", slow_start):
-            pool.prewarm(proxy.Launch(("sleep", "60"), tuple(os.environ.items())))
-            self.assertTrue(started.wait(10))
-            kept = proxy.ClaudeProcess(proxy.Launch(("sleep", "60"), tuple(os.environ.items())))
-            self.assertTrue(pool.keep("conversation:x", kept, proxy.Session([])))
-            go_on.set()
-            # The start is over once its process waits in the pool or was closed.
-            self.assertTrue(wait_until(lambda: created and (
-                created[0].closed or any(w.process is created[0] for w in pool._idle))))
-        self.assertLessEqual(pool.stats()["size"], 1)
+    def test_claude_code_runs_its_bash_tool_and_the_answer_comes_back(self) -> None:
+        # Claude calls Bash; the client's claude runs it in its own directory (pwd proves which
+        # directory ran it: the proxy's CLI runs in a directory of its own, and has no Bash).
+        command = {"command": "pwd > ran-here.txt", "description": "note where this ran " + marker()}
+        run, cwd = self.run_client("CALL:Bash " + json.dumps(command), "--allowedTools", "Bash",
+                                   "--output-format", "stream-json", "--verbose")
+        with open(os.path.join(cwd, "ran-here.txt")) as f:
+            self.assertEqual(f.read().strip(), cwd)
+        events = [json.loads(line) for line in run.stdout.decode().splitlines() if line.strip()]
+        self.assertEqual(events[-1]["result"], UPSTREAM_REPLY)
+        calls = [block for event in events if event["type"] == "assistant"
+                 for block in event["message"]["content"] if block["type"] == "tool_use"]
+        self.assertEqual([(call["name"], call["input"]) for call in calls], [("Bash", command)])
+        sent = self.upstream_requests_for(command["description"])
+        self.assertReachedAsClaudeCodeSentIt(sent[0], "CALL:Bash")
+        last = sent[-1]["messages"]
+        self.assertEqual([message["role"] for message in last], ["user", "system", "assistant", "user"])
+        self.assertEqual(last[2]["content"][-1]["id"], calls[0]["id"])
+        self.assertEqual([(block["type"], block["tool_use_id"]) for block in last[3]["content"]],
+                         [("tool_result", calls[0]["id"])])
 
 
 # ---------------------------------------------------------------------------
-# Benchmark: `python3 test_proxy.py bench` (never part of the test run)
+# End to end: the status page in a real browser
+# ---------------------------------------------------------------------------
+
+# Headless Chromium, from the distribution's packages (CI installs it; see .ci/run).
+CHROMIUM = next((path for path in map(shutil.which, ("chromium", "chromium-browser")) if path), None)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--virtual-time-budget=5000"]
+
+
+@unittest.skipUnless(CHROMIUM or IN_CI, "no chromium on PATH (Debian: apt-get install chromium)")
+class StatusPageBrowserTest(TestCase):
+    """The page in a real browser: its script runs under the page's policy, and it shows what the twin says."""
+
+    def browse(self, port: int, *flags: str) -> str:
+        """What Chromium prints for the page at / once its script ran for 5 s of virtual time."""
+        self.assertIsNotNone(CHROMIUM, "CI must install chromium")
+        profile = tempfile.mkdtemp(prefix="chromium-profile-")
+        self.addCleanup(shutil.rmtree, profile, True)
+        browser = subprocess.Popen([CHROMIUM] + CHROMIUM_FLAGS + ["--user-data-dir=" + profile] + list(flags)
+                                   + ["http://127.0.0.1:%d/" % port], stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            out, _ = browser.communicate(timeout=90)
+        finally:
+            if browser.poll() is None:
+                os.killpg(browser.pid, signal.SIGKILL)
+                browser.wait()
+        return out.decode("utf-8", "replace")
+
+    def screenshot(self, port: int, name: str) -> None:
+        """Keep a picture of the page, in $CLAUDE_PROXY_SCREENSHOT_DIR when set (CI sets it)."""
+        folder = os.environ.get("CLAUDE_PROXY_SCREENSHOT_DIR") or tempfile.mkdtemp(prefix="status-page-")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            os.remove(path)  # a picture of an earlier run proves nothing
+        self.browse(port, "--screenshot=" + path, "--window-size=1280,900")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+    def test_the_page_shows_what_the_twin_says_after_real_requests(self) -> None:
+        running_server = RunningServer()
+        try:
+            port = running_server.port
+            observe(running_server.server.core.limits, limit_event("subscriber-warning-seven-day", resets_in=86400))
+            tag = marker()
+            for body in ({"model": "claude-sonnet-4", "messages": [user("first %s" % tag)]},
+                         {"model": "claude-sonnet-4", "stream": True, "messages": [user("second %s" % tag)]},
+                         {"model": "gpt-nonesuch", "messages": [user("third %s" % tag)]}):
+                http_request(port, "POST", "/v1/chat/completions", body)
+            report = wait_for_records(port, 3)
+            logger = logging.getLogger("claude_max_proxy")
+            with self.assertLogs(logger, level="INFO") as logs:
+                dom = self.browse(port, "--dump-dom")
+            fetched = [line for line in logs.output if re.search(r" GET / 200 ", line)]
+            self.assertGreaterEqual(len(fetched), 2, "the page's script fetched it again")
+            self.assertIn('<main id="page">', dom)
+            self.assertIn("<b>weekly limit</b><span>81% used</span>", dom)
+            self.assertRegex(dom, r'data-reset="\d+">resets in 23h 59m')
+            self.assertIn(report["claude"]["version"], dom)
+            self.assertIn("pid %d" % report["pid"], dom)
+            for row in report["requests"]:
+                self.assertIn(count_cells(row), dom)
+            times = re.findall(r'<time datetime="([^"]+)">([^<]+)</time>', dom)
+            self.assertEqual([iso for iso, _ in times], [r["time"] for r in report["recent_requests"]])
+            self.assertNotIn(tag, dom)
+            self.assertNotRegex(dom, r"<body[^>]*stale", "every fetch of the page succeeded")
+            self.screenshot(port, "status-page.png")
+        finally:
+            running_server.stop()
+
+    def test_with_a_key_the_page_shows_the_key_form(self) -> None:
+        running_server = RunningServer(api_key="browser-key")
+        try:
+            dom = self.browse(running_server.port, "--dump-dom")
+            self.assertIn('<main id="page" data-key="required">', dom)
+            self.assertIn('<form id="key-form">', dom)
+            self.assertNotIn("Last %d requests" % proxy.RECENT_REQUESTS, dom)
+            self.screenshot(running_server.port, "status-page-key.png")
+        finally:
+            running_server.stop()
+
+
+# ---------------------------------------------------------------------------
+# Benchmark: `python3 test_proxy.py bench` (never part of the test run), and the recorded client requests
 # ---------------------------------------------------------------------------
 
 BENCH_BODY = {"model": "claude-sonnet-4", "stream": True,
