@@ -5053,7 +5053,7 @@ def format_duration(seconds: float) -> str:
 
 
 # What the page and `status` both say, in the same words: from a status report (see
-# ProxyServer.status_report; /health's fields, and what the twin adds, each may be missing).
+# Core.status_report; /health's fields, and what the twin adds, each may be missing).
 
 def window_fill(window: Dict[str, Any]) -> Optional[float]:
     """How full a usage window's bar is, 0..1; None when Anthropic did not say (it sends the
@@ -5646,7 +5646,7 @@ def error_reply_for(target: str, headers: Any) -> ErrorReply:
 
 class ProxyHandler(BaseHTTPRequestHandler):
     """HTTP only: reads and frames a request, checks where it comes from and its key, routes
-    it, and writes the answer; each turn of a door goes to answer_turn."""
+    it by the ROUTES table, and writes the answer; each turn of a door goes to the core."""
 
     protocol_version = "HTTP/1.1"
     # Seconds a connection may wait for a request to begin, and then for all of it
