@@ -5540,35 +5540,38 @@ def route_path(target: str) -> str:
 
 
 # The routes: a path (after /v1, which may be left out) -> method -> the name of the handler's
-# method that answers it (ProxyHandler._<name>). HEAD answers like GET, without the body.
+# method that answers it (ProxyHandler._<name>). HEAD answers like GET, without the body; only a
+# POST, a turn or a count, reads a body. The page is at / alone, not at /v1; HEAD / is also
+# Claude Code's check of the connection.
 ROUTES: Dict[str, Dict[str, str]] = {
     "/health": {"GET": "health", "HEAD": "health"},
     "/models": {"GET": "list_models", "HEAD": "list_models"},
-    "/models/{id}": {"GET": "get_model", "HEAD": "get_model"},
     "/chat/completions": {"POST": "chat_completions"},
     "/responses": {"POST": "responses"},
-    "/responses/{id}": {"GET": "get_response", "HEAD": "get_response", "DELETE": "delete_response"},
     "/messages": {"POST": "messages"},
     "/messages/count_tokens": {"POST": "count_tokens"},
     "/status": {"GET": "status_report", "HEAD": "status_report"},
-    # The page is at / alone, not at /v1. HEAD / is also Claude Code's check of the connection.
     "/": {"GET": "status_page", "HEAD": "status_page"},
 }
-BODY_READERS = ("chat_completions", "responses", "messages", "count_tokens")  # the rest have no body
+# Routes whose path goes on with an id, the handler's argument: (prefix, may the id hold a slash,
+# methods). A model id may ("anthropic/claude-..."); a response id may not.
+ID_ROUTES: Tuple[Tuple[str, bool, Dict[str, str]], ...] = (
+    ("/models/", True, {"GET": "get_model", "HEAD": "get_model"}),
+    ("/responses/", False, {"GET": "get_response", "HEAD": "get_response", "DELETE": "delete_response"}),
+)
 
 
 def find_route(path: str, page: bool) -> Tuple[Optional[Dict[str, str]], Optional[str]]:
-    """A route's methods and its {id} argument for a path from route_path; (None, None) when no
-    route has it. `page`: the request's target was / itself, where the status page is. A model id
-    may hold slashes; a response id may not."""
+    """A route's methods and its id argument for a path from route_path; (None, None) when no
+    route has it. `page`: the request's target was / itself, where the status page is."""
     if path == "/" and not page:
         return None, None
     if path in ROUTES:
         return ROUTES[path], None
-    for prefix, slashes in (("/models/", True), ("/responses/", False)):
+    for prefix, slashes, methods in ID_ROUTES:
         argument = path[len(prefix):]
         if path.startswith(prefix) and argument and (slashes or "/" not in argument):
-            return ROUTES[prefix + "{id}"], argument
+            return methods, argument
     return None, None
 
 
@@ -5758,7 +5761,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except ProxyError:
             self._discard_body()  # an unread body would be taken for the next request
             raise
-        if name not in BODY_READERS:
+        if method != "POST":
             self._discard_body()
         getattr(self, "_" + name)(*(() if argument is None else (argument,)))
 
@@ -5862,15 +5865,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- turns: each door's requests --------------------------------------------
 
     def _chat_completions(self) -> None:
-        self._answer_turn("chat")
+        self._turn("chat")
 
     def _responses(self) -> None:
-        self._answer_turn("responses")
+        self._turn("responses")
 
     def _messages(self) -> None:
-        self._answer_turn("messages")
+        self._turn("messages")
 
-    def _answer_turn(self, door: str) -> None:
+    def _turn(self, door: str) -> None:
         self.server.core.answer(door, self._read_json_text, HttpSink(self), self.record)
 
     def _count_tokens(self) -> None:

@@ -7832,22 +7832,22 @@ class RouteTableTest(TestCase):
     """Which route a path names, with /v1 before it or not."""
 
     def test_paths_find_their_routes_and_arguments(self) -> None:
+        models, responses = (methods for _, _, methods in proxy.ID_ROUTES)
         self.assertEqual(proxy.find_route("/chat/completions", page=False), (proxy.ROUTES["/chat/completions"], None))
         self.assertEqual(proxy.find_route("/models/anthropic/claude-opus-4", page=False),
-                         (proxy.ROUTES["/models/{id}"], "anthropic/claude-opus-4"))
-        self.assertEqual(proxy.find_route("/responses/resp_1", page=False),
-                         (proxy.ROUTES["/responses/{id}"], "resp_1"))
+                         (models, "anthropic/claude-opus-4"))
+        self.assertEqual(proxy.find_route("/responses/resp_1", page=False), (responses, "resp_1"))
+        self.assertEqual(proxy.find_route("/responses/{id}", page=False), (responses, "{id}"))
         self.assertEqual(proxy.find_route("/responses/resp_1/input_items", page=False), (None, None))
         self.assertEqual(proxy.find_route("/", page=True), (proxy.ROUTES["/"], None))
         self.assertEqual(proxy.find_route("/", page=False), (None, None), "the page is not at /v1")
         self.assertEqual(proxy.find_route("/models/", page=False), (None, None))
         self.assertEqual(proxy.route_path("/v1/models/x?beta=true"), "/models/x")
 
-    def test_every_route_has_its_handler_and_only_turns_read_a_body(self) -> None:
-        for methods in proxy.ROUTES.values():
-            for method, name in methods.items():
+    def test_every_route_has_its_handler(self) -> None:
+        for methods in list(proxy.ROUTES.values()) + [methods for _, _, methods in proxy.ID_ROUTES]:
+            for name in methods.values():
                 self.assertTrue(callable(getattr(proxy.ProxyHandler, "_" + name, None)), name)
-                self.assertEqual(name in proxy.BODY_READERS, method == "POST", name)
 
 
 class RoutesTest(ProxyTest):
@@ -7892,6 +7892,11 @@ class RoutesTest(ProxyTest):
         self.assertEqual((head.status, head.body), (200, b""))
         self.assertGreater(int(head.headers["Content-Length"]), 0)
         self.assertError(self.request("DELETE", "/v1/models"), 405, "invalid_request_error")
+        # The ids in the route table's own spelling are ids like any other (they were a 500).
+        self.assertError(self.request("GET", "/v1/models/{id}"), 404, "not_found_error", "model_not_found")
+        for method in ("GET", "DELETE"):
+            self.assertError(self.request(method, "/v1/responses/{id}"), 404, "not_found_error",
+                             "response_not_found")
 
     def test_options_without_cors_is_not_allowed(self) -> None:
         response = self.request("OPTIONS", "/v1/chat/completions")
