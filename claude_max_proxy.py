@@ -14,7 +14,7 @@ brings tool results, taken up by the CLI as an interrupted turn), the client's
 tools served as real tools through an in-process MCP server, all through the
 control protocol the Agent SDKs use. A conversation's process is kept between its
 turns, so an agent's next call starts warm and extends the previous request byte
-for byte, and the prompt cache hits. The CLI's stream-json events become reply
+for byte, and the prompt cache hits. The CLI's stream-json events become session
 events, which the door turns into its own wire format, streamed as Server-Sent
 Events when asked.
 
@@ -50,7 +50,8 @@ FOUNDATIONS   Errors (ProxyError), Models (the name table), Configuration (Confi
               conversation's for its next turn; Probes check the `claude` binary; the Runner
               owns them all, with the slots and the lifeline. UsageLimits and the stores keep
               what outlives a request. An Exchange runs one turn through one process. The Core
-              is the proxy in memory: answer(door, body, sink) is the one path of a turn.
+              is the proxy in memory: its answer() is the one path of a turn, from a
+              request body to a door's frames written to a Sink.
 4. EDGE       HTTP only. The status page, ProxyHandler (framing, Host/Origin and key, the
               ROUTES table, SSE through HttpSink), ProxyServer (connections) and serve().
 SERVICE       install, uninstall, status and doctor; main().
@@ -147,7 +148,7 @@ log.addFilter(EscapedControls())
 
 
 # ===========================================================================
-# FOUNDATIONS: configuration, errors, models
+# FOUNDATIONS: errors, models, configuration
 # ===========================================================================
 
 # ---------------------------------------------------------------------------
@@ -1223,7 +1224,7 @@ def extra_usage_refusal(message: str) -> Optional[ProxyError]:
 
 
 # ---------------------------------------------------------------------------
-# The CLI session: CLI events in, typed reply events out
+# The CLI session: CLI events in, typed session events out
 # ---------------------------------------------------------------------------
 
 # A session says what happens in order, as these typed events. A reply is a sequence of
@@ -1350,7 +1351,7 @@ def status_code(value: Any) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-# A content block delta's type -> (the field holding its piece, the reply event it makes).
+# A content block delta's type -> (the field holding its piece, the kind of piece it is).
 CLI_DELTAS = {"text_delta": ("text", "text"), "thinking_delta": ("thinking", "thinking"),
               "signature_delta": ("signature", "signature"),
               "input_json_delta": ("partial_json", "tool_arguments")}
@@ -1474,7 +1475,7 @@ class Session:
         self._done = False
         # Given to the client:
         self.emitted = False                # some answer went out, so the result's text repeats it
-        self.calls_out = 0                  # calls that reached the stop filter
+        self.calls_out = 0                  # calls that got past the stop sequences and the one-call rule
         self.stop_hit: Optional[str] = None
         self._unsure = ""                   # text that may be the start of a stop sequence
         self._blocks: List[Dict[str, Any]] = []
@@ -1771,8 +1772,8 @@ class Session:
 # The doors: what they share
 # ---------------------------------------------------------------------------
 
-# A door turns a request into a Turn, and the exchange's reply into its own wire
-# format: frames of a stream, each an SSE event name (None for a bare data line)
+# A door turns a request into a Turn, and the session's events and the one Outcome into its
+# own wire format: frames of a stream, each an SSE event name (None for a bare data line)
 # and its payload, or one whole response.
 Frame = Tuple[Optional[str], Any]
 
@@ -2637,8 +2638,7 @@ def responses_error_code(error: ProxyError) -> str:
     return "server_error" if error.status >= 500 else "invalid_prompt"
 
 
-# The output item each kind of reply event goes to, and the event that streams its pieces.
-OUTPUT_ITEM_TYPES = {"text": "message", "thinking": "reasoning"}
+# The event that streams the pieces of each type of output item.
 DELTA_EVENTS = {"message": "response.output_text.delta", "reasoning": "response.reasoning_summary_text.delta",
                 "function_call": "response.function_call_arguments.delta"}
 
@@ -4396,7 +4396,7 @@ class Runner:
 # ---------------------------------------------------------------------------
 
 class UsageLimits:
-    """The latest report on each usage window, shared by every request of one server.
+    """The latest report on each usage window, shared by every request of one core.
 
     It feeds the response headers, /health and `status`, and decides two refusals before
     a claude starts: a window used up with no extra usage to fall back on (429 until its

@@ -2346,7 +2346,7 @@ class InterruptedTurnTest(TestCase):
 
 
 # ---------------------------------------------------------------------------
-# Protocol: the CLI session: CLI events in, typed reply events out
+# Protocol: the CLI session: CLI events in, typed session events out
 # ---------------------------------------------------------------------------
 
 def mcp_request(request_id: str, method: str, message_id: Optional[int] = None,
