@@ -3507,6 +3507,16 @@ def client_left(client: socket.socket, may_half_close: bool) -> bool:
     return data == b"" and not may_half_close
 
 
+def binary_identity(path: str) -> Optional[Tuple[int, int, int]]:
+    """What tells a replaced (upgraded) `claude` from the one a pre-started process runs:
+    installers write a new file, or point the symlink at one, and os.stat follows symlinks."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
 class ClaudeProcess:
     """One `claude -p` child in its own process group and throwaway directory.
 
@@ -3523,6 +3533,8 @@ class ClaudeProcess:
     KILL_WAIT = 5.0  # how long terminate() waits for a killed child to go; one stuck in the kernel stays
 
     def __init__(self, launch: Launch, lifeline: Optional[Lifeline] = None) -> None:
+        # Before the start: a binary replaced while it starts counts as replaced.
+        self.binary = binary_identity(launch.argv[0])
         self.workdir = new_workdir()
         self.session_path: Optional[str] = None
         try:
@@ -3761,16 +3773,6 @@ def start_claude(launch: Launch, lifeline: Optional[Lifeline] = None) -> ClaudeP
 # The pool: processes pre-started for a turn, and kept for a conversation's next
 # ---------------------------------------------------------------------------
 
-def binary_identity(path: str) -> Optional[Tuple[int, int, int]]:
-    """What tells a replaced (upgraded) `claude` from the one a pre-started process runs:
-    installers write a new file, or point the symlink at one, and os.stat follows symlinks."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
-
-
 # The pause after a background thread's failure (the pool's, the probe's), doubled after each
 # one that follows, up to the second: bounded work while something is wrong, soon back after.
 RETRY_PAUSES = (5.0, 300.0)
@@ -3796,14 +3798,12 @@ PoolKey = Union[Launch, str]  # a Launch to start a process for, or a kept conve
 
 
 class Warm:
-    """A process waiting on stdin, the key it waits under, its binary, and for a kept
-    conversation the session it holds."""
+    """A process waiting on stdin, the key it waits under, and for a kept conversation the
+    session it holds."""
 
-    def __init__(self, key: PoolKey, process: ClaudeProcess, binary: Optional[Tuple[int, int, int]],
-                 session: Optional[Session] = None) -> None:
+    def __init__(self, key: PoolKey, process: ClaudeProcess, session: Optional[Session] = None) -> None:
         self.key = key
         self.process = process
-        self.binary = binary
         self.session = session
         self.born = time.monotonic()
 
@@ -3859,7 +3859,7 @@ class WarmPool:
                 return None
             for warm in [warm for warm in self._idle if warm.key == key]:
                 self._idle.remove(warm)
-                if warm.binary == binary and warm.process.alive():
+                if warm.process.binary == binary and warm.process.alive():
                     found = warm
                     break
                 unfit.append(warm.process)
@@ -3883,7 +3883,7 @@ class WarmPool:
             doomed: List[Warm] = []
             if not self._room_for_kept(doomed):
                 return False
-            self._idle.append(Warm(key, process, binary_identity(process.popen.args[0]), session))
+            self._idle.append(Warm(key, process, session))
             self._changed.notify()
         for warm in doomed:
             warm.process.close()
@@ -4017,7 +4017,6 @@ class WarmPool:
 
     def _start(self, key: Launch) -> None:
         process: Optional[ClaudeProcess] = None
-        binary = binary_identity(key.argv[0])  # before the start: a later replacement counts as one
         try:
             process = start_claude(key, self.lifeline)
         except ProxyError as error:
@@ -4026,7 +4025,7 @@ class WarmPool:
         with self._changed:
             # A conversation kept while it started may have taken the place made for it.
             if process is not None and not self._closed and self._room_for_started(key, doomed):
-                self._idle.append(Warm(key, process, binary))
+                self._idle.append(Warm(key, process))
                 process = None
         for warm in doomed:
             warm.process.close()
@@ -4116,11 +4115,11 @@ def claude_problems(claude: str, probe: Probe) -> List[str]:
     return [NOT_LOGGED_IN] if result.logged_in is False else []
 
 
-def probe_native(path: str) -> ProbeResult:
+def probe_native(path: str, config: Config) -> ProbeResult:
     tool = native_tool("probe", "", None, "probe")
     turn = Turn("probe", "haiku", Conversation("probe", [], [tool]))
     try:
-        process = start_claude(cli_launch(path, turn, Config(), []))
+        process = start_claude(cli_launch(path, turn, config, []))
     except ProxyError as error:
         return ProbeResult(error.message)
     bridge = ToolBridge([tool])
@@ -4162,12 +4161,15 @@ class Probes:
     transient failure once its pause is over. With `wait` a due probe runs in the caller's
     thread, one running elsewhere is waited for, and the result is there on return; without,
     it runs in the background (a problem is logged), and the Probe says what is known so far.
+    A `claude` is probed with the environment a turn's gets from `config` (a key it may keep).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, config: Optional[Config] = None) -> None:
+        self.config = config if config is not None else Config()
         self._probes: Dict[Tuple[str, float], Probe] = {}
         self._versions: Dict[Tuple[str, float], Optional[str]] = {}
         self._changed = threading.Condition()  # a probe ended
+        self._asking_version = threading.Lock()  # one `claude --version` at a time, then its answer kept
 
     def probe(self, path: str, wait: bool = True) -> Probe:
         try:
@@ -4194,19 +4196,20 @@ class Probes:
             key = (path, os.stat(path).st_mtime)
         except OSError:
             return None
-        if key not in self._versions:
-            try:
-                done = subprocess.run([path, "--version"], capture_output=True, timeout=15,
-                                      env=cli_env(Config()), stdin=subprocess.DEVNULL)
-                self._versions[key] = done.stdout.decode("utf-8", "replace").strip() or None
-            except (OSError, subprocess.SubprocessError):
-                self._versions[key] = None
-        return self._versions[key]
+        with self._asking_version:
+            if key not in self._versions:
+                try:
+                    done = subprocess.run([path, "--version"], capture_output=True, timeout=15,
+                                          env=cli_env(self.config), stdin=subprocess.DEVNULL)
+                    self._versions[key] = done.stdout.decode("utf-8", "replace").strip() or None
+                except (OSError, subprocess.SubprocessError):
+                    self._versions[key] = None
+            return self._versions[key]
 
     def _run(self, path: str, probe: Probe) -> None:
         """Probe and record the result; a fault of the proxy's own is logged and retried like a timeout."""
         try:
-            result = probe_native(path)
+            result = probe_native(path, self.config)
         except Exception as error:
             log_fault("the probe of %s" % path, error)
             result = ProbeResult("the proxy's own check failed (%s); see its log" % error)
@@ -4254,33 +4257,44 @@ class Slot:
         self.release()
 
 
+def shutting_down() -> ProxyError:
+    return ProxyError(503, "The proxy is shutting down.", code="shutting_down")
+
+
 class Runner:
     """The runtime under the core: every `claude` child of the proxy and what starts, keeps and
     ends them: the --max-concurrent slots, the pool of pre-started and kept processes, the
     lifeline that takes the children with the proxy, and the probes of the `claude` binary.
 
-    Built inert; open() starts it once the port is the proxy's (a proxy that cannot start
-    touches nothing), close() ends every child. Requests' threads call the rest.
+    Built inert, with nothing pre-started; open() starts it once the port is the proxy's (a proxy
+    that cannot start touches nothing), close() ends every child, and no process starts after it.
+    Requests' threads call the rest.
     """
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.probes = Probes()
+        self.probes = Probes(config)
         self.lifeline: Optional[Lifeline] = None
         self.pool = WarmPool(0, config.pool_ttl)  # open() replaces it with the configured one
         self._slots = threading.BoundedSemaphore(max(1, config.max_concurrent))
         self._children: Dict[int, ClaudeProcess] = {}
         self._lock = threading.Lock()
+        self._opened = False
         self._closing = False
 
     def open(self) -> None:
         """Clean up after proxies that did not exit cleanly, then pre-start what a first turn of
-        the default model needs and probe the `claude` there, before a request needs either."""
-        abandoned = remove_abandoned_workdirs()
+        the default model needs and probe the `claude` there, before a request needs either.
+        Once only, and never after close()."""
+        with self._lock:
+            if self._opened or self._closing:
+                return
+            self._opened = True
+            abandoned = remove_abandoned_workdirs()
+            self.lifeline = Lifeline()
+            self.pool = WarmPool(self.config.pool_size, self.config.pool_ttl, self.lifeline)
         if abandoned:
             log.info("removed %d working directories left by proxies that did not exit cleanly", abandoned)
-        self.lifeline = Lifeline()
-        self.pool = WarmPool(self.config.pool_size, self.config.pool_ttl, self.lifeline)
         claude = find_claude(self.config.claude_bin)
         if claude is None:
             return
@@ -4307,24 +4321,27 @@ class Runner:
         claude = find_claude(self.config.claude_bin)
         if claude is None:
             raise claude_not_found(self.config.claude_bin)
-        probe = self.probes.probe(claude, wait=False).result
-        if probe is not None and probe.lasting:
-            raise ProxyError(503, unsupported(claude, probe), code="claude_unsupported")
+        result = self.probes.probe(claude, wait=False).result
+        if result is not None and result.lasting:
+            raise ProxyError(503, unsupported(claude, result), code="claude_unsupported")
         return claude
 
     def start(self, launch: Launch) -> Tuple[ClaudeProcess, str]:
-        """A process for a turn and how it came: "warm" (pre-started by the pool), or "cold"."""
+        """A process for a turn and its origin: "warm" (pre-started by the pool), or "cold"."""
+        if self._closing:
+            raise shutting_down()
         warm = self.pool.take(launch, launch.argv[0])
-        start = "warm" if warm is not None else "cold"
+        origin = "warm" if warm is not None else "cold"
         process = warm.process if warm is not None else start_claude(launch, self.lifeline)
-        log.debug("claude pid %d (%s)", process.pid, start)
-        return self._adopt(process), start
+        log.debug("claude pid %d (%s)", process.pid, origin)
+        return self._adopt(process), origin
 
     def take_kept(self, key: str, claude: str) -> Optional[Tuple[ClaudeProcess, Session]]:
         """The kept process, and its session, of the conversation a turn continues, if still there."""
         warm = self.pool.take(key, claude)
-        if warm is None or warm.session is None:
+        if warm is None:
             return None
+        assert warm.session is not None  # what waits under a conversation's key holds its session
         log.debug("claude pid %d (continues its conversation)", warm.process.pid)
         return self._adopt(warm.process), warm.session
 
@@ -4371,11 +4388,12 @@ class Runner:
         with self._lock:
             self._closing = True
             children = list(self._children.values())
-        self.pool.close()
+            pool, lifeline = self.pool, self.lifeline
+        pool.close()
         for process in children:
             process.terminate()
-        if self.lifeline is not None:
-            self.lifeline.close()
+        if lifeline is not None:
+            lifeline.close()
 
     def _adopt(self, process: ClaudeProcess) -> ClaudeProcess:
         with self._lock:
@@ -4383,7 +4401,7 @@ class Runner:
                 self._children[process.pid] = process
                 return process
         process.close()
-        raise ProxyError(503, "The proxy is shutting down.", code="shutting_down")
+        raise shutting_down()
 
     def _release(self, process: ClaudeProcess) -> None:
         with self._lock:
@@ -4684,9 +4702,9 @@ class Exchange:
         self.restore_thinking = restore_thinking
         self.process: Optional[ClaudeProcess] = None
         self.session: Optional[Session] = None
-        # How its process came: "kept" (its conversation's, from the turn before), "warm"
+        # Its process's origin: "kept" (its conversation's, from the turn before), "warm"
         # (pre-started by the pool) or "cold" (started for it); None until it has one.
-        self.start: Optional[str] = None
+        self.origin: Optional[str] = None
 
     def events(self) -> Iterator[Optional[SessionEvent]]:
         """The reply's block events as they come, then End; None after each KEEPALIVE_INTERVAL
@@ -4720,7 +4738,7 @@ class Exchange:
         budget = self.config.retry_budget
         kept = self.runner.take_kept(conversation_key(self.turn, history), self.claude)
         if kept is not None and kept[1].continues(newest):
-            (process, session), self.start = kept, "kept"
+            (process, session), self.origin = kept, "kept"
             self.process, self.session = process, session
             process.send(session.begin(self.turn, newest, budget, self.whole))
             return process, session
@@ -4736,7 +4754,7 @@ class Exchange:
             # an interrupted turn and answer that. Ended by the newest message, it is one, and the
             # CLI takes that message up as its first prompt (with the system messages after it).
             interrupted, whole = True, history + [newest]
-        process, self.start = self.runner.start(cli_launch(self.claude, self.turn, self.config,
+        process, self.origin = self.runner.start(cli_launch(self.claude, self.turn, self.config,
                                                            whole if interrupted else history, interrupted))
         self.process = process
         self.session = Session(conversation.tools)
@@ -4760,7 +4778,7 @@ class Exchange:
 
     def _no_result(self, process: ClaudeProcess) -> ProxyError:
         if self.runner.closing:
-            return ProxyError(503, "The proxy is shutting down.", code="shutting_down")
+            return shutting_down()
         code = process.close(grace=2.0)
         tail = process.stderr_text()[-1000:]
         return ProxyError(
@@ -4832,7 +4850,7 @@ class Sink:
 class TurnRecord:
     """What a request's access line and the status page tell of its turn, filled in by the core
     as it goes (never the content): the door, the model, the usage, when the first content went
-    out, how its process came (kept, warm or cold) and the error's code."""
+    out, its process's origin (kept, warm or cold) and the error's code."""
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -4840,7 +4858,7 @@ class TurnRecord:
         self.model = "-"
         self.usage: Dict[str, Any] = {}
         self.first_content: Optional[float] = None
-        self.start: Optional[str] = None
+        self.origin: Optional[str] = None
         self.error: Optional[str] = None
 
 
@@ -4930,8 +4948,8 @@ class Core:
 
     def _run(self, door: Any, exchange: Exchange, sink: Sink, slot: Slot, record: TurnRecord) -> None:
         """Run the exchange and answer through the door: a stream of its frames, or its whole
-        response once the reply is complete. The slot is given back once the reply is complete,
-        before its last bytes go out and before the process exits."""
+        response once the reply is complete. A complete reply gives the slot back before its
+        last bytes go out and before the process exits; a failed one, once its turn is over."""
         outcome: Optional[Outcome] = None
         try:
             for event in exchange.events():
@@ -4974,7 +4992,7 @@ class Core:
             sink.frames(frames)
             sink.end()
         finally:
-            record.start = exchange.start
+            record.origin = exchange.origin
             exchange.finish()  # ends the process unless it was kept above
 
     def _store(self, stored: Optional[StoredResponse]) -> None:
@@ -5020,7 +5038,30 @@ class Core:
         guard, the requests per door and model, and the last ones (never their content)."""
         return dict(self.health(), no_extra_usage=self.config.no_extra_usage, **self.activity.report())
 
+    def finished(self, record: TurnRecord, status: int, began: float) -> None:
+        """Take the record of a request that has been answered (with `status`; `began` on the
+        monotonic clock): a turn's goes on the status page, without its content."""
+        if record.door is None:
+            return
+        usage, first = record.usage or {}, record.first_content
+        self.activity.record({
+            "time": utc_iso(time.time()), "door": record.door, "model": record.model,
+            "status": status, "error": record.error,
+            "first_token_ms": round((first - began) * 1000) if first is not None else None,
+            "total_ms": round((time.monotonic() - began) * 1000), "input_tokens": usage.get("input_tokens"),
+            "cached_tokens": usage.get("cache_read_input_tokens"), "output_tokens": usage.get("output_tokens"),
+            "process": record.origin})
+
+    def headers(self) -> Dict[str, str]:
+        """Headers every response carries: what the CLI last reported of the plan's windows."""
+        return self.limits.headers()
+
+    def open(self) -> None:
+        """Start the runtime (see Runner.open)."""
+        self.runner.open()
+
     def close(self) -> None:
+        """End every child; no process starts after."""
         self.runner.close()
 
 
@@ -5932,7 +5973,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def _common_headers(self) -> None:
         self.send_header("X-Request-Id", self.request_id)
-        for name, value in self.server.core.limits.headers().items():
+        for name, value in self.server.core.headers().items():
             self.send_header(name, value)
         self._cors_headers()
         if self.close_connection:
@@ -6051,16 +6092,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                  record.model, " error=" + record.error if record.error else "",
                  usage.get("input_tokens", "-"), usage.get("cache_read_input_tokens", "-"),
                  usage.get("output_tokens", "-"), total_ms)
-        if record.door is None:
-            return
-        first = record.first_content
-        self.server.core.activity.record({
-            "time": utc_iso(time.time()), "door": record.door, "model": record.model,
-            "status": self.status_sent, "error": record.error,
-            "first_token_ms": round((first - self.started) * 1000) if first is not None else None,
-            "total_ms": round(total_ms), "input_tokens": usage.get("input_tokens"),
-            "cached_tokens": usage.get("cache_read_input_tokens"), "output_tokens": usage.get("output_tokens"),
-            "process": record.start})
+        self.server.core.finished(record, self.status_sent, self.started)
 
 
 # ---------------------------------------------------------------------------
@@ -6171,7 +6203,11 @@ class ProxyServer(ThreadingHTTPServer):
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.address_family = family
         super().__init__((config.host, config.port), ProxyHandler)
-        self.core.runner.open()  # once the port is ours: a proxy that cannot start touches nothing
+        try:
+            self.core.open()  # once the port is ours: a proxy that cannot start touches nothing
+        except BaseException:
+            self.server_close()
+            raise
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks DNS for our fully qualified name, which can
@@ -7040,7 +7076,7 @@ def check_claude(system: System, config: Config) -> Check:
         return Check("FAIL", "claude (`%s`) not found on PATH or in %s"
                      % (config.claude_bin, ", ".join(CLAUDE_INSTALL_DIRS)),
                      "npm install -g @anthropic-ai/claude-code, or pass --claude-bin /full/path")
-    probes = Probes()  # this process's own, for when no proxy runs
+    probes = Probes(config)  # this process's own, for when no proxy runs
     version = probes.version(claude) or "(version unknown)"
     health = fetch_health(health_url(config))
     seen = (health or {}).get("claude")

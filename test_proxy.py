@@ -6441,6 +6441,11 @@ def set_env(test: unittest.TestCase, name: str, value: str) -> None:
     test.addCleanup(unset_env, name)
 
 
+def probe_run(run: Dict[str, Any]) -> bool:
+    """Whether a fake claude run was a server's probe (see proxy.probe_native), not a turn's."""
+    return (run.get("initialize") or {}).get("systemPrompt") == "probe"
+
+
 class ProbeTest(TestCase):
     """The probe of the CLI at start says what is wrong on /health and in doctor, and a probe
     that failed for a passing reason (a slow start, a fault of its own) is tried again."""
@@ -6533,17 +6538,29 @@ class ProbeTest(TestCase):
         lasting.done(proxy.ProbeResult("it refused initialize", lasting=True), 0.0)
         self.assertFalse(lasting.due(3600.0), "a CLI too old is probed again only once it changes")
 
+    def test_the_probe_runs_with_the_environment_a_turn_gets(self) -> None:
+        set_env(self, "ANTHROPIC_API_KEY", "sk-ant-probe-" + marker())
+        for allow, kept in ((False, None), (True, os.environ["ANTHROPIC_API_KEY"])):
+            claude = own_claude(self)
+            since = time.time()
+            probes = proxy.Probes(proxy.Config(claude_bin=claude, allow_api_key=allow))
+            self.assertEqual(probes.probe(claude).result, proxy.ProbeResult(None, logged_in=True))
+            runs = [run for run in FAKE.runs() if run["spawned"] >= since and probe_run(run)]
+            self.assertEqual(len(runs), 1)
+            self.assertEqual(runs[0]["env"].get("ANTHROPIC_API_KEY"), kept,
+                             "--allow-api-key keeps the key for the probe as for a turn, and only then")
+
     def test_a_fault_in_the_probe_itself_is_logged_and_the_probe_tried_again(self) -> None:
         claude = own_claude(self)
         fault = RuntimeError("probe fault " + marker())
         real = proxy.probe_native
         calls = []
 
-        def failing_once(path: str) -> proxy.ProbeResult:
+        def failing_once(path: str, config: "proxy.Config") -> proxy.ProbeResult:
             calls.append(path)
             if len(calls) == 1:
                 raise fault
-            return real(path)
+            return real(path, config)
         with mock.patch.object(proxy, "probe_native", failing_once), \
                 self.expect_error_log(re.escape(str(fault))):
             running = self.server(claude)
@@ -6892,11 +6909,6 @@ def system(text: str) -> Dict[str, Any]:
     return {"role": "system", "content": text}
 
 
-def probe_run(run: Dict[str, Any]) -> bool:
-    """Whether a fake claude run was a server's probe (see proxy.probe_native), not a turn's."""
-    return (run.get("initialize") or {}).get("systemPrompt") == "probe"
-
-
 def alive_runs(since: float) -> List[Dict[str, Any]]:
     """Fake claude processes started since then that have not exited, waiting or not."""
     return [run for run in FAKE.runs() if run["spawned"] >= since and not exited(run["pid"])]
@@ -6916,7 +6928,7 @@ class StandIn:
 
     def __init__(self) -> None:
         self.closed = False
-        self.popen = type("Popen", (), {"args": ["/nonexistent/claude"]})()
+        self.binary = None
 
     def alive(self) -> bool:
         return not self.closed
@@ -6937,7 +6949,7 @@ class PoolPoliciesTest(TestCase):
     def waiting(self, pool: "proxy.WarmPool", key: Any, used: float) -> StandIn:
         process = StandIn()
         with pool._changed:
-            pool._idle.append(proxy.Warm(key, process, None))
+            pool._idle.append(proxy.Warm(key, process, None if isinstance(key, proxy.Launch) else proxy.Session([])))
             pool._last_used[key] = used
         return process
 
@@ -6982,13 +6994,41 @@ class PoolPoliciesTest(TestCase):
             self.assertTrue(pool._room_for_started(self.launch("b"), doomed))
         self.assertEqual([warm.process for warm in doomed], [older])
         with pool._changed:
-            pool._idle.append(proxy.Warm(self.launch("b"), StandIn(), None))
+            pool._idle.append(proxy.Warm(self.launch("b"), StandIn()))
             pool._last_used[self.launch("c")] = now - 1  # used less lately than b, more than the kept one
             self.assertFalse(pool._room_for_started(self.launch("c"), doomed), "nothing used less lately")
             pool._idle = [warm for warm in pool._idle if warm.key == "conversation:1"]
-            pool._idle.append(proxy.Warm("conversation:2", StandIn(), None))
+            pool._idle.append(proxy.Warm("conversation:2", StandIn(), proxy.Session([])))
             self.assertFalse(pool._room_for_started(self.launch("c"), doomed), "only kept ones wait")
         self.assertFalse(kept.closed)
+
+
+class RunnerTest(TestCase):
+    """The runner opens once, and once closed starts nothing: no pool, no turn's process."""
+
+    def test_a_closed_runner_starts_nothing(self) -> None:
+        runner = proxy.Runner(proxy.Config(claude_bin=FAKE.path, pool_size=2, default_model="claude-haiku-4"))
+        since = time.time()
+        runner.close()
+        runner.open()
+        self.assertIsNone(runner.lifeline)
+        self.assertEqual(runner.pool.stats()["max"], 0)
+        turn = proxy.Turn("claude-haiku-4", "haiku", proxy.Conversation("s", [user("hi")], []))
+        with self.assertRaises(proxy.ProxyError) as caught:
+            runner.start(proxy.cli_launch(FAKE.path, turn, runner.config, []))
+        self.assertEqual(caught.exception.code, "shutting_down")
+        time.sleep(0.5)
+        self.assertEqual([run for run in FAKE.runs() if run["spawned"] >= since], [])
+
+    def test_it_opens_once(self) -> None:
+        runner = proxy.Runner(proxy.Config(claude_bin=FAKE.path, pool_size=1, default_model="claude-haiku-4"))
+        self.addCleanup(runner.close)
+        runner.open()
+        pool, lifeline = runner.pool, runner.lifeline
+        runner.open()
+        self.assertIs(runner.pool, pool)
+        self.assertIs(runner.lifeline, lifeline)
+        self.assertEqual(pool.stats()["max"], 1)
 
 
 class WarmPoolTest(ProxyTest):
@@ -7443,7 +7483,7 @@ class CoreTest(TestCase):
         text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks[:-1]
                        if chunk["choices"])
         self.assertEqual(text, "Hello from fake (claude-opus-4-8, 1 msgs) ")
-        self.assertEqual((record.door, record.model, record.start, record.error),
+        self.assertEqual((record.door, record.model, record.origin, record.error),
                          ("chat", "claude-opus-4", "cold", None))
         self.assertEqual(record.usage["output_tokens"], 7)
         self.assertIsNotNone(record.first_content)
