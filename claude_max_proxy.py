@@ -40,9 +40,10 @@ FOUNDATIONS   Errors (ProxyError), Models (the name table), Configuration (Confi
               the CLI's form of it (Launch argv and transcript, stdin lines, ToolBridge);
               what the CLI reports of plan windows (LimitWindow) and refusals; and the CLI
               session (Session), a state machine in the manner of h11: begin() turns a turn
-              into stdin bytes, receive() turns each line the CLI prints into typed events
-              (BlockStart, BlockDelta, BlockStop, End with one Outcome; Send, Limits for the
-              runtime), and its state says whether the session may take a given next turn.
+              into stdin bytes, receive() turns each line the CLI prints (parsed by
+              parse_event_line) into typed events (BlockStart, BlockDelta, BlockStop, End
+              with one Outcome; Send, Limits for the runtime), and its state says whether
+              the session may take a given next turn.
 2. DOORS      Pure. One per API (ChatDoor, ResponsesDoor, MessagesDoor): parse_*_request()
               turns a body into a Turn; the door encodes session events and the one Outcome
               into its frames or its whole response, and reads the reply back for the next turn.
@@ -1394,6 +1395,19 @@ def held_back(text: str, markers: List[str]) -> int:
                 longest = size
                 break
     return longest
+
+
+def parse_event_line(line: bytes) -> Optional[Dict[str, Any]]:
+    """A CLI output line as a JSON object; anything else (banners, blank lines, and JSON nested
+    deeper than Python's parser goes) is None."""
+    line = line.strip()
+    if not line.startswith(b"{"):
+        return None
+    try:
+        event = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return event if isinstance(event, dict) else None
 
 
 # A session's states. NEW: started, no turn yet. ANSWERING: a turn is under way. A turn ends in
@@ -3476,19 +3490,6 @@ class Lifeline:
             process.wait()
 
 
-def parse_event_line(line: bytes) -> Optional[Dict[str, Any]]:
-    """A CLI output line as a JSON object; anything else (banners, blank lines, and JSON nested
-    deeper than Python's parser goes) is None."""
-    line = line.strip()
-    if not line.startswith(b"{"):
-        return None
-    try:
-        event = json.loads(line)
-    except (ValueError, RecursionError):
-        return None
-    return event if isinstance(event, dict) else None
-
-
 def client_left(client: socket.socket, may_half_close: bool) -> bool:
     """True when a readable client socket is readable because the client left: it reset the
     connection, or closed it while it keeps connections alive.
@@ -3521,7 +3522,7 @@ class ClaudeProcess:
     """One `claude -p` child in its own process group and throwaway directory.
 
     send() queues lines for its stdin, output() writes them as the CLI reads and
-    yields what it prints as JSON events, and close() reaps it, closes its pipes
+    yields the lines it prints, and close() reaps it, closes its pipes
     and removes its directory and session transcript. Its stdin stays open: the
     CLI answers one turn after another of one conversation, and a process is kept
     between turns (see Exchange), so what output() read but did not hand out yet
@@ -3558,7 +3559,7 @@ class ClaudeProcess:
         self.stderr_tail = b""
         self._outbox: List[memoryview] = []
         self._partial: List[bytes] = []    # the pieces of a line not ended yet, joined once it ends
-        self._read: List[Dict[str, Any]] = []  # events read and not handed out yet
+        self._lines: List[bytes] = []  # lines read and not handed out yet
         self._stdout_open = True
         self._stderr_open = True
         self._lock = threading.Lock()
@@ -3574,8 +3575,8 @@ class ClaudeProcess:
 
     def output(self, next_deadline: Callable[[], Tuple[float, ProxyError]],
                client: Optional[socket.socket] = None, tick: Optional[float] = None,
-               may_half_close: bool = False) -> Iterator[Optional[Dict[str, Any]]]:
-        """Yield each JSON object the CLI prints, until its stdout closes.
+               may_half_close: bool = False) -> Iterator[Optional[bytes]]:
+        """Yield each line the CLI prints (blank ones left out), until its stdout closes.
 
         next_deadline() gives the earliest moment to give up and the error to raise
         then; it is asked again after every read, so callers can move it. When
@@ -3594,8 +3595,8 @@ class ClaudeProcess:
                 selector.register(client, selectors.EVENT_READ)
             writing = False
             while True:
-                while self._read:
-                    yield self._read.pop(0)
+                while self._lines:
+                    yield self._lines.pop(0)
                 if not self._stdout_open:
                     return
                 if self._outbox and not writing and not stdin.closed:
@@ -3634,7 +3635,7 @@ class ClaudeProcess:
                         self._take(os.read(key.fd, 65536))
 
     def _take(self, data: bytes) -> None:
-        """Keep the events of what stdout gave; end-of-file ends the last line too.
+        """Keep the lines of what stdout gave; end-of-file ends the last line too.
 
         Linear in a line's length: a read that does not end the line is only set aside.
         (Adding each read to what came before copied a long line over and over: a 20 MB
@@ -3652,10 +3653,7 @@ class ClaudeProcess:
             pieces[0] = b"".join(self._partial + pieces[:1])
             *lines, last = pieces
             self._partial = [last]
-        for line in lines:
-            event = parse_event_line(line)
-            if event is not None:
-                self._read.append(event)
+        self._lines.extend(line for line in lines if line.strip())
 
     def _write_some(self) -> bool:
         """Write what stdin takes now; True once the queue is empty."""
@@ -4116,6 +4114,8 @@ def claude_problems(claude: str, probe: Probe) -> List[str]:
 
 
 def probe_native(path: str, config: Config) -> ProbeResult:
+    """Start this `claude` as a turn would, tell it a system prompt and one tool, and see that it
+    takes both and asks for the tool, before any prompt: nothing reaches Anthropic."""
     tool = native_tool("probe", "", None, "probe")
     turn = Turn("probe", "haiku", Conversation("probe", [], [tool]))
     try:
@@ -4129,7 +4129,8 @@ def probe_native(path: str, config: Config) -> ProbeResult:
     answered: List[str] = []
     login: Optional[bool] = None
     try:
-        for event in process.output(lambda: (deadline, timeout)):
+        for printed in process.output(lambda: (deadline, timeout)):
+            event = parse_event_line(printed or b"") or {}
             if event.get("type") == "control_response":
                 response = event.get("response") if isinstance(event.get("response"), dict) else {}
                 if response.get("subtype") != "success":
@@ -4140,9 +4141,9 @@ def probe_native(path: str, config: Config) -> ProbeResult:
                     login = logged_in(response["response"])
             request = event.get("request") if isinstance(event.get("request"), dict) else {}
             message = request.get("message") if isinstance(request.get("message"), dict) else {}
-            line = bridge.answer(event)
-            if line:
-                process.send(line)
+            answer = bridge.answer(event)
+            if answer:
+                process.send(answer)
             if message.get("method") == "tools/list" and {"initialize", "tools"} <= set(answered):
                 return ProbeResult(None, logged_in=login)
         return ProbeResult("it exited (code %s) without asking for the tools: %s" % (
@@ -4717,7 +4718,7 @@ class Exchange:
                 if line is None:
                     yield None
                     continue
-                for event in session.receive(line, time.monotonic()):
+                for event in session.receive(parse_event_line(line), time.monotonic()):
                     if isinstance(event, Send):
                         process.send(event.data)
                     elif isinstance(event, Limits):

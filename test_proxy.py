@@ -6403,8 +6403,8 @@ class OutputReadingTest(TestCase):
         process._take(b'"}\n{"type": "result"')
         process._take(b"}")
         process._take(b"")  # end of file ends the last line
-        self.assertEqual(process._read, [{"type": "assistant", "text": "x" * (65 * len(piece))},
-                                         {"type": "result"}])
+        self.assertEqual(process._lines, [b'{"type": "assistant", "text": "' + b"x" * (65 * len(piece)) + b'"}',
+                                          b'{"type": "result"}'])
 
 
 class SlotReleaseTest(TestCase):
@@ -6539,7 +6539,9 @@ class ProbeTest(TestCase):
         self.assertFalse(lasting.due(3600.0), "a CLI too old is probed again only once it changes")
 
     def test_the_probe_runs_with_the_environment_a_turn_gets(self) -> None:
-        set_env(self, "ANTHROPIC_API_KEY", "sk-ant-probe-" + marker())
+        key = mock.patch.dict(os.environ, {"ANTHROPIC_API_KEY": "sk-ant-probe-" + marker()})
+        key.start()
+        self.addCleanup(key.stop)  # the key the module set for every test comes back
         for allow, kept in ((False, None), (True, os.environ["ANTHROPIC_API_KEY"])):
             claude = own_claude(self)
             since = time.time()
