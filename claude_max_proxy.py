@@ -3490,22 +3490,15 @@ class Lifeline:
             process.wait()
 
 
-def client_left(client: socket.socket, may_half_close: bool) -> bool:
-    """True when a readable client socket is readable because the client left: it reset the
-    connection, or closed it while it keeps connections alive.
+class ClientWatch:
+    """The client of a turn, as the runtime watches it while Claude answers: fileno() turns
+    readable when the client sends something or leaves, and left() says whether it left."""
 
-    A client that asked to close the connection after this request (HTTP/1.0, `Connection:
-    close`) may shut down its sending side once the request is sent (`nc -q`, some HTTP/1.0
-    clients) and still read the answer: its end-of-file is no sign it is gone, and no portable
-    call tells that from a full close until a write to it fails (see ClientConnection). A
-    keep-alive client never half-closes, so its end-of-file means it hung up."""
-    try:
-        data = client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-    return data == b"" and not may_half_close
+    def fileno(self) -> int:
+        raise NotImplementedError
+
+    def left(self) -> bool:
+        raise NotImplementedError
 
 
 def binary_identity(path: str) -> Optional[Tuple[int, int, int]]:
@@ -3574,15 +3567,13 @@ class ClaudeProcess:
             self._outbox.append(memoryview(data))  # slices of a view copy nothing, however long
 
     def output(self, next_deadline: Callable[[], Tuple[float, ProxyError]],
-               client: Optional[socket.socket] = None, tick: Optional[float] = None,
-               may_half_close: bool = False) -> Iterator[Optional[bytes]]:
+               client: Optional[ClientWatch] = None, tick: Optional[float] = None) -> Iterator[Optional[bytes]]:
         """Yield each line the CLI prints (blank ones left out), until its stdout closes.
 
         next_deadline() gives the earliest moment to give up and the error to raise
         then; it is asked again after every read, so callers can move it. When
-        `client` is given, a client that leaves (see client_left) raises ClientGone
-        at once, even while the CLI is silent (one that may only have half-closed is
-        found out by the next write to it). With `tick`, None is yielded after each
+        `client` is given, a client that leaves raises ClientGone at once, even while
+        the CLI is silent. With `tick`, None is yielded after each
         `tick` seconds in which the CLI printed nothing.
         """
         out, err, stdin = self.popen.stdout, self.popen.stderr, self.popen.stdin
@@ -3620,7 +3611,7 @@ class ClaudeProcess:
                             selector.unregister(stdin)
                             writing = False
                     elif key.fileobj is client:
-                        if client_left(client, may_half_close):
+                        if client.left():
                             raise ClientGone()
                         # A pipelined request (not ours to read), or a half-close: it still reads.
                         selector.unregister(client)
@@ -4687,8 +4678,8 @@ class Exchange:
     """
 
     def __init__(self, runner: Runner, limits: UsageLimits, thinking: ThinkingStore, turn: Turn,
-                 claude: str, client: Optional[socket.socket] = None, whole: bool = False,
-                 may_half_close: bool = False, restore_thinking: bool = False) -> None:
+                 claude: str, client: Optional[ClientWatch] = None, whole: bool = False,
+                 restore_thinking: bool = False) -> None:
         self.runner = runner
         self.config = runner.config
         self.limits = limits
@@ -4697,7 +4688,6 @@ class Exchange:
         self.claude = claude
         self.client = client
         self.whole = whole
-        self.may_half_close = may_half_close
         # The client cannot send thinking back, so the ThinkingStore puts it back in a history
         # this turn resumes.
         self.restore_thinking = restore_thinking
@@ -4713,8 +4703,7 @@ class Exchange:
         on spending the subscription on text nobody reads."""
         try:
             process, session = self._begin()
-            for line in process.output(self._deadlines(process, session), self.client, KEEPALIVE_INTERVAL,
-                                       self.may_half_close):
+            for line in process.output(self._deadlines(process, session), self.client, KEEPALIVE_INTERVAL):
                 if line is None:
                     yield None
                     continue
@@ -4817,19 +4806,17 @@ class Exchange:
 # The core: a turn from a request body to a door's answer, in memory
 # ---------------------------------------------------------------------------
 
-class Sink:
+class Sink(ClientWatch):
     """Where the core writes one request's answer; the edge gives one per request (HttpSink).
 
     frames() writes a door's frames as one stream, begun by the first write; keepalive() shows
     a silent stream is alive (with the door's frames, or its own when it has none); end() ends
     the stream; whole() writes a complete answer, status 200, instead of a stream. `started`:
-    something of a stream went out, so a failure can only be its last frame. `connection` is the
-    client's socket, watched for the client leaving (None: it is not), and `may_half_close`
-    says the client may shut its side after the request and still read the answer.
+    something of a stream went out, so a failure can only be its last frame. A `watched` sink
+    is also the ClientWatch of its client, so that a turn ends as soon as the client leaves.
     """
 
-    connection: Optional[socket.socket] = None
-    may_half_close = False
+    watched = False
 
     @property
     def started(self) -> bool:
@@ -4943,8 +4930,9 @@ class Core:
             record.model = turn.model
             claude = self.runner.claude()
             door = door_type(turn, options)
-            exchange = Exchange(self.runner, self.limits, self.thinking, turn, claude, sink.connection,
-                                not door.stream, sink.may_half_close, restore_thinking=not door.returns_thinking)
+            exchange = Exchange(self.runner, self.limits, self.thinking, turn, claude,
+                                sink if sink.watched else None, not door.stream,
+                                restore_thinking=not door.returns_thinking)
             self._run(door, exchange, sink, slot, record)
 
     def _run(self, door: Any, exchange: Exchange, sink: Sink, slot: Slot, record: TurnRecord) -> None:
@@ -5621,13 +5609,30 @@ class HttpSink(Sink):
     """The core's Sink on a handler's connection: Server-Sent Events, one frame per HTTP chunk,
     written as it comes; or one JSON body."""
 
+    watched = True
+
     def __init__(self, handler: "ProxyHandler") -> None:
         self.handler = handler
-        self.connection = handler.connection
 
-    @property
-    def may_half_close(self) -> bool:  # type: ignore[override]
-        return self.handler.close_connection  # set when the request asked to close the connection after it
+    def fileno(self) -> int:
+        return self.handler.connection.fileno()
+
+    def left(self) -> bool:
+        """Whether the client's connection, readable while its turn runs, is readable because the
+        client left: it reset the connection, or closed it while it keeps connections alive.
+
+        A client that asked to close the connection after this request (HTTP/1.0, `Connection:
+        close`) may shut down its sending side once the request is sent (`nc -q`, some HTTP/1.0
+        clients) and still read the answer: its end-of-file is no sign it is gone, and no portable
+        call tells that from a full close until a write to it fails (see ClientConnection). A
+        keep-alive client never half-closes, so its end-of-file means it hung up."""
+        try:
+            data = self.handler.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return data == b"" and not self.handler.close_connection
 
     @property
     def started(self) -> bool:
