@@ -49,7 +49,8 @@ FOUNDATIONS   Errors (ProxyError), Models (the name table), Configuration (Confi
               into its frames or its whole response, and reads the reply back for the next turn.
 3. RUNTIME    I/O. ClaudeProcess moves bytes; the WarmPool pre-starts processes and keeps a
               conversation's for its next turn; Probes check the `claude` binary; the Runner
-              owns them all, with the slots and the lifeline. UsageLimits and the stores keep
+              owns them all, with the slots and the lifeline. fetch_image downloads images
+              for --fetch-images, the one network call of a door. UsageLimits and the stores keep
               what outlives a request. An Exchange runs one turn through one process. The Core
               is the proxy in memory: its answer() is the one path of a turn, from a
               request body to a door's frames written to a Sink.
@@ -716,8 +717,10 @@ def fetch_within_budget(fetch: Callable[[str, int], Tuple[str, bytes]], url: str
     return media_type, raw
 
 
-def image_loader(config: Config, fetch: Callable[[str, int], Tuple[str, bytes]]) -> ImageLoader:
-    """Turns one request's image URLs into image blocks, in order; keeps the count and bytes fetched."""
+def image_loader(config: Config, fetch: Optional[Callable[[str, int], Tuple[str, bytes]]]) -> ImageLoader:
+    """Turns one request's image URLs into image blocks, in order; keeps the count and bytes fetched.
+    A remote URL is fetched with `fetch` (the runtime's fetch_image) when --fetch-images is on and
+    there is a fetch; else refused."""
     fetched = [0, 0]  # images, bytes
 
     def load(url: str, param: str) -> Dict[str, Any]:
@@ -725,7 +728,7 @@ def image_loader(config: Config, fetch: Callable[[str, int], Tuple[str, bytes]])
         if url.startswith("data:"):
             media_type, data = decode_data_url(url, param)
         elif url.lower().startswith(("http://", "https://")):
-            if not config.fetch_images:
+            if not config.fetch_images or fetch is None:
                 raise invalid("%s is a remote image URL, and fetching images is off. Send the image "
                               "inline as a data: URL (base64), or start the proxy with "
                               "--fetch-images." % param, param + ".image_url", "image_url_not_allowed")
@@ -741,90 +744,6 @@ def image_loader(config: Config, fetch: Callable[[str, int], Tuple[str, bytes]])
         return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
     return load
 
-
-def read_before(response: http.client.HTTPResponse, deadline: float, limit: int) -> bytes:
-    """The response body, refused when it is larger than `limit` or slower than `deadline`.
-    It grows in a bytearray: adding to bytes copies all so far, quadratic (20 MiB took 19 s)."""
-    body = bytearray()
-    while True:
-        if time.monotonic() > deadline:
-            raise invalid("The image took longer than %g s to download." % IMAGE_FETCH_TIMEOUT,
-                          code="image_fetch_failed")
-        data = response.read1(65536)
-        if not data:
-            return bytes(body)
-        if len(body) + len(data) > limit:
-            raise invalid("The image is larger than %d bytes." % limit, code="image_too_large")
-        body += data
-
-
-def pinned_connection(host: str, address: str, port: int, secure: bool) -> http.client.HTTPConnection:
-    """An HTTP(S) connection to `address` that still names and verifies `host`."""
-    base = http.client.HTTPSConnection if secure else http.client.HTTPConnection
-
-    class Pinned(base):  # type: ignore[misc, valid-type]
-        def connect(self) -> None:
-            self.sock = socket.create_connection((address, port), IMAGE_FETCH_TIMEOUT)
-            if secure:
-                self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=host)
-
-    return Pinned(host, port, timeout=IMAGE_FETCH_TIMEOUT)
-
-
-# IPv6 ranges that carry an IPv4 address in their last 32 bits (NAT64, IPv4-compatible).
-IPV4_CARRIERS = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
-
-
-def is_public_address(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner = ip.ipv4_mapped or ip.sixtofour
-        if inner is None and any(ip in network for network in IPV4_CARRIERS):
-            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if inner is not None and not is_public_address(str(inner)):
-            return False
-    return ip.is_global and not ip.is_multicast
-
-
-def fetch_image(url: str, limit: int = IMAGE_FETCH_LIMIT,
-                allow: Optional[Callable[[str], bool]] = None) -> Tuple[str, bytes]:
-    """(media type, bytes) of a remote image, for --fetch-images.
-
-    Only public addresses are fetched, and the connection goes to the very
-    address that was checked, so DNS cannot swap in a private one afterwards.
-    Redirects are not followed. Size (`limit` bytes) and total time are capped.
-    """
-    allow = allow or is_public_address
-    deadline = time.monotonic() + IMAGE_FETCH_TIMEOUT
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host, secure = parts.hostname or "", parts.scheme.lower() == "https"
-        port = parts.port or (443 if secure else 80)
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        if not all(allow(info[4][0]) for info in infos):
-            raise invalid("Images are only fetched from public addresses; %s is not one." % host,
-                          code="image_url_not_allowed")
-        connection = pinned_connection(host, infos[0][4][0], port, secure)
-        try:
-            connection.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
-                               headers={"Host": host if parts.port is None else "%s:%d" % (host, port),
-                                        "User-Agent": "claude-max-proxy"})
-            response = connection.getresponse()
-            if response.status != 200:
-                raise invalid("Fetching %s gave HTTP %d." % (url, response.status),
-                              code="image_fetch_failed")
-            raw = read_before(response, deadline, limit)
-        finally:
-            connection.close()
-    except (OSError, ValueError, http.client.HTTPException) as error:  # UnicodeError is a ValueError
-        raise invalid("Fetching %s failed: %s" % (url, error), code="image_fetch_failed")
-    media_type = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
-    return media_type, raw
-
-
-# ---------------------------------------------------------------------------
-# The conversation as the CLI takes it: argv, session transcript, stdin lines
-# ---------------------------------------------------------------------------
 
 class Launch(NamedTuple):
     """Everything a `claude` process starts with. A pre-started process serves only a
@@ -2199,7 +2118,7 @@ def parse_chat_request(body: Any, config: Config,
                       "n", "unsupported_value")
     tools, tool_choice, parallel, legacy = chat_tools(body)
     effort, thinking, asked = chat_reasoning(body)
-    conversation = chat_conversation(messages, tools, image_loader(config, fetch or fetch_image))
+    conversation = chat_conversation(messages, tools, image_loader(config, fetch))
     turn = Turn(model=model, cli_model=cli_model, conversation=conversation,
                 tool_choice=tool_choice, parallel_tool_calls=parallel,
                 json_schema=chat_response_format(body.get("response_format")),
@@ -2602,7 +2521,7 @@ def parse_responses_request(body: Any, config: Config,
     effort, thinking, summary = responses_reasoning(body.get("reasoning"))
     json_schema, text_format = responses_text_format(body.get("text"))
     conversation, system, item_ids = responses_conversation(
-        body.get("input"), instructions, previous, tools, image_loader(config, fetch or fetch_image))
+        body.get("input"), instructions, previous, tools, image_loader(config, fetch))
     max_tokens = parse_max_tokens(body, ("max_output_tokens",))
     turn = Turn(model=model, cli_model=cli_model, conversation=conversation, tool_choice=tool_choice,
                 parallel_tool_calls=parallel, json_schema=json_schema, max_tokens=max_tokens,
@@ -2819,7 +2738,7 @@ class ResponsesDoor:
         """The output items as the client will send them back, read as the door reads input items;
         None when they cannot be read back (arguments cut short)."""
         native = MessageList()
-        no_images = image_loader(Config(), fetch_image)  # output items hold none
+        no_images = image_loader(Config(), None)  # output items hold none
         try:
             for index, item in enumerate(self.output):
                 native.add(*responses_item(item, "output[%d]" % index, no_images))
@@ -3064,7 +2983,7 @@ def parse_messages_request(body: Any, config: Config,
                       "servers. Offer their tools as custom tools instead.", "mcp_servers", "unsupported_value")
     tools, tool_choice, parallel = messages_tools(body)
     effort, json_schema = messages_output_config(body.get("output_config"))
-    load_image = image_loader(config, fetch or fetch_image)
+    load_image = image_loader(config, fetch)
     conversation = Conversation(messages_system(body.get("system"), load_image) or DEFAULT_SYSTEM_PROMPT,
                                 messages_conversation(messages, load_image), tools)
     turn = Turn(model=model, cli_model=cli_model, conversation=conversation,
@@ -4402,6 +4321,94 @@ class Runner:
 
 
 # ---------------------------------------------------------------------------
+# Image fetching (--fetch-images): public addresses only, pinned, bounded
+# ---------------------------------------------------------------------------
+
+def read_before(response: http.client.HTTPResponse, deadline: float, limit: int) -> bytes:
+    """The response body, refused when it is larger than `limit` or slower than `deadline`.
+    It grows in a bytearray: adding to bytes copies all so far, quadratic (20 MiB took 19 s)."""
+    body = bytearray()
+    while True:
+        if time.monotonic() > deadline:
+            raise invalid("The image took longer than %g s to download." % IMAGE_FETCH_TIMEOUT,
+                          code="image_fetch_failed")
+        data = response.read1(65536)
+        if not data:
+            return bytes(body)
+        if len(body) + len(data) > limit:
+            raise invalid("The image is larger than %d bytes." % limit, code="image_too_large")
+        body += data
+
+
+def pinned_connection(host: str, address: str, port: int, secure: bool) -> http.client.HTTPConnection:
+    """An HTTP(S) connection to `address` that still names and verifies `host`."""
+    base = http.client.HTTPSConnection if secure else http.client.HTTPConnection
+
+    class Pinned(base):  # type: ignore[misc, valid-type]
+        def connect(self) -> None:
+            self.sock = socket.create_connection((address, port), IMAGE_FETCH_TIMEOUT)
+            if secure:
+                self.sock = ssl.create_default_context().wrap_socket(self.sock, server_hostname=host)
+
+    return Pinned(host, port, timeout=IMAGE_FETCH_TIMEOUT)
+
+
+# IPv6 ranges that carry an IPv4 address in their last 32 bits (NAT64, IPv4-compatible).
+IPV4_CARRIERS = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+
+
+def is_public_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and any(ip in network for network in IPV4_CARRIERS):
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None and not is_public_address(str(inner)):
+            return False
+    return ip.is_global and not ip.is_multicast
+
+
+def fetch_image(url: str, limit: int = IMAGE_FETCH_LIMIT,
+                allow: Optional[Callable[[str], bool]] = None) -> Tuple[str, bytes]:
+    """(media type, bytes) of a remote image, for --fetch-images.
+
+    Only public addresses are fetched, and the connection goes to the very
+    address that was checked, so DNS cannot swap in a private one afterwards.
+    Redirects are not followed. Size (`limit` bytes) and total time are capped.
+    """
+    allow = allow or is_public_address
+    deadline = time.monotonic() + IMAGE_FETCH_TIMEOUT
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, secure = parts.hostname or "", parts.scheme.lower() == "https"
+        port = parts.port or (443 if secure else 80)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not all(allow(info[4][0]) for info in infos):
+            raise invalid("Images are only fetched from public addresses; %s is not one." % host,
+                          code="image_url_not_allowed")
+        connection = pinned_connection(host, infos[0][4][0], port, secure)
+        try:
+            connection.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")),
+                               headers={"Host": host if parts.port is None else "%s:%d" % (host, port),
+                                        "User-Agent": "claude-max-proxy"})
+            response = connection.getresponse()
+            if response.status != 200:
+                raise invalid("Fetching %s gave HTTP %d." % (url, response.status),
+                              code="image_fetch_failed")
+            raw = read_before(response, deadline, limit)
+        finally:
+            connection.close()
+    except (OSError, ValueError, http.client.HTTPException) as error:  # UnicodeError is a ValueError
+        raise invalid("Fetching %s failed: %s" % (url, error), code="image_fetch_failed")
+    media_type = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+    return media_type, raw
+
+
+# ---------------------------------------------------------------------------
+# The conversation as the CLI takes it: argv, session transcript, stdin lines
+# ---------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------
 # Usage limits: what the CLI reported of each plan window
 # ---------------------------------------------------------------------------
 
@@ -4902,12 +4909,13 @@ class Core:
         self.responses = ResponseStore()  # for previous_response_id and GET /v1/responses/{id}
         self.thinking = ThinkingStore()  # for tool loops resumed cold
         self._lock = threading.Lock()
-        # Each door: how its body becomes a turn, and the door that answers it.
+        # Each door: how its body becomes a turn (images fetched by the runtime, a stored response
+        # found in the core), and the door that answers it.
         self.doors: Dict[str, Tuple[Callable[[Any, Config], Tuple[Turn, Any]], Callable[..., Any]]] = {
-            "chat": (parse_chat_request, ChatDoor),
-            "responses": (functools.partial(parse_responses_request, find_response=self.responses.get),
-                          ResponsesDoor),
-            "messages": (parse_messages_request, MessagesDoor),
+            "chat": (functools.partial(parse_chat_request, fetch=fetch_image), ChatDoor),
+            "responses": (functools.partial(parse_responses_request, find_response=self.responses.get,
+                                            fetch=fetch_image), ResponsesDoor),
+            "messages": (functools.partial(parse_messages_request, fetch=fetch_image), MessagesDoor),
         }
 
     def answer(self, door_name: str, read_body: Callable[[], bytes], sink: Sink, record: TurnRecord) -> None:

@@ -7517,6 +7517,17 @@ class CoreTest(TestCase):
         self.assertEqual(caught.exception.code, "invalid_json")
         self.assertEqual(self.core.runner.active_children(), [])
 
+    def test_remote_images_are_fetched_by_the_runtime_only_with_fetch_images(self) -> None:
+        body = {"model": "claude-opus-4", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.png"}}]}]}
+        for fetch_images, said in ((False, "fetching images is off"), (True, "only fetched from public addresses")):
+            self.core.config.fetch_images = fetch_images
+            with self.assertRaises(proxy.ProxyError) as caught:
+                self.core.answer("chat", lambda: json.dumps(body).encode("utf-8"), RecordingSink(),
+                                 proxy.TurnRecord("r"))
+            self.assertEqual(caught.exception.status, 400)
+            self.assertIn(said, caught.exception.message)
+
     def test_tokens_are_counted_without_a_process(self) -> None:
         body = {"model": "claude-opus-4", "messages": [user("x" * 2500)]}
         self.assertGreater(self.core.count_tokens(lambda: json.dumps(body).encode("utf-8")), 1000)
