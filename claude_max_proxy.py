@@ -751,7 +751,7 @@ class Launch(NamedTuple):
 
     argv: Tuple[str, ...]
     env: Tuple[Tuple[str, str], ...]
-    session: Optional[Tuple[str, str]] = None  # (session id, transcript) it resumes
+    resume: Optional[Tuple[str, str]] = None  # the (session id, transcript) it resumes
 
 
 # The client's tools are served by an in-process MCP server of this name; Claude may
@@ -891,7 +891,7 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
         # No skills of the CLI's: a client's tool named Skill would have it list them to Claude.
         "--disable-slash-commands",
     ]
-    session = None
+    resume = None
     env = cli_env(config, turn)
     if interrupted:
         # The turn is its newest user message; system entries after it stay after it.
@@ -903,12 +903,12 @@ def cli_launch(claude: str, turn: Turn, config: Config, history: List[Dict[str, 
         # Named after what it holds, so equal histories start equal Launches (the pool's key).
         session_id = str(uuid.uuid5(uuid.NAMESPACE_URL, "claude-max-proxy:" + json.dumps(history, sort_keys=True)))
         argv += ["--resume", session_id]
-        session = (session_id, transcript)
+        resume = (session_id, transcript)
     if interrupted:
         # The turn starts before stdin could register the tools, so they are named here.
         argv += ["--mcp-config", json.dumps({"mcpServers": {MCP_SERVER: {"type": "sdk", "name": MCP_SERVER}}})]
         env["CLAUDE_CODE_RESUME_INTERRUPTED_TURN"] = "1"
-    return Launch(tuple(argv), tuple(sorted(env.items())), session)
+    return Launch(tuple(argv), tuple(sorted(env.items())), resume)
 
 
 def stdin_line(message: Dict[str, Any]) -> bytes:
@@ -3451,9 +3451,9 @@ class ClaudeProcess:
         self.workdir = new_workdir()
         self.session_path: Optional[str] = None
         try:
-            if launch.session:
-                self.session_path = session_file(self.workdir, dict(launch.env), launch.session[0])
-                write_private(self.session_path, launch.session[1])
+            if launch.resume:
+                self.session_path = session_file(self.workdir, dict(launch.env), launch.resume[0])
+                write_private(self.session_path, launch.resume[1])
             self.popen = subprocess.Popen(
                 list(launch.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, cwd=self.workdir, env=dict(launch.env),
@@ -3757,7 +3757,7 @@ class WarmPool:
         """A live process waiting under this key and running the `claude` that is there now,
         or None; for a Launch, a replacement is queued either way. Nothing is started ahead for
         a Launch that resumes a history: it would serve only a retry of that very turn."""
-        if not self.size or isinstance(key, Launch) and key.session:
+        if not self.size or isinstance(key, Launch) and key.resume:
             return None
         binary = binary_identity(claude)
         found: Optional[Warm] = None

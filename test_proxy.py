@@ -2089,13 +2089,13 @@ class CliLaunchTest(TestCase):
     def test_history_is_resumed_from_a_transcript(self) -> None:
         launch = self.launch(history=HISTORY)
         argv = list(launch.argv)
-        session_id, transcript = launch.session
+        session_id, transcript = launch.resume
         self.assertEqual(argv_value(argv, "--resume"), session_id)
         self.assertRegex(session_id, r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
         self.assertEqual([json.loads(line)["message"]["content"] for line in transcript.splitlines()],
                          [m["content"] for m in HISTORY])
         self.assertIn("--no-session-persistence", argv, "the CLI leaves the transcript as it is")
-        self.assertIsNone(self.launch().session)
+        self.assertIsNone(self.launch().resume)
 
     def test_environment(self) -> None:
         base = {"ANTHROPIC_API_KEY": "k", "ANTHROPIC_AUTH_TOKEN": "t", "CLAUDE_PROXY_API_KEY": "proxy-key",
@@ -2316,7 +2316,7 @@ class InterruptedTurnTest(TestCase):
         self.assertEqual(proxy.interrupted_turn(history), (self.history(), "Be brief."))
         launch = proxy.cli_launch("claude", chat_turn()[0], config(), history, interrupted=True)
         self.assertEqual(dict(launch.env)["CLAUDE_CODE_RESUME_PROMPT"], "Be brief.")
-        self.assertNotIn("Be brief.", launch.session[1], "not in the transcript too")
+        self.assertNotIn("Be brief.", launch.resume[1], "not in the transcript too")
 
     def test_anything_else_stays_in_the_history_and_the_prompt_is_blank(self) -> None:
         for after in ([], [text("a"), text("b")], [text("a"), PNG_BLOCK], [text("nul \x00")], [text("/compact")],
@@ -2330,7 +2330,7 @@ class InterruptedTurnTest(TestCase):
         history = self.history(text("Be brief.")) + [entry]
         launch = proxy.cli_launch("claude", chat_turn()[0], config(), history, interrupted=True)
         self.assertEqual(dict(launch.env)["CLAUDE_CODE_RESUME_PROMPT"], "Be brief.")
-        lines = [json.loads(line) for line in launch.session[1].splitlines()]
+        lines = [json.loads(line) for line in launch.resume[1].splitlines()]
         self.assertEqual(lines[-1]["attachment"]["response"], {"systemMessage": "Hooks said so."},
                          "the entry as it was, last, and no empty one")
         self.assertEqual(lines[-2]["message"]["content"], self.history()[-1]["content"])
@@ -2341,7 +2341,7 @@ class InterruptedTurnTest(TestCase):
                                                          {"role": "user", "content": [text("/2024")]}]):
             launch = proxy.cli_launch("claude", chat_turn()[0], config(), history, interrupted=True)
             self.assertEqual(dict(launch.env)["CLAUDE_CODE_RESUME_PROMPT"], " ")
-            last = json.loads(launch.session[1].splitlines()[-1])
+            last = json.loads(launch.resume[1].splitlines()[-1])
             self.assertEqual(last["message"]["content"], history[-1]["content"] + [text("")])
 
 
