@@ -4023,13 +4023,13 @@ def claude_problems(claude: str, probe: Probe) -> List[str]:
     return [NOT_LOGGED_IN] if result.logged_in is False else []
 
 
-def probe_native(path: str, config: Config) -> ProbeResult:
+def probe_native(path: str, config: Config, lifeline: Optional[Lifeline] = None) -> ProbeResult:
     """Start this `claude` as a turn would, tell it a system prompt and one tool, and see that it
     takes both and asks for the tool, before any prompt: nothing reaches Anthropic."""
     tool = native_tool("probe", "", None, "probe")
     turn = Turn("probe", "haiku", Conversation("probe", [], [tool]))
     try:
-        process = start_claude(cli_launch(path, turn, config, []))
+        process = start_claude(cli_launch(path, turn, config, []), lifeline)
     except ProxyError as error:
         return ProbeResult(error.message)
     bridge = ToolBridge([tool])
@@ -4077,6 +4077,7 @@ class Probes:
 
     def __init__(self, config: Optional[Config] = None) -> None:
         self.config = config if config is not None else Config()
+        self.lifeline: Optional[Lifeline] = None  # the runner's, once open: a probe's child dies with the proxy
         self._probes: Dict[Tuple[str, float], Probe] = {}
         self._versions: Dict[Tuple[str, float], Optional[str]] = {}
         self._changed = threading.Condition()  # a probe ended
@@ -4120,7 +4121,7 @@ class Probes:
     def _run(self, path: str, probe: Probe) -> None:
         """Probe and record the result; a fault of the proxy's own is logged and retried like a timeout."""
         try:
-            result = probe_native(path, self.config)
+            result = probe_native(path, self.config, self.lifeline)
         except Exception as error:
             log_fault("the probe of %s" % path, error)
             result = ProbeResult("the proxy's own check failed (%s); see its log" % error)
@@ -4202,7 +4203,7 @@ class Runner:
                 return
             self._opened = True
             abandoned = remove_abandoned_workdirs()
-            self.lifeline = Lifeline()
+            self.lifeline = self.probes.lifeline = Lifeline()
             self.pool = WarmPool(self.config.pool_size, self.config.pool_ttl, self.lifeline)
         if abandoned:
             log.info("removed %d working directories left by proxies that did not exit cleanly", abandoned)
@@ -4990,6 +4991,8 @@ class Core:
             sink.end()
         finally:
             record.origin = exchange.origin
+            if outcome is None and exchange.session is not None:
+                record.usage = dict(exchange.session.usage)  # what a failed turn spent all the same
             exchange.finish()  # ends the process unless it was kept above
 
     def _store(self, stored: Optional[StoredResponse]) -> None:

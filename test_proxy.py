@@ -6558,11 +6558,11 @@ class ProbeTest(TestCase):
         real = proxy.probe_native
         calls = []
 
-        def failing_once(path: str, config: "proxy.Config") -> proxy.ProbeResult:
+        def failing_once(path: str, config: "proxy.Config", lifeline: Any = None) -> proxy.ProbeResult:
             calls.append(path)
             if len(calls) == 1:
                 raise fault
-            return real(path, config)
+            return real(path, config, lifeline)
         with mock.patch.object(proxy, "probe_native", failing_once), \
                 self.expect_error_log(re.escape(str(fault))):
             running = self.server(claude)
@@ -7490,6 +7490,18 @@ class CoreTest(TestCase):
         self.assertEqual(record.usage["output_tokens"], 7)
         self.assertIsNotNone(record.first_content)
         self.assertEqual(self.core.requests_served, 1)
+
+    def test_a_turn_that_fails_mid_stream_ends_the_stream_and_keeps_what_it_spent(self) -> None:
+        cue = FAKE.script("core-crash-mid-stream", text=["partial ", "answer"], crash=1, stderr="it broke")
+        sink, record = self.answer("chat", {"model": "claude-opus-4", "stream": True,
+                                            "messages": [user(cue + " " + marker())]})
+        self.assertTrue(sink.ended)
+        chunks = [payload for _, payload in sink.written]
+        self.assertEqual(chunks[-1], "[DONE]")
+        self.assertEqual(chunks[-2]["error"]["code"], "cli_failed")
+        self.assertEqual(record.error, "cli_failed")
+        self.assertEqual(record.usage["input_tokens"], 10, "the failed turn's usage is recorded too")
+        self.assertEqual(self.core.runner.active_children(), [])
 
     def test_a_whole_answer_goes_out_at_once_and_a_stored_response_stays_in_the_core(self) -> None:
         sink, record = self.answer("responses", {"model": "claude-opus-4", "input": "hello " + marker()})
