@@ -1898,6 +1898,41 @@ def asked_model(body: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._:/@\[\]-]", "?", model[:100])
 
 
+class Door:
+    """What every door is to the core, made of a Turn and its options: one answer's translator.
+
+    `stream`: the answer goes out as frames (encode() for each session event, keepalive() for a
+    silence, then end() with the Outcome, or failure() with the error), else whole (response()).
+    `returns_thinking`: the client sends Claude's thinking back with its signature, so a history
+    it resumes needs none put back. echo() is the reply as the client will send it back (native
+    blocks), to keep the process for the next turn; stored() what the Responses store keeps of
+    the answer, None when nothing. A door reads nothing but these events and the Outcome."""
+
+    stream = False
+    returns_thinking = False
+
+    def encode(self, event: SessionEvent) -> List[Frame]:
+        raise NotImplementedError
+
+    def keepalive(self) -> List[Frame]:
+        return []  # no event of the API's for a silence: an SSE comment
+
+    def end(self, outcome: Outcome) -> List[Frame]:
+        raise NotImplementedError
+
+    def failure(self, error: ProxyError) -> List[Frame]:
+        raise NotImplementedError
+
+    def response(self, outcome: Outcome) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def echo(self, outcome: Outcome) -> Optional[List[Dict[str, Any]]]:
+        raise NotImplementedError
+
+    def stored(self, echo: Optional[List[Dict[str, Any]]] = None) -> Optional["StoredResponse"]:
+        return None
+
+
 # ---------------------------------------------------------------------------
 # Door: OpenAI chat completions (POST /v1/chat/completions)
 # ---------------------------------------------------------------------------
@@ -2138,7 +2173,7 @@ def chat_usage(usage: Dict[str, int]) -> Dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": usage.get("cache_read_input_tokens", 0)}}
 
 
-class ChatDoor:
+class ChatDoor(Door):
     """OpenAI chat completions: a request in, chunks or a completion out, errors in OpenAI's shape."""
 
     returns_thinking = False  # a chat message has no place for a signature (see ThinkingStore)
@@ -2176,9 +2211,6 @@ class ChatDoor:
             return [{"function_call": {"arguments": event.piece}}] if self.calls == 0 else []
         return [{"tool_calls": [{"index": self.calls, "function": {"arguments": event.piece}}]}]
 
-    def keepalive(self) -> List[Frame]:
-        return []  # chat has no event for a silence: an SSE comment
-
     def end(self, outcome: Outcome) -> List[Frame]:
         frames = [] if self.started else [self._chunk({"content": ""})]
         frames.append(self._chunk({}, self._finish_reason(outcome)))
@@ -2188,7 +2220,7 @@ class ChatDoor:
         return frames + [(None, "[DONE]")]
 
     def failure(self, error: ProxyError) -> List[Frame]:
-        return [(None, self.error_body(error)), (None, "[DONE]")]
+        return [(None, error.body()), (None, "[DONE]")]
 
     def _chunk(self, delta: Dict[str, Any], finish: Optional[str] = None) -> Frame:
         if not self.started:
@@ -2230,9 +2262,6 @@ class ChatDoor:
         return [text_block(message["content"])] * bool(message["content"]) + \
             assistant_calls(message, "echo", [])
 
-    def stored(self, echo: Optional[List[Dict[str, Any]]] = None) -> None:
-        return None  # a completion is not stored
-
     def _finish_reason(self, outcome: Outcome) -> str:
         if outcome.calls:
             return "function_call" if self.options.legacy_functions else "tool_calls"
@@ -2241,10 +2270,6 @@ class ChatDoor:
     def _envelope(self, kind: str, **fields: Any) -> Dict[str, Any]:
         return dict({"id": self.id, "object": kind, "created": self.created, "model": self.turn.model,
                      "system_fingerprint": None}, **fields)
-
-    @staticmethod
-    def error_body(error: ProxyError) -> Dict[str, Any]:
-        return error.body()
 
 
 # ---------------------------------------------------------------------------
@@ -2584,7 +2609,7 @@ def summary_part(text: str) -> Dict[str, Any]:
     return {"type": "summary_text", "text": text}
 
 
-class ResponsesDoor:
+class ResponsesDoor(Door):
     """OpenAI Responses: a request in, typed events or a response object out, errors in OpenAI's shape.
 
     Each native block of the reply is one output item: thinking a reasoning item (its text as
@@ -2689,9 +2714,6 @@ class ResponsesDoor:
             place["summary_index"] = 0
         return place
 
-    def keepalive(self) -> List[Frame]:
-        return []  # the Responses API has no event for a silence: an SSE comment
-
     def end(self, outcome: Outcome) -> List[Frame]:
         status, incomplete = self._status(outcome)
         frames = self._begin() + self._close("incomplete" if incomplete else "completed")
@@ -2781,10 +2803,6 @@ class ResponsesDoor:
         return dict({"id": self.id, "object": "response", "created_at": self.created, "status": status,
                      "background": False, "error": error, "incomplete_details": incomplete_details,
                      "output": list(output), "usage": usage}, **self.options.settings)
-
-    @staticmethod
-    def error_body(error: ProxyError) -> Dict[str, Any]:
-        return error.body()
 
 
 # ---------------------------------------------------------------------------
@@ -3105,7 +3123,7 @@ def estimate_input_tokens(body: Any, config: Config) -> int:
             + len(images) * COUNT_IMAGE_TOKENS + pages * COUNT_PDF_PAGE_TOKENS)
 
 
-class MessagesDoor:
+class MessagesDoor(Door):
     """Anthropic Messages: a request in, a message or its events out, errors in Anthropic's shape.
 
     The anthropic SDKs read a stream strictly: every event named by an `event:` line,
@@ -3180,9 +3198,6 @@ class MessagesDoor:
         native = MessageList()
         native.add("assistant", messages_blocks(outcome.blocks, "echo", MESSAGES_BLOCKS["assistant"], None))
         return native.messages[0]["content"] if native.messages else []
-
-    def stored(self, echo: Optional[List[Dict[str, Any]]] = None) -> None:
-        return None  # a message is not stored
 
     @staticmethod
     def _stop_reason(outcome: Outcome) -> str:
@@ -4912,7 +4927,7 @@ class Core:
         self._lock = threading.Lock()
         # Each door: how its body becomes a turn (images fetched by the runtime, a stored response
         # found in the core), and the door that answers it.
-        self.doors: Dict[str, Tuple[Callable[[Any, Config], Tuple[Turn, Any]], Callable[..., Any]]] = {
+        self.doors: Dict[str, Tuple[Callable[[Any, Config], Tuple[Turn, Any]], Callable[[Turn, Any], Door]]] = {
             "chat": (functools.partial(parse_chat_request, fetch=fetch_image), ChatDoor),
             "responses": (functools.partial(parse_responses_request, find_response=self.responses.get,
                                             fetch=fetch_image), ResponsesDoor),
@@ -4944,7 +4959,7 @@ class Core:
                                 restore_thinking=not door.returns_thinking)
             self._run(door, exchange, sink, slot, record)
 
-    def _run(self, door: Any, exchange: Exchange, sink: Sink, slot: Slot, record: TurnRecord) -> None:
+    def _run(self, door: Door, exchange: Exchange, sink: Sink, slot: Slot, record: TurnRecord) -> None:
         """Run the exchange and answer through the door: a stream of its frames, or its whole
         response once the reply is complete. A complete reply gives the slot back before its
         last bytes go out and before the process exits; a failed one, once its turn is over."""
