@@ -2925,6 +2925,64 @@ def messages_tools(body: Dict[str, Any]) -> Tuple[List[Dict[str, Any]], str, boo
     return tools, choice, parallel
 
 
+def messages_image(source: Any, param: str, load_image: Optional[ImageLoader]) -> Dict[str, Any]:
+    """An image block from a base64 or url source, checked and loaded as every door's images are."""
+    kind = source.get("type") if isinstance(source, dict) else None
+    if load_image is None or kind not in ("base64", "url"):
+        raise invalid("%s.source must be a base64 or url image source (uploaded files are not supported)."
+                      % param, param + ".source", "unsupported_image_source")
+    if kind == "url":
+        return load_image(string_field(source, "url", param + ".source"), param)
+    return load_image("data:%s;base64,%s" % (string_field(source, "media_type", param + ".source"),
+                                             string_field(source, "data", param + ".source")), param)
+
+
+def messages_document(block: Dict[str, Any], param: str) -> Dict[str, Any]:
+    """A document block from a base64 PDF or plain text source, with its title and context."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64":
+        data_url = "data:%s;base64,%s" % (string_field(source, "media_type", param + ".source"),
+                                          string_field(source, "data", param + ".source"))
+        document = document_block(data_url, param)
+    elif kind == "text":
+        document = {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                                   "data": string_field(source, "data", param + ".source")}}
+    else:
+        raise invalid("%s.source must be a base64 PDF or a text source (url, content and file sources are "
+                      "not supported)." % param, param + ".source", "unsupported_file")
+    for name in ("title", "context"):
+        if isinstance(block.get(name), str):
+            document[name] = block[name]
+    return document
+
+
+def messages_block(block: Dict[str, Any], param: str, load_image: Optional[ImageLoader]) -> Dict[str, Any]:
+    """One block as Claude takes it: only its own fields (no cache_control, no citations; the CLI
+    places its own cache breakpoints)."""
+    kind = block["type"]
+    if kind == "text":
+        return text_block(string_field(block, "text", param))
+    if kind == "image":
+        return messages_image(block.get("source"), param, load_image)
+    if kind == "document":
+        return messages_document(block, param)
+    if kind == "tool_use":
+        return {"type": "tool_use", "id": tool_id(string_field(block, "id", param)),
+                "name": string_field(block, "name", param),
+                "input": tool_input(block.get("input"), param + ".input")}
+    if kind == "tool_result":
+        content = block.get("content")
+        return tool_result_block(tool_id(string_field(block, "tool_use_id", param)),
+                                 "" if content is None else messages_blocks(
+                                     content, param + ".content", TOOL_RESULT_BLOCKS, load_image),
+                                 optional_bool(block, "is_error", False))
+    if kind == "thinking":
+        return {"type": "thinking", "thinking": string_field(block, "thinking", param),
+                "signature": string_field(block, "signature", param)}
+    return {"type": "redacted_thinking", "data": string_field(block, "data", param)}
+
+
 def messages_blocks(content: Any, param: str, kinds: Tuple[str, ...],
                     load_image: Optional[ImageLoader]) -> List[Dict[str, Any]]:
     """Content (a string or an array of blocks) as native blocks of the kinds allowed here."""
@@ -3010,64 +3068,6 @@ def parse_messages_request(body: Any, config: Config,
                 stops=stop_list(body.get("stop_sequences"), "stop_sequences"), effort=effort,
                 thinking=messages_thinking(body.get("thinking")))
     return turn, MessagesOptions(stream=optional_bool(body, "stream", False))
-
-
-def messages_image(source: Any, param: str, load_image: Optional[ImageLoader]) -> Dict[str, Any]:
-    """An image block from a base64 or url source, checked and loaded as every door's images are."""
-    kind = source.get("type") if isinstance(source, dict) else None
-    if load_image is None or kind not in ("base64", "url"):
-        raise invalid("%s.source must be a base64 or url image source (uploaded files are not supported)."
-                      % param, param + ".source", "unsupported_image_source")
-    if kind == "url":
-        return load_image(string_field(source, "url", param + ".source"), param)
-    return load_image("data:%s;base64,%s" % (string_field(source, "media_type", param + ".source"),
-                                             string_field(source, "data", param + ".source")), param)
-
-
-def messages_document(block: Dict[str, Any], param: str) -> Dict[str, Any]:
-    """A document block from a base64 PDF or plain text source, with its title and context."""
-    source = block.get("source")
-    kind = source.get("type") if isinstance(source, dict) else None
-    if kind == "base64":
-        data_url = "data:%s;base64,%s" % (string_field(source, "media_type", param + ".source"),
-                                          string_field(source, "data", param + ".source"))
-        document = document_block(data_url, param)
-    elif kind == "text":
-        document = {"type": "document", "source": {"type": "text", "media_type": "text/plain",
-                                                   "data": string_field(source, "data", param + ".source")}}
-    else:
-        raise invalid("%s.source must be a base64 PDF or a text source (url, content and file sources are "
-                      "not supported)." % param, param + ".source", "unsupported_file")
-    for name in ("title", "context"):
-        if isinstance(block.get(name), str):
-            document[name] = block[name]
-    return document
-
-
-def messages_block(block: Dict[str, Any], param: str, load_image: Optional[ImageLoader]) -> Dict[str, Any]:
-    """One block as Claude takes it: only its own fields (no cache_control, no citations; the CLI
-    places its own cache breakpoints)."""
-    kind = block["type"]
-    if kind == "text":
-        return text_block(string_field(block, "text", param))
-    if kind == "image":
-        return messages_image(block.get("source"), param, load_image)
-    if kind == "document":
-        return messages_document(block, param)
-    if kind == "tool_use":
-        return {"type": "tool_use", "id": tool_id(string_field(block, "id", param)),
-                "name": string_field(block, "name", param),
-                "input": tool_input(block.get("input"), param + ".input")}
-    if kind == "tool_result":
-        content = block.get("content")
-        return tool_result_block(tool_id(string_field(block, "tool_use_id", param)),
-                                 "" if content is None else messages_blocks(
-                                     content, param + ".content", TOOL_RESULT_BLOCKS, load_image),
-                                 optional_bool(block, "is_error", False))
-    if kind == "thinking":
-        return {"type": "thinking", "thinking": string_field(block, "thinking", param),
-                "signature": string_field(block, "signature", param)}
-    return {"type": "redacted_thinking", "data": string_field(block, "data", param)}
 
 
 def messages_usage(usage: Dict[str, int]) -> Dict[str, int]:
