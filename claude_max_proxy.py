@@ -1697,6 +1697,60 @@ class Session:
         return Outcome(reason, self.stop_hit, dict(self.usage), self._blocks, self.model)
 
 
+class ProbeResult(NamedTuple):
+    """What one probe of a `claude` found."""
+
+    problem: Optional[str]              # why it cannot take a conversation; None when it can
+    lasting: bool = False               # the binary's own problem (too old): it stays until the file changes
+    logged_in: Optional[bool] = None    # as its initialize answer says; None when unknown
+
+
+def logged_in(initialize: Dict[str, Any]) -> Optional[bool]:
+    """Whether the CLI has a login, from its initialize answer's `account`: a logged-out CLI
+    says tokenSource "none" with no apiKeySource (checked with 2.1.197 and an empty config)."""
+    account = initialize.get("account")
+    if not isinstance(account, dict):
+        return None
+    return account.get("tokenSource") not in (None, "none") or bool(account.get("apiKeySource")) or \
+        account.get("apiProvider") not in (None, "firstParty")  # Bedrock, Vertex: their own credentials
+
+
+class ProbeSession:
+    """The probe's conversation with a `claude`, pure, in the manner of Session: begin() tells it a
+    system prompt and one tool; receive() takes each JSON object it prints and gives the bytes to
+    answer with (its control requests) and, once it has answered initialize and the tools and
+    asked for the tool list, before any prompt (so nothing reaches Anthropic), the ProbeResult.
+    A refused control request is the binary's lasting problem: it is too old for the protocol."""
+
+    def __init__(self) -> None:
+        tool = native_tool("probe", "", None, "probe")
+        self.turn = Turn("probe", "haiku", Conversation("probe", [], [tool]))
+        self.bridge = ToolBridge([tool])
+        self.answered: List[str] = []
+        self.login: Optional[bool] = None
+
+    def begin(self) -> bytes:
+        return opening_lines(self.turn)
+
+    def receive(self, event: Any) -> Tuple[bytes, Optional[ProbeResult]]:
+        if not isinstance(event, dict):
+            return b"", None
+        if event.get("type") == "control_response":
+            response = event.get("response") if isinstance(event.get("response"), dict) else {}
+            if response.get("subtype") != "success":
+                return b"", ProbeResult("it refused %s: %s" % (response.get("request_id"),
+                                                                str(response.get("error"))[:200]), True)
+            self.answered.append(str(response.get("request_id")))
+            if response.get("request_id") == "initialize" and isinstance(response.get("response"), dict):
+                self.login = logged_in(response["response"])
+        request = event.get("request") if isinstance(event.get("request"), dict) else {}
+        message = request.get("message") if isinstance(request.get("message"), dict) else {}
+        answer = self.bridge.answer(event) or b""
+        if message.get("method") == "tools/list" and {"initialize", "tools"} <= set(self.answered):
+            return answer, ProbeResult(None, logged_in=self.login)
+        return answer, None
+
+
 # ===========================================================================
 # 2. THE DOORS (pure): each API's request into a turn, the session's events into its frames
 # ===========================================================================
@@ -3965,14 +4019,6 @@ class WarmPool:
 PROBE_TIMEOUT = 20.0
 
 
-class ProbeResult(NamedTuple):
-    """What one probe of a `claude` found."""
-
-    problem: Optional[str]              # why it cannot take a conversation; None when it can
-    lasting: bool = False               # the binary's own problem (too old): it stays until the file changes
-    logged_in: Optional[bool] = None    # as its initialize answer says; None when unknown
-
-
 class Probe:
     """The probes of one `claude` file: none yet (pending), or the latest result. A failure
     that is not the binary's (a timeout on a loaded machine, a failed start), or a CLI not
@@ -4009,16 +4055,6 @@ class Probe:
             self.pause = min(self.pause * 2, RETRY_PAUSES[1])
 
 
-def logged_in(initialize: Dict[str, Any]) -> Optional[bool]:
-    """Whether the CLI has a login, from its initialize answer's `account`: a logged-out CLI
-    says tokenSource "none" with no apiKeySource (checked with 2.1.197 and an empty config)."""
-    account = initialize.get("account")
-    if not isinstance(account, dict):
-        return None
-    return account.get("tokenSource") not in (None, "none") or bool(account.get("apiKeySource")) or \
-        account.get("apiProvider") not in (None, "firstParty")  # Bedrock, Vertex: their own credentials
-
-
 def unsupported(claude: str, result: ProbeResult) -> str:
     return "This Claude Code (%s) cannot take a conversation natively: %s. Upgrade it: %s" % (
         claude, result.problem, UPGRADE_HELP)
@@ -4039,38 +4075,22 @@ def claude_problems(claude: str, probe: Probe) -> List[str]:
 
 
 def probe_native(path: str, config: Config, lifeline: Optional[Lifeline] = None) -> ProbeResult:
-    """Start this `claude` as a turn would, tell it a system prompt and one tool, and see that it
-    takes both and asks for the tool, before any prompt: nothing reaches Anthropic."""
-    tool = native_tool("probe", "", None, "probe")
-    turn = Turn("probe", "haiku", Conversation("probe", [], [tool]))
+    """Run this `claude` through a ProbeSession: started as a turn's would be, within PROBE_TIMEOUT."""
+    probe = ProbeSession()
     try:
-        process = start_claude(cli_launch(path, turn, config, []), lifeline)
+        process = start_claude(cli_launch(path, probe.turn, config, []), lifeline)
     except ProxyError as error:
         return ProbeResult(error.message)
-    bridge = ToolBridge([tool])
-    process.send(opening_lines(turn))
+    process.send(probe.begin())
     deadline = time.monotonic() + PROBE_TIMEOUT
     timeout = ProxyError(504, "it did not ask for the tools within %g s" % PROBE_TIMEOUT)
-    answered: List[str] = []
-    login: Optional[bool] = None
     try:
         for printed in process.output(lambda: (deadline, timeout)):
-            event = parse_event_line(printed or b"") or {}
-            if event.get("type") == "control_response":
-                response = event.get("response") if isinstance(event.get("response"), dict) else {}
-                if response.get("subtype") != "success":
-                    return ProbeResult("it refused %s: %s" % (response.get("request_id"),
-                                                               str(response.get("error"))[:200]), True)
-                answered.append(str(response.get("request_id")))
-                if response.get("request_id") == "initialize" and isinstance(response.get("response"), dict):
-                    login = logged_in(response["response"])
-            request = event.get("request") if isinstance(event.get("request"), dict) else {}
-            message = request.get("message") if isinstance(request.get("message"), dict) else {}
-            answer = bridge.answer(event)
+            answer, result = probe.receive(parse_event_line(printed or b""))
             if answer:
                 process.send(answer)
-            if message.get("method") == "tools/list" and {"initialize", "tools"} <= set(answered):
-                return ProbeResult(None, logged_in=login)
+            if result is not None:
+                return result
         return ProbeResult("it exited (code %s) without asking for the tools: %s" % (
             process.close(), process.stderr_text()[-300:] or "nothing on stderr"), True)
     except ProxyError as error:

@@ -3157,10 +3157,6 @@ class ConversationKeyTest(TestCase):
         self.assertRegex(key, r"^conversation:[0-9a-f]{64}$")
 
 
-# ---------------------------------------------------------------------------
-# Protocol: subscription usage: windows, extra usage, Anthropic's refusals
-# ---------------------------------------------------------------------------
-
 def observe(limits: "proxy.UsageLimits", event: Dict[str, Any]) -> None:
     """Have `limits` take in a CLI event, as a session reads it."""
     window = proxy.rate_limit_info(event)
@@ -3195,6 +3191,45 @@ def refusal(limits: "proxy.UsageLimits", no_extra_usage: bool = False) -> Option
         return error
     return None
 
+
+class ProbeSessionTest(TestCase):
+    """The probe's conversation, in memory: passed once the CLI took the system prompt and the tool
+    and asks for the tool list; refused control requests mean a CLI too old."""
+
+    @staticmethod
+    def answered(request_id: str, response: Optional[Dict[str, Any]] = None, ok: bool = True) -> Dict[str, Any]:
+        return {"type": "control_response", "response": dict(
+            {"subtype": "success", "request_id": request_id, "response": response or {}} if ok else
+            {"subtype": "error", "request_id": request_id, "error": "Unknown subtype: mcp_set_servers"})}
+
+    TOOLS_LIST = {"type": "control_request", "request_id": "r1", "request": {
+        "subtype": "mcp_message", "server_name": "proxy", "message": {"method": "tools/list", "jsonrpc": "2.0", "id": 1}}}
+
+    def test_a_cli_that_takes_both_and_asks_for_the_tools_passes(self) -> None:
+        probe = proxy.ProbeSession()
+        self.assertIn(b'"initialize"', probe.begin())
+        answer, result = probe.receive(self.TOOLS_LIST)
+        self.assertIsNone(result, "not before initialize and the tools were answered")
+        self.assertIn(b'"probe"', answer, "the tool list is answered all the same")
+        self.assertEqual(probe.receive(self.answered("initialize", {"account": {
+            "tokenSource": "CLAUDE_CODE_OAUTH_TOKEN", "apiProvider": "firstParty"}})), (b"", None))
+        self.assertEqual(probe.receive(self.answered("tools")), (b"", None))
+        self.assertEqual(probe.receive("not an object"), (b"", None))
+        answer, result = probe.receive(self.TOOLS_LIST)
+        self.assertEqual(result, proxy.ProbeResult(None, logged_in=True))
+        self.assertIn(b'"probe"', answer)
+
+    def test_a_refused_control_request_is_the_binarys_lasting_problem(self) -> None:
+        probe = proxy.ProbeSession()
+        probe.begin()
+        answer, result = probe.receive(self.answered("tools", ok=False))
+        self.assertEqual(answer, b"")
+        self.assertEqual(result, proxy.ProbeResult("it refused tools: Unknown subtype: mcp_set_servers", True))
+
+
+# ---------------------------------------------------------------------------
+# Protocol: subscription usage: windows, extra usage, Anthropic's refusals
+# ---------------------------------------------------------------------------
 
 class UsageLimitsTest(TestCase):
     def test_recorded_reports_are_read(self) -> None:
