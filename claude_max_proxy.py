@@ -5616,15 +5616,15 @@ def route_path(target: str) -> str:
 
 
 # The routes: a path (after /v1, which may be left out) -> method -> the name of the handler's
-# method that answers it (ProxyHandler._<name>). HEAD answers like GET, without the body; only a
-# POST, a turn or a count, reads a body. The page is at / alone, not at /v1; HEAD / is also
-# Claude Code's check of the connection.
+# method that answers it (ProxyHandler._<name>), or for a turn the door's name too. HEAD answers
+# like GET, without the body; only a POST, a turn or a count, reads a body. The page is at / alone,
+# not at /v1; HEAD / is also Claude Code's check of the connection.
 ROUTES: Dict[str, Dict[str, str]] = {
     "/health": {"GET": "health", "HEAD": "health"},
     "/models": {"GET": "list_models", "HEAD": "list_models"},
-    "/chat/completions": {"POST": "chat_completions"},
-    "/responses": {"POST": "responses"},
-    "/messages": {"POST": "messages"},
+    "/chat/completions": {"POST": "turn chat"},
+    "/responses": {"POST": "turn responses"},
+    "/messages": {"POST": "turn messages"},
     "/messages/count_tokens": {"POST": "count_tokens"},
     "/status": {"GET": "status_report", "HEAD": "status_report"},
     "/": {"GET": "status_page", "HEAD": "status_page"},
@@ -5850,16 +5850,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
             # connection, sent without one. Browsers send CORS preflights without credentials.
             if path not in ("/health", "/") and not (method == "OPTIONS" and self.server.config.cors):
                 self._authorize()
-            name, argument = self._route_for(path, method)
+            name, arguments = self._route_for(path, method)
         except ProxyError:
             self._discard_body()  # an unread body would be taken for the next request
             raise
         if method != "POST":
             self._discard_body()
-        getattr(self, "_" + name)(*(() if argument is None else (argument,)))
+        getattr(self, "_" + name)(*arguments)
 
-    def _route_for(self, path: str, method: str) -> Tuple[str, Optional[str]]:
-        """The route's handler (a ROUTES name) and its path argument; a 404 or 405 when none."""
+    def _route_for(self, path: str, method: str) -> Tuple[str, List[str]]:
+        """The route's handler (ProxyHandler._<name>, from ROUTES) and its arguments (a turn's
+        door, the id in the path); a 404 or 405 when there is none."""
         if path == "/embeddings":
             raise ProxyError(404, "Claude offers no embeddings model, so the proxy has no /v1/embeddings; "
                              "use an embeddings provider of its own (or turn off the client's memory "
@@ -5868,12 +5869,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if methods is None:
             raise ProxyError(404, "Unknown path %s %s." % (method, self.path), code="unknown_url")
         if method == "OPTIONS" and self.server.config.cors:
-            return "preflight", None
+            return "preflight", []
         if method not in methods:
             raise ProxyError(405, "Method %s is not allowed on %s; use %s."
                              % (method, self.path, ", ".join(methods)),
                              code="method_not_allowed", headers={"Allow": ", ".join(methods)})
-        return methods[method], argument
+        name, *arguments = methods[method].split()
+        return name, arguments + ([] if argument is None else [argument])
 
     def _check_source(self) -> None:
         """Refuse web pages the user did not allow, before any work (see request_source_error)."""
@@ -5956,15 +5958,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.status_sent = 204
 
     # -- turns: each door's requests --------------------------------------------
-
-    def _chat_completions(self) -> None:
-        self._turn("chat")
-
-    def _responses(self) -> None:
-        self._turn("responses")
-
-    def _messages(self) -> None:
-        self._turn("messages")
 
     def _turn(self, door: str) -> None:
         self.server.core.answer(door, self._read_json_text, HttpSink(self), self.record)
