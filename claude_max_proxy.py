@@ -4777,18 +4777,16 @@ class Exchange:
             return process, session
         if kept is not None:
             self.runner.end(kept[0])  # the client did not bring back what it waits for
-        messages = self.thinking.restore(conversation.messages, self.restore_thinking,
-                                                self.turn.cli_model)
+        messages = self.thinking.restore(conversation.messages, self.restore_thinking, self.turn.cli_model)
         history = split_newest(messages)[0]  # with its thinking back
         interrupted = bool(history) and any(block["type"] == "tool_result" for block in newest["content"])
-        whole = messages
         if not interrupted and history and all(message["role"] == "system" for message in history):
             # A transcript of system messages alone is no conversation: the CLI would take it for
             # an interrupted turn and answer that. Ended by the newest message, it is one, and the
             # CLI takes that message up as its first prompt (with the system messages after it).
-            interrupted, whole = True, history + [newest]
+            interrupted, messages = True, history + [newest]
         process, self.origin = self.runner.start(cli_launch(self.claude, self.turn, self.config,
-                                                           whole if interrupted else history, interrupted))
+                                                           messages if interrupted else history, interrupted))
         self.process = process
         self.session = Session(conversation.tools)
         process.send(self.session.begin(self.turn, newest, budget, self.whole, interrupted))
