@@ -3201,7 +3201,9 @@ class MessagesDoor(Door):
             if block["type"] == "tool_use":
                 content = dict(block, input={})
             else:
-                content = dict(block, **{block["type"]: ""}, **({"signature": ""} if block["type"] == "thinking" else {}))
+                content = dict(block, **{block["type"]: ""})  # a thinking block opens with its signature empty
+                if block["type"] == "thinking":
+                    content["signature"] = ""
             return self._start() + [("content_block_start", {"type": "content_block_start", "index": event.index,
                                                               "content_block": content})]
         if isinstance(event, BlockDelta):
@@ -3556,7 +3558,7 @@ class ClaudeProcess:
 
     def output(self, next_deadline: Callable[[], Tuple[float, ProxyError]],
                client: Optional[ClientWatch] = None, tick: Optional[float] = None) -> Iterator[Optional[bytes]]:
-        """Yield each line the CLI prints (blank ones left out), until its stdout closes.
+        """Yield each line the CLI prints (empty ones left out), until its stdout closes.
 
         next_deadline() gives the earliest moment to give up and the error to raise
         then; it is asked again after every read, so callers can move it. When
@@ -3632,7 +3634,8 @@ class ClaudeProcess:
             pieces[0] = b"".join(self._partial + pieces[:1])
             *lines, last = pieces
             self._partial = [last]
-        self._lines.extend(line for line in lines if line.strip())
+        # A blank line is parse_event_line's to pass over: stripping each here would copy it.
+        self._lines.extend(line for line in lines if line)
 
     def _write_some(self) -> bool:
         """Write what stdin takes now; True once the queue is empty."""
